@@ -1,0 +1,48 @@
+"""The attention backend interface: write a step's K/V into the paged cache, then attend.
+
+A KV cache for one layer is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(keys, values). A request's tokens live in the blocks its block table lists, in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the step's tokens go and what each request attends to; built once per step."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32: cumulative query lengths
+    seq_lens: torch.Tensor  # [num_reqs] int32: context length after this step
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32
+    # Host copies, so backends never sync the device to read lengths.
+    query_starts_cpu: list[int]
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def get_attention_backend(device: torch.device) -> AttentionBackend:
+    from pagoda.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()

@@ -1,0 +1,226 @@
+"""`pagoda bench throughput`: offline throughput on random-token requests, as `vllm bench
+throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    num_requests: int
+    elapsed_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def report(self) -> str:
+        return (
+            f"[{self.backend}] {self.num_requests} requests in {self.elapsed_s:.2f} s: "
+            f"{self.requests_per_s:.2f} requests/s, {self.total_tokens_per_s:.2f} total tokens/s, "
+            f"{self.output_tokens_per_s:.2f} output tokens/s"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "requests_per_second": self.requests_per_s,
+            "tokens_per_second": self.total_tokens_per_s,
+            "output_tokens_per_second": self.output_tokens_per_s,
+        }
+
+
+def _length(mean: int, ratio: float, rng: random.Random) -> int:
+    low, high = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    return rng.randint(low, high)
+
+
+def make_requests(
+    num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int, range_ratio: float = 0.0
+) -> list[BenchRequest]:
+    """Seeded random token prompts; lengths uniform in [len * (1 - r), len * (1 + r)]."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num_prompts):
+        n = _length(input_len, range_ratio, rng)
+        ids = [rng.randrange(vocab_size) for _ in range(n)]
+        requests.append(BenchRequest(ids, _length(output_len, range_ratio, rng)))
+    return requests
+
+
+def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(**_engine_kwargs(args))
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)
+        for r in requests
+    ]
+    # Warm up once (allocator, lazy inits) so the timing measures serving, not start-up.
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+    elapsed = time.perf_counter() - start
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return BenchResult("pagoda", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+
+
+def run_hf(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
+    """transformers `generate` in static batches of --hf-max-batch-size, greedy, EOS ignored."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagoda.loader.model_loader import load_hf_config
+    from pagoda.loader.model_resolver import resolve_model
+
+    resolved = resolve_model(args.model, args.load_format)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with device:
+        if args.load_format == "dummy":
+            config = load_hf_config(resolved)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(resolved.model_dir, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(resolved.model_dir, dtype=dtype, local_files_only=True)
+    model.eval()
+    pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
+    start = time.perf_counter()
+    output_tokens = 0
+    for i in range(0, len(requests), args.hf_max_batch_size):
+        output_tokens += _hf_batch(model, requests[i : i + args.hf_max_batch_size], pad, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return BenchResult("hf", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+
+
+def _hf_batch(model: Any, batch: list[BenchRequest], pad: int, device: Any) -> int:
+    import torch
+
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):  # left padding, as decoder-only generation needs
+        ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+        mask[row, width - len(r.prompt_token_ids) :] = 1
+    new = max(r.output_len for r in batch)
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+            min_new_tokens=new, do_sample=False, pad_token_id=pad,
+        )
+    # A static batch runs every row to the longest output; count only what each request asked.
+    return sum(r.output_len for r in batch)
+
+
+def run_llama_cpp(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
+    """llama.cpp (llama-cpp-python) on the same GGUF, one request after another, greedy."""
+    from llama_cpp import Llama
+
+    from pagoda.loader.model_resolver import resolve_model
+
+    resolved = resolve_model(args.model, "gguf")
+    llm = Llama(
+        model_path=str(resolved.gguf_file), n_ctx=4096, n_threads=args.llama_cpp_threads,
+        n_batch=512, verbose=False, seed=args.seed,
+    )
+    start = time.perf_counter()
+    output_tokens = 0
+    for r in requests:
+        llm.reset()
+        generated = 0
+        for _ in llm.generate(r.prompt_token_ids, temp=0.0, top_k=1, reset=True):
+            generated += 1
+            if generated == r.output_len:
+                break
+        output_tokens += generated
+    elapsed = time.perf_counter() - start
+    return BenchResult("llama.cpp", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+
+
+def _prompt_tokens(requests: list[BenchRequest]) -> int:
+    return sum(len(r.prompt_token_ids) for r in requests)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "num_gpu_blocks_override": args.num_gpu_blocks_override,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "seed": args.seed,
+    }
+
+
+BACKENDS = {"pagoda": run_pagoda, "hf": run_hf, "llama.cpp": run_llama_cpp}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model path, GGUF file or cached HF id (default: the embedded model)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy", "pt"])
+    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS))
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="lengths uniform in [len*(1-r), len*(1+r)]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
+    parser.add_argument("--llama-cpp-threads", type=int, default=2, help="threads of --backend llama.cpp")
+    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--output-json", default=None, help="write the results to this file")
+
+
+def main(args: argparse.Namespace) -> BenchResult:
+    from pagoda.loader.model_loader import load_hf_config
+    from pagoda.loader.model_resolver import resolve_model
+
+    vocab_size = load_hf_config(resolve_model(args.model, args.load_format)).vocab_size
+    requests = make_requests(
+        args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed, args.random_range_ratio
+    )
+    result = BACKENDS[args.backend](args, requests)
+    print(result.report())
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+    return result

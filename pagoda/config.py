@@ -1,0 +1,119 @@
+"""Every engine knob in one place, with defaults and validation that says what to change."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
+# VLLM_CPU_KVCACHE_SPACE does.
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    device: str = "auto"
+    skip_tokenizer_init: bool = False
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
+        _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(
+            self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0 and self.block_size <= 256,
+            "block_size", self.block_size, "a power of two from 1 to 256",
+        )
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
+        _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+               "num_gpu_blocks_override", self.num_gpu_blocks_override, ">= 1")
+        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", self.max_model_len, ">= 2")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not built yet; "
+                "use tensor_parallel_size=1"
+            )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, hf_config: Any, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cpu":
+            # fp32 is what CPU matmul libraries run fastest and most exactly.
+            return torch.float32
+        declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        declared = DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+        return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def resolve_max_model_len(self, hf_config: Any) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        window = getattr(hf_config, "sliding_window", None)
+        if not getattr(hf_config, "use_sliding_window", True):
+            window = None
+        if self.max_model_len is None:
+            if limit is None:
+                raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+            # Sliding-window attention is not implemented: stay inside the window, where it is exact.
+            return int(min(limit, window or limit))
+        if limit is not None and self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is larger than the model's maximum context "
+                f"({limit}, max_position_embeddings in its config); lower --max-model-len"
+            )
+        if window and self.max_model_len > window:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's sliding window ({window}), "
+                "which Pagoda does not implement yet; set max_model_len <= the window"
+            )
+        return self.max_model_len
+
+    def resolve_max_num_batched_tokens(self, max_model_len: int) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if not self.enable_chunked_prefill:
+            return max(max_model_len, 2048)
+        return 2048 if self.torch_device().type == "cpu" else 8192
+
+    def cpu_kv_cache_bytes(self) -> int:
+        if self.kv_cache_memory_bytes is not None:
+            return self.kv_cache_memory_bytes
+        gib = float(os.environ.get("PAGODA_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB))
+        return int(gib * (1 << 30))
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")

@@ -1,0 +1,191 @@
+"""The engine loop: schedule -> execute -> update -> outputs, one step at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+from pagoda.config import EngineConfig
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.request import Request, RequestStatus
+from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.engine.output_processor import OutputProcessor
+from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load_tokenizer
+from pagoda.loader.model_resolver import resolve_model
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+logger = logging.getLogger("pagoda")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        started = time.perf_counter()
+        self.config = config
+        resolved = resolve_model(config.model, config.load_format)
+        self.model_name = resolved.name
+        self.hf_config = load_hf_config(resolved)
+        device = config.torch_device()
+        dtype = config.torch_dtype(self.hf_config, device)
+        self.max_model_len = config.resolve_max_model_len(self.hf_config)
+        max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
+        self.runner = ModelRunner(
+            resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,
+            block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
+        )
+        self.num_kv_blocks = self._num_kv_blocks(max_batched)
+        self.runner.allocate_kv_cache(self.num_kv_blocks)
+        kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.scheduler = Scheduler(scheduler_config, kv_manager)
+        self.eos_token_ids = self._eos_token_ids(resolved)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+        logger.info(
+            "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens (%d tokens; %.1f requests of "
+            "max_model_len=%d)", time.perf_counter() - started, resolved.name, device, dtype,
+            self.num_kv_blocks, config.block_size, self.num_kv_blocks * config.block_size,
+            self.num_kv_blocks * config.block_size / self.max_model_len, self.max_model_len,
+        )
+
+    # Set-up ---------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self, max_batched_tokens: int) -> int:
+        cfg = self.config
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        if self.runner.device.type == "cpu":
+            available, knob = cfg.cpu_kv_cache_bytes(), "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB)"
+        else:
+            available = self.runner.profile_free_gpu_bytes(
+                cfg.gpu_memory_utilization, max_batched, self.max_model_len
+            )
+            knob = "gpu_memory_utilization"
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        num_blocks = max(0, available) // self.runner.kv_bytes_per_block()
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache has room for {num_blocks * cfg.block_size} tokens, fewer than one request of "
+                f"max_model_len={self.max_model_len}: raise {knob} or lower max_model_len"
+            )
+        # More blocks than every sequence at full length could use would only cost memory.
+        return min(num_blocks, blocks_per_seq * cfg.max_num_seqs)
+
+    def _eos_token_ids(self, resolved) -> frozenset[int]:
+        ids = set(load_generation_eos(resolved))
+        declared = getattr(self.hf_config, "eos_token_id", None)
+        ids.update([declared] if isinstance(declared, int) else declared or [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # Requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        """Queue a request; a ValueError leaves the engine exactly as it was."""
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        children = [
+            Request(child_id, list(prompt_token_ids), child_params, self.eos_token_ids, self.max_model_len)
+            for child_id, child_params in _fan_out(request_id, params)
+        ]
+        added: list[str] = []
+        try:
+            for child in children:
+                self.scheduler.add_request(child)
+                added.append(child.request_id)
+        except ValueError:
+            self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
+            raise
+        self.outputs.add(request_id, prompt, children)
+
+    def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
+        if len(prompt_token_ids) == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are out of the vocabulary range [0, {self.vocab_size})")
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests and free everything they hold; unknown ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            parent = self.outputs.parents.get(request_id)
+            if parent is None:
+                continue
+            live = [c.request for c in parent.children if c.request.request_id in self.outputs.child_to_parent]
+            self.scheduler.finish_requests([r.request_id for r in live], RequestStatus.FINISHED_ABORTED)
+            for req in live:
+                self.outputs.finish(req)
+            self.outputs.parents.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # The loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns the outputs of the user requests it advanced."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.chunks:
+            return []
+        for chunk in scheduler_output.chunks:
+            self.outputs.mark_scheduled(chunk.request)
+        runner_output = self.runner.execute(scheduler_output)
+        self._record_prompt_logprobs(scheduler_output, runner_output)
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
+        touched = self._process_new_tokens(updated, runner_output)
+        return [self.outputs.make_output(parent_id) for parent_id in touched]
+
+    def _record_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        for chunk in scheduler_output.chunks:
+            scored = runner_output.prompt_logprobs.get(chunk.request.request_id)
+            if scored is not None:
+                self.outputs.process_prompt_logprobs(chunk.request, *scored)
+
+    def _process_new_tokens(self, updated: list[Request], runner_output: ModelRunnerOutput) -> dict[str, None]:
+        touched: dict[str, None] = {}
+        for req in updated:
+            rid = req.request_id
+            stop = self.outputs.process_token(
+                req, req.output_token_ids[-1], runner_output.sampled_logprob[rid], runner_output.top_logprobs.get(rid)
+            )
+            if stop is not None:
+                self._stop_on_string(req, stop)
+            touched[self.outputs.parent_id(req)] = None
+            if req.status.is_finished():
+                self.outputs.finish(req)
+        return touched
+
+    def _stop_on_string(self, req: Request, stop: str) -> None:
+        if req.status.is_finished():
+            req.status = RequestStatus.FINISHED_STOPPED  # the stop string wins over a length limit
+        else:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+        req.stop_reason = stop
+
+
+def _fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """n > 1 becomes n independent child requests; they share the prompt's cached blocks."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [
+        (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+        for i in range(params.n)
+    ]

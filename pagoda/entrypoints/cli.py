@@ -1,0 +1,56 @@
+"""The `pagoda` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pagoda.benchmarks import throughput
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, device=args.device, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    messages = [{"role": "user", "content": args.prompt}]
+    output = llm.chat(messages, params, use_tqdm=False)[0]
+    print(output.outputs[0].text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer one chat message with a model (default: the embedded one)")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--model", default=None)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    tput = bench_kinds.add_parser("throughput", help="offline throughput on random requests")
+    throughput.add_arguments(tput)
+    tput.set_defaults(func=throughput.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""`LLM`: the offline Python API, named and shaped as vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any, Union
+
+from tqdm.auto import tqdm
+
+from pagoda.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+PromptType = Union[str, dict[str, Any]]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine for offline generation.
+
+    `LLM()` loads the embedded default model (SmolLM2-135M-Instruct); `LLM(model=PATH)` a local
+    Hugging Face directory, a GGUF file, or a model id already in the Hugging Face cache.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        seed: int = 0,
+        load_format: str = "auto",
+        device: str = "auto",
+        skip_tokenizer_init: bool = False,
+        tensor_parallel_size: int = 1,
+    ) -> None:
+        config = EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+            num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            seed=seed, load_format=load_format, device=device, skip_tokenizer_init=skip_tokenizer_init,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        request_ids = self._add_all(prompts, params)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self._require_tokenizer("chat")
+        prompts = [
+            tokenizer.apply_chat_template(
+                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            for conv in conversations
+        ]
+        # The template already holds the special tokens (BOS etc.): don't add them twice.
+        token_prompts = [
+            {"prompt": p, "prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts
+        ]
+        return self.generate(token_prompts, sampling_params, use_tqdm)
+
+    # Helpers ---------------------------------------------------------------------------------
+
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.llm_engine.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, but the LLM was built with skip_tokenizer_init=True")
+        return self.llm_engine.tokenizer
+
+    @staticmethod
+    def _params_per_prompt(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if len(sampling_params) != num_prompts:
+            raise ValueError(
+                f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts: "
+                "pass one SamplingParams or one per prompt"
+            )
+        return list(sampling_params)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer("a text prompt").encode(prompt)
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return self._tokenize(prompt["prompt"])
+        raise ValueError("a prompt must be a str, {'prompt': str} or {'prompt_token_ids': list[int]}")
+
+    def _add_all(self, prompts: Sequence[PromptType], params: list[SamplingParams]) -> list[str]:
+        """Add every prompt, or none: a bad one aborts those already added and raises."""
+        engine = self.llm_engine
+        request_ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                text, token_ids = self._tokenize(prompt)
+                request_id = str(next(self._request_counter))
+                engine.add_request(request_id, token_ids, p, prompt=text)
+                request_ids.append(request_id)
+        except ValueError:
+            engine.abort_request(request_ids)
+            raise
+        return request_ids
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        progress = _Progress(len(request_ids)) if use_tqdm else None
+        try:
+            while len(finished) < len(request_ids) and engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        if progress:
+                            progress.update(output)
+        except BaseException:
+            engine.abort_request(request_ids)
+            raise
+        finally:
+            if progress:
+                progress.close()
+        return [finished[rid] for rid in request_ids]
+
+
+class _Progress:
+    """vLLM's progress bar: requests done, with input and output token rates."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def update(self, output: RequestOutput) -> None:
+        self.input_tokens += len(output.prompt_token_ids)
+        self.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"est. speed input: {self.input_tokens / elapsed:.2f} toks/s, "
+            f"output: {self.output_tokens / elapsed:.2f} toks/s",
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

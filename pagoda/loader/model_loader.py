@@ -1,0 +1,98 @@
+"""From a resolved model to what the engine runs: its config, tokenizer, and weights on a device."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.attention.backend import AttentionBackend
+from pagoda.loader.gguf_loader import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
+from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.loader.weights import iter_checkpoint_weights
+from pagoda.models import get_model_class
+
+# Dummy weights: small uniform values keep activations finite through any depth.
+_DUMMY_RANGE = 1e-3
+
+
+def load_hf_config(resolved: ResolvedModel) -> Any:
+    if resolved.gguf_file is not None:
+        return load_gguf_config(resolved.gguf_file)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
+
+
+def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    if resolved.gguf_file is not None:
+        return load_gguf_tokenizer(resolved.gguf_file)
+    return AutoTokenizer.from_pretrained(str(resolved.model_dir), local_files_only=True)
+
+
+def load_generation_eos(resolved: ResolvedModel) -> set[int]:
+    """EOS ids from generation_config.json (Llama 3 lists several), if the model has one."""
+    if resolved.gguf_file is not None:
+        return set()
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
+    except OSError:
+        return set()
+    eos = gen.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(
+    resolved: ResolvedModel,
+    hf_config: Any,
+    *,
+    load_format: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend,
+    max_position: int,
+    seed: int,
+) -> nn.Module:
+    model_cls = get_model_class(hf_config)
+    with _default_dtype(dtype), device:
+        model = model_cls(hf_config, backend, max_position)
+    if load_format == "dummy":
+        _init_dummy(model, seed)
+    else:
+        model.load_weights(_iter_weights(resolved, hf_config))
+    return model.eval()
+
+
+def _iter_weights(resolved: ResolvedModel, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    if resolved.gguf_file is not None:
+        return iter_gguf_weights(resolved.gguf_file, hf_config)
+    return iter_checkpoint_weights(resolved.model_dir)
+
+
+@torch.no_grad()
+def _init_dummy(model: nn.Module, seed: int) -> None:
+    params = list(model.parameters())
+    generator = torch.Generator(device=params[0].device).manual_seed(seed)
+    for param in params:
+        param.data.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)

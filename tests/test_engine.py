@@ -1,0 +1,115 @@
+"""The engine end to end on tiny random models: request validation (each error leaves the engine
+serving), n > 1, seeds, stop strings and token ids, abort, and the timings of RequestOutput."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> LLM:
+    path = save_tiny_model("llama3", tmp_path_factory.mktemp("engine"))
+    return LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64,
+               num_gpu_blocks_override=32, block_size=4, enable_chunked_prefill=True)
+
+
+def _run(llm: LLM, prompt: list[int], **params) -> list[int]:
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(**params), use_tqdm=False)[0]
+    return out.outputs[0].token_ids
+
+
+def _still_serves(llm: LLM) -> None:
+    assert len(_run(llm, [5, 6, 7], temperature=0.0, max_tokens=4, ignore_eos=True)) == 4
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.scheduler.kv_cache_manager.usage == 0.0
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ([3] * 64, "max_model_len"),  # as long as the model's limit: nothing left to generate
+        ([3] * 200, "max_model_len"),
+        ([], "empty"),
+        ([3, 999999], "vocabulary"),
+        ([3, -1], "vocabulary"),
+    ],
+)
+def test_bad_prompt_is_refused_and_engine_goes_on(llm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        _run(llm, prompt, max_tokens=4)
+    _still_serves(llm)
+
+
+def test_prompt_that_can_never_fit_the_pool_is_refused(tmp_path):
+    path = save_tiny_model("qwen3", tmp_path)
+    small = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64,
+                num_gpu_blocks_override=8, block_size=4)  # room for 32 tokens in all
+    with pytest.raises(ValueError, match="num_gpu_blocks_override"):
+        _run(small, [3] * 40, max_tokens=1)  # within max_model_len, but larger than the pool
+    _still_serves(small)
+
+
+def test_bad_prompt_in_a_batch_adds_nothing(llm):
+    prompts = [{"prompt_token_ids": [4, 5]}, {"prompt_token_ids": []}]
+    with pytest.raises(ValueError):
+        llm.generate(prompts, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    _still_serves(llm)
+
+
+def test_mismatched_sampling_params_list(llm):
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate([{"prompt_token_ids": [4]}] * 2, [SamplingParams()] * 3, use_tqdm=False)
+    _still_serves(llm)
+
+
+def test_n_samples_and_seeds(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": [9, 8, 7]}, params, use_tqdm=False)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in first.outputs)
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # the children draw differently
+    # The same seeded request alongside other traffic gives the same tokens.
+    others = [{"prompt_token_ids": [i, i + 1]} for i in range(10, 14)]
+    mixed = llm.generate(
+        others + [{"prompt_token_ids": [9, 8, 7]}],
+        [SamplingParams(temperature=1.0, max_tokens=5)] * 4 + [params],
+        use_tqdm=False,
+    )[-1]
+    assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in first.outputs]
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    greedy = _run(llm, [11, 12, 13], temperature=0.0, max_tokens=10, ignore_eos=True)
+    stop_at = greedy[3]
+    out = llm.generate({"prompt_token_ids": [11, 12, 13]},
+                       SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop_at]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy[: greedy.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    length = llm.generate({"prompt_token_ids": [11, 12, 13]},
+                          SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert length[0].outputs[0].finish_reason == "length"
+
+
+def test_abort_frees_everything(llm):
+    engine = llm.llm_engine
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.add_request("b", [6, 7], SamplingParams(n=2, max_tokens=30, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.kv_cache_manager.usage > 0
+    engine.abort_request(["a", "b"])
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.kv_cache_manager.usage == 0.0
+    _still_serves(llm)
+
+
+def test_request_output_timings(llm):
+    out = llm.generate({"prompt_token_ids": [3, 4]}, SamplingParams(max_tokens=3), use_tqdm=False)[0]
+    m = out.metrics
+    assert out.finished
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time

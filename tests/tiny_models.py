@@ -1,0 +1,67 @@
+"""Tiny random models of every supported architecture, saved as Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+_COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,
+    # Wider than the default 0.02 so that logits are not near-flat: greedy choices are then clear-cut.
+    initializer_range=0.2,
+)
+
+# name -> (config class, architecture, extra config): together they cover MHA, GQA, MQA, a head_dim
+# that is not hidden/heads, tied and untied embeddings, llama3 rope scaling and q/k/v bias.
+ARCHITECTURES = {
+    "llama3": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )),
+    "llama2-mha-tied": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+    )),
+    "mistral": (transformers.MistralConfig, "MistralForCausalLM", dict(
+        num_attention_heads=8, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False,
+    )),
+    "qwen2-mqa": (transformers.Qwen2Config, "Qwen2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+    )),
+    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+    )),
+}
+
+
+def save_tiny_model(name: str, directory: Path, seed: int = 0) -> Path:
+    config_cls, arch, extra = ARCHITECTURES[name]
+    config = config_cls(**_COMMON, **extra, architectures=[arch], eos_token_id=1, bos_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    path = directory / name
+    model.save_pretrained(path)
+    return path
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy continuation of each prompt, EOS ignored."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+            )
+            outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def hf_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0]

@@ -49,13 +49,15 @@ def save_tiny_model(name: str, directory: Path, seed: int = 0) -> Path:
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' own greedy continuation of each prompt, EOS ignored."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # No EOS: the engine side runs with ignore_eos, and min_new_tokens would mask EOS instead.
+    model.generation_config.eos_token_id = None
     outputs = []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                do_sample=False, pad_token_id=0,
             )
             outputs.append(out[0, len(prompt):].tolist())
     return outputs

@@ -1,0 +1,232 @@
+"""Continuous batching under one token budget per step.
+
+Each step gives every running request the tokens it has not computed yet (a decode is one
+token, an unfinished prefill a chunk), then admits waiting requests while budget, sequence slots
+and KV blocks last. When blocks run out, the newest running request is preempted: its blocks are
+freed and it is recomputed later from its prompt and the tokens it already generated."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # num_computed_tokens before this step
+    num_tokens: int  # request.token_ids[start:start + num_tokens] are computed this step
+    block_ids: list[int]  # the request's whole block table
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last known token, so a new token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # Admission -----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or refuse it up front (ValueError) if it could never run."""
+        self._validate(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def _validate(self, request: Request) -> None:
+        cfg, kv = self.config, self.kv_cache_manager
+        n = request.num_prompt_tokens
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if n >= cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; the maximum model length is {cfg.max_model_len} "
+                "(set by --max-model-len / max_model_len), and at least one token must be left to generate"
+            )
+        if kv.blocks_needed(n + 1) > kv.num_blocks:
+            raise ValueError(
+                f"the prompt needs {kv.blocks_needed(n + 1)} KV blocks but the whole cache has "
+                f"{kv.num_blocks} ({kv.num_blocks * kv.block_size} tokens): raise gpu_memory_utilization, "
+                "num_gpu_blocks_override or the CPU KV cache budget (kv_cache_memory_bytes), or lower max_model_len"
+            )
+        if not cfg.enable_chunked_prefill and n > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"the prompt has {n} tokens, more than max_num_batched_tokens={cfg.max_num_batched_tokens}, "
+                "and chunked prefill is off: raise max_num_batched_tokens or set enable_chunked_prefill"
+            )
+
+    # One step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._tokens_to_schedule(req, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.kv_cache_manager.allocate_slots(req, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                self._commit(req, n, out)
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        kv = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            blocks, num_cached = kv.get_computed_blocks(req)
+            remaining = req.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            n = min(remaining, budget)
+            if not kv.allocate_slots(req, n, blocks):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._commit(req, n, out)
+            budget -= n
+
+    def _tokens_to_schedule(self, req: Request, budget: int) -> int:
+        remaining = req.num_tokens - req.num_computed_tokens
+        if not self.config.enable_chunked_prefill and remaining > budget:
+            return 0
+        return min(remaining, budget)
+
+    def _commit(self, req: Request, n: int, out: SchedulerOutput) -> None:
+        block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
+        out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, block_ids))
+        req.num_computed_tokens += n
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.kv_cache_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req.request_id)
+
+    # After the step -------------------------------------------------------------------------
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Append each sampled token and finish requests that hit a stop condition."""
+        updated = []
+        for chunk in out.chunks:
+            req = chunk.request
+            token = sampled.get(req.request_id)
+            if token is None or req.status != RequestStatus.RUNNING:
+                continue
+            req.append_output_token(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self._finish(req, status)
+            updated.append(req)
+        return updated
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        past_min = req.num_output_tokens >= (params.min_tokens or 0)
+        if past_min and not params.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and params.stop_token_ids and token in params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside (a stop string, an abort); unknown ids are ignored."""
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is not None:
+                self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv_cache_manager.free(req)
+        req.status = status
+        del self.requests[req.request_id]
+
+    # Introspection --------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )

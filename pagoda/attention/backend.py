@@ -5,8 +5,8 @@ A KV cache for one layer is one tensor [2, num_blocks, block_size, num_kv_heads,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -19,10 +19,13 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32: cumulative query lengths
     seq_lens: torch.Tensor  # [num_reqs] int32: context length after this step
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32
+    block_size: int
     # Host copies, so backends never sync the device to read lengths.
     query_starts_cpu: list[int]
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # What a backend derives once per step (in `prepare`) and every layer reuses.
+    backend_data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -30,6 +33,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        """Called once per step, before the forward pass."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]

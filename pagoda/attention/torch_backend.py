@@ -27,6 +27,22 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
 
 
 class TorchAttentionBackend:
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        rows = [i for i, n in enumerate(metadata.query_lens_cpu) if n == 1]
+        if not rows:
+            return
+        dev = metadata.block_tables.device
+        max_len = max(metadata.seq_lens_cpu[i] for i in rows)
+        rows_t = torch.tensor(rows, device=dev)
+        seq_lens = metadata.seq_lens[rows_t]
+        metadata.backend_data["decode"] = (
+            torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),  # token index of each
+            metadata.block_tables[rows_t, : -(-max_len // metadata.block_size)],
+            max_len,
+            # [B, 1, 1, max_len]: which cached positions each decode may see
+            (torch.arange(max_len, device=dev)[None, :] < seq_lens[:, None])[:, None, None, :],
+        )
+
     def forward(
         self,
         q: torch.Tensor,
@@ -38,35 +54,24 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
-        decode_rows = [i for i, n in enumerate(metadata.query_lens_cpu) if n == 1]
-        if decode_rows:
-            self._decode(q, kv_cache, metadata, decode_rows, scale, out)
+        if "decode" in metadata.backend_data:
+            self._decode(q, kv_cache, metadata.backend_data["decode"], scale, out)
         for i, n in enumerate(metadata.query_lens_cpu):
             if n > 1:
                 self._prefill(q, kv_cache, metadata, i, scale, out)
         return out
 
-    def _decode(self, q, kv_cache, metadata, rows: list[int], scale: float, out: torch.Tensor) -> None:
-        token_idx = torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=q.device)
-        seq_lens = torch.tensor([metadata.seq_lens_cpu[i] for i in rows], device=q.device)
-        max_len = max(metadata.seq_lens_cpu[i] for i in rows)
-        block_size = kv_cache.shape[2]
-        num_blocks = -(-max_len // block_size)
-        tables = metadata.block_tables[torch.tensor(rows, device=q.device), :num_blocks]
+    def _decode(self, q, kv_cache, plan, scale: float, out: torch.Tensor) -> None:
+        token_idx, tables, max_len, mask = plan
         keys, values = gather_kv(kv_cache, tables)
         keys, values = keys[:, :, :max_len], values[:, :, :max_len]
-        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
         query = q[token_idx].unsqueeze(2)  # [B, Hq, 1, D]
-        attn = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-        )
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[token_idx] = attn.squeeze(2)
-
     def _prefill(self, q, kv_cache, metadata, row: int, scale: float, out: torch.Tensor) -> None:
         start = metadata.query_starts_cpu[row]
         q_len, seq_len = metadata.query_lens_cpu[row], metadata.seq_lens_cpu[row]
-        block_size = kv_cache.shape[2]
-        table = metadata.block_tables[row : row + 1, : -(-seq_len // block_size)]
+        table = metadata.block_tables[row : row + 1, : -(-seq_len // metadata.block_size)]
         keys, values = gather_kv(kv_cache, table)
         keys, values = keys[:, :, :seq_len], values[:, :, :seq_len]
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]

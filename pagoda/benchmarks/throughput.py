@@ -142,11 +142,12 @@ def run_llama_cpp(args: argparse.Namespace, requests: list[BenchRequest]) -> Ben
     """llama.cpp (llama-cpp-python) on the same GGUF, one request after another, greedy."""
     from llama_cpp import Llama
 
+    from pagoda.loader.default_model import default_gguf_path
     from pagoda.loader.model_resolver import resolve_model
 
-    resolved = resolve_model(args.model, "gguf")
+    gguf_file = default_gguf_path() if args.model is None else resolve_model(args.model, "gguf").gguf_file
     llm = Llama(
-        model_path=str(resolved.gguf_file), n_ctx=4096, n_threads=args.llama_cpp_threads,
+        model_path=str(gguf_file), n_ctx=4096, n_threads=args.llama_cpp_threads,
         n_batch=512, verbose=False, seed=args.seed,
     )
     start = time.perf_counter()

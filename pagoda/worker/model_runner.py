@@ -51,9 +51,10 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.hf_config = hf_config
+        self.attention_backend = get_attention_backend(device)
         self.model = build_model(
             resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
-            backend=get_attention_backend(device), max_position=max_model_len, seed=seed,
+            backend=self.attention_backend, max_position=max_model_len, seed=seed,
         )
         self.sampler = Sampler(seed)
         self.kv_caches: list[torch.Tensor] = []
@@ -98,11 +99,13 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_size=bs,
             query_starts_cpu=starts[:-1],
             query_lens_cpu=seq_lens,
             seq_lens_cpu=seq_lens,
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        self.attention_backend.prepare(metadata)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[: min(num_tokens, 256)])
         self.kv_caches = []
@@ -120,6 +123,7 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
+        self.attention_backend.prepare(batch.metadata)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
         out = ModelRunnerOutput()
         if not batch.logits_rows:
@@ -186,6 +190,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts + [len(input_ids)], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_size=bs,
             query_starts_cpu=starts,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,

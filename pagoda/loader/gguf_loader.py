@@ -1,82 +1,170 @@
-"""GGUF files in Hugging Face form: config, tokenizer (with its chat template) and weights.
-
-transformers already knows GGUF's metadata, tokenizer and tensor-name mapping (including the
-inverse of llama.cpp's Q/K permutation), and gguf dequantizes every type it supports; this
-module only puts the two together."""
+"""GGUF files in Hugging Face form: config, tokenizer, float32 weights under Hugging Face names, and
+conversion into a self-contained Hugging Face model directory."""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import gguf
 import torch
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# GGUF architectures Pagoda loads ("llama" covers Mistral too: llama.cpp files it so).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# In the name of the temporary directory a conversion writes before renaming it into place.
+PARTIAL_DIR_MARK = ".partial-"
+
+# Tokens that end a turn. Llama 3 style files name end-of-turn and end-of-message apart from EOS.
+_EOS_KEYS = (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID, gguf.Keys.Tokenizer.EOM_ID)
 
 
-def load_gguf_config(path: str | Path) -> Any:
-    from transformers import AutoConfig
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if not getattr(config, "architectures", None):
-        config.architectures = [_ARCHITECTURES.get(config.model_type, config.model_type)]
-    return config
+def load_gguf_config(path: str | Path) -> PretrainedConfig:
+    """The model config transformers reads from the GGUF metadata, completed with what it leaves out."""
+    return _config(Path(path), gguf.GGUFReader(path))
 
 
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
-
-def load_gguf_tokenizer(path: str | Path) -> Any:
+def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored in the GGUF file, chat template included."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
 
 
-def iter_gguf_weights(path: str | Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor dequantized to float32, under its Hugging Face name."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+def iter_gguf_weights(path: str | Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file dequantized to float32, under its Hugging Face parameter name.
 
-    # transformers maps names against a model instance; one on the meta device costs nothing.
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
-    for name, tensor in tensors.items():
-        yield name, torch.as_tensor(tensor).float()
+    Tensors are read one at a time from the memory-mapped file, so only one is dequantized at once.
+    """
+    return _weights(gguf.GGUFReader(path), config)
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a self-contained Hugging Face directory (config, generation config, float32
-    safetensors, tokenizer with chat template); it appears whole or not at all."""
-    from safetensors.torch import save_file
+    """Write the GGUF model as a Hugging Face directory (config, generation config, float32
+    model.safetensors, tokenizer) that loads without any GGUF parsing.
 
-    out_dir = Path(out_dir)
+    The files are written into a temporary sibling directory that is renamed into place at the end,
+    so an interrupted conversion never leaves a partial `out_dir`.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"cannot convert {gguf_path} into {out_dir}: it already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL_DIR_MARK}", dir=out_dir.parent))
     try:
-        config = load_gguf_config(gguf_path)
-        config.save_pretrained(tmp)
-        _write_generation_config(config, tmp)
-        weights = {name: t.contiguous() for name, t in iter_gguf_weights(gguf_path, config)}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        load_gguf_tokenizer(gguf_path).save_pretrained(tmp)
-        os.replace(tmp, out_dir)
+        _write_hf_dir(gguf_path, partial)
+        os.replace(partial, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return out_dir
 
 
-def _write_generation_config(config: Any, directory: Path) -> None:
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
+    from transformers import GenerationConfig
+
+    reader = gguf.GGUFReader(gguf_path)
+    config = _config(gguf_path, reader)
+    config.save_pretrained(directory)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=_eos_token_ids(reader), pad_token_id=config.pad_token_id
+    ).save_pretrained(directory)
+    # safetensors writes a file from a whole dict: the float32 weights are all in memory here.
+    save_file(dict(_weights(reader, config)), directory / "model.safetensors", metadata={"format": "pt"})
+    load_gguf_tokenizer(gguf_path).save_pretrained(directory)
+
+
+def _config(path: Path, reader: gguf.GGUFReader) -> PretrainedConfig:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = _architecture(reader)
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a model of GGUF architecture {architecture!r}; "
+            f"Pagoda loads GGUF architectures {SUPPORTED_ARCHITECTURES}"
+        )
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    # transformers' GGUF configs name no architecture class, and take no head_dim for qwen3 (its
+    # default, 128, fits the released models but not every file); a saved directory needs both right.
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    key_length = _field(reader, gguf.Keys.Attention.KEY_LENGTH.format(arch=architecture))
+    if key_length is not None:
+        config.head_dim = key_length
+    return config
+
+
+def _weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    # transformers' own GGUF -> HF name map and its tensor processors (which undo llama.cpp's
+    # rotary permutation of Q and K in llama-arch files), applied here one tensor at a time.
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    architecture = _architecture(reader)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(_meta_model(config), processor, model_type=architecture)
+    return _dequantized(reader, names, processor)
+
+
+def _dequantized(
+    reader: gguf.GGUFReader, names: dict[str, str], processor: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    unmapped = []
+    for tensor in reader.tensors:
+        if tensor.name not in names:
+            unmapped.append(tensor.name)
+            continue
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = processor.process(weights=values, name=tensor.name).weights
+        # A copy: the dequantized array may be a read-only view of the memory-mapped file.
+        yield names[tensor.name], torch.tensor(values, dtype=torch.float32)
+    if unmapped:
+        # e.g. llama 3's rope_freqs, which Hugging Face models compute from the config instead.
+        logger.warning("GGUF tensors with no Hugging Face parameter, not loaded: %s", unmapped)
+
+
+def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """The Hugging Face model for `config` without storage: only its parameter names are needed."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_gguf_eos_token_ids(path: str | Path) -> set[int]:
+    """Every id that ends a turn: EOS, end-of-turn and end-of-message (Llama 3 names all three)."""
+    ids = _eos_token_ids(gguf.GGUFReader(path))
+    return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+
+
+def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
+    """In generation_config.json's form: one id, a list of several, or None."""
+    ids = list(dict.fromkeys(i for i in (_field(reader, key) for key in _EOS_KEYS) if i is not None))
+    return ids[0] if len(ids) == 1 else ids or None
+
+
+def _architecture(reader: gguf.GGUFReader) -> str:
+    architecture = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    if architecture is None:
+        raise ValueError(f"{reader.data.filename} has no {gguf.Keys.General.ARCHITECTURE} in its metadata")
+    return architecture
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> Any:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from pagoda.attention.backend import AttentionBackend
-from pagoda.loader.gguf_loader import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
+from pagoda.loader.gguf_loader import (
+    iter_gguf_weights,
+    load_gguf_config,
+    load_gguf_eos_token_ids,
+    load_gguf_tokenizer,
+)
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import iter_checkpoint_weights
 from pagoda.models import get_model_class
@@ -38,9 +43,9 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
 
 
 def load_generation_eos(resolved: ResolvedModel) -> set[int]:
-    """EOS ids from generation_config.json (Llama 3 lists several), if the model has one."""
+    """EOS ids from generation_config.json (Llama 3 lists several) or the GGUF metadata."""
     if resolved.gguf_file is not None:
-        return set()
+        return load_gguf_eos_token_ids(resolved.gguf_file)
     from transformers import GenerationConfig
 
     try:

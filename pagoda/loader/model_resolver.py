@@ -1,5 +1,5 @@
-"""Where a model's files are: the default model, a local directory or GGUF file, or a model id
-already in the Hugging Face cache. Nothing is ever downloaded."""
+"""Where a model's files are: the embedded default model, a local directory or GGUF file, or a
+model id already in the Hugging Face cache. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
@@ -9,45 +9,70 @@ from pathlib import Path
 from pagoda.config import LOAD_FORMATS
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedModel:
     model_dir: Path
-    gguf_file: Path | None
-    name: str
+    gguf_file: Path | None  # set when the weights (and config, tokenizer) come from a GGUF file
+    name: str  # for display
 
 
 def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel:
+    """Find `model` on this machine: None is the default model, then a local path, then a Hugging
+    Face model id looked up offline in the Hugging Face cache."""
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format={load_format!r} is invalid: it must be one of {LOAD_FORMATS}")
+        raise ValueError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     if model is None:
-        from pagoda.loader.default_model import DEFAULT_MODEL, default_model_dir
-
-        return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL)
+        return _default_model(load_format)
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ResolvedModel(path.parent, path, path.name)
+    if path.is_file():
+        return _resolve_file(path, load_format, model)
     if path.is_dir():
         return _resolve_dir(path, load_format, model)
-    return ResolvedModel(_from_hf_cache(model), None, model)
+    return _resolve_dir(_from_hf_cache(model), load_format, model)
+
+
+def _default_model(load_format: str) -> ResolvedModel:
+    from pagoda.loader.default_model import DEFAULT_MODEL, default_gguf_path, default_model_dir
+
+    # Asked for as GGUF (e.g. to run llama.cpp on the same file), it is the shipped file itself.
+    if load_format == "gguf":
+        gguf_file = default_gguf_path()
+        return ResolvedModel(gguf_file.parent, gguf_file, DEFAULT_MODEL)
+    return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL)
+
+
+def _resolve_file(path: Path, load_format: str, name: str) -> ResolvedModel:
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf file: pass a model directory or a .gguf file")
+    return _gguf(path, load_format, name)
 
 
 def _resolve_dir(path: Path, load_format: str, name: str) -> ResolvedModel:
     ggufs = sorted(path.glob("*.gguf"))
-    if load_format == "gguf" or (ggufs and not (path / "config.json").exists()):
-        if len(ggufs) != 1:
-            raise ValueError(f"{path} holds {len(ggufs)} .gguf files: name the one to load")
-        return ResolvedModel(path, ggufs[0], name)
-    return ResolvedModel(path, None, name)
+    is_gguf = load_format == "gguf" or (len(ggufs) == 1 and not (path / "config.json").exists())
+    if not is_gguf:
+        return ResolvedModel(path, None, name)
+    if len(ggufs) != 1:
+        found = ", ".join(p.name for p in ggufs) or "none"
+        raise ValueError(f"{path} must hold exactly one .gguf file to load (found: {found}): pass the file's path")
+    return _gguf(ggufs[0], load_format, name)
+
+
+def _gguf(path: Path, load_format: str, name: str) -> ResolvedModel:
+    if load_format in ("safetensors", "pt"):
+        raise ValueError(f"{path} is a GGUF model, which load_format={load_format!r} cannot load: use 'auto' or 'gguf'")
+    return ResolvedModel(path.parent, path, name)
 
 
 def _from_hf_cache(model_id: str) -> Path:
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(model_id, local_files_only=True))
-    except Exception as e:  # the hub raises several kinds for "not cached" and for a bad id
+    except (LocalEntryNotFoundError, HFValidationError) as e:
         raise FileNotFoundError(
-            f"model {model_id!r} is neither a local path nor in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); Pagoda never downloads models: pass a local directory, "
-            "a .gguf file, or a model id already in the cache"
+            f"model {model_id!r} is neither a local path nor a model in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}; set HF_HUB_CACHE or HF_HOME to look elsewhere). Pagoda never "
+            "downloads models: pass a local directory or .gguf file, or download the model into the cache first"
         ) from e

@@ -1,4 +1,4 @@
-"""Checkpoint tensors of a local Hugging Face directory, streamed one file at a time."""
+"""Checkpoint tensors of a local Hugging Face model directory, streamed one file at a time."""
 
 from __future__ import annotations
 
@@ -11,21 +11,18 @@ from safetensors import safe_open
 
 
 def iter_checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from *.safetensors (sharded or not), else pytorch_model*.bin."""
+    """(name, tensor) pairs from the directory's *.safetensors files (the shards its index lists, when
+    it has one), else from its pytorch_model*.bin files.
+
+    Only one file is open at a time, so peak memory is about one shard. Raises FileNotFoundError at
+    once, not on first iteration, when the directory holds neither.
+    """
     model_dir = Path(model_dir)
-    files = _safetensors_files(model_dir)
-    if files:
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        return
-    bins = sorted(model_dir.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {model_dir}")
-    for path in bins:
-        # weights_only: a pickle must never run code on load.
-        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+    if safetensors := _safetensors_files(model_dir):
+        return _iter_safetensors(safetensors)
+    if bins := sorted(model_dir.glob("pytorch_model*.bin")):
+        return _iter_bins(bins)
+    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {model_dir}")
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -34,3 +31,16 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / shard for shard in shards]
     return sorted(model_dir.glob("*.safetensors"))
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        # weights_only: unpickling a checkpoint must never run code from it.
+        yield from torch.load(path, map_location="cpu", weights_only=True).items()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU checks, in one device call: GPU tests, then W1 and W2 (../shared/BENCHMARKS.md) with
+# transformers on the same requests. Run from the repository root on a machine with a CUDA GPU:
+#   bash scripts/gpu_check.sh [quick]
+# Packages the device image lacks travel as wheels in .whl/ (see docs/gpu.md).
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/pagoda-gpu}; mkdir -p "$OUT"
+MODELS=${PAGODA_SHARED_MODELS:-shared/models}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+
+bench() {  # name, then bench arguments
+    local name=$1; shift
+    timeout 400 python3 -m pagoda.entrypoints.cli --log-level warning bench throughput --disable-tqdm \
+        --output-json "$OUT/$name.json" "$@" 2>&1 | tail -3
+}
+W1="--model $MODELS/llama-3.1-8b --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024"
+W2="--model $MODELS/qwen3-0.6b --load-format dummy --num-prompts 256 --input-len 562 --output-len 562 --random-range-ratio 0.822 --max-model-len 2048"
+bench w1_pagoda $W1
+bench w2_pagoda $W2
+if [ "${1:-}" != quick ]; then
+    bench w1_hf $W1 --backend hf --hf-max-batch-size 128
+fi
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+print(f"{'run':<12} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12}")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem:<12} {r['elapsed_s']:>8.2f} {r['output_tokens_per_second']:>10.0f} {r['tokens_per_second']:>12.0f}")
+PY

@@ -1,16 +1,33 @@
-"""SamplingParams: how to pick each next token and when to stop, named as vLLM names them."""
+"""SamplingParams: how to pick each next token and when to stop, named and validated as vLLM does."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 MAX_LOGPROBS = 20
+# Below this temperature, dividing logits by it overflows float32: treat it as greedy.
 _GREEDY_EPS = 1e-5
+_LOGIT_BIAS_LIMIT = 100.0  # OpenAI clamps biases to [-100, 100]
+
+_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_BOOLS = (
+    "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+    "detokenize",
+)
+_OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
 
 
 @dataclass
 class SamplingParams:
+    """Validated on construction: a bad value raises ValueError naming the parameter and its range.
+
+    Integers and numbers are normalised to int and float, `stop` to a list of strings,
+    `stop_token_ids` to a list and `logit_bias` keys to int (JSON gives strings)."""
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -24,7 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # None: up to the model's max length
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -34,60 +51,114 @@ class SamplingParams:
     detokenize: bool = True
 
     def __post_init__(self) -> None:
-        self._check_types()
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.logit_bias:
-            # JSON object keys arrive as strings; OpenAI clamps biases to [-100, 100].
-            self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
+        self._normalise_scalars()
+        self.stop = _normalise_stop(self.stop)
+        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self._check_ranges()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
-    def _check_types(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = _TYPES[f.name]
-            if value is None and f.name in _OPTIONAL:
-                continue
-            if isinstance(value, bool) and bool not in expected:
-                _fail(f.name, value, f"of type {' or '.join(t.__name__ for t in expected)}")
-            if not isinstance(value, expected):
-                _fail(f.name, value, f"of type {' or '.join(t.__name__ for t in expected)}")
+    def _normalise_scalars(self) -> None:
+        for name, convert in _CONVERTERS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                setattr(self, name, convert(name, value))
 
     def _check_ranges(self) -> None:
         _require(self.n >= 1, "n", self.n, ">= 1")
-        _require(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        _require(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _require(self.top_k == -1 or self.top_k >= 0, "top_k", self.top_k, "-1, 0 (no limit) or >= 1")
+        _require(self.top_k >= -1, "top_k", self.top_k, "-1 or 0 (no limit), or >= 1")
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
         _require(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
         _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+        _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1 or None")
         _require(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
         if self.max_tokens is not None:
             _require(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                      f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _require(value is None or 0 <= value <= MAX_LOGPROBS, name, value, f"in [0, {MAX_LOGPROBS}]")
-        _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
-        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-                 "stop_token_ids", self.stop_token_ids, "non-negative token ids")
+            _require(value is None or 0 <= value <= MAX_LOGPROBS, name, value, f"in [0, {MAX_LOGPROBS}] or None")
+        # Stop strings are matched on the text: without text they could never fire.
+        _require(self.detokenize or not self.stop, "stop", self.stop, "empty when detokenize=False")
 
 
-_OPTIONAL = {"seed", "stop", "stop_token_ids", "max_tokens", "logprobs", "prompt_logprobs", "logit_bias"}
-_NUMBER = (int, float)
-_TYPES: dict[str, tuple[type, ...]] = {
-    "n": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": (int,), "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
-    "seed": (int,), "stop": (str, list, tuple), "stop_token_ids": (list, tuple),
-    "include_stop_str_in_output": (bool,), "ignore_eos": (bool,), "max_tokens": (int,), "min_tokens": (int,),
-    "logprobs": (int,), "prompt_logprobs": (int,), "logit_bias": (dict,), "skip_special_tokens": (bool,),
-    "spaces_between_special_tokens": (bool,), "detokenize": (bool,),
+def _normalise_stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        _fail("stop", stop, "a non-empty string or a list of non-empty strings")
+    return list(stops)
+
+
+def _normalise_stop_token_ids(ids: Any) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+        _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
+    return [int(t) for t in ids]
+
+
+def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        _fail("logit_bias", bias, "a dict of token id -> bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token_id = _token_id_key(key)
+        if token_id is None or token_id < 0:
+            _fail("logit_bias", bias, f"keyed by token ids (integers >= 0), not {key!r}")
+        if not _is_number(value):
+            _fail("logit_bias", bias, f"valued by finite numbers, not {value!r}")
+        out[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, float(value)))
+    return out
+
+
+def _token_id_key(key: Any) -> int | None:
+    if _is_int(key):
+        return int(key)
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if not _is_int(value):
+        _fail(name, value, "an integer")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if not _is_number(value):
+        _fail(name, value, "a finite number")
+    return float(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, value, "a bool")
+    return value
+
+
+_CONVERTERS = {
+    **{name: _as_int for name in _INTS},
+    **{name: _as_float for name in _FLOATS},
+    **{name: _as_bool for name in _BOOLS},
 }
 
 

@@ -1,10 +1,14 @@
-"""Batched sampling over one step's logits: logit bias, min_tokens, penalties, then greedy or
-temperature / top-k / top-p / min-p sampling, and logprobs from the same processed logits.
+"""Batched sampling over one step's logits.
 
-Everything is tensor work over the batch; the only host sync is reading the results. Sampling
-uses the exponential race (argmax of probs / Exp(1) noise), so a seeded request can draw its
-noise from its own generator, seeded from (seed, tokens generated so far): its tokens then
-depend on nothing else in the batch, and recomputation after preemption draws the same."""
+Order: logit_bias, min_tokens masking, repetition penalty, frequency and presence penalties;
+logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
+take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
+min-p, and sampled. All of it is tensor work over the batch; Python loops over rows only build
+index lists on the host and seed per-request generators, and results are read back at the end.
+
+Sampling is the exponential race, argmax(probs / Exp(1) noise), so each seeded row can draw its
+own noise from a generator seeded from (seed, tokens generated so far): its tokens depend on
+nothing else in the batch, and recomputation after preemption draws them again."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from pagoda.sampling_params import SamplingParams
 
 _MASK = float("-inf")
+_U64 = 2**64 - 1
 
 
 class SamplingRequest(Protocol):
@@ -37,9 +42,9 @@ class TopLogprobs:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[TopLogprobs | None]
+    token_ids: list[int]  # one per row
+    logprobs: list[float]  # logprob of each sampled token
+    top_logprobs: list[TopLogprobs | None]  # None where params.logprobs is None
 
 
 class Sampler:
@@ -48,129 +53,192 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> SamplerOutput:
-        logits = process_logits(logits.float(), requests)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        params = [r.sampling_params for r in requests]
-        if all(p.is_greedy for p in params):
+        """logits: [len(requests), vocab], any float dtype and device; the caller's tensor is not changed."""
+        logits = process_logits(logits, requests)
+        greedy = [_samples_greedily(r.sampling_params) for r in requests]
+        if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, requests)
-        chosen_logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
-        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        tops = gather_top_logprobs(logprobs, tokens, k) if k is not None else None
-        token_list = tokens.tolist()
-        return SamplerOutput(
-            token_ids=token_list,
-            logprobs=chosen_logprobs.tolist(),
-            top_logprobs=[
-                _trim(tops[i], p.logprobs) if tops is not None and p.logprobs is not None else None
-                for i, p in enumerate(params)
-            ],
-        )
+            tokens = self._sample(logits, requests, greedy)
+        return _output(logits, tokens, [r.sampling_params for r in requests])
 
-    def _sample(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], greedy: list[bool]
+    ) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         device = logits.device
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
-        temperature = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
+        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
         probs = torch.softmax(filter_top_k_top_p_min_p(logits / temperature[:, None], params), dim=-1)
-        noise = self._exponential_noise(probs, requests)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        sampled = (probs / self._exponential_noise(probs.shape, requests, device)).argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), sampled)
 
-    def _exponential_noise(self, probs: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
-        device = probs.device
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        noise = torch.empty_like(probs).exponential_(generator=self._generators[device])
+    def _exponential_noise(
+        self, shape: torch.Size, requests: Sequence[SamplingRequest], device: torch.device
+    ) -> torch.Tensor:
+        noise = torch.empty(shape, device=device)
+        if any(r.sampling_params.seed is None for r in requests):
+            noise.exponential_(generator=self._shared_generator(device))
         for row, req in enumerate(requests):
             seed = req.sampling_params.seed
             if seed is not None:
-                step_seed = hash((seed, len(req.output_token_ids))) & 0x7FFF_FFFF_FFFF_FFFF
-                generator = torch.Generator(device=device).manual_seed(step_seed)
+                generator = torch.Generator(device=device).manual_seed(_step_seed(seed, len(req.output_token_ids)))
                 noise[row].exponential_(generator=generator)
-        return noise
+        # exponential_ may return exactly 0, and 0 / 0 = NaN would win argmax for a masked token.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+
+def _samples_greedily(params: SamplingParams) -> bool:
+    # top_k=1 is greedy by definition; argmax also settles ties the way greedy rows do.
+    return params.is_greedy or params.top_k == 1
+
+
+def _step_seed(seed: int, num_output_tokens: int) -> int:
+    """SplitMix64 of (seed, step): plain arithmetic, unlike hash() stable across Python versions,
+    and every bit of the seed reaches the low 32 bits, all that the CPU generator (mt19937) uses.
+    The golden-ratio step keeps seeds s and s + 1 (n > 1 children) from sharing streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + num_output_tokens) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
-    """Logit bias, min_tokens masking and penalties, in place on a float32 copy."""
-    for row, req in enumerate(requests):
-        p = req.sampling_params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            valid = ids < logits.shape[1]
-            values = torch.tensor(list(p.logit_bias.values()), device=logits.device)
-            logits[row, ids[valid]] += values[valid]
-        if len(req.output_token_ids) < p.min_tokens:
-            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
-            if stop_ids:
-                logits[row, torch.tensor(sorted(stop_ids), device=logits.device)] = _MASK
-    _apply_penalties(logits, requests)
+    """logit_bias, min_tokens masking and penalties, as float32; a copy when anything applies."""
+    vocab, device = logits.shape[1], logits.device
+    bias_rows, bias_cols, bias_values = _logit_bias_entries(requests, vocab)
+    ban_rows, ban_cols = _min_tokens_entries(requests, vocab)
+    penalised = [row for row, r in enumerate(requests) if _has_penalty(r.sampling_params)]
+    if not (bias_rows or ban_rows or penalised):
+        return logits.float()
+    logits = logits.to(torch.float32, copy=True)
+    if bias_rows:
+        index = torch.tensor([bias_rows, bias_cols], device=device)
+        logits[index[0], index[1]] += torch.tensor(bias_values, device=device)
+    if ban_rows:
+        index = torch.tensor([ban_rows, ban_cols], device=device)
+        logits[index[0], index[1]] = _MASK
+    if penalised:
+        logits[penalised] = _penalise(logits[penalised], [requests[row] for row in penalised])
     return logits
 
 
-def _apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> None:
-    rows = [
-        i for i, r in enumerate(requests)
-        if r.sampling_params.repetition_penalty != 1.0
-        or r.sampling_params.presence_penalty != 0.0
-        or r.sampling_params.frequency_penalty != 0.0
-    ]
-    if not rows:
-        return
-    device, vocab = logits.device, logits.shape[1]
-    for row in rows:
-        req, p = requests[row], requests[row].sampling_params
-        output = torch.tensor(req.output_token_ids, dtype=torch.int64, device=device)
-        counts = torch.zeros(vocab, device=device).scatter_add_(0, output, torch.ones_like(output, dtype=torch.float32))
-        if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            prompt = torch.tensor(req.prompt_token_ids, dtype=torch.int64, device=device)
-            seen[prompt] = True
-            penalised = torch.where(logits[row] > 0, logits[row] / p.repetition_penalty,
-                                    logits[row] * p.repetition_penalty)
-            logits[row] = torch.where(seen, penalised, logits[row])
-        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+def _logit_bias_entries(
+    requests: Sequence[SamplingRequest], vocab: int
+) -> tuple[list[int], list[int], list[float]]:
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, req in enumerate(requests):
+        for token_id, bias in (req.sampling_params.logit_bias or {}).items():
+            if token_id < vocab:  # the engine rejects others; never index out of range on the device
+                rows.append(row)
+                cols.append(token_id)
+                values.append(bias)
+    return rows, cols, values
+
+
+def _min_tokens_entries(requests: Sequence[SamplingRequest], vocab: int) -> tuple[list[int], list[int]]:
+    """(row, token) pairs that must not be sampled yet: EOS and stop ids before min_tokens."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, req in enumerate(requests):
+        p = req.sampling_params
+        if len(req.output_token_ids) >= p.min_tokens:
+            continue
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
+        ids = [t for t in banned if t < vocab]
+        rows.extend([row] * len(ids))
+        cols.extend(ids)
+    return rows, cols
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _penalise(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens (positive logits divided, negative
+    multiplied, as HF and vLLM), then logit -= frequency * count + presence * (count > 0)
+    over output tokens."""
+    params = [r.sampling_params for r in requests]
+    vocab, device = logits.shape[1], logits.device
+    counts = _token_counts([r.output_token_ids for r in requests], vocab, device)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = (counts > 0) | (_token_counts([r.prompt_token_ids for r in requests], vocab, device) > 0)
+        penalty = _column([p.repetition_penalty for p in params], device)
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    frequency = _column([p.frequency_penalty for p in params], device)
+    presence = _column([p.presence_penalty for p in params], device)
+    return logits - frequency * counts - presence * (counts > 0)
+
+
+def _token_counts(token_lists: Sequence[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab] float32: how often each token occurs in each list."""
+    width = max(map(len, token_lists), default=0)
+    # Ragged lists are padded with the id `vocab`, which counts into a column that is dropped.
+    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
 
 def filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Mask to -inf every token outside each row's top-k, nucleus (top-p) and min-p set."""
-    vocab = logits.shape[1]
+    """Mask to -inf every token outside each row's top-k, nucleus (top-p) and min-p sets.
+
+    Top-p and min-p see the distribution already cut to the top-k; the most likely token always stays."""
+    vocab, device = logits.shape[1], logits.device
     top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
     if min(top_k) >= vocab and min(top_p) >= 1.0 and max(min_p) <= 0.0:
         return logits
-    device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    position = torch.arange(vocab, device=device)[None, :]
-    drop = position >= torch.tensor(top_k, device=device)[:, None]
+    drop = torch.arange(vocab, device=device)[None, :] >= torch.tensor(top_k, device=device)[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, _MASK), dim=-1)
-    # Nucleus: drop a token once the mass before it already reaches top_p (the top one always stays).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
-    drop |= sorted_probs < torch.tensor(min_p, device=device)[:, None] * sorted_probs[:, :1]
+    # Nucleus: a token goes once the mass ranked above it already reaches top_p.
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_above >= _column(top_p, device)
+    drop |= sorted_probs < _column(min_p, device) * sorted_probs[:, :1]
     drop[:, 0] = False
-    mask = torch.zeros_like(drop).scatter_(1, order, drop)
-    return logits.masked_fill(mask, _MASK)
+    return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), _MASK)
+
+
+def _output(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> SamplerOutput:
+    k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    if k is None:
+        # Only the chosen tokens' logprobs: no need to materialise a [batch, vocab] log-softmax.
+        chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        return SamplerOutput(tokens.tolist(), chosen.tolist(), [None] * len(params))
+    tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1), tokens, k)
+    return SamplerOutput(
+        token_ids=[top.token_ids[0] for top in tops],
+        logprobs=[top.logprobs[0] for top in tops],
+        top_logprobs=[None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)],
+    )
 
 
 def gather_top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TopLogprobs]:
-    """Per row: the chosen token's logprob and rank, then the k most likely tokens."""
-    chosen = chosen.to(logprobs.device)
-    chosen_lp = logprobs.gather(1, chosen[:, None])
-    ranks = (logprobs > chosen_lp).sum(dim=-1) + 1
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
-    rows = zip(chosen.tolist(), chosen_lp[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_lp.tolist())
-    return [
-        TopLogprobs(
-            token_ids=[c, *ids],
-            logprobs=[lp, *lps],
-            ranks=[rank, *range(1, len(ids) + 1)],
-        )
-        for c, lp, rank, ids, lps in rows
-    ]
+    """Per row of logprobs [N, vocab]: the chosen token's logprob and rank, then the k most likely
+    tokens (ranks 1..k). Rank = 1 + the number of tokens strictly more likely."""
+    chosen = chosen.to(device=logprobs.device, dtype=torch.int64)[:, None]
+    chosen_logprobs = logprobs.gather(1, chosen)
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+    top_logprobs, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+    ids = torch.cat([chosen, top_ids], dim=1).tolist()
+    values = torch.cat([chosen_logprobs, top_logprobs], dim=1).tolist()
+    top_ranks = list(range(1, top_ids.shape[1] + 1))
+    return [TopLogprobs(i, v, [rank, *top_ranks]) for i, v, rank in zip(ids, values, ranks.tolist())]
 
 
-def _trim(top: TopLogprobs, k: int) -> TopLogprobs:
+def _first(top: TopLogprobs, k: int) -> TopLogprobs:
+    """The chosen token and the first k of the top list."""
     return TopLogprobs(top.token_ids[: k + 1], top.logprobs[: k + 1], top.ranks[: k + 1])

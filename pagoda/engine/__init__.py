@@ -1,0 +1,1 @@
+"""The engine: step loop, output processing, incremental detokenization."""

@@ -1,0 +1,1 @@
+"""Batched token sampling: pagoda.sample.sampler."""

@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs, process_logits
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass
+class Req:
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int] = field(default_factory=lambda: [0])
+    output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+def reqs(n: int, **params: object) -> list[Req]:
+    p = SamplingParams(**params)
+    return [Req(p) for _ in range(n)]
+
+
+def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# Greedy -------------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax_and_leaves_input_untouched() -> None:
+    logits = random_logits(16, 100)
+    before = logits.clone()
+    out = Sampler()(logits, reqs(16, temperature=0.0))
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1, keepdim=True))[:, 0]
+    assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+    assert out.top_logprobs == [None] * 16
+    assert torch.equal(logits, before)
+
+
+def test_greedy_accepts_half_precision() -> None:
+    logits = random_logits(4, 50).to(torch.bfloat16)
+    assert Sampler()(logits, reqs(4, temperature=0.0)).token_ids == logits.float().argmax(dim=-1).tolist()
+
+
+def test_top_k_1_equals_greedy() -> None:
+    logits = random_logits(64, 200, seed=1)
+    out = Sampler(seed=5)(logits, reqs(64, temperature=1.5, top_k=1))
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_greedy_rows_stay_greedy_in_a_mixed_batch() -> None:
+    logits = random_logits(32, 50, seed=2)
+    requests = [Req(SamplingParams(temperature=0.0 if i % 2 else 1.0)) for i in range(32)]
+    out = Sampler()(logits, requests)
+    assert out.token_ids[1::2] == logits.argmax(dim=-1)[1::2].tolist()
+
+
+# Filtering: tokens outside the allowed set are never drawn ---------------------------------
+
+
+def draw(row: torch.Tensor, draws: int, seed: int = 0, **params: object) -> torch.Tensor:
+    """`draws` independent samples from one row of logits (one batch of identical rows)."""
+    tokens = Sampler(seed)(row.expand(draws, -1), reqs(draws, **params)).token_ids
+    return torch.tensor(tokens)
+
+
+def scaled_probs(row: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(row / temperature, dim=-1)
+
+
+def test_top_k_never_leaves_the_k_best() -> None:
+    row = random_logits(1, 30, seed=3, scale=1.0)[0]
+    tokens = draw(row, 4000, temperature=0.9, top_k=4)
+    assert set(tokens.tolist()) == set(row.topk(4).indices.tolist())
+
+
+def test_top_p_keeps_exactly_the_nucleus() -> None:
+    row = random_logits(1, 30, seed=4, scale=1.5)[0]
+    temperature, top_p = 0.8, 0.7
+    probs = scaled_probs(row, temperature)
+    order = probs.argsort(descending=True)
+    mass_above = probs[order].cumsum(0) - probs[order]
+    nucleus = set(order[mass_above < top_p].tolist())
+    assert 1 < len(nucleus) < 30
+    tokens = draw(row, 6000, temperature=temperature, top_p=top_p)
+    assert set(tokens.tolist()) == nucleus
+
+
+def test_min_p_drops_tokens_below_the_threshold() -> None:
+    row = random_logits(1, 30, seed=5, scale=1.5)[0]
+    temperature, min_p = 1.2, 0.2
+    probs = scaled_probs(row, temperature)
+    allowed = set(torch.nonzero(probs >= min_p * probs.max())[:, 0].tolist())
+    assert 1 < len(allowed) < 30
+    tokens = draw(row, 6000, temperature=temperature, min_p=min_p)
+    assert set(tokens.tolist()) == allowed
+
+
+def test_top_k_then_top_p_renormalises_over_the_k() -> None:
+    # After top_k=2 the two tokens hold 0.5 / 0.5: top_p=0.5 keeps only the first.
+    row = torch.tensor([2.0, 2.0 - 1e-3, 1.9, 1.8])
+    tokens = draw(row, 500, top_k=2, top_p=0.5)
+    assert set(tokens.tolist()) == {0}
+
+
+# Distribution --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_frequencies_follow_softmax_over_temperature(temperature: float) -> None:
+    row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -2.0])
+    draws = 20000
+    counts = torch.bincount(draw(row, draws, seed=11, temperature=temperature), minlength=8).double()
+    expected = scaled_probs(row, temperature).double() * draws
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 24.3  # the 99.9% quantile for 7 degrees of freedom
+
+
+# Seeds ---------------------------------------------------------------------------------------
+
+
+def seeded_run(sampler: Sampler, row: torch.Tensor, seed: int, steps: int, batch_with: int = 0) -> list[int]:
+    """A seeded request's tokens over `steps` steps, optionally in a batch with other rows."""
+    req = Req(SamplingParams(seed=seed, temperature=1.0))
+    others = random_logits(batch_with, row.shape[0], seed=99)
+    other_reqs = [Req(SamplingParams(seed=1000 + i if i % 2 else None)) for i in range(batch_with)]
+    for _ in range(steps):
+        position = len(req.output_token_ids) % (batch_with + 1)  # move around the batch
+        logits = torch.cat([others[:position], row[None], others[position:]])
+        out = sampler(logits, [*other_reqs[:position], req, *other_reqs[position:]])
+        req.output_token_ids.append(out.token_ids[position])
+    return req.output_token_ids
+
+
+def test_seeded_row_is_independent_of_batch_and_sampler() -> None:
+    row = torch.zeros(1000)  # uniform: every draw is all noise
+    alone = seeded_run(Sampler(seed=0), row, seed=42, steps=25)
+    assert seeded_run(Sampler(seed=0), row, seed=42, steps=25, batch_with=5) == alone
+    assert seeded_run(Sampler(seed=123), row, seed=42, steps=25, batch_with=2) == alone
+    assert len(set(alone)) > 20
+
+
+def test_different_seeds_differ() -> None:
+    row = torch.zeros(1000)
+    runs = {tuple(seeded_run(Sampler(), row, seed=s, steps=10)) for s in (0, 1, 2, -1, 2**40)}
+    assert len(runs) == 5
+
+
+def test_seeded_draw_depends_on_the_step_only() -> None:
+    # Recomputing a preempted request redraws the same token for the same number of outputs.
+    logits = torch.zeros(1, 1000)
+    first = Req(SamplingParams(seed=7), output_token_ids=[1, 2, 3])
+    again = Req(SamplingParams(seed=7), output_token_ids=[9, 9, 9])
+    later = Req(SamplingParams(seed=7), output_token_ids=[1, 2, 3, 4])
+    sampler = Sampler()
+    assert sampler(logits, [first]).token_ids == sampler(logits, [again]).token_ids
+    assert sampler(logits, [first]).token_ids != sampler(logits, [later]).token_ids
+
+
+def test_unseeded_rows_follow_the_sampler_seed() -> None:
+    logits = torch.zeros(50, 1000)
+    assert Sampler(seed=3)(logits, reqs(50)).token_ids == Sampler(seed=3)(logits, reqs(50)).token_ids
+    assert Sampler(seed=3)(logits, reqs(50)).token_ids != Sampler(seed=4)(logits, reqs(50)).token_ids
+
+
+# Logit processing ----------------------------------------------------------------------------
+
+LOGITS = [1.0, -1.0, 2.0, -0.5, 0.3, 0.0]
+
+
+def test_penalties_and_bias_match_hand_computed_reference() -> None:
+    params = SamplingParams(
+        repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={0: 1.0, "4": -0.3}
+    )
+    req = Req(params, prompt_token_ids=[0, 1], output_token_ids=[1, 2, 2])
+    plain = Req(SamplingParams())
+    logits = torch.tensor([LOGITS, LOGITS])
+    out = process_logits(logits, [req, plain])
+    # bias first: token 0 -> 2.0, token 4 -> 0.0; then repetition over prompt + output {0, 1, 2}:
+    # 2.0 / 2, -1.0 * 2, 2.0 / 2; then token 1 (once) -= 0.5 + 0.25, token 2 (twice) -= 1.0 + 0.25.
+    expected = [1.0, -2.75, -0.25, -0.5, 0.0, 0.0]
+    assert out[0].tolist() == pytest.approx(expected)
+    assert out[1].tolist() == pytest.approx(LOGITS)
+    assert logits[0].tolist() == pytest.approx(LOGITS)  # the caller's tensor is unchanged
+
+
+def test_frequency_and_presence_ignore_prompt_tokens() -> None:
+    req = Req(SamplingParams(frequency_penalty=1.0, presence_penalty=1.0), prompt_token_ids=[0, 2, 3])
+    assert process_logits(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(LOGITS)
+
+
+def test_negative_penalties_reward_repeats() -> None:
+    req = Req(SamplingParams(frequency_penalty=-1.0, presence_penalty=-0.5), output_token_ids=[3, 3])
+    expected = list(LOGITS)
+    expected[3] += 2 * 1.0 + 0.5
+    assert process_logits(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(expected)
+
+
+def test_logit_bias_steers_greedy_choice() -> None:
+    logits = torch.tensor([LOGITS])
+    assert Sampler()(logits, [Req(SamplingParams(temperature=0, logit_bias={5: 100}))]).token_ids == [5]
+
+
+def test_min_tokens_masks_eos_and_stop_ids() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 3.0]])  # 2 = EOS and 3 = stop id lead
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3])
+    eos = frozenset({2})
+    sample = Sampler()
+    assert sample(logits, [Req(params, output_token_ids=[1], eos_token_ids=eos)]).token_ids == [4]
+    assert sample(logits, [Req(params, output_token_ids=[1, 1], eos_token_ids=eos)]).token_ids == [2]
+    ignore = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3], ignore_eos=True)
+    assert sample(logits, [Req(ignore, output_token_ids=[1], eos_token_ids=eos)]).token_ids == [2]
+
+
+def test_min_tokens_masked_tokens_are_never_sampled() -> None:
+    logits = torch.tensor([[3.0, 3.0, 0.0]]).expand(2000, -1)
+    requests = [Req(SamplingParams(min_tokens=1), eos_token_ids=frozenset({0})) for _ in range(2000)]
+    assert set(Sampler()(logits, requests).token_ids) == {1, 2}
+
+
+# Logprobs ------------------------------------------------------------------------------------
+
+
+def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> None:
+    logits = random_logits(6, 40, seed=7)
+    requests = [
+        Req(SamplingParams(temperature=0.5, logprobs=3, presence_penalty=1.0), output_token_ids=[1, 2]),
+        Req(SamplingParams(temperature=0.0, logprobs=0)),
+        Req(SamplingParams(temperature=2.0, top_k=5, logprobs=5, logit_bias={7: 3.0})),
+        Req(SamplingParams(temperature=1.0)),
+        Req(SamplingParams(temperature=0.0)),
+        Req(SamplingParams(temperature=1.0, logprobs=20, seed=3)),
+    ]
+    out = Sampler()(logits, requests)
+    reference = torch.log_softmax(process_logits(logits, requests), dim=-1)
+    for row, (token, logprob, top, req) in enumerate(zip(out.token_ids, out.logprobs, out.top_logprobs, requests)):
+        assert logprob == pytest.approx(reference[row, token].item(), abs=1e-5)
+        k = req.sampling_params.logprobs
+        if k is None:
+            assert top is None
+            continue
+        assert top.token_ids[0] == token and len(top.token_ids) == len(top.logprobs) == len(top.ranks) == k + 1
+        assert top.token_ids[1:] == reference[row].topk(k).indices.tolist()
+        assert top.logprobs == pytest.approx(reference[row, top.token_ids].tolist(), abs=1e-5)
+        assert top.ranks[0] == int((reference[row] > reference[row, token]).sum()) + 1
+        assert top.ranks[1:] == list(range(1, k + 1))
+    assert out.top_logprobs[1].ranks == [1]  # greedy: the chosen token is the most likely
+
+
+def test_gather_top_logprobs_hand_example() -> None:
+    logprobs = torch.log_softmax(torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]]), dim=-1)
+    rows = gather_top_logprobs(logprobs, torch.tensor([2, 0]), k=2)
+    assert [r.token_ids for r in rows] == [[2, 1, 2], [0, 2, 3]]
+    assert [r.ranks for r in rows] == [[2, 1, 2], [3, 1, 2]]
+    assert rows[0].logprobs == pytest.approx(logprobs[0, [2, 1, 2]].tolist())
+    only_chosen = gather_top_logprobs(logprobs, torch.tensor([3, 3]), k=0)
+    assert only_chosen == [
+        TopLogprobs([3], [logprobs[0, 3].item()], [4]),
+        TopLogprobs([3], [logprobs[1, 3].item()], [2]),
+    ]
+
+
+def test_sampled_logprob_is_finite_and_negative() -> None:
+    out = Sampler()(random_logits(8, 300, seed=8), reqs(8, temperature=1.3, top_p=0.9, min_p=0.01))
+    assert all(math.isfinite(lp) and lp <= 0 for lp in out.logprobs)

@@ -181,6 +181,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "enable_prefix_caching": args.enable_prefix_caching,
         "seed": args.seed,
+        # Prompts are token ids and outputs are counted, not read: no tokenizer is needed
+        # (a --load-format dummy model directory often has none).
+        "skip_tokenizer_init": True,
     }
 
 

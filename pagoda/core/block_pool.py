@@ -6,19 +6,25 @@ front, evicting the least recently freed cached block first."""
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-BlockHash = Hashable
+_HASH_BYTES = 32
 
 
-def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """The key of a full block: its tokens chained to everything before it.
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """The key of a full block: a digest of its parent block's key and its own tokens.
 
-    The key is the (parent key's hash, tokens) tuple itself rather than a bare int, so a dict
-    lookup compares the block's own tokens exactly; only the parent is matched by its 64-bit hash.
-    (Nesting the parent key itself would make every hash walk the whole prefix.)"""
-    return (hash(parent_hash), tuple(token_ids))
+    BLAKE2b rather than Python's hash(): hash() of int tuples can be collided on purpose, and the
+    map is keyed by this digest alone, so a collision would hand a request another prompt's KV.
+    Chaining makes one key stand for the whole prefix up to and including this block."""
+    digest = hashlib.blake2b(digest_size=_HASH_BYTES)
+    if parent_hash is not None:
+        digest.update(parent_hash.to_bytes(_HASH_BYTES, "little"))
+    digest.update(array("q", token_ids).tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 class BlockPool:
@@ -27,10 +33,10 @@ class BlockPool:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[BlockHash | None] = [None] * num_blocks
-        # OrderedDict as an O(1) queue that also supports removal from the middle (cache hits).
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        # An OrderedDict is an O(1) queue that also supports removal from the middle (cache hits).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[BlockHash, int] = {}
+        self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
@@ -38,17 +44,17 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
+        """The fraction of blocks some request holds."""
         return 1.0 - len(self.free_queue) / self.num_blocks
 
     def get_new_blocks(self, n: int) -> list[int]:
+        """Take the `n` least recently freed blocks, forgetting what they cached."""
         if n > len(self.free_queue):
             raise ValueError(f"asked for {n} blocks with only {len(self.free_queue)} free")
-        blocks = []
-        for _ in range(n):
-            block_id, _ = self.free_queue.popitem(last=False)
+        blocks = [self.free_queue.popitem(last=False)[0] for _ in range(n)]
+        for block_id in blocks:
             self._evict(block_id)
             self.ref_counts[block_id] = 1
-            blocks.append(block_id)
         return blocks
 
     def touch(self, block_ids: Iterable[int]) -> None:
@@ -59,21 +65,22 @@ class BlockPool:
             self.ref_counts[block_id] += 1
 
     def free_blocks(self, block_ids: Iterable[int]) -> None:
-        """Drop a reference; blocks nobody holds go to the back of the free queue."""
+        """Drop a reference; blocks nobody holds go to the back of the free queue, still cached."""
         for block_id in block_ids:
-            if self.ref_counts[block_id] <= 0:
+            if self.ref_counts[block_id] == 0:
                 raise ValueError(f"block {block_id} is freed but nobody holds it")
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
 
-    def cache_block(self, block_id: int, block_hash: BlockHash) -> None:
+    def cache_block(self, block_id: int, block_hash: int) -> None:
+        """Offer a full, computed block to the prefix cache."""
         if self.block_hashes[block_id] is not None or block_hash in self.cached:
-            return  # already cached, or the same content lives in another block
+            return  # already cached, or the same content already lives in another block
         self.block_hashes[block_id] = block_hash
         self.cached[block_hash] = block_id
 
-    def get_cached_block(self, block_hash: BlockHash) -> int | None:
+    def get_cached_block(self, block_hash: int) -> int | None:
         return self.cached.get(block_hash)
 
     def _evict(self, block_id: int) -> None:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 
-from pagoda.core.block_pool import BlockHash, BlockPool, hash_block_tokens
+from pagoda.core.block_pool import BlockPool, hash_block_tokens
 from pagoda.core.request import Request
 
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
         self.block_pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
-        self.block_hashes: dict[str, list[BlockHash]] = {}  # hashes of each request's full blocks
-        self.num_registered: dict[str, int] = {}  # how many of its blocks were offered to the cache
+        # Per request, grown as its tokens arrive so that no prompt is hashed every step:
+        # the hashes of its full blocks, and how many of its blocks were offered to the cache.
+        self.block_hashes: dict[str, list[int]] = {}
+        self.num_offered_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0  # in tokens, as vLLM counts them
         self.prefix_cache_hits = 0
 
@@ -31,22 +36,23 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
-    def get_block_ids(self, request_id: str) -> list[int]:
-        return self.block_tables.get(request_id, [])
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
-        """The longest cached prefix of the request's full blocks (no references taken yet).
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """A copy of the request's block table (empty when it holds none)."""
+        return list(self.block_tables.get(request_id, ()))
 
-        The last token is always left to compute: its logits are what the step samples from."""
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest cached prefix of the request's full blocks, and its length in tokens.
+
+        Takes no references yet: `allocate_slots` does, once the request is sure to run."""
         if not (self.enable_prefix_caching and request.use_prefix_cache):
             return [], 0
-        hashes = self._full_block_hashes(request)
+        # The last token is always computed: its logits are what the step samples from.
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[int] = []
-        for block_hash in hashes[:max_blocks]:
+        for block_hash in islice(self._full_block_hashes(request), max_blocks):
             block_id = self.block_pool.get_cached_block(block_hash)
             if block_id is None:
                 break
@@ -59,34 +65,30 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
         """Make room for the request's computed tokens, `computed_blocks` and `num_new_tokens` more.
 
-        Returns False, changing nothing, when the pool is short."""
-        table = self.block_tables.setdefault(request.request_id, [])
-        num_cached = len(computed_blocks) * self.block_size
-        total = request.num_computed_tokens + num_cached + num_new_tokens
-        num_new_blocks = self.blocks_needed(total) - len(table) - len(computed_blocks)
-        # Hit blocks that sit in the free queue stop being free once touched.
-        hits_in_free_queue = sum(1 for b in computed_blocks if self.block_pool.ref_counts[b] == 0)
-        if num_new_blocks > self.block_pool.num_free_blocks - hits_in_free_queue:
-            if not table:
-                del self.block_tables[request.request_id]
+        Returns False, changing nothing, when the pool is short of free blocks."""
+        pool = self.block_pool
+        table = self.block_tables.get(request.request_id, [])
+        num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        num_new_blocks = max(0, self.blocks_needed(num_tokens) - len(table) - len(computed_blocks))
+        # A hit block waiting in the free queue stops being free once it is touched.
+        num_free_hits = sum(1 for block_id in computed_blocks if pool.ref_counts[block_id] == 0)
+        if num_new_blocks > pool.num_free_blocks - num_free_hits:
             return False
-        self.block_pool.touch(computed_blocks)
+        pool.touch(computed_blocks)
         table.extend(computed_blocks)
-        if num_new_blocks > 0:
-            table.extend(self.block_pool.get_new_blocks(num_new_blocks))
+        table.extend(pool.get_new_blocks(num_new_blocks))
+        self.block_tables[request.request_id] = table
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, table, total)
+            self._offer_full_blocks(request, table, num_tokens)
         return True
 
     def free(self, request: Request) -> None:
-        # Tail blocks first: they reach the free queue (and eviction) before the shared head.
-        table = self.block_tables.pop(request.request_id, [])
-        self.block_pool.free_blocks(reversed(table))
+        # Tail blocks first: they reach the free queue, and so eviction, before a shared head.
+        self.block_pool.free_blocks(reversed(self.block_tables.pop(request.request_id, [])))
         self.block_hashes.pop(request.request_id, None)
-        self.num_registered.pop(request.request_id, None)
+        self.num_offered_blocks.pop(request.request_id, None)
 
-    def _full_block_hashes(self, request: Request) -> list[BlockHash]:
-        """Hashes of the request's full blocks, extended incrementally as tokens arrive."""
+    def _full_block_hashes(self, request: Request) -> list[int]:
         hashes = self.block_hashes.setdefault(request.request_id, [])
         bs = self.block_size
         for i in range(len(hashes), request.num_tokens // bs):
@@ -94,10 +96,13 @@ class KVCacheManager:
             hashes.append(hash_block_tokens(parent, request.token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
-    def _cache_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
+    def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
+        """Cache the blocks this allocation fills. Their K/V is computed by the step being planned;
+        a request that hits them in the same step is fine too, as attention writes the step's K/V
+        before it reads the cache."""
         hashes = self._full_block_hashes(request)
-        start = self.num_registered.get(request.request_id, 0)
+        start = self.num_offered_blocks.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(hashes))
         for i in range(start, end):
             self.block_pool.cache_block(table[i], hashes[i])
-        self.num_registered[request.request_id] = max(start, end)
+        self.num_offered_blocks[request.request_id] = max(start, end)

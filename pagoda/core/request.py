@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagoda.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -20,6 +23,7 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
+        """The OpenAI-style reason of a finished status; None while the request lives."""
         return _FINISH_REASONS.get(self)
 
 
@@ -35,7 +39,7 @@ class Request:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: Any,
+        sampling_params: SamplingParams,
         eos_token_ids: frozenset[int],
         max_model_len: int,
         arrival_time: float | None = None,
@@ -54,7 +58,6 @@ class Request:
         self.num_cached_tokens = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.num_preemptions = 0
 
     @property
     def num_tokens(self) -> int:

@@ -28,17 +28,13 @@ class ScheduledChunk:
     request: Request
     start: int  # num_computed_tokens before this step
     num_tokens: int  # request.token_ids[start:start + num_tokens] are computed this step
-    block_ids: list[int]  # the request's whole block table
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the request's last known token, so a new token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    block_ids: list[int]  # the request's whole block table after allocation
+    samples: bool  # the chunk reaches the request's last known token: a token is sampled
 
 
 @dataclass
 class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # running requests first
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
 
@@ -57,9 +53,12 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        # A request longer than the whole KV pool could never be computed again: it ends as if
+        # it had reached max_model_len instead of being preempted forever.
+        self.max_request_len = min(config.max_model_len, kv_cache_manager.num_blocks * kv_cache_manager.block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
 
     # Admission -----------------------------------------------------------------------------
@@ -78,18 +77,19 @@ class Scheduler:
         if n >= cfg.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens; the maximum model length is {cfg.max_model_len} "
-                "(set by --max-model-len / max_model_len), and at least one token must be left to generate"
+                "(set by --max-model-len / max_model_len); at least one token must be left to generate"
             )
         if kv.blocks_needed(n + 1) > kv.num_blocks:
             raise ValueError(
-                f"the prompt needs {kv.blocks_needed(n + 1)} KV blocks but the whole cache has "
-                f"{kv.num_blocks} ({kv.num_blocks * kv.block_size} tokens): raise gpu_memory_utilization, "
-                "num_gpu_blocks_override or the CPU KV cache budget (kv_cache_memory_bytes), or lower max_model_len"
+                f"the prompt and one generated token need {kv.blocks_needed(n + 1)} KV blocks of "
+                f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: raise "
+                "gpu_memory_utilization, num_gpu_blocks_override or the CPU KV cache budget "
+                "(kv_cache_memory_bytes / PAGODA_CPU_KVCACHE_SPACE), or lower max_model_len"
             )
         if not cfg.enable_chunked_prefill and n > cfg.max_num_batched_tokens:
             raise ValueError(
                 f"the prompt has {n} tokens, more than max_num_batched_tokens={cfg.max_num_batched_tokens}, "
-                "and chunked prefill is off: raise max_num_batched_tokens or set enable_chunked_prefill"
+                "and chunked prefill is off: raise max_num_batched_tokens or set enable_chunked_prefill=True"
             )
 
     # One step ------------------------------------------------------------------------------
@@ -97,81 +97,88 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
+        if not out.preempted:  # blocks just ran short: admitting more would only thrash
             self._schedule_waiting(out, budget)
-        out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self._tokens_to_schedule(req, budget)
-            if n == 0:
-                i += 1
-                continue
-            while not self.kv_cache_manager.allocate_slots(req, n):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            else:
+            n = self._num_tokens_to_schedule(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 0 and self._allocate_or_preempt(req, n, out):
                 self._commit(req, n, out)
                 budget -= n
-                i += 1
+            i += 1  # a preempted request was the last one, so this also ends the loop
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        kv = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            blocks, num_cached = kv.get_computed_blocks(req)
-            remaining = req.num_tokens - num_cached
-            if not self.config.enable_chunked_prefill and remaining > budget:
-                break
-            n = min(remaining, budget)
-            if not kv.allocate_slots(req, n, blocks):
-                break
-            self.waiting.popleft()
-            if req.status == RequestStatus.WAITING:
-                req.num_cached_tokens = num_cached
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            self._commit(req, n, out)
-            budget -= n
+    def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Allocate for `req`, preempting the newest running requests until it fits.
 
-    def _tokens_to_schedule(self, req: Request, budget: int) -> int:
-        remaining = req.num_tokens - req.num_computed_tokens
-        if not self.config.enable_chunked_prefill and remaining > budget:
-            return 0
-        return min(remaining, budget)
-
-    def _commit(self, req: Request, n: int, out: SchedulerOutput) -> None:
-        block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
-        out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, block_ids))
-        req.num_computed_tokens += n
+        False when `req` itself, the newest left, had to go."""
+        while not self.kv_cache_manager.allocate_slots(req, n):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self.kv_cache_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
+        self.num_preemptions += 1
         out.preempted.append(req.request_id)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        kv = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            blocks, num_cached = kv.get_computed_blocks(req)
+            n = self._num_tokens_to_schedule(req.num_tokens - num_cached, budget)
+            if n == 0 or not kv.allocate_slots(req, n, blocks):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self._admit(req, num_cached)
+            self._commit(req, n, out)
+            budget -= n
+
+    def _admit(self, req: Request, num_cached: int) -> None:
+        self.waiting.popleft()
+        if req.status == RequestStatus.WAITING:  # a preempted request keeps its first figure
+            req.num_cached_tokens = num_cached
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def _num_tokens_to_schedule(self, remaining: int, budget: int) -> int:
+        # With chunking off a prefill waits until the budget holds it whole; only a recomputation
+        # longer than the whole budget (a preempted request that grew) is split, or it never runs.
+        cfg = self.config
+        if not cfg.enable_chunked_prefill and budget < remaining <= cfg.max_num_batched_tokens:
+            return 0
+        return min(remaining, budget)
+
+    def _commit(self, req: Request, n: int, out: SchedulerOutput) -> None:
+        start = req.num_computed_tokens
+        block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
+        out.chunks.append(ScheduledChunk(req, start, n, block_ids, samples=start + n == req.num_tokens))
+        out.num_batched_tokens += n
+        req.num_computed_tokens += n
 
     # After the step -------------------------------------------------------------------------
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Append each sampled token and finish requests that hit a stop condition."""
+    def update_from_output(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Append each sampled token and finish requests that hit a stop condition.
+
+        Returns the requests that got a token, finished or not, in chunk order."""
         updated = []
-        for chunk in out.chunks:
+        for chunk in scheduler_output.chunks:
             req = chunk.request
-            token = sampled.get(req.request_id)
-            if token is None or req.status != RequestStatus.RUNNING:
+            if not chunk.samples or req.status.is_finished():  # ended from outside meanwhile
                 continue
+            token = sampled[req.request_id]
             req.append_output_token(token)
             status = self._stop_status(req, token)
             if status is not None:
@@ -181,13 +188,14 @@ class Scheduler:
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params
-        past_min = req.num_output_tokens >= (params.min_tokens or 0)
+        # The sampler masks EOS and stop ids before min_tokens; this keeps the rule exact anyway.
+        past_min = req.num_output_tokens >= params.min_tokens
         if past_min and not params.ignore_eos and token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if past_min and params.stop_token_ids and token in params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_request_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -199,7 +207,7 @@ class Scheduler:
                 self._finish(req, status)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        if req in self.running:
+        if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         else:
             self.waiting.remove(req)

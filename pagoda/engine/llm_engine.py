@@ -67,7 +67,7 @@ class LLMEngine:
             available, knob = cfg.cpu_kv_cache_bytes(), "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB)"
         else:
             available = self.runner.profile_free_gpu_bytes(
-                cfg.gpu_memory_utilization, max_batched, self.max_model_len
+                cfg.gpu_memory_utilization, max_batched_tokens, self.max_model_len
             )
             knob = "gpu_memory_utilization"
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)

@@ -1,0 +1,132 @@
+"""BlockPool: ref counts, the LRU free queue, the prefix-cache map, and chained block hashes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagoda.core.block_pool import BlockPool, hash_block_tokens
+
+
+def check_invariants(pool: BlockPool) -> None:
+    assert all(ref >= 0 for ref in pool.ref_counts)
+    assert set(pool.free_queue) == {b for b, ref in enumerate(pool.ref_counts) if ref == 0}
+    assert pool.cached == {h: b for b, h in enumerate(pool.block_hashes) if h is not None}
+    assert pool.usage == pytest.approx(1 - pool.num_free_blocks / pool.num_blocks)
+
+
+def test_hash_is_deterministic_and_chained():
+    assert hash_block_tokens(None, [1, 2]) == hash_block_tokens(None, (1, 2))
+    assert hash_block_tokens(None, [1, 2]) != hash_block_tokens(None, [2, 1])
+    head_a, head_b = hash_block_tokens(None, [1, 2]), hash_block_tokens(None, [3, 4])
+    assert hash_block_tokens(head_a, [5, 6]) != hash_block_tokens(head_b, [5, 6])
+    assert hash_block_tokens(head_a, [5, 6]) != hash_block_tokens(None, [5, 6])
+
+
+def test_new_blocks_come_from_the_front_with_one_reference():
+    pool = BlockPool(4)
+    assert pool.get_new_blocks(3) == [0, 1, 2]
+    assert pool.ref_counts == [1, 1, 1, 0]
+    assert pool.num_free_blocks == 1
+    assert pool.usage == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        pool.get_new_blocks(2)
+    check_invariants(pool)
+
+
+def test_freed_blocks_are_reused_least_recently_freed_first():
+    pool = BlockPool(4)
+    blocks = pool.get_new_blocks(4)
+    pool.free_blocks([blocks[2], blocks[0], blocks[3], blocks[1]])
+    assert pool.get_new_blocks(4) == [blocks[2], blocks[0], blocks[3], blocks[1]]
+
+
+def test_a_freed_cached_block_can_be_hit_until_it_is_evicted():
+    pool = BlockPool(2)
+    a, b = pool.get_new_blocks(2)
+    pool.cache_block(a, 111)
+    pool.cache_block(b, 222)
+    pool.free_blocks([a, b])
+    assert pool.get_cached_block(111) == a
+    pool.touch([a])  # a hit takes it out of the free queue
+    assert pool.ref_counts[a] == 1 and a not in pool.free_queue
+    assert pool.get_new_blocks(1) == [b]  # the only free block: its cached content is evicted
+    assert pool.get_cached_block(222) is None
+    assert pool.get_cached_block(111) == a
+    check_invariants(pool)
+
+
+def test_touch_adds_a_reference_to_a_held_block():
+    pool = BlockPool(2)
+    (a,) = pool.get_new_blocks(1)
+    pool.touch([a])
+    pool.free_blocks([a])
+    assert pool.ref_counts[a] == 1 and a not in pool.free_queue
+    pool.free_blocks([a])
+    assert a in pool.free_queue
+
+
+def test_freeing_a_free_block_raises():
+    pool = BlockPool(2)
+    (a,) = pool.get_new_blocks(1)
+    pool.free_blocks([a])
+    with pytest.raises(ValueError):
+        pool.free_blocks([a])
+    assert pool.ref_counts[a] == 0
+
+
+def test_the_same_content_is_cached_once():
+    pool = BlockPool(2)
+    a, b = pool.get_new_blocks(2)
+    pool.cache_block(a, 7)
+    pool.cache_block(b, 7)
+    pool.cache_block(a, 8)  # a block keeps the hash it was cached under
+    assert pool.cached == {7: a}
+    assert pool.block_hashes == [7, None]
+
+
+def test_pool_needs_a_block():
+    with pytest.raises(ValueError):
+        BlockPool(0)
+
+
+# Random operations against a minimal model of the pool: who holds what, and the LRU order.
+
+_op = st.one_of(
+    st.tuples(st.just("alloc"), st.integers(0, 3)),
+    st.tuples(st.just("free"), st.integers(0, 1000)),
+    st.tuples(st.just("touch"), st.integers(0, 1000)),
+    st.tuples(st.just("cache"), st.integers(0, 1000), st.integers(0, 5)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_blocks=st.integers(1, 6), ops=st.lists(_op, max_size=40))
+def test_random_operations_keep_the_pool_consistent(num_blocks, ops):
+    pool = BlockPool(num_blocks)
+    held: list[int] = []  # one entry per reference taken
+    lru: list[int] = list(range(num_blocks))  # the free queue, oldest first
+    for op in ops:
+        if op[0] == "alloc" and op[1] <= len(lru):
+            expected, lru = lru[: op[1]], lru[op[1] :]
+            assert pool.get_new_blocks(op[1]) == expected
+            held += expected
+        elif op[0] == "free" and held:
+            block = held.pop(op[1] % len(held))
+            pool.free_blocks([block])
+            if block not in held:
+                lru.append(block)
+        elif op[0] == "touch" and pool.cached:
+            block = pool.get_cached_block(sorted(pool.cached)[op[1] % len(pool.cached)])
+            pool.touch([block])
+            if block in lru:
+                lru.remove(block)
+            held.append(block)
+        elif op[0] == "cache" and held:
+            pool.cache_block(held[op[1] % len(held)], op[2])
+        check_invariants(pool)
+        assert list(pool.free_queue) == lru
+        assert pool.ref_counts == [held.count(b) for b in range(num_blocks)]
+    pool.free_blocks(held)
+    assert pool.num_free_blocks == num_blocks and pool.usage == 0

@@ -8,6 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_SKINNY_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _SKINNY_ROWS:
+        # CPU BLAS runs W @ x^T ~1.5x faster than x @ W^T when x has few rows (decode steps).
+        out = torch.mm(weight, x.t()).t().contiguous()
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x @ W.T + b. Parameters start uninitialised: the loader (or dummy init) fills them,
     so building an 8B model costs no random-number time."""
@@ -18,7 +29,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

@@ -12,7 +12,7 @@ from torch import nn
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.layers.activation import get_act_and_mul
 from pagoda.layers.attention import Attention
-from pagoda.layers.linear import Embedding, Linear, MergedLinear
+from pagoda.layers.linear import Embedding, Linear, MergedLinear, linear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the model; returns what was loaded."""

@@ -80,33 +80,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self, num_tokens: int, max_model_len: int) -> None:
+        """One forward pass as large as a step can be: prompts of max_model_len filling the budget."""
         bs = self.block_size
         seq_lens = [max_model_len] * (num_tokens // max_model_len)
         if num_tokens % max_model_len:
             seq_lens.append(num_tokens % max_model_len)
-        blocks_per_seq = [-(-n // bs) for n in seq_lens]
-        self.allocate_kv_cache(sum(blocks_per_seq))
-        starts, first_block, tables = [0], 0, []
-        for n, nb in zip(seq_lens, blocks_per_seq):
-            starts.append(starts[-1] + n)
-            tables.append(list(range(first_block, first_block + nb)) + [0] * (max(blocks_per_seq) - nb))
-            first_block += nb
-        dev = self.device
-        positions = torch.cat([torch.arange(n, device=dev) for n in seq_lens])
-        block_of = torch.cat([torch.tensor(t, device=dev)[torch.arange(n, device=dev) // bs] for t, n in zip(tables, seq_lens)])
-        metadata = AttentionMetadata(
-            slot_mapping=block_of * bs + positions % bs,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            block_size=bs,
-            query_starts_cpu=starts[:-1],
-            query_lens_cpu=seq_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        tables, slots, positions, first_block = [], [], [], 0
+        for n in seq_lens:
+            table = list(range(first_block, first_block + -(-n // bs)))
+            first_block += len(table)
+            tables.append(table)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
+            positions.extend(range(n))
+        self.allocate_kv_cache(first_block)
+        metadata = self._build_metadata(slots, seq_lens, seq_lens, tables)
         self.attention_backend.prepare(metadata)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        dev = self.device
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        hidden = self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata)
         self.model.compute_logits(hidden[: min(num_tokens, 256)])
         self.kv_caches = []
 
@@ -182,19 +173,8 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(starts[-1] + n - 1)
-        max_blocks = max(len(c.block_ids) for c in chunks)
-        tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
+        metadata = self._build_metadata(slots, query_lens, seq_lens, [c.block_ids for c in chunks])
         dev = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts + [len(input_ids)], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            block_size=bs,
-            query_starts_cpu=starts,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
         return _Batch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -202,6 +182,25 @@ class ModelRunner:
             logits_rows=logits_rows,
             sample_rows=sample_rows,
             prompt_rows=prompt_rows,
+        )
+
+    def _build_metadata(
+        self, slots: list[int], query_lens: list[int], seq_lens: list[int], tables: list[list[int]]
+    ) -> AttentionMetadata:
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            block_size=self.block_size,
+            query_starts_cpu=starts[:-1],
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
         )
 
 

@@ -3,6 +3,8 @@ serving), n > 1, seeds, stop strings and token ids, abort, and the timings of Re
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pagoda import LLM, SamplingParams
@@ -113,3 +115,17 @@ def test_request_output_timings(llm):
     m = out.metrics
     assert out.finished
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_eos_ids_come_from_generation_config_and_stop_generation(tmp_path):
+    path = save_tiny_model("qwen2-mqa", tmp_path)
+    probe = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    greedy = _run(probe, [7, 8, 9], temperature=0.0, max_tokens=8, ignore_eos=True)
+    # Llama 3 style: generation_config.json lists several EOS ids; the 3rd greedy token is one.
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [greedy[2], 250]}))
+    llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    assert {greedy[2], 250} <= llm.llm_engine.eos_token_ids
+    out = llm.generate({"prompt_token_ids": [7, 8, 9]}, SamplingParams(temperature=0.0, max_tokens=8),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy[: greedy.index(greedy[2]) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason is None

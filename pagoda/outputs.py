@@ -27,6 +27,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # Text new since this request's previous output, less a tail that could still become a stop
+    # string: streaming clients concatenate these and never see text a stop string later cuts.
+    text_delta: str = ""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

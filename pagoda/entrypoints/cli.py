@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from pagoda.benchmarks import serve as serve_bench
 from pagoda.benchmarks import throughput
+from pagoda.entrypoints.openai import chat_cli, cli_args
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -17,6 +19,12 @@ def _generate(args: argparse.Namespace) -> None:
     messages = [{"role": "user", "content": args.prompt}]
     output = llm.chat(messages, params, use_tqdm=False)[0]
     print(output.outputs[0].text)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
+
+    run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
 
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API (default: the embedded one)")
+    cli_args.add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    chat = commands.add_parser("chat", help="chat with a running `pagoda serve` from the terminal")
+    chat_cli.add_arguments(chat)
+    chat.set_defaults(func=chat_cli.main)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     tput = bench_kinds.add_parser("throughput", help="offline throughput on random requests")
     throughput.add_arguments(tput)
     tput.set_defaults(func=throughput.main)
+    online = bench_kinds.add_parser("serve", help="online serving benchmark against a running server")
+    serve_bench.add_arguments(online)
+    online.set_defaults(func=serve_bench.main)
     return parser
 
 

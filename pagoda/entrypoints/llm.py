@@ -11,11 +11,11 @@ from tqdm.auto import tqdm
 
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.entrypoints.chat_utils import Conversation, render_chat
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 PromptType = Union[str, dict[str, Any]]
-Conversation = list[dict[str, Any]]
 
 
 class LLM:
@@ -84,16 +84,8 @@ class LLM:
         """Generate replies to one conversation or a list of them, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self._require_tokenizer("chat")
-        prompts = [
-            tokenizer.apply_chat_template(
-                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-            for conv in conversations
-        ]
-        # The template already holds the special tokens (BOS etc.): don't add them twice.
-        token_prompts = [
-            {"prompt": p, "prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts
-        ]
+        rendered = [render_chat(tokenizer, conv, chat_template, add_generation_prompt) for conv in conversations]
+        token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
         return self.generate(token_prompts, sampling_params, use_tqdm)
 
     # Helpers ---------------------------------------------------------------------------------

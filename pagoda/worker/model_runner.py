@@ -51,7 +51,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.hf_config = hf_config
-        self.attention_backend = get_attention_backend(device)
+        self.attention_backend = get_attention_backend(device, block_size)
         self.model = build_model(
             resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
             backend=self.attention_backend, max_position=max_model_len, seed=seed,

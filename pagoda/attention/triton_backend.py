@@ -1,0 +1,128 @@
+"""Paged attention in Triton for a flat batch mixing prefill chunks and decodes.
+
+One program per (request, KV head, tile of query tokens). The query heads that share a KV head
+are packed into the rows of one tile (rows = query tokens x group), so a decode of a GQA model
+still fills a tensor-core tile, and each K/V block is read once for the whole group. Keys are
+walked block by block through the request's block table with an online softmax; queries see the
+cached prefix and, causally, their own chunk."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagoda.attention.backend import AttentionMetadata
+from pagoda.attention.torch_backend import write_kv
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_cs, stride_ch,
+    stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    prefix = seq_len - q_len
+
+    # M rows = BLOCK_Q tokens x GROUP heads, padded to a power of two (groups of 3 or 7 exist).
+    rows = tl.arange(0, M)
+    q_local = tile * BLOCK_Q + rows // GROUP  # query token within the request
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_local < q_len)
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    q_ptrs = q_ptr + (q_start + q_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    q_pos = prefix + q_local  # absolute position of each query row
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    # Keys beyond the last query of this tile are masked for every row: stop there.
+    last_key = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_Q)
+    offs = tl.arange(0, BLOCK_SIZE)
+    for start in tl.range(0, last_key, BLOCK_SIZE):
+        block_id = tl.load(block_tables_ptr + req * stride_bt + start // BLOCK_SIZE).to(tl.int64)
+        kv_off = block_id * stride_cb + offs[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=d_valid[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=d_valid[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        key_pos = start + offs
+        visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows that have seen no key yet keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, block_q: int
+) -> torch.Tensor:
+    """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    max_query_len = max(metadata.query_lens_cpu)
+    grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out,
+        metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1),
+        metadata.block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))),
+    )
+    return out
+
+
+def query_tile(max_query_len: int, group: int) -> int:
+    """Query tokens per program: decodes pack the group into >= 16 rows (the smallest tensor-core
+    tile); prefills use 64-row tiles."""
+    rows = 16 if max_query_len == 1 else 64
+    return max(1, rows // group)
+
+
+class TritonAttentionBackend:
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        metadata.backend_data["max_query_len"] = max(metadata.query_lens_cpu)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        group = q.shape[1] // k.shape[1]
+        block_q = query_tile(metadata.backend_data["max_query_len"], group)
+        return paged_attention(q, kv_cache, metadata, scale, block_q)

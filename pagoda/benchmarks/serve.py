@@ -1,0 +1,167 @@
+"""`pagoda bench serve`: online serving benchmark against a running OpenAI-compatible server, as
+`vllm bench serve` measures it: seeded random-token prompts sent at a request rate (Poisson) under
+an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pagoda.benchmarks.throughput import BenchRequest, make_requests
+from pagoda.entrypoints.openai.sse_client import aiter_events, raise_for_error
+
+# Text whose tokens make the pool random prompts are drawn from: any server's tokenizer gives
+# valid ids for it, with no need to know its vocabulary.
+_POOL_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "Sphinx of black quartz, judge my vow! 0123456789 How vexingly quick daft zebras jump; "
+    "the five boxing wizards jump quickly. Über café naïve résumé, ¿qué tal? 東京 مرحبا"
+)
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def _token_pool(client: httpx.AsyncClient) -> list[int]:
+    response = await client.post("/tokenize", json={"prompt": _POOL_TEXT, "add_special_tokens": False})
+    raise_for_error(response)
+    return sorted(set(response.json()["tokens"]))
+
+
+async def _first_model(client: httpx.AsyncClient) -> str:
+    response = await client.get("/v1/models")
+    raise_for_error(response)
+    return response.json()["data"][0]["id"]
+
+
+async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest) -> RequestResult:
+    body = {
+        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    start = last = time.perf_counter()
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            raise_for_error(response)
+            async for event in aiter_events(response):
+                now = time.perf_counter()
+                if event.get("usage"):
+                    result.prompt_tokens = event["usage"]["prompt_tokens"]
+                    result.output_tokens = event["usage"]["completion_tokens"]
+                if not event.get("choices"):
+                    continue
+                if result.ttft_s == 0.0:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+        result.latency_s = time.perf_counter() - start
+        result.ok = True
+    except (httpx.HTTPError, RuntimeError) as error:
+        result.error = str(error)
+    return result
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = httpx.Timeout(30.0, read=None)
+    limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=timeout, limits=limits) as client:
+        model = args.model or await _first_model(client)
+        pool = await _token_pool(client)
+        requests = make_requests(
+            args.num_prompts, args.random_input_len, args.random_output_len, len(pool), args.seed,
+            args.random_range_ratio,
+        )
+        for request in requests:
+            request.prompt_token_ids = [pool[i] for i in request.prompt_token_ids]
+        cap = asyncio.Semaphore(args.max_concurrency or len(requests))
+        rng = random.Random(args.seed)
+
+        async def limited(request: BenchRequest) -> RequestResult:
+            async with cap:
+                return await _send(client, model, request)
+
+        started = time.perf_counter()
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(limited(request)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        return _summary(model, results, time.perf_counter() - started)
+
+
+def _summary(model: str, results: list[RequestResult], duration: float) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    prompt_tokens = sum(r.prompt_tokens for r in done)
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    itl = [t for r in done for t in r.itl_s]
+    summary: dict[str, Any] = {
+        "model": model, "completed": len(done), "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,
+        "total_input_tokens": prompt_tokens, "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration, "output_throughput": output_tokens / duration,
+        "total_token_throughput": (prompt_tokens + output_tokens) / duration,
+    }
+    series = {"ttft": [r.ttft_s for r in done], "tpot": tpot, "itl": itl, "e2el": [r.latency_s for r in done]}
+    for name, values in series.items():
+        summary.update(_percentiles(name, values))
+    return summary
+
+
+def _percentiles(name: str, seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms),
+        f"p99_{name}_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="default: the server's first model")
+    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"))
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--random-input-len", type=int, default=128)
+    parser.add_argument("--random-output-len", type=int, default=128)
+    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests/s (Poisson arrivals); inf: all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-file", default=None, help="also write the summary here as JSON")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        summary = asyncio.run(_run(args))
+    except httpx.HTTPError as error:
+        raise RuntimeError(f"cannot talk to the server at {args.base_url}: {error}") from None
+    for key, value in summary.items():
+        print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

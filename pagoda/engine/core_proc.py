@@ -1,0 +1,123 @@
+"""The engine core process: an LLMEngine step loop fed over ZeroMQ, so that model execution never
+competes with the HTTP server for the GIL.
+
+Messages (msgpack, see serial.py), front end -> core: ["add", id, token_ids, params, prompt],
+["abort", ids or None], ["stop"]. Core -> front end: ["ready", max_model_len, vocab_size,
+model_name], ["accepted", id], ["refused", id, message], ["aborted", ids], ["outputs", [output...],
+stats, counters]. The core blocks on its input while it has no work, and exits when told to stop
+or when its parent process is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import zmq
+
+from pagoda.config import EngineConfig
+from pagoda.engine import serial
+from pagoda.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger("pagoda")
+
+_PARENT_CHECK_MS = 1000  # how often an idle core checks that its parent is still alive
+_SEND_TIMEOUT_MS = 60_000
+
+
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str, log_level: int) -> None:
+    """The child process's main function."""
+    # The front end owns shutdown: Ctrl-C reaches the whole process group, and the core must
+    # keep running until the front end has aborted its requests and told it to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parent = os.getppid()
+    context = zmq.Context()
+    inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    # A send blocked this long means the front end is gone: give up rather than hang.
+    outputs.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    inputs.connect(input_address)
+    outputs.connect(output_address)
+    try:
+        engine = LLMEngine(config)
+    except Exception as error:  # the front end reports it and exits
+        outputs.send(serial.pack(["failed", f"{type(error).__name__}: {error}"]))
+        return
+    outputs.send(serial.pack(["ready", engine.max_model_len, engine.vocab_size, engine.model_name]))
+    try:
+        _Core(engine, inputs, outputs, parent).run()
+    finally:
+        context.destroy(linger=1000)
+
+
+class _Core:
+    def __init__(self, engine: LLMEngine, inputs: zmq.Socket, outputs: zmq.Socket, parent: int) -> None:
+        self.engine = engine
+        self.inputs = inputs
+        self.outputs = outputs
+        self.parent = parent
+        self.encoder = serial.OutputEncoder()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished_requests = 0
+
+    def run(self) -> None:
+        while os.getppid() == self.parent:  # orphaned: nobody will ever read an output
+            busy = self.engine.has_unfinished_requests()
+            if not self._handle_inputs(block=not busy):
+                return
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _handle_inputs(self, block: bool) -> bool:
+        """Apply waiting messages (waiting for one if block); False once told to stop."""
+        while True:
+            if not self.inputs.poll(_PARENT_CHECK_MS if block else 0):
+                if not block:
+                    return True
+                if os.getppid() != self.parent:
+                    return False
+                continue
+            message = serial.unpack(self.inputs.recv())
+            if message[0] == "stop":
+                return False
+            self._apply(message)
+            block = False
+
+    def _apply(self, message: list[Any]) -> None:
+        if message[0] == "abort":
+            ids = list(self.engine.outputs.parents) if message[1] is None else message[1]
+            self.engine.abort_request(ids)
+            self.encoder.forget(ids)
+            self._send(["aborted", ids, *self._stats()])
+            return
+        _, request_id, token_ids, params, prompt = message
+        try:
+            self.engine.add_request(request_id, token_ids, serial.decode_params(params), prompt)
+        except ValueError as error:  # the front end reports it; the engine is unchanged
+            self._send(["refused", request_id, str(error)])
+            return
+        self.prompt_tokens += len(token_ids)
+        self._send(["accepted", request_id])
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            # The batch's state is unknown after a failed step: end every request.
+            logger.exception("engine step failed; aborting all requests")
+            self._apply(["abort", None])
+            return
+        for output in outputs:
+            if output.finished:
+                self.finished_requests += 1
+                self.generation_tokens += sum(len(c.token_ids) for c in output.outputs)
+        self._send(["outputs", [self.encoder.encode(o) for o in outputs], *self._stats()])
+
+    def _stats(self) -> list[Any]:
+        counters = [self.prompt_tokens, self.generation_tokens, self.finished_requests]
+        return [serial.encode_stats(self.engine.scheduler.stats()), counters]
+
+    def _send(self, message: list[Any]) -> None:
+        self.outputs.send(serial.pack(message))

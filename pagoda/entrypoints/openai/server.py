@@ -1,0 +1,245 @@
+"""The FastAPI app, its routes and error handlers, and `pagoda serve` (uvicorn around an AsyncLLM)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+import pagoda
+from pagoda.config import EngineConfig
+from pagoda.engine.async_llm import AsyncLLM, RequestAborted
+from pagoda.entrypoints.chat_utils import load_chat_template
+
+from .metrics import log_stats, metrics_registry
+from .protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
+)
+from .serving_chat import OpenAIServingChat
+from .serving_completion import OpenAIServingCompletion
+from .serving_engine import OpenAIError, ServerConfig
+
+logger = logging.getLogger("pagoda.server")
+
+# Seconds uvicorn waits for open connections after SIGINT/SIGTERM; in-flight requests are aborted
+# at once, so their responses end well within it.
+_GRACEFUL_SHUTDOWN_S = 3
+
+
+def build_app(
+    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, allowed_origins: list[str] | None = None
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stats_task = asyncio.create_task(log_stats(engine))
+        yield
+        stats_task.cancel()
+
+    app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan)
+    app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"], allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
+    if api_key:
+        app.middleware("http")(_require_api_key(api_key))
+    _add_error_handlers(app)
+    _add_routes(app, engine, config)
+    return app
+
+
+def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+    completions = OpenAIServingCompletion(engine, config)
+    chat = OpenAIServingChat(engine, config)
+    registry = metrics_registry(engine, config.served_model_names[0])
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_alive() else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": pagoda.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in config.served_model_names
+        ])
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw: Request) -> Any:
+        return await _respond(raw, completions.create(body))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
+        return await _respond(raw, chat.create(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return _tokenize(chat, body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        chat.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise OpenAIError(f"token ids {bad[:5]} are out of the vocabulary range", param="tokens")
+        return {"prompt": chat.require_tokenizer().decode(body.tokens)}
+
+
+def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str, Any]:
+    chat.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        _, tokens = chat.render(body.messages, None, body.add_generation_prompt)
+    else:
+        tokens = chat.require_tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"count": len(tokens), "max_model_len": chat.config.max_model_len, "tokens": tokens}
+
+
+async def _respond(raw: Request, created: Awaitable[BaseModel | AsyncIterator[str]]) -> Any:
+    """A whole response, or an SSE stream. A client that leaves before a whole response is ready
+    cancels it (which aborts its requests); a stream is cancelled by Starlette itself."""
+    handler = asyncio.ensure_future(created)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if not handler.done():
+        handler.cancel()
+        await asyncio.gather(handler, return_exceptions=True)
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    result = handler.result()
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(exclude_none=True))
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _require_api_key(api_key: str) -> Callable:
+    expected = f"Bearer {api_key}"
+
+    async def check(request: Request, call_next: Callable) -> Response:
+        # OpenAI's routes need the key; /health, /metrics etc. stay open for probes, as in vLLM.
+        given = request.headers.get("authorization", "")
+        if request.url.path.startswith("/v1") and request.method != "OPTIONS" and not secrets.compare_digest(
+            given.encode(), expected.encode()
+        ):
+            return _error(OpenAIError("invalid or missing API key", 401, code="invalid_api_key"))
+        return await call_next(request)
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:
+        return _error(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(_validation_error(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return _error(OpenAIError(str(error.detail), error.status_code))
+
+    @app.exception_handler(RequestAborted)
+    async def aborted(_: Request, error: RequestAborted) -> JSONResponse:
+        return _error(OpenAIError(str(error), 503, type="server_error"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return _error(OpenAIError(f"internal server error: {type(error).__name__}", 500, type="server_error"))
+
+
+def _validation_error(error: RequestValidationError) -> OpenAIError:
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return OpenAIError(f"the request body is not valid JSON: {first.get('msg')}")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not loc:
+        return OpenAIError(f"the request body is invalid: {first.get('msg')}")
+    # The top-level field names the parameter (deeper parts can be pydantic's names of union branches).
+    return OpenAIError(f"{'.'.join(loc)}: {first.get('msg')}", param=loc[0])
+
+
+def _error(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.response().model_dump(), status_code=error.status)
+
+
+# `pagoda serve` -----------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: a signal aborts every in-flight request at once, and a served SIGTERM or
+    SIGINT is a clean exit (uvicorn itself re-raises the signal, so the status would be nonzero)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self.engine.abort()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    engine = AsyncLLM(_engine_config(args))
+    names = args.served_model_name or [args.model or engine.model_name]
+    config = ServerConfig(
+        served_model_names=names, max_model_len=engine.max_model_len,
+        chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
+    )
+    app = build_app(engine, config, args.api_key, args.allowed_origins)
+    uvicorn_config = uvicorn.Config(
+        app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    )
+    logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
+    try:
+        _Server(uvicorn_config, engine).run()
+    finally:
+        engine.shutdown()
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.seed, load_format=args.load_format, device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )

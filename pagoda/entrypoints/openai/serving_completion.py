@@ -1,0 +1,137 @@
+"""POST /v1/completions: one engine request per prompt, whole or streamed as SSE chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from pagoda.engine.detokenizer import decode_token
+from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput
+from .serving_engine import (
+    OpenAIError, OpenAIServing, merge, new_request_id, refuse_unsupported, sse, sse_stream, sub_request_ids, usage,
+)
+
+Prompt = tuple[str | None, list[int]]
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        refuse_unsupported({
+            "suffix": request.suffix,
+            "best_of": request.best_of if request.best_of not in (None, 1, request.n) else None,
+        })
+        prompts = self._prompts(request.prompt)
+        # Echoed prompt tokens get logprobs too.
+        echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else request.prompt_logprobs
+        params = [
+            self.sampling_params(request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=echo_logprobs)
+            for _, ids in prompts
+        ]
+        request_id = new_request_id("cmpl")
+        streams = await self.add_requests(request_id, prompts, params, default_param="prompt")
+        ids = sub_request_ids(request_id, len(prompts))
+        if request.stream:
+            return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)
+        try:
+            return await self._full(request, request_id, prompts, streams)
+        finally:
+            self.engine.abort(ids)
+
+    def _prompts(self, prompt: PromptInput) -> list[Prompt]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [(None, list(prompt))]  # type: ignore[arg-type]
+        if all(isinstance(p, list) for p in prompt):
+            return [(None, list(p)) for p in prompt]  # type: ignore[arg-type]
+        tokenizer = self.require_tokenizer()
+        return [(p, tokenizer.encode(p)) for p in prompt]  # type: ignore[misc]
+
+    async def _full(
+        self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]
+    ) -> CompletionResponse:
+        finals: dict[int, RequestOutput] = {}
+        async for index, output in merge(streams):
+            finals[index] = output
+        choices, completion_tokens = [], 0
+        for index, (text, ids) in enumerate(prompts):
+            output = finals[index]
+            for child in output.outputs:
+                completion_tokens += len(child.token_ids)
+                echo = self._echo_text(text, ids) if request.echo else ""
+                choices.append(CompletionChoice(
+                    index=index * len(output.outputs) + child.index, text=echo + child.text,
+                    logprobs=self._logprobs(request, output, child, 0, len(child.token_ids), 0),
+                    finish_reason=child.finish_reason, stop_reason=child.stop_reason,
+                ))
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return CompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens)
+        )
+
+    async def _stream(
+        self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]
+    ) -> AsyncIterator[str]:
+        sent: dict[tuple[int, int], int] = {}  # (prompt, child) -> output tokens already sent
+        text_sent: dict[tuple[int, int], int] = {}  # characters sent, for logprobs' text_offset
+        completion_tokens = 0
+        async for index, output in merge(streams):
+            choices = []
+            for child in output.outputs:
+                key = (index, child.index)
+                start = sent.get(key)
+                text = child.text_delta
+                if start is None and request.echo:
+                    text = self._echo_text(*prompts[index]) + text
+                start = start or 0
+                new_tokens = len(child.token_ids) - start
+                if not text and new_tokens == 0 and child.finish_reason is None:
+                    continue
+                sent[key] = len(child.token_ids)
+                offset = text_sent.get(key, 0)
+                text_sent[key] = offset + len(text)
+                completion_tokens += new_tokens
+                choices.append(CompletionChoice(
+                    index=index * len(output.outputs) + child.index, text=text,
+                    logprobs=self._logprobs(request, output, child, start, len(child.token_ids), offset),
+                    finish_reason=child.finish_reason, stop_reason=child.stop_reason,
+                ))
+            if choices:
+                yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices))
+        if request.stream_options and request.stream_options.include_usage:
+            prompt_tokens = sum(len(ids) for _, ids in prompts)
+            yield sse(CompletionResponse(
+                id=request_id, model=self.model_name, choices=[], usage=usage(prompt_tokens, completion_tokens)
+            ))
+
+    def _echo_text(self, text: str | None, ids: list[int]) -> str:
+        return text if text is not None else self.require_tokenizer().decode(ids)
+
+    def _logprobs(
+        self, request: CompletionRequest, output: RequestOutput, child: CompletionOutput, start: int, end: int,
+        text_offset: int,
+    ) -> CompletionLogprobs | None:
+        """OpenAI's logprobs of output tokens [start, end), after the prompt's when echoing."""
+        if request.logprobs is None or child.logprobs is None:
+            return None
+        token_ids = child.token_ids[start:end]
+        positions: list[PositionLogprobs | None] = list(child.logprobs[start:end])
+        if request.echo and start == 0 and output.prompt_logprobs is not None:
+            token_ids = output.prompt_token_ids + token_ids
+            positions = output.prompt_logprobs + positions
+        result = CompletionLogprobs()
+        for token_id, position in zip(token_ids, positions):
+            chosen = position.get(token_id) if position else None
+            token = chosen.decoded_token if chosen else decode_token(self.require_tokenizer(), token_id)
+            result.tokens.append(token or "")
+            result.token_logprobs.append(chosen.logprob if chosen else None)
+            result.top_logprobs.append(
+                {lp.decoded_token or "": lp.logprob for lp in position.values()} if position else None
+            )
+            result.text_offset.append(text_offset)
+            text_offset += len(token or "")
+        return result

@@ -1,0 +1,225 @@
+"""What the completion and chat handlers share: errors in OpenAI's shape, model checks, the
+SamplingParams of a request, the context-length check, and running one engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from pagoda.engine.async_llm import AsyncLLM, RequestAborted
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+from .protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+
+logger = logging.getLogger("pagoda.server")
+
+_PARAM_IN_MESSAGE = re.compile(r"^(\w+)=")
+
+
+class OpenAIError(Exception):
+    """An error the client caused (or may retry): becomes {"error": {...}} with this status."""
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None,
+        type: str = "invalid_request_error", code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.param, self.type, self.code = status, param, type, code
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=str(self), type=self.type, param=self.param, code=self.code))
+
+
+def value_error(error: ValueError, default_param: str | None = None) -> OpenAIError:
+    """A SamplingParams / engine ValueError as a 400 naming the parameter it starts with."""
+    match = _PARAM_IN_MESSAGE.match(str(error))
+    return OpenAIError(str(error), param=match.group(1) if match else default_param)
+
+
+def refuse_unsupported(fields: dict[str, Any]) -> None:
+    """400 for the first OpenAI field set whose feature is not built."""
+    for name, value in fields.items():
+        if value is not None:
+            raise OpenAIError(f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter")
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    max_model_len: int
+    chat_template: str | None
+    log_requests: bool
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.config.served_model_names:
+            raise OpenAIError(
+                f"The model `{model}` does not exist; this server serves {self.config.served_model_names}",
+                status=404, param="model", code="model_not_found",
+            )
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise OpenAIError("this model was loaded without a tokenizer", param="prompt")
+        return self.tokenizer
+
+    def sampling_params(
+        self, request: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None, **extra: Any
+    ) -> SamplingParams:
+        """The request's SamplingParams; max_tokens None means the rest of the context; extra
+        overrides fields."""
+        limit = self.config.max_model_len
+        if max_tokens is not None and prompt_len + max_tokens > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the length of the prompt or of the completion.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        fields = dict(
+            n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
+            include_stop_str_in_output=request.include_stop_str_in_output, ignore_eos=request.ignore_eos,
+            max_tokens=max_tokens if max_tokens is not None else max(1, limit - prompt_len),
+            min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
+            logit_bias=request.logit_bias, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+        )
+        fields.update(extra)
+        try:
+            # Unset fields take SamplingParams' own defaults.
+            return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+        except ValueError as error:
+            raise value_error(error) from None
+
+    async def add_requests(
+        self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+        default_param: str,
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """Add one engine request per prompt, all or none (a refusal is a 400); returns their
+        output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
+        a stream never iterated cannot abort its own request."""
+        streams: list[AsyncIterator[RequestOutput]] = []
+        ids = sub_request_ids(request_id, len(prompts))
+        try:
+            for sub_id, (text, token_ids), p in zip(ids, prompts, params):
+                stream = await self.engine.add_request(sub_id, token_ids, p, text)
+                streams.append(self._logged(sub_id, len(token_ids), stream))
+        except BaseException as error:
+            self.engine.abort(ids[: len(streams)])
+            if isinstance(error, ValueError):
+                raise value_error(error, default_param) from None
+            raise
+        return streams
+
+    async def _logged(
+        self, request_id: str, prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[RequestOutput]:
+        started = time.monotonic()
+        last: RequestOutput | None = None
+        try:
+            async for output in outputs:
+                last = output
+                yield output
+        finally:
+            await outputs.aclose()
+            if self.config.log_requests:
+                _log_request(request_id, prompt_tokens, last, time.monotonic() - started)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sub_request_ids(request_id: str, num_prompts: int) -> list[str]:
+    return [f"{request_id}-{i}" for i in range(num_prompts)]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(chunks: AsyncIterator[str], engine: AsyncLLM, request_ids: list[str]) -> AsyncIterator[str]:
+    """An SSE body: the chunks, then [DONE]. An error once streaming has begun can no longer change
+    the status, so it goes out as an error event; the requests are aborted however it ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (OpenAIError, RequestAborted) as error:
+        failure = error if isinstance(error, OpenAIError) else OpenAIError(str(error), 503, type="server_error")
+        yield sse(failure.response())
+    finally:
+        engine.abort(request_ids)
+    yield SSE_DONE
+
+
+async def merge(iterators: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they come, tagged with the iterator's index; if one
+    fails or the consumer leaves, the others are cancelled (which aborts their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(index: int, iterator: AsyncIterator[Any]) -> None:
+        try:
+            async for item in iterator:
+                await queue.put((index, item))
+            await queue.put((index, done))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_request(request_id: str, prompt_tokens: int, last: RequestOutput | None, seconds: float) -> None:
+    outputs = last.outputs if last is not None else []
+    logger.info(
+        "request %s: %d prompt tokens, %d output tokens, finish %s, %.3f s", request_id, prompt_tokens,
+        sum(len(c.token_ids) for c in outputs),
+        ",".join(str(c.finish_reason) for c in outputs) if last is not None and last.finished else "abort",
+        seconds,
+    )

@@ -1,0 +1,427 @@
+"""`pagoda serve` end to end: a real server in a subprocess on a tiny random llama with a byte-level
+tokenizer, driven by the official openai client and raw httpx."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from pagoda.engine import serial
+from pagoda.entrypoints.cli import build_parser
+from pagoda.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tests.tiny_models import save_tiny_model
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_MODEL_LEN = 1024
+# ChatML, as SmolLM2 uses; enough for system/user/assistant turns.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0 (BOS), 1 (EOS), 2
+
+
+def _save_tokenizer(path: Path) -> int:
+    """A byte-level tokenizer with no merges: one token per byte, plus ChatML's special tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=SPECIALS[0], eos_token=SPECIALS[1], chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(args: list[str], log: Path, env: dict[str, str] | None = None):
+    """A `pagoda serve` subprocess on a free loopback port, healthy; yields (process, base URL)."""
+    port = _free_port()
+    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *args, "--host", "127.0.0.1", "--port",
+             str(port), "--device", "cpu"],
+            env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, base, log)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("server-model")
+    vocab_size = _save_tokenizer(directory / "llama3")
+    path = save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN)
+    args = [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
+    with _serving(args, directory / "server.log", {"PAGODA_API_KEY": API_KEY}) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def client(base) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(base):
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0) as c:
+        yield c
+
+
+def _metrics(http: httpx.Client) -> dict[str, float]:
+    values = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("pagoda:"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    return values
+
+
+def _wait_idle(http: httpx.Client, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _metrics(http)
+        if m["pagoda:num_requests_running"] == 0 and m["pagoda:num_requests_waiting"] == 0 \
+                and m["pagoda:kv_cache_usage_perc"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {_metrics(http)}")
+
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+# The engine core's messages ----------------------------------------------------------------------
+
+
+def test_output_deltas_rebuild_whole_outputs():
+    def step(text, delta, ids, finished):
+        positions = [{t: Logprob(-0.5 * t, 1, chr(64 + t))} for t in ids]
+        completion = CompletionOutput(0, text, ids, -1.0 * len(ids), positions, "stop" if finished else None,
+                                      "x" if finished else None, text_delta=delta)
+        return RequestOutput("r", "p", [5, 6], [None, {6: Logprob(-1.0, 2, "F")}], [completion], finished,
+                             RequestMetrics(1.0, 2.0, 3.0, 4.0 if finished else None), num_cached_tokens=16)
+
+    steps = [step("A", "A", [1], False), step("AB", "B", [1, 2], False), step("ABC", "C", [1, 2, 3], True)]
+    encoder, decoder = serial.OutputEncoder(), serial.OutputDecoder()
+    decoded = [decoder.decode(serial.unpack(serial.pack(encoder.encode(o)))) for o in steps]
+    assert decoded == steps  # later steps leave the earlier snapshots as they were
+    assert encoder.encode(step("A", "A", [1], False))[1] is not None  # a finished id starts afresh
+
+
+# Plain endpoints ---------------------------------------------------------------------------------
+
+
+def test_models_health_version(client, base, http):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/version").json()["version"]
+
+
+def test_tokenize_detokenize(http):
+    tokens = http.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()
+    assert tokens["count"] == len("héllo".encode()) and tokens["max_model_len"] == MAX_MODEL_LEN
+    assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "héllo"}
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"][0] == SPECIALS.index("<|im_start|>")
+
+
+# Completions -------------------------------------------------------------------------------------
+
+
+def test_completion_stream_equals_whole(client):
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY)
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Once upon a time", stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage == whole.usage
+
+
+def test_completion_usage_is_exact(client, http):
+    prompt = "count these bytes"
+    prompt_tokens = http.post("/tokenize", json={"prompt": prompt}).json()["count"]
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.usage.prompt_tokens == prompt_tokens
+    assert out.usage.completion_tokens == 7 and out.usage.total_tokens == prompt_tokens + 7
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_completion_prompt_forms(client, http):
+    ids = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    by_text = client.completions.create(model=MODEL, prompt="abc", **GREEDY).choices[0].text
+    assert client.completions.create(model=MODEL, prompt=ids, **GREEDY).choices[0].text == by_text
+    many = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], **GREEDY)
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == by_text
+    texts = client.completions.create(model=MODEL, prompt=["abc", "ab"], **GREEDY)
+    assert [c.text for c in texts.choices] == [c.text for c in many.choices]
+
+
+def test_completion_n_logprobs_echo(client):
+    out = client.completions.create(
+        model=MODEL, prompt="ab", n=2, logprobs=2, temperature=1.0, seed=1, max_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice in out.choices:
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+        assert all(value <= 0 for value in lp.token_logprobs)
+        # Byte tokens that are not whole characters share the text "\ufffd": keys can merge.
+        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert out.usage.completion_tokens == 10
+    echo = client.completions.create(model=MODEL, prompt="ab", echo=True, logprobs=1, **GREEDY).choices[0]
+    assert echo.text.startswith("ab")
+    tokens = echo.logprobs.tokens
+    assert tokens[:2] == ["a", "b"] and echo.logprobs.token_logprobs[0] is None  # the first token has none
+    assert len(tokens) == 2 + GREEDY["max_tokens"] or echo.finish_reason == "stop"
+    assert echo.logprobs.text_offset[:3] == [0, 1, 2]
+
+
+def test_completion_stop_string(client):
+    text = client.completions.create(model=MODEL, prompt="stop here", **GREEDY).choices[0].text
+    stop = text[3:5]
+    if not stop or text.find(stop) < 3:
+        pytest.skip("greedy text has no usable stop string")
+    kept = text[: text.find(stop)]
+    out = client.completions.create(model=MODEL, prompt="stop here", stop=[stop], **GREEDY).choices[0]
+    assert out.text == kept and out.finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="stop here", stop=[stop], stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == kept
+
+
+def test_seed_reproducible(client):
+    def sample(seed: int) -> str:
+        return client.completions.create(
+            model=MODEL, prompt="seeded", temperature=1.0, seed=seed, max_tokens=10, extra_body={"ignore_eos": True}
+        ).choices[0].text
+
+    assert sample(5) == sample(5)
+
+
+# Chat -------------------------------------------------------------------------------------------
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+
+
+def test_chat_stream_equals_whole(client):
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    choice_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in choice_chunks) == whole.choices[0].message.content
+    assert choice_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage == whole.usage and not chunks[-1].choices
+
+
+def test_chat_n_and_logprobs(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, n=2, logprobs=True, top_logprobs=3, temperature=1.0, seed=3,
+        max_completion_tokens=6, extra_body={"ignore_eos": True},
+    )
+    assert len(out.choices) == 2 and out.usage.completion_tokens == 12
+    for choice in out.choices:
+        content = choice.logprobs.content
+        assert len(content) == 6 and all(len(t.top_logprobs) == 3 for t in content)
+
+
+# Errors -----------------------------------------------------------------------------------------
+
+
+def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": "many"}, "n"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": [], "max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": [999999]}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    ([1, 2], None),
+])
+def test_completion_errors(http, body, param):
+    _error(http.post("/v1/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
+])
+def test_chat_errors(http, body, param):
+    _error(http.post("/v1/chat/completions", json=body), 400, param)
+
+
+def test_context_length_error_names_both_numbers(http):
+    response = http.post("/v1/completions", json={"prompt": "abcd", "max_tokens": MAX_MODEL_LEN})
+    error = _error(response, 400, "max_tokens")
+    assert str(MAX_MODEL_LEN) in error["message"] and str(MAX_MODEL_LEN + 4) in error["message"]
+
+
+def test_auth_model_and_json_errors_then_still_serving(base, http, client):
+    _error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}), 401)
+    _error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}), 401)
+    _error(http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model")
+    _error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert client.completions.create(model=MODEL, prompt="still here", **GREEDY).choices[0].text is not None
+
+
+# Pagoda's own clients ---------------------------------------------------------------------------
+
+
+def test_chat_cli_quick(base, capsys):
+    args = build_parser().parse_args(["chat", "--url", f"{base}/v1", "--api-key", API_KEY, "--max-tokens", "8",
+                                      "-q", "Hi"])
+    args.func(args)  # the model is random: its reply is some text, then a newline
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+
+
+def test_bench_serve(base):
+    args = build_parser().parse_args([
+        "bench", "serve", "--base-url", base, "--api-key", API_KEY, "--num-prompts", "6", "--random-input-len", "8",
+        "--random-output-len", "5", "--max-concurrency", "3",
+    ])
+    summary = args.func(args)
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["total_output_tokens"] == 30 and summary["total_input_tokens"] == 48
+    assert summary["mean_ttft_ms"] > 0 and summary["mean_itl_ms"] > 0
+
+
+# Disconnects and shutdown -----------------------------------------------------------------------
+
+
+# Long enough (8 x 1000 tokens) that a client leaving after half a second leaves it unfinished.
+LONG = {"prompt": "long", "n": 8, "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def test_disconnect_mid_stream_frees_everything(base, http):
+    finished_before = _metrics(http)["pagoda:request_success_total"]
+    with httpx.Client(base_url=base, headers=http.headers, timeout=30.0) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            running = _metrics(http)
+            assert running["pagoda:num_requests_running"] == 8 and running["pagoda:kv_cache_usage_perc"] > 0
+    assert _wait_idle(http)["pagoda:request_success_total"] == finished_before  # aborted, not finished
+
+
+def test_disconnect_while_waiting_for_whole_response_frees_everything(base, http):
+    finished_before = _metrics(http)["pagoda:request_success_total"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=LONG, headers=http.headers, timeout=0.5)
+    assert _wait_idle(http)["pagoda:request_success_total"] == finished_before
+
+
+def test_sigterm_aborts_and_exits_zero(server, base, http):
+    proc, _ = server
+    with httpx.Client(base_url=base, headers=http.headers, timeout=30.0) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]  # the stream ends (with an error event) instead of running on
+    assert proc.wait(10) == 0 and time.monotonic() - started < 10
+    assert rest[-1] == "data: [DONE]"
+    assert any("error" in json.loads(line[5:]) for line in rest if line.startswith("data: {"))
+
+
+# The embedded default model, with its real tokenizer and chat template ---------------------------
+
+
+@pytest.fixture(scope="module")
+def default_server(loader_default_model_dir, tmp_path_factory):
+    # No model argument: `pagoda serve` must find the default model in the (test's) cache.
+    cache = str(loader_default_model_dir.parent.parent)
+    log = tmp_path_factory.mktemp("default-server") / "server.log"
+    with _serving(["--max-model-len", "1024", "--max-num-seqs", "4"], log, {"PAGODA_CACHE_DIR": cache}) as served:
+        yield served
+
+
+@pytest.mark.slow
+def test_default_model_server_answers_paris(default_server):
+    _, base = default_server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=60.0, max_retries=0)
+    model = client.models.list().data[0].id
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=24)
+    assert "Paris" in whole.choices[0].message.content
+    stream = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=24, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.choices[0].message.content
+    stopped = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=24, stop="Paris")
+    assert stopped.choices[0].message.content == whole.choices[0].message.content.split("Paris")[0]
+    assert stopped.choices[0].finish_reason == "stop"

@@ -96,7 +96,7 @@ def paged_attention(
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))),
     )
     return out

@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests/s (Poisson arrivals); inf: all at once")
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--result-file", default=None, help="also write the summary here as JSON")
+    parser.add_argument("--output-json", "--result-file", dest="result_file", default=None, help="also write the summary here as JSON")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
+
 
 @dataclass
 class BenchRequest:
@@ -74,7 +76,9 @@ def make_requests(
 def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
     from pagoda import LLM, SamplingParams
 
-    llm = LLM(**_engine_kwargs(args))
+    # Prompts are token ids and outputs are counted, not read: no tokenizer is needed
+    # (a --load-format dummy model directory often has none).
+    llm = LLM(**engine_kwargs(args), skip_tokenizer_init=True)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [
         SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)
@@ -168,46 +172,18 @@ def _prompt_tokens(requests: list[BenchRequest]) -> int:
     return sum(len(r.prompt_token_ids) for r in requests)
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "model": args.model,
-        "load_format": args.load_format,
-        "dtype": args.dtype,
-        "device": args.device,
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "num_gpu_blocks_override": args.num_gpu_blocks_override,
-        "enable_prefix_caching": args.enable_prefix_caching,
-        "seed": args.seed,
-        # Prompts are token ids and outputs are counted, not read: no tokenizer is needed
-        # (a --load-format dummy model directory often has none).
-        "skip_tokenizer_init": True,
-    }
-
-
 BACKENDS = {"pagoda": run_pagoda, "hf": run_hf, "llama.cpp": run_llama_cpp}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path, GGUF file or cached HF id (default: the embedded model)")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy", "pt"])
     parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS))
+    add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
     parser.add_argument("--llama-cpp-threads", type=int, default=2, help="threads of --backend llama.cpp")
     parser.add_argument("--disable-tqdm", action="store_true")

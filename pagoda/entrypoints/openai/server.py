@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 import pagoda
 from pagoda.config import EngineConfig
+from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 
@@ -215,7 +216,7 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: argparse.Namespace) -> None:
-    engine = AsyncLLM(_engine_config(args))
+    engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
     names = args.served_model_name or [args.model or engine.model_name]
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,
@@ -231,15 +232,3 @@ def run_server(args: argparse.Namespace) -> None:
         _Server(uvicorn_config, engine).run()
     finally:
         engine.shutdown()
-
-
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-        seed=args.seed, load_format=args.load_format, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )

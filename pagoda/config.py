@@ -39,6 +39,7 @@ class EngineConfig:
     load_format: str = "auto"
     device: str = "auto"
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

@@ -11,6 +11,10 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up, over the merged [gate | up] projection output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from pagoda.kernels.elementwise import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

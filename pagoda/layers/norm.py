@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
+On CUDA one Triton kernel does both; the torch code is the CPU path and the reference."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); on CUDA the
+        sum is written into `residual`'s storage."""
+        if x.is_cuda:
+            from pagoda.kernels.elementwise import rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, residual), residual
         if residual is None:
             return self._norm(x)
         x = x + residual

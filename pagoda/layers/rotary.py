@@ -66,7 +66,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated copies."""
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA, copies elsewhere)."""
+        if q.is_cuda:
+            from pagoda.kernels.elementwise import rotary_inplace
+
+            rotary_inplace(positions, q, k, self.cos_sin)
+            return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -1,0 +1,117 @@
+"""Triton kernels for the memory-bound work between a decoder layer's matmuls: RMSNorm fused with
+the residual add, rotary embedding applied in place, and SiLU-and-mul. Each reads its inputs once
+and writes once, where the torch versions make a round trip to memory per elementwise op.
+
+They round where the torch references (pagoda/layers) round, so that outputs match them bit for
+bit or within one unit in the last place."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr,
+    stride_x, stride_r, stride_o, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the model dtype before it is normalised, as x + residual is in torch.
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(residual_ptr.dtype.element_ty)
+        tl.store(residual_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """norm(x) * weight over the last dim; with `residual`, normalises x + residual and stores that
+    sum into `residual` in place (it becomes the next residual). x: [..., N], rows contiguous."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty_like(x2)
+    r2 = x2 if residual is None else residual.view(-1, shape[-1])
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), shape[-1], eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
+    )
+    return out.view(shape)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, cos_sin_ptr, positions_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+    num_q_heads, num_k_heads,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=d_mask, other=0.0)[None, :]
+    heads = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):
+        if which == 0:
+            base, stride_h, n = q_ptr + token * stride_qt, stride_qh, num_q_heads
+        else:
+            base, stride_h, n = k_ptr + token * stride_kt, stride_kh, num_k_heads
+        mask = (heads < n)[:, None] & d_mask[None, :]
+        ptr1 = base + heads[:, None] * stride_h + d[None, :]
+        x1 = tl.load(ptr1, mask=mask, other=0.0)
+        x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(ptr1, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+        tl.store(ptr1 + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+
+
+def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place ("rotate half" layout); cos_sin is
+    [max_position, D] float32, cos in the first half. Heads and dims must be contiguous."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, cos_sin, positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
+        num_q_heads, k.shape[1],
+        HALF=half, BLOCK_H=triton.next_power_of_2(max(num_q_heads, k.shape[1])),
+        BLOCK_HALF=triton.next_power_of_2(half),
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    # silu is rounded to the model dtype before the product, as F.silu(gate) * up rounds it.
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]."""
+    n = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block)
+    return out.view(*x.shape[:-1], n)

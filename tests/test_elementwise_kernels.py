@@ -1,0 +1,81 @@
+"""The Triton elementwise kernels (fused add + RMSNorm, in-place rotary, SiLU-and-mul) against the
+torch layers they replace on CUDA. The reference always runs the layer on CPU copies (its torch
+path); the kernel runs natively on a GPU, or on the CPU under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from pagoda.kernels.elementwise import rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
+from pagoda.layers.activation import SiluAndMul  # noqa: E402
+from pagoda.layers.norm import RMSNorm  # noqa: E402
+from pagoda.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
+# One unit in the last place of the dtype, relative: the kernels round where the references do,
+# but fp32 accumulation order may differ.
+ULP = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    torch.testing.assert_close(ours.cpu().float(), ref.float(), rtol=ULP[dtype], atol=ULP[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_rms_norm_with_and_without_residual(dtype, hidden):
+    g = torch.Generator().manual_seed(hidden)
+    x = torch.randn(7, hidden, generator=g).to(dtype)
+    residual = torch.randn(7, hidden, generator=g).to(dtype)
+    layer = RMSNorm(hidden, eps=1e-5)
+    layer.weight.data = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+
+    _close(rms_norm(x.to(DEVICE), layer.weight.to(DEVICE), 1e-5), layer(x), dtype)
+
+    ref_out, ref_residual = layer(x, residual)
+    residual_dev = residual.to(DEVICE)
+    out = rms_norm(x.to(DEVICE), layer.weight.to(DEVICE), 1e-5, residual_dev)
+    _close(out, ref_out, dtype)
+    _close(residual_dev, ref_residual, dtype)  # the sum is left in `residual` for the next layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (6, 1, 32), (3, 3, 8)])
+def test_rotary_in_place_matches_rotate_half(dtype, num_heads, num_kv_heads, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    rotary = RotaryEmbedding(head_dim, max_position=64, params={"rope_theta": 10000.0, "rope_type": "default"})
+    positions = torch.randint(0, 64, (5,), generator=g)
+    # q and k as views into one fused qkv output, as the model passes them.
+    qkv = torch.randn(5, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.view(5, num_heads, head_dim), k.view(5, num_kv_heads, head_dim)
+    ref_q, ref_k = rotary(positions, q, k)
+
+    qkv_dev = qkv.to(DEVICE)
+    q_dev, k_dev, v_dev = qkv_dev.split([q_size, kv_size, kv_size], dim=-1)
+    rotary_inplace(
+        positions.to(DEVICE), q_dev.view(5, num_heads, head_dim), k_dev.view(5, num_kv_heads, head_dim),
+        rotary.cos_sin.to(DEVICE),
+    )
+    _close(q_dev.reshape(5, num_heads, head_dim), ref_q, dtype)
+    _close(k_dev.reshape(5, num_kv_heads, head_dim), ref_k, dtype)
+    assert torch.equal(v_dev.cpu(), qkv[:, q_size + kv_size :])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [24, 1500])
+def test_silu_and_mul(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    x = (3 * torch.randn(6, 2 * width, generator=g)).to(dtype)
+    _close(silu_and_mul(x.to(DEVICE)), SiluAndMul()(x), dtype)

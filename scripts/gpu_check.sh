@@ -10,7 +10,7 @@ MODELS=${PAGODA_SHARED_MODELS:-shared/models}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py tests/test_elementwise_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 
 bench() {  # name, then bench arguments
     local name=$1; shift

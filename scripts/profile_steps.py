@@ -7,6 +7,8 @@ time of one step, and the top CUDA kernels of a decode step and a prefill step.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import time
 
@@ -64,6 +66,13 @@ def main() -> None:
 
 
 def _trace(engine: LLMEngine, kind: str) -> None:
+    if kind == "decode":  # the host side: Python functions over 20 decode steps
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            engine.step()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         engine.step()

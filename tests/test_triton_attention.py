@@ -72,6 +72,7 @@ def _run(backend, q, k, v, cache, metadata):
     "query_lens, prefix_lens",
     [
         ([1, 1, 1], [5, 17, 40]),  # decodes only
+        ([1, 3], [150, 70]),  # contexts spanning several key tiles
         ([1, 7, 20, 1], [33, 0, 9, 0]),  # decodes, a chunk over a cached prefix, whole prompts
     ],
 )

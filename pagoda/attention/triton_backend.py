@@ -25,7 +25,7 @@ def _paged_attention_kernel(
     stride_cb, stride_cs, stride_ch,
     stride_ot, stride_oh,
     stride_bt,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -54,14 +54,19 @@ def _paged_attention_kernel(
     acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
     # Keys beyond the last query of this tile are masked for every row: stop there.
     last_key = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_Q)
-    offs = tl.arange(0, BLOCK_SIZE)
-    for start in tl.range(0, last_key, BLOCK_SIZE):
-        block_id = tl.load(block_tables_ptr + req * stride_bt + start // BLOCK_SIZE).to(tl.int64)
-        kv_off = block_id * stride_cb + offs[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=d_valid[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=d_valid[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+    # Each iteration reads TILE_N keys, spanning TILE_N / BLOCK_SIZE blocks when blocks are
+    # small: larger loads keep more bytes in flight than one 16-token block at a time.
+    offs = tl.arange(0, TILE_N)
+    for start in tl.range(0, last_key, TILE_N):
         key_pos = start + offs
+        in_range = key_pos < last_key
+        block_id = tl.load(block_tables_ptr + req * stride_bt + key_pos // BLOCK_SIZE, mask=in_range, other=0)
+        kv_off = (block_id.to(tl.int64)[:, None] * stride_cb + (key_pos % BLOCK_SIZE)[:, None] * stride_cs
+                  + kv_head * stride_ch + d[None, :])
+        kv_mask = in_range[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
         visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -78,7 +83,12 @@ def _paged_attention_kernel(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, block_q: int
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    block_q: int,
+    tile_n: int | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -87,6 +97,8 @@ def paged_attention(
     max_query_len = max(metadata.query_lens_cpu)
     grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    tile_n = tile_n or max(block_size, 64 if block_d <= 128 else 32)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
@@ -95,8 +107,8 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
+        GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))),
     )
     return out

@@ -1,0 +1,55 @@
+"""The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
+head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths.
+Reports time and the KV bytes read per second.
+
+    PYTHONPATH=. python3 scripts/bench_attention.py
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.testing import do_bench
+
+from pagoda.attention.backend import AttentionMetadata
+from pagoda.attention.triton_backend import paged_attention, query_tile
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+
+
+def batch(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    dev = "cuda"
+    blocks = [-(-s // BLOCK) for s in seq_lens]
+    perm = torch.randperm(sum(blocks)).tolist()
+    tables, used = [], 0
+    for n in blocks:
+        tables.append(perm[used : used + n] + [0] * (max(blocks) - n))
+        used += n
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    cache = torch.randn(2, sum(blocks), BLOCK, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(starts[-1], HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=dev),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        block_size=BLOCK, query_starts_cpu=starts[:-1], query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+    )
+    return q, cache, metadata
+
+
+def main() -> None:
+    print(f"{'case':<8} {'tile_n':>6} {'ms':>7} {'GB/s':>7}")
+    cases = {"decode": ([1] * 256, [640] * 256), "prefill": ([512] * 16, [512] * 16)}
+    for name, (query_lens, seq_lens) in cases.items():
+        q, cache, metadata = batch(query_lens, seq_lens)
+        block_q = query_tile(max(query_lens), HEADS // KV_HEADS)
+        kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * 2
+        for tile_n in (16, 32, 64, 128):
+            ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, block_q, tile_n))
+            print(f"{name:<8} {tile_n:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
+
+
+if __name__ == "__main__":
+    main()

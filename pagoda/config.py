@@ -41,6 +41,10 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Engine cores behind one server, each on its own TP x PP GPUs (the server reads it; one
+    # LLMEngine is one core).
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
@@ -58,11 +62,19 @@ class EngineConfig:
                "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
-        if self.tensor_parallel_size != 1:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        if self.device.startswith("cuda:") and self.world_size > 1:
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not built yet; "
-                "use tensor_parallel_size=1"
+                f"device={self.device!r} names one GPU, but tensor_parallel_size x pipeline_parallel_size = "
+                f"{self.world_size} ranks use cuda:0..{self.world_size - 1}: use device='cuda', and "
+                "CUDA_VISIBLE_DEVICES to choose the GPUs"
             )
+
+    @property
+    def world_size(self) -> int:
+        """The ranks (processes, GPUs) one copy of the model runs on."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

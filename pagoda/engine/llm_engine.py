@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import torch
+
 from pagoda.config import EngineConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
@@ -16,7 +18,9 @@ from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagoda.executor import make_executor
+from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.worker import KVBudget, WorkerConfig
 
 logger = logging.getLogger("pagoda")
 
@@ -33,12 +37,17 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.hf_config)
         max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
-        self.runner = ModelRunner(
+        self.executor = make_executor(WorkerConfig(
             resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,
             block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
-        )
-        self.num_kv_blocks = self._num_kv_blocks(max_batched)
-        self.runner.allocate_kv_cache(self.num_kv_blocks)
+            tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+        ))
+        try:
+            self.num_kv_blocks = self._num_kv_blocks(device, max_batched)
+            self.executor.allocate_kv_cache(self.num_kv_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
@@ -59,19 +68,17 @@ class LLMEngine:
 
     # Set-up ---------------------------------------------------------------------------------
 
-    def _num_kv_blocks(self, max_batched_tokens: int) -> int:
+    def _num_kv_blocks(self, device: torch.device, max_batched_tokens: int) -> int:
         cfg = self.config
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
-        if self.runner.device.type == "cpu":
-            available, knob = cfg.cpu_kv_cache_bytes(), "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB)"
+        budget = KVBudget(cfg.cpu_kv_cache_bytes(), cfg.gpu_memory_utilization, max_batched_tokens, self.max_model_len)
+        num_blocks = self.executor.num_kv_blocks_that_fit(budget)
+        if device.type == "cpu":
+            knob = "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB, per rank)"
         else:
-            available = self.runner.profile_free_gpu_bytes(
-                cfg.gpu_memory_utilization, max_batched_tokens, self.max_model_len
-            )
             knob = "gpu_memory_utilization"
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
-        num_blocks = max(0, available) // self.runner.kv_bytes_per_block()
         if num_blocks < blocks_per_seq:
             raise ValueError(
                 f"the KV cache has room for {num_blocks * cfg.block_size} tokens, fewer than one request of "
@@ -138,6 +145,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def shutdown(self) -> None:
+        """Stop the model's worker processes, if it has any; the engine cannot step after this."""
+        self.executor.shutdown()
+
     # The loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -147,7 +158,7 @@ class LLMEngine:
             return []
         for chunk in scheduler_output.chunks:
             self.outputs.mark_scheduled(chunk.request)
-        runner_output = self.runner.execute(scheduler_output)
+        runner_output = self.executor.execute(scheduler_output)
         self._record_prompt_logprobs(scheduler_output, runner_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
         touched = self._process_new_tokens(updated, runner_output)

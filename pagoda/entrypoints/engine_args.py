@@ -30,6 +30,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="run every step eagerly: no CUDA graphs (faster start-up, slower small-batch decode)",
     )
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class LLM:
         device: str = "auto",
         skip_tokenizer_init: bool = False,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ) -> None:
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
@@ -52,10 +53,15 @@ class LLM:
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             seed=seed, load_format=load_format, device=device, skip_tokenizer_init=skip_tokenizer_init,
-            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now (with several ranks); they also stop when the LLM
+        is garbage-collected or the interpreter exits."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

@@ -1,12 +1,19 @@
-"""Linear layers. Projections that read the same input (q|k|v, gate|up) are merged into one
-matmul; checkpoints store them apart, so the merged layer loads each part into its slice."""
+"""Linear and embedding layers, sharded across the tensor-parallel (TP) group.
+
+Projections that read the same input (q|k|v, gate|up) are merged into one matmul; checkpoints
+store them apart and whole, so every layer loads a full checkpoint tensor and keeps its rank's
+slice. With one rank every layer is a plain matmul or lookup: no copies, no collectives."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.distributed.comm import all_gather_last_dim, all_reduce
+from pagoda.distributed.parallel_state import tp_group
 
 _SKINNY_ROWS = 64
 
@@ -17,6 +24,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.mm(weight, x.t()).t().contiguous()
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def load_param(module: nn.Module, param_name: str, tensor: torch.Tensor, part: str | None = None) -> None:
+    """Copy a whole checkpoint tensor into a module's parameter: sharded layers keep their slice."""
+    loader = getattr(module, "load_weight", None)
+    if loader is not None:
+        loader(param_name, tensor, part)
+    else:
+        _copy(getattr(module, param_name).data, tensor, param_name)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor for {what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
 
 
 class Linear(nn.Module):
@@ -32,33 +54,110 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """y = x @ [W_a; W_b; ...].T with each part loaded by name."""
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, start + size) of a checkpoint tensor that has `full` rows."""
 
-    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False) -> None:
-        super().__init__(input_size, sum(output_sizes.values()), bias)
-        self.output_sizes = dict(output_sizes)
+    start: int
+    size: int
+    full: int
+
+
+def even_shard(full: int) -> Shard:
+    """This TP rank's equal share of `full` rows (the caller checked that they divide)."""
+    group = tp_group()
+    size = full // group.size
+    return Shard(group.rank * size, size, full)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across TP ranks: each rank holds its shard of every named part
+    (q|k|v, gate|up) side by side, so one matmul still serves all parts, and its output is this
+    rank's share of each part, ready for the next layer without communication."""
+
+    def __init__(self, input_size: int, parts: dict[str, Shard], bias: bool = False) -> None:
+        super().__init__(input_size, sum(s.size for s in parts.values()), bias)
+        self.parts = dict(parts)
         self._offsets: dict[str, int] = {}
         offset = 0
-        for name, size in output_sizes.items():
+        for name, shard in parts.items():
             self._offsets[name] = offset
-            offset += size
+            offset += shard.size
 
-    def load_part(self, part: str, param_name: str, tensor: torch.Tensor) -> None:
-        """Copy a checkpoint tensor (`param_name` is "weight" or "bias") into its slice."""
-        param = getattr(self, param_name)
-        start, size = self._offsets[part], self.output_sizes[part]
-        if tensor.shape[0] != size:
+    def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None) -> None:
+        """Copy this rank's rows of a whole checkpoint tensor (`param_name` "weight" or "bias") into its part."""
+        shard = self.parts[part]
+        if tensor.shape[0] != shard.full:
             raise ValueError(
-                f"checkpoint tensor for {part}.{param_name} has {tensor.shape[0]} rows, expected {size}"
+                f"checkpoint tensor for {part}.{param_name} has {tensor.shape[0]} rows, expected {shard.full}"
             )
-        param.data[start : start + size].copy_(tensor)
+        offset = self._offsets[part]
+        getattr(self, param_name).data[offset : offset + shard.size].copy_(tensor.narrow(0, shard.start, shard.size))
 
 
-class Embedding(nn.Module):
+class RowParallelLinear(Linear):
+    """Input features split across TP ranks (they come from a column-parallel layer): each rank's
+    partial product is summed by an all-reduce, and the bias is added once, after it."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        self.tp = tp_group()
+        self.input_shard = Shard(self.tp.rank * (input_size // self.tp.size), input_size // self.tp.size, input_size)
+        super().__init__(self.input_shard.size, output_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return linear(x, self.weight, self.bias)
+        out = all_reduce(linear(x, self.weight), self.tp)
+        return out if self.bias is None else out + self.bias
+
+    def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None = None) -> None:
+        if param_name == "weight":
+            shard = self.input_shard
+            if tensor.dim() != 2 or tensor.shape[1] != shard.full:
+                raise ValueError(
+                    f"checkpoint tensor for weight has shape {tuple(tensor.shape)}, expected {shard.full} columns"
+                )
+            tensor = tensor.narrow(1, shard.start, shard.size)
+        _copy(getattr(self, param_name).data, tensor, param_name)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split across TP ranks, ceil(vocab / tp) each; the last rank's rows beyond
+    the vocabulary are zero padding. A token another rank holds embeds to zero here, and the
+    all-reduce sums each token's one real row."""
+
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+        self.tp = tp_group()
+        self.num_embeddings = num_embeddings
+        per_rank = -(-num_embeddings // self.tp.size)
+        self.start = self.tp.rank * per_rank
+        self.end = min(num_embeddings, self.start + per_rank)
+        self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        out = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill_(outside[:, None], 0), self.tp)
+
+    def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None = None) -> None:
+        if tensor.shape[0] != self.num_embeddings:
+            raise ValueError(
+                f"checkpoint tensor for {param_name} has {tensor.shape[0]} rows, expected {self.num_embeddings}"
+            )
+        rows = self.end - self.start
+        _copy(self.weight.data[:rows], tensor[self.start : self.end], param_name)
+        self.weight.data[rows:].zero_()
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, sharded as the embedding is (and sharing its weight when tied)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits over the whole vocabulary, on every rank of the TP group."""
+        logits = linear(hidden, self.weight)
+        if self.tp.size > 1:
+            logits = all_gather_last_dim(logits, self.tp)[:, : self.num_embeddings]
+        return logits.float()

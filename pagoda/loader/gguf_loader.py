@@ -15,6 +15,8 @@ import gguf
 import torch
 from safetensors.torch import save_file
 
+from pagoda.loader.weights import hf_meta_model
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -117,7 +119,7 @@ def _weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tupl
 
     architecture = _architecture(reader)
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
-    names = get_gguf_hf_weights_map(_meta_model(config), processor, model_type=architecture)
+    names = get_gguf_hf_weights_map(hf_meta_model(config), processor, model_type=architecture)
     return _dequantized(reader, names, processor)
 
 
@@ -136,14 +138,6 @@ def _dequantized(
     if unmapped:
         # e.g. llama 3's rope_freqs, which Hugging Face models compute from the config instead.
         logger.warning("GGUF tensors with no Hugging Face parameter, not loaded: %s", unmapped)
-
-
-def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
-    """The Hugging Face model for `config` without storage: only its parameter names are needed."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def load_gguf_eos_token_ids(path: str | Path) -> set[int]:

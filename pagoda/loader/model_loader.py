@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,11 +18,12 @@ from pagoda.loader.gguf_loader import (
     load_gguf_tokenizer,
 )
 from pagoda.loader.model_resolver import ResolvedModel
-from pagoda.loader.weights import iter_checkpoint_weights
+from pagoda.loader.weights import hf_meta_model, iter_checkpoint_weights
 from pagoda.models import get_model_class
 
 # Dummy weights: small uniform values keep activations finite through any depth.
 _DUMMY_RANGE = 1e-3
+_U64 = 2**64 - 1
 
 
 def load_hf_config(resolved: ResolvedModel) -> Any:
@@ -83,7 +85,7 @@ def build_model(
     with _default_dtype(dtype), device:
         model = model_cls(hf_config, backend, max_position)
     if load_format == "dummy":
-        _init_dummy(model, seed)
+        model.load_weights(_iter_dummy_weights(hf_config, seed, dtype, device))
     else:
         model.load_weights(_iter_weights(resolved, hf_config))
     return model.eval()
@@ -95,9 +97,13 @@ def _iter_weights(resolved: ResolvedModel, hf_config: Any) -> Iterator[tuple[str
     return iter_checkpoint_weights(resolved.model_dir)
 
 
-@torch.no_grad()
-def _init_dummy(model: nn.Module, seed: int) -> None:
-    params = list(model.parameters())
-    generator = torch.Generator(device=params[0].device).manual_seed(seed)
-    for param in params:
-        param.data.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
+def _iter_dummy_weights(
+    hf_config: Any, seed: int, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights as a checkpoint: whole tensors under Hugging Face names, each drawn from a
+    seed of its own name. Every rank of a sharded model loads its slices of the very tensors that
+    one unsharded rank loads, so a random model gives the same tokens at any TP and PP size."""
+    for name, meta in hf_meta_model(hf_config).named_parameters():
+        generator = torch.Generator(device=device).manual_seed(((seed << 32) + zlib.crc32(name.encode())) & _U64)
+        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        yield name, tensor.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)

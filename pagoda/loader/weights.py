@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -44,3 +45,12 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         # weights_only: unpickling a checkpoint must never run code from it.
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
+
+
+def hf_meta_model(config: Any) -> torch.nn.Module:
+    """The Hugging Face model for `config` without storage: its parameter names and shapes are
+    those of a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -9,9 +9,9 @@ import torch
 
 from pagoda.attention import AttentionMetadata, get_attention_backend
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
+from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import ResolvedModel
-from pagoda.models.llama import head_dim_of
 from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs
 
 
@@ -57,14 +57,15 @@ class ModelRunner:
             backend=self.attention_backend, max_position=max_model_len, seed=seed,
         )
         self.sampler = Sampler(seed)
+        # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
+        self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
 
     # KV cache -----------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
-        cfg = self.hf_config
-        per_token = 2 * cfg.num_key_value_heads * head_dim_of(cfg) * self.dtype.itemsize
-        return cfg.num_hidden_layers * self.block_size * per_token
+        num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
+        return num_layers * self.block_size * 2 * num_kv_heads * head_dim * self.dtype.itemsize
 
     def profile_free_gpu_bytes(self, gpu_memory_utilization: float, num_tokens: int, max_model_len: int) -> int:
         """Bytes left for the KV pool: the utilisation target minus weights, the peak activations of
@@ -98,15 +99,14 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         hidden = self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata)
-        self.model.compute_logits(hidden[: min(num_tokens, 256)])
+        if hidden is not None:  # the last pipeline stage
+            self.model.compute_logits(hidden[: min(num_tokens, 256)])
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        cfg = self.hf_config
-        shape = (2, num_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)
-        ]
+        num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
+        shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
 
     # One step ------------------------------------------------------------------------------
 
@@ -117,9 +117,11 @@ class ModelRunner:
         self.attention_backend.prepare(batch.metadata)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
         out = ModelRunnerOutput()
-        if not batch.logits_rows:
+        if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return out
         logits = self.model.compute_logits(hidden[batch.logits_rows])
+        if not self.samples:
+            return out
         sampling = [c for c in chunks if c.samples]
         if sampling:
             self._sample(logits[batch.sample_rows], sampling, out)

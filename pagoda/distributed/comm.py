@@ -1,0 +1,40 @@
+"""What ranks exchange: all-reduce of row-parallel partial sums, all-gather of vocabulary-sharded
+logits, and hidden states from one pipeline stage to the next."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pagoda.distributed.parallel_state import GroupInfo
+
+
+def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
+    """Sum x over the group, in place."""
+    dist.all_reduce(x, group=group.group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
+    """Each rank's x side by side along the last dimension, in rank order."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(group.size)]
+    dist.all_gather(parts, x, group=group.group)
+    return torch.cat(parts, dim=-1)
+
+
+def send_to_next_stage(tensors: tuple[torch.Tensor, ...], stage: GroupInfo) -> None:
+    peer = stage.global_ranks[stage.rank + 1]
+    for t in tensors:
+        dist.send(t.contiguous(), dst=peer)
+
+
+def recv_from_prev_stage(
+    count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, stage: GroupInfo
+) -> tuple[torch.Tensor, ...]:
+    """`count` tensors of one shape, in the order the previous stage sent them."""
+    peer = stage.global_ranks[stage.rank - 1]
+    out = tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(count))
+    for t in out:
+        dist.recv(t, src=peer)
+    return out

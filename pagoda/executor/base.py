@@ -1,0 +1,31 @@
+"""The executor interface: what the engine asks of the ranks that hold the model.
+
+The engine schedules once and hands each step's SchedulerOutput to its executor; the executor
+gets it to every rank (in this process, to worker processes over pipes, or, in a multi-node
+executor, to Ray actors) and returns the output of the rank that samples. Each rank holds its share
+of the KV cache, all with the same number of blocks, so one block table serves every rank."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pagoda.core.scheduler import SchedulerOutput
+from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.worker import KVBudget
+
+
+class Executor(ABC):
+    @abstractmethod
+    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
+        """The most KV blocks every rank has room for (the fewest over the ranks)."""
+
+    @abstractmethod
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Give every rank a KV cache of `num_blocks` blocks."""
+
+    @abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every rank; the sampled tokens."""
+
+    def shutdown(self) -> None:
+        """Release the ranks; safe to call more than once."""

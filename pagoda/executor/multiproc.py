@@ -1,0 +1,124 @@
+"""One worker process per rank on this host, spawned, each on its own pipe.
+
+A call is pickled once and written to every pipe; every rank answers, and the answer of the rank
+that samples is the result. A rank that fails, or dies, fails the call: the other ranks may be
+stuck in a collective waiting for it, so every worker is stopped and the executor is done."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import shutil
+import tempfile
+import weakref
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from pagoda.core.scheduler import SchedulerOutput
+from pagoda.executor.base import Executor
+from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.worker import KVBudget, WorkerConfig, run_worker
+
+_SHUTDOWN_GRACE_S = 5.0
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: WorkerConfig) -> None:
+        if multiprocessing.current_process().daemon:
+            raise RuntimeError(
+                f"{config.world_size} ranks need worker processes, and this process is a daemon, which "
+                "Python does not let start processes: run the engine in a non-daemon process"
+            )
+        self._store = tempfile.mkdtemp(prefix="pagoda-dist-")
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
+        # Stops the workers when this executor is shut down, collected, or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store)
+        # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
+        self._sampling_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
+        init_method = (Path(self._store) / "store").as_uri()
+        for rank in range(config.world_size):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=run_worker, args=(config, rank, init_method, child_end),
+                name=f"pagoda-worker-{rank}", daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._procs.append(process)
+            self._conns.append(parent_end)
+        self._collect()  # every rank has built its shard, or the first failure raises
+
+    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
+        return min(self._call("num_kv_blocks_that_fit", budget))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._call("allocate_kv_cache", num_blocks)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._call("execute", scheduler_output)[self._sampling_rank]
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        if not self._finalizer.alive:
+            raise RuntimeError("the executor's worker processes have stopped (shut down, or a rank failed)")
+        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        for conn in self._conns:
+            conn.send_bytes(message)
+        return self._collect()
+
+    def _collect(self) -> list[Any]:
+        """Every rank's answer, in rank order; the first failure stops all workers and raises."""
+        results: list[Any] = [None] * len(self._conns)
+        pending = set(range(len(self._conns)))
+        while pending:
+            wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending])
+            for rank in sorted(pending):
+                if self._conns[rank].poll():
+                    results[rank] = self._receive(rank)
+                    pending.discard(rank)
+                elif not self._procs[rank].is_alive():
+                    self._fail(f"worker rank {rank} died (exit code {self._procs[rank].exitcode})")
+        return results
+
+    def _receive(self, rank: int) -> Any:
+        try:
+            status, value = self._conns[rank].recv()
+        except EOFError:
+            self._procs[rank].join(_SHUTDOWN_GRACE_S)
+            self._fail(f"worker rank {rank} died (exit code {self._procs[rank].exitcode})")
+        if status == "error":
+            self._fail(f"worker rank {rank} failed:\n{value}")
+        return value
+
+    def _fail(self, message: str) -> None:
+        self._finalizer.detach()
+        _stop_workers(self._procs, self._conns, self._store, grace_s=0.0)
+        raise RuntimeError(message)
+
+
+def _stop_workers(
+    procs: list[BaseProcess], conns: list[Connection], store: str, grace_s: float = _SHUTDOWN_GRACE_S
+) -> None:
+    """Ask each worker to stop, then terminate (and at last kill) those still running."""
+    for conn in conns:
+        try:
+            conn.send(("shutdown", ()))
+        except OSError:  # its end is already closed
+            pass
+    for process in procs:
+        process.join(grace_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(grace_s or 1.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()
+    shutil.rmtree(store, ignore_errors=True)

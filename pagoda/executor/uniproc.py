@@ -1,0 +1,22 @@
+"""One rank, in the engine's own process: no pipes, no process group."""
+
+from __future__ import annotations
+
+from pagoda.core.scheduler import SchedulerOutput
+from pagoda.executor.base import Executor
+from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.worker import KVBudget, Worker, WorkerConfig
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, config: WorkerConfig) -> None:
+        self.worker = Worker(config)
+
+    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
+        return self.worker.num_kv_blocks_that_fit(budget)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.worker.allocate_kv_cache(num_blocks)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.runner.execute(scheduler_output)

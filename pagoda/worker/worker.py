@@ -1,0 +1,124 @@
+"""One rank of the model: its ModelRunner (its shard of the weights and of the KV cache), and the
+loop a worker process runs, taking calls from the engine over a pipe.
+
+The engine process never holds a shard when there are several ranks: every rank is a worker
+process of its own, so all ranks are alike and the engine only schedules."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from pagoda.core.scheduler import SchedulerOutput
+from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
+from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+
+@dataclass
+class WorkerConfig:
+    """What every rank needs to build its share of the model."""
+
+    resolved: ResolvedModel
+    hf_config: Any
+    load_format: str
+    dtype: torch.dtype
+    device: torch.device  # rank r of several runs on cuda:r when this is a CUDA device
+    block_size: int
+    max_model_len: int
+    seed: int
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def rank_device(self, rank: int) -> torch.device:
+        return torch.device("cuda", rank) if self.device.type == "cuda" and self.world_size > 1 else self.device
+
+
+@dataclass
+class KVBudget:
+    """What bounds the KV pool: a stated budget on the CPU, on a GPU a share of its memory less the
+    weights and the activations of the largest step."""
+
+    cpu_bytes: int
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, rank: int = 0) -> None:
+        self.runner = ModelRunner(
+            config.resolved, config.hf_config, load_format=config.load_format, dtype=config.dtype,
+            device=config.rank_device(rank), block_size=config.block_size, max_model_len=config.max_model_len,
+            seed=config.seed,
+        )
+
+    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
+        """How many KV blocks of this rank's share fit its memory."""
+        runner = self.runner
+        if runner.device.type == "cpu":
+            available = budget.cpu_bytes
+        else:
+            available = runner.profile_free_gpu_bytes(
+                budget.gpu_memory_utilization, budget.max_num_batched_tokens, budget.max_model_len
+            )
+        return max(0, available) // runner.kv_bytes_per_block()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """The step's sampled tokens from the rank that samples; None from the others."""
+        out = self.runner.execute(scheduler_output)
+        return out if self.runner.samples else None
+
+
+def run_worker(config: WorkerConfig, rank: int, init_method: str, conn: Connection) -> None:
+    """A worker process's main: join the group, build this rank's shard, then serve calls
+    (method name, args) until told to stop or the engine's end of the pipe closes."""
+    try:
+        _set_up_process(config, rank, init_method)
+        worker = Worker(config, rank)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    try:
+        _serve(worker, conn)
+    finally:
+        destroy_parallel()
+
+
+def _set_up_process(config: WorkerConfig, rank: int, init_method: str) -> None:
+    device = config.rank_device(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # The ranks share the host's cores: one thread pool each would oversubscribe them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    init_parallel(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, backend)
+
+
+def _serve(worker: Worker, conn: Connection) -> None:
+    try:
+        while True:
+            method, args = conn.recv()
+            if method == "shutdown":
+                return
+            try:
+                reply = ("ok", getattr(worker, method)(*args))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+            conn.send(reply)
+    except (EOFError, BrokenPipeError):  # the engine is gone: nobody will call again
+        return

@@ -98,7 +98,9 @@ def paged_attention(
     grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    tile_n = tile_n or max(block_size, 64 if block_d <= 128 else 32)
+    # Measured on an H100 (scripts/bench_attention.py): 64-key tiles for decodes, whose programs
+    # only stream K/V; 32 for prefill tiles, whose 64 query rows make larger tiles spill.
+    tile_n = tile_n or max(block_size, 64 if max_query_len == 1 and block_d <= 128 else 32)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
         metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,

@@ -45,6 +45,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
@@ -54,6 +55,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             seed=seed, load_format=load_format, device=device, skip_tokenizer_init=skip_tokenizer_init,
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()

@@ -217,7 +217,9 @@ def _output(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[Samplin
     if k is None:
         # Only the chosen tokens' logprobs: no need to materialise a [batch, vocab] log-softmax.
         chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        return SamplerOutput(tokens.tolist(), chosen.tolist(), [None] * len(params))
+        # One device-to-host read for both (float64 holds every token id exactly).
+        token_ids, logprobs = torch.stack([tokens.double(), chosen.double()]).tolist()
+        return SamplerOutput([int(t) for t in token_ids], logprobs, [None] * len(params))
     tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1), tokens, k)
     return SamplerOutput(
         token_ids=[top.token_ids[0] for top in tops],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,9 @@ from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs
+from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
+
+logger = logging.getLogger("pagoda")
 
 
 @dataclass
@@ -26,9 +31,14 @@ class ModelRunnerOutput:
 
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
+    """One step's inputs, on the host: the eager path and the CUDA-graph path copy them differently."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
     logits_rows: list[int]  # rows of the hidden states whose logits are needed
     sample_rows: list[int]  # indices into logits_rows that sample
     prompt_rows: dict[str, tuple[int, int]]  # request id -> (first, count) in logits_rows
@@ -46,15 +56,27 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         seed: int,
+        enforce_eager: bool = False,
+        max_num_seqs: int = 256,
     ) -> None:
         self.device = device
+        self.max_model_len = max_model_len
+        self.use_cuda_graphs = device.type == "cuda" and not enforce_eager and pp_group().size == 1
+        self.max_num_seqs = max_num_seqs
+        self.decode_graphs: DecodeGraphs | None = None
         self.dtype = dtype
         self.block_size = block_size
         self.hf_config = hf_config
         self.attention_backend = get_attention_backend(device, block_size)
+        started = time.perf_counter()
         self.model = build_model(
             resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
             backend=self.attention_backend, max_position=max_model_len, seed=seed,
+        )
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, load_format,
+            weight_bytes / 2**30,
         )
         self.sampler = Sampler(seed)
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
@@ -70,6 +92,7 @@ class ModelRunner:
     def profile_free_gpu_bytes(self, gpu_memory_utilization: float, num_tokens: int, max_model_len: int) -> int:
         """Bytes left for the KV pool: the utilisation target minus weights, the peak activations of
         a forward pass over `num_tokens` tokens, and what other libraries hold on the device."""
+        started = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_run(num_tokens, max_model_len)
@@ -77,6 +100,10 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        logger.info(
+            "profiling pass over %d tokens in %.1f s: peak %.2f GiB with the weights, %.2f GiB outside torch",
+            num_tokens, time.perf_counter() - started, peak / 2**30, outside_torch / 2**30,
+        )
         return int(total * gpu_memory_utilization - peak - outside_torch)
 
     @torch.inference_mode()
@@ -93,7 +120,7 @@ class ModelRunner:
             tables.append(table)
             slots.extend(table[p // bs] * bs + p % bs for p in range(n))
             positions.extend(range(n))
-        self.allocate_kv_cache(first_block)
+        self.kv_caches = self._kv_tensors(first_block)
         metadata = self._build_metadata(slots, seq_lens, seq_lens, tables)
         self.attention_backend.prepare(metadata)
         dev = self.device
@@ -104,9 +131,28 @@ class ModelRunner:
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV pool, then (on CUDA, unless eager) the decode graphs that read it."""
+        # Graphs pad batches with rows that write into one extra block, past the pool's.
+        started = time.perf_counter()
+        self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)
+        logger.info("KV pool of %d blocks allocated in %.1f s", num_blocks, time.perf_counter() - started)
+        if self.use_cuda_graphs:
+            self.decode_graphs = DecodeGraphs(
+                lambda ids, pos, metadata: self.model(ids, pos, self.kv_caches, metadata),
+                self.attention_backend,
+                sizes=capture_sizes(self.max_num_seqs),
+                block_size=self.block_size,
+                max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                scratch_block=num_blocks,
+                device=self.device,
+            )
+            with torch.inference_mode():
+                self.decode_graphs.capture()
+
+    def _kv_tensors(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
         shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
 
     # One step ------------------------------------------------------------------------------
 
@@ -114,12 +160,11 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
-        self.attention_backend.prepare(batch.metadata)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+        hidden = self._forward(batch)
         out = ModelRunnerOutput()
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return out
-        logits = self.model.compute_logits(hidden[batch.logits_rows])
+        logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
         if not self.samples:
             return out
         sampling = [c for c in chunks if c.samples]
@@ -130,6 +175,20 @@ class ModelRunner:
                 scored = self._prompt_logprobs(logits, chunk, batch)
                 out.prompt_logprobs[chunk.request.request_id] = (chunk.start + 1, scored)
         return out
+
+    def _forward(self, batch: _Batch) -> torch.Tensor | None:
+        graphs = self.decode_graphs
+        if graphs is not None and len(batch.input_ids) == len(batch.query_lens) <= graphs.max_batch:
+            return graphs.run(
+                torch.tensor(batch.input_ids), torch.tensor(batch.positions), torch.tensor(batch.slots),
+                torch.tensor(batch.seq_lens, dtype=torch.int32), _padded_tables(batch.block_tables, "cpu"),
+            )
+        metadata = self._build_metadata(batch.slots, batch.query_lens, batch.seq_lens, batch.block_tables)
+        self.attention_backend.prepare(metadata)
+        dev = self.device
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(batch.positions, dtype=torch.int64, device=dev)
+        return self.model(input_ids, positions, self.kv_caches, metadata)
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], out: ModelRunnerOutput) -> None:
         requests = [c.request for c in chunks]
@@ -175,12 +234,13 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(starts[-1] + n - 1)
-        metadata = self._build_metadata(slots, query_lens, seq_lens, [c.block_ids for c in chunks])
-        dev = self.device
         return _Batch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            metadata=metadata,
+            input_ids=input_ids,
+            positions=positions,
+            slots=slots,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=[c.block_ids for c in chunks],
             logits_rows=logits_rows,
             sample_rows=sample_rows,
             prompt_rows=prompt_rows,
@@ -192,13 +252,12 @@ class ModelRunner:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        width = max(len(t) for t in tables)
         dev = self.device
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            block_tables=_padded_tables(tables, dev),
             block_size=self.block_size,
             query_starts_cpu=starts[:-1],
             query_lens_cpu=query_lens,
@@ -213,3 +272,16 @@ def _num_prompt_positions_scored(chunk: ScheduledChunk) -> int:
         return 0
     end = min(chunk.start + chunk.num_tokens, req.num_prompt_tokens - 1)
     return max(0, end - chunk.start)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """Block tables as one [num_reqs, longest] int32 tensor, short rows padded with block 0."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+
+
+def _rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] for increasing rows; a view when they are consecutive (every decode step)."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return hidden[rows[0] : rows[-1] + 1]
+    return hidden[torch.tensor(rows, device=hidden.device)]

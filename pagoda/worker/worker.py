@@ -32,6 +32,8 @@ class WorkerConfig:
     block_size: int
     max_model_len: int
     seed: int
+    enforce_eager: bool = False
+    max_num_seqs: int = 256
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
 
@@ -59,7 +61,7 @@ class Worker:
         self.runner = ModelRunner(
             config.resolved, config.hf_config, load_format=config.load_format, dtype=config.dtype,
             device=config.rank_device(rank), block_size=config.block_size, max_model_len=config.max_model_len,
-            seed=config.seed,
+            seed=config.seed, enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
         )
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:

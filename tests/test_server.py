@@ -3,8 +3,10 @@ tokenizer, driven by the official openai client and raw httpx."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import re
 import os
 import signal
 import socket
@@ -16,12 +18,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pagoda.engine import serial
 from pagoda.entrypoints.cli import build_parser
-from pagoda.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagoda.engine.output_processor import CoreOutput, OutputProcessor, fan_out
+from pagoda.sample.sampler import TopLogprobs
+from pagoda.sampling_params import SamplingParams
 from tests.tiny_models import save_tiny_model
 
 API_KEY = "test-key"
@@ -96,8 +101,9 @@ def server(tmp_path_factory):
     vocab_size = _save_tokenizer(directory / "llama3")
     path = save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN)
     args = [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
-    with _serving(args, directory / "server.log", {"PAGODA_API_KEY": API_KEY}) as served:
-        yield served
+    env = {"PAGODA_API_KEY": API_KEY, "PAGODA_LOG_STATS_INTERVAL": "1"}
+    with _serving(args, directory / "server.log", env) as (proc, base):
+        yield proc, base, directory / "server.log"
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +123,18 @@ def http(base):
 
 
 def _metrics(http: httpx.Client) -> dict[str, float]:
+    """Every pagoda: sample, keyed by its name and its labels other than model_name."""
     values = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith("pagoda:"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            assert sample.labels.pop("model_name") == MODEL
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
+
+
+def _finished(m: dict[str, float], reason: str) -> float:
+    return m[f"pagoda:request_success_total{{finished_reason={reason}}}"]
 
 
 def _wait_idle(http: httpx.Client, timeout: float = 10.0) -> dict[str, float]:
@@ -142,19 +154,43 @@ GREEDY = dict(temperature=0.0, max_tokens=12)
 # The engine core's messages ----------------------------------------------------------------------
 
 
-def test_output_deltas_rebuild_whole_outputs():
-    def step(text, delta, ids, finished):
-        positions = [{t: Logprob(-0.5 * t, 1, chr(64 + t))} for t in ids]
-        completion = CompletionOutput(0, text, ids, -1.0 * len(ids), positions, "stop" if finished else None,
-                                      "x" if finished else None, text_delta=delta)
-        return RequestOutput("r", "p", [5, 6], [None, {6: Logprob(-1.0, 2, "F")}], [completion], finished,
-                             RequestMetrics(1.0, 2.0, 3.0, 4.0 if finished else None), num_cached_tokens=16)
+def test_core_outputs_cross_the_process_boundary_intact():
+    top = TopLogprobs([7, 3], [-0.5, -0.25], [2, 1])
+    outputs = [
+        CoreOutput("r", [7], [top], (1, [top, top]), None, None, 16, 123.5),
+        CoreOutput("0_s", [], None, None, "stop", 2, 0, None),
+    ]
+    assert serial.decode_outputs(serial.unpack(serial.pack(serial.encode_outputs(outputs)))) == outputs
 
-    steps = [step("A", "A", [1], False), step("AB", "B", [1, 2], False), step("ABC", "C", [1, 2, 3], True)]
-    encoder, decoder = serial.OutputEncoder(), serial.OutputDecoder()
-    decoded = [decoder.decode(serial.unpack(serial.pack(encoder.encode(o)))) for o in steps]
-    assert decoded == steps  # later steps leave the earlier snapshots as they were
-    assert encoder.encode(step("A", "A", [1], False))[1] is not None  # a finished id starts afresh
+
+def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
+    """What the server process does with the core's token ids: text, and a stop string that ends
+    one child of an n=2 request here (the core is told to stop it) while the other goes on."""
+    _save_tokenizer(tmp_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    processor = OutputProcessor(tokenizer)
+    children = fan_out("r", SamplingParams(n=2, stop=["lo"], max_tokens=10))
+    processor.add("r", "say", tokenizer.encode("say"), children)
+    (a, _), (b, _) = children
+
+    def step(char_a: str, char_b: str, finish_b: str | None = None):
+        outputs, stopped = processor.process([
+            CoreOutput(a, tokenizer.encode(char_a)), CoreOutput(b, tokenizer.encode(char_b), finish_reason=finish_b),
+        ])
+        return outputs[0], stopped
+
+    out, stopped = step("h", "y")
+    assert [c.text for c in out.outputs] == ["h", "y"] and not stopped
+    out, stopped = step("l", "l")  # "l" could begin "lo": held back from the deltas
+    assert [c.text_delta for c in out.outputs] == ["", ""]
+    out, stopped = step("o", "a")
+    assert stopped == [a] and not out.finished
+    assert (out.outputs[0].text, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("h", "stop", "lo")
+    assert out.outputs[1].text_delta == "la"
+    # The core goes on with the stopped child until it hears of it: that output is dropped.
+    out, stopped = step("x", "!", finish_b="length")
+    assert out.finished and [c.text for c in out.outputs] == ["h", "yla!"] and not stopped
+    assert [c.finish_reason for c in out.outputs] == ["stop", "length"] and not processor.parents
 
 
 # Plain endpoints ---------------------------------------------------------------------------------
@@ -252,6 +288,78 @@ def test_seed_reproducible(client):
         ).choices[0].text
 
     assert sample(5) == sample(5)
+
+
+# Metrics, logs, load --------------------------------------------------------------------------
+
+
+VOCAB_SIZE = len(SPECIALS) + 256
+
+
+def test_request_metrics_move_with_requests(client, http):
+    before = _wait_idle(http)
+    prompt_tokens = 0
+    for i in range(3):
+        out = client.completions.create(
+            model=MODEL, prompt=f"metrics {i}", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+        )
+        prompt_tokens += out.usage.prompt_tokens
+    # Every token is a stop token: one token, finished by "stop".
+    stopped = client.completions.create(
+        model=MODEL, prompt="m", max_tokens=5, extra_body={"stop_token_ids": list(range(VOCAB_SIZE))}
+    )
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    after = _wait_idle(http)
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("pagoda:prompt_tokens_total") == prompt_tokens + 1
+    assert delta("pagoda:generation_tokens_total") == 3 * 5 + 1
+    assert _finished(after, "length") - _finished(before, "length") == 3
+    assert _finished(after, "stop") - _finished(before, "stop") == 1
+    for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds"):
+        assert delta(f"pagoda:{name}_count") == 4, name
+    assert delta("pagoda:time_per_output_token_seconds_count") == 3  # the 1-token request has none
+    assert delta("pagoda:e2e_request_latency_seconds_sum") > delta("pagoda:time_to_first_token_seconds_sum") > 0
+    assert delta("pagoda:time_to_first_token_seconds_sum") > delta("pagoda:request_queue_time_seconds_sum") >= 0
+    assert delta("pagoda:time_per_output_token_seconds_sum") > 0
+    assert delta('pagoda:e2e_request_latency_seconds_bucket{le=+Inf}') == 4
+
+
+def test_request_and_stats_log_lines(client, server):
+    log = server[2]
+    client.completions.create(model=MODEL, prompt="logged", max_tokens=40, temperature=0.5, seed=7,
+                              extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 5  # the stats line comes every second here (every 10 s by default)
+    while "Avg generation throughput" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert re.search(r"Received request cmpl-\w+-0: 6 prompt tokens, params: .*temperature=0.5.*seed=7", text)
+    line = next(line for line in text.splitlines() if "Avg generation throughput" in line)
+    assert re.search(r"Running: \d+ reqs, Waiting: \d+ reqs, KV cache usage: [\d.]+%, Prefix cache hit rate: "
+                     r"[\d.]+%", line)
+
+
+def test_64_concurrent_streams_equal_whole_greedy_texts(base):
+    async def run() -> None:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=120.0, max_retries=0) as c:
+            prompts = [f"client {i}: " + "abcdefgh"[: i % 8] for i in range(64)]
+
+            async def whole(prompt: str) -> str:
+                return (await c.completions.create(model=MODEL, prompt=prompt, **GREEDY)).choices[0].text
+
+            async def streamed(prompt: str) -> tuple[str, str | None]:
+                chunks = [chunk async for chunk in await c.completions.create(
+                    model=MODEL, prompt=prompt, stream=True, **GREEDY)]
+                return "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+
+            expected = await asyncio.gather(*map(whole, prompts))
+            got = await asyncio.gather(*map(streamed, prompts))
+            assert [text for text, _ in got] == expected
+            assert all(finish in ("stop", "length") for _, finish in got)
+
+    asyncio.run(run())
 
 
 # Chat -------------------------------------------------------------------------------------------
@@ -369,25 +477,38 @@ LONG = {"prompt": "long", "n": 8, "max_tokens": 1000, "ignore_eos": True, "tempe
 
 
 def test_disconnect_mid_stream_frees_everything(base, http):
-    finished_before = _metrics(http)["pagoda:request_success_total"]
+    before = _metrics(http)
     with httpx.Client(base_url=base, headers=http.headers, timeout=30.0) as c:
         with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             running = _metrics(http)
             assert running["pagoda:num_requests_running"] == 8 and running["pagoda:kv_cache_usage_perc"] > 0
-    assert _wait_idle(http)["pagoda:request_success_total"] == finished_before  # aborted, not finished
+    after = _wait_idle(http)
+    assert _finished(after, "abort") == _finished(before, "abort") + 8  # aborted, not finished
+    assert _finished(after, "length") == _finished(before, "length")
 
 
-def test_disconnect_while_waiting_for_whole_response_frees_everything(base, http):
-    finished_before = _metrics(http)["pagoda:request_success_total"]
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{base}/v1/completions", json=LONG, headers=http.headers, timeout=0.5)
-    assert _wait_idle(http)["pagoda:request_success_total"] == finished_before
+def test_disconnect_before_a_whole_response_frees_everything(base, http):
+    """A client that leaves a non-streaming request before its first byte aborts it."""
+    before = _metrics(http)
+    body = json.dumps({**LONG, "model": MODEL}).encode()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        deadline = time.monotonic() + 10
+        while _metrics(http)["pagoda:num_requests_running"] < 8:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.02)
+    after = _wait_idle(http)
+    assert _finished(after, "abort") == _finished(before, "abort") + 8
+    assert _finished(after, "length") == _finished(before, "length")
 
 
 def test_sigterm_aborts_and_exits_zero(server, base, http):
-    proc, _ = server
+    proc = server[0]
     with httpx.Client(base_url=base, headers=http.headers, timeout=30.0) as c:
         with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
             lines = response.iter_lines()

@@ -56,6 +56,7 @@ class Request:
         self.max_tokens = room if requested is None else min(requested, room)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.first_scheduled_time: float | None = None  # time.time() when first admitted to the batch
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
 

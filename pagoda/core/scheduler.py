@@ -7,6 +7,7 @@ freed and it is recomputed later from its prompt and the tokens it already gener
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -146,8 +147,9 @@ class Scheduler:
 
     def _admit(self, req: Request, num_cached: int) -> None:
         self.waiting.popleft()
-        if req.status == RequestStatus.WAITING:  # a preempted request keeps its first figure
+        if req.status == RequestStatus.WAITING:  # a preempted request keeps its first figures
             req.num_cached_tokens = num_cached
+            req.first_scheduled_time = time.time()
         req.num_computed_tokens = num_cached
         req.status = RequestStatus.RUNNING
         self.running.append(req)

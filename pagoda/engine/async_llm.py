@@ -1,9 +1,10 @@
 """AsyncLLM: the engine core in its own process (core_proc.py), its outputs delivered to asyncio.
 
 The event loop never blocks on the engine: its commands (add, abort) go into a thread-safe queue
-that a sender thread forwards over ZeroMQ, and a receiver thread hands each request's outputs to
-that request's asyncio.Queue. Model execution runs in the core process, so it never holds this
-process's GIL. Tokenization stays here, in the front end."""
+that a sender thread forwards over ZeroMQ, and a receiver thread turns the core's token ids into
+RequestOutputs (the OutputProcessor: detokenization, stop strings, n>1 gathering; it alone
+touches the processor) and hands each to its request's asyncio.Queue. Model execution runs in the
+core process, so it never holds this process's GIL. Tokenization stays here, in the front end."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import multiprocessing
 import queue
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine import serial
 from pagoda.engine.core_proc import run_engine_core
+from pagoda.engine.output_processor import EngineRequest, OutputProcessor, fan_out
 from pagoda.loader.model_loader import load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.outputs import RequestOutput
@@ -41,11 +44,33 @@ class RequestAborted(Exception):
 
 @dataclass
 class EngineCounters:
-    """Totals since start, for /metrics."""
+    """Totals since start, for /metrics and the stats log line."""
 
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    finished_requests: int = 0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    engine_request_ids: list[str]
+
+
+@dataclass
+class _Pending:
+    """A request sent to the core, registered with the OutputProcessor once the core accepts it."""
+
+    accepted: concurrent.futures.Future
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[EngineRequest]
+    arrival_time: float
+
+
+# Called in the receiver thread with the final output of each request that ends (finished or
+# aborted): the server's metrics.
+FinishedListener = Callable[[RequestOutput], None]
 
 
 class AsyncLLM:
@@ -68,10 +93,11 @@ class AsyncLLM:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
         self.stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
         self.counters = EngineCounters()
+        self.finished_listeners: list[FinishedListener] = []
+        self._processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._decoder = serial.OutputDecoder()  # used by the receiver thread only
+        self._streams: dict[str, _Stream] = {}
+        self._pending: dict[str, _Pending] = {}
         self._sender = threading.Thread(target=self._send_loop, name="pagoda-engine-send", daemon=True)
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)
         self._sender.start()
@@ -99,39 +125,48 @@ class AsyncLLM:
         """Queue a request; once the engine accepts it, returns its outputs step by step (the last
         one finished). Raises the engine's ValueError for a request it refuses. Leaving the
         iteration early (a client gone) aborts the request; so must a caller that never starts it."""
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        children = fan_out(request_id, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
+        self._streams[request_id] = stream
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending[request_id] = accepted
-        self._commands.put(["add", request_id, list(prompt_token_ids), serial.encode_params(params), prompt])
+        self._pending[request_id] = _Pending(accepted, prompt, list(prompt_token_ids), children, time.time())
+        encoded = [[child_id, serial.encode_params(p)] for child_id, p in children]
+        self._commands.put(["add", request_id, list(prompt_token_ids), encoded])
         try:
             await asyncio.wrap_future(accepted)
         except BaseException:
             self._streams.pop(request_id, None)
             self._pending.pop(request_id, None)
-            self.abort([request_id])  # in case it was cancelled after the engine took it
+            self._commands.put(["abort", stream.engine_request_ids])  # in case the engine took it
             raise
-        return self._outputs(request_id, outputs)
+        return self._outputs(stream)
 
-    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                item = await outputs.get()
+                item = await stream.outputs.get()
                 if isinstance(item, Exception):
                     finished = True
                     raise item
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
-                self.abort([request_id])
+                self._commands.put(["abort", stream.engine_request_ids])
 
     def abort(self, request_ids: list[str] | None = None) -> None:
         """Abort these requests (None: all of them) and free their KV blocks; thread-safe and
-        safe in a signal handler."""
-        self._commands.put(["abort", request_ids])
+        safe in a signal handler. Requests already ended are ignored."""
+        if request_ids is None:
+            self._commands.put(["abort", None])
+            return
+        streams = [self._streams.get(request_id) for request_id in request_ids]
+        engine_ids = [i for stream in streams if stream is not None for i in stream.engine_request_ids]
+        if engine_ids:
+            self._commands.put(["abort", engine_ids])
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.abort()
@@ -163,37 +198,60 @@ class AsyncLLM:
             logger.error("the engine core process exited with %s", self._process.exitcode)
         error = RequestAborted("the engine core process has exited")
         for request_id in list(self._streams):
-            self._deliver(request_id, error)
-        for future in list(self._pending.values()):
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
+            self._deliver(request_id, error, final=True)
+        for pending in list(self._pending.values()):
+            if pending.accepted.set_running_or_notify_cancel():
+                pending.accepted.set_exception(error)
 
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         if kind in ("accepted", "refused"):
-            future = self._pending.pop(message[1], None)
-            if future is not None and future.set_running_or_notify_cancel():
-                if kind == "accepted":
-                    future.set_result(None)
-                else:
-                    future.set_exception(ValueError(message[2]))
+            self._answer(message)
             return
-        *_, stats, counters = message
-        self.stats, self.counters = serial.decode_stats(stats), EngineCounters(*counters)
+        self.stats = serial.decode_stats(message[2])
         if kind == "aborted":
-            self._decoder.forget(message[1])
-            for request_id in message[1]:
-                self._deliver(request_id, RequestAborted(f"request {request_id} was aborted"))
-        else:
-            for fields in message[1]:
-                output = self._decoder.decode(fields)
+            for output in self._processor.abort(message[1]):
+                self._finish(output, RequestAborted(f"request {output.request_id} was aborted"))
+            return
+        core_outputs = serial.decode_outputs(message[1])
+        self.counters.generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+        outputs, stopped = self._processor.process(core_outputs)
+        if stopped:  # a stop string ended them here: the core must stop them too
+            self._commands.put(["abort", stopped])
+        for output in outputs:
+            if output.finished:
+                self._finish(output, output)
+            else:
                 self._deliver(output.request_id, output)
 
-    def _deliver(self, request_id: str, item: Any) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
+    def _answer(self, message: list[Any]) -> None:
+        kind, request_id = message[0], message[1]
+        pending = self._pending.pop(request_id, None)
+        if pending is None or not pending.accepted.set_running_or_notify_cancel():
+            return  # the caller has gone: it aborts the request itself
+        if kind == "refused":
+            pending.accepted.set_exception(ValueError(message[2]))
+            return
+        self._processor.add(
+            request_id, pending.prompt, pending.prompt_token_ids, pending.children, pending.arrival_time
+        )
+        self.counters.prompt_tokens += len(pending.prompt_token_ids)
+        pending.accepted.set_result(None)
+
+    def _finish(self, output: RequestOutput, item: Any) -> None:
+        for listener in self.finished_listeners:
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
+                listener(output)
+            except Exception:  # metrics must never stop the delivery of outputs
+                logger.exception("a finished-request listener failed")
+        self._deliver(output.request_id, item, final=True)
+
+    def _deliver(self, request_id: str, item: Any, final: bool = False) -> None:
+        # The last item ends the stream here, not in its consumer: a stream nobody iterates (its
+        # handler failed first) must not stay behind.
+        stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 pass

@@ -1,11 +1,14 @@
 """The engine core process: an LLMEngine step loop fed over ZeroMQ, so that model execution never
-competes with the HTTP server for the GIL.
+competes with the HTTP server for the GIL. It knows engine requests only (n=1 each) and sends
+token ids, never text: the front end's OutputProcessor detokenizes, checks stop strings and gathers
+n>1 requests (it aborts a request a stop string ended).
 
-Messages (msgpack, see serial.py), front end -> core: ["add", id, token_ids, params, prompt],
-["abort", ids or None], ["stop"]. Core -> front end: ["ready", max_model_len, vocab_size,
-model_name], ["accepted", id], ["refused", id, message], ["aborted", ids], ["outputs", [output...],
-stats, counters]. The core blocks on its input while it has no work, and exits when told to stop
-or when its parent process is gone."""
+Messages (msgpack, see serial.py), front end -> core: ["add", user request id, token_ids,
+[[engine request id, params], ...]], ["abort", engine request ids or None], ["stop"]. Core ->
+front end: ["ready", max_model_len, vocab_size, model_name], ["accepted", id], ["refused", id,
+message], ["aborted", engine request ids, stats], ["outputs", [core output...], stats]. The core
+blocks on its input while it has no work, and exits when told to stop or when its parent process
+is gone."""
 
 from __future__ import annotations
 
@@ -57,10 +60,6 @@ class _Core:
         self.inputs = inputs
         self.outputs = outputs
         self.parent = parent
-        self.encoder = serial.OutputEncoder()
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished_requests = 0
 
     def run(self) -> None:
         while os.getppid() == self.parent:  # orphaned: nobody will ever read an output
@@ -87,37 +86,29 @@ class _Core:
 
     def _apply(self, message: list[Any]) -> None:
         if message[0] == "abort":
-            ids = list(self.engine.outputs.parents) if message[1] is None else message[1]
-            self.engine.abort_request(ids)
-            self.encoder.forget(ids)
-            self._send(["aborted", ids, *self._stats()])
+            self._abort(message[1])
             return
-        _, request_id, token_ids, params, prompt = message
+        _, request_id, token_ids, children = message
         try:
-            self.engine.add_request(request_id, token_ids, serial.decode_params(params), prompt)
+            self.engine.add_core_requests(token_ids, [(cid, serial.decode_params(p)) for cid, p in children])
         except ValueError as error:  # the front end reports it; the engine is unchanged
             self._send(["refused", request_id, str(error)])
             return
-        self.prompt_tokens += len(token_ids)
         self._send(["accepted", request_id])
+
+    def _abort(self, request_ids: list[str] | None) -> None:
+        aborted = self.engine.abort_core_requests(request_ids)
+        self._send(["aborted", aborted, serial.encode_stats(self.engine.scheduler.stats())])
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step_core()
         except Exception:
             # The batch's state is unknown after a failed step: end every request.
             logger.exception("engine step failed; aborting all requests")
-            self._apply(["abort", None])
+            self._abort(None)
             return
-        for output in outputs:
-            if output.finished:
-                self.finished_requests += 1
-                self.generation_tokens += sum(len(c.token_ids) for c in output.outputs)
-        self._send(["outputs", [self.encoder.encode(o) for o in outputs], *self._stats()])
-
-    def _stats(self) -> list[Any]:
-        counters = [self.prompt_tokens, self.generation_tokens, self.finished_requests]
-        return [serial.encode_stats(self.engine.scheduler.stats()), counters]
+        self._send(["outputs", serial.encode_outputs(outputs), serial.encode_stats(self.engine.scheduler.stats())])
 
     def _send(self, message: list[Any]) -> None:
         self.outputs.send(serial.pack(message))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import atexit
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -12,14 +13,14 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.engine.output_processor import OutputProcessor
+from pagoda.core.scheduler import Scheduler, SchedulerConfig
+from pagoda.engine.output_processor import CoreOutput, EngineRequest, OutputProcessor, fan_out
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.outputs import RequestOutput
+from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.sampling_params import SamplingParams
 from pagoda.executor import make_executor
-from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.worker import KVBudget, WorkerConfig
 
 logger = logging.getLogger("pagoda")
@@ -37,9 +38,11 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.hf_config)
         max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
+        check_parallel_layout(config, self.hf_config, dtype, detect_gpus() if device.type == "cuda" else None)
         self.executor = make_executor(WorkerConfig(
             resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,
             block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
+            enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
             tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
         ))
         try:
@@ -65,6 +68,11 @@ class LLMEngine:
             self.num_kv_blocks, config.block_size, self.num_kv_blocks * config.block_size,
             self.num_kv_blocks * config.block_size / self.max_model_len, self.max_model_len,
         )
+        # What start-up built lives as long as the engine: keep the collector from rescanning it
+        # every few steps (each step's outputs make enough garbage to trigger full collections).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # let interpreter shutdown collect it as usual
 
     # Set-up ---------------------------------------------------------------------------------
 
@@ -107,20 +115,25 @@ class LLMEngine:
         """Queue a request; a ValueError leaves the engine exactly as it was."""
         if request_id in self.outputs.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
+        children = fan_out(request_id, params)
+        self.add_core_requests(prompt_token_ids, children)
+        self.outputs.add(request_id, prompt, prompt_token_ids, children)
+
+    def add_core_requests(self, prompt_token_ids: list[int], children: list[EngineRequest]) -> None:
+        """Queue the engine requests of one user request, all or none (ValueError)."""
         self._validate_prompt(prompt_token_ids)
-        children = [
+        requests = [
             Request(child_id, list(prompt_token_ids), child_params, self.eos_token_ids, self.max_model_len)
-            for child_id, child_params in _fan_out(request_id, params)
+            for child_id, child_params in children
         ]
         added: list[str] = []
         try:
-            for child in children:
-                self.scheduler.add_request(child)
-                added.append(child.request_id)
+            for req in requests:
+                self.scheduler.add_request(req)
+                added.append(req.request_id)
         except ValueError:
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
             raise
-        self.outputs.add(request_id, prompt, children)
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         if len(prompt_token_ids) == 0:
@@ -130,17 +143,18 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are out of the vocabulary range [0, {self.vocab_size})")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
-        """Stop requests and free everything they hold; unknown ids are ignored."""
+        """Stop user requests and free everything they hold; unknown ids are ignored."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        for request_id in ids:
-            parent = self.outputs.parents.get(request_id)
-            if parent is None:
-                continue
-            live = [c.request for c in parent.children if c.request.request_id in self.outputs.child_to_parent]
-            self.scheduler.finish_requests([r.request_id for r in live], RequestStatus.FINISHED_ABORTED)
-            for req in live:
-                self.outputs.finish(req)
-            self.outputs.parents.pop(request_id, None)
+        live = self.outputs.live_children(ids)
+        self.abort_core_requests(live)
+        self.outputs.abort(live)
+
+    def abort_core_requests(self, request_ids: Sequence[str] | None = None) -> list[str]:
+        """Stop engine requests (None: all); returns those that were unfinished."""
+        requests = self.scheduler.requests
+        ids = list(requests) if request_ids is None else [r for r in request_ids if r in requests]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -153,50 +167,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns the outputs of the user requests it advanced."""
+        outputs, stopped = self.outputs.process(self.step_core())
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def step_core(self) -> list[CoreOutput]:
+        """Run one scheduled batch; returns what each engine request it advanced got: new token
+        ids and raw logprobs, no text (the OutputProcessor makes it, wherever it runs)."""
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.chunks:
             return []
-        for chunk in scheduler_output.chunks:
-            self.outputs.mark_scheduled(chunk.request)
         runner_output = self.executor.execute(scheduler_output)
-        self._record_prompt_logprobs(scheduler_output, runner_output)
-        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
-        touched = self._process_new_tokens(updated, runner_output)
-        return [self.outputs.make_output(parent_id) for parent_id in touched]
-
-    def _record_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        updated = {req.request_id for req in self.scheduler.update_from_output(scheduler_output, runner_output.sampled)}
+        outputs = []
         for chunk in scheduler_output.chunks:
-            scored = runner_output.prompt_logprobs.get(chunk.request.request_id)
-            if scored is not None:
-                self.outputs.process_prompt_logprobs(chunk.request, *scored)
-
-    def _process_new_tokens(self, updated: list[Request], runner_output: ModelRunnerOutput) -> dict[str, None]:
-        touched: dict[str, None] = {}
-        for req in updated:
-            rid = req.request_id
-            stop = self.outputs.process_token(
-                req, req.output_token_ids[-1], runner_output.sampled_logprob[rid], runner_output.top_logprobs.get(rid)
-            )
-            if stop is not None:
-                self._stop_on_string(req, stop)
-            touched[self.outputs.parent_id(req)] = None
-            if req.status.is_finished():
-                self.outputs.finish(req)
-        return touched
-
-    def _stop_on_string(self, req: Request, stop: str) -> None:
-        if req.status.is_finished():
-            req.status = RequestStatus.FINISHED_STOPPED  # the stop string wins over a length limit
-        else:
-            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-        req.stop_reason = stop
-
-
-def _fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
-    """n > 1 becomes n independent child requests; they share the prompt's cached blocks."""
-    if params.n == 1:
-        return [(request_id, params)]
-    return [
-        (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-        for i in range(params.n)
-    ]
+            req, rid = chunk.request, chunk.request.request_id
+            scored = runner_output.prompt_logprobs.get(rid)
+            if rid not in updated and scored is None:
+                continue
+            top = runner_output.top_logprobs.get(rid) if rid in updated else None
+            outputs.append(CoreOutput(
+                rid, [req.output_token_ids[-1]] if rid in updated else [], None if top is None else [top], scored,
+                req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
+            ))
+        return outputs

@@ -1,26 +1,63 @@
-"""Turns sampled tokens into what users see: text (incremental, with stop strings), logprobs,
-and one RequestOutput per user request, gathering the n children of an n>1 request."""
+"""The front end of a user request: its n>1 fan-out into engine requests, and the turning of what
+the engine core reports each step (new token ids, raw logprobs, finish reasons) into what users
+see: text (incremental, with stop strings), logprobs with their token text, and one RequestOutput
+per user request. It runs wherever the tokenizer is: inside LLMEngine offline, and in the server
+process (AsyncLLM) when the core runs in a process of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagoda.core.request import Request
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagoda.sample.sampler import TopLogprobs
+from pagoda.sampling_params import SamplingParams
+
+# An engine request: its id and its own SamplingParams (n=1).
+EngineRequest = tuple[str, SamplingParams]
+
+
+@dataclass
+class CoreOutput:
+    """What the engine core reports about one engine request after a step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    # One TopLogprobs per new token (the chosen token first), when the request asked for logprobs.
+    new_logprobs: list[TopLogprobs] | None = None
+    # Prompt positions scored this step: (index of the first, their logprobs), when asked for.
+    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+
+def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
+    """n > 1 becomes n independent engine requests; they share the prompt's cached blocks."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [
+        (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+        for i in range(params.n)
+    ]
 
 
 @dataclass
 class _Child:
     index: int
-    request: Request
+    request_id: str
+    params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     logprobs: list[PositionLogprobs] | None
+    token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -30,113 +67,147 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[_Child]
     metrics: RequestMetrics
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None
     num_cached_tokens: int = 0
-    finished_children: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
-        self.child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
+        self._live: dict[str, tuple[_Parent, _Child]] = {}  # engine request id -> its unfinished child
 
-    def add(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
-        first = children[0]
-        params = first.sampling_params
+    def add(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[EngineRequest],
+        arrival_time: float | None = None,
+    ) -> None:
+        """Track a user request whose engine requests (fan_out) the core has taken."""
+        params = children[0][1]
         parent = _Parent(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            children=[],
-            metrics=RequestMetrics(arrival_time=time.time()),
+            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, children=[],
+            metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
-        for index, req in enumerate(children):
+        for index, (child_id, child_params) in enumerate(children):
             child = _Child(
-                index=index,
-                request=req,
-                detokenizer=self._detokenizer(req),
-                logprobs=[] if req.sampling_params.logprobs is not None else None,
+                index=index, request_id=child_id, params=child_params,
+                detokenizer=self._detokenizer(prompt_token_ids, child_params),
+                logprobs=[] if child_params.logprobs is not None else None,
             )
             parent.children.append(child)
-            self.child_to_parent[req.request_id] = (parent, child)
+            self._live[child_id] = (parent, child)
         self.parents[request_id] = parent
 
-    def _detokenizer(self, req: Request) -> IncrementalDetokenizer | None:
-        if self.tokenizer is None or not req.sampling_params.detokenize:
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None or not params.detokenize:
             return None
-        return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.sampling_params)
+        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
 
-    def process_token(
-        self, req: Request, token_id: int, logprob: float, top: TopLogprobs | None
-    ) -> str | None:
-        """Record a child's new token; returns a stop string if the text now ends the request."""
-        parent, child = self.child_to_parent[req.request_id]
+    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's core outputs. Returns the outputs of the user requests they advanced,
+        and the engine requests a stop string ended here, which the core must stop too."""
+        touched: dict[str, _Parent] = {}
+        stopped: list[str] = []
         now = time.time()
-        if parent.metrics.first_token_time is None:
-            parent.metrics.first_token_time = now
-        child.cumulative_logprob += logprob
-        if child.logprobs is not None and top is not None:
-            child.logprobs.append(self._position_logprobs(top))
-        if child.detokenizer is None:
-            return None
-        return child.detokenizer.append([token_id], req.num_output_tokens)
+        for out in core_outputs:
+            entry = self._live.get(out.request_id)
+            if entry is None:  # ended here (a stop string, an abort) before the core knew
+                continue
+            parent, child = entry
+            self._record_metrics(parent, out, now)
+            self._record_prompt_logprobs(parent, child, out)
+            stop = self._record_tokens(child, out)
+            if stop is not None:
+                if child.finish_reason is None:
+                    stopped.append(child.request_id)
+                child.finish_reason, child.stop_reason = "stop", stop  # wins over a length limit
+            if child.finish_reason is not None:
+                del self._live[child.request_id]
+            touched[parent.request_id] = parent
+        return [self._output(parent, now) for parent in touched.values()], stopped
 
-    def process_prompt_logprobs(self, req: Request, first_token: int, positions: list[TopLogprobs]) -> None:
-        """Logprobs of prompt tokens first_token, first_token + 1, ... (token 0 has none)."""
-        parent, child = self.child_to_parent[req.request_id]
-        if child.index != 0 or parent.prompt_logprobs is None:
+    def live_children(self, request_ids: Iterable[str]) -> list[str]:
+        """The unfinished engine requests of these user requests; unknown ids are ignored."""
+        parents = [self.parents[r] for r in request_ids if r in self.parents]
+        return [c.request_id for p in parents for c in p.children if c.request_id in self._live]
+
+    def abort(self, engine_request_ids: Iterable[str]) -> list[RequestOutput]:
+        """End these engine requests as aborted; returns the final outputs of the user requests
+        that thereby ended. Ids already ended are ignored."""
+        touched: dict[str, _Parent] = {}
+        for request_id in engine_request_ids:
+            entry = self._live.pop(request_id, None)
+            if entry is not None:
+                parent, child = entry
+                child.finish_reason = "abort"
+                touched[parent.request_id] = parent
+        now = time.time()
+        return [self._output(p, now) for p in touched.values() if p.finished]
+
+    # Per step ---------------------------------------------------------------------------------
+
+    def _record_metrics(self, parent: _Parent, out: CoreOutput, now: float) -> None:
+        metrics = parent.metrics
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = out.first_scheduled_time
+        if metrics.first_token_time is None and out.new_token_ids:
+            metrics.first_token_time = now
+        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+
+    def _record_prompt_logprobs(self, parent: _Parent, child: _Child, out: CoreOutput) -> None:
+        """Logprobs of prompt tokens first, first + 1, ... (token 0 has none)."""
+        if out.prompt_logprobs is None or child.index != 0 or parent.prompt_logprobs is None:
             return
+        first, positions = out.prompt_logprobs
         # A preempted request recomputes its prompt: keep only positions not yet recorded.
-        for token_index, top in enumerate(positions, start=first_token):
+        for token_index, top in enumerate(positions, start=first):
             if token_index == len(parent.prompt_logprobs):
                 parent.prompt_logprobs.append(self._position_logprobs(top))
 
-    def mark_scheduled(self, req: Request) -> None:
-        parent, _ = self.child_to_parent[req.request_id]
-        if parent.metrics.first_scheduled_time is None:
-            parent.metrics.first_scheduled_time = time.time()
-        parent.num_cached_tokens = max(parent.num_cached_tokens, req.num_cached_tokens)
+    def _record_tokens(self, child: _Child, out: CoreOutput) -> str | None:
+        """Append the new tokens; returns the stop string the text now ends with, if any."""
+        child.token_ids.extend(out.new_token_ids)
+        for top in out.new_logprobs or []:
+            child.cumulative_logprob += top.logprobs[0]
+            if child.logprobs is not None:
+                child.logprobs.append(self._position_logprobs(top))
+        child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+        if child.detokenizer is None or not out.new_token_ids:
+            return None
+        return child.detokenizer.append(out.new_token_ids, len(child.token_ids))
 
-    def finish(self, req: Request) -> None:
-        parent, child = self.child_to_parent[req.request_id]
-        child.finish_reason = req.status.finish_reason
-        parent.finished_children.add(child.index)
-        del self.child_to_parent[req.request_id]
-        if len(parent.finished_children) == len(parent.children):
-            parent.metrics.finished_time = time.time()
-
-    def make_output(self, request_id: str) -> RequestOutput:
-        parent = self.parents[request_id]
-        finished = len(parent.finished_children) == len(parent.children)
+    def _output(self, parent: _Parent, now: float) -> RequestOutput:
+        finished = parent.finished
         if finished:
-            del self.parents[request_id]
+            parent.metrics.finished_time = now
+            del self.parents[parent.request_id]
         return RequestOutput(
-            request_id=request_id,
+            request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
             prompt_logprobs=parent.prompt_logprobs,
             outputs=[self._completion(c) for c in parent.children],
             finished=finished,
-            metrics=parent.metrics,
+            metrics=dataclasses.replace(parent.metrics),
             num_cached_tokens=parent.num_cached_tokens,
         )
 
-    def parent_id(self, req: Request) -> str:
-        return self.child_to_parent[req.request_id][0].request_id
-
     def _completion(self, child: _Child) -> CompletionOutput:
-        req = child.request
+        # Copies: a consumer may read an output after later steps have arrived.
+        detokenizer = child.detokenizer
         return CompletionOutput(
             index=child.index,
-            text=child.detokenizer.output_text if child.detokenizer else "",
-            token_ids=list(req.output_token_ids),
+            text=detokenizer.output_text if detokenizer else "",
+            token_ids=list(child.token_ids),
             cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
-            logprobs=child.logprobs,
+            logprobs=None if child.logprobs is None else list(child.logprobs),
             finish_reason=child.finish_reason,
-            stop_reason=req.stop_reason,
-            text_delta=child.detokenizer.take_delta(child.finish_reason is not None) if child.detokenizer else "",
+            stop_reason=child.stop_reason,
+            text_delta=detokenizer.take_delta(child.finish_reason is not None) if detokenizer else "",
         )
 
     def _position_logprobs(self, top: TopLogprobs) -> PositionLogprobs:
@@ -145,4 +216,3 @@ class OutputProcessor:
             text = decode_token(self.tokenizer, token_id) if self.tokenizer is not None else None
             out.setdefault(token_id, Logprob(logprob=logprob, rank=rank, decoded_token=text))
         return out
-

@@ -1,5 +1,6 @@
 """msgpack encoding of what crosses the engine-core process boundary: SamplingParams in,
-RequestOutputs and SchedulerStats out. Dataclasses travel as lists of their fields, in order."""
+CoreOutputs (new token ids and raw logprobs, no text) and SchedulerStats out. Dataclasses travel
+as lists of their fields, in order."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import msgpack
 
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagoda.engine.output_processor import CoreOutput
+from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 
 
@@ -18,7 +20,7 @@ def pack(message: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    # Logprob maps are keyed by token id: int keys must be allowed.
+    # logit_bias is keyed by token id: int keys must be allowed.
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
@@ -38,93 +40,26 @@ def decode_stats(fields: list[Any]) -> SchedulerStats:
     return SchedulerStats(*fields)
 
 
-class OutputEncoder:
-    """Core side: each RequestOutput as what is new since the request's previous one (tokens,
-    logprobs, text delta; the prompt only the first time), so the bytes sent per step do not grow
-    with the length of the outputs."""
-
-    def __init__(self) -> None:
-        self._sent: dict[str, list[int]] = {}  # request id -> output tokens sent, per child
-
-    def encode(self, output: RequestOutput) -> list[Any]:
-        first = output.request_id not in self._sent
-        sent = self._sent.setdefault(output.request_id, [0] * len(output.outputs))
-        completions = []
-        for c in output.outputs:
-            start, sent[c.index] = sent[c.index], len(c.token_ids)
-            new_logprobs = None if c.logprobs is None else _encode_positions(c.logprobs[start:])
-            completions.append([
-                c.index, c.token_ids[start:], c.cumulative_logprob, new_logprobs, c.finish_reason, c.stop_reason,
-                c.text_delta,
-            ])
-        if output.finished:
-            del self._sent[output.request_id]
-        prompt = [output.prompt, output.prompt_token_ids, _encode_positions(output.prompt_logprobs)] if first else None
-        return [
-            output.request_id, prompt, completions, output.finished, list(dataclasses.astuple(output.metrics)),
-            output.num_cached_tokens,
-        ]
-
-    def forget(self, request_ids: list[str]) -> None:
-        """Drop the state of requests that end without a finished output (aborted)."""
-        for request_id in request_ids:
-            self._sent.pop(request_id, None)
-
-
-class OutputDecoder:
-    """Front-end side: rebuilds whole RequestOutputs from OutputEncoder's deltas; `text` is the
-    text streamed so far (all of it once finished). Each decoded output is a snapshot of its own:
-    a consumer may read it after later steps have arrived."""
-
-    def __init__(self) -> None:
-        self._requests: dict[str, RequestOutput] = {}
-
-    def decode(self, fields: list[Any]) -> RequestOutput:
-        request_id, prompt, completions, finished, metrics, num_cached = fields
-        state = self._requests.get(request_id)
-        if state is None:
-            text, token_ids, prompt_logprobs = prompt
-            state = RequestOutput(request_id, text, token_ids, _decode_positions(prompt_logprobs), [], False)
-            self._requests[request_id] = state
-        for index, new_ids, cumulative, new_logprobs, finish_reason, stop_reason, delta in completions:
-            while len(state.outputs) <= index:
-                state.outputs.append(CompletionOutput(len(state.outputs), "", [], None, None))
-            c = state.outputs[index]
-            c.token_ids.extend(new_ids)
-            if new_logprobs is not None:
-                c.logprobs = (c.logprobs or []) + _decode_positions(new_logprobs)
-            c.text += delta
-            c.text_delta, c.cumulative_logprob = delta, cumulative
-            c.finish_reason, c.stop_reason = finish_reason, stop_reason
-        if finished:
-            del self._requests[request_id]
-        return RequestOutput(
-            request_id=request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-            prompt_logprobs=state.prompt_logprobs, outputs=[_snapshot(c) for c in state.outputs],
-            finished=finished, metrics=RequestMetrics(*metrics), num_cached_tokens=num_cached,
-        )
-
-    def forget(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self._requests.pop(request_id, None)
-
-
-def _encode_positions(positions: list[PositionLogprobs | None] | None) -> list[Any] | None:
-    if positions is None:
-        return None
+def encode_outputs(outputs: list[CoreOutput]) -> list[Any]:
     return [
-        None if p is None else {token: [lp.logprob, lp.rank, lp.decoded_token] for token, lp in p.items()}
-        for p in positions
+        [o.request_id, o.new_token_ids, _encode_tops(o.new_logprobs),
+         None if o.prompt_logprobs is None else [o.prompt_logprobs[0], _encode_tops(o.prompt_logprobs[1])],
+         o.finish_reason, o.stop_reason, o.num_cached_tokens, o.first_scheduled_time]
+        for o in outputs
     ]
 
 
-def _decode_positions(positions: list[Any] | None) -> list[Any] | None:
-    if positions is None:
-        return None
-    return [None if p is None else {token: Logprob(*lp) for token, lp in p.items()} for p in positions]
+def decode_outputs(fields: list[Any]) -> list[CoreOutput]:
+    outputs = []
+    for rid, new_ids, new_logprobs, prompt_logprobs, finish, stop, cached, scheduled in fields:
+        prompt = None if prompt_logprobs is None else (prompt_logprobs[0], _decode_tops(prompt_logprobs[1]))
+        outputs.append(CoreOutput(rid, new_ids, _decode_tops(new_logprobs), prompt, finish, stop, cached, scheduled))
+    return outputs
 
 
-def _snapshot(c: CompletionOutput) -> CompletionOutput:
-    return dataclasses.replace(
-        c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs)
-    )
+def _encode_tops(tops: list[TopLogprobs] | None) -> list[Any] | None:
+    return None if tops is None else [dataclasses.astuple(t) for t in tops]
+
+
+def _decode_tops(fields: list[Any] | None) -> list[TopLogprobs] | None:
+    return None if fields is None else [TopLogprobs(*t) for t in fields]

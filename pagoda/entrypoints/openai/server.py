@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,7 +47,7 @@ def build_app(
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stats_task = asyncio.create_task(log_stats(engine))
+        stats_task = asyncio.create_task(log_stats(engine, float(os.environ.get("PAGODA_LOG_STATS_INTERVAL", 10))))
         yield
         stats_task.cancel()
 

@@ -4,9 +4,9 @@ SamplingParams of a request, the context-length check, and running one engine re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -124,8 +124,10 @@ class OpenAIServing:
         ids = sub_request_ids(request_id, len(prompts))
         try:
             for sub_id, (text, token_ids), p in zip(ids, prompts, params):
-                stream = await self.engine.add_request(sub_id, token_ids, p, text)
-                streams.append(self._logged(sub_id, len(token_ids), stream))
+                if self.config.log_requests:
+                    logger.info("Received request %s: %d prompt tokens, params: %s", sub_id, len(token_ids),
+                                params_summary(p))
+                streams.append(await self.engine.add_request(sub_id, token_ids, p, text))
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):
@@ -133,19 +135,14 @@ class OpenAIServing:
             raise
         return streams
 
-    async def _logged(
-        self, request_id: str, prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
-    ) -> AsyncIterator[RequestOutput]:
-        started = time.monotonic()
-        last: RequestOutput | None = None
-        try:
-            async for output in outputs:
-                last = output
-                yield output
-        finally:
-            await outputs.aclose()
-            if self.config.log_requests:
-                _log_request(request_id, prompt_tokens, last, time.monotonic() - started)
+
+def params_summary(params: SamplingParams) -> str:
+    """The fields that differ from SamplingParams' defaults, for the request log line."""
+    defaults = SamplingParams()
+    return ", ".join(
+        f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
+        if getattr(params, f.name) != getattr(defaults, f.name)
+    )
 
 
 def new_request_id(prefix: str) -> str:
@@ -213,13 +210,3 @@ async def merge(iterators: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _log_request(request_id: str, prompt_tokens: int, last: RequestOutput | None, seconds: float) -> None:
-    outputs = last.outputs if last is not None else []
-    logger.info(
-        "request %s: %d prompt tokens, %d output tokens, finish %s, %.3f s", request_id, prompt_tokens,
-        sum(len(c.token_ids) for c in outputs),
-        ",".join(str(c.finish_reason) for c in outputs) if last is not None and last.finished else "abort",
-        seconds,
-    )

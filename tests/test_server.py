@@ -269,6 +269,23 @@ def test_completion_n_logprobs_echo(client):
     assert echo.logprobs.text_offset[:3] == [0, 1, 2]
 
 
+def test_prompt_logprobs(http):
+    ids = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    body = {"prompt": "abc", "max_tokens": 2, "prompt_logprobs": 2, "n": 2, "temperature": 0}
+    choices = http.post("/v1/completions", json=body).json()["choices"]
+    for choice in choices:
+        positions = choice["prompt_logprobs"]
+        assert len(positions) == len(ids) and positions[0] is None
+        chosen = [position[str(token_id)] for token_id, position in zip(ids[1:], positions[1:])]
+        assert [c["decoded_token"] for c in chosen] == ["b", "c"] and all(c["logprob"] <= 0 for c in chosen)
+        assert all(1 <= len(position) <= 3 for position in positions[1:])
+    assert choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]
+    chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(p) == 1 for p in chat["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2}).json()
+    _error(http.post("/v1/completions", json={**body, "stream": True}), 400, "prompt_logprobs")
+
+
 def test_completion_stop_string(client):
     text = client.completions.create(model=MODEL, prompt="stop here", **GREEDY).choices[0].text
     stop = text[3:5]

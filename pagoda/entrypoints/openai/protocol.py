@@ -138,12 +138,25 @@ class CompletionLogprobs(OpenAIModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class LogprobInfo(OpenAIModel):
+    """vLLM's Logprob: one token's logprob, its rank in the vocabulary and its text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs: per prompt token (None for the first, which has no context), token id -> logprob.
+PromptLogprobs = list[Optional[dict[int, LogprobInfo]]]
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -189,6 +202,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class DeltaMessage(OpenAIModel):

@@ -15,7 +15,8 @@ from .protocol import (
     ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob,
 )
 from .serving_engine import (
-    OpenAIError, OpenAIServing, merge, new_request_id, refuse_unsupported, sse, sse_stream, sub_request_ids, usage,
+    OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
+    sub_request_ids, usage,
 )
 
 # Roles the chat templates know; "developer" is OpenAI's newer name for "system".
@@ -73,7 +74,8 @@ class OpenAIServingChat(OpenAIServing):
         ]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens)
+            id=request_id, model=self.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens),
+            prompt_logprobs=prompt_logprobs(request, final),
         )
 
     async def _stream(

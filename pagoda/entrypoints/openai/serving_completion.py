@@ -9,7 +9,8 @@ from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput
 from .serving_engine import (
-    OpenAIError, OpenAIServing, merge, new_request_id, refuse_unsupported, sse, sse_stream, sub_request_ids, usage,
+    OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
+    sub_request_ids, usage,
 )
 
 Prompt = tuple[str | None, list[int]]
@@ -24,9 +25,11 @@ class OpenAIServingCompletion(OpenAIServing):
         })
         prompts = self._prompts(request.prompt)
         # Echoed prompt tokens get logprobs too.
-        echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else request.prompt_logprobs
+        prompt_k = request.prompt_logprobs
+        if prompt_k is None and request.echo:
+            prompt_k = request.logprobs
         params = [
-            self.sampling_params(request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=echo_logprobs)
+            self.sampling_params(request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=prompt_k)
             for _, ids in prompts
         ]
         request_id = new_request_id("cmpl")
@@ -67,6 +70,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=index * len(output.outputs) + child.index, text=echo + child.text,
                     logprobs=self._logprobs(request, output, child, 0, len(child.token_ids), 0),
                     finish_reason=child.finish_reason, stop_reason=child.stop_reason,
+                    prompt_logprobs=prompt_logprobs(request, output),
                 ))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(

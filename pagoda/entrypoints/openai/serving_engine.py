@@ -18,7 +18,7 @@ from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
-from .protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, SamplingFields, UsageInfo
 
 logger = logging.getLogger("pagoda.server")
 
@@ -88,6 +88,8 @@ class OpenAIServing:
         """The request's SamplingParams; max_tokens None means the rest of the context; extra
         overrides fields."""
         limit = self.config.max_model_len
+        if request.stream and request.prompt_logprobs is not None:
+            raise OpenAIError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if max_tokens is not None and prompt_len + max_tokens > limit:
             raise OpenAIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -143,6 +145,19 @@ def params_summary(params: SamplingParams) -> str:
         f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)
         if getattr(params, f.name) != getattr(defaults, f.name)
     )
+
+
+def prompt_logprobs(request: SamplingFields, output: RequestOutput) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs field, when the request asked for it."""
+    if request.prompt_logprobs is None or output.prompt_logprobs is None:
+        return None
+    return [
+        None if position is None else {
+            token_id: LogprobInfo(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            for token_id, lp in position.items()
+        }
+        for position in output.prompt_logprobs
+    ]
 
 
 def new_request_id(prefix: str) -> str:

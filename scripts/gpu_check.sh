@@ -10,7 +10,9 @@ MODELS=${PAGODA_SHARED_MODELS:-shared/models}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py tests/test_elementwise_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+# -s shows each greedy divergence from transformers with its logit gap (tests/test_gpu.py).
+python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu*.py tests/test_triton_attention.py \
+    tests/test_elementwise_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15
 
 bench() {  # name, then bench arguments
     local name=$1; shift
@@ -24,10 +26,20 @@ bench w2_pagoda $W2
 if [ "${1:-}" != quick ]; then
     bench w1_hf $W1 --backend hf --hf-max-batch-size 128
 fi
+# Batch-1 decode latency of the 8B shape, ms per output token, beside transformers'.
+LAT="--model $MODELS/llama-3.1-8b --load-format dummy --batch-size 1 --input-len 128 --output-len 128 --max-model-len 1024"
+for backend in pagoda hf; do
+    timeout 300 python3 -m pagoda.entrypoints.cli --log-level warning bench latency $LAT --backend $backend \
+        --output-json "$OUT/latency_$backend.lat" 2>&1 | tail -1
+done
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 print(f"{'run':<12} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12}")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
     print(f"{f.stem:<12} {r['elapsed_s']:>8.2f} {r['output_tokens_per_second']:>10.0f} {r['tokens_per_second']:>12.0f}")
+print(f"{'run':<16} {'decode ms/token':>16} {'first token ms':>15}")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.lat")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem:<16} {r['decode_ms_per_token']:>16.2f} {r['first_token_s'] * 1e3:>15.1f}")
 PY

@@ -95,6 +95,18 @@ def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchR
 
 def run_hf(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
     """transformers `generate` in static batches of --hf-max-batch-size, greedy, EOS ignored."""
+    model, pad = load_hf_model(args)
+    start = time.perf_counter()
+    output_tokens = 0
+    for i in range(0, len(requests), args.hf_max_batch_size):
+        output_tokens += hf_generate(model, requests[i : i + args.hf_max_batch_size], pad)
+    elapsed = time.perf_counter() - start
+    return BenchResult("hf", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+
+
+def load_hf_model(args: argparse.Namespace) -> tuple[Any, int]:
+    """The transformers model of --model (random weights with --load-format dummy), in bf16 on a
+    GPU, fp32 on the CPU; and its pad token id."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -111,19 +123,12 @@ def run_hf(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResul
         else:
             config = AutoConfig.from_pretrained(resolved.model_dir, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(resolved.model_dir, dtype=dtype, local_files_only=True)
-    model.eval()
     pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
-    start = time.perf_counter()
-    output_tokens = 0
-    for i in range(0, len(requests), args.hf_max_batch_size):
-        output_tokens += _hf_batch(model, requests[i : i + args.hf_max_batch_size], pad, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return BenchResult("hf", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+    return model.eval(), pad
 
 
-def _hf_batch(model: Any, batch: list[BenchRequest], pad: int, device: Any) -> int:
+def hf_generate(model: Any, batch: list[BenchRequest], pad: int) -> int:
+    """One static batch through transformers `generate`, synchronously; the tokens asked for."""
     import torch
 
     width = max(len(r.prompt_token_ids) for r in batch)
@@ -135,9 +140,11 @@ def _hf_batch(model: Any, batch: list[BenchRequest], pad: int, device: Any) -> i
     new = max(r.output_len for r in batch)
     with torch.inference_mode():
         model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
             min_new_tokens=new, do_sample=False, pad_token_id=pad,
         )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     # A static batch runs every row to the longest output; count only what each request asked.
     return sum(r.output_len for r in batch)
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from pagoda.benchmarks import latency, throughput
 from pagoda.benchmarks import serve as serve_bench
-from pagoda.benchmarks import throughput
 from pagoda.entrypoints.openai import chat_cli, cli_args
 
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     tput = bench_kinds.add_parser("throughput", help="offline throughput on random requests")
     throughput.add_arguments(tput)
     tput.set_defaults(func=throughput.main)
+    lat = bench_kinds.add_parser("latency", help="end-to-end latency of one batch and decode ms per output token")
+    latency.add_arguments(lat)
+    lat.set_defaults(func=latency.main)
     online = bench_kinds.add_parser("serve", help="online serving benchmark against a running server")
     serve_bench.add_arguments(online)
     online.set_defaults(func=serve_bench.main)

@@ -66,9 +66,16 @@ class KVCacheManager:
         """Make room for the request's computed tokens, `computed_blocks` and `num_new_tokens` more.
 
         Returns False, changing nothing, when the pool is short of free blocks."""
-        pool = self.block_pool
-        table = self.block_tables.get(request.request_id, [])
+        table = self.block_tables.get(request.request_id)
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        if table is not None and not computed_blocks and num_tokens <= len(table) * self.block_size:
+            # The common decode step: its token fits the last block. Only a block it fills is new
+            # work, for the prefix cache.
+            if self.enable_prefix_caching and num_tokens % self.block_size == 0:
+                self._offer_full_blocks(request, table, num_tokens)
+            return True
+        table = [] if table is None else table
+        pool = self.block_pool
         num_new_blocks = max(0, self.blocks_needed(num_tokens) - len(table) - len(computed_blocks))
         # A hit block waiting in the free queue stops being free once it is touched.
         num_free_hits = sum(1 for block_id in computed_blocks if pool.ref_counts[block_id] == 0)

@@ -69,7 +69,10 @@ class MultiprocExecutor(Executor):
             raise RuntimeError("the executor's worker processes have stopped (shut down, or a rank failed)")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for conn in self._conns:
-            conn.send_bytes(message)
+            try:
+                conn.send_bytes(message)
+            except OSError:  # a dead worker's pipe: _collect reports it
+                pass
         return self._collect()
 
     def _collect(self) -> list[Any]:
@@ -89,7 +92,7 @@ class MultiprocExecutor(Executor):
     def _receive(self, rank: int) -> Any:
         try:
             status, value = self._conns[rank].recv()
-        except EOFError:
+        except (EOFError, OSError):  # its end closed, or reset as it died
             self._procs[rank].join(_SHUTDOWN_GRACE_S)
             self._fail(f"worker rank {rank} died (exit code {self._procs[rank].exitcode})")
         if status == "error":

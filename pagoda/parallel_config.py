@@ -1,0 +1,175 @@
+"""The rules a tensor x pipeline x data parallel layout must follow, checked before any weights load.
+
+Refused (ValueError, naming the setting and the numbers): a TP size that does not divide the
+attention heads; more pipeline stages than layers; weights that cannot fit one GPU at this TP x PP
+(the error names the smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle,
+with the split that would use them (TP just large enough to hold the model, DP with the rest).
+
+The GPU rules need the GPU count and memory; `detect_gpus` reads them from CUDA, or from
+PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB, so that they can be tested, or a machine planned for,
+without the GPUs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagoda.config import EngineConfig
+from pagoda.distributed.partition import kv_head_shard
+from pagoda.models.llama import head_dim_of
+
+logger = logging.getLogger("pagoda")
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    count: int
+    memory_bytes: int  # of each GPU
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        return f"TP={self.tp} x PP={self.pp} x DP={self.dp}"
+
+
+def detect_gpus() -> GpuInventory:
+    """The visible CUDA GPUs (all assumed alike: the first one's memory), unless the environment
+    states them: PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB."""
+    count = os.environ.get("PAGODA_NUM_GPUS")
+    memory = os.environ.get("PAGODA_GPU_MEMORY_GIB")
+    if count is None:
+        count = torch.cuda.device_count()
+    if memory is None:
+        memory_bytes = torch.cuda.get_device_properties(0).total_memory if int(count) else 0
+    else:
+        memory_bytes = int(float(memory) * _GIB)
+    return GpuInventory(int(count), memory_bytes)
+
+
+def check_parallel_layout(
+    config: EngineConfig, hf_config: Any, dtype: torch.dtype, gpus: GpuInventory | None
+) -> None:
+    """Raise on a layout that cannot work, warn about idle GPUs. `gpus` None (the CPU): only the
+    rules about the model's shape apply.
+
+    One LLMEngine is one data-parallel copy: it checks `config.data_parallel_size` copies against
+    the GPUs it sees, so a DP launcher checks the whole layout once, then starts each copy with
+    data_parallel_size=1 and CUDA_VISIBLE_DEVICES set to that copy's GPUs."""
+    layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, config.data_parallel_size)
+    problem = _tp_problem(hf_config, layout.tp)
+    if problem:
+        raise ValueError(problem)
+    layers = hf_config.num_hidden_layers
+    if layout.pp > layers:
+        raise ValueError(
+            f"pipeline_parallel_size={layout.pp} is more than the model's {layers} layers (num_hidden_layers): "
+            f"use at most {layers} stages"
+        )
+    if gpus is None:
+        return
+    room = config.gpu_memory_utilization * gpus.memory_bytes
+    weights = estimate_weight_bytes(hf_config, dtype)
+    if weights / (layout.tp * layout.pp) > room:
+        raise ValueError(_does_not_fit(hf_config, weights, room, layout, config.gpu_memory_utilization, gpus))
+    if layout.gpus > gpus.count:
+        raise ValueError(
+            f"tensor_parallel_size={layout.tp} x pipeline_parallel_size={layout.pp} x "
+            f"data_parallel_size={layout.dp} needs {layout.gpus} GPUs, but {gpus.count} are visible"
+        )
+    if layout.gpus < gpus.count:
+        logger.warning(_idle_advice(hf_config, weights, room, layout, gpus.count))
+
+
+def estimate_weight_bytes(hf_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of the weights, from the config's shapes (norms and biases included)."""
+    c = hf_config
+    hidden, d = c.hidden_size, head_dim_of(c)
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    attention = hidden * (q + 2 * kv) + q * hidden + (q + 2 * kv)  # q|k|v and o, with a q|k|v bias at most
+    mlp = 3 * hidden * c.intermediate_size
+    per_layer = attention + mlp + 2 * hidden + 2 * d  # two norms (and Qwen3's q/k norms)
+    embeddings = c.vocab_size * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    params = embeddings + c.num_hidden_layers * per_layer + hidden
+    return params * dtype.itemsize
+
+
+def _tp_problem(hf_config: Any, tp: int) -> str | None:
+    """Why the model cannot be split over `tp` ranks; None when it can."""
+    heads = hf_config.num_attention_heads
+    if heads % tp:
+        return (
+            f"tensor_parallel_size={tp} must divide the model's {heads} attention heads (num_attention_heads): "
+            f"use one of {_divisors(heads)}"
+        )
+    if hf_config.intermediate_size % tp:
+        return (
+            f"tensor_parallel_size={tp} must divide the model's MLP width {hf_config.intermediate_size} "
+            "(intermediate_size)"
+        )
+    try:
+        kv_head_shard(hf_config.num_key_value_heads, 0, tp)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _valid_tps(hf_config: Any) -> list[int]:
+    return [tp for tp in _divisors(hf_config.num_attention_heads) if _tp_problem(hf_config, tp) is None]
+
+
+def _smallest_tp_that_fits(hf_config: Any, weights: int, room: float, pp: int) -> int | None:
+    return next((tp for tp in _valid_tps(hf_config) if weights / (tp * pp) <= room), None)
+
+
+def _does_not_fit(
+    hf_config: Any, weights: int, room: float, layout: Layout, utilization: float, gpus: GpuInventory
+) -> str:
+    per_gpu = weights / (layout.tp * layout.pp)
+    message = (
+        f"the model's weights take {weights / _GIB:.1f} GiB; over tensor_parallel_size={layout.tp} x "
+        f"pipeline_parallel_size={layout.pp} that is {per_gpu / _GIB:.1f} GiB a GPU, more than "
+        f"gpu_memory_utilization={utilization} x {gpus.memory_bytes / _GIB:.1f} GiB = {room / _GIB:.1f} GiB"
+    )
+    tp = _smallest_tp_that_fits(hf_config, weights, room, layout.pp)
+    if tp is None:
+        return f"{message}; no tensor_parallel_size fits: add pipeline stages (pipeline_parallel_size)"
+    return f"{message}: use tensor_parallel_size={tp}, the smallest that fits"
+
+
+def _idle_advice(hf_config: Any, weights: int, room: float, layout: Layout, count: int) -> str:
+    message = f"{count} GPUs are visible and {layout} uses {layout.gpus}: {count - layout.gpus} left idle"
+    best = _best_layout(hf_config, weights, room, layout.pp, count)
+    if best is None or best.gpus <= layout.gpus:
+        return message
+    flags = [f"--tensor-parallel-size {best.tp}"] if best.tp != layout.tp else []
+    flags.append(f"--data-parallel-size {best.dp}")
+    return f"{message}; use {' '.join(flags)} ({best}): TP just large enough to hold the model, DP with the rest"
+
+
+def _best_layout(hf_config: Any, weights: int, room: float, pp: int, count: int) -> Layout | None:
+    """The layout that uses the most GPUs, and among those the smallest TP that holds the model."""
+    smallest = _smallest_tp_that_fits(hf_config, weights, room, pp)
+    if smallest is None:
+        return None
+    candidates = [Layout(tp, pp, count // (tp * pp)) for tp in _valid_tps(hf_config) if tp >= smallest]
+    candidates = [c for c in candidates if c.dp >= 1]
+    return max(candidates, key=lambda c: (c.gpus, -c.tp), default=None)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -32,12 +32,16 @@ for backend in pagoda hf; do
     timeout 300 python3 -m pagoda.entrypoints.cli --log-level warning bench latency $LAT --backend $backend \
         --output-json "$OUT/latency_$backend.lat" 2>&1 | tail -1
 done
+# With two GPUs or more: W1 at TP=2 beside the TP=1 run above (DP=2 needs `pagoda serve`: not here).
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    bench w1_pagoda_tp2 $W1 --tensor-parallel-size 2
+fi
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
-print(f"{'run':<12} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12}")
+print(f"{'run':<14} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12}")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
-    print(f"{f.stem:<12} {r['elapsed_s']:>8.2f} {r['output_tokens_per_second']:>10.0f} {r['tokens_per_second']:>12.0f}")
+    print(f"{f.stem:<14} {r['elapsed_s']:>8.2f} {r['output_tokens_per_second']:>10.0f} {r['tokens_per_second']:>12.0f}")
 print(f"{'run':<16} {'decode ms/token':>16} {'first token ms':>15}")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.lat")):
     r = json.loads(f.read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 
@@ -16,8 +17,11 @@ import transformers
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
+from pagoda.core.request import Request, RequestStatus
+from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.partition import kv_head_shard, stage_layers
 from pagoda.parallel_config import GpuInventory, check_parallel_layout, detect_gpus, estimate_weight_bytes
+from pagoda.worker.step_codec import StepDecoder, StepEncoder
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
 
 # An odd vocabulary: the vocabulary-parallel embedding and LM head pad the last rank's shard.
@@ -95,6 +99,34 @@ def test_a_dead_worker_fails_the_step_and_no_worker_is_left(prompts, tmp_path):
     with pytest.raises(RuntimeError, match="stopped"):
         llm.generate({"prompt_token_ids": prompts[0]}, use_tqdm=False)
     llm.shutdown()  # a second stop is harmless
+
+
+# Step messages -------------------------------------------------------------------------------------
+
+
+def test_step_messages_keep_worker_mirrors_equal_to_the_engine_requests():
+    encoder, decoder = StepEncoder(), StepDecoder()
+    params = SamplingParams(max_tokens=10)
+    a, b = (Request(rid, [3, 4, 5], params, frozenset({1}), 64) for rid in "ab")
+
+    def step(*reqs: Request):
+        chunks = [ScheduledChunk(r, r.num_tokens - 1, 1, [0, 1], True) for r in reqs]
+        message = encoder.encode(SchedulerOutput(chunks, len(chunks)))
+        out = decoder.decode(pickle.loads(pickle.dumps(message)))
+        assert [(c.request.token_ids, c.request.output_token_ids) for c in out.chunks] == [
+            (r.token_ids, r.output_token_ids) for r in reqs
+        ]
+        return message
+
+    assert len(step(a).new_requests) == 1
+    a.append_output_token(9)
+    a.append_output_token(8)  # a was not scheduled in between: both tokens travel at once
+    message = step(a, b)
+    assert message.appended == [("a", [9, 8])] and [r.request_id for r in message.new_requests] == ["b"]
+    a.status = RequestStatus.FINISHED_STOPPED
+    reused = Request("a", [6], params, frozenset({1}), 64)  # the id of a finished request, used again
+    message = step(reused)
+    assert message.finished == ["a"] and message.new_requests == [reused]
 
 
 # Partition -----------------------------------------------------------------------------------------

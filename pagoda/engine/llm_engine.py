@@ -19,7 +19,6 @@ from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.outputs import RequestOutput
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
-from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.sampling_params import SamplingParams
 from pagoda.executor import make_executor
 from pagoda.worker.worker import KVBudget, WorkerConfig
@@ -39,7 +38,6 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.hf_config)
         max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
-        check_parallel_layout(config, self.hf_config, dtype, detect_gpus() if device.type == "cuda" else None)
         check_parallel_layout(config, self.hf_config, dtype, detect_gpus() if device.type == "cuda" else None)
         self.executor = make_executor(WorkerConfig(
             resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,

@@ -1,7 +1,7 @@
 """One worker process per rank on this host, spawned, each on its own pipe.
 
-A call is pickled once and written to every pipe; every rank answers, and the answer of the rank
-that samples is the result. A rank that fails, or dies, fails the call: the other ranks may be
+A call is pickled once and written to every pipe (a step as a StepMessage: what changed since the
+last one); every rank answers, and the answer of the rank that samples is the result. A rank that fails, or dies, fails the call: the other ranks may be
 stuck in a collective waiting for it, so every worker is stopped and the executor is done."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
 from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.step_codec import StepEncoder
 from pagoda.worker.worker import KVBudget, WorkerConfig, run_worker
 
 _SHUTDOWN_GRACE_S = 5.0
@@ -38,6 +39,7 @@ class MultiprocExecutor(Executor):
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store)
         # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
         self._sampling_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+        self._steps = StepEncoder()
         context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         init_method = (Path(self._store) / "store").as_uri()
         for rank in range(config.world_size):
@@ -59,7 +61,7 @@ class MultiprocExecutor(Executor):
         self._call("allocate_kv_cache", num_blocks)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute", scheduler_output)[self._sampling_rank]
+        return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from pagoda.core.scheduler import SchedulerOutput
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagoda.worker.step_codec import StepDecoder, StepMessage
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Worker:
             device=config.rank_device(rank), block_size=config.block_size, max_model_len=config.max_model_len,
             seed=config.seed, enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
         )
+        self.steps = StepDecoder()
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
@@ -78,9 +79,9 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
         """The step's sampled tokens from the rank that samples; None from the others."""
-        out = self.runner.execute(scheduler_output)
+        out = self.runner.execute(self.steps.decode(message))
         return out if self.runner.samples else None
 
 

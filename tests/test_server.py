@@ -4,6 +4,7 @@ tokenizer, driven by the official openai client and raw httpx."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -96,14 +97,20 @@ def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_args(tmp_path_factory) -> list[str]:
+    """A tiny random llama with the byte-level tokenizer, as `pagoda serve` arguments."""
     directory = tmp_path_factory.mktemp("server-model")
     vocab_size = _save_tokenizer(directory / "llama3")
     path = save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN)
-    args = [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
+    return [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def server(model_args, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
     env = {"PAGODA_API_KEY": API_KEY, "PAGODA_LOG_STATS_INTERVAL": "1"}
-    with _serving(args, directory / "server.log", env) as (proc, base):
-        yield proc, base, directory / "server.log"
+    with _serving(model_args, log, env) as (proc, base):
+        yield proc, base, log
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +384,23 @@ def test_64_concurrent_streams_equal_whole_greedy_texts(base):
             assert all(finish in ("stop", "length") for _, finish in got)
 
     asyncio.run(run())
+
+
+def test_data_parallel_serves_on_both_cores_with_the_same_greedy_texts(model_args, client, tmp_path):
+    prompts = [f"parallel {i}" for i in range(8)]
+    expected = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
+    with _serving([*model_args, "--data-parallel-size", "2"], tmp_path / "dp.log") as (_, dp_base):
+        dp_client = openai.OpenAI(base_url=f"{dp_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(
+                lambda p: dp_client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text, prompts
+            ))
+        assert texts == expected
+        with httpx.Client(base_url=dp_base, timeout=10.0) as dp_http:
+            m = _wait_idle(dp_http)
+        per_core = [m[f"pagoda:engine_core_requests_total{{engine={i}}}"] for i in (0, 1)]
+        assert sum(per_core) == len(prompts) and min(per_core) > 0
+        assert _finished(m, "length") + _finished(m, "stop") == len(prompts)
 
 
 # Chat -------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """`pagoda bench serve`: online serving benchmark against a running OpenAI-compatible server, as
 `vllm bench serve` measures it: seeded random-token prompts sent at a request rate (Poisson) under
-an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL."""
+an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL.
+
+Prompts go as token ids to servers with vLLM's /tokenize (Pagoda, vLLM); llama-cpp-python's
+server takes text only, so there they go as the text of the same ids (/extras/detokenize). Where a
+stream carries no usage, tokens are counted as vLLM's benchmark does: the prompt's ids, and one
+output token per streamed chunk."""
 
 from __future__ import annotations
 
@@ -20,11 +25,12 @@ from pagoda.benchmarks.throughput import BenchRequest, make_requests
 from pagoda.entrypoints.openai.sse_client import aiter_events, raise_for_error
 
 # Text whose tokens make the pool random prompts are drawn from: any server's tokenizer gives
-# valid ids for it, with no need to know its vocabulary.
+# valid ids for it, with no need to know its vocabulary. ASCII only: any sequence of its tokens
+# is valid UTF-8, so it can be sent as text too.
 _POOL_TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
     "Sphinx of black quartz, judge my vow! 0123456789 How vexingly quick daft zebras jump; "
-    "the five boxing wizards jump quickly. Über café naïve résumé, ¿qué tal? 東京 مرحبا"
+    "the five boxing wizards jump quickly."
 )
 
 
@@ -39,10 +45,27 @@ class RequestResult:
     error: str = ""
 
 
-async def _token_pool(client: httpx.AsyncClient) -> list[int]:
-    response = await client.post("/tokenize", json={"prompt": _POOL_TEXT, "add_special_tokens": False})
-    raise_for_error(response)
-    return sorted(set(response.json()["tokens"]))
+class _Tokenizer:
+    """The server's tokenizer routes: vLLM's (prompts as ids) or llama-cpp-python's (prompts as text)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.takes_ids = True
+
+    async def pool(self) -> list[int]:
+        response = await self.client.post("/tokenize", json={"prompt": _POOL_TEXT, "add_special_tokens": False})
+        if response.status_code == 404:
+            self.takes_ids = False
+            response = await self.client.post("/extras/tokenize", json={"input": _POOL_TEXT})
+        raise_for_error(response)
+        return sorted(set(response.json()["tokens"]))
+
+    async def prompt(self, token_ids: list[int]) -> list[int] | str:
+        if self.takes_ids:
+            return token_ids
+        response = await self.client.post("/extras/detokenize", json={"tokens": token_ids})
+        raise_for_error(response)
+        return response.json()["text"]
 
 
 async def _first_model(client: httpx.AsyncClient) -> str:
@@ -51,13 +74,14 @@ async def _first_model(client: httpx.AsyncClient) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest) -> RequestResult:
+async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
     body = {
-        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len, "temperature": 0,
+        "model": model, "prompt": prompt, "max_tokens": request.output_len, "temperature": 0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }
     start = last = time.perf_counter()
-    result = RequestResult(ok=False)
+    result = RequestResult(ok=False, prompt_tokens=len(request.prompt_token_ids))
+    chunks = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             raise_for_error(response)
@@ -68,12 +92,14 @@ async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest) ->
                     result.output_tokens = event["usage"]["completion_tokens"]
                 if not event.get("choices"):
                     continue
+                chunks += 1
                 if result.ttft_s == 0.0:
                     result.ttft_s = now - start
                 else:
                     result.itl_s.append(now - last)
                 last = now
         result.latency_s = time.perf_counter() - start
+        result.output_tokens = result.output_tokens or chunks
         result.ok = True
     except (httpx.HTTPError, RuntimeError) as error:
         result.error = str(error)
@@ -86,24 +112,26 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=timeout, limits=limits) as client:
         model = args.model or await _first_model(client)
-        pool = await _token_pool(client)
+        tokenizer = _Tokenizer(client)
+        pool = await tokenizer.pool()
         requests = make_requests(
             args.num_prompts, args.random_input_len, args.random_output_len, len(pool), args.seed,
             args.random_range_ratio,
         )
         for request in requests:
             request.prompt_token_ids = [pool[i] for i in request.prompt_token_ids]
+        prompts = [await tokenizer.prompt(request.prompt_token_ids) for request in requests]
         cap = asyncio.Semaphore(args.max_concurrency or len(requests))
         rng = random.Random(args.seed)
 
-        async def limited(request: BenchRequest) -> RequestResult:
+        async def limited(request: BenchRequest, prompt: list[int] | str) -> RequestResult:
             async with cap:
-                return await _send(client, model, request)
+                return await _send(client, model, request, prompt)
 
         started = time.perf_counter()
         tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(limited(request)))
+        for request, prompt in zip(requests, prompts):
+            tasks.append(asyncio.create_task(limited(request, prompt)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)

@@ -17,6 +17,7 @@ import os
 import signal
 from typing import Any
 
+import torch
 import zmq
 
 from pagoda.config import EngineConfig
@@ -29,8 +30,13 @@ _PARENT_CHECK_MS = 1000  # how often an idle core checks that its parent is stil
 _SEND_TIMEOUT_MS = 60_000
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str, log_level: int) -> None:
-    """The child process's main function."""
+def run_engine_core(
+    config: EngineConfig, input_address: str, output_address: str, log_level: int, env: dict[str, str]
+) -> None:
+    """The child process's main function; env: variables to set first (its GPUs, its threads)."""
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # torch read the variable when it was imported, before this
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     # The front end owns shutdown: Ctrl-C reaches the whole process group, and the core must
     # keep running until the front end has aborted its requests and told it to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,6 +1,8 @@
 """Prometheus metrics (names prefixed pagoda:, as vLLM's are vllm:) and the periodic stats log
 line. Gauges and totals are read from the engine's latest snapshot, so scraping never waits on
-the engine; per-request histograms are observed as each request ends."""
+the engine; per-request histograms are observed as each request ends. With several engine cores
+(data parallelism) the figures are their sums, and engine_core_requests_total{engine} shows how
+the requests were spread."""
 
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ class EngineCollector:
                            stats.prefix_cache_queries)
         yield self._metric(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                            stats.prefix_cache_hits)
+        per_core = CounterMetricFamily("pagoda:engine_core_requests", "Engine requests sent to each engine core "
+                                       "(data-parallel rank).", labels=[*self.labels, "engine"])
+        for index, count in enumerate(self.engine.requests_per_core):
+            per_core.add_metric([*self.labels.values(), str(index)], count)
+        yield per_core
 
     def _metric(self, family: type, name: str, documentation: str, value: float) -> Metric:
         metric = family(f"pagoda:{name}", documentation, labels=list(self.labels))

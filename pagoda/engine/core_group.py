@@ -1,0 +1,176 @@
+"""The engine core processes behind one AsyncLLM: one, or data_parallel_size of them, each on its
+own group of tensor x pipeline GPUs (CUDA_VISIBLE_DEVICES), or its share of the CPU threads.
+
+A request goes to the core with the fewest unfinished engine requests, counted here as they are
+sent and as the cores report them ended (so a burst is spread at once, before any stats arrive).
+Stats are the cores' sum; KV usage is their mean, every core having a pool of the same size."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from pagoda.config import EngineConfig
+from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine import serial
+from pagoda.engine.core_proc import run_engine_core
+from pagoda.loader.model_loader import load_hf_config
+from pagoda.loader.model_resolver import resolve_model
+from pagoda.parallel_config import check_parallel_layout, detect_gpus
+
+logger = logging.getLogger("pagoda")
+
+_POLL_MS = 500  # how often the receiver checks that the core processes are alive
+
+
+@dataclass
+class _Core:
+    process: multiprocessing.process.BaseProcess
+    to_core: zmq.Socket
+    from_core: zmq.Socket
+    stats: SchedulerStats = dataclasses.field(default_factory=lambda: SchedulerStats(0, 0, 0.0, 0, 0, 0))
+    outstanding: int = 0  # engine requests sent and not yet reported ended
+    routed: int = 0  # engine requests sent since start
+
+
+class CoreGroup:
+    def __init__(self, config: EngineConfig) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
+        self._context = zmq.Context()
+        self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
+        _check_whole_layout(config)
+        core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is one copy
+        self.cores = [
+            self._start(i, core_config, env) for i, env in enumerate(_core_environments(config))
+        ]
+        try:
+            ready = [self._wait_ready(core) for core in self.cores]
+        except BaseException:
+            self.shutdown()
+            raise
+        self.max_model_len, self.vocab_size, self.model_name = ready[0]
+
+    def _start(self, index: int, config: EngineConfig, env: dict[str, str]) -> _Core:
+        addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
+        to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
+        to_core.bind(addresses[0])
+        from_core.bind(addresses[1])
+        # spawn, not fork: a forked child would inherit this process's threads and torch state.
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=True,
+            args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
+        )
+        process.start()
+        return _Core(process, to_core, from_core)
+
+    def _wait_ready(self, core: _Core) -> tuple[int, int, str]:
+        while not core.from_core.poll(_POLL_MS):
+            if not core.process.is_alive():
+                raise RuntimeError(f"the engine core process exited with {core.process.exitcode} while starting")
+        message = serial.unpack(core.from_core.recv())
+        if message[0] == "failed":
+            core.process.join(10)
+            raise ValueError(message[1])
+        _, max_model_len, vocab_size, model_name = message
+        return max_model_len, vocab_size, model_name
+
+    def alive(self) -> bool:
+        return all(core.process.is_alive() for core in self.cores)
+
+    # Routing (any thread) ---------------------------------------------------------------------
+
+    def pick(self, num_requests: int) -> int:
+        """The core for a request of num_requests engine requests: the least loaded one."""
+        with self._lock:
+            index = min(range(len(self.cores)), key=lambda i: self.cores[i].outstanding)
+            self.cores[index].outstanding += num_requests
+            self.cores[index].routed += num_requests
+        return index
+
+    def ended(self, index: int, num_requests: int) -> None:
+        with self._lock:
+            self.cores[index].outstanding -= num_requests
+
+    # The I/O threads: one sends, one receives (ZeroMQ sockets are not thread-safe) -------------
+
+    def send(self, index: int | None, message: list[Any]) -> None:
+        """To one core, or to all of them (None)."""
+        data = serial.pack(message)
+        for core in self.cores if index is None else [self.cores[index]]:
+            core.to_core.send(data)
+
+    def receive(self) -> Iterator[tuple[int, list[Any]]]:
+        """(core index, message) as they come, until a core process has exited."""
+        poller = zmq.Poller()
+        for core in self.cores:
+            poller.register(core.from_core, zmq.POLLIN)
+        sockets = {core.from_core: i for i, core in enumerate(self.cores)}
+        while self.alive():
+            for socket, _ in poller.poll(_POLL_MS):
+                index = sockets[socket]
+                message = serial.unpack(socket.recv())
+                if message[0] in ("outputs", "aborted"):  # these carry the core's stats last
+                    self.cores[index].stats = serial.decode_stats(message[-1])
+                yield index, message
+        for i, core in enumerate(self.cores):
+            if core.process.exitcode not in (None, 0):
+                logger.error("engine core %d exited with %s", i, core.process.exitcode)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        all_stats = [core.stats for core in self.cores]
+        return SchedulerStats(
+            num_running=sum(s.num_running for s in all_stats),
+            num_waiting=sum(s.num_waiting for s in all_stats),
+            kv_cache_usage=sum(s.kv_cache_usage for s in all_stats) / len(all_stats),
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in all_stats),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in all_stats),
+            num_preemptions=sum(s.num_preemptions for s in all_stats),
+        )
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """After the sender has told the cores to stop: wait for them (kill what lingers)."""
+        for core in self.cores:
+            core.process.join(timeout)
+            if core.process.is_alive():
+                core.process.kill()
+                core.process.join(timeout)
+
+    def close(self) -> None:
+        """Once the receiver has stopped: the sockets and their directory."""
+        self._context.destroy(linger=0)
+        self._dir.cleanup()
+
+
+def _check_whole_layout(config: EngineConfig) -> None:
+    """Each core checks its own tensor x pipeline GPUs; the whole layout, data-parallel copies
+    included, is checked here once (enough GPUs; a warning for idle ones)."""
+    if config.data_parallel_size == 1 or config.torch_device().type != "cuda":
+        return
+    hf_config = load_hf_config(resolve_model(config.model, config.load_format))
+    check_parallel_layout(config, hf_config, config.torch_dtype(hf_config, torch.device("cuda")), detect_gpus())
+
+
+def _core_environments(config: EngineConfig) -> list[dict[str, str]]:
+    """Each core's environment: its group of tensor x pipeline GPUs, or its share of the CPU."""
+    dp = config.data_parallel_size
+    if dp == 1:
+        return [{}]
+    if config.torch_device().type == "cpu":
+        # Cores sharing the CPU would each start a thread per core and fight over them.
+        return [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // dp))}] * dp
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    size = config.world_size
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * size : (i + 1) * size])} for i in range(dp)]

@@ -129,3 +129,10 @@ def test_eos_ids_come_from_generation_config_and_stop_generation(tmp_path):
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy[: greedy.index(greedy[2]) + 1]
     assert out.finish_reason == "stop" and out.stop_reason is None
+
+
+def test_offline_llm_refuses_data_parallelism_and_unknown_arguments():
+    with pytest.raises(ValueError, match="pagoda serve --data-parallel-size"):
+        LLM(data_parallel_size=2)
+    with pytest.raises(TypeError, match="max_num_sequences"):
+        LLM(max_num_sequences=4)

@@ -25,38 +25,16 @@ class LLM:
     Hugging Face directory, a GGUF file, or a model id already in the Hugging Face cache.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        gpu_memory_utilization: float = 0.9,
-        num_gpu_blocks_override: int | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        seed: int = 0,
-        load_format: str = "auto",
-        device: str = "auto",
-        skip_tokenizer_init: bool = False,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        enforce_eager: bool = False,
-    ) -> None:
-        config = EngineConfig(
-            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-            num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            seed=seed, load_format=load_format, device=device, skip_tokenizer_init=skip_tokenizer_init,
-            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            enforce_eager=enforce_eager,
-        )
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        """`engine_kwargs` are EngineConfig's fields (pagoda/config.py), named as vLLM's `LLM`
+        arguments: dtype, max_model_len, max_num_seqs, gpu_memory_utilization, seed,
+        tensor_parallel_size, enforce_eager, ..."""
+        config = EngineConfig(model=model, **engine_kwargs)
+        if config.data_parallel_size != 1:
+            raise ValueError(
+                f"data_parallel_size={config.data_parallel_size}: the offline LLM runs one engine; "
+                "several engine cores run behind `pagoda serve --data-parallel-size N`"
+            )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 

@@ -31,8 +31,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                        help="engine cores behind one server, each on its own tensor x pipeline GPUs")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

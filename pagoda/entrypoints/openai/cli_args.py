@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
                         help="require `Authorization: Bearer KEY` on /v1 (default: $PAGODA_API_KEY)")
     add_engine_arguments(parser)
+    # A server knob, not an engine one: offline LLM is one engine core.
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine cores behind this server, each on its own tensor x pipeline GPUs")
     parser.add_argument("--chat-template", default=None, help="a Jinja file, or the template itself")
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])

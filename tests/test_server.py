@@ -403,6 +403,50 @@ def test_data_parallel_serves_on_both_cores_with_the_same_greedy_texts(model_arg
         assert _finished(m, "length") + _finished(m, "stop") == len(prompts)
 
 
+def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_args, client, tmp_path):
+    """--tensor-parallel-size 2: the engine core starts a worker process per rank; greedy texts
+    equal the single-rank server's, and SIGTERM takes the whole tree down."""
+    prompts = [f"ranks {i}" for i in range(3)]
+    expected = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
+    with _serving([*model_args, "--tensor-parallel-size", "2"], tmp_path / "tp.log") as (proc, tp_base):
+        tp_client = openai.OpenAI(base_url=f"{tp_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
+        assert [tp_client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts] \
+            == expected
+        tree = _descendants(proc.pid)
+        assert len(tree) >= 3  # the engine core and two workers (a resource tracker may join them)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in tree if _alive(pid)]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
 # Chat -------------------------------------------------------------------------------------------
 
 

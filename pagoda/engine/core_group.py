@@ -7,6 +7,7 @@ Stats are the cores' sum; KV usage is their mean, every core having a pool of th
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import multiprocessing
@@ -54,6 +55,7 @@ class CoreGroup:
         self.cores = [
             self._start(i, core_config, env) for i, env in enumerate(_core_environments(config))
         ]
+        atexit.register(self._kill_lingering)  # runs before multiprocessing joins its children
         try:
             ready = [self._wait_ready(core) for core in self.cores]
         except BaseException:
@@ -67,8 +69,10 @@ class CoreGroup:
         to_core.bind(addresses[0])
         from_core.bind(addresses[1])
         # spawn, not fork: a forked child would inherit this process's threads and torch state.
+        # Not a daemon: with tensor or pipeline parallelism the core starts worker processes,
+        # which a daemon may not; an exit that skipped shutdown() kills it (_kill_lingering).
         process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=True,
+            target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
             args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
         )
         process.start()
@@ -146,6 +150,12 @@ class CoreGroup:
             if core.process.is_alive():
                 core.process.kill()
                 core.process.join(timeout)
+
+    def _kill_lingering(self) -> None:
+        for core in self.cores:
+            if core.process.is_alive():
+                core.process.kill()
+                core.process.join(1)
 
     def close(self) -> None:
         """Once the receiver has stopped: the sockets and their directory."""

@@ -136,3 +136,22 @@ def test_offline_llm_refuses_data_parallelism_and_unknown_arguments():
         LLM(data_parallel_size=2)
     with pytest.raises(TypeError, match="max_num_sequences"):
         LLM(max_num_sequences=4)
+
+
+def test_final_only_requests_output_once_and_the_same(llm):
+    """Offline generate asks for final outputs only: no per-step RequestOutput (each would copy
+    every token so far); what finally comes equals a step-by-step request's last output."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    engine.add_request("steps", [4, 5, 6], params)
+    engine.add_request("final", [4, 5, 6], params, final_only=True)
+    seen: dict[str, list] = {"steps": [], "final": []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    assert len(seen["steps"]) == 6 and len(seen["final"]) == 1 and seen["final"][0].finished
+    last, final = seen["steps"][-1].outputs[0], seen["final"][0].outputs[0]
+    assert (final.token_ids, final.finish_reason) == (last.token_ids, last.finish_reason)
+    # Two rows of one batch: the same logprobs up to BLAS rounding.
+    assert [lp[t].logprob for lp, t in zip(final.logprobs, final.token_ids)] == pytest.approx(
+        [lp[t].logprob for lp, t in zip(last.logprobs, last.token_ids)], abs=1e-5)

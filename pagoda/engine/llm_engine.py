@@ -111,13 +111,15 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        final_only: bool = False,
     ) -> None:
-        """Queue a request; a ValueError leaves the engine exactly as it was."""
+        """Queue a request; a ValueError leaves the engine exactly as it was. With `final_only`,
+        `step` returns its output only once it has finished."""
         if request_id in self.outputs.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         children = fan_out(request_id, params)
         self.add_core_requests(prompt_token_ids, children)
-        self.outputs.add(request_id, prompt, prompt_token_ids, children)
+        self.outputs.add(request_id, prompt, prompt_token_ids, children, final_only=final_only)
 
     def add_core_requests(self, prompt_token_ids: list[int], children: list[EngineRequest]) -> None:
         """Queue the engine requests of one user request, all or none (ValueError)."""

@@ -69,6 +69,7 @@ class _Parent:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_cached_tokens: int = 0
+    final_only: bool = False  # no output until it finishes (offline generate reads only those)
 
     @property
     def finished(self) -> bool:
@@ -84,13 +85,16 @@ class OutputProcessor:
     def add(
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[EngineRequest],
         arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> None:
-        """Track a user request whose engine requests (fan_out) the core has taken."""
+        """Track a user request whose engine requests (fan_out) the core has taken. With
+        `final_only`, `process` makes its RequestOutput once, when it finishes: building one per
+        step copies every token so far, quadratic in the output length."""
         params = children[0][1]
         parent = _Parent(
             request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, children=[],
             metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None, final_only=final_only,
         )
         for index, (child_id, child_params) in enumerate(children):
             child = _Child(
@@ -128,7 +132,8 @@ class OutputProcessor:
             if child.finish_reason is not None:
                 del self._live[child.request_id]
             touched[parent.request_id] = parent
-        return [self._output(parent, now) for parent in touched.values()], stopped
+        outputs = [self._output(p, now) for p in touched.values() if not p.final_only or p.finished]
+        return outputs, stopped
 
     def live_children(self, request_ids: Iterable[str]) -> list[str]:
         """The unfinished engine requests of these user requests; unknown ids are ignored."""

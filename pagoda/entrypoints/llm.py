@@ -113,7 +113,7 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, token_ids, p, prompt=text)
+                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True)
                 request_ids.append(request_id)
         except ValueError:
             engine.abort_request(request_ids)

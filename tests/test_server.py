@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -26,6 +27,10 @@ from transformers import PreTrainedTokenizerFast
 from pagoda.engine import serial
 from pagoda.entrypoints.cli import build_parser
 from pagoda.engine.output_processor import CoreOutput, OutputProcessor, fan_out
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
+from pagoda.entrypoints.openai.server import generation_defaults
+from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
+from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 from tests.tiny_models import save_tiny_model
@@ -445,6 +450,27 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_generation_config_sets_defaults_that_requests_override(tmp_path):
+    """--generation-config: a generation_config.json's sampling fields become the defaults of
+    requests that leave them unset; what a request sets wins; max_new_tokens stays in the context."""
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7, "eos_token_id": 2})
+    )
+    defaults = generation_defaults(str(tmp_path), None, "auto")
+    assert defaults == load_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
+    assert generation_defaults("vllm", str(tmp_path), "auto") == {}
+    with pytest.raises(ValueError, match="no generation_config.json"):
+        generation_defaults(str(tmp_path / "missing"), None, "auto")
+
+    serving = OpenAIServing(SimpleNamespace(tokenizer=None), ServerConfig([MODEL], 64, None, False, defaults))
+    messages = [{"role": "user", "content": "hi"}]
+    unset = serving.sampling_params(ChatCompletionRequest(messages=messages), None, 10, None)
+    assert (unset.temperature, unset.top_p, unset.max_tokens) == (0.6, 0.9, 7)
+    explicit = serving.sampling_params(ChatCompletionRequest(messages=messages, temperature=0.0, top_p=1.0), 20, 10, None)
+    assert (explicit.temperature, explicit.top_p, explicit.max_tokens) == (0.0, 1.0, 20)
+    assert serving.sampling_params(ChatCompletionRequest(messages=messages), None, 60, None).max_tokens == 4
 
 
 # Chat -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +59,25 @@ def load_generation_eos(resolved: ResolvedModel) -> set[int]:
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
+
+
+# generation_config.json fields that set default sampling parameters -> SamplingParams names.
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
+
+
+def load_generation_defaults(directory: str | Path) -> dict[str, Any]:
+    """The default sampling parameters a generation_config.json in `directory` sets (the fields
+    that differ from transformers' defaults), by SamplingParams name; {} when there is none."""
+    from transformers import GenerationConfig
+
+    try:
+        diff = GenerationConfig.from_pretrained(str(directory), local_files_only=True).to_diff_dict()
+    except OSError:
+        return {}
+    return {ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if diff.get(theirs) is not None}
 
 
 @contextlib.contextmanager

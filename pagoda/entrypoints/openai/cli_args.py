@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                         help="engine cores behind this server, each on its own tensor x pipeline GPUs")
     parser.add_argument("--chat-template", default=None, help="a Jinja file, or the template itself")
+    parser.add_argument(
+        "--generation-config", default="auto",
+        help="default sampling parameters for requests that leave them unset: 'auto' takes them from the "
+             "model's generation_config.json, 'vllm' (or 'pagoda') uses the engine's own defaults, a folder "
+             "takes its generation_config.json",
+    )
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")

@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -26,6 +27,8 @@ from pagoda.config import EngineConfig
 from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
+from pagoda.loader.model_loader import load_generation_defaults
+from pagoda.loader.model_resolver import resolve_model
 
 from .metrics import log_stats, metrics_registry
 from .protocol import (
@@ -216,12 +219,31 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def generation_defaults(choice: str, model: str | None, load_format: str) -> dict[str, Any]:
+    """--generation-config: 'auto' (the model's generation_config.json), 'vllm' or 'pagoda' (none),
+    or a folder holding a generation_config.json."""
+    if choice in ("vllm", "pagoda"):
+        return {}
+    if choice == "auto":
+        directory = resolve_model(model, load_format).model_dir
+    else:
+        directory = Path(choice)
+        if not (directory / "generation_config.json").is_file():
+            raise ValueError(f"--generation-config {choice}: no generation_config.json in that folder")
+    defaults = load_generation_defaults(directory)
+    if defaults:
+        logger.info("default sampling parameters from %s/generation_config.json: %s", directory, defaults)
+    return defaults
+
+
 def run_server(args: argparse.Namespace) -> None:
+    default_sampling = generation_defaults(args.generation_config, args.model, args.load_format)
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
     names = args.served_model_name or [args.model or engine.model_name]
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
+        default_sampling=default_sampling,
     )
     app = build_app(engine, config, args.api_key, args.allowed_origins)
     uvicorn_config = uvicorn.Config(

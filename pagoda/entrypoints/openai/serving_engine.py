@@ -58,6 +58,8 @@ class ServerConfig:
     max_model_len: int
     chat_template: str | None
     log_requests: bool
+    # SamplingParams fields a request leaves unset take these (--generation-config).
+    default_sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class OpenAIServing:
@@ -109,6 +111,11 @@ class OpenAIServing:
             spaces_between_special_tokens=request.spaces_between_special_tokens,
         )
         fields.update(extra)
+        for name, value in self.config.default_sampling.items():
+            if name == "max_tokens" and max_tokens is None:
+                fields[name] = min(value, fields[name])  # never past the context
+            elif fields.get(name) is None:
+                fields[name] = value
         try:
             # Unset fields take SamplingParams' own defaults.
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagoda.attention import AttentionMetadata, get_attention_backend
@@ -152,7 +154,7 @@ class ModelRunner:
     def _kv_tensors(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
         shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        return [_zeros(shape, self.dtype, self.device) for _ in range(num_layers)]
 
     # One step ------------------------------------------------------------------------------
 
@@ -285,3 +287,14 @@ def _rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows[-1] - rows[0] + 1 == len(rows):
         return hidden[rows[0] : rows[-1] + 1]
     return hidden[torch.tensor(rows, device=hidden.device)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV tensor. On the CPU through calloc (numpy's zeros): the OS hands out zero pages
+    as they are first touched, where torch.zeros writes every byte now (~2 s for the default 4 GiB
+    pool, and all of it resident from the start). Zeros matter: the torch decode path reads whole
+    blocks, and garbage past a sequence's end could be NaN, which masking does not cancel."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)

@@ -223,10 +223,14 @@ class ModelRunner:
         for chunk in chunks:
             req, s, n = chunk.request, chunk.start, chunk.num_tokens
             starts.append(len(input_ids))
-            input_ids.extend(req.token_ids[s : s + n])
-            pos = range(s, s + n)
-            positions.extend(pos)
-            slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
+            if n == 1:  # a decode: most rows of most steps, so no ranges or generators
+                input_ids.append(req.token_ids[s])
+                positions.append(s)
+                slots.append(chunk.block_ids[s // bs] * bs + s % bs)
+            else:
+                input_ids.extend(req.token_ids[s : s + n])
+                positions.extend(range(s, s + n))
+                slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(s, s + n))
             query_lens.append(n)
             seq_lens.append(s + n)
             num_scored = _num_prompt_positions_scored(chunk)

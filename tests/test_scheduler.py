@@ -445,3 +445,16 @@ def test_every_request_eventually_finishes(config, reqs, tokens):
         check_invariants(driver.sched)
     check_all_free(driver.sched)
     assert all(r.status.is_finished() and r.num_output_tokens >= 1 for r in driver.added)
+
+
+def test_a_blocked_head_of_the_queue_counts_its_prefix_lookup_once():
+    sched = make_scheduler(num_blocks=6, block_size=4)
+    add(sched, "a", list(range(1, 17)), max_tokens=6)  # 4 blocks, growing to 6
+    step(sched)
+    add(sched, "b", list(range(100, 109)))  # needs 3 blocks: waits until "a" ends
+    waited = 0
+    while "b" not in [c.request.request_id for c in step(sched).chunks]:
+        waited += 1
+    assert waited >= 2  # it was retried, and refused, on several steps
+    stats = sched.stats()
+    assert stats.prefix_cache_queries == 16 + 9  # each request's lookup once

@@ -23,6 +23,9 @@ class KVCacheManager:
         self.num_offered_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0  # in tokens, as vLLM counts them
         self.prefix_cache_hits = 0
+        # A lookup counts once its request is admitted: the head of the queue, retried every step
+        # while blocks are short, would otherwise count again each time.
+        self._pending_lookups: dict[str, tuple[int, int]] = {}  # request id -> (tokens, hits)
 
     @property
     def num_blocks(self) -> int:
@@ -58,8 +61,7 @@ class KVCacheManager:
                 break
             blocks.append(block_id)
         num_cached = len(blocks) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_cached
+        self._pending_lookups[request.request_id] = (request.num_tokens, num_cached)
         return blocks, num_cached
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
@@ -81,6 +83,10 @@ class KVCacheManager:
         num_free_hits = sum(1 for block_id in computed_blocks if pool.ref_counts[block_id] == 0)
         if num_new_blocks > pool.num_free_blocks - num_free_hits:
             return False
+        if request.request_id not in self.block_tables:  # admitted: its lookup counts now
+            queries, hits = self._pending_lookups.pop(request.request_id, (0, 0))
+            self.prefix_cache_queries += queries
+            self.prefix_cache_hits += hits
         pool.touch(computed_blocks)
         table.extend(computed_blocks)
         table.extend(pool.get_new_blocks(num_new_blocks))
@@ -94,6 +100,7 @@ class KVCacheManager:
         self.block_pool.free_blocks(reversed(self.block_tables.pop(request.request_id, [])))
         self.block_hashes.pop(request.request_id, None)
         self.num_offered_blocks.pop(request.request_id, None)
+        self._pending_lookups.pop(request.request_id, None)
 
     def _full_block_hashes(self, request: Request) -> list[int]:
         hashes = self.block_hashes.setdefault(request.request_id, [])

@@ -69,10 +69,15 @@ FinishedListener = Callable[[RequestOutput], None]
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self._cores = CoreGroup(config)
+        try:  # the tokenizer loads here while the cores build their engines
+            resolved = resolve_model(config.model, config.load_format)
+            self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
+            self._cores.wait_ready()
+        except BaseException:
+            self._cores.kill()
+            raise
         self.max_model_len, self.vocab_size = self._cores.max_model_len, self._cores.vocab_size
         self.model_name = self._cores.model_name
-        resolved = resolve_model(config.model, config.load_format)
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
         self.counters = EngineCounters()
         self.finished_listeners: list[FinishedListener] = []
         self._processor = OutputProcessor(self.tokenizer)  # the receiver thread's only

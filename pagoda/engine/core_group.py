@@ -47,6 +47,7 @@ class _Core:
 
 class CoreGroup:
     def __init__(self, config: EngineConfig) -> None:
+        """Start the core processes; they build their engines meanwhile (wait_ready() before use)."""
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
@@ -55,12 +56,13 @@ class CoreGroup:
         self.cores = [
             self._start(i, core_config, env) for i, env in enumerate(_core_environments(config))
         ]
-        atexit.register(self._kill_lingering)  # runs before multiprocessing joins its children
-        try:
-            ready = [self._wait_ready(core) for core in self.cores]
-        except BaseException:
-            self.shutdown()
-            raise
+        atexit.register(self.kill)  # runs before multiprocessing joins its children
+        self.max_model_len, self.vocab_size, self.model_name = 0, 0, ""
+
+    def wait_ready(self) -> None:
+        """Block until every core has built its engine; a core's start-up error is raised here
+        (the caller kills the group)."""
+        ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.vocab_size, self.model_name = ready[0]
 
     def _start(self, index: int, config: EngineConfig, env: dict[str, str]) -> _Core:
@@ -70,7 +72,7 @@ class CoreGroup:
         from_core.bind(addresses[1])
         # spawn, not fork: a forked child would inherit this process's threads and torch state.
         # Not a daemon: with tensor or pipeline parallelism the core starts worker processes,
-        # which a daemon may not; an exit that skipped shutdown() kills it (_kill_lingering).
+        # which a daemon may not; an exit that skipped shutdown() kills it (`kill`).
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
             args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
@@ -151,7 +153,8 @@ class CoreGroup:
                 core.process.kill()
                 core.process.join(timeout)
 
-    def _kill_lingering(self) -> None:
+    def kill(self) -> None:
+        """Stop whatever core still runs, at once (start-up failed, or an exit skipped shutdown())."""
         for core in self.cores:
             if core.process.is_alive():
                 core.process.kill()

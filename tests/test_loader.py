@@ -265,3 +265,13 @@ def test_default_model_dir_is_cached(loader_default_model_dir: Path, monkeypatch
     start = time.perf_counter()
     assert default_model_dir() == loader_default_model_dir
     assert time.perf_counter() - start < 0.5
+
+
+def test_a_model_without_a_tokenizer_is_refused_with_what_to_do(tmp_path):
+    from pagoda import LLM
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model("llama3", tmp_path)  # weights and config, no tokenizer files
+    with pytest.raises(ValueError, match=r"no usable tokenizer in .*--tokenizer.*skip_tokenizer_init"):
+        LLM(model=str(path))
+    assert LLM(model=str(path), skip_tokenizer_init=True).get_tokenizer() is None

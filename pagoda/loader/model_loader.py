@@ -38,11 +38,19 @@ def load_hf_config(resolved: ResolvedModel) -> Any:
 def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    if resolved.gguf_file is not None:
+    if resolved.gguf_file is not None and tokenizer is None:
         return load_gguf_tokenizer(resolved.gguf_file)
-    return AutoTokenizer.from_pretrained(str(resolved.model_dir), local_files_only=True)
+    source = tokenizer if tokenizer is not None else str(resolved.model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as error:
+        # transformers' message for a folder with no tokenizer files speaks of slow tokenizers,
+        # sentencepiece and tiktoken; say what the user can do instead.
+        raise ValueError(
+            f"no usable tokenizer in {source} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "pass tokenizer=... (--tokenizer) with a folder or cached model id that has one, or "
+            "skip_tokenizer_init=True to work on token ids only"
+        ) from error
 
 
 def load_generation_eos(resolved: ResolvedModel) -> set[int]:

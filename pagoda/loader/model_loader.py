@@ -47,8 +47,8 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
         # transformers' message for a folder with no tokenizer files speaks of slow tokenizers,
         # sentencepiece and tiktoken; say what the user can do instead.
         raise ValueError(
-            f"no usable tokenizer in {source} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "pass tokenizer=... (--tokenizer) with a folder or cached model id that has one, or "
+            f"no usable tokenizer in {source}: pass tokenizer=... (--tokenizer) with a folder or "
+            "cached model id that has one, or "
             "skip_tokenizer_init=True to work on token ids only"
         ) from error
 

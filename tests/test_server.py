@@ -427,6 +427,21 @@ def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_
     assert not [pid for pid in tree if _alive(pid)]
 
 
+def test_server_without_a_tokenizer_serves_token_ids(tmp_path):
+    """--skip-tokenizer-init: token-id prompts are served (tokens named "token_id:N" in logprobs,
+    as vLLM names them); text prompts and chat are refused with a 400."""
+    path = save_tiny_model("llama3", tmp_path, max_position_embeddings=MAX_MODEL_LEN)  # no tokenizer files
+    with _serving([str(path), "--skip-tokenizer-init"], tmp_path / "ids.log") as (_, ids_base):
+        with httpx.Client(base_url=ids_base, timeout=60.0) as ids_http:
+            body = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "logprobs": 1}
+            choice = ids_http.post("/v1/completions", json=body).json()["choices"][0]
+            tokens = choice["logprobs"]["tokens"]
+            assert len(tokens) == 4 and all(re.fullmatch(r"token_id:\d+", t) for t in tokens)
+            assert all(t in top for t, top in zip(tokens, choice["logprobs"]["top_logprobs"]))
+            refused = ids_http.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid`, from /proc (Linux)."""
     children: dict[int, list[int]] = {}

@@ -21,7 +21,7 @@ Generate = Callable[[list[BenchRequest], int], None]
 def _pagoda(args: argparse.Namespace) -> Generate:
     from pagoda import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs(args), skip_tokenizer_init=True)
+    llm = LLM(**{**engine_kwargs(args), "skip_tokenizer_init": True})
 
     def generate(requests: list[BenchRequest], output_len: int) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)

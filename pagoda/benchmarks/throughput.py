@@ -78,7 +78,7 @@ def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchR
 
     # Prompts are token ids and outputs are counted, not read: no tokenizer is needed
     # (a --load-format dummy model directory often has none).
-    llm = LLM(**engine_kwargs(args), skip_tokenizer_init=True)
+    llm = LLM(**{**engine_kwargs(args), "skip_tokenizer_init": True})
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [
         SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)

@@ -25,6 +25,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="load no tokenizer: prompts must be token ids, outputs carry no text")
     parser.add_argument(
         "--enforce-eager", action="store_true",
         help="run every step eagerly: no CUDA graphs (faster start-up, slower small-batch decode)",

@@ -49,7 +49,7 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
         raise ValueError(
             f"no usable tokenizer in {source}: pass tokenizer=... (--tokenizer) with a folder or "
             "cached model id that has one, or "
-            "skip_tokenizer_init=True to work on token ids only"
+            "skip_tokenizer_init=True (--skip-tokenizer-init) to work on token ids only"
         ) from error
 
 

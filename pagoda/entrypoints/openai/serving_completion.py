@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from pagoda.engine.detokenizer import decode_token
-from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput
 from .serving_engine import (
@@ -130,12 +130,18 @@ class OpenAIServingCompletion(OpenAIServing):
         result = CompletionLogprobs()
         for token_id, position in zip(token_ids, positions):
             chosen = position.get(token_id) if position else None
-            token = chosen.decoded_token if chosen else decode_token(self.require_tokenizer(), token_id)
+            token = _token_text(chosen, token_id) if chosen else decode_token(self.require_tokenizer(), token_id)
             result.tokens.append(token or "")
             result.token_logprobs.append(chosen.logprob if chosen else None)
             result.top_logprobs.append(
-                {lp.decoded_token or "": lp.logprob for lp in position.values()} if position else None
+                {_token_text(lp, i): lp.logprob for i, lp in position.items()} if position else None
             )
             result.text_offset.append(text_offset)
             text_offset += len(token or "")
         return result
+
+
+def _token_text(logprob: Logprob, token_id: int) -> str:
+    """The token as text; "token_id:N", as vLLM writes it, when the server has no tokenizer
+    (--skip-tokenizer-init), so that the tokens of a top-logprobs map stay apart."""
+    return f"token_id:{token_id}" if logprob.decoded_token is None else logprob.decoded_token

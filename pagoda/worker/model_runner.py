@@ -139,8 +139,11 @@ class ModelRunner:
         self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)
         logger.info("KV pool of %d blocks allocated in %.1f s", num_blocks, time.perf_counter() - started)
         if self.use_cuda_graphs:
+            # The forward closes over the model and the pool, not over self: a runner <-> graphs
+            # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
+            model, kv_caches = self.model, self.kv_caches
             self.decode_graphs = DecodeGraphs(
-                lambda ids, pos, metadata: self.model(ids, pos, self.kv_caches, metadata),
+                lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata),
                 self.attention_backend,
                 sizes=capture_sizes(self.max_num_seqs),
                 block_size=self.block_size,

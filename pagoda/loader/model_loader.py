@@ -53,17 +53,22 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
         ) from error
 
 
+def _generation_config(directory: str | Path) -> Any | None:
+    """The GenerationConfig of a generation_config.json in `directory`; None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(directory), local_files_only=True)
+    except OSError:
+        return None
+
+
 def load_generation_eos(resolved: ResolvedModel) -> set[int]:
     """EOS ids from generation_config.json (Llama 3 lists several) or the GGUF metadata."""
     if resolved.gguf_file is not None:
         return load_gguf_eos_token_ids(resolved.gguf_file)
-    from transformers import GenerationConfig
-
-    try:
-        gen = GenerationConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
-    except OSError:
-        return set()
-    eos = gen.eos_token_id
+    gen = _generation_config(resolved.model_dir)
+    eos = None if gen is None else gen.eos_token_id
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
@@ -79,12 +84,10 @@ _GENERATION_DEFAULTS = {
 def load_generation_defaults(directory: str | Path) -> dict[str, Any]:
     """The default sampling parameters a generation_config.json in `directory` sets (the fields
     that differ from transformers' defaults), by SamplingParams name; {} when there is none."""
-    from transformers import GenerationConfig
-
-    try:
-        diff = GenerationConfig.from_pretrained(str(directory), local_files_only=True).to_diff_dict()
-    except OSError:
+    gen = _generation_config(directory)
+    if gen is None:
         return {}
+    diff = gen.to_diff_dict()
     return {ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if diff.get(theirs) is not None}
 
 

@@ -40,6 +40,9 @@ class EngineConfig:
     device: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # no CUDA graphs
+    # Plan and queue step N+1 while the device runs step N. None: on for one rank on a GPU,
+    # where the host's share of a step is worth hiding; off on the CPU, where it runs the model too.
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Engine cores behind one server, each on its own TP x PP GPUs (the server reads it; one
@@ -64,6 +67,11 @@ class EngineConfig:
                "device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        if self.async_scheduling and self.world_size > 1:
+            raise ValueError(
+                f"async_scheduling=True needs one rank, not tensor_parallel_size x pipeline_parallel_size = "
+                f"{self.world_size}: the next step's inputs come from the sampling rank's device"
+            )
         if self.device.startswith("cuda:") and self.world_size > 1:
             raise ValueError(
                 f"device={self.device!r} names one GPU, but tensor_parallel_size x pipeline_parallel_size = "
@@ -112,6 +120,11 @@ class EngineConfig:
                 "which Pagoda does not implement yet; set max_model_len <= the window"
             )
         return self.max_model_len
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        if self.async_scheduling is None:
+            return device.type == "cuda" and self.world_size == 1
+        return self.async_scheduling
 
     def resolve_max_num_batched_tokens(self, max_model_len: int) -> int:
         if self.max_num_batched_tokens is not None:

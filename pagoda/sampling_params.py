@@ -58,6 +58,11 @@ class SamplingParams:
         self._check_ranges()
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the tokens generated so far (repetition, presence, frequency)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 

@@ -12,7 +12,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 # -s shows each greedy divergence from transformers with its logit gap (tests/test_gpu.py).
 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu*.py tests/test_triton_attention.py \
-    tests/test_elementwise_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15
+    tests/test_elementwise_kernels.py tests/test_sampling_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15
 
 bench() {  # name, then bench arguments
     local name=$1; shift
@@ -24,7 +24,9 @@ W2="--model $MODELS/qwen3-0.6b --load-format dummy --num-prompts 256 --input-len
 bench w1_pagoda $W1
 bench w2_pagoda $W2
 if [ "${1:-}" != quick ]; then
+    bench w1_pagoda_sync $W1 --no-async-scheduling  # one step at a time: what the overlap is worth
     bench w1_hf $W1 --backend hf --hf-max-batch-size 128
+    bench w2_hf $W2 --backend hf --hf-max-batch-size 128
 fi
 # Batch-1 decode latency of the 8B shape, ms per output token, beside transformers'.
 LAT="--model $MODELS/llama-3.1-8b --load-format dummy --batch-size 1 --input-len 128 --output-len 128 --max-model-len 1024"

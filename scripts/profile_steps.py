@@ -28,11 +28,12 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()
 
     config = EngineConfig(
         model=args.model, load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
     )
     engine = LLMEngine(config)
     rng = random.Random(0)
@@ -55,7 +56,8 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
+        if not engine.async_scheduling:  # overlapped, a step returns once the one before is read
+            torch.cuda.synchronize()
         kinds[kind].append(time.perf_counter() - t0)
     total = time.perf_counter() - started
     print(f"total {total:.2f} s")

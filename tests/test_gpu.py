@@ -66,6 +66,9 @@ def test_kv_pool_is_sized_from_gpu_memory(tmp_path):
         llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True,
                   gpu_memory_utilization=utilization, max_num_seqs=100000)
         blocks.append(llm.llm_engine.num_kv_blocks)
+        # Weights, activations, the KV pool and the decode graphs stay within the budget.
+        free, total = torch.cuda.mem_get_info()
+        assert total - free <= utilization * total * 1.05
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -104,3 +107,53 @@ def test_cuda_graph_decode_matches_eager(tmp_path):
             same += 1
             assert abs(a.outputs[0].logprobs[i][x].logprob - b.outputs[0].logprobs[i][y].logprob) < 1e-2
     assert same >= 0.95 * total, f"{same}/{total} tokens equal"
+
+
+def _mixed_requests(n: int) -> tuple[list[dict], list[SamplingParams]]:
+    rng = random.Random(2)
+    prompts = [{"prompt_token_ids": [rng.randrange(2, 256) for _ in range(rng.randrange(3, 60))]} for _ in range(n)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True) if i % 3 else
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=5 + i, ignore_eos=True)
+        for i in range(n)
+    ]
+    return prompts, params
+
+
+def test_async_scheduling_matches_one_step_at_a_time_on_the_gpu(tmp_path):
+    """The same batches either way (stops by length only), so the same tokens, bit for bit."""
+    path = save_tiny_model("llama3", tmp_path)
+    prompts, params = _mixed_requests(24)
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(model=str(path), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                  gpu_memory_utilization=0.2, max_model_len=256, max_num_seqs=32, async_scheduling=overlap,
+                  max_num_batched_tokens=128)
+        results[overlap] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+        gc.collect()
+    assert results[True] == results[False]
+
+
+def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
+    """Every launch of a prefill, mixed or decode step (graphs and eager) queues its work without a
+    host-device sync: torch's sync debug mode turns any such sync into an error."""
+    path = save_tiny_model("qwen3", tmp_path)
+    llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True, gpu_memory_utilization=0.2,
+              max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
+    executor = llm.llm_engine.executor
+    launch, launched = executor.launch, []
+
+    def strict_launch(scheduler_output):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launched.append(len(scheduler_output.chunks))
+            return launch(scheduler_output)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    executor.launch = strict_launch
+    prompts, params = _mixed_requests(24)  # more than max_num_seqs: prefills join running decodes
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))
+    assert len(launched) > 20 and llm.llm_engine.async_scheduling

@@ -23,6 +23,10 @@ def reqs(n: int, **params: object) -> list[Req]:
     return [Req(p) for _ in range(n)]
 
 
+def processed(logits: torch.Tensor, requests: list[Req]) -> torch.Tensor:
+    return process_logits(logits, requests, [len(r.output_token_ids) for r in requests])
+
+
 def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
@@ -179,7 +183,7 @@ def test_penalties_and_bias_match_hand_computed_reference() -> None:
     req = Req(params, prompt_token_ids=[0, 1], output_token_ids=[1, 2, 2])
     plain = Req(SamplingParams())
     logits = torch.tensor([LOGITS, LOGITS])
-    out = process_logits(logits, [req, plain])
+    out = processed(logits, [req, plain])
     # bias first: token 0 -> 2.0, token 4 -> 0.0; then repetition over prompt + output {0, 1, 2}:
     # 2.0 / 2, -1.0 * 2, 2.0 / 2; then token 1 (once) -= 0.5 + 0.25, token 2 (twice) -= 1.0 + 0.25.
     expected = [1.0, -2.75, -0.25, -0.5, 0.0, 0.0]
@@ -190,14 +194,14 @@ def test_penalties_and_bias_match_hand_computed_reference() -> None:
 
 def test_frequency_and_presence_ignore_prompt_tokens() -> None:
     req = Req(SamplingParams(frequency_penalty=1.0, presence_penalty=1.0), prompt_token_ids=[0, 2, 3])
-    assert process_logits(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(LOGITS)
+    assert processed(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(LOGITS)
 
 
 def test_negative_penalties_reward_repeats() -> None:
     req = Req(SamplingParams(frequency_penalty=-1.0, presence_penalty=-0.5), output_token_ids=[3, 3])
     expected = list(LOGITS)
     expected[3] += 2 * 1.0 + 0.5
-    assert process_logits(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(expected)
+    assert processed(torch.tensor([LOGITS]), [req])[0].tolist() == pytest.approx(expected)
 
 
 def test_logit_bias_steers_greedy_choice() -> None:
@@ -214,6 +218,21 @@ def test_min_tokens_masks_eos_and_stop_ids() -> None:
     assert sample(logits, [Req(params, output_token_ids=[1, 1], eos_token_ids=eos)]).token_ids == [2]
     ignore = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[3], ignore_eos=True)
     assert sample(logits, [Req(ignore, output_token_ids=[1], eos_token_ids=eos)]).token_ids == [2]
+
+
+def test_num_generated_counts_tokens_still_in_flight() -> None:
+    """With a step in flight a request's output_token_ids lag: min_tokens and seeds go by the count
+    the engine passes, and match a request whose tokens are all known."""
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 3.0]])
+    eos_first = Req(SamplingParams(temperature=0.0, min_tokens=2), output_token_ids=[1], eos_token_ids=frozenset({2}))
+    sampler = Sampler()
+    assert sampler.sample(logits, [eos_first], num_generated=[1]).token_ids.tolist() == [3]
+    assert sampler.sample(logits, [eos_first], num_generated=[2]).token_ids.tolist() == [2]
+    row = random_logits(1, 1000, seed=4, scale=0.1)
+    lagging = Req(SamplingParams(seed=11, temperature=1.0), output_token_ids=[7])
+    known = Req(SamplingParams(seed=11, temperature=1.0), output_token_ids=[7, 8, 9])
+    assert sampler.sample(row, [lagging], num_generated=[3]).token_ids.tolist() == sampler(row, [known]).token_ids
+    assert sampler.sample(row, [lagging]).token_ids.tolist() != sampler(row, [known]).token_ids
 
 
 def test_min_tokens_masked_tokens_are_never_sampled() -> None:
@@ -236,7 +255,7 @@ def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> No
         Req(SamplingParams(temperature=1.0, logprobs=20, seed=3)),
     ]
     out = Sampler()(logits, requests)
-    reference = torch.log_softmax(process_logits(logits, requests), dim=-1)
+    reference = torch.log_softmax(processed(logits, requests), dim=-1)
     for row, (token, logprob, top, req) in enumerate(zip(out.token_ids, out.logprobs, out.top_logprobs, requests)):
         assert logprob == pytest.approx(reference[row, token].item(), abs=1e-5)
         k = req.sampling_params.logprobs

@@ -336,9 +336,10 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
     for c in out.chunks:
         assert c.num_tokens >= 1 and c.request in sched.running
         assert len(c.block_ids) * bs >= c.start + c.num_tokens
-        assert c.samples == (c.start + c.num_tokens == c.request.num_tokens)
+        planned = c.request.num_tokens_with_placeholders - c.samples  # before its own placeholder
+        assert c.samples == (c.start + c.num_tokens == planned)
         if not cfg.enable_chunked_prefill:  # whole, unless a recomputation longer than the budget
-            assert c.samples or c.request.num_tokens - c.start > cfg.max_num_batched_tokens
+            assert c.samples or planned - c.start > cfg.max_num_batched_tokens
 
 
 def check_all_free(sched: Scheduler) -> None:
@@ -378,10 +379,15 @@ sampled_tokens = st.lists(st.sampled_from([1, 2, 3, EOS]), min_size=1, max_size=
 
 
 class Driver:
-    def __init__(self, config: dict) -> None:
+    """Random operations on a scheduler; with `overlap`, as under asynchronous scheduling: each
+    step's tokens arrive after the next step is planned, and its K/V is written in step order."""
+
+    def __init__(self, config: dict, overlap: bool = False) -> None:
         self.sched = make_scheduler(**config)
         self.shadow = ShadowKV()
         self.added: list[Request] = []
+        self.overlap = overlap
+        self.in_flight: SchedulerOutput | None = None
 
     def add(self, args: dict) -> None:
         args = dict(args)
@@ -396,10 +402,17 @@ class Driver:
     def step(self, tokens: list[int]) -> None:
         out = self.sched.schedule()
         check_output(self.sched, out)
+        if self.overlap:
+            out, self.in_flight = self.in_flight, out
+            if out is None:
+                return
+        # Each position's token is known by now, a placeholder's too.
         self.shadow.run(out, self.sched.kv_cache_manager.block_size)
         sampling = [c.request.request_id for c in out.chunks if c.samples]
         sampled = {rid: tokens[i % len(tokens)] for i, rid in enumerate(sampling)}
-        assert [r.request_id for r in self.sched.update_from_output(out, sampled)] == sampling
+        updated = [r.request_id for r in self.sched.update_from_output(out, sampled)]
+        finished_meanwhile = {c.request.request_id for c in out.chunks if c.request.status.is_finished()}
+        assert set(updated) <= set(sampling) and set(sampling) - set(updated) <= finished_meanwhile
 
     def finish(self, index: int, status: RequestStatus) -> None:
         live = sorted(self.sched.requests)
@@ -418,10 +431,11 @@ operations = st.lists(
 )
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
 @settings(max_examples=150, deadline=None)
 @given(config=configs, ops=operations)
-def test_random_operations_keep_blocks_and_budgets_consistent(config, ops):
-    driver = Driver(config)
+def test_random_operations_keep_blocks_and_budgets_consistent(overlap, config, ops):
+    driver = Driver(config, overlap)
     for op in ops:
         getattr(driver, op[0])(*op[1:])
         check_invariants(driver.sched)
@@ -430,12 +444,13 @@ def test_random_operations_keep_blocks_and_budgets_consistent(config, ops):
     check_all_free(driver.sched)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
 @settings(max_examples=150, deadline=None)
 @given(config=configs, reqs=st.lists(requests, min_size=1, max_size=8), tokens=sampled_tokens)
-def test_every_request_eventually_finishes(config, reqs, tokens):
+def test_every_request_eventually_finishes(overlap, config, reqs, tokens):
     # Any pool, even one smaller than a max-length request: a request longer than the whole
     # pool ends by length rather than being preempted forever.
-    driver = Driver(config)
+    driver = Driver(config, overlap)
     for args in reqs:
         driver.add(args)
     for _ in range(2000):
@@ -458,3 +473,32 @@ def test_a_blocked_head_of_the_queue_counts_its_prefix_lookup_once():
     assert waited >= 2  # it was retried, and refused, on several steps
     stats = sched.stats()
     assert stats.prefix_cache_queries == 16 + 9  # each request's lookup once
+
+
+def test_a_step_planned_before_the_last_one_is_read_decodes_its_placeholder():
+    sched = make_scheduler()
+    a = add(sched, "a", [1, 2, 3], max_tokens=3)
+    first = sched.schedule()
+    assert summary(first) == [("a", 0, 3, True)] and a.num_output_placeholders == 1
+    second = sched.schedule()  # before the first step's token is known
+    assert summary(second) == [("a", 3, 1, True)] and a.num_output_placeholders == 2
+    sched.update_from_output(first, {"a": 8})
+    assert a.output_token_ids == [8] and a.num_output_placeholders == 1
+    third = sched.schedule()
+    assert summary(third) == [("a", 4, 1, True)]
+    # Three tokens are now on their way, max_tokens: nothing more is planned for "a".
+    assert sched.schedule().chunks == []
+    for out, token in ((second, 9), (third, 10)):
+        sched.update_from_output(out, {"a": token})
+    assert a.output_token_ids == [8, 9, 10] and a.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_a_placeholders_block_reaches_the_prefix_cache_once_its_token_is_known():
+    sched = make_scheduler(block_size=4)
+    add(sched, "a", [1, 2, 3], max_tokens=6, ignore_eos=True)
+    first = sched.schedule()
+    sched.schedule()  # computes the placeholder at position 3, which fills block 0
+    assert not sched.kv_cache_manager.block_pool.cached
+    sched.update_from_output(first, {"a": 4})
+    sched.schedule()  # the next allocation offers the now-known block
+    assert len(sched.kv_cache_manager.block_pool.cached) == 1

@@ -16,7 +16,9 @@ from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.torch_backend import write_kv
 
 
-@triton.jit
+# The block-table width changes from step to step; specialising on it (as Triton does on integers
+# divisible by 16) would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,

@@ -72,8 +72,10 @@ class KVCacheManager:
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         if table is not None and not computed_blocks and num_tokens <= len(table) * self.block_size:
             # The common decode step: its token fits the last block. Only a block it fills is new
-            # work, for the prefix cache.
-            if self.enable_prefix_caching and num_tokens % self.block_size == 0:
+            # work for the prefix cache, or one whose last token was a placeholder until now.
+            if self.enable_prefix_caching and num_tokens // self.block_size > self.num_offered_blocks.get(
+                request.request_id, 0
+            ):
                 self._offer_full_blocks(request, table, num_tokens)
             return True
         table = [] if table is None else table
@@ -111,7 +113,8 @@ class KVCacheManager:
         return hashes
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Cache the blocks this allocation fills. Their K/V is computed by the step being planned;
+        """Cache the blocks this allocation fills whose tokens are all known (a placeholder's block
+        waits for a later step). Their K/V is computed by the step being planned or an earlier one;
         a request that hits them in the same step is fine too, as attention writes the step's K/V
         before it reads the cache."""
         hashes = self._full_block_hashes(request)

@@ -55,6 +55,9 @@ class Request:
         requested = sampling_params.max_tokens
         self.max_tokens = room if requested is None else min(requested, room)
         self.num_computed_tokens = 0
+        # Tokens that steps already scheduled will sample but the host has not read yet: with
+        # asynchronous scheduling the next step is planned before the current one's tokens arrive.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = 0
         self.first_scheduled_time: float | None = None  # time.time() when first admitted to the batch
         self.status = RequestStatus.WAITING
@@ -63,6 +66,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.token_ids) + self.num_output_placeholders
 
     @property
     def num_prompt_tokens(self) -> int:

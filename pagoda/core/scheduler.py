@@ -3,7 +3,11 @@
 Each step gives every running request the tokens it has not computed yet (a decode is one
 token, an unfinished prefill a chunk), then admits waiting requests while budget, sequence slots
 and KV blocks last. When blocks run out, the newest running request is preempted: its blocks are
-freed and it is recomputed later from its prompt and the tokens it already generated."""
+freed and it is recomputed later from its prompt and the tokens it already generated.
+
+A step may be planned before the previous step's tokens are known (asynchronous scheduling): a
+chunk that samples leaves a placeholder for its token, which the next step computes from the
+device's copy of the sample, and `update_from_output` replaces it with the token."""
 
 from __future__ import annotations
 
@@ -106,7 +110,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self._num_tokens_to_schedule(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_output_placeholders and self._reaches_length_limit(req):
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
+            n = self._num_tokens_to_schedule(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
             if n > 0 and self._allocate_or_preempt(req, n, out):
                 self._commit(req, n, out)
                 budget -= n
@@ -137,6 +144,8 @@ class Scheduler:
         kv = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_output_placeholders:
+                break  # preempted with a token in flight: its prefix is not known yet
             blocks, num_cached = kv.get_computed_blocks(req)
             n = self._num_tokens_to_schedule(req.num_tokens - num_cached, budget)
             if n == 0 or not kv.allocate_slots(req, n, blocks):
@@ -165,9 +174,11 @@ class Scheduler:
     def _commit(self, req: Request, n: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
         block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
-        out.chunks.append(ScheduledChunk(req, start, n, block_ids, samples=start + n == req.num_tokens))
+        samples = start + n == req.num_tokens_with_placeholders
+        out.chunks.append(ScheduledChunk(req, start, n, block_ids, samples))
         out.num_batched_tokens += n
         req.num_computed_tokens += n
+        req.num_output_placeholders += samples
 
     # After the step -------------------------------------------------------------------------
 
@@ -178,9 +189,10 @@ class Scheduler:
         updated = []
         for chunk in scheduler_output.chunks:
             req = chunk.request
-            if not chunk.samples or req.status.is_finished():  # ended from outside meanwhile
+            if not chunk.samples or req.status.is_finished():  # ended meanwhile
                 continue
             token = sampled[req.request_id]
+            req.num_output_placeholders -= 1
             req.append_output_token(token)
             status = self._stop_status(req, token)
             if status is not None:
@@ -200,6 +212,13 @@ class Scheduler:
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_request_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _reaches_length_limit(self, req: Request) -> bool:
+        """Whether the tokens in flight already take the request to max_tokens or the length limit."""
+        return (
+            req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
+            or req.num_tokens_with_placeholders >= self.max_request_len
+        )
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """End requests from outside (a stop string, an abort); unknown ids are ignored."""

@@ -13,7 +13,7 @@ import torch
 from pagoda.config import EngineConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import Scheduler, SchedulerConfig
+from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.engine.output_processor import CoreOutput, EngineRequest, OutputProcessor, fan_out
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
@@ -21,6 +21,7 @@ from pagoda.outputs import RequestOutput
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.sampling_params import SamplingParams
 from pagoda.executor import make_executor
+from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget, WorkerConfig
 
 logger = logging.getLogger("pagoda")
@@ -59,6 +60,11 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.scheduler = Scheduler(scheduler_config, kv_manager)
+        self.async_scheduling = config.resolve_async_scheduling(device) and self.executor.can_overlap_steps
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
+        # Requests whose sampling reads their output tokens on the host (penalties): while one is
+        # unfinished, steps run one at a time.
+        self._needs_known_tokens: set[str] = set()
         self.eos_token_ids = self._eos_token_ids(resolved)
         self.outputs = OutputProcessor(self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
@@ -136,6 +142,7 @@ class LLMEngine:
         except ValueError:
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
             raise
+        self._needs_known_tokens.update(r.request_id for r in requests if r.sampling_params.has_penalties)
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         if len(prompt_token_ids) == 0:
@@ -175,11 +182,42 @@ class LLMEngine:
 
     def step_core(self) -> list[CoreOutput]:
         """Run one scheduled batch; returns what each engine request it advanced got: new token
-        ids and raw logprobs, no text (the OutputProcessor makes it, wherever it runs)."""
+        ids and raw logprobs, no text (the OutputProcessor makes it, wherever it runs).
+
+        With asynchronous scheduling the step is launched and the outputs returned are those of
+        the step launched by the previous call, read while the device runs the new one."""
+        try:
+            if self.async_scheduling and not self._steps_must_wait():
+                return self._step_overlapped()
+            if self._in_flight is not None:  # drain before a step that needs every token known
+                return self._read(*self._take_in_flight())
+            scheduler_output = self.scheduler.schedule()
+            if not scheduler_output.chunks:
+                return []
+            return self._read(scheduler_output, self.executor.launch(scheduler_output))
+        except BaseException:
+            self._in_flight = None  # the device's state is unknown: nothing in flight is trusted
+            raise
+
+    def _steps_must_wait(self) -> bool:
+        if self._needs_known_tokens:
+            self._needs_known_tokens.intersection_update(self.scheduler.requests)
+        return bool(self._needs_known_tokens)
+
+    def _step_overlapped(self) -> list[CoreOutput]:
+        previous = self._take_in_flight()
         scheduler_output = self.scheduler.schedule()
-        if not scheduler_output.chunks:
-            return []
-        runner_output = self.executor.execute(scheduler_output)
+        if scheduler_output.chunks:
+            self._in_flight = (scheduler_output, self.executor.launch(scheduler_output))
+        return [] if previous is None else self._read(*previous)
+
+    def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
+        """Wait for a launched step's tokens and apply them to its requests."""
+        runner_output = step.result()
         updated = {req.request_id for req in self.scheduler.update_from_output(scheduler_output, runner_output.sampled)}
         outputs = []
         for chunk in scheduler_output.chunks:
@@ -193,3 +231,4 @@ class LLMEngine:
                 req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
             ))
         return outputs
+

@@ -31,6 +31,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true",
         help="run every step eagerly: no CUDA graphs (faster start-up, slower small-batch decode)",
     )
+    parser.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="plan and queue each step while the GPU runs the one before (default: on with one GPU)",
+    )
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from pagoda.core.scheduler import SchedulerOutput
-from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
 from pagoda.worker.worker import KVBudget
 
 
@@ -26,6 +26,14 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; the sampled tokens."""
+
+    # Whether the next step may be launched before this one's tokens are read: its decodes then
+    # take their input tokens from the device, which only works where one rank samples and runs all.
+    can_overlap_steps = False
+
+    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        """Queue one step; its tokens are read when asked for. This default runs it to the end."""
+        return PendingStep(self.execute(scheduler_output))
 
     def shutdown(self) -> None:
         """Release the ranks; safe to call more than once."""

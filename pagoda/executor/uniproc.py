@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
-from pagoda.worker.model_runner import ModelRunnerOutput
+from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
 from pagoda.worker.worker import KVBudget, Worker, WorkerConfig
 
 
 class UniprocExecutor(Executor):
+    can_overlap_steps = True
+
     def __init__(self, config: WorkerConfig) -> None:
         self.worker = Worker(config)
 
@@ -20,3 +22,6 @@ class UniprocExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.runner.execute(scheduler_output)
+
+    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        return self.worker.runner.launch(scheduler_output)

@@ -3,12 +3,16 @@
 Order: logit_bias, min_tokens masking, repetition penalty, frequency and presence penalties;
 logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
 take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
-min-p, and sampled. All of it is tensor work over the batch; Python loops over rows only build
+min-p, and sampled. On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
+and its logprob in one pass over the logits (pagoda/kernels/sampling.py). All of it is tensor work over the batch; Python loops over rows only build
 index lists on the host and seed per-request generators, and results are read back at the end.
 
 Sampling is the exponential race, argmax(probs / Exp(1) noise), so each seeded row can draw its
 own noise from a generator seeded from (seed, tokens generated so far): its tokens depend on
-nothing else in the batch, and recomputation after preemption draws them again."""
+nothing else in the batch, and recomputation after preemption draws them again.
+
+`Sampler.sample` leaves its results on the device, so that the engine can queue the next step
+before reading them; `PendingSamples` reads them back without waiting for later work."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from pagoda.host_to_device import to_device
 from pagoda.sampling_params import SamplingParams
 
 _MASK = float("-inf")
@@ -47,41 +52,92 @@ class SamplerOutput:
     top_logprobs: list[TopLogprobs | None]  # None where params.logprobs is None
 
 
+@dataclass
+class DeviceSamples:
+    """One step's samples on the logits' device; top logprobs, when asked for, already read."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor  # [rows] float32: of each sampled token
+    top_logprobs: list[TopLogprobs | None]
+
+
+class PendingSamples:
+    """Samples on their way to the host: the copy is queued behind the step's kernels, and
+    `result` waits for that copy alone, not for whatever the device was given after it."""
+
+    def __init__(self, samples: DeviceSamples) -> None:
+        self.top_logprobs = samples.top_logprobs
+        # One transfer for both (float64 holds every token id exactly).
+        pairs = torch.stack([samples.token_ids.double(), samples.logprobs.double()])
+        self._event: torch.cuda.Event | None = None
+        if pairs.device.type == "cuda":
+            self._host = torch.empty(pairs.shape, dtype=pairs.dtype, pin_memory=True)
+            self._host.copy_(pairs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = pairs
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids, logprobs = self._host.tolist()
+        return SamplerOutput([int(t) for t in token_ids], logprobs, self.top_logprobs)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> SamplerOutput:
-        """logits: [len(requests), vocab], any float dtype and device; the caller's tensor is not changed."""
-        logits = process_logits(logits, requests)
-        greedy = [_samples_greedily(r.sampling_params) for r in requests]
+        """Sample and read the results; logits: [len(requests), vocab], any float dtype and device."""
+        return PendingSamples(self.sample(logits, requests)).result()
+
+    def sample(
+        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int] | None = None
+    ) -> DeviceSamples:
+        """Sample one token per row, leaving the results on the device; the caller's logits are not
+        changed. num_generated: the output tokens each row has before this one (default: as many as
+        its output_token_ids), for min_tokens and seeds while earlier samples are still in flight."""
+        if num_generated is None:
+            num_generated = [len(r.output_token_ids) for r in requests]
+        params = [r.sampling_params for r in requests]
+        logits = process_logits(logits, requests, num_generated)
+        greedy = [_samples_greedily(p) for p in params]
+        if all(greedy) and logits.is_cuda and all(p.logprobs is None for p in params):
+            from pagoda.kernels.sampling import greedy_sample
+
+            return DeviceSamples(*greedy_sample(logits), [None] * len(params))
+        logits = logits.float()
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, requests, greedy)
-        return _output(logits, tokens, [r.sampling_params for r in requests])
+            tokens = self._sample(logits, requests, greedy, num_generated)
+        return _device_samples(logits, tokens, params)
 
     def _sample(
-        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], greedy: list[bool]
+        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], greedy: list[bool],
+        num_generated: Sequence[int],
     ) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         device = logits.device
-        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+        temperature = to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
         probs = torch.softmax(filter_top_k_top_p_min_p(logits / temperature[:, None], params), dim=-1)
-        sampled = (probs / self._exponential_noise(probs.shape, requests, device)).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), sampled)
+        noise = self._exponential_noise(probs.shape, params, num_generated, device)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled)
 
     def _exponential_noise(
-        self, shape: torch.Size, requests: Sequence[SamplingRequest], device: torch.device
+        self, shape: torch.Size, params: Sequence[SamplingParams], num_generated: Sequence[int],
+        device: torch.device,
     ) -> torch.Tensor:
         noise = torch.empty(shape, device=device)
-        if any(r.sampling_params.seed is None for r in requests):
+        if any(p.seed is None for p in params):
             noise.exponential_(generator=self._shared_generator(device))
-        for row, req in enumerate(requests):
-            seed = req.sampling_params.seed
-            if seed is not None:
-                generator = torch.Generator(device=device).manual_seed(_step_seed(seed, len(req.output_token_ids)))
+        for row, (p, step) in enumerate(zip(params, num_generated)):
+            if p.seed is not None:
+                generator = torch.Generator(device=device).manual_seed(_step_seed(p.seed, step))
                 noise[row].exponential_(generator=generator)
         # exponential_ may return exactly 0, and 0 / 0 = NaN would win argmax for a masked token.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
@@ -107,20 +163,23 @@ def _step_seed(seed: int, num_output_tokens: int) -> int:
     return z ^ (z >> 31)
 
 
-def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
-    """logit_bias, min_tokens masking and penalties, as float32; a copy when anything applies."""
+def process_logits(
+    logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int]
+) -> torch.Tensor:
+    """logit_bias, min_tokens masking and penalties, in a float32 copy; the logits themselves when
+    none applies. Penalties read each row's output_token_ids: they must all be known."""
     vocab, device = logits.shape[1], logits.device
     bias_rows, bias_cols, bias_values = _logit_bias_entries(requests, vocab)
-    ban_rows, ban_cols = _min_tokens_entries(requests, vocab)
-    penalised = [row for row, r in enumerate(requests) if _has_penalty(r.sampling_params)]
+    ban_rows, ban_cols = _min_tokens_entries(requests, num_generated, vocab)
+    penalised = [row for row, r in enumerate(requests) if r.sampling_params.has_penalties]
     if not (bias_rows or ban_rows or penalised):
-        return logits.float()
+        return logits
     logits = logits.to(torch.float32, copy=True)
     if bias_rows:
-        index = torch.tensor([bias_rows, bias_cols], device=device)
-        logits[index[0], index[1]] += torch.tensor(bias_values, device=device)
+        index = to_device([bias_rows, bias_cols], torch.int64, device)
+        logits[index[0], index[1]] += to_device(bias_values, torch.float32, device)
     if ban_rows:
-        index = torch.tensor([ban_rows, ban_cols], device=device)
+        index = to_device([ban_rows, ban_cols], torch.int64, device)
         logits[index[0], index[1]] = _MASK
     if penalised:
         logits[penalised] = _penalise(logits[penalised], [requests[row] for row in penalised])
@@ -142,23 +201,21 @@ def _logit_bias_entries(
     return rows, cols, values
 
 
-def _min_tokens_entries(requests: Sequence[SamplingRequest], vocab: int) -> tuple[list[int], list[int]]:
+def _min_tokens_entries(
+    requests: Sequence[SamplingRequest], num_generated: Sequence[int], vocab: int
+) -> tuple[list[int], list[int]]:
     """(row, token) pairs that must not be sampled yet: EOS and stop ids before min_tokens."""
     rows: list[int] = []
     cols: list[int] = []
-    for row, req in enumerate(requests):
+    for row, (req, generated) in enumerate(zip(requests, num_generated)):
         p = req.sampling_params
-        if len(req.output_token_ids) >= p.min_tokens:
+        if generated >= p.min_tokens:
             continue
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
         ids = [t for t in banned if t < vocab]
         rows.extend([row] * len(ids))
         cols.extend(ids)
     return rows, cols
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _penalise(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
@@ -181,14 +238,14 @@ def _token_counts(token_lists: Sequence[list[int]], vocab: int, device: torch.de
     """[len(token_lists), vocab] float32: how often each token occurs in each list."""
     width = max(map(len, token_lists), default=0)
     # Ragged lists are padded with the id `vocab`, which counts into a column that is dropped.
-    ids = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
+    ids = to_device([t + [vocab] * (width - len(t)) for t in token_lists], torch.int64, device)
     counts = torch.zeros(len(token_lists), vocab + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
     return counts[:, :vocab]
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(values, torch.float32, device)[:, None]
 
 
 def filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -202,7 +259,7 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingPara
     if min(top_k) >= vocab and min(top_p) >= 1.0 and max(min_p) <= 0.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    drop = torch.arange(vocab, device=device)[None, :] >= torch.tensor(top_k, device=device)[:, None]
+    drop = torch.arange(vocab, device=device)[None, :] >= to_device(top_k, torch.int64, device)[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, _MASK), dim=-1)
     # Nucleus: a token goes once the mass ranked above it already reaches top_p.
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -212,19 +269,18 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, params: Sequence[SamplingPara
     return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), _MASK)
 
 
-def _output(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> SamplerOutput:
+def _device_samples(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> DeviceSamples:
     k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     if k is None:
         # Only the chosen tokens' logprobs: no need to materialise a [batch, vocab] log-softmax.
         chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        # One device-to-host read for both (float64 holds every token id exactly).
-        token_ids, logprobs = torch.stack([tokens.double(), chosen.double()]).tolist()
-        return SamplerOutput([int(t) for t in token_ids], logprobs, [None] * len(params))
-    tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1), tokens, k)
-    return SamplerOutput(
-        token_ids=[top.token_ids[0] for top in tops],
-        logprobs=[top.logprobs[0] for top in tops],
-        top_logprobs=[None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)],
+        return DeviceSamples(tokens, chosen, [None] * len(params))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tops = gather_top_logprobs(logprobs, tokens, k)
+    return DeviceSamples(
+        tokens,
+        logprobs.gather(1, tokens[:, None])[:, 0],
+        [None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)],
     )
 
 

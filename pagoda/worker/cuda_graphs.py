@@ -60,6 +60,7 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         started = time.perf_counter()
+        torch.cuda.empty_cache()  # torch.cuda.graph() empties the cache: measure from an empty one
         free_before = torch.cuda.mem_get_info()[0]
         pool = None
         # Largest first: smaller graphs then fit in the memory the first one reserved.
@@ -74,7 +75,8 @@ class DecodeGraphs:
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
         logger.info(
-            "captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.2f GiB", len(self.sizes), self.max_batch,
+            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.2f GiB", len(self.sizes), self.sizes[0],
+            self.max_batch,
             time.perf_counter() - started, (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
         )
 
@@ -86,7 +88,8 @@ class DecodeGraphs:
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
     ) -> torch.Tensor:
-        """One decode step over host tensors of one row per request -> hidden states [B, hidden]."""
+        """One decode step, one row per request -> hidden states [B, hidden]. The inputs are device
+        tensors or pinned host tensors, so that copying them in does not wait for the device."""
         num_reqs = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= num_reqs)
         self.input_ids[:num_reqs].copy_(input_ids, non_blocking=True)

@@ -1,4 +1,9 @@
-"""Turns a SchedulerOutput into one flat forward pass over the paged KV cache, then samples."""
+"""Turns a SchedulerOutput into one flat forward pass over the paged KV cache, then samples.
+
+`launch` queues a step on the device and returns at once; its tokens are read when they are
+needed (`PendingStep.result`), so the engine can plan and queue the next step meanwhile. A
+decode whose input token was sampled by the step before, still unread, takes it from that step's
+samples on the device."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import ResolvedModel
-from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs
+from pagoda.host_to_device import pinned, to_device
+from pagoda.sample.sampler import DeviceSamples, PendingSamples, Sampler, TopLogprobs, gather_top_logprobs
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
 logger = logging.getLogger("pagoda")
@@ -29,6 +35,33 @@ class ModelRunnerOutput:
     top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
     # request id -> (index of the first prompt token scored, logprobs of each scored token).
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A launched step: its sampled tokens are read back on `result`."""
+
+    def __init__(
+        self,
+        output: ModelRunnerOutput,
+        request_ids: list[str] | None = None,
+        samples: PendingSamples | None = None,
+    ) -> None:
+        self._output = output
+        self._request_ids = request_ids or []
+        self._samples = samples
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the step's samples (only those: not for steps queued after it)."""
+        out, samples = self._output, self._samples
+        if samples is not None:
+            self._samples = None
+            read = samples.result()
+            for rid, token, logprob, top in zip(self._request_ids, read.token_ids, read.logprobs, read.top_logprobs):
+                out.sampled[rid] = token
+                out.sampled_logprob[rid] = logprob
+                if top is not None:
+                    out.top_logprobs[rid] = top
+        return out
 
 
 @dataclass
@@ -44,6 +77,10 @@ class _Batch:
     logits_rows: list[int]  # rows of the hidden states whose logits are needed
     sample_rows: list[int]  # indices into logits_rows that sample
     prompt_rows: dict[str, tuple[int, int]]  # request id -> (first, count) in logits_rows
+    # Decode rows whose input token is the previous step's sample, still on the device only:
+    # their rows in input_ids, and the matching rows of that step's samples.
+    unread_rows: list[int]
+    unread_sources: list[int]
 
 
 class ModelRunner:
@@ -84,6 +121,9 @@ class ModelRunner:
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
+        # The last step's sampled tokens on the device, and which request each row belongs to.
+        self._last_samples: torch.Tensor | None = None
+        self._last_sample_rows: dict[str, int] = {}
 
     # KV cache -----------------------------------------------------------------------------
 
@@ -93,7 +133,8 @@ class ModelRunner:
 
     def profile_free_gpu_bytes(self, gpu_memory_utilization: float, num_tokens: int, max_model_len: int) -> int:
         """Bytes left for the KV pool: the utilisation target minus weights, the peak activations of
-        a forward pass over `num_tokens` tokens, and what other libraries hold on the device."""
+        a forward pass over `num_tokens` tokens, what other libraries hold on the device, and the
+        decode graphs' memory."""
         started = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -102,11 +143,29 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        graphs = self._graph_bytes()
         logger.info(
-            "profiling pass over %d tokens in %.1f s: peak %.2f GiB with the weights, %.2f GiB outside torch",
-            num_tokens, time.perf_counter() - started, peak / 2**30, outside_torch / 2**30,
+            "profiling pass over %d tokens in %.1f s: peak %.2f GiB with the weights, %.2f GiB outside torch, "
+            "%.2f GiB for decode graphs", num_tokens, time.perf_counter() - started, peak / 2**30,
+            outside_torch / 2**30, graphs / 2**30,
         )
-        return int(total * gpu_memory_utilization - peak - outside_torch)
+        return int(total * gpu_memory_utilization - peak - outside_torch - graphs)
+
+    def _graph_bytes(self) -> int:
+        """What the decode graphs will hold: the largest one, whose memory the others reuse,
+        captured once over a one-block pool and released."""
+        if not self.use_cuda_graphs:
+            return 0
+        kv_caches = self._kv_tensors(1)
+        graphs = self._decode_graphs(kv_caches, scratch_block=0, sizes=capture_sizes(self.max_num_seqs)[-1:])
+        torch.cuda.empty_cache()  # capturing empties the cache itself: that must not count as freed
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        with torch.inference_mode():
+            graphs.capture()
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        del graphs, kv_caches
+        torch.cuda.empty_cache()
+        return max(0, used)
 
     @torch.inference_mode()
     def _profile_run(self, num_tokens: int, max_model_len: int) -> None:
@@ -139,20 +198,25 @@ class ModelRunner:
         self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)
         logger.info("KV pool of %d blocks allocated in %.1f s", num_blocks, time.perf_counter() - started)
         if self.use_cuda_graphs:
-            # The forward closes over the model and the pool, not over self: a runner <-> graphs
-            # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
-            model, kv_caches = self.model, self.kv_caches
-            self.decode_graphs = DecodeGraphs(
-                lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata),
-                self.attention_backend,
-                sizes=capture_sizes(self.max_num_seqs),
-                block_size=self.block_size,
-                max_blocks_per_seq=-(-self.max_model_len // self.block_size),
-                scratch_block=num_blocks,
-                device=self.device,
+            self.decode_graphs = self._decode_graphs(
+                self.kv_caches, scratch_block=num_blocks, sizes=capture_sizes(self.max_num_seqs)
             )
             with torch.inference_mode():
                 self.decode_graphs.capture()
+
+    def _decode_graphs(self, kv_caches: list[torch.Tensor], scratch_block: int, sizes: list[int]) -> DecodeGraphs:
+        # The forward closes over the model and the pool, not over self: a runner <-> graphs
+        # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
+        model = self.model
+        return DecodeGraphs(
+            lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata),
+            self.attention_backend,
+            sizes=sizes,
+            block_size=self.block_size,
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            scratch_block=scratch_block,
+            device=self.device,
+        )
 
     def _kv_tensors(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
@@ -161,55 +225,67 @@ class ModelRunner:
 
     # One step ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(scheduler_output).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        """Queue one step on the device; the host waits only for prompt logprobs and top logprobs."""
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
         hidden = self._forward(batch)
         out = ModelRunnerOutput()
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
-            return out
+            return PendingStep(out)
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
         if not self.samples:
-            return out
-        sampling = [c for c in chunks if c.samples]
-        if sampling:
-            self._sample(_rows(logits, batch.sample_rows), sampling, out)
+            return PendingStep(out)
         for chunk in chunks:
             if chunk.request.request_id in batch.prompt_rows:
                 scored = self._prompt_logprobs(logits, chunk, batch)
                 out.prompt_logprobs[chunk.request.request_id] = (chunk.start + 1, scored)
-        return out
+        sampling = [c for c in chunks if c.samples]
+        if not sampling:
+            return PendingStep(out)
+        samples = self._sample(_rows(logits, batch.sample_rows), sampling)
+        request_ids = [c.request.request_id for c in sampling]
+        self._last_samples = samples.token_ids
+        self._last_sample_rows = {rid: row for row, rid in enumerate(request_ids)}
+        return PendingStep(out, request_ids, PendingSamples(samples))
 
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
+        input_ids = self._input_ids(batch)
         if graphs is not None and len(batch.input_ids) == len(batch.query_lens) <= graphs.max_batch:
             return graphs.run(
-                torch.tensor(batch.input_ids), torch.tensor(batch.positions), torch.tensor(batch.slots),
-                torch.tensor(batch.seq_lens, dtype=torch.int32), _padded_tables(batch.block_tables, "cpu"),
+                input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
+                pinned(batch.seq_lens, torch.int32), pinned(_padded_tables(batch.block_tables), torch.int32),
             )
         metadata = self._build_metadata(batch.slots, batch.query_lens, batch.seq_lens, batch.block_tables)
         self.attention_backend.prepare(metadata)
-        dev = self.device
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(batch.positions, dtype=torch.int64, device=dev)
+        positions = to_device(batch.positions, torch.int64, self.device)
         return self.model(input_ids, positions, self.kv_caches, metadata)
 
-    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], out: ModelRunnerOutput) -> None:
+    def _input_ids(self, batch: _Batch) -> torch.Tensor:
+        input_ids = to_device(batch.input_ids, torch.int64, self.device)
+        if batch.unread_rows:
+            assert self._last_samples is not None
+            rows = to_device([batch.unread_rows, batch.unread_sources], torch.int64, self.device)
+            input_ids.index_copy_(0, rows[0], self._last_samples.index_select(0, rows[1]))
+        return input_ids
+
+    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> DeviceSamples:
         requests = [c.request for c in chunks]
-        result = self.sampler(logits, requests)
-        for req, token, logprob, top in zip(requests, result.token_ids, result.logprobs, result.top_logprobs):
-            out.sampled[req.request_id] = token
-            out.sampled_logprob[req.request_id] = logprob
-            if top is not None:
-                out.top_logprobs[req.request_id] = top
+        # The token being sampled is counted among the placeholders already.
+        num_generated = [r.num_output_tokens + r.num_output_placeholders - 1 for r in requests]
+        return self.sampler.sample(logits, requests, num_generated)
 
     def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk, batch: _Batch) -> list[TopLogprobs]:
         first, count = batch.prompt_rows[chunk.request.request_id]
         req = chunk.request
         targets = req.prompt_token_ids[chunk.start + 1 : chunk.start + 1 + count]
         logprobs = torch.log_softmax(logits[first : first + count], dim=-1)
-        chosen = torch.tensor(targets, device=logprobs.device)
+        chosen = to_device(targets, torch.int64, logprobs.device)
         return gather_top_logprobs(logprobs, chosen, req.sampling_params.prompt_logprobs)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
@@ -223,11 +299,18 @@ class ModelRunner:
         logits_rows: list[int] = []
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int]] = {}
+        unread_rows: list[int] = []
+        unread_sources: list[int] = []
         for chunk in chunks:
             req, s, n = chunk.request, chunk.start, chunk.num_tokens
             starts.append(len(input_ids))
             if n == 1:  # a decode: most rows of most steps, so no ranges or generators
-                input_ids.append(req.token_ids[s])
+                if s < len(req.token_ids):
+                    input_ids.append(req.token_ids[s])
+                else:  # the previous step sampled it: filled in on the device
+                    unread_rows.append(len(input_ids))
+                    unread_sources.append(self._last_sample_rows[req.request_id])
+                    input_ids.append(0)
                 positions.append(s)
                 slots.append(chunk.block_ids[s // bs] * bs + s % bs)
             else:
@@ -253,6 +336,8 @@ class ModelRunner:
             logits_rows=logits_rows,
             sample_rows=sample_rows,
             prompt_rows=prompt_rows,
+            unread_rows=unread_rows,
+            unread_sources=unread_sources,
         )
 
     def _build_metadata(
@@ -263,10 +348,10 @@ class ModelRunner:
             starts.append(starts[-1] + n)
         dev = self.device
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=_padded_tables(tables, dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
+            query_start_loc=to_device(starts, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(_padded_tables(tables), torch.int32, dev),
             block_size=self.block_size,
             query_starts_cpu=starts[:-1],
             query_lens_cpu=query_lens,
@@ -283,10 +368,12 @@ def _num_prompt_positions_scored(chunk: ScheduledChunk) -> int:
     return max(0, end - chunk.start)
 
 
-def _padded_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
-    """Block tables as one [num_reqs, longest] int32 tensor, short rows padded with block 0."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+def _padded_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one [num_reqs, longest] int32 array, short rows padded with block 0."""
+    padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for row, table in zip(padded, tables):
+        row[: len(table)] = table
+    return padded
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -294,7 +381,7 @@ def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     indexing would copy (the logits of 256 rows of a 128k vocabulary are 131 MB)."""
     if rows[-1] - rows[0] + 1 == len(rows):
         return x[rows[0] : rows[-1] + 1]
-    return x[torch.tensor(rows, device=x.device)]
+    return x[to_device(rows, torch.int64, x.device)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

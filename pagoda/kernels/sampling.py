@@ -1,0 +1,50 @@
+"""Greedy sampling in one pass over the logits, for the GPU's common case (every row greedy, no
+logit processing, no top logprobs): the argmax and the sampled token's logprob.
+
+torch needs a float32 copy of the [rows, vocab] logits, an argmax, and a logsumexp that makes
+several passes of its own: about 1 ms a step for 256 rows of a 128k vocabulary on an H100, where
+one read of the bf16 logits takes a few tens of microseconds."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _greedy_kernel(logits_ptr, tokens_ptr, logprobs_ptr, stride_row, vocab, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    lanes = tl.arange(0, BLOCK)
+    # Per lane: the running max, the sum of exp(x - max), and the first column holding the max.
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
+    lane_arg = tl.zeros([BLOCK], tl.int32)
+    for start in tl.range(0, vocab, BLOCK):
+        cols = start + lanes
+        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(lane_max, x)
+        # A lane that has seen only -inf (masked columns, the tail) shifts by 0: no inf - inf.
+        shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+        lane_arg = tl.where(x > lane_max, cols, lane_arg)  # strictly greater: the first column wins
+        lane_max = new_max
+    row_max = tl.max(lane_max, axis=0)
+    total = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    # Ties across lanes: the lowest column, as torch.argmax picks.
+    token = tl.min(tl.where(lane_max == row_max, lane_arg, vocab), axis=0)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    # logprob of the max = max - logsumexp = -log(sum exp(x - max))
+    tl.store(logprobs_ptr + row, -tl.log(total))
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [rows] int64, its log-softmax [rows] float32) of logits [rows, vocab], any float dtype,
+    last dim contiguous."""
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        _greedy_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), vocab, BLOCK=2048)
+    return tokens, logprobs

@@ -1,0 +1,40 @@
+"""The Triton greedy-sampling kernel against torch's argmax and log-softmax, natively on a GPU or on
+the CPU under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+pytest.importorskip("triton")
+
+from pagoda.kernels.sampling import greedy_sample  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [5, 2048, 5000])  # under, at and over one block of columns
+def test_greedy_sample_matches_torch(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(6, vocab, generator=g) * 4).to(dtype)
+    logits[1, : vocab // 2] = float("-inf")  # masked columns, as a logit processor leaves them
+    logits[2, vocab // 3] = logits[2, vocab - 1] = logits[2].max() + 1  # a tie: the first column wins
+    tokens, logprobs = greedy_sample(logits.to(DEVICE))
+    reference = logits.float()
+    assert tokens.cpu().tolist() == reference.argmax(dim=-1).tolist()
+    expected = torch.log_softmax(reference, dim=-1).gather(1, reference.argmax(dim=-1, keepdim=True))[:, 0]
+    torch.testing.assert_close(logprobs.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_sample_reads_strided_rows():
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
+    view = logits.to(DEVICE)[:, :2500]  # rows of a wider tensor
+    tokens, _ = greedy_sample(view)
+    assert tokens.cpu().tolist() == logits[:, :2500].argmax(dim=-1).tolist()

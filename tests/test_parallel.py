@@ -36,11 +36,13 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (3, 21, 40, 9)]
 
 
-def _generate(path, prompts, **parallel) -> list[tuple[list[int], list[float]]]:
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+
+
+def _generate(path, prompts, params: SamplingParams = GREEDY, **parallel) -> list[tuple[list[int], list[float]]]:
     # A budget of 16 tokens a step: chunked prefills mixed with decodes, over many steps.
     llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_num_batched_tokens=16, block_size=4,
               **parallel)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
@@ -73,6 +75,14 @@ def test_tp2_x_pp2_equals_one_process(prompts, tmp_path):
     path = save_tiny_model("llama3", tmp_path, vocab_size=VOCAB, num_hidden_layers=3)  # stages of 1 and 2 layers
     _assert_same(_generate(path, prompts[:2], tensor_parallel_size=2, pipeline_parallel_size=2),
                  _generate(path, prompts[:2]))
+
+
+def test_seeded_sampling_at_tp2_equals_one_process(prompts, tmp_path):
+    """Seeds and min_tokens count the tokens generated so far; the workers' request mirrors must
+    count them as the engine does, also for prompts whose prefill took several chunks."""
+    path = save_tiny_model("llama3", tmp_path, vocab_size=VOCAB)
+    params = SamplingParams(temperature=1.0, seed=5, min_tokens=3, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    _assert_same(_generate(path, prompts, params, tensor_parallel_size=2), _generate(path, prompts, params))
 
 
 def test_dummy_weights_are_the_same_at_any_tp(tmp_path):

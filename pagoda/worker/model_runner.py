@@ -276,8 +276,9 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> DeviceSamples:
         requests = [c.request for c in chunks]
-        # The token being sampled is counted among the placeholders already.
-        num_generated = [r.num_output_tokens + r.num_output_placeholders - 1 for r in requests]
+        # A sampling chunk ends at the request's last token so far, known or in flight: what lies
+        # past the prompt was generated before this sample (a worker's mirror counts no placeholders).
+        num_generated = [c.start + c.num_tokens - c.request.num_prompt_tokens for c in chunks]
         return self.sampler.sample(logits, requests, num_generated)
 
     def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk, batch: _Batch) -> list[TopLogprobs]:

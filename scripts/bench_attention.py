@@ -1,6 +1,7 @@
 """The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
-head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths.
-Reports time and the KV bytes read per second.
+head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths;
+then decodes of few long requests, with and without key splits. Reports time and the KV bytes read
+per second.
 
     PYTHONPATH=. python3 scripts/bench_attention.py
 """
@@ -11,7 +12,7 @@ import torch
 from triton.testing import do_bench
 
 from pagoda.attention.backend import AttentionMetadata
-from pagoda.attention.triton_backend import paged_attention, query_tile
+from pagoda.attention.triton_backend import _num_sms, decode_splits, paged_attention, query_tile
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
@@ -49,6 +50,14 @@ def main() -> None:
         for tile_n in (16, 32, 64, 128):
             ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, block_q, tile_n))
             print(f"{name:<8} {tile_n:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
+    print(f"{'requests':>8} {'keys':>6} {'splits':>6} {'ms':>7} {'GB/s':>7}")
+    for num_reqs, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 32768), (16, 8192)):
+        q, cache, metadata = batch([1] * num_reqs, [keys] * num_reqs)
+        kv_bytes = num_reqs * keys * KV_HEADS * HEAD_DIM * 2 * 2
+        auto = decode_splits(num_reqs * KV_HEADS, keys, _num_sms(q.device))
+        for splits in sorted({1, auto}):
+            ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, 4, num_splits=splits))
+            print(f"{num_reqs:>8} {keys:>6} {splits:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
 
 
 if __name__ == "__main__":

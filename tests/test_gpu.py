@@ -157,3 +157,25 @@ def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))
     assert len(launched) > 20 and llm.llm_engine.async_scheduling
+
+
+def test_seeded_rows_sample_the_same_in_any_batch_on_the_gpu():
+    """Seeded rows draw their noise from (seed, step) in one kernel for the batch: a row's token
+    depends on its logits, seed and step, not on its neighbours or its place."""
+    from pagoda.sample.sampler import Sampler
+    from pagoda.sampling_params import SamplingParams as Params
+
+    class Req:
+        def __init__(self, seed, outputs):
+            self.sampling_params = Params(temperature=1.0, seed=seed)
+            self.prompt_token_ids, self.output_token_ids, self.eos_token_ids = [0], outputs, frozenset()
+
+    g = torch.Generator().manual_seed(0)
+    row = (torch.randn(1, 32000, generator=g) * 0.1).cuda()  # flat: the noise decides
+    others = (torch.randn(7, 32000, generator=g) * 0.1).cuda()
+    sampler = Sampler(seed=1)
+    alone = [sampler(row, [Req(42, [0] * step)]).token_ids[0] for step in range(6)]
+    crowded = [sampler(torch.cat([others[:3], row, others[3:]]), [Req(None, [])] * 3 + [Req(42, [0] * step)]
+                       + [Req(i, []) for i in range(4)]).token_ids[3] for step in range(6)]
+    assert alone == crowded
+    assert len(set(alone)) > 1  # each step draws afresh

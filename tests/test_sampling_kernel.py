@@ -1,8 +1,9 @@
-"""The Triton greedy-sampling kernel against torch's argmax and log-softmax, natively on a GPU or on
-the CPU under TRITON_INTERPRET=1."""
+"""The Triton sampling kernels, natively on a GPU or on the CPU under TRITON_INTERPRET=1: greedy
+sampling against torch's argmax and log-softmax; per-row seeded exponential noise."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -14,7 +15,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.sampling import greedy_sample  # noqa: E402
+from pagoda.kernels.sampling import exponential_noise, greedy_sample  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -38,3 +39,21 @@ def test_greedy_sample_reads_strided_rows():
     view = logits.to(DEVICE)[:, :2500]  # rows of a wider tensor
     tokens, _ = greedy_sample(view)
     assert tokens.cpu().tolist() == logits[:, :2500].argmax(dim=-1).tolist()
+
+
+def test_exponential_noise_is_a_function_of_each_rows_seed():
+    seeds = torch.tensor([7, 123456789012345, 7, 2**62], device=DEVICE)
+    noise = exponential_noise(seeds, 5000).cpu()
+    assert torch.equal(noise[0], noise[2])  # same seed, same row, wherever it sits in the batch
+    assert not torch.equal(noise[0], noise[1])
+    alone = exponential_noise(seeds[1:2], 5000).cpu()
+    assert torch.equal(alone[0], noise[1])
+    assert (noise > 0).all()
+
+
+def test_exponential_noise_is_exp_1():
+    noise = exponential_noise(torch.arange(8, device=DEVICE) * 1_000_003, 5000).cpu().flatten()
+    # Exp(1): mean 1, P(X > 1) = e^-1, P(X > 3) = e^-3; 40,000 draws put these well inside 4 sigma.
+    assert abs(noise.mean().item() - 1.0) < 0.02
+    assert abs((noise > 1).float().mean().item() - math.exp(-1)) < 0.01
+    assert abs((noise > 3).float().mean().item() - math.exp(-3)) < 0.005

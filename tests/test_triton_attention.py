@@ -84,3 +84,30 @@ def test_triton_matches_torch_reference(dtype, num_heads, num_kv_heads, head_dim
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     assert not out.isnan().any()
     assert (out - ref).norm() / ref.norm() < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(8, 2, 64), (6, 3, 32)])
+def test_split_decodes_match_torch_reference(monkeypatch, dtype, num_splits, num_heads, num_kv_heads, head_dim):
+    """Decodes whose keys are split across programs, lengths from under one key tile per split (so
+    some splits are empty) to many tiles, equal the reference once the splits are combined."""
+    from pagoda.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "decode_splits", lambda *args: num_splits)
+    inputs = _batch([1, 1, 1, 1], [0, 9, 140, 300], num_heads, num_kv_heads, head_dim, 16, dtype, seed=num_splits)
+    ref, _ = _run(TorchAttentionBackend(), *inputs)
+    out, _ = _run(TritonAttentionBackend(), *inputs)
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert not out.isnan().any()
+    assert (out - ref).norm() / ref.norm() < tol
+
+
+def test_decode_splits_fill_the_gpu_only_for_small_batches():
+    from pagoda.attention.triton_backend import decode_splits
+
+    assert decode_splits(256 * 8, 1024, num_sms=132) == 1  # W1's decodes: 2,048 programs already
+    assert decode_splits(1 * 8, 32768, num_sms=132) == 33  # one long request: 264 programs
+    assert decode_splits(1 * 8, 1024, num_sms=132) == 4  # short: splits of at least 256 keys
+    assert decode_splits(1 * 8, 200, num_sms=132) == 1
+    assert decode_splits(1, 10**6, num_sms=132) == 64

@@ -4,9 +4,16 @@ One program per (request, KV head, tile of query tokens). The query heads that s
 are packed into the rows of one tile (rows = query tokens x group), so a decode of a GQA model
 still fills a tensor-core tile, and each K/V block is read once for the whole group. Keys are
 walked block by block through the request's block table with an online softmax; queries see the
-cached prefix and, causally, their own chunk."""
+cached prefix and, causally, their own chunk.
+
+A batch of few decodes would leave most of the GPU idle (one request of a model with 8 KV heads
+is 8 programs): its keys are then split across programs, each writing a partial softmax (its max,
+sum and unnormalised output), and a second kernel combines the splits. The split count depends
+only on the batch size and the block tables' width, so decode CUDA graphs capture it."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,7 +27,7 @@ from pagoda.attention.torch_backend import write_kv
 # divisible by 16) would compile the kernel again mid-serving.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, partial_max_sum_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     scale,
     stride_qt, stride_qh,
@@ -28,11 +35,13 @@ def _paged_attention_kernel(
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
-    tile = tl.program_id(2)
+    # The third grid axis walks query tiles x key splits (split decodes have one query tile).
+    tile = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if tile * BLOCK_Q >= q_len:
@@ -56,10 +65,15 @@ def _paged_attention_kernel(
     acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
     # Keys beyond the last query of this tile are masked for every row: stop there.
     last_key = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_Q)
+    first_key = 0
+    if NUM_SPLITS > 1:  # this program's share: whole key tiles, the last split maybe short or empty
+        span = tl.cdiv(tl.cdiv(last_key, NUM_SPLITS), TILE_N) * TILE_N
+        first_key = split * span
+        last_key = tl.minimum(last_key, first_key + span)
     # Each iteration reads TILE_N keys, spanning TILE_N / BLOCK_SIZE blocks when blocks are
     # small: larger loads keep more bytes in flight than one 16-token block at a time.
     offs = tl.arange(0, TILE_N)
-    for start in tl.range(0, last_key, TILE_N):
+    for start in tl.range(first_key, last_key, TILE_N):
         key_pos = start + offs
         in_range = key_pos < last_key
         block_id = tl.load(block_tables_ptr + req * stride_bt + key_pos // BLOCK_SIZE, mask=in_range, other=0)
@@ -79,9 +93,38 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:  # a decode's rows are its query heads: [request, split, head] partials, in float32
+        part = (req * NUM_SPLITS + split) * (GROUP * tl.num_programs(1)) + head
+        tl.store(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(partial_max_sum_ptr + part * 2, m_i, mask=row_valid)
+        tl.store(partial_max_sum_ptr + part * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    partial_ptr, partial_max_sum_ptr, out_ptr, query_start_loc_ptr, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (decode, query head): the splits' partial softmaxes rescaled to their common
+    max and summed."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.arange(0, SPLITS_POW2)
+    valid = split < NUM_SPLITS
+    part = (req * NUM_SPLITS + split) * tl.num_programs(1) + head
+    m = tl.load(partial_max_sum_ptr + part * 2, mask=valid, other=float("-inf"))
+    l = tl.load(partial_max_sum_ptr + part * 2 + 1, mask=valid, other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))  # an empty split (m = -inf) weighs 0
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    acc = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None] & d_valid[None, :], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    token = tl.load(query_start_loc_ptr + req)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
 def paged_attention(
@@ -91,20 +134,29 @@ def paged_attention(
     scale: float,
     block_q: int,
     tile_n: int | None = None,
+    num_splits: int = 1,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
+    """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]. num_splits > 1
+    (decodes only) splits each request's keys across that many programs."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
     max_query_len = max(metadata.query_lens_cpu)
-    grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    assert num_splits == 1 or max_query_len == 1, "only decodes split their keys"
+    num_reqs = metadata.num_reqs
+    grid = (num_reqs, num_kv_heads, num_splits if num_splits > 1 else triton.cdiv(max_query_len, block_q))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     # Measured on an H100 (scripts/bench_attention.py): 64-key tiles for decodes, whose programs
     # only stream K/V; 32 for prefill tiles, whose 64 query rows make larger tiles spill.
     tile_n = tile_n or max(block_size, 64 if max_query_len == 1 and block_d <= 128 else 32)
+    if num_splits > 1:
+        partial = torch.empty(num_reqs, num_splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        partial_max_sum = torch.empty(num_reqs, num_splits, num_heads, 2, dtype=torch.float32, device=q.device)
+    else:
+        partial = partial_max_sum = out  # not read
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, out, partial, partial_max_sum,
         metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
         scale,
         q.stride(0), q.stride(1),
@@ -113,9 +165,27 @@ def paged_attention(
         metadata.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
-        M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))),
+        M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_reqs, num_heads)](
+            partial, partial_max_sum, out, metadata.query_start_loc, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        )
     return out
+
+
+def decode_splits(num_programs: int, max_keys: int, num_sms: int) -> int:
+    """Key splits per decode: enough programs to fill the GPU about twice over, each split at
+    least 256 keys (fewer would cost more in partials than they save), at most 64."""
+    return max(1, min((2 * num_sms) // num_programs, max_keys // 256, 64))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter: an H100's count
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def query_tile(max_query_len: int, group: int) -> int:
@@ -140,5 +210,11 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         group = q.shape[1] // k.shape[1]
-        block_q = query_tile(metadata.backend_data["max_query_len"], group)
-        return paged_attention(q, kv_cache, metadata, scale, block_q)
+        max_query_len = metadata.backend_data["max_query_len"]
+        num_splits = 1
+        if max_query_len == 1:
+            # The longest a request here can be: what its block table holds (a graph's tables
+            # are max_model_len wide, so its captured split count suits any length).
+            max_keys = metadata.block_tables.shape[1] * metadata.block_size
+            num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, _num_sms(q.device))
+        return paged_attention(q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits)

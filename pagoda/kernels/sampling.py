@@ -1,9 +1,13 @@
-"""Greedy sampling in one pass over the logits, for the GPU's common case (every row greedy, no
-logit processing, no top logprobs): the argmax and the sampled token's logprob.
+"""Sampling kernels for the GPU.
 
-torch needs a float32 copy of the [rows, vocab] logits, an argmax, and a logsumexp that makes
-several passes of its own: about 1 ms a step for 256 rows of a 128k vocabulary on an H100, where
-one read of the bf16 logits takes a few tens of microseconds."""
+Greedy sampling in one pass over the logits, for the common case (every row greedy, no logit
+processing, no top logprobs): the argmax and the sampled token's logprob. torch needs a float32
+copy of the [rows, vocab] logits, an argmax, and a logsumexp that makes several passes of its own:
+about 1 ms a step for 256 rows of a 128k vocabulary on an H100, where one read of the bf16 logits
+takes a few tens of microseconds.
+
+Exponential noise with a seed per row, for random sampling: one launch for the batch, where a
+torch generator per seeded request would cost a generator and a launch each."""
 
 from __future__ import annotations
 
@@ -48,3 +52,22 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         _greedy_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), vocab, BLOCK=2048)
     return tokens, logprobs
+
+
+@triton.jit
+def _exponential_kernel(seeds_ptr, noise_ptr, stride_row, vocab, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    uniform = tl.rand(tl.load(seeds_ptr + row), cols)  # Philox: a function of (seed, column) alone
+    # -log(U) ~ Exp(1). U = 0 gives +inf (odds 0); U rounds to 1.0 in float32 now and then, and a
+    # noise of 0 would make a masked token's odds 0 / 0 = NaN, which wins an argmax.
+    tl.store(noise_ptr + row * stride_row + cols, tl.maximum(-tl.log(uniform), 1.1754944e-38), mask=cols < vocab)
+
+
+def exponential_noise(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float32 Exp(1) noise; row r depends on seeds[r] (int64, on the device) only."""
+    noise = torch.empty(seeds.shape[0], vocab, dtype=torch.float32, device=seeds.device)
+    if seeds.shape[0]:
+        block = 4096
+        _exponential_kernel[(seeds.shape[0], triton.cdiv(vocab, block))](seeds, noise, noise.stride(0), vocab, BLOCK=block)
+    return noise

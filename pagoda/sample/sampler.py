@@ -27,6 +27,7 @@ from pagoda.sampling_params import SamplingParams
 
 _MASK = float("-inf")
 _U64 = 2**64 - 1
+_I63 = 2**63 - 1  # what an int64 seed tensor holds
 
 
 class SamplingRequest(Protocol):
@@ -132,6 +133,8 @@ class Sampler:
         self, shape: torch.Size, params: Sequence[SamplingParams], num_generated: Sequence[int],
         device: torch.device,
     ) -> torch.Tensor:
+        if device.type == "cuda":
+            return self._seeded_rows_noise(shape, params, num_generated, device)
         noise = torch.empty(shape, device=device)
         if any(p.seed is None for p in params):
             noise.exponential_(generator=self._shared_generator(device))
@@ -141,6 +144,22 @@ class Sampler:
                 noise[row].exponential_(generator=generator)
         # exponential_ may return exactly 0, and 0 / 0 = NaN would win argmax for a masked token.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _seeded_rows_noise(
+        self, shape: torch.Size, params: Sequence[SamplingParams], num_generated: Sequence[int],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The GPU's noise: one kernel over the batch, each row from a seed of its own (a
+        request's (seed, step) for seeded rows, a draw of the shared generator for the others)."""
+        from pagoda.kernels.sampling import exponential_noise
+
+        seeds = torch.randint(_I63, (shape[0],), generator=self._shared_generator(device), device=device)
+        seeded = [(row, _step_seed(p.seed, step) & _I63) for row, (p, step) in enumerate(zip(params, num_generated))
+                  if p.seed is not None]
+        if seeded:
+            rows, values = zip(*seeded)
+            seeds.index_copy_(0, to_device(rows, torch.int64, device), to_device(values, torch.int64, device))
+        return exponential_noise(seeds, shape[1])
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

@@ -1,0 +1,78 @@
+"""Compile every Triton kernel of Pagoda for Hopper (sm_90) without a GPU: Triton's bundled ptxas
+needs none. The interpreter (what CPU machines run the kernels under) accepts code the compiler
+refuses; this catches it before a GPU run does.
+
+    python3 scripts/compile_kernels.py        # must run without TRITON_INTERPRET=1
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pagoda.attention import triton_backend  # noqa: E402
+from pagoda.kernels import elementwise, sampling  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_ATTENTION = {
+    "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
+    "partial_max_sum_ptr": "*fp32", "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
+    "scale": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
+    "stride_ch": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32",
+}
+_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128)
+KERNELS = {
+    "paged attention, decode": (triton_backend._paged_attention_kernel, _ATTENTION,
+                                dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=1)),
+    "paged attention, split decode": (triton_backend._paged_attention_kernel, _ATTENTION,
+                                      dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
+    "paged attention, prefill": (triton_backend._paged_attention_kernel, _ATTENTION,
+                                 dict(_ATTENTION_SHAPE, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+    "combine splits": (triton_backend._combine_splits_kernel,
+                       {"partial_ptr": "*fp32", "partial_max_sum_ptr": "*fp32", "out_ptr": "*bf16",
+                        "query_start_loc_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"},
+                       dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=128, BLOCK_D=128)),
+    "greedy sampling": (sampling._greedy_kernel,
+                        {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "stride_row": "i32",
+                         "vocab": "i32"}, dict(BLOCK=2048)),
+    "exponential noise": (sampling._exponential_kernel,
+                          {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
+                          dict(BLOCK=4096)),
+    "add + RMSNorm": (elementwise._rms_norm_kernel,
+                      {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+                       "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "n_cols": "i32", "eps": "fp32"},
+                      dict(HAS_RESIDUAL=True, BLOCK=4096)),
+    "rotary": (elementwise._rotary_kernel,
+               {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32", "positions_ptr": "*i64",
+                "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32",
+                "num_q_heads": "i32", "num_k_heads": "i32"}, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64)),
+    "SiLU-and-mul": (elementwise._silu_and_mul_kernel,
+                     {"x_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "n_cols": "i32"},
+                     dict(BLOCK=1024)),
+}
+
+
+def compile_for_hopper(kernel: triton.JITFunction, signature: dict[str, str], constexprs: dict[str, int]) -> int:
+    """The kernel's cubin size in bytes; raises the compiler's error."""
+    full = {**signature, **{name: "constexpr" for name in constexprs}}
+    if set(full) != set(kernel.arg_names):
+        raise ValueError(f"{kernel.__name__}: signature differs from the kernel's arguments: {set(full) ^ set(kernel.arg_names)}")
+    constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    return len(triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constants), target=HOPPER).asm["cubin"])
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    for name, (kernel, signature, constexprs) in KERNELS.items():
+        print(f"{name}: {compile_for_hopper(kernel, signature, constexprs)} bytes of sm_90 code")
+
+
+if __name__ == "__main__":
+    main()

@@ -427,6 +427,45 @@ def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_
     assert not [pid for pid in tree if _alive(pid)]
 
 
+def test_async_scheduling_server_answers_as_the_default_one(model_args, client, tmp_path):
+    """A one-GPU server overlaps its steps (--async-scheduling, off by default on the CPU): the same
+    greedy texts, seeded samples, stop strings and logprobs, streamed or whole, and a client that
+    leaves mid-stream frees everything."""
+    bodies = [
+        dict(prompt="overlap a", **GREEDY),
+        dict(prompt="overlap b", temperature=1.0, seed=3, n=2, max_tokens=10),
+        dict(prompt="overlap c", temperature=0.0, max_tokens=16, stop=[" "], logprobs=2),
+        dict(prompt="overlap d", temperature=0.0, max_tokens=8, frequency_penalty=0.5),
+    ]
+
+    def answers(c: openai.OpenAI) -> list:
+        return [[(ch.text, ch.finish_reason, ch.logprobs and ch.logprobs.top_logprobs)
+                 for ch in c.completions.create(model=MODEL, **body).choices] for body in bodies]
+
+    def same(got: list, want: list) -> bool:
+        """Equal texts and finish reasons; logprobs equal up to the rounding of other batch sizes."""
+        flat_got, flat_want = [c for r in got for c in r], [c for r in want for c in r]
+        return len(flat_got) == len(flat_want) and all(
+            g[:2] == w[:2] and (g[2] is None) == (w[2] is None)
+            and all(gt.keys() == wt.keys() and list(gt.values()) == pytest.approx(list(wt.values()), abs=1e-4)
+                    for gt, wt in zip(g[2] or [], w[2] or []))
+            for g, w in zip(flat_got, flat_want))
+
+    expected = answers(client)
+    with _serving([*model_args, "--async-scheduling"], tmp_path / "async.log") as (_, async_base):
+        async_client = openai.OpenAI(base_url=f"{async_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            concurrent_runs = list(pool.map(lambda _: answers(async_client), range(4)))
+        assert all(same(run, expected) for run in concurrent_runs)
+        streamed = async_client.completions.create(model=MODEL, stream=True, **bodies[0])
+        assert "".join(chunk.choices[0].text for chunk in streamed) == expected[0][0][0]
+        with httpx.Client(base_url=async_base, timeout=30.0) as async_http:
+            with async_http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+                assert next(line for line in response.iter_lines() if line.startswith("data:"))
+            after = _wait_idle(async_http)
+        assert after["pagoda:kv_cache_usage_perc"] == 0 and _finished(after, "abort") == 8
+
+
 def test_server_without_a_tokenizer_serves_token_ids(tmp_path):
     """--skip-tokenizer-init: token-id prompts are served (tokens named "token_id:N" in logprobs,
     as vLLM names them); text prompts and chat are refused with a 400."""

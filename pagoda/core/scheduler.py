@@ -110,7 +110,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_output_placeholders and self._reaches_length_limit(req):
+            if req.num_output_placeholders and self._reaches_length_limit(req, req.num_output_placeholders):
                 i += 1  # its last token is in flight: nothing left to compute
                 continue
             n = self._num_tokens_to_schedule(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
@@ -209,15 +209,15 @@ class Scheduler:
         if past_min and params.stop_token_ids and token in params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_request_len:
+        if self._reaches_length_limit(req):
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _reaches_length_limit(self, req: Request) -> bool:
-        """Whether the tokens in flight already take the request to max_tokens or the length limit."""
+    def _reaches_length_limit(self, req: Request, num_in_flight: int = 0) -> bool:
+        """Whether its tokens, with `num_in_flight` more still unread, reach max_tokens or the length limit."""
         return (
-            req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
-            or req.num_tokens_with_placeholders >= self.max_request_len
+            req.num_output_tokens + num_in_flight >= req.max_tokens
+            or req.num_tokens + num_in_flight >= self.max_request_len
         )
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:

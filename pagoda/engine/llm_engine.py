@@ -231,4 +231,3 @@ class LLMEngine:
                 req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
             ))
         return outputs
-

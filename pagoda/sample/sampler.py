@@ -4,12 +4,13 @@ Order: logit_bias, min_tokens masking, repetition penalty, frequency and presenc
 logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
 take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
 min-p, and sampled. On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
-and its logprob in one pass over the logits (pagoda/kernels/sampling.py). All of it is tensor work over the batch; Python loops over rows only build
-index lists on the host and seed per-request generators, and results are read back at the end.
+and its logprob in one pass over the logits (pagoda/kernels/sampling.py). All of it is tensor work
+over the batch; Python loops over rows only build index lists and seeds on the host.
 
 Sampling is the exponential race, argmax(probs / Exp(1) noise), so each seeded row can draw its
-own noise from a generator seeded from (seed, tokens generated so far): its tokens depend on
-nothing else in the batch, and recomputation after preemption draws them again.
+own noise from a seed made of (seed, tokens generated so far): its tokens depend on nothing else
+in the batch, and recomputation after preemption draws them again. The GPU draws every row's noise
+in one kernel from per-row seeds; the CPU seeds a torch generator per seeded row.
 
 `Sampler.sample` leaves its results on the device, so that the engine can queue the next step
 before reading them; `PendingSamples` reads them back without waiting for later work."""

@@ -1,7 +1,7 @@
 """The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
 head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths;
-then decodes of few long requests, with and without key splits. Reports time and the KV bytes read
-per second.
+then decodes of few requests, with and without key splits, timed inside a CUDA graph as decode steps
+run. Reports time and the KV bytes read per second.
 
     PYTHONPATH=. python3 scripts/bench_attention.py
 """
@@ -9,7 +9,7 @@ per second.
 from __future__ import annotations
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.triton_backend import _num_sms, decode_splits, paged_attention, query_tile
@@ -51,12 +51,13 @@ def main() -> None:
             ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, block_q, tile_n))
             print(f"{name:<8} {tile_n:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
     print(f"{'requests':>8} {'keys':>6} {'splits':>6} {'ms':>7} {'GB/s':>7}")
-    for num_reqs, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 32768), (16, 8192)):
+    for num_reqs, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 2048), (4, 32768), (16, 8192), (32, 2048)):
         q, cache, metadata = batch([1] * num_reqs, [keys] * num_reqs)
         kv_bytes = num_reqs * keys * KV_HEADS * HEAD_DIM * 2 * 2
         auto = decode_splits(num_reqs * KV_HEADS, keys, _num_sms(q.device))
         for splits in sorted({1, auto}):
-            ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, 4, num_splits=splits))
+            with torch.cuda.stream(torch.cuda.Stream()):  # graphs cannot be captured on the default stream
+                ms = do_bench_cudagraph(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, 4, num_splits=splits))
             print(f"{num_reqs:>8} {keys:>6} {splits:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
 
 

@@ -108,6 +108,7 @@ def test_decode_splits_fill_the_gpu_only_for_small_batches():
 
     assert decode_splits(256 * 8, 1024, num_sms=132) == 1  # W1's decodes: 2,048 programs already
     assert decode_splits(1 * 8, 32768, num_sms=132) == 33  # one long request: 264 programs
-    assert decode_splits(1 * 8, 1024, num_sms=132) == 4  # short: splits of at least 256 keys
+    assert decode_splits(1 * 8, 1024, num_sms=132) == 8  # short: splits of at least 128 keys
     assert decode_splits(1 * 8, 200, num_sms=132) == 1
+    assert decode_splits(16 * 8, 8192, num_sms=132) == 2  # 16 requests: twice over already
     assert decode_splits(1, 10**6, num_sms=132) == 64

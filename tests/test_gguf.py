@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from pagoda.layers.rotary import rope_parameters
 from pagoda.loader import gguf_loader
 from pagoda.loader.default_model import default_gguf_path
 from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir, iter_gguf_weights, load_gguf_config
@@ -46,6 +47,7 @@ class TinyModel:
     qkv_bias: bool = False
     qk_norm: bool = False
     extra_metadata: dict = field(default_factory=dict)
+    extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # GGUF name -> float32 values
 
     @property
     def vocab(self) -> int:
@@ -118,6 +120,8 @@ def write_tiny_gguf(path: Path, model: TinyModel, qtype: Q = Q.F32, seed: int = 
         if model.arch == "llama" and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
             stored = llama_cpp_permute(stored, model.heads if "attn_q" in gguf_name else model.kv_heads)
         writer.add_tensor(gguf_name, stored, raw_dtype=raw_dtype)
+    for gguf_name, values in model.extra_tensors.items():
+        writer.add_tensor(gguf_name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -233,6 +237,59 @@ def test_convert_to_hf_dir(tmp_path: Path) -> None:
                                            add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("hello")["input_ids"]) == "hello"
+
+
+def llama_cpp_rope_divisors(head_dim: int, factor: float, low: float, high: float, context: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf stores for a Llama 3.1 rope_scaling: each rotary
+    frequency's divisor (the tiny models' theta is 10000)."""
+    wavelen = 2 * np.pi * 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (context / wavelen - low) / (high - low)
+    ramp = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, ramp)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        # Only the ratios show in the divisors: this one comes back as (1, 4, 64), the same rotation.
+        {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 128},
+    ],
+    ids=["llama-3.1-like", "llama-3.2-like"],
+)
+def test_llama3_rope_scaling_comes_back_from_rope_freqs(
+    tmp_path: Path, scaling: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    divisors = llama_cpp_rope_divisors(64, *scaling.values())
+    assert 1 < divisors[divisors < divisors.max()].max()  # the test's frequencies do cross the ramp
+    model = TinyModel(extra_tensors={"rope_freqs.weight": divisors})
+    expected = write_tiny_gguf(tmp_path / "m.gguf", model, Q.F32)
+    config = load_gguf_config(tmp_path / "m.gguf")
+    params = rope_parameters(config)
+    assert params["rope_type"] == "llama3" and params["factor"] == scaling["factor"]
+    assert (params["low_freq_factor"], params["high_freq_factor"], params["original_max_position_embeddings"]) == (1.0, 4.0, 64)
+
+    # The rotation Pagoda and transformers (from the converted directory) apply is llama.cpp's.
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from pagoda.layers.rotary import compute_inv_freq
+
+    llama_cpp = (1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)) / torch.from_numpy(divisors)
+    torch.testing.assert_close(compute_inv_freq(64, rope_parameters(config)).double(), llama_cpp, rtol=1e-5, atol=0)
+    with caplog.at_level("WARNING"):
+        hf_dir = convert_gguf_to_hf_dir(tmp_path / "m.gguf", tmp_path / "hf")
+    assert "not loaded" not in caplog.text  # rope_freqs is in the config, not a lost weight
+    _assert_weights(load_file(hf_dir / "model.safetensors"), expected)
+    hf_rotary = LlamaRotaryEmbedding(AutoConfig.from_pretrained(hf_dir))
+    torch.testing.assert_close(hf_rotary.inv_freq.double(), llama_cpp, rtol=1e-5, atol=0)
+
+
+def test_rope_freqs_of_another_scaling_are_refused(tmp_path: Path) -> None:
+    divisors = np.linspace(1, 3, 32, dtype=np.float32) ** 2  # no flat ends: not Llama 3.1's shape
+    write_tiny_gguf(tmp_path / "m.gguf", TinyModel(extra_tensors={"rope_freqs.weight": divisors}), Q.F32)
+    with pytest.raises(ValueError, match="rope_freqs.weight tensor .* does not follow Llama 3.1's rope scaling"):
+        load_gguf_config(tmp_path / "m.gguf")
 
 
 def test_convert_refuses_existing_dir(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import gguf
 import torch
 from safetensors.torch import save_file
 
+from pagoda.layers.rotary import compute_inv_freq, rope_parameters
 from pagoda.loader.weights import hf_meta_model
 
 if TYPE_CHECKING:
@@ -27,6 +28,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # In the name of the temporary directory a conversion writes before renaming it into place.
 PARTIAL_DIR_MARK = ".partial-"
+
+# llama.cpp's form of Llama 3.1's rope scaling: one divisor per rotary frequency. It goes into the
+# config (_llama3_rope_scaling), not into the weights.
+_ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 # Tokens that end a turn. Llama 3 style files name end-of-turn and end-of-message apart from EOS.
 _EOS_KEYS = (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID, gguf.Keys.Tokenizer.EOM_ID)
@@ -105,7 +110,56 @@ def _config(path: Path, reader: gguf.GGUFReader) -> PretrainedConfig:
     key_length = _field(reader, gguf.Keys.Attention.KEY_LENGTH.format(arch=architecture))
     if key_length is not None:
         config.head_dim = key_length
+    scaling = _llama3_rope_scaling(path, reader, config)
+    if scaling is not None:
+        if hasattr(config, "rope_parameters"):  # transformers >= 5
+            config.rope_parameters = {**config.rope_parameters, **scaling}
+        else:
+            config.rope_scaling = scaling
     return config
+
+
+def _llama3_rope_scaling(path: Path, reader: gguf.GGUFReader, config: PretrainedConfig) -> dict[str, Any] | None:
+    """Llama 3.1's rope scaling, as its Hugging Face config states it, from the divisors llama.cpp
+    stores instead (a rope_freqs tensor), which transformers' GGUF reader drops."""
+    tensor = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    divisors = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=torch.float64).flatten()
+    params = rope_parameters(config)
+    inv_freq = compute_inv_freq(2 * len(divisors), params).double()
+    scaling = _fit_llama3_scaling(divisors, inv_freq)
+    if scaling is None or not torch.allclose(
+        compute_inv_freq(2 * len(divisors), {**params, **scaling}).double(), inv_freq / divisors, rtol=1e-3
+    ):
+        raise ValueError(
+            f"{path}: its {_ROPE_FREQS} tensor (rotary frequency divisors) does not follow Llama 3.1's rope "
+            "scaling, the only form of it Pagoda reads from GGUF files"
+        )
+    return scaling
+
+
+def _fit_llama3_scaling(divisors: torch.Tensor, inv_freq: torch.Tensor) -> dict[str, Any] | None:
+    """Llama 3.1 divides short wavelengths by 1, long ones by `factor`, and ramps between: there
+    1 / divisor = (1 - smooth) / factor + smooth, with smooth = (original_context / wavelength - 1)
+    / (high_freq_factor - 1) taking low_freq_factor as 1 (the divisors fix only the ratios). smooth
+    is linear in 1 / wavelength, so the ramp's points give the parameters back."""
+    factor = divisors.max().item()
+    ramp = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if ramp.sum() < 2:
+        return None
+    smooth = (1 / divisors[ramp] - 1 / factor) / (1 - 1 / factor)
+    inv_wavelen = inv_freq[ramp] / (2 * torch.pi)
+    slope, intercept = torch.linalg.lstsq(
+        torch.stack([inv_wavelen, torch.ones_like(smooth)], dim=1), smooth[:, None]
+    ).solution.flatten().tolist()
+    if not slope > 0 > intercept:
+        return None
+    return {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+        "high_freq_factor": round(1 - 1 / intercept, 4),
+        "original_max_position_embeddings": round(-slope / intercept),
+    }
 
 
 def _weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -129,14 +183,14 @@ def _dequantized(
     unmapped = []
     for tensor in reader.tensors:
         if tensor.name not in names:
-            unmapped.append(tensor.name)
+            if tensor.name != _ROPE_FREQS:  # already in the config
+                unmapped.append(tensor.name)
             continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         values = processor.process(weights=values, name=tensor.name).weights
         # A copy: the dequantized array may be a read-only view of the memory-mapped file.
         yield names[tensor.name], torch.tensor(values, dtype=torch.float32)
     if unmapped:
-        # e.g. llama 3's rope_freqs, which Hugging Face models compute from the config instead.
         logger.warning("GGUF tensors with no Hugging Face parameter, not loaded: %s", unmapped)
 
 

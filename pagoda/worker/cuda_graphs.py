@@ -45,6 +45,7 @@ class DecodeGraphs:
         self.sizes = sorted(sizes)
         self.block_size = block_size
         self.scratch_block = scratch_block
+        self.device = device
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -58,10 +59,11 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def capture(self) -> None:
+    def capture(self) -> int:
+        """Capture every size's graph; returns the device memory they hold, in bytes."""
         started = time.perf_counter()
         torch.cuda.empty_cache()  # torch.cuda.graph() empties the cache: measure from an empty one
-        free_before = torch.cuda.mem_get_info()[0]
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = None
         # Largest first: smaller graphs then fit in the memory the first one reserved.
         for size in reversed(self.sizes):
@@ -74,11 +76,12 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
         logger.info(
             "captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.2f GiB", len(self.sizes), self.sizes[0],
-            self.max_batch,
-            time.perf_counter() - started, (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
+            self.max_batch, time.perf_counter() - started, used / 2**30,
         )
+        return used
 
     def run(
         self,

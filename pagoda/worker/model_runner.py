@@ -158,11 +158,8 @@ class ModelRunner:
             return 0
         kv_caches = self._kv_tensors(1)
         graphs = self._decode_graphs(kv_caches, scratch_block=0, sizes=capture_sizes(self.max_num_seqs)[-1:])
-        torch.cuda.empty_cache()  # capturing empties the cache itself: that must not count as freed
-        free_before = torch.cuda.mem_get_info(self.device)[0]
         with torch.inference_mode():
-            graphs.capture()
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+            used = graphs.capture()
         del graphs, kv_caches
         torch.cuda.empty_cache()
         return max(0, used)

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import re
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pagoda.engine import serial
@@ -33,88 +27,23 @@ from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
 from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
-from tests.tiny_models import save_tiny_model
-
-API_KEY = "test-key"
-MODEL = "tiny"
-MAX_MODEL_LEN = 1024
-# ChatML, as SmolLM2 uses; enough for system/user/assistant turns.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from tests.serving import (
+    API_KEY, MAX_MODEL_LEN, MODEL, SPECIALS, alive, descendants, save_tokenizer, serving,
+    openai_error, tiny_model_args,
 )
-SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0 (BOS), 1 (EOS), 2
-
-
-def _save_tokenizer(path: Path) -> int:
-    """A byte-level tokenizer with no merges: one token per byte, plus ChatML's special tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=SPECIALS[0], eos_token=SPECIALS[1], chat_template=CHAT_TEMPLATE
-    )
-    fast.save_pretrained(path)
-    return len(vocab)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(args: list[str], log: Path, env: dict[str, str] | None = None):
-    """A `pagoda serve` subprocess on a free loopback port, healthy; yields (process, base URL)."""
-    port = _free_port()
-    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *args, "--host", "127.0.0.1", "--port",
-             str(port), "--device", "cpu"],
-            env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, base, log)
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not become healthy")
-
+from tests.tiny_models import save_tiny_model
 
 @pytest.fixture(scope="module")
 def model_args(tmp_path_factory) -> list[str]:
     """A tiny random llama with the byte-level tokenizer, as `pagoda serve` arguments."""
-    directory = tmp_path_factory.mktemp("server-model")
-    vocab_size = _save_tokenizer(directory / "llama3")
-    path = save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN)
-    return [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
+    return tiny_model_args(tmp_path_factory.mktemp("server-model"))
 
 
 @pytest.fixture(scope="module")
 def server(model_args, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {"PAGODA_API_KEY": API_KEY, "PAGODA_LOG_STATS_INTERVAL": "1"}
-    with _serving(model_args, log, env) as (proc, base):
+    with serving(model_args, log, env) as (proc, base):
         yield proc, base, log
 
 
@@ -178,7 +107,7 @@ def test_core_outputs_cross_the_process_boundary_intact():
 def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
     """What the server process does with the core's token ids: text, and a stop string that ends
     one child of an n=2 request here (the core is told to stop it) while the other goes on."""
-    _save_tokenizer(tmp_path)
+    save_tokenizer(tmp_path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     processor = OutputProcessor(tokenizer)
     children = fan_out("r", SamplingParams(n=2, stop=["lo"], max_tokens=10))
@@ -295,7 +224,7 @@ def test_prompt_logprobs(http):
     chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 0}).json()
     assert chat["prompt_logprobs"][0] is None and all(len(p) == 1 for p in chat["prompt_logprobs"][1:])
     assert "prompt_logprobs" not in http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2}).json()
-    _error(http.post("/v1/completions", json={**body, "stream": True}), 400, "prompt_logprobs")
+    openai_error(http.post("/v1/completions", json={**body, "stream": True}), 400, "prompt_logprobs")
 
 
 def test_completion_stop_string(client):
@@ -394,7 +323,7 @@ def test_64_concurrent_streams_equal_whole_greedy_texts(base):
 def test_data_parallel_serves_on_both_cores_with_the_same_greedy_texts(model_args, client, tmp_path):
     prompts = [f"parallel {i}" for i in range(8)]
     expected = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
-    with _serving([*model_args, "--data-parallel-size", "2"], tmp_path / "dp.log") as (_, dp_base):
+    with serving([*model_args, "--data-parallel-size", "2"], tmp_path / "dp.log") as (_, dp_base):
         dp_client = openai.OpenAI(base_url=f"{dp_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             texts = list(pool.map(
@@ -413,18 +342,18 @@ def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_
     equal the single-rank server's, and SIGTERM takes the whole tree down."""
     prompts = [f"ranks {i}" for i in range(3)]
     expected = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
-    with _serving([*model_args, "--tensor-parallel-size", "2"], tmp_path / "tp.log") as (proc, tp_base):
+    with serving([*model_args, "--tensor-parallel-size", "2"], tmp_path / "tp.log") as (proc, tp_base):
         tp_client = openai.OpenAI(base_url=f"{tp_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
         assert [tp_client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts] \
             == expected
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         assert len(tree) >= 3  # the engine core and two workers (a resource tracker may join them)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in tree if _alive(pid)]
+    assert not [pid for pid in tree if alive(pid)]
 
 
 def test_async_scheduling_server_answers_as_the_default_one(model_args, client, tmp_path):
@@ -452,7 +381,7 @@ def test_async_scheduling_server_answers_as_the_default_one(model_args, client, 
             for g, w in zip(flat_got, flat_want))
 
     expected = answers(client)
-    with _serving([*model_args, "--async-scheduling"], tmp_path / "async.log") as (_, async_base):
+    with serving([*model_args, "--async-scheduling"], tmp_path / "async.log") as (_, async_base):
         async_client = openai.OpenAI(base_url=f"{async_base}/v1", api_key="unused", timeout=60.0, max_retries=0)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             concurrent_runs = list(pool.map(lambda _: answers(async_client), range(4)))
@@ -470,7 +399,7 @@ def test_server_without_a_tokenizer_serves_token_ids(tmp_path):
     """--skip-tokenizer-init: token-id prompts are served (tokens named "token_id:N" in logprobs,
     as vLLM names them); text prompts and chat are refused with a 400."""
     path = save_tiny_model("llama3", tmp_path, max_position_embeddings=MAX_MODEL_LEN)  # no tokenizer files
-    with _serving([str(path), "--skip-tokenizer-init"], tmp_path / "ids.log") as (_, ids_base):
+    with serving([str(path), "--skip-tokenizer-init"], tmp_path / "ids.log") as (_, ids_base):
         with httpx.Client(base_url=ids_base, timeout=60.0) as ids_http:
             body = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "logprobs": 1}
             choice = ids_http.post("/v1/completions", json=body).json()["choices"][0]
@@ -479,31 +408,6 @@ def test_server_without_a_tokenizer_serves_token_ids(tmp_path):
             assert all(t in top for t, top in zip(tokens, choice["logprobs"]["top_logprobs"]))
             refused = ids_http.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def test_generation_config_sets_defaults_that_requests_override(tmp_path):
@@ -559,15 +463,6 @@ def test_chat_n_and_logprobs(client):
 # Errors -----------------------------------------------------------------------------------------
 
 
-def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
-
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
@@ -584,7 +479,7 @@ def _error(response: httpx.Response, status: int, param: str | None = None) -> d
     ([1, 2], None),
 ])
 def test_completion_errors(http, body, param):
-    _error(http.post("/v1/completions", json=body), 400, param)
+    openai_error(http.post("/v1/completions", json=body), 400, param)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -595,20 +490,20 @@ def test_completion_errors(http, body, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
 ])
 def test_chat_errors(http, body, param):
-    _error(http.post("/v1/chat/completions", json=body), 400, param)
+    openai_error(http.post("/v1/chat/completions", json=body), 400, param)
 
 
 def test_context_length_error_names_both_numbers(http):
     response = http.post("/v1/completions", json={"prompt": "abcd", "max_tokens": MAX_MODEL_LEN})
-    error = _error(response, 400, "max_tokens")
+    error = openai_error(response, 400, "max_tokens")
     assert str(MAX_MODEL_LEN) in error["message"] and str(MAX_MODEL_LEN + 4) in error["message"]
 
 
-def test_auth_model_and_json_errors_then_still_serving(base, http, client):
-    _error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}), 401)
-    _error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}), 401)
-    _error(http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model")
-    _error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+def test_auth_model_and_json_errors_then_stillserving(base, http, client):
+    openai_error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}), 401)
+    openai_error(httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}), 401)
+    openai_error(http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model")
+    openai_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert client.completions.create(model=MODEL, prompt="still here", **GREEDY).choices[0].text is not None
 
 
@@ -694,7 +589,7 @@ def default_server(loader_default_model_dir, tmp_path_factory):
     # No model argument: `pagoda serve` must find the default model in the (test's) cache.
     cache = str(loader_default_model_dir.parent.parent)
     log = tmp_path_factory.mktemp("default-server") / "server.log"
-    with _serving(["--max-model-len", "1024", "--max-num-seqs", "4"], log, {"PAGODA_CACHE_DIR": cache}) as served:
+    with serving(["--max-model-len", "1024", "--max-num-seqs", "4"], log, {"PAGODA_CACHE_DIR": cache}) as served:
         yield served
 
 

@@ -1,0 +1,126 @@
+"""Running `pagoda serve` in tests: a byte-level tokenizer for tiny random models, a server
+subprocess on a free loopback port, and the process tree it leaves."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from tests.tiny_models import save_tiny_model
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MAX_MODEL_LEN = 1024
+# ChatML, as SmolLM2 uses; enough for system/user/assistant turns.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0 (BOS), 1 (EOS), 2
+
+
+def save_tokenizer(path: Path) -> int:
+    """A byte-level tokenizer with no merges: one token per byte, plus ChatML's special tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=SPECIALS[0], eos_token=SPECIALS[1], chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], log: Path, env: dict[str, str] | None = None):
+    """A `pagoda serve` subprocess on a free loopback port, healthy; yields (process, base URL)."""
+    port = free_port()
+    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *args, "--host", "127.0.0.1", "--port",
+             str(port), "--device", "cpu"],
+            env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, base, log)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def tiny_model_args(directory: Path) -> list[str]:
+    """A tiny random llama with the byte-level tokenizer saved under directory, as `pagoda serve`
+    arguments (served as MODEL)."""
+    vocab_size = save_tokenizer(directory / "llama3")
+    path = save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN)
+    return [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0"]
+
+
+def openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    """The body of an OpenAI-shaped error response with this status (and param, when given)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error

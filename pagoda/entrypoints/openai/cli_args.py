@@ -7,6 +7,7 @@ import json
 import os
 
 from pagoda.entrypoints.engine_args import add_engine_arguments
+from pagoda.entrypoints.openai.limits import RequestLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,3 +34,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, JSON: ["*"]')
+    add_request_limit_arguments(parser)
+
+
+def add_request_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """How much of the server one request may take (RequestLimits)."""
+    defaults = RequestLimits()
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="accept a request's own `chat_template` (it runs on the server); without this flag "
+                             "such requests are refused with a 400, as in vLLM")
+    parser.add_argument("--chat-template-timeout", type=float, default=defaults.chat_template_timeout,
+                        help="seconds a chat template may take to render one request's messages before the "
+                             "request gets a 400 (default: %(default)s)")
+    parser.add_argument("--max-request-body-size", type=int, default=defaults.max_request_body_size,
+                        help="largest request body in bytes; larger ones get a 413 (default: %(default)s, 16 MiB)")
+    parser.add_argument("--request-body-timeout", type=float, default=defaults.request_body_timeout,
+                        help="seconds a request's body may take to arrive after its headers before the "
+                             "request gets a 408 and its connection is closed (default: %(default)s)")
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(
+        max_request_body_size=args.max_request_body_size, request_body_timeout=args.request_body_timeout,
+        chat_template_timeout=args.chat_template_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+    )

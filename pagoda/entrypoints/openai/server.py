@@ -30,10 +30,12 @@ from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.loader.model_resolver import resolve_model
 
+from .cli_args import request_limits
 from .metrics import log_stats, metrics_registry
 from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
+from .request_body import RequestBodyLimits
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import OpenAIError, ServerConfig
@@ -55,6 +57,10 @@ def build_app(
         stats_task.cancel()
 
     app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan)
+    # Added first, so it runs inside CORS (its 413/408 carry CORS headers) and after the key check.
+    app.add_middleware(
+        RequestBodyLimits, max_size=config.limits.max_request_body_size, timeout=config.limits.request_body_timeout
+    )
     app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"], allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
     if api_key:
@@ -243,7 +249,7 @@ def run_server(args: argparse.Namespace) -> None:
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
-        default_sampling=default_sampling,
+        default_sampling=default_sampling, limits=request_limits(args),
     )
     app = build_app(engine, config, args.api_key, args.allowed_origins)
     uvicorn_config = uvicorn.Config(

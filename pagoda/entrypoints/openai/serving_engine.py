@@ -18,6 +18,7 @@ from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
+from .limits import RequestLimits
 from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, SamplingFields, UsageInfo
 
 logger = logging.getLogger("pagoda.server")
@@ -60,6 +61,7 @@ class ServerConfig:
     log_requests: bool
     # SamplingParams fields a request leaves unset take these (--generation-config).
     default_sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
 class OpenAIServing:

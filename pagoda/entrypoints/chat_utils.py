@@ -8,15 +8,25 @@ from typing import Any
 Conversation = list[dict[str, Any]]
 
 
+# The rendered template already holds the special tokens (BOS etc.): encode it without adding them twice.
+ADD_SPECIAL_TOKENS_TO_RENDERED = False
+
+
+def render_chat_text(
+    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
+) -> str:
+    """The prompt text of one conversation."""
+    return tokenizer.apply_chat_template(
+        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+
+
 def render_chat(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
 ) -> tuple[str, list[int]]:
     """The prompt text of one conversation and its token ids."""
-    text = tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
-    # The template already holds the special tokens (BOS etc.): don't add them twice.
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt)
+    return text, tokenizer.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS_TO_RENDERED)
 
 
 def load_chat_template(template: str | None) -> str | None:

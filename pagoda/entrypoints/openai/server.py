@@ -32,6 +32,7 @@ from pagoda.loader.model_resolver import resolve_model
 
 from .cli_args import request_limits
 from .metrics import log_stats, metrics_registry
+from .preprocess import tokenize_prompt
 from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
@@ -103,7 +104,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return _tokenize(chat, body)
+        return await _tokenize(chat, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -114,14 +115,18 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
         return {"prompt": chat.require_tokenizer().decode(body.tokens)}
 
 
-def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str, Any]:
+async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str, Any]:
+    """The prompt's tokens, counted off the event loop; one far beyond the context is refused as
+    for generation (this route needs no API key: it must not be a way to tie up the server)."""
     chat.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise OpenAIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        _, tokens = chat.render(body.messages, None, body.add_generation_prompt)
+        _, tokens = await chat.render(body.messages, None, body.add_generation_prompt)
     else:
-        tokens = chat.require_tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await tokenize_prompt(
+            chat.require_tokenizer(), body.prompt, body.add_special_tokens, chat.config.max_model_len, "prompt"
+        )
     return {"count": len(tokens), "max_model_len": chat.config.max_model_len, "tokens": tokens}
 
 

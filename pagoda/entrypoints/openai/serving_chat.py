@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
 
-from pagoda.entrypoints.chat_utils import Conversation, render_chat
+from pagoda.entrypoints.chat_utils import ADD_SPECIAL_TOKENS_TO_RENDERED, Conversation, render_chat_text
 from pagoda.outputs import CompletionOutput, PositionLogprobs
 
+from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
     ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob,
@@ -27,7 +29,14 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         _refuse_unsupported(request)
-        prompt_text, prompt_ids = self.render(request.messages, request.chat_template, request.add_generation_prompt)
+        if request.chat_template is not None and not self.config.limits.trust_request_chat_template:
+            raise OpenAIError(
+                "Chat template is passed with request, but --trust-request-chat-template is not set. "
+                "Refused request with untrusted chat template.", param="chat_template",
+            )
+        prompt_text, prompt_ids = await self.render(
+            request.messages, request.chat_template, request.add_generation_prompt
+        )
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -44,19 +53,29 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             self.engine.abort(ids)
 
-    def render(
+    async def render(
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool
     ) -> tuple[str, list[int]]:
-        """The prompt of a conversation; a template that rejects it (e.g. roles that do not
-        alternate) is the client's error."""
+        """The prompt of a conversation, rendered and tokenized off the event loop; a template that
+        rejects it (e.g. roles that do not alternate) or runs past the server's time bound, or a
+        prompt far beyond the context, is the client's error."""
         conversation = _conversation(messages)
+        tokenizer = self.require_tokenizer()
+        render = functools.partial(
+            render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template, add_generation_prompt
+        )
+        bound = self.config.limits.chat_template_timeout
         try:
-            return render_chat(
-                self.require_tokenizer(), conversation, chat_template or self.config.chat_template,
-                add_generation_prompt,
-            )
+            text = await run_with_deadline(render, bound, "pagoda-chat-template")
+        except DeadlineExceeded:
+            raise OpenAIError(
+                f"the chat template took longer than {bound:g} s (--chat-template-timeout) to render these messages",
+                param="chat_template" if chat_template is not None else "messages",
+            ) from None
         except (jinja2.TemplateError, ValueError) as error:
             raise OpenAIError(f"the chat template cannot render these messages: {error}", param="messages") from None
+        limit = self.config.max_model_len
+        return text, await tokenize_prompt(tokenizer, text, ADD_SPECIAL_TOKENS_TO_RENDERED, limit, "messages")
 
     async def _full(
         self, request: ChatCompletionRequest, request_id: str, prompt_tokens: int, stream: AsyncIterator

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pagoda.engine.detokenizer import decode_token
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
+from .preprocess import tokenize_prompt
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
@@ -23,7 +24,7 @@ class OpenAIServingCompletion(OpenAIServing):
             "suffix": request.suffix,
             "best_of": request.best_of if request.best_of not in (None, 1, request.n) else None,
         })
-        prompts = self._prompts(request.prompt)
+        prompts = await self._prompts(request.prompt)
         # Echoed prompt tokens get logprobs too.
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
@@ -42,7 +43,7 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             self.engine.abort(ids)
 
-    def _prompts(self, prompt: PromptInput) -> list[Prompt]:
+    async def _prompts(self, prompt: PromptInput) -> list[Prompt]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -51,8 +52,8 @@ class OpenAIServingCompletion(OpenAIServing):
             return [(None, list(prompt))]  # type: ignore[arg-type]
         if all(isinstance(p, list) for p in prompt):
             return [(None, list(p)) for p in prompt]  # type: ignore[arg-type]
-        tokenizer = self.require_tokenizer()
-        return [(p, tokenizer.encode(p)) for p in prompt]  # type: ignore[misc]
+        tokenizer, limit = self.require_tokenizer(), self.config.max_model_len
+        return [(p, await tokenize_prompt(tokenizer, p, True, limit, "prompt")) for p in prompt]  # type: ignore[misc]
 
     async def _full(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]

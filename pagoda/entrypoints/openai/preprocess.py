@@ -80,6 +80,7 @@ async def run_with_deadline(work: Callable[[], T], seconds: float, name: str) ->
             outcome.set_result(result)
 
     def stop() -> None:
+        outcome.cancel()  # nobody waits for it now: what the thread still reports is dropped
         with guard:
             if running:
                 _raise_in_thread(thread, _Stop)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagoda.loader import default_model
+from pagoda.loader.atomic_dir import write_directory_atomically
 from pagoda.loader.default_model import DEFAULT_MODEL, INSTALL_COMMAND, default_model_dir
 from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import iter_checkpoint_weights
@@ -219,7 +220,8 @@ def loader_fake_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> t
     def convert(gguf_path: Path, out_dir: Path) -> Path:
         conversions.append(out_dir)
         time.sleep(0.2)  # long enough for a second caller to arrive while it runs
-        out_dir.mkdir()
+        with write_directory_atomically(out_dir) as partial:  # a whole cache, as the real one writes
+            save_file({"w": torch.zeros(1)}, partial / "model.safetensors")
         return out_dir
 
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))

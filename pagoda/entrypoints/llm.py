@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, render_chat
+from pagoda.logger import configure_logging
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -29,6 +30,7 @@ class LLM:
         """`engine_kwargs` are EngineConfig's fields (pagoda/config.py), named as vLLM's `LLM`
         arguments: dtype, max_model_len, max_num_seqs, gpu_memory_utilization, seed,
         tensor_parallel_size, enforce_eager, ..."""
+        configure_logging()  # start-up takes seconds: say what it is doing (pagoda/logger.py)
         config = EngineConfig(model=model, **engine_kwargs)
         if config.data_parallel_size != 1:
             raise ValueError(

@@ -4,9 +4,6 @@ conversion into a self-contained Hugging Face model directory."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagoda.layers.rotary import compute_inv_freq, rope_parameters
+from pagoda.loader.atomic_dir import write_directory_atomically
 from pagoda.loader.weights import hf_meta_model
 
 if TYPE_CHECKING:
@@ -25,9 +23,6 @@ logger = logging.getLogger(__name__)
 
 # GGUF architectures Pagoda loads ("llama" covers Mistral too: llama.cpp files it so).
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
-# In the name of the temporary directory a conversion writes before renaming it into place.
-PARTIAL_DIR_MARK = ".partial-"
 
 # llama.cpp's form of Llama 3.1's rope scaling: one divisor per rotary frequency. It goes into the
 # config (_llama3_rope_scaling), not into the weights.
@@ -39,7 +34,7 @@ _EOS_KEYS = (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID, gguf.Keys.T
 
 def load_gguf_config(path: str | Path) -> PretrainedConfig:
     """The model config transformers reads from the GGUF metadata, completed with what it leaves out."""
-    return _config(Path(path), gguf.GGUFReader(path))
+    return _config(Path(path), open_gguf(path))
 
 
 def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -47,7 +42,11 @@ def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception:
+        open_gguf(path)  # a file that does not read says so, by name, instead of the parser's error
+        raise
 
 
 def iter_gguf_weights(path: str | Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,34 +54,26 @@ def iter_gguf_weights(path: str | Path, config: PretrainedConfig) -> Iterator[tu
 
     Tensors are read one at a time from the memory-mapped file, so only one is dequantized at once.
     """
-    return _weights(gguf.GGUFReader(path), config)
+    return _weights(open_gguf(path), config)
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write the GGUF model as a Hugging Face directory (config, generation config, float32
     model.safetensors, tokenizer) that loads without any GGUF parsing.
 
-    The files are written into a temporary sibling directory that is renamed into place at the end,
-    so an interrupted conversion never leaves a partial `out_dir`.
+    The directory is written whole or not at all (atomic_dir): an interrupted conversion never
+    leaves a partial `out_dir`, and atomic_dir.directory_problem(out_dir) checks it later.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"cannot convert {gguf_path} into {out_dir}: it already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL_DIR_MARK}", dir=out_dir.parent))
-    try:
+    with write_directory_atomically(out_dir) as partial:
         _write_hf_dir(gguf_path, partial)
-        os.replace(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out_dir
 
 
 def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
     from transformers import GenerationConfig
 
-    reader = gguf.GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     config = _config(gguf_path, reader)
     config.save_pretrained(directory)
     GenerationConfig(
@@ -91,6 +82,26 @@ def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
     # safetensors writes a file from a whole dict: the float32 weights are all in memory here.
     save_file(dict(_weights(reader, config)), directory / "model.safetensors", metadata={"format": "pt"})
     load_gguf_tokenizer(gguf_path).save_pretrained(directory)
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """The file's reader; a file that is not a whole GGUF file (cut short, another format) raises a
+    ValueError naming it, instead of the parser's struct or numpy error."""
+    try:
+        return gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the parser fails in many ways on a bad file; none is a bug here
+        raise ValueError(f"{path} {_gguf_damage(Path(path))}: {type(error).__name__}: {error}") from error
+
+
+def _gguf_damage(path: Path) -> str:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    size = f"{path.stat().st_size:,} bytes"
+    if magic != b"GGUF":
+        return f"is not a GGUF file ({size}; it does not start with b'GGUF')"
+    return f"is a GGUF file cut short or damaged ({size})"
 
 
 def _config(path: Path, reader: gguf.GGUFReader) -> PretrainedConfig:
@@ -196,7 +207,7 @@ def _dequantized(
 
 def load_gguf_eos_token_ids(path: str | Path) -> set[int]:
     """Every id that ends a turn: EOS, end-of-turn and end-of-message (Llama 3 names all three)."""
-    ids = _eos_token_ids(gguf.GGUFReader(path))
+    ids = _eos_token_ids(open_gguf(path))
     return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
 
 

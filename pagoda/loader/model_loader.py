@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import hf_meta_model, iter_checkpoint_weights
 from pagoda.models import get_model_class
 
+logger = logging.getLogger(__name__)
+
 # Dummy weights: small uniform values keep activations finite through any depth.
 _DUMMY_RANGE = 1e-3
 _U64 = 2**64 - 1
@@ -32,7 +36,23 @@ def load_hf_config(resolved: ResolvedModel) -> Any:
         return load_gguf_config(resolved.gguf_file)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
+    path = resolved.model_dir / "config.json"
+    _check_json(path)
+    try:
+        return AutoConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
+    except (OSError, ValueError) as error:  # no config.json, or one transformers cannot use
+        raise ValueError(f"cannot load the model config {path}: {error}") from error
+
+
+def _check_json(path: Path) -> None:
+    """A JSON file that does not parse raises a ValueError naming it and where it goes wrong
+    (transformers' error for a bad config.json is taken for a missing tokenizer, or names no place)."""
+    try:
+        json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return  # transformers says what a missing file means for the model
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any:
@@ -41,6 +61,8 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
     if resolved.gguf_file is not None and tokenizer is None:
         return load_gguf_tokenizer(resolved.gguf_file)
     source = tokenizer if tokenizer is not None else str(resolved.model_dir)
+    if Path(source).is_dir():
+        _check_json(Path(source) / "config.json")  # the tokenizer's class may be read from it
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -118,6 +140,7 @@ def build_model(
     if load_format == "dummy":
         model.load_weights(_iter_dummy_weights(hf_config, seed, dtype, device))
     else:
+        logger.info("loading the weights from %s", resolved.gguf_file or resolved.model_dir)
         model.load_weights(_iter_weights(resolved, hf_config))
     return model.eval()
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 
 def iter_checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -36,9 +37,23 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open on the CPU; a file that is not a whole safetensors file (cut short: its header
+    names more bytes than it has) raises a ValueError naming it and its size."""
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a whole safetensors file ({path.stat().st_size:,} bytes; cut short or damaged): {error}"
+        ) from error
+    with handle as f:
+        yield f
 
 
 def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

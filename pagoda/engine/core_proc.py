@@ -23,6 +23,8 @@ import zmq
 from pagoda.config import EngineConfig
 from pagoda.engine import serial
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.executor.multiproc import START_METHOD_ENV
+from pagoda.exit_now import exit_now
 
 logger = logging.getLogger("pagoda")
 
@@ -35,6 +37,9 @@ def run_engine_core(
 ) -> None:
     """The child process's main function; env: variables to set first (its GPUs, its threads)."""
     os.environ.update(env)
+    # This process is Pagoda's own, its main module guarded: its workers may be spawned, the
+    # method that works everywhere (as `vllm serve` sets VLLM_WORKER_MULTIPROC_METHOD).
+    os.environ.setdefault(START_METHOD_ENV, "spawn")
     if "OMP_NUM_THREADS" in env:  # torch read the variable when it was imported, before this
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     # The front end owns shutdown: Ctrl-C reaches the whole process group, and the core must
@@ -57,7 +62,9 @@ def run_engine_core(
     try:
         _Core(engine, inputs, outputs, parent).run()
     finally:
+        engine.shutdown()  # its worker processes, told to stop and joined
         context.destroy(linger=1000)
+    exit_now(0)
 
 
 class _Core:

@@ -1,28 +1,64 @@
-"""One worker process per rank on this host, spawned, each on its own pipe.
+"""One worker process per rank on this host, each on its own pipe.
+
+Workers are forked, as vLLM's are (VLLM_WORKER_MULTIPROC_METHOD): a spawned worker re-runs the
+user's main script, which breaks a script written without `if __name__ == "__main__":`, as the
+quick-starts write them. They are spawned where fork cannot work (CUDA is initialized in this
+process) or PAGODA_WORKER_MULTIPROC_METHOD=spawn asks for it. The engine forks before it builds
+anything of the model (the workers do): a child inherits little more than the configuration and
+the tokenizer, and none of the threads; it closes its copies of the other workers' pipes, and
+runs its rank on a fresh thread (see worker.run_worker).
 
 A call is pickled once and written to every pipe (a step as a StepMessage: what changed since the
-last one); every rank answers, and the answer of the rank that samples is the result. A rank that fails, or dies, fails the call: the other ranks may be
-stuck in a collective waiting for it, so every worker is stopped and the executor is done."""
+last one); every rank answers, and the answer of the rank that samples is the result. A rank that
+fails, or dies, fails the call: the other ranks may be stuck in a collective waiting for it, so
+every worker is stopped and the executor is done."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
 import pickle
 import shutil
 import tempfile
 import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.util import register_after_fork
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
 from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.step_codec import StepEncoder
-from pagoda.worker.worker import KVBudget, WorkerConfig, run_worker
+from pagoda.worker.worker import KVBudget, WorkerConfig, cpu_threads_per_rank, run_worker
+
+logger = logging.getLogger("pagoda")
 
 _SHUTDOWN_GRACE_S = 5.0
+START_METHOD_ENV = "PAGODA_WORKER_MULTIPROC_METHOD"
+_MAIN_GUARD_HINT = (
+    "a spawned worker re-runs the main script, so a script must keep its code under "
+    '`if __name__ == "__main__":`'
+)
+
+
+def worker_start_method() -> str:
+    """fork, unless PAGODA_WORKER_MULTIPROC_METHOD=spawn or CUDA is initialized in this process
+    (a forked child cannot use it): vLLM's rule for VLLM_WORKER_MULTIPROC_METHOD."""
+    requested = os.environ.get(START_METHOD_ENV, "fork")
+    if requested not in ("fork", "spawn"):
+        raise ValueError(f"{START_METHOD_ENV}={requested!r} is invalid: must be 'fork' or 'spawn'")
+    if requested == "fork" and torch.cuda.is_initialized():
+        logger.warning(
+            "CUDA is initialized in this process, so the worker processes are spawned, not forked "
+            "(%s=spawn): %s", START_METHOD_ENV, _MAIN_GUARD_HINT,
+        )
+        return "spawn"
+    return requested
 
 
 class MultiprocExecutor(Executor):
@@ -36,14 +72,19 @@ class MultiprocExecutor(Executor):
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
         # Stops the workers when this executor is shut down, collected, or the interpreter exits.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store, os.getpid())
         # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
         self._sampling_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
         self._steps = StepEncoder()
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
+        self._config = config
+        start_method = worker_start_method()
+        context = multiprocessing.get_context(start_method)
         init_method = (Path(self._store) / "store").as_uri()
         for rank in range(config.world_size):
             parent_end, child_end = context.Pipe()
+            # A later worker forked with this end open would keep this rank's pipe from closing
+            # when the engine's process dies.
+            register_after_fork(parent_end, Connection.close)
             process = context.Process(
                 target=run_worker, args=(config, rank, init_method, child_end),
                 name=f"pagoda-worker-{rank}", daemon=True,
@@ -52,19 +93,38 @@ class MultiprocExecutor(Executor):
             child_end.close()
             self._procs.append(process)
             self._conns.append(parent_end)
-        self._collect()  # every rank has built its shard, or the first failure raises
+        try:
+            self._collect()  # every rank has built its shard, or the first failure raises
+        except RuntimeError as error:
+            if start_method == "spawn":
+                raise RuntimeError(f"{error}\n(workers were spawned: {_MAIN_GUARD_HINT})") from None
+            raise
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         return min(self._call("num_kv_blocks_that_fit", budget))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._call("allocate_kv_cache", num_blocks)
+        reserved = sum(self._call("allocate_kv_cache", num_blocks))
+        if self._config.device.type == "cpu":
+            self._log_cpu_cost(reserved)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
     def shutdown(self) -> None:
         self._finalizer()
+
+    def _log_cpu_cost(self, kv_bytes: int) -> None:
+        """What several ranks on one host's CPU cost, which a user cannot see otherwise."""
+        ranks, cores = self._config.world_size, os.cpu_count() or 1
+        oversubscribed = ranks > cores
+        logger.log(
+            logging.WARNING if oversubscribed else logging.INFO,
+            "CPU run on %d ranks: %d worker processes x %d threads each for %d cores%s; KV cache of %.3g GiB "
+            "reserved in total (%.3g GiB a rank)", ranks, ranks, cpu_threads_per_rank(ranks), cores,
+            " (more ranks than cores: every step waits on ranks sharing a core)" if oversubscribed else "",
+            kv_bytes / 2**30, kv_bytes / ranks / 2**30,
+        )
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         if not self._finalizer.alive:
@@ -103,14 +163,16 @@ class MultiprocExecutor(Executor):
 
     def _fail(self, message: str) -> None:
         self._finalizer.detach()
-        _stop_workers(self._procs, self._conns, self._store, grace_s=0.0)
+        _stop_workers(self._procs, self._conns, self._store, os.getpid(), grace_s=0.0)
         raise RuntimeError(message)
 
 
 def _stop_workers(
-    procs: list[BaseProcess], conns: list[Connection], store: str, grace_s: float = _SHUTDOWN_GRACE_S
+    procs: list[BaseProcess], conns: list[Connection], store: str, owner: int, grace_s: float = _SHUTDOWN_GRACE_S
 ) -> None:
     """Ask each worker to stop, then terminate (and at last kill) those still running."""
+    if os.getpid() != owner:  # a forked worker collecting its copy of an executor: not its workers
+        return
     for conn in conns:
         try:
             conn.send(("shutdown", ()))

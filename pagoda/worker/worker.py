@@ -2,11 +2,14 @@
 loop a worker process runs, taking calls from the engine over a pipe.
 
 The engine process never holds a shard when there are several ranks: every rank is a worker
-process of its own, so all ranks are alike and the engine only schedules."""
+process of its own, so all ranks are alike and the engine only schedules. A worker may be forked
+from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
+from pagoda.exit_now import exit_now
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
 from pagoda.worker.step_codec import StepDecoder, StepMessage
@@ -76,8 +80,10 @@ class Worker:
             )
         return max(0, available) // runner.kv_bytes_per_block()
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate the pool; its bytes."""
         self.runner.allocate_kv_cache(num_blocks)
+        return num_blocks * self.runner.kv_bytes_per_block()
 
     def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
         """The step's sampled tokens from the rank that samples; None from the others."""
@@ -85,9 +91,32 @@ class Worker:
         return out if self.runner.samples else None
 
 
+def cpu_threads_per_rank(world_size: int) -> int:
+    """Each CPU rank's share of the host's cores: one thread pool each would oversubscribe them."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def run_worker(config: WorkerConfig, rank: int, init_method: str, conn: Connection) -> None:
-    """A worker process's main: join the group, build this rank's shard, then serve calls
-    (method name, args) until told to stop or the engine's end of the pipe closes."""
+    """A worker process's main: run the rank on a new thread, then end the process at once.
+
+    A new thread, because GNU OpenMP keeps its thread pool (torch's intra-op threads) per calling
+    thread: a child forked after the engine's process ran a parallel region inherits that pool
+    without its threads, and the forking thread's next parallel region would wait for them forever."""
+    # The engine owns shutdown: Ctrl-C reaches the whole process group, and a rank must keep
+    # serving until the engine tells it to stop (or its end of the pipe closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finished: list[None] = []  # stays empty if the rank raised (its thread printed the traceback)
+    rank_thread = threading.Thread(
+        target=lambda: finished.append(_run_rank(config, rank, init_method, conn)), name=f"pagoda-rank-{rank}"
+    )
+    rank_thread.start()
+    rank_thread.join()
+    exit_now(0 if finished else 1)
+
+
+def _run_rank(config: WorkerConfig, rank: int, init_method: str, conn: Connection) -> None:
+    """Join the group, build this rank's shard, then serve calls (method name, args) until told
+    to stop or the engine's end of the pipe closes."""
     try:
         _set_up_process(config, rank, init_method)
         worker = Worker(config, rank)
@@ -106,8 +135,7 @@ def _set_up_process(config: WorkerConfig, rank: int, init_method: str) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        # The ranks share the host's cores: one thread pool each would oversubscribe them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+        torch.set_num_threads(cpu_threads_per_rank(config.world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     init_parallel(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, backend)
 

@@ -4,16 +4,21 @@ the summary counts them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 
 import httpx
 import pytest
 
+from pagoda.benchmarks.serve import _send
+from pagoda.benchmarks.throughput import BenchRequest
 from pagoda.entrypoints.cli import build_parser
 from tests.serving import API_KEY, MAX_MODEL_LEN, descendants, serving, tiny_model_args
 
@@ -75,3 +80,28 @@ def _generated(base: str) -> float:
         if line.startswith("pagoda:generation_tokens_total{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("no generation_tokens_total in /metrics")
+
+
+def test_a_reset_connection_is_named_by_its_cause():
+    """A server that resets the connection after reading the request (as one closing an idle
+    keep-alive connection just as a request arrives does): httpx's ReadError has no message."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def reset_one() -> None:
+            connection, _ = listener.accept()
+            request = b"-"
+            while request and not request.endswith(b"}"):  # the whole request: its JSON body ends it
+                request = connection.recv(65536)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()  # with linger 0: a reset, not a clean close
+
+        threading.Thread(target=reset_one, daemon=True).start()
+
+        async def send() -> str:
+            base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+            async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+                result = await _send(client, "m", BenchRequest([1, 2, 3], 4), [1, 2, 3])
+            assert not result.ok
+            return result.error
+
+        error = asyncio.run(send())
+    assert error.startswith("no response: ") and "ConnectionResetError" in error, error

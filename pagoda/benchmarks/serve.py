@@ -121,13 +121,16 @@ async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest, pr
 
 
 def _exception_chain(error: BaseException) -> str:
-    """The exception and its causes, as reprs: some (a reset connection's httpx.ReadError) have
-    no message, and only the type and the cause say what happened."""
-    reprs: list[str] = []
-    cause: BaseException | None = error
-    while cause is not None and len(reprs) < 8:
-        if not reprs or reprs[-1] != repr(cause):  # httpx's and httpcore's copies of one error
+    """The exception and those causes that add something, as reprs: some (a reset connection's
+    httpx.ReadError) have no message, and only the type and the cause say what happened."""
+    reprs, messages = [repr(error)], {str(error)}
+    cause = error.__cause__ or error.__context__
+    for _ in range(8):  # a bound: a chain can loop
+        if cause is None:
+            break
+        if str(cause) not in messages:  # httpx wraps httpcore's error, which wraps h11's: one message
             reprs.append(repr(cause))
+            messages.add(str(cause))
         cause = cause.__cause__ or cause.__context__
     return " <- ".join(reprs)
 

@@ -5,7 +5,10 @@ an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL.
 Prompts go as token ids to servers with vLLM's /tokenize (Pagoda, vLLM); llama-cpp-python's
 server takes text only, so there they go as the text of the same ids (/extras/detokenize). Where a
 stream carries no usage, tokens are counted as vLLM's benchmark does: the prompt's ids, and one
-output token per streamed chunk."""
+output token per streamed chunk.
+
+Each failed request is printed as it ends, with the HTTP status and body the server gave, or the
+exception (and its causes) when there was no response; the summary counts them."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,11 @@ import httpx
 
 from pagoda.benchmarks.throughput import BenchRequest, make_requests
 from pagoda.entrypoints.openai.sse_client import aiter_events, raise_for_error
+
+# Seconds an idle connection is kept for reuse: well under the servers' keep-alive timeout
+# (uvicorn's 5 s, in Pagoda and vLLM). At equal values a connection can be reused just as the
+# server closes it, and the request fails with a reset: httpx.ReadError, whose message is empty.
+_KEEPALIVE_EXPIRY_S = 1.0
 
 # Text whose tokens make the pool random prompts are drawn from: any server's tokenizer gives
 # valid ids for it, with no need to know its vocabulary. ASCII only: any sequence of its tokens
@@ -82,9 +91,14 @@ async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest, pr
     start = last = time.perf_counter()
     result = RequestResult(ok=False, prompt_tokens=len(request.prompt_token_ids))
     chunks = 0
+    status = None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
-            raise_for_error(response)
+            status = response.status_code
+            if not response.is_success:
+                await response.aread()
+                result.error = f"HTTP {status}: {response.text}"
+                return result
             async for event in aiter_events(response):
                 now = time.perf_counter()
                 if event.get("usage"):
@@ -101,15 +115,31 @@ async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest, pr
         result.latency_s = time.perf_counter() - start
         result.output_tokens = result.output_tokens or chunks
         result.ok = True
-    except (httpx.HTTPError, RuntimeError) as error:
-        result.error = str(error)
+    except (httpx.HTTPError, RuntimeError) as error:  # RuntimeError: an error event in the stream
+        result.error = ("no response: " if status is None else f"HTTP {status}, then ") + _exception_chain(error)
     return result
+
+
+def _exception_chain(error: BaseException) -> str:
+    """The exception and those causes that add something, as reprs: some (a reset connection's
+    httpx.ReadError) have no message, and only the type and the cause say what happened."""
+    reprs, messages = [repr(error)], {str(error)}
+    cause = error.__cause__ or error.__context__
+    for _ in range(8):  # a bound: a chain can loop
+        if cause is None:
+            break
+        if str(cause) not in messages:  # httpx wraps httpcore's error, which wraps h11's: one message
+            reprs.append(repr(cause))
+            messages.add(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(reprs)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = httpx.Timeout(30.0, read=None)
-    limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts)
+    limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts,
+                          keepalive_expiry=_KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=timeout, limits=limits) as client:
         model = args.model or await _first_model(client)
         tokenizer = _Tokenizer(client)
@@ -124,14 +154,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         cap = asyncio.Semaphore(args.max_concurrency or len(requests))
         rng = random.Random(args.seed)
 
-        async def limited(request: BenchRequest, prompt: list[int] | str) -> RequestResult:
+        async def limited(index: int, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
             async with cap:
-                return await _send(client, model, request, prompt)
+                result = await _send(client, model, request, prompt)
+            if not result.ok:
+                print(f"request {index} failed: {result.error}", flush=True)
+            return result
 
         started = time.perf_counter()
         tasks = []
-        for request, prompt in zip(requests, prompts):
-            tasks.append(asyncio.create_task(limited(request, prompt)))
+        for index, (request, prompt) in enumerate(zip(requests, prompts)):
+            tasks.append(asyncio.create_task(limited(index, request, prompt)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -146,7 +179,7 @@ def _summary(model: str, results: list[RequestResult], duration: float) -> dict[
     itl = [t for r in done for t in r.itl_s]
     summary: dict[str, Any] = {
         "model": model, "completed": len(done), "failed": len(results) - len(done),
-        "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": duration,
+        "errors": dict(Counter(r.error for r in results if not r.ok).most_common(5)), "duration_s": duration,
         "total_input_tokens": prompt_tokens, "total_output_tokens": output_tokens,
         "request_throughput": len(done) / duration, "output_throughput": output_tokens / duration,
         "total_token_throughput": (prompt_tokens + output_tokens) / duration,

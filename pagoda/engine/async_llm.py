@@ -100,6 +100,12 @@ class AsyncLLM:
         """Engine requests sent to each engine core since start."""
         return [core.routed for core in self._cores.cores]
 
+    @property
+    def num_waiting(self) -> int:
+        """Engine requests not yet running, up to date with every add (unlike stats.num_waiting,
+        which is as of the cores' last step): what --max-queued-requests bounds."""
+        return self._cores.num_waiting
+
     def is_alive(self) -> bool:
         return self._cores.alive()
 

@@ -108,6 +108,13 @@ class CoreGroup:
         with self._lock:
             self.cores[index].outstanding -= num_requests
 
+    @property
+    def num_waiting(self) -> int:
+        """Engine requests sent and not yet running: those sent and not ended are counted here as
+        they go and end, the running ones come from each core's latest stats (at most a step old,
+        so a request the next step admits still counts as waiting)."""
+        return sum(max(0, core.outstanding - core.stats.num_running) for core in self.cores)
+
     # The I/O threads: one sends, one receives (ZeroMQ sockets are not thread-safe) -------------
 
     def send(self, index: int | None, message: list[Any]) -> None:

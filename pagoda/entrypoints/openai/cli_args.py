@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, JSON: ["*"]')
+    parser.add_argument(
+        "--max-queued-requests", type=int, default=None,
+        help="answer new requests with 503 and Retry-After while this many engine requests (each prompt and each "
+             "of n) wait to be scheduled (SGLang's flag; default: no bound)",
+    )
     add_request_limit_arguments(parser)
 
 

@@ -202,7 +202,7 @@ def _validation_error(error: RequestValidationError) -> OpenAIError:
 
 
 def _error(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.response().model_dump(), status_code=error.status)
+    return JSONResponse(error.response().model_dump(), status_code=error.status, headers=error.headers)
 
 
 # `pagoda serve` -----------------------------------------------------------------------------
@@ -255,6 +255,7 @@ def run_server(args: argparse.Namespace) -> None:
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
         default_sampling=default_sampling, limits=request_limits(args),
+        max_queued_requests=args.max_queued_requests,
     )
     app = build_app(engine, config, args.api_key, args.allowed_origins)
     uvicorn_config = uvicorn.Config(

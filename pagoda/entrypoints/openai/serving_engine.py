@@ -1,5 +1,6 @@
 """What the completion and chat handlers share: errors in OpenAI's shape, model checks, the
-SamplingParams of a request, the context-length check, and running one engine request."""
+SamplingParams of a request, the context-length check, the queue bound (--max-queued-requests)
+and running one engine request."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, Sam
 logger = logging.getLogger("pagoda.server")
 
 _PARAM_IN_MESSAGE = re.compile(r"^(\w+)=")
+# Seconds a client refused for a full queue is asked to wait: the queue's time to drain is not
+# known, and one second spreads the retries without idling a server that has caught up.
+_RETRY_AFTER_S = 1
 
 
 class OpenAIError(Exception):
@@ -31,10 +35,11 @@ class OpenAIError(Exception):
 
     def __init__(
         self, message: str, status: int = 400, param: str | None = None,
-        type: str = "invalid_request_error", code: str | None = None,
+        type: str = "invalid_request_error", code: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.param, self.type, self.code = status, param, type, code
+        self.headers = headers  # of the error response (Retry-After)
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=str(self), type=self.type, param=self.param, code=self.code))
@@ -62,6 +67,8 @@ class ServerConfig:
     # SamplingParams fields a request leaves unset take these (--generation-config).
     default_sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # New requests get a 503 while this many engine requests wait (--max-queued-requests).
+    max_queued_requests: int | None = None
 
 
 class OpenAIServing:
@@ -128,9 +135,10 @@ class OpenAIServing:
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
         default_param: str,
     ) -> list[AsyncIterator[RequestOutput]]:
-        """Add one engine request per prompt, all or none (a refusal is a 400); returns their
+        """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
+        self._refuse_when_queue_full()
         streams: list[AsyncIterator[RequestOutput]] = []
         ids = sub_request_ids(request_id, len(prompts))
         try:
@@ -145,6 +153,14 @@ class OpenAIServing:
                 raise value_error(error, default_param) from None
             raise
         return streams
+
+    def _refuse_when_queue_full(self) -> None:
+        bound = self.config.max_queued_requests
+        if bound is not None and self.engine.num_waiting >= bound:
+            raise OpenAIError(
+                f"The request queue is full ({bound} requests waiting, --max-queued-requests); retry later.",
+                503, type="server_error", headers={"Retry-After": str(_RETRY_AFTER_S)},
+            )
 
 
 def params_summary(params: SamplingParams) -> str:

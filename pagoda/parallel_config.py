@@ -5,7 +5,7 @@ attention heads; more pipeline stages than layers; weights that cannot fit one G
 (the error names the smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle,
 with the split that would use them (TP just large enough to hold the model, DP with the rest).
 
-The GPU rules need the GPU count and memory; `detect_gpus` reads them from CUDA, or from
+The GPU rules need the GPU count and memory; `detect_gpus` reads them from NVML (or CUDA), or from
 PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB, so that they can be tested, or a machine planned for,
 without the GPUs."""
 
@@ -55,10 +55,28 @@ def detect_gpus() -> GpuInventory:
     if count is None:
         count = torch.cuda.device_count()
     if memory is None:
-        memory_bytes = torch.cuda.get_device_properties(0).total_memory if int(count) else 0
+        memory_bytes = _first_gpu_memory_bytes() if int(count) else 0
     else:
         memory_bytes = int(float(memory) * _GIB)
     return GpuInventory(int(count), memory_bytes)
+
+
+def _first_gpu_memory_bytes() -> int:
+    """The first visible GPU's memory, read through NVML where it is installed: CUDA itself would
+    be initialized by the reading, and a process with CUDA initialized can no longer fork its rank
+    workers (see executor/multiproc.py)."""
+    try:
+        import pynvml
+    except ImportError:
+        return torch.cuda.get_device_properties(0).total_memory
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    pynvml.nvmlInit()
+    try:
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def check_parallel_layout(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -179,3 +182,26 @@ def test_seeded_rows_sample_the_same_in_any_batch_on_the_gpu():
                        + [Req(i, []) for i in range(4)]).token_ids[3] for step in range(6)]
     assert alone == crowded
     assert len(set(alone)) > 1  # each step draws afresh
+
+
+# Run in a fresh interpreter: the tests above have initialized CUDA in this one.
+_FORK_AFTER_START_CHECKS = textwrap.dedent("""
+    import os, torch
+    from pagoda.config import EngineConfig
+    from pagoda.executor.multiproc import worker_start_method
+    from pagoda.parallel_config import detect_gpus
+    assert EngineConfig().torch_device().type == "cuda"
+    gpus = detect_gpus()
+    assert gpus.count >= 1 and gpus.memory_bytes > 2**30, gpus
+    assert worker_start_method() == "fork"
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if torch.ones(4, device="cuda").sum().item() == 4 else 1)
+    assert os.waitpid(pid, 0)[1] == 0, "a forked child could not use the GPU"
+""")
+
+
+def test_what_the_engine_asks_before_starting_ranks_leaves_them_free_to_fork():
+    """The device and GPU inventory (NVML) leave CUDA uninitialized, so rank workers are forked and
+    a script without a main guard runs with several GPUs too; a forked child can use the GPU."""
+    subprocess.run([sys.executable, "-c", _FORK_AFTER_START_CHECKS], check=True, timeout=120)

@@ -12,9 +12,10 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pagoda.parallel_config import check_parallel_layout, detect_gpus
 
 logger = logging.getLogger("pagoda")
 
-_POLL_MS = 500  # how often the receiver checks that the core processes are alive
+_POLL_MS = 500  # how often the receiver checks that it should go on
 
 
 @dataclass
@@ -117,28 +118,37 @@ class CoreGroup:
 
     # The I/O threads: one sends, one receives (ZeroMQ sockets are not thread-safe) -------------
 
-    def send(self, index: int | None, message: list[Any]) -> None:
-        """To one core, or to all of them (None)."""
-        data = serial.pack(message)
+    def send(self, index: int | None, data: bytes) -> None:
+        """A packed message to one core, or to all of them (None). A core that has exited is
+        skipped: with no reader, the send would block for good."""
         for core in self.cores if index is None else [self.cores[index]]:
-            core.to_core.send(data)
+            if core.process.is_alive():
+                core.to_core.send(data)
 
-    def receive(self) -> Iterator[tuple[int, list[Any]]]:
-        """(core index, message) as they come, until a core process has exited."""
+    def receive(self, running: Callable[[], bool]) -> Iterator[tuple[int, list[Any]]]:
+        """(core index, message) as they come, until a core process has exited (noticed at once)
+        or running() turns False (noticed within _POLL_MS)."""
         poller = zmq.Poller()
         for core in self.cores:
             poller.register(core.from_core, zmq.POLLIN)
+            poller.register(core.process.sentinel, zmq.POLLIN)  # readable once the process has ended
         sockets = {core.from_core: i for i, core in enumerate(self.cores)}
-        while self.alive():
+        while running() and self.alive():
             for socket, _ in poller.poll(_POLL_MS):
-                index = sockets[socket]
+                index = sockets.get(socket)
+                if index is None:  # a sentinel: alive() says which core has ended
+                    continue
                 message = serial.unpack(socket.recv())
                 if message[0] in ("outputs", "aborted"):  # these carry the core's stats last
                     self.cores[index].stats = serial.decode_stats(message[-1])
                 yield index, message
-        for i, core in enumerate(self.cores):
-            if core.process.exitcode not in (None, 0):
-                logger.error("engine core %d exited with %s", i, core.process.exitcode)
+
+    def exits(self) -> str:
+        """How each core process that has ended did (empty if none has)."""
+        return "; ".join(
+            f"engine core {i} (pid {core.process.pid}) {_exit_status(core.process.exitcode)}"
+            for i, core in enumerate(self.cores) if core.process.exitcode is not None
+        )
 
     @property
     def stats(self) -> SchedulerStats:
@@ -154,9 +164,10 @@ class CoreGroup:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """After the sender has told the cores to stop: wait for them (kill what lingers)."""
-        for core in self.cores:
+        for i, core in enumerate(self.cores):
             core.process.join(timeout)
             if core.process.is_alive():
+                logger.warning("engine core %d did not stop within %.0f s: killing it", i, timeout)
                 core.process.kill()
                 core.process.join(timeout)
 
@@ -171,6 +182,15 @@ class CoreGroup:
         """Once the receiver has stopped: the sockets and their directory."""
         self._context.destroy(linger=0)
         self._dir.cleanup()
+
+
+def _exit_status(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with status {exitcode}"
+    try:
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
 
 
 def _check_whole_layout(config: EngineConfig) -> None:

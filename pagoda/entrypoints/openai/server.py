@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException
 import pagoda
 from pagoda.config import EngineConfig
 from pagoda.entrypoints.engine_args import engine_kwargs
-from pagoda.engine.async_llm import AsyncLLM, RequestAborted
+from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.loader.model_resolver import resolve_model
@@ -209,12 +211,20 @@ def _error(error: OpenAIError) -> JSONResponse:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus: a signal aborts every in-flight request at once, and a served SIGTERM or
-    SIGINT is a clean exit (uvicorn itself re-raises the signal, so the status would be nonzero)."""
+    """uvicorn, plus: a signal aborts every in-flight request at once, a served SIGTERM or SIGINT
+    is a clean exit (uvicorn itself re-raises the signal, so the status would be nonzero), and the
+    engine's death shuts the server down (as vLLM's does), to exit nonzero."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLM) -> None:
         super().__init__(config)
         self.engine = engine
+        self.engine_died = False
+        engine.dead_listeners.append(self.on_engine_death)
+
+    def on_engine_death(self, error: EngineDeadError) -> None:
+        logger.error("shutting the server down: %s", error)
+        self.engine_died = True
+        self.should_exit = True  # uvicorn's main loop reads it, from any thread
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -263,7 +273,13 @@ def run_server(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     )
     logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
+    server = _Server(uvicorn_config, engine)
     try:
-        _Server(uvicorn_config, engine).run()
+        server.run()
     finally:
         engine.shutdown()
+    # The interpreter's last collection would walk the whole heap (torch, transformers) for
+    # seconds on a busy host; the process is ending, so nothing needs freeing.
+    gc.freeze()
+    if server.engine_died:
+        sys.exit(1)

@@ -151,5 +151,5 @@ def _serve(worker: Worker, conn: Connection) -> None:
             except Exception:
                 reply = ("error", traceback.format_exc())
             conn.send(reply)
-    except (EOFError, BrokenPipeError):  # the engine is gone: nobody will call again
+    except (EOFError, OSError):  # the engine is gone (its pipe closed or reset): nobody will call again
         return

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_LOGPROBS = 20
+# vLLM's default VLLM_MAX_N_SEQUENCES: n fans out into n engine requests.
+MAX_N_SEQUENCES = 16384
+# Every integer crosses the engine-core boundary (msgpack) and lands in int64 tensors: wider
+# ones are refused here, by name, rather than failing there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Below this temperature, dividing logits by it overflows float32: treat it as greedy.
 _GREEDY_EPS = 1e-5
 _LOGIT_BIAS_LIMIT = 100.0  # OpenAI clamps biases to [-100, 100]
@@ -24,6 +29,7 @@ _OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
 @dataclass
 class SamplingParams:
     """Validated on construction: a bad value raises ValueError naming the parameter and its range.
+    Integers (token ids included) must fit 64 bits, and n is capped as vLLM caps it.
 
     Integers and numbers are normalised to int and float, `stop` to a list of strings,
     `stop_token_ids` to a list and `logit_bias` keys to int (JSON gives strings)."""
@@ -73,7 +79,10 @@ class SamplingParams:
                 setattr(self, name, convert(name, value))
 
     def _check_ranges(self) -> None:
-        _require(self.n >= 1, "n", self.n, ">= 1")
+        _require(1 <= self.n <= MAX_N_SEQUENCES, "n", self.n, f"in [1, {MAX_N_SEQUENCES}]")
+        # Child i of n samples with seed + i (fan_out): every one of them must fit too.
+        _require(self.seed is None or self.seed + self.n - 1 <= INT64_MAX, "seed", self.seed,
+                 f"at most 2**63 - n ({INT64_MAX - self.n + 1}) with n={self.n}")
         _require(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _require(self.top_k >= -1, "top_k", self.top_k, "-1 or 0 (no limit), or >= 1")
@@ -105,8 +114,8 @@ def _normalise_stop(stop: Any) -> list[str]:
 def _normalise_stop_token_ids(ids: Any) -> list[int]:
     if ids is None:
         return []
-    if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
-        _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
+    if not isinstance(ids, (list, tuple)) or not all(_is_token_id(t) for t in ids):
+        _fail("stop_token_ids", ids, "a list of token ids (integers in [0, 2**63))")
     return [int(t) for t in ids]
 
 
@@ -118,8 +127,8 @@ def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
     out: dict[int, float] = {}
     for key, value in bias.items():
         token_id = _token_id_key(key)
-        if token_id is None or token_id < 0:
-            _fail("logit_bias", bias, f"keyed by token ids (integers >= 0), not {key!r}")
+        if not _is_token_id(token_id):
+            _fail("logit_bias", bias, f"keyed by token ids (integers in [0, 2**63)), not {key!r}")
         if not _is_number(value):
             _fail("logit_bias", bias, f"valued by finite numbers, not {value!r}")
         out[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, float(value)))
@@ -138,13 +147,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_token_id(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= INT64_MAX
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_int(name: str, value: Any) -> int:
-    if not _is_int(value):
-        _fail(name, value, "an integer")
+    if not _is_int(value) or not INT64_MIN <= value <= INT64_MAX:
+        _fail(name, value, "a 64-bit integer (in [-2**63, 2**63))")
     return int(value)
 
 

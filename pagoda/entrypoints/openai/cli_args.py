@@ -33,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
-    parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, JSON: ["*"]')
+    # CORS, as vLLM: any origin, method and header, but no credentials unless asked for.
+    parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, a JSON list: ["*"]')
+    parser.add_argument("--allow-credentials", action="store_true",
+                        help="let browsers send cookies and auth headers cross-origin (CORS credentials; off by default)")
+    parser.add_argument("--allowed-methods", type=json.loads, default=["*"], help='CORS methods, a JSON list: ["*"]')
+    parser.add_argument("--allowed-headers", type=json.loads, default=["*"], help='CORS headers, a JSON list: ["*"]')
     parser.add_argument(
         "--max-queued-requests", type=int, default=None,
         help="answer new requests with 503 and Retry-After while this many engine requests (each prompt and each "

@@ -2,18 +2,55 @@
 
 Requests accept every field OpenAI defines; fields whose feature is not built are declared so
 that the server can refuse them by name (see UNSUPPORTED_*), and unknown fields are ignored, as
-OpenAI's own server and vLLM do. Sampling values are validated by SamplingParams, not here."""
+OpenAI's own server and vLLM do. Sampling values are validated by SamplingParams, not here; what
+the schema checks is what must hold before a request reaches the engine: integers that fit its
+64 bits, token ids >= 0, OpenAI's caps on n and top_logprobs, and text that is valid Unicode (no
+lone UTF-16 surrogates, which JSON can carry but no tokenizer or msgpack takes)."""
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pagoda.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS
+
+# Bounded by < 2**63 rather than <= 2**63 - 1: /openapi.json writes bounds as floats, and only
+# the power of two is exact.
+Int64 = Annotated[int, Field(ge=INT64_MIN, lt=INT64_MAX + 1)]
+TokenId = Annotated[int, Field(ge=0, lt=INT64_MAX + 1)]
+MAX_N = 128  # OpenAI's cap on choices per request
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestModel(OpenAIModel):
+    """A request body, or a part of one: every string in it must be valid Unicode."""
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if _has_lone_surrogate(value):
+            raise ValueError("the text holds a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode")
+        return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string in a field's value (nested lists and dicts included) is not valid Unicode;
+    nested models have checked their own fields."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(item) for item in value if not isinstance(item, int))
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    return False
 
 
 class ErrorInfo(OpenAIModel):
@@ -27,58 +64,58 @@ class ErrorResponse(OpenAIModel):
     error: ErrorInfo
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     """Fields the completion and chat requests share."""
 
     model: Optional[str] = None
-    n: Optional[int] = 1
+    n: Optional[Annotated[int, Field(ge=1, le=MAX_N)]] = 1
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
+    logit_bias: Optional[dict[TokenId, float]] = None  # JSON's keys are strings: "50256"
+    seed: Optional[Int64] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[Int64] = None
     # vLLM's extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int64] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    prompt_logprobs: Optional[int] = None
+    prompt_logprobs: Optional[Int64] = None
 
 
-PromptInput = Union[str, list[str], list[int], list[list[int]]]
+PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[int] = 16  # OpenAI's default for completions; chat's None is the rest of the context
-    best_of: Optional[int] = None
+    max_tokens: Optional[Int64] = 16  # OpenAI's default for completions; chat's None is the rest of the context
+    best_of: Optional[Int64] = None
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
 
 
-class TextPart(OpenAIModel):
+class TextPart(RequestModel):
     type: str
     text: Optional[str] = None
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: str
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
@@ -91,8 +128,8 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    max_completion_tokens: Optional[Int64] = None
     audio: Optional[Any] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
@@ -112,7 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
@@ -120,9 +157,9 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class UsageInfo(OpenAIModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -36,12 +37,13 @@ from .cli_args import request_limits
 from .metrics import log_stats, metrics_registry
 from .preprocess import tokenize_prompt
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ModelCard, ModelList,
+    TokenizeRequest,
 )
 from .request_body import RequestBodyLimits
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
-from .serving_engine import OpenAIError, ServerConfig
+from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 
 logger = logging.getLogger("pagoda.server")
 
@@ -49,9 +51,26 @@ logger = logging.getLogger("pagoda.server")
 # at once, so their responses end well within it.
 _GRACEFUL_SHUTDOWN_S = 3
 
+# What the POST routes answer besides 200, for /openapi.json: an invalid request is a 400 in
+# OpenAI's error shape (not FastAPI's 422), as is every other error.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request: `param` names the offending field"},
+    "default": {"model": ErrorResponse, "description": "Error"},
+}
+
+
+@dataclasses.dataclass
+class CorsConfig:
+    """vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers."""
+
+    allowed_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
 
 def build_app(
-    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, allowed_origins: list[str] | None = None
+    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,8 +83,9 @@ def build_app(
     app.add_middleware(
         RequestBodyLimits, max_size=config.limits.max_request_body_size, timeout=config.limits.request_body_timeout
     )
-    app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"], allow_credentials=True,
-                       allow_methods=["*"], allow_headers=["*"])
+    cors = cors or CorsConfig()
+    app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_credentials=cors.allow_credentials,
+                       allow_methods=cors.allowed_methods, allow_headers=cors.allowed_headers)
     if api_key:
         app.middleware("http")(_require_api_key(api_key))
     _add_error_handlers(app)
@@ -96,19 +116,19 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
             ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in config.served_model_names
         ])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_ERROR_RESPONSES)
     async def create_completion(body: CompletionRequest, raw: Request) -> Any:
         return await _respond(raw, completions.create(body))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
         return await _respond(raw, chat.create(body))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         return await _tokenize(chat, body)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         chat.check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
@@ -183,19 +203,19 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(OpenAIError(str(error.detail), error.status_code))
 
     @app.exception_handler(RequestAborted)
-    async def aborted(_: Request, error: RequestAborted) -> JSONResponse:
-        return _error(OpenAIError(str(error), 503, type="server_error"))
-
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        logger.exception("internal error")
-        return _error(OpenAIError(f"internal server error: {type(error).__name__}", 500, type="server_error"))
+    async def failed(_: Request, error: Exception) -> JSONResponse:
+        return _error(as_openai_error(error))
 
 
 def _validation_error(error: RequestValidationError) -> OpenAIError:
-    first = error.errors()[0]
+    errors = error.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return OpenAIError(f"the request body is not valid JSON: {first.get('msg')}")
+    # A union (prompt) reports one error per branch: a value out of range says more than the
+    # branches whose type did not match.
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), first)
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if not loc:
         return OpenAIError(f"the request body is invalid: {first.get('msg')}")
@@ -267,7 +287,8 @@ def run_server(args: argparse.Namespace) -> None:
         default_sampling=default_sampling, limits=request_limits(args),
         max_queued_requests=args.max_queued_requests,
     )
-    app = build_app(engine, config, args.api_key, args.allowed_origins)
+    cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
+    app = build_app(engine, config, args.api_key, cors)
     uvicorn_config = uvicorn.Config(
         app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,

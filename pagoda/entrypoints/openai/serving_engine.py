@@ -200,8 +200,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     )
 
 
-def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+def sse(payload: BaseModel, exclude_none: bool = True) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=exclude_none)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -209,16 +209,27 @@ SSE_DONE = "data: [DONE]\n\n"
 
 async def sse_stream(chunks: AsyncIterator[str], engine: AsyncLLM, request_ids: list[str]) -> AsyncIterator[str]:
     """An SSE body: the chunks, then [DONE]. An error once streaming has begun can no longer change
-    the status, so it goes out as an error event; the requests are aborted however it ends."""
+    the status, so it goes out as an error event, shaped as a whole error response (param and
+    code included, null or not); the requests are aborted however it ends."""
     try:
         async for chunk in chunks:
             yield chunk
-    except (OpenAIError, RequestAborted) as error:
-        failure = error if isinstance(error, OpenAIError) else OpenAIError(str(error), 503, type="server_error")
-        yield sse(failure.response())
+    except Exception as error:
+        yield sse(as_openai_error(error).response(), exclude_none=False)
     finally:
         engine.abort(request_ids)
     yield SSE_DONE
+
+
+def as_openai_error(error: Exception) -> OpenAIError:
+    """Any exception as the error a client gets: a request the engine aborted (shutting down) is
+    a 503 it may retry; anything else is a bug: a 500 naming only its type (the traceback is logged)."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, RequestAborted):
+        return OpenAIError(str(error), 503, type="server_error")
+    logger.error("internal error", exc_info=error)
+    return OpenAIError(f"internal server error: {type(error).__name__}", 500, type="server_error")
 
 
 async def merge(iterators: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:

@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 MODE=${1:-full}
+python3 scripts/ceilings.py "$OUT/ceilings.txt"  # the floors' rates, measured in the same call
 # -s shows each greedy divergence from transformers with its logit gap (tests/test_gpu.py).
 [ "$MODE" != w2-peer ] && python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu*.py tests/test_triton_attention.py \
     tests/test_elementwise_kernels.py tests/test_sampling_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15

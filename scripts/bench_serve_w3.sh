@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# W3 (../shared/BENCHMARKS.md): `pagoda serve` on the Llama-3.1-8B shape (random weights), then
+# `pagoda bench serve` with 512 requests of 512 -> 256 tokens at each rate given (default: inf 32),
+# failures printed with their status and body. Run on a CUDA machine from the repository root:
+#   PAGODA_SHARED_MODELS=.shared_models bash scripts/bench_serve_w3.sh [RATE ...]
+# The shared model configs carry no tokenizer: the byte-level one of the tests serves (prompts are
+# token ids, drawn from what it gives for bench serve's pool text).
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/pagoda-gpu}; mkdir -p "$OUT"
+MODELS=${PAGODA_SHARED_MODELS:-shared/models}
+RATES=${*:-inf 32}
+TOKENIZER=$(mktemp -d)
+python3 -c "import sys; from pathlib import Path; from tests.serving import save_tokenizer; save_tokenizer(Path(sys.argv[1]))" "$TOKENIZER"
+PORT=8011
+started=$(date +%s%N)
+python3 -m pagoda.entrypoints.cli serve "$MODELS/llama-3.1-8b" --tokenizer "$TOKENIZER" --load-format dummy \
+    --max-model-len 1024 --port $PORT --disable-log-requests > "$OUT/w3_server.log" 2>&1 &
+server=$!
+until curl -sf -o /dev/null "localhost:$PORT/health"; do
+    kill -0 $server 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/w3_server.log"; exit 1; }
+    sleep 0.2
+done
+echo "process start -> /health 200: $(( ($(date +%s%N) - started) / 1000000 )) ms"
+for rate in $RATES; do
+    echo "== request rate $rate"
+    python3 -m pagoda.entrypoints.cli --log-level warning bench serve --base-url "http://127.0.0.1:$PORT" \
+        --num-prompts 512 --random-input-len 512 --random-output-len 256 --request-rate "$rate" \
+        --output-json "$OUT/w3_rate_$rate.json" 2>&1 | grep -E "request [0-9]+ failed|completed|failed|errors|output_throughput|median_ttft|p99_ttft|median_tpot|p99_itl"
+done
+kill -TERM $server; wait $server; echo "server exit status $?"
+grep -E "ERROR|Traceback" "$OUT/w3_server.log" | head -5

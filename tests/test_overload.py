@@ -97,7 +97,8 @@ def test_clients_gone_while_waiting_are_never_prefilled(server, http):
         assert _finished(after, "abort") == _finished(before, "abort") + 2
         # Admission looks a prompt up in the prefix cache; nothing was admitted since the long request.
         assert after["pagoda:prefix_cache_queries_total"] == before["pagoda:prefix_cache_queries_total"]
-        assert after["pagoda:kv_cache_usage_perc"] == before["pagoda:kv_cache_usage_perc"]
+    # (running() then waits for the KV cache to be empty: they hold no block either; the long
+    # request's own blocks grow meanwhile, so usage is not compared while it runs.)
 
 
 def answered(clients: list[socket.socket], count: int, timeout: float = 10.0) -> list[bytes]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
+import torch
 
 from pagoda import SamplingParams
 from pagoda.config import EngineConfig
@@ -222,3 +223,25 @@ def test_preemption_with_drafts_in_a_small_pool(model_dir, plain):
     outputs, _ = _run_with(model_dir, FutureProposer(_futures(expected), first_right_then_wrong),
                            num_gpu_blocks_override=14)
     assert _tokens(outputs) == _tokens(expected)
+
+
+def test_worker_processes_receive_the_drafts(model_dir, plain):
+    """With tensor parallelism each rank's mirror of a request gets the step's drafts too."""
+    expected, _ = plain
+    outputs, _ = _run_with(model_dir, FutureProposer(_futures(expected), first_right_then_wrong),
+                           max_tokens=(8, 8, 8, 8), tensor_parallel_size=2)
+    assert _tokens(outputs) == [t[:8] for t in _tokens(expected)]
+
+
+def test_decode_graphs_replay_steps_whose_requests_all_have_a_captured_query_length():
+    from pagoda.attention.torch_backend import TorchAttentionBackend
+    from pagoda.worker.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(lambda *args: None, TorchAttentionBackend(), sizes=[1, 2, 4], block_size=4,
+                          max_blocks_per_seq=8, scratch_block=0, device=torch.device("cpu"), query_lens=[1, 4])
+    assert graphs.captures([1, 1, 1], 3)
+    assert graphs.captures([4, 4], 8)
+    assert not graphs.captures([1, 1, 1, 1, 1], 5)  # more requests than the largest graph
+    assert not graphs.captures([4, 3], 7) and not graphs.captures([2, 2], 4)  # uneven, or not captured
+    assert not graphs.captures([1, 7], 8)  # as many tokens as 2 x 4, but not 4 each
+    assert graphs.input_ids.shape[0] == 4 * 4  # buffers for the widest graph

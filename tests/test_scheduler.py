@@ -302,16 +302,20 @@ class ShadowKV:
 
     def run(self, out: SchedulerOutput, block_size: int) -> None:
         # Like attention: write every chunk's K/V first, then read each request's context.
+        # A chunk's tokens: the request's known ones, then its drafts (rejected ones too).
+        tokens = {id(c): c.request.token_ids[: c.start + c.num_tokens - len(c.draft_token_ids)] + c.draft_token_ids
+                  for c in out.chunks}
         for c in out.chunks:
             for p in range(c.start, c.start + c.num_tokens):
-                self.slots[c.block_ids[p // block_size], p % block_size] = tuple(c.request.token_ids[: p + 1])
+                self.slots[c.block_ids[p // block_size], p % block_size] = tuple(tokens[id(c)][: p + 1])
         for c in out.chunks:
             for p in range(c.start + c.num_tokens):
                 slot = (c.block_ids[p // block_size], p % block_size)
-                assert self.slots.get(slot) == tuple(c.request.token_ids[: p + 1]), (c.request, p)
+                assert self.slots.get(slot) == tuple(tokens[id(c)][: p + 1]), (c.request, p)
 
 
-def check_invariants(sched: Scheduler) -> None:
+def check_invariants(sched: Scheduler, max_drafts: int = 0) -> None:
+    """max_drafts: blocks allocated for rejected drafts stay with their request, for its next tokens."""
     kv, pool = sched.kv_cache_manager, sched.kv_cache_manager.block_pool
     running_ids = [r.request_id for r in sched.running]
     assert sorted(running_ids + [r.request_id for r in sched.waiting]) == sorted(sched.requests)
@@ -320,7 +324,9 @@ def check_invariants(sched: Scheduler) -> None:
     for req in sched.running:
         table = kv.block_tables[req.request_id]
         assert req.status == RequestStatus.RUNNING and len(set(table)) == len(table)
-        assert len(table) == kv.blocks_needed(req.num_computed_tokens)  # covers them, no more
+        # Covers them, no more (but for the slots of rejected drafts).
+        assert kv.blocks_needed(req.num_computed_tokens) <= len(table)
+        assert len(table) <= kv.blocks_needed(req.num_computed_tokens + max_drafts)
         refs.update(table)
     for req in sched.waiting:
         assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and req.num_computed_tokens == 0
@@ -336,8 +342,8 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
     for c in out.chunks:
         assert c.num_tokens >= 1 and c.request in sched.running
         assert len(c.block_ids) * bs >= c.start + c.num_tokens
-        planned = c.request.num_tokens_with_placeholders - c.samples  # before its own placeholder
-        assert c.samples == (c.start + c.num_tokens == planned)
+        planned = c.request.num_tokens_with_placeholders - c.num_samples  # before its own placeholders
+        assert c.samples == (c.start + c.num_tokens - len(c.draft_token_ids) == planned)
         if not cfg.enable_chunked_prefill:  # whole, unless a recomputation longer than the budget
             assert c.samples or planned - c.start > cfg.max_num_batched_tokens
 

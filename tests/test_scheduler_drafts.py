@@ -4,8 +4,13 @@ never holding a block with a rejected token."""
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_kv_cache_manager import EOS
-from test_scheduler import add, make_scheduler
+from test_scheduler import (
+    Driver, add, check_all_free, check_invariants, check_output, configs, make_scheduler, requests, sampled_tokens,
+)
 
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler
@@ -166,3 +171,71 @@ def test_no_block_holding_a_rejected_draft_reaches_the_prefix_cache():
     [cached_hash] = [h for h in pool.cached if pool.cached[h] == sched.kv_cache_manager.get_block_ids("a")[1]]
     hashes = sched.kv_cache_manager.block_hashes["a"]
     assert cached_hash == hashes[1] and a.token_ids[4:8] == [5, 6, 5, 30]
+
+
+# Property tests: the random operations of test_scheduler.py, with drafts proposed between steps
+# and accepted in part at random; the shadow KV cache checks that every position a request reads
+# holds its own prefix, prefix-cache hits included, whatever rejected drafts wrote.
+
+MAX_DRAFTS = 4
+drafts = st.lists(st.sampled_from([1, 2, 3, EOS]), min_size=1, max_size=MAX_DRAFTS)
+
+
+class DraftDriver(Driver):
+    def __init__(self, config: dict, overlap: bool = False) -> None:
+        super().__init__(config, overlap)
+        self.proposed_after: dict[str, int] = {}  # request id -> its tokens when drafts were proposed
+
+    def propose(self, tokens: list[int]) -> None:
+        # To every running request, even mid-prefill or with a placeholder: the scheduler decides.
+        for req in self.sched.running:
+            req.draft_token_ids = list(tokens)
+            self.proposed_after[req.request_id] = req.num_tokens
+
+    def step(self, tokens: list[int]) -> None:
+        out = self.sched.schedule()
+        check_output(self.sched, out)
+        for c in out.chunks:
+            if c.draft_token_ids:  # right after the tokens the proposer saw, all of them known
+                req = c.request
+                assert c.start + c.num_tokens - len(c.draft_token_ids) == req.num_tokens
+                assert self.proposed_after[req.request_id] == req.num_tokens == req.num_tokens_with_placeholders - c.num_samples
+                # Room for every token the step may yield, within both limits.
+                assert req.num_output_tokens + c.num_samples <= req.max_tokens
+                assert req.num_tokens + c.num_samples <= self.sched.max_request_len
+        if self.overlap:
+            out, self.in_flight = self.in_flight, out
+            if out is None:
+                return
+        self.shadow.run(out, self.sched.kv_cache_manager.block_size)
+        sampled = {}
+        for i, c in enumerate(c for c in out.chunks if c.samples):
+            accepted = c.draft_token_ids[: tokens[i % len(tokens)] % (len(c.draft_token_ids) + 1)]
+            sampled[c.request.request_id] = accepted + [tokens[(i + 1) % len(tokens)]]
+        for req, n in self.sched.update_from_output(out, sampled):
+            assert 1 <= n <= len(sampled[req.request_id])
+            assert n == len(sampled[req.request_id]) or req.status.is_finished()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+@settings(max_examples=200, deadline=None)
+@given(config=configs, reqs=st.lists(requests, min_size=1, max_size=6), tokens=sampled_tokens, proposals=drafts,
+       finish_at=st.none() | st.integers(0, 30))
+def test_requests_with_drafts_keep_blocks_budgets_and_caches_consistent_until_they_finish(
+    overlap, config, reqs, tokens, proposals, finish_at
+):
+    driver = DraftDriver(config, overlap)
+    for args in reqs:
+        driver.add(args)
+    for i in range(2000):
+        if not driver.sched.has_unfinished_requests():
+            break
+        driver.propose(proposals)
+        driver.step(tokens)
+        if i == finish_at:
+            driver.finish(i, RequestStatus.FINISHED_ABORTED)
+        check_invariants(driver.sched, MAX_DRAFTS)
+        for req in driver.added:
+            assert req.num_output_tokens <= req.max_tokens and req.num_tokens <= driver.sched.max_request_len
+    check_all_free(driver.sched)
+    assert all(r.status.is_finished() for r in driver.added)

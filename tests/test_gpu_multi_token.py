@@ -13,7 +13,14 @@ import torch
 from pagoda import SamplingParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from tests.test_multi_token_steps import K, FutureProposer, _futures, _generate, _tokens, first_right_then_wrong
+from tests.test_multi_token_steps import (
+    FutureProposer,
+    K,
+    _futures,
+    _generate,
+    _tokens,
+    first_right_then_wrong,
+)
 from tests.tiny_models import save_tiny_model
 
 pytestmark = [
@@ -64,7 +71,7 @@ def test_graphs_with_draft_tokens_give_the_eager_tokens(tmp_path, dtype):
                 assert graphs is not None and graphs.query_lens == [1, 1 + K]
                 run = graphs.run
 
-                def counting_run(input_ids, positions, slot_mapping, seq_lens, block_tables):
+                def counting_run(input_ids, positions, slot_mapping, seq_lens, block_tables, run=run, replayed=replayed):
                     replayed.append(input_ids.shape[0] // seq_lens.shape[0])
                     return run(input_ids, positions, slot_mapping, seq_lens, block_tables)
 

@@ -16,10 +16,10 @@ from pagoda.config import EngineConfig
 from pagoda.core.request import Request
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.outputs import RequestOutput
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import ARCHITECTURES, save_tiny_model
 
 K = 3  # drafts per step
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 class FutureProposer:
@@ -58,8 +58,8 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _engine(model_dir: str, proposer=None, **overrides) -> LLMEngine:
-    config = dict(model=model_dir, device="cpu", skip_tokenizer_init=True, max_model_len=64, block_size=4,
-                  num_gpu_blocks_override=64, max_num_batched_tokens=32)
+    config = {"model": model_dir, "device": "cpu", "skip_tokenizer_init": True, "max_model_len": 64,
+              "block_size": 4, "num_gpu_blocks_override": 64, "max_num_batched_tokens": 32}
     return LLMEngine(EngineConfig(**{**config, **overrides}), proposer)
 
 
@@ -245,3 +245,13 @@ def test_decode_graphs_replay_steps_whose_requests_all_have_a_captured_query_len
     assert not graphs.captures([4, 3], 7) and not graphs.captures([2, 2], 4)  # uneven, or not captured
     assert not graphs.captures([1, 7], 8)  # as many tokens as 2 x 4, but not 4 each
     assert graphs.input_ids.shape[0] == 4 * 4  # buffers for the widest graph
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_gives_its_greedy_tokens_with_drafts(arch, tmp_path):
+    path = str(save_tiny_model(arch, tmp_path))
+    params = [SamplingParams(max_tokens=12, **GREEDY)] * 2
+    expected, plain_steps = _generate(_engine(path), PROMPTS[:2], params)
+    outputs, steps = _generate(_engine(path, FutureProposer(_futures(expected), first_right_then_wrong)),
+                               PROMPTS[:2], params)
+    assert _tokens(outputs) == _tokens(expected) and steps < plain_steps

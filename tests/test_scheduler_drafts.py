@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_kv_cache_manager import EOS
 from test_scheduler import (
-    Driver, add, check_all_free, check_invariants, check_output, configs, make_scheduler, requests, sampled_tokens,
+    Driver,
+    add,
+    check_all_free,
+    check_invariants,
+    check_output,
+    configs,
+    make_scheduler,
+    requests,
+    sampled_tokens,
 )
 
 from pagoda.core.request import Request, RequestStatus
@@ -110,7 +118,7 @@ def test_a_request_with_drafts_in_flight_is_not_planned_again_until_they_are_rea
     sched.update_from_output(first, {"a": [6, 8], "b": [9]})
     sched.update_from_output(second, {"b": [10]})
     assert a.output_token_ids == [5, 6, 8] and b.output_token_ids == [5, 9, 10]
-    [chunk_a, chunk_b] = sched.schedule().chunks
+    [chunk_a, _] = sched.schedule().chunks
     assert (chunk_a.start, chunk_a.num_tokens) == (a.num_tokens - 1, 1)
 
 
@@ -149,7 +157,7 @@ def test_drafts_never_preempt_another_request():
 
 def test_preemption_drops_the_drafts():
     sched = make_scheduler(num_blocks=2, prefix=False)
-    a, b = _all_decoding(sched, {"a": [1, 2, 3, 4], "b": [4, 6, 8, 9]})  # a block each, both full
+    _, b = _all_decoding(sched, {"a": [1, 2, 3, 4], "b": [4, 6, 8, 9]})  # a block each, both full
     b.draft_token_ids = [6]
     out = sched.schedule()  # "a" needs a second block: "b", the newest, goes
     assert out.preempted == ["b"]

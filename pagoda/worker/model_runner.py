@@ -292,21 +292,15 @@ class ModelRunner:
         return input_ids
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> DeviceSamples:
-        # A sampling chunk ends at the request's last token so far, known or in flight: what lies
-        # past the prompt was generated before this sample (a worker's mirror counts no placeholders).
-        if not any(c.draft_token_ids for c in chunks):
-            requests: list[SamplingRequest] = [c.request for c in chunks]
-            num_generated = [c.start + c.num_tokens - c.request.num_prompt_tokens for c in chunks]
-            return self.sampler.sample(logits, requests, num_generated)
-        requests, num_generated = [], []
-        for c in chunks:
-            # Row i of a chunk with drafts samples as if drafts[:i] had been generated: min_tokens,
-            # seeds and penalties then draw exactly as one step at a time would on the accepted path.
-            drafts = c.draft_token_ids
-            first = c.start + c.num_tokens - len(drafts) - c.request.num_prompt_tokens
-            requests.append(c.request)
-            requests.extend(_DraftPosition(c.request, drafts[:i]) for i in range(1, len(drafts) + 1))
-            num_generated.extend(range(first, first + 1 + len(drafts)))
+        requests: list[SamplingRequest] = [c.request for c in chunks]
+        # A sampling chunk ends at the request's last token so far, known or in flight, then its
+        # drafts: what lies past the prompt before them was generated before the chunk's first
+        # sample (a worker's mirror counts no placeholders).
+        num_generated = [
+            c.start + c.num_tokens - len(c.draft_token_ids) - c.request.num_prompt_tokens for c in chunks
+        ]
+        if any(c.draft_token_ids for c in chunks):
+            requests, num_generated = _rows_per_position(chunks, num_generated)
         return self.sampler.sample(logits, requests, num_generated)
 
     def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk, batch: _Batch) -> list[TopLogprobs]:
@@ -392,6 +386,22 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _rows_per_position(
+    chunks: list[ScheduledChunk], num_generated: list[int]
+) -> tuple[list[SamplingRequest], list[int]]:
+    """The sampler's rows when chunks have drafts: one per sampled position. Row i of a chunk
+    samples as if drafts[:i] had been generated, so min_tokens, seeds and penalties draw exactly
+    as one step at a time would on the accepted path."""
+    requests: list[SamplingRequest] = []
+    counts: list[int] = []
+    for c, first in zip(chunks, num_generated):
+        drafts = c.draft_token_ids
+        requests.append(c.request)
+        requests.extend(_DraftPosition(c.request, drafts[:i]) for i in range(1, len(drafts) + 1))
+        counts.extend(range(first, first + 1 + len(drafts)))
+    return requests, counts
 
 
 class _DraftPosition:

@@ -63,7 +63,8 @@ class DecodeGraphs:
         }
         self.seq_lens = torch.full((n,), self.query_lens[-1], dtype=torch.int32, device=device)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (q, size) ->
+        # (query tokens per request, batch size) -> the graph and its output buffer
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @property
     def max_batch(self) -> int:

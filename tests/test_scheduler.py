@@ -41,7 +41,7 @@ def add(sched: Scheduler, rid: str, prompt: list[int], **params) -> Request:
 
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     out = sched.schedule()
-    sched.update_from_output(out, {c.request.request_id: token for c in out.chunks if c.samples})
+    sched.update_from_output(out, {c.request.request_id: [token] for c in out.chunks if c.samples})
     return out
 
 
@@ -239,7 +239,7 @@ def test_update_returns_the_requests_that_got_a_token_in_chunk_order():
     out = sched.schedule()
     assert [ch.request.request_id for ch in out.chunks] == ["a", "b", "d", "c"]
     sched.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)  # ended during the step
-    assert sched.update_from_output(out, {"a": 5, "b": 6, "d": 7}) == [a, b]
+    assert sched.update_from_output(out, {"a": [5], "b": [6], "d": [7]}) == [(a, 1), (b, 1)]
     assert a.status == RequestStatus.FINISHED_LENGTH and sched.num_running == 2
 
 
@@ -302,16 +302,20 @@ class ShadowKV:
 
     def run(self, out: SchedulerOutput, block_size: int) -> None:
         # Like attention: write every chunk's K/V first, then read each request's context.
+        # A chunk's tokens: the request's known ones, then its drafts (rejected ones too).
+        tokens = {id(c): c.request.token_ids[: c.start + c.num_tokens - len(c.draft_token_ids)] + c.draft_token_ids
+                  for c in out.chunks}
         for c in out.chunks:
             for p in range(c.start, c.start + c.num_tokens):
-                self.slots[c.block_ids[p // block_size], p % block_size] = tuple(c.request.token_ids[: p + 1])
+                self.slots[c.block_ids[p // block_size], p % block_size] = tuple(tokens[id(c)][: p + 1])
         for c in out.chunks:
             for p in range(c.start + c.num_tokens):
                 slot = (c.block_ids[p // block_size], p % block_size)
-                assert self.slots.get(slot) == tuple(c.request.token_ids[: p + 1]), (c.request, p)
+                assert self.slots.get(slot) == tuple(tokens[id(c)][: p + 1]), (c.request, p)
 
 
-def check_invariants(sched: Scheduler) -> None:
+def check_invariants(sched: Scheduler, max_drafts: int = 0) -> None:
+    """max_drafts: blocks allocated for rejected drafts stay with their request, for its next tokens."""
     kv, pool = sched.kv_cache_manager, sched.kv_cache_manager.block_pool
     running_ids = [r.request_id for r in sched.running]
     assert sorted(running_ids + [r.request_id for r in sched.waiting]) == sorted(sched.requests)
@@ -320,7 +324,9 @@ def check_invariants(sched: Scheduler) -> None:
     for req in sched.running:
         table = kv.block_tables[req.request_id]
         assert req.status == RequestStatus.RUNNING and len(set(table)) == len(table)
-        assert len(table) == kv.blocks_needed(req.num_computed_tokens)  # covers them, no more
+        # Covers them, no more (but for the slots of rejected drafts).
+        assert kv.blocks_needed(req.num_computed_tokens) <= len(table)
+        assert len(table) <= kv.blocks_needed(req.num_computed_tokens + max_drafts)
         refs.update(table)
     for req in sched.waiting:
         assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and req.num_computed_tokens == 0
@@ -336,8 +342,8 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
     for c in out.chunks:
         assert c.num_tokens >= 1 and c.request in sched.running
         assert len(c.block_ids) * bs >= c.start + c.num_tokens
-        planned = c.request.num_tokens_with_placeholders - c.samples  # before its own placeholder
-        assert c.samples == (c.start + c.num_tokens == planned)
+        planned = c.request.num_tokens_with_placeholders - c.num_samples  # before its own placeholders
+        assert c.samples == (c.start + c.num_tokens - len(c.draft_token_ids) == planned)
         if not cfg.enable_chunked_prefill:  # whole, unless a recomputation longer than the budget
             assert c.samples or planned - c.start > cfg.max_num_batched_tokens
 
@@ -409,8 +415,8 @@ class Driver:
         # Each position's token is known by now, a placeholder's too.
         self.shadow.run(out, self.sched.kv_cache_manager.block_size)
         sampling = [c.request.request_id for c in out.chunks if c.samples]
-        sampled = {rid: tokens[i % len(tokens)] for i, rid in enumerate(sampling)}
-        updated = [r.request_id for r in self.sched.update_from_output(out, sampled)]
+        sampled = {rid: [tokens[i % len(tokens)]] for i, rid in enumerate(sampling)}
+        updated = [r.request_id for r, _ in self.sched.update_from_output(out, sampled)]
         finished_meanwhile = {c.request.request_id for c in out.chunks if c.request.status.is_finished()}
         assert set(updated) <= set(sampling) and set(sampling) - set(updated) <= finished_meanwhile
 
@@ -482,14 +488,14 @@ def test_a_step_planned_before_the_last_one_is_read_decodes_its_placeholder():
     assert summary(first) == [("a", 0, 3, True)] and a.num_output_placeholders == 1
     second = sched.schedule()  # before the first step's token is known
     assert summary(second) == [("a", 3, 1, True)] and a.num_output_placeholders == 2
-    sched.update_from_output(first, {"a": 8})
+    sched.update_from_output(first, {"a": [8]})
     assert a.output_token_ids == [8] and a.num_output_placeholders == 1
     third = sched.schedule()
     assert summary(third) == [("a", 4, 1, True)]
     # Three tokens are now on their way, max_tokens: nothing more is planned for "a".
     assert sched.schedule().chunks == []
     for out, token in ((second, 9), (third, 10)):
-        sched.update_from_output(out, {"a": token})
+        sched.update_from_output(out, {"a": [token]})
     assert a.output_token_ids == [8, 9, 10] and a.status == RequestStatus.FINISHED_LENGTH
 
 
@@ -499,6 +505,6 @@ def test_a_placeholders_block_reaches_the_prefix_cache_once_its_token_is_known()
     first = sched.schedule()
     sched.schedule()  # computes the placeholder at position 3, which fills block 0
     assert not sched.kv_cache_manager.block_pool.cached
-    sched.update_from_output(first, {"a": 4})
+    sched.update_from_output(first, {"a": [4]})
     sched.schedule()  # the next allocation offers the now-known block
     assert len(sched.kv_cache_manager.block_pool.cached) == 1

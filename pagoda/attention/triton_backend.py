@@ -192,9 +192,11 @@ def _num_sms(device: torch.device) -> int:
 
 def query_tile(max_query_len: int, group: int) -> int:
     """Query tokens per program: decodes pack the group into >= 16 rows (the smallest tensor-core
-    tile); prefills use 64-row tiles."""
-    rows = 16 if max_query_len == 1 else 64
-    return max(1, rows // group)
+    tile); short queries (a decode with a few draft tokens) into 16 or 32 rows, so that their tile
+    is not mostly padding; longer prefills use 64-row tiles. Three tile shapes at most, so steps
+    of varying query lengths do not compile the kernel again."""
+    rows = max(16, triton.next_power_of_2(max_query_len * group))
+    return max(1, min(rows, 64) // group)
 
 
 class TritonAttentionBackend:

@@ -58,6 +58,10 @@ class Request:
         # Tokens that steps already scheduled will sample but the host has not read yet: with
         # asynchronous scheduling the next step is planned before the current one's tokens arrive.
         self.num_output_placeholders = 0
+        # Proposed next tokens (a TokenProposer's), verified by the next step that computes them
+        # with the last known token; and how many of a scheduled step's are still unread.
+        self.draft_token_ids: list[int] = []
+        self.num_drafts_in_flight = 0
         self.num_cached_tokens = 0
         self.first_scheduled_time: float | None = None  # time.time() when first admitted to the batch
         self.status = RequestStatus.WAITING

@@ -7,7 +7,18 @@ freed and it is recomputed later from its prompt and the tokens it already gener
 
 A step may be planned before the previous step's tokens are known (asynchronous scheduling): a
 chunk that samples leaves a placeholder for its token, which the next step computes from the
-device's copy of the sample, and `update_from_output` replaces it with the token."""
+device's copy of the sample, and `update_from_output` replaces it with the token.
+
+Multi-token steps: a decoding request may carry proposed next tokens (`Request.draft_token_ids`,
+set by a token proposer between steps). Its chunk then computes its last known token and the
+drafts, and every one of those positions samples (`ScheduledChunk.num_samples`); the runner keeps
+the drafts that match what was sampled, plus one sampled token. `update_from_output` appends that
+list, stopping at the first stop condition, and rolls `num_computed_tokens` back over the
+rejected drafts, whose K/V slots the next steps overwrite. Drafts count against the budget, the
+KV blocks and the length limits like any token, but never preempt anyone: short of blocks, the
+request is scheduled without them. Under asynchronous scheduling drafts go only with a last
+token that is known (the proposer cannot have seen a placeholder's value), and a request whose
+drafts are in flight is not planned again until they are read: how many will hold is unknown."""
 
 from __future__ import annotations
 
@@ -35,6 +46,14 @@ class ScheduledChunk:
     num_tokens: int  # request.token_ids[start:start + num_tokens] are computed this step
     block_ids: list[int]  # the request's whole block table after allocation
     samples: bool  # the chunk reaches the request's last known token: a token is sampled
+    # Proposed tokens computed after the last known one: the chunk's last len(draft_token_ids)
+    # tokens. Each position from the last known token on samples.
+    draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        """Positions sampled: 1 + the drafts when the chunk samples, else 0."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -110,15 +129,35 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_output_placeholders and self._reaches_length_limit(req, req.num_output_placeholders):
-                i += 1  # its last token is in flight: nothing left to compute
+            if req.num_drafts_in_flight or (
+                req.num_output_placeholders and self._reaches_length_limit(req, req.num_output_placeholders)
+            ):
+                i += 1  # how many of its drafts hold is unknown yet, or its last token is in flight
                 continue
             n = self._num_tokens_to_schedule(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
-            if n > 0 and self._allocate_or_preempt(req, n, out):
+            drafts = self._take_drafts(req, n, budget)
+            if drafts and self.kv_cache_manager.allocate_slots(req, n + len(drafts)):
+                self._commit(req, n + len(drafts), out, drafts)
+                budget -= n + len(drafts)
+            elif n > 0 and self._allocate_or_preempt(req, n, out):  # drafts never preempt: none when short
                 self._commit(req, n, out)
                 budget -= n
             i += 1  # a preempted request was the last one, so this also ends the loop
         return budget
+
+    def _take_drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The request's drafts that this step can verify, taken off the request: only after its
+        last token, when that token is known, and only as many as leave room, within the budget and
+        the length limits, for the token sampled after the last of them."""
+        drafts, req.draft_token_ids = req.draft_token_ids, []
+        if not drafts or n != 1 or req.num_output_placeholders:
+            return []
+        room = min(
+            budget - 1,
+            req.max_tokens - req.num_output_tokens - 1,
+            self.max_request_len - req.num_tokens - 1,
+        )
+        return drafts[: max(0, room)]
 
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Allocate for `req`, preempting the newest running requests until it fits.
@@ -136,6 +175,7 @@ class Scheduler:
         self.kv_cache_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
+        req.draft_token_ids = []  # proposed for a computation that is gone
         self.waiting.appendleft(req)
         self.num_preemptions += 1
         out.preempted.append(req.request_id)
@@ -171,34 +211,57 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
-    def _commit(self, req: Request, n: int, out: SchedulerOutput) -> None:
+    def _commit(self, req: Request, n: int, out: SchedulerOutput, drafts: list[int] | None = None) -> None:
         start = req.num_computed_tokens
         block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
-        samples = start + n == req.num_tokens_with_placeholders
-        out.chunks.append(ScheduledChunk(req, start, n, block_ids, samples))
+        if drafts:
+            out.chunks.append(ScheduledChunk(req, start, n, block_ids, True, drafts))
+            req.num_output_placeholders += 1 + len(drafts)
+            req.num_drafts_in_flight += len(drafts)
+        else:
+            samples = start + n == req.num_tokens_with_placeholders
+            out.chunks.append(ScheduledChunk(req, start, n, block_ids, samples))
+            req.num_output_placeholders += samples
         out.num_batched_tokens += n
         req.num_computed_tokens += n
-        req.num_output_placeholders += samples
 
     # After the step -------------------------------------------------------------------------
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Append each sampled token and finish requests that hit a stop condition.
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> list[tuple[Request, int]]:
+        """Append each request's new tokens (its accepted drafts, then one sampled token) up to the
+        first stop condition, finishing the request there.
 
-        Returns the requests that got a token, finished or not, in chunk order."""
+        Returns the requests that got tokens, finished or not, in chunk order, each with how many
+        of its tokens were appended (fewer than sampled when it stopped early)."""
         updated = []
         for chunk in scheduler_output.chunks:
             req = chunk.request
             if not chunk.samples or req.status.is_finished():  # ended meanwhile
                 continue
-            token = sampled[req.request_id]
-            req.num_output_placeholders -= 1
+            tokens = sampled[req.request_id]
+            req.num_output_placeholders -= chunk.num_samples
+            if chunk.draft_token_ids:
+                self._settle_drafts(req, len(chunk.draft_token_ids), len(tokens) - 1)
+            updated.append((req, self._append_until_stop(req, tokens)))
+        return updated
+
+    def _settle_drafts(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        req.num_drafts_in_flight -= num_drafts
+        if req.status == RequestStatus.RUNNING:  # a preempted request computes everything again
+            # The rejected drafts' K/V stays in their slots until those positions are computed
+            # again; no prefix-cache block covers them, as blocks are hashed from known tokens.
+            req.num_computed_tokens -= num_drafts - num_accepted
+
+    def _append_until_stop(self, req: Request, tokens: list[int]) -> int:
+        for i, token in enumerate(tokens):
             req.append_output_token(token)
             status = self._stop_status(req, token)
             if status is not None:
                 self._finish(req, status)
-            updated.append(req)
-        return updated
+                return i + 1
+        return len(tokens)
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params

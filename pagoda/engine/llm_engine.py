@@ -1,4 +1,5 @@
-"""The engine loop: schedule -> execute -> update -> outputs, one step at a time."""
+"""The engine loop: schedule -> execute -> update -> outputs, one step at a time; with a token
+proposer, drafts for the next step after each update (multi-token steps)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pagoda.loader.model_resolver import resolve_model
 from pagoda.outputs import RequestOutput
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.sampling_params import SamplingParams
+from pagoda.spec.proposer import TokenProposer
 from pagoda.executor import make_executor
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget, WorkerConfig
@@ -28,9 +30,12 @@ logger = logging.getLogger("pagoda")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer: TokenProposer | None = None) -> None:
+        """proposer: drafts tokens that each step verifies along with the next one (None: one
+        token per request a step)."""
         started = time.perf_counter()
         self.config = config
+        self.proposer = proposer
         resolved = resolve_model(config.model, config.load_format)
         self.model_name = resolved.name
         self.hf_config = load_hf_config(resolved)
@@ -45,6 +50,7 @@ class LLMEngine:
             block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
             enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
             tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+            num_speculative_tokens=0 if proposer is None else proposer.num_speculative_tokens,
         ))
         try:
             self.num_kv_blocks = self._num_kv_blocks(device, max_batched)
@@ -200,6 +206,10 @@ class LLMEngine:
             raise
 
     def _steps_must_wait(self) -> bool:
+        # Drafts are proposed from a request's known tokens: with the next step planned before
+        # this one's tokens are read, every request would have a placeholder and get no drafts.
+        if self.proposer is not None:
+            return True
         if self._needs_known_tokens:
             self._needs_known_tokens.intersection_update(self.scheduler.requests)
         return bool(self._needs_known_tokens)
@@ -218,16 +228,33 @@ class LLMEngine:
     def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
         """Wait for a launched step's tokens and apply them to its requests."""
         runner_output = step.result()
-        updated = {req.request_id for req in self.scheduler.update_from_output(scheduler_output, runner_output.sampled)}
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
+        num_new = {req.request_id: n for req, n in updated}
+        if self.proposer is not None:
+            self._propose_drafts()
         outputs = []
         for chunk in scheduler_output.chunks:
             req, rid = chunk.request, chunk.request.request_id
             scored = runner_output.prompt_logprobs.get(rid)
-            if rid not in updated and scored is None:
+            n = num_new.get(rid, 0)
+            if not n and scored is None:
                 continue
-            top = runner_output.top_logprobs.get(rid) if rid in updated else None
+            top = runner_output.top_logprobs.get(rid) if n else None
             outputs.append(CoreOutput(
-                rid, [req.output_token_ids[-1]] if rid in updated else [], None if top is None else [top], scored,
+                rid, req.output_token_ids[-n:] if n else [], None if top is None else top[:n], scored,
                 req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
             ))
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """Drafts for the next step of every running request that is decoding, its tokens known."""
+        assert self.proposer is not None
+        decoding = [
+            req for req in self.scheduler.running
+            if not req.num_output_placeholders and req.num_computed_tokens == req.num_tokens - 1
+        ]
+        if not decoding:
+            return
+        limit = self.proposer.num_speculative_tokens
+        for rid, drafts in self.proposer.propose(decoding).items():
+            self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])

@@ -3,7 +3,11 @@
 `launch` queues a step on the device and returns at once; its tokens are read when they are
 needed (`PendingStep.result`), so the engine can plan and queue the next step meanwhile. A
 decode whose input token was sampled by the step before, still unread, takes it from that step's
-samples on the device."""
+samples on the device.
+
+A chunk with draft tokens samples every position from its last known token on; `PendingStep`
+keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
+each request gets a list of new tokens."""
 
 from __future__ import annotations
 
@@ -22,7 +26,10 @@ from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.host_to_device import pinned, to_device
-from pagoda.sample.sampler import DeviceSamples, PendingSamples, Sampler, TopLogprobs, gather_top_logprobs
+from pagoda.sample.acceptance import accept_drafts
+from pagoda.sample.sampler import (
+    DeviceSamples, PendingSamples, Sampler, SamplingRequest, TopLogprobs, gather_top_logprobs,
+)
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
 logger = logging.getLogger("pagoda")
@@ -30,9 +37,10 @@ logger = logging.getLogger("pagoda")
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
-    sampled_logprob: dict[str, float] = field(default_factory=dict)
-    top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
+    # request id -> its new tokens: the drafts accepted, then one sampled token.
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    sampled_logprob: dict[str, list[float]] = field(default_factory=dict)  # one per new token
+    top_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)  # one per new token, when asked
     # request id -> (index of the first prompt token scored, logprobs of each scored token).
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
 
@@ -43,11 +51,11 @@ class PendingStep:
     def __init__(
         self,
         output: ModelRunnerOutput,
-        request_ids: list[str] | None = None,
+        sampling: list[ScheduledChunk] | None = None,
         samples: PendingSamples | None = None,
     ) -> None:
         self._output = output
-        self._request_ids = request_ids or []
+        self._sampling = sampling or []  # the chunks that sample, in the order of the sample rows
         self._samples = samples
 
     def result(self) -> ModelRunnerOutput:
@@ -56,11 +64,16 @@ class PendingStep:
         if samples is not None:
             self._samples = None
             read = samples.result()
-            for rid, token, logprob, top in zip(self._request_ids, read.token_ids, read.logprobs, read.top_logprobs):
-                out.sampled[rid] = token
-                out.sampled_logprob[rid] = logprob
-                if top is not None:
-                    out.top_logprobs[rid] = top
+            row = 0
+            for chunk in self._sampling:
+                rid, drafts = chunk.request.request_id, chunk.draft_token_ids
+                end = row + 1 + len(drafts)
+                tokens = accept_drafts(drafts, read.token_ids[row:end]) if drafts else read.token_ids[row:end]
+                out.sampled[rid] = tokens
+                out.sampled_logprob[rid] = read.logprobs[row : row + len(tokens)]
+                if read.top_logprobs[row] is not None:
+                    out.top_logprobs[rid] = read.top_logprobs[row : row + len(tokens)]
+                row = end
         return out
 
 
@@ -81,6 +94,9 @@ class _Batch:
     # their rows in input_ids, and the matching rows of that step's samples.
     unread_rows: list[int]
     unread_sources: list[int]
+    # Request id -> the row of its last sample, the next step's input for a decode planned before
+    # the samples are read (never a chunk with drafts: the scheduler waits for their verdict).
+    last_sample_row: dict[str, int]
 
 
 class ModelRunner:
@@ -97,11 +113,15 @@ class ModelRunner:
         seed: int,
         enforce_eager: bool = False,
         max_num_seqs: int = 256,
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.device = device
         self.max_model_len = max_model_len
         self.use_cuda_graphs = device.type == "cuda" and not enforce_eager and pp_group().size == 1
         self.max_num_seqs = max_num_seqs
+        # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
+        # multi-token step verifies when a proposer is configured.
+        self.graph_query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
         self.decode_graphs: DecodeGraphs | None = None
         self.dtype = dtype
         self.block_size = block_size
@@ -213,6 +233,7 @@ class ModelRunner:
             max_blocks_per_seq=-(-self.max_model_len // self.block_size),
             scratch_block=scratch_block,
             device=self.device,
+            query_lens=self.graph_query_lens,
         )
 
     def _kv_tensors(self, num_blocks: int) -> list[torch.Tensor]:
@@ -245,15 +266,14 @@ class ModelRunner:
         if not sampling:
             return PendingStep(out)
         samples = self._sample(_rows(logits, batch.sample_rows), sampling)
-        request_ids = [c.request.request_id for c in sampling]
         self._last_samples = samples.token_ids
-        self._last_sample_rows = {rid: row for row, rid in enumerate(request_ids)}
-        return PendingStep(out, request_ids, PendingSamples(samples))
+        self._last_sample_rows = batch.last_sample_row
+        return PendingStep(out, sampling, PendingSamples(samples))
 
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
         input_ids = self._input_ids(batch)
-        if graphs is not None and len(batch.input_ids) == len(batch.query_lens) <= graphs.max_batch:
+        if graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
                 pinned(batch.seq_lens, torch.int32), pinned(_padded_tables(batch.block_tables), torch.int32),
@@ -272,10 +292,15 @@ class ModelRunner:
         return input_ids
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> DeviceSamples:
-        requests = [c.request for c in chunks]
-        # A sampling chunk ends at the request's last token so far, known or in flight: what lies
-        # past the prompt was generated before this sample (a worker's mirror counts no placeholders).
-        num_generated = [c.start + c.num_tokens - c.request.num_prompt_tokens for c in chunks]
+        requests: list[SamplingRequest] = [c.request for c in chunks]
+        # A sampling chunk ends at the request's last token so far, known or in flight, then its
+        # drafts: what lies past the prompt before them was generated before the chunk's first
+        # sample (a worker's mirror counts no placeholders).
+        num_generated = [
+            c.start + c.num_tokens - len(c.draft_token_ids) - c.request.num_prompt_tokens for c in chunks
+        ]
+        if any(c.draft_token_ids for c in chunks):
+            requests, num_generated = _rows_per_position(chunks, num_generated)
         return self.sampler.sample(logits, requests, num_generated)
 
     def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk, batch: _Batch) -> list[TopLogprobs]:
@@ -299,6 +324,7 @@ class ModelRunner:
         prompt_rows: dict[str, tuple[int, int]] = {}
         unread_rows: list[int] = []
         unread_sources: list[int] = []
+        last_sample_row: dict[str, int] = {}
         for chunk in chunks:
             req, s, n = chunk.request, chunk.start, chunk.num_tokens
             starts.append(len(input_ids))
@@ -311,8 +337,10 @@ class ModelRunner:
                     input_ids.append(0)
                 positions.append(s)
                 slots.append(chunk.block_ids[s // bs] * bs + s % bs)
-            else:
-                input_ids.extend(req.token_ids[s : s + n])
+            else:  # a prefill chunk, or a known last token and its drafts
+                drafts = chunk.draft_token_ids
+                input_ids.extend(req.token_ids[s : s + n - len(drafts)])
+                input_ids.extend(drafts)
                 positions.extend(range(s, s + n))
                 slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in range(s, s + n))
             query_lens.append(n)
@@ -322,8 +350,10 @@ class ModelRunner:
                 prompt_rows[req.request_id] = (len(logits_rows), num_scored)
                 logits_rows.extend(range(starts[-1], starts[-1] + num_scored))
             if chunk.samples:
-                sample_rows.append(len(logits_rows))
-                logits_rows.append(starts[-1] + n - 1)
+                k = chunk.num_samples
+                sample_rows.extend(range(len(logits_rows), len(logits_rows) + k))
+                logits_rows.extend(range(starts[-1] + n - k, starts[-1] + n))
+                last_sample_row[req.request_id] = len(sample_rows) - 1
         return _Batch(
             input_ids=input_ids,
             positions=positions,
@@ -336,6 +366,7 @@ class ModelRunner:
             prompt_rows=prompt_rows,
             unread_rows=unread_rows,
             unread_sources=unread_sources,
+            last_sample_row=last_sample_row,
         )
 
     def _build_metadata(
@@ -355,6 +386,32 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _rows_per_position(
+    chunks: list[ScheduledChunk], num_generated: list[int]
+) -> tuple[list[SamplingRequest], list[int]]:
+    """The sampler's rows when chunks have drafts: one per sampled position. Row i of a chunk
+    samples as if drafts[:i] had been generated, so min_tokens, seeds and penalties draw exactly
+    as one step at a time would on the accepted path."""
+    requests: list[SamplingRequest] = []
+    counts: list[int] = []
+    for c, first in zip(chunks, num_generated):
+        drafts = c.draft_token_ids
+        requests.append(c.request)
+        requests.extend(_DraftPosition(c.request, drafts[:i]) for i in range(1, len(drafts) + 1))
+        counts.extend(range(first, first + 1 + len(drafts)))
+    return requests, counts
+
+
+class _DraftPosition:
+    """A request as the sampler sees it at a draft's position: the drafts before it generated."""
+
+    def __init__(self, request: SamplingRequest, drafts: list[int]) -> None:
+        self.sampling_params = request.sampling_params
+        self.prompt_token_ids = request.prompt_token_ids
+        self.output_token_ids = request.output_token_ids + drafts
+        self.eos_token_ids = request.eos_token_ids
 
 
 def _num_prompt_positions_scored(chunk: ScheduledChunk) -> int:

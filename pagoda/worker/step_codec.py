@@ -4,7 +4,7 @@ Pickling whole requests every step costs milliseconds at a batch of hundreds (th
 grow with every token), as much as a decode step on a GPU. Instead each worker keeps a mirror of
 every unfinished request; a step message carries the requests the workers have not seen, the
 tokens appended to those they have, the ids of those that finished, and for each chunk only its
-place (request id, start, length, block table, whether it samples)."""
+place (request id, start, length, block table, whether it samples, its draft tokens)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class StepMessage:
     new_requests: list[Request]
     appended: list[tuple[str, list[int]]]  # request id -> output tokens the workers lack
     finished: list[str]  # mirrors to drop
-    chunks: list[tuple[str, int, int, list[int], bool]]  # request id, start, num_tokens, block_ids, samples
+    # request id, start, num_tokens, block_ids, samples, draft_token_ids
+    chunks: list[tuple[str, int, int, list[int], bool, list[int]]]
     num_batched_tokens: int
 
 
@@ -42,7 +43,9 @@ class StepEncoder:
             elif sent[1] < req.num_tokens:
                 message.appended.append((req.request_id, req.token_ids[sent[1] :]))
             self._sent[req.request_id] = (req, req.num_tokens)
-            message.chunks.append((req.request_id, chunk.start, chunk.num_tokens, chunk.block_ids, chunk.samples))
+            message.chunks.append(
+                (req.request_id, chunk.start, chunk.num_tokens, chunk.block_ids, chunk.samples, chunk.draft_token_ids)
+            )
         return message
 
 
@@ -62,7 +65,7 @@ class StepDecoder:
             for token in tokens:
                 req.append_output_token(token)
         chunks = [
-            ScheduledChunk(self._requests[rid], start, num_tokens, block_ids, samples)
-            for rid, start, num_tokens, block_ids, samples in message.chunks
+            ScheduledChunk(self._requests[rid], start, num_tokens, block_ids, samples, drafts)
+            for rid, start, num_tokens, block_ids, samples, drafts in message.chunks
         ]
         return SchedulerOutput(chunks, message.num_batched_tokens)

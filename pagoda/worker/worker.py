@@ -40,6 +40,7 @@ class WorkerConfig:
     max_num_seqs: int = 256
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    num_speculative_tokens: int = 0  # drafts per request a step may verify (decode graphs capture 1 + this)
 
     @property
     def world_size(self) -> int:
@@ -66,6 +67,7 @@ class Worker:
             config.resolved, config.hf_config, load_format=config.load_format, dtype=config.dtype,
             device=config.rank_device(rank), block_size=config.block_size, max_model_len=config.max_model_len,
             seed=config.seed, enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+            num_speculative_tokens=config.num_speculative_tokens,
         )
         self.steps = StepDecoder()
 

@@ -1,0 +1,1 @@
+"""Token proposers: where drafts for multi-token steps come from."""

@@ -1,0 +1,25 @@
+"""The token-proposer hook: what gives a request draft tokens for its next multi-token step.
+
+The engine (`LLMEngine(config, proposer=...)`) calls `propose` after every step's update with the
+running requests whose tokens are all known and computed but the last one; the drafts it returns
+are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many
+tokens a step yields, never which. With no proposer a step yields one token per request, as the
+code path without drafts always has."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from pagoda.core.request import Request
+
+
+class TokenProposer(Protocol):
+    # The most drafts `propose` gives one request: decode CUDA graphs are captured for 1 + this
+    # many query tokens per request, and longer lists are cut to it.
+    num_speculative_tokens: int
+
+    def propose(self, requests: Sequence[Request]) -> dict[str, list[int]]:
+        """Draft token ids (in the vocabulary) to follow each request's tokens so far, by request
+        id; a request left out, or given [], decodes one token next step."""
+        ...

@@ -101,6 +101,11 @@ def test_prompt_token_id_outside_the_vocabulary_is_refused_as_prompt(http, promp
     refused(http, "/v1/completions", {**COMPLETION, "prompt": prompt}, "prompt")
 
 
+@pytest.mark.parametrize("path, base_body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_logit_bias_outside_the_vocabulary_is_refused_by_name(http, path, base_body):
+    refused(http, path, {**base_body, "logit_bias": {"5": 1, str(VOCAB_SIZE): 1}}, "logit_bias")
+
+
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
 def test_seed_at_the_64_bit_edges_is_served(http, seed):
     response = http.post("/v1/completions", json={**COMPLETION, "seed": seed})

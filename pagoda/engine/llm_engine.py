@@ -136,6 +136,7 @@ class LLMEngine:
     def add_core_requests(self, prompt_token_ids: list[int], children: list[EngineRequest]) -> None:
         """Queue the engine requests of one user request, all or none (ValueError)."""
         self._validate_prompt(prompt_token_ids)
+        self._validate_logit_bias(children[0][1].logit_bias)  # the children differ in their seeds only
         requests = [
             Request(child_id, list(prompt_token_ids), child_params, self.eos_token_ids, self.max_model_len)
             for child_id, child_params in children
@@ -156,6 +157,12 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are out of the vocabulary range [0, {self.vocab_size})")
+
+    def _validate_logit_bias(self, logit_bias: dict[int, float] | None) -> None:
+        # As vLLM: a bias on a token the model does not have is a mistake, not something to ignore.
+        bad = sorted(t for t in logit_bias or () if t >= self.vocab_size)
+        if bad:
+            raise ValueError(f"logit_bias=<ids {bad[:5]}> is invalid: token ids must be in the vocabulary range [0, {self.vocab_size})")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop user requests and free everything they hold; unknown ids are ignored."""

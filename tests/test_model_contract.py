@@ -5,20 +5,19 @@ one that stores weights transposed and scaled) gives the same greedy tokens."""
 
 from __future__ import annotations
 
-import functools
 import random
 
 import pytest
 import torch
 from torch import nn
 
-import pagoda.worker.model_runner as model_runner
 from pagoda import LLM, SamplingParams
 from pagoda.attention import get_attention_backend
 from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from pagoda.loader.model_loader import build_model, load_hf_config
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.models import get_model_class
+from pagoda.worker import model_runner
 from pagoda.worker.model_runner import ModelRunner
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
 

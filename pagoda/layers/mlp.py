@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from pagoda.layers.activation import get_act_and_mul
-from pagoda.layers.linear import ColumnParallelLinear, LinearMethod, RowParallelLinear, even_shard
+from pagoda.layers.linear import (
+    ColumnParallelLinear,
+    LinearMethod,
+    RowParallelLinear,
+    even_shard,
+)
 
 
 class GatedMLP(nn.Module):

@@ -4,7 +4,7 @@ reuse these blocks with their own switches, in their own files."""
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -69,7 +69,8 @@ class LlamaAttention(nn.Module):
         d = head_dim_of(config)
         q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
         qkv = q + 2 * kv
-        return config.hidden_size * qkv + q * config.hidden_size + qkv_bias * qkv + o_bias * config.hidden_size + qk_norm * 2 * d
+        weights = config.hidden_size * qkv + q * config.hidden_size
+        return weights + qkv_bias * qkv + o_bias * config.hidden_size + qk_norm * 2 * d
 
     def forward(
         self,
@@ -174,8 +175,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    ignored_checkpoint_suffixes = ("rotary_emb.inv_freq",)
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
     # Switches the Qwen files flip; Llama's attention_bias puts a bias on q, k, v and o.
     qk_norm = False
 

@@ -20,7 +20,7 @@ import torch
 
 from pagoda.config import EngineConfig
 from pagoda.distributed.partition import kv_head_shard
-from pagoda.models.llama import head_dim_of
+from pagoda.models import get_model_class
 
 logger = logging.getLogger("pagoda")
 
@@ -114,16 +114,8 @@ def check_parallel_layout(
 
 
 def estimate_weight_bytes(hf_config: Any, dtype: torch.dtype) -> int:
-    """Bytes of the weights, from the config's shapes (norms and biases included)."""
-    c = hf_config
-    hidden, d = c.hidden_size, head_dim_of(c)
-    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-    attention = hidden * (q + 2 * kv) + q * hidden + (q + 2 * kv)  # q|k|v and o, with a q|k|v bias at most
-    mlp = 3 * hidden * c.intermediate_size
-    per_layer = attention + mlp + 2 * hidden + 2 * d  # two norms (and Qwen3's q/k norms)
-    embeddings = c.vocab_size * hidden * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    params = embeddings + c.num_hidden_layers * per_layer + hidden
-    return params * dtype.itemsize
+    """Bytes of the weights, as the model's class counts them from the config."""
+    return get_model_class(hf_config).weight_bytes(hf_config, dtype)
 
 
 def _tp_problem(hf_config: Any, tp: int) -> str | None:

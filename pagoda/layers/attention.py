@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
+from pagoda.attention.kv_cache_spec import FullAttentionSpec
 
 
 class Attention(nn.Module):
@@ -16,6 +17,11 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.backend = backend
+        # The cache holds keys and values in the model's dtype (the default dtype while it is built).
+        self.kv_cache_dtype = torch.get_default_dtype()
+
+    def kv_cache_spec(self, block_size: int) -> FullAttentionSpec:
+        return FullAttentionSpec(block_size, self.num_kv_heads, self.head_dim, self.kv_cache_dtype)
 
     def forward(
         self,

@@ -2,10 +2,14 @@
 
 Projections that read the same input (q|k|v, gate|up) are merged into one matmul; checkpoints
 store them apart and whole, so every layer loads a full checkpoint tensor and keeps its rank's
-slice. With one rank every layer is a plain matmul or lookup: no copies, no collectives."""
+slice. With one rank every layer is a plain matmul or lookup: no copies, no collectives.
+
+How a linear layer holds and multiplies its weight is its LinearMethod (after vLLM's
+LinearMethodBase): unquantized by default; a quantization method plugs in there, per layer."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +45,47 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src)
 
 
-class Linear(nn.Module):
-    """y = x @ W.T + b. Parameters start uninitialised: the loader (or dummy init) fills them,
-    so building an 8B model costs no random-number time."""
+class LinearMethod(ABC):
+    """How a linear layer holds and applies its weight. `create_weights` registers the parameters
+    the loader fills, in the checkpoint's [output, input] layout (a column-parallel layer's rows
+    and a row-parallel layer's columns are its rank's shard); `process_weights_after_loading`
+    turns them into the form `apply` multiplies with."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None: ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Nothing by default: the loaded weights are what `apply` reads."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """The weight as the checkpoint stores it, in the model's dtype. Parameters start
+    uninitialised: the loader (or dummy init) fills them, so building an 8B model costs no
+    random-number time."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, layer.weight, bias)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b, W held and applied by the layer's LinearMethod."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, linear_method: LinearMethod | None = None
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(self, input_size, output_size)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.linear_method.apply(self, x, self.bias)
 
 
 @dataclass(frozen=True)
@@ -75,8 +109,10 @@ class ColumnParallelLinear(Linear):
     (q|k|v, gate|up) side by side, so one matmul still serves all parts, and its output is this
     rank's share of each part, ready for the next layer without communication."""
 
-    def __init__(self, input_size: int, parts: dict[str, Shard], bias: bool = False) -> None:
-        super().__init__(input_size, sum(s.size for s in parts.values()), bias)
+    def __init__(
+        self, input_size: int, parts: dict[str, Shard], bias: bool = False, linear_method: LinearMethod | None = None
+    ) -> None:
+        super().__init__(input_size, sum(s.size for s in parts.values()), bias, linear_method)
         self.parts = dict(parts)
         self._offsets: dict[str, int] = {}
         offset = 0
@@ -99,15 +135,17 @@ class RowParallelLinear(Linear):
     """Input features split across TP ranks (they come from a column-parallel layer): each rank's
     partial product is summed by an all-reduce, and the bias is added once, after it."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, linear_method: LinearMethod | None = None
+    ) -> None:
         self.tp = tp_group()
         self.input_shard = Shard(self.tp.rank * (input_size // self.tp.size), input_size // self.tp.size, input_size)
-        super().__init__(self.input_shard.size, output_size, bias)
+        super().__init__(self.input_shard.size, output_size, bias, linear_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        out = all_reduce(linear(x, self.weight), self.tp)
+            return self.linear_method.apply(self, x, self.bias)
+        out = all_reduce(self.linear_method.apply(self, x, None), self.tp)
         return out if self.bias is None else out + self.bias
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None = None) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pagoda.attention.backend import AttentionBackend
+from pagoda.layers.linear import LinearMethod
 from pagoda.loader.gguf_loader import (
     iter_gguf_weights,
     load_gguf_config,
@@ -21,8 +21,10 @@ from pagoda.loader.gguf_loader import (
     load_gguf_tokenizer,
 )
 from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.loader.weight_loader import load_weights
 from pagoda.loader.weights import hf_meta_model, iter_checkpoint_weights
 from pagoda.models import get_model_class
+from pagoda.models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +135,17 @@ def build_model(
     backend: AttentionBackend,
     max_position: int,
     seed: int,
-) -> nn.Module:
+    linear_method: LinearMethod | None = None,
+) -> CausalLM:
+    """linear_method: how the linear layers hold and apply their weights (None: unquantized)."""
     model_cls = get_model_class(hf_config)
     with _default_dtype(dtype), device:
-        model = model_cls(hf_config, backend, max_position)
+        model = model_cls(hf_config, backend, max_position, linear_method)
     if load_format == "dummy":
-        model.load_weights(_iter_dummy_weights(hf_config, seed, dtype, device))
+        load_weights(model, _iter_dummy_weights(hf_config, seed, dtype, device))
     else:
         logger.info("loading the weights from %s", resolved.gguf_file or resolved.model_dir)
-        model.load_weights(_iter_weights(resolved, hf_config))
+        load_weights(model, _iter_weights(resolved, hf_config))
     return model.eval()
 
 

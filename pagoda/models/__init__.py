@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
 from pagoda.models.qwen3 import Qwen3ForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -26,7 +25,7 @@ _BY_MODEL_TYPE = {
 }
 
 
-def get_model_class(config: Any) -> type[nn.Module]:
+def get_model_class(config: Any) -> type[CausalLM]:
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:

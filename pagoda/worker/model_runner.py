@@ -123,7 +123,6 @@ class ModelRunner:
         # multi-token step verifies when a proposer is configured.
         self.graph_query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
         self.decode_graphs: DecodeGraphs | None = None
-        self.dtype = dtype
         self.block_size = block_size
         self.hf_config = hf_config
         self.attention_backend = get_attention_backend(device, block_size)
@@ -132,6 +131,7 @@ class ModelRunner:
             resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
             backend=self.attention_backend, max_position=max_model_len, seed=seed,
         )
+        self.kv_cache_spec = self.model.kv_cache_spec(block_size)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, load_format,
@@ -148,8 +148,8 @@ class ModelRunner:
     # KV cache -----------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
-        num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
-        return num_layers * self.block_size * 2 * num_kv_heads * head_dim * self.dtype.itemsize
+        """Bytes of one block over every attention layer this rank holds."""
+        return sum(spec.page_size_bytes for spec in self.kv_cache_spec)
 
     def profile_free_gpu_bytes(self, gpu_memory_utilization: float, num_tokens: int, max_model_len: int) -> int:
         """Bytes left for the KV pool: the utilisation target minus weights, the peak activations of
@@ -237,9 +237,12 @@ class ModelRunner:
         )
 
     def _kv_tensors(self, num_blocks: int) -> list[torch.Tensor]:
-        num_layers, num_kv_heads, head_dim = self.model.kv_cache_layout()
-        shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
-        return [_zeros(shape, self.dtype, self.device) for _ in range(num_layers)]
+        """One [2, num_blocks, block_size, KV heads, head size] tensor per attention layer."""
+        tensors = []
+        for spec in self.kv_cache_spec:
+            kv, *block = spec.block_shape
+            tensors.append(_zeros((kv, num_blocks, *block), spec.dtype, self.device))
+        return tensors
 
     # One step ------------------------------------------------------------------------------
 

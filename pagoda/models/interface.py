@@ -1,0 +1,71 @@
+"""The contract every model implements: what the model runner, the weight loader and the
+parallel-layout rules ask of a model, so that none of them knows an architecture.
+
+A model (after vLLM's model interface) states
+- its KV cache, one spec per attention layer this rank holds (`kv_cache_spec`);
+- the bytes of its weights for a config and dtype, without being built (`weight_bytes`);
+- how checkpoint tensors map onto its parameters: projections it packs into one layer
+  (`packed_modules_mapping`), parameters that are copies of another tensor (`tied_parameters`),
+  and tensors it has no use for (`ignored_checkpoint_suffixes`); pagoda/loader/weight_loader.py
+  loads every model with these;
+and takes a LinearMethod (pagoda/layers/linear.py) for its linear layers: how they hold and
+apply their weights (a quantization method plugs in there)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pagoda.attention.backend import AttentionBackend, AttentionMetadata
+from pagoda.attention.kv_cache_spec import FullAttentionSpec
+from pagoda.layers.attention import Attention
+from pagoda.layers.linear import LinearMethod
+
+
+class PPMissingLayer(nn.Identity):
+    """A module that another pipeline stage holds: a placeholder, so checkpoint names keep their
+    place, whose tensors the loader skips."""
+
+
+class CausalLM(nn.Module, ABC):
+    # Our packed layer -> the checkpoint projections it holds side by side, in order (its parts).
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {}
+    # Checkpoint tensors that are no parameter here (e.g. rotary frequencies some checkpoints store).
+    ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def __init__(
+        self, config: Any, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+    ) -> None:
+        super().__init__()
+
+    @classmethod
+    @abstractmethod
+    def weight_bytes(cls, config: Any, dtype: torch.dtype) -> int:
+        """Bytes of all the model's parameters (unsharded), in `dtype`, from the config alone."""
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """The final hidden states on the last pipeline stage; None on the others (which send
+        theirs on). kv_caches: one per spec of `kv_cache_spec`, in its order."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits over the whole vocabulary."""
+
+    def tied_parameters(self) -> dict[str, str]:
+        """Parameter -> the checkpoint tensor it copies (a tied LM head: the embedding)."""
+        return {}
+
+    def kv_cache_spec(self, block_size: int) -> list[FullAttentionSpec]:
+        """The KV cache of each attention layer this rank holds, in the order of its layers."""
+        return [m.kv_cache_spec(block_size) for m in self.modules() if isinstance(m, Attention)]

@@ -1,0 +1,148 @@
+"""The model contract (pagoda/models/interface.py) on every tiny architecture: the weight bytes a
+model class counts from its config are those of the model built; the runner's KV pool follows
+each layer's KV cache spec; and a linear method plugged into every linear layer (here a test-only
+one that stores weights transposed and scaled) gives the same greedy tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from pagoda import LLM, SamplingParams
+from pagoda.attention import get_attention_backend
+from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
+from pagoda.loader.model_loader import build_model, load_hf_config
+from pagoda.loader.model_resolver import resolve_model
+from pagoda.models import get_model_class
+from pagoda.worker import model_runner
+from pagoda.worker.model_runner import ModelRunner
+from tests.tiny_models import ARCHITECTURES, save_tiny_model
+
+CPU = torch.device("cpu")
+# Every linear layer with a bias (Llama's attention_bias and mlp_bias) as well as the plain forms.
+VARIANTS = [(name, {}) for name in sorted(ARCHITECTURES)] + [
+    ("llama3", {"attention_bias": True, "mlp_bias": True}),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: save_tiny_model(name, root) for name in ARCHITECTURES}
+
+
+def _config(path, **overrides):
+    config = load_hf_config(resolve_model(str(path)))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight counts once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "overrides"), VARIANTS)
+def test_weight_bytes_are_those_of_the_built_model(models, name, overrides, dtype):
+    config = _config(models[name], **overrides)
+    model_cls = get_model_class(config)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config, get_attention_backend(CPU, 4), max_position=64)
+    finally:
+        torch.set_default_dtype(old)
+    assert model_cls.weight_bytes(config, dtype) == _param_bytes(model)
+
+
+def _runner(path, **kwargs) -> ModelRunner:
+    resolved = resolve_model(str(path))
+    return ModelRunner(
+        resolved, load_hf_config(resolved), load_format="dummy", dtype=torch.float32, device=CPU,
+        block_size=4, max_model_len=64, seed=0, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_kv_pool_follows_each_layers_spec(models, name, monkeypatch):
+    # One layer's cache in another dtype (as an fp8 cache would be): the pool and the block
+    # bytes follow the specs, not the model's dtype.
+    def build_with_half_cache_in_last_layer(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.model.layers[-1].self_attn.attn.kv_cache_dtype = torch.float16
+        return model
+
+    monkeypatch.setattr(model_runner, "build_model", build_with_half_cache_in_last_layer)
+    runner = _runner(models[name])
+    config = runner.hf_config
+    specs = runner.kv_cache_spec
+    assert [s.dtype for s in specs] == [torch.float32] * (config.num_hidden_layers - 1) + [torch.float16]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert {(s.num_kv_heads, s.head_size, s.block_size) for s in specs} == {(config.num_key_value_heads, head_dim, 4)}
+    runner.allocate_kv_cache(10)
+    assert [(t.shape, t.dtype) for t in runner.kv_caches] == [
+        ((2, 10, 4, s.num_kv_heads, s.head_size), s.dtype) for s in specs
+    ]
+    per_token = 2 * config.num_key_value_heads * head_dim
+    assert runner.kv_bytes_per_block() == 4 * per_token * (4 * (config.num_hidden_layers - 1) + 2)
+
+
+class TransposedScaledMethod(LinearMethod):
+    """Test-only: keeps each weight transposed and doubled after loading, and undoes both in
+    `apply`, as a quantization method keeps its own form of the weight."""
+
+    def __init__(self) -> None:
+        self.applied = 0
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        UnquantizedLinearMethod().create_weights(layer, input_size, output_size)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.weight = nn.Parameter((layer.weight.data * 2).t().contiguous(), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        self.applied += 1
+        out = (x @ layer.weight) / 2
+        return out if bias is None else out + bias
+
+
+def _greedy(path, prompts: list[list[int]]) -> list[list[int]]:
+    llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_num_batched_tokens=16, block_size=4)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_a_linear_method_gives_the_same_greedy_tokens(models, name, monkeypatch):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(2, 256) for _ in range(n)] for n in (5, 23, 11)]
+    expected = _greedy(models[name], prompts)
+    method = TransposedScaledMethod()
+    built = []
+
+    def build_with_method(*args, **kwargs):
+        built.append(build_model(*args, **kwargs, linear_method=method))
+        return built[-1]
+
+    monkeypatch.setattr(model_runner, "build_model", build_with_method)
+    assert _greedy(models[name], prompts) == expected
+    (model,) = built
+    hidden = model.config.hidden_size
+    for layer in model.modules():
+        if isinstance(layer, Linear):
+            assert layer.linear_method is method
+    for layer in model.modules():
+        if hasattr(layer, "qkv_proj"):
+            assert layer.qkv_proj.weight.shape[0] == hidden  # [input, output]: stored transposed
+        if hasattr(layer, "gate_up_proj"):
+            assert layer.gate_up_proj.weight.shape[0] == hidden
+    assert method.applied > 0

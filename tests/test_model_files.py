@@ -147,6 +147,12 @@ def _invalid_config(tmp_path: Path) -> tuple[Path, str]:
     return path, f"{config} is not valid JSON: Expecting"
 
 
+def _invalid_generation_config(tmp_path: Path) -> tuple[Path, str]:
+    path = save_tiny_model("llama3", tmp_path, vocab_size=save_tokenizer(tmp_path / "llama3"))
+    (path / "generation_config.json").write_text('{"eos_token_id": 1,')
+    return path, f"{path / 'generation_config.json'} is not a valid generation config"
+
+
 def _cut_short_gguf(tmp_path: Path) -> tuple[Path, str]:
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinyModel())
@@ -161,8 +167,9 @@ def _gguf_of_64_bytes(tmp_path: Path) -> tuple[Path, str]:
     return path, f"{path} is a GGUF file cut short or damaged (64 bytes)"
 
 
-BAD_FILES = [_cut_short_safetensors, _invalid_config, _cut_short_gguf, _gguf_of_64_bytes]
-BAD_FILE_IDS = ["safetensors-cut-short", "config-not-json", "gguf-cut-short", "gguf-64-bytes"]
+BAD_FILES = [_cut_short_safetensors, _invalid_config, _invalid_generation_config, _cut_short_gguf, _gguf_of_64_bytes]
+BAD_FILE_IDS = ["safetensors-cut-short", "config-not-json", "generation-config-not-json", "gguf-cut-short",
+                "gguf-64-bytes"]
 
 
 @pytest.mark.parametrize("bad_file", BAD_FILES, ids=BAD_FILE_IDS)

@@ -78,13 +78,18 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
 
 
 def _generation_config(directory: str | Path) -> Any | None:
-    """The GenerationConfig of a generation_config.json in `directory`; None without one."""
+    """The GenerationConfig of a generation_config.json in `directory`; None without one. One that
+    does not load is an error naming the file: its EOS ids and defaults must not vanish silently."""
     from transformers import GenerationConfig
 
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return None
     try:
         return GenerationConfig.from_pretrained(str(directory), local_files_only=True)
-    except OSError:
-        return None
+    except (OSError, ValueError) as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a valid generation config: {cause}") from None
 
 
 def load_generation_eos(resolved: ResolvedModel) -> set[int]:

@@ -10,12 +10,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import PretrainedConfig
-
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
+from pagoda.loader.plain_config import plain_config
 from pagoda.sampling_params import SamplingParams
 
 
@@ -23,7 +22,7 @@ class InputProcessor:
     def __init__(self, config: EngineConfig) -> None:
         resolved = resolve_model(config.model, config.load_format)
         hf_config = load_hf_config(resolved)
-        self.hf_config = _plain_config(hf_config)  # what the engine core is built with
+        self.hf_config = plain_config(hf_config)  # what the engine core is built with
         self.tokenizer: Any | None = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
         self.vocab_size: int = hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, self.tokenizer)
@@ -56,15 +55,6 @@ def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
         (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
         for i in range(params.n)
     ]
-
-
-def _plain_config(hf_config: PretrainedConfig) -> PretrainedConfig:
-    """The config's values on transformers' base class. An architecture's own config class imports
-    transformers' tokenizer modules (transformers 5: utils/type_validators), which the engine core
-    (and its workers), unpickling the config, would then load."""
-    plain = PretrainedConfig.__new__(PretrainedConfig)
-    plain.__dict__.update(hf_config.__dict__)
-    return plain
 
 
 def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer: Any | None) -> frozenset[int]:

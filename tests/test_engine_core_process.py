@@ -40,7 +40,7 @@ def _maps_tokenizers(pid: int) -> bool:
 def test_the_engine_core_process_loads_no_tokenizer(tmp_path):
     log = tmp_path / "server.log"
     with serving(tiny_model_args(tmp_path), log) as (proc, base):
-        body = dict(model=MODEL, prompt="hello", max_tokens=4, temperature=0.0)
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0.0}
         response = httpx.post(f"{base}/v1/completions", json=body, timeout=30.0)
         assert response.status_code == 200 and response.json()["choices"][0]["text"]  # detokenized
         assert _maps_tokenizers(proc.pid)  # the front end's tokenizer: the check sees it

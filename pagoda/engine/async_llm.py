@@ -30,7 +30,14 @@ from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core_client import MPClient
 from pagoda.engine.input_processor import InputProcessor
-from pagoda.engine.messages import Aborted, Accepted, EngineRequest, FromCore, Outputs, Refused
+from pagoda.engine.messages import (
+    Aborted,
+    Accepted,
+    EngineRequest,
+    FromCore,
+    Outputs,
+    Refused,
+)
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams

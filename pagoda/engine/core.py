@@ -20,10 +20,10 @@ from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
+from pagoda.executor import make_executor
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.spec.proposer import TokenProposer
-from pagoda.executor import make_executor
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget, WorkerConfig
 

@@ -22,7 +22,15 @@ from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core import EngineCore
 from pagoda.engine.core_group import CoreGroup
 from pagoda.engine.messages import (
-    AbortRequests, Aborted, Accepted, EngineCoreRequest, FromCore, Outputs, Refused, Stop, encode,
+    Aborted,
+    AbortRequests,
+    Accepted,
+    EngineCoreRequest,
+    FromCore,
+    Outputs,
+    Refused,
+    Stop,
+    encode,
 )
 from pagoda.spec.proposer import TokenProposer
 

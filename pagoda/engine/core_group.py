@@ -53,7 +53,8 @@ class CoreGroup:
         _check_whole_layout(config, hf_config)
         core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is one copy
         self.cores = [
-            self._start(i, core_config, (hf_config, eos_token_ids), env) for i, env in enumerate(_core_environments(config))
+            self._start(i, (core_config, hf_config, eos_token_ids), env)
+            for i, env in enumerate(_core_environments(config))
         ]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
         self._poller = zmq.Poller()
@@ -69,7 +70,8 @@ class CoreGroup:
         ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.model_name = ready[0]
 
-    def _start(self, index: int, config: EngineConfig, model: tuple[Any, frozenset[int]], env: dict[str, str]) -> _Core:
+    def _start(self, index: int, core_args: tuple[EngineConfig, Any, frozenset[int]], env: dict[str, str]) -> _Core:
+        """core_args: the EngineCore's (config, hf_config, eos_token_ids)."""
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
         to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
         to_core.bind(addresses[0])
@@ -79,7 +81,7 @@ class CoreGroup:
         # which a daemon may not; an exit that skipped shutdown() kills it (`kill`).
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
-            args=(config, *model, *addresses, logging.getLogger().getEffectiveLevel(), env),
+            args=(*core_args, *addresses, logging.getLogger().getEffectiveLevel(), env),
         )
         process.start()
         return _Core(process, to_core, from_core)
@@ -128,8 +130,8 @@ class CoreGroup:
                 core.to_core.send(data)
 
     def receive(self) -> list[tuple[int, FromCore]]:
-        """(core index, message): one from each core that has one within _POLL_MS; none once a
-        core process has exited (noticed at once: alive() says)."""
+        """(core index, message): one from each core that has one within _POLL_MS. A core process
+        that ends wakes the poll at once (alive() says which)."""
         received = []
         for socket, _ in self._poller.poll(_POLL_MS):
             index = self._sockets.get(socket)

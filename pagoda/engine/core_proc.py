@@ -21,8 +21,18 @@ import zmq
 from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.messages import (
-    Aborted, AbortRequests, Accepted, EngineCoreRequest, Failed, FromCore, Outputs, Ready, Refused, Stop,
-    decode_to_core, encode,
+    Aborted,
+    AbortRequests,
+    Accepted,
+    EngineCoreRequest,
+    Failed,
+    FromCore,
+    Outputs,
+    Ready,
+    Refused,
+    Stop,
+    decode_to_core,
+    encode,
 )
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now

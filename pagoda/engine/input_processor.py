@@ -12,7 +12,11 @@ from typing import Any
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
-from pagoda.loader.model_loader import load_generation_eos, load_hf_config, load_tokenizer
+from pagoda.loader.model_loader import (
+    load_generation_eos,
+    load_hf_config,
+    load_tokenizer,
+)
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.loader.plain_config import plain_config
 from pagoda.sampling_params import SamplingParams

@@ -11,8 +11,6 @@ for a value msgpack cannot hold: the caller fails that one request."""
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 from pagoda.core.scheduler import SchedulerStats
@@ -39,7 +37,7 @@ class EngineCoreRequest(_Message):
 
 
 class AbortRequests(_Message):
-    request_ids: Union[list[str], None]  # None: every request
+    request_ids: list[str] | None  # None: every request
 
 
 class Stop(_Message):
@@ -55,13 +53,13 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
     request_id: str
     new_token_ids: list[int]
     # One TopLogprobs per new token (the chosen token first), when the request asked for logprobs.
-    new_logprobs: Union[list[TopLogprobs], None] = None
+    new_logprobs: list[TopLogprobs] | None = None
     # Prompt positions scored this step: (index of the first, their logprobs), when asked for.
-    prompt_logprobs: Union[tuple[int, list[TopLogprobs]], None] = None
-    finish_reason: Union[str, None] = None
-    stop_reason: Union[int, str, None] = None
+    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
     num_cached_tokens: int = 0
-    first_scheduled_time: Union[float, None] = None
+    first_scheduled_time: float | None = None
 
 
 class Ready(_Message):
@@ -93,11 +91,11 @@ class Aborted(_Message):
 
 class Outputs(_Message):
     outputs: list[CoreOutput]
-    stats: Union[SchedulerStats, None]  # None in-process, where nobody reads them per step
+    stats: SchedulerStats | None  # None in-process, where nobody reads them per step
 
 
-ToCore = Union[EngineCoreRequest, AbortRequests, Stop]
-FromCore = Union[Ready, Failed, Accepted, Refused, Aborted, Outputs]
+ToCore = EngineCoreRequest | AbortRequests | Stop
+FromCore = Ready | Failed | Accepted | Refused | Aborted | Outputs
 
 encode = msgspec.msgpack.Encoder().encode
 decode_to_core = msgspec.msgpack.Decoder(ToCore).decode

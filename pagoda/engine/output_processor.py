@@ -14,7 +14,13 @@ from typing import Any
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.engine.messages import CoreOutput, EngineRequest
-from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagoda.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 

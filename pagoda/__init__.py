@@ -6,9 +6,23 @@ import os
 # CUDA can no longer fork its rank workers (as vLLM sets it, for the same reason).
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-from pagoda.entrypoints.llm import LLM
+from typing import TYPE_CHECKING, Any
+
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from pagoda.entrypoints.llm import LLM
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # LLM loads on first use: the engine core's process imports pagoda too, and must not import
+    # the front end's tokenizer with it.
+    if name == "LLM":
+        from pagoda.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'pagoda' has no attribute {name!r}")

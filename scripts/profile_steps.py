@@ -36,18 +36,19 @@ def main() -> None:
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
     )
     engine = LLMEngine(config)
+    core = engine.engine_core.engine_core  # in this process: its scheduler can be read
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for i in range(args.num_prompts):
-        ids = [rng.randrange(engine.vocab_size) for _ in range(args.input_len)]
+        ids = [rng.randrange(engine.processor.vocab_size) for _ in range(args.input_len)]
         engine.add_request(str(i), ids, params)
 
     kinds: dict[str, list[float]] = {"prefill": [], "decode": []}
     traced: set[str] = set()
     started = time.perf_counter()
     while engine.has_unfinished_requests():
-        prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or bool(
-            engine.scheduler.waiting
+        prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or bool(
+            core.scheduler.waiting
         )
         kind = "prefill" if prefill else "decode"
         if kind not in traced and len(kinds[kind]) >= 3:
@@ -56,7 +57,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         engine.step()
-        if not engine.async_scheduling:  # overlapped, a step returns once the one before is read
+        if not core.async_scheduling:  # overlapped, a step returns once the one before is read
             torch.cuda.synchronize()
         kinds[kind].append(time.perf_counter() - t0)
     total = time.perf_counter() - started

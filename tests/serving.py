@@ -100,6 +100,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def engine_core_pid(server_pid: int) -> int:
+    """The server's child started by multiprocessing's spawn (not its resource tracker)."""
+    for pid in descendants(server_pid):
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if int(stat[1]) == server_pid and b"spawn_main" in cmdline:
+            return pid
+    raise AssertionError("no engine core process found")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -67,9 +67,9 @@ def test_async_scheduling_matches_one_step_at_a_time(model_dir, num_blocks):
     assert got == expected
     assert any(row[2] == "stop" for row in expected if len(row) == 5)  # the stop id was hit
     if num_blocks == 14:
-        assert overlapped.llm_engine.scheduler.num_preemptions > 0
+        assert overlapped.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0
     engine = overlapped.llm_engine
-    assert not engine.has_unfinished_requests() and engine.scheduler.kv_cache_manager.usage == 0.0
+    assert not engine.has_unfinished_requests() and engine.engine_core.engine_core.scheduler.kv_cache_manager.usage == 0.0
 
 
 def test_penalised_requests_step_one_at_a_time_and_match(model_dir):
@@ -108,10 +108,10 @@ def test_abort_with_a_step_in_flight(model_dir):
     for _ in range(3):
         seen += engine.step()
     engine.abort_request("gone")
-    assert engine.scheduler.kv_cache_manager.usage > 0  # "kept" still holds its blocks
+    assert engine.engine_core.engine_core.scheduler.kv_cache_manager.usage > 0  # "kept" still holds its blocks
     while engine.has_unfinished_requests():
         seen += engine.step()
-    assert engine.scheduler.kv_cache_manager.usage == 0.0
+    assert engine.engine_core.engine_core.scheduler.kv_cache_manager.usage == 0.0
     assert {o.request_id for o in seen if o.finished} == {"kept"}
     kept = [o for o in seen if o.request_id == "kept"][-1].outputs[0].token_ids
     assert kept == sync.generate({"prompt_token_ids": [6, 7, 8]}, params, use_tqdm=False)[0].outputs[0].token_ids

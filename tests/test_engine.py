@@ -26,7 +26,7 @@ def _run(llm: LLM, prompt: list[int], **params) -> list[int]:
 def _still_serves(llm: LLM) -> None:
     assert len(_run(llm, [5, 6, 7], temperature=0.0, max_tokens=4, ignore_eos=True)) == 4
     assert not llm.llm_engine.has_unfinished_requests()
-    assert llm.llm_engine.scheduler.kv_cache_manager.usage == 0.0
+    assert llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.usage == 0.0
 
 
 @pytest.mark.parametrize(
@@ -103,10 +103,10 @@ def test_abort_frees_everything(llm):
     engine.add_request("b", [6, 7], SamplingParams(n=2, max_tokens=30, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.scheduler.kv_cache_manager.usage > 0
+    assert engine.engine_core.engine_core.scheduler.kv_cache_manager.usage > 0
     engine.abort_request(["a", "b"])
     assert not engine.has_unfinished_requests()
-    assert engine.scheduler.kv_cache_manager.usage == 0.0
+    assert engine.engine_core.engine_core.scheduler.kv_cache_manager.usage == 0.0
     _still_serves(llm)
 
 

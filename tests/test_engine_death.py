@@ -19,7 +19,7 @@ import pytest
 from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.sampling_params import SamplingParams
-from tests.serving import MODEL, alive, descendants, openai_error, serving, tiny_model_args
+from tests.serving import MODEL, alive, descendants, engine_core_pid, openai_error, serving, tiny_model_args
 from tests.tiny_models import save_tiny_model
 
 LONG = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)  # still running when the engine dies
@@ -74,16 +74,17 @@ def test_unsendable_requests_fail_alone_and_the_engine_goes_on(model_path, monke
 
     async def run() -> None:
         expected = await _tokens(engine, "first", [5, 6, 7], SHORT)
-        # msgpack cannot hold 2**64: the caller hears of it at once, and nothing else changes.
-        with pytest.raises(ValueError, match="cannot be sent to the engine.*OverflowError"):
+        # The front end refuses a token id outside the vocabulary before anything is encoded.
+        with pytest.raises(ValueError, match="out of the vocabulary range"):
             await asyncio.wait_for(engine.add_request("wide", [2**64], SHORT), 1)
+        # msgpack cannot hold 2**64: the caller hears of it at once, and nothing else changes.
         wide_seed = SamplingParams(seed=1)
         wide_seed.seed = 2**64  # past SamplingParams' own check: the encoder is the last line
-        with pytest.raises(ValueError, match="cannot be sent"):
+        with pytest.raises(ValueError, match="cannot be sent to the engine.*OverflowError"):
             await asyncio.wait_for(engine.add_request("wide-seed", [5], wide_seed), 1)
         assert await _tokens(engine, "second", [5, 6, 7], SHORT) == expected
         # A send that fails in the sender thread fails that request, not the thread.
-        send = engine._cores.send
+        send = engine.engine_core.cores.send
         failed_once = []
 
         def flaky_send(index, data):
@@ -92,12 +93,12 @@ def test_unsendable_requests_fail_alone_and_the_engine_goes_on(model_path, monke
                 raise RuntimeError("injected send failure")
             send(index, data)
 
-        monkeypatch.setattr(engine._cores, "send", flaky_send)
+        monkeypatch.setattr(engine.engine_core.cores, "send", flaky_send)
         with pytest.raises(RequestAborted, match="injected send failure"):
             await asyncio.wait_for(engine.add_request("unsent", [5, 6, 7], SHORT), 5)
         assert await asyncio.wait_for(_tokens(engine, "third", [5, 6, 7], SHORT), 30) == expected
         assert engine.is_alive()
-        assert engine._cores.cores[0].outstanding == 0  # the unsent request is not counted as running
+        assert engine.engine_core.cores.cores[0].outstanding == 0  # the unsent request is not counted as running
 
     try:
         asyncio.run(run())
@@ -116,7 +117,7 @@ def test_dead_sender_thread_fails_everything_and_refuses_new_requests(model_path
         def killing_send(index, data):
             raise _ThreadKiller()
 
-        monkeypatch.setattr(engine._cores, "send", killing_send)
+        monkeypatch.setattr(engine.engine_core.cores, "send", killing_send)
         engine.abort()  # its message ends the sender thread
         await _assert_dead(engine, in_flight, deaths)
         assert "sender thread" in str(deaths[0])
@@ -124,7 +125,7 @@ def test_dead_sender_thread_fails_everything_and_refuses_new_requests(model_path
     try:
         asyncio.run(run())
     finally:
-        core = engine._cores.cores[0].process
+        core = engine.engine_core.cores.cores[0].process
         engine.shutdown()
     assert not core.is_alive()
 
@@ -136,7 +137,7 @@ def test_killed_engine_core_fails_everything_and_refuses_new_requests(model_path
 
     async def run() -> None:
         in_flight = [await _started(engine, f"long-{i}") for i in range(2)]
-        os.kill(engine._cores.cores[0].process.pid, signal.SIGKILL)
+        os.kill(engine.engine_core.cores.cores[0].process.pid, signal.SIGKILL)
         await _assert_dead(engine, in_flight, deaths)
         assert "engine core 0" in str(deaths[0]) and "SIGKILL" in str(deaths[0])
 
@@ -147,16 +148,6 @@ def test_killed_engine_core_fails_everything_and_refuses_new_requests(model_path
 
 
 # The server -------------------------------------------------------------------------------------
-
-
-def _engine_core_pid(server_pid: int) -> int:
-    """The server's child started by multiprocessing's spawn (not its resource tracker)."""
-    for pid in descendants(server_pid):
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if int(stat[1]) == server_pid and b"spawn_main" in cmdline:
-            return pid
-    raise AssertionError("no engine core process found")
 
 
 def _stream(base: str, started: concurrent.futures.Future) -> list[dict | str]:
@@ -208,7 +199,7 @@ def test_server_exits_when_its_engine_core_is_killed(tmp_path, parallel):
         tree = descendants(proc.pid)
         assert len(tree) >= (4 if parallel else 2), tree  # core (+ workers) and a resource tracker
         exit_time = pool.submit(_exit_time, proc)
-        os.kill(_engine_core_pid(proc.pid), signal.SIGKILL)
+        os.kill(engine_core_pid(proc.pid), signal.SIGKILL)
         killed = time.monotonic()
         new_request = dict(model=MODEL, prompt="new", max_tokens=4)
         _refused_or_gone(base, "POST", "/v1/completions", json=new_request)

@@ -68,7 +68,7 @@ def test_kv_pool_is_sized_from_gpu_memory(tmp_path):
     for utilization in (0.02, 0.04):
         llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True,
                   gpu_memory_utilization=utilization, max_num_seqs=100000)
-        blocks.append(llm.llm_engine.num_kv_blocks)
+        blocks.append(llm.llm_engine.engine_core.engine_core.num_kv_blocks)
         # Weights, activations, the KV pool and the decode graphs stay within the budget.
         free, total = torch.cuda.mem_get_info()
         assert total - free <= utilization * total * 1.05
@@ -95,7 +95,7 @@ def test_cuda_graph_decode_matches_eager(tmp_path):
     for eager in (True, False):
         llm = LLM(model=str(path), device="cuda", dtype="float32", skip_tokenizer_init=True,
                   gpu_memory_utilization=0.2, max_model_len=256, max_num_seqs=32, enforce_eager=eager)
-        runner = llm.llm_engine.executor.worker.runner
+        runner = llm.llm_engine.engine_core.engine_core.executor.worker.runner
         assert (runner.decode_graphs is None) == eager
         results[eager] = llm.generate(prompts, params, use_tqdm=False)
         del llm
@@ -144,7 +144,7 @@ def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
     path = save_tiny_model("qwen3", tmp_path)
     llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True, gpu_memory_utilization=0.2,
               max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64)
-    executor = llm.llm_engine.executor
+    executor = llm.llm_engine.engine_core.engine_core.executor
     launch, launched = executor.launch, []
 
     def strict_launch(scheduler_output):
@@ -159,7 +159,7 @@ def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
     prompts, params = _mixed_requests(24)  # more than max_num_seqs: prefills join running decodes
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))
-    assert len(launched) > 20 and llm.llm_engine.async_scheduling
+    assert len(launched) > 20 and llm.llm_engine.engine_core.engine_core.async_scheduling
 
 
 def test_seeded_rows_sample_the_same_in_any_batch_on_the_gpu():

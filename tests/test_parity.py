@@ -50,14 +50,14 @@ def test_preemption_matches_transformers(tiny_model):
     # running together run out of blocks and the newest are preempted and recomputed.
     llm = _llm(path, num_gpu_blocks_override=24, block_size=4, max_model_len=96)
     assert _greedy(llm, prompts) == expected
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0
 
 
 def test_warm_prefix_cache_matches_transformers(tiny_model):
     path, prompts, expected = tiny_model
     llm = _llm(path, block_size=4)
     assert _greedy(llm, prompts) == expected
-    kv = llm.llm_engine.scheduler.kv_cache_manager
+    kv = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
     hits_before = kv.prefix_cache_hits
     assert _greedy(llm, prompts) == expected
     assert kv.prefix_cache_hits > hits_before

@@ -18,9 +18,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import PreTrainedTokenizerFast
 
-from pagoda.engine import serial
+from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine import messages
+from pagoda.engine.input_processor import fan_out
+from pagoda.engine.messages import CoreOutput
+from pagoda.engine.output_processor import OutputProcessor
 from pagoda.entrypoints.cli import build_parser
-from pagoda.engine.output_processor import CoreOutput, OutputProcessor, fan_out
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.server import generation_defaults
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
@@ -101,7 +104,8 @@ def test_core_outputs_cross_the_process_boundary_intact():
         CoreOutput("r", [7], [top], (1, [top, top]), None, None, 16, 123.5),
         CoreOutput("0_s", [], None, None, "stop", 2, 0, None),
     ]
-    assert serial.decode_outputs(serial.unpack(serial.pack(serial.encode_outputs(outputs)))) == outputs
+    stats = SchedulerStats(1, 2, 0.5, 3, 4, 5)
+    assert messages.decode_from_core(messages.encode(messages.Outputs(outputs, stats))) == messages.Outputs(outputs, stats)
 
 
 def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):

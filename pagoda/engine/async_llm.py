@@ -1,12 +1,15 @@
-"""AsyncLLM: the engine core in its own process (core_proc.py; data_parallel_size of them, see
-core_group.py), its outputs delivered to asyncio.
+"""AsyncLLM: the server's front end. Its engine core runs in its own process (core_proc.py;
+data_parallel_size of them, see core_group.py), driven through the MPClient (core_client.py); its
+outputs are delivered to asyncio.
 
-The event loop never blocks on the engine: its commands (add, abort), encoded by their caller (so
-a request that cannot be encoded fails there, alone), go into a thread-safe queue that a sender
-thread forwards over ZeroMQ, and a receiver thread turns the cores' token ids into RequestOutputs
-(the OutputProcessor: detokenization, stop strings, n>1 gathering; it alone touches the processor)
-and hands each to its request's asyncio.Queue. Model execution runs in the core processes, so it
-never holds this process's GIL. Tokenization stays here, in the front end.
+The front end is the offline LLMEngine's, asynchronous: the InputProcessor (tokenizer, EOS ids,
+fan-out, prompt checks) makes each EngineCoreRequest, and the OutputProcessor (detokenization,
+stop strings, n>1 gathering) turns the cores' token ids into RequestOutputs. The event loop never
+blocks on the engine: the client encodes a command in its caller (so a request that cannot be
+encoded fails there, alone) and a sender thread forwards it over ZeroMQ; a receiver thread here
+takes the cores' messages, runs the OutputProcessor (it alone touches it) and hands each output
+to its request's asyncio.Queue. Model execution runs in the core processes, so it never holds
+this process's GIL.
 
 The engine dies when a core process, the sender or the receiver ends other than by shutdown():
 then every request in flight fails with EngineDeadError, every new one is refused with it at once,
@@ -17,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,11 +28,17 @@ from typing import Any
 
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine import serial
-from pagoda.engine.core_group import CoreGroup
-from pagoda.engine.output_processor import EngineRequest, OutputProcessor, fan_out
-from pagoda.loader.model_loader import load_tokenizer
-from pagoda.loader.model_resolver import resolve_model
+from pagoda.engine.core_client import MPClient
+from pagoda.engine.input_processor import InputProcessor
+from pagoda.engine.messages import (
+    Aborted,
+    Accepted,
+    EngineRequest,
+    FromCore,
+    Outputs,
+    Refused,
+)
+from pagoda.engine.output_processor import OutputProcessor
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -76,27 +84,9 @@ FinishedListener = Callable[[RequestOutput], None]
 # Called once, in the I/O thread that found it, when the engine dies: the server exits.
 DeadListener = Callable[[EngineDeadError], None]
 
-_STOP = serial.pack(["stop"])  # the sender's last message (compared by identity)
-
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
-        self._cores = CoreGroup(config)
-        try:  # the tokenizer loads here while the cores build their engines
-            resolved = resolve_model(config.model, config.load_format)
-            self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
-            self._cores.wait_ready()
-        except BaseException:
-            self._cores.kill()
-            raise
-        self.max_model_len, self.vocab_size = self._cores.max_model_len, self._cores.vocab_size
-        self.model_name = self._cores.model_name
-        self.counters = EngineCounters()
-        self.finished_listeners: list[FinishedListener] = []
-        self.dead_listeners: list[DeadListener] = []
-        self._processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
-        # (core index, or None for all of them; packed message; the request id of an "add")
-        self._commands: queue.SimpleQueue[tuple[int | None, bytes, str | None]] = queue.SimpleQueue()
         # The lock orders adding a request against the engine's end: a request is either refused
         # or failed by _end_all, never left waiting.
         self._lock = threading.Lock()
@@ -104,29 +94,39 @@ class AsyncLLM:
         self._stopping = False  # shutdown() has begun: the cores' exit is expected
         self._streams: dict[str, _Stream] = {}
         self._pending: dict[str, _Pending] = {}
-        self._sender = threading.Thread(target=self._send_loop, name="pagoda-engine-send", daemon=True)
+        self.counters = EngineCounters()
+        self.finished_listeners: list[FinishedListener] = []
+        self.dead_listeners: list[DeadListener] = []
+        # The EOS ids the cores are built with come from the tokenizer: it loads first.
+        self.processor = InputProcessor(config)
+        self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
+        self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
+        self.engine_core = MPClient(
+            config, self.processor.hf_config, self.processor.eos_token_ids,
+            on_unsent=self._unsent, on_sender_death=self._mark_dead,
+        )
+        self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)
-        self._sender.start()
         self._receiver.start()
 
     @property
     def stats(self) -> SchedulerStats:
         """The latest scheduler stats, summed over the engine cores."""
-        return self._cores.stats
+        return self.engine_core.stats
 
     @property
     def requests_per_core(self) -> list[int]:
         """Engine requests sent to each engine core since start."""
-        return [core.routed for core in self._cores.cores]
+        return [core.routed for core in self.engine_core.cores.cores]
 
     @property
     def num_waiting(self) -> int:
         """Engine requests not yet running, up to date with every add (unlike stats.num_waiting,
         which is as of the cores' last step): what --max-queued-requests bounds."""
-        return self._cores.num_waiting
+        return self.engine_core.cores.num_waiting
 
     def is_alive(self) -> bool:
-        return self._dead is None and self._cores.alive()
+        return self._dead is None and self.engine_core.alive()
 
     # The event loop's side ------------------------------------------------------------------
 
@@ -137,9 +137,8 @@ class AsyncLLM:
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it."""
-        children = fan_out(request_id, params)
-        encoded = [[child_id, serial.encode_params(p)] for child_id, p in children]
-        data = _pack_request(["add", request_id, list(prompt_token_ids), encoded])
+        request = self.processor.make_request(request_id, list(prompt_token_ids), params)
+        children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -148,8 +147,14 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._pending[request_id] = _Pending(accepted, prompt, list(prompt_token_ids), children, time.time())
-        self._commands.put((self._cores.pick(len(children)), data, request_id))
+            self._pending[request_id] = _Pending(accepted, prompt, request.prompt_token_ids, children, time.time())
+        try:
+            self.engine_core.add_request(request)
+        except ValueError:
+            with self._lock:
+                self._streams.pop(request_id, None)
+                self._pending.pop(request_id, None)
+            raise
         try:
             await asyncio.wrap_future(accepted)
         except BaseException:
@@ -184,48 +189,31 @@ class AsyncLLM:
             self._send_abort(engine_ids)
 
     def _send_abort(self, engine_request_ids: list[str] | None) -> None:
-        # Aborts go to every core (each ignores ids it does not have): no map of where each
-        # engine request runs needs keeping.
-        self._commands.put((None, serial.pack(["abort", engine_request_ids]), None))
+        self.engine_core.abort_requests(engine_request_ids)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self.abort()
-        self._commands.put((None, _STOP, None))
-        self._sender.join(timeout)
         if self._dead is not None:  # nothing to wait for: what still runs may never hear "stop"
-            self._cores.kill()
-        self._cores.shutdown(timeout)
+            self.engine_core.kill()
+        self.engine_core.shutdown(timeout)
         self._receiver.join(timeout)  # it stops once the cores have; only then may the sockets close
-        self._cores.close()
+        self.engine_core.close()
 
     # The I/O threads -------------------------------------------------------------------------
 
-    def _send_loop(self) -> None:
-        try:
-            while True:
-                index, data, request_id = self._commands.get()
-                self._send(index, data, request_id)
-                if data is _STOP:
-                    return
-        except BaseException:
-            logger.exception("the engine's sender thread failed")
-            self._mark_dead("the engine's sender thread failed")
-
-    def _send(self, index: int | None, data: bytes, request_id: str | None) -> None:
-        try:
-            self._cores.send(index, data)
-        except Exception as error:  # one message that cannot go fails its request, not the sender
-            logger.exception("sending a message to the engine failed")
-            if request_id is not None:
-                self._refuse(index, request_id, RequestAborted(f"request {request_id} could not be sent: {error}"))
+    def _unsent(self, request_id: str, error: Exception) -> None:
+        """The sender thread could not send this request: it fails alone."""
+        self._refuse(request_id, RequestAborted(f"request {request_id} could not be sent: {error}"))
 
     def _receive_loop(self) -> None:
         try:
-            for index, message in self._cores.receive(lambda: self._dead is None):
-                self._handle(index, message)
+            while self._dead is None and self.engine_core.alive():
+                message = self.engine_core.get_output()
+                if message is not None:
+                    self._handle(message)
             if not self._stopping:
-                self._mark_dead(self._cores.exits() or "the engine's receive loop ended")
+                self._mark_dead(self.engine_core.cores.exits() or "the engine's receive loop ended")
         except BaseException:
             logger.exception("the engine's receiver thread failed")
             self._mark_dead("the engine's receiver thread failed")
@@ -261,20 +249,20 @@ class AsyncLLM:
         for waiting in pending:
             _fail(waiting, error)
 
-    def _handle(self, index: int, message: list[Any]) -> None:
-        kind = message[0]
-        if kind in ("accepted", "refused"):
-            self._answer(index, message)
-            return
-        if kind == "aborted":
-            self._cores.ended(index, len(message[1]))
-            for output in self._processor.abort(message[1]):
+    def _handle(self, message: FromCore) -> None:
+        if isinstance(message, Accepted):
+            self._accept(message.request_id)
+        elif isinstance(message, Refused):
+            self._refuse(message.request_id, ValueError(message.message))
+        elif isinstance(message, Aborted):
+            for output in self._output_processor.abort(message.request_ids):
                 self._finish(output, RequestAborted(f"request {output.request_id} was aborted"))
-            return
-        core_outputs = serial.decode_outputs(message[1])
-        self._cores.ended(index, sum(o.finish_reason is not None for o in core_outputs))
-        self.counters.generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
-        outputs, stopped = self._processor.process(core_outputs)
+        elif isinstance(message, Outputs):
+            self._process(message)
+
+    def _process(self, message: Outputs) -> None:
+        self.counters.generation_tokens += sum(len(o.new_token_ids) for o in message.outputs)
+        outputs, stopped = self._output_processor.process(message.outputs)
         if stopped:  # a stop string ended them here: the core must stop them too
             self._send_abort(stopped)
         for output in outputs:
@@ -283,25 +271,20 @@ class AsyncLLM:
             else:
                 self._deliver(output.request_id, output)
 
-    def _answer(self, index: int, message: list[Any]) -> None:
-        kind, request_id = message[0], message[1]
-        if kind == "refused":
-            self._refuse(index, request_id, ValueError(message[2]))
-            return
+    def _accept(self, request_id: str) -> None:
         pending = self._take_pending(request_id)
         if pending is None or not pending.accepted.set_running_or_notify_cancel():
             return  # the caller has gone: it aborts the request itself
-        self._processor.add(
+        self._output_processor.add(
             request_id, pending.prompt, pending.prompt_token_ids, pending.children, pending.arrival_time
         )
         self.counters.prompt_tokens += len(pending.prompt_token_ids)
         pending.accepted.set_result(None)
 
-    def _refuse(self, index: int, request_id: str, error: Exception) -> None:
+    def _refuse(self, request_id: str, error: Exception) -> None:
         """A request the core will not run (refused, or never sent to it) fails with error."""
         pending = self._take_pending(request_id)
         if pending is not None:
-            self._cores.ended(index, len(pending.children))
             _fail(pending, error)
 
     def _take_pending(self, request_id: str) -> _Pending | None:
@@ -325,13 +308,6 @@ class AsyncLLM:
                 stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 pass
-
-
-def _pack_request(command: list[Any]) -> bytes:
-    try:
-        return serial.pack(command)
-    except (OverflowError, TypeError, ValueError) as error:  # e.g. an integer wider than 64 bits
-        raise ValueError(f"the request cannot be sent to the engine: {type(error).__name__}: {error}") from None
 
 
 def _fail(pending: _Pending, error: Exception) -> None:

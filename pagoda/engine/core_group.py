@@ -1,5 +1,6 @@
-"""The engine core processes behind one AsyncLLM: one, or data_parallel_size of them, each on its
-own group of tensor x pipeline GPUs (CUDA_VISIBLE_DEVICES), or its share of the CPU threads.
+"""The engine core processes behind one MPClient (the server's): one, or data_parallel_size of
+them, each on its own group of tensor x pipeline GPUs (CUDA_VISIBLE_DEVICES), or its share of the
+CPU threads.
 
 A request goes to the core with the fewest unfinished engine requests, counted here as they are
 sent and as the cores report them ended (so a burst is spread at once, before any stats arrive).
@@ -15,7 +16,6 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,8 @@ import zmq
 
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine import serial
 from pagoda.engine.core_proc import run_engine_core
-from pagoda.loader.model_loader import load_hf_config
-from pagoda.loader.model_resolver import resolve_model
+from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 
 logger = logging.getLogger("pagoda")
@@ -47,26 +45,33 @@ class _Core:
 
 
 class CoreGroup:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int]) -> None:
         """Start the core processes; they build their engines meanwhile (wait_ready() before use)."""
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
-        _check_whole_layout(config)
+        _check_whole_layout(config, hf_config)
         core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is one copy
         self.cores = [
-            self._start(i, core_config, env) for i, env in enumerate(_core_environments(config))
+            self._start(i, (core_config, hf_config, eos_token_ids), env)
+            for i, env in enumerate(_core_environments(config))
         ]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
-        self.max_model_len, self.vocab_size, self.model_name = 0, 0, ""
+        self._poller = zmq.Poller()
+        for core in self.cores:
+            self._poller.register(core.from_core, zmq.POLLIN)
+            self._poller.register(core.process.sentinel, zmq.POLLIN)  # readable once the process has ended
+        self._sockets = {core.from_core: i for i, core in enumerate(self.cores)}
+        self.max_model_len, self.model_name = 0, ""
 
     def wait_ready(self) -> None:
         """Block until every core has built its engine; a core's start-up error is raised here
         (the caller kills the group)."""
         ready = [self._wait_ready(core) for core in self.cores]
-        self.max_model_len, self.vocab_size, self.model_name = ready[0]
+        self.max_model_len, self.model_name = ready[0]
 
-    def _start(self, index: int, config: EngineConfig, env: dict[str, str]) -> _Core:
+    def _start(self, index: int, core_args: tuple[EngineConfig, Any, frozenset[int]], env: dict[str, str]) -> _Core:
+        """core_args: the EngineCore's (config, hf_config, eos_token_ids)."""
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
         to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
         to_core.bind(addresses[0])
@@ -76,21 +81,20 @@ class CoreGroup:
         # which a daemon may not; an exit that skipped shutdown() kills it (`kill`).
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
-            args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
+            args=(*core_args, *addresses, logging.getLogger().getEffectiveLevel(), env),
         )
         process.start()
         return _Core(process, to_core, from_core)
 
-    def _wait_ready(self, core: _Core) -> tuple[int, int, str]:
+    def _wait_ready(self, core: _Core) -> tuple[int, str]:
         while not core.from_core.poll(_POLL_MS):
             if not core.process.is_alive():
                 raise RuntimeError(f"the engine core process exited with {core.process.exitcode} while starting")
-        message = serial.unpack(core.from_core.recv())
-        if message[0] == "failed":
+        message = decode_from_core(core.from_core.recv())
+        if isinstance(message, Failed):
             core.process.join(10)
-            raise ValueError(message[1])
-        _, max_model_len, vocab_size, model_name = message
-        return max_model_len, vocab_size, model_name
+            raise ValueError(message.message)
+        return message.max_model_len, message.model_name
 
     def alive(self) -> bool:
         return all(core.process.is_alive() for core in self.cores)
@@ -119,29 +123,25 @@ class CoreGroup:
     # The I/O threads: one sends, one receives (ZeroMQ sockets are not thread-safe) -------------
 
     def send(self, index: int | None, data: bytes) -> None:
-        """A packed message to one core, or to all of them (None). A core that has exited is
+        """An encoded message to one core, or to all of them (None). A core that has exited is
         skipped: with no reader, the send would block for good."""
         for core in self.cores if index is None else [self.cores[index]]:
             if core.process.is_alive():
                 core.to_core.send(data)
 
-    def receive(self, running: Callable[[], bool]) -> Iterator[tuple[int, list[Any]]]:
-        """(core index, message) as they come, until a core process has exited (noticed at once)
-        or running() turns False (noticed within _POLL_MS)."""
-        poller = zmq.Poller()
-        for core in self.cores:
-            poller.register(core.from_core, zmq.POLLIN)
-            poller.register(core.process.sentinel, zmq.POLLIN)  # readable once the process has ended
-        sockets = {core.from_core: i for i, core in enumerate(self.cores)}
-        while running() and self.alive():
-            for socket, _ in poller.poll(_POLL_MS):
-                index = sockets.get(socket)
-                if index is None:  # a sentinel: alive() says which core has ended
-                    continue
-                message = serial.unpack(socket.recv())
-                if message[0] in ("outputs", "aborted"):  # these carry the core's stats last
-                    self.cores[index].stats = serial.decode_stats(message[-1])
-                yield index, message
+    def receive(self) -> list[tuple[int, FromCore]]:
+        """(core index, message): one from each core that has one within _POLL_MS. A core process
+        that ends wakes the poll at once (alive() says which)."""
+        received = []
+        for socket, _ in self._poller.poll(_POLL_MS):
+            index = self._sockets.get(socket)
+            if index is None:  # a sentinel: alive() says which core has ended
+                continue
+            message = decode_from_core(socket.recv())
+            if isinstance(message, (Outputs, Aborted)):
+                self.cores[index].stats = message.stats
+            received.append((index, message))
+        return received
 
     def exits(self) -> str:
         """How each core process that has ended did (empty if none has)."""
@@ -193,12 +193,11 @@ def _exit_status(exitcode: int) -> str:
         return f"was killed by signal {-exitcode}"
 
 
-def _check_whole_layout(config: EngineConfig) -> None:
+def _check_whole_layout(config: EngineConfig, hf_config: Any) -> None:
     """Each core checks its own tensor x pipeline GPUs; the whole layout, data-parallel copies
     included, is checked here once (enough GPUs; a warning for idle ones)."""
     if config.data_parallel_size == 1 or config.torch_device().type != "cuda":
         return
-    hf_config = load_hf_config(resolve_model(config.model, config.load_format))
     check_parallel_layout(config, hf_config, config.torch_dtype(hf_config, torch.device("cuda")), detect_gpus())
 
 

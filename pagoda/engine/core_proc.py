@@ -1,12 +1,10 @@
-"""The engine core process: an LLMEngine step loop fed over ZeroMQ, so that model execution never
-competes with the HTTP server for the GIL. It knows engine requests only (n=1 each) and sends
-token ids, never text: the front end's OutputProcessor detokenizes, checks stop strings and gathers
-n>1 requests (it aborts a request a stop string ended).
+"""The engine core process: an EngineCore step loop fed over ZeroMQ, so that model execution never
+competes with the HTTP server for the GIL. It knows engine requests only (n=1 each), takes and
+sends token ids, never text, and imports no tokenizer: the front end detokenizes, checks stop
+strings and gathers n>1 requests (it aborts a request a stop string ended).
 
-Messages (msgpack, see serial.py), front end -> core: ["add", user request id, token_ids,
-[[engine request id, params], ...]], ["abort", engine request ids or None], ["stop"]. Core ->
-front end: ["ready", max_model_len, vocab_size, model_name], ["accepted", id], ["refused", id,
-message], ["aborted", engine request ids, stats], ["outputs", [core output...], stats]. The core
+Messages are the typed structs of messages.py: EngineCoreRequest, AbortRequests and Stop in;
+Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs out. The core
 blocks on its input while it has no work, and exits when told to stop or when its parent process
 is gone."""
 
@@ -21,8 +19,21 @@ import torch
 import zmq
 
 from pagoda.config import EngineConfig
-from pagoda.engine import serial
-from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.core import EngineCore
+from pagoda.engine.messages import (
+    Aborted,
+    AbortRequests,
+    Accepted,
+    EngineCoreRequest,
+    Failed,
+    FromCore,
+    Outputs,
+    Ready,
+    Refused,
+    Stop,
+    decode_to_core,
+    encode,
+)
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now
 
@@ -33,7 +44,8 @@ _SEND_TIMEOUT_MS = 60_000
 
 
 def run_engine_core(
-    config: EngineConfig, input_address: str, output_address: str, log_level: int, env: dict[str, str]
+    config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int], input_address: str, output_address: str, log_level: int,
+    env: dict[str, str],
 ) -> None:
     """The child process's main function; env: variables to set first (its GPUs, its threads)."""
     os.environ.update(env)
@@ -54,32 +66,32 @@ def run_engine_core(
     inputs.connect(input_address)
     outputs.connect(output_address)
     try:
-        engine = LLMEngine(config)
+        core = EngineCore(config, hf_config, eos_token_ids)
     except Exception as error:  # the front end reports it and exits
-        outputs.send(serial.pack(["failed", f"{type(error).__name__}: {error}"]))
+        outputs.send(encode(Failed(f"{type(error).__name__}: {error}")))
         return
-    outputs.send(serial.pack(["ready", engine.max_model_len, engine.vocab_size, engine.model_name]))
+    outputs.send(encode(Ready(core.max_model_len, core.model_name)))
     try:
-        _Core(engine, inputs, outputs, parent).run()
+        _CoreLoop(core, inputs, outputs, parent).run()
     finally:
-        engine.shutdown()  # its worker processes, told to stop and joined
+        core.shutdown()  # its worker processes, told to stop and joined
         context.destroy(linger=1000)
     exit_now(0)
 
 
-class _Core:
-    def __init__(self, engine: LLMEngine, inputs: zmq.Socket, outputs: zmq.Socket, parent: int) -> None:
-        self.engine = engine
+class _CoreLoop:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent: int) -> None:
+        self.core = core
         self.inputs = inputs
         self.outputs = outputs
         self.parent = parent
 
     def run(self) -> None:
         while os.getppid() == self.parent:  # orphaned: nobody will ever read an output
-            busy = self.engine.has_unfinished_requests()
+            busy = self.core.has_unfinished_requests()
             if not self._handle_inputs(block=not busy):
                 return
-            if self.engine.has_unfinished_requests():
+            if self.core.has_unfinished_requests():
                 self._step()
 
     def _handle_inputs(self, block: bool) -> bool:
@@ -91,37 +103,36 @@ class _Core:
                 if os.getppid() != self.parent:
                     return False
                 continue
-            message = serial.unpack(self.inputs.recv())
-            if message[0] == "stop":
+            message = decode_to_core(self.inputs.recv())
+            if isinstance(message, Stop):
                 return False
             self._apply(message)
             block = False
 
-    def _apply(self, message: list[Any]) -> None:
-        if message[0] == "abort":
-            self._abort(message[1])
+    def _apply(self, message: EngineCoreRequest | AbortRequests) -> None:
+        if isinstance(message, AbortRequests):
+            self._abort(message.request_ids)
             return
-        _, request_id, token_ids, children = message
         try:
-            self.engine.add_core_requests(token_ids, [(cid, serial.decode_params(p)) for cid, p in children])
-        except ValueError as error:  # the front end reports it; the engine is unchanged
-            self._send(["refused", request_id, str(error)])
+            self.core.add_request(message)
+        except ValueError as error:  # the front end reports it; the core is unchanged
+            self._send(Refused(message.request_id, str(error)))
             return
-        self._send(["accepted", request_id])
+        self._send(Accepted(message.request_id))
 
     def _abort(self, request_ids: list[str] | None) -> None:
-        aborted = self.engine.abort_core_requests(request_ids)
-        self._send(["aborted", aborted, serial.encode_stats(self.engine.scheduler.stats())])
+        aborted = self.core.abort_requests(request_ids)
+        self._send(Aborted(aborted, self.core.scheduler.stats()))
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step_core()
+            outputs = self.core.step()
         except Exception:
             # The batch's state is unknown after a failed step: end every request.
             logger.exception("engine step failed; aborting all requests")
             self._abort(None)
             return
-        self._send(["outputs", serial.encode_outputs(outputs), serial.encode_stats(self.engine.scheduler.stats())])
+        self._send(Outputs(outputs, self.core.scheduler.stats()))
 
-    def _send(self, message: list[Any]) -> None:
-        self.outputs.send(serial.pack(message))
+    def _send(self, message: FromCore) -> None:
+        self.outputs.send(encode(message))

@@ -1,8 +1,8 @@
-"""The front end of a user request: its n>1 fan-out into engine requests, and the turning of what
-the engine core reports each step (new token ids, raw logprobs, finish reasons) into what users
-see: text (incremental, with stop strings), logprobs with their token text, and one RequestOutput
-per user request. It runs wherever the tokenizer is: inside LLMEngine offline, and in the server
-process (AsyncLLM) when the core runs in a process of its own."""
+"""The output side of the front end: what the engine core reports each step (new token ids, raw
+logprobs, finish reasons) turned into what users see: text (incremental, with stop strings),
+logprobs with their token text, and one RequestOutput per user request (its n engine requests
+gathered). It runs where the tokenizer is, in the front end: LLMEngine offline, AsyncLLM in the
+server process."""
 
 from __future__ import annotations
 
@@ -13,38 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
-from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagoda.engine.messages import CoreOutput, EngineRequest
+from pagoda.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
-
-# An engine request: its id and its own SamplingParams (n=1).
-EngineRequest = tuple[str, SamplingParams]
-
-
-@dataclass
-class CoreOutput:
-    """What the engine core reports about one engine request after a step."""
-
-    request_id: str
-    new_token_ids: list[int]
-    # One TopLogprobs per new token (the chosen token first), when the request asked for logprobs.
-    new_logprobs: list[TopLogprobs] | None = None
-    # Prompt positions scored this step: (index of the first, their logprobs), when asked for.
-    prompt_logprobs: tuple[int, list[TopLogprobs]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None
-
-
-def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
-    """n > 1 becomes n independent engine requests; they share the prompt's cached blocks."""
-    if params.n == 1:
-        return [(request_id, params)]
-    return [
-        (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-        for i in range(params.n)
-    ]
 
 
 @dataclass
@@ -105,6 +83,9 @@ class OutputProcessor:
             parent.children.append(child)
             self._live[child_id] = (parent, child)
         self.parents[request_id] = parent
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None or not params.detokenize:

@@ -67,5 +67,7 @@ def hf_meta_model(config: Any) -> torch.nn.Module:
     those of a checkpoint."""
     from transformers import AutoModelForCausalLM
 
+    from pagoda.loader.plain_config import architecture_config
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(architecture_config(config))

@@ -1,7 +1,8 @@
 """The token-proposer hook: what gives a request draft tokens for its next multi-token step.
 
-The engine (`LLMEngine(config, proposer=...)`) calls `propose` after every step's update with the
-running requests whose tokens are all known and computed but the last one; the drafts it returns
+The engine core (`EngineCore(config, eos_token_ids, proposer)`; offline `LLMEngine(config,
+proposer)` passes it down) calls `propose` after every step's update with the running requests
+whose tokens are all known and computed but the last one; the drafts it returns
 are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many
 tokens a step yields, never which. With no proposer a step yields one token per request, as the
 code path without drafts always has."""

@@ -1,0 +1,219 @@
+"""EngineCore: the engine loop, token ids in and token ids out. schedule -> execute -> update ->
+CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
+(multi-token steps). It knows engine requests only (n=1 each) and loads no tokenizer: EOS ids come
+in its arguments, resolved by the front end; text, stop strings and n>1 gathering are the front
+end's (engine/llm_engine.py, engine/async_llm.py)."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pagoda.config import EngineConfig
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.request import Request, RequestStatus
+from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.engine.messages import CoreOutput, EngineCoreRequest
+from pagoda.executor import make_executor
+from pagoda.loader.model_resolver import resolve_model
+from pagoda.parallel_config import check_parallel_layout, detect_gpus
+from pagoda.spec.proposer import TokenProposer
+from pagoda.worker.model_runner import PendingStep
+from pagoda.worker.worker import KVBudget, WorkerConfig
+
+logger = logging.getLogger("pagoda")
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int],
+        proposer: TokenProposer | None = None,
+    ) -> None:
+        """hf_config: the model's config, loaded by the front end; eos_token_ids: what ends a
+        request unless it ignores EOS; proposer: drafts tokens that each step verifies along with
+        the next one (None: one token per request a step)."""
+        started = time.perf_counter()
+        self.config = config
+        self.proposer = proposer
+        resolved = resolve_model(config.model, config.load_format)
+        self.model_name = resolved.name
+        self.hf_config = hf_config
+        device = config.torch_device()
+        dtype = config.torch_dtype(self.hf_config, device)
+        self.max_model_len = config.resolve_max_model_len(self.hf_config)
+        max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
+        check_parallel_layout(config, self.hf_config, dtype, detect_gpus() if device.type == "cuda" else None)
+        self.executor = make_executor(WorkerConfig(
+            resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,
+            block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
+            enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+            tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+            num_speculative_tokens=0 if proposer is None else proposer.num_speculative_tokens,
+        ))
+        try:
+            self.num_kv_blocks = self._num_kv_blocks(device, max_batched)
+            self.executor.allocate_kv_cache(self.num_kv_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.scheduler = Scheduler(scheduler_config, kv_manager)
+        self.async_scheduling = config.resolve_async_scheduling(device) and self.executor.can_overlap_steps
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
+        # Requests whose sampling reads their output tokens on the host (penalties): while one is
+        # unfinished, steps run one at a time.
+        self._needs_known_tokens: set[str] = set()
+        self.eos_token_ids = eos_token_ids
+        logger.info(
+            "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens (%d tokens; %.1f requests of "
+            "max_model_len=%d)", time.perf_counter() - started, resolved.name, device, dtype,
+            self.num_kv_blocks, config.block_size, self.num_kv_blocks * config.block_size,
+            self.num_kv_blocks * config.block_size / self.max_model_len, self.max_model_len,
+        )
+        # What start-up built lives as long as the engine: keep the collector from rescanning it
+        # every few steps (each step's outputs make enough garbage to trigger full collections).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # let interpreter shutdown collect it as usual
+
+    # Set-up ---------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self, device: torch.device, max_batched_tokens: int) -> int:
+        cfg = self.config
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        budget = KVBudget(cfg.cpu_kv_cache_bytes(), cfg.gpu_memory_utilization, max_batched_tokens, self.max_model_len)
+        num_blocks = self.executor.num_kv_blocks_that_fit(budget)
+        if device.type == "cpu":
+            knob = "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB, per rank)"
+        else:
+            knob = "gpu_memory_utilization"
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache has room for {num_blocks * cfg.block_size} tokens, fewer than one request of "
+                f"max_model_len={self.max_model_len}: raise {knob} or lower max_model_len"
+            )
+        # More blocks than every sequence at full length could use would only cost memory.
+        return min(num_blocks, blocks_per_seq * cfg.max_num_seqs)
+
+    # Requests -------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue the engine requests of one user request, all or none (ValueError: the engine is
+        left as it was)."""
+        requests = [
+            Request(child_id, list(request.prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
+            for child_id, params in request.children
+        ]
+        added: list[str] = []
+        try:
+            for req in requests:
+                self.scheduler.add_request(req)
+                added.append(req.request_id)
+        except ValueError:
+            self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
+            raise
+        self._needs_known_tokens.update(r.request_id for r in requests if r.sampling_params.has_penalties)
+
+    def abort_requests(self, request_ids: Sequence[str] | None = None) -> list[str]:
+        """Stop engine requests (None: all) and free their blocks; returns those that were
+        unfinished (unknown ids are ignored)."""
+        requests = self.scheduler.requests
+        ids = list(requests) if request_ids is None else [r for r in request_ids if r in requests]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def shutdown(self) -> None:
+        """Stop the model's worker processes, if it has any; the core cannot step after this."""
+        self.executor.shutdown()
+
+    # The loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        """Run one scheduled batch; returns what each engine request it advanced got: new token
+        ids and raw logprobs, no text (the front end's OutputProcessor makes it).
+
+        With asynchronous scheduling the step is launched and the outputs returned are those of
+        the step launched by the previous call, read while the device runs the new one."""
+        try:
+            if self.async_scheduling and not self._steps_must_wait():
+                return self._step_overlapped()
+            if self._in_flight is not None:  # drain before a step that needs every token known
+                return self._read(*self._take_in_flight())
+            scheduler_output = self.scheduler.schedule()
+            if not scheduler_output.chunks:
+                return []
+            return self._read(scheduler_output, self.executor.launch(scheduler_output))
+        except BaseException:
+            self._in_flight = None  # the device's state is unknown: nothing in flight is trusted
+            raise
+
+    def _steps_must_wait(self) -> bool:
+        # Drafts are proposed from a request's known tokens: with the next step planned before
+        # this one's tokens are read, every request would have a placeholder and get no drafts.
+        if self.proposer is not None:
+            return True
+        if self._needs_known_tokens:
+            self._needs_known_tokens.intersection_update(self.scheduler.requests)
+        return bool(self._needs_known_tokens)
+
+    def _step_overlapped(self) -> list[CoreOutput]:
+        previous = self._take_in_flight()
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.chunks:
+            self._in_flight = (scheduler_output, self.executor.launch(scheduler_output))
+        return [] if previous is None else self._read(*previous)
+
+    def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
+        """Wait for a launched step's tokens and apply them to its requests."""
+        runner_output = step.result()
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
+        num_new = {req.request_id: n for req, n in updated}
+        if self.proposer is not None:
+            self._propose_drafts()
+        outputs = []
+        for chunk in scheduler_output.chunks:
+            req, rid = chunk.request, chunk.request.request_id
+            scored = runner_output.prompt_logprobs.get(rid)
+            n = num_new.get(rid, 0)
+            if not n and scored is None:
+                continue
+            top = runner_output.top_logprobs.get(rid) if n else None
+            outputs.append(CoreOutput(
+                rid, req.output_token_ids[-n:] if n else [], None if top is None else top[:n], scored,
+                req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
+            ))
+        return outputs
+
+    def _propose_drafts(self) -> None:
+        """Drafts for the next step of every running request that is decoding, its tokens known."""
+        assert self.proposer is not None
+        decoding = [
+            req for req in self.scheduler.running
+            if not req.num_output_placeholders and req.num_computed_tokens == req.num_tokens - 1
+        ]
+        if not decoding:
+            return
+        limit = self.proposer.num_speculative_tokens
+        for rid, drafts in self.proposer.propose(decoding).items():
+            self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])

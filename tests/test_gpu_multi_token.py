@@ -34,6 +34,10 @@ def _engine(path, proposer, eager: bool, dtype: str) -> LLMEngine:
     return LLMEngine(config, proposer)
 
 
+def _executor(engine: LLMEngine):
+    return engine.engine_core.engine_core.executor  # the in-process core's
+
+
 def _release() -> None:
     """Give an engine's GPU memory back before the next one sizes its KV pool from what is free."""
     gc.collect()
@@ -61,7 +65,7 @@ def _count_equal(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
 def _run(path, proposer, eager: bool, dtype: str, prompts, params) -> tuple[list[list[int]], int, list[int]]:
     """Tokens, engine steps, and the query tokens per request of each graph replay."""
     engine = _engine(path, proposer, eager=eager, dtype=dtype)
-    graphs = engine.executor.worker.runner.decode_graphs
+    graphs = _executor(engine).worker.runner.decode_graphs
     assert (graphs is None) == eager
     replayed: list[int] = []
     if graphs is not None:
@@ -106,7 +110,8 @@ def test_launching_a_multi_token_step_never_waits_for_the_gpu(tmp_path):
     _release()
     futures = {str(i): tokens for i, tokens in enumerate(plain)}
     engine = _engine(path, FutureProposer(futures, first_right_then_wrong), eager=False, dtype="bfloat16")
-    launch, drafted = engine.executor.launch, []
+    executor = _executor(engine)
+    launch, drafted = executor.launch, []
 
     def strict_launch(scheduler_output):
         torch.cuda.set_sync_debug_mode("error")
@@ -116,8 +121,8 @@ def test_launching_a_multi_token_step_never_waits_for_the_gpu(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    engine.executor.launch = strict_launch
+    executor.launch = strict_launch
     outputs, _ = _generate(engine, prompts, params)
-    del engine.executor.launch  # the wrapper holds the executor: no cycle may outlive the engine
+    del executor.launch  # the wrapper holds the executor: no cycle may outlive the engine
     assert [len(t) for t in _tokens(outputs)] == [p.max_tokens for p in params]
     assert K in drafted

@@ -13,7 +13,12 @@ from __future__ import annotations
 import logging
 import os
 
-_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
+LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
+
+
+def log_to_stderr(level: int | str) -> None:
+    """A process of Pagoda's own (the `pagoda` command, an engine core): every logger to stderr."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def configure_logging() -> None:
@@ -23,7 +28,7 @@ def configure_logging() -> None:
     if os.environ.get("PAGODA_CONFIGURE_LOGGING", "1") == "0" or logging.getLogger().handlers or logger.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_while_root_has_no_handler)
     logger.addHandler(handler)
     if logger.level == logging.NOTSET:  # a level the application set stays

@@ -36,6 +36,7 @@ from pagoda.engine.messages import (
 )
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now
+from pagoda.logger import log_to_stderr
 
 logger = logging.getLogger("pagoda")
 
@@ -57,7 +58,7 @@ def run_engine_core(
     # The front end owns shutdown: Ctrl-C reaches the whole process group, and the core must
     # keep running until the front end has aborted its requests and told it to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    log_to_stderr(log_level)
     parent = os.getppid()
     context = zmq.Context()
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pagoda.benchmarks import latency, throughput
 from pagoda.benchmarks import serve as serve_bench
 from pagoda.entrypoints.openai import chat_cli, cli_args
+from pagoda.logger import log_to_stderr
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level.upper())
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,33 +22,50 @@ DTYPES = {
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 
 
+def _knob(default: Any, help: str, **flag: Any) -> Any:
+    """A field with its command-line help (and argparse extras: aliases, action, choices): the
+    flags of `pagoda serve` and the benches are generated from these (entrypoints/engine_args.py)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    seed: int = 0
-    load_format: str = "auto"
-    device: str = "auto"
-    skip_tokenizer_init: bool = False
-    enforce_eager: bool = False  # no CUDA graphs
+    model: str | None = _knob(None, "a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
+    tokenizer: str | None = _knob(None, "the tokenizer's folder or cached id (default: the model's)")
+    dtype: str = _knob("auto", "weights and activations: auto (the model's bf16/fp16 on a GPU, float32 on the CPU), "
+                       "or one of " + ", ".join(DTYPES), choices=("auto", *DTYPES))
+    max_model_len: int | None = _knob(None, "the longest prompt + output in tokens (default: the model's context)")
+    max_num_seqs: int = _knob(256, "requests in one batch at most")
+    max_num_batched_tokens: int | None = _knob(
+        None, "tokens in one step at most, prefill chunks and decodes together (default: 8192 on a GPU, 2048 on the "
+        "CPU; max(max_model_len, 2048) with chunked prefill off)")
+    block_size: int = _knob(16, "tokens in one KV cache block (a power of two)")
+    gpu_memory_utilization: float = _knob(0.9, "the share of GPU memory for weights, activations and the KV cache")
+    num_gpu_blocks_override: int | None = _knob(None, "the number of KV cache blocks, instead of what fits")
+    kv_cache_memory_bytes: int | None = _knob(
+        None, "bytes for the KV cache, instead of what gpu_memory_utilization leaves (on the CPU: "
+        f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g})")
+    enable_prefix_caching: bool = _knob(True, "share the KV blocks of common prompt prefixes",
+                                        action=argparse.BooleanOptionalAction)
+    enable_chunked_prefill: bool = _knob(True, "split long prompts across steps, beside the running decodes",
+                                         action=argparse.BooleanOptionalAction)
+    seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
+    load_format: str = _knob("auto", "how to read the weights (dummy: random, for benchmarks)", choices=LOAD_FORMATS)
+    device: str = _knob("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
+    skip_tokenizer_init: bool = _knob(False, "load no tokenizer: prompts must be token ids, outputs carry no text",
+                                      action="store_true")
+    enforce_eager: bool = _knob(False, "run every step eagerly: no CUDA graphs (faster start-up, slower "
+                                "small-batch decode)", action="store_true")
     # Plan and queue step N+1 while the device runs step N. None: on for one rank on a GPU,
     # where the host's share of a step is worth hiding; off on the CPU, where it runs the model too.
-    async_scheduling: bool | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    async_scheduling: bool | None = _knob(None, "plan and queue each step while the GPU runs the one before "
+                                          "(default: on with one GPU)", action=argparse.BooleanOptionalAction)
+    tensor_parallel_size: int = _knob(1, "GPUs (or CPU ranks) each layer is split across", aliases=("-tp",))
+    pipeline_parallel_size: int = _knob(1, "consecutive stages the layers are split into", aliases=("-pp",))
     # Engine cores behind one server, each on its own TP x PP GPUs (the server reads it; one
     # LLMEngine is one core).
-    data_parallel_size: int = 1
+    data_parallel_size: int = _knob(1, "engine cores behind this server, each on its own tensor x pipeline GPUs",
+                                    aliases=("-dp",))
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")

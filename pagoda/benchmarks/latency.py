@@ -44,11 +44,12 @@ BACKENDS = {"pagoda": _pagoda, "hf": _hf}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path, GGUF file or cached HF id (default: the embedded model)")
-    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS))
+    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS),
+                        help="what runs the requests: pagoda, or a peer on the same requests (default: %(default)s)")
     add_engine_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1, help="requests in the batch (default: %(default)s)")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt tokens per request (default: %(default)s)")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")
     parser.add_argument("--num-iters", type=int, default=3, help="timed runs of each length (the median is kept)")
     parser.add_argument("--output-json", default=None, help="write the results to this file")
 

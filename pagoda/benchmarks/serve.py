@@ -201,17 +201,19 @@ def _percentiles(name: str, seconds: list[float]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     parser.add_argument("--model", default=None, help="default: the server's first model")
-    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"))
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--random-input-len", type=int, default=128)
-    parser.add_argument("--random-output-len", type=int, default=128)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
+                        help="the server's API key (default: $PAGODA_API_KEY)")
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests (default: %(default)s)")
+    parser.add_argument("--random-input-len", type=int, default=128, help="prompt tokens per request (default: %(default)s)")
+    parser.add_argument("--random-output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="lengths drawn from [len x (1 - r), len x (1 + r)] (default: %(default)s)")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests/s (Poisson arrivals); inf: all at once")
-    parser.add_argument("--max-concurrency", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the random prompts (default: %(default)s)")
     parser.add_argument("--output-json", "--result-file", dest="result_file", default=None, help="also write the summary here as JSON")
 
 

@@ -184,16 +184,17 @@ BACKENDS = {"pagoda": run_pagoda, "hf": run_hf, "llama.cpp": run_llama_cpp}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path, GGUF file or cached HF id (default: the embedded model)")
-    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS))
+    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS),
+                        help="what runs the requests: pagoda, or a peer on the same requests (default: %(default)s)")
     add_engine_arguments(parser)
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=256, help="requests (default: %(default)s)")
+    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
+    parser.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
     parser.add_argument("--llama-cpp-threads", type=int, default=2, help="threads of --backend llama.cpp")
-    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     parser.add_argument("--output-json", default=None, help="write the results to this file")
 
 

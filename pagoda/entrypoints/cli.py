@@ -7,6 +7,7 @@ import sys
 
 from pagoda.benchmarks import latency, throughput
 from pagoda.benchmarks import serve as serve_bench
+from pagoda.entrypoints.engine_args import add_engine_argument
 from pagoda.entrypoints.openai import chat_cli, cli_args
 from pagoda.logger import log_to_stderr
 
@@ -29,17 +30,16 @@ def _serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much to log (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer one chat message with a model (default: the embedded one)")
     gen.add_argument("prompt", help="the user message")
-    gen.add_argument("--model", default=None)
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--seed", type=int, default=0)
+    for knob in ("model", "max_model_len", "device", "seed"):
+        add_engine_argument(gen, knob)
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     gen.set_defaults(func=_generate)
 
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API (default: the embedded one)")

@@ -1,42 +1,39 @@
-"""The engine's command-line flags, shared by `pagoda serve` and `pagoda bench throughput`."""
+"""The engine's command-line flags, shared by `pagoda serve` and the benches: generated from
+EngineConfig's fields, so each default and help text lives once, in pagoda/config.py."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
-from pagoda.config import LOAD_FORMATS, EngineConfig
+from pagoda.config import EngineConfig
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every EngineConfig knob but the model, named as vLLM names them."""
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip-tokenizer-init", action="store_true",
-                        help="load no tokenizer: prompts must be token ids, outputs carry no text")
-    parser.add_argument(
-        "--enforce-eager", action="store_true",
-        help="run every step eagerly: no CUDA graphs (faster start-up, slower small-batch decode)",
-    )
-    parser.add_argument(
-        "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-        help="plan and queue each step while the GPU runs the one before (default: on with one GPU)",
-    )
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model", "data_parallel_size")) -> None:
+    """A flag for every EngineConfig field but those in `skip`, named as vLLM names them, with the
+    field's default, type and help (config.py holds each once)."""
+    for f in fields(EngineConfig):
+        if f.name not in skip:
+            add_engine_argument(parser, f.name)
+
+
+def add_engine_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """The flag of one EngineConfig field (`pagoda generate` takes a few)."""
+    f = next(f for f in fields(EngineConfig) if f.name == name)
+    extras = dict(f.metadata)
+    if "default" not in extras["help"] and f.default not in (None, False):
+        extras["help"] += " (default: %(default)s)"
+    names = [f"--{f.name.replace('_', '-')}", *extras.pop("aliases", ())]
+    if "action" not in extras:
+        extras["type"] = _scalar_type(get_type_hints(EngineConfig)[f.name])
+    parser.add_argument(*names, default=f.default, **extras)
+
+
+def _scalar_type(hint: Any) -> type:
+    """int for `int | None`, and so on."""
+    kinds = [kind for kind in get_args(hint) or (hint,) if kind is not type(None)]
+    return kinds[0]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,9 +15,10 @@ from .sse_client import iter_events, raise_for_error
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://localhost:8000/v1", help="the server's OpenAI base URL")
     parser.add_argument("--model-name", default=None, help="default: the server's first model")
-    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"))
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
+                        help="the server's API key (default: $PAGODA_API_KEY)")
+    parser.add_argument("--system-prompt", default=None, help="a system message opening the conversation")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per reply at most (default: the rest of the context)")
     parser.add_argument("-q", "--quick", metavar="MESSAGE", default=None,
                         help="send one message, print the reply, exit")
 

@@ -1,0 +1,52 @@
+"""The command line: every flag of every `pagoda` command says what it does, and the engine's flags
+are EngineConfig's fields, with its defaults (one place holds each)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from pagoda.config import EngineConfig
+from pagoda.entrypoints.cli import build_parser
+from pagoda.entrypoints.engine_args import engine_kwargs
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("pagoda",)):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_flag_has_help_text():
+    missing = [
+        f"{' '.join(path)} {action.option_strings or action.dest}"
+        for path, parser in _commands(build_parser())
+        for action in parser._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help
+    ]
+    assert not missing
+
+
+@pytest.mark.parametrize("command", [["serve"], ["bench", "throughput"], ["bench", "latency"]])
+def test_engine_flags_default_to_engine_config(command):
+    args = build_parser().parse_args(command)
+    given = engine_kwargs(args)
+    defaults = {f.name: f.default for f in fields(EngineConfig)}
+    assert given and all(given[name] == defaults[name] for name in given if name != "model")
+    skipped = {"model"} | ({"data_parallel_size"} if command != ["serve"] else set())
+    assert set(given) | skipped == set(defaults)
+
+
+def test_engine_flags_parse_to_config_values():
+    args = build_parser().parse_args([
+        "serve", "m", "--max-num-seqs", "3", "--no-enable-prefix-caching", "--enforce-eager", "-tp", "2",
+        "--gpu-memory-utilization", "0.5", "--dtype", "float16", "--no-async-scheduling",
+    ])
+    config = EngineConfig(**engine_kwargs(args))
+    assert (config.max_num_seqs, config.enable_prefix_caching, config.enforce_eager, config.tensor_parallel_size,
+            config.gpu_memory_utilization, config.dtype, config.async_scheduling) == (3, False, True, 2, 0.5,
+                                                                                      "float16", False)

@@ -420,11 +420,12 @@ def test_generation_config_sets_defaults_that_requests_override(tmp_path):
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7, "eos_token_id": 2})
     )
-    defaults = generation_defaults(str(tmp_path), None, "auto")
+    defaults = generation_defaults(str(tmp_path), tmp_path / "unused")
     assert defaults == load_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
-    assert generation_defaults("vllm", str(tmp_path), "auto") == {}
+    assert generation_defaults("auto", tmp_path) == defaults
+    assert generation_defaults("vllm", tmp_path) == {}
     with pytest.raises(ValueError, match="no generation_config.json"):
-        generation_defaults(str(tmp_path / "missing"), None, "auto")
+        generation_defaults(str(tmp_path / "missing"), tmp_path)
 
     serving = OpenAIServing(SimpleNamespace(tokenizer=None), ServerConfig([MODEL], 64, None, False, defaults))
     messages = [{"role": "user", "content": "hi"}]

@@ -11,7 +11,6 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -19,9 +18,9 @@ from pagoda.config import EngineConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.engine.core_model import CoreModel
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
-from pagoda.loader.model_resolver import resolve_model
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.spec.proposer import TokenProposer
 from pagoda.worker.model_runner import PendingStep
@@ -32,18 +31,17 @@ logger = logging.getLogger("pagoda")
 
 class EngineCore:
     def __init__(
-        self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int],
-        proposer: TokenProposer | None = None,
+        self, config: EngineConfig, model: CoreModel, proposer: TokenProposer | None = None,
     ) -> None:
-        """hf_config: the model's config, loaded by the front end; eos_token_ids: what ends a
-        request unless it ignores EOS; proposer: drafts tokens that each step verifies along with
-        the next one (None: one token per request a step)."""
+        """model: the model as the front end resolved it; proposer: drafts tokens that each step
+        verifies along with the next one (None: one token per request a step)."""
         started = time.perf_counter()
         self.config = config
         self.proposer = proposer
-        resolved = resolve_model(config.model, config.load_format)
+        resolved = model.resolved
         self.model_name = resolved.name
-        self.hf_config = hf_config
+        self.hf_config = model.hf_config
+        self.eos_token_ids = model.eos_token_ids
         device = config.torch_device()
         dtype = config.torch_dtype(self.hf_config, device)
         self.max_model_len = config.resolve_max_model_len(self.hf_config)
@@ -75,7 +73,6 @@ class EngineCore:
         # Requests whose sampling reads their output tokens on the host (penalties): while one is
         # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
-        self.eos_token_ids = eos_token_ids
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens (%d tokens; %.1f requests of "
             "max_model_len=%d)", time.perf_counter() - started, resolved.name, device, dtype,

@@ -15,12 +15,12 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
 
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core import EngineCore
 from pagoda.engine.core_group import CoreGroup
+from pagoda.engine.core_model import CoreModel
 from pagoda.engine.messages import (
     Aborted,
     AbortRequests,
@@ -63,9 +63,9 @@ class InprocClient(EngineCoreClient):
     get_output runs one step and returns its Outputs (no stats: nobody reads them per step)."""
 
     def __init__(
-        self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int], proposer: TokenProposer | None = None
+        self, config: EngineConfig, model: CoreModel, proposer: TokenProposer | None = None
     ) -> None:
-        self.engine_core = EngineCore(config, hf_config, eos_token_ids, proposer)
+        self.engine_core = EngineCore(config, model, proposer)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -92,10 +92,10 @@ class MPClient(EngineCoreClient):
     built. Any thread may add and abort; get_output belongs to one receiver thread."""
 
     def __init__(
-        self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int],
+        self, config: EngineConfig, model: CoreModel,
         on_unsent: UnsentListener, on_sender_death: SenderDeathListener,
     ) -> None:
-        self.cores = CoreGroup(config, hf_config, eos_token_ids)
+        self.cores = CoreGroup(config, model)
         try:
             self.cores.wait_ready()
         except BaseException:

@@ -25,6 +25,7 @@ import zmq
 
 from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine.core_model import CoreModel
 from pagoda.engine.core_proc import run_engine_core
 from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
@@ -45,15 +46,15 @@ class _Core:
 
 
 class CoreGroup:
-    def __init__(self, config: EngineConfig, hf_config: Any, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, config: EngineConfig, model: CoreModel) -> None:
         """Start the core processes; they build their engines meanwhile (wait_ready() before use)."""
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
-        _check_whole_layout(config, hf_config)
+        _check_whole_layout(config, model.hf_config)
         core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is one copy
         self.cores = [
-            self._start(i, (core_config, hf_config, eos_token_ids), env)
+            self._start(i, (core_config, model), env)
             for i, env in enumerate(_core_environments(config))
         ]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
@@ -70,8 +71,8 @@ class CoreGroup:
         ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.model_name = ready[0]
 
-    def _start(self, index: int, core_args: tuple[EngineConfig, Any, frozenset[int]], env: dict[str, str]) -> _Core:
-        """core_args: the EngineCore's (config, hf_config, eos_token_ids)."""
+    def _start(self, index: int, core_args: tuple[EngineConfig, CoreModel], env: dict[str, str]) -> _Core:
+        """core_args: the EngineCore's (config, model)."""
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
         to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
         to_core.bind(addresses[0])

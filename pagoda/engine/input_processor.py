@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagoda.config import EngineConfig
+from pagoda.engine.core_model import CoreModel
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.loader.model_loader import (
     load_generation_eos,
@@ -26,10 +27,10 @@ class InputProcessor:
     def __init__(self, config: EngineConfig) -> None:
         resolved = resolve_model(config.model, config.load_format)
         hf_config = load_hf_config(resolved)
-        self.hf_config = plain_config(hf_config)  # what the engine core is built with
         self.tokenizer: Any | None = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
         self.vocab_size: int = hf_config.vocab_size
-        self.eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, self.tokenizer)
+        eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, self.tokenizer)
+        self.core_model = CoreModel(resolved, plain_config(hf_config), eos_token_ids)
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
         """The engine request(s) of one user request, or a ValueError naming what is wrong."""

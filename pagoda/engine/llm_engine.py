@@ -24,8 +24,7 @@ class LLMEngine:
         token per request a step)."""
         self.processor = InputProcessor(config)
         self.tokenizer: Any | None = self.processor.tokenizer
-        self.eos_token_ids = self.processor.eos_token_ids
-        self.engine_core = InprocClient(config, self.processor.hf_config, self.eos_token_ids, proposer)
+        self.engine_core = InprocClient(config, self.processor.core_model, proposer)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(

@@ -1,6 +1,6 @@
 """The token-proposer hook: what gives a request draft tokens for its next multi-token step.
 
-The engine core (`EngineCore(config, eos_token_ids, proposer)`; offline `LLMEngine(config,
+The engine core (`EngineCore(config, model, proposer)`; offline `LLMEngine(config,
 proposer)` passes it down) calls `propose` after every step's update with the running requests
 whose tokens are all known and computed but the last one; the drafts it returns
 are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many

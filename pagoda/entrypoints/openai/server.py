@@ -31,7 +31,6 @@ from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
-from pagoda.loader.model_resolver import resolve_model
 
 from .cli_args import request_limits
 from .metrics import log_stats, metrics_registry
@@ -260,13 +259,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def generation_defaults(choice: str, model: str | None, load_format: str) -> dict[str, Any]:
-    """--generation-config: 'auto' (the model's generation_config.json), 'vllm' or 'pagoda' (none),
-    or a folder holding a generation_config.json."""
+def generation_defaults(choice: str, model_dir: Path) -> dict[str, Any]:
+    """--generation-config: 'auto' (the generation_config.json in model_dir, the model's folder
+    as the engine resolved it), 'vllm' or 'pagoda' (none), or a folder holding a
+    generation_config.json."""
     if choice in ("vllm", "pagoda"):
         return {}
     if choice == "auto":
-        directory = resolve_model(model, load_format).model_dir
+        directory = model_dir
     else:
         directory = Path(choice)
         if not (directory / "generation_config.json").is_file():
@@ -278,8 +278,8 @@ def generation_defaults(choice: str, model: str | None, load_format: str) -> dic
 
 
 def run_server(args: argparse.Namespace) -> None:
-    default_sampling = generation_defaults(args.generation_config, args.model, args.load_format)
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
+    default_sampling = generation_defaults(args.generation_config, engine.processor.core_model.resolved.model_dir)
     names = args.served_model_name or [args.model or engine.model_name]
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from pagoda.config import EngineConfig
+from pagoda.config.groups import ParallelConfig
+from pagoda.config.model_spec import ModelSpec
 from pagoda.distributed.partition import kv_head_shard
-from pagoda.models import get_model_class
+from pagoda.models import model_class
 
 logger = logging.getLogger("pagoda")
 
@@ -80,19 +80,17 @@ def _first_gpu_memory_bytes() -> int:
 
 
 def check_parallel_layout(
-    config: EngineConfig, hf_config: Any, dtype: torch.dtype, gpus: GpuInventory | None
+    parallel: ParallelConfig, spec: ModelSpec, dtype: torch.dtype, gpu_memory_utilization: float,
+    gpus: GpuInventory | None,
 ) -> None:
     """Raise on a layout that cannot work, warn about idle GPUs. `gpus` None (the CPU): only the
-    rules about the model's shape apply.
-
-    One LLMEngine is one data-parallel copy: it checks `config.data_parallel_size` copies against
-    the GPUs it sees, so a DP launcher checks the whole layout once, then starts each copy with
-    data_parallel_size=1 and CUDA_VISIBLE_DEVICES set to that copy's GPUs."""
-    layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, config.data_parallel_size)
-    problem = _tp_problem(hf_config, layout.tp)
+    rules about the model's shape apply. The whole layout, data-parallel copies included, is
+    checked once, against the GPUs the front end sees (each core then gets its own)."""
+    layout = Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size)
+    problem = _tp_problem(spec, layout.tp)
     if problem:
         raise ValueError(problem)
-    layers = hf_config.num_hidden_layers
+    layers = spec.num_hidden_layers
     if layout.pp > layers:
         raise ValueError(
             f"pipeline_parallel_size={layout.pp} is more than the model's {layers} layers (num_hidden_layers): "
@@ -100,54 +98,54 @@ def check_parallel_layout(
         )
     if gpus is None:
         return
-    room = config.gpu_memory_utilization * gpus.memory_bytes
-    weights = estimate_weight_bytes(hf_config, dtype)
+    room = gpu_memory_utilization * gpus.memory_bytes
+    weights = estimate_weight_bytes(spec, dtype)
     if weights / (layout.tp * layout.pp) > room:
-        raise ValueError(_does_not_fit(hf_config, weights, room, layout, config.gpu_memory_utilization, gpus))
+        raise ValueError(_does_not_fit(spec, weights, room, layout, gpu_memory_utilization, gpus))
     if layout.gpus > gpus.count:
         raise ValueError(
             f"tensor_parallel_size={layout.tp} x pipeline_parallel_size={layout.pp} x "
             f"data_parallel_size={layout.dp} needs {layout.gpus} GPUs, but {gpus.count} are visible"
         )
     if layout.gpus < gpus.count:
-        logger.warning(_idle_advice(hf_config, weights, room, layout, gpus.count))
+        logger.warning(_idle_advice(spec, weights, room, layout, gpus.count))
 
 
-def estimate_weight_bytes(hf_config: Any, dtype: torch.dtype) -> int:
-    """Bytes of the weights, as the model's class counts them from the config."""
-    return get_model_class(hf_config).weight_bytes(hf_config, dtype)
+def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of the weights, as the model's class counts them from its spec."""
+    return model_class(spec.architecture).weight_bytes(spec, dtype)
 
 
-def _tp_problem(hf_config: Any, tp: int) -> str | None:
+def _tp_problem(spec: ModelSpec, tp: int) -> str | None:
     """Why the model cannot be split over `tp` ranks; None when it can."""
-    heads = hf_config.num_attention_heads
+    heads = spec.num_attention_heads
     if heads % tp:
         return (
             f"tensor_parallel_size={tp} must divide the model's {heads} attention heads (num_attention_heads): "
             f"use one of {_divisors(heads)}"
         )
-    if hf_config.intermediate_size % tp:
+    if spec.intermediate_size % tp:
         return (
-            f"tensor_parallel_size={tp} must divide the model's MLP width {hf_config.intermediate_size} "
+            f"tensor_parallel_size={tp} must divide the model's MLP width {spec.intermediate_size} "
             "(intermediate_size)"
         )
     try:
-        kv_head_shard(hf_config.num_key_value_heads, 0, tp)
+        kv_head_shard(spec.num_key_value_heads, 0, tp)
     except ValueError as error:
         return str(error)
     return None
 
 
-def _valid_tps(hf_config: Any) -> list[int]:
-    return [tp for tp in _divisors(hf_config.num_attention_heads) if _tp_problem(hf_config, tp) is None]
+def _valid_tps(spec: ModelSpec) -> list[int]:
+    return [tp for tp in _divisors(spec.num_attention_heads) if _tp_problem(spec, tp) is None]
 
 
-def _smallest_tp_that_fits(hf_config: Any, weights: int, room: float, pp: int) -> int | None:
-    return next((tp for tp in _valid_tps(hf_config) if weights / (tp * pp) <= room), None)
+def _smallest_tp_that_fits(spec: ModelSpec, weights: int, room: float, pp: int) -> int | None:
+    return next((tp for tp in _valid_tps(spec) if weights / (tp * pp) <= room), None)
 
 
 def _does_not_fit(
-    hf_config: Any, weights: int, room: float, layout: Layout, utilization: float, gpus: GpuInventory
+    spec: ModelSpec, weights: int, room: float, layout: Layout, utilization: float, gpus: GpuInventory
 ) -> str:
     per_gpu = weights / (layout.tp * layout.pp)
     message = (
@@ -155,15 +153,15 @@ def _does_not_fit(
         f"pipeline_parallel_size={layout.pp} that is {per_gpu / _GIB:.1f} GiB a GPU, more than "
         f"gpu_memory_utilization={utilization} x {gpus.memory_bytes / _GIB:.1f} GiB = {room / _GIB:.1f} GiB"
     )
-    tp = _smallest_tp_that_fits(hf_config, weights, room, layout.pp)
+    tp = _smallest_tp_that_fits(spec, weights, room, layout.pp)
     if tp is None:
         return f"{message}; no tensor_parallel_size fits: add pipeline stages (pipeline_parallel_size)"
     return f"{message}: use tensor_parallel_size={tp}, the smallest that fits"
 
 
-def _idle_advice(hf_config: Any, weights: int, room: float, layout: Layout, count: int) -> str:
+def _idle_advice(spec: ModelSpec, weights: int, room: float, layout: Layout, count: int) -> str:
     message = f"{count} GPUs are visible and {layout} uses {layout.gpus}: {count - layout.gpus} left idle"
-    best = _best_layout(hf_config, weights, room, layout.pp, count)
+    best = _best_layout(spec, weights, room, layout.pp, count)
     if best is None or best.gpus <= layout.gpus:
         return message
     flags = [f"--tensor-parallel-size {best.tp}"] if best.tp != layout.tp else []
@@ -171,12 +169,12 @@ def _idle_advice(hf_config: Any, weights: int, room: float, layout: Layout, coun
     return f"{message}; use {' '.join(flags)} ({best}): TP just large enough to hold the model, DP with the rest"
 
 
-def _best_layout(hf_config: Any, weights: int, room: float, pp: int, count: int) -> Layout | None:
+def _best_layout(spec: ModelSpec, weights: int, room: float, pp: int, count: int) -> Layout | None:
     """The layout that uses the most GPUs, and among those the smallest TP that holds the model."""
-    smallest = _smallest_tp_that_fits(hf_config, weights, room, pp)
+    smallest = _smallest_tp_that_fits(spec, weights, room, pp)
     if smallest is None:
         return None
-    candidates = [Layout(tp, pp, count // (tp * pp)) for tp in _valid_tps(hf_config) if tp >= smallest]
+    candidates = [Layout(tp, pp, count // (tp * pp)) for tp in _valid_tps(spec) if tp >= smallest]
     candidates = [c for c in candidates if c.dp >= 1]
     return max(candidates, key=lambda c: (c.gpus, -c.tp), default=None)
 

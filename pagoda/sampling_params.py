@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,19 @@ _BOOLS = (
     "detokenize",
 )
 _OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
+# Set while params that another process made, and checked, are decoded: they are rebuilt as they are.
+_REBUILDING = contextvars.ContextVar("pagoda_rebuilding_sampling_params", default=False)
+
+
+@contextlib.contextmanager
+def rebuilding_checked_params() -> Iterator[None]:
+    """SamplingParams made in this block skip their checks: for a decoder rebuilding params that
+    were checked where they were made (the engine core's, engine/messages.py)."""
+    token = _REBUILDING.set(True)
+    try:
+        yield
+    finally:
+        _REBUILDING.reset(token)
 
 
 @dataclass
@@ -57,11 +74,21 @@ class SamplingParams:
     detokenize: bool = True
 
     def __post_init__(self) -> None:
+        if _REBUILDING.get():
+            return
         self._normalise_scalars()
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self._check_ranges()
+
+    def for_child(self, index: int) -> SamplingParams:
+        """The params of engine request `index` of the n this request fans out into: n=1 and the
+        seed offset by the index (checked to fit when these were made), nothing checked again."""
+        child = copy.copy(self)
+        child.n = 1
+        child.seed = None if self.seed is None else self.seed + index
+        return child
 
     @property
     def has_penalties(self) -> bool:

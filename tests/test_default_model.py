@@ -49,7 +49,7 @@ def test_stop_string_cuts_the_text_exactly(llm):
 def test_eos_ends_generation_with_stop(llm):
     out = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=200), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason is None
-    assert out.token_ids[-1] in llm.llm_engine.processor.core_model.eos_token_ids
+    assert out.token_ids[-1] in llm.llm_engine.processor.config.model.eos_token_ids
 
 
 def test_logprobs_carry_decoded_tokens(llm):

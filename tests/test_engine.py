@@ -124,7 +124,7 @@ def test_eos_ids_come_from_generation_config_and_stop_generation(tmp_path):
     # Llama 3 style: generation_config.json lists several EOS ids; the 3rd greedy token is one.
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [greedy[2], 250]}))
     llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64)
-    assert {greedy[2], 250} <= llm.llm_engine.processor.core_model.eos_token_ids
+    assert {greedy[2], 250} <= llm.llm_engine.processor.config.model.eos_token_ids
     out = llm.generate({"prompt_token_ids": [7, 8, 9]}, SamplingParams(temperature=0.0, max_tokens=8),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy[: greedy.index(greedy[2]) + 1]

@@ -156,7 +156,7 @@ def _write_metadata(writer: gguf.GGUFWriter, model: TinyModel) -> None:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    return dict(iter_gguf_weights(path, load_gguf_config(path)))
+    return dict(iter_gguf_weights(path, load_gguf_config(path).to_dict()))
 
 
 def _assert_weights(got: dict[str, torch.Tensor], expected: dict[str, np.ndarray]) -> None:
@@ -206,7 +206,7 @@ def test_other_architectures(tmp_path: Path, model: TinyModel) -> None:
     assert config.tie_word_embeddings == model.tied
     if model.arch == "qwen3":  # transformers' GGUF config leaves head_dim at Qwen3's default 128
         assert config.head_dim == 32
-    _assert_weights(dict(iter_gguf_weights(tmp_path / "m.gguf", config)), expected)
+    _assert_weights(dict(iter_gguf_weights(tmp_path / "m.gguf", config.to_dict())), expected)
 
 
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:

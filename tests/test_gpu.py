@@ -78,6 +78,18 @@ def test_kv_pool_is_sized_from_gpu_memory(tmp_path):
     assert 0 < blocks[0] < blocks[1]
 
 
+def test_a_stated_kv_cache_size_is_used_on_the_gpu(tmp_path):
+    path = save_tiny_model("llama3", tmp_path)
+    llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20,
+              max_num_seqs=100000, enforce_eager=True)
+    core = llm.llm_engine.engine_core.engine_core
+    per_block = core.executor.worker.runner.kv_bytes_per_block()
+    assert core.num_kv_blocks == (64 << 20) // per_block
+    del llm, core
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def test_too_small_gpu_budget_fails_at_start_up_with_the_numbers(tmp_path):
     path = save_tiny_model("llama3", tmp_path)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):

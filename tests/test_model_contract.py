@@ -1,10 +1,11 @@
 """The model contract (pagoda/models/interface.py) on every tiny architecture: the weight bytes a
-model class counts from its config are those of the model built; the runner's KV pool follows
+model class counts from its spec are those of the model built; the runner's KV pool follows
 each layer's KV cache spec; and a linear method plugged into every linear layer (here a test-only
 one that stores weights transposed and scaled) gives the same greedy tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -14,9 +15,13 @@ from torch import nn
 from pagoda import LLM, SamplingParams
 from pagoda.attention import get_attention_backend
 from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
-from pagoda.loader.model_loader import build_model, load_hf_config
+from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig
+from pagoda.config.model_spec import ModelSpec
+from pagoda.config.resolve import resolve_config
+from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import resolve_model
-from pagoda.models import get_model_class
+from pagoda.models import model_class
 from pagoda.worker import model_runner
 from pagoda.worker.model_runner import ModelRunner
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
@@ -34,11 +39,13 @@ def models(tmp_path_factory) -> dict[str, object]:
     return {name: save_tiny_model(name, root) for name in ARCHITECTURES}
 
 
-def _config(path, **overrides):
-    config = load_hf_config(resolve_model(str(path)))
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+def _spec(path, **overrides) -> ModelSpec:
+    return dataclasses.replace(_resolved_config(path).model.spec, **overrides)
+
+
+def _resolved_config(path) -> ResolvedConfig:
+    args = EngineConfig(model=str(path), load_format="dummy", device="cpu", block_size=4, max_model_len=64)
+    return resolve_config(args, resolve_model(str(path)))
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -48,24 +55,20 @@ def _param_bytes(model: nn.Module) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS)
 def test_weight_bytes_are_those_of_the_built_model(models, name, overrides, dtype):
-    config = _config(models[name], **overrides)
-    model_cls = get_model_class(config)
+    spec = _spec(models[name], **overrides)
+    model_cls = model_class(spec.architecture)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = model_cls(config, get_attention_backend(CPU, 4), max_position=64)
+            model = model_cls(spec, get_attention_backend(CPU), max_position=64)
     finally:
         torch.set_default_dtype(old)
-    assert model_cls.weight_bytes(config, dtype) == _param_bytes(model)
+    assert model_cls.weight_bytes(spec, dtype) == _param_bytes(model)
 
 
-def _runner(path, **kwargs) -> ModelRunner:
-    resolved = resolve_model(str(path))
-    return ModelRunner(
-        resolved, load_hf_config(resolved), load_format="dummy", dtype=torch.float32, device=CPU,
-        block_size=4, max_model_len=64, seed=0, **kwargs,
-    )
+def _runner(path) -> ModelRunner:
+    return ModelRunner(_resolved_config(path), CPU)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -79,10 +82,10 @@ def test_kv_pool_follows_each_layers_spec(models, name, monkeypatch):
 
     monkeypatch.setattr(model_runner, "build_model", build_with_half_cache_in_last_layer)
     runner = _runner(models[name])
-    config = runner.hf_config
+    config = _spec(models[name])
     specs = runner.kv_cache_spec
     assert [s.dtype for s in specs] == [torch.float32] * (config.num_hidden_layers - 1) + [torch.float16]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config.head_dim
     assert {(s.num_kv_heads, s.head_size, s.block_size) for s in specs} == {(config.num_key_value_heads, head_dim, 4)}
     runner.allocate_kv_cache(10)
     assert [(t.shape, t.dtype) for t in runner.kv_caches] == [

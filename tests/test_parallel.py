@@ -17,6 +17,9 @@ import transformers
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
+from pagoda.config.groups import ParallelConfig
+from pagoda.config.model_spec import ModelSpec
+from pagoda.config.resolve import model_spec
 from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.partition import kv_head_shard, stage_layers
@@ -159,8 +162,8 @@ def test_stages_cover_every_layer_once():
 # Configuration rules -------------------------------------------------------------------------------
 
 
-def _shape(**fields) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(**{**LLAMA_8B, **fields})
+def _shape(**fields) -> ModelSpec:
+    return model_spec(transformers.LlamaConfig(**{**LLAMA_8B, **fields}), load_format="auto")
 
 
 LLAMA_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
@@ -170,7 +173,8 @@ H100 = 80 * GIB
 
 
 def _check(shape, gpus: GpuInventory | None = None, **parallel) -> None:
-    check_parallel_layout(EngineConfig(**parallel), shape, torch.bfloat16, gpus)
+    layout = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1, **parallel}
+    check_parallel_layout(ParallelConfig(**layout), shape, torch.bfloat16, 0.9, gpus)
 
 
 def test_weight_estimates_match_the_known_models():

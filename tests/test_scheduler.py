@@ -29,7 +29,7 @@ def make_scheduler(
     chunked: bool = True,
     prefix: bool = True,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, chunked)
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, chunked, async_scheduling=False)
     return Scheduler(config, KVCacheManager(num_blocks, block_size, prefix))
 
 

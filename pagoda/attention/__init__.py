@@ -1,3 +1,7 @@
-from pagoda.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+from pagoda.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    get_attention_backend,
+)
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]

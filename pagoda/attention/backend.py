@@ -6,7 +6,6 @@ A KV cache for one layer is one tensor [2, num_blocks, block_size, num_kv_heads,
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,18 +50,24 @@ class AttentionBackend(Protocol):
         ...
 
 
-def get_attention_backend(device: torch.device, block_size: int) -> AttentionBackend:
-    """Triton kernels on CUDA GPUs, the torch reference elsewhere; PAGODA_ATTENTION_BACKEND
-    (torch | triton) overrides the choice."""
+# The Triton kernels tile the keys a block at a time: a block is at least one tensor-core tile.
+TRITON_MIN_BLOCK_SIZE = 16
+
+
+def attention_backend_name(device: torch.device) -> str:
+    """triton on CUDA GPUs, torch elsewhere; PAGODA_ATTENTION_BACKEND (torch | triton) overrides it."""
     choice = os.environ.get("PAGODA_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
-    if choice == "triton":
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"PAGODA_ATTENTION_BACKEND={choice!r} is invalid: it must be 'torch' or 'triton'")
+    return choice
+
+
+def get_attention_backend(device: torch.device) -> AttentionBackend:
+    """The backend attention_backend_name names (its block size was checked with the config)."""
+    if attention_backend_name(device) == "triton":
         from pagoda.attention.triton_backend import TritonAttentionBackend
 
-        if block_size < 16 and device.type == "cuda":
-            raise ValueError(f"block_size={block_size} is invalid on the GPU: it must be >= 16 (a tensor-core tile)")
         return TritonAttentionBackend()
-    if choice != "torch":
-        raise ValueError(f"PAGODA_ATTENTION_BACKEND={choice!r} is invalid: it must be 'torch' or 'triton'")
     from pagoda.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

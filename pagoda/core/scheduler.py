@@ -31,12 +31,14 @@ from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool
+    # Plan and launch step N+1 before step N's tokens are read (the engine core's loop does it).
+    async_scheduling: bool
 
 
 @dataclass

@@ -101,10 +101,7 @@ class AsyncLLM:
         self.processor = InputProcessor(config)
         self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
         self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
-        self.engine_core = MPClient(
-            config, self.processor.core_model,
-            on_unsent=self._unsent, on_sender_death=self._mark_dead,
-        )
+        self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)
         self._receiver.start()

@@ -1,83 +1,63 @@
 """EngineCore: the engine loop, token ids in and token ids out. schedule -> execute -> update ->
 CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
-(multi-token steps). It knows engine requests only (n=1 each) and loads no tokenizer: EOS ids come
-in its arguments, resolved by the front end; text, stop strings and n>1 gathering are the front
-end's (engine/llm_engine.py, engine/async_llm.py)."""
+(multi-token steps). It knows engine requests only (n=1 each) and loads no tokenizer: it is built
+from the ResolvedConfig the front end made (EOS ids included) and re-derives none of it. Text, stop
+strings and n>1 gathering are the front end's (engine/llm_engine.py, engine/async_llm.py)."""
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import time
 from collections.abc import Sequence
 
-import torch
-
-from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig, SpeculativeConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
-from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagoda.engine.core_model import CoreModel
+from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
-from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.spec.proposer import TokenProposer
 from pagoda.worker.model_runner import PendingStep
-from pagoda.worker.worker import KVBudget, WorkerConfig
+from pagoda.worker.worker import KVBudget
 
 logger = logging.getLogger("pagoda")
 
 
 class EngineCore:
-    def __init__(
-        self, config: EngineConfig, model: CoreModel, proposer: TokenProposer | None = None,
-    ) -> None:
-        """model: the model as the front end resolved it; proposer: drafts tokens that each step
-        verifies along with the next one (None: one token per request a step)."""
+    def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
+        """config: resolved by the front end, once (config/resolve.py); proposer: drafts tokens
+        that each step verifies along with the next one (None: one token per request a step)."""
         started = time.perf_counter()
+        if proposer is not None:
+            config = dataclasses.replace(config, speculative=SpeculativeConfig(proposer.num_speculative_tokens))
         self.config = config
         self.proposer = proposer
-        resolved = model.resolved
-        self.model_name = resolved.name
-        self.hf_config = model.hf_config
-        self.eos_token_ids = model.eos_token_ids
-        device = config.torch_device()
-        dtype = config.torch_dtype(self.hf_config, device)
-        self.max_model_len = config.resolve_max_model_len(self.hf_config)
-        max_batched = config.resolve_max_num_batched_tokens(self.max_model_len)
-        check_parallel_layout(config, self.hf_config, dtype, detect_gpus() if device.type == "cuda" else None)
-        self.executor = make_executor(WorkerConfig(
-            resolved, self.hf_config, load_format=config.load_format, dtype=dtype, device=device,
-            block_size=config.block_size, max_model_len=self.max_model_len, seed=config.seed,
-            enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
-            tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
-            num_speculative_tokens=0 if proposer is None else proposer.num_speculative_tokens,
-        ))
+        self.model_name = config.model.name
+        self.eos_token_ids = config.model.eos_token_ids
+        self.max_model_len = config.model.max_model_len
+        self.executor = make_executor(config)
         try:
-            self.num_kv_blocks = self._num_kv_blocks(device, max_batched)
+            self.num_kv_blocks = self._num_kv_blocks()
             self.executor.allocate_kv_cache(self.num_kv_blocks)
         except BaseException:
             self.executor.shutdown()
             raise
-        kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        scheduler_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max_batched,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-        )
-        self.scheduler = Scheduler(scheduler_config, kv_manager)
-        self.async_scheduling = config.resolve_async_scheduling(device) and self.executor.can_overlap_steps
+        cache = config.cache
+        kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, kv_manager)
+        self.async_scheduling = config.scheduler.async_scheduling and self.executor.can_overlap_steps
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
         # Requests whose sampling reads their output tokens on the host (penalties): while one is
         # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens (%d tokens; %.1f requests of "
-            "max_model_len=%d)", time.perf_counter() - started, resolved.name, device, dtype,
-            self.num_kv_blocks, config.block_size, self.num_kv_blocks * config.block_size,
-            self.num_kv_blocks * config.block_size / self.max_model_len, self.max_model_len,
+            "max_model_len=%d)", time.perf_counter() - started, self.model_name, config.device.device,
+            config.model.dtype, self.num_kv_blocks, cache.block_size, self.num_kv_blocks * cache.block_size,
+            self.num_kv_blocks * cache.block_size / self.max_model_len, self.max_model_len,
         )
         # What start-up built lives as long as the engine: keep the collector from rescanning it
         # every few steps (each step's outputs make enough garbage to trigger full collections).
@@ -87,24 +67,29 @@ class EngineCore:
 
     # Set-up ---------------------------------------------------------------------------------
 
-    def _num_kv_blocks(self, device: torch.device, max_batched_tokens: int) -> int:
-        cfg = self.config
-        if cfg.num_gpu_blocks_override is not None:
-            return cfg.num_gpu_blocks_override
-        budget = KVBudget(cfg.cpu_kv_cache_bytes(), cfg.gpu_memory_utilization, max_batched_tokens, self.max_model_len)
+    def _num_kv_blocks(self) -> int:
+        cache, scheduler = self.config.cache, self.config.scheduler
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        budget = KVBudget(
+            cache.kv_cache_memory_bytes, cache.gpu_memory_utilization, scheduler.max_num_batched_tokens,
+            self.max_model_len,
+        )
         num_blocks = self.executor.num_kv_blocks_that_fit(budget)
-        if device.type == "cpu":
+        if cache.kv_cache_memory_bytes is None:
+            knob = "gpu_memory_utilization"
+        elif self.config.device.device.type == "cpu":
             knob = "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB, per rank)"
         else:
-            knob = "gpu_memory_utilization"
-        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+            knob = "kv_cache_memory_bytes"
+        blocks_per_seq = -(-self.max_model_len // cache.block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(
-                f"the KV cache has room for {num_blocks * cfg.block_size} tokens, fewer than one request of "
+                f"the KV cache has room for {num_blocks * cache.block_size} tokens, fewer than one request of "
                 f"max_model_len={self.max_model_len}: raise {knob} or lower max_model_len"
             )
         # More blocks than every sequence at full length could use would only cost memory.
-        return min(num_blocks, blocks_per_seq * cfg.max_num_seqs)
+        return min(num_blocks, blocks_per_seq * scheduler.max_num_seqs)
 
     # Requests -------------------------------------------------------------------------------
 

@@ -16,11 +16,10 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core import EngineCore
 from pagoda.engine.core_group import CoreGroup
-from pagoda.engine.core_model import CoreModel
 from pagoda.engine.messages import (
     Aborted,
     AbortRequests,
@@ -62,10 +61,8 @@ class InprocClient(EngineCoreClient):
     """The core in this process. add_request raises the core's refusal (ValueError) at once;
     get_output runs one step and returns its Outputs (no stats: nobody reads them per step)."""
 
-    def __init__(
-        self, config: EngineConfig, model: CoreModel, proposer: TokenProposer | None = None
-    ) -> None:
-        self.engine_core = EngineCore(config, model, proposer)
+    def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
+        self.engine_core = EngineCore(config, proposer)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -92,10 +89,9 @@ class MPClient(EngineCoreClient):
     built. Any thread may add and abort; get_output belongs to one receiver thread."""
 
     def __init__(
-        self, config: EngineConfig, model: CoreModel,
-        on_unsent: UnsentListener, on_sender_death: SenderDeathListener,
+        self, config: ResolvedConfig, on_unsent: UnsentListener, on_sender_death: SenderDeathListener,
     ) -> None:
-        self.cores = CoreGroup(config, model)
+        self.cores = CoreGroup(config)
         try:
             self.cores.wait_ready()
         except BaseException:

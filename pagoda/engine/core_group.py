@@ -18,17 +18,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import zmq
 
-from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine.core_model import CoreModel
 from pagoda.engine.core_proc import run_engine_core
 from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
-from pagoda.parallel_config import check_parallel_layout, detect_gpus
 
 logger = logging.getLogger("pagoda")
 
@@ -46,17 +43,13 @@ class _Core:
 
 
 class CoreGroup:
-    def __init__(self, config: EngineConfig, model: CoreModel) -> None:
-        """Start the core processes; they build their engines meanwhile (wait_ready() before use)."""
+    def __init__(self, config: ResolvedConfig) -> None:
+        """Start the core processes; they build their engines meanwhile (wait_ready() before use).
+        Every core gets the same config (its layout was checked whole) and its own GPUs."""
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
-        _check_whole_layout(config, model.hf_config)
-        core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is one copy
-        self.cores = [
-            self._start(i, (core_config, model), env)
-            for i, env in enumerate(_core_environments(config))
-        ]
+        self.cores = [self._start(i, config, env) for i, env in enumerate(_core_environments(config))]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
         self._poller = zmq.Poller()
         for core in self.cores:
@@ -71,8 +64,7 @@ class CoreGroup:
         ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.model_name = ready[0]
 
-    def _start(self, index: int, core_args: tuple[EngineConfig, CoreModel], env: dict[str, str]) -> _Core:
-        """core_args: the EngineCore's (config, model)."""
+    def _start(self, index: int, config: ResolvedConfig, env: dict[str, str]) -> _Core:
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
         to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
         to_core.bind(addresses[0])
@@ -82,7 +74,7 @@ class CoreGroup:
         # which a daemon may not; an exit that skipped shutdown() kills it (`kill`).
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
-            args=(*core_args, *addresses, logging.getLogger().getEffectiveLevel(), env),
+            args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
         )
         process.start()
         return _Core(process, to_core, from_core)
@@ -194,23 +186,15 @@ def _exit_status(exitcode: int) -> str:
         return f"was killed by signal {-exitcode}"
 
 
-def _check_whole_layout(config: EngineConfig, hf_config: Any) -> None:
-    """Each core checks its own tensor x pipeline GPUs; the whole layout, data-parallel copies
-    included, is checked here once (enough GPUs; a warning for idle ones)."""
-    if config.data_parallel_size == 1 or config.torch_device().type != "cuda":
-        return
-    check_parallel_layout(config, hf_config, config.torch_dtype(hf_config, torch.device("cuda")), detect_gpus())
-
-
-def _core_environments(config: EngineConfig) -> list[dict[str, str]]:
+def _core_environments(config: ResolvedConfig) -> list[dict[str, str]]:
     """Each core's environment: its group of tensor x pipeline GPUs, or its share of the CPU."""
-    dp = config.data_parallel_size
+    dp = config.parallel.data_parallel_size
     if dp == 1:
         return [{}]
-    if config.torch_device().type == "cpu":
+    if config.device.device.type == "cpu":
         # Cores sharing the CPU would each start a thread per core and fight over them.
         return [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // dp))}] * dp
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    size = config.world_size
+    size = config.parallel.world_size
     return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * size : (i + 1) * size])} for i in range(dp)]

@@ -17,9 +17,8 @@ import signal
 import torch
 import zmq
 
-from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig
 from pagoda.engine.core import EngineCore
-from pagoda.engine.core_model import CoreModel
 from pagoda.engine.messages import (
     Aborted,
     AbortRequests,
@@ -45,7 +44,7 @@ _SEND_TIMEOUT_MS = 60_000
 
 
 def run_engine_core(
-    config: EngineConfig, model: CoreModel, input_address: str, output_address: str, log_level: int,
+    config: ResolvedConfig, input_address: str, output_address: str, log_level: int,
     env: dict[str, str],
 ) -> None:
     """The child process's main function; env: variables to set first (its GPUs, its threads)."""
@@ -67,7 +66,7 @@ def run_engine_core(
     inputs.connect(input_address)
     outputs.connect(output_address)
     try:
-        core = EngineCore(config, model)
+        core = EngineCore(config)
     except Exception as error:  # the front end reports it and exits
         outputs.send(encode(Failed(f"{type(error).__name__}: {error}")))
         return

@@ -1,36 +1,30 @@
-"""The input side of the front end: the model's config, the tokenizer and the EOS ids, resolved
-once for the engine core; a user request turned into an EngineCoreRequest (n>1 fanned out into engine requests) after
+"""The input side of the front end: the tokenizer and the engine's ResolvedConfig (model spec, EOS
+ids, every default and rule), made once for the engine core; a user request turned into an EngineCoreRequest (n>1 fanned out into engine requests) after
 the checks that need the model but no engine state (empty prompt, token ids and logit_bias keys
 outside the vocabulary). What depends on the core's state (the prompt's length against
 max_model_len and the KV pool) the core itself refuses."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from pagoda.config import EngineConfig
-from pagoda.engine.core_model import CoreModel
+from pagoda.config.resolve import resolve_config
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
-from pagoda.loader.model_loader import (
-    load_generation_eos,
-    load_hf_config,
-    load_tokenizer,
-)
+from pagoda.loader.model_loader import load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
-from pagoda.loader.plain_config import plain_config
 from pagoda.sampling_params import SamplingParams
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig) -> None:
-        resolved = resolve_model(config.model, config.load_format)
-        hf_config = load_hf_config(resolved)
-        self.tokenizer: Any | None = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
-        self.vocab_size: int = hf_config.vocab_size
-        eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, self.tokenizer)
-        self.core_model = CoreModel(resolved, plain_config(hf_config), eos_token_ids)
+    def __init__(self, args: EngineConfig) -> None:
+        """Find the model, load its tokenizer and resolve the engine's configuration, once."""
+        resolved = resolve_model(args.model, args.load_format)
+        self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        self.config = resolve_config(args, resolved, tokenizer_eos_token_id=eos)
+        self.vocab_size: int = self.config.model.spec.vocab_size
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
         """The engine request(s) of one user request, or a ValueError naming what is wrong."""
@@ -56,17 +50,4 @@ def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
     """n > 1 becomes n independent engine requests; they share the prompt's cached blocks."""
     if params.n == 1:
         return [(request_id, params)]
-    return [
-        (f"{i}_{request_id}", dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-        for i in range(params.n)
-    ]
-
-
-def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer: Any | None) -> frozenset[int]:
-    """generation_config.json's EOS ids, the model config's and the tokenizer's."""
-    ids = set(generation_eos)
-    declared = getattr(hf_config, "eos_token_id", None)
-    ids.update([declared] if isinstance(declared, int) else declared or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+    return [(f"{i}_{request_id}", params.for_child(i)) for i in range(params.n)]

@@ -24,7 +24,7 @@ class LLMEngine:
         token per request a step)."""
         self.processor = InputProcessor(config)
         self.tokenizer: Any | None = self.processor.tokenizer
-        self.engine_core = InprocClient(config, self.processor.core_model, proposer)
+        self.engine_core = InprocClient(self.processor.config, proposer)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(

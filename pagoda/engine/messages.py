@@ -15,7 +15,7 @@ import msgspec
 
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.sample.sampler import TopLogprobs
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, rebuilding_checked_params
 
 # An engine request: its id and its own SamplingParams (n=1).
 EngineRequest = tuple[str, SamplingParams]
@@ -98,5 +98,13 @@ ToCore = EngineCoreRequest | AbortRequests | Stop
 FromCore = Ready | Failed | Accepted | Refused | Aborted | Outputs
 
 encode = msgspec.msgpack.Encoder().encode
-decode_to_core = msgspec.msgpack.Decoder(ToCore).decode
+_decode_to_core = msgspec.msgpack.Decoder(ToCore).decode
+
+
+def decode_to_core(data: bytes) -> ToCore:
+    # The front end checked every SamplingParams when it made them: the core does not again.
+    with rebuilding_checked_params():
+        return _decode_to_core(data)
+
+
 decode_from_core = msgspec.msgpack.Decoder(FromCore).decode

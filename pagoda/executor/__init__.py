@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from pagoda.config.groups import ResolvedConfig
 from pagoda.executor.base import Executor
-from pagoda.worker.worker import WorkerConfig
 
 
-def make_executor(config: WorkerConfig) -> Executor:
+def make_executor(config: ResolvedConfig) -> Executor:
     """In this process for one rank; one worker process per rank for several."""
-    if config.world_size == 1:
+    if config.parallel.world_size == 1:
         from pagoda.executor.uniproc import UniprocExecutor
 
         return UniprocExecutor(config)

@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
+from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
 from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.step_codec import StepEncoder
-from pagoda.worker.worker import KVBudget, WorkerConfig, cpu_threads_per_rank, run_worker
+from pagoda.worker.worker import KVBudget, cpu_threads_per_rank, run_worker
 
 logger = logging.getLogger("pagoda")
 
@@ -62,10 +63,10 @@ def worker_start_method() -> str:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: ResolvedConfig) -> None:
         if multiprocessing.current_process().daemon:
             raise RuntimeError(
-                f"{config.world_size} ranks need worker processes, and this process is a daemon, which "
+                f"{config.parallel.world_size} ranks need worker processes, and this process is a daemon, which "
                 "Python does not let start processes: run the engine in a non-daemon process"
             )
         self._store = tempfile.mkdtemp(prefix="pagoda-dist-")
@@ -74,13 +75,13 @@ class MultiprocExecutor(Executor):
         # Stops the workers when this executor is shut down, collected, or the interpreter exits.
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store, os.getpid())
         # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
-        self._sampling_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+        self._sampling_rank = (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
         self._steps = StepEncoder()
         self._config = config
         start_method = worker_start_method()
         context = multiprocessing.get_context(start_method)
         init_method = (Path(self._store) / "store").as_uri()
-        for rank in range(config.world_size):
+        for rank in range(config.parallel.world_size):
             parent_end, child_end = context.Pipe()
             # A later worker forked with this end open would keep this rank's pipe from closing
             # when the engine's process dies.
@@ -105,7 +106,7 @@ class MultiprocExecutor(Executor):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         reserved = sum(self._call("allocate_kv_cache", num_blocks))
-        if self._config.device.type == "cpu":
+        if self._config.device.device.type == "cpu":
             self._log_cpu_cost(reserved)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -116,7 +117,7 @@ class MultiprocExecutor(Executor):
 
     def _log_cpu_cost(self, kv_bytes: int) -> None:
         """What several ranks on one host's CPU cost, which a user cannot see otherwise."""
-        ranks, cores = self._config.world_size, os.cpu_count() or 1
+        ranks, cores = self._config.parallel.world_size, os.cpu_count() or 1
         oversubscribed = ranks > cores
         logger.log(
             logging.WARNING if oversubscribed else logging.INFO,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
 from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
-from pagoda.worker.worker import KVBudget, Worker, WorkerConfig
+from pagoda.worker.worker import KVBudget, Worker
 
 
 class UniprocExecutor(Executor):
     can_overlap_steps = True
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: ResolvedConfig) -> None:
         self.worker = Worker(config)
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:

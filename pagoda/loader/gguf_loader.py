@@ -49,7 +49,7 @@ def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise
 
 
-def iter_gguf_weights(path: str | Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str | Path, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the file dequantized to float32, under its Hugging Face parameter name.
 
     Tensors are read one at a time from the memory-mapped file, so only one is dequantized at once.
@@ -80,7 +80,7 @@ def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=_eos_token_ids(reader), pad_token_id=config.pad_token_id
     ).save_pretrained(directory)
     # safetensors writes a file from a whole dict: the float32 weights are all in memory here.
-    save_file(dict(_weights(reader, config)), directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(dict(_weights(reader, config.to_dict())), directory / "model.safetensors", metadata={"format": "pt"})
     load_gguf_tokenizer(gguf_path).save_pretrained(directory)
 
 
@@ -173,7 +173,7 @@ def _fit_llama3_scaling(divisors: torch.Tensor, inv_freq: torch.Tensor) -> dict[
     }
 
 
-def _weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _weights(reader: gguf.GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     # transformers' own GGUF -> HF name map and its tensor processors (which undo llama.cpp's
     # rotary permutation of Q and K in llama-arch files), applied here one tensor at a time.
     from transformers.modeling_gguf_pytorch_utils import (
@@ -183,7 +183,7 @@ def _weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tupl
     )
 
     architecture = _architecture(reader)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
     names = get_gguf_hf_weights_map(hf_meta_model(config), processor, model_type=architecture)
     return _dequantized(reader, names, processor)
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from pagoda.attention.backend import AttentionBackend
+from pagoda.config.groups import ModelConfig
+from pagoda.config.model_spec import ModelSpec
 from pagoda.layers.linear import LinearMethod
 from pagoda.loader.gguf_loader import (
     iter_gguf_weights,
@@ -22,8 +24,8 @@ from pagoda.loader.gguf_loader import (
 )
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weight_loader import load_weights
-from pagoda.loader.weights import hf_meta_model, iter_checkpoint_weights
-from pagoda.models import get_model_class
+from pagoda.loader.weights import iter_checkpoint_weights
+from pagoda.models import model_class
 from pagoda.models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -131,42 +133,38 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(
-    resolved: ResolvedModel,
-    hf_config: Any,
+    model: ModelConfig,
     *,
-    load_format: str,
-    dtype: torch.dtype,
     device: torch.device,
     backend: AttentionBackend,
-    max_position: int,
-    seed: int,
     linear_method: LinearMethod | None = None,
 ) -> CausalLM:
-    """linear_method: how the linear layers hold and apply their weights (None: unquantized)."""
-    model_cls = get_model_class(hf_config)
-    with _default_dtype(dtype), device:
-        model = model_cls(hf_config, backend, max_position, linear_method)
-    if load_format == "dummy":
-        load_weights(model, _iter_dummy_weights(hf_config, seed, dtype, device))
+    """The model, its weights loaded, on `device`. linear_method: how the linear layers hold and
+    apply their weights (None: unquantized)."""
+    model_cls = model_class(model.spec.architecture)
+    with _default_dtype(model.dtype), device:
+        built = model_cls(model.spec, backend, model.max_model_len, linear_method)
+    if model.load_format == "dummy":
+        load_weights(built, _iter_dummy_weights(model.spec, model.seed, model.dtype, device))
     else:
-        logger.info("loading the weights from %s", resolved.gguf_file or resolved.model_dir)
-        load_weights(model, _iter_weights(resolved, hf_config))
-    return model.eval()
+        logger.info("loading the weights from %s", model.resolved.gguf_file or model.resolved.model_dir)
+        load_weights(built, _iter_weights(model.resolved, model.spec))
+    return built.eval()
 
 
-def _iter_weights(resolved: ResolvedModel, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_weights(resolved: ResolvedModel, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
     if resolved.gguf_file is not None:
-        return iter_gguf_weights(resolved.gguf_file, hf_config)
+        return iter_gguf_weights(resolved.gguf_file, spec.hf_config)
     return iter_checkpoint_weights(resolved.model_dir)
 
 
 def _iter_dummy_weights(
-    hf_config: Any, seed: int, dtype: torch.dtype, device: torch.device
+    spec: ModelSpec, seed: int, dtype: torch.dtype, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights as a checkpoint: whole tensors under Hugging Face names, each drawn from a
     seed of its own name. Every rank of a sharded model loads its slices of the very tensors that
     one unsharded rank loads, so a random model gives the same tokens at any TP and PP size."""
-    for name, meta in hf_meta_model(hf_config).named_parameters():
+    for name, shape in spec.checkpoint_shapes:
         generator = torch.Generator(device=device).manual_seed(((seed << 32) + zlib.crc32(name.encode())) & _U64)
-        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        tensor = torch.empty(shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)

@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagoda.config import LOAD_FORMATS
-
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -19,8 +17,6 @@ class ResolvedModel:
 def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel:
     """Find `model` on this machine: None is the default model, then a local path, then a Hugging
     Face model id looked up offline in the Hugging Face cache."""
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     if model is None:
         return _default_model(load_format)
     path = Path(model).expanduser()

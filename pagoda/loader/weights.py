@@ -62,12 +62,10 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
-def hf_meta_model(config: Any) -> torch.nn.Module:
-    """The Hugging Face model for `config` without storage: its parameter names and shapes are
-    those of a checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    from pagoda.loader.plain_config import architecture_config
+def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
+    """The Hugging Face model for a config (its values, as `to_dict` gives them) without storage:
+    its parameter names and shapes are those of a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(architecture_config(config))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))

@@ -1,4 +1,4 @@
-"""Architecture name (config.architectures) -> model class."""
+"""Architecture name (a Hugging Face config's `architectures`) -> model class."""
 
 from __future__ import annotations
 
@@ -18,20 +18,25 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
 
 # Configs read from GGUF files carry a model_type but no architectures.
 _BY_MODEL_TYPE = {
-    "llama": LlamaForCausalLM,
-    "mistral": MistralForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-    "qwen3": Qwen3ForCausalLM,
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
-def get_model_class(config: Any) -> type[CausalLM]:
-    architectures = getattr(config, "architectures", None) or []
+def model_architecture(hf_config: Any) -> str:
+    """The registry name of the class that runs a Hugging Face config's model."""
+    architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:
-            return MODEL_REGISTRY[arch]
-    if not architectures and getattr(config, "model_type", None) in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[config.model_type]
+            return arch
+    if not architectures and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[hf_config.model_type]
     raise ValueError(
         f"model architectures {architectures} are not supported; supported: {sorted(MODEL_REGISTRY)}"
     )
+
+
+def model_class(architecture: str) -> type[CausalLM]:
+    return MODEL_REGISTRY[architecture]

@@ -14,13 +14,14 @@ apply their weights (a quantization method plugs in there)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
+from pagoda.config.model_spec import ModelSpec
 from pagoda.layers.attention import Attention
 from pagoda.layers.linear import LinearMethod
 
@@ -38,14 +39,14 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def __init__(
-        self, config: Any, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
     ) -> None:
         super().__init__()
 
     @classmethod
     @abstractmethod
-    def weight_bytes(cls, config: Any, dtype: torch.dtype) -> int:
-        """Bytes of all the model's parameters (unsharded), in `dtype`, from the config alone."""
+    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+        """Bytes of all the model's parameters (unsharded), in `dtype`, from its spec alone."""
 
     @abstractmethod
     def forward(

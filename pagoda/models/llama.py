@@ -4,12 +4,13 @@ reuse these blocks with their own switches, in their own files."""
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
+from pagoda.config.model_spec import ModelSpec
 from pagoda.distributed.comm import recv_from_prev_stage, send_to_next_stage
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.distributed.partition import kv_head_shard, stage_layers
@@ -25,18 +26,14 @@ from pagoda.layers.linear import (
 )
 from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import RMSNorm
-from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
+from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.interface import CausalLM, PPMissingLayer
-
-
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
     def __init__(
         self,
-        config: Any,
+        config: ModelSpec,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
         qkv_bias: bool,
@@ -49,7 +46,7 @@ class LlamaAttention(nn.Module):
         tp = tp_group()
         self.num_heads = config.num_attention_heads // tp.size
         first_kv_head, self.num_kv_heads = kv_head_shard(config.num_key_value_heads, tp.rank, tp.size)
-        self.head_dim = d = head_dim_of(config)
+        self.head_dim = d = config.head_dim
         self.q_size = self.num_heads * d
         self.kv_size = self.num_kv_heads * d
         kv = Shard(first_kv_head * d, self.kv_size, config.num_key_value_heads * d)
@@ -64,9 +61,9 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
     @staticmethod
-    def num_parameters(config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> int:
+    def num_parameters(config: ModelSpec, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> int:
         """Unsharded, without building the layer."""
-        d = head_dim_of(config)
+        d = config.head_dim
         q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
         qkv = q + 2 * kv
         weights = config.hidden_size * qkv + q * config.hidden_size
@@ -93,7 +90,7 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
-        config: Any,
+        config: ModelSpec,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
         linear_method: LinearMethod | None,
@@ -102,7 +99,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, backend, **attn_kw, linear_method=linear_method)
         self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, _mlp_bias(config), linear_method
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, linear_method
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -131,7 +128,7 @@ class LlamaModel(nn.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: ModelSpec,
         backend: AttentionBackend,
         max_position: int,
         linear_method: LinearMethod | None,
@@ -145,7 +142,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (
             VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.stage.is_first else PPMissingLayer()
         )
-        rotary = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
+        rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_parameters)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, rotary, backend, linear_method, **attn_kw)
             if i in self.layer_range else PPMissingLayer()
@@ -184,31 +181,31 @@ class LlamaForCausalLM(CausalLM):
     qk_norm = False
 
     def __init__(
-        self, config: Any, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
     ) -> None:
         super().__init__(config, backend, max_position, linear_method)
         self.config = config
         self.model = LlamaModel(config, backend, max_position, linear_method, **self.attention_switches(config))
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = config.tie_word_embeddings
         is_last = pp_group().is_last
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if is_last else PPMissingLayer()
         if self.tie_word_embeddings and is_last and pp_group().is_first:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def attention_switches(cls, config: Any) -> dict[str, bool]:
-        bias = bool(getattr(config, "attention_bias", False))
+    def attention_switches(cls, config: ModelSpec) -> dict[str, bool]:
+        bias = config.attention_bias
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": cls.qk_norm}
 
     @classmethod
-    def weight_bytes(cls, config: Any, dtype: torch.dtype) -> int:
+    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
         hidden = config.hidden_size
         layer = (
             LlamaAttention.num_parameters(config, **cls.attention_switches(config))
-            + GatedMLP.num_parameters(hidden, config.intermediate_size, _mlp_bias(config))
+            + GatedMLP.num_parameters(hidden, config.intermediate_size, config.mlp_bias)
             + 2 * hidden  # the two norms
         )
-        embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+        embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
         return (embeddings + config.num_hidden_layers * layer + hidden) * dtype.itemsize
 
     def forward(
@@ -225,10 +222,6 @@ class LlamaForCausalLM(CausalLM):
 
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
-
-
-def _mlp_bias(config: Any) -> bool:
-    return bool(getattr(config, "mlp_bias", False))
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from pagoda.config.model_spec import ModelSpec
 from pagoda.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
-    def attention_switches(cls, config: Any) -> dict[str, bool]:
+    def attention_switches(cls, config: ModelSpec) -> dict[str, bool]:
         return {"qkv_bias": True, "o_bias": False, "qk_norm": False}

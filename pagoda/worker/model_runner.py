@@ -15,20 +15,24 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from pagoda.attention import AttentionMetadata, get_attention_backend
+from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
-from pagoda.loader.model_loader import build_model
-from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.host_to_device import pinned, to_device
+from pagoda.loader.model_loader import build_model
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
-    DeviceSamples, PendingSamples, Sampler, SamplingRequest, TopLogprobs, gather_top_logprobs,
+    DeviceSamples,
+    PendingSamples,
+    Sampler,
+    SamplingRequest,
+    TopLogprobs,
+    gather_top_logprobs,
 )
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
@@ -100,44 +104,28 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        resolved: ResolvedModel,
-        hf_config: Any,
-        *,
-        load_format: str,
-        dtype: torch.dtype,
-        device: torch.device,
-        block_size: int,
-        max_model_len: int,
-        seed: int,
-        enforce_eager: bool = False,
-        max_num_seqs: int = 256,
-        num_speculative_tokens: int = 0,
-    ) -> None:
+    def __init__(self, config: ResolvedConfig, device: torch.device) -> None:
+        """device: this rank's."""
         self.device = device
-        self.max_model_len = max_model_len
-        self.use_cuda_graphs = device.type == "cuda" and not enforce_eager and pp_group().size == 1
-        self.max_num_seqs = max_num_seqs
+        self.max_model_len = config.model.max_model_len
+        self.use_cuda_graphs = device.type == "cuda" and not config.device.enforce_eager and pp_group().size == 1
+        self.max_num_seqs = config.scheduler.max_num_seqs
         # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
         # multi-token step verifies when a proposer is configured.
-        self.graph_query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
+        drafts = config.num_speculative_tokens
+        self.graph_query_lens = [1] + ([1 + drafts] if drafts else [])
         self.decode_graphs: DecodeGraphs | None = None
-        self.block_size = block_size
-        self.hf_config = hf_config
-        self.attention_backend = get_attention_backend(device, block_size)
+        self.block_size = config.cache.block_size
+        self.attention_backend = get_attention_backend(device)
         started = time.perf_counter()
-        self.model = build_model(
-            resolved, hf_config, load_format=load_format, dtype=dtype, device=device,
-            backend=self.attention_backend, max_position=max_model_len, seed=seed,
-        )
-        self.kv_cache_spec = self.model.kv_cache_spec(block_size)
+        self.model = build_model(config.model, device=device, backend=self.attention_backend)
+        self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
-            "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, load_format,
+            "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, config.model.load_format,
             weight_bytes / 2**30,
         )
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(config.model.seed)
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []

@@ -13,69 +13,37 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 
+from pagoda.config.groups import ResolvedConfig
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.exit_now import exit_now
-from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
 from pagoda.worker.step_codec import StepDecoder, StepMessage
 
 
 @dataclass
-class WorkerConfig:
-    """What every rank needs to build its share of the model."""
-
-    resolved: ResolvedModel
-    hf_config: Any
-    load_format: str
-    dtype: torch.dtype
-    device: torch.device  # rank r of several runs on cuda:r when this is a CUDA device
-    block_size: int
-    max_model_len: int
-    seed: int
-    enforce_eager: bool = False
-    max_num_seqs: int = 256
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    num_speculative_tokens: int = 0  # drafts per request a step may verify (decode graphs capture 1 + this)
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def rank_device(self, rank: int) -> torch.device:
-        return torch.device("cuda", rank) if self.device.type == "cuda" and self.world_size > 1 else self.device
-
-
-@dataclass
 class KVBudget:
-    """What bounds the KV pool: a stated budget on the CPU, on a GPU a share of its memory less the
-    weights and the activations of the largest step."""
+    """What bounds the KV pool: a stated budget (always on the CPU), or a share of the GPU's memory
+    less the weights and the activations of the largest step."""
 
-    cpu_bytes: int
+    stated_bytes: int | None
     gpu_memory_utilization: float
     max_num_batched_tokens: int
     max_model_len: int
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, rank: int = 0) -> None:
-        self.runner = ModelRunner(
-            config.resolved, config.hf_config, load_format=config.load_format, dtype=config.dtype,
-            device=config.rank_device(rank), block_size=config.block_size, max_model_len=config.max_model_len,
-            seed=config.seed, enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
-            num_speculative_tokens=config.num_speculative_tokens,
-        )
+    def __init__(self, config: ResolvedConfig, rank: int = 0) -> None:
+        self.runner = ModelRunner(config, config.rank_device(rank))
         self.steps = StepDecoder()
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
         runner = self.runner
-        if runner.device.type == "cpu":
-            available = budget.cpu_bytes
+        if budget.stated_bytes is not None:
+            available = budget.stated_bytes
         else:
             available = runner.profile_free_gpu_bytes(
                 budget.gpu_memory_utilization, budget.max_num_batched_tokens, budget.max_model_len
@@ -98,7 +66,7 @@ def cpu_threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def run_worker(config: WorkerConfig, rank: int, init_method: str, conn: Connection) -> None:
+def run_worker(config: ResolvedConfig, rank: int, init_method: str, conn: Connection) -> None:
     """A worker process's main: run the rank on a new thread, then end the process at once.
 
     A new thread, because GNU OpenMP keeps its thread pool (torch's intra-op threads) per calling
@@ -116,7 +84,7 @@ def run_worker(config: WorkerConfig, rank: int, init_method: str, conn: Connecti
     exit_now(0 if finished else 1)
 
 
-def _run_rank(config: WorkerConfig, rank: int, init_method: str, conn: Connection) -> None:
+def _run_rank(config: ResolvedConfig, rank: int, init_method: str, conn: Connection) -> None:
     """Join the group, build this rank's shard, then serve calls (method name, args) until told
     to stop or the engine's end of the pipe closes."""
     try:
@@ -132,14 +100,14 @@ def _run_rank(config: WorkerConfig, rank: int, init_method: str, conn: Connectio
         destroy_parallel()
 
 
-def _set_up_process(config: WorkerConfig, rank: int, init_method: str) -> None:
+def _set_up_process(config: ResolvedConfig, rank: int, init_method: str) -> None:
     device = config.rank_device(rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(cpu_threads_per_rank(config.world_size))
+        torch.set_num_threads(cpu_threads_per_rank(config.parallel.world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    init_parallel(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, backend)
+    init_parallel(rank, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size, init_method, backend)
 
 
 def _serve(worker: Worker, conn: Connection) -> None:

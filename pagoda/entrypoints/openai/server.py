@@ -279,7 +279,7 @@ def generation_defaults(choice: str, model_dir: Path) -> dict[str, Any]:
 
 def run_server(args: argparse.Namespace) -> None:
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
-    default_sampling = generation_defaults(args.generation_config, engine.processor.core_model.resolved.model_dir)
+    default_sampling = generation_defaults(args.generation_config, engine.processor.config.model.resolved.model_dir)
     names = args.served_model_name or [args.model or engine.model_name]
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,

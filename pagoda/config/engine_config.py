@@ -1,9 +1,10 @@
-"""Every engine knob in one place, with defaults and validation that says what to change."""
+"""EngineConfig: every engine knob a user sets (`LLM(...)` keywords, `pagoda serve` flags), each
+default and help text once, its range checked on construction with an error naming it. What the
+knobs mean for one model on one machine is resolved once, in config/resolve.py."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,56 +107,6 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
-
-    def torch_dtype(self, hf_config: Any, device: torch.device) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if device.type == "cpu":
-            # fp32 is what CPU matmul libraries run fastest and most exactly.
-            return torch.float32
-        declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        declared = DTYPES.get(declared, declared) if isinstance(declared, str) else declared
-        return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-    def resolve_max_model_len(self, hf_config: Any) -> int:
-        limit = getattr(hf_config, "max_position_embeddings", None)
-        window = getattr(hf_config, "sliding_window", None)
-        if not getattr(hf_config, "use_sliding_window", True):
-            window = None
-        if self.max_model_len is None:
-            if limit is None:
-                raise ValueError("the model config has no max_position_embeddings: set max_model_len")
-            # Sliding-window attention is not implemented: stay inside the window, where it is exact.
-            return int(min(limit, window or limit))
-        if limit is not None and self.max_model_len > limit:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} is larger than the model's maximum context "
-                f"({limit}, max_position_embeddings in its config); lower --max-model-len"
-            )
-        if window and self.max_model_len > window:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} exceeds the model's sliding window ({window}), "
-                "which Pagoda does not implement yet; set max_model_len <= the window"
-            )
-        return self.max_model_len
-
-    def resolve_async_scheduling(self, device: torch.device) -> bool:
-        if self.async_scheduling is None:
-            return device.type == "cuda" and self.world_size == 1
-        return self.async_scheduling
-
-    def resolve_max_num_batched_tokens(self, max_model_len: int) -> int:
-        if self.max_num_batched_tokens is not None:
-            return self.max_num_batched_tokens
-        if not self.enable_chunked_prefill:
-            return max(max_model_len, 2048)
-        return 2048 if self.torch_device().type == "cpu" else 8192
-
-    def cpu_kv_cache_bytes(self) -> int:
-        if self.kv_cache_memory_bytes is not None:
-            return self.kv_cache_memory_bytes
-        gib = float(os.environ.get("PAGODA_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB))
-        return int(gib * (1 << 30))
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

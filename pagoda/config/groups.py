@@ -1,0 +1,81 @@
+"""The resolved configuration: frozen, typed groups built once by config/resolve.py from an
+EngineConfig and the model's files. The engine core, its workers and the model runner read these
+and re-derive nothing: every default applied, every rule checked, before any of them starts. The
+defaults live in EngineConfig alone: no field here has one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.config.model_spec import ModelSpec
+from pagoda.core.scheduler import SchedulerConfig
+from pagoda.loader.model_resolver import ResolvedModel
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolved: ResolvedModel  # where its files are
+    spec: ModelSpec
+    load_format: str
+    dtype: torch.dtype  # of the weights and activations
+    max_model_len: int
+    seed: int  # of sampling without a request seed, and of dummy weights
+    eos_token_ids: frozenset[int]  # what ends a request unless it ignores EOS
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    enable_prefix_caching: bool
+    dtype: torch.dtype  # of the cached keys and values
+    gpu_memory_utilization: float
+    num_gpu_blocks_override: int | None
+    # Bytes of the KV pool per rank instead of what the GPU's memory leaves (always set on the CPU).
+    kv_cache_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int  # engine cores, each with its own tensor x pipeline ranks
+
+    @property
+    def world_size(self) -> int:
+        """The ranks (processes, GPUs) one copy of the model runs on."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device  # rank r of several runs on cuda:r when this is a CUDA device
+    enforce_eager: bool
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    num_speculative_tokens: int  # drafts per request a step may verify (decode graphs capture 1 + this)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+    speculative: SpeculativeConfig | None = None
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return 0 if self.speculative is None else self.speculative.num_speculative_tokens
+
+    def rank_device(self, rank: int) -> torch.device:
+        device = self.device.device
+        return torch.device("cuda", rank) if device.type == "cuda" and self.parallel.world_size > 1 else device

@@ -1,0 +1,38 @@
+"""ModelSpec: a model's shape and switches, read once from its Hugging Face config by the front
+end (config/resolve.py) and shipped to the engine core and its workers, which build the model from
+it and never read a config file or import transformers' config classes (which import tokenizers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # the model class's name in pagoda.models' registry
+    model_type: str
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    hidden_act: str
+    rms_norm_eps: float
+    # rope_type, rope_theta and the type's scaling settings (layers/rotary.py reads them)
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int | None
+    sliding_window: int | None  # None: every layer attends to the whole sequence
+    tie_word_embeddings: bool
+    attention_bias: bool  # Llama's switch: a bias on q, k, v and o
+    mlp_bias: bool
+    dtype: torch.dtype | None  # what the checkpoint declares
+    quantization: dict[str, Any] | None  # quantization_config as the checkpoint states it
+    # Every value of the config, for what needs transformers' own classes again (GGUF tensor names).
+    hf_config: dict[str, Any]
+    # Dummy weights only: each checkpoint tensor's name and shape, as transformers' model has them.
+    checkpoint_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()

@@ -1,0 +1,169 @@
+"""From what the user set (EngineConfig) and the model's files to the ResolvedConfig every part of
+the engine is built from: the one place where the model's config is read, defaults that depend on
+the model or the machine are applied, and the rules that span knobs are checked (each error names
+the knob to change). The front end calls it once, before any engine core starts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pagoda.attention.backend import TRITON_MIN_BLOCK_SIZE, attention_backend_name
+from pagoda.config.engine_config import DEFAULT_CPU_KV_CACHE_GIB, DTYPES, EngineConfig
+from pagoda.config.groups import (
+    CacheConfig,
+    DeviceConfig,
+    ModelConfig,
+    ParallelConfig,
+    ResolvedConfig,
+)
+from pagoda.config.model_spec import ModelSpec
+from pagoda.core.scheduler import SchedulerConfig
+from pagoda.layers.rotary import rope_parameters
+from pagoda.loader.model_loader import load_generation_eos, load_hf_config
+from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.loader.weights import hf_meta_model
+from pagoda.models import model_architecture
+from pagoda.parallel_config import check_parallel_layout, detect_gpus
+
+
+def resolve_config(
+    args: EngineConfig, resolved: ResolvedModel, tokenizer_eos_token_id: int | None = None
+) -> ResolvedConfig:
+    """resolved: where the model's files are (loader/model_resolver.py); tokenizer_eos_token_id:
+    the tokenizer's EOS token, which ends requests besides those the model's configs name."""
+    hf_config = load_hf_config(resolved)
+    spec = model_spec(hf_config, args.load_format)
+    device = args.torch_device()
+    dtype = _dtype(args.dtype, spec, device)
+    max_model_len = _max_model_len(args.max_model_len, spec)
+    _check_block_size(args.block_size, device)
+    parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size)
+    gpus = detect_gpus() if device.type == "cuda" else None
+    check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
+    eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer_eos_token_id)
+    return ResolvedConfig(
+        model=ModelConfig(resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids),
+        cache=CacheConfig(
+            args.block_size, args.enable_prefix_caching, dtype, args.gpu_memory_utilization,
+            args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
+        ),
+        scheduler=SchedulerConfig(
+            args.max_num_seqs, _max_num_batched_tokens(args, max_model_len, device), max_model_len,
+            args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
+        ),
+        parallel=parallel,
+        device=DeviceConfig(device, args.enforce_eager),
+    )
+
+
+def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
+    """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda does not have)."""
+    heads = hf_config.num_attention_heads
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    declared = DTYPES.get(declared) if isinstance(declared, str) else declared
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return ModelSpec(
+        architecture=model_architecture(hf_config),
+        model_type=hf_config.model_type,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        vocab_size=hf_config.vocab_size,
+        hidden_act=getattr(hf_config, "hidden_act", "silu"),
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_parameters=rope_parameters(hf_config),
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
+        sliding_window=window,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        dtype=declared if isinstance(declared, torch.dtype) else None,
+        quantization=quantization,
+        hf_config=hf_config.to_dict(),
+        checkpoint_shapes=_checkpoint_shapes(hf_config.to_dict()) if load_format == "dummy" else (),
+    )
+
+
+def _checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
+
+
+def _dtype(dtype: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        # fp32 is what CPU matmul libraries run fastest and most exactly.
+        return torch.float32
+    return spec.dtype if spec.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _max_model_len(max_model_len: int | None, spec: ModelSpec) -> int:
+    limit, window = spec.max_position_embeddings, spec.sliding_window
+    if max_model_len is None:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings: set max_model_len (--max-model-len)")
+        # Sliding-window attention is not implemented: stay inside the window, where it is exact.
+        return int(min(limit, window or limit))
+    if limit is not None and max_model_len > limit:
+        raise ValueError(
+            f"max_model_len={max_model_len} is larger than the model's maximum context "
+            f"({limit}, max_position_embeddings in its config); lower --max-model-len"
+        )
+    if window and max_model_len > window:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's sliding window ({window}), "
+            "which Pagoda does not implement yet; set max_model_len <= the window (--max-model-len)"
+        )
+    return max_model_len
+
+
+def _check_block_size(block_size: int, device: torch.device) -> None:
+    if device.type == "cuda" and attention_backend_name(device) == "triton" and block_size < TRITON_MIN_BLOCK_SIZE:
+        raise ValueError(
+            f"block_size={block_size} is invalid on the GPU: it must be >= {TRITON_MIN_BLOCK_SIZE} "
+            "(a tensor-core tile of the attention kernels); raise --block-size"
+        )
+
+
+def _kv_cache_memory_bytes(stated: int | None, device: torch.device) -> int | None:
+    """The CPU has no device memory to profile: its pool gets a stated budget, as vLLM's
+    VLLM_CPU_KVCACHE_SPACE does; a GPU's is what its memory leaves unless stated."""
+    if stated is not None or device.type != "cpu":
+        return stated
+    gib = float(os.environ.get("PAGODA_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB))
+    return int(gib * (1 << 30))
+
+
+def _max_num_batched_tokens(args: EngineConfig, max_model_len: int, device: torch.device) -> int:
+    if args.max_num_batched_tokens is not None:
+        return args.max_num_batched_tokens
+    if not args.enable_chunked_prefill:
+        return max(max_model_len, 2048)
+    return 2048 if device.type == "cpu" else 8192
+
+
+def _async_scheduling(stated: bool | None, device: torch.device, parallel: ParallelConfig) -> bool:
+    # On for one rank on a GPU, where the host's share of a step is worth hiding; off on the CPU,
+    # where the host runs the model too (EngineConfig refuses it stated for several ranks).
+    if stated is None:
+        return device.type == "cuda" and parallel.world_size == 1
+    return stated
+
+
+def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer_eos_token_id: int | None) -> frozenset[int]:
+    """generation_config.json's EOS ids, the model config's and the tokenizer's."""
+    ids = set(generation_eos)
+    declared = getattr(hf_config, "eos_token_id", None)
+    ids.update([declared] if isinstance(declared, int) else declared or [])
+    if tokenizer_eos_token_id is not None:
+        ids.add(tokenizer_eos_token_id)
+    return frozenset(ids)

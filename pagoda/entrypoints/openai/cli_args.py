@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer new requests with 503 and Retry-After while this many engine requests (each prompt and each "
              "of n) wait to be scheduled (SGLang's flag; default: no bound)",
     )
+    parser.add_argument("--metrics-vllm-names", action="store_true",
+                        help="/metrics also exports every pagoda: metric under vLLM's vllm: name, so that Grafana "
+                             "dashboards and alerts made for vLLM work unchanged")
     add_request_limit_arguments(parser)
 
 

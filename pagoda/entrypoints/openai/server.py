@@ -95,7 +95,7 @@ def build_app(
 def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
-    registry = metrics_registry(engine, config.served_model_names[0])
+    registry = metrics_registry(engine, config.served_model_names[0], config.metrics_vllm_names)
 
     @app.get("/health")
     async def health() -> Response:
@@ -285,7 +285,7 @@ def run_server(args: argparse.Namespace) -> None:
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
         default_sampling=default_sampling, limits=request_limits(args),
-        max_queued_requests=args.max_queued_requests,
+        max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     app = build_app(engine, config, args.api_key, cors)

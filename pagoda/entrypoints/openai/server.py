@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error(_validation_error(error))
+        return _error(validation_error(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -207,8 +207,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(as_openai_error(error))
 
 
-def _validation_error(error: RequestValidationError) -> OpenAIError:
-    errors = error.errors()
+def validation_error(errors: Sequence[Any]) -> OpenAIError:
+    """A request body's validation errors (pydantic's, FastAPI's) as a 400 naming the first field."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         return OpenAIError(f"the request body is not valid JSON: {first.get('msg')}")

@@ -145,3 +145,9 @@ def test_vllm_names_only_with_the_flag():
     assert 'pagoda:num_preemptions_total{model_name="tiny"} 3.0' in plain and "vllm:" not in plain
     assert plain in both
     assert both.replace("vllm:", "pagoda:") == plain + plain
+
+
+def test_grafana_dashboard_reads_listed_metrics():
+    dashboard = (README.parent / "examples" / "grafana" / "pagoda-dashboard.json").read_text()
+    used = {re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"pagoda:\w+", dashboard)}
+    assert len(used) >= 15 and used <= set(listed_metrics())

@@ -282,10 +282,10 @@ def test_request_metrics_move_with_requests(client, http):
     assert _finished(after, "stop") - _finished(before, "stop") == 1
     for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds"):
         assert delta(f"pagoda:{name}_count") == 4, name
-    assert delta("pagoda:time_per_output_token_seconds_count") == 3  # the 1-token request has none
+    assert delta("pagoda:request_time_per_output_token_seconds_count") == 3  # the 1-token request has none
     assert delta("pagoda:e2e_request_latency_seconds_sum") > delta("pagoda:time_to_first_token_seconds_sum") > 0
     assert delta("pagoda:time_to_first_token_seconds_sum") > delta("pagoda:request_queue_time_seconds_sum") >= 0
-    assert delta("pagoda:time_per_output_token_seconds_sum") > 0
+    assert delta("pagoda:request_time_per_output_token_seconds_sum") > 0
     assert delta('pagoda:e2e_request_latency_seconds_bucket{le=+Inf}') == 4
 
 

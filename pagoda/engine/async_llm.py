@@ -38,7 +38,7 @@ from pagoda.engine.messages import (
     Outputs,
     Refused,
 )
-from pagoda.engine.output_processor import OutputProcessor
+from pagoda.engine.output_processor import IterationStats, OutputProcessor
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -79,8 +79,9 @@ class _Pending:
 
 
 # Called in the receiver thread with the final output of each request that ends (finished or
-# aborted): the server's metrics.
+# aborted), and with what each engine step did: the server's metrics.
 FinishedListener = Callable[[RequestOutput], None]
+IterationListener = Callable[[IterationStats], None]
 # Called once, in the I/O thread that found it, when the engine dies: the server exits.
 DeadListener = Callable[[EngineDeadError], None]
 
@@ -96,6 +97,7 @@ class AsyncLLM:
         self._pending: dict[str, _Pending] = {}
         self.counters = EngineCounters()
         self.finished_listeners: list[FinishedListener] = []
+        self.iteration_listeners: list[IterationListener] = []
         self.dead_listeners: list[DeadListener] = []
         # The EOS ids the cores are built with come from the tokenizer: it loads first.
         self.processor = InputProcessor(config)
@@ -103,6 +105,7 @@ class AsyncLLM:
         self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
+        self.config, self.num_gpu_blocks = config, self.engine_core.num_gpu_blocks
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)
         self._receiver.start()
 
@@ -259,7 +262,9 @@ class AsyncLLM:
 
     def _process(self, message: Outputs) -> None:
         self.counters.generation_tokens += sum(len(o.new_token_ids) for o in message.outputs)
-        outputs, stopped = self._output_processor.process(message.outputs)
+        stats = IterationStats(message.num_batched_tokens)
+        outputs, stopped = self._output_processor.process(message.outputs, stats)
+        _notify(self.iteration_listeners, stats)
         if stopped:  # a stop string ended them here: the core must stop them too
             self._send_abort(stopped)
         for output in outputs:
@@ -289,11 +294,7 @@ class AsyncLLM:
             return self._pending.pop(request_id, None)
 
     def _finish(self, output: RequestOutput, item: Any) -> None:
-        for listener in self.finished_listeners:
-            try:
-                listener(output)
-            except Exception:  # metrics must never stop the delivery of outputs
-                logger.exception("a finished-request listener failed")
+        _notify(self.finished_listeners, output)
         self._deliver(output.request_id, item, final=True)
 
     def _deliver(self, request_id: str, item: Any, final: bool = False) -> None:
@@ -305,6 +306,14 @@ class AsyncLLM:
                 stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 pass
+
+
+def _notify(listeners: list[Callable[[Any], None]], event: Any) -> None:
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # metrics must never stop the delivery of outputs
+            logger.exception("a metrics listener failed")
 
 
 def _fail(pending: _Pending, error: Exception) -> None:

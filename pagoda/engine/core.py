@@ -53,6 +53,7 @@ class EngineCore:
         # Requests whose sampling reads their output tokens on the host (penalties): while one is
         # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
+        self.num_batched_tokens = 0  # tokens computed by the step whose outputs step() last returned
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens (%d tokens; %.1f requests of "
             "max_model_len=%d)", time.perf_counter() - started, self.model_name, config.device.device,
@@ -133,6 +134,7 @@ class EngineCore:
 
         With asynchronous scheduling the step is launched and the outputs returned are those of
         the step launched by the previous call, read while the device runs the new one."""
+        self.num_batched_tokens = 0
         try:
             if self.async_scheduling and not self._steps_must_wait():
                 return self._step_overlapped()
@@ -169,6 +171,7 @@ class EngineCore:
     def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
         """Wait for a launched step's tokens and apply them to its requests."""
         runner_output = step.result()
+        self.num_batched_tokens = scheduler_output.num_batched_tokens
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
         num_new = {req.request_id: n for req, n in updated}
         if self.proposer is not None:

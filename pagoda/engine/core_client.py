@@ -72,7 +72,8 @@ class InprocClient(EngineCoreClient):
         self.engine_core.abort_requests(request_ids)
 
     def get_output(self) -> Outputs:
-        return Outputs(self.engine_core.step(), None)
+        outputs = self.engine_core.step()
+        return Outputs(outputs, None, self.engine_core.num_batched_tokens)
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()
@@ -98,6 +99,7 @@ class MPClient(EngineCoreClient):
             self.cores.kill()
             raise
         self.max_model_len, self.model_name = self.cores.max_model_len, self.cores.model_name
+        self.num_gpu_blocks = self.cores.num_gpu_blocks  # each core's
         self._on_unsent, self._on_sender_death = on_unsent, on_sender_death
         # (core index, or None for all of them; encoded message; the request id of a request)
         self._commands: queue.SimpleQueue[tuple[int | None, bytes, str | None]] = queue.SimpleQueue()

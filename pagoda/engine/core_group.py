@@ -56,13 +56,13 @@ class CoreGroup:
             self._poller.register(core.from_core, zmq.POLLIN)
             self._poller.register(core.process.sentinel, zmq.POLLIN)  # readable once the process has ended
         self._sockets = {core.from_core: i for i, core in enumerate(self.cores)}
-        self.max_model_len, self.model_name = 0, ""
+        self.max_model_len, self.model_name, self.num_gpu_blocks = 0, "", 0
 
     def wait_ready(self) -> None:
         """Block until every core has built its engine; a core's start-up error is raised here
         (the caller kills the group)."""
         ready = [self._wait_ready(core) for core in self.cores]
-        self.max_model_len, self.model_name = ready[0]
+        self.max_model_len, self.model_name, self.num_gpu_blocks = ready[0]
 
     def _start(self, index: int, config: ResolvedConfig, env: dict[str, str]) -> _Core:
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]
@@ -79,7 +79,7 @@ class CoreGroup:
         process.start()
         return _Core(process, to_core, from_core)
 
-    def _wait_ready(self, core: _Core) -> tuple[int, str]:
+    def _wait_ready(self, core: _Core) -> tuple[int, str, int]:
         while not core.from_core.poll(_POLL_MS):
             if not core.process.is_alive():
                 raise RuntimeError(f"the engine core process exited with {core.process.exitcode} while starting")
@@ -87,7 +87,7 @@ class CoreGroup:
         if isinstance(message, Failed):
             core.process.join(10)
             raise ValueError(message.message)
-        return message.max_model_len, message.model_name
+        return message.max_model_len, message.model_name, message.num_gpu_blocks
 
     def alive(self) -> bool:
         return all(core.process.is_alive() for core in self.cores)

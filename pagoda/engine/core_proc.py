@@ -70,7 +70,7 @@ def run_engine_core(
     except Exception as error:  # the front end reports it and exits
         outputs.send(encode(Failed(f"{type(error).__name__}: {error}")))
         return
-    outputs.send(encode(Ready(core.max_model_len, core.model_name)))
+    outputs.send(encode(Ready(core.max_model_len, core.model_name, core.num_kv_blocks)))
     try:
         _CoreLoop(core, inputs, outputs, parent).run()
     finally:
@@ -132,7 +132,7 @@ class _CoreLoop:
             logger.exception("engine step failed; aborting all requests")
             self._abort(None)
             return
-        self._send(Outputs(outputs, self.core.scheduler.stats()))
+        self._send(Outputs(outputs, self.core.scheduler.stats(), self.core.num_batched_tokens))
 
     def _send(self, message: FromCore) -> None:
         self.outputs.send(encode(message))

@@ -65,6 +65,7 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
 class Ready(_Message):
     max_model_len: int
     model_name: str
+    num_gpu_blocks: int  # the KV cache's blocks (what fit, or num_gpu_blocks_override)
 
 
 class Failed(_Message):
@@ -92,6 +93,7 @@ class Aborted(_Message):
 class Outputs(_Message):
     outputs: list[CoreOutput]
     stats: SchedulerStats | None  # None in-process, where nobody reads them per step
+    num_batched_tokens: int = 0  # tokens the step that made these outputs computed (0: no step)
 
 
 ToCore = EngineCoreRequest | AbortRequests | Stop

@@ -2,7 +2,7 @@
 logprobs, finish reasons) turned into what users see: text (incremental, with stop strings),
 logprobs with their token text, and one RequestOutput per user request (its n engine requests
 gathered). It runs where the tokenizer is, in the front end: LLMEngine offline, AsyncLLM in the
-server process."""
+server process; the server's metrics also get each step's IterationStats from it."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ class _Child:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    last_token_time: float | None = None  # when its latest tokens arrived
+
+
+@dataclass
+class IterationStats:
+    """What one engine step did, as the front end saw it: for the server's per-step metrics."""
+
+    num_batched_tokens: int  # tokens the step computed (prompt chunks, decodes, drafts)
+    # Per engine request that got tokens after its first ones: seconds since its previous ones.
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -92,9 +102,12 @@ class OutputProcessor:
             return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
 
-    def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's core outputs. Returns the outputs of the user requests they advanced,
-        and the engine requests a stop string ended here, which the core must stop too."""
+    def process(
+        self, core_outputs: list[CoreOutput], stats: IterationStats | None = None
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's core outputs (recording its inter-token latencies in stats, when
+        given). Returns the outputs of the user requests they advanced, and the engine requests a
+        stop string ended here, which the core must stop too."""
         touched: dict[str, _Parent] = {}
         stopped: list[str] = []
         now = time.time()
@@ -104,6 +117,7 @@ class OutputProcessor:
                 continue
             parent, child = entry
             self._record_metrics(parent, out, now)
+            self._record_latency(child, out, now, stats)
             self._record_prompt_logprobs(parent, child, out)
             stop = self._record_tokens(child, out)
             if stop is not None:
@@ -143,6 +157,13 @@ class OutputProcessor:
         if metrics.first_token_time is None and out.new_token_ids:
             metrics.first_token_time = now
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+
+    def _record_latency(self, child: _Child, out: CoreOutput, now: float, stats: IterationStats | None) -> None:
+        if not out.new_token_ids:
+            return
+        if stats is not None and child.last_token_time is not None:
+            stats.inter_token_latencies.append(now - child.last_token_time)
+        child.last_token_time = now
 
     def _record_prompt_logprobs(self, parent: _Parent, child: _Child, out: CoreOutput) -> None:
         """Logprobs of prompt tokens first, first + 1, ... (token 0 has none)."""

@@ -28,6 +28,12 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(args)
 
 
+def _run_batch(args: argparse.Namespace) -> None:
+    from pagoda.entrypoints.openai import run_batch  # FastAPI only loads for the server's handlers
+
+    run_batch.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -45,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API (default: the embedded one)")
     cli_args.add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    batch = commands.add_parser("run-batch", help="run a file of OpenAI batch requests (chat and completions) "
+                                "offline, as vLLM's run_batch")
+    cli_args.add_run_batch_arguments(batch)
+    batch.set_defaults(func=_run_batch)
 
     chat = commands.add_parser("chat", help="chat with a running `pagoda serve` from the terminal")
     chat_cli.add_arguments(chat)

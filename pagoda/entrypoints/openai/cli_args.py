@@ -1,4 +1,4 @@
-"""`pagoda serve`'s flags, named as vLLM's."""
+"""`pagoda serve`'s and `pagoda run-batch`'s flags, named as vLLM's."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer new requests with 503 and Retry-After while this many engine requests (each prompt and each "
              "of n) wait to be scheduled (SGLang's flag; default: no bound)",
     )
+    parser.add_argument("--metrics-vllm-names", action="store_true",
+                        help="/metrics also exports every pagoda: metric under vLLM's vllm: name, so that Grafana "
+                             "dashboards and alerts made for vLLM work unchanged")
     add_request_limit_arguments(parser)
 
 
@@ -68,3 +71,12 @@ def request_limits(args: argparse.Namespace) -> RequestLimits:
         chat_template_timeout=args.chat_template_timeout,
         trust_request_chat_template=args.trust_request_chat_template,
     )
+
+
+def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """`pagoda run-batch`: vLLM's run_batch flags (the files, --model and the engine's)."""
+    parser.add_argument("-i", "--input-file", required=True,
+                        help="the requests: one JSON object a line, in OpenAI's batch input format")
+    parser.add_argument("-o", "--output-file", required=True,
+                        help="where the results go: one JSON object a line, in the input's order")
+    add_engine_arguments(parser, skip=())

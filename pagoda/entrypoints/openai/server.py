@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def build_app(
 def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
-    registry = metrics_registry(engine, config.served_model_names[0])
+    registry = metrics_registry(engine, config.served_model_names[0], config.metrics_vllm_names)
 
     @app.get("/health")
     async def health() -> Response:
@@ -195,7 +195,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error(_validation_error(error))
+        return _error(validation_error(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -207,8 +207,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(as_openai_error(error))
 
 
-def _validation_error(error: RequestValidationError) -> OpenAIError:
-    errors = error.errors()
+def validation_error(errors: Sequence[Any]) -> OpenAIError:
+    """A request body's validation errors (pydantic's, FastAPI's) as a 400 naming the first field."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         return OpenAIError(f"the request body is not valid JSON: {first.get('msg')}")
@@ -285,7 +285,7 @@ def run_server(args: argparse.Namespace) -> None:
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
         default_sampling=default_sampling, limits=request_limits(args),
-        max_queued_requests=args.max_queued_requests,
+        max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     app = build_app(engine, config, args.api_key, cors)

@@ -69,6 +69,8 @@ class ServerConfig:
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     # New requests get a 503 while this many engine requests wait (--max-queued-requests).
     max_queued_requests: int | None = None
+    # /metrics also under vLLM's vllm: names (--metrics-vllm-names).
+    metrics_vllm_names: bool = False
 
 
 class OpenAIServing:

@@ -1,0 +1,74 @@
+"""`pagoda run-batch`: an OpenAI batch file of chat and completion lines, bad lines among them, run
+offline; each line gets its result or its error, in the input's order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.serving import save_tokenizer
+from tests.tiny_models import save_tiny_model
+
+
+def line(custom_id: str, url: str, body: dict, method: str = "POST") -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
+
+
+def test_run_batch_answers_each_line_in_order(tmp_path: Path):
+    vocab_size = save_tokenizer(tmp_path / "llama3")
+    model = str(save_tiny_model("llama3", tmp_path, vocab_size=vocab_size, max_position_embeddings=256))
+    greedy = {"temperature": 0, "ignore_eos": True}
+    lines = [
+        line("chat", "/v1/chat/completions",
+             {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **greedy}),
+        "{this is not json",
+        line("completion", "/v1/completions", {"prompt": "hello", "max_tokens": 4, "n": 2, **greedy}),
+        line("bad-max-tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}),
+        line("bad-url", "/v1/embeddings", {"input": "x"}),
+        line("wrong-model", "/v1/completions", {"model": "other", "prompt": "x"}),
+        line("streamed", "/v1/completions", {"prompt": "x", "stream": True}),
+        line("same-prompt", "/v1/completions", {"prompt": "hello", "max_tokens": 4, **greedy}),
+    ]
+    requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pagoda.entrypoints.cli", "run-batch", "-i", str(requests), "-o", str(results),
+         "--model", model, "--device", "cpu", "--max-model-len", "256"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Running batch" in done.stderr and "8/8" in done.stderr  # the progress bar
+    out = [json.loads(text) for text in results.read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == [
+        "chat", None, "completion", "bad-max-tokens", "bad-url", "wrong-model", "streamed", "same-prompt",
+    ]
+    assert all(set(o) == {"id", "custom_id", "response", "error"} for o in out)
+    assert len({o["id"] for o in out}) == len(out)
+    assert all(set(o["response"]) == {"status_code", "request_id", "body"} for o in out)
+
+    chat, bad_json, completion, bad_max, bad_url, wrong_model, streamed, same = out
+    for ok in (chat, completion, same):
+        assert ok["error"] is None and ok["response"]["status_code"] == 200
+    assert chat["response"]["body"]["object"] == "chat.completion"
+    assert chat["response"]["body"]["usage"]["completion_tokens"] == 5
+    assert chat["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
+    body = completion["response"]["body"]
+    assert body["object"] == "text_completion" and len(body["choices"]) == 2
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    # Greedy, so the same prompt gives the same text, whichever line asks.
+    assert same["response"]["body"]["choices"][0]["text"] == body["choices"][0]["text"]
+
+    def refused(result: dict, status: int, param: str | None) -> None:
+        assert result["response"]["status_code"] == status and result["response"]["body"] is None
+        error = result["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["param"] == param, error
+
+    refused(bad_json, 400, None)
+    assert "JSON" in bad_json["error"]["message"]
+    refused(bad_max, 400, "max_tokens")
+    refused(bad_url, 400, "url")
+    refused(wrong_model, 404, "model")
+    refused(streamed, 400, "stream")

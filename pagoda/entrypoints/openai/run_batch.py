@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> None:
         config = ServerConfig(
             served_model_names=[args.model or engine.model_name], max_model_len=engine.max_model_len,
             chat_template=None, log_requests=False,
-            default_sampling=generation_defaults("auto", engine.processor.core_model.resolved.model_dir),
+            default_sampling=generation_defaults("auto", engine.processor.config.model.resolved.model_dir),
         )
         handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "/v1/chat/completions": (ChatCompletionRequest, OpenAIServingChat(engine, config).create),

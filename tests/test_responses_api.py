@@ -5,13 +5,14 @@ the field."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
 from pagoda.entrypoints.openai.protocol_responses import ResponseObject
 from pagoda.entrypoints.openai.response_store import ResponseStore
-from tests.serving import API_KEY, MAX_MODEL_LEN, MODEL, openai_error, serving, tiny_model_args
+from tests.serving import (
+    API_KEY, MAX_MODEL_LEN, MODEL, http_client, openai_client, openai_error, serving, tiny_model_args,
+)
 
 GREEDY = {"temperature": 0.0}
 MAX_STORED = 3
@@ -27,12 +28,12 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(base) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
+    return openai_client(base)
 
 
 @pytest.fixture(scope="module")
 def http(base):
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0) as c:
+    with http_client(base) as c:
         yield c
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -41,6 +42,16 @@ def save_tokenizer(path: Path) -> int:
     )
     fast.save_pretrained(path)
     return len(vocab)
+
+
+def openai_client(base: str) -> openai.OpenAI:
+    """The official client for a server started by `serving` with API_KEY."""
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
+
+
+def http_client(base: str) -> httpx.Client:
+    """An httpx client for a server started by `serving` with API_KEY (use it as a context manager)."""
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0)
 
 
 def free_port() -> int:

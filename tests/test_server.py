@@ -488,7 +488,7 @@ def test_completion_errors(http, body, param):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "", "content": "x"}]}, "messages.0.role"),
     ({}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedTokenizerBase
 
 Conversation = list[dict[str, Any]]
 
@@ -12,12 +15,24 @@ Conversation = list[dict[str, Any]]
 ADD_SPECIAL_TOKENS_TO_RENDERED = False
 
 
+# Names a request's chat_template_kwargs may not set: apply_chat_template's own parameters, and the
+# conversation the template sees as `messages`.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    name for name, parameter in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.items()
+    if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+) | {"messages", "self"}
+
+
 def render_chat_text(
-    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The prompt text of one conversation."""
+    """The prompt text of one conversation. continue_final_message leaves the last message open,
+    for the model to go on with it; template_kwargs are extra variables for the template
+    (such as enable_thinking)."""
     return tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message, tokenize=False, **(template_kwargs or {}),
     )
 
 

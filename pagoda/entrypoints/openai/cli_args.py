@@ -8,6 +8,7 @@ import os
 
 from pagoda.entrypoints.engine_args import add_engine_arguments
 from pagoda.entrypoints.openai.limits import RequestLimits
+from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-vllm-names", action="store_true",
                         help="/metrics also exports every pagoda: metric under vLLM's vllm: name, so that Grafana "
                              "dashboards and alerts made for vLLM work unchanged")
+    parser.add_argument(
+        "--reasoning-parser", choices=REASONING_PARSERS, default=None,
+        help="split a reasoning model's thinking (<think>...</think>) from its answer: chat replies carry it as "
+             "reasoning_content, /v1/responses as a reasoning item (vLLM's parsers; default: none)",
+    )
+    parser.add_argument("--max-stored-responses", type=int, default=1000,
+                        help="how many /v1/responses responses are kept in memory for previous_response_id and "
+                             "GET /v1/responses/{id}; the oldest go first, 0 keeps none (default: %(default)s)")
+    parser.add_argument("--stored-response-ttl", type=float, default=3600.0,
+                        help="seconds a stored /v1/responses response is kept (default: %(default)s)")
     add_request_limit_arguments(parser)
 
 

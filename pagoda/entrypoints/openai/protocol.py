@@ -146,7 +146,11 @@ class ChatCompletionRequest(SamplingFields):
     service_tier: Optional[str] = None
     # vLLM's extras
     chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the template: enable_thinking
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message left open, for the model to go on with
+    echo: bool = False  # the reply starts with the last message's text when that has the reply's role
+    include_reasoning: bool = True  # with --reasoning-parser: false leaves reasoning_content out
 
 
 class TokenizeRequest(RequestModel):
@@ -219,7 +223,14 @@ class ChatLogprobs(OpenAIModel):
     content: Optional[list[TokenLogprob]] = None
 
 
-class ChatResponseMessage(OpenAIModel):
+class ReasoningFields(OpenAIModel):
+    """A reply's thinking (--reasoning-parser), under DeepSeek's name and vLLM's newer one."""
+
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+
+
+class ChatResponseMessage(ReasoningFields):
     role: str = "assistant"
     content: Optional[str] = None
 
@@ -242,7 +253,7 @@ class ChatCompletionResponse(OpenAIModel):
     prompt_logprobs: Optional[PromptLogprobs] = None
 
 
-class DeltaMessage(OpenAIModel):
+class DeltaMessage(ReasoningFields):
     role: Optional[str] = None
     content: Optional[str] = None
 

@@ -39,9 +39,12 @@ from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ModelCard, ModelList,
     TokenizeRequest,
 )
+from .protocol_responses import ResponsesRequest
 from .request_body import RequestBodyLimits
+from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 
 logger = logging.getLogger("pagoda.server")
@@ -95,6 +98,9 @@ def build_app(
 def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
+    responses = OpenAIServingResponses(
+        chat, ResponseStore(config.max_stored_responses, config.stored_response_ttl)
+    )
     registry = metrics_registry(engine, config.served_model_names[0], config.metrics_vllm_names)
 
     @app.get("/health")
@@ -122,6 +128,14 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
         return await _respond(raw, chat.create(body))
+
+    @app.post("/v1/responses", responses=_ERROR_RESPONSES)
+    async def create_response(body: ResponsesRequest, raw: Request) -> Any:
+        return await _respond(raw, responses.create(body))
+
+    @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
+    async def retrieve_response(response_id: str) -> Any:
+        return JSONResponse(responses.retrieve(response_id).model_dump(exclude_none=True))
 
     @app.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -286,6 +300,8 @@ def run_server(args: argparse.Namespace) -> None:
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
         default_sampling=default_sampling, limits=request_limits(args),
         max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
+        reasoning_parser=args.reasoning_parser,
+        max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     app = build_app(engine, config, args.api_key, cors)

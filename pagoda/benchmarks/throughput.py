@@ -1,5 +1,6 @@
 """`pagoda bench throughput`: offline throughput on random-token requests, as `vllm bench
-throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer."""
+throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer;
+several backends run one after another, and --plot draws them side by side."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pagoda.benchmarks.plot import plot_throughput
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
 
@@ -184,8 +186,9 @@ BACKENDS = {"pagoda": run_pagoda, "hf": run_hf, "llama.cpp": run_llama_cpp}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path, GGUF file or cached HF id (default: the embedded model)")
-    parser.add_argument("--backend", default="pagoda", choices=sorted(BACKENDS),
-                        help="what runs the requests: pagoda, or a peer on the same requests (default: %(default)s)")
+    parser.add_argument("--backend", type=_backends, default=["pagoda"],
+                        help=f"what runs the requests: pagoda, or a peer on the same requests ({', '.join(BACKENDS)}); "
+                             "a comma-separated list (pagoda,hf) runs each in turn (default: pagoda)")
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=256, help="requests (default: %(default)s)")
     parser.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
@@ -195,10 +198,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
     parser.add_argument("--llama-cpp-threads", type=int, default=2, help="threads of --backend llama.cpp")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    parser.add_argument("--output-json", default=None, help="write the results to this file")
+    parser.add_argument("--output-json", default=None,
+                        help="write the results to this file (a list of them, one per backend, for several backends)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw the backends' throughputs side by side into this PNG (matplotlib), with the data "
+                             "drawn beside it as FILE.json")
 
 
-def main(args: argparse.Namespace) -> BenchResult:
+def _backends(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
+    """The result, as written to --output-json: one for one backend, a list of them for several."""
+    from pagoda.loader.default_model import DEFAULT_MODEL
     from pagoda.loader.model_loader import load_hf_config
     from pagoda.loader.model_resolver import resolve_model
 
@@ -206,9 +223,15 @@ def main(args: argparse.Namespace) -> BenchResult:
     requests = make_requests(
         args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed, args.random_range_ratio
     )
-    result = BACKENDS[args.backend](args, requests)
-    print(result.report())
+    results = []
+    for backend in args.backend:
+        results.append(BACKENDS[backend](args, requests))
+        print(results[-1].report())
+    as_json = [result.to_json() for result in results]
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump(result.to_json(), f, indent=2)
-    return result
+            json.dump(as_json[0] if len(results) == 1 else as_json, f, indent=2)
+    if args.plot:
+        workload = f"{args.num_prompts} requests of {args.input_len} prompt + {args.output_len} output tokens"
+        plot_throughput(as_json, args.model or DEFAULT_MODEL, workload, args.plot)
+    return results[0] if len(results) == 1 else results

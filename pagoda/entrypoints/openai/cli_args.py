@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: info)")
+    parser.add_argument("--disable-playground", action="store_true",
+                        help="do not serve the chat playground page at / and /playground")
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     # CORS, as vLLM: any origin, method and header, but no credentials unless asked for.
     parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, a JSON list: ["*"]')

@@ -1,4 +1,5 @@
-"""The FastAPI app, its routes and error handlers, and `pagoda serve` (uvicorn around an AsyncLLM)."""
+"""The FastAPI app, its routes (the OpenAI API; the chat playground unless disabled) and error
+handlers, and `pagoda serve` (uvicorn around an AsyncLLM)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pagoda.loader.model_loader import load_generation_defaults
 
 from .cli_args import request_limits
 from .metrics import log_stats, metrics_registry
+from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
 from .protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ModelCard, ModelList,
@@ -72,7 +74,8 @@ class CorsConfig:
 
 
 def build_app(
-    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None
+    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None,
+    playground: bool = True,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +95,8 @@ def build_app(
         app.middleware("http")(_require_api_key(api_key))
     _add_error_handlers(app)
     _add_routes(app, engine, config)
+    if playground:
+        add_playground_routes(app)
     return app
 
 
@@ -304,12 +309,14 @@ def run_server(args: argparse.Namespace) -> None:
         max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
-    app = build_app(engine, config, args.api_key, cors)
+    app = build_app(engine, config, args.api_key, cors, playground=not args.disable_playground)
     uvicorn_config = uvicorn.Config(
         app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     )
     logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
+    if not args.disable_playground:
+        logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
     server = _Server(uvicorn_config, engine)
     try:
         server.run()

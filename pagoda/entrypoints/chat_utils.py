@@ -13,19 +13,23 @@ ADD_SPECIAL_TOKENS_TO_RENDERED = False
 
 
 def render_chat_text(
-    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text of one conversation."""
+    """The prompt text of one conversation; tools: the functions the model may call (OpenAI's
+    `tools` entries), which the template writes into the prompt."""
     return tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False,
+        tools=tools,
     )
 
 
 def render_chat(
-    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
     """The prompt text of one conversation and its token ids."""
-    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt)
+    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt, tools)
     return text, tokenizer.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS_TO_RENDERED)
 
 

@@ -21,6 +21,7 @@ from pagoda.sampling_params import SamplingParams
 
 from .limits import RequestLimits
 from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, SamplingFields, UsageInfo
+from .tool_parsers import ToolParser
 
 logger = logging.getLogger("pagoda.server")
 
@@ -69,6 +70,8 @@ class ServerConfig:
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     # New requests get a 503 while this many engine requests wait (--max-queued-requests).
     max_queued_requests: int | None = None
+    # Reads tool calls out of replies to "auto" tool_choice (--enable-auto-tool-choice, --tool-call-parser).
+    tool_parser: type[ToolParser] | None = None
 
 
 class OpenAIServing:

@@ -6,6 +6,7 @@ whose replies are the tool-call formats written here."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import httpx
@@ -13,11 +14,19 @@ import jsonschema
 import openai
 import pytest
 
-from pagoda.entrypoints.openai.protocol import ChatCompletionToolParam, NamedToolChoice
+from pagoda.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionToolParam,
+    NamedToolChoice,
+)
 from pagoda.entrypoints.openai.server import auto_tool_parser
 from pagoda.entrypoints.openai.serving_engine import OpenAIError
-from pagoda.entrypoints.openai.tool_choice import tool_choice_json_schema
-from pagoda.entrypoints.openai.tool_parsers import ToolCallStream, get_tool_parser, tool_parser_names
+from pagoda.entrypoints.openai.tool_choice import tool_calling, tool_choice_json_schema
+from pagoda.entrypoints.openai.tool_parsers import (
+    ToolCallStream,
+    get_tool_parser,
+    tool_parser_names,
+)
 from tests.scripted_model import save_scripted_model
 from tests.serving import openai_error, serving
 
@@ -231,21 +240,40 @@ def model(tmp_path_factory):
     return save_scripted_model(tmp_path_factory.mktemp("scripted"), REPLIES, TEMPLATE, SPECIAL)
 
 
-@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral"])
-def parser_server(request, model, tmp_path_factory):
-    name = request.param
-    log = tmp_path_factory.mktemp("log") / f"{name}.log"
-    args = [str(model), "--served-model-name", "scripted", "--enable-auto-tool-choice", "--tool-call-parser", name]
-    with serving(args, log) as (_, base):
-        yield name, openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def plain_server(model, tmp_path_factory):
-    """A server without --enable-auto-tool-choice."""
-    log = tmp_path_factory.mktemp("log") / "plain.log"
-    with serving([str(model), "--served-model-name", "scripted"], log) as (_, base):
-        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+def servers(model, tmp_path_factory):
+    """name -> a started server with --enable-auto-tool-choice --tool-call-parser name (each
+    started once, when a test first needs it)."""
+    with contextlib.ExitStack() as stack:
+        logs = tmp_path_factory.mktemp("logs")
+
+        def start(name: str) -> openai.OpenAI:
+            args = [str(model), "--served-model-name", "scripted", "--enable-auto-tool-choice",
+                    "--tool-call-parser", name]
+            _, base = stack.enter_context(serving(args, logs / f"{name}.log"))
+            return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+
+        yield _Started(start)
+
+
+class _Started(dict):
+    def __init__(self, start) -> None:
+        super().__init__()
+        self.start = start
+
+    def __missing__(self, name: str) -> openai.OpenAI:
+        self[name] = self.start(name)
+        return self[name]
+
+
+@pytest.fixture(params=list(TRIGGER))
+def parser_server(request, servers):
+    return request.param, servers[request.param]
+
+
+@pytest.fixture
+def hermes(servers):
+    return servers["hermes"]
 
 
 def _ask(client: openai.OpenAI, text: str, **kwargs):
@@ -308,8 +336,8 @@ def test_tool_choice_none_leaves_the_reply_as_content(parser_server):
     assert "get_weather" in choice.message.content
 
 
-def test_history_with_tool_calls_and_results(plain_server):
-    base, client = plain_server
+def test_history_with_tool_calls_and_results(hermes):
+    base = str(hermes.base_url).removesuffix("/v1/")
     messages = [
         {"role": "user", "content": "weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [{
@@ -318,7 +346,7 @@ def test_history_with_tool_calls_and_results(plain_server):
         }]},
         {"role": "tool", "tool_call_id": "call_1", "content": "tool-result"},
     ]
-    reply = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, tool_choice="none")
+    reply = hermes.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, tool_choice="none")
     assert reply.choices[0].message.content == "It is sunny in Paris."
     tokens = httpx.post(f"{base}/tokenize", json={"model": "scripted", "messages": messages, "tools": TOOLS}).json()
     prompt = httpx.post(f"{base}/detokenize", json={"model": "scripted", "tokens": tokens["tokens"]}).json()["prompt"]
@@ -327,8 +355,8 @@ def test_history_with_tool_calls_and_results(plain_server):
     assert '<call>get_weather {"city": "Paris"}</call>' in prompt and "[call_1]tool-result" in prompt
 
 
-def test_named_tool_choice(plain_server):
-    _, client = plain_server
+def test_named_tool_choice(hermes):
+    client = hermes
     named = {"type": "function", "function": {"name": "get_weather"}}
     choice = _ask(client, "ask-named", tools=TOOLS, tool_choice=named).choices[0]
     [call] = choice.message.tool_calls
@@ -339,20 +367,18 @@ def test_named_tool_choice(plain_server):
     assert content == "" and finish == ["stop"]
 
 
-def test_required_tool_choice(plain_server):
-    _, client = plain_server
+def test_required_tool_choice(hermes):
+    client = hermes
     choice = _ask(client, "ask-required", tools=TOOLS, tool_choice="required").choices[0]
     [call] = choice.message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
     assert choice.finish_reason == "tool_calls"
-    content, calls, finish = _streamed(client, "ask-required", tools=TOOLS, tool_choice="required")
+    _, calls, finish = _streamed(client, "ask-required", tools=TOOLS, tool_choice="required")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo"})]
     assert finish == ["tool_calls"]
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"tools": TOOLS}, "tool_choice"),  # "auto" by default, without --enable-auto-tool-choice
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_news"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
@@ -363,8 +389,17 @@ def test_required_tool_choice(plain_server):
                    "function": {"name": "get_weather", "arguments": "{city"}}]},
                    {"role": "user", "content": "ask-plain"}]}, "messages.0.tool_calls"),
 ])
-def test_bad_tool_requests_get_400(plain_server, body, param):
-    base, client = plain_server
+def test_bad_tool_requests_get_400(hermes, body, param):
+    base, client = str(hermes.base_url).removesuffix("/v1/"), hermes
     request = {"model": "scripted", "messages": [{"role": "user", "content": "ask-plain"}], **body}
     openai_error(httpx.post(f"{base}/v1/chat/completions", json=request, timeout=30), 400, param)
     assert _ask(client, "ask-plain").choices[0].message.content == "Hello there."  # the server goes on
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto"])  # "auto" is the default with tools
+def test_auto_needs_enable_auto_tool_choice(tool_choice):
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice=tool_choice)
+    with pytest.raises(OpenAIError, match="--enable-auto-tool-choice") as error:
+        tool_calling(request, auto_parser=None, tokenizer=None)
+    assert (error.value.status, error.value.param) == (400, "tool_choice")
+    assert tool_calling(request, get_tool_parser("hermes"), None).finish_reason == "tool_calls"

@@ -11,7 +11,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import ChatCompletionRequest, ChatCompletionToolParam, NamedToolChoice, ToolChoice
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionToolParam,
+    NamedToolChoice,
+    ToolChoice,
+)
 from .serving_engine import OpenAIError
 from .tool_parsers import PartialCall, Scan, ToolParser
 from .tool_parsers.json_text import skip_whitespace, value_end

@@ -3,9 +3,9 @@ block per call, after optional content."""
 
 from __future__ import annotations
 
-from .registry import register_tool_parser
 from .base import Scan, ToolParser
 from .json_text import held_back_marker, object_call, skip_whitespace
+from .registry import register_tool_parser
 
 START, END = "<tool_call>", "</tool_call>"
 

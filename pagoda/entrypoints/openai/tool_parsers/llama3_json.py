@@ -4,9 +4,9 @@ otherwise is content."""
 
 from __future__ import annotations
 
-from .registry import register_tool_parser
 from .base import Scan, ToolParser
 from .json_text import object_call, skip_whitespace
+from .registry import register_tool_parser
 
 PYTHON_TAG = "<|python_tag|>"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 import string
 
-from .registry import register_tool_parser
 from .base import PartialCall, Scan, ToolParser
 from .json_text import held_back_marker, object_call, skip_whitespace, value_end
+from .registry import register_tool_parser
 
 TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
 _ID_ALPHABET = string.ascii_letters + string.digits

@@ -185,7 +185,12 @@ class OutputProcessor:
         child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
         if child.detokenizer is None or not out.new_token_ids:
             return None
-        return child.detokenizer.append(out.new_token_ids, len(child.token_ids))
+        text_ids = out.new_token_ids
+        if out.finish_reason == "stop" and not child.params.include_stop_str_in_output:
+            # As in vLLM, the stop token (EOS or a stop_token_ids entry) is not part of the text,
+            # even with skip_special_tokens=False (which tool-call parsers need).
+            text_ids = text_ids[:-1]
+        return child.detokenizer.append(text_ids, len(child.token_ids))
 
     def _output(self, parent: _Parent, now: float) -> RequestOutput:
         finished = parent.finished

@@ -26,21 +26,24 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 def render_chat_text(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text of one conversation. continue_final_message leaves the last message open,
     for the model to go on with it; template_kwargs are extra variables for the template
-    (such as enable_thinking)."""
+    (such as enable_thinking); tools: the functions the model may call (OpenAI's `tools`
+    entries), which the template writes into the prompt."""
     return tokenizer.apply_chat_template(
         conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message, tokenize=False, **(template_kwargs or {}),
+        continue_final_message=continue_final_message, tokenize=False, tools=tools, **(template_kwargs or {}),
     )
 
 
 def render_chat(
-    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
     """The prompt text of one conversation and its token ids."""
-    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt)
+    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt, tools=tools)
     return text, tokenizer.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS_TO_RENDERED)
 
 

@@ -68,11 +68,15 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
+        """Generate replies to one conversation or a list of them, through the chat template
+        (which also gets `tools`, OpenAI-style function definitions, as in vLLM)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self._require_tokenizer("chat")
-        rendered = [render_chat(tokenizer, conv, chat_template, add_generation_prompt) for conv in conversations]
+        rendered = [
+            render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools) for conv in conversations
+        ]
         token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
         return self.generate(token_prompts, sampling_params, use_tqdm)
 

@@ -59,7 +59,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GET /v1/responses/{id}; the oldest go first, 0 keeps none (default: %(default)s)")
     parser.add_argument("--stored-response-ttl", type=float, default=3600.0,
                         help="seconds a stored /v1/responses response is kept (default: %(default)s)")
+    add_tool_calling_arguments(parser)
     add_request_limit_arguments(parser)
+
+
+def add_tool_calling_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags for reading tool calls out of a model's replies."""
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let the model decide when to call tools (tool_choice "auto", the default with '
+                             "tools); needs --tool-call-parser")
+    parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                        help="the model's tool-call format: hermes, llama3_json, mistral, or a name a "
+                             "--tool-parser-plugin registers")
+    parser.add_argument("--tool-parser-plugin", default=None, metavar="FILE",
+                        help="a Python file that registers more tool-call parsers (with "
+                             "pagoda.entrypoints.openai.tool_parsers.register_tool_parser)")
 
 
 def add_request_limit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -115,11 +115,52 @@ class TextPart(RequestModel):
     text: Optional[str] = None
 
 
+class FunctionDefinition(RequestModel):
+    name: Annotated[str, Field(min_length=1)]
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments
+    strict: Optional[bool] = None
+
+
+class ChatCompletionToolParam(RequestModel):
+    """One entry of `tools`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(RequestModel):
+    """A call the assistant made: in a response, or in the history a request sends back."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: str
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
-    tool_calls: Optional[list[Any]] = None
+    tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
     refusal: Optional[str] = None
     audio: Optional[Any] = None
@@ -133,8 +174,8 @@ class ChatCompletionRequest(SamplingFields):
     audio: Optional[Any] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[ChatCompletionToolParam]] = None
+    tool_choice: Optional[ToolChoice] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
@@ -157,6 +198,7 @@ class TokenizeRequest(RequestModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ChatCompletionToolParam]] = None  # rendered by the chat template with messages
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -233,6 +275,7 @@ class ReasoningFields(OpenAIModel):
 class ChatResponseMessage(ReasoningFields):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(OpenAIModel):
@@ -253,9 +296,25 @@ class ChatCompletionResponse(OpenAIModel):
     prompt_logprobs: Optional[PromptLogprobs] = None
 
 
+class DeltaFunctionCall(OpenAIModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(OpenAIModel):
+    """A piece of a streamed tool call: the first carries id, type and name; the next ones pieces
+    of the arguments text."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(ReasoningFields):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(OpenAIModel):

@@ -48,6 +48,7 @@ from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
+from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
 
 logger = logging.getLogger("pagoda.server")
 
@@ -162,7 +163,8 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
     if (body.prompt is None) == (body.messages is None):
         raise OpenAIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        _, tokens = await chat.render(body.messages, None, body.add_generation_prompt)
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+        _, tokens = await chat.render(body.messages, None, body.add_generation_prompt, tools)
     else:
         tokens = await tokenize_prompt(
             chat.require_tokenizer(), body.prompt, body.add_special_tokens, chat.config.max_model_len, "prompt"
@@ -296,7 +298,19 @@ def generation_defaults(choice: str, model_dir: Path) -> dict[str, Any]:
     return defaults
 
 
+def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
+    """The parser of "auto" tool calls: --tool-call-parser, once --enable-auto-tool-choice is set
+    (a --tool-parser-plugin file may add parsers first); checked before the engine starts."""
+    if args.tool_parser_plugin:
+        import_tool_parser_plugin(args.tool_parser_plugin)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
+    parser = get_tool_parser(args.tool_call_parser) if args.tool_call_parser else None
+    return parser if args.enable_auto_tool_choice else None
+
+
 def run_server(args: argparse.Namespace) -> None:
+    tool_parser = auto_tool_parser(args)
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
     default_sampling = generation_defaults(args.generation_config, engine.processor.config.model.resolved.model_dir)
     names = args.served_model_name or [args.model or engine.model_name]
@@ -307,6 +321,7 @@ def run_server(args: argparse.Namespace) -> None:
         max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
         reasoning_parser=args.reasoning_parser,
         max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
+        tool_parser=tool_parser,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     app = build_app(engine, config, args.api_key, cors, playground=not args.disable_playground)

@@ -1,8 +1,11 @@
-"""POST /v1/chat/completions: messages through the chat template, one engine request (n choices)."""
+"""POST /v1/chat/completions: messages (and tools) through the chat template, one engine request
+(n choices); each choice's text split into reasoning and content (--reasoning-parser), the
+content read as tool calls when the request has tools (tool_choice.py)."""
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +21,14 @@ from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .reasoning import ReasoningSplitter, reasoning_splitter
 from .protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob,
+    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, ToolCall, TopLogprob,
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
     sub_request_ids, usage,
 )
+from .tool_choice import ToolCalling, template_tools, tool_calling
+from .tool_parsers import ToolCallStream
 
 # "developer" is OpenAI's newer name for "system", which the chat templates know.
 _ROLES = {"developer": "system"}
@@ -41,6 +46,7 @@ class ChatRun:
     outputs: AsyncIterator[RequestOutput]
     role: str  # of the reply: the assistant's, or the last message's when it is continued
     echo: str  # what the reply starts with (request.echo), else ""
+    tools: ToolCalling  # how its text is read as tool calls
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -62,26 +68,34 @@ class OpenAIServingChat(OpenAIServing):
                 "Chat template is passed with request, but --trust-request-chat-template is not set. "
                 "Refused request with untrusted chat template.", param="chat_template",
             )
+        tools = tool_calling(request, self.config.tool_parser, self.tokenizer)
         add_generation_prompt = _add_generation_prompt(request)
         prompt_text, prompt_ids = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
-            request.chat_template_kwargs,
+            request.chat_template_kwargs, template_tools(request),
         )
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        params = self.sampling_params(request, max_tokens, len(prompt_ids), logprobs)
+        # A parser whose markers may be special tokens needs them left in the text, as in vLLM.
+        keep_specials = tools.parser is not None and tools.parser.keeps_special_tokens
+        extra = {"skip_special_tokens": False} if keep_specials else {}
+        params = self.sampling_params(request, max_tokens, len(prompt_ids), logprobs, **extra)
+        # TODO(guided decoding): constrain generation to tools.json_schema when it is set.
         request_id = new_request_id(id_prefix)
         streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""
-        return ChatRun(request_id, sub_request_ids(request_id, 1), len(prompt_ids), params.n, streams[0], role, echo)
+        return ChatRun(
+            request_id, sub_request_ids(request_id, 1), len(prompt_ids), params.n, streams[0], role, echo, tools
+        )
 
     async def render(
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool,
         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str, list[int]]:
         """The prompt of a conversation, rendered and tokenized off the event loop; a template that
         rejects it (e.g. roles that do not alternate) or runs past the server's time bound, or a
@@ -91,7 +105,7 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer = self.require_tokenizer()
         render = functools.partial(
             render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template,
-            add_generation_prompt, continue_final_message, template_kwargs,
+            add_generation_prompt, continue_final_message, template_kwargs, tools,
         )
         bound = self.config.limits.chat_template_timeout
         try:
@@ -118,33 +132,39 @@ class OpenAIServingChat(OpenAIServing):
         final = None
         async for _, output in merge([run.outputs]):
             final = output
-        choices = [
-            ChatChoice(
-                index=child.index, message=self._message(request, run, child.text),
-                logprobs=self._logprobs(request, child, 0), finish_reason=child.finish_reason,
-                stop_reason=child.stop_reason,
-            )
-            for child in final.outputs
-        ]
+        choices = [self._choice(request, run, child) for child in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
             id=run.request_id, model=self.model_name, choices=choices,
             usage=usage(run.prompt_tokens, completion_tokens), prompt_logprobs=prompt_logprobs(request, final),
         )
 
-    def _message(self, request: ChatCompletionRequest, run: ChatRun, text: str) -> ChatResponseMessage:
+    def _choice(self, request: ChatCompletionRequest, run: ChatRun, child: CompletionOutput) -> ChatChoice:
         splitter = self.splitter(request)
-        if splitter is None:
-            return ChatResponseMessage(role=run.role, content=run.echo + text)
-        reasoning, content = splitter.split(text)
+        reasoning, content = ("", child.text) if splitter is None else splitter.split(child.text)
+        tool_calls, finish_reason = None, child.finish_reason
+        if run.tools.parser is not None:
+            extracted = run.tools.parser.extract(content)
+            if extracted.tool_calls:
+                content, tool_calls = extracted.content or "", extracted.tool_calls
+                finish_reason = run.tools.finish_reason or finish_reason
         reasoning = (reasoning or None) if request.include_reasoning else None
-        # As vLLM's: no content at all (the output stopped in or right after the thinking) is null.
-        content = (run.echo + content) or None
-        return ChatResponseMessage(role=run.role, content=content, reasoning_content=reasoning, reasoning=reasoning)
+        content = run.echo + content
+        # As vLLM's: no content at all (the output stopped in or right after the thinking, or was
+        # all tool calls) is null.
+        if splitter is not None or tool_calls:
+            content = content or None
+        message = ChatResponseMessage(
+            role=run.role, content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=tool_calls
+        )
+        return ChatChoice(
+            index=child.index, message=message, logprobs=self._logprobs(request, child, 0),
+            finish_reason=finish_reason, stop_reason=child.stop_reason,
+        )
 
     async def _stream(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[str]:
         sent = [0] * run.n  # output tokens already sent, per choice
-        splitters = [self.splitter(request) for _ in range(run.n)]
+        texts = [_StreamedText(run.tools, self.splitter(request), request.include_reasoning) for _ in range(run.n)]
         # OpenAI opens each choice with the role, before any content.
         yield self._chunk(run.request_id, [
             ChatStreamChoice(index=i, delta=DeltaMessage(role=run.role, content="")) for i in range(run.n)
@@ -154,7 +174,7 @@ class OpenAIServingChat(OpenAIServing):
                 ChatStreamChoice(index=i, delta=DeltaMessage(content=run.echo)) for i in range(run.n)
             ])
         async for _, output in merge([run.outputs]):
-            choices = [self._stream_choice(request, child, sent, splitters[child.index]) for child in output.outputs]
+            choices = [self._stream_choice(request, child, sent, texts[child.index]) for child in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
                 yield self._chunk(run.request_id, choices)
@@ -165,22 +185,18 @@ class OpenAIServingChat(OpenAIServing):
             yield sse(chunk)
 
     def _stream_choice(
-        self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int],
-        splitter: ReasoningSplitter | None,
+        self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: _StreamedText
     ) -> ChatStreamChoice | None:
         start = sent[child.index]
         if not child.text_delta and len(child.token_ids) == start and child.finish_reason is None:
             return None
         sent[child.index] = len(child.token_ids)
-        delta = DeltaMessage(content=child.text_delta)
-        if splitter is not None:
-            delta = _reasoning_delta(splitter, child, request.include_reasoning)
-            if delta is None and not request.logprobs and child.finish_reason is None:
-                return None
+        delta, finish_reason = text.add(child.text_delta, child.finish_reason)
+        if delta is None and finish_reason is None and not request.logprobs:
+            return None  # held back: a reasoning marker or a tool call not yet whole
         return ChatStreamChoice(
-            index=child.index, delta=delta or DeltaMessage(),
-            logprobs=self._logprobs(request, child, start), finish_reason=child.finish_reason,
-            stop_reason=child.stop_reason,
+            index=child.index, delta=delta or DeltaMessage(), logprobs=self._logprobs(request, child, start),
+            finish_reason=finish_reason, stop_reason=child.stop_reason,
         )
 
     def _chunk(self, request_id: str, choices: list[ChatStreamChoice]) -> str:
@@ -195,6 +211,46 @@ class OpenAIServingChat(OpenAIServing):
             for token_id, position in zip(child.token_ids[start:], child.logprobs[start:])
         ]
         return ChatLogprobs(content=content)
+
+
+class _StreamedText:
+    """One streamed choice's text so far, and the delta each new piece makes: its reasoning and
+    content (--reasoning-parser), the content read as tool calls when the request has tools."""
+
+    def __init__(self, tools: ToolCalling, splitter: ReasoningSplitter | None, include_reasoning: bool) -> None:
+        self.tools, self.splitter, self.include_reasoning = tools, splitter, include_reasoning
+        self.content = ""
+        self.calls = ToolCallStream(tools.parser) if tools.parser is not None else None
+
+    def add(self, piece: str, finish_reason: str | None) -> tuple[DeltaMessage | None, str | None]:
+        """The delta (None: nothing of it can go out yet) and the finish reason to send."""
+        if self.splitter is None and self.calls is None:
+            return DeltaMessage(content=piece), finish_reason
+        final = finish_reason is not None
+        reasoning, content = self._split(piece, final)
+        tool_calls = None
+        if self.calls is not None:
+            self.content += content
+            content, deltas = self.calls.step(self.content, final=final)
+            tool_calls = deltas or None
+            if final and self.calls.called:
+                finish_reason = self.tools.finish_reason or finish_reason
+        if not reasoning and not content and not tool_calls:
+            return None, finish_reason
+        delta = DeltaMessage(
+            content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None,
+            tool_calls=tool_calls,
+        )
+        return delta, finish_reason
+
+    def _split(self, piece: str, final: bool) -> tuple[str, str]:
+        if self.splitter is None:
+            return "", piece
+        reasoning, content = self.splitter.feed(piece)
+        if final:
+            rest_reasoning, rest_content = self.splitter.finish()
+            reasoning, content = reasoning + rest_reasoning, content + rest_content
+        return (reasoning if self.include_reasoning else ""), content
 
 
 def _token_logprob(token_id: int, position: PositionLogprobs, top: int) -> TokenLogprob:
@@ -218,9 +274,28 @@ def _conversation(messages: list[ChatMessage]) -> Conversation:
         if not message.role:
             raise OpenAIError(f"messages[{i}].role must not be empty", param=f"messages.{i}.role")
         # Other roles go to the template as they are (as in vLLM): a template may know its own.
-        role = _ROLES.get(message.role, message.role)
-        conversation.append({"role": role, "content": _text(message.content, i)})
+        turn: dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": _text(message.content, i)}
+        if message.tool_calls:
+            turn["tool_calls"] = [_template_tool_call(call, i) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            turn["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            turn["name"] = message.name
+        conversation.append(turn)
     return conversation
+
+
+def _template_tool_call(call: ToolCall, i: int) -> dict[str, Any]:
+    """A call from the history as chat templates take it: the arguments as an object (templates
+    write them with tojson), as vLLM passes them."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        raise OpenAIError(
+            f"messages[{i}].tool_calls: arguments {call.function.arguments!r} are not JSON",
+            param=f"messages.{i}.tool_calls",
+        ) from None
+    return {**call.model_dump(exclude_none=True), "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def _add_generation_prompt(request: ChatCompletionRequest) -> bool:
@@ -244,18 +319,6 @@ def _check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
         )
 
 
-def _reasoning_delta(splitter: ReasoningSplitter, child: CompletionOutput, include_reasoning: bool) -> DeltaMessage | None:
-    """A streamed piece split into reasoning and content; None when nothing of it can go out yet."""
-    reasoning, content = splitter.feed(child.text_delta)
-    if child.finish_reason is not None:
-        rest_reasoning, rest_content = splitter.finish()
-        reasoning, content = reasoning + rest_reasoning, content + rest_content
-    reasoning = reasoning if include_reasoning else ""
-    if not reasoning and not content:
-        return None
-    return DeltaMessage(content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None)
-
-
 def _text(content: Any, i: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -271,8 +334,6 @@ def _text(content: Any, i: int) -> str:
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
     format_type = (request.response_format or {}).get("type", "text")
     refuse_unsupported({
-        "tools": request.tools or None,
-        "tool_choice": None if request.tool_choice in (None, "none", "auto") else request.tool_choice,
         "functions": request.functions or None,
         "function_call": None if request.function_call in (None, "none", "auto") else request.function_call,
         "response_format": None if format_type == "text" else request.response_format,

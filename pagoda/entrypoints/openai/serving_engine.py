@@ -21,6 +21,7 @@ from pagoda.sampling_params import SamplingParams
 
 from .limits import RequestLimits
 from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, SamplingFields, UsageInfo
+from .tool_parsers import ToolParser
 
 logger = logging.getLogger("pagoda.server")
 
@@ -77,6 +78,8 @@ class ServerConfig:
     # --stored-response-ttl).
     max_stored_responses: int = 1000
     stored_response_ttl: float = 3600.0
+    # Reads tool calls out of replies to "auto" tool_choice (--enable-auto-tool-choice, --tool-call-parser).
+    tool_parser: type[ToolParser] | None = None
 
 
 class OpenAIServing:

@@ -137,7 +137,7 @@ class AsyncLLM:
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it."""
-        request = self.processor.make_request(request_id, list(prompt_token_ids), params)
+        request = self.processor.make_request(request_id, list(prompt_token_ids), params, self.max_model_len)
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()

@@ -13,9 +13,9 @@ import re
 import time
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from pagoda.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS
+from pagoda.sampling_params import INT64_MAX, INT64_MIN
 
 # Bounded by < 2**63 rather than <= 2**63 - 1: /openapi.json writes bounds as floats, and only
 # the power of two is exact.
@@ -96,6 +96,12 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[Int64] = None
+    allowed_token_ids: Optional[list[TokenId]] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    # Prompt and output token ids in the response; streamed, the prompt's come in the first chunk.
+    return_token_ids: Optional[bool] = None
+    # Logprob tokens as "token_id:N" (None: the server's --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: Optional[bool] = None
 
 
 PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
@@ -128,7 +134,7 @@ class ChatMessage(RequestModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    top_logprobs: Optional[Int64] = None  # -1: the whole vocabulary; bounded by --max-logprobs
     max_completion_tokens: Optional[Int64] = None
     audio: Optional[Any] = None
     functions: Optional[list[Any]] = None
@@ -155,6 +161,7 @@ class TokenizeRequest(RequestModel):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    return_token_strs: Optional[bool] = False
 
 
 class DetokenizeRequest(RequestModel):
@@ -162,10 +169,15 @@ class DetokenizeRequest(RequestModel):
     tokens: list[TokenId]
 
 
+class PromptTokenUsageInfo(OpenAIModel):
+    cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -187,13 +199,28 @@ class LogprobInfo(OpenAIModel):
 PromptLogprobs = list[Optional[dict[int, LogprobInfo]]]
 
 
-class CompletionChoice(OpenAIModel):
+def _with_prompt_logprobs(data: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's whole responses carry prompt_logprobs, null when not asked for; clients index it."""
+    data.setdefault("prompt_logprobs", None)
+    return data
+
+
+class CompletionStreamChoice(OpenAIModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids: the output's (a chunk's new ones)
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids (streamed: in a prompt's first chunk)
+
+
+class CompletionChoice(CompletionStreamChoice):
     prompt_logprobs: Optional[PromptLogprobs] = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_prompt_logprobs(handler(self))
 
 
 class CompletionResponse(OpenAIModel):
@@ -203,6 +230,10 @@ class CompletionResponse(OpenAIModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    choices: list[CompletionStreamChoice]  # type: ignore[assignment]
 
 
 class TopLogprob(OpenAIModel):
@@ -230,6 +261,7 @@ class ChatChoice(OpenAIModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -240,6 +272,11 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_prompt_logprobs(handler(self))
 
 
 class DeltaMessage(OpenAIModel):
@@ -253,6 +290,7 @@ class ChatStreamChoice(OpenAIModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids: the chunk's new ones
 
 
 class ChatCompletionChunk(OpenAIModel):
@@ -262,6 +300,7 @@ class ChatCompletionChunk(OpenAIModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids: in the first chunk
 
 
 class ModelCard(OpenAIModel):

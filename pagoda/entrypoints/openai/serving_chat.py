@@ -9,7 +9,7 @@ from typing import Any
 import jinja2
 
 from pagoda.entrypoints.chat_utils import ADD_SPECIAL_TOKENS_TO_RENDERED, Conversation, render_chat_text
-from pagoda.outputs import CompletionOutput, PositionLogprobs
+from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs
 
 from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .protocol import (
@@ -18,7 +18,7 @@ from .protocol import (
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
-    sub_request_ids, usage,
+    sub_request_ids,
 )
 
 # Roles the chat templates know; "developer" is OpenAI's newer name for "system".
@@ -26,6 +26,9 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 
 class OpenAIServingChat(OpenAIServing):
+    prompt_param = "messages"
+    param_names = {"logprobs": "top_logprobs"}
+
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         _refuse_unsupported(request)
@@ -37,6 +40,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_text, prompt_ids = await self.render(
             request.messages, request.chat_template, request.add_generation_prompt
         )
+        prompt_ids = self.truncate(request, prompt_ids)
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -46,10 +50,10 @@ class OpenAIServingChat(OpenAIServing):
         streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
         ids = sub_request_ids(request_id, 1)
         if request.stream:
-            chunks = self._stream(request, request_id, len(prompt_ids), params.n, streams[0])
+            chunks = self._stream(request, request_id, prompt_ids, params.n, streams[0])
             return sse_stream(chunks, self.engine, ids)
         try:
-            return await self._full(request, request_id, len(prompt_ids), streams[0])
+            return await self._full(request, request_id, prompt_ids, streams[0])
         finally:
             self.engine.abort(ids)
 
@@ -78,7 +82,7 @@ class OpenAIServingChat(OpenAIServing):
         return text, await tokenize_prompt(tokenizer, text, ADD_SPECIAL_TOKENS_TO_RENDERED, limit, "messages")
 
     async def _full(
-        self, request: ChatCompletionRequest, request_id: str, prompt_tokens: int, stream: AsyncIterator
+        self, request: ChatCompletionRequest, request_id: str, prompt_ids: list[int], stream: AsyncIterator
     ) -> ChatCompletionResponse:
         final = None
         async for _, output in merge([stream]):
@@ -87,34 +91,43 @@ class OpenAIServingChat(OpenAIServing):
             ChatChoice(
                 index=child.index, message=ChatResponseMessage(content=child.text),
                 logprobs=self._logprobs(request, child, 0), finish_reason=child.finish_reason,
-                stop_reason=child.stop_reason,
+                stop_reason=child.stop_reason, token_ids=child.token_ids if request.return_token_ids else None,
             )
             for child in final.outputs
         ]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens),
+            id=request_id, model=self.model_name, choices=choices,
+            usage=self.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens),
             prompt_logprobs=prompt_logprobs(request, final),
+            prompt_token_ids=prompt_ids if request.return_token_ids else None,
         )
 
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, prompt_tokens: int, n: int, stream: AsyncIterator
+        self, request: ChatCompletionRequest, request_id: str, prompt_ids: list[int], n: int, stream: AsyncIterator
     ) -> AsyncIterator[str]:
         sent = [0] * n  # output tokens already sent, per choice
-        # OpenAI opens each choice with the role, before any content.
-        yield self._chunk(request_id, [
-            ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)
-        ])
+        cached = 0
+        include_usage, continuous_usage = self.stream_usage(request.stream_options)
+
+        def chunk(choices: list[ChatStreamChoice], **fields: Any) -> str:
+            usage = self.usage(len(prompt_ids), sum(sent), cached) if continuous_usage else None
+            return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage, **fields))
+
+        # OpenAI opens each choice with the role, before any content; vLLM's prompt token ids come with it.
+        yield chunk(
+            [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)],
+            prompt_token_ids=prompt_ids if request.return_token_ids else None,
+        )
         async for _, output in merge([stream]):
+            cached = output.num_cached_tokens
             choices = [self._stream_choice(request, child, sent) for child in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
-                yield self._chunk(request_id, choices)
-        if request.stream_options and request.stream_options.include_usage:
-            chunk = ChatCompletionChunk(
-                id=request_id, model=self.model_name, choices=[], usage=usage(prompt_tokens, sum(sent))
-            )
-            yield sse(chunk)
+                yield chunk(choices)
+        if include_usage:
+            usage = self.usage(len(prompt_ids), sum(sent), cached)
+            yield sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=[], usage=usage))
 
     def _stream_choice(
         self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int]
@@ -126,34 +139,32 @@ class OpenAIServingChat(OpenAIServing):
         return ChatStreamChoice(
             index=child.index, delta=DeltaMessage(content=child.text_delta),
             logprobs=self._logprobs(request, child, start), finish_reason=child.finish_reason,
-            stop_reason=child.stop_reason,
+            stop_reason=child.stop_reason, token_ids=child.token_ids[start:] if request.return_token_ids else None,
         )
-
-    def _chunk(self, request_id: str, choices: list[ChatStreamChoice]) -> str:
-        return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices))
 
     def _logprobs(self, request: ChatCompletionRequest, child: CompletionOutput, start: int) -> ChatLogprobs | None:
         if not request.logprobs or child.logprobs is None:
             return None
-        top = request.top_logprobs or 0
         content = [
-            _token_logprob(token_id, position, top)
+            self._token_logprob(request, token_id, position)
             for token_id, position in zip(child.token_ids[start:], child.logprobs[start:])
         ]
         return ChatLogprobs(content=content)
 
+    def _token_logprob(self, request: ChatCompletionRequest, token_id: int, position: PositionLogprobs) -> TokenLogprob:
+        top = request.top_logprobs or 0
+        if top == -1:  # the whole vocabulary, all of which the position holds
+            top = len(position)
+        ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)[:top]
+        token = self.token_text(request, position[token_id].decoded_token, token_id)
+        return TokenLogprob(
+            token=token, logprob=position[token_id].logprob, bytes=list(token.encode()),
+            top_logprobs=[self._top_logprob(request, i, lp) for i, lp in ranked],
+        )
 
-def _token_logprob(token_id: int, position: PositionLogprobs, top: int) -> TokenLogprob:
-    chosen = position[token_id]
-    ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 0)[:top]
-    token = chosen.decoded_token or ""
-    return TokenLogprob(
-        token=token, logprob=chosen.logprob, bytes=list(token.encode()),
-        top_logprobs=[
-            TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=list((lp.decoded_token or "").encode()))
-            for lp in ranked
-        ],
-    )
+    def _top_logprob(self, request: ChatCompletionRequest, token_id: int, logprob: Logprob) -> TopLogprob:
+        token = self.token_text(request, logprob.decoded_token, token_id)
+        return TopLogprob(token=token, logprob=logprob.logprob, bytes=list(token.encode()))
 
 
 def _conversation(messages: list[ChatMessage]) -> Conversation:

@@ -260,9 +260,12 @@ def _require_api_key(api_key: str) -> Callable:
     expected = f"Bearer {api_key}"
 
     async def check(request: Request, call_next: Callable) -> Response:
-        # OpenAI's routes need the key; /health, /metrics etc. stay open for probes, as in vLLM.
+        # OpenAI's routes (and /invocations, which generates too) need the key; /health, /metrics
+        # etc. stay open for probes, as in vLLM.
         given = request.headers.get("authorization", "")
-        if _route_path(request).startswith("/v1") and request.method != "OPTIONS" and not secrets.compare_digest(
+        path = _route_path(request)
+        protected = path.startswith("/v1") or path == "/invocations"
+        if protected and request.method != "OPTIONS" and not secrets.compare_digest(
             given.encode(), expected.encode()
         ):
             return _error(OpenAIError("invalid or missing API key", 401, code="invalid_api_key"))

@@ -502,7 +502,7 @@ def test_chat_errors(http, body, param):
 
 def test_context_length_error_names_both_numbers(http):
     response = http.post("/v1/completions", json={"prompt": "abcd", "max_tokens": MAX_MODEL_LEN})
-    error = openai_error(response, 400, "max_tokens")
+    error = openai_error(response, 400, "prompt")  # as OpenAI: the prompt is what a client shortens
     assert str(MAX_MODEL_LEN) in error["message"] and str(MAX_MODEL_LEN + 4) in error["message"]
 
 

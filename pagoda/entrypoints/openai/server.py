@@ -59,6 +59,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# /invocations reads its body itself (to dispatch on it); /openapi.json still says what it takes.
+_INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"anyOf": [
+    {"$ref": f"#/components/schemas/{model.__name__}"} for model in (ChatCompletionRequest, CompletionRequest)
+]}}}}}
+
+
 @dataclasses.dataclass
 class CorsConfig:
     """vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers."""
@@ -158,7 +164,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
         return await _respond(raw, chat.create(body), load)
 
-    @app.post("/invocations", responses=_ERROR_RESPONSES)
+    @app.post("/invocations", responses=_ERROR_RESPONSES, openapi_extra=_INVOCATIONS_BODY)
     async def invocations(raw: Request) -> Any:
         """SageMaker's route, as vLLM serves it: a body with messages is a chat completion, one
         with a prompt a completion."""

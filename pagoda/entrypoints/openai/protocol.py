@@ -4,8 +4,9 @@ Requests accept every field OpenAI defines; fields whose feature is not built ar
 that the server can refuse them by name (see UNSUPPORTED_*), and unknown fields are ignored, as
 OpenAI's own server and vLLM do. Sampling values are validated by SamplingParams, not here; what
 the schema checks is what must hold before a request reaches the engine: integers that fit its
-64 bits, token ids >= 0, OpenAI's caps on n and top_logprobs, and text that is valid Unicode (no
-lone UTF-16 surrogates, which JSON can carry but no tokenizer or msgpack takes)."""
+64 bits, token ids >= 0, OpenAI's cap on n, and text that is valid Unicode (no
+lone UTF-16 surrogates, which JSON can carry but no tokenizer or msgpack takes). Responses leave
+out fields that are None, but for prompt_logprobs in whole responses, which vLLM always carries."""
 
 from __future__ import annotations
 

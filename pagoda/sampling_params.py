@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-MAX_LOGPROBS = 20
 # vLLM's default VLLM_MAX_N_SEQUENCES: n fans out into n engine requests.
 MAX_N_SEQUENCES = 16384
 # Every integer crosses the engine-core boundary (msgpack) and lands in int64 tensors: wider
@@ -21,13 +20,13 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _GREEDY_EPS = 1e-5
 _LOGIT_BIAS_LIMIT = 100.0  # OpenAI clamps biases to [-100, 100]
 
-_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs")
+_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens")
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _BOOLS = (
     "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
     "detokenize",
 )
-_OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
+_OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs", "truncate_prompt_tokens")
 # Set while params that another process made, and checked, are decoded: they are rebuilt as they are.
 _REBUILDING = contextvars.ContextVar("pagoda_rebuilding_sampling_params", default=False)
 
@@ -48,8 +47,11 @@ class SamplingParams:
     """Validated on construction: a bad value raises ValueError naming the parameter and its range.
     Integers (token ids included) must fit 64 bits, and n is capped as vLLM caps it.
 
+    logprobs and prompt_logprobs of -1 mean the whole vocabulary; how many the engine returns at
+    most is its max_logprobs (EngineConfig), checked when the request is added, as vLLM does.
+
     Integers and numbers are normalised to int and float, `stop` to a list of strings,
-    `stop_token_ids` to a list and `logit_bias` keys to int (JSON gives strings)."""
+    `stop_token_ids` and `allowed_token_ids` to lists and `logit_bias` keys to int (JSON gives strings)."""
 
     n: int = 1
     temperature: float = 1.0
@@ -69,6 +71,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    # Only these tokens may be sampled (checked against the vocabulary when the request is added).
+    allowed_token_ids: list[int] | None = None
+    # Keep only the prompt's last k tokens; -1: the last max_model_len.
+    truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
@@ -78,7 +84,8 @@ class SamplingParams:
             return
         self._normalise_scalars()
         self.stop = _normalise_stop(self.stop)
-        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids) or []
+        self.allowed_token_ids = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         self._check_ranges()
 
@@ -124,7 +131,12 @@ class SamplingParams:
                      f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _require(value is None or 0 <= value <= MAX_LOGPROBS, name, value, f"in [0, {MAX_LOGPROBS}] or None")
+            _require(value is None or value >= -1, name, value, ">= 0, -1 (the whole vocabulary) or None")
+        _require(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+                 self.allowed_token_ids, "a non-empty list of token ids or None")
+        truncate = self.truncate_prompt_tokens
+        _require(truncate is None or truncate == -1 or truncate >= 1, "truncate_prompt_tokens", truncate,
+                 ">= 1, -1 (the last max_model_len tokens) or None")
         # Stop strings are matched on the text: without text they could never fire.
         _require(self.detokenize or not self.stop, "stop", self.stop, "empty when detokenize=False")
 
@@ -138,11 +150,11 @@ def _normalise_stop(stop: Any) -> list[str]:
     return list(stops)
 
 
-def _normalise_stop_token_ids(ids: Any) -> list[int]:
+def _normalise_token_ids(name: str, ids: Any) -> list[int] | None:
     if ids is None:
-        return []
+        return None
     if not isinstance(ids, (list, tuple)) or not all(_is_token_id(t) for t in ids):
-        _fail("stop_token_ids", ids, "a list of token ids (integers in [0, 2**63))")
+        _fail(name, ids, "a list of token ids (integers in [0, 2**63))")
     return [int(t) for t in ids]
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pagoda.sampling_params import MAX_LOGPROBS, SamplingParams
+from pagoda.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm() -> None:
@@ -38,8 +38,10 @@ INVALID = [
     ("frequency_penalty", 3.0), ("frequency_penalty", -2.01),
     ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", "10"),
     ("min_tokens", -1), ("min_tokens", 17),  # 17 > the default max_tokens of 16
-    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("logprobs", 1.0),
-    ("prompt_logprobs", -1), ("prompt_logprobs", MAX_LOGPROBS + 1),
+    ("logprobs", -2), ("logprobs", 1.0),
+    ("prompt_logprobs", -2),
+    ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 5),
+    ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2), ("truncate_prompt_tokens", 1.5),
     ("seed", 1.5), ("seed", "42"),
     ("stop", ""), ("stop", ["ok", ""]), ("stop", 5), ("stop", ["a", 3]),
     ("stop_token_ids", [-1]), ("stop_token_ids", 5), ("stop_token_ids", ["1"]),
@@ -63,7 +65,7 @@ def test_invalid_value_raises_naming_parameter_and_value(name: str, value: objec
     [
         ("top_p", 0.0, "in (0, 1]"),
         ("presence_penalty", 2.5, "in [-2, 2]"),
-        ("logprobs", 21, f"in [0, {MAX_LOGPROBS}]"),
+        ("logprobs", -3, ">= 0, -1 (the whole vocabulary)"),
         ("min_p", 1.5, "in [0, 1]"),
         ("temperature", -1.0, ">= 0"),
     ],
@@ -84,7 +86,7 @@ def test_min_tokens_bounded_by_max_tokens_only_when_set() -> None:
 def test_valid_edge_values(top_k: int) -> None:
     p = SamplingParams(
         top_k=top_k, top_p=1.0, min_p=1.0, temperature=0.0, presence_penalty=-2, frequency_penalty=2,
-        logprobs=0, prompt_logprobs=MAX_LOGPROBS, seed=-7,
+        logprobs=0, prompt_logprobs=-1, seed=-7,
     )
     assert p.top_k == top_k and p.presence_penalty == -2.0 and isinstance(p.presence_penalty, float)
 

@@ -50,6 +50,8 @@ class EngineConfig:
                                         action=argparse.BooleanOptionalAction)
     enable_chunked_prefill: bool = _knob(True, "split long prompts across steps, beside the running decodes",
                                          action=argparse.BooleanOptionalAction)
+    max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
+                              "so that -1 (the whole vocabulary) may be asked for")
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
     load_format: str = _knob("auto", "how to read the weights (dummy: random, for benchmarks)", choices=LOAD_FORMATS)
     device: str = _knob("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
@@ -71,6 +73,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
+        _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _check(
             self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0 and self.block_size <= 256,

@@ -1,11 +1,14 @@
 """The input side of the front end: the tokenizer and the engine's ResolvedConfig (model spec, EOS
-ids, every default and rule), made once for the engine core; a user request turned into an EngineCoreRequest (n>1 fanned out into engine requests) after
-the checks that need the model but no engine state (empty prompt, token ids and logit_bias keys
-outside the vocabulary). What depends on the core's state (the prompt's length against
-max_model_len and the KV pool) the core itself refuses."""
+ids, every default and rule), made once for the engine core; a user request turned into an
+EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
+no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
+vocabulary, more logprobs than --max-logprobs), the prompt truncated to truncate_prompt_tokens
+and logprobs of -1 made the vocabulary's size. What depends on the core's state (the prompt's
+length against the KV pool) the core itself refuses."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,11 +28,17 @@ class InputProcessor:
         eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
         self.config = resolve_config(args, resolved, tokenizer_eos_token_id=eos)
         self.vocab_size: int = self.config.model.spec.vocab_size
+        self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
-        """The engine request(s) of one user request, or a ValueError naming what is wrong."""
+        """The engine request(s) of one user request (its prompt truncated as params ask), or a
+        ValueError naming what is wrong."""
+        max_model_len = self.config.model.max_model_len
+        prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, max_model_len)
         self._validate_prompt(prompt_token_ids)
-        self._validate_logit_bias(params.logit_bias)
+        self._validate_token_ids("logit_bias", params.logit_bias)
+        self._validate_token_ids("allowed_token_ids", params.allowed_token_ids)
+        params = self._resolve_logprobs(params)
         return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params))
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
@@ -39,11 +48,45 @@ class InputProcessor:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are out of the vocabulary range [0, {self.vocab_size})")
 
-    def _validate_logit_bias(self, logit_bias: dict[int, float] | None) -> None:
-        # As vLLM: a bias on a token the model does not have is a mistake, not something to ignore.
-        bad = sorted(t for t in logit_bias or () if t >= self.vocab_size)
+    def _validate_token_ids(self, name: str, token_ids: Sequence[int] | dict[int, float] | None) -> None:
+        # As vLLM: a token the model does not have is a mistake, not something to ignore.
+        bad = sorted(t for t in token_ids or () if t >= self.vocab_size)
         if bad:
-            raise ValueError(f"logit_bias=<ids {bad[:5]}> is invalid: token ids must be in the vocabulary range [0, {self.vocab_size})")
+            raise ValueError(f"{name}=<ids {bad[:5]}> is invalid: token ids must be in the vocabulary range [0, {self.vocab_size})")
+
+    def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """params with -1 (the whole vocabulary) as the vocabulary's size; more than max_logprobs
+        is refused, as vLLM refuses it."""
+        resolved = {}
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            count = self.vocab_size if asked == -1 else asked
+            if count is not None and count > self.max_logprobs:
+                raise ValueError(
+                    f"{name}={asked} is invalid: it asks for {count} logprobs per token, more than the "
+                    f"server's max allowed ({self.max_logprobs}, --max-logprobs)"
+                )
+            if asked == -1:
+                resolved[name] = count
+        if not resolved:
+            return params
+        params = copy.copy(params)  # checked when made: not checked again
+        for name, count in resolved.items():
+            setattr(params, name, count)
+        return params
+
+
+def truncate_prompt(prompt_token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last truncate_prompt_tokens tokens (-1: the last max_model_len), as vLLM keeps them."""
+    if truncate_prompt_tokens is None:
+        return prompt_token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    if keep > max_model_len:
+        raise ValueError(
+            f"truncate_prompt_tokens={truncate_prompt_tokens} is invalid: it must be at most max_model_len "
+            f"({max_model_len}), or -1"
+        )
+    return prompt_token_ids[-keep:]
 
 
 def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:

@@ -41,7 +41,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.processor.make_request(request_id, prompt_token_ids, params)
         self.engine_core.add_request(request)
-        self.output_processor.add(request_id, prompt, prompt_token_ids, request.children, final_only=final_only)
+        self.output_processor.add(
+            request_id, prompt, request.prompt_token_ids, request.children, final_only=final_only
+        )
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop user requests and free everything they hold; unknown ids are ignored."""

@@ -1,6 +1,6 @@
 """Batched sampling over one step's logits.
 
-Order: logit_bias, min_tokens masking, repetition penalty, frequency and presence penalties;
+Order: allowed_token_ids masking, logit_bias, min_tokens masking, repetition penalty, frequency and presence penalties;
 logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
 take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
 min-p, and sampled. On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
@@ -186,15 +186,23 @@ def _step_seed(seed: int, num_output_tokens: int) -> int:
 def process_logits(
     logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int]
 ) -> torch.Tensor:
-    """logit_bias, min_tokens masking and penalties, in a float32 copy; the logits themselves when
-    none applies. Penalties read each row's output_token_ids: they must all be known."""
+    """allowed_token_ids, logit_bias, min_tokens masking and penalties, in a float32 copy; the
+    logits themselves when none applies. Penalties read each row's output_token_ids: they must all
+    be known."""
     vocab, device = logits.shape[1], logits.device
+    allow_rows, allow_cols = _allowed_entries(requests, vocab)
     bias_rows, bias_cols, bias_values = _logit_bias_entries(requests, vocab)
     ban_rows, ban_cols = _min_tokens_entries(requests, num_generated, vocab)
     penalised = [row for row, r in enumerate(requests) if r.sampling_params.has_penalties]
-    if not (bias_rows or ban_rows or penalised):
+    if not (allow_rows or bias_rows or ban_rows or penalised):
         return logits
     logits = logits.to(torch.float32, copy=True)
+    if allow_rows:
+        rows = sorted(set(allow_rows))
+        allowed = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        allowed[to_device(allow_rows, torch.int64, device), to_device(allow_cols, torch.int64, device)] = True
+        restricted = to_device(rows, torch.int64, device)
+        logits[restricted] = logits[restricted].masked_fill(~allowed[restricted], _MASK)
     if bias_rows:
         index = to_device([bias_rows, bias_cols], torch.int64, device)
         logits[index[0], index[1]] += to_device(bias_values, torch.float32, device)
@@ -204,6 +212,17 @@ def process_logits(
     if penalised:
         logits[penalised] = _penalise(logits[penalised], [requests[row] for row in penalised])
     return logits
+
+
+def _allowed_entries(requests: Sequence[SamplingRequest], vocab: int) -> tuple[list[int], list[int]]:
+    """(row, token) pairs that rows with allowed_token_ids may sample; their other tokens are masked."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, req in enumerate(requests):
+        ids = [t for t in req.sampling_params.allowed_token_ids or () if t < vocab]
+        rows.extend([row] * len(ids))
+        cols.extend(ids)
+    return rows, cols
 
 
 def _logit_bias_entries(

@@ -12,16 +12,19 @@ from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
+    # As vLLM: the model positional, or --model (the positional wins when both are given).
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="model",
                         help="a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
     parser.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="the name(s) clients use in `model` (default: the model argument)")
-    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
-                        help="require `Authorization: Bearer KEY` on /v1 (default: $PAGODA_API_KEY)")
+    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or os.environ.get("VLLM_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on /v1 (default: $PAGODA_API_KEY, else $VLLM_API_KEY)")
+    parser.add_argument("--root-path", default=None,
+                        help="the path prefix a proxy serves this server under (FastAPI's root_path), e.g. /llm")
     # data_parallel_size is a server knob, not an engine one: offline LLM is one engine core.
-    add_engine_arguments(parser, skip=("model",))
+    add_engine_arguments(parser, skip=())
     parser.add_argument("--chat-template", default=None, help="a Jinja file, or the template itself")
     parser.add_argument(
         "--generation-config", default="auto",
@@ -60,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stored-response-ttl", type=float, default=3600.0,
                         help="seconds a stored /v1/responses response is kept (default: %(default)s)")
     add_tool_calling_arguments(parser)
+    add_response_arguments(parser)
     add_request_limit_arguments(parser)
 
 
@@ -74,6 +78,25 @@ def add_tool_calling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-parser-plugin", default=None, metavar="FILE",
                         help="a Python file that registers more tool-call parsers (with "
                              "pagoda.entrypoints.openai.tool_parsers.register_tool_parser)")
+
+
+def add_response_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags for what responses carry and which extra endpoints the server has."""
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="write logprob tokens as 'token_id:N' (a request's return_tokens_as_token_ids overrides)")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
+    parser.add_argument("--enable-force-include-usage", action="store_true",
+                        help="put usage in every streamed chunk and a usage chunk at the end, whatever stream_options say")
+    parser.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                        help="serve GET /tokenizer_info (the tokenizer's configuration and chat template)")
+    parser.add_argument("--enable-server-load-tracking", action="store_true",
+                        help="count the generation requests in flight, reported by GET /load")
+
+
+def model_argument(args: argparse.Namespace) -> str | None:
+    """The model to serve: the positional argument, else --model."""
+    return args.model_tag or args.model
 
 
 def add_request_limit_arguments(parser: argparse.ArgumentParser) -> None:

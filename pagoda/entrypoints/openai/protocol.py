@@ -4,8 +4,9 @@ Requests accept every field OpenAI defines; fields whose feature is not built ar
 that the server can refuse them by name (see UNSUPPORTED_*), and unknown fields are ignored, as
 OpenAI's own server and vLLM do. Sampling values are validated by SamplingParams, not here; what
 the schema checks is what must hold before a request reaches the engine: integers that fit its
-64 bits, token ids >= 0, OpenAI's caps on n and top_logprobs, and text that is valid Unicode (no
-lone UTF-16 surrogates, which JSON can carry but no tokenizer or msgpack takes)."""
+64 bits, token ids >= 0, OpenAI's cap on n, and text that is valid Unicode (no
+lone UTF-16 surrogates, which JSON can carry but no tokenizer or msgpack takes). Responses leave
+out fields that are None, but for prompt_logprobs in whole responses, which vLLM always carries."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from pagoda.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS
+from pagoda.sampling_params import INT64_MAX, INT64_MIN
 
 # Bounded by < 2**63 rather than <= 2**63 - 1: /openapi.json writes bounds as floats, and only
 # the power of two is exact.
@@ -96,6 +97,12 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[Int64] = None
+    allowed_token_ids: Optional[list[TokenId]] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    # Prompt and output token ids in the response; streamed, the prompt's come in the first chunk.
+    return_token_ids: Optional[bool] = None
+    # Logprob tokens as "token_id:N" (None: the server's --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: Optional[bool] = None
 
 
 PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
@@ -169,7 +176,7 @@ class ChatMessage(RequestModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    top_logprobs: Optional[Int64] = None  # -1: the whole vocabulary; bounded by --max-logprobs
     max_completion_tokens: Optional[Int64] = None
     audio: Optional[Any] = None
     functions: Optional[list[Any]] = None
@@ -201,6 +208,7 @@ class TokenizeRequest(RequestModel):
     tools: Optional[list[ChatCompletionToolParam]] = None  # rendered by the chat template with messages
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    return_token_strs: Optional[bool] = False
 
 
 class DetokenizeRequest(RequestModel):
@@ -208,10 +216,15 @@ class DetokenizeRequest(RequestModel):
     tokens: list[TokenId]
 
 
+class PromptTokenUsageInfo(OpenAIModel):
+    cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -233,13 +246,28 @@ class LogprobInfo(OpenAIModel):
 PromptLogprobs = list[Optional[dict[int, LogprobInfo]]]
 
 
-class CompletionChoice(OpenAIModel):
+def _with_prompt_logprobs(data: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's whole responses carry prompt_logprobs, null when not asked for; clients index it."""
+    data.setdefault("prompt_logprobs", None)
+    return data
+
+
+class CompletionStreamChoice(OpenAIModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids: the output's (a chunk's new ones)
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids (streamed: in a prompt's first chunk)
+
+
+class CompletionChoice(CompletionStreamChoice):
     prompt_logprobs: Optional[PromptLogprobs] = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_prompt_logprobs(handler(self))
 
 
 class CompletionResponse(OpenAIModel):
@@ -249,6 +277,10 @@ class CompletionResponse(OpenAIModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    choices: list[CompletionStreamChoice]  # type: ignore[assignment]
 
 
 class TopLogprob(OpenAIModel):
@@ -284,6 +316,7 @@ class ChatChoice(OpenAIModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -294,6 +327,11 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _with_prompt_logprobs(handler(self))
 
 
 class DeltaFunctionCall(OpenAIModel):
@@ -323,6 +361,7 @@ class ChatStreamChoice(OpenAIModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids: the chunk's new ones
 
 
 class ChatCompletionChunk(OpenAIModel):
@@ -332,6 +371,7 @@ class ChatCompletionChunk(OpenAIModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids: in the first chunk
 
 
 class ModelCard(OpenAIModel):

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 import pagoda
@@ -33,7 +33,7 @@ from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
 
-from .cli_args import request_limits
+from .cli_args import model_argument, request_limits
 from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
@@ -49,6 +49,7 @@ from .serving_completion import OpenAIServingCompletion
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
+from .tokenizer_info import tokenizer_info
 
 logger = logging.getLogger("pagoda.server")
 
@@ -64,6 +65,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# /invocations reads its body itself (to dispatch on it); /openapi.json still says what it takes.
+_INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"anyOf": [
+    {"$ref": f"#/components/schemas/{model.__name__}"} for model in (ChatCompletionRequest, CompletionRequest)
+]}}}}}
+
+
 @dataclasses.dataclass
 class CorsConfig:
     """vLLM's --allowed-origins, --allow-credentials, --allowed-methods, --allowed-headers."""
@@ -74,9 +81,40 @@ class CorsConfig:
     allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
 
 
+@dataclasses.dataclass
+class Endpoints:
+    """vLLM's switches for the server's optional endpoints and where a proxy serves it."""
+
+    root_path: str | None = None  # --root-path
+    tokenizer_info: bool = False  # --enable-tokenizer-info-endpoint
+    server_load_tracking: bool = False  # --enable-server-load-tracking
+
+
+class ServerLoad:
+    """vLLM's server load (GET /load): generation requests in flight, counted only with
+    --enable-server-load-tracking; a stream counts until it ends."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.in_flight = 0
+
+    def enter(self) -> None:
+        self.in_flight += self.enabled
+
+    def leave(self) -> None:
+        self.in_flight -= self.enabled
+
+    async def until_done(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.leave()
+
+
 def build_app(
     engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None,
-    playground: bool = True,
+    endpoints: Endpoints | None = None, playground: bool = True,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,7 +122,8 @@ def build_app(
         yield
         stats_task.cancel()
 
-    app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan)
+    endpoints = endpoints or Endpoints()
+    app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan, root_path=endpoints.root_path or "")
     # Added first, so it runs inside CORS (its 413/408 carry CORS headers) and after the key check.
     app.add_middleware(
         RequestBodyLimits, max_size=config.limits.max_request_body_size, timeout=config.limits.request_body_timeout
@@ -95,19 +134,20 @@ def build_app(
     if api_key:
         app.middleware("http")(_require_api_key(api_key))
     _add_error_handlers(app)
-    _add_routes(app, engine, config)
+    _add_routes(app, engine, config, endpoints)
     if playground:
         add_playground_routes(app)
     return app
 
 
-def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints: Endpoints) -> None:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
     responses = OpenAIServingResponses(
         chat, ResponseStore(config.max_stored_responses, config.stored_response_ttl)
     )
     registry = metrics_registry(engine, config.served_model_names[0], config.metrics_vllm_names)
+    load = ServerLoad(endpoints.server_load_tracking)
 
     @app.get("/health")
     async def health() -> Response:
@@ -129,11 +169,29 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
 
     @app.post("/v1/completions", responses=_ERROR_RESPONSES)
     async def create_completion(body: CompletionRequest, raw: Request) -> Any:
-        return await _respond(raw, completions.create(body))
+        return await _respond(raw, completions.create(body), load)
 
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
-        return await _respond(raw, chat.create(body))
+        return await _respond(raw, chat.create(body), load)
+
+    @app.post("/invocations", responses=_ERROR_RESPONSES, openapi_extra=_INVOCATIONS_BODY)
+    async def invocations(raw: Request) -> Any:
+        """SageMaker's route, as vLLM serves it: a body with messages is a chat completion, one
+        with a prompt a completion."""
+        body = await _json_body(raw)
+        if isinstance(body, dict) and "messages" in body:
+            return await create_chat_completion(_validated(ChatCompletionRequest, body), raw)
+        if isinstance(body, dict) and "prompt" in body:
+            return await create_completion(_validated(CompletionRequest, body), raw)
+        raise OpenAIError(
+            "Cannot find suitable handler for request. Expected one of: ['ChatCompletionRequest', "
+            "'CompletionRequest'] (a body with `messages` or with `prompt`)"
+        )
+
+    @app.get("/load")
+    async def server_load() -> dict[str, int]:
+        return {"server_load": load.in_flight}
 
     @app.post("/v1/responses", responses=_ERROR_RESPONSES)
     async def create_response(body: ResponsesRequest, raw: Request) -> Any:
@@ -146,6 +204,11 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     @app.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         return await _tokenize(chat, body)
+
+    if endpoints.tokenizer_info:
+        @app.get("/tokenizer_info")
+        async def get_tokenizer_info() -> dict[str, Any]:
+            return tokenizer_info(chat.require_tokenizer(), config.chat_template)
 
     @app.post("/detokenize", responses=_ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -169,24 +232,49 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
         tokens = await tokenize_prompt(
             chat.require_tokenizer(), body.prompt, body.add_special_tokens, chat.config.max_model_len, "prompt"
         )
-    return {"count": len(tokens), "max_model_len": chat.config.max_model_len, "tokens": tokens}
+    response: dict[str, Any] = {"count": len(tokens), "max_model_len": chat.config.max_model_len, "tokens": tokens}
+    if body.return_token_strs:
+        response["token_strs"] = chat.require_tokenizer().convert_ids_to_tokens(tokens)
+    return response
 
 
-async def _respond(raw: Request, created: Awaitable[BaseModel | AsyncIterator[str]]) -> Any:
+async def _json_body(raw: Request) -> Any:
+    try:
+        return await raw.json()
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise OpenAIError(f"the request body is not valid JSON: {error}") from None
+
+
+def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """The body as model, or the 400 naming the field that FastAPI's own validation would give."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+async def _respond(raw: Request, created: Awaitable[BaseModel | AsyncIterator[str]], load: ServerLoad) -> Any:
     """A whole response, or an SSE stream. A client that leaves before a whole response is ready
     cancels it (which aborts its requests); a stream is cancelled by Starlette itself."""
-    handler = asyncio.ensure_future(created)
-    watcher = asyncio.ensure_future(_disconnected(raw))
-    await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
-    if not handler.done():
-        handler.cancel()
-        await asyncio.gather(handler, return_exceptions=True)
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    result = handler.result()
-    if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(exclude_none=True))
-    return StreamingResponse(result, media_type="text/event-stream")
+    load.enter()
+    streaming = False
+    try:
+        handler = asyncio.ensure_future(created)
+        watcher = asyncio.ensure_future(_disconnected(raw))
+        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if not handler.done():
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        result = handler.result()
+        if isinstance(result, BaseModel):
+            return JSONResponse(result.model_dump(exclude_none=True))
+        streaming = True
+        return StreamingResponse(load.until_done(result), media_type="text/event-stream")
+    finally:
+        if not streaming:
+            load.leave()
 
 
 async def _disconnected(raw: Request) -> None:
@@ -198,15 +286,25 @@ def _require_api_key(api_key: str) -> Callable:
     expected = f"Bearer {api_key}"
 
     async def check(request: Request, call_next: Callable) -> Response:
-        # OpenAI's routes need the key; /health, /metrics etc. stay open for probes, as in vLLM.
+        # OpenAI's routes (and /invocations, which generates too) need the key; /health, /metrics
+        # etc. stay open for probes, as in vLLM.
         given = request.headers.get("authorization", "")
-        if request.url.path.startswith("/v1") and request.method != "OPTIONS" and not secrets.compare_digest(
+        path = _route_path(request)
+        protected = path.startswith("/v1") or path == "/invocations"
+        if protected and request.method != "OPTIONS" and not secrets.compare_digest(
             given.encode(), expected.encode()
         ):
             return _error(OpenAIError("invalid or missing API key", 401, code="invalid_api_key"))
         return await call_next(request)
 
     return check
+
+
+def _route_path(request: Request) -> str:
+    """The path the routes see: a request may come with --root-path's prefix or without it (a
+    proxy that strips it)."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -311,9 +409,10 @@ def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
 
 def run_server(args: argparse.Namespace) -> None:
     tool_parser = auto_tool_parser(args)
-    engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
+    model = model_argument(args)
+    engine = AsyncLLM(EngineConfig(**{**engine_kwargs(args), "model": model}))
     default_sampling = generation_defaults(args.generation_config, engine.processor.config.model.resolved.model_dir)
-    names = args.served_model_name or [args.model or engine.model_name]
+    names = args.served_model_name or [model or engine.model_name]
     config = ServerConfig(
         served_model_names=names, max_model_len=engine.max_model_len,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
@@ -322,9 +421,13 @@ def run_server(args: argparse.Namespace) -> None:
         reasoning_parser=args.reasoning_parser,
         max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
         tool_parser=tool_parser,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_force_include_usage=args.enable_force_include_usage,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
-    app = build_app(engine, config, args.api_key, cors, playground=not args.disable_playground)
+    endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
+    app = build_app(engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground)
     uvicorn_config = uvicorn.Config(
         app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,

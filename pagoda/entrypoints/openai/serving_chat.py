@@ -15,7 +15,7 @@ import jinja2
 from pagoda.entrypoints.chat_utils import (
     ADD_SPECIAL_TOKENS_TO_RENDERED, RESERVED_TEMPLATE_KWARGS, Conversation, render_chat_text,
 )
-from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
 from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .reasoning import ReasoningSplitter, reasoning_splitter
@@ -25,7 +25,7 @@ from .protocol import (
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
-    sub_request_ids, usage,
+    sub_request_ids,
 )
 from .tool_choice import ToolCalling, template_tools, tool_calling
 from .tool_parsers import ToolCallStream
@@ -41,15 +41,22 @@ class ChatRun:
 
     request_id: str
     ids: list[str]
-    prompt_tokens: int
+    prompt_ids: list[int]
     n: int
     outputs: AsyncIterator[RequestOutput]
     role: str  # of the reply: the assistant's, or the last message's when it is continued
     echo: str  # what the reply starts with (request.echo), else ""
     tools: ToolCalling  # how its text is read as tool calls
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
 
 class OpenAIServingChat(OpenAIServing):
+    prompt_param = "messages"
+    param_names = {"logprobs": "top_logprobs"}
+
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         run = await self.start(request, "chatcmpl")
         if request.stream:
@@ -74,6 +81,7 @@ class OpenAIServingChat(OpenAIServing):
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
             request.chat_template_kwargs, template_tools(request),
         )
+        prompt_ids = self.truncate(request, prompt_ids)
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -89,7 +97,7 @@ class OpenAIServingChat(OpenAIServing):
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""
         return ChatRun(
-            request_id, sub_request_ids(request_id, 1), len(prompt_ids), params.n, streams[0], role, echo, tools
+            request_id, sub_request_ids(request_id, 1), prompt_ids, params.n, streams[0], role, echo, tools
         )
 
     async def render(
@@ -136,7 +144,9 @@ class OpenAIServingChat(OpenAIServing):
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
             id=run.request_id, model=self.model_name, choices=choices,
-            usage=usage(run.prompt_tokens, completion_tokens), prompt_logprobs=prompt_logprobs(request, final),
+            usage=self.usage(run.prompt_tokens, completion_tokens, final.num_cached_tokens),
+            prompt_logprobs=prompt_logprobs(request, final),
+            prompt_token_ids=run.prompt_ids if request.return_token_ids else None,
         )
 
     def _choice(self, request: ChatCompletionRequest, run: ChatRun, child: CompletionOutput) -> ChatChoice:
@@ -160,29 +170,37 @@ class OpenAIServingChat(OpenAIServing):
         return ChatChoice(
             index=child.index, message=message, logprobs=self._logprobs(request, child, 0),
             finish_reason=finish_reason, stop_reason=child.stop_reason,
+            token_ids=child.token_ids if request.return_token_ids else None,
         )
 
     async def _stream(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[str]:
         sent = [0] * run.n  # output tokens already sent, per choice
+        cached = 0
+        include_usage, continuous_usage = self.stream_usage(request.stream_options)
         texts = [_StreamedText(run.tools, self.splitter(request), request.include_reasoning) for _ in range(run.n)]
-        # OpenAI opens each choice with the role, before any content.
-        yield self._chunk(run.request_id, [
-            ChatStreamChoice(index=i, delta=DeltaMessage(role=run.role, content="")) for i in range(run.n)
-        ])
+
+        def chunk(choices: list[ChatStreamChoice], **fields: Any) -> str:
+            usage = self.usage(run.prompt_tokens, sum(sent), cached) if continuous_usage else None
+            return sse(ChatCompletionChunk(
+                id=run.request_id, model=self.model_name, choices=choices, usage=usage, **fields
+            ))
+
+        # OpenAI opens each choice with the role, before any content; vLLM's prompt token ids come with it.
+        yield chunk(
+            [ChatStreamChoice(index=i, delta=DeltaMessage(role=run.role, content="")) for i in range(run.n)],
+            prompt_token_ids=run.prompt_ids if request.return_token_ids else None,
+        )
         if run.echo:
-            yield self._chunk(run.request_id, [
-                ChatStreamChoice(index=i, delta=DeltaMessage(content=run.echo)) for i in range(run.n)
-            ])
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=run.echo)) for i in range(run.n)])
         async for _, output in merge([run.outputs]):
+            cached = output.num_cached_tokens
             choices = [self._stream_choice(request, child, sent, texts[child.index]) for child in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
-                yield self._chunk(run.request_id, choices)
-        if request.stream_options and request.stream_options.include_usage:
-            chunk = ChatCompletionChunk(
-                id=run.request_id, model=self.model_name, choices=[], usage=usage(run.prompt_tokens, sum(sent))
-            )
-            yield sse(chunk)
+                yield chunk(choices)
+        if include_usage:
+            usage = self.usage(run.prompt_tokens, sum(sent), cached)
+            yield sse(ChatCompletionChunk(id=run.request_id, model=self.model_name, choices=[], usage=usage))
 
     def _stream_choice(
         self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: _StreamedText
@@ -197,20 +215,32 @@ class OpenAIServingChat(OpenAIServing):
         return ChatStreamChoice(
             index=child.index, delta=delta or DeltaMessage(), logprobs=self._logprobs(request, child, start),
             finish_reason=finish_reason, stop_reason=child.stop_reason,
+            token_ids=child.token_ids[start:] if request.return_token_ids else None,
         )
-
-    def _chunk(self, request_id: str, choices: list[ChatStreamChoice]) -> str:
-        return sse(ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices))
 
     def _logprobs(self, request: ChatCompletionRequest, child: CompletionOutput, start: int) -> ChatLogprobs | None:
         if not request.logprobs or child.logprobs is None:
             return None
-        top = request.top_logprobs or 0
         content = [
-            _token_logprob(token_id, position, top)
+            self._token_logprob(request, token_id, position)
             for token_id, position in zip(child.token_ids[start:], child.logprobs[start:])
         ]
         return ChatLogprobs(content=content)
+
+    def _token_logprob(self, request: ChatCompletionRequest, token_id: int, position: PositionLogprobs) -> TokenLogprob:
+        top = request.top_logprobs or 0
+        if top == -1:  # the whole vocabulary, all of which the position holds
+            top = len(position)
+        ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)[:top]
+        token = self.token_text(request, position[token_id].decoded_token, token_id)
+        return TokenLogprob(
+            token=token, logprob=position[token_id].logprob, bytes=list(token.encode()),
+            top_logprobs=[self._top_logprob(request, i, lp) for i, lp in ranked],
+        )
+
+    def _top_logprob(self, request: ChatCompletionRequest, token_id: int, logprob: Logprob) -> TopLogprob:
+        token = self.token_text(request, logprob.decoded_token, token_id)
+        return TopLogprob(token=token, logprob=logprob.logprob, bytes=list(token.encode()))
 
 
 class _StreamedText:
@@ -251,19 +281,6 @@ class _StreamedText:
             rest_reasoning, rest_content = self.splitter.finish()
             reasoning, content = reasoning + rest_reasoning, content + rest_content
         return (reasoning if self.include_reasoning else ""), content
-
-
-def _token_logprob(token_id: int, position: PositionLogprobs, top: int) -> TokenLogprob:
-    chosen = position[token_id]
-    ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 0)[:top]
-    token = chosen.decoded_token or ""
-    return TokenLogprob(
-        token=token, logprob=chosen.logprob, bytes=list(token.encode()),
-        top_logprobs=[
-            TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=list((lp.decoded_token or "").encode()))
-            for lp in ranked
-        ],
-    )
 
 
 def _conversation(messages: list[ChatMessage]) -> Conversation:

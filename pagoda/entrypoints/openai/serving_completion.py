@@ -1,17 +1,21 @@
-"""POST /v1/completions: one engine request per prompt, whole or streamed as SSE chunks."""
+"""POST /v1/completions: one engine request per prompt, whole or streamed as SSE chunks (with
+token ids and usage in them when asked for)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 from pagoda.engine.detokenizer import decode_token
-from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 from .preprocess import tokenize_prompt
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput
+from .protocol import (
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamChoice,
+    CompletionStreamResponse, PromptInput,
+)
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
-    sub_request_ids, usage,
+    sub_request_ids,
 )
 
 Prompt = tuple[str | None, list[int]]
@@ -24,7 +28,7 @@ class OpenAIServingCompletion(OpenAIServing):
             "suffix": request.suffix,
             "best_of": request.best_of if request.best_of not in (None, 1, request.n) else None,
         })
-        prompts = await self._prompts(request.prompt)
+        prompts = [self._truncated(request, text, ids) for text, ids in await self._prompts(request.prompt)]
         # Echoed prompt tokens get logprobs too.
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
@@ -42,6 +46,11 @@ class OpenAIServingCompletion(OpenAIServing):
             return await self._full(request, request_id, prompts, streams)
         finally:
             self.engine.abort(ids)
+
+    def _truncated(self, request: CompletionRequest, text: str | None, ids: list[int]) -> Prompt:
+        """The prompt as truncate_prompt_tokens leaves it; a cut prompt's text is its tokens' (echo)."""
+        kept = self.truncate(request, ids)
+        return (text if len(kept) == len(ids) else None), kept
 
     async def _prompts(self, prompt: PromptInput) -> list[Prompt]:
         if isinstance(prompt, str):
@@ -72,11 +81,21 @@ class OpenAIServingCompletion(OpenAIServing):
                     logprobs=self._logprobs(request, output, child, 0, len(child.token_ids), 0),
                     finish_reason=child.finish_reason, stop_reason=child.stop_reason,
                     prompt_logprobs=prompt_logprobs(request, output),
+                    **self._token_ids(request, ids, child.token_ids),
                 ))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
+        cached = sum(output.num_cached_tokens for output in finals.values())
         return CompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens)
+            id=request_id, model=self.model_name, choices=choices,
+            usage=self.usage(prompt_tokens, completion_tokens, cached),
         )
+
+    @staticmethod
+    def _token_ids(request: CompletionRequest, prompt_ids: list[int] | None, output_ids: list[int]) -> dict:
+        """return_token_ids' fields of a choice (prompt_ids None: not this chunk's to carry)."""
+        if not request.return_token_ids:
+            return {}
+        return {"prompt_token_ids": prompt_ids, "token_ids": output_ids}
 
     async def _stream(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]
@@ -84,13 +103,18 @@ class OpenAIServingCompletion(OpenAIServing):
         sent: dict[tuple[int, int], int] = {}  # (prompt, child) -> output tokens already sent
         text_sent: dict[tuple[int, int], int] = {}  # characters sent, for logprobs' text_offset
         completion_tokens = 0
+        cached: dict[int, int] = {}  # prompt -> its tokens the prefix cache served
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        include_usage, continuous_usage = self.stream_usage(request.stream_options)
         async for index, output in merge(streams):
+            cached[index] = output.num_cached_tokens
             choices = []
             for child in output.outputs:
                 key = (index, child.index)
                 start = sent.get(key)
+                first = start is None
                 text = child.text_delta
-                if start is None and request.echo:
+                if first and request.echo:
                     text = self._echo_text(*prompts[index]) + text
                 start = start or 0
                 new_tokens = len(child.token_ids) - start
@@ -100,17 +124,19 @@ class OpenAIServingCompletion(OpenAIServing):
                 offset = text_sent.get(key, 0)
                 text_sent[key] = offset + len(text)
                 completion_tokens += new_tokens
-                choices.append(CompletionChoice(
+                choices.append(CompletionStreamChoice(
                     index=index * len(output.outputs) + child.index, text=text,
                     logprobs=self._logprobs(request, output, child, start, len(child.token_ids), offset),
                     finish_reason=child.finish_reason, stop_reason=child.stop_reason,
+                    **self._token_ids(request, prompts[index][1] if first else None, child.token_ids[start:]),
                 ))
             if choices:
-                yield sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices))
-        if request.stream_options and request.stream_options.include_usage:
-            prompt_tokens = sum(len(ids) for _, ids in prompts)
-            yield sse(CompletionResponse(
-                id=request_id, model=self.model_name, choices=[], usage=usage(prompt_tokens, completion_tokens)
+                usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values())) if continuous_usage else None
+                yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
+        if include_usage:
+            yield sse(CompletionStreamResponse(
+                id=request_id, model=self.model_name, choices=[],
+                usage=self.usage(prompt_tokens, completion_tokens, sum(cached.values())),
             ))
 
     def _echo_text(self, text: str | None, ids: list[int]) -> str:
@@ -131,18 +157,15 @@ class OpenAIServingCompletion(OpenAIServing):
         result = CompletionLogprobs()
         for token_id, position in zip(token_ids, positions):
             chosen = position.get(token_id) if position else None
-            token = _token_text(chosen, token_id) if chosen else decode_token(self.require_tokenizer(), token_id)
-            result.tokens.append(token or "")
+            # The first prompt token has no logprobs, but still its text.
+            decoded = chosen.decoded_token if chosen else decode_token(self.require_tokenizer(), token_id) or ""
+            token = self.token_text(request, decoded, token_id)
+            result.tokens.append(token)
             result.token_logprobs.append(chosen.logprob if chosen else None)
             result.top_logprobs.append(
-                {_token_text(lp, i): lp.logprob for i, lp in position.items()} if position else None
+                {self.token_text(request, lp.decoded_token, i): lp.logprob for i, lp in position.items()}
+                if position else None
             )
             result.text_offset.append(text_offset)
             text_offset += len(token or "")
         return result
-
-
-def _token_text(logprob: Logprob, token_id: int) -> str:
-    """The token as text; "token_id:N", as vLLM writes it, when the server has no tokenizer
-    (--skip-tokenizer-init), so that the tokens of a top-logprobs map stay apart."""
-    return f"token_id:{token_id}" if logprob.decoded_token is None else logprob.decoded_token

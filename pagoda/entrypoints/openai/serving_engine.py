@@ -1,6 +1,7 @@
 """What the completion and chat handlers share: errors in OpenAI's shape, model checks, the
-SamplingParams of a request, the context-length check, the queue bound (--max-queued-requests)
-and running one engine request."""
+SamplingParams of a request, prompt truncation and the context-length check, the queue bound
+(--max-queued-requests), running one engine request, usage (with its cached-token details and
+stream options) and logprob tokens as text or as "token_id:N"."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
+from pagoda.engine.input_processor import truncate_prompt
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 from .limits import RequestLimits
-from .protocol import ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, SamplingFields, UsageInfo
+from .protocol import (
+    ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, PromptTokenUsageInfo, SamplingFields, StreamOptions,
+    UsageInfo,
+)
 from .tool_parsers import ToolParser
 
 logger = logging.getLogger("pagoda.server")
@@ -80,9 +85,18 @@ class ServerConfig:
     stored_response_ttl: float = 3600.0
     # Reads tool calls out of replies to "auto" tool_choice (--enable-auto-tool-choice, --tool-call-parser).
     tool_parser: type[ToolParser] | None = None
+    # vLLM's flags of the same names.
+    return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
 
 
 class OpenAIServing:
+    # The request field that holds the prompt, named by errors about its length.
+    prompt_param = "prompt"
+    # SamplingParams' names of fields this route's requests call otherwise (for errors).
+    param_names: dict[str, str] = {}
+
     def __init__(self, engine: AsyncLLM, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
@@ -104,6 +118,20 @@ class OpenAIServing:
             raise OpenAIError("this model was loaded without a tokenizer", param="prompt")
         return self.tokenizer
 
+    def value_error(self, error: ValueError, default_param: str | None = None) -> OpenAIError:
+        """value_error, naming the parameter as this route's requests name it."""
+        openai_error = value_error(error, default_param)
+        openai_error.param = self.param_names.get(openai_error.param, openai_error.param)
+        return openai_error
+
+    def truncate(self, request: SamplingFields, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt as truncate_prompt_tokens leaves it (the engine would truncate it the same
+        way; the context-length check must see what it will run)."""
+        try:
+            return truncate_prompt(prompt_token_ids, request.truncate_prompt_tokens, self.config.max_model_len)
+        except ValueError as error:
+            raise self.value_error(error) from None
+
     def sampling_params(
         self, request: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None, **extra: Any
     ) -> SamplingParams:
@@ -114,12 +142,15 @@ class OpenAIServing:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
-        if max_tokens is not None and prompt_len + max_tokens > limit:
+        completion = max_tokens if max_tokens is not None else 1
+        if prompt_len + completion > limit:
+            # OpenAI names the prompt's field: the prompt is what a client shortens.
+            what = self.prompt_param
             raise OpenAIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the length of the prompt or of the completion.",
-                param="max_tokens", code="context_length_exceeded",
+                f"{prompt_len + completion} tokens ({prompt_len} in the {what}, {completion} for the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                param=what, code="context_length_exceeded",
             )
         fields = dict(
             n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
@@ -131,6 +162,7 @@ class OpenAIServing:
             min_tokens=request.min_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
             logit_bias=request.logit_bias, skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            allowed_token_ids=request.allowed_token_ids, truncate_prompt_tokens=request.truncate_prompt_tokens,
         )
         fields.update(extra)
         for name, value in self.config.default_sampling.items():
@@ -142,7 +174,7 @@ class OpenAIServing:
             # Unset fields take SamplingParams' own defaults.
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
         except ValueError as error:
-            raise value_error(error) from None
+            raise self.value_error(error) from None
 
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
@@ -163,9 +195,37 @@ class OpenAIServing:
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):
-                raise value_error(error, default_param) from None
+                raise self.value_error(error, default_param) from None
             raise
         return streams
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
+        """Usage; with --enable-prompt-tokens-details, the prompt tokens the prefix cache served
+        (when any did, as vLLM reports them)."""
+        details = None
+        if self.config.enable_prompt_tokens_details and cached_tokens:
+            details = PromptTokenUsageInfo(cached_tokens=cached_tokens)
+        return UsageInfo(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details,
+        )
+
+    def stream_usage(self, options: StreamOptions | None) -> tuple[bool, bool]:
+        """(a usage chunk at the end, usage in every chunk), as vLLM decides them:
+        --enable-force-include-usage gives both; continuous_usage_stats needs include_usage."""
+        if self.config.enable_force_include_usage:
+            return True, True
+        include = bool(options and options.include_usage)
+        return include, include and bool(options and options.continuous_usage_stats)
+
+    def token_text(self, request: SamplingFields, decoded: str | None, token_id: int) -> str:
+        """A logprob's token as text; "token_id:N", as vLLM writes it, when the request (or else
+        --return-tokens-as-token-ids) asks for ids, or the server has no tokenizer
+        (--skip-tokenizer-init), so that the tokens of a top-logprobs map stay apart."""
+        as_ids = request.return_tokens_as_token_ids
+        if as_ids is None:
+            as_ids = self.config.return_tokens_as_token_ids
+        return f"token_id:{token_id}" if as_ids or decoded is None else decoded
 
     def _refuse_when_queue_full(self) -> None:
         bound = self.config.max_queued_requests
@@ -204,13 +264,6 @@ def new_request_id(prefix: str) -> str:
 
 def sub_request_ids(request_id: str, num_prompts: int) -> list[str]:
     return [f"{request_id}-{i}" for i in range(num_prompts)]
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
 
 
 def sse(payload: BaseModel, exclude_none: bool = True) -> str:

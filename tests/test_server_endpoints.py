@@ -121,8 +121,7 @@ def test_tokenizer_info_describes_the_tokenizer(http, tokenizer):
 
 def test_optional_endpoints_are_off_by_default():
     """Without the flags: no /tokenizer_info, and /load reports 0 whatever runs (as in vLLM)."""
-    engine = SimpleNamespace(tokenizer=None, finished_listeners=[])
-    app = TestClient(build_app(engine, ServerConfig([MODEL], 64, None, False)))
+    app = TestClient(build_app(HeldEngine(), ServerConfig([MODEL], 64, None, False)))
     assert app.get("/tokenizer_info").status_code == 404
     assert app.get("/load").json() == {"server_load": 0}
 
@@ -167,9 +166,17 @@ class HeldEngine:
     """An engine stand-in whose requests each give one token once the test releases them."""
 
     tokenizer = None
+    num_gpu_blocks = 0
+    max_model_len = 64
+    # What /metrics' cache_config_info reads.
+    config = SimpleNamespace(cache=SimpleNamespace(
+        block_size=16, num_gpu_blocks_override=None, gpu_memory_utilization=0.9, kv_cache_memory_bytes=None,
+        enable_prefix_caching=True,
+    ))
 
     def __init__(self) -> None:
         self.finished_listeners: list = []
+        self.iteration_listeners: list = []
         self.released = threading.Event()
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt) -> AsyncIterator:

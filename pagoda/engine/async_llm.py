@@ -105,7 +105,7 @@ class AsyncLLM:
         self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
-        self.config, self.num_gpu_blocks = config, self.engine_core.num_gpu_blocks
+        self.config, self.num_gpu_blocks = self.processor.config, self.engine_core.num_gpu_blocks
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)
         self._receiver.start()
 

@@ -199,7 +199,7 @@ def metrics_registry(engine: AsyncLLM, model_name: str, vllm_names: bool = False
 
 def _cache_config_info(registry: CollectorRegistry, engine: AsyncLLM, model_name: str) -> None:
     """vLLM's cache_config_info: a gauge of 1 whose labels are the KV cache's settings."""
-    config = engine.config
+    config = engine.config.cache
     info = {
         "block_size": config.block_size, "num_gpu_blocks": engine.num_gpu_blocks,
         "num_gpu_blocks_override": config.num_gpu_blocks_override,

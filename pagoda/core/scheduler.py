@@ -26,9 +26,13 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pagoda.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass
@@ -61,6 +65,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # running requests first
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
+    # The masks of the constrained sample rows (structured outputs), set by the engine core.
+    grammar_bitmask: GrammarBitmask | None = None
 
 
 @dataclass
@@ -182,9 +188,9 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         kv = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if req.num_output_placeholders:
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self._next_admissible()
+            if req is None or req.num_output_placeholders:
                 break  # preempted with a token in flight: its prefix is not known yet
             blocks, num_cached = kv.get_computed_blocks(req)
             n = self._num_tokens_to_schedule(req.num_tokens - num_cached, budget)
@@ -194,8 +200,19 @@ class Scheduler:
             self._commit(req, n, out)
             budget -= n
 
+    def _next_admissible(self) -> Request | None:
+        """The first waiting request that can run: requests whose grammar is still compiling
+        are passed over, not waited for."""
+        for req in self.waiting:
+            if not req.waiting_for_grammar:
+                return req
+        return None
+
     def _admit(self, req: Request, num_cached: int) -> None:
-        self.waiting.popleft()
+        if self.waiting[0] is req:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(req)
         if req.status == RequestStatus.WAITING:  # a preempted request keeps its first figures
             req.num_cached_tokens = num_cached
             req.first_scheduled_time = time.time()

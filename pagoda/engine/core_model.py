@@ -16,3 +16,6 @@ class CoreModel:
     resolved: ResolvedModel  # where its files are
     hf_config: Any  # on transformers' base config class (loader/plain_config.py)
     eos_token_ids: frozenset[int]  # what ends a request unless it ignores EOS
+    # The tokenizer's vocabulary for compiling grammars (structured outputs), serialized by
+    # structured_output/grammar.py; None without a tokenizer.
+    grammar_vocab: str | None = None

@@ -1,7 +1,8 @@
 """The input side of the front end: the model's config, the tokenizer and the EOS ids, resolved
-once for the engine core; a user request turned into an EngineCoreRequest (n>1 fanned out into engine requests) after
-the checks that need the model but no engine state (empty prompt, token ids and logit_bias keys
-outside the vocabulary). What depends on the core's state (the prompt's length against
+once for the engine core (with the vocabulary as the grammar compiler needs it); a user request
+turned into an EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need
+the model but no engine state (empty prompt, token ids and logit_bias keys outside the
+vocabulary, a structured-output constraint that does not parse). What depends on the core's state (the prompt's length against
 max_model_len and the KV pool) the core itself refuses."""
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pagoda.loader.model_loader import (
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.loader.plain_config import plain_config
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_output.grammar import check as check_structured_outputs
+from pagoda.structured_output.grammar import grammar_vocab
 
 
 class InputProcessor:
@@ -30,12 +33,15 @@ class InputProcessor:
         self.tokenizer: Any | None = None if config.skip_tokenizer_init else load_tokenizer(resolved, config.tokenizer)
         self.vocab_size: int = hf_config.vocab_size
         eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, self.tokenizer)
-        self.core_model = CoreModel(resolved, plain_config(hf_config), eos_token_ids)
+        vocab = None if self.tokenizer is None else grammar_vocab(self.tokenizer, self.vocab_size, eos_token_ids)
+        self.core_model = CoreModel(resolved, plain_config(hf_config), eos_token_ids, vocab)
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
         """The engine request(s) of one user request, or a ValueError naming what is wrong."""
         self._validate_prompt(prompt_token_ids)
         self._validate_logit_bias(params.logit_bias)
+        if params.structured_outputs is not None:
+            check_structured_outputs(params.structured_outputs)
         return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params))
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:

@@ -96,6 +96,12 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[Int64] = None
+    # vLLM's structured-output extras (checked in structured_outputs.py)
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
 
 PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
@@ -108,6 +114,7 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None  # vLLM's extra: as chat's
 
 
 class TextPart(RequestModel):

@@ -20,6 +20,7 @@ from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
     sub_request_ids, usage,
 )
+from .structured_outputs import structured_outputs
 
 # Roles the chat templates know; "developer" is OpenAI's newer name for "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -41,7 +42,9 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        params = self.sampling_params(request, max_tokens, len(prompt_ids), logprobs)
+        params = self.sampling_params(
+            request, max_tokens, len(prompt_ids), logprobs, structured_outputs=structured_outputs(request)
+        )
         request_id = new_request_id("chatcmpl")
         streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
         ids = sub_request_ids(request_id, 1)
@@ -184,13 +187,11 @@ def _text(content: Any, i: int) -> str:
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    format_type = (request.response_format or {}).get("type", "text")
     refuse_unsupported({
         "tools": request.tools or None,
         "tool_choice": None if request.tool_choice in (None, "none", "auto") else request.tool_choice,
         "functions": request.functions or None,
         "function_call": None if request.function_call in (None, "none", "auto") else request.function_call,
-        "response_format": None if format_type == "text" else request.response_format,
         "audio": request.audio,
         "modalities": None if request.modalities in (None, ["text"]) else request.modalities,
         "prediction": request.prediction,

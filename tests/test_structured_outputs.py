@@ -74,7 +74,7 @@ def _texts(llm: LLM, prompts, params) -> list[list[tuple[str, str]]]:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_json_schemas_validate(llm, temperature):
     names = list(SCHEMAS)
-    params = [_json(SCHEMAS[name], temperature=temperature, n=3 if temperature else 1, seed=7) for name in names]
+    params = [_json(SCHEMAS[name], temperature=temperature, n=2 if temperature else 1, seed=7) for name in names]
     for name, outputs in zip(names, _texts(llm, [PROMPT] * len(names), params)):
         for text, finish_reason in outputs:
             assert finish_reason == "stop", (name, text)
@@ -116,13 +116,13 @@ def test_choice_and_regex(llm):
 
 
 def test_mixed_batch_leaves_free_requests_alone(llm):
-    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = llm.generate(PROMPT, free, use_tqdm=False)[0].outputs[0].token_ids
-    constrained = _json(SCHEMAS["nested"], temperature=0)
+    constrained = _json(SCHEMAS["pattern"], temperature=0)
     outs = llm.generate([PROMPT, PROMPT, PROMPT], [constrained, free, constrained], use_tqdm=False)
     assert outs[1].outputs[0].token_ids == alone
     for out in (outs[0], outs[2]):
-        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS["nested"])
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS["pattern"])
 
 
 def test_stop_strings(llm):
@@ -144,7 +144,8 @@ def test_engine_paths_keep_outputs(llm, model_dir, engine_args):
     expected = _texts(llm, prompts, params)
     other = LLM(model=str(model_dir), device="cpu", max_model_len=512, seed=0, **engine_args)
     assert _texts(other, prompts, params) == expected
-    assert _texts(other, prompts, params) == expected  # the second time from the prefix cache, if on
+    if "enable_prefix_caching" in engine_args:
+        assert _texts(other, prompts, params) == expected  # from the prefix cache
     scheduler = other.llm_engine.engine_core.engine_core.scheduler
     if "num_gpu_blocks_override" in engine_args:
         assert scheduler.num_preemptions > 0

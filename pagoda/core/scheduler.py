@@ -18,7 +18,10 @@ rejected drafts, whose K/V slots the next steps overwrite. Drafts count against 
 KV blocks and the length limits like any token, but never preempt anyone: short of blocks, the
 request is scheduled without them. Under asynchronous scheduling drafts go only with a last
 token that is known (the proposer cannot have seen a placeholder's value), and a request whose
-drafts are in flight is not planned again until they are read: how many will hold is unknown."""
+drafts are in flight is not planned again until they are read: how many will hold is unknown.
+
+A waiting request whose grammar is still compiling (structured outputs) is passed over: the
+requests behind it are admitted meanwhile."""
 
 from __future__ import annotations
 

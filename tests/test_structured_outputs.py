@@ -1,7 +1,8 @@
 """Structured outputs offline (LLM): every constrained output follows its grammar (JSON schemas,
 choices, regexes), at temperature 1 and with n > 1, next to free requests in the same batch,
-through preemption, asynchronous scheduling, prefix caching and stop strings; a grammar being
-compiled holds back its own request only; bad constraints are refused by name."""
+through preemption, asynchronous scheduling, prefix caching and stop strings; constrained
+requests get no draft tokens; a grammar being compiled holds back its own request only; bad
+constraints are refused by name."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import jsonschema
 import pytest
 
 from pagoda import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+from pagoda.config import EngineConfig
+from pagoda.engine.llm_engine import LLMEngine
 from pagoda.structured_output.grammar import GrammarCompiler
 from tests.serving import save_tokenizer
 from tests.tiny_models import save_tiny_model
@@ -175,6 +178,33 @@ def test_compiling_grammar_holds_back_only_its_request(llm, monkeypatch):
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
     assert re.fullmatch("slow[0-9]", finished["constrained"].outputs[0].text)
+
+
+class RepeatProposer:
+    """Drafts for every request it is shown: its last token, twice; remembers whom it saw."""
+
+    num_speculative_tokens = 2
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def propose(self, requests):
+        self.shown.update(r.request_id for r in requests)
+        return {r.request_id: [r.output_token_ids[-1]] * 2 for r in requests}
+
+
+def test_constrained_requests_get_no_drafts(llm, model_dir):
+    proposer = RepeatProposer()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", max_model_len=512, seed=0), proposer)
+    prompt = engine.tokenizer.encode(PROMPT["prompt"])
+    engine.add_request("constrained", prompt, _json(SCHEMAS["pattern"], temperature=0), final_only=True)
+    engine.add_request("free", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), final_only=True)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step()})
+    assert proposer.shown == {"free"}
+    expected = llm.generate(PROMPT, _json(SCHEMAS["pattern"], temperature=0), use_tqdm=False)[0].outputs[0].text
+    assert finished["constrained"].outputs[0].text == expected
 
 
 @pytest.mark.parametrize("constraint, field", [

@@ -55,11 +55,10 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 _fail(f"structured_outputs.{name}", value, "a string")
-        if self.choice is not None and (
-            not isinstance(self.choice, (list, tuple)) or not self.choice or not all(isinstance(c, str) for c in self.choice)
-        ):
-            _fail("structured_outputs.choice", self.choice, "a non-empty list of strings")
         if self.choice is not None:
+            choices_ok = isinstance(self.choice, (list, tuple)) and all(isinstance(c, str) for c in self.choice)
+            if not choices_ok or not self.choice:
+                _fail("structured_outputs.choice", self.choice, "a non-empty list of strings")
             self.choice = list(self.choice)
         _require(isinstance(self.disable_any_whitespace, bool), "structured_outputs.disable_any_whitespace",
                  self.disable_any_whitespace, "a bool")

@@ -50,7 +50,8 @@ SCHEMAS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model whose tokenizer gives the vocabulary (default: the embedded one)")
+    parser.add_argument("--model", default=None,
+                        help="model whose tokenizer gives the vocabulary (default: the embedded one)")
     parser.add_argument("--num-requests", type=int, default=64, help="constrained requests in the batch")
     parser.add_argument("--steps", type=int, default=100, help="steps to time")
     parser.add_argument("--schema", choices=sorted(SCHEMAS), default="order", help="the requests' JSON schema")

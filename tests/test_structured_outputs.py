@@ -227,6 +227,7 @@ def test_params_are_checked_on_construction():
     with pytest.raises(ValueError, match="^structured_outputs=.*exactly one"):
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="^guided_decoding="):
-        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"), guided_decoding=GuidedDecodingParams(regex="b"))
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"),
+                       guided_decoding=GuidedDecodingParams(regex="b"))
     moved = SamplingParams(guided_decoding=GuidedDecodingParams(choice=["a"]))
     assert moved.structured_outputs == StructuredOutputsParams(choice=["a"]) and moved.guided_decoding is None

@@ -193,7 +193,9 @@ class Scheduler:
         kv = self.kv_cache_manager
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_admissible()
-            if req is None or req.num_output_placeholders:
+            if req is None:
+                break  # nobody waits, or only requests whose grammar is compiling
+            if req.num_output_placeholders:
                 break  # preempted with a token in flight: its prefix is not known yet
             blocks, num_cached = kv.get_computed_blocks(req)
             n = self._num_tokens_to_schedule(req.num_tokens - num_cached, budget)

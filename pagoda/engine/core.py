@@ -1,9 +1,9 @@
 """EngineCore: the engine loop, token ids in and token ids out. schedule -> execute -> update ->
 CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
 (multi-token steps); structured outputs' grammars compiled, matched and turned into each step's
-masks (pagoda/structured_output/manager.py). It knows engine requests only (n=1 each) and loads no tokenizer: EOS ids come
-in its arguments, resolved by the front end; text, stop strings and n>1 gathering are the front
-end's (engine/llm_engine.py, engine/async_llm.py)."""
+masks (pagoda/structured_output/manager.py). It knows engine requests only (n=1 each) and loads no
+tokenizer: EOS ids and the grammar vocabulary come in its arguments, resolved by the front end;
+text, stop strings and n>1 gathering are the front end's (engine/llm_engine.py, engine/async_llm.py)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 once for the engine core (with the vocabulary as the grammar compiler needs it); a user request
 turned into an EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need
 the model but no engine state (empty prompt, token ids and logit_bias keys outside the
-vocabulary, a structured-output constraint that does not parse). What depends on the core's state (the prompt's length against
-max_model_len and the KV pool) the core itself refuses."""
+vocabulary, a structured-output constraint that does not parse). What depends on the core's
+state (the prompt's length against max_model_len and the KV pool) the core itself refuses."""
 
 from __future__ import annotations
 

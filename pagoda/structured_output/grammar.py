@@ -32,7 +32,9 @@ def grammar_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]
     (its logits' width, which may exceed the tokenizer's); EOS ends a grammar that is complete."""
     import xgrammar
 
-    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids))
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids)
+    )
     return info.serialize_json()
 
 

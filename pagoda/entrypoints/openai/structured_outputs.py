@@ -36,7 +36,9 @@ def structured_outputs(request: SamplingFields) -> StructuredOutputsParams | Non
 
 def _given(request: SamplingFields) -> list[tuple[str, dict[str, Any]]]:
     """(field name, StructuredOutputsParams fields) for each constraint the request sets."""
-    given = [(name, {field: getattr(request, name)}) for name, field in _GUIDED.items() if getattr(request, name) is not None]
+    given = [
+        (name, {field: getattr(request, name)}) for name, field in _GUIDED.items() if getattr(request, name) is not None
+    ]
     if request.structured_outputs is not None:
         given.append(("structured_outputs", dict(request.structured_outputs)))
     response_format = getattr(request, "response_format", None)

@@ -105,6 +105,16 @@ def test_max_tokens_cuts_the_json(llm):
         json.loads(out.text)
 
 
+def test_ignore_eos_goes_on_past_the_grammar(llm):
+    """A complete grammar allows only EOS; ignored, the request goes on unconstrained."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(regex="ab"))
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    eos = llm.llm_engine.tokenizer.eos_token_id
+    assert out.finish_reason == "length" and len(out.token_ids) == 6 and out.token_ids[2] == eos
+    assert out.text.startswith("ab")
+
+
 def test_choice_and_regex(llm):
     choices = ["yes", "no", 'a "quoted" one']
     params = [

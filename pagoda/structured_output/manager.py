@@ -36,6 +36,7 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple, Future] = OrderedDict()  # constraint key -> compiled grammar
         self._compiling: dict[str, tuple[Request, Future]] = {}  # requests waiting for their grammar
         self._matchers: dict[str, tuple[Request, Any]] = {}  # request id -> (request, its matcher)
+        self._off_grammar: set[str] = set()  # requests warned about a token their grammar refused
 
     def add_request(self, request: Request) -> None:
         """Start compiling the request's grammar (or find it compiled); it waits until then."""
@@ -89,12 +90,13 @@ class StructuredOutputManager:
 
     def bitmask(self, chunks: Iterable[ScheduledChunk]) -> GrammarBitmask | None:
         """The masks of a step's constrained sample rows (rows counted as the runner samples
-        them: the sampling chunks in order, 1 + drafts rows each)."""
+        them: the sampling chunks in order, 1 + drafts rows each). A grammar that has ended (its
+        EOS accepted, the request going on with ignore_eos) constrains nothing more, as in vLLM."""
         rows, matchers = [], []
         row = 0
         for chunk in chunks:
             entry = self._matchers.get(chunk.request.request_id) if chunk.samples else None
-            if entry is not None:
+            if entry is not None and not entry[1].is_terminated():
                 rows.append(row)
                 matchers.append(entry[1])
             row += chunk.num_samples
@@ -110,14 +112,26 @@ class StructuredOutputManager:
         """Advance the matchers of requests that got tokens; drop those of finished requests."""
         for req, n in updated:
             entry = self._matchers.get(req.request_id)
-            if entry is None:
-                continue
-            for token in req.output_token_ids[-n:] if n else []:
-                if not entry[1].accept_token(token):
-                    logger.error("request %s: token %d breaks its grammar", req.request_id, token)
-                    break
+            if entry is not None and not _accept(entry[1], req.output_token_ids[-n:] if n else []):
+                # Only a conflict of the request's own parameters gets here: min_tokens masks the
+                # EOS that a complete grammar allows alone. The matcher stays where it was.
+                if req.request_id not in self._off_grammar:
+                    logger.warning("request %s: a token outside its grammar (min_tokens past the grammar's end?)",
+                                   req.request_id)
+                    self._off_grammar.add(req.request_id)
         for rid in [rid for rid, (req, _) in self._matchers.items() if req.status.is_finished()]:
             del self._matchers[rid]
+            self._off_grammar.discard(rid)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _accept(matcher: Any, tokens: list[int]) -> bool:
+    """Whether the matcher took every token (none after its grammar ended: EOS ignored)."""
+    for token in tokens:
+        if matcher.is_terminated():
+            return True
+        if not matcher.accept_token(token):
+            return False
+    return True

@@ -92,6 +92,8 @@ class StructuredOutputManager:
         """The masks of a step's constrained sample rows (rows counted as the runner samples
         them: the sampling chunks in order, 1 + drafts rows each). A grammar that has ended (its
         EOS accepted, the request going on with ignore_eos) constrains nothing more, as in vLLM."""
+        if not self._matchers:  # most steps: nothing in the batch is constrained
+            return None
         rows, matchers = [], []
         row = 0
         for chunk in chunks:
@@ -110,6 +112,8 @@ class StructuredOutputManager:
 
     def accept(self, updated: Iterable[tuple[Request, int]]) -> None:
         """Advance the matchers of requests that got tokens; drop those of finished requests."""
+        if not self._matchers:
+            return
         for req, n in updated:
             entry = self._matchers.get(req.request_id)
             if entry is not None and not _accept(entry[1], req.output_token_ids[-n:] if n else []):

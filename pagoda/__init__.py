@@ -9,12 +9,15 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 from typing import TYPE_CHECKING, Any
 
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from pagoda.entrypoints.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput",
+    "Logprob",
+]
 __version__ = "0.1.0"
 
 

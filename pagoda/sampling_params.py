@@ -1,10 +1,12 @@
-"""SamplingParams: how to pick each next token and when to stop, named and validated as vLLM does."""
+"""SamplingParams: how to pick each next token and when to stop, named and validated as vLLM does;
+StructuredOutputsParams (vLLM's older name: GuidedDecodingParams): the grammar its tokens must follow."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import copy
+import json
 import math
 import numbers
 from collections.abc import Iterator
@@ -40,6 +42,61 @@ def rebuilding_checked_params() -> Iterator[None]:
         yield
     finally:
         _REBUILDING.reset(token)
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one constraint, as vLLM names them: a JSON schema (a dict, its JSON text, or a
+    pydantic model class), a regular expression, a list of choices, an EBNF grammar, or any JSON
+    object. Normalised on construction: `json` becomes the schema's JSON text."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+
+    def __post_init__(self) -> None:
+        if self.json_object is False:
+            self.json_object = None
+        named = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(named) != 1:
+            _fail("structured_outputs", self, f"exactly one of {', '.join(_CONSTRAINTS)} (got {named or 'none'})")
+        self.json = _schema_text(self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                _fail(f"structured_outputs.{name}", value, "a string")
+        if self.choice is not None:
+            choices_ok = isinstance(self.choice, (list, tuple)) and all(isinstance(c, str) for c in self.choice)
+            if not choices_ok or not self.choice:
+                _fail("structured_outputs.choice", self.choice, "a non-empty list of strings")
+            self.choice = list(self.choice)
+        _require(isinstance(self.disable_any_whitespace, bool), "structured_outputs.disable_any_whitespace",
+                 self.disable_any_whitespace, "a bool")
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the grammar: equal keys compile to the same grammar."""
+        return (self.json, self.regex, None if self.choice is None else tuple(self.choice), self.grammar,
+                self.json_object, self.disable_any_whitespace)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before StructuredOutputsParams
+
+
+def _schema_text(schema: Any) -> str | None:
+    if schema is None or isinstance(schema, str):
+        return schema
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # a pydantic model class
+        schema = schema.model_json_schema()
+    if not isinstance(schema, (dict, bool)):
+        _fail("structured_outputs.json", schema, "a JSON schema: a dict, its JSON text, or a pydantic model class")
+    return json.dumps(schema)
 
 
 @dataclass
@@ -78,11 +135,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name: moved to structured_outputs
 
     def __post_init__(self) -> None:
         if _REBUILDING.get():
             return
         self._normalise_scalars()
+        self._normalise_structured_outputs()
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids) or []
         self.allowed_token_ids = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
@@ -101,6 +161,14 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Whether sampling reads the tokens generated so far (repetition, presence, frequency)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def _normalise_structured_outputs(self) -> None:
+        if self.guided_decoding is not None:
+            _require(self.structured_outputs is None, "guided_decoding", self.guided_decoding,
+                     "unset when structured_outputs is set (they are the same, under two names)")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        _require(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+                 "structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:

@@ -23,6 +23,9 @@ class ModelConfig:
     max_model_len: int
     seed: int  # of sampling without a request seed, and of dummy weights
     eos_token_ids: frozenset[int]  # what ends a request unless it ignores EOS
+    # The tokenizer's vocabulary as the grammar compiler needs it (structured outputs), serialized
+    # by structured_output/grammar.py; None without a tokenizer.
+    grammar_vocab: str | None
 
     @property
     def name(self) -> str:

@@ -27,13 +27,13 @@ from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import hf_meta_model
 from pagoda.models import model_architecture
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
+from pagoda.structured_output.grammar import grammar_vocab
 
 
-def resolve_config(
-    args: EngineConfig, resolved: ResolvedModel, tokenizer_eos_token_id: int | None = None
-) -> ResolvedConfig:
-    """resolved: where the model's files are (loader/model_resolver.py); tokenizer_eos_token_id:
-    the tokenizer's EOS token, which ends requests besides those the model's configs name."""
+def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None = None) -> ResolvedConfig:
+    """resolved: where the model's files are (loader/model_resolver.py); tokenizer: the front
+    end's (None: skip_tokenizer_init), whose EOS token ends requests besides those the model's
+    configs name, and whose vocabulary grammars are compiled against."""
     hf_config = load_hf_config(resolved)
     spec = model_spec(hf_config, args.load_format)
     device = args.torch_device()
@@ -43,9 +43,10 @@ def resolve_config(
     parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size)
     gpus = detect_gpus() if device.type == "cuda" else None
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
-    eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer_eos_token_id)
+    eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
+    vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
     return ResolvedConfig(
-        model=ModelConfig(resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids),
+        model=ModelConfig(resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids, vocab),
         cache=CacheConfig(
             args.block_size, args.enable_prefix_caching, dtype, args.gpu_memory_utilization,
             args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
@@ -159,11 +160,11 @@ def _async_scheduling(stated: bool | None, device: torch.device, parallel: Paral
     return stated
 
 
-def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer_eos_token_id: int | None) -> frozenset[int]:
+def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer: Any | None) -> frozenset[int]:
     """generation_config.json's EOS ids, the model config's and the tokenizer's."""
     ids = set(generation_eos)
     declared = getattr(hf_config, "eos_token_id", None)
     ids.update([declared] if isinstance(declared, int) else declared or [])
-    if tokenizer_eos_token_id is not None:
-        ids.add(tokenizer_eos_token_id)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

@@ -62,6 +62,8 @@ class Request:
         # with the last known token; and how many of a scheduled step's are still unread.
         self.draft_token_ids: list[int] = []
         self.num_drafts_in_flight = 0
+        # A structured-output request is not scheduled until its grammar is compiled.
+        self.waiting_for_grammar = False
         self.num_cached_tokens = 0
         self.first_scheduled_time: float | None = None  # time.time() when first admitted to the batch
         self.status = RequestStatus.WAITING

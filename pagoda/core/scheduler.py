@@ -18,7 +18,10 @@ rejected drafts, whose K/V slots the next steps overwrite. Drafts count against 
 KV blocks and the length limits like any token, but never preempt anyone: short of blocks, the
 request is scheduled without them. Under asynchronous scheduling drafts go only with a last
 token that is known (the proposer cannot have seen a placeholder's value), and a request whose
-drafts are in flight is not planned again until they are read: how many will hold is unknown."""
+drafts are in flight is not planned again until they are read: how many will hold is unknown.
+
+A waiting request whose grammar is still compiling (structured outputs) is passed over: the
+requests behind it are admitted meanwhile."""
 
 from __future__ import annotations
 
@@ -26,9 +29,13 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pagoda.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # running requests first
     num_batched_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
+    # The masks of the constrained sample rows (structured outputs), set by the engine core.
+    grammar_bitmask: GrammarBitmask | None = None
 
 
 @dataclass
@@ -184,8 +193,10 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         kv = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self._next_admissible()
+            if req is None:
+                break  # nobody waits, or only requests whose grammar is compiling
             if req.num_output_placeholders:
                 break  # preempted with a token in flight: its prefix is not known yet
             blocks, num_cached = kv.get_computed_blocks(req)
@@ -196,8 +207,19 @@ class Scheduler:
             self._commit(req, n, out)
             budget -= n
 
+    def _next_admissible(self) -> Request | None:
+        """The first waiting request that can run: requests whose grammar is still compiling
+        are passed over, not waited for."""
+        for req in self.waiting:
+            if not req.waiting_for_grammar:
+                return req
+        return None
+
     def _admit(self, req: Request, num_cached: int) -> None:
-        self.waiting.popleft()
+        if self.waiting[0] is req:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(req)
         if req.status == RequestStatus.WAITING:  # a preempted request keeps its first figures
             req.num_cached_tokens = num_cached
             req.first_scheduled_time = time.time()

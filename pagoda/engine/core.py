@@ -1,8 +1,10 @@
 """EngineCore: the engine loop, token ids in and token ids out. schedule -> execute -> update ->
 CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
-(multi-token steps). It knows engine requests only (n=1 each) and loads no tokenizer: it is built
-from the ResolvedConfig the front end made (EOS ids included) and re-derives none of it. Text, stop
-strings and n>1 gathering are the front end's (engine/llm_engine.py, engine/async_llm.py)."""
+(multi-token steps); structured outputs' grammars compiled, matched and turned into each step's
+masks (pagoda/structured_output/manager.py). It knows engine requests only (n=1 each) and loads no
+tokenizer: it is built from the ResolvedConfig the front end made (EOS ids and the grammar
+vocabulary included) and re-derives none of it. Text, stop strings and n>1 gathering are the front
+end's (engine/llm_engine.py, engine/async_llm.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +22,15 @@ from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
 from pagoda.spec.proposer import TokenProposer
+from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget
 
 logger = logging.getLogger("pagoda")
+
+# How long a step with nothing to run waits for a grammar being compiled: short, as the core
+# also reads its input between steps.
+_GRAMMAR_WAIT_S = 0.01
 
 
 class EngineCore:
@@ -48,10 +55,11 @@ class EngineCore:
         cache = config.cache
         kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, kv_manager)
+        self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
         self.async_scheduling = config.scheduler.async_scheduling and self.executor.can_overlap_steps
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
-        # Requests whose sampling reads their output tokens on the host (penalties): while one is
-        # unfinished, steps run one at a time.
+        # Requests whose sampling reads their output tokens on the host (penalties, grammars):
+        # while one is unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
         self.num_batched_tokens = 0  # tokens computed by the step whose outputs step() last returned
         logger.info(
@@ -106,10 +114,11 @@ class EngineCore:
             for req in requests:
                 self.scheduler.add_request(req)
                 added.append(req.request_id)
+                self.structured_outputs.add_request(req)
         except ValueError:
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
             raise
-        self._needs_known_tokens.update(r.request_id for r in requests if r.sampling_params.has_penalties)
+        self._needs_known_tokens.update(r.request_id for r in requests if _reads_known_tokens(r))
 
     def abort_requests(self, request_ids: Sequence[str] | None = None) -> list[str]:
         """Stop engine requests (None: all) and free their blocks; returns those that were
@@ -124,6 +133,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the model's worker processes, if it has any; the core cannot step after this."""
+        self.structured_outputs.shutdown()
         self.executor.shutdown()
 
     # The loop ---------------------------------------------------------------------------------
@@ -136,17 +146,34 @@ class EngineCore:
         the step launched by the previous call, read while the device runs the new one."""
         self.num_batched_tokens = 0
         try:
+            failed = self._take_compiled_grammars()
+            if failed:
+                return failed
             if self.async_scheduling and not self._steps_must_wait():
                 return self._step_overlapped()
             if self._in_flight is not None:  # drain before a step that needs every token known
                 return self._read(*self._take_in_flight())
             scheduler_output = self.scheduler.schedule()
             if not scheduler_output.chunks:
+                if self.structured_outputs.has_compiling:  # rather than spin until a grammar is ready
+                    self.structured_outputs.wait_for_compiles(_GRAMMAR_WAIT_S)
                 return []
-            return self._read(scheduler_output, self.executor.launch(scheduler_output))
+            return self._read(scheduler_output, self._launch(scheduler_output))
         except BaseException:
             self._in_flight = None  # the device's state is unknown: nothing in flight is trusted
             raise
+
+    def _take_compiled_grammars(self) -> list[CoreOutput]:
+        """Requests whose grammar is ready may run; those whose grammar failed end as aborted."""
+        if not self.structured_outputs.has_compiling:
+            return []
+        failed = self.structured_outputs.take_compiled()
+        self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ABORTED)
+        return [CoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in failed]
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        scheduler_output.grammar_bitmask = self.structured_outputs.bitmask(scheduler_output.chunks)
+        return self.executor.launch(scheduler_output)
 
     def _steps_must_wait(self) -> bool:
         # Drafts are proposed from a request's known tokens: with the next step planned before
@@ -161,7 +188,7 @@ class EngineCore:
         previous = self._take_in_flight()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.chunks:
-            self._in_flight = (scheduler_output, self.executor.launch(scheduler_output))
+            self._in_flight = (scheduler_output, self._launch(scheduler_output))
         return [] if previous is None else self._read(*previous)
 
     def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
@@ -173,6 +200,7 @@ class EngineCore:
         runner_output = step.result()
         self.num_batched_tokens = scheduler_output.num_batched_tokens
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
+        self.structured_outputs.accept(updated)
         num_new = {req.request_id: n for req, n in updated}
         if self.proposer is not None:
             self._propose_drafts()
@@ -193,12 +221,21 @@ class EngineCore:
     def _propose_drafts(self) -> None:
         """Drafts for the next step of every running request that is decoding, its tokens known."""
         assert self.proposer is not None
+        # A grammar's mask is for one position: constrained requests go without drafts.
         decoding = [
             req for req in self.scheduler.running
             if not req.num_output_placeholders and req.num_computed_tokens == req.num_tokens - 1
+            and req.sampling_params.structured_outputs is None
         ]
         if not decoding:
             return
         limit = self.proposer.num_speculative_tokens
         for rid, drafts in self.proposer.propose(decoding).items():
             self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])
+
+
+def _reads_known_tokens(request: Request) -> bool:
+    """Whether planning the request's next step needs its tokens so far on the host: penalties
+    count them, a grammar's mask follows them."""
+    params = request.sampling_params
+    return params.has_penalties or params.structured_outputs is not None

@@ -2,7 +2,8 @@
 ids, every default and rule), made once for the engine core; a user request turned into an
 EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
-vocabulary, more logprobs than --max-logprobs), the prompt truncated to truncate_prompt_tokens
+vocabulary, more logprobs than --max-logprobs, a structured-output constraint that does not
+parse), the prompt truncated to truncate_prompt_tokens
 and logprobs of -1 made the vocabulary's size. What depends on the core's state (the prompt's
 length against the KV pool) the core itself refuses."""
 
@@ -18,6 +19,7 @@ from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.loader.model_loader import load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_output.grammar import check as check_structured_outputs
 
 
 class InputProcessor:
@@ -25,8 +27,7 @@ class InputProcessor:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
         resolved = resolve_model(args.model, args.load_format)
         self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
-        self.config = resolve_config(args, resolved, tokenizer_eos_token_id=eos)
+        self.config = resolve_config(args, resolved, self.tokenizer)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
 
@@ -39,6 +40,8 @@ class InputProcessor:
         self._validate_token_ids("logit_bias", params.logit_bias)
         self._validate_token_ids("allowed_token_ids", params.allowed_token_ids)
         params = self._resolve_logprobs(params)
+        if params.structured_outputs is not None:
+            check_structured_outputs(params.structured_outputs)
         return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params))
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:

@@ -7,7 +7,8 @@ samples on the device.
 
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
-each request gets a list of new tokens."""
+each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
+core) are applied to the sampled rows' logits before sampling."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
 )
+from pagoda.structured_output.bitmask import apply_grammar_bitmask
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
 logger = logging.getLogger("pagoda")
@@ -256,7 +258,10 @@ class ModelRunner:
         sampling = [c for c in chunks if c.samples]
         if not sampling:
             return PendingStep(out)
-        samples = self._sample(_rows(logits, batch.sample_rows), sampling)
+        sample_logits = _rows(logits, batch.sample_rows)
+        if scheduler_output.grammar_bitmask is not None:
+            apply_grammar_bitmask(sample_logits, scheduler_output.grammar_bitmask)
+        samples = self._sample(sample_logits, sampling)
         self._last_samples = samples.token_ids
         self._last_sample_rows = batch.last_sample_row
         return PendingStep(out, sampling, PendingSamples(samples))

@@ -4,7 +4,8 @@ Pickling whole requests every step costs milliseconds at a batch of hundreds (th
 grow with every token), as much as a decode step on a GPU. Instead each worker keeps a mirror of
 every unfinished request; a step message carries the requests the workers have not seen, the
 tokens appended to those they have, the ids of those that finished, and for each chunk only its
-place (request id, start, length, block table, whether it samples, its draft tokens)."""
+place (request id, start, length, block table, whether it samples, its draft tokens), and the
+step's grammar masks (structured outputs)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from pagoda.core.request import Request
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
+from pagoda.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass
@@ -22,6 +24,7 @@ class StepMessage:
     # request id, start, num_tokens, block_ids, samples, draft_token_ids
     chunks: list[tuple[str, int, int, list[int], bool, list[int]]]
     num_batched_tokens: int
+    grammar_bitmask: GrammarBitmask | None = None
 
 
 class StepEncoder:
@@ -34,7 +37,9 @@ class StepEncoder:
         finished = [rid for rid, (req, _) in self._sent.items() if req.status.is_finished()]
         for rid in finished:
             del self._sent[rid]
-        message = StepMessage([], [], finished, [], scheduler_output.num_batched_tokens)
+        message = StepMessage(
+            [], [], finished, [], scheduler_output.num_batched_tokens, scheduler_output.grammar_bitmask
+        )
         for chunk in scheduler_output.chunks:
             req = chunk.request
             sent = self._sent.get(req.request_id)
@@ -68,4 +73,4 @@ class StepDecoder:
             ScheduledChunk(self._requests[rid], start, num_tokens, block_ids, samples, drafts)
             for rid, start, num_tokens, block_ids, samples, drafts in message.chunks
         ]
-        return SchedulerOutput(chunks, message.num_batched_tokens)
+        return SchedulerOutput(chunks, message.num_batched_tokens, grammar_bitmask=message.grammar_bitmask)

@@ -103,6 +103,12 @@ class SamplingFields(RequestModel):
     return_token_ids: Optional[bool] = None
     # Logprob tokens as "token_id:N" (None: the server's --return-tokens-as-token-ids).
     return_tokens_as_token_ids: Optional[bool] = None
+    # vLLM's structured-output extras (checked in structured_outputs.py)
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
 
 PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
@@ -115,6 +121,7 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None  # vLLM's extra: as chat's
 
 
 class TextPart(RequestModel):

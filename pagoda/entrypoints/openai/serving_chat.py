@@ -29,6 +29,7 @@ from .serving_engine import (
 )
 from .tool_choice import ToolCalling, template_tools, tool_calling
 from .tool_parsers import ToolCallStream
+from .structured_outputs import structured_outputs
 
 # "developer" is OpenAI's newer name for "system", which the chat templates know.
 _ROLES = {"developer": "system"}
@@ -89,8 +90,10 @@ class OpenAIServingChat(OpenAIServing):
         # A parser whose markers may be special tokens needs them left in the text, as in vLLM.
         keep_specials = tools.parser is not None and tools.parser.keeps_special_tokens
         extra = {"skip_special_tokens": False} if keep_specials else {}
-        params = self.sampling_params(request, max_tokens, len(prompt_ids), logprobs, **extra)
-        # TODO(guided decoding): constrain generation to tools.json_schema when it is set.
+        constraint = structured_outputs(request, tools.json_schema)
+        params = self.sampling_params(
+            request, max_tokens, len(prompt_ids), logprobs, structured_outputs=constraint, **extra
+        )
         request_id = new_request_id(id_prefix)
         streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
         role = "assistant" if add_generation_prompt else request.messages[-1].role
@@ -349,11 +352,9 @@ def _text(content: Any, i: int) -> str:
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    format_type = (request.response_format or {}).get("type", "text")
     refuse_unsupported({
         "functions": request.functions or None,
         "function_call": None if request.function_call in (None, "none", "auto") else request.function_call,
-        "response_format": None if format_type == "text" else request.response_format,
         "audio": request.audio,
         "modalities": None if request.modalities in (None, ["text"]) else request.modalities,
         "prediction": request.prediction,

@@ -17,6 +17,7 @@ from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
     sub_request_ids,
 )
+from .structured_outputs import structured_outputs
 
 Prompt = tuple[str | None, list[int]]
 
@@ -33,8 +34,12 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
             prompt_k = request.logprobs
+        constraint = structured_outputs(request)
         params = [
-            self.sampling_params(request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=prompt_k)
+            self.sampling_params(
+                request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=prompt_k,
+                structured_outputs=constraint,
+            )
             for _, ids in prompts
         ]
         request_id = new_request_id("cmpl")

@@ -1,0 +1,141 @@
+"""The engine core's structured outputs: each distinct constraint compiled once, in a thread (a
+request waits for its grammar; the step loop and every other request go on), a matcher per
+constrained request advanced with the tokens it accepts, and each step's masks.
+
+A matcher's state is the request's output so far: preemption (which recomputes the same tokens)
+and prefix caching leave it as it is. Masks need every token of a request known when its next
+step is planned, so the engine runs steps one at a time while a constrained request is
+unfinished (as for penalties), and gives such requests no draft tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from pagoda.core.request import Request
+from pagoda.core.scheduler import ScheduledChunk
+from pagoda.sampling_params import StructuredOutputsParams
+from pagoda.structured_output.bitmask import GrammarBitmask
+from pagoda.structured_output.grammar import GrammarCompiler
+
+logger = logging.getLogger("pagoda")
+
+_MAX_CACHED_GRAMMARS = 1024
+
+
+class StructuredOutputManager:
+    def __init__(self, grammar_vocab: str | None) -> None:
+        """grammar_vocab: the tokenizer's vocabulary as grammar.grammar_vocab serialized it (None:
+        no tokenizer, so no structured outputs)."""
+        self._vocab = grammar_vocab
+        self._compiler: GrammarCompiler | None = None  # built at the first constrained request
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
+        self._compiled: OrderedDict[tuple, Future] = OrderedDict()  # constraint key -> compiled grammar
+        self._compiling: dict[str, tuple[Request, Future]] = {}  # requests waiting for their grammar
+        self._matchers: dict[str, tuple[Request, Any]] = {}  # request id -> (request, its matcher)
+        self._off_grammar: set[str] = set()  # requests warned about a token their grammar refused
+
+    def add_request(self, request: Request) -> None:
+        """Start compiling the request's grammar (or find it compiled); it waits until then."""
+        params = request.sampling_params.structured_outputs
+        if params is None:
+            return
+        if self._vocab is None:
+            raise ValueError("structured_outputs need the tokenizer's vocabulary: the engine was started "
+                             "without a tokenizer (skip_tokenizer_init)")
+        request.waiting_for_grammar = True
+        self._compiling[request.request_id] = (request, self._grammar(params))
+
+    def _grammar(self, params: StructuredOutputsParams) -> Future:
+        key = params.key
+        future = self._compiled.get(key)
+        if future is None:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self._vocab)
+            future = self._compiled[key] = self._pool.submit(self._compiler.compile, params)
+            if len(self._compiled) > _MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return future
+
+    @property
+    def has_compiling(self) -> bool:
+        return bool(self._compiling)
+
+    def take_compiled(self) -> list[Request]:
+        """Let requests whose grammar is ready be scheduled; returns those whose compile failed
+        (the caller ends them)."""
+        failed = []
+        for rid, (req, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[rid]
+            if req.status.is_finished():
+                continue
+            error = future.exception()
+            if error is not None:
+                logger.error("grammar of request %s failed to compile: %s", rid, error)
+                failed.append(req)
+                continue
+            self._matchers[rid] = (req, self._compiler.matcher(future.result()))
+            req.waiting_for_grammar = False
+        return failed
+
+    def wait_for_compiles(self, timeout: float) -> None:
+        """Block until a grammar is compiled or timeout seconds pass (nothing else can run)."""
+        wait([future for _, future in self._compiling.values()], timeout, return_when=FIRST_COMPLETED)
+
+    def bitmask(self, chunks: Iterable[ScheduledChunk]) -> GrammarBitmask | None:
+        """The masks of a step's constrained sample rows (rows counted as the runner samples
+        them: the sampling chunks in order, 1 + drafts rows each). A grammar that has ended (its
+        EOS accepted, the request going on with ignore_eos) constrains nothing more, as in vLLM."""
+        if not self._matchers:  # most steps: nothing in the batch is constrained
+            return None
+        rows, matchers = [], []
+        row = 0
+        for chunk in chunks:
+            entry = self._matchers.get(chunk.request.request_id) if chunk.samples else None
+            if entry is not None and not entry[1].is_terminated():
+                rows.append(row)
+                matchers.append(entry[1])
+            row += chunk.num_samples
+        if not rows:
+            return None
+        assert self._compiler is not None
+        bitmask = self._compiler.allocate_bitmask(len(rows))
+        for i, matcher in enumerate(matchers):
+            matcher.fill_next_token_bitmask(bitmask, i)
+        return GrammarBitmask(rows, bitmask)
+
+    def accept(self, updated: Iterable[tuple[Request, int]]) -> None:
+        """Advance the matchers of requests that got tokens; drop those of finished requests."""
+        if not self._matchers:
+            return
+        for req, n in updated:
+            entry = self._matchers.get(req.request_id)
+            if entry is not None and not _accept(entry[1], req.output_token_ids[-n:] if n else []):
+                # Only a conflict of the request's own parameters gets here: min_tokens masks the
+                # EOS that a complete grammar allows alone. The matcher stays where it was.
+                if req.request_id not in self._off_grammar:
+                    logger.warning("request %s: a token outside its grammar (min_tokens past the grammar's end?)",
+                                   req.request_id)
+                    self._off_grammar.add(req.request_id)
+        for rid in [rid for rid, (req, _) in self._matchers.items() if req.status.is_finished()]:
+            del self._matchers[rid]
+            self._off_grammar.discard(rid)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _accept(matcher: Any, tokens: list[int]) -> bool:
+    """Whether the matcher took every token (none after its grammar ended: EOS ignored)."""
+    for token in tokens:
+        if matcher.is_terminated():
+            return True
+        if not matcher.accept_token(token):
+            return False
+    return True

@@ -42,14 +42,16 @@ ARCHITECTURES = {
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.5], "long_factor": [1.5, 2.0, 4.0, 8.0]},
     )),
     # Alternating sliding (16 tokens: most prompts here are longer) and global layers, soft-caps
-    # that bite, a query_pre_attn_scalar that is not head_dim.
+    # that bite, a query_pre_attn_scalar that is not head_dim. Untied: a tied head on Gemma's
+    # scaled embeddings would only ever repeat the last token of a random model.
     "gemma2": (transformers.Gemma2Config, "Gemma2ForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, tie_word_embeddings=False,
         attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=24,
     )),
     # q/k norm, a local rope base for the sliding layers, linear scaling on the global ones.
     "gemma3": (transformers.Gemma3TextConfig, "Gemma3ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=16, num_hidden_layers=3,
+        tie_word_embeddings=False,
         sliding_window_pattern=2, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
     )),
 }

@@ -68,10 +68,11 @@ def test_triton_window_and_soft_cap_match_torch_reference(
 ):
     from pagoda.attention import triton_backend
     from pagoda.attention.torch_backend import TorchAttentionBackend
-    from tests.test_triton_attention import DEVICE, _batch
+    from tests.test_triton_attention import DEVICE, DTYPES, _batch
 
     monkeypatch.setattr(triton_backend, "decode_splits", lambda *args: num_splits)
-    q, k, v, cache, metadata = _batch(query_lens, prefix_lens, 4, 2, 16, 16, torch.float32, seed=3)
+    dtype = DTYPES[-1]  # float32 in the interpreter, bfloat16 on a GPU
+    q, k, v, cache, metadata = _batch(query_lens, prefix_lens, 4, 2, 16, 16, dtype, seed=3)
     outs = []
     for backend in (TorchAttentionBackend(), triton_backend.TritonAttentionBackend()):
         metadata.backend_data = {}
@@ -86,4 +87,5 @@ def test_triton_window_and_soft_cap_match_torch_reference(
     unmasked = plain.forward(q, k, v, cache.clone(), metadata, 0.3)
     assert not torch.allclose(reference, unmasked, atol=1e-3)  # the window and cap change the output
     assert out.device.type == DEVICE and not out.isnan().any()
-    assert (out - reference).norm() / reference.norm() < 1e-4
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (out.float() - reference.float()).norm() / reference.float().norm() < tol

@@ -14,7 +14,8 @@ _COMMON = dict(
 )
 
 # name -> (config class, architecture, extra config): together they cover MHA, GQA, MQA, a head_dim
-# that is not hidden/heads, tied and untied embeddings, llama3 rope scaling and q/k/v bias.
+# that is not hidden/heads, tied and untied embeddings, llama3 rope scaling and q/k/v bias, and
+# the Phi-3 and Gemma features named at each.
 ARCHITECTURES = {
     "llama3": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -32,6 +33,26 @@ ARCHITECTURES = {
     )),
     "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+    )),
+    # Fused qkv/gate_up tensors, LongRoPE (within its pretraining length here: tests/test_new_families.py
+    # crosses it) over half of each head (Phi-4-mini's partial rotary), a window on every layer.
+    "phi3": (transformers.Phi3Config, "Phi3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=24,
+        partial_rotary_factor=0.5, original_max_position_embeddings=128, pad_token_id=0,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.5], "long_factor": [1.5, 2.0, 4.0, 8.0]},
+    )),
+    # Alternating sliding (16 tokens: most prompts here are longer) and global layers, soft-caps
+    # that bite, a query_pre_attn_scalar that is not head_dim. Untied: a tied head on Gemma's
+    # scaled embeddings would only ever repeat the last token of a random model.
+    "gemma2": (transformers.Gemma2Config, "Gemma2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, tie_word_embeddings=False,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=24,
+    )),
+    # q/k norm, a local rope base for the sliding layers, linear scaling on the global ones.
+    "gemma3": (transformers.Gemma3TextConfig, "Gemma3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=16, num_hidden_layers=3,
+        tie_word_embeddings=False,
+        sliding_window_pattern=2, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
     )),
 }
 

@@ -46,6 +46,9 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,  # a query sees its last `sliding_window` tokens only
+        logits_soft_cap: float | None = None,  # scores become cap * tanh(score / cap)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

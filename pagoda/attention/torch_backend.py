@@ -1,9 +1,13 @@
 """Paged attention in plain torch: the CPU path and the reference for the GPU kernels.
 
 Decodes (one query token) are attended as one padded batch; prefill chunks one request at a
-time, each against its cached prefix and causally within the chunk."""
+time, each against its cached prefix and causally within the chunk. A sliding-window layer masks
+the keys older than its window; a soft-capped layer (Gemma 2) computes the scores itself, since
+scaled_dot_product_attention cannot cap them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +43,7 @@ class TorchAttentionBackend:
             torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),  # token index of each
             metadata.block_tables[rows_t, : -(-max_len // metadata.block_size)],
             max_len,
-            # [B, 1, 1, max_len]: which cached positions each decode may see
-            (torch.arange(max_len, device=dev)[None, :] < seq_lens[:, None])[:, None, None, :],
+            seq_lens,
         )
 
     def forward(
@@ -51,24 +54,30 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
+        layer = _Layer(scale, sliding_window, logits_soft_cap)
         if "decode" in metadata.backend_data:
-            self._decode(q, kv_cache, metadata.backend_data["decode"], scale, out)
+            self._decode(q, kv_cache, metadata.backend_data["decode"], layer, out)
         for i, n in enumerate(metadata.query_lens_cpu):
             if n > 1:
-                self._prefill(q, kv_cache, metadata, i, scale, out)
+                self._prefill(q, kv_cache, metadata, i, layer, out)
         return out
 
-    def _decode(self, q, kv_cache, plan, scale: float, out: torch.Tensor) -> None:
-        token_idx, tables, max_len, mask = plan
+    def _decode(self, q, kv_cache, plan, layer: _Layer, out: torch.Tensor) -> None:
+        token_idx, tables, max_len, seq_lens = plan
         keys, values = gather_kv(kv_cache, tables)
         keys, values = keys[:, :, :max_len], values[:, :, :max_len]
         query = q[token_idx].unsqueeze(2)  # [B, Hq, 1, D]
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[token_idx] = attn.squeeze(2)
-    def _prefill(self, q, kv_cache, metadata, row: int, scale: float, out: torch.Tensor) -> None:
+        # [B, 1, 1, max_len]: the cached positions each decode (at position seq_len - 1) sees
+        mask = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=q.device), layer.sliding_window)
+        out[token_idx] = _attend(query, keys, values, mask[:, None, None, :], layer).squeeze(2)
+
+    def _prefill(self, q, kv_cache, metadata, row: int, layer: _Layer, out: torch.Tensor) -> None:
         start = metadata.query_starts_cpu[row]
         q_len, seq_len = metadata.query_lens_cpu[row], metadata.seq_lens_cpu[row]
         table = metadata.block_tables[row : row + 1, : -(-seq_len // metadata.block_size)]
@@ -76,16 +85,41 @@ class TorchAttentionBackend:
         keys, values = keys[:, :, :seq_len], values[:, :, :seq_len]
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]
         prefix = seq_len - q_len
-        if prefix == 0:
+        if prefix == 0 and layer.sliding_window is None and layer.logits_soft_cap is None:
             attn = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+                query, keys, values, is_causal=True, scale=layer.scale, enable_gqa=True
             )
         else:
-            # Query i sits at position prefix + i and sees keys 0..prefix + i.
+            # Query i sits at position prefix + i.
             q_pos = torch.arange(prefix, seq_len, device=q.device)[:, None]
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-            attn = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-            )
+            mask = _visible(q_pos, torch.arange(seq_len, device=q.device), layer.sliding_window)
+            attn = _attend(query, keys, values, mask, layer)
         out[start : start + q_len] = attn[0].transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    scale: float
+    sliding_window: int | None
+    logits_soft_cap: float | None
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[.., Q, 1] query positions x [K] key positions -> whether the query sees the key: causal,
+    and within the last `sliding_window` tokens (itself included)."""
+    mask = k_pos <= q_pos
+    return mask if sliding_window is None else mask & (k_pos > q_pos - sliding_window)
+
+
+def _attend(query, keys, values, mask: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    """query [B, Hq, Q, D], keys/values [B, Hkv, K, D], mask broadcastable to [B, Hq, Q, K]."""
+    if layer.logits_soft_cap is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = (query @ keys.transpose(-1, -2)) * layer.scale
+    cap = layer.logits_soft_cap
+    scores = torch.tanh(scores / cap) * cap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    return probs.to(values.dtype) @ values
 

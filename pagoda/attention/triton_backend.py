@@ -4,7 +4,8 @@ One program per (request, KV head, tile of query tokens). The query heads that s
 are packed into the rows of one tile (rows = query tokens x group), so a decode of a GQA model
 still fills a tensor-core tile, and each K/V block is read once for the whole group. Keys are
 walked block by block through the request's block table with an online softmax; queries see the
-cached prefix and, causally, their own chunk.
+cached prefix and, causally, their own chunk. A sliding-window layer's programs start at the
+oldest key their window reaches; a soft-capped layer's scores are capped before the softmax.
 
 A batch of few decodes would leave most of the GPU idle (one request of a model with 8 KV heads
 is 8 programs): its keys are then split across programs, each writing a partial softmax (its max,
@@ -22,6 +23,9 @@ import triton.language as tl
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.torch_backend import write_kv
 
+# The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
+_NO_WINDOW = 1 << 30
+
 
 # The block-table width changes from step to step; specialising on it (as Triton does on integers
 # divisible by 16) would compile the kernel again mid-serving.
@@ -29,13 +33,14 @@ from pagoda.attention.torch_backend import write_kv
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, partial_max_sum_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    scale,
+    scale, window, soft_cap,
     stride_qt, stride_qh,
     stride_cb, stride_cs, stride_ch,
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,10 +70,12 @@ def _paged_attention_kernel(
     acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
     # Keys beyond the last query of this tile are masked for every row: stop there.
     last_key = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_Q)
-    first_key = 0
+    # Keys older than the first query's window are masked for every row: start there (a whole
+    # tile earlier at most). Without a window, `window` exceeds any position.
+    first_key = tl.maximum(0, prefix + tile * BLOCK_Q - window + 1) // TILE_N * TILE_N
     if NUM_SPLITS > 1:  # this program's share: whole key tiles, the last split maybe short or empty
-        span = tl.cdiv(tl.cdiv(last_key, NUM_SPLITS), TILE_N) * TILE_N
-        first_key = split * span
+        span = tl.cdiv(tl.cdiv(last_key - first_key, NUM_SPLITS), TILE_N) * TILE_N
+        first_key = first_key + split * span
         last_key = tl.minimum(last_key, first_key + span)
     # Each iteration reads TILE_N keys, spanning TILE_N / BLOCK_SIZE blocks when blocks are
     # small: larger loads keep more bytes in flight than one 16-token block at a time.
@@ -83,7 +90,10 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 2 * sigmoid(2x) - 1
+            s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0)
         visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < seq_len)
+        visible = visible & (key_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no key yet keep m = -inf; shift by 0 there to avoid inf - inf.
@@ -135,6 +145,8 @@ def paged_attention(
     block_q: int,
     tile_n: int | None = None,
     num_splits: int = 1,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]. num_splits > 1
     (decodes only) splits each request's keys across that many programs."""
@@ -158,7 +170,7 @@ def paged_attention(
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, partial_max_sum,
         metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
-        scale,
+        scale, sliding_window or _NO_WINDOW, logits_soft_cap or 0.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
@@ -166,6 +178,7 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
+        HAS_SOFT_CAP=logits_soft_cap is not None,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
@@ -211,6 +224,9 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         group = q.shape[1] // k.shape[1]
@@ -221,4 +237,7 @@ class TritonAttentionBackend:
             # are max_model_len wide, so its captured split count suits any length).
             max_keys = metadata.block_tables.shape[1] * metadata.block_size
             num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, _num_sms(q.device))
-        return paged_attention(q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits)
+        return paged_attention(
+            q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        )

@@ -26,7 +26,8 @@ class ModelSpec:
     # rope_type, rope_theta and the type's scaling settings (layers/rotary.py reads them)
     rope_parameters: dict[str, Any]
     max_position_embeddings: int | None
-    sliding_window: int | None  # None: every layer attends to the whole sequence
+    # The window of each layer that attends to its last tokens only (None: to all); () when none does.
+    layer_sliding_windows: tuple[int | None, ...]
     tie_word_embeddings: bool
     attention_bias: bool  # Llama's switch: a bias on q, k, v and o
     mlp_bias: bool
@@ -36,3 +37,10 @@ class ModelSpec:
     hf_config: dict[str, Any]
     # Dummy weights only: each checkpoint tensor's name and shape, as transformers' model has them.
     checkpoint_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # The rope of sliding-window layers where it differs from the others' (Gemma 3's local base).
+    local_rope_parameters: dict[str, Any] | None = None
+    # Gemma: attention scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5,
+    # and attention scores / final logits soft-capped (cap * tanh(x / cap)).
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None

@@ -63,7 +63,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
 def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
     """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda does not have)."""
     heads = hf_config.num_attention_heads
-    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    rope, local_rope = _rope_parameters(hf_config)
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     declared = DTYPES.get(declared) if isinstance(declared, str) else declared
     quantization = getattr(hf_config, "quantization_config", None)
@@ -79,11 +79,11 @@ def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
         num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
         vocab_size=hf_config.vocab_size,
-        hidden_act=getattr(hf_config, "hidden_act", "silu"),
+        hidden_act=getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu",
         rms_norm_eps=hf_config.rms_norm_eps,
-        rope_parameters=rope_parameters(hf_config),
+        rope_parameters=rope,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
-        sliding_window=window,
+        layer_sliding_windows=_layer_sliding_windows(hf_config),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
@@ -91,7 +91,37 @@ def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
         quantization=quantization,
         hf_config=hf_config.to_dict(),
         checkpoint_shapes=_checkpoint_shapes(hf_config.to_dict()) if load_format == "dummy" else (),
+        local_rope_parameters=local_rope,
+        query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
+        attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
+        final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
     )
+
+
+def _layer_sliding_windows(hf_config: Any) -> tuple[int | None, ...]:
+    """Each layer's window: the config's `layer_types` say which layers slide (Gemma, Qwen2);
+    without them every layer does (Mistral, Phi-3)."""
+    uses_window = getattr(hf_config, "use_sliding_window", True)
+    window = getattr(hf_config, "sliding_window", None) if uses_window else None
+    if window is None:
+        return ()
+    types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * hf_config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def _rope_parameters(hf_config: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the rope of full-attention layers, that of sliding-window layers where it differs):
+    Gemma 3's configs hold one rope per layer type."""
+    params = rope_parameters(hf_config)
+    if "full_attention" not in params:
+        return params, None
+    return _normalised_rope(params["full_attention"]), _normalised_rope(params["sliding_attention"])
+
+
+def _normalised_rope(params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    return params
 
 
 def _checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -108,21 +138,15 @@ def _dtype(dtype: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
 
 
 def _max_model_len(max_model_len: int | None, spec: ModelSpec) -> int:
-    limit, window = spec.max_position_embeddings, spec.sliding_window
+    limit = spec.max_position_embeddings
     if max_model_len is None:
         if limit is None:
             raise ValueError("the model config has no max_position_embeddings: set max_model_len (--max-model-len)")
-        # Sliding-window attention is not implemented: stay inside the window, where it is exact.
-        return int(min(limit, window or limit))
+        return int(limit)
     if limit is not None and max_model_len > limit:
         raise ValueError(
             f"max_model_len={max_model_len} is larger than the model's maximum context "
             f"({limit}, max_position_embeddings in its config); lower --max-model-len"
-        )
-    if window and max_model_len > window:
-        raise ValueError(
-            f"max_model_len={max_model_len} exceeds the model's sliding window ({window}), "
-            "which Pagoda does not implement yet; set max_model_len <= the window (--max-model-len)"
         )
     return max_model_len
 

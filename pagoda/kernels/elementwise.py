@@ -79,12 +79,13 @@ def _rotary_kernel(
 
 
 def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] in place ("rotate half" layout); cos_sin is
-    [max_position, D] float32, cos in the first half. Heads and dims must be contiguous."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place ("rotate half" layout) over their first R
+    dims; cos_sin is [rows, R] float32, cos in the first half, gathered at `positions`. Heads and
+    dims must be contiguous."""
+    num_tokens, num_q_heads, _ = q.shape
     if num_tokens == 0:
         return
-    half = head_dim // 2
+    half = cos_sin.shape[1] // 2
     _rotary_kernel[(num_tokens,)](
         q, k, cos_sin, positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),

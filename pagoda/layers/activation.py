@@ -1,4 +1,4 @@
-"""Activations of the gated MLP."""
+"""Activations of the gated MLP: SiLU (Llama family) and tanh-approximated GELU (Gemma's GeGLU)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,18 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class GeluTanhAndMul(nn.Module):
+    """gelu_tanh(gate) * up, over the merged [gate | up] projection output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+_ACT_AND_MUL = {"silu": SiluAndMul, "gelu_pytorch_tanh": GeluTanhAndMul}
+
+
 def get_act_and_mul(hidden_act: str) -> nn.Module:
-    if hidden_act != "silu":
-        raise ValueError(f"hidden_act={hidden_act!r} is not supported; supported: 'silu'")
-    return SiluAndMul()
+    if hidden_act not in _ACT_AND_MUL:
+        raise ValueError(f"hidden_act={hidden_act!r} is not supported; supported: {sorted(_ACT_AND_MUL)}")
+    return _ACT_AND_MUL[hidden_act]()

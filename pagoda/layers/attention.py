@@ -1,4 +1,5 @@
-"""The attention front a model layer calls: shapes, scale, and the backend that does the work."""
+"""The attention front a model layer calls: shapes, scale, the layer's sliding window and score
+soft-cap, and the backend that does the work."""
 
 from __future__ import annotations
 
@@ -10,18 +11,32 @@ from pagoda.attention.kv_cache_spec import FullAttentionSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: AttentionBackend,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        """scale: of q.k (head_dim ** -0.5 unless given); sliding_window: a query sees only the
+        last `sliding_window` tokens, itself included; logits_soft_cap: scores become
+        cap * tanh(score / cap)."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.backend = backend
         # The cache holds keys and values in the model's dtype (the default dtype while it is built).
         self.kv_cache_dtype = torch.get_default_dtype()
 
     def kv_cache_spec(self, block_size: int) -> FullAttentionSpec:
-        return FullAttentionSpec(block_size, self.num_kv_heads, self.head_dim, self.kv_cache_dtype)
+        return FullAttentionSpec(block_size, self.num_kv_heads, self.head_dim, self.kv_cache_dtype, self.sliding_window)
 
     def forward(
         self,
@@ -32,5 +47,8 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]."""
-        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        out = self.backend.forward(
+            q, k, v, kv_cache, metadata, self.scale,
+            sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
+        )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

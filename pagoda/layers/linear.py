@@ -121,7 +121,15 @@ class ColumnParallelLinear(Linear):
             offset += shard.size
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None) -> None:
-        """Copy this rank's rows of a whole checkpoint tensor (`param_name` "weight" or "bias") into its part."""
+        """Copy this rank's rows of a whole checkpoint tensor (`param_name` "weight" or "bias") into its
+        part; with no part, the tensor holds every part's rows fused, in order (Phi-3's qkv_proj)."""
+        if part is None:
+            sizes = [s.full for s in self.parts.values()]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(f"fused checkpoint tensor for {param_name} has {tensor.shape[0]} rows, expected {sum(sizes)}")
+            for name, rows in zip(self.parts, tensor.split(sizes)):
+                self.load_weight(param_name, rows, name)
+            return
         shard = self.parts[part]
         if tensor.shape[0] != shard.full:
             raise ValueError(

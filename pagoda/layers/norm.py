@@ -1,5 +1,6 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
-On CUDA one Triton kernel does both; the torch code is the CPU path and the reference."""
+On CUDA one Triton kernel does both; the torch code is the CPU path and the reference.
+GemmaRMSNorm scales by (1 + weight) (Gemma's checkpoints store the offset from one)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def _kernel_weight(self) -> torch.Tensor:
+        return self.weight
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +33,24 @@ class RMSNorm(nn.Module):
             from pagoda.kernels.elementwise import rms_norm
 
             if residual is None:
-                return rms_norm(x, self.weight, self.eps)
-            return rms_norm(x, self.weight, self.eps, residual), residual
+                return rms_norm(x, self._kernel_weight(), self.eps)
+            return rms_norm(x, self._kernel_weight(), self.eps, residual), residual
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Scaled in fp32 and then cast, as Gemma's reference rounds (Llama casts first).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        return 1.0 + self.weight.float()

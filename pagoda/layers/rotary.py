@@ -1,5 +1,10 @@
 """Rotary position embedding (the "rotate half" layout of Llama-family checkpoints), with the
-scaling schemes their configs name."""
+scaling schemes their configs name, over the whole head or its first `partial_rotary_factor` of it.
+
+LongRoPE (Phi-3, "longrope" / "su") has two sets of frequencies: a request's tokens are rotated by
+the short set while the request is within the pretraining length (original_max_position_embeddings)
+and by the long set once it is longer, as transformers chooses for the sequence it runs. Both
+tables are held one after the other; `table_index` picks each token's row."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pagoda.attention.backend import AttentionMetadata
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -20,6 +27,13 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
+    if params["rope_type"] in ("longrope", "su"):
+        params["rope_type"] = "longrope"
+        # Older configs keep the pretraining length beside the scaling, not in it.
+        params.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+        params.setdefault("max_position_embeddings", getattr(config, "max_position_embeddings", None))
+    if "partial_rotary_factor" not in params and getattr(config, "partial_rotary_factor", None) is not None:
+        params["partial_rotary_factor"] = config.partial_rotary_factor
     return params
 
 
@@ -39,6 +53,25 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope_inv_freqs(rotary_dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(short, long) frequencies: the base ones divided by each set's per-dimension factors."""
+    base = float(params["rope_theta"])
+    inv_freq_shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return tuple(
+        1.0 / (torch.tensor(params[which], dtype=torch.float32) * base**inv_freq_shape)
+        for which in ("short_factor", "long_factor")
+    )
+
+
+def _longrope_attention_factor(params: dict[str, Any]) -> float:
+    """The cos/sin magnitude (the paper's mscale), from the context's extension factor."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def compute_inv_freq(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
@@ -50,33 +83,56 @@ def compute_inv_freq(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, params).float()
     raise ValueError(
-        f"rope_type={rope_type!r} is not supported; supported: 'default', 'linear', 'llama3'"
+        f"rope_type={rope_type!r} is not supported; supported: 'default', 'linear', 'llama3', 'longrope'"
     )
+
+
+def _cos_sin(inv_freq: torch.Tensor, max_position: int, magnitude: float = 1.0) -> torch.Tensor:
+    """[max_position, rotary_dim]: cos | sin halves, gathered by position each step."""
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos() * magnitude, freqs.sin() * magnitude], dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
-        inv_freq = compute_inv_freq(head_dim, params)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        # [max_position, head_dim]: cos | sin halves, gathered by position each step.
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        self.rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        self.max_position = max_position
+        self.original_max_position: int | None = None
+        if params["rope_type"] == "longrope":
+            self.original_max_position = params["original_max_position_embeddings"]
+            magnitude = _longrope_attention_factor(params)
+            short, long = _longrope_inv_freqs(self.rotary_dim, params)
+            table = torch.cat([_cos_sin(short, max_position, magnitude), _cos_sin(long, max_position, magnitude)])
+        else:
+            table = _cos_sin(compute_inv_freq(self.rotary_dim, params), max_position)
+        self.register_buffer("cos_sin", table, persistent=False)
+
+    def table_index(self, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Each token's row of `cos_sin`: its position, in the long table (LongRoPE) when its
+        request is longer than the pretraining length after this step."""
+        if self.original_max_position is None:
+            return positions
+        tokens = torch.arange(positions.shape[0], device=positions.device, dtype=metadata.query_start_loc.dtype)
+        request = torch.searchsorted(metadata.query_start_loc[1:], tokens, right=True)
+        seq_len = metadata.seq_lens[request.clamp_max(metadata.seq_lens.shape[0] - 1)]
+        return positions + (seq_len > self.original_max_position) * self.max_position
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA, copies elsewhere)."""
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA, copies elsewhere).
+        positions: rows of `cos_sin` (table_index)."""
         if q.is_cuda:
             from pagoda.kernels.elementwise import rotary_inplace
 
             rotary_inplace(positions, q, k, self.cos_sin)
             return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotated, passed = x.split([self.rotary_dim, x.shape[-1] - self.rotary_dim], dim=-1)
+        x1, x2 = rotated.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([out.to(x.dtype), passed], dim=-1)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
+from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
 from pagoda.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }

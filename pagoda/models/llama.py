@@ -1,5 +1,7 @@
-"""The Llama family: Llama 2/3/3.1/3.2 and Mistral. Qwen2 (q/k/v bias) and Qwen3 (q/k norm)
-reuse these blocks with their own switches, in their own files."""
+"""The Llama family: Llama 2/3/3.1/3.2 and Mistral. Qwen2 (q/k/v bias), Qwen3 (q/k norm), Phi-3
+(fused checkpoint tensors, LongRoPE) and Gemma 2/3 (their own decoder layer and norm) reuse these
+blocks with their own switches, in their own files. What the spec states is applied here for
+every family: each layer's sliding window, the attention scale, the score and logit soft-caps."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class LlamaAttention(nn.Module):
         o_bias: bool,
         qk_norm: bool,
         linear_method: LinearMethod | None,
+        layer_index: int,
+        norm_cls: type[RMSNorm] = RMSNorm,
     ) -> None:
         super().__init__()
         # This TP rank's heads: its share of the query heads, and the KV heads they read.
@@ -55,10 +59,16 @@ class LlamaAttention(nn.Module):
             config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=qkv_bias, linear_method=linear_method
         )
         self.o_proj = RowParallelLinear(q.full, config.hidden_size, bias=o_bias, linear_method=linear_method)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+        scalar = config.query_pre_attn_scalar
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, backend,
+            scale=scalar**-0.5 if scalar is not None else None,
+            sliding_window=layer_window(config, layer_index),
+            logits_soft_cap=config.attn_logit_softcapping,
+        )
 
     @staticmethod
     def num_parameters(config: ModelSpec, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> int:
@@ -87,17 +97,24 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
 
 
+def layer_window(config: ModelSpec, layer_index: int) -> int | None:
+    return config.layer_sliding_windows[layer_index] if config.layer_sliding_windows else None
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
         config: ModelSpec,
+        layer_index: int,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
         linear_method: LinearMethod | None,
         **attn_kw: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend, **attn_kw, linear_method=linear_method)
+        self.self_attn = LlamaAttention(
+            config, rotary, backend, **attn_kw, linear_method=linear_method, layer_index=layer_index
+        )
         self.mlp = GatedMLP(
             config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, linear_method
         )
@@ -122,9 +139,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder layers of this pipeline stage. The first stage embeds the tokens; the others
-    receive the previous stage's hidden states and residual. The last stage applies the final norm;
-    the others send their hidden states and residual on and return None."""
+    """The decoder layers of this pipeline stage. The first stage embeds the tokens (scaled by
+    sqrt(hidden_size) where `scale_embeddings`: Gemma); the others receive the previous stage's
+    hidden states and residual. The last stage applies the final norm; the others send their
+    hidden states and residual on and return None. Sliding-window layers use the spec's local rope
+    where it has one (Gemma 3)."""
 
     def __init__(
         self,
@@ -132,6 +151,9 @@ class LlamaModel(nn.Module):
         backend: AttentionBackend,
         max_position: int,
         linear_method: LinearMethod | None,
+        layer_cls: type[nn.Module] = LlamaDecoderLayer,
+        norm_cls: type[RMSNorm] = RMSNorm,
+        scale_embeddings: bool = False,
         **attn_kw: bool,
     ) -> None:
         super().__init__()
@@ -142,13 +164,19 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (
             VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.stage.is_first else PPMissingLayer()
         )
-        rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_parameters)
+        self.embed_scale = config.hidden_size**0.5 if scale_embeddings else None
+        self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_parameters)
+        local = config.local_rope_parameters
+        # (LongRoPE's table rows, which the forward computes once, are never local rope's.)
+        local_rotary = RotaryEmbedding(config.head_dim, max_position, local) if local else self.rotary
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, backend, linear_method, **attn_kw)
+            layer_cls(
+                config, i, local_rotary if layer_window(config, i) else self.rotary, backend, linear_method, **attn_kw
+            )
             if i in self.layer_range else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else PPMissingLayer()
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else PPMissingLayer()
 
     def forward(
         self,
@@ -159,9 +187,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor | None:
         if self.stage.is_first:
             hidden, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale is not None:  # the scale rounded to the model dtype, as Gemma's reference does
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:
             shape = (input_ids.shape[0], self.hidden_size)
             hidden, residual = recv_from_prev_stage(2, shape, self.dtype, input_ids.device, self.stage)
+        positions = self.rotary.table_index(positions, metadata)
         for layer, kv_cache in zip(islice(self.layers, self.layer_range.start, None), kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if not self.stage.is_last:
@@ -179,13 +210,21 @@ class LlamaForCausalLM(CausalLM):
     ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
     # Switches the Qwen files flip; Llama's attention_bias puts a bias on q, k, v and o.
     qk_norm = False
+    # What the Gemma file swaps in: its decoder layer (four norms), its norm, scaled embeddings.
+    decoder_layer_cls: ClassVar[type[nn.Module]] = LlamaDecoderLayer
+    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
+    norms_per_layer: ClassVar[int] = 2
+    scale_embeddings: ClassVar[bool] = False
 
     def __init__(
         self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
     ) -> None:
         super().__init__(config, backend, max_position, linear_method)
         self.config = config
-        self.model = LlamaModel(config, backend, max_position, linear_method, **self.attention_switches(config))
+        self.model = LlamaModel(
+            config, backend, max_position, linear_method, self.decoder_layer_cls, self.norm_cls,
+            self.scale_embeddings, **self.attention_switches(config),
+        )
         self.tie_word_embeddings = config.tie_word_embeddings
         is_last = pp_group().is_last
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if is_last else PPMissingLayer()
@@ -203,7 +242,7 @@ class LlamaForCausalLM(CausalLM):
         layer = (
             LlamaAttention.num_parameters(config, **cls.attention_switches(config))
             + GatedMLP.num_parameters(hidden, config.intermediate_size, config.mlp_bias)
-            + 2 * hidden  # the two norms
+            + cls.norms_per_layer * hidden
         )
         embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
         return (embeddings + config.num_hidden_layers * layer + hidden) * dtype.itemsize
@@ -218,7 +257,9 @@ class LlamaForCausalLM(CausalLM):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def tied_parameters(self) -> dict[str, str]:
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}

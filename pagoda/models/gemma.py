@@ -1,0 +1,73 @@
+"""Gemma 2 and Gemma 3 (text): the Llama attention and gated MLP (GeGLU) in Gemma's decoder layer,
+which normalises each sublayer's output as well as its input, with (1 + weight) RMSNorms and
+embeddings scaled by sqrt(hidden_size). Sliding-window and global layers alternate (the spec's
+per-layer windows); Gemma 2 soft-caps attention scores and final logits; Gemma 3 normalises q
+and k and gives its sliding-window layers their own rope base. The attention scale, caps, windows
+and local rope come from the spec (pagoda/config/resolve.py); llama.py applies them."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from pagoda.attention.backend import AttentionBackend, AttentionMetadata
+from pagoda.config.model_spec import ModelSpec
+from pagoda.layers.linear import LinearMethod
+from pagoda.layers.mlp import GatedMLP
+from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
+from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.models.llama import LlamaAttention, LlamaForCausalLM
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelSpec,
+        layer_index: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        linear_method: LinearMethod | None,
+        **attn_kw: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(
+            config, rotary, backend, **attn_kw, linear_method=linear_method, layer_index=layer_index,
+            norm_cls=GemmaRMSNorm,
+        )
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, False, linear_method)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next norm, as in the Llama layer: the sublayers'
+        # normalised outputs are what is added.
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, metadata))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    decoder_layer_cls: ClassVar[type[nn.Module]] = GemmaDecoderLayer
+    norm_cls: ClassVar[type[RMSNorm]] = GemmaRMSNorm
+    norms_per_layer: ClassVar[int] = 4
+    scale_embeddings: ClassVar[bool] = True
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    qk_norm = True

@@ -5,6 +5,7 @@ knobs mean for one model on one machine is resolved once, in config/resolve.py."
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,17 @@ DTYPES = {
 # The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
 # VLLM_CPU_KVCACHE_SPACE does.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object flag's value (argparse reports the ArgumentTypeError with the flag's name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {text!r}")
+    return value
 
 
 def _knob(default: Any, help: str, **flag: Any) -> Any:
@@ -69,6 +81,14 @@ class EngineConfig:
     # LLMEngine is one core).
     data_parallel_size: int = _knob(1, "engine cores behind this server, each on its own tensor x pipeline GPUs",
                                     aliases=("-dp",))
+    speculative_config: dict[str, Any] | None = _knob(
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
+        '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '
+        'n..m tokens occurred before; default 5..5)', type=_json_object)
+    num_speculative_tokens: int | None = _knob(
+        None, "drafts a step verifies per request (older spelling of speculative_config's num_speculative_tokens)")
+    speculative_model: str | None = _knob(
+        None, 'the draft\'s source: "[ngram]" for prompt lookup (older spelling of speculative_config\'s method)')
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")

@@ -64,6 +64,10 @@ class DeviceConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     num_speculative_tokens: int  # drafts per request a step may verify (decode graphs capture 1 + this)
+    method: str | None = None  # "ngram"; None: a proposer passed in code (EngineCore(config, proposer))
+    # ngram: the n-gram lengths matched against the request's earlier tokens, longest first.
+    prompt_lookup_min: int = 0
+    prompt_lookup_max: int = 0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pagoda.config.groups import (
     ResolvedConfig,
 )
 from pagoda.config.model_spec import ModelSpec
+from pagoda.config.speculative import resolve_speculative
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
@@ -34,6 +35,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     """resolved: where the model's files are (loader/model_resolver.py); tokenizer: the front
     end's (None: skip_tokenizer_init), whose EOS token ends requests besides those the model's
     configs name, and whose vocabulary grammars are compiled against."""
+    speculative = resolve_speculative(args.speculative_config, args.speculative_model, args.num_speculative_tokens)
     hf_config = load_hf_config(resolved)
     spec = model_spec(hf_config, args.load_format)
     device = args.torch_device()
@@ -57,6 +59,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
         ),
         parallel=parallel,
         device=DeviceConfig(device, args.enforce_eager),
+        speculative=speculative,
     )
 
 

@@ -82,6 +82,12 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    # Speculative decoding, as vLLM counts it: request steps that verified drafts, their drafts,
+    # the drafts accepted, and per draft position (0: the first draft) the drafts accepted there.
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -95,6 +101,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
+        self.num_drafts = self.num_draft_tokens = 0
+        self.num_accepted_tokens_per_pos: list[int] = []  # grows to the longest draft list verified
 
     # Admission -----------------------------------------------------------------------------
 
@@ -268,6 +276,7 @@ class Scheduler:
             req.num_output_placeholders -= chunk.num_samples
             if chunk.draft_token_ids:
                 self._settle_drafts(req, len(chunk.draft_token_ids), len(tokens) - 1)
+                self._count_drafts(len(chunk.draft_token_ids), len(tokens) - 1)
             updated.append((req, self._append_until_stop(req, tokens)))
         return updated
 
@@ -277,6 +286,14 @@ class Scheduler:
             # The rejected drafts' K/V stays in their slots until those positions are computed
             # again; no prefix-cache block covers them, as blocks are hashed from known tokens.
             req.num_computed_tokens -= num_drafts - num_accepted
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        per_pos = self.num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for pos in range(num_accepted):
+            per_pos[pos] += 1
 
     def _append_until_stop(self, req: Request, tokens: list[int]) -> int:
         for i, token in enumerate(tokens):
@@ -345,4 +362,8 @@ class Scheduler:
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            num_drafts=self.num_drafts,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=sum(self.num_accepted_tokens_per_pos),
+            num_accepted_tokens_per_pos=tuple(self.num_accepted_tokens_per_pos),
         )

@@ -21,6 +21,7 @@ from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
+from pagoda.spec import build_proposer
 from pagoda.spec.proposer import TokenProposer
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import PendingStep
@@ -36,10 +37,13 @@ _GRAMMAR_WAIT_S = 0.01
 class EngineCore:
     def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
         """config: resolved by the front end, once (config/resolve.py); proposer: drafts tokens
-        that each step verifies along with the next one (None: one token per request a step)."""
+        that each step verifies along with the next one (None: the one config.speculative names,
+        if any; without either, one token per request a step)."""
         started = time.perf_counter()
         if proposer is not None:
             config = dataclasses.replace(config, speculative=SpeculativeConfig(proposer.num_speculative_tokens))
+        elif config.speculative is not None:
+            proposer = build_proposer(config.speculative)
         self.config = config
         self.proposer = proposer
         self.model_name = config.model.name

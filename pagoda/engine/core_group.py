@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
@@ -153,6 +154,12 @@ class CoreGroup:
             prefix_cache_queries=sum(s.prefix_cache_queries for s in all_stats),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in all_stats),
             num_preemptions=sum(s.num_preemptions for s in all_stats),
+            num_drafts=sum(s.num_drafts for s in all_stats),
+            num_draft_tokens=sum(s.num_draft_tokens for s in all_stats),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in all_stats),
+            num_accepted_tokens_per_pos=tuple(
+                map(sum, itertools.zip_longest(*(s.num_accepted_tokens_per_pos for s in all_stats), fillvalue=0))
+            ),
         )
 
     def shutdown(self, timeout: float = 5.0) -> None:

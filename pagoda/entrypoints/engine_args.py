@@ -25,7 +25,7 @@ def add_engine_argument(parser: argparse.ArgumentParser, name: str) -> None:
     if "default" not in extras["help"] and f.default not in (None, False):
         extras["help"] += " (default: %(default)s)"
     names = [f"--{f.name.replace('_', '-')}", *extras.pop("aliases", ())]
-    if "action" not in extras:
+    if "action" not in extras and "type" not in extras:
         extras["type"] = _scalar_type(get_type_hints(EngineConfig)[f.name])
     parser.add_argument(*names, default=f.default, **extras)
 

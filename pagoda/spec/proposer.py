@@ -4,8 +4,9 @@ The engine core (`EngineCore(config, model, proposer)`; offline `LLMEngine(confi
 proposer)` passes it down) calls `propose` after every step's update with the running requests
 whose tokens are all known and computed but the last one; the drafts it returns
 are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many
-tokens a step yields, never which. With no proposer a step yields one token per request, as the
-code path without drafts always has."""
+tokens a step yields, never which. Without one passed in, the engine core builds the one that
+`speculative_config` names (spec/ngram.py for `ngram`); with neither, a step yields one token per
+request, as the code path without drafts always has."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.output_processor import IterationStats
 from pagoda.outputs import RequestOutput
@@ -75,11 +76,26 @@ class EngineCollector:
                            stats.prefix_cache_queries)
         yield self._metric(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                            stats.prefix_cache_hits)
+        if self.engine.processor.config.speculative is not None:
+            yield from self._spec_decode(stats)
         per_core = CounterMetricFamily(f"{PREFIX}engine_core_requests", "Engine requests sent to each engine core "
                                        "(data-parallel rank).", labels=[*self.labels, "engine"])
         for index, count in enumerate(self.engine.requests_per_core):
             per_core.add_metric([*self.labels.values(), str(index)], count)
         yield per_core
+
+    def _spec_decode(self, stats: SchedulerStats) -> Iterator[Metric]:
+        yield self._metric(CounterMetricFamily, "spec_decode_num_drafts", "Request steps that verified drafts.",
+                           stats.num_drafts)
+        yield self._metric(CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens verified.",
+                           stats.num_draft_tokens)
+        yield self._metric(CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                           stats.num_accepted_tokens)
+        per_pos = CounterMetricFamily(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted "
+                                      "at each position of the drafts (0: the first).", labels=[*self.labels, "position"])
+        for position, count in enumerate(stats.num_accepted_tokens_per_pos):
+            per_pos.add_metric([*self.labels.values(), str(position)], count)
+        yield per_pos
 
     def _metric(self, family: type, name: str, documentation: str, value: float) -> Metric:
         metric = family(f"{PREFIX}{name}", documentation, labels=list(self.labels))
@@ -214,12 +230,14 @@ def _cache_config_info(registry: CollectorRegistry, engine: AsyncLLM, model_name
 
 async def log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
     """Every interval seconds while there is traffic, as vLLM logs it: throughput over the
-    interval, queue lengths, KV usage and the interval's prefix-cache hit rate."""
+    interval, queue lengths, KV usage and the interval's prefix-cache hit rate; with speculative
+    decoding, a second line: the interval's mean acceptance length (tokens a verifying step gave
+    a request) and acceptance rate."""
     last = _totals(engine)
     while True:
         await asyncio.sleep(interval)
         now, stats = _totals(engine), engine.stats
-        prompt, generation, queries, hits = (b - a for a, b in zip(last, now))
+        prompt, generation, queries, hits, drafts, draft_tokens, accepted = (b - a for a, b in zip(last, now))
         if prompt or generation or stats.num_running or stats.num_waiting:
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
@@ -227,9 +245,16 @@ async def log_stats(engine: AsyncLLM, interval: float = 10.0) -> None:
                 prompt / interval, generation / interval, stats.num_running, stats.num_waiting,
                 100 * stats.kv_cache_usage, 100 * hits / queries if queries else 0.0,
             )
+        if drafts:
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted: %d tokens, Drafted: %d tokens, "
+                "Avg Draft acceptance rate: %.1f%%", 1 + accepted / drafts, accepted, draft_tokens,
+                100 * accepted / draft_tokens,
+            )
         last = now
 
 
-def _totals(engine: AsyncLLM) -> tuple[int, int, int, int]:
+def _totals(engine: AsyncLLM) -> tuple[int, ...]:
     counters, stats = engine.counters, engine.stats
-    return counters.prompt_tokens, counters.generation_tokens, stats.prefix_cache_queries, stats.prefix_cache_hits
+    return (counters.prompt_tokens, counters.generation_tokens, stats.prefix_cache_queries, stats.prefix_cache_hits,
+            stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)

@@ -76,7 +76,7 @@ class EngineCollector:
                            stats.prefix_cache_queries)
         yield self._metric(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                            stats.prefix_cache_hits)
-        if self.engine.processor.config.speculative is not None:
+        if self.engine.config.speculative is not None:
             yield from self._spec_decode(stats)
         per_core = CounterMetricFamily(f"{PREFIX}engine_core_requests", "Engine requests sent to each engine core "
                                        "(data-parallel rank).", labels=[*self.labels, "engine"])

@@ -8,13 +8,17 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from typing import TYPE_CHECKING, Any
 
+from pagoda.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.entrypoints.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "BeamSearchParams", "BeamSearchOutput",
+    "BeamSearchSequence",
+]
 __version__ = "0.1.0"
 
 

@@ -67,11 +67,10 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def beam_score(beam: BeamSearchSequence, length_penalty: float) -> float:
-    """vLLM's ranking score: the cumulative logprob over the length (prompt included, the EOS that
-    ended a beam not) to the power length_penalty."""
-    length = len(beam.tokens) - (beam.finish_reason == "stop")
-    return beam.cum_logprob / (length**length_penalty)
+def beam_score(beam: BeamSearchSequence, prompt_len: int, length_penalty: float) -> float:
+    """The ranking score of a beam: its cumulative logprob over its generated length (an ending
+    EOS included) to the power length_penalty, as transformers scores finished beams."""
+    return beam.cum_logprob / ((len(beam.tokens) - prompt_len) ** length_penalty)
 
 
 class BeamSearch:
@@ -94,28 +93,33 @@ class BeamSearch:
     def advance(self, candidates: list[PositionLogprobs | None]) -> None:
         """candidates[i]: the logprobs of live beam i's next token (None: its request ended
         without one, and the beam is dropped, as vLLM drops it)."""
-        extended: list[BeamSearchSequence] = []
-        for beam, position in zip(self.live, candidates):
-            for token_id, logprob in (position or {}).items():
-                child = BeamSearchSequence(
-                    beam.tokens + [token_id], beam.logprobs + [position], beam.cum_logprob + logprob.logprob
-                )
-                if token_id in self.eos_token_ids:
-                    child.finish_reason, child.stop_reason = "stop", token_id
-                    self.finished.append(child)
-                else:
-                    extended.append(child)
-        self.live = self._ranked(extended)[: self.params.beam_width]
+        extended = sorted(
+            (
+                BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [position], beam.cum_logprob + lp.logprob)
+                for beam, position in zip(self.live, candidates)
+                for token_id, lp in (position or {}).items()
+            ),
+            key=lambda child: child.cum_logprob, reverse=True,
+        )
+        width = self.params.beam_width
+        # An EOS continuation ends a beam only if it is among the beam_width best of the step (as
+        # transformers has it: beam_width=1 is then greedy decoding); the rest are dropped.
+        for child in extended[:width]:
+            if child.tokens[-1] in self.eos_token_ids:
+                child.finish_reason, child.stop_reason = "stop", child.tokens[-1]
+                self.finished.append(child)
+        self.live = [child for child in extended if child.tokens[-1] not in self.eos_token_ids][:width]
         self.steps += 1
 
     def best(self) -> list[BeamSearchSequence]:
         """The best beam_width of the finished and the live beams, best first."""
         for beam in self.live:
             beam.finish_reason = "length"
-        return self._ranked(self.finished + self.live)[: self.params.beam_width]
-
-    def _ranked(self, beams: list[BeamSearchSequence]) -> list[BeamSearchSequence]:
-        return sorted(beams, key=lambda b: beam_score(b, self.params.length_penalty), reverse=True)
+        beams = sorted(
+            self.finished + self.live, key=lambda b: beam_score(b, self.prompt_len, self.params.length_penalty),
+            reverse=True,
+        )
+        return beams[: self.params.beam_width]
 
     def generated(self, beam: BeamSearchSequence, strip_eos: bool) -> list[int]:
         """The tokens a beam added to the prompt; less its final EOS with strip_eos."""

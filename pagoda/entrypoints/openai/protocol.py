@@ -108,6 +108,9 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
+    # vLLM's beam search: best_of (or else n) beams, the n best returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class TextPart(RequestModel):

@@ -151,7 +151,7 @@ class OpenAIServing:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
-        self._refuse_when_queue_full()
+        self.refuse_when_queue_full()
         streams: list[AsyncIterator[RequestOutput]] = []
         ids = sub_request_ids(request_id, len(prompts))
         try:
@@ -167,7 +167,7 @@ class OpenAIServing:
             raise
         return streams
 
-    def _refuse_when_queue_full(self) -> None:
+    def refuse_when_queue_full(self) -> None:
         bound = self.config.max_queued_requests
         if bound is not None and self.engine.num_waiting >= bound:
             raise OpenAIError(

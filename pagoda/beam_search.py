@@ -1,11 +1,14 @@
-"""Beam search, as vLLM runs it: above the engine. Each step, every live beam is an engine request
-for one token with 2 * beam_width logprobs (its prompt and the beam's tokens so far are cached
-blocks the prefix cache shares across beams and steps); the best beam_width continuations by
-cumulative logprob live on, and those ending in EOS are set aside as finished. At the end, the
-finished and the live beams are ranked together by vLLM's score, cum_logprob / len**length_penalty.
+"""Beam search, run as vLLM runs it: above the engine. Each step, every live beam is an engine
+request for one token with 2 * beam_width logprobs (its prompt and the beam's tokens so far are
+cached blocks the prefix cache shares across beams and steps); the best beam_width continuations by
+cumulative logprob live on. The ranking follows transformers' generate(num_beams=...) where vLLM's
+differs: an EOS continuation ends a beam only if it is among the step's beam_width best (so width 1
+is greedy decoding), and beams are finally ranked by cum_logprob / generated_len**length_penalty
+(the ending EOS counted, the prompt not).
 
 This module holds the search's state and rules; the offline LLM and the server drive it
-(entrypoints/llm.py, entrypoints/openai/serving_completion.py)."""
+(entrypoints/llm.py, entrypoints/openai/serving_completion.py).
+"""
 
 from __future__ import annotations
 

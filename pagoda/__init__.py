@@ -8,6 +8,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from typing import TYPE_CHECKING, Any
 
+from pagoda.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput",
-    "Logprob",
+    "Logprob", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
 ]
 __version__ = "0.1.0"
 

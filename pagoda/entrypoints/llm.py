@@ -9,6 +9,7 @@ from typing import Any, Union
 
 from tqdm.auto import tqdm
 
+from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, render_chat
@@ -79,6 +80,50 @@ class LLM:
         ]
         token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
         return self.generate(token_prompts, sampling_params, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search of each prompt (pagoda/beam_search.py): its best beam_width beams,
+        best first, each with its tokens (the prompt's included), text and cum_logprob."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        limit = self.llm_engine.engine_core.max_model_len
+        searches = []
+        for prompt in prompts:
+            token_ids = self._tokenize(prompt)[1]
+            if len(token_ids) + params.max_tokens > limit:
+                raise ValueError(
+                    f"max_tokens={params.max_tokens} is invalid: with the prompt's {len(token_ids)} tokens "
+                    f"it must be at most max_model_len={limit}"
+                )
+            searches.append(BeamSearch(token_ids, params, self.llm_engine.processor.config.model.eos_token_ids))
+        progress = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm)
+        while not all(search.done for search in searches):
+            self._beam_step([search for search in searches if not search.done], params.step_params())
+            progress.update(1)
+        progress.close()
+        return [self._beam_output(search) for search in searches]
+
+    def _beam_step(self, searches: list[BeamSearch], step_params: SamplingParams) -> None:
+        """Extend every live beam of these searches by one token: one engine request per beam."""
+        beams = [beam for search in searches for beam in search.live]
+        outputs = self._run(
+            self._add_all([{"prompt_token_ids": beam.tokens} for beam in beams], [step_params] * len(beams)),
+            use_tqdm=False,
+        )
+        start = 0
+        for search in searches:
+            end = start + len(search.live)
+            search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in outputs[start:end]])
+            start = end
+
+    def _beam_output(self, search: BeamSearch) -> BeamSearchOutput:
+        best = search.best()
+        tokenizer = self.llm_engine.tokenizer
+        for beam in best:
+            beam.text = None if tokenizer is None else tokenizer.decode(beam.tokens)
+        return BeamSearchOutput(best)
 
     # Helpers ---------------------------------------------------------------------------------
 

@@ -122,6 +122,9 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
     response_format: Optional[dict[str, Any]] = None  # vLLM's extra: as chat's
+    # vLLM's beam search: best_of (or else n) beams, the n best returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class TextPart(RequestModel):

@@ -183,7 +183,7 @@ class OpenAIServing:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
-        self._refuse_when_queue_full()
+        self.refuse_when_queue_full()
         streams: list[AsyncIterator[RequestOutput]] = []
         ids = sub_request_ids(request_id, len(prompts))
         try:
@@ -227,7 +227,7 @@ class OpenAIServing:
             as_ids = self.config.return_tokens_as_token_ids
         return f"token_id:{token_id}" if as_ids or decoded is None else decoded
 
-    def _refuse_when_queue_full(self) -> None:
+    def refuse_when_queue_full(self) -> None:
         bound = self.config.max_queued_requests
         if bound is not None and self.engine.num_waiting >= bound:
             raise OpenAIError(

@@ -138,13 +138,36 @@ class City(pydantic.BaseModel):
     population_millions: float
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather forecast of a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    }, "required": ["city", "days"], "additionalProperties": False},
+}}
+
+
 @pytest.mark.slow
-def test_parse_on_the_default_model(tmp_path):
+def test_parse_and_required_tool_calls_on_the_default_model(tmp_path):
     with serving(["--max-model-len", "1024"], tmp_path / "server.log") as (_, url):
         default = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120.0, max_retries=0)
+        model = default.models.list().data[0].id
         reply = default.chat.completions.parse(
-            model=default.models.list().data[0].id, temperature=0, max_tokens=60, response_format=City,
+            model=model, temperature=0, max_tokens=60, response_format=City,
             messages=[{"role": "user", "content": "Describe Paris as JSON with its name, country and population."}],
         )
+        ask = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+        choices = [
+            default.chat.completions.create(
+                model=model, messages=ask, tools=[WEATHER_TOOL], tool_choice=tool_choice, temperature=1.0, seed=3,
+                max_tokens=120,
+            ).choices[0]
+            for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}})
+        ]
     city = reply.choices[0].message.parsed
     assert isinstance(city, City) and city.name, reply
+    # The constraint makes the arguments valid whatever the model samples.
+    for choice in choices:
+        assert choice.message.tool_calls, choice
+        for call in choice.message.tool_calls:
+            assert call.function.name == "get_weather"
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])

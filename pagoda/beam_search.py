@@ -15,12 +15,19 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from pagoda.config import EngineConfig
 from pagoda.outputs import CompletionOutput, PositionLogprobs
-from pagoda.sampling_params import MAX_LOGPROBS, SamplingParams, _as_bool, _as_float, _as_int, _require
+from pagoda.sampling_params import (
+    SamplingParams,
+    _as_bool,
+    _as_float,
+    _as_int,
+    _require,
+)
 
 # Each step asks for 2 * beam_width logprobs: enough candidates to fill the beams again even if
 # every beam's best continuation is EOS.
-MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
+MAX_BEAM_WIDTH = EngineConfig.max_logprobs // 2  # within --max-logprobs' default
 
 
 @dataclass

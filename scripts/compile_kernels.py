@@ -23,10 +23,10 @@ HOPPER = GPUTarget("cuda", 90, 32)
 _ATTENTION = {
     "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
     "partial_max_sum_ptr": "*fp32", "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
-    "scale": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
+    "scale": "fp32", "window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
     "stride_ch": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32",
 }
-_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128)
+_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False)
 KERNELS = {
     "paged attention, decode": (triton_backend._paged_attention_kernel, _ATTENTION,
                                 dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=1)),

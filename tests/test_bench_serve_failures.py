@@ -39,7 +39,7 @@ def bench(base: str, *extra: str) -> dict:
 
 def test_http_errors_print_status_and_body(model_args, tmp_path, capsys):
     with serving([*model_args, "--api-key", API_KEY], tmp_path / "server.log") as (_, base):
-        # 8 prompt tokens + MAX_MODEL_LEN output tokens: past the context, a 400 naming max_tokens.
+        # 8 prompt tokens + MAX_MODEL_LEN output tokens: past the context, a 400 naming the prompt (as OpenAI).
         summary = bench(base, "--num-prompts", "3", "--random-output-len", str(MAX_MODEL_LEN))
     failures = FAILURE.findall(capsys.readouterr().out)
     assert sorted(int(index) for index, _ in failures) == [0, 1, 2]
@@ -47,7 +47,7 @@ def test_http_errors_print_status_and_body(model_args, tmp_path, capsys):
     for _, error in failures:
         status, body = error.split(": ", 1)
         assert status == "HTTP 400"
-        assert json.loads(body)["error"]["param"] == "max_tokens"
+        assert json.loads(body)["error"]["param"] == "prompt"
     assert sum(summary["errors"].values()) == 3
 
 

@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 
 from tests.serving import API_KEY, MODEL, serving, tiny_model_args
 
-EXAMPLES = 20  # per route and generation mode: 5 routes x 2 modes x 20 = 200 requests a server
+EXAMPLES = 20  # per route and generation mode: 6 routes x 2 modes x 20 = 240 requests a server
 REQUEST_TIMEOUT_S = 30.0  # an answer slower than this counts as a hang
 # A short context and room for every choice at once keep the largest valid request (n=128, the
 # whole context) to seconds on a CPU.
@@ -89,7 +89,7 @@ def test_schema_fuzz_finds_no_5xx_and_no_hang(model_args, tmp_path, api_key):
         server_errors = sum(count for status, count in outcomes.items() if isinstance(status, int) and status >= 500)
         print(f"schemathesis ({'with' if api_key else 'without'} --api-key): {requests_sent} requests, "
               f"{server_errors} 5xx, {outcomes['hang']} hangs; statuses {dict(outcomes)}")
-        assert requests_sent == 5 * 2 * EXAMPLES
+        assert requests_sent == 6 * 2 * EXAMPLES
         assert not failures, failures
         # The key went with every request, and some generated requests were served, not all refused.
         assert outcomes[401] == 0 and outcomes[200] > 0

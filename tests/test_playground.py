@@ -172,9 +172,9 @@ def test_server_errors_and_html_in_replies_are_shown_as_text(browser, key_server
     open_page(browser, key_server)
     enter_key(browser, API_KEY)
     wait_for_models(browser)
-    failed = ask(browser, "hi", max_tokens=MAX_MODEL_LEN * 4)  # past the context: a 400 naming max_tokens
+    failed = ask(browser, "hi", max_tokens=MAX_MODEL_LEN * 4)  # past the context: a 400 naming the messages
     error = wait_until(lambda: failed.find_elements(By.CLASS_NAME, "error"), what="the error")[0].text
-    assert error.startswith("Error 400 (max_tokens): ") and "maximum context length" in error
+    assert error.startswith("Error 400 (messages): ") and "maximum context length" in error
 
     # A crafted reply, streamed through the page's own fetch: HTML and a script in model output.
     reply_text = ('<script>window.injected = 1</script><img src=x onerror="window.injected = 2">\n'

@@ -191,7 +191,9 @@ def test_error_event_in_a_stream_has_the_whole_error_shape(error, status_param_c
 def test_openapi_declares_400_with_the_error_body_not_422(http):
     schema = http.get("/openapi.json").json()
     posts = {path: ops["post"] for path, ops in schema["paths"].items() if "post" in ops}
-    assert set(posts) == {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/invocations"}
+    assert set(posts) == {
+        "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/invocations",
+    }
     for path, op in posts.items():
         assert "422" not in op["responses"], path
         body = op["responses"]["400"]["content"]["application/json"]["schema"]

@@ -172,7 +172,7 @@ def test_metrics_show_the_spec_decode_counters():
     stats = SchedulerStats(1, 0, 0.1, 0, 0, 0, num_drafts=5, num_draft_tokens=20, num_accepted_tokens=9,
                            num_accepted_tokens_per_pos=(4, 3, 2, 0))
     engine = SimpleNamespace(stats=stats, counters=SimpleNamespace(prompt_tokens=0, generation_tokens=0),
-                             requests_per_core=[1], processor=SimpleNamespace(config=SimpleNamespace(speculative=1)))
+                             requests_per_core=[1], config=SimpleNamespace(speculative=1))
     samples = {(s.name, s.labels.get("position")): s.value
                for metric in EngineCollector(engine, "m").collect() for s in metric.samples}
     assert samples[("pagoda:spec_decode_num_drafts_total", None)] == 5

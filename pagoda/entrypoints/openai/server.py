@@ -195,7 +195,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
 
     @app.post("/v1/responses", responses=_ERROR_RESPONSES)
     async def create_response(body: ResponsesRequest, raw: Request) -> Any:
-        return await _respond(raw, responses.create(body))
+        return await _respond(raw, responses.create(body), load)
 
     @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
     async def retrieve_response(response_id: str) -> Any:

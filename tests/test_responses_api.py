@@ -181,7 +181,7 @@ def test_store_bounds_count_and_time():
     ({"input": "x", "instructions": 3}, "instructions"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "max_output_tokens": "many"}, "max_output_tokens"),
-    ({"input": "x", "max_output_tokens": MAX_MODEL_LEN}, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": MAX_MODEL_LEN}, "input"),  # past the context: names the input
     ({"input": "x", "temperature": -1}, "temperature"),
     ({"input": "x", "temperature": "hot"}, "temperature"),
     ({"input": "x", "top_p": 1.5}, "top_p"),

@@ -179,5 +179,5 @@ def test_metrics_show_the_spec_decode_counters():
     assert samples[("pagoda:spec_decode_num_draft_tokens_total", None)] == 20
     assert samples[("pagoda:spec_decode_num_accepted_tokens_total", None)] == 9
     assert [samples[("pagoda:spec_decode_num_accepted_tokens_per_pos_total", str(i))] for i in range(4)] == [4, 3, 2, 0]
-    engine.processor.config.speculative = None
+    engine.config.speculative = None
     assert not any("spec_decode" in metric.name for metric in EngineCollector(engine, "m").collect())

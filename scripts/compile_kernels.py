@@ -47,7 +47,7 @@ KERNELS = {
     "add + RMSNorm": (elementwise._rms_norm_kernel,
                       {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
                        "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "n_cols": "i32", "eps": "fp32"},
-                      dict(HAS_RESIDUAL=True, BLOCK=4096)),
+                      dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096)),
     "rotary": (elementwise._rotary_kernel,
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32", "positions_ptr": "*i64",
                 "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32",

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from pagoda.kernels.elementwise import rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
 from pagoda.layers.activation import SiluAndMul  # noqa: E402
-from pagoda.layers.norm import RMSNorm  # noqa: E402
+from pagoda.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagoda.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -33,18 +33,20 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 96])
-def test_rms_norm_with_and_without_residual(dtype, hidden):
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+def test_rms_norm_with_and_without_residual(dtype, hidden, norm_class):
     g = torch.Generator().manual_seed(hidden)
     x = torch.randn(7, hidden, generator=g).to(dtype)
     residual = torch.randn(7, hidden, generator=g).to(dtype)
-    layer = RMSNorm(hidden, eps=1e-5)
+    layer = norm_class(hidden, eps=1e-5)
     layer.weight.data = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    weight, order = layer._kernel_weight().to(DEVICE), layer.cast_before_scale
 
-    _close(rms_norm(x.to(DEVICE), layer.weight.to(DEVICE), 1e-5), layer(x), dtype)
+    _close(rms_norm(x.to(DEVICE), weight, 1e-5, cast_before_scale=order), layer(x), dtype)
 
     ref_out, ref_residual = layer(x, residual)
     residual_dev = residual.to(DEVICE)
-    out = rms_norm(x.to(DEVICE), layer.weight.to(DEVICE), 1e-5, residual_dev)
+    out = rms_norm(x.to(DEVICE), weight, 1e-5, residual_dev, cast_before_scale=order)
     _close(out, ref_out, dtype)
     _close(residual_dev, ref_residual, dtype)  # the sum is left in `residual` for the next layer
 

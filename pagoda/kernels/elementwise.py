@@ -16,7 +16,7 @@ import triton.language as tl
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     stride_x, stride_r, stride_o, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, CAST_BEFORE_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -29,23 +29,29 @@ def _rms_norm_kernel(
         tl.store(residual_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    normed = xf * rstd
+    if CAST_BEFORE_SCALE:  # Llama's reference rounds the normalised x before the weight; Gemma's after
+        normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    cast_before_scale: bool = True,
 ) -> torch.Tensor:
     """norm(x) * weight over the last dim; with `residual`, normalises x + residual and stores that
-    sum into `residual` in place (it becomes the next residual). x: [..., N], rows contiguous."""
+    sum into `residual` in place (it becomes the next residual). x: [..., N], rows contiguous.
+    cast_before_scale: round norm(x) to x's dtype before the weight scales it (Llama), or only the
+    product (Gemma)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     out = torch.empty_like(x2)
     r2 = x2 if residual is None else residual.view(-1, shape[-1])
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), shape[-1], eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
+        HAS_RESIDUAL=residual is not None, CAST_BEFORE_SCALE=cast_before_scale,
+        BLOCK=triton.next_power_of_2(shape[-1]),
     )
     return out.view(shape)
 

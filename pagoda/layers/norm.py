@@ -9,6 +9,9 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    # Whether norm(x) is rounded to x's dtype before the weight scales it, as each reference does.
+    cast_before_scale = True
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
@@ -33,8 +36,9 @@ class RMSNorm(nn.Module):
             from pagoda.kernels.elementwise import rms_norm
 
             if residual is None:
-                return rms_norm(x, self._kernel_weight(), self.eps)
-            return rms_norm(x, self._kernel_weight(), self.eps, residual), residual
+                return rms_norm(x, self._kernel_weight(), self.eps, cast_before_scale=self.cast_before_scale)
+            out = rms_norm(x, self._kernel_weight(), self.eps, residual, cast_before_scale=self.cast_before_scale)
+            return out, residual
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -42,6 +46,8 @@ class RMSNorm(nn.Module):
 
 
 class GemmaRMSNorm(RMSNorm):
+    cast_before_scale = False
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(hidden_size, eps)
         self.weight.data.zero_()

@@ -18,7 +18,7 @@ from pagoda.layers.linear import LinearMethod
 from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
-from pagoda.models.llama import LlamaAttention, LlamaForCausalLM
+from pagoda.models.llama import LlamaAttention, LlamaForCausalLM, norm_input
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -53,10 +53,7 @@ class GemmaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm, as in the Llama layer: the sublayers'
         # normalised outputs are what is added.
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_input(self.input_layernorm, hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual

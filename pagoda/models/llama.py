@@ -101,6 +101,16 @@ def layer_window(config: ModelSpec, layer_index: int) -> int | None:
     return config.layer_sliding_windows[layer_index] if config.layer_sliding_windows else None
 
 
+def norm_input(
+    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's input norm, with the residual add fused into it: (normed, residual). The
+    first layer has no residual yet: its input is the residual."""
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
@@ -129,10 +139,7 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_input(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual

@@ -162,7 +162,7 @@ def test_store_bounds_count_and_time():
     ({}, "input"),
     ({"input": 5}, "input"),
     ({"input": []}, "input"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),  # no call_id
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
     ({"input": [{"content": "no role"}]}, "input"),
     ({"input": "x", "instructions": 3}, "instructions"),
@@ -180,9 +180,9 @@ def test_store_bounds_count_and_time():
     ({"input": "x", "previous_response_id": 12}, "previous_response_id"),
     ({"input": "x", "truncation": "sometimes"}, "truncation"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),  # function tools only
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
-    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),  # no name
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "model": "nope"}, "model"),

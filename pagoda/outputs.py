@@ -37,12 +37,14 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock times (time.time()) of a request's life."""
+    """Wall-clock times (time.time()) of a request's life, and the max_tokens it asked for (which
+    vLLM's metrics report as request_params_max_tokens)."""
 
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    max_tokens: int | None = None  # None: up to the model's max length
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Fixtures shared across test files; each owner prefixes theirs (loader_: the model loaders)."""
+"""Fixtures shared across test files; each owner prefixes theirs (loader_: the model loaders), but
+for `client` and `http`: the official openai client and an httpx client of a module's `base`
+fixture (a server started with tests.serving's API_KEY), which a module may define for itself."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest
 
+from tests.serving import http_client, openai_client
+
 
 @pytest.fixture(scope="session")
 def loader_default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -23,3 +27,14 @@ def loader_default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PAGODA_CACHE_DIR", str(tmp_path_factory.mktemp("loader-cache")))
         return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def client(base: str):
+    return openai_client(base)
+
+
+@pytest.fixture(scope="module")
+def http(base: str):
+    with http_client(base) as c:
+        yield c

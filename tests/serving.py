@@ -4,11 +4,13 @@ subprocess on a free loopback port, and the process tree it leaves."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -49,9 +51,23 @@ def openai_client(base: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
 
 
-def http_client(base: str) -> httpx.Client:
-    """An httpx client for a server started by `serving` with API_KEY (use it as a context manager)."""
-    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0)
+def http_client(base: str, key: str = API_KEY) -> httpx.Client:
+    """An httpx client for a server started by `serving` with `key` (use it as a context manager)."""
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60.0)
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    """The data of a whole server-sent event stream that ends with [DONE]."""
+    assert response.status_code == 200, response.read()
+    lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def stream_events(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    """The chunks of `body` posted with stream true."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        return sse_events(response)
 
 
 def free_port() -> int:
@@ -78,6 +94,13 @@ def serving(args: list[str], log: Path, env: dict[str, str] | None = None):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def served(args: list[str], log: Path) -> Iterator[str]:
+    """`serving` with API_KEY as the server's key; yields the base URL."""
+    with serving(args, log, {"PAGODA_API_KEY": API_KEY}) as (_, base):
+        yield base
 
 
 def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120.0) -> None:

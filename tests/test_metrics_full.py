@@ -115,10 +115,13 @@ def test_every_listed_metric_counts_what_was_sent(model_args, tmp_path):
         for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds",
                      "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
                      "request_prompt_tokens", "request_generation_tokens", "request_max_num_generation_tokens",
-                     "request_params_n"):
+                     "request_params_n", "request_params_max_tokens", "time_per_prefill_token_request_seconds"):
             assert m[f"pagoda:{name}_count"] == num_requests, name
             assert m[f"pagoda:{name}_bucket{{le=+Inf}}"] == num_requests, name
         assert m["pagoda:request_params_n_sum"] == num_requests + 1
+        assert m["pagoda:request_params_max_tokens_sum"] == 6 + 3 + 5 + 4 + 4 + 42 + 42
+        assert m["pagoda:gpu_cache_usage_perc"] == m["pagoda:kv_cache_usage_perc"]
+        assert m["pagoda:gpu_prefix_cache_hits_total"] == m["pagoda:prefix_cache_hits_total"]
         assert m["pagoda:request_max_num_generation_tokens_sum"] == 6 + 3 + 1 + 4 + 4 + 42 + 42
         assert m["pagoda:request_generation_tokens_sum"] == sum(r["usage"]["completion_tokens"] for r in sent)
         assert m["pagoda:time_per_output_token_seconds_count"] == m["pagoda:inter_token_latency_seconds_count"]

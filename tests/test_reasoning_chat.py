@@ -6,14 +6,11 @@ continue_final_message, custom roles and stream_options."""
 
 from __future__ import annotations
 
-import openai
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from pagoda.entrypoints.openai.reasoning import ReasoningSplitter, reasoning_splitter
-from tests.serving import (
-    API_KEY, MAX_MODEL_LEN, MODEL, http_client, openai_client, openai_error, save_tokenizer, serving,
-)
+from tests.serving import MAX_MODEL_LEN, MODEL, openai_error, save_tokenizer, served
 from tests.tiny_models import save_tiny_model
 
 # ChatML, with Qwen3's switch: enable_thinking false closes an empty thinking block in the prompt.
@@ -81,19 +78,8 @@ def base(tmp_path_factory, tokenizer):
     path = save_tiny_model("llama3", directory, vocab_size=len(tokenizer), max_position_embeddings=MAX_MODEL_LEN)
     tokenizer.save_pretrained(path)
     args = [str(path), "--served-model-name", MODEL, "--max-num-seqs", "8", "--seed", "0", "--reasoning-parser", "qwen3"]
-    with serving(args, directory / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, base):
+    with served(args, directory / "server.log") as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def client(base) -> openai.OpenAI:
-    return openai_client(base)
-
-
-@pytest.fixture(scope="module")
-def http(base):
-    with http_client(base) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import pytest
 
 from pagoda.entrypoints.openai.protocol_responses import ResponseObject
 from pagoda.entrypoints.openai.response_store import ResponseStore
-from tests.serving import (
-    API_KEY, MAX_MODEL_LEN, MODEL, http_client, openai_client, openai_error, serving, tiny_model_args,
-)
+from tests.serving import MAX_MODEL_LEN, MODEL, openai_error, served, tiny_model_args
 
 GREEDY = {"temperature": 0.0}
 MAX_STORED = 3
@@ -22,19 +20,8 @@ MAX_STORED = 3
 def base(tmp_path_factory):
     directory = tmp_path_factory.mktemp("responses")
     args = [*tiny_model_args(directory), "--max-stored-responses", str(MAX_STORED)]
-    with serving(args, directory / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, base):
+    with served(args, directory / "server.log") as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def client(base) -> openai.OpenAI:
-    return openai_client(base)
-
-
-@pytest.fixture(scope="module")
-def http(base):
-    with http_client(base) as c:
-        yield c
 
 
 def _chat(client: openai.OpenAI, messages: list[dict], max_tokens: int):
@@ -175,7 +162,7 @@ def test_store_bounds_count_and_time():
     ({}, "input"),
     ({"input": 5}, "input"),
     ({"input": []}, "input"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),  # no call_id
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
     ({"input": [{"content": "no role"}]}, "input"),
     ({"input": "x", "instructions": 3}, "instructions"),
@@ -193,9 +180,9 @@ def test_store_bounds_count_and_time():
     ({"input": "x", "previous_response_id": 12}, "previous_response_id"),
     ({"input": "x", "truncation": "sometimes"}, "truncation"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),  # function tools only
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
-    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),  # no name
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "model": "nope"}, "model"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,9 @@ from pagoda.entrypoints.openai.cli_args import model_argument
 from pagoda.entrypoints.openai.server import Endpoints, build_app
 from pagoda.entrypoints.openai.serving_engine import ServerConfig
 from pagoda.outputs import CompletionOutput, RequestOutput
-from tests.serving import CHAT_TEMPLATE, MAX_MODEL_LEN, MODEL, openai_error, serving, tiny_model_args
+from tests.serving import (
+    CHAT_TEMPLATE, MAX_MODEL_LEN, MODEL, http_client, openai_error, serving, sse_events, tiny_model_args,
+)
 
 KEY = "vllm-style-key"
 ROOT = "/llm"
@@ -50,7 +51,7 @@ def base(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(base):
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60.0) as c:
+    with http_client(base, KEY) as c:
         yield c
 
 
@@ -62,13 +63,6 @@ def tokenizer(model_dir):
 def still_serves(http: httpx.Client) -> None:
     ok = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"], ok.text
-
-
-def stream_events(response: httpx.Response) -> list[dict]:
-    assert response.status_code == 200, response.read()
-    lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 # Started as vLLM is ---------------------------------------------------------------------------
@@ -135,7 +129,7 @@ def test_invocations_dispatch_on_the_body(http):
     completion = http.post("/invocations", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True}).json()
     assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] == 3
     with http.stream("POST", "/invocations", json={"prompt": "hi", "max_tokens": 3, "stream": True}) as response:
-        events = stream_events(response)
+        events = sse_events(response)
     assert events[0]["object"] == "text_completion" and events[-1]["usage"]["completion_tokens"] <= 3
 
 
@@ -229,6 +223,6 @@ def test_load_on_the_served_model(http):
 def test_force_include_usage_streams_usage_without_stream_options(http):
     for path, body in [("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": MESSAGES})]:
         with http.stream("POST", path, json={**body, "max_tokens": 3, "ignore_eos": True, "stream": True}) as r:
-            events = stream_events(r)
+            events = sse_events(r)
         assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
         assert all("usage" in e for e in events)

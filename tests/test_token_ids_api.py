@@ -7,16 +7,14 @@ SamplingParams' allowed_token_ids and truncate_prompt_tokens."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import httpx
-import openai
 import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.engine.input_processor import InputProcessor
-from tests.serving import API_KEY, MODEL, SPECIALS, openai_error, serving, tiny_model_args
+from tests.serving import MODEL, SPECIALS, openai_error, served, stream_events, tiny_model_args
 
 VOCAB_SIZE = len(SPECIALS) + 256  # tests.serving's byte-level tokenizer
 MAX_LOGPROBS = VOCAB_SIZE + 10  # room for -1 (the whole vocabulary), and a bound to cross
@@ -34,27 +32,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(model_dir, tmp_path_factory):
     args = [*model_dir[1], "--max-logprobs", str(MAX_LOGPROBS), "--return-tokens-as-token-ids"]
-    with serving(args, tmp_path_factory.mktemp("token-ids") / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, url):
+    with served(args, tmp_path_factory.mktemp("token-ids") / "server.log") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def http(base):
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
-
-
-def stream_events(http: httpx.Client, path: str, body: dict) -> list[dict]:
-    with http.stream("POST", path, json={**body, "stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def tokens_of(http: httpx.Client, text: str) -> list[int]:

@@ -5,17 +5,14 @@ are a 400 naming stream_options while the server goes on."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from types import SimpleNamespace
 
-import httpx
-import openai
 import pytest
 
 from pagoda.entrypoints.openai.protocol import StreamOptions
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
-from tests.serving import API_KEY, MODEL, openai_error, serving, tiny_model_args
+from tests.serving import MODEL, openai_error, served, stream_events, tiny_model_args
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 GREEDY = {"temperature": 0, "max_tokens": 5, "ignore_eos": True}
@@ -25,27 +22,8 @@ BLOCK_SIZE = 16  # the engine's default: the prefix cache serves whole blocks
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     args = [*tiny_model_args(tmp_path_factory.mktemp("usage-model")), "--enable-prompt-tokens-details"]
-    with serving(args, tmp_path_factory.mktemp("usage") / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, url):
+    with served(args, tmp_path_factory.mktemp("usage") / "server.log") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def http(base):
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60.0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
-
-
-def stream_events(http: httpx.Client, path: str, body: dict) -> list[dict]:
-    with http.stream("POST", path, json={**body, "stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def unique_prompt(length: int = 70) -> str:

@@ -81,7 +81,9 @@ class OutputProcessor:
         params = children[0][1]
         parent = _Parent(
             request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, children=[],
-            metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
+            metrics=RequestMetrics(
+                arrival_time=time.time() if arrival_time is None else arrival_time, max_tokens=params.max_tokens
+            ),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None, final_only=final_only,
         )
         for index, (child_id, child_params) in enumerate(children):

@@ -32,6 +32,7 @@ _LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                     240.0, 480.0, 960.0, 1920.0, 7680.0]
 _ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 _N_BUCKETS = [1, 2, 5, 10, 20]
+_PREFILL_TOKEN_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -68,6 +69,9 @@ class EngineCollector:
         yield by_reason
         yield self._metric(GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
                            stats.kv_cache_usage)
+        # vLLM's names before 0.9, which older dashboards read.
+        yield self._metric(GaugeMetricFamily, "gpu_cache_usage_perc", "Deprecated: kv_cache_usage_perc.",
+                           stats.kv_cache_usage)
         yield self._metric(CounterMetricFamily, "prompt_tokens", "Prompt tokens of accepted requests.",
                            counters.prompt_tokens)
         yield self._metric(CounterMetricFamily, "generation_tokens", "Tokens generated.", counters.generation_tokens)
@@ -75,6 +79,10 @@ class EngineCollector:
         yield self._metric(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                            stats.prefix_cache_queries)
         yield self._metric(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                           stats.prefix_cache_hits)
+        yield self._metric(CounterMetricFamily, "gpu_prefix_cache_queries", "Deprecated: prefix_cache_queries.",
+                           stats.prefix_cache_queries)
+        yield self._metric(CounterMetricFamily, "gpu_prefix_cache_hits", "Deprecated: prefix_cache_hits.",
                            stats.prefix_cache_hits)
         if self.engine.config.speculative is not None:
             yield from self._spec_decode(stats)
@@ -142,6 +150,10 @@ class ObservedMetrics:
                                                "Per request: the most tokens any of its choices generated.",
                                                token_buckets)
         self.n = histogram("request_params_n", "The n request parameter.", _N_BUCKETS)
+        self.max_tokens = histogram("request_params_max_tokens", "The max_tokens request parameter (when set).",
+                                    token_buckets)
+        self.prefill_per_token = histogram("time_per_prefill_token_request_seconds",
+                                           "Per request: prefill time over its prompt tokens.", _PREFILL_TOKEN_BUCKETS)
         success = Counter(f"{PREFIX}request_success", "Finished requests (each of n choices), by finish reason.",
                           ["model_name", "finished_reason"], registry=registry)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -165,12 +177,17 @@ class ObservedMetrics:
         self.max_generation_tokens.observe(max(num_tokens))
         self.n.observe(len(output.outputs))
         m = output.metrics
+        if m.max_tokens:
+            self.max_tokens.observe(m.max_tokens)
         self.e2e.observe(m.finished_time - m.arrival_time)
         if m.first_scheduled_time is None or m.first_token_time is None:
             return
         self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
         self.inference.observe(max(0.0, m.finished_time - m.first_scheduled_time))
         self.prefill.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+        if output.prompt_token_ids:
+            self.prefill_per_token.observe(max(0.0, m.first_token_time - m.first_scheduled_time)
+                                           / len(output.prompt_token_ids))
         self.decode.observe(m.finished_time - m.first_token_time)
         self.ttft.observe(m.first_token_time - m.arrival_time)
         if max(num_tokens) > 1:

@@ -1,6 +1,6 @@
 """Request and response bodies of OpenAI's Responses API (POST /v1/responses), as pydantic models,
 with the sampling extras vLLM takes there. Fields whose feature is not built are declared so
-that the server can refuse them by name."""
+that the server can refuse them by name; of the tools, function tools are served."""
 
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ class InputContentPart(RequestModel):
 
 class InputItem(RequestModel):
     """One item of `input`: a message (the SDK's EasyInputMessage, or a message item, such as an
-    earlier response's output message), or another item type (a reasoning or tool item)."""
+    earlier response's output message), a function call an earlier response made and its output,
+    or another item type (a reasoning item)."""
 
     type: Optional[str] = None  # "message" when left out
     role: Optional[str] = None
     content: Optional[Union[str, list[InputContentPart]]] = None
     id: Optional[str] = None
     status: Optional[str] = None
+    # function_call and function_call_output items
+    call_id: Optional[str] = None
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+    output: Optional[Union[str, list[InputContentPart]]] = None
 
 
 class ReasoningConfig(RequestModel):
@@ -35,7 +41,28 @@ class ReasoningConfig(RequestModel):
 
 
 class TextConfig(RequestModel):
-    format: Optional[dict[str, Any]] = None  # {"type": "text"}; the structured ones are refused
+    # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "name", "schema", "strict"}
+    format: Optional[dict[str, Any]] = None
+
+
+class FunctionTool(RequestModel):
+    """One entry of `tools`: a function, the one tool type served here."""
+
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1)]
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments
+    strict: Optional[bool] = None
+
+
+class ToolChoiceFunction(RequestModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"]
+    name: str
+
+
+ResponsesToolChoice = Union[Literal["none", "auto", "required"], ToolChoiceFunction]
 
 
 class ResponsesRequest(RequestModel):
@@ -54,10 +81,10 @@ class ResponsesRequest(RequestModel):
     parallel_tool_calls: bool = True
     reasoning: Optional[ReasoningConfig] = None  # effort goes to the template as reasoning_effort
     truncation: Optional[Literal["auto", "disabled"]] = "disabled"
-    # Not built here (tools and structured output have their own issue): refused when set.
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[FunctionTool]] = None
+    tool_choice: Optional[ResponsesToolChoice] = None
     text: Optional[TextConfig] = None
+    # Not built: refused when set.
     include: Optional[list[str]] = None
     background: Optional[bool] = None
     prompt: Optional[Any] = None
@@ -103,7 +130,18 @@ class ReasoningItem(OpenAIModel):
     content: list[ReasoningText]
 
 
-OutputItem = Union[ReasoningItem, OutputMessage]
+class FunctionCallItem(OpenAIModel):
+    """A call the model made: call_id is what the function_call_output item answering it names."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str
+
+
+OutputItem = Union[ReasoningItem, OutputMessage, FunctionCallItem]
 
 
 class InputTokensDetails(OpenAIModel):
@@ -149,7 +187,7 @@ class ResponseObject(OpenAIModel):
     user: Optional[str] = None
     reasoning: Optional[ReasoningConfig] = None
     parallel_tool_calls: bool = True
-    tool_choice: str = "auto"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: ResponsesToolChoice = "auto"
+    tools: list[FunctionTool] = Field(default_factory=list)
     text: TextConfig = Field(default_factory=lambda: TextConfig(format={"type": "text"}))
     truncation: str = "disabled"

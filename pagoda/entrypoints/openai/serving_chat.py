@@ -180,7 +180,7 @@ class OpenAIServingChat(OpenAIServing):
         sent = [0] * run.n  # output tokens already sent, per choice
         cached = 0
         include_usage, continuous_usage = self.stream_usage(request.stream_options)
-        texts = [_StreamedText(run.tools, self.splitter(request), request.include_reasoning) for _ in range(run.n)]
+        texts = [StreamedText(run.tools, self.splitter(request), request.include_reasoning) for _ in range(run.n)]
 
         def chunk(choices: list[ChatStreamChoice], **fields: Any) -> str:
             usage = self.usage(run.prompt_tokens, sum(sent), cached) if continuous_usage else None
@@ -206,7 +206,7 @@ class OpenAIServingChat(OpenAIServing):
             yield sse(ChatCompletionChunk(id=run.request_id, model=self.model_name, choices=[], usage=usage))
 
     def _stream_choice(
-        self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: _StreamedText
+        self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: StreamedText
     ) -> ChatStreamChoice | None:
         start = sent[child.index]
         if not child.text_delta and len(child.token_ids) == start and child.finish_reason is None:
@@ -246,7 +246,7 @@ class OpenAIServingChat(OpenAIServing):
         return TopLogprob(token=token, logprob=logprob.logprob, bytes=list(token.encode()))
 
 
-class _StreamedText:
+class StreamedText:
     """One streamed choice's text so far, and the delta each new piece makes: its reasoning and
     content (--reasoning-parser), the content read as tool calls when the request has tools."""
 

@@ -1,8 +1,10 @@
 """POST /v1/responses (OpenAI's Responses API) and GET /v1/responses/{id}. The instructions, a stored
 earlier response's conversation (previous_response_id) and the input become chat messages that
-take the chat route's own path (template, sampling, one engine request); the reply comes back as
-output items (the thinking, with --reasoning-parser, then the message), whole or as OpenAI's typed
-server-sent events."""
+take the chat route's own path (template, sampling, one engine request), as do `tools`,
+`tool_choice` (the chat route's tool calling) and `text.format` (its structured outputs); earlier
+function calls and their outputs in `input` become the assistant's tool calls and tool messages.
+The reply comes back as output items (the thinking, with --reasoning-parser, then the message and
+the function calls), whole or as OpenAI's typed server-sent events."""
 
 from __future__ import annotations
 
@@ -13,18 +15,24 @@ from typing import Any
 
 from pagoda.outputs import CompletionOutput
 
-from .protocol import ChatCompletionRequest, ChatMessage
-from .protocol_responses import (
-    IncompleteDetails, InputItem, OutputItem, OutputMessage, OutputText, ReasoningItem, ReasoningText,
-    ResponseObject, ResponsesRequest, ResponseUsage,
+from .protocol import (
+    ChatCompletionRequest, ChatCompletionToolParam, ChatMessage, DeltaMessage, DeltaToolCall, FunctionCall,
+    FunctionDefinition, NamedFunction, NamedToolChoice, ToolCall, ToolChoice,
 )
-from .reasoning import ReasoningSplitter
+from .protocol_responses import (
+    FunctionCallItem, IncompleteDetails, InputContentPart, InputItem, OutputItem, OutputMessage, OutputText,
+    ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest, ResponsesToolChoice, ResponseUsage, TextConfig,
+    ToolChoiceFunction,
+)
 from .response_store import ResponseStore
-from .serving_chat import ChatRun, OpenAIServingChat
+from .serving_chat import ChatRun, OpenAIServingChat, StreamedText
 from .serving_engine import OpenAIError, as_openai_error, merge, refuse_unsupported
 
 # A chat request's parameters under the names the Responses API gives them.
-_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"}
+_PARAMS = {
+    "messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -41,9 +49,9 @@ class OpenAIServingResponses:
             run = await self.chat.start(chat_request, "resp")
         except OpenAIError as error:
             raise _renamed(error) from None
-        splitter = self.chat.splitter(chat_request)
+        text = StreamedText(run.tools, self.chat.splitter(chat_request), include_reasoning=True)
         if request.stream:
-            return self._stream(request, run, messages, splitter)
+            return self._stream(request, run, messages, text)
         try:
             final = None
             async for _, output in merge([run.outputs]):
@@ -52,7 +60,7 @@ class OpenAIServingResponses:
             self.chat.engine.abort(run.ids)
         child = final.outputs[0]
         output = _Output()
-        output.add(*(splitter.split(child.text) if splitter else ("", child.text)))
+        output.add(text.add(child.text, child.finish_reason)[0])
         return self._finish(request, run, messages, output, child)
 
     def retrieve(self, response_id: str) -> ResponseObject:
@@ -75,7 +83,7 @@ class OpenAIServingResponses:
         return list(stored.messages)
 
     async def _stream(
-        self, request: ResponsesRequest, run: ChatRun, messages: list[ChatMessage], splitter: ReasoningSplitter | None,
+        self, request: ResponsesRequest, run: ChatRun, messages: list[ChatMessage], text: StreamedText,
     ) -> AsyncIterator[str]:
         """The response's events; an error once they have begun is an `error` event (OpenAI's),
         and the engine request is aborted however the stream ends."""
@@ -86,11 +94,7 @@ class OpenAIServingResponses:
             yield output.event("response.in_progress", response=started)
             async for _, result in merge([run.outputs]):
                 child = result.outputs[0]
-                reasoning, content = splitter.feed(child.text_delta) if splitter else ("", child.text_delta)
-                if child.finish_reason is not None and splitter:
-                    rest_reasoning, rest_content = splitter.finish()
-                    reasoning, content = reasoning + rest_reasoning, content + rest_content
-                for event in output.add(reasoning, content):
+                for event in output.add(text.add(child.text_delta, child.finish_reason)[0]):
                     yield event
             final = self._finish(request, run, messages, output, child)
             for event in output.events:
@@ -117,7 +121,8 @@ class OpenAIServingResponses:
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete else None,
         )
         if request.store:
-            self.store.put(response, messages + [ChatMessage(role="assistant", content=output.text)])
+            reply = ChatMessage(role="assistant", content=output.text, tool_calls=output.tool_calls() or None)
+            self.store.put(response, messages + [reply])
         return response
 
     def _response(self, request: ResponsesRequest, run: ChatRun, status: str, **fields: Any) -> ResponseObject:
@@ -126,19 +131,23 @@ class OpenAIServingResponses:
             max_output_tokens=request.max_output_tokens, previous_response_id=request.previous_response_id,
             temperature=request.temperature, top_p=request.top_p, store=request.store and self.store.enabled,
             metadata=request.metadata, user=request.user, reasoning=request.reasoning,
-            parallel_tool_calls=request.parallel_tool_calls, **fields,
+            parallel_tool_calls=request.parallel_tool_calls, tools=request.tools or [],
+            tool_choice=request.tool_choice or "auto", text=request.text or TextConfig(format={"type": "text"}),
+            **fields,
         )
 
 
 class _Output:
-    """A response's output items (its thinking, then its message), grown as text arrives, with
-    the stream events that open, grow and close them, numbered in order."""
+    """A response's output items (its thinking, its message, its function calls), grown as text
+    arrives, with the stream events that open, grow and close them, numbered in order."""
 
     def __init__(self) -> None:
         self.items: list[OutputItem] = []
         self.events: list[str] = []  # those not yet handed out
         self.text = ""  # the message's
         self.sequence_number = 0
+        self._open_item: OutputItem | None = None  # the item that grows
+        self._calls: dict[int, FunctionCallItem] = {}  # by the tool-call stream's index
 
     def event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.sequence_number, **{
@@ -148,29 +157,36 @@ class _Output:
         self.sequence_number += 1
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
-    def add(self, reasoning: str, content: str) -> list[str]:
-        """The events of a piece of thinking and a piece of the message; returns those so far."""
-        if reasoning:
-            self._grow(ReasoningItem, reasoning)
-        if content:
-            self._grow(OutputMessage, content)
+    def add(self, delta: DeltaMessage | None) -> list[str]:
+        """The events of a piece of the reply (thinking, message, calls); returns those so far."""
+        if delta is not None:
+            if delta.reasoning_content:
+                self._grow(ReasoningItem, delta.reasoning_content)
+            if delta.content:
+                self._grow(OutputMessage, delta.content)
+            for call in delta.tool_calls or []:
+                self._call(call)
         events, self.events = self.events, []
         return events
 
     def close(self, status: str) -> None:
-        """End the output: every response has a message, if an empty one."""
-        if not self.items or not isinstance(self.items[-1], OutputMessage):
+        """End the output: every response has a message or a function call, if an empty message."""
+        if not any(isinstance(item, (OutputMessage, FunctionCallItem)) for item in self.items):
             self._grow(OutputMessage, "")
-        self.items[-1].status = status
-        self._close(self.items[-1])
+        self._close_open(status)
+
+    def tool_calls(self) -> list[ToolCall]:
+        """The function calls, as a chat history's assistant message holds them."""
+        return [
+            ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
+            for item in self.items if isinstance(item, FunctionCallItem)
+        ]
 
     def _grow(self, kind: type, text: str) -> None:
-        if not self.items or not isinstance(self.items[-1], kind):
-            if self.items:
-                self.items[-1].status = "completed"
-                self._close(self.items[-1])
+        if not isinstance(self._open_item, kind):
+            self._close_open("completed")
             self._open(kind)
-        item = self.items[-1]
+        item = self._open_item
         item.content[0].text += text
         if isinstance(item, OutputMessage):
             self.text += text
@@ -179,6 +195,22 @@ class _Output:
             extra = {"logprobs": []} if isinstance(item, OutputMessage) else {}
             self._item_event(f"response.{delta}.delta", item, content_index=0, delta=text, **extra)
 
+    def _call(self, delta: DeltaToolCall) -> None:
+        """A streamed tool-call delta: the first of a call opens its item, the rest grow its arguments."""
+        if delta.id is not None:
+            self._close_open("completed")
+            item = FunctionCallItem(
+                id=f"fc_{uuid.uuid4().hex}", call_id=delta.id, name=delta.function.name, arguments="",
+                status="in_progress",
+            )
+            self._calls[delta.index] = item
+            self._add_item(item)
+        item = self._calls[delta.index]
+        piece = delta.function.arguments if delta.function else None
+        if piece:
+            item.arguments += piece
+            self._item_event("response.function_call_arguments.delta", item, delta=piece)
+
     def _open(self, kind: type) -> None:
         if kind is OutputMessage:
             item = OutputMessage(id=f"msg_{uuid.uuid4().hex}", status="in_progress", content=[])
@@ -186,17 +218,28 @@ class _Output:
         else:
             item = ReasoningItem(id=f"rs_{uuid.uuid4().hex}", status="in_progress", content=[])
             part = ReasoningText(text="")
-        self.items.append(item)
-        self.events.append(self.event("response.output_item.added", output_index=len(self.items) - 1, item=item))
+        self._add_item(item)
         item.content.append(part)
         self._item_event("response.content_part.added", item, content_index=0, part=part)
 
-    def _close(self, item: OutputItem) -> None:
-        part = item.content[0]
-        done = "output_text" if isinstance(item, OutputMessage) else "reasoning_text"
-        extra = {"logprobs": []} if isinstance(item, OutputMessage) else {}
-        self._item_event(f"response.{done}.done", item, content_index=0, text=part.text, **extra)
-        self._item_event("response.content_part.done", item, content_index=0, part=part)
+    def _add_item(self, item: OutputItem) -> None:
+        self.items.append(item)
+        self._open_item = item
+        self.events.append(self.event("response.output_item.added", output_index=len(self.items) - 1, item=item))
+
+    def _close_open(self, status: str) -> None:
+        item, self._open_item = self._open_item, None
+        if item is None:
+            return
+        item.status = status
+        if isinstance(item, FunctionCallItem):
+            self._item_event("response.function_call_arguments.done", item, arguments=item.arguments)
+        else:
+            part = item.content[0]
+            done = "output_text" if isinstance(item, OutputMessage) else "reasoning_text"
+            extra = {"logprobs": []} if isinstance(item, OutputMessage) else {}
+            self._item_event(f"response.{done}.done", item, content_index=0, text=part.text, **extra)
+            self._item_event("response.content_part.done", item, content_index=0, part=part)
         self.events.append(self.event("response.output_item.done", output_index=self.items.index(item), item=item))
 
     def _item_event(self, kind: str, item: OutputItem, **fields: Any) -> None:
@@ -208,30 +251,59 @@ def _input_messages(items: str | list[InputItem]) -> list[ChatMessage]:
         return [ChatMessage(role="user", content=items)]
     if not items:
         raise OpenAIError("input must not be empty", param="input")
-    messages = []
+    messages: list[ChatMessage] = []
     for i, item in enumerate(items):
         kind = item.type or "message"
         if kind == "reasoning":
             continue  # earlier thinking does not go back to the model (as in vLLM)
-        if kind != "message" or not item.role:
+        if kind == "function_call":
+            _append_call(messages, _function_call(item, i))
+        elif kind == "function_call_output":
+            call_id = _required(item, "call_id", i)
+            messages.append(ChatMessage(role="tool", tool_call_id=call_id, content=_parts_text(item.output, i)))
+        elif kind == "message" and item.role:
+            messages.append(ChatMessage(role=item.role, content=_parts_text(item.content, i)))
+        else:
             raise OpenAIError(
-                f"input[{i}] is a {kind!r} item{'' if item.role else ' without a role'}: only messages are supported",
+                f"input[{i}] is a {kind!r} item{'' if item.role else ' without a role'}: only messages, "
+                "function calls and their outputs are supported",
                 param="input", code="unsupported_parameter" if kind != "message" else None,
             )
-        messages.append(ChatMessage(role=item.role, content=_item_text(item, i)))
     return messages
 
 
-def _item_text(item: InputItem, i: int) -> str:
-    if item.content is None or isinstance(item.content, str):
-        return item.content or ""
-    for part in item.content:
+def _function_call(item: InputItem, i: int) -> ToolCall:
+    fields = {name: _required(item, name, i) for name in ("call_id", "name", "arguments")}
+    return ToolCall(id=fields["call_id"], function=FunctionCall(name=fields["name"], arguments=fields["arguments"]))
+
+
+def _append_call(messages: list[ChatMessage], call: ToolCall) -> None:
+    """A call joins the assistant's message right before it (its text, or its other calls), as
+    the chat history has them; a copy, since that message may be a stored response's."""
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant":
+        messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []), call]})
+    else:
+        messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+
+
+def _required(item: InputItem, name: str, i: int) -> str:
+    value = getattr(item, name)
+    if not value:
+        raise OpenAIError(f"input[{i}], a {item.type} item, needs {name}", param="input")
+    return value
+
+
+def _parts_text(content: str | list[InputContentPart] | None, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    for part in content:
         if part.type not in _TEXT_PARTS or part.text is None:
             raise OpenAIError(
                 f"input[{i}] has a content part of type {part.type!r}: only text parts are supported",
                 param="input", code="unsupported_parameter",
             )
-    return "".join(part.text for part in item.content)
+    return "".join(part.text for part in content)
 
 
 def _chat_request(request: ResponsesRequest, messages: list[ChatMessage]) -> ChatCompletionRequest:
@@ -244,7 +316,34 @@ def _chat_request(request: ResponsesRequest, messages: list[ChatMessage]) -> Cha
         ignore_eos=request.ignore_eos, logit_bias=request.logit_bias, skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, stream=request.stream, user=request.user,
         chat_template_kwargs={"reasoning_effort": effort} if effort else None,
+        tools=[ChatCompletionToolParam(function=FunctionDefinition(**tool.model_dump(exclude={"type"})))
+               for tool in request.tools] if request.tools else None,
+        tool_choice=_chat_tool_choice(request.tool_choice), response_format=_response_format(request.text),
     )
+
+
+def _chat_tool_choice(choice: ResponsesToolChoice | None) -> ToolChoice | None:
+    if isinstance(choice, ToolChoiceFunction):
+        return NamedToolChoice(function=NamedFunction(name=choice.name))
+    return choice
+
+
+def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
+    """text.format as the chat route's response_format (OpenAI's Responses API flattens
+    json_schema's fields into the format)."""
+    text_format = text.format if text is not None else None
+    kind = (text_format or {}).get("type", "text")
+    if kind in ("text", "json_object"):
+        return None if kind == "text" else {"type": kind}
+    if kind != "json_schema":
+        raise OpenAIError(
+            f"text.format type {kind!r} is not supported: use text, json_object or json_schema", param="text.format"
+        )
+    if not isinstance(text_format.get("name"), str) or not isinstance(text_format.get("schema"), dict):
+        raise OpenAIError("text.format of type json_schema needs a name (a string) and a schema (an object)",
+                          param="text.format")
+    spec = {field: text_format.get(field) for field in ("name", "schema", "strict")}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def _renamed(error: OpenAIError) -> OpenAIError:
@@ -255,11 +354,7 @@ def _renamed(error: OpenAIError) -> OpenAIError:
 
 
 def _refuse_unsupported(request: ResponsesRequest) -> None:
-    text_format = (request.text.format or {}).get("type", "text") if request.text else "text"
     refuse_unsupported({
-        "tools": request.tools or None,
-        "tool_choice": None if request.tool_choice in (None, "auto", "none") else request.tool_choice,
-        "text": None if text_format == "text" else request.text,
         "include": request.include or None,
         "background": request.background or None,
         "prompt": request.prompt,

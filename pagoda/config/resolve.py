@@ -42,7 +42,9 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     dtype = _dtype(args.dtype, spec, device)
     max_model_len = _max_model_len(args.max_model_len, spec)
     _check_block_size(args.block_size, device)
-    parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size)
+    parallel = ParallelConfig(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
+    )
     gpus = detect_gpus() if device.type == "cuda" else None
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)

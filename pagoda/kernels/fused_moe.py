@@ -87,7 +87,7 @@ def _grouped_gemm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sorted_pairs: torch.Tensor, tile_expert: torch.Tensor,
     pairs_per_a_row: int, weights: torch.Tensor | None, block_m: int,
 ) -> None:
-    num_experts, n, k = b.shape
+    _, n, k = b.shape
     block_n, block_k = 64, 32
     grid = (sorted_pairs.numel() // block_m, triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](

@@ -25,13 +25,9 @@ from pagoda.layers.activation import get_act_and_mul
 from pagoda.layers.linear import LinearMethod, Shard, _copy, even_shard
 from pagoda.layers.mlp import GatedMLP
 
-# Per-expert checkpoint projections -> (our stacked parameter, the part of it). Mixtral names
-# them w1/w3/w2, Qwen gate_proj/up_proj/down_proj.
-_EXPERT_PROJECTIONS = {
-    "w1": ("w13", "gate"), "gate_proj": ("w13", "gate"),
-    "w3": ("w13", "up"), "up_proj": ("w13", "up"),
-    "w2": ("w2", "down"), "down_proj": ("w2", "down"),
-}
+# Per-expert checkpoint projections -> their part of the stacked experts (gate and up: w13's
+# halves; down: w2). Mixtral names them w1/w3/w2, Qwen gate_proj/up_proj/down_proj.
+_EXPERT_PARTS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +119,7 @@ class FusedMoE(nn.Module):
             self._load_expert(expert, "gate_proj", gate)
             self._load_expert(expert, "up_proj", up)
             return
-        param, part = _EXPERT_PROJECTIONS[proj]
+        part = _EXPERT_PARTS[proj]
         if part == "down":
             _copy(self.w2.data[local], tensor.narrow(1, inter.start, inter.size), f"expert {expert} {proj}")
             return

@@ -1,7 +1,8 @@
 """The rules a tensor x pipeline x data parallel layout must follow, checked before any weights load.
 
 Refused (ValueError, naming the setting and the numbers): a TP size that does not divide the
-attention heads; more pipeline stages than layers; weights that cannot fit one GPU at this TP x PP
+attention heads, the MLP width, or an MoE model's expert width (its expert count under expert
+parallelism); more pipeline stages than layers; weights that cannot fit one GPU at this TP x PP
 (the error names the smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle,
 with the split that would use them (TP just large enough to hold the model, DP with the rest).
 
@@ -87,7 +88,7 @@ def check_parallel_layout(
     rules about the model's shape apply. The whole layout, data-parallel copies included, is
     checked once, against the GPUs the front end sees (each core then gets its own)."""
     layout = Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size)
-    problem = _tp_problem(spec, layout.tp)
+    problem = _tp_problem(spec, layout.tp, parallel.enable_expert_parallel)
     if problem:
         raise ValueError(problem)
     layers = spec.num_hidden_layers
@@ -116,7 +117,7 @@ def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
     return model_class(spec.architecture).weight_bytes(spec, dtype)
 
 
-def _tp_problem(spec: ModelSpec, tp: int) -> str | None:
+def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str | None:
     """Why the model cannot be split over `tp` ranks; None when it can."""
     heads = spec.num_attention_heads
     if heads % tp:
@@ -124,15 +125,40 @@ def _tp_problem(spec: ModelSpec, tp: int) -> str | None:
             f"tensor_parallel_size={tp} must divide the model's {heads} attention heads (num_attention_heads): "
             f"use one of {_divisors(heads)}"
         )
-    if spec.intermediate_size % tp:
+    has_dense_mlp = not spec.num_experts or spec.dense_mlp_layers
+    if has_dense_mlp and spec.intermediate_size % tp:
         return (
             f"tensor_parallel_size={tp} must divide the model's MLP width {spec.intermediate_size} "
             "(intermediate_size)"
         )
+    if spec.num_experts:
+        problem = _moe_problem(spec, tp, expert_parallel)
+        if problem:
+            return problem
     try:
         kv_head_shard(spec.num_key_value_heads, 0, tp)
     except ValueError as error:
         return str(error)
+    return None
+
+
+def _moe_problem(spec: ModelSpec, tp: int, expert_parallel: bool) -> str | None:
+    if spec.shared_expert_intermediate_size % tp:
+        return (
+            f"tensor_parallel_size={tp} must divide the model's shared expert width "
+            f"{spec.shared_expert_intermediate_size} (shared_expert_intermediate_size)"
+        )
+    if expert_parallel:
+        if spec.num_experts % tp:
+            return (
+                f"tensor_parallel_size={tp} with enable_expert_parallel must divide the model's "
+                f"{spec.num_experts} experts (num_experts)"
+            )
+    elif spec.moe_intermediate_size % tp:
+        return (
+            f"tensor_parallel_size={tp} must divide the experts' width {spec.moe_intermediate_size} "
+            "(moe_intermediate_size), or place whole experts on ranks: enable_expert_parallel"
+        )
     return None
 
 

@@ -15,7 +15,7 @@ _COMMON = dict(
 
 # name -> (config class, architecture, extra config): together they cover MHA, GQA, MQA, a head_dim
 # that is not hidden/heads, tied and untied embeddings, llama3 rope scaling and q/k/v bias, and
-# the Phi-3 and Gemma features named at each.
+# the Phi-3, Gemma and MoE features named at each.
 ARCHITECTURES = {
     "llama3": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -53,6 +53,22 @@ ARCHITECTURES = {
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=16, num_hidden_layers=3,
         tie_word_embeddings=False,
         sliding_window_pattern=2, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )),
+    # MoE: top-2 of 4 experts, renormalized (Mixtral always renormalizes).
+    "mixtral": (transformers.MixtralConfig, "MixtralForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+    )),
+    # Top-2 of 6 without renormalization, the gated shared expert, a dense middle layer (mlp_only_layers).
+    "qwen2-moe": (transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )),
+    # Top-3 of 8, renormalized, q/k norm; decoder_sparse_step 2: the first layer dense, the second sparse.
+    "qwen3-moe": (transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2, tie_word_embeddings=False,
     )),
 }
 

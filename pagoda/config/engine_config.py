@@ -81,6 +81,9 @@ class EngineConfig:
     # LLMEngine is one core).
     data_parallel_size: int = _knob(1, "engine cores behind this server, each on its own tensor x pipeline GPUs",
                                     aliases=("-dp",))
+    enable_expert_parallel: bool = _knob(
+        False, "MoE layers: whole experts on each rank of the tensor-parallel group (expert parallelism) "
+        "instead of a slice of every expert", action="store_true")
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '

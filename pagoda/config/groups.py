@@ -48,6 +48,8 @@ class ParallelConfig:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     data_parallel_size: int  # engine cores, each with its own tensor x pipeline ranks
+    # MoE layers place whole experts on the TP group's ranks; each data-parallel core holds all.
+    enable_expert_parallel: bool = False
 
     @property
     def world_size(self) -> int:

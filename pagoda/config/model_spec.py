@@ -44,3 +44,12 @@ class ModelSpec:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # the top k experts each token is routed to
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = True  # the top-k routing weights renormalized to sum to 1 (Mixtral: always)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
+    # Layers whose MLP is dense (intermediate_size) in an MoE model: Qwen's mlp_only_layers and
+    # the layers decoder_sparse_step skips.
+    dense_mlp_layers: tuple[int, ...] = ()

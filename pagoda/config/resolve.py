@@ -42,7 +42,9 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     dtype = _dtype(args.dtype, spec, device)
     max_model_len = _max_model_len(args.max_model_len, spec)
     _check_block_size(args.block_size, device)
-    parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size)
+    parallel = ParallelConfig(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
+    )
     gpus = detect_gpus() if device.type == "cuda" else None
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
@@ -98,6 +100,26 @@ def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
         query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
         attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
         final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+        **_moe_fields(hf_config),
+    )
+
+
+def _moe_fields(hf_config: Any) -> dict[str, Any]:
+    """ModelSpec's MoE fields: Mixtral names its experts num_local_experts, Qwen num_experts."""
+    num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 0
+    if not num_experts:
+        return {}
+    step = getattr(hf_config, "decoder_sparse_step", None) or 1
+    mlp_only = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        moe_intermediate_size=getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size,
+        norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", True)),
+        shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", None) or 0,
+        dense_mlp_layers=tuple(
+            i for i in range(hf_config.num_hidden_layers) if i in mlp_only or (i + 1) % step
+        ),
     )
 
 

@@ -1,6 +1,7 @@
 """Checkpoint tensors (Hugging Face names, whole) into this rank's share of any model, from what
 its contract states (pagoda/models/interface.py): projections packed into one layer, tied
-parameters, tensors to ignore. Safetensors, .bin, GGUF and dummy weights all come through here.
+parameters, module aliases, tensors to ignore; a module that loads the tensors under its name
+(an MoE layer's stacked experts) gets each of those whole. Safetensors, .bin, GGUF and dummy weights all come through here.
 Each layer keeps its TP slice (pagoda/layers/linear.py); tensors of another pipeline stage are
 skipped. Once all are in, each linear layer's method prepares its weights for use."""
 
@@ -26,10 +27,17 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     part_of = {proj: packed for packed, projs in model.packed_modules_mapping.items() for proj in projs}
     loaded: set[str] = set()
     for name, tensor in weights:
+        name = _aliased(name, model.checkpoint_module_aliases)
         if name.endswith(model.ignored_checkpoint_suffixes) or name in tied:
             continue  # a tied parameter is filled from its source, whether or not the checkpoint stores it
         # A copy held apart from its source (a tied LM head on a later stage than the embedding).
         for target in [name] + [copy for copy in copies.get(name, []) if copy in params]:
+            subtree = _subtree_loader(model, target)
+            if subtree is not None:
+                prefix, module, rest = subtree
+                module.load_weight(rest, tensor)
+                loaded.update(f"{prefix}.{p}" for p, _ in module.named_parameters())
+                continue
             param, part = _packed_target(target, part_of)
             if _held_elsewhere(model, param):
                 continue
@@ -56,6 +64,26 @@ def _packed_target(name: str, part_of: dict[str, str]) -> tuple[str, str | None]
     if proj in part_of:
         return f"{parent}.{part_of[proj]}.{param_name}", proj
     return name, None
+
+
+def _aliased(name: str, aliases: dict[str, str]) -> str:
+    if not aliases:
+        return name
+    return ".".join(aliases.get(part, part) for part in name.split("."))
+
+
+def _subtree_loader(model: nn.Module, name: str) -> tuple[str, nn.Module, str] | None:
+    """(its path, the module, the name under it) where a module on the tensor's path loads the
+    checkpoint tensors under its name itself (`loads_checkpoint_subtree`)."""
+    parts = name.split(".")
+    module: nn.Module | None = model
+    for i, attr in enumerate(parts[:-1]):
+        module = getattr(module, attr, None)
+        if module is None or isinstance(module, PPMissingLayer):
+            return None
+        if getattr(module, "loads_checkpoint_subtree", False):
+            return ".".join(parts[: i + 1]), module, ".".join(parts[i + 1 :])
+    return None
 
 
 def _held_elsewhere(model: nn.Module, param: str) -> bool:

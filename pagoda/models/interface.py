@@ -6,7 +6,8 @@ A model (after vLLM's model interface) states
 - the bytes of its weights for a config and dtype, without being built (`weight_bytes`);
 - how checkpoint tensors map onto its parameters: projections it packs into one layer
   (`packed_modules_mapping`), parameters that are copies of another tensor (`tied_parameters`),
-  and tensors it has no use for (`ignored_checkpoint_suffixes`); pagoda/loader/weight_loader.py
+  checkpoint module names that are other names for its own (`checkpoint_module_aliases`), and
+  tensors it has no use for (`ignored_checkpoint_suffixes`); pagoda/loader/weight_loader.py
   loads every model with these;
 and takes a LinearMethod (pagoda/layers/linear.py) for its linear layers: how they hold and
 apply their weights (a quantization method plugs in there)."""
@@ -36,6 +37,8 @@ class CausalLM(nn.Module, ABC):
     packed_modules_mapping: ClassVar[dict[str, list[str]]] = {}
     # Checkpoint tensors that are no parameter here (e.g. rotary frequencies some checkpoints store).
     ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ()
+    # A checkpoint's module name -> ours, where they differ (Mixtral's block_sparse_moe: our mlp).
+    checkpoint_module_aliases: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def __init__(

@@ -27,6 +27,7 @@ from pagoda.layers.linear import (
     even_shard,
 )
 from pagoda.layers.mlp import GatedMLP
+from pagoda.layers.moe import SparseMoeBlock
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.interface import CausalLM, PPMissingLayer
@@ -109,6 +110,28 @@ def norm_input(
     if residual is None:
         return norm(hidden), hidden
     return norm(hidden, residual)
+def is_sparse_layer(config: ModelSpec, layer_index: int) -> bool:
+    return bool(config.num_experts) and layer_index not in config.dense_mlp_layers
+
+
+def build_mlp(config: ModelSpec, layer_index: int, linear_method: LinearMethod | None) -> nn.Module:
+    """The layer's MLP: the sparse MoE block in an MoE model's sparse layers, else the gated MLP."""
+    if is_sparse_layer(config, layer_index):
+        return SparseMoeBlock(
+            config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
+            config.hidden_act, config.norm_topk_prob, config.shared_expert_intermediate_size, linear_method,
+        )
+    return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, linear_method)
+
+
+def mlp_num_parameters(config: ModelSpec, layer_index: int) -> int:
+    """Of `build_mlp`'s MLP, unsharded, without building it."""
+    if is_sparse_layer(config, layer_index):
+        return SparseMoeBlock.num_parameters(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size,
+            config.shared_expert_intermediate_size,
+        )
+    return GatedMLP.num_parameters(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -125,9 +148,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(
             config, rotary, backend, **attn_kw, linear_method=linear_method, layer_index=layer_index
         )
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, linear_method
-        )
+        self.mlp = build_mlp(config, layer_index, linear_method)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -245,14 +266,11 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
-        hidden = config.hidden_size
-        layer = (
-            LlamaAttention.num_parameters(config, **cls.attention_switches(config))
-            + GatedMLP.num_parameters(hidden, config.intermediate_size, config.mlp_bias)
-            + cls.norms_per_layer * hidden
-        )
+        hidden, layers = config.hidden_size, config.num_hidden_layers
+        layer = LlamaAttention.num_parameters(config, **cls.attention_switches(config)) + cls.norms_per_layer * hidden
+        mlps = sum(mlp_num_parameters(config, i) for i in range(layers))
         embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-        return (embeddings + config.num_hidden_layers * layer + hidden) * dtype.itemsize
+        return (embeddings + layers * layer + mlps + hidden) * dtype.itemsize
 
     def forward(
         self,

@@ -107,7 +107,11 @@ def _set_up_process(config: ResolvedConfig, rank: int, init_method: str) -> None
     else:
         torch.set_num_threads(cpu_threads_per_rank(config.parallel.world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    init_parallel(rank, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size, init_method, backend)
+    parallel = config.parallel
+    init_parallel(
+        rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, init_method, backend,
+        parallel.enable_expert_parallel,
+    )
 
 
 def _serve(worker: Worker, conn: Connection) -> None:

@@ -43,6 +43,8 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     hf_config = load_hf_config(resolved)
     spec = model_spec(hf_config, args.load_format, args.model_impl)
     _log_model_impl(spec, args.model_impl)
+    if resolved.gguf_file is not None and spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
     device = args.torch_device()
     dtype = _dtype(args.dtype, spec, device)
     max_model_len = _max_model_len(args.max_model_len, spec)

@@ -2,7 +2,8 @@
 native class for runs through transformers' own modeling code, with Pagoda's paged attention
 registered as its attention function ("pagoda" in transformers' AttentionInterface). The engine
 sees an ordinary CausalLM: continuous batching, the paged KV cache, prefix caching and chunked
-prefill work as for a native model.
+prefill work as for a native model. transformers itself reads the checkpoint (`load_checkpoint`:
+its renamings of older tensor names apply); dummy weights come through Pagoda's loader.
 
 The step's tokens run as one row of transformers' batch (input_ids [1, T], position_ids [1, T]);
 the registered function finds the step's KV caches and AttentionMetadata in a context variable
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,8 +145,6 @@ class TransformersForCausalLM(CausalLM):
         for name, param in hf_model.named_parameters(recurse=False):
             self.register_parameter(name, param)
         self.backend = backend
-        # Buffers (causal-mask tables, rotary frequencies) that some checkpoints store: computed here.
-        self.ignored_checkpoint_suffixes = tuple(name for name, _ in hf_model.named_buffers())
         self._layers = self._probe_layers()
         self._layer_index = {module: i for i, module in enumerate(self._layers)}
 
@@ -176,16 +176,16 @@ class TransformersForCausalLM(CausalLM):
             for s in self._layers.values()
         ]
 
-    def tied_parameters(self) -> dict[str, str]:
-        """Each name of a parameter shared under several names -> its first name (a tied LM head)."""
-        first: dict[int, str] = {}
-        tied = {}
-        for name, param in self.named_parameters(remove_duplicate=False):
-            if id(param) in first:
-                tied[name] = first[id(param)]
-            else:
-                first[id(param)] = name
-        return tied
+    loads_own_checkpoint = True
+
+    def load_checkpoint(self, model_dir: Path) -> None:
+        """transformers reads the checkpoint (its renamings of older tensor names, base-model
+        prefixes and tied heads included) on the CPU; its tensors are copied into this model's."""
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(self.parameters()).dtype
+        loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+        self.hf_model.load_state_dict(loaded.state_dict())
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from tests.serving import MODEL, openai_client, save_tokenizer, serving
 from tests.tiny_models import hf_greedy, save_tiny_model
 
 MAX_NEW = 10
-_COMMON = dict(vocab_size=256, max_position_embeddings=256, eos_token_id=1, bos_token_id=0, pad_token_id=0)
+_COMMON = {"vocab_size": 256, "max_position_embeddings": 256, "eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 0}
 
 # Architectures Pagoda has no native class for: learned absolute positions with a tied head
 # (GPT-2), OPT's offset positions and its projected embeddings, GPT-NeoX's partial rotary and

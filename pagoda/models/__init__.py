@@ -11,7 +11,11 @@ from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
 from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
 from pagoda.models.qwen3 import Qwen3ForCausalLM
-from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE, TransformersForCausalLM, fallback_problem
+from pagoda.models.transformers_fallback import (
+    TRANSFORMERS_ARCHITECTURE,
+    TransformersForCausalLM,
+    fallback_problem,
+)
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,

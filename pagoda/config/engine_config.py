@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+MODEL_IMPLS = ("auto", "pagoda", "transformers")
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -65,6 +66,10 @@ class EngineConfig:
     max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
                               "so that -1 (the whole vocabulary) may be asked for")
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
+    model_impl: str = _knob(
+        "auto", "which implementation runs the model: auto (Pagoda's native one where it has the architecture, "
+        "else transformers' modeling code with Pagoda's paged attention), pagoda (native only) or transformers",
+        choices=MODEL_IMPLS)
     load_format: str = _knob("auto", "how to read the weights (dummy: random, for benchmarks)", choices=LOAD_FORMATS)
     device: str = _knob("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
     skip_tokenizer_init: bool = _knob(False, "load no tokenizer: prompts must be token ids, outputs carry no text",
@@ -95,6 +100,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
+        _check(self.model_impl in MODEL_IMPLS, "model_impl", self.model_impl, f"one of {MODEL_IMPLS}")
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")

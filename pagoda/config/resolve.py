@@ -5,6 +5,7 @@ the knob to change). The front end calls it once, before any engine core starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -27,8 +28,11 @@ from pagoda.loader.model_loader import load_generation_eos, load_hf_config
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import hf_meta_model
 from pagoda.models import model_architecture
+from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.structured_output.grammar import grammar_vocab
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None = None) -> ResolvedConfig:
@@ -37,7 +41,10 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     configs name, and whose vocabulary grammars are compiled against."""
     speculative = resolve_speculative(args.speculative_config, args.speculative_model, args.num_speculative_tokens)
     hf_config = load_hf_config(resolved)
-    spec = model_spec(hf_config, args.load_format)
+    spec = model_spec(hf_config, args.load_format, args.model_impl)
+    _log_model_impl(spec, args.model_impl)
+    if resolved.gguf_file is not None and spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
     device = args.torch_device()
     dtype = _dtype(args.dtype, spec, device)
     max_model_len = _max_model_len(args.max_model_len, spec)
@@ -45,6 +52,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     parallel = ParallelConfig(
         args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
     )
+    _check_fallback_parallel(spec, parallel)
     gpus = detect_gpus() if device.type == "cuda" else None
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
@@ -60,13 +68,15 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
         ),
         parallel=parallel,
-        device=DeviceConfig(device, args.enforce_eager),
+        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, spec, device)),
         speculative=speculative,
     )
 
 
-def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
-    """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda does not have)."""
+def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:
+    """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda runs neither
+    natively nor through the transformers fallback, as model_impl allows). Fields only native
+    models read (the MLP width, the norm's epsilon) are 0 for a fallback config that lacks them."""
     heads = hf_config.num_attention_heads
     rope, local_rope = _rope_parameters(hf_config)
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
@@ -75,17 +85,17 @@ def model_spec(hf_config: Any, load_format: str) -> ModelSpec:
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     return ModelSpec(
-        architecture=model_architecture(hf_config),
+        architecture=model_architecture(hf_config, model_impl),
         model_type=hf_config.model_type,
         num_hidden_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
+        intermediate_size=getattr(hf_config, "intermediate_size", None) or 0,
         num_attention_heads=heads,
         num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
         vocab_size=hf_config.vocab_size,
         hidden_act=getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu",
-        rms_norm_eps=hf_config.rms_norm_eps,
+        rms_norm_eps=getattr(hf_config, "rms_norm_eps", 0.0),
         rope_parameters=rope,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
         layer_sliding_windows=_layer_sliding_windows(hf_config),
@@ -121,6 +131,34 @@ def _moe_fields(hf_config: Any) -> dict[str, Any]:
             i for i in range(hf_config.num_hidden_layers) if i in mlp_only or (i + 1) % step
         ),
     )
+
+
+def _log_model_impl(spec: ModelSpec, model_impl: str) -> None:
+    if spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        architectures = spec.hf_config.get("architectures") or [spec.model_type]
+        logger.info(
+            "model implementation: transformers (%s through transformers' modeling code with Pagoda's paged "
+            "attention; model_impl=%s)", ", ".join(architectures), model_impl,
+        )
+    else:
+        logger.info("model implementation: pagoda (native %s; model_impl=%s)", spec.architecture, model_impl)
+
+
+def _check_fallback_parallel(spec: ModelSpec, parallel: ParallelConfig) -> None:
+    if spec.architecture == TRANSFORMERS_ARCHITECTURE and parallel.world_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={parallel.tensor_parallel_size} x pipeline_parallel_size="
+            f"{parallel.pipeline_parallel_size}: the transformers fallback runs on one rank (its layers are not "
+            "split); use 1 and 1 (data_parallel_size works), or a natively supported architecture"
+        )
+
+
+def _enforce_eager(stated: bool, spec: ModelSpec, device: torch.device) -> bool:
+    # transformers' modeling code is not known to be free of host syncs, which break a CUDA graph's capture.
+    if device.type == "cuda" and spec.architecture == TRANSFORMERS_ARCHITECTURE and not stated:
+        logger.info("the transformers fallback runs eagerly: no CUDA graphs")
+        return True
+    return stated
 
 
 def _layer_sliding_windows(hf_config: Any) -> tuple[int | None, ...]:

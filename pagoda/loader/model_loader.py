@@ -148,7 +148,10 @@ def build_model(
         load_weights(built, _iter_dummy_weights(model.spec, model.seed, model.dtype, device))
     else:
         logger.info("loading the weights from %s", model.resolved.gguf_file or model.resolved.model_dir)
-        load_weights(built, _iter_weights(model.resolved, model.spec))
+        if built.loads_own_checkpoint:
+            built.load_checkpoint(model.resolved.model_dir)
+        else:
+            load_weights(built, _iter_weights(model.resolved, model.spec))
     return built.eval()
 
 

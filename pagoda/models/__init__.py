@@ -1,4 +1,5 @@
-"""Architecture name (a Hugging Face config's `architectures`) -> model class."""
+"""Architecture name (a Hugging Face config's `architectures`) -> model class, and which class
+runs a config: a native one, or the transformers fallback (`model_impl`, as vLLM's --model-impl)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pagoda.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeF
 from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
 from pagoda.models.qwen3 import Qwen3ForCausalLM
+from pagoda.models.transformers_fallback import (
+    TRANSFORMERS_ARCHITECTURE,
+    TransformersForCausalLM,
+    fallback_problem,
+)
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
@@ -34,18 +40,37 @@ _BY_MODEL_TYPE = {
 }
 
 
-def model_architecture(hf_config: Any) -> str:
-    """The registry name of the class that runs a Hugging Face config's model."""
+def model_architecture(hf_config: Any, model_impl: str = "auto") -> str:
+    """The registry name of the class that runs a Hugging Face config's model. model_impl: auto
+    (native when Pagoda has the architecture, else the transformers fallback), pagoda (native only)
+    or transformers (the fallback, even for a native architecture)."""
+    native = _native_architecture(hf_config)
+    if model_impl == "pagoda" or (model_impl == "auto" and native is not None):
+        if native is None:
+            raise ValueError(_unsupported(hf_config, "has no native Pagoda implementation (model_impl='pagoda')"))
+        return native
+    problem = fallback_problem(hf_config)
+    if problem is not None:
+        raise ValueError(_unsupported(hf_config, f"cannot run through the transformers fallback: {problem}"))
+    return TRANSFORMERS_ARCHITECTURE
+
+
+def _native_architecture(hf_config: Any) -> str | None:
     architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
         if arch in MODEL_REGISTRY:
             return arch
-    if not architectures and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[hf_config.model_type]
-    raise ValueError(
-        f"model architectures {architectures} are not supported; supported: {sorted(MODEL_REGISTRY)}"
-    )
+    if not architectures:
+        return _BY_MODEL_TYPE.get(getattr(hf_config, "model_type", None))
+    return None
+
+
+def _unsupported(hf_config: Any, why: str) -> str:
+    architectures = getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", None)]
+    return f"model architectures {architectures} {why}; natively supported: {sorted(MODEL_REGISTRY)}"
 
 
 def model_class(architecture: str) -> type[CausalLM]:
+    if architecture == TRANSFORMERS_ARCHITECTURE:
+        return TransformersForCausalLM
     return MODEL_REGISTRY[architecture]

@@ -8,13 +8,15 @@ A model (after vLLM's model interface) states
   (`packed_modules_mapping`), parameters that are copies of another tensor (`tied_parameters`),
   checkpoint module names that are other names for its own (`checkpoint_module_aliases`), and
   tensors it has no use for (`ignored_checkpoint_suffixes`); pagoda/loader/weight_loader.py
-  loads every model with these;
+  loads every model with these, except one that reads its checkpoint itself (`load_checkpoint`:
+  the transformers fallback, whose checkpoints transformers renames as it loads them);
 and takes a LinearMethod (pagoda/layers/linear.py) for its linear layers: how they hold and
 apply their weights (a quantization method plugs in there)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -65,6 +67,15 @@ class CausalLM(nn.Module, ABC):
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the whole vocabulary."""
+
+    # True: the model reads its own checkpoint (`load_checkpoint`) instead of the generic loader;
+    # dummy weights still come through the generic loader, under the model's parameter names.
+    loads_own_checkpoint: ClassVar[bool] = False
+
+    def load_checkpoint(self, model_dir: Path) -> None:
+        """Fill every parameter from the checkpoint in `model_dir` (models that set
+        loads_own_checkpoint)."""
+        raise NotImplementedError(f"{type(self).__name__} is loaded by pagoda/loader/weight_loader.py")
 
     def tied_parameters(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it copies (a tied LM head: the embedding)."""

@@ -5,16 +5,22 @@ by name while the server goes on."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from fastapi.testclient import TestClient
 
 from pagoda import LLM, PoolingParams
+from pagoda.entrypoints.openai.server import build_app
+from pagoda.entrypoints.openai.serving_engine import ServerConfig
 from pagoda.pooling import read_pooler_config
 from tests.serving import MODEL, http_client, openai_client, openai_error, save_tokenizer, serving
+from tests.test_server_endpoints import HeldEngine
 from tests.tiny_models import save_tiny_model
 
 # Mixed lengths, one of a single token: each is its own pooled row range in one batch.
@@ -112,10 +118,15 @@ def test_embeddings_endpoint_matches_transformers(embedding_server) -> None:
     as_float = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
     assert as_base64.usage.prompt_tokens == sum(map(len, ids))
     for b, f, w in zip(as_base64.data, as_float.data, want):
-        assert b.embedding == pytest.approx(f.embedding, abs=1e-7)  # float32 both ways
+        assert_close(b.embedding, w)
         assert_close(f.embedding, w)
     assert [d.index for d in as_float.data] == [0, 1, 2]
+    # One prompt alone runs the same step each time: both encodings carry the same float32s.
     one = client.embeddings.create(model=MODEL, input="hello", encoding_format="float")
+    one_base64 = client.embeddings.create(model=MODEL, input="hello", encoding_format="base64")
+    # (Asked for explicitly, the client hands base64 back as it came.)
+    decoded = np.frombuffer(base64.b64decode(one_base64.data[0].embedding), dtype="<f4").tolist()
+    assert decoded == one.data[0].embedding
     assert_close(one.data[0].embedding, want[0])
     by_ids = client.embeddings.create(model=MODEL, input=ids, encoding_format="float")
     single = client.embeddings.create(model=MODEL, input=ids[1], encoding_format="float")
@@ -148,3 +159,8 @@ def test_embedding_server_generates_nothing(embedding_server) -> None:
     with http_client(base) as http:
         openai_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}), 400, "model")
         assert http.get("/health").status_code == 200
+
+
+def test_generating_server_refuses_embeddings() -> None:
+    app = TestClient(build_app(HeldEngine(), ServerConfig([MODEL], 64, None, False)))
+    openai_error(app.post("/v1/embeddings", json={"model": MODEL, "input": [[1, 2]]}), 400, "model")

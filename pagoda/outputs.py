@@ -1,4 +1,4 @@
-"""What `LLM.generate` returns: the same shapes vLLM users already consume."""
+"""What `LLM.generate` and `LLM.embed` return: the same shapes vLLM users already consume."""
 
 from __future__ import annotations
 
@@ -57,3 +57,25 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     num_cached_tokens: int = 0
+    # An embedding engine's (--runner pooling): the prompt's pooled hidden state, not yet
+    # truncated or normalized (pagoda/pooling.py makes the embedding).
+    pooled: list[float] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's: one prompt's embedding (`.outputs.embedding`)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

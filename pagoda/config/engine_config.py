@@ -13,6 +13,10 @@ import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 MODEL_IMPLS = ("auto", "pagoda", "transformers")
+# vLLM's --runner: generate (tokens) or pooling (one vector per prompt: embeddings); auto: generate.
+RUNNERS = ("auto", "generate", "pooling")
+# vLLM's older --task: embed (or "embedding") means the pooling runner, generate the generating one.
+TASKS = ("auto", "generate", "embed", "embedding")
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -89,6 +93,9 @@ class EngineConfig:
     enable_expert_parallel: bool = _knob(
         False, "MoE layers: whole experts on each rank of the tensor-parallel group (expert parallelism) "
         "instead of a slice of every expert", action="store_true")
+    runner: str = _knob("auto", "generate: sample tokens; pooling: one embedding per prompt (POST /v1/embeddings, "
+                        "LLM.embed); auto: generate", choices=RUNNERS)
+    task: str = _knob("auto", "vLLM's older spelling of runner: embed means --runner pooling", choices=TASKS)
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '
@@ -101,6 +108,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         _check(self.model_impl in MODEL_IMPLS, "model_impl", self.model_impl, f"one of {MODEL_IMPLS}")
+        _check(self.runner in RUNNERS, "runner", self.runner, f"one of {RUNNERS}")
+        _check(self.task in TASKS, "task", self.task, f"one of {TASKS}")
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")

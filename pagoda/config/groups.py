@@ -12,6 +12,7 @@ import torch
 from pagoda.config.model_spec import ModelSpec
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.pooling import PoolerConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ModelConfig:
     # The tokenizer's vocabulary as the grammar compiler needs it (structured outputs), serialized
     # by structured_output/grammar.py; None without a tokenizer.
     grammar_vocab: str | None
+    # An embedding engine's pooling (--runner pooling); None: the engine generates tokens.
+    pooler: PoolerConfig | None
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ the knob to change). The front end calls it once, before any engine core starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -30,6 +31,7 @@ from pagoda.loader.weights import hf_meta_model
 from pagoda.models import model_architecture
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
+from pagoda.pooling import PoolerConfig, read_pooler_config
 from pagoda.structured_output.grammar import grammar_vocab
 
 logger = logging.getLogger(__name__)
@@ -57,8 +59,17 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
     vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
+    pooler = _pooler(args, resolved, hf_config, speculative is not None)
+    if pooler is not None:
+        # Each prompt runs whole in one step from its first token (its hidden states are pooled
+        # there), and nothing is decoded after it: no chunks, no cached prefix, no overlapped steps.
+        args = dataclasses.replace(
+            args, enable_chunked_prefill=False, enable_prefix_caching=False, async_scheduling=False
+        )
     return ResolvedConfig(
-        model=ModelConfig(resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids, vocab),
+        model=ModelConfig(
+            resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids, vocab, pooler
+        ),
         cache=CacheConfig(
             args.block_size, args.enable_prefix_caching, dtype, args.gpu_memory_utilization,
             args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
@@ -71,6 +82,18 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
         device=DeviceConfig(device, _enforce_eager(args.enforce_eager, spec, device)),
         speculative=speculative,
     )
+
+
+def _pooler(args: EngineConfig, resolved: ResolvedModel, hf_config: Any, speculative: bool) -> PoolerConfig | None:
+    """The pooling of an embedding engine (--runner pooling, or --task embed); None: it generates."""
+    pooling_task = args.task in ("embed", "embedding")
+    if args.runner == "generate" and pooling_task:
+        raise ValueError(f"task={args.task!r} is invalid with runner='generate': embeddings need runner='pooling'")
+    if args.runner != "pooling" and not pooling_task:
+        return None
+    if speculative:
+        raise ValueError("speculative_config is invalid with runner='pooling': an embedding engine decodes no tokens")
+    return read_pooler_config(resolved.model_dir, hf_config)
 
 
 def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:

@@ -1,5 +1,5 @@
-"""EngineCore: the engine loop, token ids in and token ids out. schedule -> execute -> update ->
-CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
+"""EngineCore: the engine loop, token ids in and token ids out (or, for an embedding engine, one
+pooled vector per request, which ends it). schedule -> execute -> update -> CoreOutputs, one step at a time; with a token proposer, drafts for the next step after each update
 (multi-token steps); structured outputs' grammars compiled, matched and turned into each step's
 masks (pagoda/structured_output/manager.py). It knows engine requests only (n=1 each) and loads no
 tokenizer: it is built from the ResolvedConfig the front end made (EOS ids and the grammar
@@ -203,6 +203,8 @@ class EngineCore:
         """Wait for a launched step's tokens and apply them to its requests."""
         runner_output = step.result()
         self.num_batched_tokens = scheduler_output.num_batched_tokens
+        # An embedding request ends with its prompt's step: its vector is its whole output.
+        self.scheduler.finish_requests(runner_output.pooled, RequestStatus.FINISHED_STOPPED)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled)
         self.structured_outputs.accept(updated)
         num_new = {req.request_id: n for req, n in updated}
@@ -212,13 +214,14 @@ class EngineCore:
         for chunk in scheduler_output.chunks:
             req, rid = chunk.request, chunk.request.request_id
             scored = runner_output.prompt_logprobs.get(rid)
+            pooled = runner_output.pooled.get(rid)
             n = num_new.get(rid, 0)
-            if not n and scored is None:
+            if not n and scored is None and pooled is None:
                 continue
             top = runner_output.top_logprobs.get(rid) if n else None
             outputs.append(CoreOutput(
                 rid, req.output_token_ids[-n:] if n else [], None if top is None else top[:n], scored,
-                req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time,
+                req.status.finish_reason, req.stop_reason, req.num_cached_tokens, req.first_scheduled_time, pooled,
             ))
         return outputs
 

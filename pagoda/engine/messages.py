@@ -60,6 +60,8 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    # An embedding engine's: the prompt's pooled hidden state (float32), sent once, as it finishes.
+    pooled: list[float] | None = None
 
 
 class Ready(_Message):

@@ -1,7 +1,7 @@
 """The output side of the front end: what the engine core reports each step (new token ids, raw
 logprobs, finish reasons) turned into what users see: text (incremental, with stop strings),
 logprobs with their token text, and one RequestOutput per user request (its n engine requests
-gathered). It runs where the tokenizer is, in the front end: LLMEngine offline, AsyncLLM in the
+gathered; an embedding engine's with the prompt's pooled vector). It runs where the tokenizer is, in the front end: LLMEngine offline, AsyncLLM in the
 server process; the server's metrics also get each step's IterationStats from it."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class _Child:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     last_token_time: float | None = None  # when its latest tokens arrived
+    pooled: list[float] | None = None  # an embedding engine's vector of the prompt
 
 
 @dataclass
@@ -122,6 +123,8 @@ class OutputProcessor:
             self._record_latency(child, out, now, stats)
             self._record_prompt_logprobs(parent, child, out)
             stop = self._record_tokens(child, out)
+            if out.pooled is not None:
+                child.pooled = out.pooled
             if stop is not None:
                 if child.finish_reason is None:
                     stopped.append(child.request_id)
@@ -208,6 +211,7 @@ class OutputProcessor:
             finished=finished,
             metrics=dataclasses.replace(parent.metrics),
             num_cached_tokens=parent.num_cached_tokens,
+            pooled=parent.children[0].pooled,
         )
 
     def _completion(self, child: _Child) -> CompletionOutput:

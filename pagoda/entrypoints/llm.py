@@ -14,7 +14,8 @@ from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, render_chat
 from pagoda.logger import configure_logging
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, embedding
 from pagoda.sampling_params import SamplingParams
 
 PromptType = Union[str, dict[str, Any]]
@@ -56,11 +57,36 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order."""
+        self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(sampling_params, len(prompts))
         request_ids = self._add_all(prompts, params)
         return self._run(request_ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """The embedding of each prompt (a string or {"prompt_token_ids": [...]}), in input order;
+        the LLM must be an embedding engine (runner="pooling", or task="embed")."""
+        pooler = self._require_runner("pooling", "LLM.embed")
+        pooling_params = pooling_params or PoolingParams()
+        check_dimensions(pooler, self.llm_engine.engine_core.model_name, pooling_params.dimensions)
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        # One prefill step and no sampling: max_tokens only has to leave the prompt room.
+        params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens, detokenize=False)
+        outputs = self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm)
+        return [
+            EmbeddingRequestOutput(
+                o.request_id, EmbeddingOutput(embedding(o.pooled, pooler, pooling_params)), o.prompt_token_ids
+            )
+            for o in outputs
+        ]
 
     def chat(
         self,
@@ -86,6 +112,7 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search of each prompt (pagoda/beam_search.py): its best beam_width beams,
         best first, each with its tokens (the prompt's included), text and cum_logprob."""
+        self._require_runner("generate", "LLM.beam_search")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         limit = self.llm_engine.engine_core.max_model_len
@@ -126,6 +153,14 @@ class LLM:
         return BeamSearchOutput(best)
 
     # Helpers ---------------------------------------------------------------------------------
+
+    def _require_runner(self, runner: str, what: str) -> PoolerConfig | None:
+        """The engine's pooling (None: it generates), when it is the runner `what` needs."""
+        pooler = self.llm_engine.processor.config.model.pooler
+        if (pooler is not None) != (runner == "pooling"):
+            other = "pooling" if pooler is not None else "generate"
+            raise ValueError(f"{what} needs runner={runner!r}, but this LLM was built with runner={other!r}")
+        return pooler
 
     def _require_tokenizer(self, what: str) -> Any:
         if self.llm_engine.tokenizer is None:

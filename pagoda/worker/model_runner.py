@@ -8,7 +8,9 @@ samples on the device.
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
 each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
-core) are applied to the sampled rows' logits before sampling."""
+core) are applied to the sampled rows' logits before sampling. An embedding engine (--runner
+pooling) computes no logits: each prompt's final hidden states are pooled into one vector
+(worker/pooler.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pagoda.sample.sampler import (
     gather_top_logprobs,
 )
 from pagoda.structured_output.bitmask import apply_grammar_bitmask
+from pagoda.worker.pooler import pool
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
 logger = logging.getLogger("pagoda")
@@ -49,6 +52,8 @@ class ModelRunnerOutput:
     top_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)  # one per new token, when asked
     # request id -> (index of the first prompt token scored, logprobs of each scored token).
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
+    # An embedding engine's: request id -> its prompt's pooled hidden state (worker/pooler.py).
+    pooled: dict[str, list[float]] = field(default_factory=dict)
 
 
 class PendingStep:
@@ -110,7 +115,11 @@ class ModelRunner:
         """device: this rank's."""
         self.device = device
         self.max_model_len = config.model.max_model_len
-        self.use_cuda_graphs = device.type == "cuda" and not config.device.enforce_eager and pp_group().size == 1
+        # An embedding engine decodes nothing: no decode graphs.
+        self.use_cuda_graphs = (
+            device.type == "cuda" and not config.device.enforce_eager and pp_group().size == 1
+            and config.model.pooler is None
+        )
         self.max_num_seqs = config.scheduler.max_num_seqs
         # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
         # multi-token step verifies when a proposer is configured.
@@ -128,6 +137,8 @@ class ModelRunner:
             weight_bytes / 2**30,
         )
         self.sampler = Sampler(config.model.seed)
+        pooler = config.model.pooler
+        self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
@@ -246,6 +257,10 @@ class ModelRunner:
         batch = self._prepare(chunks)
         hidden = self._forward(batch)
         out = ModelRunnerOutput()
+        if hidden is not None and self.pooling_type is not None:
+            if self.samples:
+                out.pooled = pool(self.pooling_type, hidden, chunks, _query_starts(batch.query_lens))
+            return PendingStep(out)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
@@ -368,9 +383,7 @@ class ModelRunner:
     def _build_metadata(
         self, slots: list[int], query_lens: list[int], seq_lens: list[int], tables: list[list[int]]
     ) -> AttentionMetadata:
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
+        starts = _query_starts(query_lens)
         dev = self.device
         return AttentionMetadata(
             slot_mapping=to_device(slots, torch.int64, dev),
@@ -382,6 +395,14 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _query_starts(query_lens: list[int]) -> list[int]:
+    """Each request's first row in the flat batch, then the batch's length."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return starts
 
 
 def _rows_per_position(

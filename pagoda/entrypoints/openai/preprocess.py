@@ -13,7 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .protocol import PromptInput
 from .serving_engine import OpenAIError
+
+# A prompt: its text (None when given as token ids) and its token ids.
+Prompt = tuple[str | None, list[int]]
 
 T = TypeVar("T")
 
@@ -51,6 +55,27 @@ async def tokenize_prompt(
                 param=param, code="context_length_exceeded",
             )
     return await _tokenize(tokenizer, text, add_special_tokens)
+
+
+async def prompt_inputs(
+    prompt: PromptInput, param: str, tokenizer: Callable[[], Any], max_model_len: int, add_special_tokens: bool = True
+) -> list[Prompt]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as (text, ids) each;
+    a 400 naming param for an empty list or a text far past the context. tokenizer: called for
+    text prompts only (it raises when there is none)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise OpenAIError(f"{param} must not be empty", param=param)
+    if all(isinstance(p, int) for p in prompt):
+        return [(None, list(prompt))]  # type: ignore[arg-type]
+    if all(isinstance(p, list) for p in prompt):
+        return [(None, list(p)) for p in prompt]  # type: ignore[arg-type]
+    loaded = tokenizer()
+    return [
+        (p, await tokenize_prompt(loaded, p, add_special_tokens, max_model_len, param))  # type: ignore[arg-type]
+        for p in prompt
+    ]
 
 
 class DeadlineExceeded(Exception):

@@ -230,6 +230,26 @@ class PromptTokenUsageInfo(OpenAIModel):
     cached_tokens: Optional[int] = None  # prompt tokens the prefix cache served
 
 
+class EmbeddingRequest(RequestModel):
+    """POST /v1/embeddings: OpenAI's fields, and vLLM's truncate_prompt_tokens, add_special_tokens
+    and normalize."""
+
+    model: Optional[str] = None
+    input: PromptInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[Int64] = None
+    user: Optional[str] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    add_special_tokens: bool = True
+    normalize: Optional[bool] = None
+
+
+class EmbeddingData(OpenAIModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: Union[list[float], str]  # a string: base64 of little-endian float32s
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -396,3 +416,12 @@ class ModelCard(OpenAIModel):
 class ModelList(OpenAIModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class EmbeddingResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo

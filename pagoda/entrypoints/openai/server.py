@@ -38,14 +38,15 @@ from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, ModelCard, ModelList,
-    TokenizeRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse, ModelCard,
+    ModelList, TokenizeRequest,
 )
 from .protocol_responses import ResponsesRequest
 from .request_body import RequestBodyLimits
 from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_embedding import OpenAIServingEmbedding
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
@@ -143,6 +144,7 @@ def build_app(
 def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints: Endpoints) -> None:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
+    embeddings = OpenAIServingEmbedding(engine, config)
     responses = OpenAIServingResponses(
         chat, ResponseStore(config.max_stored_responses, config.stored_response_ttl)
     )
@@ -174,6 +176,10 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Any:
         return await _respond(raw, chat.create(body), load)
+
+    @app.post("/v1/embeddings", responses=_ERROR_RESPONSES)
+    async def create_embedding(body: EmbeddingRequest, raw: Request) -> Any:
+        return await _respond(raw, embeddings.create(body), load)
 
     @app.post("/invocations", responses=_ERROR_RESPONSES, openapi_extra=_INVOCATIONS_BODY)
     async def invocations(raw: Request) -> Any:
@@ -424,6 +430,7 @@ def run_server(args: argparse.Namespace) -> None:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_force_include_usage=args.enable_force_include_usage,
+        pooler=engine.processor.config.model.pooler,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)

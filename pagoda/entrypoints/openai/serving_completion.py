@@ -12,7 +12,7 @@ from pagoda.engine.detokenizer import decode_token
 from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
-from .preprocess import tokenize_prompt
+from .preprocess import Prompt, prompt_inputs
 from .protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamChoice,
     CompletionStreamResponse, PromptInput,
@@ -22,8 +22,6 @@ from .serving_engine import (
     sub_request_ids, value_error,
 )
 from .structured_outputs import structured_outputs
-
-Prompt = tuple[str | None, list[int]]
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -76,6 +74,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError(
                 f"{width_param}={width} is invalid: the beam width must be at most {MAX_BEAM_WIDTH}", param=width_param
             )
+        self.check_runner()
         self.refuse_when_queue_full()
         try:
             params = [
@@ -113,16 +112,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return output
 
     async def _prompts(self, prompt: PromptInput) -> list[Prompt]:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise OpenAIError("prompt must not be empty", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
-            return [(None, list(prompt))]  # type: ignore[arg-type]
-        if all(isinstance(p, list) for p in prompt):
-            return [(None, list(p)) for p in prompt]  # type: ignore[arg-type]
-        tokenizer, limit = self.require_tokenizer(), self.config.max_model_len
-        return [(p, await tokenize_prompt(tokenizer, p, True, limit, "prompt")) for p in prompt]  # type: ignore[misc]
+        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, self.config.max_model_len)
 
     async def _full(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]

@@ -1,5 +1,5 @@
-"""What the completion and chat handlers share: errors in OpenAI's shape, model checks, the
-SamplingParams of a request, prompt truncation and the context-length check, the queue bound
+"""What the completion, chat and embedding handlers share: errors in OpenAI's shape, model and
+runner checks, the SamplingParams of a request, prompt truncation and the context-length check, the queue bound
 (--max-queued-requests), running one engine request, usage (with its cached-token details and
 stream options) and logprob tokens as text or as "token_id:N"."""
 
@@ -19,12 +19,13 @@ from pydantic import BaseModel
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.engine.input_processor import truncate_prompt
 from pagoda.outputs import RequestOutput
+from pagoda.pooling import PoolerConfig
 from pagoda.sampling_params import SamplingParams
 
 from .limits import RequestLimits
 from .protocol import (
-    ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, PromptTokenUsageInfo, SamplingFields, StreamOptions,
-    UsageInfo,
+    ErrorInfo, ErrorResponse, LogprobInfo, PromptLogprobs, PromptTokenUsageInfo, SamplingFields,
+    StreamOptions, UsageInfo,
 )
 from .tool_parsers import ToolParser
 
@@ -89,11 +90,15 @@ class ServerConfig:
     return_tokens_as_token_ids: bool = False
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
+    # An embedding server's pooling (--runner pooling): it serves /v1/embeddings and no generation.
+    pooler: PoolerConfig | None = None
 
 
 class OpenAIServing:
     # The request field that holds the prompt, named by errors about its length.
     prompt_param = "prompt"
+    # The runner (--runner) whose engine this route's requests need.
+    runner = "generate"
     # SamplingParams' names of fields this route's requests call otherwise (for errors).
     param_names: dict[str, str] = {}
 
@@ -111,6 +116,16 @@ class OpenAIServing:
             raise OpenAIError(
                 f"The model `{model}` does not exist; this server serves {self.config.served_model_names}",
                 status=404, param="model", code="model_not_found",
+            )
+
+    def check_runner(self) -> None:
+        """400 when the engine runs the other runner (embeddings on a generating model, or the reverse)."""
+        runner = "generate" if self.config.pooler is None else "pooling"
+        if runner != self.runner:
+            raise OpenAIError(
+                f"The model `{self.model_name}` does not support this API: it needs a server started with "
+                f"--runner {self.runner}, and this one runs --runner {runner}",
+                param="model",
             )
 
     def require_tokenizer(self) -> Any:
@@ -183,6 +198,7 @@ class OpenAIServing:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
+        self.check_runner()
         self.refuse_when_queue_full()
         streams: list[AsyncIterator[RequestOutput]] = []
         ids = sub_request_ids(request_id, len(prompts))

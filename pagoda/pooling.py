@@ -1,0 +1,100 @@
+"""Embedding models' pooling: how a prompt's final hidden states become one vector.
+
+`PoolerConfig` is read once (config/resolve.py) from the model's sentence-transformers files
+(`modules.json`, its Pooling module's `config.json`) where present; without them a decoder's
+embedding is its last token's hidden state, normalized (vLLM's default for Qwen3-Embedding-style
+models). The engine core's runner reduces each prompt's hidden states to one vector
+(worker/pooler.py); the front end then truncates it to the requested `dimensions` (Matryoshka
+models only) and normalizes it (`embedding`), in that order, as vLLM's embedding head does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+# sentence-transformers' Pooling config switch -> our pooling type.
+_ST_POOLING_MODES = {
+    "pooling_mode_lasttoken": "LAST",
+    "pooling_mode_mean_tokens": "MEAN",
+    "pooling_mode_cls_token": "CLS",
+}
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass
+class PoolingParams:
+    """vLLM's per-request pooling settings: the vector's length (Matryoshka models) and whether
+    to L2-normalize it (None: as the model's config says)."""
+
+    dimensions: int | None = None
+    normalize: bool | None = None
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    pooling_type: str  # one of POOLING_TYPES
+    normalize: bool  # L2-normalize the (truncated) vector
+    # Matryoshka models: the vector's prefixes are embeddings too (`dimensions`); the sizes the
+    # model names, or () for any.
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] = ()
+
+
+def read_pooler_config(model_dir: Path, hf_config: Any) -> PoolerConfig:
+    """The pooling a model's sentence-transformers files describe, else the decoder default;
+    ValueError for a module or pooling mode Pagoda does not run."""
+    dimensions = tuple(getattr(hf_config, "matryoshka_dimensions", None) or ())
+    matryoshka = bool(dimensions) or bool(getattr(hf_config, "is_matryoshka", False))
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return PoolerConfig("LAST", True, matryoshka, dimensions)
+    modules = json.loads(modules_file.read_text())
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    unknown = sorted(set(kinds) - set(_ST_MODULES))
+    if unknown:
+        raise ValueError(f"{modules_file} has sentence-transformers modules Pagoda does not run: {unknown}")
+    pooling_type = "LAST"
+    if "Pooling" in kinds:
+        pooling_file = model_dir / kinds["Pooling"]["path"] / "config.json"
+        pooling_type = _st_pooling_type(json.loads(pooling_file.read_text()), pooling_file)
+    return PoolerConfig(pooling_type, "Normalize" in kinds, matryoshka, dimensions)
+
+
+def _st_pooling_type(config: dict[str, Any], source: Path) -> str:
+    modes = [name for name, on in config.items() if name.startswith("pooling_mode_") and on]
+    if len(modes) != 1 or modes[0] not in _ST_POOLING_MODES:
+        raise ValueError(
+            f"{source}: pooling modes {modes} are not supported; one of {sorted(_ST_POOLING_MODES)} must be set"
+        )
+    return _ST_POOLING_MODES[modes[0]]
+
+
+def check_dimensions(config: PoolerConfig, model_name: str, dimensions: int | None) -> None:
+    """ValueError naming `dimensions` when the model cannot give vectors of that size."""
+    if dimensions is None:
+        return
+    if not config.is_matryoshka:
+        raise ValueError(
+            f"dimensions={dimensions} is invalid: model {model_name!r} does not support Matryoshka representation, "
+            "so its vectors cannot be shortened"
+        )
+    if dimensions < 1:
+        raise ValueError(f"dimensions={dimensions} is invalid: it must be >= 1")
+    if config.matryoshka_dimensions and dimensions not in config.matryoshka_dimensions:
+        raise ValueError(
+            f"dimensions={dimensions} is invalid: model {model_name!r} supports only {list(config.matryoshka_dimensions)}"
+        )
+
+
+def embedding(pooled: list[float], config: PoolerConfig, params: PoolingParams) -> list[float]:
+    """The embedding of a pooled vector: its first `dimensions` values, L2-normalized unless the
+    request or else the model's config says not to."""
+    vector = torch.tensor(pooled[: params.dimensions], dtype=torch.float32)
+    if config.normalize if params.normalize is None else params.normalize:
+        vector = torch.nn.functional.normalize(vector, dim=0)
+    return vector.tolist()

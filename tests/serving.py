@@ -11,14 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import httpx
-import openai
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.tiny_models import save_tiny_model
+
+if TYPE_CHECKING:
+    import openai
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -48,6 +51,8 @@ def save_tokenizer(path: Path) -> int:
 
 def openai_client(base: str) -> openai.OpenAI:
     """The official client for a server started by `serving` with API_KEY."""
+    import openai  # here, not at the top: the GPU machine runs the conftest without the client
+
     return openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, timeout=60.0, max_retries=0)
 
 

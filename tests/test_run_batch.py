@@ -1,5 +1,6 @@
 """`pagoda run-batch`: an OpenAI batch file of chat and completion lines, bad lines among them, run
-offline; each line gets its result or its error, in the input's order."""
+offline; each line gets its result or its error, in the input's order. Embedding lines on an
+engine with --runner pooling."""
 
 from __future__ import annotations
 
@@ -16,9 +17,23 @@ def line(custom_id: str, url: str, body: dict, method: str = "POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
+def _tiny_model(directory: Path) -> str:
+    vocab_size = save_tokenizer(directory / "llama3")
+    return str(save_tiny_model("llama3", directory, vocab_size=vocab_size, max_position_embeddings=256))
+
+
+def _run_batch(tmp_path: Path, lines: list[str], *args: str) -> subprocess.CompletedProcess:
+    requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    return subprocess.run(
+        [sys.executable, "-m", "pagoda.entrypoints.cli", "run-batch", "-i", str(requests), "-o", str(results),
+         "--device", "cpu", "--max-model-len", "256", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 def test_run_batch_answers_each_line_in_order(tmp_path: Path):
-    vocab_size = save_tokenizer(tmp_path / "llama3")
-    model = str(save_tiny_model("llama3", tmp_path, vocab_size=vocab_size, max_position_embeddings=256))
+    model = _tiny_model(tmp_path)
     greedy = {"temperature": 0, "ignore_eos": True}
     lines = [
         line("chat", "/v1/chat/completions",
@@ -26,21 +41,15 @@ def test_run_batch_answers_each_line_in_order(tmp_path: Path):
         "{this is not json",
         line("completion", "/v1/completions", {"prompt": "hello", "max_tokens": 4, "n": 2, **greedy}),
         line("bad-max-tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}),
-        line("bad-url", "/v1/embeddings", {"input": "x"}),
+        line("bad-url", "/v1/images/generations", {"prompt": "x"}),
         line("wrong-model", "/v1/completions", {"model": "other", "prompt": "x"}),
         line("streamed", "/v1/completions", {"prompt": "x", "stream": True}),
         line("same-prompt", "/v1/completions", {"prompt": "hello", "max_tokens": 4, **greedy}),
     ]
-    requests, results = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
-    requests.write_text("\n".join(lines) + "\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "pagoda.entrypoints.cli", "run-batch", "-i", str(requests), "-o", str(results),
-         "--model", model, "--device", "cpu", "--max-model-len", "256"],
-        capture_output=True, text=True, timeout=120,
-    )
+    done = _run_batch(tmp_path, lines, "--model", model)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Running batch" in done.stderr and "8/8" in done.stderr  # the progress bar
-    out = [json.loads(text) for text in results.read_text().splitlines()]
+    out = [json.loads(text) for text in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [o["custom_id"] for o in out] == [
         "chat", None, "completion", "bad-max-tokens", "bad-url", "wrong-model", "streamed", "same-prompt",
     ]
@@ -72,3 +81,21 @@ def test_run_batch_answers_each_line_in_order(tmp_path: Path):
     refused(bad_url, 400, "url")
     refused(wrong_model, 404, "model")
     refused(streamed, 400, "stream")
+
+
+def test_run_batch_embeds_on_a_pooling_engine(tmp_path: Path):
+    model = _tiny_model(tmp_path)
+    lines = [
+        line("one", "/v1/embeddings", {"input": "hello"}),
+        line("two", "/v1/embeddings", {"input": ["hi", "a longer text"]}),
+        line("no-input", "/v1/embeddings", {}),
+        line("not-matryoshka", "/v1/embeddings", {"input": "x", "dimensions": 3}),
+    ]
+    done = _run_batch(tmp_path, lines, "--model", model, "--runner", "pooling")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two, missing, shortened = [json.loads(text) for text in (tmp_path / "results.jsonl").read_text().splitlines()]
+    vector = one["response"]["body"]["data"][0]["embedding"]
+    assert one["error"] is None and len(vector) == 64 and abs(sum(v * v for v in vector) - 1) < 1e-4  # normalized
+    assert [len(d["embedding"]) for d in two["response"]["body"]["data"]] == [64, 64]
+    assert missing["response"]["status_code"] == 400 and missing["error"]["param"] == "input"
+    assert shortened["response"]["status_code"] == 400 and shortened["error"]["param"] == "dimensions"

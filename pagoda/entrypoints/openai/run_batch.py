@@ -1,6 +1,6 @@
 """`pagoda run-batch -i requests.jsonl -o results.jsonl`: OpenAI's batch file format run offline,
-as vLLM's run_batch. Each input line {"custom_id", "method": "POST", "url": "/v1/chat/completions"
-or "/v1/completions", "body"} gets one output line {"id", "custom_id", "response": {"status_code",
+as vLLM's run_batch. Each input line {"custom_id", "method": "POST", "url": "/v1/chat/completions",
+"/v1/completions" or "/v1/embeddings" (an engine with --runner pooling), "body"} gets one output line {"id", "custom_id", "response": {"status_code",
 "request_id", "body"}, "error"}, in input order. The lines run concurrently through the server's
 own handlers on an in-process AsyncLLM; a line that cannot be read, or whose request is refused,
 gets an error (status code and OpenAI's error object) and the other lines go on."""
@@ -21,10 +21,11 @@ from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.entrypoints.engine_args import engine_kwargs
 
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorInfo
 from .server import generation_defaults, validation_error
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_embedding import OpenAIServingEmbedding
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error, new_request_id
 
 Handler = Callable[[Any], Awaitable[Any]]
@@ -33,7 +34,7 @@ Handler = Callable[[Any], Awaitable[Any]]
 class BatchRequestInput(BaseModel):
     custom_id: str
     method: Literal["POST"]
-    url: Literal["/v1/chat/completions", "/v1/completions"]
+    url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     body: dict[str, Any]
 
 
@@ -59,10 +60,12 @@ def main(args: argparse.Namespace) -> None:
             served_model_names=[args.model or engine.model_name], max_model_len=engine.max_model_len,
             chat_template=None, log_requests=False,
             default_sampling=generation_defaults("auto", engine.processor.config.model.resolved.model_dir),
+            pooler=engine.processor.config.model.pooler,
         )
         handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "/v1/chat/completions": (ChatCompletionRequest, OpenAIServingChat(engine, config).create),
             "/v1/completions": (CompletionRequest, OpenAIServingCompletion(engine, config).create),
+            "/v1/embeddings": (EmbeddingRequest, OpenAIServingEmbedding(engine, config).create),
         }
         results = asyncio.run(_run_all(lines, handlers))
     finally:
@@ -88,7 +91,7 @@ async def _run_line(line: str, handlers: dict[str, tuple[type[BaseModel], Handle
     body_type, handler = handlers[item.url]
     try:
         body = body_type.model_validate(item.body)
-        if body.stream:  # type: ignore[attr-defined]
+        if getattr(body, "stream", False):  # embeddings have no stream field
             raise OpenAIError("stream is not available in a batch file", param="stream")
         response = await handler(body)
     except ValidationError as error:

@@ -42,46 +42,57 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     end's (None: skip_tokenizer_init), whose EOS token ends requests besides those the model's
     configs name, and whose vocabulary grammars are compiled against."""
     speculative = resolve_speculative(args.speculative_config, args.speculative_model, args.num_speculative_tokens)
-    hf_config = load_hf_config(resolved)
-    spec = model_spec(hf_config, args.load_format, args.model_impl)
-    _log_model_impl(spec, args.model_impl)
-    if resolved.gguf_file is not None and spec.architecture == TRANSFORMERS_ARCHITECTURE:
-        raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
     device = args.torch_device()
-    dtype = _dtype(args.dtype, spec, device)
-    max_model_len = _max_model_len(args.max_model_len, spec)
+    model = _model_config(args, resolved, tokenizer, device, speculative is not None)
     _check_block_size(args.block_size, device)
-    parallel = ParallelConfig(
-        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
-    )
-    _check_fallback_parallel(spec, parallel)
-    gpus = detect_gpus() if device.type == "cuda" else None
-    check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
-    eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
-    vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
-    pooler = _pooler(args, resolved, hf_config, speculative is not None)
-    if pooler is not None:
+    parallel = _parallel_config(args, model, device)
+    if model.pooler is not None:
         # Each prompt runs whole in one step from its first token (its hidden states are pooled
         # there), and nothing is decoded after it: no chunks, no cached prefix, no overlapped steps.
         args = dataclasses.replace(
             args, enable_chunked_prefill=False, enable_prefix_caching=False, async_scheduling=False
         )
     return ResolvedConfig(
-        model=ModelConfig(
-            resolved, spec, args.load_format, dtype, max_model_len, args.seed, eos_token_ids, vocab, pooler
-        ),
+        model=model,
         cache=CacheConfig(
-            args.block_size, args.enable_prefix_caching, dtype, args.gpu_memory_utilization,
+            args.block_size, args.enable_prefix_caching, model.dtype, args.gpu_memory_utilization,
             args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
         ),
         scheduler=SchedulerConfig(
-            args.max_num_seqs, _max_num_batched_tokens(args, max_model_len, device), max_model_len,
+            args.max_num_seqs, _max_num_batched_tokens(args, model.max_model_len, device), model.max_model_len,
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
         ),
         parallel=parallel,
-        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, spec, device)),
+        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device)),
         speculative=speculative,
     )
+
+
+def _model_config(
+    args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None, device: torch.device, speculative: bool
+) -> ModelConfig:
+    hf_config = load_hf_config(resolved)
+    spec = model_spec(hf_config, args.load_format, args.model_impl)
+    _log_model_impl(spec, args.model_impl)
+    if resolved.gguf_file is not None and spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
+    eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
+    vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
+    return ModelConfig(
+        resolved, spec, args.load_format, _dtype(args.dtype, spec, device), _max_model_len(args.max_model_len, spec),
+        args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, speculative),
+    )
+
+
+def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:
+    """The TP x PP x DP (x EP) layout, checked whole against the model and the visible GPUs."""
+    parallel = ParallelConfig(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
+    )
+    _check_fallback_parallel(model.spec, parallel)
+    gpus = detect_gpus() if device.type == "cuda" else None
+    check_parallel_layout(parallel, model.spec, model.dtype, args.gpu_memory_utilization, gpus)
+    return parallel
 
 
 def _pooler(args: EngineConfig, resolved: ResolvedModel, hf_config: Any, speculative: bool) -> PoolerConfig | None:

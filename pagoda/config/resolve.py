@@ -52,10 +52,12 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     max_model_len = _max_model_len(args.max_model_len, spec)
     _check_block_size(args.block_size, device)
     parallel = ParallelConfig(
-        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel,
+        args.distributed_executor_backend,
     )
     _check_fallback_parallel(spec, parallel)
-    gpus = detect_gpus() if device.type == "cuda" else None
+    # Ray's ranks use the cluster's GPUs, not this host's: its placement group checks that they exist.
+    gpus = detect_gpus() if device.type == "cuda" and parallel.distributed_executor_backend == "mp" else None
     check_parallel_layout(parallel, spec, dtype, args.gpu_memory_utilization, gpus)
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
     vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)

@@ -83,6 +83,7 @@ class RayExecutor(Executor):
         bundle = {"GPU": 1, "CPU": 1} if config.device.device.type == "cuda" else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
         self._actors: list[Any] = []
+        self._nodes: list[str] = []  # each rank's node address, once every actor has started
         self._finalizer = weakref.finalize(self, _stop_actors, ray, self._actors, self._group)
         self._wait_for_placement(bundle, world_size)
         actor_class = ray.remote(RankActor)
@@ -144,8 +145,7 @@ class RayExecutor(Executor):
         return results
 
     def _where(self, rank: int) -> str:
-        nodes = getattr(self, "_nodes", None)  # unknown until every actor has started
-        return f"on node {nodes[rank]} " if nodes else ""
+        return f"on node {self._nodes[rank]} " if self._nodes else ""
 
     def _fail(self, message: str) -> None:
         self.shutdown()

@@ -17,6 +17,9 @@ MODEL_IMPLS = ("auto", "pagoda", "transformers")
 RUNNERS = ("auto", "generate", "pooling")
 # vLLM's older --task: embed (or "embedding") means the pooling runner, generate the generating one.
 TASKS = ("auto", "generate", "embed", "embedding")
+# vLLM's --distributed-executor-backend: mp, worker processes on this host; ray, Ray actors on any
+# node of a Ray cluster.
+EXECUTOR_BACKENDS = ("mp", "ray")
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -93,6 +96,10 @@ class EngineConfig:
     enable_expert_parallel: bool = _knob(
         False, "MoE layers: whole experts on each rank of the tensor-parallel group (expert parallelism) "
         "instead of a slice of every expert", action="store_true")
+    distributed_executor_backend: str = _knob(
+        "mp", "how the ranks run: mp (one worker process per rank on this host) or ray (one Ray actor per rank, "
+        "on any node of the Ray cluster this attaches to or starts; pip install pagoda[ray])",
+        choices=EXECUTOR_BACKENDS)
     runner: str = _knob("auto", "generate: sample tokens; pooling: one embedding per prompt (POST /v1/embeddings, "
                         "LLM.embed); auto: generate", choices=RUNNERS)
     task: str = _knob("auto", "vLLM's older spelling of runner: embed means --runner pooling", choices=TASKS)
@@ -109,6 +116,8 @@ class EngineConfig:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
         _check(self.model_impl in MODEL_IMPLS, "model_impl", self.model_impl, f"one of {MODEL_IMPLS}")
         _check(self.runner in RUNNERS, "runner", self.runner, f"one of {RUNNERS}")
+        _check(self.distributed_executor_backend in EXECUTOR_BACKENDS, "distributed_executor_backend",
+               self.distributed_executor_backend, f"one of {EXECUTOR_BACKENDS}")
         _check(self.task in TASKS, "task", self.task, f"one of {TASKS}")
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")

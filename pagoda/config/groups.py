@@ -53,6 +53,8 @@ class ParallelConfig:
     data_parallel_size: int  # engine cores, each with its own tensor x pipeline ranks
     # MoE layers place whole experts on the TP group's ranks; each data-parallel core holds all.
     enable_expert_parallel: bool = False
+    # mp: worker processes on this host, rank r on cuda:r; ray: Ray actors, each seeing one GPU.
+    distributed_executor_backend: str = "mp"
 
     @property
     def world_size(self) -> int:
@@ -62,7 +64,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: torch.device  # rank r of several runs on cuda:r when this is a CUDA device
+    device: torch.device  # rank r of several runs on cuda:r (mp) or its actor's one GPU (ray)
     enforce_eager: bool
 
 
@@ -90,4 +92,8 @@ class ResolvedConfig:
 
     def rank_device(self, rank: int) -> torch.device:
         device = self.device.device
-        return torch.device("cuda", rank) if device.type == "cuda" and self.parallel.world_size > 1 else device
+        if device.type != "cuda":
+            return device
+        if self.parallel.distributed_executor_backend == "ray":  # Ray shows each actor only its own GPU
+            return torch.device("cuda", 0)
+        return torch.device("cuda", rank) if self.parallel.world_size > 1 else device

@@ -87,10 +87,12 @@ def _model_config(
 def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:
     """The TP x PP x DP (x EP) layout, checked whole against the model and the visible GPUs."""
     parallel = ParallelConfig(
-        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel,
+        args.distributed_executor_backend,
     )
     _check_fallback_parallel(model.spec, parallel)
-    gpus = detect_gpus() if device.type == "cuda" else None
+    # Ray's ranks use the cluster's GPUs, not this host's: its placement group checks that they exist.
+    gpus = detect_gpus() if device.type == "cuda" and parallel.distributed_executor_backend == "mp" else None
     check_parallel_layout(parallel, model.spec, model.dtype, args.gpu_memory_utilization, gpus)
     return parallel
 

@@ -88,7 +88,7 @@ def _run_rank(config: ResolvedConfig, rank: int, init_method: str, conn: Connect
     """Join the group, build this rank's shard, then serve calls (method name, args) until told
     to stop or the engine's end of the pipe closes."""
     try:
-        _set_up_process(config, rank, init_method)
+        set_up_rank(config, rank, init_method)
         worker = Worker(config, rank)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -100,7 +100,8 @@ def _run_rank(config: ResolvedConfig, rank: int, init_method: str, conn: Connect
         destroy_parallel()
 
 
-def _set_up_process(config: ResolvedConfig, rank: int, init_method: str) -> None:
+def set_up_rank(config: ResolvedConfig, rank: int, init_method: str) -> None:
+    """Bind this process to its rank's device and join the process groups (NCCL on GPUs, gloo on CPUs)."""
     device = config.rank_device(rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -136,6 +136,9 @@ class GrammarCompiler:
         self.tokenizer_info = xgrammar.TokenizerInfo.deserialize_json(vocab)
         self.vocab_size: int = self.tokenizer_info.vocab_size
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=max_threads)
+        # Fills a step's masks on several threads at once (half the host's cores, xgrammar's
+        # default): one matcher after another costs ~0.2 ms a request at a 128k vocabulary.
+        self._batch = xgrammar.BatchGrammarMatcher()
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (slow: token masks are precomputed); its matchers are cheap."""
@@ -146,3 +149,7 @@ class GrammarCompiler:
 
     def allocate_bitmask(self, rows: int) -> Any:
         return self._xgrammar.allocate_token_bitmask(rows, self.vocab_size)
+
+    def fill_bitmask(self, matchers: list[Any], bitmask: Any) -> None:
+        """Row i of `bitmask`: the tokens matchers[i] allows next."""
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)

@@ -106,8 +106,7 @@ class StructuredOutputManager:
             return None
         assert self._compiler is not None
         bitmask = self._compiler.allocate_bitmask(len(rows))
-        for i, matcher in enumerate(matchers):
-            matcher.fill_next_token_bitmask(bitmask, i)
+        self._compiler.fill_bitmask(matchers, bitmask)
         return GrammarBitmask(rows, bitmask)
 
     def accept(self, updated: Iterable[tuple[Request, int]]) -> None:

@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     args = parser.parse_args()
+    # No prefix caching: the second run's prompts are the first's, and must be computed again.
     llm = LLM(model=args.model, tokenizer=args.tokenizer or str(default_model_dir()), load_format="dummy",
-              max_model_len=1024)
+              max_model_len=1024, enable_prefix_caching=False)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(49152) for _ in range(args.input_len)]}
                for _ in range(args.num_prompts)]

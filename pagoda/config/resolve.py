@@ -190,18 +190,11 @@ def _check_fallback_parallel(spec: ModelSpec, parallel: ParallelConfig) -> None:
 
 
 def _enforce_eager(stated: bool, spec: ModelSpec, device: torch.device) -> bool:
-    # Code with host syncs or host-to-device copies breaks a CUDA graph's capture: transformers'
-    # modeling code is not known to be free of them, and the MoE layer's expert sort (the
-    # fused-MoE path) is not yet (a capture on the H200 failed on a host copy).
-    if device.type != "cuda" or stated:
-        return stated
-    if spec.architecture == TRANSFORMERS_ARCHITECTURE:
+    # transformers' modeling code is not known to be free of host syncs, which break a CUDA graph's capture.
+    if device.type == "cuda" and spec.architecture == TRANSFORMERS_ARCHITECTURE and not stated:
         logger.info("the transformers fallback runs eagerly: no CUDA graphs")
         return True
-    if spec.num_experts:
-        logger.info("MoE models run eagerly on the GPU for now: no CUDA graphs")
-        return True
-    return False
+    return stated
 
 
 def _layer_sliding_windows(hf_config: Any) -> tuple[int | None, ...]:

@@ -22,11 +22,11 @@ from pagoda.engine.async_llm import AsyncLLM
 from pagoda.entrypoints.engine_args import engine_kwargs
 
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorInfo
-from .server import generation_defaults, validation_error
+from .server import engine_server_config, validation_error
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
-from .serving_engine import OpenAIError, ServerConfig, as_openai_error, new_request_id
+from .serving_engine import OpenAIError, as_openai_error, new_request_id
 
 Handler = Callable[[Any], Awaitable[Any]]
 
@@ -56,11 +56,8 @@ def main(args: argparse.Namespace) -> None:
     lines = [line for line in Path(args.input_file).read_text().splitlines() if line.strip()]
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
     try:
-        config = ServerConfig(
-            served_model_names=[args.model or engine.model_name], max_model_len=engine.max_model_len,
-            chat_template=None, log_requests=False,
-            default_sampling=generation_defaults("auto", engine.processor.config.model.resolved.model_dir),
-            pooler=engine.processor.config.model.pooler,
+        config = engine_server_config(
+            engine, [args.model or engine.model_name], "auto", chat_template=None, log_requests=False
         )
         handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "/v1/chat/completions": (ChatCompletionRequest, OpenAIServingChat(engine, config).create),

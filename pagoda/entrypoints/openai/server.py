@@ -413,16 +413,28 @@ def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
     return parser if args.enable_auto_tool_choice else None
 
 
+def engine_server_config(
+    engine: AsyncLLM, served_model_names: list[str], generation_config: str, **options: Any
+) -> ServerConfig:
+    """A ServerConfig whose engine-given fields (the context, the model's generation defaults, its
+    pooling) come from `engine`, for the server and run-batch alike; options: the other fields."""
+    model = engine.config.model
+    return ServerConfig(
+        served_model_names=served_model_names, max_model_len=engine.max_model_len,
+        default_sampling=generation_defaults(generation_config, model.resolved.model_dir), pooler=model.pooler,
+        **options,
+    )
+
+
 def run_server(args: argparse.Namespace) -> None:
     tool_parser = auto_tool_parser(args)
     model = model_argument(args)
     engine = AsyncLLM(EngineConfig(**{**engine_kwargs(args), "model": model}))
-    default_sampling = generation_defaults(args.generation_config, engine.processor.config.model.resolved.model_dir)
     names = args.served_model_name or [model or engine.model_name]
-    config = ServerConfig(
-        served_model_names=names, max_model_len=engine.max_model_len,
+    config = engine_server_config(
+        engine, names, args.generation_config,
         chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
-        default_sampling=default_sampling, limits=request_limits(args),
+        limits=request_limits(args),
         max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
         reasoning_parser=args.reasoning_parser,
         max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
@@ -430,7 +442,6 @@ def run_server(args: argparse.Namespace) -> None:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_force_include_usage=args.enable_force_include_usage,
-        pooler=engine.processor.config.model.pooler,
     )
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)

@@ -16,6 +16,7 @@ import pytest
 from pagoda import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.executor.uniproc import UniprocExecutor
 from pagoda.structured_output.grammar import GrammarCompiler
 from tests.serving import save_tokenizer
 from tests.tiny_models import save_tiny_model
@@ -150,13 +151,19 @@ def test_stop_strings(llm):
     dict(async_scheduling=True),
     dict(enable_prefix_caching=True, block_size=4),
 ], ids=["preempting", "async", "prefix-cache"])
-def test_engine_paths_keep_outputs(llm, model_dir, engine_args):
+def test_engine_paths_keep_outputs(llm, model_dir, engine_args, monkeypatch):
     """Greedy constrained outputs are the same whatever the engine does around them."""
     prompts = [{"prompt": f"Answer {i} in JSON:"} for i in range(4)]
     params = [_json(SCHEMAS[name], temperature=0) for name in ("nested", "array", "nested", "pattern")]
     expected = _texts(llm, prompts, params)
     other = LLM(model=str(model_dir), device="cpu", max_model_len=512, seed=0, **engine_args)
+    deferred = []
+    launch = UniprocExecutor.launch
+    monkeypatch.setattr(UniprocExecutor, "launch", lambda self, out, defer_sampling=False: (
+        deferred.append(defer_sampling), launch(self, out, defer_sampling))[1])
     assert _texts(other, prompts, params) == expected
+    # With async scheduling the constrained steps overlap: each samples once the step before it is read.
+    assert any(deferred) == bool(engine_args.get("async_scheduling"))
     if "enable_prefix_caching" in engine_args:
         assert _texts(other, prompts, params) == expected  # from the prefix cache
     scheduler = other.llm_engine.engine_core.engine_core.scheduler

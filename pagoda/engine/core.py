@@ -62,8 +62,8 @@ class EngineCore:
         self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
         self.async_scheduling = config.scheduler.async_scheduling and self.executor.can_overlap_steps
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
-        # Requests whose sampling reads their output tokens on the host (penalties, grammars):
-        # while one is unfinished, steps run one at a time.
+        # Requests whose sampling reads their output tokens on the host (penalties): while one is
+        # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
         self.num_batched_tokens = 0  # tokens computed by the step whose outputs step() last returned
         logger.info(
@@ -191,9 +191,22 @@ class EngineCore:
     def _step_overlapped(self) -> list[CoreOutput]:
         previous = self._take_in_flight()
         scheduler_output = self.scheduler.schedule()
+        step = None
         if scheduler_output.chunks:
-            self._in_flight = (scheduler_output, self._launch(scheduler_output))
-        return [] if previous is None else self._read(*previous)
+            # A constrained request's mask follows the tokens of the step still in flight: this
+            # step's forward pass is queued now, and it samples once those are read (below) and
+            # its grammars have taken them, so the host's grammar work overlaps the device's.
+            if previous is not None and self.structured_outputs.has_matchers:
+                step = self.executor.launch(scheduler_output, defer_sampling=True)
+            else:
+                step = self._launch(scheduler_output)
+        outputs = [] if previous is None else self._read(*previous)
+        if step is not None:
+            if step.awaits_sampling:
+                scheduler_output.grammar_bitmask = self.structured_outputs.bitmask(scheduler_output.chunks)
+                step.sample(scheduler_output.grammar_bitmask)
+            self._in_flight = (scheduler_output, step)
+        return outputs
 
     def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
         in_flight, self._in_flight = self._in_flight, None
@@ -243,6 +256,5 @@ class EngineCore:
 
 def _reads_known_tokens(request: Request) -> bool:
     """Whether planning the request's next step needs its tokens so far on the host: penalties
-    count them, a grammar's mask follows them."""
-    params = request.sampling_params
-    return params.has_penalties or params.structured_outputs is not None
+    count them. (A grammar's mask follows them too, but only its step's sampling waits for them.)"""
+    return request.sampling_params.has_penalties

@@ -31,8 +31,11 @@ class Executor(ABC):
     # take their input tokens from the device, which only works where one rank samples and runs all.
     can_overlap_steps = False
 
-    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
-        """Queue one step; its tokens are read when asked for. This default runs it to the end."""
+    def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
+        """Queue one step; its tokens are read when asked for. defer_sampling (executors that can
+        overlap steps): the step samples once `PendingStep.sample` gives it its grammar masks.
+        This default runs the step to the end."""
+        assert not defer_sampling, f"{type(self).__name__} cannot overlap steps"
         return PendingStep(self.execute(scheduler_output))
 
     def shutdown(self) -> None:

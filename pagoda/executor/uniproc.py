@@ -24,5 +24,5 @@ class UniprocExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.runner.execute(scheduler_output)
 
-    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
-        return self.worker.runner.launch(scheduler_output)
+    def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
+        return self.worker.runner.launch(scheduler_output, defer_sampling)

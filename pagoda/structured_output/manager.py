@@ -3,9 +3,10 @@ request waits for its grammar; the step loop and every other request go on), a m
 constrained request advanced with the tokens it accepts, and each step's masks.
 
 A matcher's state is the request's output so far: preemption (which recomputes the same tokens)
-and prefix caching leave it as it is. Masks need every token of a request known when its next
-step is planned, so the engine runs steps one at a time while a constrained request is
-unfinished (as for penalties), and gives such requests no draft tokens."""
+and prefix caching leave it as it is. A mask needs every token of its request known: with
+asynchronous scheduling the engine queues a step's forward pass before the previous step's tokens
+are read, and its sampling after them, with the masks made from them. Constrained requests get no
+draft tokens (a mask is for one position)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ class StructuredOutputManager:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         return future
+
+    @property
+    def has_matchers(self) -> bool:
+        """Whether a request with a ready grammar is unfinished (its steps need masks)."""
+        return bool(self._matchers)
 
     @property
     def has_compiling(self) -> bool:

@@ -8,15 +8,17 @@ samples on the device.
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
 each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
-core) are applied to the sampled rows' logits before sampling. An embedding engine (--runner
-pooling) computes no logits: each prompt's final hidden states are pooled into one vector
-(worker/pooler.py)."""
+core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
+tokens of the step before it is launched with its sampling deferred until the core has them. An
+embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
+pooled into one vector (worker/pooler.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +39,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
 )
-from pagoda.structured_output.bitmask import apply_grammar_bitmask
+from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
 
@@ -57,20 +59,33 @@ class ModelRunnerOutput:
 
 
 class PendingStep:
-    """A launched step: its sampled tokens are read back on `result`."""
+    """A launched step: its sampled tokens are read back on `result`. A step launched with its
+    sampling deferred samples when `sample` gives it its grammar masks."""
 
     def __init__(
         self,
         output: ModelRunnerOutput,
         sampling: list[ScheduledChunk] | None = None,
         samples: PendingSamples | None = None,
+        sample_later: Callable[[GrammarBitmask | None], PendingSamples] | None = None,
     ) -> None:
         self._output = output
         self._sampling = sampling or []  # the chunks that sample, in the order of the sample rows
         self._samples = samples
+        self._sample_later = sample_later
+
+    @property
+    def awaits_sampling(self) -> bool:
+        return self._sample_later is not None
+
+    def sample(self, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Queue the deferred sampling, with the masks of the step's constrained rows."""
+        assert self._sample_later is not None, "this step's sampling was not deferred"
+        self._samples, self._sample_later = self._sample_later(grammar_bitmask), None
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the step's samples (only those: not for steps queued after it)."""
+        assert self._sample_later is None, "a deferred step is read before it sampled"
         out, samples = self._output, self._samples
         if samples is not None:
             self._samples = None
@@ -251,8 +266,10 @@ class ModelRunner:
         return self.launch(scheduler_output).result()
 
     @torch.inference_mode()
-    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
-        """Queue one step on the device; the host waits only for prompt logprobs and top logprobs."""
+    def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
+        """Queue one step on the device; the host waits only for prompt logprobs and top logprobs.
+        defer_sampling: queue the forward pass only; the step samples when given its grammar masks
+        (`PendingStep.sample`), which may follow the tokens of the step before it."""
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
         hidden = self._forward(batch)
@@ -274,12 +291,19 @@ class ModelRunner:
         if not sampling:
             return PendingStep(out)
         sample_logits = _rows(logits, batch.sample_rows)
-        if scheduler_output.grammar_bitmask is not None:
-            apply_grammar_bitmask(sample_logits, scheduler_output.grammar_bitmask)
-        samples = self._sample(sample_logits, sampling)
-        self._last_samples = samples.token_ids
-        self._last_sample_rows = batch.last_sample_row
-        return PendingStep(out, sampling, PendingSamples(samples))
+
+        @torch.inference_mode()
+        def sample(grammar_bitmask: GrammarBitmask | None) -> PendingSamples:
+            if grammar_bitmask is not None:
+                apply_grammar_bitmask(sample_logits, grammar_bitmask)
+            samples = self._sample(sample_logits, sampling)
+            self._last_samples = samples.token_ids
+            self._last_sample_rows = batch.last_sample_row
+            return PendingSamples(samples)
+
+        if defer_sampling:
+            return PendingStep(out, sampling, sample_later=sample)
+        return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask))
 
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs

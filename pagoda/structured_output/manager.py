@@ -119,21 +119,38 @@ class StructuredOutputManager:
         """Advance the matchers of requests that got tokens; drop those of finished requests."""
         if not self._matchers:
             return
+        # Most steps give each request one token: those are taken in one batch, on several threads.
+        one: list[tuple[Request, Any]] = []
         for req, n in updated:
             entry = self._matchers.get(req.request_id)
-            if entry is not None and not _accept(entry[1], req.output_token_ids[-n:] if n else []):
-                # Only a conflict of the request's own parameters gets here: min_tokens masks the
-                # EOS that a complete grammar allows alone. The matcher stays where it was.
-                if req.request_id not in self._off_grammar:
-                    logger.warning("request %s: a token outside its grammar (min_tokens past the grammar's end?)",
-                                   req.request_id)
-                    self._off_grammar.add(req.request_id)
+            if entry is None:
+                continue
+            if n == 1 and not entry[1].is_terminated():
+                one.append(entry)
+            elif not _accept(entry[1], req.output_token_ids[-n:] if n else []):
+                self._warn_off_grammar(req)
+        if one:
+            assert self._compiler is not None
+            taken = self._compiler.accept_tokens([m for _, m in one], [req.output_token_ids[-1] for req, _ in one])
+            for (req, _), ok in zip(one, taken):
+                if not ok:
+                    self._warn_off_grammar(req)
         for rid in [rid for rid, (req, _) in self._matchers.items() if req.status.is_finished()]:
             del self._matchers[rid]
             self._off_grammar.discard(rid)
 
+    def _warn_off_grammar(self, req: Request) -> None:
+        # Only a conflict of the request's own parameters gets here: min_tokens masks the EOS that
+        # a complete grammar allows alone. The matcher stays where it was.
+        if req.request_id not in self._off_grammar:
+            logger.warning("request %s: a token outside its grammar (min_tokens past the grammar's end?)",
+                           req.request_id)
+            self._off_grammar.add(req.request_id)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._compiler is not None:
+            self._compiler.shutdown()
 
 
 def _accept(matcher: Any, tokens: list[int]) -> bool:

@@ -28,12 +28,11 @@ from starlette.exceptions import HTTPException
 
 import pagoda
 from pagoda.config import EngineConfig
-from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
 
-from .cli_args import model_argument, request_limits
+from .cli_args import model_argument, request_limits, server_engine_kwargs
 from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
@@ -429,7 +428,7 @@ def engine_server_config(
 def run_server(args: argparse.Namespace) -> None:
     tool_parser = auto_tool_parser(args)
     model = model_argument(args)
-    engine = AsyncLLM(EngineConfig(**{**engine_kwargs(args), "model": model}))
+    engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
     names = args.served_model_name or [model or engine.model_name]
     config = engine_server_config(
         engine, names, args.generation_config,

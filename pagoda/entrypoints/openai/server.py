@@ -1,5 +1,6 @@
 """The FastAPI app, its routes (the OpenAI API; the chat playground unless disabled) and error
-handlers, and `pagoda serve` (uvicorn around an AsyncLLM)."""
+handlers, and `pagoda serve` (uvicorn around an AsyncLLM, on a port bound before the engine
+starts: startup.py answers 503 there meanwhile)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
+from .startup import StartingResponder, StartupClock, bind_listener
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
 from .tokenizer_info import tokenizer_info
 
@@ -426,9 +428,14 @@ def engine_server_config(
 
 
 def run_server(args: argparse.Namespace) -> None:
+    clock = StartupClock()
     tool_parser = auto_tool_parser(args)
+    # Bound before the load, so a port in use fails at once; 503 there until uvicorn takes it.
+    starting = StartingResponder(bind_listener(args.host or "0.0.0.0", args.port))
+    clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
     model = model_argument(args)
     engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
+    clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
     names = args.served_model_name or [model or engine.model_name]
     config = engine_server_config(
         engine, names, args.generation_config,
@@ -453,8 +460,9 @@ def run_server(args: argparse.Namespace) -> None:
     if not args.disable_playground:
         logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
     server = _Server(uvicorn_config, engine)
+    logger.info("start-up: %s", clock.summary())
     try:
-        server.run()
+        server.run(sockets=[starting.hand_over()])
     finally:
         engine.shutdown()
     # The interpreter's last collection would walk the whole heap (torch, transformers) for

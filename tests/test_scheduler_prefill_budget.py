@@ -19,7 +19,10 @@ from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request
 from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagoda.entrypoints.cli import build_parser
-from pagoda.entrypoints.openai.cli_args import SERVER_MAX_NUM_BATCHED_TOKENS, server_engine_kwargs
+from pagoda.entrypoints.openai.cli_args import (
+    SERVER_MAX_NUM_BATCHED_TOKENS,
+    server_engine_kwargs,
+)
 
 
 def make_scheduler(budget: int, threshold: int = 0, partial: int = 1, long: int = 1, max_num_seqs: int = 16) -> Scheduler:

@@ -460,6 +460,7 @@ def run_server(args: argparse.Namespace) -> None:
     if not args.disable_playground:
         logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
     server = _Server(uvicorn_config, engine)
+    clock.lap("app")
     logger.info("start-up: %s", clock.summary())
     try:
         server.run(sockets=[starting.hand_over()])

@@ -8,11 +8,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pagoda.process_time import seconds_since_process_start
 
 logger = logging.getLogger("pagoda.server")
 
@@ -78,19 +79,6 @@ class StartingResponder:
         self._server.shutdown()
         self._thread.join()
         return self.listener
-
-
-def seconds_since_process_start() -> float | None:
-    """Seconds since this process began (Linux's /proc), so the imports before any of Pagoda's
-    code ran are counted; None elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class StartupClock:

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
-from .startup import StartingResponder, StartupClock, bind_listener
+from .startup import StartingResponder, StartupClock
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
 from .tokenizer_info import tokenizer_info
 
@@ -427,11 +428,12 @@ def engine_server_config(
     )
 
 
-def run_server(args: argparse.Namespace) -> None:
+def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
+    """Serve on `listener`, bound to --host/--port before anything slow: 503 there until the
+    engine is ready, then uvicorn."""
     clock = StartupClock()
     tool_parser = auto_tool_parser(args)
-    # Bound before the load, so a port in use fails at once; 503 there until uvicorn takes it.
-    starting = StartingResponder(bind_listener(args.host or "0.0.0.0", args.port))
+    starting = StartingResponder(listener)
     clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
     model = model_argument(args)
     engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))

@@ -1,5 +1,5 @@
-"""`pagoda serve`'s start: the port is bound before the model loads (a port in use fails at once,
-not after the load), and while the engine starts every request on it gets a 503 (`/health` an
+"""`pagoda serve`'s start: the port is bound first, before the server's imports and the model's
+load (a port in use fails at once, not after the load), and while the engine starts every request on it gets a 503 (`/health` an
 empty one, the rest an OpenAI-style error) from a small threaded responder, which hands the
 listening socket to uvicorn once the app is ready. Each phase's seconds are logged."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -31,7 +32,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as error:
         hint = " (another server is listening there: stop it, or choose another --port)" \
             if error.errno == errno.EADDRINUSE else ""
-        raise RuntimeError(f"cannot listen on {host}:{port}: {error.strerror or error}{hint}") from None
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise RuntimeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
 class _StartingHandler(BaseHTTPRequestHandler):

@@ -180,3 +180,26 @@ def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
                           "--max-long-partial-prefills", "2")
     assert (kwargs["long_prefill_token_threshold"], kwargs["max_num_partial_prefills"],
             kwargs["max_long_partial_prefills"]) == (512, 4, 2)
+
+
+def test_capped_chunks_give_the_engine_s_greedy_tokens(tmp_path):
+    """The knobs reach the engine's scheduler, and prompts prefilled in capped chunks, several at
+    once, decode the same greedy tokens as prompts prefilled whole."""
+    from pagoda import LLM, SamplingParams
+    from tests.tiny_models import save_tiny_model
+
+    path = str(save_tiny_model("llama3", tmp_path))
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 200 + 3 for j in range(n)]} for i, n in enumerate((37, 5, 50, 12))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def greedy(**knobs) -> tuple[list[list[int]], object]:
+        llm = LLM(model=path, device="cpu", skip_tokenizer_init=True, max_model_len=128, enable_prefix_caching=False,
+                  **knobs)
+        outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outputs, llm.llm_engine.engine_core.engine_core.scheduler.config
+
+    whole, _ = greedy()
+    capped, scheduler = greedy(long_prefill_token_threshold=8, max_num_partial_prefills=2, max_long_partial_prefills=1)
+    assert (scheduler.long_prefill_token_threshold, scheduler.max_num_partial_prefills,
+            scheduler.max_long_partial_prefills) == (8, 2, 1)
+    assert capped == whole

@@ -3,6 +3,8 @@
 # `pagoda bench serve` with 512 requests of 512 -> 256 tokens at each rate given (default: inf 32),
 # failures printed with their status and body. Run on a CUDA machine from the repository root:
 #   PAGODA_SHARED_MODELS=.shared_models bash scripts/bench_serve_w3.sh [RATE ...]
+# SERVE_FLAGS adds `pagoda serve` flags, e.g. the prefill budget's trade:
+#   SERVE_FLAGS="--max-num-batched-tokens 4096" bash scripts/bench_serve_w3.sh inf
 # The shared model configs carry no tokenizer: the byte-level one of the tests serves (prompts are
 # token ids, drawn from what it gives for bench serve's pool text).
 set -uo pipefail
@@ -15,7 +17,7 @@ python3 -c "import sys; from pathlib import Path; from tests.serving import save
 PORT=8011
 started=$(date +%s%N)
 python3 -m pagoda.entrypoints.cli serve "$MODELS/llama-3.1-8b" --tokenizer "$TOKENIZER" --load-format dummy \
-    --max-model-len 1024 --port $PORT --disable-log-requests > "$OUT/w3_server.log" 2>&1 &
+    --max-model-len 1024 --port $PORT --disable-log-requests ${SERVE_FLAGS:-} > "$OUT/w3_server.log" 2>&1 &
 server=$!
 until curl -sf -o /dev/null "localhost:$PORT/health"; do
     kill -0 $server 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/w3_server.log"; exit 1; }

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pagoda.benchmarks import latency
 from pagoda.entrypoints.cli import main
 from tests.tiny_models import save_tiny_model
 
@@ -38,6 +39,20 @@ def test_bench_latency_reports_decode_time_per_token(model_dir, tmp_path, backen
     assert 0 < result["first_token_s"] < result["latency_s"]
     expected = (result["latency_s"] - result["first_token_s"]) / 11 * 1e3
     assert result["decode_ms_per_token"] == pytest.approx(expected)
+    assert result["prefill_tokens_per_s"] == pytest.approx(2 * 8 / result["first_token_s"])
+
+
+def test_bench_latency_gives_every_run_new_prompts(model_dir, monkeypatch):
+    """A prompt run before would be in the prefix cache: the first token's time would not be a prefill's."""
+    batches = []
+    monkeypatch.setitem(latency.BACKENDS, "pagoda", lambda args: lambda requests, n: batches.append(
+        tuple(tuple(r.prompt_token_ids) for r in requests)
+    ))
+    main(["bench", "latency", "--model", model_dir, "--batch-size", "2", "--input-len", "16", "--output-len", "4",
+          "--num-iters", "3"])
+    assert len(batches) == 1 + 3 + 3  # the warm-up, then three runs of each length
+    prompts = [prompt for batch in batches for prompt in batch]
+    assert len(set(prompts)) == len(prompts) == 14
 
 
 def test_bench_latency_refuses_a_single_output_token(model_dir):

@@ -1,11 +1,13 @@
 """`pagoda bench latency`: one batch of requests end to end, as `vllm bench latency` measures it,
 and the decode latency per output token: (a run of --output-len tokens - a run of one token)
-/ (output-len - 1), so the prompt's prefill is not counted. `--backend hf` runs transformers on
-the same requests."""
+/ (output-len - 1), so the prompt's prefill is not counted. Every run gets new random prompts,
+so that none is served from the prefix cache: the one-token run's time is the prefill's, also
+reported as prefill tokens/s. `--backend hf` runs transformers on the same requests."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -16,6 +18,8 @@ from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
 # Runs a batch with every request's output_len overridden, synchronously.
 Generate = Callable[[list[BenchRequest], int], None]
+# A new batch of random prompts at each call.
+NewBatch = Callable[[], list[BenchRequest]]
 
 
 def _pagoda(args: argparse.Namespace) -> Generate:
@@ -54,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=None, help="write the results to this file")
 
 
-def _median_seconds(generate: Generate, requests: list[BenchRequest], output_len: int, iters: int) -> float:
+def _median_seconds(generate: Generate, new_batch: NewBatch, output_len: int, iters: int) -> float:
     times = []
     for _ in range(iters):
+        requests = new_batch()  # made before the clock starts
         start = time.perf_counter()
         generate(requests, output_len)
         times.append(time.perf_counter() - start)
@@ -70,11 +75,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if args.output_len < 2:
         raise ValueError(f"--output-len={args.output_len} is too short: at least 2 tokens are needed")
     vocab_size = load_hf_config(resolve_model(args.model, args.load_format)).vocab_size
-    requests = make_requests(args.batch_size, args.input_len, args.output_len, vocab_size, args.seed)
+    seeds = itertools.count(args.seed)
+
+    def new_batch() -> list[BenchRequest]:
+        return make_requests(args.batch_size, args.input_len, args.output_len, vocab_size, next(seeds))
+
     generate = BACKENDS[args.backend](args)
-    generate(requests, 2)  # warm-up: lazy initialisation, allocator, kernels
-    full = _median_seconds(generate, requests, args.output_len, args.num_iters)
-    first = _median_seconds(generate, requests, 1, args.num_iters)
+    generate(new_batch(), 2)  # warm-up: lazy initialisation, allocator, kernels
+    full = _median_seconds(generate, new_batch, args.output_len, args.num_iters)
+    first = _median_seconds(generate, new_batch, 1, args.num_iters)
     result = {
         "backend": args.backend,
         "batch_size": args.batch_size,
@@ -82,11 +91,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         "output_len": args.output_len,
         "latency_s": full,
         "first_token_s": first,
+        "prefill_tokens_per_s": args.batch_size * args.input_len / first,
         "decode_ms_per_token": (full - first) / (args.output_len - 1) * 1e3,
     }
     print(
         f"[{args.backend}] batch {args.batch_size}, {args.input_len} in, {args.output_len} out: "
-        f"{full:.3f} s end to end, first token {first * 1e3:.1f} ms, "
+        f"{full:.3f} s end to end, first token {first * 1e3:.1f} ms "
+        f"({result['prefill_tokens_per_s']:.0f} prefill tokens/s), "
         f"decode {result['decode_ms_per_token']:.2f} ms per output token"
     )
     if args.output_json:

@@ -3,10 +3,11 @@
 an optional concurrency cap, streamed; reports throughput, TTFT, TPOT and ITL. Several rates make
 a sweep (the same requests at each rate in turn), which --plot draws.
 
-Prompts go as token ids to servers with vLLM's /tokenize (Pagoda, vLLM); llama-cpp-python's
-server takes text only, so there they go as the text of the same ids (/extras/detokenize). Where a
-stream carries no usage, tokens are counted as vLLM's benchmark does: the prompt's ids, and one
-output token per streamed chunk.
+The same prompts go to each kind of server (--backend, detected by default): as token ids to
+Pagoda and vLLM (their /tokenize takes {"prompt"}) and to llama.cpp's llama-server (its /tokenize
+takes {"content"}; /props tells it apart); llama-cpp-python's server takes text only, so there they
+go as the text of the same ids (/extras/detokenize). Where a stream carries no usage, tokens are
+counted as vLLM's benchmark does: the prompt's ids, and one output token per streamed chunk.
 
 Each failed request is printed as it ends, with the HTTP status and body the server gave, or the
 exception (and its causes) when there was no response; the summary counts them."""
@@ -56,23 +57,50 @@ class RequestResult:
     error: str = ""
 
 
-class _Tokenizer:
-    """The server's tokenizer routes: vLLM's (prompts as ids) or llama-cpp-python's (prompts as text)."""
+# --backend: the kinds of server, by their tokenizer route and the body it takes. vllm: vLLM's and
+# Pagoda's; llama.cpp: llama-server; llama-cpp-python: text prompts only.
+_TOKENIZE = {
+    "vllm": ("/tokenize", {"prompt": _POOL_TEXT, "add_special_tokens": False}),
+    "llama.cpp": ("/tokenize", {"content": _POOL_TEXT, "add_special": False}),
+    "llama-cpp-python": ("/extras/tokenize", {"input": _POOL_TEXT}),
+}
+BACKENDS = ("auto", *_TOKENIZE)
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+
+async def detect_backend(client: httpx.AsyncClient) -> str:
+    """The kind of server: llama-server answers GET /props (its settings), llama-cpp-python's has
+    no /tokenize, and vLLM's and Pagoda's answer {"prompt"} there."""
+    if (await client.get("/props")).status_code == 200:
+        return "llama.cpp"
+    path, body = _TOKENIZE["vllm"]
+    return "llama-cpp-python" if (await client.post(path, json=body)).status_code == 404 else "vllm"
+
+
+class _Tokenizer:
+    """The server's tokenizer route: the pool of ids prompts are drawn from, and each prompt in
+    the form the server takes (ids, or their text for llama-cpp-python)."""
+
+    def __init__(self, client: httpx.AsyncClient, backend: str) -> None:
         self.client = client
-        self.takes_ids = True
+        self.backend = backend
 
     async def pool(self) -> list[int]:
-        response = await self.client.post("/tokenize", json={"prompt": _POOL_TEXT, "add_special_tokens": False})
-        if response.status_code == 404:
-            self.takes_ids = False
-            response = await self.client.post("/extras/tokenize", json={"input": _POOL_TEXT})
+        if self.backend == "auto":
+            self.backend = await detect_backend(self.client)
+        path, body = _TOKENIZE[self.backend]
+        response = await self.client.post(path, json=body)
         raise_for_error(response)
-        return sorted(set(response.json()["tokens"]))
+        tokens = response.json().get("tokens")
+        if not tokens:  # llama-server answers {"tokens": []} to a body it does not read
+            raise RuntimeError(
+                f"the server's tokenizer gave no tokens for the prompt text (POST {path} {list(body)} answered "
+                f"{response.text[:200]!r}): is it a {self.backend} server? Set --backend to its kind, one of "
+                f"{', '.join(_TOKENIZE)}"
+            )
+        return sorted(set(tokens))
 
     async def prompt(self, token_ids: list[int]) -> list[int] | str:
-        if self.takes_ids:
+        if self.backend != "llama-cpp-python":
             return token_ids
         response = await self.client.post("/extras/detokenize", json={"tokens": token_ids})
         raise_for_error(response)
@@ -117,7 +145,7 @@ async def _send(client: httpx.AsyncClient, model: str, request: BenchRequest, pr
         result.latency_s = time.perf_counter() - start
         result.output_tokens = result.output_tokens or chunks
         result.ok = True
-    except (httpx.HTTPError, RuntimeError) as error:  # RuntimeError: an error event in the stream
+    except Exception as error:  # a transport error, an error event, a malformed event: this request's failure
         result.error = ("no response: " if status is None else f"HTTP {status}, then ") + _exception_chain(error)
     return result
 
@@ -145,7 +173,7 @@ async def _sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                           keepalive_expiry=_KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=timeout, limits=limits) as client:
         model = args.model or await _first_model(client)
-        tokenizer = _Tokenizer(client)
+        tokenizer = _Tokenizer(client, args.backend)
         pool = await tokenizer.pool()
         requests = make_requests(
             args.num_prompts, args.random_input_len, args.random_output_len, len(pool), args.seed,
@@ -215,6 +243,9 @@ def _percentiles(name: str, seconds: list[float]) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     parser.add_argument("--model", default=None, help="default: the server's first model")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="the kind of server: vllm (vLLM or Pagoda), llama.cpp (llama-server), llama-cpp-python "
+                             "(text prompts); auto: detected from its routes (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
                         help="the server's API key (default: $PAGODA_API_KEY)")
     parser.add_argument("--num-prompts", type=int, default=100, help="requests (default: %(default)s)")

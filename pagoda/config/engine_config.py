@@ -58,8 +58,9 @@ class EngineConfig:
     max_model_len: int | None = _knob(None, "the longest prompt + output in tokens (default: the model's context)")
     max_num_seqs: int = _knob(256, "requests in one batch at most")
     max_num_batched_tokens: int | None = _knob(
-        None, "tokens in one step at most, prefill chunks and decodes together (default: 8192 on a GPU, 2048 on the "
-        "CPU; max(max_model_len, 2048) with chunked prefill off)")
+        None, "tokens in one step at most, prefill chunks and decodes together: the prefill a step may hold beside "
+        "the running decodes (default: 8192 on a GPU, 2048 on the CPU and for `pagoda serve`; max(max_model_len, "
+        "2048) with chunked prefill off)")
     block_size: int = _knob(16, "tokens in one KV cache block (a power of two)")
     gpu_memory_utilization: float = _knob(0.9, "the share of GPU memory for weights, activations and the KV cache")
     num_gpu_blocks_override: int | None = _knob(None, "the number of KV cache blocks, instead of what fits")
@@ -70,6 +71,14 @@ class EngineConfig:
                                         action=argparse.BooleanOptionalAction)
     enable_chunked_prefill: bool = _knob(True, "split long prompts across steps, beside the running decodes",
                                          action=argparse.BooleanOptionalAction)
+    long_prefill_token_threshold: int = _knob(
+        0, "chunked prefill: one request's prefill chunk per step at most; a prompt longer than this is long "
+        "(default 0: no cap, or 4%% of max_model_len when max_num_partial_prefills > 1)")
+    max_num_partial_prefills: int = _knob(
+        1, "chunked prefill: prompts a step may leave partly prefilled at most")
+    max_long_partial_prefills: int = _knob(
+        1, "chunked prefill: of those, prompts longer than long_prefill_token_threshold at most; fewer than "
+        "max_num_partial_prefills lets shorter prompts jump ahead of long ones")
     max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
                               "so that -1 (the whole vocabulary) may be asked for")
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
@@ -132,6 +141,11 @@ class EngineConfig:
         _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", self.max_model_len, ">= 2")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        _check(self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold",
+               self.long_prefill_token_threshold, ">= 0")
+        _check(self.max_num_partial_prefills >= 1, "max_num_partial_prefills", self.max_num_partial_prefills, ">= 1")
+        _check(1 <= self.max_long_partial_prefills <= self.max_num_partial_prefills, "max_long_partial_prefills",
+               self.max_long_partial_prefills, f"from 1 to max_num_partial_prefills={self.max_num_partial_prefills}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -61,6 +61,8 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
         scheduler=SchedulerConfig(
             args.max_num_seqs, _max_num_batched_tokens(args, model.max_model_len, device), model.max_model_len,
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
+            _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
+            args.max_long_partial_prefills,
         ),
         parallel=parallel,
         device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device)),
@@ -273,6 +275,13 @@ def _max_num_batched_tokens(args: EngineConfig, max_model_len: int, device: torc
     if not args.enable_chunked_prefill:
         return max(max_model_len, 2048)
     return 2048 if device.type == "cpu" else 8192
+
+
+def _long_prefill_token_threshold(args: EngineConfig, max_model_len: int) -> int:
+    # vLLM's rule: several partial prefills need a line between long prompts and short ones.
+    if args.long_prefill_token_threshold == 0 and args.max_num_partial_prefills > 1:
+        return int(max_model_len * 0.04)
+    return args.long_prefill_token_threshold
 
 
 def _async_scheduling(stated: bool | None, device: torch.device, parallel: ParallelConfig) -> bool:

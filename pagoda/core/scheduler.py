@@ -21,7 +21,14 @@ token that is known (the proposer cannot have seen a placeholder's value), and a
 drafts are in flight is not planned again until they are read: how many will hold is unknown.
 
 A waiting request whose grammar is still compiling (structured outputs) is passed over: the
-requests behind it are admitted meanwhile."""
+requests behind it are admitted meanwhile.
+
+Prefill against the running decodes, with vLLM's knobs: the step's budget bounds the prefill
+tokens that share a step with the decodes (which are planned first); `long_prefill_token_threshold`
+caps one request's chunk; at most `max_num_partial_prefills` chunks a step leave a prompt
+unfinished, of which at most `max_long_partial_prefills` belong to prompts longer than the
+threshold. A long prompt with no slot left is passed over, so that shorter ones jump ahead of it.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +53,11 @@ class SchedulerConfig:
     enable_chunked_prefill: bool
     # Plan and launch step N+1 before step N's tokens are read (the engine core's loop does it).
     async_scheduling: bool
+    # vLLM's chunked-prefill knobs: one request's chunk at most (0: no cap; a prompt longer than it
+    # is "long"), and how many prompts (long ones) a step may leave partly prefilled.
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
 
 
 @dataclass
@@ -88,6 +100,29 @@ class SchedulerStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+
+@dataclass
+class _PrefillSlots:
+    """One step's partial prefills (chunks that leave a prompt unfinished), against the limits."""
+
+    config: SchedulerConfig
+    partial: int = 0
+    long: int = 0
+
+    def is_long(self, req: Request) -> bool:
+        return 0 < self.config.long_prefill_token_threshold < req.num_prompt_tokens
+
+    def long_full(self, req: Request) -> bool:
+        return self.is_long(req) and self.long >= self.config.max_long_partial_prefills
+
+    def take(self, req: Request) -> bool:
+        """Take a slot for a chunk that leaves `req` unfinished; False: none is left this step."""
+        if self.partial >= self.config.max_num_partial_prefills or self.long_full(req):
+            return False
+        self.partial += 1
+        self.long += self.is_long(req)
+        return True
 
 
 class Scheduler:
@@ -139,12 +174,13 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        slots = _PrefillSlots(self.config)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, slots)
         if not out.preempted:  # blocks just ran short: admitting more would only thrash
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, slots)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, slots: _PrefillSlots) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -153,7 +189,11 @@ class Scheduler:
             ):
                 i += 1  # how many of its drafts hold is unknown yet, or its last token is in flight
                 continue
-            n = self._num_tokens_to_schedule(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
+            remaining = req.num_tokens_with_placeholders - req.num_computed_tokens
+            n = self._num_tokens_to_schedule(remaining, budget)
+            if 0 < n < remaining and not slots.take(req):
+                i += 1  # older prompts hold this step's partial prefill slots
+                continue
             drafts = self._take_drafts(req, n, budget)
             if drafts and self.kv_cache_manager.allocate_slots(req, n + len(drafts)):
                 self._commit(req, n + len(drafts), out, drafts)
@@ -199,27 +239,30 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(req.request_id)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, slots: _PrefillSlots) -> None:
         kv = self.kv_cache_manager
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self._next_admissible()
+            req = self._next_admissible(slots)
             if req is None:
                 break  # nobody waits, or only requests whose grammar is compiling
             if req.num_output_placeholders:
                 break  # preempted with a token in flight: its prefix is not known yet
             blocks, num_cached = kv.get_computed_blocks(req)
-            n = self._num_tokens_to_schedule(req.num_tokens - num_cached, budget)
-            if n == 0 or not kv.allocate_slots(req, n, blocks):
+            remaining = req.num_tokens - num_cached
+            n = self._num_tokens_to_schedule(remaining, budget)
+            if n == 0 or (n < remaining and not slots.take(req)):
+                break
+            if not kv.allocate_slots(req, n, blocks):
                 break  # first come, first served: nobody overtakes the head of the queue
             self._admit(req, num_cached)
             self._commit(req, n, out)
             budget -= n
 
-    def _next_admissible(self) -> Request | None:
-        """The first waiting request that can run: requests whose grammar is still compiling
-        are passed over, not waited for."""
+    def _next_admissible(self, slots: _PrefillSlots) -> Request | None:
+        """The first waiting request that can run: requests whose grammar is still compiling, and
+        long prompts while the long partial prefill slots are taken, are passed over, not waited for."""
         for req in self.waiting:
-            if not req.waiting_for_grammar:
+            if not req.waiting_for_grammar and not slots.long_full(req):
                 return req
         return None
 
@@ -239,8 +282,10 @@ class Scheduler:
         # With chunking off a prefill waits until the budget holds it whole; only a recomputation
         # longer than the whole budget (a preempted request that grew) is split, or it never runs.
         cfg = self.config
-        if not cfg.enable_chunked_prefill and budget < remaining <= cfg.max_num_batched_tokens:
-            return 0
+        if not cfg.enable_chunked_prefill:
+            return 0 if budget < remaining <= cfg.max_num_batched_tokens else min(remaining, budget)
+        if 0 < cfg.long_prefill_token_threshold < remaining:
+            remaining = cfg.long_prefill_token_threshold
         return min(remaining, budget)
 
     def _commit(self, req: Request, n: int, out: SchedulerOutput, drafts: list[int] | None = None) -> None:

@@ -36,6 +36,7 @@ from pagoda.engine.messages import (
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now
 from pagoda.logger import log_to_stderr
+from pagoda.process_time import seconds_since_process_start
 
 logger = logging.getLogger("pagoda")
 
@@ -58,6 +59,9 @@ def run_engine_core(
     # keep running until the front end has aborted its requests and told it to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log_to_stderr(log_level)
+    started = seconds_since_process_start()
+    if started is not None:  # the spawned interpreter's imports: part of the server's start
+        logger.info("engine core process up in %.1f s (its imports)", started)
     parent = os.getppid()
     context = zmq.Context()
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)

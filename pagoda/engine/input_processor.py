@@ -10,6 +10,8 @@ length against the KV pool) the core itself refuses."""
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,13 +23,17 @@ from pagoda.loader.model_resolver import resolve_model
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
+logger = logging.getLogger(__name__)
+
 
 class InputProcessor:
     def __init__(self, args: EngineConfig) -> None:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
+        started = time.perf_counter()
         resolved = resolve_model(args.model, args.load_format)
         self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
         self.config = resolve_config(args, resolved, self.tokenizer)
+        logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
-from pagoda.entrypoints.engine_args import add_engine_arguments
+from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.entrypoints.openai.limits import RequestLimits
 from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
 
@@ -97,6 +98,23 @@ def add_response_arguments(parser: argparse.ArgumentParser) -> None:
 def model_argument(args: argparse.Namespace) -> str | None:
     """The model to serve: the positional argument, else --model."""
     return args.model_tag or args.model
+
+
+# A server's step budget, as vLLM's server default (outside H100-class GPUs): a step holds at most
+# this many tokens, so a prefill chunk beside the running decodes delays each of their next tokens
+# by one short step, not a long one; 2048 tokens already keep a GPU's matrix units busy, so
+# throughput hardly drops. Offline LLM keeps its larger default.
+SERVER_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def server_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig of `pagoda serve`: its flags, with the server's step budget where none is
+    given and prompts are chunked (an embedding engine runs each prompt whole in one step)."""
+    kwargs = {**engine_kwargs(args), "model": model_argument(args)}
+    pooling = args.runner == "pooling" or args.task in ("embed", "embedding")
+    if kwargs["max_num_batched_tokens"] is None and args.enable_chunked_prefill and not pooling:
+        kwargs["max_num_batched_tokens"] = SERVER_MAX_NUM_BATCHED_TOKENS
+    return kwargs
 
 
 def add_request_limit_arguments(parser: argparse.ArgumentParser) -> None:

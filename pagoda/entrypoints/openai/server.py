@@ -1,5 +1,6 @@
 """The FastAPI app, its routes (the OpenAI API; the chat playground unless disabled) and error
-handlers, and `pagoda serve` (uvicorn around an AsyncLLM)."""
+handlers, and `pagoda serve` (uvicorn around an AsyncLLM, on a port bound before the engine
+starts: startup.py answers 503 there meanwhile)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -28,12 +30,11 @@ from starlette.exceptions import HTTPException
 
 import pagoda
 from pagoda.config import EngineConfig
-from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 from pagoda.loader.model_loader import load_generation_defaults
 
-from .cli_args import model_argument, request_limits
+from .cli_args import model_argument, request_limits, server_engine_kwargs
 from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
@@ -49,6 +50,7 @@ from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
+from .startup import StartingResponder, StartupClock
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
 from .tokenizer_info import tokenizer_info
 
@@ -426,10 +428,16 @@ def engine_server_config(
     )
 
 
-def run_server(args: argparse.Namespace) -> None:
+def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
+    """Serve on `listener`, bound to --host/--port before anything slow: 503 there until the
+    engine is ready, then uvicorn."""
+    clock = StartupClock()
     tool_parser = auto_tool_parser(args)
+    starting = StartingResponder(listener)
+    clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
     model = model_argument(args)
-    engine = AsyncLLM(EngineConfig(**{**engine_kwargs(args), "model": model}))
+    engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
+    clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
     names = args.served_model_name or [model or engine.model_name]
     config = engine_server_config(
         engine, names, args.generation_config,
@@ -454,8 +462,10 @@ def run_server(args: argparse.Namespace) -> None:
     if not args.disable_playground:
         logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
     server = _Server(uvicorn_config, engine)
+    clock.lap("app")
+    logger.info("start-up: %s", clock.summary())
     try:
-        server.run()
+        server.run(sockets=[starting.hand_over()])
     finally:
         engine.shutdown()
     # The interpreter's last collection would walk the whole heap (torch, transformers) for

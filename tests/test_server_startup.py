@@ -1,0 +1,79 @@
+"""`pagoda serve`'s start: the port is bound before the model loads (a port in use fails before
+the engine starts, naming the address), every request gets a 503 while the engine starts
+(`/health` too, then 200), and each phase's seconds are logged."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving import free_port, openai_error, tiny_model_args
+
+
+@pytest.fixture(scope="module")
+def model_args(tmp_path_factory):
+    return tiny_model_args(tmp_path_factory.mktemp("startup"))
+
+
+def start(model_args: list[str], port: int, log: Path) -> subprocess.Popen:
+    with open(log, "w") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *model_args, "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+
+
+def test_a_port_in_use_fails_before_the_engine_starts(model_args, tmp_path):
+    log = tmp_path / "server.log"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = start(model_args, port, log)
+        try:
+            assert proc.wait(120) == 2
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert f"cannot listen on 127.0.0.1:{port}" in text and "--port" in text, text
+    # Nothing of the engine ran: neither the tokenizer nor the weights were loaded.
+    assert "tokenizer and configuration loaded" not in text and "model built" not in text, text
+
+
+def test_health_answers_503_while_the_engine_starts_then_200(model_args, tmp_path):
+    log = tmp_path / "server.log"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(model_args, port, log)
+    health, starting_completion = [], None
+    try:
+        deadline = time.monotonic() + 180
+        with httpx.Client(base_url=base, timeout=10.0) as client:
+            while time.monotonic() < deadline and 200 not in health:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    health.append(client.get("/health").status_code)
+                    if starting_completion is None and health[-1] == 503:
+                        starting_completion = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+                except httpx.TransportError:
+                    time.sleep(0.02)  # not listening yet: the interpreter is still importing
+            assert health and health[-1] == 200, health
+            assert health[0] == 503, health  # the port answered long before the engine was ready
+            assert set(health) == {503, 200}
+            error = openai_error(starting_completion, 503)
+            assert "starting" in error["message"] and starting_completion.headers["retry-after"] == "1"
+            # Once ready, the same port serves the app.
+            completion = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+            assert completion.status_code == 200, completion.text
+    finally:
+        proc.kill()
+        proc.wait(10)
+    text = log.read_text()
+    for phase in ("imports took", "front end took", "tokenizer and configuration loaded in",
+                  "engine core process up in", "model built in", "engine start took", "app took", "ready in"):
+        assert phase in text, (phase, text)

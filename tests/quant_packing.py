@@ -2,7 +2,8 @@
 (tests/tiny_models.py) and write it again with its attention and MLP projections quantized in a
 format's own layout, plus a "reference" copy whose projections are the dequantized weights in
 float32 (what a quantized model must behave like). Written from the formats' documented layouts
-(Hugging Face fp8 as vLLM / AutoFP8 read it, compressed-tensors float- and int-quantized)."""
+(Hugging Face fp8 as vLLM / AutoFP8 read it) or by the compressed-tensors library itself (its
+quantization parameters, compressors and decompressors)."""
 
 from __future__ import annotations
 
@@ -41,20 +42,6 @@ def fp8_per_channel(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Ten
     return {"weight": q, "weight_scale": scale}, q.float() * scale
 
 
-def int8_per_channel(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """compressed-tensors int-quantized, symmetric, strategy channel: int8 weight, weight_scale [out, 1]."""
-    scale = w.abs().amax(dim=1, keepdim=True).float() / 127
-    q = (w.float() / scale).round().clamp(-128, 127).to(torch.int8)
-    return {"weight": q, "weight_scale": scale}, q.float() * scale
-
-
-def int8_per_tensor(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """compressed-tensors int-quantized, strategy tensor: weight_scale [1]."""
-    scale = (w.abs().max().float() / 127).reshape(1)
-    q = (w.float() / scale).round().clamp(-128, 127).to(torch.int8)
-    return {"weight": q, "weight_scale": scale}, q.float() * scale
-
-
 def fp8_dequantized_per_channel(w: torch.Tensor) -> torch.Tensor:
     """What quantizing at load (--quantization fp8) makes of a weight, dequantized."""
     return fp8_per_channel(w)[1]
@@ -86,11 +73,46 @@ def pack_checkpoint(
     return ref, dequantized
 
 
+def ct_packer(weights: dict, input_activations: dict | None, input_scale: bool = False) -> Packer:
+    """compressed-tensors' own compression of a weight under a scheme (min/max scales, as its
+    observers compute them without calibration data), and its own decompression as the reference.
+    input_scale: a static activation scale per module (what calibration would write)."""
+    from compressed_tensors.compressors import FloatQuantizationCompressor, IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(**weights),
+        input_activations=None if input_activations is None else QuantizationArgs(**input_activations),
+    )
+    compressor = FloatQuantizationCompressor if weights["type"] == "float" else IntQuantizationCompressor
+
+    def pack(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if weights["strategy"] == "channel":
+            low, high = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        else:
+            low, high = w.min().reshape(1), w.max().reshape(1)
+        scale, zero_point = calculate_qparams(low, high, scheme.weights)
+        tensors = compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero_point}, scheme)
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+        dequantized = compressor.decompress(dict(tensors), scheme)["weight"].float()
+        if input_scale:
+            tensors["input_scale"] = (w.abs().max().float() / 50).reshape(1)
+        return tensors, dequantized
+
+    return pack
+
+
 def ct_config(weights: dict, input_activations: dict | None, fmt: str, ignore: list[str] | None = None) -> dict:
-    """A compressed-tensors quantization_config with one group over every Linear layer."""
-    return {
-        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": input_activations}},
-        "ignore": ["lm_head", *(ignore or [])],
-    }
+    """The quantization_config compressed-tensors writes for one group over every Linear layer."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(**weights),
+        input_activations=None if input_activations is None else QuantizationArgs(**input_activations),
+    )
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+        ignore=["lm_head", *(ignore or [])],
+    )
+    return config.model_dump(mode="json")

@@ -1,5 +1,5 @@
-"""compressed-tensors checkpoints (quant_method "compressed-tensors"), written in its documented
-float-quantized and int-quantized layouts by tests/quant_packing.py: W8A8 FP8 (channel or tensor
+"""compressed-tensors checkpoints (quant_method "compressed-tensors"), written in its float-quantized
+and int-quantized layouts by the compressed-tensors library (tests/quant_packing.py): W8A8 FP8 (channel or tensor
 weight scales, dynamic or static activations) and W8A8 INT8 load the reference's dequantized
 weights and give its greedy tokens in fp32 on the CPU; `ignore` is honoured; schemes Pagoda does
 not run are refused naming the field. The `gpu` tests check torch._int_mm's path against torch."""
@@ -15,14 +15,7 @@ from pagoda import LLM
 from pagoda.layers.linear import ColumnParallelLinear, Linear
 from pagoda.quantization.fp8 import FP8, dequantize_rows
 from pagoda.quantization.int8 import Int8LinearMethod, quantize_int8_rows
-from tests.quant_packing import (
-    ct_config,
-    fp8_per_channel,
-    fp8_per_tensor,
-    int8_per_channel,
-    int8_per_tensor,
-    pack_checkpoint,
-)
+from tests.quant_packing import ct_config, ct_packer, pack_checkpoint
 from tests.test_quant_fp8 import built_models, greedy, prompts  # noqa: F401  (fixtures)
 from tests.tiny_models import save_tiny_model
 
@@ -33,27 +26,13 @@ INT8_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": Fals
 INT8_TOKENS = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True}
 
 
-def with_input_scale(pack):
-    def packed(w):
-        tensors, deq = pack(w)
-        return {**tensors, "input_scale": (w.abs().max().float() / 50).reshape(1)}, deq
-    return packed
-
-
 SCHEMES = {
-    "fp8-channel-dynamic": (fp8_per_channel, ct_config({**FP8_WEIGHTS, "strategy": "channel"}, FP8_TOKENS,
-                                                       "float-quantized")),
-    "fp8-tensor-static": (with_input_scale(lambda w: _tensor_scale_as_1d(fp8_per_tensor(w))),
-                          ct_config({**FP8_WEIGHTS, "strategy": "tensor"}, FP8_STATIC, "float-quantized")),
-    "int8-channel": (int8_per_channel, ct_config({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS,
-                                                 "int-quantized")),
-    "int8-tensor": (int8_per_tensor, ct_config({**INT8_WEIGHTS, "strategy": "tensor"}, INT8_TOKENS, "int-quantized")),
+    "fp8-channel-dynamic": ({**FP8_WEIGHTS, "strategy": "channel"}, FP8_TOKENS, "float-quantized"),
+    "fp8-tensor-static": ({**FP8_WEIGHTS, "strategy": "tensor"}, FP8_STATIC, "float-quantized"),
+    "int8-channel": ({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS, "int-quantized"),
+    "int8-tensor": ({**INT8_WEIGHTS, "strategy": "tensor"}, INT8_TOKENS, "int-quantized"),
 }
-
-
-def _tensor_scale_as_1d(packed):
-    tensors, deq = packed
-    return {**tensors, "weight_scale": tensors["weight_scale"].reshape(1)}, deq
+INT8_CHANNEL = ct_packer({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS)
 
 
 def loaded_dequantized(model) -> dict[str, torch.Tensor]:
@@ -76,7 +55,9 @@ def loaded_dequantized(model) -> dict[str, torch.Tensor]:
 def test_scheme_loads_the_reference_weights_and_gives_its_greedy_tokens(
     scheme, arch, prompts, tmp_path, built_models  # noqa: F811
 ):
-    pack, config = SCHEMES[scheme]
+    weights, acts, fmt = SCHEMES[scheme]
+    pack = ct_packer(weights, acts, input_scale=not acts["dynamic"])
+    config = ct_config(weights, acts, fmt)
     src = save_tiny_model(arch, tmp_path)
     ref, dequantized = pack_checkpoint(src, tmp_path / "ct", pack, config)
     assert greedy(tmp_path / "ct", prompts) == greedy(ref, prompts)
@@ -87,18 +68,17 @@ def test_scheme_loads_the_reference_weights_and_gives_its_greedy_tokens(
 
 
 def test_ignored_layers_stay_unquantized(prompts, tmp_path, built_models):  # noqa: F811
-    pack, _ = SCHEMES["int8-channel"]
     config = ct_config({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS, "int-quantized",
                        ignore=["re:.*down_proj$"])
     src = save_tiny_model("llama3", tmp_path)
-    ref, _ = pack_checkpoint(src, tmp_path / "ct", pack, config, skip=("down_proj",))
+    ref, _ = pack_checkpoint(src, tmp_path / "ct", INT8_CHANNEL, config, skip=("down_proj",))
     assert greedy(tmp_path / "ct", prompts) == greedy(ref, prompts)
     layer = built_models[0].model.layers[1]
     assert layer.mlp.down_proj.weight.dtype == torch.float32
     assert layer.mlp.gate_up_proj.weight.dtype == torch.int8
 
 
-def _refusal(tmp_path, config, arch="llama3", pack=int8_per_channel) -> str:
+def _refusal(tmp_path, config, arch="llama3", pack=INT8_CHANNEL) -> str:
     src = save_tiny_model(arch, tmp_path)
     pack_checkpoint(src, tmp_path / "ct", pack, config)
     with pytest.raises(ValueError) as error:

@@ -68,13 +68,14 @@ def matches_module(patterns: list[str], module: str) -> bool:
     return False
 
 
-def layer_skipped(patterns: list[str], prefix: str, quant_config: QuantizationConfig, field: str) -> bool:
-    """Whether the layer at `prefix` is left unquantized by the names in `patterns`: all its parts
-    must agree (a packed matmul holds one weight format)."""
-    skipped = [matches_module(patterns, module) for module in quant_config.checkpoint_modules(prefix)]
-    if any(skipped) and not all(skipped):
+def all_parts_match(patterns: list[str], prefix: str, quant_config: QuantizationConfig, field: str) -> bool:
+    """Whether the checkpoint modules of our layer at `prefix` match the names in `patterns` (an
+    ignore list, a group's targets); ValueError where only some parts of a packed layer do: its one
+    matmul holds one weight format."""
+    matched = [matches_module(patterns, module) for module in quant_config.checkpoint_modules(prefix)]
+    if any(matched) and not all(matched):
         raise ValueError(
-            f"quantization_config.{field} leaves part of the packed layer {prefix} unquantized: "
+            f"quantization_config.{field} names only part of the packed layer {prefix}: "
             "its parts must be quantized alike"
         )
-    return all(skipped)
+    return all(matched)

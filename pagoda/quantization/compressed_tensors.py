@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod
-from pagoda.quantization.base import QuantizationConfig, layer_skipped
+from pagoda.quantization.base import QuantizationConfig, all_parts_match
 from pagoda.quantization.fp8 import Fp8LinearMethod
 from pagoda.quantization.int8 import Int8LinearMethod
 
@@ -40,11 +40,11 @@ class CompressedTensorsConfig(QuantizationConfig):
         return made
 
     def linear_method(self, prefix: str) -> LinearMethod:
-        if layer_skipped(self.ignore, prefix, self, "ignore"):
+        if all_parts_match(self.ignore, prefix, self, "ignore"):
             return UnquantizedLinearMethod()
         for name, group in self.groups.items():
             targets = group.get("targets") or []
-            if "Linear" in targets or layer_skipped(targets, prefix, self, f"config_groups.{name}.targets"):
+            if "Linear" in targets or all_parts_match(targets, prefix, self, f"config_groups.{name}.targets"):
                 return self._method(name, group)
         return UnquantizedLinearMethod()
 

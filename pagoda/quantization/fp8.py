@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, linear, sliced_param
-from pagoda.quantization.base import QuantizationConfig, layer_skipped
+from pagoda.quantization.base import QuantizationConfig, all_parts_match
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -148,7 +148,7 @@ class Fp8Config(QuantizationConfig):
         return cls(serialized, scheme, list(ignored))
 
     def linear_method(self, prefix: str) -> LinearMethod:
-        if layer_skipped(self.ignored_layers, prefix, self, "ignored_layers"):
+        if all_parts_match(self.ignored_layers, prefix, self, "ignored_layers"):
             return UnquantizedLinearMethod()
         return Fp8LinearMethod(self.serialized, static_input=self.activation_scheme == "static")
 

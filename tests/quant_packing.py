@@ -77,7 +77,10 @@ def ct_packer(weights: dict, input_activations: dict | None, input_scale: bool =
     """compressed-tensors' own compression of a weight under a scheme (min/max scales, as its
     observers compute them without calibration data), and its own decompression as the reference.
     input_scale: a static activation scale per module (what calibration would write)."""
-    from compressed_tensors.compressors import FloatQuantizationCompressor, IntQuantizationCompressor
+    from compressed_tensors.compressors import (
+        FloatQuantizationCompressor,
+        IntQuantizationCompressor,
+    )
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
@@ -105,7 +108,11 @@ def ct_packer(weights: dict, input_activations: dict | None, input_scale: bool =
 
 def ct_config(weights: dict, input_activations: dict | None, fmt: str, ignore: list[str] | None = None) -> dict:
     """The quantization_config compressed-tensors writes for one group over every Linear layer."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
 
     scheme = QuantizationScheme(
         targets=["Linear"], weights=QuantizationArgs(**weights),

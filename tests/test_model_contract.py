@@ -14,11 +14,11 @@ from torch import nn
 
 from pagoda import LLM, SamplingParams
 from pagoda.attention import get_attention_backend
-from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from pagoda.config import EngineConfig
 from pagoda.config.groups import ResolvedConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.config.resolve import resolve_config
+from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.models import model_class
@@ -124,7 +124,7 @@ class OneMethodConfig(QuantizationConfig):
         self.method = method
 
     @classmethod
-    def from_config(cls, config: dict) -> "OneMethodConfig":
+    def from_config(cls, config: dict) -> OneMethodConfig:
         raise NotImplementedError
 
     def linear_method(self, prefix: str) -> LinearMethod:

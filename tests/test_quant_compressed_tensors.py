@@ -32,7 +32,10 @@ SCHEMES = {
     "int8-channel": ({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS, "int-quantized"),
     "int8-tensor": ({**INT8_WEIGHTS, "strategy": "tensor"}, INT8_TOKENS, "int-quantized"),
 }
-INT8_CHANNEL = ct_packer({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS)
+
+
+def int8_channel():
+    return ct_packer({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS)
 
 
 def loaded_dequantized(model) -> dict[str, torch.Tensor]:
@@ -71,16 +74,16 @@ def test_ignored_layers_stay_unquantized(prompts, tmp_path, built_models):  # no
     config = ct_config({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS, "int-quantized",
                        ignore=["re:.*down_proj$"])
     src = save_tiny_model("llama3", tmp_path)
-    ref, _ = pack_checkpoint(src, tmp_path / "ct", INT8_CHANNEL, config, skip=("down_proj",))
+    ref, _ = pack_checkpoint(src, tmp_path / "ct", int8_channel(), config, skip=("down_proj",))
     assert greedy(tmp_path / "ct", prompts) == greedy(ref, prompts)
     layer = built_models[0].model.layers[1]
     assert layer.mlp.down_proj.weight.dtype == torch.float32
     assert layer.mlp.gate_up_proj.weight.dtype == torch.int8
 
 
-def _refusal(tmp_path, config, arch="llama3", pack=INT8_CHANNEL) -> str:
+def _refusal(tmp_path, config, arch="llama3") -> str:
     src = save_tiny_model(arch, tmp_path)
-    pack_checkpoint(src, tmp_path / "ct", pack, config)
+    pack_checkpoint(src, tmp_path / "ct", int8_channel(), config)
     with pytest.raises(ValueError) as error:
         LLM(model=str(tmp_path / "ct"), device="cpu", skip_tokenizer_init=True)
     return str(error.value)

@@ -20,7 +20,12 @@ from pagoda.loader.model_loader import build_model
 from pagoda.parallel_config import estimate_weight_bytes
 from pagoda.quantization.fp8 import FP8, Fp8Config, Fp8LinearMethod, dequantize_rows
 from pagoda.worker import model_runner
-from tests.quant_packing import fp8_dequantized_per_channel, fp8_per_channel, fp8_per_tensor, pack_checkpoint
+from tests.quant_packing import (
+    fp8_dequantized_per_channel,
+    fp8_per_channel,
+    fp8_per_tensor,
+    pack_checkpoint,
+)
 from tests.tiny_models import save_tiny_model
 
 HF_FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic"}

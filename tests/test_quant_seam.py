@@ -16,7 +16,13 @@ from pagoda import LLM
 from pagoda.distributed.parallel_state import GroupInfo
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.layers import linear as linear_module
-from pagoda.layers.linear import ColumnParallelLinear, LinearMethod, RowParallelLinear, Shard, sliced_param
+from pagoda.layers.linear import (
+    ColumnParallelLinear,
+    LinearMethod,
+    RowParallelLinear,
+    Shard,
+    sliced_param,
+)
 from tests.quant_packing import fp8_per_tensor, pack_checkpoint
 from tests.tiny_models import save_tiny_model
 

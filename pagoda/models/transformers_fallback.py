@@ -26,8 +26,8 @@ from torch import nn
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.model_spec import ModelSpec
-from pagoda.quantization.base import QuantizationConfig
 from pagoda.models.interface import CausalLM
+from pagoda.quantization.base import QuantizationConfig
 
 # The registry name of the fallback (as vLLM names its Transformers backend's causal LM).
 TRANSFORMERS_ARCHITECTURE = "TransformersForCausalLM"

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, linear, sliced_param
+from pagoda.layers.linear import (
+    LinearMethod,
+    UnquantizedLinearMethod,
+    linear,
+    sliced_param,
+)
 from pagoda.quantization.base import QuantizationConfig, all_parts_match
 
 FP8 = torch.float8_e4m3fn

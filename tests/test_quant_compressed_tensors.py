@@ -81,6 +81,13 @@ def test_ignored_layers_stay_unquantized(prompts, tmp_path, built_models):  # no
     assert layer.mlp.gate_up_proj.weight.dtype == torch.int8
 
 
+def test_int8_channel_scales_are_sharded_at_tp2(prompts, tmp_path):  # noqa: F811
+    weights, acts, fmt = SCHEMES["int8-channel"]
+    src = save_tiny_model("qwen2-mqa", tmp_path)
+    pack_checkpoint(src, tmp_path / "ct", int8_channel(), ct_config(weights, acts, fmt))
+    assert greedy(tmp_path / "ct", prompts, tensor_parallel_size=2) == greedy(tmp_path / "ct", prompts)
+
+
 def _refusal(tmp_path, config, arch="llama3") -> str:
     src = save_tiny_model(arch, tmp_path)
     pack_checkpoint(src, tmp_path / "ct", int8_channel(), config)

@@ -10,6 +10,7 @@ elsewhere (the CPU, older GPUs) the weight is dequantized to the compute dtype f
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from pagoda.layers.linear import (
     sliced_param,
 )
 from pagoda.quantization.base import QuantizationConfig, all_parts_match
+
+logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -156,6 +159,14 @@ class Fp8Config(QuantizationConfig):
         if all_parts_match(self.ignored_layers, prefix, self, "ignored_layers"):
             return UnquantizedLinearMethod()
         return Fp8LinearMethod(self.serialized, static_input=self.activation_scheme == "static")
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        if device.type == "cuda" and not fp8_gemm_supported(device):
+            logger.warning(
+                "quantization='fp8' on a GPU of compute capability %s (< 8.9, no FP8 tensor cores): the fp8 "
+                "weights are dequantized for each matmul (weight-only; slower than unquantized)",
+                ".".join(map(str, torch.cuda.get_device_capability(device))),
+            )
 
     @property
     def quantizes_checkpoint(self) -> bool:

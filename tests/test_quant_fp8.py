@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from pagoda import LLM, SamplingParams
 from pagoda.config.resolve import model_spec
@@ -109,8 +110,6 @@ def test_static_activation_scales_are_loaded_and_folded_to_the_largest(prompts, 
                              HF_FP8_STATIC)
     assert greedy(tmp_path / "fp8", prompts) == greedy(ref, prompts)
     qkv = built_models[0].model.layers[0].self_attn.qkv_proj
-    from safetensors.torch import load_file
-
     tensors = load_file(tmp_path / "fp8" / "model.safetensors")
     scales = [tensors[f"model.layers.0.self_attn.{p}_proj.input_scale"] for p in "qkv"]
     assert qkv.input_scale.item() == max(s.item() for s in scales)

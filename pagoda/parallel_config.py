@@ -22,6 +22,7 @@ from pagoda.config.groups import ParallelConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.distributed.partition import kv_head_shard
 from pagoda.models import model_class
+from pagoda.quantization.base import QuantizationConfig
 
 logger = logging.getLogger("pagoda")
 
@@ -82,7 +83,7 @@ def _first_gpu_memory_bytes() -> int:
 
 def check_parallel_layout(
     parallel: ParallelConfig, spec: ModelSpec, dtype: torch.dtype, gpu_memory_utilization: float,
-    gpus: GpuInventory | None,
+    gpus: GpuInventory | None, quant_config: QuantizationConfig | None = None,
 ) -> None:
     """Raise on a layout that cannot work, warn about idle GPUs. `gpus` None (the CPU): only the
     rules about the model's shape apply. The whole layout, data-parallel copies included, is
@@ -100,7 +101,7 @@ def check_parallel_layout(
     if gpus is None:
         return
     room = gpu_memory_utilization * gpus.memory_bytes
-    weights = estimate_weight_bytes(spec, dtype)
+    weights = estimate_weight_bytes(spec, dtype, quant_config)
     if weights / (layout.tp * layout.pp) > room:
         raise ValueError(_does_not_fit(spec, weights, room, layout, gpu_memory_utilization, gpus))
     if layout.gpus > gpus.count:
@@ -112,9 +113,10 @@ def check_parallel_layout(
         logger.warning(_idle_advice(spec, weights, room, layout, gpus.count))
 
 
-def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """Bytes of the weights, as the model's class counts them from its spec."""
-    return model_class(spec.architecture).weight_bytes(spec, dtype)
+def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None) -> int:
+    """Bytes of the weights, as the model's class counts them from its spec (quantized ones as
+    `quant_config` holds them)."""
+    return model_class(spec.architecture).weight_bytes(spec, dtype, quant_config)
 
 
 def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str | None:

@@ -14,14 +14,15 @@ from torch import nn
 
 from pagoda import LLM, SamplingParams
 from pagoda.attention import get_attention_backend
-from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from pagoda.config import EngineConfig
 from pagoda.config.groups import ResolvedConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.config.resolve import resolve_config
+from pagoda.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.models import model_class
+from pagoda.quantization.base import QuantizationConfig
 from pagoda.worker import model_runner
 from pagoda.worker.model_runner import ModelRunner
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
@@ -114,6 +115,26 @@ class TransposedScaledMethod(LinearMethod):
         return out if bias is None else out + bias
 
 
+class OneMethodConfig(QuantizationConfig):
+    """Test-only: hands every linear layer the same method."""
+
+    name = "one-method"
+
+    def __init__(self, method: LinearMethod) -> None:
+        self.method = method
+
+    @classmethod
+    def from_config(cls, config: dict) -> OneMethodConfig:
+        raise NotImplementedError
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        return self.method
+
+    @property
+    def quantizes_checkpoint(self) -> bool:
+        return False  # the checkpoint is unquantized: the MoE experts stay so
+
+
 def _greedy(path, prompts: list[list[int]]) -> list[list[int]]:
     llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_num_batched_tokens=16, block_size=4)
     try:
@@ -133,7 +154,7 @@ def test_a_linear_method_gives_the_same_greedy_tokens(models, name, monkeypatch)
     built = []
 
     def build_with_method(*args, **kwargs):
-        built.append(build_model(*args, **kwargs, linear_method=method))
+        built.append(build_model(*args, **kwargs, quant_config=OneMethodConfig(method)))
         return built[-1]
 
     monkeypatch.setattr(model_runner, "build_model", build_with_method)

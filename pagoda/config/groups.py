@@ -29,6 +29,8 @@ class ModelConfig:
     grammar_vocab: str | None
     # An embedding engine's pooling (--runner pooling); None: the engine generates tokens.
     pooler: PoolerConfig | None
+    # The weight quantization method (--quantization, or the checkpoint's quant_method); None: none.
+    quantization: str | None
 
     @property
     def name(self) -> str:

@@ -32,6 +32,7 @@ from pagoda.models import model_architecture
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.pooling import PoolerConfig, read_pooler_config
+from pagoda.quantization import get_quantization_config, resolve_quantization
 from pagoda.structured_output.grammar import grammar_vocab
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,28 @@ def _model_config(
         raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
     vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
+    dtype = _dtype(args.dtype, spec, device)
     return ModelConfig(
-        resolved, spec, args.load_format, _dtype(args.dtype, spec, device), _max_model_len(args.max_model_len, spec),
+        resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, speculative),
+        _quantization(args.quantization, spec, device, dtype),
     )
+
+
+def _quantization(stated: str | None, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The weight quantization method (the flag, or the checkpoint's), checked against the
+    checkpoint, the architecture and the device before anything is built."""
+    method = resolve_quantization(stated, spec.quantization)
+    if method is None:
+        return None
+    if spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        raise ValueError(
+            f"quantization={method!r}: the transformers fallback runs unquantized models only; "
+            "use a natively supported architecture"
+        )
+    get_quantization_config(method, spec.quantization).check_supported(device, dtype)
+    logger.info("weight quantization: %s%s", method, "" if spec.quantization else " (quantized at load)")
+    return method
 
 
 def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:
@@ -95,7 +114,10 @@ def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.devic
     _check_fallback_parallel(model.spec, parallel)
     # Ray's ranks use the cluster's GPUs, not this host's: its placement group checks that they exist.
     gpus = detect_gpus() if device.type == "cuda" and parallel.distributed_executor_backend == "mp" else None
-    check_parallel_layout(parallel, model.spec, model.dtype, args.gpu_memory_utilization, gpus)
+    quant_config = (
+        None if model.quantization is None else get_quantization_config(model.quantization, model.spec.quantization)
+    )
+    check_parallel_layout(parallel, model.spec, model.dtype, args.gpu_memory_utilization, gpus, quant_config)
     return parallel
 
 

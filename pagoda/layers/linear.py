@@ -5,7 +5,11 @@ store them apart and whole, so every layer loads a full checkpoint tensor and ke
 slice. With one rank every layer is a plain matmul or lookup: no copies, no collectives.
 
 How a linear layer holds and multiplies its weight is its LinearMethod (after vLLM's
-LinearMethodBase): unquantized by default; a quantization method plugs in there, per layer."""
+LinearMethodBase): unquantized by default; a quantization method (pagoda/quantization/) plugs in
+there, per layer. A method's parameters say how the loader slices a whole checkpoint tensor for
+them: `output_dim` / `output_divisor` (the dim indexing output features, and features per index
+along it: packed int4 words hold 8), `input_dim` / `input_divisor` likewise for input features,
+`per_part` (one per-tensor value per part of a packed layer); a parameter with none is copied whole."""
 
 from __future__ import annotations
 
@@ -45,6 +49,15 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src)
 
 
+def sliced_param(data: torch.Tensor, **slicing: int | bool) -> nn.Parameter:
+    """A frozen parameter with the attributes that tell the loader how to slice a checkpoint
+    tensor for it (output_dim, output_divisor, input_dim, input_divisor, per_part)."""
+    param = nn.Parameter(data, requires_grad=False)
+    for name, value in slicing.items():
+        setattr(param, name, value)
+    return param
+
+
 class LinearMethod(ABC):
     """How a linear layer holds and applies its weight. `create_weights` registers the parameters
     the loader fills, in the checkpoint's [output, input] layout (a column-parallel layer's rows
@@ -67,22 +80,25 @@ class UnquantizedLinearMethod(LinearMethod):
     random-number time."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
-        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        layer.weight = sliced_param(torch.empty(output_size, input_size), output_dim=0, input_dim=1)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return linear(x, layer.weight, bias)
 
 
 class Linear(nn.Module):
-    """y = x @ W.T + b, W held and applied by the layer's LinearMethod."""
+    """y = x @ W.T + b, W held and applied by the layer's LinearMethod. `part_sizes`: this rank's
+    output features of each part of a packed layer, which a method may need (per-part scales)."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, linear_method: LinearMethod | None = None
+        self, input_size: int, output_size: int, bias: bool = False, linear_method: LinearMethod | None = None,
+        part_sizes: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.part_sizes = part_sizes or [output_size]
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.linear_method.create_weights(self, input_size, output_size)
-        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        self.bias = sliced_param(torch.empty(output_size), output_dim=0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
@@ -112,7 +128,8 @@ class ColumnParallelLinear(Linear):
     def __init__(
         self, input_size: int, parts: dict[str, Shard], bias: bool = False, linear_method: LinearMethod | None = None
     ) -> None:
-        super().__init__(input_size, sum(s.size for s in parts.values()), bias, linear_method)
+        sizes = [s.size for s in parts.values()]
+        super().__init__(input_size, sum(sizes), bias, linear_method, part_sizes=sizes)
         self.parts = dict(parts)
         self._offsets: dict[str, int] = {}
         offset = 0
@@ -121,22 +138,37 @@ class ColumnParallelLinear(Linear):
             offset += shard.size
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None) -> None:
-        """Copy this rank's rows of a whole checkpoint tensor (`param_name` "weight" or "bias") into its
-        part; with no part, the tensor holds every part's rows fused, in order (Phi-3's qkv_proj)."""
+        """Copy this rank's share of a whole checkpoint tensor into its part, along the
+        parameter's output dim; with no part, the tensor holds every part fused, in order (Phi-3's
+        qkv_proj)."""
+        param = getattr(self, param_name)
+        if getattr(param, "per_part", False):
+            # One value per part; a fused checkpoint tensor's one value serves every part.
+            indices = range(len(self.parts)) if part is None else [list(self.parts).index(part)]
+            for i in indices:
+                param.data[i].copy_(tensor.reshape(()))
+            return
+        dim = getattr(param, "output_dim", None)
+        if dim is None:
+            _copy(param.data, tensor, param_name)
+            return
+        divisor = getattr(param, "output_divisor", 1)
         if part is None:
-            sizes = [s.full for s in self.parts.values()]
-            if tensor.shape[0] != sum(sizes):
-                raise ValueError(f"fused checkpoint tensor for {param_name} has {tensor.shape[0]} rows, expected {sum(sizes)}")
-            for name, rows in zip(self.parts, tensor.split(sizes)):
+            sizes = [s.full // divisor for s in self.parts.values()]
+            if tensor.shape[dim] != sum(sizes):
+                raise ValueError(
+                    f"fused checkpoint tensor for {param_name} has {tensor.shape[dim]} rows, expected {sum(sizes)}"
+                )
+            for name, rows in zip(self.parts, tensor.split(sizes, dim)):
                 self.load_weight(param_name, rows, name)
             return
         shard = self.parts[part]
-        if tensor.shape[0] != shard.full:
+        if tensor.shape[dim] * divisor != shard.full:
             raise ValueError(
-                f"checkpoint tensor for {part}.{param_name} has {tensor.shape[0]} rows, expected {shard.full}"
+                f"checkpoint tensor for {part}.{param_name} has {tensor.shape[dim]} rows, expected {shard.full // divisor}"
             )
-        offset = self._offsets[part]
-        getattr(self, param_name).data[offset : offset + shard.size].copy_(tensor.narrow(0, shard.start, shard.size))
+        size = shard.size // divisor
+        param.data.narrow(dim, self._offsets[part] // divisor, size).copy_(tensor.narrow(dim, shard.start // divisor, size))
 
 
 class RowParallelLinear(Linear):
@@ -157,14 +189,21 @@ class RowParallelLinear(Linear):
         return out if self.bias is None else out + self.bias
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, part: str | None = None) -> None:
-        if param_name == "weight":
+        """Copy a whole checkpoint tensor, keeping this rank's share along the parameter's input dim."""
+        param = getattr(self, param_name)
+        dim = getattr(param, "input_dim", None)
+        if getattr(param, "per_part", False):
+            tensor = tensor.reshape(param.shape)
+        elif dim is not None:
+            divisor = getattr(param, "input_divisor", 1)
             shard = self.input_shard
-            if tensor.dim() != 2 or tensor.shape[1] != shard.full:
+            if tensor.dim() != param.dim() or tensor.shape[dim] * divisor != shard.full:
                 raise ValueError(
-                    f"checkpoint tensor for weight has shape {tuple(tensor.shape)}, expected {shard.full} columns"
+                    f"checkpoint tensor for {param_name} has shape {tuple(tensor.shape)}, expected "
+                    f"{shard.full // divisor} along dim {dim}"
                 )
-            tensor = tensor.narrow(1, shard.start, shard.size)
-        _copy(getattr(self, param_name).data, tensor, param_name)
+            tensor = tensor.narrow(dim, shard.start // divisor, shard.size // divisor)
+        _copy(param.data, tensor, param_name)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -7,12 +7,8 @@ import torch
 from torch import nn
 
 from pagoda.layers.activation import get_act_and_mul
-from pagoda.layers.linear import (
-    ColumnParallelLinear,
-    LinearMethod,
-    RowParallelLinear,
-    even_shard,
-)
+from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear, even_shard
+from pagoda.quantization.base import QuantizationConfig, linear_method_for
 
 
 class GatedMLP(nn.Module):
@@ -22,20 +18,30 @@ class GatedMLP(nn.Module):
         intermediate_size: int,
         hidden_act: str,
         bias: bool = False,
-        linear_method: LinearMethod | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
+        """prefix: our module path (model.layers.N.mlp), by which the quantization config picks each layer's method."""
         super().__init__()
         inter = even_shard(intermediate_size)
         self.gate_up_proj = ColumnParallelLinear(
-            hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=bias, linear_method=linear_method
+            hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=bias,
+            linear_method=linear_method_for(quant_config, f"{prefix}.gate_up_proj"),
         )
-        self.down_proj = RowParallelLinear(inter.full, hidden_size, bias=bias, linear_method=linear_method)
+        self.down_proj = RowParallelLinear(
+            inter.full, hidden_size, bias=bias, linear_method=linear_method_for(quant_config, f"{prefix}.down_proj")
+        )
         self.act = get_act_and_mul(hidden_act)
 
     @staticmethod
     def num_parameters(hidden_size: int, intermediate_size: int, bias: bool = False) -> int:
         """Unsharded, without building the layer."""
-        return 3 * hidden_size * intermediate_size + bias * (2 * intermediate_size + hidden_size)
+        return GatedMLP.num_linear_weights(hidden_size, intermediate_size) + bias * (2 * intermediate_size + hidden_size)
+
+    @staticmethod
+    def num_linear_weights(hidden_size: int, intermediate_size: int) -> int:
+        """Of the linear layers' weights (what a quantization method holds), unsharded."""
+        return 3 * hidden_size * intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -22,8 +22,9 @@ from torch import nn
 from pagoda.distributed.comm import all_reduce
 from pagoda.distributed.parallel_state import expert_parallel, tp_group
 from pagoda.layers.activation import get_act_and_mul
-from pagoda.layers.linear import LinearMethod, Shard, _copy, even_shard
+from pagoda.layers.linear import Shard, UnquantizedLinearMethod, _copy, even_shard
 from pagoda.layers.mlp import GatedMLP
+from pagoda.quantization.base import QuantizationConfig
 
 # Per-expert checkpoint projections -> their part of the stacked experts (gate and up: w13's
 # halves; down: w2). Mixtral names them w1/w3/w2, Qwen gate_proj/up_proj/down_proj.
@@ -127,6 +128,18 @@ class FusedMoE(nn.Module):
         _copy(self.w13.data[local, rows], tensor.narrow(0, inter.start, inter.size), f"expert {expert} {proj}")
 
 
+def _check_experts_unquantized(quant_config: QuantizationConfig | None, expert_prefix: str) -> None:
+    """The stacked experts run unquantized (quantizing at load leaves them so); a checkpoint that
+    stores them quantized is refused."""
+    if quant_config is None or not quant_config.quantizes_checkpoint:
+        return
+    if not isinstance(quant_config.linear_method(expert_prefix), UnquantizedLinearMethod):
+        raise ValueError(
+            f"the checkpoint quantizes the MoE experts ({expert_prefix}) with quantization={quant_config.name!r}: "
+            "quantized experts are not supported yet (their shared expert and attention may be)"
+        )
+
+
 class SparseMoeBlock(nn.Module):
     """Router (`gate`), routed experts, and Qwen2-MoE's shared expert with its sigmoid gate where
     `shared_intermediate_size`. Named as the checkpoints name them (mlp.gate, mlp.experts,
@@ -134,9 +147,11 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(
         self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, hidden_act: str,
-        renormalize: bool, shared_intermediate_size: int = 0, linear_method: LinearMethod | None = None,
+        renormalize: bool, shared_intermediate_size: int = 0, quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
+        _check_experts_unquantized(quant_config, f"{prefix}.experts.0.gate_proj")
         self.tp = tp_group()
         # The router (and the shared expert's gate) stay unquantized and whole on every rank: each
         # routes every token.
@@ -144,7 +159,9 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, hidden_act, renormalize)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size:
-            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, hidden_act, False, linear_method)
+            self.shared_expert = GatedMLP(
+                hidden_size, shared_intermediate_size, hidden_act, False, quant_config, f"{prefix}.shared_expert"
+            )
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
     @staticmethod

@@ -15,7 +15,6 @@ import torch
 from pagoda.attention.backend import AttentionBackend
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
-from pagoda.layers.linear import LinearMethod
 from pagoda.loader.gguf_loader import (
     iter_gguf_weights,
     load_gguf_config,
@@ -27,6 +26,8 @@ from pagoda.loader.weight_loader import load_weights
 from pagoda.loader.weights import iter_checkpoint_weights
 from pagoda.models import model_class
 from pagoda.models.interface import CausalLM
+from pagoda.quantization import get_quantization_config
+from pagoda.quantization.base import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +138,15 @@ def build_model(
     *,
     device: torch.device,
     backend: AttentionBackend,
-    linear_method: LinearMethod | None = None,
+    quant_config: QuantizationConfig | None = None,
 ) -> CausalLM:
-    """The model, its weights loaded, on `device`. linear_method: how the linear layers hold and
-    apply their weights (None: unquantized)."""
+    """The model, its weights loaded, on `device`. quant_config: what gives each linear layer its
+    method (default: the config's quantization method, read from the checkpoint)."""
     model_cls = model_class(model.spec.architecture)
+    if quant_config is None and model.quantization is not None:
+        quant_config = get_quantization_config(model.quantization, model.spec.quantization)
     with _default_dtype(model.dtype), device:
-        built = model_cls(model.spec, backend, model.max_model_len, linear_method)
+        built = model_cls(model.spec, backend, model.max_model_len, quant_config)
     if model.load_format == "dummy":
         load_weights(built, _iter_dummy_weights(model.spec, model.seed, model.dtype, device))
     else:

@@ -14,11 +14,11 @@ from torch import nn
 
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.config.model_spec import ModelSpec
-from pagoda.layers.linear import LinearMethod
 from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.llama import LlamaAttention, LlamaForCausalLM, norm_input
+from pagoda.quantization.base import QuantizationConfig
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -28,15 +28,18 @@ class GemmaDecoderLayer(nn.Module):
         layer_index: int,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
-        linear_method: LinearMethod | None,
+        quant_config: QuantizationConfig | None,
         **attn_kw: bool,
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(
-            config, rotary, backend, **attn_kw, linear_method=linear_method, layer_index=layer_index,
+            config, rotary, backend, **attn_kw, quant_config=quant_config, layer_index=layer_index,
             norm_cls=GemmaRMSNorm,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, False, linear_method)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, False, quant_config,
+            f"model.layers.{layer_index}.mlp",
+        )
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)

@@ -10,8 +10,8 @@ A model (after vLLM's model interface) states
   tensors it has no use for (`ignored_checkpoint_suffixes`); pagoda/loader/weight_loader.py
   loads every model with these, except one that reads its checkpoint itself (`load_checkpoint`:
   the transformers fallback, whose checkpoints transformers renames as it loads them);
-and takes a LinearMethod (pagoda/layers/linear.py) for its linear layers: how they hold and
-apply their weights (a quantization method plugs in there)."""
+and takes a QuantizationConfig (pagoda/quantization/) that each of its linear layers asks, by its
+module path, for its LinearMethod (pagoda/layers/linear.py): how it holds and applies its weight."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.model_spec import ModelSpec
 from pagoda.layers.attention import Attention
-from pagoda.layers.linear import LinearMethod
+from pagoda.quantization.base import QuantizationConfig
 
 
 class PPMissingLayer(nn.Identity):
@@ -44,14 +44,18 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def __init__(
-        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
 
     @classmethod
     @abstractmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
-        """Bytes of all the model's parameters (unsharded), in `dtype`, from its spec alone."""
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
+        """Bytes of all the model's parameters (unsharded), in `dtype` or as `quant_config` holds
+        them, from its spec alone."""
 
     @abstractmethod
     def forward(

@@ -19,7 +19,6 @@ from pagoda.distributed.partition import kv_head_shard, stage_layers
 from pagoda.layers.attention import Attention
 from pagoda.layers.linear import (
     ColumnParallelLinear,
-    LinearMethod,
     ParallelLMHead,
     RowParallelLinear,
     Shard,
@@ -31,6 +30,7 @@ from pagoda.layers.moe import SparseMoeBlock
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.interface import CausalLM, PPMissingLayer
+from pagoda.quantization.base import QuantizationConfig, linear_method_for
 
 
 class LlamaAttention(nn.Module):
@@ -42,7 +42,7 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
-        linear_method: LinearMethod | None,
+        quant_config: QuantizationConfig | None,
         layer_index: int,
         norm_cls: type[RMSNorm] = RMSNorm,
     ) -> None:
@@ -56,10 +56,14 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * d
         kv = Shard(first_kv_head * d, self.kv_size, config.num_key_value_heads * d)
         q = even_shard(config.num_attention_heads * d)
+        prefix = f"model.layers.{layer_index}.self_attn"
         self.qkv_proj = ColumnParallelLinear(
-            config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=qkv_bias, linear_method=linear_method
+            config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=qkv_bias,
+            linear_method=linear_method_for(quant_config, f"{prefix}.qkv_proj"),
         )
-        self.o_proj = RowParallelLinear(q.full, config.hidden_size, bias=o_bias, linear_method=linear_method)
+        self.o_proj = RowParallelLinear(
+            q.full, config.hidden_size, bias=o_bias, linear_method=linear_method_for(quant_config, f"{prefix}.o_proj")
+        )
         self.q_norm = norm_cls(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = norm_cls(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -75,10 +79,16 @@ class LlamaAttention(nn.Module):
     def num_parameters(config: ModelSpec, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> int:
         """Unsharded, without building the layer."""
         d = config.head_dim
-        q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-        qkv = q + 2 * kv
-        weights = config.hidden_size * qkv + q * config.hidden_size
+        qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+        weights = LlamaAttention.num_linear_weights(config)
         return weights + qkv_bias * qkv + o_bias * config.hidden_size + qk_norm * 2 * d
+
+    @staticmethod
+    def num_linear_weights(config: ModelSpec) -> int:
+        """Of qkv_proj's and o_proj's weights (what a quantization method holds), unsharded."""
+        d = config.head_dim
+        q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+        return config.hidden_size * (q + 2 * kv) + q * config.hidden_size
 
     def forward(
         self,
@@ -114,14 +124,17 @@ def is_sparse_layer(config: ModelSpec, layer_index: int) -> bool:
     return bool(config.num_experts) and layer_index not in config.dense_mlp_layers
 
 
-def build_mlp(config: ModelSpec, layer_index: int, linear_method: LinearMethod | None) -> nn.Module:
+def build_mlp(config: ModelSpec, layer_index: int, quant_config: QuantizationConfig | None) -> nn.Module:
     """The layer's MLP: the sparse MoE block in an MoE model's sparse layers, else the gated MLP."""
+    prefix = f"model.layers.{layer_index}.mlp"
     if is_sparse_layer(config, layer_index):
         return SparseMoeBlock(
             config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
-            config.hidden_act, config.norm_topk_prob, config.shared_expert_intermediate_size, linear_method,
+            config.hidden_act, config.norm_topk_prob, config.shared_expert_intermediate_size, quant_config, prefix,
         )
-    return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, linear_method)
+    return GatedMLP(
+        config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, quant_config, prefix
+    )
 
 
 def mlp_num_parameters(config: ModelSpec, layer_index: int) -> int:
@@ -134,6 +147,13 @@ def mlp_num_parameters(config: ModelSpec, layer_index: int) -> int:
     return GatedMLP.num_parameters(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
 
+def mlp_num_linear_weights(config: ModelSpec, layer_index: int) -> int:
+    """Of `build_mlp`'s quantizable linear weights (the gated MLP, or an MoE block's shared expert), unsharded."""
+    if is_sparse_layer(config, layer_index):
+        return GatedMLP.num_linear_weights(config.hidden_size, config.shared_expert_intermediate_size)
+    return GatedMLP.num_linear_weights(config.hidden_size, config.intermediate_size)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
@@ -141,14 +161,14 @@ class LlamaDecoderLayer(nn.Module):
         layer_index: int,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
-        linear_method: LinearMethod | None,
+        quant_config: QuantizationConfig | None,
         **attn_kw: bool,
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(
-            config, rotary, backend, **attn_kw, linear_method=linear_method, layer_index=layer_index
+            config, rotary, backend, **attn_kw, quant_config=quant_config, layer_index=layer_index
         )
-        self.mlp = build_mlp(config, layer_index, linear_method)
+        self.mlp = build_mlp(config, layer_index, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -178,7 +198,7 @@ class LlamaModel(nn.Module):
         config: ModelSpec,
         backend: AttentionBackend,
         max_position: int,
-        linear_method: LinearMethod | None,
+        quant_config: QuantizationConfig | None,
         layer_cls: type[nn.Module] = LlamaDecoderLayer,
         norm_cls: type[RMSNorm] = RMSNorm,
         scale_embeddings: bool = False,
@@ -199,7 +219,7 @@ class LlamaModel(nn.Module):
         local_rotary = RotaryEmbedding(config.head_dim, max_position, local) if local else self.rotary
         self.layers = nn.ModuleList(
             layer_cls(
-                config, i, local_rotary if layer_window(config, i) else self.rotary, backend, linear_method, **attn_kw
+                config, i, local_rotary if layer_window(config, i) else self.rotary, backend, quant_config, **attn_kw
             )
             if i in self.layer_range else PPMissingLayer()
             for i in range(config.num_hidden_layers)
@@ -245,12 +265,15 @@ class LlamaForCausalLM(CausalLM):
     scale_embeddings: ClassVar[bool] = False
 
     def __init__(
-        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
-        super().__init__(config, backend, max_position, linear_method)
+        super().__init__(config, backend, max_position, quant_config)
         self.config = config
+        if quant_config is not None:
+            quant_config.packed_modules_mapping = self.packed_modules_mapping
         self.model = LlamaModel(
-            config, backend, max_position, linear_method, self.decoder_layer_cls, self.norm_cls,
+            config, backend, max_position, quant_config, self.decoder_layer_cls, self.norm_cls,
             self.scale_embeddings, **self.attention_switches(config),
         )
         self.tie_word_embeddings = config.tie_word_embeddings
@@ -265,12 +288,20 @@ class LlamaForCausalLM(CausalLM):
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": cls.qk_norm}
 
     @classmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
         hidden, layers = config.hidden_size, config.num_hidden_layers
         layer = LlamaAttention.num_parameters(config, **cls.attention_switches(config)) + cls.norms_per_layer * hidden
         mlps = sum(mlp_num_parameters(config, i) for i in range(layers))
         embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-        return (embeddings + layers * layer + mlps + hidden) * dtype.itemsize
+        total = embeddings + layers * layer + mlps + hidden
+        if quant_config is None:
+            return total * dtype.itemsize
+        linear = layers * LlamaAttention.num_linear_weights(config) + sum(
+            mlp_num_linear_weights(config, i) for i in range(layers)
+        )
+        return (total - linear) * dtype.itemsize + quant_config.weight_bytes(linear, dtype)
 
     def forward(
         self,

@@ -26,8 +26,8 @@ from torch import nn
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.model_spec import ModelSpec
-from pagoda.layers.linear import LinearMethod
 from pagoda.models.interface import CausalLM
+from pagoda.quantization.base import QuantizationConfig
 
 # The registry name of the fallback (as vLLM names its Transformers backend's causal LM).
 TRANSFORMERS_ARCHITECTURE = "TransformersForCausalLM"
@@ -126,11 +126,15 @@ class TransformersForCausalLM(CausalLM):
     (so that parameter names are the checkpoint's), attending through Pagoda's paged attention."""
 
     def __init__(
-        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
-        super().__init__(config, backend, max_position, linear_method)
-        if linear_method is not None:
-            raise ValueError("the transformers fallback runs unquantized linear layers only")
+        super().__init__(config, backend, max_position, quant_config)
+        if quant_config is not None:
+            raise ValueError(
+                f"quantization={quant_config.name!r}: the transformers fallback runs unquantized linear layers only "
+                "(model_impl='transformers'); use a natively supported architecture"
+            )
         from transformers import AutoModelForCausalLM
 
         register_attention()
@@ -165,7 +169,9 @@ class TransformersForCausalLM(CausalLM):
         return probe.layers
 
     @classmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
         from pagoda.loader.weights import hf_meta_model
 
         return sum(p.numel() for p in hf_meta_model(config.hf_config).parameters()) * dtype.itemsize

@@ -10,7 +10,11 @@ oldest key their window reaches; a soft-capped layer's scores are capped before 
 A batch of few decodes would leave most of the GPU idle (one request of a model with 8 KV heads
 is 8 programs): its keys are then split across programs, each writing a partial softmax (its max,
 sum and unnormalised output), and a second kernel combines the splits. The split count depends
-only on the batch size and the block tables' width, so decode CUDA graphs capture it."""
+only on the batch size and the block tables' width, so decode CUDA graphs capture it.
+
+An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast to the
+query's dtype tile by tile; its K scale is folded into the score scale and its V scale applied
+to the accumulated output, both read from device tensors so CUDA graphs see the loaded values."""
 
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import triton
 import triton.language as tl
 
 from pagoda.attention.backend import AttentionMetadata
-from pagoda.attention.torch_backend import write_kv
+from pagoda.attention.kv_fp8 import is_fp8
+from pagoda.attention.torch_backend import KVScales, write_kv
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
@@ -32,7 +37,7 @@ _NO_WINDOW = 1 << 30
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, partial_max_sum_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     scale, window, soft_cap,
     stride_qt, stride_qh,
     stride_cb, stride_cs, stride_ch,
@@ -40,7 +45,7 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_SOFT_CAP: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -63,6 +68,8 @@ def _paged_attention_kernel(
     d_valid = d < HEAD_DIM
     q_ptrs = q_ptr + (q_start + q_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if KV_FP8:  # q.k_stored * scale * k_scale = q.k * scale
+        scale = scale * tl.load(k_scale_ptr)
 
     q_pos = prefix + q_local  # absolute position of each query row
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
@@ -89,6 +96,9 @@ def _paged_attention_kernel(
         kv_mask = in_range[:, None] & d_valid[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale
         if HAS_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 2 * sigmoid(2x) - 1
             s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0)
@@ -103,6 +113,8 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:  # sum(p * v_stored) * v_scale = sum(p * v)
+        acc = acc * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -147,9 +159,11 @@ def paged_attention(
     num_splits: int = 1,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    kv_scales: KVScales = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]. num_splits > 1
-    (decodes only) splits each request's keys across that many programs."""
+    (decodes only) splits each request's keys across that many programs. kv_scales: an fp8
+    cache's K and V scales (None: 1.0)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
@@ -167,9 +181,13 @@ def paged_attention(
         partial_max_sum = torch.empty(num_reqs, num_splits, num_heads, 2, dtype=torch.float32, device=q.device)
     else:
         partial = partial_max_sum = out  # not read
+    kv_fp8 = is_fp8(kv_cache.dtype)
+    if kv_fp8 and kv_scales is None:
+        kv_scales = (torch.ones((), dtype=torch.float32, device=q.device),) * 2
+    k_scale, v_scale = kv_scales if kv_fp8 else (out, out)  # not read unscaled
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, partial_max_sum,
-        metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
+        metadata.block_tables, metadata.query_start_loc, metadata.seq_lens, k_scale, v_scale,
         scale, sliding_window or _NO_WINDOW, logits_soft_cap or 0.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -178,7 +196,7 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
-        HAS_SOFT_CAP=logits_soft_cap is not None,
+        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
@@ -227,8 +245,9 @@ class TritonAttentionBackend:
         *,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        kv_scales: KVScales = None,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
         group = q.shape[1] // k.shape[1]
         max_query_len = metadata.backend_data["max_query_len"]
         num_splits = 1
@@ -239,5 +258,5 @@ class TritonAttentionBackend:
             num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, _num_sms(q.device))
         return paged_attention(
             q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_scales=kv_scales,
         )

@@ -14,7 +14,9 @@ only on the batch size and the block tables' width, so decode CUDA graphs captur
 
 An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast to the
 query's dtype tile by tile; its K scale is folded into the score scale and its V scale applied
-to the accumulated output, both read from device tensors so CUDA graphs see the loaded values."""
+to the accumulated output, both read from device tensors so CUDA graphs see the loaded values.
+Its keys and values are written by one kernel that scales, saturates and casts them (a 16-bit
+cache is written by torch's index_copy_, as before)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import triton.language as tl
 
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import is_fp8
-from pagoda.attention.torch_backend import KVScales, write_kv
+from pagoda.attention.torch_backend import KVScales
+from pagoda.attention.torch_backend import write_kv as write_kv_16bit
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
@@ -127,6 +130,45 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _write_kv_fp8_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    """One program per token: its keys and values [Hkv, D] divided by their scales, saturated
+    to the fp8 range, into its slot of the (contiguous) cache."""
+    token = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    valid = i < ROW
+    head, d = i // HEAD_DIM, i % HEAD_DIM
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=valid).to(tl.float32)
+    v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=valid).to(tl.float32)
+    k = tl.clamp(k / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
+    v = tl.clamp(v / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
+    tl.store(k_cache_ptr + slot * ROW + i, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
+    tl.store(v_cache_ptr + slot * ROW + i, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: KVScales = None
+) -> None:
+    """k, v: [T, Hkv, D] (unit stride along D) into their slots; an fp8 cache gets them divided
+    by its scales (None: 1.0), in one launch."""
+    if not is_fp8(kv_cache.dtype):
+        write_kv_16bit(k, v, kv_cache, slot_mapping)
+        return
+    k_scale, v_scale = kv_scales or _unit_scales(k.device)
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    row = num_kv_heads * head_dim
+    _write_kv_fp8_kernel[(k.shape[0],)](
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, k_scale, v_scale,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row), FP8_MAX=torch.finfo(kv_cache.dtype).max,
+    )
+
+
+@triton.jit
 def _combine_splits_kernel(
     partial_ptr, partial_max_sum_ptr, out_ptr, query_start_loc_ptr, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -182,9 +224,7 @@ def paged_attention(
     else:
         partial = partial_max_sum = out  # not read
     kv_fp8 = is_fp8(kv_cache.dtype)
-    if kv_fp8 and kv_scales is None:
-        kv_scales = (torch.ones((), dtype=torch.float32, device=q.device),) * 2
-    k_scale, v_scale = kv_scales if kv_fp8 else (out, out)  # not read unscaled
+    k_scale, v_scale = (kv_scales or _unit_scales(q.device)) if kv_fp8 else (out, out)  # not read unscaled
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, partial_max_sum,
         metadata.block_tables, metadata.query_start_loc, metadata.seq_lens, k_scale, v_scale,
@@ -204,6 +244,12 @@ def paged_attention(
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
     return out
+
+
+def _unit_scales(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V scales of an fp8 cache given none (direct kernel calls)."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    return one, one
 
 
 def decode_splits(num_programs: int, max_keys: int, num_sms: int) -> int:

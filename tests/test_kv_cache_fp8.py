@@ -322,6 +322,23 @@ def test_kv_scales_change_what_the_cache_holds(tmp_path):
     assert max(abs(a - b) for a, b in zip(saturated, base)) > 0.1
 
 
+def test_tensor_parallel_ranks_each_hold_the_scales(tmp_path):
+    """Two TP ranks, each with half the KV heads, read the checkpoint's scales as one rank does:
+    keys scaled down until many saturate, so a rank left at 1.0 would move the logprobs by nats."""
+    scales = {f"model.layers.{i}.self_attn.{n}": s for i in range(2) for n, s in (("k_scale", 0.004), ("v_scale", 0.3))}
+    path = _with_kv_scales(save_tiny_model("llama3", tmp_path), scales)
+    unscaled = _prompt_logprobs(_llm(save_tiny_model("llama3", tmp_path / "plain"), kv_cache_dtype="fp8"))
+    one = _prompt_logprobs(_llm(path, kv_cache_dtype="fp8"))
+    tp = _llm(path, kv_cache_dtype="fp8", tensor_parallel_size=2)
+    try:
+        two = _prompt_logprobs(tp)
+    finally:
+        tp.shutdown()
+    assert max(abs(a - b) for a, b in zip(one, unscaled)) > 0.5  # the scales matter here
+    # Up to the order of float sums across ranks, which may round a value to the next fp8 step.
+    assert two == pytest.approx(one, abs=0.05)
+
+
 # Refusals ---------------------------------------------------------------------------------
 
 

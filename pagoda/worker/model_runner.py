@@ -132,9 +132,10 @@ class ModelRunner:
         self.attention_backend = get_attention_backend(device)
         started = time.perf_counter()
         self.model = build_model(config.model, device=device, backend=self.attention_backend)
-        for layer in self.model.modules():
-            if isinstance(layer, Attention):
-                layer.kv_cache_dtype = config.cache.dtype
+        if config.cache.dtype != config.model.dtype:  # --kv-cache-dtype fp8: every layer's cache
+            for layer in self.model.modules():
+                if isinstance(layer, Attention):
+                    layer.kv_cache_dtype = config.cache.dtype
         self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(

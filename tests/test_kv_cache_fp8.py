@@ -8,70 +8,36 @@ unchanged, the checkpoint's k_scale/v_scale loaded; and each refusal."""
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pagoda import LLM, SamplingParams
-from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import dequantize, quantize
 from pagoda.attention.torch_backend import TorchAttentionBackend, write_kv
 from pagoda.config import EngineConfig
 from pagoda.layers.attention import Attention
+from tests.test_triton_attention import _batch
 from tests.tiny_models import save_tiny_model
 
 ON_GPU = torch.cuda.is_available()
-TRITON = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 # Round to nearest: half a unit in the last place, relative (e4m3 keeps 3 mantissa bits, e5m2 2).
 HALF_ULP = {torch.float8_e4m3fn: 2**-4, torch.float8_e5m2: 2**-3}
 
 
-def _metadata(query_lens, prefix_lens, block_size, num_blocks, seed, device="cpu") -> AttentionMetadata:
-    """Requests in scattered blocks: each writes its query tokens after its cached prefix."""
-    g = torch.Generator().manual_seed(seed)
-    seq_lens = [q + p for q, p in zip(query_lens, prefix_lens)]
-    blocks = [-(-s // block_size) for s in seq_lens]
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables, slots, used = [], [], 0
-    for n, s, q in zip(blocks, seq_lens, query_lens):
-        table = order[used : used + n]
-        used += n
-        tables.append(table + [0] * (max(blocks) - n))
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s - q, s))
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        block_size=block_size, query_starts_cpu=starts[:-1], query_lens_cpu=list(query_lens), seq_lens_cpu=seq_lens,
-    )
-
-
-def _inputs(
-    query_lens, prefix_lens, heads, kv_heads, head_dim, block_size, cache_dtype, dtype, seed, device="cpu",
-    representable=False,
-):
-    """q, k, v, an fp8 cache whose prefixes hold random values, the metadata and K/V scales.
-    representable: new keys and values that the fp8 cache holds exactly (its saturation aside)."""
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-(q + p) // block_size) for q, p in zip(query_lens, prefix_lens)) + 3
-    metadata = _metadata(query_lens, prefix_lens, block_size, num_blocks, seed, device)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype).to(device)
-    t = sum(query_lens)
-    # Keys 4x, values 0.5x the unit scale: the scales must be applied, not just carried.
-    k = (4 * torch.randn(t, kv_heads, head_dim, generator=g)).to(device, dtype)
-    v = (0.5 * torch.randn(t, kv_heads, head_dim, generator=g)).to(device, dtype)
-    q = torch.randn(t, heads, head_dim, generator=g).to(device, dtype)
-    scales = (torch.tensor(4.0, device=device), torch.tensor(0.5, device=device))
+def _inputs(query_lens, prefix_lens, heads, kv_heads, head_dim, block_size, cache_dtype, dtype, seed,
+            representable=False):
+    """test_triton_attention's batch (on its device) with an fp8 cache whose prefixes hold random
+    values, keys 4x and values 0.5x the unit scale (the scales must be applied, not just carried)
+    and those scales. representable: new keys and values the cache holds exactly (saturation aside)."""
+    q, k, v, cache, metadata = _batch(query_lens, prefix_lens, heads, kv_heads, head_dim, block_size, dtype, seed)
+    scales = (torch.tensor(4.0, device=q.device), torch.tensor(0.5, device=q.device))
+    k, v = k * scales[0], v * scales[1]
     if representable:  # powers of two: x / scale * scale is exact
         k, v = (dequantize(quantize(x, s, cache_dtype), s, dtype) for x, s in ((k, scales[0]), (v, scales[1])))
-    return q, k, v, cache, metadata, scales
+    return q, k, v, cache.to(cache_dtype), metadata, scales
 
 
 def _attend(backend, q, k, v, cache, metadata, scales):
@@ -125,12 +91,9 @@ def test_torch_backend_attends_over_the_dequantized_cache(cache_dtype):
     assert not torch.equal(out, unquantized)  # the new keys and values went through fp8
 
 
-# The Triton kernel ----------------------------------------------------------------------------
+# The Triton kernels (natively on a GPU, else under TRITON_INTERPRET=1, as test_triton_attention,
+# which skips this module, imported above, where neither is there) ------------------------------
 
-needs_triton = pytest.mark.skipif(not TRITON, reason="no GPU and TRITON_INTERPRET is not set")
-
-
-@needs_triton
 @pytest.mark.parametrize("cache_dtype", FP8)
 def test_triton_cache_write_matches_torch(cache_dtype):
     """Keys and values sliced out of one fused projection's output (a token stride wider than
@@ -156,7 +119,6 @@ def test_triton_cache_write_matches_torch(cache_dtype):
     assert ours[0].reshape(-1, 2, 24)[30, 0, :2].float().tolist() == [fp8_max, -fp8_max]  # saturated
 
 
-@needs_triton
 @pytest.mark.parametrize("cache_dtype", FP8)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize(
@@ -169,10 +131,9 @@ def test_triton_on_an_fp8_cache_matches_torch(monkeypatch, cache_dtype, num_spli
     if num_splits > 1 and max(query_lens) > 1:
         pytest.skip("only decodes split their keys")
     monkeypatch.setattr(triton_backend, "decode_splits", lambda *args: num_splits)
-    device = "cuda" if ON_GPU else "cpu"
     # Triton 3.x's interpreter rounds to fp8 without carrying into the exponent (1.97 becomes 1.0,
     # not 2.0): there the keys and values need no rounding; a GPU rounds them like torch.
-    inputs = _inputs(query_lens, prefix_lens, 4, 2, 32, 16, cache_dtype, torch.float32, len(query_lens), device,
+    inputs = _inputs(query_lens, prefix_lens, 4, 2, 32, 16, cache_dtype, torch.float32, len(query_lens),
                      representable=not ON_GPU)
     ref, ref_cache = _attend(TorchAttentionBackend(), *inputs)
     out, cache = _attend(triton_backend.TritonAttentionBackend(), *inputs)
@@ -194,7 +155,7 @@ def test_native_kernel_on_the_8b_head_layout(cache_dtype, query_lens, prefix_len
     output and cache writes against the torch backend's on the GPU."""
     from pagoda.attention.triton_backend import TritonAttentionBackend
 
-    inputs = _inputs(query_lens, prefix_lens, 32, 8, 128, 16, cache_dtype, torch.bfloat16, 8, "cuda")
+    inputs = _inputs(query_lens, prefix_lens, 32, 8, 128, 16, cache_dtype, torch.bfloat16, 8)
     ref, ref_cache = _attend(TorchAttentionBackend(), *inputs)
     out, cache = _attend(TritonAttentionBackend(), *inputs)
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))

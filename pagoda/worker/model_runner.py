@@ -27,8 +27,8 @@ from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
-from pagoda.layers.attention import Attention
 from pagoda.host_to_device import pinned, to_device
+from pagoda.layers.attention import Attention
 from pagoda.loader.model_loader import build_model
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (

@@ -28,7 +28,7 @@ def write_kv(
         rows = kv_cache[i].view(-1, num_kv_heads, head_dim)
         if is_fp8(kv_cache.dtype):
             x = quantize(x, kv_scales and kv_scales[i], kv_cache.dtype)
-            # As bytes: index_copy_ has no float8 kernel on the CPU.
+            # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
             rows, x = rows.view(torch.uint8), x.view(torch.uint8)
         rows.index_copy_(0, slot_mapping, x)
 
@@ -37,7 +37,9 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     """[B, max_blocks] block ids -> keys and values [B, num_kv_heads, max_blocks * block_size, D]."""
     num_reqs = block_tables.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    kv = kv_cache[:, block_tables.long()]  # [2, B, max_blocks, block_size, H, D]
+    # An fp8 cache is indexed as bytes: CUDA's indexing has no float8 kernel in every torch release.
+    storage = kv_cache.view(torch.uint8) if is_fp8(kv_cache.dtype) else kv_cache
+    kv = storage[:, block_tables.long()].view(kv_cache.dtype)  # [2, B, max_blocks, block_size, H, D]
     kv = kv.reshape(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 

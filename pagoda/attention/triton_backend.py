@@ -144,8 +144,9 @@ def _write_kv_fp8_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=valid).to(tl.float32)
     v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=valid).to(tl.float32)
-    k = tl.clamp(k / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
-    v = tl.clamp(v / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
+    # Rounded division, as torch divides: fp32 `/` is approximate in Triton.
+    k = tl.clamp(tl.math.div_rn(k, tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+    v = tl.clamp(tl.math.div_rn(v, tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + slot * ROW + i, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
     tl.store(v_cache_ptr + slot * ROW + i, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
 

@@ -23,10 +23,15 @@ HOPPER = GPUTarget("cuda", 90, 32)
 _ATTENTION = {
     "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
     "partial_max_sum_ptr": "*fp32", "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
-    "scale": "fp32", "window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
+    "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale": "fp32", "window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
     "stride_ch": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32",
 }
-_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False)
+_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False, KV_FP8=False)
+# The same with an fp8 cache (--kv-cache-dtype fp8).
+_FP8_ATTENTION = dict(_ATTENTION, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
+_FP8_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+              "slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "stride_kt": "i32",
+              "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
 KERNELS = {
     "paged attention, decode": (triton_backend._paged_attention_kernel, _ATTENTION,
                                 dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=1)),
@@ -34,6 +39,15 @@ KERNELS = {
                                       dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
     "paged attention, prefill": (triton_backend._paged_attention_kernel, _ATTENTION,
                                  dict(_ATTENTION_SHAPE, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+    "paged attention, fp8 KV decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
+                                       dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
+    "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
+                                        dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+    "fp8 KV write, e4m3": (triton_backend._write_kv_fp8_kernel, _FP8_WRITE,
+                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=448.0)),
+    "fp8 KV write, e5m2": (triton_backend._write_kv_fp8_kernel,
+                           dict(_FP8_WRITE, k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5"),
+                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=57344.0)),
     "combine splits": (triton_backend._combine_splits_kernel,
                        {"partial_ptr": "*fp32", "partial_max_sum_ptr": "*fp32", "out_ptr": "*bf16",
                         "query_start_loc_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"},

@@ -1,7 +1,9 @@
 """The attention backend interface: write a step's K/V into the paged cache, then attend.
 
 A KV cache for one layer is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
-(keys, values). A request's tokens live in the blocks its block table lists, in order."""
+(keys, values). A request's tokens live in the blocks its block table lists, in order. An fp8
+cache (--kv-cache-dtype fp8) holds round(k / k_scale) and round(v / v_scale), saturated to the
+fp8 range, and is read as fp8 * scale."""
 
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class AttentionBackend(Protocol):
         *,
         sliding_window: int | None = None,  # a query sees its last `sliding_window` tokens only
         logits_soft_cap: float | None = None,  # scores become cap * tanh(score / cap)
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # an fp8 cache's K and V scales; None: 1.0
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

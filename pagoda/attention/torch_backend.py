@@ -3,7 +3,8 @@
 Decodes (one query token) are attended as one padded batch; prefill chunks one request at a
 time, each against its cached prefix and causally within the chunk. A sliding-window layer masks
 the keys older than its window; a soft-capped layer (Gemma 2) computes the scores itself, since
-scaled_dot_product_attention cannot cap them."""
+scaled_dot_product_attention cannot cap them. An fp8 cache is quantized as it is written and
+dequantized to the query's dtype as it is read (pagoda/attention/kv_fp8.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,32 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.attention.backend import AttentionMetadata
+from pagoda.attention.kv_fp8 import dequantize, is_fp8, quantize
+
+KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: KVScales = None
+) -> None:
+    """k, v: [T, Hkv, D] into their slots; an fp8 cache gets them divided by its scales."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for i, x in enumerate((k, v)):
+        rows = kv_cache[i].view(-1, num_kv_heads, head_dim)
+        if is_fp8(kv_cache.dtype):
+            x = quantize(x, kv_scales and kv_scales[i], kv_cache.dtype)
+            # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
+            rows, x = rows.view(torch.uint8), x.view(torch.uint8)
+        rows.index_copy_(0, slot_mapping, x)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max_blocks] block ids -> keys and values [B, num_kv_heads, max_blocks * block_size, D]."""
     num_reqs = block_tables.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    kv = kv_cache[:, block_tables.long()]  # [2, B, max_blocks, block_size, H, D]
+    # An fp8 cache is indexed as bytes: CUDA's indexing has no float8 kernel in every torch release.
+    storage = kv_cache.view(torch.uint8) if is_fp8(kv_cache.dtype) else kv_cache
+    kv = storage[:, block_tables.long()].view(kv_cache.dtype)  # [2, B, max_blocks, block_size, H, D]
     kv = kv.reshape(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
@@ -57,10 +71,11 @@ class TorchAttentionBackend:
         *,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        kv_scales: KVScales = None,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
         out = torch.empty_like(q)
-        layer = _Layer(scale, sliding_window, logits_soft_cap)
+        layer = _Layer(scale, sliding_window, logits_soft_cap, kv_scales)
         if "decode" in metadata.backend_data:
             self._decode(q, kv_cache, metadata.backend_data["decode"], layer, out)
         for i, n in enumerate(metadata.query_lens_cpu):
@@ -71,7 +86,7 @@ class TorchAttentionBackend:
     def _decode(self, q, kv_cache, plan, layer: _Layer, out: torch.Tensor) -> None:
         token_idx, tables, max_len, seq_lens = plan
         keys, values = gather_kv(kv_cache, tables)
-        keys, values = keys[:, :, :max_len], values[:, :, :max_len]
+        keys, values = _read((keys[:, :, :max_len], values[:, :, :max_len]), layer.kv_scales, q.dtype)
         query = q[token_idx].unsqueeze(2)  # [B, Hq, 1, D]
         # [B, 1, 1, max_len]: the cached positions each decode (at position seq_len - 1) sees
         mask = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=q.device), layer.sliding_window)
@@ -82,7 +97,7 @@ class TorchAttentionBackend:
         q_len, seq_len = metadata.query_lens_cpu[row], metadata.seq_lens_cpu[row]
         table = metadata.block_tables[row : row + 1, : -(-seq_len // metadata.block_size)]
         keys, values = gather_kv(kv_cache, table)
-        keys, values = keys[:, :, :seq_len], values[:, :, :seq_len]
+        keys, values = _read((keys[:, :, :seq_len], values[:, :, :seq_len]), layer.kv_scales, q.dtype)
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]
         prefix = seq_len - q_len
         if prefix == 0 and layer.sliding_window is None and layer.logits_soft_cap is None:
@@ -102,6 +117,14 @@ class _Layer:
     scale: float
     sliding_window: int | None
     logits_soft_cap: float | None
+    kv_scales: KVScales
+
+
+def _read(kv: tuple[torch.Tensor, torch.Tensor], kv_scales: KVScales, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Gathered keys and values as `dtype`: an fp8 cache's times its scales."""
+    if not is_fp8(kv[0].dtype):
+        return kv
+    return tuple(dequantize(x, kv_scales and kv_scales[i], dtype) for i, x in enumerate(kv))
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

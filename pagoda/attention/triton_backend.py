@@ -13,7 +13,13 @@ sum and unnormalised output), and a second kernel combines the splits. The split
 only on the batch size and the block tables' width, so decode CUDA graphs capture it.
 
 A step of long prompt chunks alone goes to PyTorch's fused attention instead (see
-SDPA_MIN_QUERY_LEN)."""
+SDPA_MIN_QUERY_LEN); a 16-bit cache only.
+
+An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast to the
+query's dtype tile by tile; its K scale is folded into the score scale and its V scale applied
+to the accumulated output, both read from device tensors so CUDA graphs see the loaded values.
+Its keys and values are written by one kernel that scales, saturates and casts them (a 16-bit
+cache is written by torch's index_copy_, as before)."""
 
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
 from pagoda.attention.backend import AttentionMetadata
-from pagoda.attention.torch_backend import write_kv
+from pagoda.attention.kv_fp8 import is_fp8
+from pagoda.attention.torch_backend import KVScales
+from pagoda.attention.torch_backend import write_kv as write_kv_16bit
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
@@ -37,7 +45,7 @@ _NO_WINDOW = 1 << 30
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, partial_max_sum_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     scale, window, soft_cap,
     stride_qt, stride_qh,
     stride_cb, stride_cs, stride_ch,
@@ -45,7 +53,7 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_SOFT_CAP: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,6 +76,8 @@ def _paged_attention_kernel(
     d_valid = d < HEAD_DIM
     q_ptrs = q_ptr + (q_start + q_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if KV_FP8:  # q.k_stored * scale * k_scale = q.k * scale
+        scale = scale * tl.load(k_scale_ptr)
 
     q_pos = prefix + q_local  # absolute position of each query row
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
@@ -94,6 +104,9 @@ def _paged_attention_kernel(
         kv_mask = in_range[:, None] & d_valid[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale
         if HAS_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 2 * sigmoid(2x) - 1
             s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0)
@@ -108,6 +121,8 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:  # sum(p * v_stored) * v_scale = sum(p * v)
+        acc = acc * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -117,6 +132,46 @@ def _paged_attention_kernel(
         tl.store(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None] & d_valid[None, :])
         tl.store(partial_max_sum_ptr + part * 2, m_i, mask=row_valid)
         tl.store(partial_max_sum_ptr + part * 2 + 1, l_i, mask=row_valid)
+
+
+@triton.jit
+def _write_kv_fp8_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    """One program per token: its keys and values [Hkv, D] divided by their scales, saturated
+    to the fp8 range, into its slot of the (contiguous) cache."""
+    token = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    valid = i < ROW
+    head, d = i // HEAD_DIM, i % HEAD_DIM
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=valid).to(tl.float32)
+    v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=valid).to(tl.float32)
+    # Rounded division, as torch divides: fp32 `/` is approximate in Triton.
+    k = tl.clamp(tl.math.div_rn(k, tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+    v = tl.clamp(tl.math.div_rn(v, tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
+    tl.store(k_cache_ptr + slot * ROW + i, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
+    tl.store(v_cache_ptr + slot * ROW + i, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: KVScales = None
+) -> None:
+    """k, v: [T, Hkv, D] (unit stride along D) into their slots; an fp8 cache gets them divided
+    by its scales (None: 1.0), in one launch."""
+    if not is_fp8(kv_cache.dtype):
+        write_kv_16bit(k, v, kv_cache, slot_mapping)
+        return
+    k_scale, v_scale = kv_scales or _unit_scales(k.device)
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    row = num_kv_heads * head_dim
+    _write_kv_fp8_kernel[(k.shape[0],)](
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, k_scale, v_scale,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row), FP8_MAX=torch.finfo(kv_cache.dtype).max,
+    )
 
 
 @triton.jit
@@ -152,9 +207,11 @@ def paged_attention(
     num_splits: int = 1,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    kv_scales: KVScales = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]. num_splits > 1
-    (decodes only) splits each request's keys across that many programs."""
+    (decodes only) splits each request's keys across that many programs. kv_scales: an fp8
+    cache's K and V scales (None: 1.0)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
@@ -172,9 +229,11 @@ def paged_attention(
         partial_max_sum = torch.empty(num_reqs, num_splits, num_heads, 2, dtype=torch.float32, device=q.device)
     else:
         partial = partial_max_sum = out  # not read
+    kv_fp8 = is_fp8(kv_cache.dtype)
+    k_scale, v_scale = (kv_scales or _unit_scales(q.device)) if kv_fp8 else (out, out)  # not read unscaled
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, partial_max_sum,
-        metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
+        metadata.block_tables, metadata.query_start_loc, metadata.seq_lens, k_scale, v_scale,
         scale, sliding_window or _NO_WINDOW, logits_soft_cap or 0.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -183,7 +242,7 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
-        HAS_SOFT_CAP=logits_soft_cap is not None,
+        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
@@ -191,6 +250,12 @@ def paged_attention(
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
     return out
+
+
+def _unit_scales(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V scales of an fp8 cache given none (direct kernel calls)."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    return one, one
 
 
 def decode_splits(num_programs: int, max_keys: int, num_sms: int) -> int:
@@ -240,9 +305,13 @@ class TritonAttentionBackend:
         *,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        kv_scales: KVScales = None,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
-        if metadata.backend_data["long_prefill"] and sliding_window is None and logits_soft_cap is None:
+        write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
+        if (
+            metadata.backend_data["long_prefill"] and sliding_window is None and logits_soft_cap is None
+            and kv_cache.dtype == q.dtype
+        ):
             return long_prefill_attention(q, k, v, kv_cache, metadata, scale)
         group = q.shape[1] // k.shape[1]
         max_query_len = metadata.backend_data["max_query_len"]
@@ -254,7 +323,7 @@ class TritonAttentionBackend:
             num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, _num_sms(q.device))
         return paged_attention(
             q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_scales=kv_scales,
         )
 
 

@@ -27,6 +27,13 @@ DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# vLLM's --kv-cache-dtype values: auto (the model's dtype) or an fp8 format; fp8 means fp8_e4m3.
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 # The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
 # VLLM_CPU_KVCACHE_SPACE does.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -67,6 +74,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = _knob(
         None, "bytes for the KV cache, instead of what gpu_memory_utilization leaves (on the CPU: "
         f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g})")
+    kv_cache_dtype: str = _knob(
+        "auto", "the KV cache's dtype: auto (the model's), fp8 (= fp8_e4m3) or fp8_e5m2: one byte a value, so the pool "
+        "holds twice the tokens of a 16-bit cache; keys and values are divided by the checkpoint's per-layer k_scale/"
+        "v_scale (1.0 where it has none)", choices=tuple(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _knob(True, "share the KV blocks of common prompt prefixes",
                                         action=argparse.BooleanOptionalAction)
     enable_chunked_prefill: bool = _knob(True, "split long prompts across steps, beside the running decodes",
@@ -132,6 +143,8 @@ class EngineConfig:
                self.distributed_executor_backend, f"one of {EXECUTOR_BACKENDS}")
         _check(self.task in TASKS, "task", self.task, f"one of {TASKS}")
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+               f"one of {tuple(KV_CACHE_DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _check(

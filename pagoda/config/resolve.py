@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pagoda.attention.backend import TRITON_MIN_BLOCK_SIZE, attention_backend_name
-from pagoda.config.engine_config import DEFAULT_CPU_KV_CACHE_GIB, DTYPES, EngineConfig
+from pagoda.config.engine_config import DEFAULT_CPU_KV_CACHE_GIB, DTYPES, KV_CACHE_DTYPES, EngineConfig
 from pagoda.config.groups import (
     CacheConfig,
     DeviceConfig,
@@ -56,7 +56,8 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     return ResolvedConfig(
         model=model,
         cache=CacheConfig(
-            args.block_size, args.enable_prefix_caching, model.dtype, args.gpu_memory_utilization,
+            args.block_size, args.enable_prefix_caching, _kv_cache_dtype(args.kv_cache_dtype, model, device),
+            args.gpu_memory_utilization,
             args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
         ),
         scheduler=SchedulerConfig(
@@ -279,6 +280,31 @@ def _check_block_size(block_size: int, device: torch.device) -> None:
         raise ValueError(
             f"block_size={block_size} is invalid on the GPU: it must be >= {TRITON_MIN_BLOCK_SIZE} "
             "(a tensor-core tile of the attention kernels); raise --block-size"
+        )
+
+
+def _kv_cache_dtype(stated: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+    """The cached keys' and values' dtype: the model's (auto) or an fp8 format, where it can run."""
+    dtype = KV_CACHE_DTYPES[stated] or model.dtype
+    if dtype.itemsize != 1:
+        return dtype
+    if model.spec.architecture == TRANSFORMERS_ARCHITECTURE:
+        raise ValueError(
+            f"kv_cache_dtype={stated!r} runs on native architectures only, not through the transformers fallback: "
+            "use --kv-cache-dtype auto"
+        )
+    if dtype == torch.float8_e4m3fn and device.type == "cuda" and attention_backend_name(device) == "triton":
+        _check_triton_fp8_e4m3(stated, torch.cuda.get_device_capability(device))
+    return dtype
+
+
+def _check_triton_fp8_e4m3(stated: str, capability: tuple[int, int]) -> None:
+    # Triton converts float8_e4m3 only on GPUs with fp8 (compute capability >= 8.9); float8_e5m2 on any.
+    if capability < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype={stated!r} (float8_e4m3) needs a GPU with fp8, of compute capability >= 8.9; this one "
+            f"is {capability[0]}.{capability[1]}: use --kv-cache-dtype fp8_e5m2 (which the attention kernels convert "
+            "on any GPU) or auto"
         )
 
 

@@ -1,5 +1,6 @@
 """The attention front a model layer calls: shapes, scale, the layer's sliding window and score
-soft-cap, and the backend that does the work."""
+soft-cap, its KV cache's dtype and (for an fp8 cache) the per-tensor K and V scales, and the
+backend that does the work."""
 
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
         self.backend = backend
-        # The cache holds keys and values in the model's dtype (the default dtype while it is built).
+        # The cache holds keys and values in the model's dtype (the default dtype while it is built)
+        # unless the runner sets an fp8 one (--kv-cache-dtype).
         self.kv_cache_dtype = torch.get_default_dtype()
+        # An fp8 cache stores k / k_scale and v / v_scale: 1.0 unless the checkpoint has them
+        # (pagoda/loader/kv_scales.py). Device tensors, so CUDA graphs read the loaded values.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
 
     def kv_cache_spec(self, block_size: int) -> FullAttentionSpec:
         return FullAttentionSpec(block_size, self.num_kv_heads, self.head_dim, self.kv_cache_dtype, self.sliding_window)
@@ -50,5 +56,6 @@ class Attention(nn.Module):
         out = self.backend.forward(
             q, k, v, kv_cache, metadata, self.scale,
             sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
+            kv_scales=(self.k_scale, self.v_scale),
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,7 +1,8 @@
 """Checkpoint tensors (Hugging Face names, whole) into this rank's share of any model, from what
 its contract states (pagoda/models/interface.py): projections packed into one layer, tied
 parameters, module aliases, tensors to ignore; a module that loads the tensors under its name
-(an MoE layer's stacked experts) gets each of those whole. Safetensors, .bin, GGUF and dummy weights all come through here.
+(an MoE layer's stacked experts) gets each of those whole; an fp8 KV cache's scales go to their
+attention layers (pagoda/loader/kv_scales.py). Safetensors, .bin, GGUF and dummy weights all come through here.
 Each layer keeps its TP slice (pagoda/layers/linear.py); tensors of another pipeline stage are
 skipped. Once all are in, each linear layer's method prepares its weights for use."""
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.linear import load_param
+from pagoda.loader.kv_scales import load_kv_scale
 from pagoda.models.interface import CausalLM, PPMissingLayer
 
 
@@ -28,7 +30,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     loaded: set[str] = set()
     for name, tensor in weights:
         name = _aliased(name, model.checkpoint_module_aliases)
-        if name.endswith(model.ignored_checkpoint_suffixes) or name in tied:
+        if name.endswith(model.ignored_checkpoint_suffixes) or name in tied or load_kv_scale(model, name, tensor):
             continue  # a tied parameter is filled from its source, whether or not the checkpoint stores it
         # A copy held apart from its source (a tied LM head on a later stage than the embedding).
         for target in [name] + [copy for copy in copies.get(name, []) if copy in params]:

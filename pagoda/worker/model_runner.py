@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from pagoda.attention import AttentionMetadata, get_attention_backend
+from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
+from pagoda.layers.attention import Attention
 from pagoda.loader.model_loader import build_model
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
@@ -145,6 +147,10 @@ class ModelRunner:
         self.attention_backend = get_attention_backend(device)
         started = time.perf_counter()
         self.model = build_model(config.model, device=device, backend=self.attention_backend)
+        if config.cache.dtype != config.model.dtype:  # --kv-cache-dtype fp8: every layer's cache
+            for layer in self.model.modules():
+                if isinstance(layer, Attention):
+                    layer.kv_cache_dtype = config.cache.dtype
         self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
@@ -229,7 +235,10 @@ class ModelRunner:
         # Graphs pad batches with rows that write into one extra block, past the pool's.
         started = time.perf_counter()
         self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)
-        logger.info("KV pool of %d blocks allocated in %.1f s", num_blocks, time.perf_counter() - started)
+        logger.info(
+            "KV pool of %d blocks (%d tokens, %s) allocated in %.1f s", num_blocks, num_blocks * self.block_size,
+            _dtype_names(self.kv_cache_spec), time.perf_counter() - started,
+        )
         if self.use_cuda_graphs:
             self.decode_graphs = self._decode_graphs(
                 self.kv_caches, scratch_block=num_blocks, sizes=capture_sizes(self.max_num_seqs)
@@ -489,3 +498,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     num_bytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _dtype_names(specs: list[FullAttentionSpec]) -> str:
+    """The pool's dtypes, e.g. "bfloat16" or "float8_e4m3fn"."""
+    return "/".join(sorted({str(spec.dtype).removeprefix("torch.") for spec in specs}))

@@ -46,6 +46,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool
     # Plan and launch step N+1 before step N's tokens are read (the engine core's loop does it).
     async_scheduling: bool
+    max_loras: int = 0  # LoRA adapters the running requests may use at once (the device slots); 0: no LoRA
 
 
 @dataclass
@@ -216,11 +217,16 @@ class Scheduler:
             budget -= n
 
     def _next_admissible(self) -> Request | None:
-        """The first waiting request that can run: requests whose grammar is still compiling
-        are passed over, not waited for."""
+        """The first waiting request that can run: requests whose grammar is still compiling, or
+        whose LoRA adapter would be one more than the device slots hold, are passed over, not
+        waited for."""
+        loras = {r.lora_int_id for r in self.running if r.lora_int_id} if self.config.max_loras else set()
         for req in self.waiting:
-            if not req.waiting_for_grammar:
-                return req
+            if req.waiting_for_grammar:
+                continue
+            if req.lora_int_id and req.lora_int_id not in loras and len(loras) >= self.config.max_loras:
+                continue
+            return req
         return None
 
     def _admit(self, req: Request, num_cached: int) -> None:

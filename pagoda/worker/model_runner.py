@@ -10,7 +10,8 @@ keeps the drafts that match those samples and one sampled token (pagoda/sample/a
 each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling. An embedding engine (--runner
 pooling) computes no logits: each prompt's final hidden states are pooled into one vector
-(worker/pooler.py)."""
+(worker/pooler.py). With LoRA, each chunk's adapter is made resident and each token's slot written
+into the static index the LoRA layers (and the decode graphs) read (pagoda/lora/manager.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
 from pagoda.loader.model_loader import build_model
+from pagoda.lora.manager import LoRAManager
+from pagoda.lora.request import LoRARequest
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
     DeviceSamples,
@@ -108,6 +111,7 @@ class _Batch:
     # Request id -> the row of its last sample, the next step's input for a decode planned before
     # the samples are read (never a chunk with drafts: the scheduler waits for their verdict).
     last_sample_row: dict[str, int]
+    loras: list[LoRARequest | None]  # each chunk's adapter
 
 
 class ModelRunner:
@@ -131,6 +135,11 @@ class ModelRunner:
         started = time.perf_counter()
         self.model = build_model(config.model, device=device, backend=self.attention_backend)
         self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
+        self.lora = None if config.lora is None else LoRAManager(
+            self.model, config.lora, config.model.spec,
+            max(config.scheduler.max_num_batched_tokens, capture_sizes(self.max_num_seqs)[-1] * (1 + drafts)),
+            device, config.model.dtype,
+        )
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, config.model.load_format,
@@ -226,8 +235,9 @@ class ModelRunner:
         # The forward closes over the model and the pool, not over self: a runner <-> graphs
         # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
         model = self.model
+        forward = lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata)  # noqa: E731
         return DecodeGraphs(
-            lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata),
+            forward if self.lora is None else self.lora.context.always_on(forward),
             self.attention_backend,
             sizes=sizes,
             block_size=self.block_size,
@@ -284,6 +294,8 @@ class ModelRunner:
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
         input_ids = self._input_ids(batch)
+        if self.lora is not None:
+            self.lora.set_batch(batch.loras, batch.query_lens)
         if graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
@@ -378,6 +390,7 @@ class ModelRunner:
             unread_rows=unread_rows,
             unread_sources=unread_sources,
             last_sample_row=last_sample_row,
+            loras=[c.request.lora_request for c in chunks],
         )
 
     def _build_metadata(

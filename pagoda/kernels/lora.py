@@ -1,0 +1,81 @@
+"""Triton kernels of batched LoRA: out[t] += x[t] @ A[s].T @ B[s].T for each token t whose
+adapter slot s = indices[t] is >= 0 (-1: the base model alone), many adapters in one batch.
+
+Two kernels, as punica's BGMV: shrink (x @ A.T, into a float32 [tokens, rank] buffer) and
+expand (that @ B.T, added to out), one program per token and block, each reading its token's
+slot; a token without an adapter loads and stores nothing. Neither reads anything on the host,
+so a CUDA graph captures them with `indices` as its input. The torch path (the CPU, and the
+reference these are tested against) is pagoda/lora/layers.py's."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def add_lora_triton(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor
+) -> None:
+    """In place. out: [T, N]; x: [T, K]; lora_a: [slots, R, K]; lora_b: [slots, N, R] (scaled);
+    indices: [T] int32, each token's slot or -1."""
+    num_tokens, k = x.shape
+    rank, n = lora_a.shape[1], out.shape[1]
+    if num_tokens == 0:
+        return
+    x = x if x.stride(1) == 1 else x.contiguous()
+    shrunk = torch.empty(num_tokens, rank, dtype=torch.float32, device=x.device)
+    block_r = min(16, triton.next_power_of_2(rank))
+    _shrink_kernel[(num_tokens, triton.cdiv(rank, block_r))](
+        x, lora_a, indices, shrunk, k, rank, x.stride(0), lora_a.stride(0), lora_a.stride(1), shrunk.stride(0),
+        BLOCK_R=block_r, BLOCK_K=128,
+    )
+    block_n = 64
+    _expand_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        shrunk, lora_b, indices, out, n, rank, shrunk.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank),
+    )
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, idx_ptr, y_ptr, K, R, stride_x, stride_as, stride_ar, stride_y,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(idx_ptr + token).to(tl.int64)
+    on = slot >= 0
+    slot = tl.maximum(slot, 0)
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + token * stride_x + ks, mask=on & (ks < K), other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
+            mask=on & (rs[:, None] < R) & (ks[None, :] < K), other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(a * xk[None, :], axis=1)
+    tl.store(y_ptr + token * stride_y + rs, acc, mask=on & (rs < R))
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, b_ptr, idx_ptr, out_ptr, N, R, stride_y, stride_bs, stride_bn, stride_out,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(idx_ptr + token).to(tl.int64)
+    on = slot >= 0
+    slot = tl.maximum(slot, 0)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rs = tl.arange(0, BLOCK_R)
+    y = tl.load(y_ptr + token * stride_y + rs, mask=on & (rs < R), other=0.0)
+    b = tl.load(
+        b_ptr + slot * stride_bs + ns[:, None] * stride_bn + rs[None, :],
+        mask=on & (ns[:, None] < N) & (rs[None, :] < R), other=0.0,
+    ).to(tl.float32)
+    delta = tl.sum(b * y[None, :], axis=1)
+    mask = on & (ns < N)
+    base = tl.load(out_ptr + token * stride_out + ns, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + ns, (base + delta).to(out_ptr.dtype.element_ty), mask=mask)

@@ -44,19 +44,21 @@ def _shrink_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(idx_ptr + token).to(tl.int64)
-    on = slot >= 0
+    # A token without an adapter (-1) sees empty bounds: it loads and stores nothing.
+    K = tl.where(slot >= 0, K, 0)
+    R = tl.where(slot >= 0, R, 0)
     slot = tl.maximum(slot, 0)
     rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + token * stride_x + ks, mask=on & (ks < K), other=0.0).to(tl.float32)
+        xk = tl.load(x_ptr + token * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
         a = tl.load(
             a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
-            mask=on & (rs[:, None] < R) & (ks[None, :] < K), other=0.0,
+            mask=(rs[:, None] < R) & (ks[None, :] < K), other=0.0,
         ).to(tl.float32)
         acc += tl.sum(a * xk[None, :], axis=1)
-    tl.store(y_ptr + token * stride_y + rs, acc, mask=on & (rs < R))
+    tl.store(y_ptr + token * stride_y + rs, acc, mask=rs < R)
 
 
 @triton.jit
@@ -66,16 +68,18 @@ def _expand_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(idx_ptr + token).to(tl.int64)
-    on = slot >= 0
+    # As in the shrink: a token without an adapter has nothing to add.
+    N = tl.where(slot >= 0, N, 0)
+    R = tl.where(slot >= 0, R, 0)
     slot = tl.maximum(slot, 0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
-    y = tl.load(y_ptr + token * stride_y + rs, mask=on & (rs < R), other=0.0)
+    y = tl.load(y_ptr + token * stride_y + rs, mask=rs < R, other=0.0)
     b = tl.load(
         b_ptr + slot * stride_bs + ns[:, None] * stride_bn + rs[None, :],
-        mask=on & (ns[:, None] < N) & (rs[None, :] < R), other=0.0,
+        mask=(ns[:, None] < N) & (rs[None, :] < R), other=0.0,
     ).to(tl.float32)
     delta = tl.sum(b * y[None, :], axis=1)
-    mask = on & (ns < N)
+    mask = ns < N
     base = tl.load(out_ptr + token * stride_out + ns, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + ns, (base + delta).to(out_ptr.dtype.element_ty), mask=mask)

@@ -69,7 +69,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def start(self, request: ChatCompletionRequest, id_prefix: str) -> ChatRun:
         """Check, render and add a chat request to the engine (the chat and Responses routes share this)."""
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         _refuse_unsupported(request)
         if request.chat_template is not None and not self.config.limits.trust_request_chat_template:
             raise OpenAIError(
@@ -95,7 +95,7 @@ class OpenAIServingChat(OpenAIServing):
             request, max_tokens, len(prompt_ids), logprobs, structured_outputs=constraint, **extra
         )
         request_id = new_request_id(id_prefix)
-        streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
+        streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages", lora)
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""

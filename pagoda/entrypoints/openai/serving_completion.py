@@ -26,7 +26,7 @@ from .structured_outputs import structured_outputs
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         refuse_unsupported({
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
@@ -49,7 +49,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.use_beam_search:
             streams = self._beam_searches(request, ids, prompts, [p.max_tokens for p in params])
         else:
-            streams = await self.add_requests(request_id, prompts, params, default_param="prompt")
+            streams = await self.add_requests(request_id, prompts, params, default_param="prompt", lora_request=lora)
         if request.stream:
             return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)
         try:

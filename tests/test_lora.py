@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("peft")
 
-from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.lora.request import LoRARequest  # noqa: E402
-from tests.lora_adapters import peft_greedy, save_peft_adapter  # noqa: E402
-from tests.tiny_models import save_tiny_model  # noqa: E402
+from pagoda import LLM, SamplingParams
+from pagoda.lora.request import LoRARequest
+from tests.lora_adapters import peft_greedy, save_peft_adapter
+from tests.tiny_models import save_tiny_model
 
 MAX_NEW = 8
 
@@ -105,7 +105,7 @@ def _refusal(llm: LLM, adapter, match: str) -> None:
 
 
 def test_missing_files_are_refused(llama, tmp_path):
-    base, directory, llm = llama
+    base, _, llm = llama
     _refusal(llm, tmp_path / "nowhere", "has no adapter_config.json")
     adapter = save_peft_adapter(base, tmp_path, seed=4)
     (adapter / "adapter_model.safetensors").unlink()
@@ -113,12 +113,12 @@ def test_missing_files_are_refused(llama, tmp_path):
 
 
 def test_rank_above_max_lora_rank_is_refused(llama, tmp_path):
-    base, directory, llm = llama
+    base, _, llm = llama
     _refusal(llm, save_peft_adapter(base, tmp_path, seed=5, rank=16), r"rank 16, above max_lora_rank=8")
 
 
 def test_modules_to_save_is_refused(llama, tmp_path):
-    base, directory, llm = llama
+    base, _, llm = llama
     adapter = save_peft_adapter(base, tmp_path, seed=6)
     config_file = adapter / "adapter_config.json"
     config = json.loads(config_file.read_text())
@@ -128,14 +128,14 @@ def test_modules_to_save_is_refused(llama, tmp_path):
 
 
 def test_targets_the_model_lacks_are_refused(llama, tmp_path):
-    base, directory, llm = llama
+    base, _, llm = llama
     _refusal(llm, save_peft_adapter(base, tmp_path, seed=7, targets=("lm_head",)), "cannot apply LoRA to")
     deeper = save_tiny_model("llama3", tmp_path / "deeper", num_hidden_layers=3)
     _refusal(llm, save_peft_adapter(deeper, tmp_path, seed=8), "layer 2's .* is not in the model")
 
 
 def test_an_adapter_of_another_shape_is_refused(llama, tmp_path):
-    base, directory, llm = llama
+    _, _, llm = llama
     wider = save_tiny_model("llama3", tmp_path / "wider", intermediate_size=96)
     _refusal(llm, save_peft_adapter(wider, tmp_path, seed=9), "maps 96 -> 64 features, but the base model.s maps 128 -> 64")
 
@@ -149,7 +149,7 @@ def test_lora_request_needs_enable_lora(llama):
 
 
 def test_lora_request_list_must_match_the_prompts(llama):
-    base, directory, llm = llama
+    _, _, llm = llama
     with pytest.raises(ValueError, match="lora_request has 2 entries for 1 prompts"):
         _greedy(llm, [[5, 6, 7]], [None, None])
 

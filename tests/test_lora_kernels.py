@@ -16,8 +16,8 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.lora import add_lora_triton  # noqa: E402
-from pagoda.lora.layers import add_lora_torch  # noqa: E402
+from pagoda.kernels.lora import add_lora_triton
+from pagoda.lora.layers import add_lora_torch
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 

@@ -13,11 +13,17 @@ import pytest
 
 pytest.importorskip("peft")
 
-from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.lora.request import LoRARequest  # noqa: E402
-from tests.lora_adapters import save_peft_adapter  # noqa: E402
-from tests.serving import (  # noqa: E402
-    API_KEY, MODEL, http_client, openai_client, openai_error, serving, tiny_model_args,
+from pagoda import LLM, SamplingParams
+from pagoda.lora.request import LoRARequest
+from tests.lora_adapters import save_peft_adapter
+from tests.serving import (
+    API_KEY,
+    MODEL,
+    http_client,
+    openai_client,
+    openai_error,
+    serving,
+    tiny_model_args,
 )
 
 PROMPT = "Once upon a time"
@@ -48,7 +54,7 @@ def expected(setup):
 
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
-    directory, args, adapters = setup
+    _, args, adapters = setup
     modules = ["a1=" + str(adapters["a1"]), json.dumps({"name": "a2", "path": str(adapters["a2"])})]
     env = {"PAGODA_API_KEY": API_KEY, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
     log = tmp_path_factory.mktemp("logs") / "server.log"
@@ -137,7 +143,7 @@ def test_bad_adapters_are_400s(server, setup, tmp_path):
 
 def test_runtime_loading_needs_the_opt_in(setup, tmp_path):
     _, args, adapters = setup
-    with serving([*args, "--enable-lora"], tmp_path / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, base):
-        with http_client(base) as http:
-            response = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
-            assert response.status_code == 404
+    log = tmp_path / "server.log"
+    with serving([*args, "--enable-lora"], log, {"PAGODA_API_KEY": API_KEY}) as (_, base), http_client(base) as http:
+        response = http.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
+        assert response.status_code == 404

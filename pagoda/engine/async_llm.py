@@ -30,7 +30,6 @@ from pagoda.config import EngineConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core_client import MPClient
 from pagoda.engine.input_processor import InputProcessor
-from pagoda.lora.request import LoRARequest
 from pagoda.engine.messages import (
     Aborted,
     Accepted,
@@ -40,6 +39,7 @@ from pagoda.engine.messages import (
     Refused,
 )
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 

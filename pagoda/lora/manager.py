@@ -17,7 +17,14 @@ from pagoda.config.model_spec import ModelSpec
 from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagoda.lora.config import LoRAConfig
 from pagoda.lora.layers import LoRAContext, LoRALinearMethod
-from pagoda.lora.peft import TARGETS, LoRAWeights, PeftAdapter, check_adapter, load_peft_adapter, module_shapes
+from pagoda.lora.peft import (
+    TARGETS,
+    LoRAWeights,
+    PeftAdapter,
+    check_adapter,
+    load_peft_adapter,
+    module_shapes,
+)
 from pagoda.lora.request import LoRARequest
 
 # A target layer's path in the model: "model.layers.<i>." then one of TARGETS' layers.

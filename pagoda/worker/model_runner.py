@@ -235,7 +235,10 @@ class ModelRunner:
         # The forward closes over the model and the pool, not over self: a runner <-> graphs
         # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
         model = self.model
-        forward = lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata)  # noqa: E731
+
+        def forward(ids: torch.Tensor, pos: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+            return model(ids, pos, kv_caches, metadata)
+
         return DecodeGraphs(
             forward if self.lora is None else self.lora.context.always_on(forward),
             self.attention_backend,

@@ -173,3 +173,17 @@ def test_cuda_graphs_match_eager_with_mixed_adapters(family):
                   max_loras=3, enforce_eager=eager, gpu_memory_utilization=0.3)
         assert _greedy(llm, prompts * len(choices), loras) == want
         llm.shutdown()
+
+
+def test_bench_throughput_with_random_adapters(tmp_path):
+    """`pagoda bench throughput --num-loras 3`: the base model's run, then the adapters' (written
+    in PEFT's format, read and checked like any adapter) on the same engine."""
+    from pagoda.entrypoints.cli import main
+
+    base = save_tiny_model("qwen2-mqa", tmp_path)
+    out = tmp_path / "result.json"
+    main(["bench", "throughput", "--model", str(base), "--num-prompts", "5", "--input-len", "8", "--output-len", "6",
+          "--num-loras", "3", "--lora-rank", "4", "--device", "cpu", "--disable-tqdm", "--output-json", str(out)])
+    results = json.loads(out.read_text())
+    assert [r["backend"] for r in results] == ["pagoda", "pagoda+3 LoRAs r=4"]
+    assert all(r["num_requests"] == 5 and r["output_tokens"] == 30 for r in results)

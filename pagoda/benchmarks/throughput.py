@@ -11,8 +11,8 @@ import json
 import random
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from pagoda.benchmarks.plot import plot_throughput

@@ -74,6 +74,18 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(family, max_loras):
     assert got == [tokens for a in choices for tokens in expected[a]]
 
 
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_parallel_ranks_shard_the_adapters_as_their_layers(family, layout):
+    """Two CPU ranks: with TP each holds its shard of A (row-parallel) or B (column-parallel) and
+    the tokens equal transformers + peft's; with PP each stage holds its own layers' adapters."""
+    base, adapters, prompts, expected = family
+    llm = _llm(base, max_loras=2, **layout)
+    choices = [None, adapters[0], adapters[1]]
+    loras = [None if a is None else _request(a, choices.index(a)) for a in choices for _ in prompts]
+    assert _greedy(llm, prompts * len(choices), loras) == [tokens for a in choices for tokens in expected[a]]
+    llm.shutdown()
+
+
 def test_prefix_cache_keeps_adapters_apart(family):
     base, adapters, prompts, expected = family
     llm = _llm(base, max_loras=2, block_size=4)

@@ -1,6 +1,6 @@
-"""The batched LoRA kernels (shrink + expand, pagoda/kernels/lora.py) against the torch path
-(pagoda/lora/layers.py) on mixed batches: tokens of several adapter slots and of none, ranks and
-widths that are not powers of two. The kernels run natively on a GPU, or on the CPU under
+"""The batched LoRA kernels (shrink + expand, per token and segmented, pagoda/kernels/lora.py)
+against the torch path (pagoda/lora/layers.py) on mixed batches: tokens of several adapter slots
+and of none, ranks and widths that are not powers of two, runs longer than a tile. The kernels run natively on a GPU, or on the CPU under
 TRITON_INTERPRET=1; the reference always runs on CPU copies."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.lora import add_lora_triton
-from pagoda.lora.layers import add_lora_torch
+from pagoda.kernels.lora import add_lora_segments_triton, add_lora_triton
+from pagoda.lora.layers import LoRAContext, add_lora_torch
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -54,6 +54,27 @@ def _check(case, dtype: torch.dtype, atol: float) -> None:
 ])
 def test_kernels_match_torch(num_tokens, k, n, rank, slots):
     _check(_case(num_tokens, k, n, rank, slots, seed=num_tokens, dtype=torch.float32), torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if ON_GPU else []))
+def test_segmented_kernels_match_torch_on_prompt_chunks(dtype):
+    """Chunks as a step gives them: prompt chunks and decodes, with and without adapters, two
+    neighbours with one adapter merged into one run; the runs come from LoRAContext."""
+    chunk_slots, query_lens = [0, 0, -1, 2, 1, -1, 1, 2], [40, 3, 17, 70, 1, 5, 1, 9]
+    context = LoRAContext(sum(query_lens) + 8, torch.device(DEVICE))
+    context.set_batch(chunk_slots, query_lens)
+    assert context.segments is not None and context.segments.shape[1] == 5  # the two slot-0 chunks are one run
+    indices = context.indices[: sum(query_lens)].cpu()
+    out, x, lora_a, lora_b, _ = _case(len(indices), 136, 100, 24, 3, seed=7, dtype=dtype)
+    want = out.clone()
+    add_lora_torch(want, x, lora_a, lora_b, indices)
+    got = out.to(DEVICE)
+    add_lora_segments_triton(got, x.to(DEVICE), lora_a.to(DEVICE), lora_b.to(DEVICE), context.segments,
+                             context.max_segment_len)
+    atol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=atol, atol=atol)
+    untouched = indices == -1
+    assert torch.equal(got.cpu()[untouched], out[untouched])
 
 
 @pytest.mark.gpu

@@ -27,24 +27,38 @@ from pagoda.lora.peft import LoRAWeights
 
 class LoRAContext:
     """Each token's adapter slot for the step (-1: none), in one static device buffer that every
-    LoRA layer reads the first rows of: CUDA graphs capture it as an input."""
+    LoRA layer reads the first rows of: CUDA graphs capture it as an input. A step with prompt
+    chunks also has its runs of tokens that share an adapter, for the segmented kernels."""
 
     def __init__(self, max_tokens: int, device: torch.device) -> None:
         self.indices = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.active = False  # some token of the step has an adapter: eager steps without skip the work
+        # [3, runs]: each run's first token, length and slot (those without an adapter left out);
+        # None: one token per run (decodes), which the per-token kernels serve.
+        self.segments: torch.Tensor | None = None
+        self.max_segment_len = 0
         self._clean = True  # every row is -1
 
-    def set_token_slots(self, slots: list[int]) -> None:
-        self.active = any(s >= 0 for s in slots)
+    def set_batch(self, chunk_slots: list[int], query_lens: list[int]) -> None:
+        """Each chunk's slot (-1: none) and its number of tokens."""
+        self.active = any(s >= 0 for s in chunk_slots)
+        self.segments = None
+        device = self.indices.device
         if not self.active:
             if not self._clean:  # a graph replay reads rows past the batch too
                 self.indices.fill_(-1)
                 self._clean = True
             return
-        n = len(slots)
-        self.indices[:n].copy_(to_device(slots, torch.int32, self.indices.device))
-        self.indices[n:].fill_(-1)
+        token_slots: list[int] = []
+        for slot, n in zip(chunk_slots, query_lens):
+            token_slots.extend([slot] * n)
+        self.indices[: len(token_slots)].copy_(to_device(token_slots, torch.int32, device))
+        self.indices[len(token_slots) :].fill_(-1)
         self._clean = False
+        runs = _runs(chunk_slots, query_lens)
+        self.max_segment_len = max(length for _, length, _ in runs)
+        if self.max_segment_len > 1:
+            self.segments = to_device([list(column) for column in zip(*runs)], torch.int32, device)
 
     def always_on(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         """`forward` with every LoRA layer's work included whatever the indices: what a CUDA graph
@@ -58,11 +72,26 @@ class LoRAContext:
 
     @contextmanager
     def _on(self):
-        was, self.active = self.active, True
+        was = self.active, self.segments
+        self.active, self.segments = True, None  # a graph replays decodes: the per-token kernels
         try:
             yield
         finally:
-            self.active = was
+            self.active, self.segments = was
+
+
+def _runs(chunk_slots: list[int], query_lens: list[int]) -> list[tuple[int, int, int]]:
+    """(first token, length, slot) of each run of consecutive tokens with one adapter."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for slot, n in zip(chunk_slots, query_lens):
+        if slot >= 0 and runs and runs[-1][2] == slot and runs[-1][0] + runs[-1][1] == start:
+            first, length, _ = runs[-1]
+            runs[-1] = (first, length + n, slot)
+        elif slot >= 0:
+            runs.append((start, n, slot))
+        start += n
+    return runs
 
 
 class LoRALinearMethod(LinearMethod):
@@ -89,8 +118,23 @@ class LoRALinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = self.base.apply(layer, x, bias)
         if self.context.active:
-            add_lora(out, x, self.lora_a, self.lora_b, self.context.indices[: x.shape[0]])
+            self._add_lora(out, x)
         return out
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """The Triton kernels on CUDA (segmented for prompt chunks, per token for decodes), the
+        torch path elsewhere."""
+        context = self.context
+        indices = context.indices[: x.shape[0]]
+        if x.device.type != "cuda":
+            add_lora_torch(out, x, self.lora_a, self.lora_b, indices)
+            return
+        from pagoda.kernels.lora import add_lora_segments_triton, add_lora_triton
+
+        if context.segments is not None:
+            add_lora_segments_triton(out, x, self.lora_a, self.lora_b, context.segments, context.max_segment_len)
+        else:
+            add_lora_triton(out, x, self.lora_a, self.lora_b, indices)
 
     def set_slot(self, slot: int, parts: list[LoRAWeights | None]) -> None:
         """Put one adapter's (sharded) parts into a slot; None: that part has no update."""
@@ -107,23 +151,11 @@ class LoRALinearMethod(LinearMethod):
         self.lora_b[slot].copy_(b)
 
 
-def add_lora(
-    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor
-) -> None:
-    """out[t] += x[t] @ lora_a[s].T @ lora_b[s].T where s = indices[t] >= 0, in place: the Triton
-    kernels on CUDA, the torch path elsewhere."""
-    if x.device.type == "cuda":
-        from pagoda.kernels.lora import add_lora_triton
-
-        add_lora_triton(out, x, lora_a, lora_b, indices)
-    else:
-        add_lora_torch(out, x, lora_a, lora_b, indices)
-
-
 def add_lora_torch(
     out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor
 ) -> None:
-    """add_lora by slot: each slot's tokens in one pair of matmuls, in float32."""
+    """out[t] += x[t] @ lora_a[s].T @ lora_b[s].T where s = indices[t] >= 0, in place: each slot's
+    tokens in one pair of matmuls, in float32."""
     for slot in indices.unique().tolist():
         if slot < 0:
             continue

@@ -68,10 +68,7 @@ class LoRAManager:
     def set_batch(self, loras: list[LoRARequest | None], query_lens: list[int]) -> None:
         """Make the chunks' adapters resident and give each token its slot."""
         slot_of = self._activate({r.lora_int_id: r for r in loras if r is not None})
-        token_slots: list[int] = []
-        for lora, n in zip(loras, query_lens):
-            token_slots.extend([-1 if lora is None else slot_of[lora.lora_int_id]] * n)
-        self.context.set_token_slots(token_slots)
+        self.context.set_batch([-1 if r is None else slot_of[r.lora_int_id] for r in loras], query_lens)
 
     def _activate(self, wanted: dict[int, LoRARequest]) -> dict[int, int]:
         if len(wanted) > self.config.max_loras:

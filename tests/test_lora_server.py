@@ -65,13 +65,16 @@ def server(setup, tmp_path_factory):
 def _complete(client: openai.OpenAI, model: str) -> str:
     reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0,
                                       extra_body={"ignore_eos": True})
+    assert reply.model == model  # an adapter's name, as vLLM answers
     return reply.choices[0].text
 
 
 def _streamed(client: openai.OpenAI, model: str) -> str:
     stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0,
                                        stream=True, extra_body={"ignore_eos": True})
-    return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    chunks = list(stream)
+    assert {chunk.model for chunk in chunks} == {model}
+    return "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
 
 
 def test_models_lists_adapters_with_their_parent(server, setup):
@@ -92,10 +95,10 @@ def test_model_name_picks_the_adapter_whole_and_streamed(server, expected):
 def test_chat_with_an_adapter(server):
     client = openai_client(server)
     messages = [{"role": "user", "content": "hi"}]
-    texts = {model: client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
-                                                   temperature=0.0).choices[0].message.content
-             for model in (MODEL, "a1")}
-    assert texts[MODEL] != texts["a1"]
+    replies = {model: client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
+                                                     temperature=0.0) for model in (MODEL, "a1")}
+    assert replies["a1"].model == "a1"
+    assert replies[MODEL].choices[0].message.content != replies["a1"].choices[0].message.content
 
 
 def test_unknown_model_is_a_404(server):
@@ -137,6 +140,8 @@ def test_bad_adapters_are_400s(server, setup, tmp_path):
         for body, param, message in cases:
             assert message in openai_error(http.post("/v1/load_lora_adapter", json=body), 400, param)["message"]
         openai_error(http.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400)
+        beams = {"model": "a1", "prompt": PROMPT, "max_tokens": 2, "use_beam_search": True, "n": 2}
+        openai_error(http.post("/v1/completions", json=beams), 400, "use_beam_search")
         assert "x" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
     assert _complete(openai_client(server), "a2") is not None  # the server goes on
 

@@ -146,7 +146,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [self._choice(request, run, child) for child in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
-            id=run.request_id, model=self.model_name, choices=choices,
+            id=run.request_id, model=self.response_model(request.model), choices=choices,
             usage=self.usage(run.prompt_tokens, completion_tokens, final.num_cached_tokens),
             prompt_logprobs=prompt_logprobs(request, final),
             prompt_token_ids=run.prompt_ids if request.return_token_ids else None,
@@ -185,7 +185,7 @@ class OpenAIServingChat(OpenAIServing):
         def chunk(choices: list[ChatStreamChoice], **fields: Any) -> str:
             usage = self.usage(run.prompt_tokens, sum(sent), cached) if continuous_usage else None
             return sse(ChatCompletionChunk(
-                id=run.request_id, model=self.model_name, choices=choices, usage=usage, **fields
+                id=run.request_id, model=self.response_model(request.model), choices=choices, usage=usage, **fields
             ))
 
         # OpenAI opens each choice with the role, before any content; vLLM's prompt token ids come with it.
@@ -203,7 +203,8 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(choices)
         if include_usage:
             usage = self.usage(run.prompt_tokens, sum(sent), cached)
-            yield sse(ChatCompletionChunk(id=run.request_id, model=self.model_name, choices=[], usage=usage))
+            model = self.response_model(request.model)
+            yield sse(ChatCompletionChunk(id=run.request_id, model=model, choices=[], usage=usage))
 
     def _stream_choice(
         self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: StreamedText

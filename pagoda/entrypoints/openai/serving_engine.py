@@ -128,6 +128,11 @@ class OpenAIServing:
             )
         return lora
 
+    def response_model(self, model: str | None) -> str:
+        """What a response's `model` says: the adapter's name for a request that named one (as
+        vLLM answers), else the served model's."""
+        return model if model is not None and self.config.loras.get(model) is not None else self.model_name
+
     def check_runner(self) -> None:
         """400 when the engine runs the other runner (embeddings on a generating model, or the reverse)."""
         runner = "generate" if self.config.pooler is None else "pooling"

@@ -86,6 +86,28 @@ def test_parallel_ranks_shard_the_adapters_as_their_layers(family, layout):
     llm.shutdown()
 
 
+def test_device_slots_evict_the_least_recently_used_adapter(family, monkeypatch):
+    """Two slots, three adapters: the one used least recently gives up its slot, the others keep
+    theirs; the CPU cache (two adapters) reads from disk only what it no longer holds."""
+    import pagoda.lora.manager as manager_module
+
+    base, adapters, prompts, _ = family
+    reads = []
+    real_load = manager_module.load_peft_adapter
+    monkeypatch.setattr(manager_module, "load_peft_adapter", lambda path, rank: reads.append(path) or real_load(path, rank))
+    llm = _llm(base, max_loras=2, max_cpu_loras=2)
+    manager = llm.llm_engine.engine_core.engine_core.executor.worker.runner.lora
+    a, b, c = (_request(adapter, i) for i, adapter in enumerate(adapters, 1))
+    for lora in (a, b, a, c):  # c evicts b (a was used after it)
+        _greedy(llm, prompts[:1], lora)
+    assert dict(manager.slots) == {1: 0, 3: 1}
+    assert list(manager.cpu_cache) == [1, 3]
+    _greedy(llm, prompts[:1], b)  # b again: from disk, into a's slot (c was used after a)
+    assert dict(manager.slots) == {3: 1, 2: 0}
+    assert list(manager.cpu_cache) == [3, 2]
+    assert reads == [str(adapters[0]), str(adapters[1]), str(adapters[2]), str(adapters[1])]
+
+
 def test_prefix_cache_keeps_adapters_apart(family):
     base, adapters, prompts, expected = family
     llm = _llm(base, max_loras=2, block_size=4)

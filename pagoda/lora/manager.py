@@ -73,9 +73,11 @@ class LoRAManager:
     def _activate(self, wanted: dict[int, LoRARequest]) -> dict[int, int]:
         if len(wanted) > self.config.max_loras:
             raise RuntimeError(f"a step mixes {len(wanted)} adapters, more than max_loras={self.config.max_loras}")
-        for adapter_id in wanted:
+        for adapter_id in wanted:  # used now: the most recently used, on the device and in the cache
             if adapter_id in self.slots:
                 self.slots.move_to_end(adapter_id)
+            if adapter_id in self.cpu_cache:
+                self.cpu_cache.move_to_end(adapter_id)
         for adapter_id, request in wanted.items():
             if adapter_id not in self.slots:
                 self._load(adapter_id, self._free_slot(), request)
@@ -108,7 +110,6 @@ class LoRAManager:
             if len(self.cpu_cache) >= self.config.max_cpu_loras:
                 self.cpu_cache.popitem(last=False)
             self.cpu_cache[adapter_id] = adapter
-        self.cpu_cache.move_to_end(adapter_id)
         return adapter
 
 

@@ -20,8 +20,9 @@ request is scheduled without them. Under asynchronous scheduling drafts go only 
 token that is known (the proposer cannot have seen a placeholder's value), and a request whose
 drafts are in flight is not planned again until they are read: how many will hold is unknown.
 
-A waiting request whose grammar is still compiling (structured outputs) is passed over: the
-requests behind it are admitted meanwhile."""
+A waiting request whose grammar is still compiling (structured outputs), or whose LoRA adapter
+would make the running requests use more adapters than the device has slots (max_loras), is
+passed over: the requests behind it are admitted meanwhile."""
 
 from __future__ import annotations
 

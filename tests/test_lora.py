@@ -146,6 +146,17 @@ def test_missing_files_are_refused(llama, tmp_path):
     _refusal(llm, adapter, "has no adapter_model.safetensors")
 
 
+def test_pickled_weights_of_older_peft_releases_are_read(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    base, _, llm = llama
+    adapter = save_peft_adapter(base, tmp_path, seed=11)
+    want = _greedy(llm, [[5, 6, 7]], LoRARequest("safetensors", 11, str(adapter)))
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    assert _greedy(llm, [[5, 6, 7]], LoRARequest("bin", 12, str(adapter))) == want
+
+
 def test_rank_above_max_lora_rank_is_refused(llama, tmp_path):
     base, _, llm = llama
     _refusal(llm, save_peft_adapter(base, tmp_path, seed=5, rank=16), r"rank 16, above max_lora_rank=8")

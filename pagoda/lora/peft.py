@@ -1,4 +1,5 @@
-"""A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) read into per-module
+"""A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, or PEFT's older
+adapter_model.bin) read into per-module
 A/B pairs, the scaling folded into B, and checked against the base model: what this engine cannot
 apply is refused with a message naming it, before any request runs with it."""
 
@@ -18,6 +19,7 @@ from pagoda.models.llama import is_sparse_layer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # older PEFT releases', read with weights_only
 
 # A checkpoint module of a decoder layer -> its Pagoda layer (under the decoder layer) and its
 # part of that layer (the fused qkv_proj and gate_up_proj hold several), None: the whole layer.
@@ -52,9 +54,7 @@ def load_peft_adapter(path: str, max_rank: int) -> PeftAdapter:
     """Read an adapter's files; ValueError for anything this engine cannot apply."""
     folder = Path(path)
     config = _read_config(folder)
-    weights_file = folder / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise ValueError(f"LoRA adapter {path!r} has no {WEIGHTS_FILE}")
+    tensors = _read_weights(folder)
     rank = int(config.get("r", 0))
     if not 1 <= rank <= max_rank:
         raise ValueError(f"LoRA adapter {path!r} has rank {rank}, above max_lora_rank={max_rank} (--max-lora-rank)"
@@ -62,7 +62,7 @@ def load_peft_adapter(path: str, max_rank: int) -> PeftAdapter:
     alpha = float(config.get("lora_alpha", rank))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_file)).items():
+    for key, tensor in tensors.items():
         match = _KEY.search(key)
         if match is None or match.group(2) not in TARGETS:
             raise ValueError(f"LoRA adapter {path!r} targets {key!r}, a module this engine cannot apply LoRA to "
@@ -81,6 +81,14 @@ def load_peft_adapter(path: str, max_rank: int) -> PeftAdapter:
                              f"lora_B {tuple(b.shape)}, not rank {rank}")
         modules[layer, target] = LoRAWeights(a.float(), b.float() * scale)
     return PeftAdapter(str(path), rank, modules)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_file(str(folder / WEIGHTS_FILE))
+    if (folder / PICKLED_WEIGHTS_FILE).is_file():
+        return torch.load(folder / PICKLED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    raise ValueError(f"LoRA adapter {str(folder)!r} has no {WEIGHTS_FILE} (nor {PICKLED_WEIGHTS_FILE})")
 
 
 def _read_config(folder: Path) -> dict:

@@ -157,7 +157,7 @@ def test_free_hit_blocks_do_not_count_as_free_for_the_new_blocks():
 def test_each_full_block_is_hashed_once_while_decoding(monkeypatch):
     calls = []
     real = kv_module.hash_block_tokens
-    monkeypatch.setattr(kv_module, "hash_block_tokens", lambda p, t: calls.append(tuple(t)) or real(p, t))
+    monkeypatch.setattr(kv_module, "hash_block_tokens", lambda p, t, *lora: calls.append(tuple(t)) or real(p, t, *lora))
     kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
     req = make_request("a", list(range(10)))
     run_prefill(kv, req)

@@ -1,14 +1,18 @@
 """`pagoda bench throughput`: offline throughput on random-token requests, as `vllm bench
 throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer;
-several backends run one after another, and --plot draws them side by side."""
+several backends run one after another, and --plot draws them side by side. With --num-loras N,
+Pagoda runs the requests twice on one engine: without adapters, then with N random adapters of
+--lora-rank assigned round-robin."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from pagoda.benchmarks.plot import plot_throughput
@@ -75,24 +79,51 @@ def make_requests(
     return requests
 
 
-def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
-    from pagoda import LLM, SamplingParams
+def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult | list[BenchResult]:
+    """One result; with --num-loras, the base model's and the adapters' on the same engine."""
+    from pagoda import LLM
 
     # Prompts are token ids and outputs are counted, not read: no tokenizer is needed
     # (a --load-format dummy model directory often has none).
-    llm = LLM(**{**engine_kwargs(args), "skip_tokenizer_init": True})
+    kwargs = {**engine_kwargs(args), "skip_tokenizer_init": True}
+    if args.num_loras:
+        kwargs.update(enable_lora=True, max_loras=max(args.max_loras, args.num_loras),
+                      max_lora_rank=max(args.max_lora_rank, args.lora_rank))
+    llm = LLM(**kwargs)
+    base = _timed_generate(llm, args, requests, "pagoda")
+    if not args.num_loras:
+        return base
+    from pagoda.benchmarks.lora_adapters import write_random_adapters
+    from pagoda.lora.request import LoRARequest
+
+    with tempfile.TemporaryDirectory() as directory:
+        spec = llm.llm_engine.processor.config.model.spec
+        paths = write_random_adapters(spec, Path(directory), args.num_loras, args.lora_rank, args.seed)
+        loras = [LoRARequest(f"lora-{i}", i + 1, str(path)) for i, path in enumerate(paths)]
+        name = f"pagoda+{args.num_loras} LoRAs r={args.lora_rank}"
+        with_loras = _timed_generate(llm, args, requests, name, [loras[i % len(loras)] for i in range(len(requests))])
+    return [base, with_loras]
+
+
+def _timed_generate(
+    llm: Any, args: argparse.Namespace, requests: list[BenchRequest], name: str, loras: list[Any] | None = None
+) -> BenchResult:
+    from pagoda import SamplingParams
+
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [
         SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)
         for r in requests
     ]
-    # Warm up once (allocator, lazy inits) so the timing measures serving, not start-up.
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    # Warm up once (allocator, lazy inits; each adapter read) so the timing measures serving, not start-up.
+    warm = (list(dict.fromkeys(loras)) if loras else [None])[: len(prompts)]
+    llm.generate(prompts[: len(warm)], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False,
+                 lora_request=warm)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm, lora_request=loras)
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return BenchResult("pagoda", len(requests), elapsed, _prompt_tokens(requests), output_tokens)
+    return BenchResult(name, len(requests), elapsed, _prompt_tokens(requests), output_tokens)
 
 
 def run_hf(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult:
@@ -197,6 +228,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
     parser.add_argument("--llama-cpp-threads", type=int, default=2, help="threads of --backend llama.cpp")
+    parser.add_argument("--num-loras", type=int, default=0,
+                        help="also run Pagoda with this many random LoRA adapters, assigned to the requests "
+                             "round-robin (--max-loras is raised to it), after the base model on the same engine")
+    parser.add_argument("--lora-rank", type=int, default=16, help="the rank of --num-loras' adapters (default: %(default)s)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     parser.add_argument("--output-json", default=None,
                         help="write the results to this file (a list of them, one per backend, for several backends)")
@@ -225,8 +260,10 @@ def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
     )
     results = []
     for backend in args.backend:
-        results.append(BACKENDS[backend](args, requests))
-        print(results[-1].report())
+        result = BACKENDS[backend](args, requests)
+        for one in result if isinstance(result, list) else [result]:
+            results.append(one)
+            print(one.report())
     as_json = [result.to_json() for result in results]
     if args.output_json:
         with open(args.output_json, "w") as f:

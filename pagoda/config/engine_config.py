@@ -134,6 +134,11 @@ class EngineConfig:
         None, "drafts a step verifies per request (older spelling of speculative_config's num_speculative_tokens)")
     speculative_model: str | None = _knob(
         None, 'the draft\'s source: "[ngram]" for prompt lookup (older spelling of speculative_config\'s method)')
+    enable_lora: bool = _knob(False, "serve LoRA adapters (PEFT format) over the base model: requests name one "
+                              "(LLM.generate's lora_request, the server's model field)", action="store_true")
+    max_loras: int = _knob(1, "LoRA adapters resident on the device at once: the most one batch mixes")
+    max_lora_rank: int = _knob(16, "the highest LoRA rank served (the size of each device slot)")
+    max_cpu_loras: int | None = _knob(None, "LoRA adapters kept read in host memory (default: max_loras)")
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")
@@ -147,6 +152,10 @@ class EngineConfig:
                f"one of {tuple(KV_CACHE_DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.max_loras >= 1, "max_loras", self.max_loras, ">= 1")
+        _check(self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank, ">= 1")
+        _check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
+               self.max_cpu_loras, f">= max_loras ({self.max_loras})")
         _check(
             self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0 and self.block_size <= 256,
             "block_size", self.block_size, "a power of two from 1 to 256",

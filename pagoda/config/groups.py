@@ -12,6 +12,7 @@ import torch
 from pagoda.config.model_spec import ModelSpec
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.lora.config import LoRAConfig
 from pagoda.pooling import PoolerConfig
 
 
@@ -87,6 +88,7 @@ class ResolvedConfig:
     parallel: ParallelConfig
     device: DeviceConfig
     speculative: SpeculativeConfig | None = None
+    lora: LoRAConfig | None = None  # None: no adapters (enable_lora off)
 
     @property
     def num_speculative_tokens(self) -> int:

@@ -28,6 +28,7 @@ from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import hf_meta_model
+from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
@@ -65,11 +66,20 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
             _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
             args.max_long_partial_prefills,
+            max_loras=args.max_loras if args.enable_lora else 0,
         ),
         parallel=parallel,
         device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device)),
         speculative=speculative,
+        lora=_lora_config(args),
     )
+
+
+def _lora_config(args: EngineConfig) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    max_cpu_loras = args.max_loras if args.max_cpu_loras is None else args.max_cpu_loras
+    return LoRAConfig(args.max_loras, args.max_lora_rank, max_cpu_loras)
 
 
 def _model_config(

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 _HASH_BYTES = 32
 
 
-def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """The key of a full block: a digest of its parent block's key and its own tokens.
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int], lora_int_id: int = 0) -> int:
+    """The key of a full block: a digest of its parent block's key, its own tokens and the LoRA
+    adapter that computed it (0: none), as the same tokens have other K/V under another adapter.
 
     BLAKE2b rather than Python's hash(): hash() of int tuples can be collided on purpose, and the
     map is keyed by this digest alone, so a collision would hand a request another prompt's KV.
@@ -24,6 +25,8 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     if parent_hash is not None:
         digest.update(parent_hash.to_bytes(_HASH_BYTES, "little"))
     digest.update(array("q", token_ids).tobytes())
+    if lora_int_id:
+        digest.update(b"lora" + lora_int_id.to_bytes(8, "little"))
     return int.from_bytes(digest.digest(), "little")
 
 

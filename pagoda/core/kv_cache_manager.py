@@ -109,7 +109,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, request.token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(hash_block_tokens(parent, request.token_ids[i * bs : (i + 1) * bs], request.lora_int_id))
         return hashes
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pagoda.lora.request import LoRARequest
     from pagoda.sampling_params import SamplingParams
 
 
@@ -43,8 +44,10 @@ class Request:
         eos_token_ids: frozenset[int],
         max_model_len: int,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request
         self.prompt_token_ids = prompt_token_ids
         self.token_ids = list(prompt_token_ids)  # prompt + output, appended in place
         self.output_token_ids: list[int] = []
@@ -84,6 +87,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id; 0: the base model alone."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def use_prefix_cache(self) -> bool:

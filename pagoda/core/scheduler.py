@@ -20,8 +20,9 @@ request is scheduled without them. Under asynchronous scheduling drafts go only 
 token that is known (the proposer cannot have seen a placeholder's value), and a request whose
 drafts are in flight is not planned again until they are read: how many will hold is unknown.
 
-A waiting request whose grammar is still compiling (structured outputs) is passed over: the
-requests behind it are admitted meanwhile.
+A waiting request whose grammar is still compiling (structured outputs), or whose LoRA adapter
+would make the running requests use more adapters than the device has slots (max_loras), is
+passed over: the requests behind it are admitted meanwhile.
 
 Prefill against the running decodes, with vLLM's knobs: the step's budget bounds the prefill
 tokens that share a step with the decodes (which are planned first); `long_prefill_token_threshold`
@@ -58,6 +59,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
+    max_loras: int = 0  # LoRA adapters the running requests may use at once (the device slots); 0: no LoRA
 
 
 @dataclass
@@ -259,11 +261,16 @@ class Scheduler:
             budget -= n
 
     def _next_admissible(self, slots: _PrefillSlots) -> Request | None:
-        """The first waiting request that can run: requests whose grammar is still compiling, and
-        long prompts while the long partial prefill slots are taken, are passed over, not waited for."""
+        """The first waiting request that can run: requests whose grammar is still compiling, long
+        prompts while the long partial prefill slots are taken, and requests whose LoRA adapter
+        would be one more than the device slots hold, are passed over, not waited for."""
+        loras = {r.lora_int_id for r in self.running if r.lora_int_id} if self.config.max_loras else set()
         for req in self.waiting:
-            if not req.waiting_for_grammar and not slots.long_full(req):
-                return req
+            if req.waiting_for_grammar or slots.long_full(req):
+                continue
+            if req.lora_int_id and req.lora_int_id not in loras and len(loras) >= self.config.max_loras:
+                continue
+            return req
         return None
 
     def _admit(self, req: Request, num_cached: int) -> None:

@@ -39,6 +39,7 @@ from pagoda.engine.messages import (
     Refused,
 )
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -131,13 +132,14 @@ class AsyncLLM:
     # The event loop's side ------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine accepts it, returns its outputs step by step (the last
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it."""
-        request = self.processor.make_request(request_id, list(prompt_token_ids), params)
+        request = self.processor.make_request(request_id, list(prompt_token_ids), params, lora_request)
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()

@@ -3,7 +3,7 @@ ids, every default and rule), made once for the engine core; a user request turn
 EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
 vocabulary, more logprobs than --max-logprobs, a structured-output constraint that does not
-parse), the prompt truncated to truncate_prompt_tokens
+parse, a LoRA adapter the engine cannot apply), the prompt truncated to truncate_prompt_tokens
 and logprobs of -1 made the vocabulary's size. What depends on the core's state (the prompt's
 length against the KV pool) the core itself refuses."""
 
@@ -20,6 +20,8 @@ from pagoda.config.resolve import resolve_config
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.loader.model_loader import load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
+from pagoda.lora.peft import check_adapter, load_peft_adapter
+from pagoda.lora.request import LoRARequest
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
@@ -36,8 +38,12 @@ class InputProcessor:
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
+        self._checked_loras: set[tuple[int, str]] = set()  # (id, path) of the adapters found applicable
 
-    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
+    def make_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> EngineCoreRequest:
         """The engine request(s) of one user request (its prompt truncated as params ask), or a
         ValueError naming what is wrong."""
         max_model_len = self.config.model.max_model_len
@@ -48,7 +54,20 @@ class InputProcessor:
         params = self._resolve_logprobs(params)
         if params.structured_outputs is not None:
             check_structured_outputs(params.structured_outputs)
-        return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params))
+        if lora_request is not None:
+            self.check_lora(lora_request)
+        return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params), lora_request)
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """ValueError unless the engine serves adapters and this one fits the model (its files
+        are read once per id and path; the workers read them again when they need them)."""
+        lora = self.config.lora
+        if lora is None:
+            raise ValueError("lora_request is invalid: the engine was started without enable_lora (--enable-lora)")
+        key = (lora_request.lora_int_id, lora_request.lora_path)
+        if key not in self._checked_loras:
+            check_adapter(load_peft_adapter(lora_request.lora_path, lora.max_lora_rank), self.config.model.spec)
+            self._checked_loras.add(key)
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         if len(prompt_token_ids) == 0:

@@ -13,6 +13,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core_client import InprocClient
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.engine.output_processor import OutputProcessor
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.spec.proposer import TokenProposer
@@ -34,12 +35,13 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         final_only: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request; a ValueError leaves the engine exactly as it was. With `final_only`,
         `step` returns its output only once it has finished."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.processor.make_request(request_id, prompt_token_ids, params)
+        request = self.processor.make_request(request_id, prompt_token_ids, params, lora_request)
         self.engine_core.add_request(request)
         self.output_processor.add(
             request_id, prompt, request.prompt_token_ids, request.children, final_only=final_only

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from pagoda.core.scheduler import SchedulerStats
+from pagoda.lora.request import LoRARequest
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams, rebuilding_checked_params
 
@@ -34,6 +35,7 @@ class EngineCoreRequest(_Message):
     request_id: str
     prompt_token_ids: list[int]
     children: list[EngineRequest]
+    lora_request: LoRARequest | None = None  # the adapter every child runs with; None: the base model
 
 
 class AbortRequests(_Message):

@@ -14,6 +14,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, render_chat
 from pagoda.logger import configure_logging
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, embedding
 from pagoda.sampling_params import SamplingParams
@@ -55,13 +56,15 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order."""
+        """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order.
+        lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model)."""
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(sampling_params, len(prompts))
-        request_ids = self._add_all(prompts, params)
+        request_ids = self._add_all(prompts, params, _loras_per_prompt(lora_request, len(prompts)))
         return self._run(request_ids, use_tqdm)
 
     def embed(
@@ -96,6 +99,7 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
         (which also gets `tools`, OpenAI-style function definitions, as in vLLM)."""
@@ -105,7 +109,7 @@ class LLM:
             render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools) for conv in conversations
         ]
         token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
-        return self.generate(token_prompts, sampling_params, use_tqdm)
+        return self.generate(token_prompts, sampling_params, use_tqdm, lora_request)
 
     def beam_search(
         self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, use_tqdm: bool = False
@@ -191,15 +195,18 @@ class LLM:
             return self._tokenize(prompt["prompt"])
         raise ValueError("a prompt must be a str, {'prompt': str} or {'prompt_token_ids': list[int]}")
 
-    def _add_all(self, prompts: Sequence[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_all(
+        self, prompts: Sequence[PromptType], params: list[SamplingParams],
+        loras: Sequence[LoRARequest | None] | None = None,
+    ) -> list[str]:
         """Add every prompt, or none: a bad one aborts those already added and raises."""
         engine = self.llm_engine
         request_ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras or [None] * len(prompts)):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True)
+                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora)
                 request_ids.append(request_id)
         except ValueError:
             engine.abort_request(request_ids)
@@ -248,3 +255,13 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _loras_per_prompt(
+    lora_request: LoRARequest | Sequence[LoRARequest | None] | None, num_prompts: int
+) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * num_prompts
+    if len(lora_request) != num_prompts:
+        raise ValueError(f"lora_request has {len(lora_request)} entries for {num_prompts} prompts: give one, or one per prompt")
+    return list(lora_request)

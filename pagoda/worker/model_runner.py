@@ -11,7 +11,9 @@ each request gets a list of new tokens. Structured outputs' grammar masks (compu
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
-pooled into one vector (worker/pooler.py)."""
+pooled into one vector (worker/pooler.py). With LoRA, each chunk's adapter is made resident and
+each token's slot written into the static index the LoRA layers (and the decode graphs) read
+(pagoda/lora/manager.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
 from pagoda.layers.attention import Attention
 from pagoda.loader.model_loader import build_model
+from pagoda.lora.manager import LoRAManager
+from pagoda.lora.request import LoRARequest
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
     DeviceSamples,
@@ -125,6 +129,7 @@ class _Batch:
     # Request id -> the row of its last sample, the next step's input for a decode planned before
     # the samples are read (never a chunk with drafts: the scheduler waits for their verdict).
     last_sample_row: dict[str, int]
+    loras: list[LoRARequest | None]  # each chunk's adapter
 
 
 class ModelRunner:
@@ -152,6 +157,11 @@ class ModelRunner:
                 if isinstance(layer, Attention):
                     layer.kv_cache_dtype = config.cache.dtype
         self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
+        self.lora = None if config.lora is None else LoRAManager(
+            self.model, config.lora, config.model.spec,
+            max(config.scheduler.max_num_batched_tokens, capture_sizes(self.max_num_seqs)[-1] * (1 + drafts)),
+            device, config.model.dtype,
+        )
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, config.model.load_format,
@@ -250,8 +260,12 @@ class ModelRunner:
         # The forward closes over the model and the pool, not over self: a runner <-> graphs
         # cycle would outlive `del llm` once the engine's start-up objects are gc.freeze()d.
         model = self.model
+
+        def forward(ids: torch.Tensor, pos: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+            return model(ids, pos, kv_caches, metadata)
+
         return DecodeGraphs(
-            lambda ids, pos, metadata: model(ids, pos, kv_caches, metadata),
+            forward if self.lora is None else self.lora.context.always_on(forward),
             self.attention_backend,
             sizes=sizes,
             block_size=self.block_size,
@@ -317,6 +331,8 @@ class ModelRunner:
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
         input_ids = self._input_ids(batch)
+        if self.lora is not None:
+            self.lora.set_batch(batch.loras, batch.query_lens)
         if graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
@@ -411,6 +427,7 @@ class ModelRunner:
             unread_rows=unread_rows,
             unread_sources=unread_sources,
             last_sample_row=last_sample_row,
+            loras=[c.request.lora_request for c in chunks],
         )
 
     def _build_metadata(

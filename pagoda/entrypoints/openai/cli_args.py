@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GET /v1/responses/{id}; the oldest go first, 0 keeps none (default: %(default)s)")
     parser.add_argument("--stored-response-ttl", type=float, default=3600.0,
                         help="seconds a stored /v1/responses response is kept (default: %(default)s)")
+    parser.add_argument(
+        "--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+        help='LoRA adapters (PEFT folders) served by name, with --enable-lora: name=path, or JSON '
+             '{"name": ..., "path": ..., "base_model_name": ...}; a request picks one by its `model`',
+    )
     add_tool_calling_arguments(parser)
     add_response_arguments(parser)
     add_request_limit_arguments(parser)

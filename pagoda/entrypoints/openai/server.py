@@ -51,6 +51,7 @@ from .serving_embedding import OpenAIServingEmbedding
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 from .startup import StartingResponder, StartupClock
+from .serving_lora import add_lora_routes, lora_model_cards, serve_lora_modules
 from .tool_parsers import ToolParser, get_tool_parser, import_tool_parser_plugin
 from .tokenizer_info import tokenizer_info
 
@@ -169,7 +170,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     async def models() -> ModelList:
         return ModelList(data=[
             ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in config.served_model_names
-        ])
+        ] + lora_model_cards(config))
 
     @app.post("/v1/completions", responses=_ERROR_RESPONSES)
     async def create_completion(body: CompletionRequest, raw: Request) -> Any:
@@ -208,6 +209,8 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
     async def retrieve_response(response_id: str) -> Any:
         return JSONResponse(responses.retrieve(response_id).model_dump(exclude_none=True))
+
+    add_lora_routes(app, engine, config, _ERROR_RESPONSES)
 
     @app.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -451,6 +454,11 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_force_include_usage=args.enable_force_include_usage,
     )
+    try:
+        serve_lora_modules(engine, config.loras, args.lora_modules or [], names[0])
+    except BaseException:
+        engine.shutdown()
+        raise
     cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
     endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
     app = build_app(engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground)

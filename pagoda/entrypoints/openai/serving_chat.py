@@ -69,7 +69,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def start(self, request: ChatCompletionRequest, id_prefix: str) -> ChatRun:
         """Check, render and add a chat request to the engine (the chat and Responses routes share this)."""
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         _refuse_unsupported(request)
         if request.chat_template is not None and not self.config.limits.trust_request_chat_template:
             raise OpenAIError(
@@ -95,7 +95,7 @@ class OpenAIServingChat(OpenAIServing):
             request, max_tokens, len(prompt_ids), logprobs, structured_outputs=constraint, **extra
         )
         request_id = new_request_id(id_prefix)
-        streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages")
+        streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages", lora)
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""
@@ -146,7 +146,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [self._choice(request, run, child) for child in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
-            id=run.request_id, model=self.model_name, choices=choices,
+            id=run.request_id, model=self.response_model(request.model), choices=choices,
             usage=self.usage(run.prompt_tokens, completion_tokens, final.num_cached_tokens),
             prompt_logprobs=prompt_logprobs(request, final),
             prompt_token_ids=run.prompt_ids if request.return_token_ids else None,
@@ -185,7 +185,7 @@ class OpenAIServingChat(OpenAIServing):
         def chunk(choices: list[ChatStreamChoice], **fields: Any) -> str:
             usage = self.usage(run.prompt_tokens, sum(sent), cached) if continuous_usage else None
             return sse(ChatCompletionChunk(
-                id=run.request_id, model=self.model_name, choices=choices, usage=usage, **fields
+                id=run.request_id, model=self.response_model(request.model), choices=choices, usage=usage, **fields
             ))
 
         # OpenAI opens each choice with the role, before any content; vLLM's prompt token ids come with it.
@@ -203,7 +203,8 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(choices)
         if include_usage:
             usage = self.usage(run.prompt_tokens, sum(sent), cached)
-            yield sse(ChatCompletionChunk(id=run.request_id, model=self.model_name, choices=[], usage=usage))
+            model = self.response_model(request.model)
+            yield sse(ChatCompletionChunk(id=run.request_id, model=model, choices=[], usage=usage))
 
     def _stream_choice(
         self, request: ChatCompletionRequest, child: CompletionOutput, sent: list[int], text: StreamedText

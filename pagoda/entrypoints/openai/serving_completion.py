@@ -26,7 +26,9 @@ from .structured_outputs import structured_outputs
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
+        if lora is not None and request.use_beam_search:
+            raise OpenAIError("use_beam_search is not supported with a LoRA adapter yet", param="use_beam_search")
         refuse_unsupported({
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
@@ -49,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.use_beam_search:
             streams = self._beam_searches(request, ids, prompts, [p.max_tokens for p in params])
         else:
-            streams = await self.add_requests(request_id, prompts, params, default_param="prompt")
+            streams = await self.add_requests(request_id, prompts, params, default_param="prompt", lora_request=lora)
         if request.stream:
             return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)
         try:
@@ -136,7 +138,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         cached = sum(output.num_cached_tokens for output in finals.values())
         return CompletionResponse(
-            id=request_id, model=self.model_name, choices=choices,
+            id=request_id, model=self.response_model(request.model), choices=choices,
             usage=self.usage(prompt_tokens, completion_tokens, cached),
         )
 
@@ -182,10 +184,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 ))
             if choices:
                 usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values())) if continuous_usage else None
-                yield sse(CompletionStreamResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
+                model = self.response_model(request.model)
+                yield sse(CompletionStreamResponse(id=request_id, model=model, choices=choices, usage=usage))
         if include_usage:
             yield sse(CompletionStreamResponse(
-                id=request_id, model=self.model_name, choices=[],
+                id=request_id, model=self.response_model(request.model), choices=[],
                 usage=self.usage(prompt_tokens, completion_tokens, sum(cached.values())),
             ))
 

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.engine.input_processor import truncate_prompt
+from pagoda.lora.registry import ServedLoRAs
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.pooling import PoolerConfig
 from pagoda.sampling_params import SamplingParams
@@ -92,6 +94,8 @@ class ServerConfig:
     enable_force_include_usage: bool = False
     # An embedding server's pooling (--runner pooling): it serves /v1/embeddings and no generation.
     pooler: PoolerConfig | None = None
+    # The LoRA adapters a request's `model` may name besides the served names (--lora-modules).
+    loras: ServedLoRAs = dataclasses.field(default_factory=ServedLoRAs)
 
 
 class OpenAIServing:
@@ -111,12 +115,23 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.config.served_model_names[0]
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.config.served_model_names:
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter `model` names (None: the base model); 404 for a name not served."""
+        if model is None or model in self.config.served_model_names:
+            return None
+        lora = self.config.loras.get(model)
+        if lora is None:
             raise OpenAIError(
-                f"The model `{model}` does not exist; this server serves {self.config.served_model_names}",
+                f"The model `{model}` does not exist; this server serves "
+                f"{self.config.served_model_names + list(self.config.loras.by_name)}",
                 status=404, param="model", code="model_not_found",
             )
+        return lora
+
+    def response_model(self, model: str | None) -> str:
+        """What a response's `model` says: the adapter's name for a request that named one (as
+        vLLM answers), else the served model's."""
+        return model if model is not None and self.config.loras.get(model) is not None else self.model_name
 
     def check_runner(self) -> None:
         """400 when the engine runs the other runner (embeddings on a generating model, or the reverse)."""
@@ -193,7 +208,7 @@ class OpenAIServing:
 
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-        default_param: str,
+        default_param: str, lora_request: LoRARequest | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
@@ -207,7 +222,7 @@ class OpenAIServing:
                 if self.config.log_requests:
                     logger.info("Received request %s: %d prompt tokens, params: %s", sub_id, len(token_ids),
                                 params_summary(p))
-                streams.append(await self.engine.add_request(sub_id, token_ids, p, text))
+                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request))
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):

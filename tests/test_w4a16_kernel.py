@@ -56,9 +56,9 @@ def test_reference_dequantizes_each_row_with_its_group():
 
 
 CONFIGS = {
-    "decode-split-k": GemmConfig(16, 32, 64, split_k=3, num_warps=4, num_stages=2),
-    "decode-wide-k": GemmConfig(16, 64, 128, split_k=1, num_warps=4, num_stages=2),
-    "large-m": GemmConfig(64, 64, 32, split_k=1, num_warps=4, num_stages=2),
+    "decode-split-k": GemmConfig(16, 32, 128, split_k=3, num_warps=4, num_stages=2),
+    "decode-wide-k": GemmConfig(16, 64, 256, split_k=1, num_warps=4, num_stages=2),
+    "large-m": GemmConfig(64, 64, 128, split_k=1, num_warps=4, num_stages=2),
     "chosen": None,
 }
 

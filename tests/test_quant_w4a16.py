@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from pagoda.kernels.w4a16_gemm import dequantize
 from pagoda.layers.linear import Shard, UnquantizedLinearMethod
 from pagoda.quantization import QUANTIZATION_METHODS, get_quantization_config
 from pagoda.quantization.awq import AWQConfig, AWQLinearMethod
@@ -161,8 +162,6 @@ def test_method_dequantizes_as_the_reference_and_applies_it(fmt, group_size):
     contract_load(layer, tensors_of(qz))
     method.process_weights_after_loading(layer)
 
-    from pagoda.kernels.w4a16_gemm import dequantize
-
     w = dequantize(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
     torch.testing.assert_close(w.t(), qz.dequantized(), rtol=0, atol=0)
     x = torch.randn(2, 3, k)
@@ -212,12 +211,11 @@ def test_row_parallel_shards_sum_to_the_whole(fmt, group_size):
 def test_bf16_apply_keeps_the_activation_dtype():
     qz = quantize(random_weight(16, 64, 0), 32, sym=False)
     method = AWQLinearMethod(32)
-    with torch.device("cpu"):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            layer = build(method, 64, 16)
-        finally:
-            torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(torch.bfloat16)  # as the model builder does for a bf16 model
+    try:
+        layer = build(method, 64, 16)
+    finally:
+        torch.set_default_dtype(torch.float32)
     contract_load(layer, awq_tensors(qz))
     method.process_weights_after_loading(layer)
     x = torch.randn(2, 64, dtype=torch.bfloat16)

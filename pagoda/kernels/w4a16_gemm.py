@@ -18,7 +18,7 @@ and no split."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -95,7 +95,7 @@ class GemmConfig:
     num_stages: int
 
 
-@lru_cache(maxsize=None)
+@cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

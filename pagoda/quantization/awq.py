@@ -14,7 +14,14 @@ from torch import nn
 from pagoda.kernels.w4a16_gemm import PACK, pack_int4, unpack_int4
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod
 from pagoda.quantization.base import QuantizationConfig
-from pagoda.quantization.w4a16 import PackedW4, W4A16LinearMethod, check_bits, check_output, num_groups, quant_param
+from pagoda.quantization.w4a16 import (
+    PackedW4,
+    W4A16LinearMethod,
+    check_bits,
+    check_output,
+    num_groups,
+    quant_param,
+)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Column j of each 8 sits in nibble AWQ_UNDO[j].

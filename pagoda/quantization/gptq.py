@@ -16,7 +16,14 @@ from torch import nn
 from pagoda.kernels.w4a16_gemm import PACK, unpack_int4
 from pagoda.layers.linear import LinearMethod
 from pagoda.quantization.base import QuantizationConfig
-from pagoda.quantization.w4a16 import PackedW4, W4A16LinearMethod, check_bits, check_output, num_groups, quant_param
+from pagoda.quantization.w4a16 import (
+    PackedW4,
+    W4A16LinearMethod,
+    check_bits,
+    check_output,
+    num_groups,
+    quant_param,
+)
 
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 

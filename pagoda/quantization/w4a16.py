@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import PACK, unpack_int4, w4a16_gemm, w4a16_gemm_reference
+from pagoda.kernels.w4a16_gemm import (
+    PACK,
+    unpack_int4,
+    w4a16_gemm,
+    w4a16_gemm_reference,
+)
 from pagoda.layers.linear import LinearMethod
 
 

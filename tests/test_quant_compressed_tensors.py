@@ -112,13 +112,6 @@ def test_asymmetric_int8_weights_are_refused(tmp_path):
     message = _refusal(tmp_path, ct_config(weights, INT8_TOKENS, "int-quantized"))
     assert "config_groups.group_0.weights.symmetric" in message
 
-
-def test_pack_quantized_without_the_w4a16_method_says_not_yet(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pagoda.quantization.w4a16", None)  # as in a build without it
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
-    assert "not supported yet" in _refusal(tmp_path, ct_config(weights, None, "pack-quantized"))
-
-
 def test_quantized_moe_experts_are_refused(tmp_path):
     config = ct_config({**INT8_WEIGHTS, "strategy": "channel"}, INT8_TOKENS, "int-quantized")
     message = _refusal(tmp_path, config, arch="qwen2-moe")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.quantization.awq import AWQConfig
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.compressed_tensors import CompressedTensorsConfig
 from pagoda.quantization.fp8 import Fp8Config
+from pagoda.quantization.gptq import GPTQConfig
 
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     Fp8Config.name: Fp8Config,
     CompressedTensorsConfig.name: CompressedTensorsConfig,
+    AWQConfig.name: AWQConfig,
+    GPTQConfig.name: GPTQConfig,
 }
 
 

@@ -15,6 +15,7 @@ from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod
 from pagoda.quantization.base import QuantizationConfig, all_parts_match
 from pagoda.quantization.fp8 import Fp8LinearMethod
 from pagoda.quantization.int8 import Int8LinearMethod
+from pagoda.quantization.w4a16 import compressed_tensors_w4a16_method
 
 _WEIGHT_STRATEGIES = ("channel", "tensor")
 
@@ -56,7 +57,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
         group_format = group.get("format") or self.format
         if group_format == "pack-quantized" and kind == "int" and acts is None:
-            return _w4a16_method(weights)
+            return compressed_tensors_w4a16_method(group)
         if bits != 8 or kind not in ("float", "int"):
             raise ValueError(
                 f"{field}.weights (type={kind!r}, num_bits={bits}, format={group_format!r}) is not supported: "
@@ -80,15 +81,4 @@ class CompressedTensorsConfig(QuantizationConfig):
                 "dynamic per-token int8 activations (W8A8 INT8) only"
             )
         return Int8LinearMethod(channel_scales=channel)
-
-
-def _w4a16_method(weights: dict[str, Any]) -> LinearMethod:
-    """The W4A16 method for a pack-quantized scheme (pagoda/quantization/w4a16.py, imported only when used)."""
-    try:
-        from pagoda.quantization.w4a16 import compressed_tensors_w4a16_method
-    except ImportError:
-        raise ValueError(
-            "compressed-tensors pack-quantized (W4A16) checkpoints are not supported yet in this build"
-        ) from None
-    return compressed_tensors_w4a16_method(weights)
 

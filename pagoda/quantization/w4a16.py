@@ -1,0 +1,157 @@
+"""4-bit weight-only linear layers (W4A16), shared by every 4-bit format: each format's method
+registers its checkpoint tensors and repacks them, after loading, into the one packed layout the
+Triton kernel reads (pagoda/kernels/w4a16_gemm.py); `apply` runs that kernel on CUDA and the torch
+reference (dequantize, then matmul) on the CPU.
+
+Also here: the compressed-tensors `pack-quantized` W4A16 scheme, as a method the
+compressed-tensors config dispatches to (`compressed_tensors_w4a16_method`)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.kernels.w4a16_gemm import (
+    PACK,
+    unpack_int4,
+    w4a16_gemm,
+    w4a16_gemm_reference,
+)
+from pagoda.layers.linear import LinearMethod
+
+
+@dataclass
+class PackedW4:
+    """W in the kernel's layout (see pagoda/kernels/w4a16_gemm.py)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    group_size: int
+
+
+def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + b over x's last dim: the Triton kernel on CUDA, dequantize-and-matmul elsewhere
+    (the CPU entry point other 4-bit formats reuse)."""
+    rows = x.reshape(-1, x.shape[-1])
+    args = (w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
+    out = w4a16_gemm(rows, *args) if x.is_cuda else w4a16_gemm_reference(rows, *args)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+def quant_param(data: torch.Tensor, **attrs: int) -> nn.Parameter:
+    """A frozen parameter carrying the loader's slicing attributes (output_dim, input_divisor...)."""
+    param = nn.Parameter(data, requires_grad=False)
+    for name, value in attrs.items():
+        setattr(param, name, value)
+    return param
+
+
+def check_bits(bits: int, field: str, method: str) -> None:
+    if bits != 4:
+        raise ValueError(f"{method} checkpoint has {field}={bits}: only {field}=4 is supported")
+
+
+def num_groups(input_size: int, group_size: int, field: str = "group_size") -> int:
+    """Groups along this layer's `input_size` inputs (group_size -1: one, per output channel)."""
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or input_size % group_size:
+        raise ValueError(
+            f"quantization_config {field}={group_size} does not divide the layer's {input_size} input features "
+            "(supported: -1 for per-channel, or a size dividing every layer's input)"
+        )
+    return input_size // group_size
+
+
+def check_output(output_size: int, method: str) -> None:
+    if output_size % PACK:
+        raise ValueError(f"{method}: a layer's {output_size} output features are not a multiple of {PACK}")
+
+
+class W4A16LinearMethod(LinearMethod):
+    """The shared part: after loading, the format's `repack` gives the kernel's layout, which
+    replaces the checkpoint tensors on the layer."""
+
+    checkpoint_params: tuple[str, ...] = ()
+
+    @abstractmethod
+    def repack(self, layer: nn.Module) -> PackedW4:
+        """The loaded checkpoint tensors of `layer` in the kernel's layout."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        packed = self.repack(layer)
+        for name in self.checkpoint_params:
+            delattr(layer, name)
+        layer.w4_qweight = quant_param(packed.qweight.contiguous())
+        layer.w4_scales = quant_param(packed.scales.contiguous())
+        layer.register_parameter("w4_zeros", None if packed.zeros is None else quant_param(packed.zeros.contiguous()))
+        layer.register_parameter("w4_g_idx", None if packed.g_idx is None else quant_param(packed.g_idx.contiguous()))
+        layer.w4_group_size = packed.group_size
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = PackedW4(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
+        return w4a16_linear(x, w, bias)
+
+
+class CompressedTensorsW4A16(W4A16LinearMethod):
+    """compressed-tensors `pack-quantized` int4 weights: weight_packed int32 [out, in/8] (8 signed
+    values per word, stored +8), weight_scale [out, groups], weight_zero_point int32 [out/8, groups]
+    (asymmetric only, packed along out), weight_shape [2]."""
+
+    def __init__(self, group_size: int, symmetric: bool) -> None:
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.checkpoint_params = ("weight_packed", "weight_scale", "weight_shape") + (
+            () if symmetric else ("weight_zero_point",)
+        )
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        groups = num_groups(input_size, self.group_size, "weights.group_size")
+        along_input = {} if self.group_size == -1 else {"input_dim": 1, "input_divisor": self.group_size}
+        layer.weight_packed = quant_param(
+            torch.empty(output_size, input_size // PACK, dtype=torch.int32), output_dim=0, input_dim=1, input_divisor=PACK
+        )
+        layer.weight_scale = quant_param(torch.empty(output_size, groups), output_dim=0, **along_input)
+        layer.weight_shape = quant_param(torch.empty(2, dtype=torch.int64))
+        if not self.symmetric:
+            check_output(output_size, "compressed-tensors W4A16 asymmetric")
+            layer.weight_zero_point = quant_param(
+                torch.empty(output_size // PACK, groups, dtype=torch.int32), output_dim=0, output_divisor=PACK, **along_input
+            )
+
+    def repack(self, layer: nn.Module) -> PackedW4:
+        # Both layouts pack 8 consecutive input rows per word, low nibble first: a transpose repacks.
+        qweight = layer.weight_packed.data.t()
+        scales = layer.weight_scale.data.t()
+        zeros = None
+        if not self.symmetric:
+            zeros = unpack_int4(layer.weight_zero_point.data, dim=0).t().to(scales.dtype)
+        group_size = qweight.shape[0] * PACK if self.group_size == -1 else self.group_size
+        return PackedW4(qweight, scales, zeros, None, group_size)
+
+
+def compressed_tensors_w4a16_method(scheme: dict[str, Any]) -> CompressedTensorsW4A16:
+    """The method for a compressed-tensors config group (its dict: "weights" holds num_bits,
+    type, symmetric, strategy, group_size, actorder) whose weights are 4-bit ints and whose
+    activations are not quantized."""
+    weights = scheme["weights"]
+    check_bits(weights.get("num_bits"), "weights.num_bits", "compressed-tensors W4A16")
+    if weights.get("type", "int") != "int":
+        raise ValueError(f"compressed-tensors W4A16: weights.type={weights.get('type')!r} is not supported (int only)")
+    if weights.get("actorder") not in (None, False):
+        raise ValueError(f"compressed-tensors W4A16: weights.actorder={weights['actorder']!r} is not supported")
+    strategy = weights.get("strategy")
+    if strategy == "channel":
+        group_size = -1
+    elif strategy == "group":
+        group_size = weights.get("group_size")
+    else:
+        raise ValueError(f"compressed-tensors W4A16: weights.strategy={strategy!r} is not supported (group, channel)")
+    return CompressedTensorsW4A16(group_size, bool(weights.get("symmetric", True)))

@@ -14,16 +14,19 @@ from collections.abc import Iterable, Sequence
 _HASH_BYTES = 32
 
 
-def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int], extra_keys: Sequence[str] = ()) -> int:
     """The key of a full block: a digest of its parent block's key and its own tokens.
 
     BLAKE2b rather than Python's hash(): hash() of int tuples can be collided on purpose, and the
     map is keyed by this digest alone, so a collision would hand a request another prompt's KV.
-    Chaining makes one key stand for the whole prefix up to and including this block."""
+    Chaining makes one key stand for the whole prefix up to and including this block. extra_keys:
+    what else the block's K/V depends on (the digests of the images behind its placeholder tokens)."""
     digest = hashlib.blake2b(digest_size=_HASH_BYTES)
     if parent_hash is not None:
         digest.update(parent_hash.to_bytes(_HASH_BYTES, "little"))
     digest.update(array("q", token_ids).tobytes())
+    for key in extra_keys:
+        digest.update(key.encode())
     return int.from_bytes(digest.digest(), "little")
 
 

@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,13 +131,14 @@ class AsyncLLM:
     # The event loop's side ------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        images: Sequence[Any] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine accepts it, returns its outputs step by step (the last
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it."""
-        request = self.processor.make_request(request_id, list(prompt_token_ids), params)
+        request = self.processor.make_request(request_id, list(prompt_token_ids), params, images)
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()

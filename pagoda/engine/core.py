@@ -110,7 +110,10 @@ class EngineCore:
         """Queue the engine requests of one user request, all or none (ValueError: the engine is
         left as it was)."""
         requests = [
-            Request(child_id, list(request.prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
+            Request(
+                child_id, list(request.prompt_token_ids), params, self.eos_token_ids, self.max_model_len,
+                images=request.images,
+            )
             for child_id, params in request.children
         ]
         added: list[str] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from pagoda.core.scheduler import SchedulerStats
+from pagoda.multimodal.inputs import ImageInput
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams, rebuilding_checked_params
 
@@ -34,6 +35,7 @@ class EngineCoreRequest(_Message):
     request_id: str
     prompt_token_ids: list[int]
     children: list[EngineRequest]
+    images: list[ImageInput] = []  # the prompt's images, in prompt order (multimodal/inputs.py)
 
 
 class AbortRequests(_Message):

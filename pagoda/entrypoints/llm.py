@@ -56,7 +56,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order."""
+        """Generate for each prompt (a string, or {"prompt": str} or {"prompt_token_ids": [...]} with
+        optionally "multi_modal_data": {"image": a PIL image or a list of them}); outputs in input order."""
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -199,7 +200,7 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True)
+                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True, images=_images(prompt))
                 request_ids.append(request_id)
         except ValueError:
             engine.abort_request(request_ids)
@@ -224,6 +225,18 @@ class LLM:
             if progress:
                 progress.close()
         return [finished[rid] for rid in request_ids]
+
+
+def _images(prompt: PromptType) -> list[Any]:
+    """A prompt's images: its multi_modal_data's "image", one or a list (vLLM's form)."""
+    if isinstance(prompt, str):
+        return []
+    data = prompt.get("multi_modal_data") or {}
+    unknown = sorted(set(data) - {"image"})
+    if unknown:
+        raise ValueError(f"multi_modal_data has {unknown}: only 'image' is supported")
+    images = data.get("image", [])
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 class _Progress:

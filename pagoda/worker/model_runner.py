@@ -28,6 +28,8 @@ from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
 from pagoda.loader.model_loader import build_model
+from pagoda.multimodal.encoder_cache import EncoderCache
+from pagoda.multimodal.inputs import ImageInput
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
     DeviceSamples,
@@ -108,6 +110,8 @@ class _Batch:
     # Request id -> the row of its last sample, the next step's input for a decode planned before
     # the samples are read (never a chunk with drafts: the scheduler waits for their verdict).
     last_sample_row: dict[str, int]
+    # Chunks that may cover image placeholders: (request id, its images, start, length, first row).
+    image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -136,6 +140,9 @@ class ModelRunner:
             "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, config.model.load_format,
             weight_bytes / 2**30,
         )
+        # A vision-language model's image features, kept across a request's prefill chunks; the
+        # first pipeline stage embeds the tokens, so it alone encodes images.
+        self.encoder_cache = EncoderCache() if self.model.is_multimodal and pp_group().is_first else None
         self.sampler = Sampler(config.model.seed)
         pooler = config.model.pooler
         self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
@@ -284,7 +291,10 @@ class ModelRunner:
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
         input_ids = self._input_ids(batch)
-        if graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
+        images = None
+        if self.encoder_cache is not None and batch.image_chunks:
+            images = self.encoder_cache.step_features(batch.image_chunks, self.model.encode_image)
+        if images is None and graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
                 pinned(batch.seq_lens, torch.int32), pinned(_padded_tables(batch.block_tables), torch.int32),
@@ -292,7 +302,12 @@ class ModelRunner:
         metadata = self._build_metadata(batch.slots, batch.query_lens, batch.seq_lens, batch.block_tables)
         self.attention_backend.prepare(metadata)
         positions = to_device(batch.positions, torch.int64, self.device)
-        return self.model(input_ids, positions, self.kv_caches, metadata)
+        if images is None:
+            return self.model(input_ids, positions, self.kv_caches, metadata)
+        rows, features = images
+        embeds = self.model.embed_input_ids(input_ids)
+        embeds[to_device(rows, torch.int64, self.device)] = features.to(embeds.dtype)
+        return self.model(input_ids, positions, self.kv_caches, metadata, inputs_embeds=embeds)
 
     def _input_ids(self, batch: _Batch) -> torch.Tensor:
         input_ids = to_device(batch.input_ids, torch.int64, self.device)
@@ -336,9 +351,12 @@ class ModelRunner:
         unread_rows: list[int] = []
         unread_sources: list[int] = []
         last_sample_row: dict[str, int] = {}
+        image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = []
         for chunk in chunks:
             req, s, n = chunk.request, chunk.start, chunk.num_tokens
             starts.append(len(input_ids))
+            if req.images and s < req.images[-1].end:
+                image_chunks.append((req.request_id, req.images, s, n, starts[-1]))
             if n == 1:  # a decode: most rows of most steps, so no ranges or generators
                 if s < len(req.token_ids):
                     input_ids.append(req.token_ids[s])
@@ -378,6 +396,7 @@ class ModelRunner:
             unread_rows=unread_rows,
             unread_sources=unread_sources,
             last_sample_row=last_sample_row,
+            image_chunks=image_chunks,
         )
 
     def _build_metadata(

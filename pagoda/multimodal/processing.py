@@ -1,0 +1,101 @@
+"""The front end's side of images: a prompt's token ids with one image placeholder token per
+image, and its images, become the ids with each placeholder expanded to the image's feature count
+and an ImageInput per image, preprocessed by the model's own transformers processor (AutoProcessor).
+Expanding token ids (not text) serves text prompts, token-id prompts and rendered chats alike."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pagoda.multimodal.inputs import ImageInput, TensorData
+
+# Larger images are refused before they are decoded (PIL's own bomb guard is at 179 Mpx).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Images per prompt without --limit-mm-per-prompt: vLLM's default (the prompt's length bounds them too).
+DEFAULT_IMAGE_LIMIT = 999
+
+
+def is_multimodal_config(hf_config: Any) -> bool:
+    """A vision-language model's config: a language model's config with a vision encoder's."""
+    return getattr(hf_config, "vision_config", None) is not None and getattr(hf_config, "text_config", None) is not None
+
+
+def image_token_id(hf_config: Any) -> int:
+    """The id of the placeholder token the model's image features replace."""
+    for name in ("image_token_index", "image_token_id"):
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"the {hf_config.model_type} config names no image token (image_token_index)")
+
+
+def image_hash(image: Any) -> str:
+    """A digest of what the model sees of an image: its mode, size and pixels."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def check_image(image: Any, what: str) -> None:
+    """ValueError naming `what` for something that is no PIL image, or one with too many pixels."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{what} is not an image (a PIL.Image.Image), but {type(image).__name__}")
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what} has {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed"
+        )
+
+
+class ImageProcessor:
+    """One model's image preprocessing, loaded once by the front end."""
+
+    def __init__(self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        self.token_id = image_token_id(hf_config)
+        self.placeholder: str = self.processor.image_token  # the placeholder as text, for chats
+        self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
+
+    def check_count(self, num_images: int) -> None:
+        if num_images > self.max_images:
+            raise ValueError(
+                f"{num_images} images in one prompt: at most {self.max_images} allowed (--limit-mm-per-prompt)"
+            )
+
+    def process(self, prompt_token_ids: list[int], images: list[Any]) -> tuple[list[int], list[ImageInput]]:
+        """The expanded prompt and its ImageInputs, or a ValueError naming what is wrong."""
+        self.check_count(len(images))
+        for i, image in enumerate(images):
+            check_image(image, f"image {i}")
+        placeholders = [i for i, t in enumerate(prompt_token_ids) if t == self.token_id]
+        if len(placeholders) != len(images):
+            raise ValueError(
+                f"the prompt has {len(placeholders)} image placeholders ({self.placeholder!r}) for {len(images)} "
+                "images: it needs one per image"
+            )
+        expanded: list[int] = []
+        inputs: list[ImageInput] = []
+        last = 0
+        for position, image in zip(placeholders, images):
+            image = image.convert("RGB")
+            tensors = self.processor.image_processor([image], return_tensors="pt")
+            length = self._num_features(image)
+            expanded.extend(prompt_token_ids[last:position])
+            inputs.append(ImageInput(
+                len(expanded), length, image_hash(image),
+                {name: TensorData.from_tensor(value) for name, value in tensors.items()},
+            ))
+            expanded.extend([self.token_id] * length)
+            last = position + 1
+        expanded.extend(prompt_token_ids[last:])
+        return expanded, inputs
+
+    def _num_features(self, image: Any) -> int:
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width]])
+        return int(counts["num_image_tokens"][0])

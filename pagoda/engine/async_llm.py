@@ -39,6 +39,7 @@ from pagoda.engine.messages import (
     Refused,
 )
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
+from pagoda.multimodal.inputs import image_tokens
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -57,6 +58,7 @@ class EngineCounters:
     """Totals since start, for /metrics and the stats log line."""
 
     prompt_tokens: int = 0
+    prompt_image_tokens: int = 0  # the prompt tokens that stand for images (counted in prompt_tokens too)
     generation_tokens: int = 0
 
 
@@ -76,6 +78,7 @@ class _Pending:
     prompt_token_ids: list[int]
     children: list[EngineRequest]
     arrival_time: float
+    num_image_tokens: int = 0
 
 
 # Called in the receiver thread with the final output of each request that ends (finished or
@@ -148,7 +151,9 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._pending[request_id] = _Pending(accepted, prompt, request.prompt_token_ids, children, time.time())
+            self._pending[request_id] = _Pending(
+                accepted, prompt, request.prompt_token_ids, children, time.time(), image_tokens(request.images)
+            )
         try:
             self.engine_core.add_request(request)
         except ValueError:
@@ -282,6 +287,7 @@ class AsyncLLM:
             request_id, pending.prompt, pending.prompt_token_ids, pending.children, pending.arrival_time
         )
         self.counters.prompt_tokens += len(pending.prompt_token_ids)
+        self.counters.prompt_image_tokens += pending.num_image_tokens
         pending.accepted.set_result(None)
 
     def _refuse(self, request_id: str, error: Exception) -> None:

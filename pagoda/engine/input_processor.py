@@ -36,7 +36,9 @@ class InputProcessor:
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
         # A vision-language model's image preprocessing (None: a text-only model).
         self.image_processor = (
-            ImageProcessor(resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt)
+            ImageProcessor(
+                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt, args.allow_image_url_fetch
+            )
             if model_class(self.config.model.spec.architecture).is_multimodal else None
         )
 

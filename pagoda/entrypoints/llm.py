@@ -99,13 +99,16 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
-        (which also gets `tools`, OpenAI-style function definitions, as in vLLM)."""
+        (which also gets `tools`, OpenAI-style function definitions, as in vLLM). A vision-language
+        model's messages may hold image parts: image_url (a data: URL) or image_pil."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self._require_tokenizer("chat")
-        rendered = [
-            render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools) for conv in conversations
-        ]
-        token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
+        images = self.llm_engine.processor.image_processor
+        token_prompts = []
+        for conv in conversations:
+            conv, conv_images = images.chat_images(conv) if images is not None else (conv, [])
+            text, ids = render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools)
+            token_prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": conv_images}})
         return self.generate(token_prompts, sampling_params, use_tqdm)
 
     def beam_search(

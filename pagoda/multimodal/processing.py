@@ -54,13 +54,22 @@ def check_image(image: Any, what: str) -> None:
 class ImageProcessor:
     """One model's image preprocessing, loaded once by the front end."""
 
-    def __init__(self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None) -> None:
+    def __init__(
+        self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None, allow_url_fetch: bool = False
+    ) -> None:
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
         self.token_id = image_token_id(hf_config)
         self.placeholder: str = self.processor.image_token  # the placeholder as text, for chats
         self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
+        self.allow_url_fetch = allow_url_fetch
+
+    def chat_images(self, conversation: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """A chat's images, and the chat with placeholders where they were (media.ImagePartError)."""
+        from pagoda.multimodal.media import extract_images
+
+        return extract_images(conversation, self.placeholder, self.allow_url_fetch, self.max_images)
 
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:

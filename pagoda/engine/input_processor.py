@@ -50,10 +50,10 @@ class InputProcessor:
         max_model_len = self.config.model.max_model_len
         prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, max_model_len)
         image_inputs = []
-        if images:
-            if self.image_processor is None:
-                raise ValueError(f"images were given, but {self.config.model.spec.architecture} takes text only")
+        if self.image_processor is not None:  # placeholders without their images are refused too
             prompt_token_ids, image_inputs = self.image_processor.process(prompt_token_ids, list(images))
+        elif images:
+            raise ValueError(f"images were given, but {self.config.model.spec.architecture} takes text only")
         self._validate_prompt(prompt_token_ids)
         self._validate_token_ids("logit_bias", params.logit_bias)
         self._validate_token_ids("allowed_token_ids", params.allowed_token_ids)

@@ -1,0 +1,128 @@
+"""Vision-language models (LLaVA) through LLM: greedy tokens equal transformers' for prompts
+with one and two images, in a batch with text-only prompts, through chunked prefill (each image
+encoded once), and from LLM.chat; the prefix cache keys image blocks by the image's content;
+bad image inputs are refused with errors that name them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+from tests.tiny_vlm import hf_greedy_with_images, random_image, save_tiny_llava
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("vlm"))
+
+
+@pytest.fixture(scope="module")
+def llm(llava):
+    engine = LLM(str(llava), device="cpu", dtype="float32", max_model_len=256, block_size=4,
+                 limit_mm_per_prompt={"image": 2})
+    yield engine
+    engine.shutdown()
+
+
+def _generate(llm: LLM, prompt: str, images: list) -> list[int]:
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY, use_tqdm=False)
+    return out[0].outputs[0].token_ids
+
+
+def test_one_image_matches_transformers(llava, llm):
+    image = random_image(40, 30, seed=1)
+    prompt = "<image>What is this?"
+    assert _generate(llm, prompt, [image]) == hf_greedy_with_images(llava, prompt, [image], MAX_TOKENS)
+
+
+def test_two_images_of_different_sizes_match_transformers(llava, llm):
+    images = [random_image(64, 48, seed=2), random_image(30, 90, seed=3)]
+    prompt = "first <image> then <image> compare"
+    tokens = _generate(llm, prompt, images)
+    assert tokens == hf_greedy_with_images(llava, prompt, images, MAX_TOKENS)
+    # The images matter: swapped, they give other tokens.
+    assert tokens != _generate(llm, prompt, images[::-1])
+
+
+def test_batch_mixes_image_and_text_prompts(llava, llm):
+    a, b = random_image(50, 50, seed=4), random_image(70, 35, seed=5)
+    prompts = [
+        {"prompt": "<image>one", "multi_modal_data": {"image": a}},
+        "plain text only",
+        {"prompt": "two <image>", "multi_modal_data": {"image": [b]}},
+        {"prompt": "more text"},
+    ]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    expected = [
+        hf_greedy_with_images(llava, "<image>one", [a], MAX_TOKENS),
+        hf_greedy_with_images(llava, "plain text only", [], MAX_TOKENS),
+        hf_greedy_with_images(llava, "two <image>", [b], MAX_TOKENS),
+        hf_greedy_with_images(llava, "more text", [], MAX_TOKENS),
+    ]
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert len(outputs[0].prompt_token_ids) == 16 + 3  # the image's 16 placeholders, "one"
+
+
+def test_chunked_prefill_encodes_each_image_once(llava):
+    # 8 tokens a step: each image's 16 placeholders span three chunks.
+    engine = LLM(str(llava), device="cpu", dtype="float32", max_model_len=256, max_num_batched_tokens=8,
+                 enable_prefix_caching=False)
+    try:
+        images = [random_image(45, 60, seed=6), random_image(60, 45, seed=7)]
+        prompt = "a <image> b <image> c"
+        assert _generate(engine, prompt, images) == hf_greedy_with_images(llava, prompt, images, MAX_TOKENS)
+        runner = engine.llm_engine.engine_core.engine_core.executor.worker.runner
+        assert runner.encoder_cache.num_encoded == 2
+    finally:
+        engine.shutdown()
+
+
+def test_prefix_cache_keys_image_blocks_by_content(llm):
+    prefix = "a shared text prefix that fills blocks "
+    prompt = prefix + "<image> and after"
+    image = random_image(48, 48, seed=8)
+
+    def cached(img) -> tuple[int, list[int]]:
+        out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img}}, GREEDY, use_tqdm=False)[0]
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    first_cached, first_tokens = cached(image)
+    again_cached, again_tokens = cached(image.copy())
+    assert again_cached > first_cached + 16 and again_tokens == first_tokens  # past the image's blocks
+    changed = image.copy()
+    changed.putpixel((47, 47), (0, 0, 0) if changed.getpixel((47, 47)) != (0, 0, 0) else (255, 255, 255))
+    changed_cached, _ = cached(changed)
+    # The text before the image still hits; no block holding a placeholder does.
+    num_prefix = len(llm.get_tokenizer().encode(prefix))
+    assert changed_cached <= num_prefix + 1 < again_cached
+
+
+def test_chat_with_image_parts_equals_generate(llm):
+    image = random_image(33, 44, seed=9)
+    messages = [{"role": "user", "content": [
+        {"type": "image_pil", "image_pil": image}, {"type": "text", "text": "describe"},
+    ]}]
+    chat = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    template = "<|im_start|>user\n<image>\ndescribe<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.get_tokenizer().encode(template, add_special_tokens=False)
+    direct = llm.generate(
+        {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}, GREEDY, use_tqdm=False
+    )[0]
+    assert chat.prompt_token_ids == direct.prompt_token_ids
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+@pytest.mark.parametrize(("prompt", "images", "message"), [
+    ("<image> one placeholder", [], "1 image placeholders"),
+    ("no placeholder", ["IMAGE"], "0 image placeholders"),
+    ("<image><image><image>", ["IMAGE"] * 3, "at most 2 allowed"),
+    ("<image>", ["not an image"], "is not an image"),
+])
+def test_bad_image_inputs_are_refused(llm, prompt, images, message):
+    images = [random_image(20, 20, seed=0) if i == "IMAGE" else i for i in images]
+    with pytest.raises(ValueError, match=message):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY, use_tqdm=False)
+    assert _generate(llm, "still <image> working", [random_image(20, 20, seed=0)])

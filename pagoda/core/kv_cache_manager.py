@@ -110,8 +110,10 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[-1] if hashes else None
+            tokens = request.token_ids[i * bs : (i + 1) * bs]
+            # A block over image placeholders is keyed by the images' content too.
             extra = block_extra_keys(request.images, i * bs, (i + 1) * bs) if request.images else ()
-            hashes.append(hash_block_tokens(parent, request.token_ids[i * bs : (i + 1) * bs], extra))
+            hashes.append(hash_block_tokens(parent, tokens, extra) if extra else hash_block_tokens(parent, tokens))
         return hashes
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:

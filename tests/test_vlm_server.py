@@ -70,10 +70,11 @@ def test_chat_with_base64_image_whole_and_streamed(base, llava):
         expected = offline.chat(
             [{"role": "user", "content": [{"type": "text", "text": "what is in"}, {"type": "image_pil", "image_pil": IMAGE}]}],
             SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False,
-        )[0].outputs[0].text
+        )[0]
     finally:
         offline.shutdown()
-    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].message.content == expected.outputs[0].text
+    assert whole.usage.prompt_tokens == len(expected.prompt_token_ids)  # the image's placeholders count
     with http_client(base) as http:
         metrics = http.get("/metrics").text
     counted = [line for line in metrics.splitlines() if line.startswith("pagoda:prompt_image_tokens_total")]

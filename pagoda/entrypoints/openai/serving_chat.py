@@ -165,6 +165,7 @@ class OpenAIServingChat(OpenAIServing):
         final = None
         async for _, output in merge([run.outputs]):
             final = output
+        run.prompt_ids = final.prompt_token_ids  # the engine's: image placeholders expanded
         choices = [self._choice(request, run, child) for child in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
@@ -219,6 +220,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=run.echo)) for i in range(run.n)])
         async for _, output in merge([run.outputs]):
             cached = output.num_cached_tokens
+            run.prompt_ids = output.prompt_token_ids  # the engine's: image placeholders expanded
             choices = [self._stream_choice(request, child, sent, texts[child.index]) for child in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:

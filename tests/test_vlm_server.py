@@ -92,6 +92,8 @@ def _png_of_size(width: int, height: int) -> str:
     ([image_part("data:image/png;base64," + base64.b64encode(b"not an image").decode())], 0, "not an image"),
     ([image_part("data:image/png;base64,@@@")], 0, "not valid base64"),
     ([image_part("data:image/png,raw")], 0, "base64"),
+    ([{"type": "image_url", "image_url": {}}], 0, "no image_url.url"),
+    ([{"type": "input_audio", "input_audio": {}}], 0, "type 'input_audio'"),
     ([image_part(_png_of_size(9000, 9000))], 0, "pixels"),
     ([image_part(data_url(IMAGE))] * 3, 2, "more than 2 images"),
     ([{"type": "text", "text": "look"}, image_part("http://127.0.0.1:9/x.png")], 1, "--allow-image-url-fetch"),

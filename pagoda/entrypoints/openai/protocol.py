@@ -128,7 +128,7 @@ class CompletionRequest(SamplingFields):
 
 
 class ImageURL(RequestModel):
-    url: str
+    url: Optional[str] = None  # checked with the part, so that its error names the part
     detail: Optional[str] = None
 
 

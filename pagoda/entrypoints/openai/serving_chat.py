@@ -146,8 +146,9 @@ class OpenAIServingChat(OpenAIServing):
         processor = self.engine.processor.image_processor
         for i, turn in enumerate(conversation):
             if isinstance(turn["content"], list) and processor is None:
+                kind = next(part["type"] for part in turn["content"] if part["type"] != "text")
                 raise OpenAIError(
-                    f"messages[{i}] has an image part, but the model {self.model_name} takes text only",
+                    f"messages[{i}] has a content part of type {kind!r}: the model {self.model_name} takes text only",
                     param=f"messages.{i}.content",
                 )
         if processor is None:
@@ -364,18 +365,15 @@ def _check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
 
 
 def _text(content: Any, i: int) -> str | list[dict[str, Any]]:
-    """A message's text; its parts as they came where one is an image (the engine's image
-    processor turns those into text and images)."""
+    """A message's text; its parts as they came where one is not text (a vision-language model's
+    image processor turns image parts into text and images; others are refused there)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if any(part.type == "image_url" for part in content):
+    if any(part.type != "text" for part in content):
         return [part.model_dump(exclude_none=True) for part in content]
     for part in content:
-        if part.type != "text" or part.text is None:
-            raise OpenAIError(
-                f"messages[{i}] has a content part of type {part.type!r}: only text parts are supported",
-                param=f"messages.{i}.content",
-            )
+        if part.text is None:
+            raise OpenAIError(f"messages[{i}] has a text part without text", param=f"messages.{i}.content")
     return "".join(part.text for part in content)
 
 

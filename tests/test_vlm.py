@@ -1,6 +1,6 @@
-"""Vision-language models (LLaVA) through LLM: greedy tokens equal transformers' for prompts
-with one and two images, in a batch with text-only prompts, through chunked prefill (each image
-encoded once), and from LLM.chat; the prefix cache keys image blocks by the image's content;
+"""Vision-language models (LLaVA, Qwen2-VL) through LLM: greedy tokens equal transformers' for
+prompts with one and two images, in a batch with text-only prompts, through chunked prefill (each
+image encoded once), and from LLM.chat; the prefix cache keys image blocks by the image's content;
 bad image inputs are refused with errors that name them."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from tests.tiny_vlm import hf_greedy_with_images, random_image, save_tiny_llava
+from tests.tiny_vlm import (
+    QWEN_IMAGE, hf_greedy_with_images, hf_qwen2_vl_greedy, random_image, save_tiny_llava, save_tiny_qwen2_vl,
+)
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -126,3 +128,28 @@ def test_bad_image_inputs_are_refused(llm, prompt, images, message):
     with pytest.raises(ValueError, match=message):
         llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY, use_tqdm=False)
     assert _generate(llm, "still <image> working", [random_image(20, 20, seed=0)])
+
+
+# Qwen2-VL: M-RoPE positions for the images' grids, decode positions continuing from the largest.
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory):
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_qwen2_vl_matches_transformers(qwen2_vl, chunked):
+    images = [random_image(60, 90, seed=12), random_image(100, 50, seed=13)]
+    prompt = f"hi {QWEN_IMAGE} and {QWEN_IMAGE} end"
+    text = "text only, plain positions"
+    extra = dict(max_num_batched_tokens=8, enable_prefix_caching=False) if chunked else {}
+    engine = LLM(str(qwen2_vl), device="cpu", dtype="float32", max_model_len=256, **extra)
+    try:
+        outputs = engine.generate(
+            [{"prompt": prompt, "multi_modal_data": {"image": images}}, text], GREEDY, use_tqdm=False
+        )
+    finally:
+        engine.shutdown()
+    assert outputs[0].outputs[0].token_ids == hf_qwen2_vl_greedy(qwen2_vl, prompt, images, MAX_TOKENS)
+    assert outputs[1].outputs[0].token_ids == hf_qwen2_vl_greedy(qwen2_vl, text, [], MAX_TOKENS)

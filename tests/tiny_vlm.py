@@ -65,3 +65,63 @@ def hf_greedy_with_images(path: Path, prompt: str, images: list[Image.Image], ma
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def save_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL (2-block vision transformer, 2x2 merger, M-RoPE sections 2/3/3) with
+    its image processor and the byte-level tokenizer with Qwen's vision tokens. No processor
+    config: Qwen2VLProcessor needs torchvision for its video half; the engine falls back to the
+    image processor."""
+    save_tokenizer(directory / "tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=0, eos_token_id=1,
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        architectures=["Qwen2VLForConditionalGeneration"], bos_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    path = directory / "qwen2vl"
+    transformers.Qwen2VLForConditionalGeneration(config).float().eval().save_pretrained(path)
+    transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def hf_qwen2_vl_greedy(path: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation, each <|image_pad|> expanded to its image's merged patches."""
+    import inspect
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    pad = model.config.image_token_id
+    features = [image_processor([image], return_tensors="pt") for image in images]
+    grids = iter(f["image_grid_thw"] for f in features)
+    ids: list[int] = []
+    for token in tokenizer.encode(prompt):
+        ids += [pad] * (int(next(grids).prod()) // 4) if token == pad else [token]
+    input_ids = torch.tensor([ids])
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    if images:
+        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+        inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features])
+    # transformers >= 5.2x takes the token types (image: 1) that M-RoPE is computed from.
+    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+        inputs["mm_token_type_ids"] = (input_ids == pad).int()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()

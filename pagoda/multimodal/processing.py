@@ -57,11 +57,20 @@ class ImageProcessor:
     def __init__(
         self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None, allow_url_fetch: bool = False
     ) -> None:
-        from transformers import AutoProcessor
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-        self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
         self.token_id = image_token_id(hf_config)
-        self.placeholder: str = self.processor.image_token  # the placeholder as text, for chats
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+            self.image_processor = self.processor.image_processor
+            self.placeholder: str = self.processor.image_token  # the placeholder as text, for chats
+        except ImportError:
+            # Qwen2-VL's processor also loads its video processor, which needs torchvision:
+            # images need only the image processor.
+            self.processor = None
+            self.image_processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            self.placeholder = tokenizer.convert_ids_to_tokens(self.token_id)
         self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
         self.allow_url_fetch = allow_url_fetch
 
@@ -93,8 +102,8 @@ class ImageProcessor:
         last = 0
         for position, image in zip(placeholders, images):
             image = image.convert("RGB")
-            tensors = self.processor.image_processor([image], return_tensors="pt")
-            length = self._num_features(image)
+            tensors = self.image_processor([image], return_tensors="pt")
+            length = self._num_features(image, tensors)
             expanded.extend(prompt_token_ids[last:position])
             inputs.append(ImageInput(
                 len(expanded), length, image_hash(image),
@@ -105,6 +114,9 @@ class ImageProcessor:
         expanded.extend(prompt_token_ids[last:])
         return expanded, inputs
 
-    def _num_features(self, image: Any) -> int:
+    def _num_features(self, image: Any, tensors: Any) -> int:
+        grid = tensors.get("image_grid_thw")
+        if grid is not None:  # Qwen2-VL: one feature per merged patch of the grid
+            return int(grid.prod()) // self.image_processor.merge_size**2
         counts = self.processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width]])
         return int(counts["num_image_tokens"][0])

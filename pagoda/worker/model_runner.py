@@ -30,6 +30,7 @@ from pagoda.host_to_device import pinned, to_device
 from pagoda.loader.model_loader import build_model
 from pagoda.multimodal.encoder_cache import EncoderCache
 from pagoda.multimodal.inputs import ImageInput
+from pagoda.multimodal.mrope import mrope_delta, mrope_positions
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
     DeviceSamples,
@@ -112,6 +113,8 @@ class _Batch:
     last_sample_row: dict[str, int]
     # Chunks that may cover image placeholders: (request id, its images, start, length, first row).
     image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = field(default_factory=list)
+    # M-RoPE (Qwen2-VL): positions is [3, T] where a chunk reaches into a prompt with images.
+    positions_3d: bool = False
 
 
 class ModelRunner:
@@ -143,6 +146,7 @@ class ModelRunner:
         # A vision-language model's image features, kept across a request's prefill chunks; the
         # first pipeline stage embeds the tokens, so it alone encodes images.
         self.encoder_cache = EncoderCache() if self.model.is_multimodal and pp_group().is_first else None
+        self.mrope_merge_size: int | None = getattr(self.model, "mrope_merge_size", None)
         self.sampler = Sampler(config.model.seed)
         pooler = config.model.pooler
         self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
@@ -294,7 +298,8 @@ class ModelRunner:
         images = None
         if self.encoder_cache is not None and batch.image_chunks:
             images = self.encoder_cache.step_features(batch.image_chunks, self.model.encode_image)
-        if images is None and graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
+        plain = images is None and not batch.positions_3d
+        if plain and graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
                 pinned(batch.seq_lens, torch.int32), pinned(_padded_tables(batch.block_tables), torch.int32),
@@ -383,6 +388,9 @@ class ModelRunner:
                 sample_rows.extend(range(len(logits_rows), len(logits_rows) + k))
                 logits_rows.extend(range(starts[-1] + n - k, starts[-1] + n))
                 last_sample_row[req.request_id] = len(sample_rows) - 1
+        positions_3d = False
+        if self.mrope_merge_size is not None:
+            positions, positions_3d = _mrope_positions(chunks, positions, self.mrope_merge_size)
         return _Batch(
             input_ids=input_ids,
             positions=positions,
@@ -397,6 +405,7 @@ class ModelRunner:
             unread_sources=unread_sources,
             last_sample_row=last_sample_row,
             image_chunks=image_chunks,
+            positions_3d=positions_3d,
         )
 
     def _build_metadata(
@@ -414,6 +423,23 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _mrope_positions(chunks: list[ScheduledChunk], positions: list[int], merge: int) -> tuple[list, bool]:
+    """M-RoPE positions of a step: [3, T] (and True) where a chunk reaches into a prompt with
+    images; else the 1-D positions, those past an image prompt shifted by its delta."""
+    out = np.broadcast_to(np.asarray(positions, dtype=np.int64), (3, len(positions))).copy()
+    row, has_3d = 0, False
+    for chunk in chunks:
+        req, s, n = chunk.request, chunk.start, chunk.num_tokens
+        if req.images:
+            prompt_end = min(s + n, req.num_prompt_tokens)
+            if s < prompt_end:
+                out[:, row : row + prompt_end - s] = mrope_positions(req.images, s, prompt_end, merge)
+                has_3d = True
+            out[:, row + max(0, prompt_end - s) : row + n] += mrope_delta(req.images, merge)
+        row += n
+    return (out.tolist(), True) if has_3d else (out[0].tolist(), False)
 
 
 def _query_starts(query_lens: list[int]) -> list[int]:

@@ -133,13 +133,9 @@ def test_bad_image_inputs_are_refused(llm, prompt, images, message):
 # Qwen2-VL: M-RoPE positions for the images' grids, decode positions continuing from the largest.
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory):
-    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2vl"))
-
-
-@pytest.mark.parametrize("chunked", [False, True])
-def test_qwen2_vl_matches_transformers(qwen2_vl, chunked):
+@pytest.mark.parametrize(("name", "chunked"), [("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", True)])
+def test_qwen2_vl_matches_transformers(tmp_path, name, chunked):
+    qwen2_vl = save_tiny_qwen2_vl(tmp_path, name)
     images = [random_image(60, 90, seed=12), random_image(100, 50, seed=13)]
     prompt = f"hi {QWEN_IMAGE} and {QWEN_IMAGE} end"
     text = "text only, plain positions"

@@ -71,8 +71,22 @@ QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def save_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Qwen2-VL (2-block vision transformer, 2x2 merger, M-RoPE sections 2/3/3) with
+# name -> (config class, model class, vision config): Qwen2.5-VL's tower has window attention
+# (a window of 56 pixels, full attention in its second block) and a gated MLP.
+QWEN_VL = {
+    "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, dict(
+        depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_chans=3,
+    )),
+    "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, dict(
+        depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, in_chans=3, window_size=56, fullatt_block_indexes=[1],
+    )),
+}
+
+
+def save_tiny_qwen2_vl(directory: Path, name: str = "qwen2_vl", seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL or Qwen2.5-VL (2-block vision transformer, 2x2 merger, M-RoPE sections 2/3/3) with
     its image processor and the byte-level tokenizer with Qwen's vision tokens. No processor
     config: Qwen2VLProcessor needs torchvision for its video half; the engine falls back to the
     image processor."""
@@ -80,21 +94,21 @@ def save_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "tokenizer")
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
-    config = transformers.Qwen2VLConfig(
+    config_cls, model_cls, vision = QWEN_VL[name]
+    config = config_cls(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=0, eos_token_id=1,
         ),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        architectures=["Qwen2VLForConditionalGeneration"], bos_token_id=0, eos_token_id=1,
+        architectures=[model_cls.__name__], bos_token_id=0, eos_token_id=1,
     )
     torch.manual_seed(seed)
-    path = directory / "qwen2vl"
-    transformers.Qwen2VLForConditionalGeneration(config).float().eval().save_pretrained(path)
+    path = directory / name
+    model_cls(config).float().eval().save_pretrained(path)
     transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -106,7 +120,7 @@ def hf_qwen2_vl_greedy(path: Path, prompt: str, images: list[Image.Image], max_n
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     pad = model.config.image_token_id
     features = [image_processor([image], return_tensors="pt") for image in images]

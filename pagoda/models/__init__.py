@@ -12,7 +12,7 @@ from pagoda.models.llava import LlavaForConditionalGeneration
 from pagoda.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
-from pagoda.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from pagoda.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from pagoda.models.qwen3 import Qwen3ForCausalLM
 from pagoda.models.transformers_fallback import (
     TRANSFORMERS_ARCHITECTURE,
@@ -30,6 +30,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,

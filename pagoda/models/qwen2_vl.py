@@ -1,4 +1,4 @@
-"""Qwen2-VL: transformers' own vision transformer (2-D rotary patches, a 2x2 patch merger),
+"""Qwen2-VL and Qwen2.5-VL: transformers' own vision transformer (Qwen2.5-VL's with window attention) (2-D rotary patches, a 2x2 patch merger),
 built from vision_config and loaded from the checkpoint, and Pagoda's Qwen2 language model with
 M-RoPE (layers/rotary.py's MRotaryEmbedding; the runner gives each prefill chunk with images its
 [3, T] positions, multimodal/mrope.py). As LLaVA's (models/llava.py), the tower runs only on
@@ -22,15 +22,24 @@ from pagoda.multimodal.inputs import ImageInput
 _CHECKPOINT_PREFIXES = {"model.language_model.": "model.", "model.visual.": "visual."}
 
 
+def _vision_model_class(model_type: str) -> type:
+    if model_type == "qwen2_5_vl_vision":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        return Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return Qwen2VisionTransformerPretrainedModel
+
+
 class Qwen2VisionTower(VisionTower):
     def __init__(self, vision_config: dict) -> None:
         torch.nn.Module.__init__(self)
         from transformers import AutoConfig
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
         config = AutoConfig.for_model(**vision_config)
         config._attn_implementation = "sdpa"
-        self.model = Qwen2VisionTransformerPretrainedModel._from_config(config)
+        self.model = _vision_model_class(config.model_type)._from_config(config)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values, grid_thw=grid_thw)
@@ -59,9 +68,10 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
     @classmethod
     def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
         vision = config.hf_config["vision_config"]
-        d = vision["embed_dim"]
-        # Each block's attention (4 d^2) and MLP (2 d * mlp_ratio * d); the merger is left out.
-        tower = vision["depth"] * (4 * d * d + 2 * d * int(d * vision.get("mlp_ratio", 4)))
+        d = vision.get("embed_dim") or vision["hidden_size"]  # Qwen2-VL's name, Qwen2.5-VL's
+        width = vision.get("intermediate_size") or int(d * vision.get("mlp_ratio", 4))
+        # Each block's attention (4 d^2) and MLP (up to 3 d x width); the merger is left out.
+        tower = vision["depth"] * (4 * d * d + 3 * d * width)
         return super().weight_bytes(_text_spec(config), dtype) + tower * dtype.itemsize
 
     @staticmethod
@@ -89,6 +99,10 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         return self.model(input_ids, positions, kv_caches, metadata, inputs_embeds)
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    pass  # the tower differs, and its class is chosen by the vision config's model_type
 
 
 def _text_spec(spec: ModelSpec) -> ModelSpec:

@@ -1,7 +1,7 @@
 """What crosses the engine core's boundary, as typed structs with one codec (msgspec's msgpack).
 
-Front end -> core: EngineCoreRequest (one user request: its prompt ids and its engine requests,
-n>1 already fanned out), AbortRequests, Stop. Core -> front end: Ready or Failed once at start-up,
+Front end -> core: EngineCoreRequest (one user request: its prompt ids, its images' inputs and
+its engine requests, n>1 already fanned out), AbortRequests, Stop. Core -> front end: Ready or Failed once at start-up,
 then Accepted / Refused per EngineCoreRequest, Aborted and Outputs (each with the core's scheduler
 stats). Every struct is tagged, so one decoder per direction returns the right type; token ids,
 never text, cross the boundary. The in-process core takes and returns the same structs, unencoded.

@@ -10,7 +10,9 @@ keeps the drafts that match those samples and one sampled token (pagoda/sample/a
 each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling. An embedding engine (--runner
 pooling) computes no logits: each prompt's final hidden states are pooled into one vector
-(worker/pooler.py)."""
+(worker/pooler.py). A vision-language model's prefill chunks that reach image placeholders get
+the images' encoder features merged into their token embeddings (multimodal/encoder_cache.py),
+and an M-RoPE model's (Qwen2-VL) their [3, T] positions (multimodal/mrope.py)."""
 
 from __future__ import annotations
 

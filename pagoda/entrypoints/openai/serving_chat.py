@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages (and tools) through the chat template, one engine request
+"""POST /v1/chat/completions: messages (and tools) through the chat template (a vision-language
+model's image_url parts through its image processor, pagoda/multimodal/media.py), one engine request
 (n choices); each choice's text split into reasoning and content (--reasoning-parser), the
 content read as tool calls when the request has tools (tool_choice.py)."""
 

@@ -1,6 +1,6 @@
 """Vision-language models (LLaVA, Qwen2-VL) through LLM: greedy tokens equal transformers' for
 prompts with one and two images, in a batch with text-only prompts, through chunked prefill (each
-image encoded once), and from LLM.chat; the prefix cache keys image blocks by the image's content;
+image encoded once) and preemption, and from LLM.chat; the prefix cache keys image blocks by the image's content;
 bad image inputs are refused with errors that name them."""
 
 from __future__ import annotations
@@ -149,3 +149,20 @@ def test_qwen2_vl_matches_transformers(tmp_path, name, chunked):
         engine.shutdown()
     assert outputs[0].outputs[0].token_ids == hf_qwen2_vl_greedy(qwen2_vl, prompt, images, MAX_TOKENS)
     assert outputs[1].outputs[0].token_ids == hf_qwen2_vl_greedy(qwen2_vl, text, [], MAX_TOKENS)
+
+
+def test_preempted_image_requests_recompute_their_images(llava):
+    # A pool of 24 blocks of 4 tokens: three image prompts of ~20 tokens growing by 24 cannot all
+    # stay; those preempted are recomputed from their prompt, images encoded again.
+    engine = LLM(str(llava), device="cpu", dtype="float32", max_model_len=64, block_size=4,
+                 num_gpu_blocks_override=24, enable_prefix_caching=False)
+    try:
+        images = [random_image(40 + 10 * i, 50, seed=20 + i) for i in range(3)]
+        prompts = [{"prompt": f"<image>q{i}", "multi_modal_data": {"image": im}} for i, im in enumerate(images)]
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        outputs = engine.generate(prompts, params, use_tqdm=False)
+        assert engine.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0
+    finally:
+        engine.shutdown()
+    for i, (out, image) in enumerate(zip(outputs, images)):
+        assert out.outputs[0].token_ids == hf_greedy_with_images(llava, f"<image>q{i}", [image], 24)

@@ -104,6 +104,11 @@ class EngineConfig:
     device: str = _knob("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
     skip_tokenizer_init: bool = _knob(False, "load no tokenizer: prompts must be token ids, outputs carry no text",
                                       action="store_true")
+    limit_mm_per_prompt: dict[str, int] | None = _knob(
+        None, 'the most items of each modality in one prompt, as JSON: {"image": N} (default: 999)',
+        type=_json_object)
+    allow_image_url_fetch: bool = _knob(
+        False, "fetch http(s) image URLs of chat content parts (off: only data: URLs are taken)", action="store_true")
     enforce_eager: bool = _knob(False, "run every step eagerly: no CUDA graphs (faster start-up, slower "
                                 "small-batch decode)", action="store_true")
     # Plan and queue step N+1 while the device runs step N. None: on for one rank on a GPU,

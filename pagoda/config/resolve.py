@@ -31,6 +31,7 @@ from pagoda.loader.weights import hf_meta_model
 from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
+from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.pooling import PoolerConfig, read_pooler_config
 from pagoda.quantization import get_quantization_config, resolve_quantization
@@ -147,7 +148,12 @@ def _pooler(args: EngineConfig, resolved: ResolvedModel, hf_config: Any, specula
 def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:
     """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda runs neither
     natively nor through the transformers fallback, as model_impl allows). Fields only native
-    models read (the MLP width, the norm's epsilon) are 0 for a fallback config that lacks them."""
+    models read (the MLP width, the norm's epsilon) are 0 for a fallback config that lacks them.
+    A vision-language model's shape is its language model's (text_config); hf_config keeps all."""
+    architecture = model_architecture(hf_config, model_impl)
+    whole = hf_config.to_dict()
+    if is_multimodal_config(hf_config):
+        hf_config = hf_config.text_config
     heads = hf_config.num_attention_heads
     rope, local_rope = _rope_parameters(hf_config)
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
@@ -156,7 +162,7 @@ def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> Mo
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     return ModelSpec(
-        architecture=model_architecture(hf_config, model_impl),
+        architecture=architecture,
         model_type=hf_config.model_type,
         num_hidden_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -175,8 +181,8 @@ def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> Mo
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         dtype=declared if isinstance(declared, torch.dtype) else None,
         quantization=quantization,
-        hf_config=hf_config.to_dict(),
-        checkpoint_shapes=_checkpoint_shapes(hf_config.to_dict()) if load_format == "dummy" else (),
+        hf_config=whole,
+        checkpoint_shapes=_checkpoint_shapes(whole) if load_format == "dummy" else (),
         local_rope_parameters=local_rope,
         query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
         attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),

@@ -14,19 +14,25 @@ from collections.abc import Iterable, Sequence
 _HASH_BYTES = 32
 
 
-def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int], lora_int_id: int = 0) -> int:
-    """The key of a full block: a digest of its parent block's key, its own tokens and the LoRA
-    adapter that computed it (0: none), as the same tokens have other K/V under another adapter.
+def hash_block_tokens(
+    parent_hash: int | None, token_ids: Sequence[int], lora_int_id: int = 0, extra_keys: Sequence[str] = ()
+) -> int:
+    """The key of a full block: a digest of its parent block's key, its own tokens, the LoRA
+    adapter that computed it (0: none), as the same tokens have other K/V under another adapter,
+    and extra keys (the content hashes of the images whose placeholders it holds).
 
     BLAKE2b rather than Python's hash(): hash() of int tuples can be collided on purpose, and the
     map is keyed by this digest alone, so a collision would hand a request another prompt's KV.
-    Chaining makes one key stand for the whole prefix up to and including this block."""
+    Chaining makes one key stand for the whole prefix up to and including this block. extra_keys:
+    what else the block's K/V depends on (the digests of the images behind its placeholder tokens)."""
     digest = hashlib.blake2b(digest_size=_HASH_BYTES)
     if parent_hash is not None:
         digest.update(parent_hash.to_bytes(_HASH_BYTES, "little"))
     digest.update(array("q", token_ids).tobytes())
     if lora_int_id:
         digest.update(b"lora" + lora_int_id.to_bytes(8, "little"))
+    for key in extra_keys:
+        digest.update(key.encode())
     return int.from_bytes(digest.digest(), "little")
 
 

@@ -7,6 +7,7 @@ from itertools import islice
 
 from pagoda.core.block_pool import BlockPool, hash_block_tokens
 from pagoda.core.request import Request
+from pagoda.multimodal.inputs import block_extra_keys
 
 
 class KVCacheManager:
@@ -109,7 +110,10 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, request.token_ids[i * bs : (i + 1) * bs], request.lora_int_id))
+            tokens = request.token_ids[i * bs : (i + 1) * bs]
+            # A block over image placeholders is keyed by the images' content too.
+            extra = block_extra_keys(request.images, i * bs, (i + 1) * bs) if request.images else ()
+            hashes.append(hash_block_tokens(parent, tokens, request.lora_int_id, extra))
         return hashes
 
     def _offer_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:

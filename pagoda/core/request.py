@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pagoda.lora.request import LoRARequest
+    from pagoda.multimodal.inputs import ImageInput
     from pagoda.sampling_params import SamplingParams
 
 
@@ -45,6 +46,7 @@ class Request:
         max_model_len: int,
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
+        images: list[ImageInput] | None = None,
     ) -> None:
         self.request_id = request_id
         self.lora_request = lora_request
@@ -54,6 +56,7 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.images = images or []  # in prompt order; their placeholders are prompt tokens
         room = max_model_len - len(prompt_token_ids)
         requested = sampling_params.max_tokens
         self.max_tokens = room if requested is None else min(requested, room)

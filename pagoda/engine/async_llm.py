@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from pagoda.engine.messages import (
 )
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
 from pagoda.lora.request import LoRARequest
+from pagoda.multimodal.inputs import image_tokens
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -58,6 +59,7 @@ class EngineCounters:
     """Totals since start, for /metrics and the stats log line."""
 
     prompt_tokens: int = 0
+    prompt_image_tokens: int = 0  # the prompt tokens that stand for images (counted in prompt_tokens too)
     generation_tokens: int = 0
 
 
@@ -77,6 +79,7 @@ class _Pending:
     prompt_token_ids: list[int]
     children: list[EngineRequest]
     arrival_time: float
+    num_image_tokens: int = 0
 
 
 # Called in the receiver thread with the final output of each request that ends (finished or
@@ -134,12 +137,15 @@ class AsyncLLM:
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
         lora_request: LoRARequest | None = None,
+        images: Sequence[Any] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine accepts it, returns its outputs step by step (the last
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it."""
-        request = self.processor.make_request(request_id, list(prompt_token_ids), params, lora_request)
+        request = self.processor.make_request(
+            request_id, list(prompt_token_ids), params, lora_request=lora_request, images=images
+        )
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()
@@ -149,7 +155,9 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-            self._pending[request_id] = _Pending(accepted, prompt, request.prompt_token_ids, children, time.time())
+            self._pending[request_id] = _Pending(
+                accepted, prompt, request.prompt_token_ids, children, time.time(), image_tokens(request.images)
+            )
         try:
             self.engine_core.add_request(request)
         except ValueError:
@@ -283,6 +291,7 @@ class AsyncLLM:
             request_id, pending.prompt, pending.prompt_token_ids, pending.children, pending.arrival_time
         )
         self.counters.prompt_tokens += len(pending.prompt_token_ids)
+        self.counters.prompt_image_tokens += pending.num_image_tokens
         pending.accepted.set_result(None)
 
     def _refuse(self, request_id: str, error: Exception) -> None:

@@ -113,6 +113,7 @@ class EngineCore:
             Request(
                 child_id, list(request.prompt_token_ids), params, self.eos_token_ids, self.max_model_len,
                 lora_request=request.lora_request,
+                images=request.images,
             )
             for child_id, params in request.children
         ]

@@ -1,5 +1,7 @@
 """The input side of the front end: the tokenizer and the engine's ResolvedConfig (model spec, EOS
-ids, every default and rule), made once for the engine core; a user request turned into an
+ids, every default and rule), made once for the engine core, and a vision-language model's image
+processor (pagoda/multimodal/processing.py: a prompt's images preprocessed, their placeholder
+tokens expanded); a user request turned into an
 EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
 vocabulary, more logprobs than --max-logprobs, a structured-output constraint that does not
@@ -18,10 +20,12 @@ from typing import Any
 from pagoda.config import EngineConfig
 from pagoda.config.resolve import resolve_config
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
-from pagoda.loader.model_loader import load_tokenizer
+from pagoda.loader.model_loader import load_hf_config, load_tokenizer
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
+from pagoda.models import model_class
+from pagoda.multimodal.processing import ImageProcessor
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
@@ -39,15 +43,27 @@ class InputProcessor:
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
         self._checked_loras: set[tuple[int, str]] = set()  # (id, path) of the adapters found applicable
+        # A vision-language model's image preprocessing (None: a text-only model).
+        self.image_processor = (
+            ImageProcessor(
+                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt, args.allow_image_url_fetch
+            )
+            if model_class(self.config.model.spec.architecture).is_multimodal else None
+        )
 
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        lora_request: LoRARequest | None = None,
+        lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
     ) -> EngineCoreRequest:
-        """The engine request(s) of one user request (its prompt truncated as params ask), or a
-        ValueError naming what is wrong."""
+        """The engine request(s) of one user request (its prompt truncated as params ask; each image
+        placeholder token expanded to its image's features), or a ValueError naming what is wrong."""
         max_model_len = self.config.model.max_model_len
         prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, max_model_len)
+        image_inputs = []
+        if self.image_processor is not None:  # placeholders without their images are refused too
+            prompt_token_ids, image_inputs = self.image_processor.process(prompt_token_ids, list(images))
+        elif images:
+            raise ValueError(f"images were given, but {self.config.model.spec.architecture} takes text only")
         self._validate_prompt(prompt_token_ids)
         self._validate_token_ids("logit_bias", params.logit_bias)
         self._validate_token_ids("allowed_token_ids", params.allowed_token_ids)
@@ -56,7 +72,9 @@ class InputProcessor:
             check_structured_outputs(params.structured_outputs)
         if lora_request is not None:
             self.check_lora(lora_request)
-        return EngineCoreRequest(request_id, prompt_token_ids, fan_out(request_id, params), lora_request)
+        return EngineCoreRequest(
+            request_id, prompt_token_ids, fan_out(request_id, params), lora_request=lora_request, images=image_inputs
+        )
 
     def check_lora(self, lora_request: LoRARequest) -> None:
         """ValueError unless the engine serves adapters and this one fits the model (its files

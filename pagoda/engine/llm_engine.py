@@ -36,12 +36,15 @@ class LLMEngine:
         prompt: str | None = None,
         final_only: bool = False,
         lora_request: LoRARequest | None = None,
+        images: Sequence[Any] = (),
     ) -> None:
         """Queue a request; a ValueError leaves the engine exactly as it was. With `final_only`,
         `step` returns its output only once it has finished."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.processor.make_request(request_id, prompt_token_ids, params, lora_request)
+        request = self.processor.make_request(
+            request_id, prompt_token_ids, params, lora_request=lora_request, images=images
+        )
         self.engine_core.add_request(request)
         self.output_processor.add(
             request_id, prompt, request.prompt_token_ids, request.children, final_only=final_only

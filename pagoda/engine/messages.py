@@ -1,7 +1,7 @@
 """What crosses the engine core's boundary, as typed structs with one codec (msgspec's msgpack).
 
-Front end -> core: EngineCoreRequest (one user request: its prompt ids and its engine requests,
-n>1 already fanned out), AbortRequests, Stop. Core -> front end: Ready or Failed once at start-up,
+Front end -> core: EngineCoreRequest (one user request: its prompt ids, its images' inputs and
+its engine requests, n>1 already fanned out), AbortRequests, Stop. Core -> front end: Ready or Failed once at start-up,
 then Accepted / Refused per EngineCoreRequest, Aborted and Outputs (each with the core's scheduler
 stats). Every struct is tagged, so one decoder per direction returns the right type; token ids,
 never text, cross the boundary. The in-process core takes and returns the same structs, unencoded.
@@ -15,6 +15,7 @@ import msgspec
 
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.lora.request import LoRARequest
+from pagoda.multimodal.inputs import ImageInput
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams, rebuilding_checked_params
 
@@ -36,6 +37,7 @@ class EngineCoreRequest(_Message):
     prompt_token_ids: list[int]
     children: list[EngineRequest]
     lora_request: LoRARequest | None = None  # the adapter every child runs with; None: the base model
+    images: list[ImageInput] = []  # the prompt's images, in prompt order (multimodal/inputs.py)
 
 
 class AbortRequests(_Message):

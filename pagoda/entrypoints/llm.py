@@ -58,7 +58,8 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (a string or {"prompt_token_ids": [...]}); outputs in input order.
+        """Generate for each prompt (a string, or {"prompt": str} or {"prompt_token_ids": [...]} with
+        optionally "multi_modal_data": {"image": a PIL image or a list of them}); outputs in input order.
         lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model)."""
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
@@ -102,13 +103,16 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
-        (which also gets `tools`, OpenAI-style function definitions, as in vLLM)."""
+        (which also gets `tools`, OpenAI-style function definitions, as in vLLM). A vision-language
+        model's messages may hold image parts: image_url (a data: URL) or image_pil."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self._require_tokenizer("chat")
-        rendered = [
-            render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools) for conv in conversations
-        ]
-        token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in rendered]
+        images = self.llm_engine.processor.image_processor
+        token_prompts = []
+        for conv in conversations:
+            conv, conv_images = images.chat_images(conv) if images is not None else (conv, [])
+            text, ids = render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools)
+            token_prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": conv_images}})
         return self.generate(token_prompts, sampling_params, use_tqdm, lora_request)
 
     def beam_search(
@@ -206,7 +210,9 @@ class LLM:
             for prompt, p, lora in zip(prompts, params, loras or [None] * len(prompts)):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora)
+                engine.add_request(
+                    request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora, images=_images(prompt)
+                )
                 request_ids.append(request_id)
         except ValueError:
             engine.abort_request(request_ids)
@@ -231,6 +237,18 @@ class LLM:
             if progress:
                 progress.close()
         return [finished[rid] for rid in request_ids]
+
+
+def _images(prompt: PromptType) -> list[Any]:
+    """A prompt's images: its multi_modal_data's "image", one or a list (vLLM's form)."""
+    if isinstance(prompt, str):
+        return []
+    data = prompt.get("multi_modal_data") or {}
+    unknown = sorted(set(data) - {"image"})
+    if unknown:
+        raise ValueError(f"multi_modal_data has {unknown}: only 'image' is supported")
+    images = data.get("image", [])
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 class _Progress:

@@ -136,3 +136,37 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = rotated.float().chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return torch.cat([out.to(x.dtype), passed], dim=-1)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's M-RoPE: the rotary dimensions in three sections (mrope_section, in pairs)
+    rotated by a token's temporal, height and width positions. Given positions [3, T] (a prefill
+    chunk with images) `table_index` gathers each token's cos|sin row from its three positions
+    into a per-step table, which `forward` reads row by row; 1-D positions (text, decodes, CUDA
+    graphs) are a token's three equal positions and read the table as plain rope does."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], sections: list[int]) -> None:
+        super().__init__(head_dim, max_position, params)
+        half = self.rotary_dim // 2
+        section_of = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))[:half]
+        self.register_buffer("section_of", torch.cat([section_of, section_of]), persistent=False)
+
+    def table_index(self, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        if positions.dim() == 1:
+            return positions
+        rows = self.cos_sin[positions]  # [3, T, rotary_dim]
+        return rows.gather(0, self.section_of.expand(1, rows.shape[1], -1)).squeeze(0)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not positions.is_floating_point():
+            return super().forward(positions, q, k)
+        table, rows = positions, torch.arange(positions.shape[0], device=positions.device)
+        if q.is_cuda:
+            from pagoda.kernels.elementwise import rotary_inplace
+
+            rotary_inplace(rows, q, k, table.contiguous())
+            return q, k
+        cos, sin = table.unsqueeze(1).chunk(2, dim=-1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

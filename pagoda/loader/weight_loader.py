@@ -29,7 +29,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     part_of = {proj: packed for packed, projs in model.packed_modules_mapping.items() for proj in projs}
     loaded: set[str] = set()
     for name, tensor in weights:
-        name = _aliased(name, model.checkpoint_module_aliases)
+        name = _aliased(model.checkpoint_name(name), model.checkpoint_module_aliases)
         if name.endswith(model.ignored_checkpoint_suffixes) or name in tied or load_kv_scale(model, name, tensor):
             continue  # a tied parameter is filled from its source, whether or not the checkpoint stores it
         # A copy held apart from its source (a tied LM head on a later stage than the embedding).

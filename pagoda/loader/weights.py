@@ -65,7 +65,9 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
     """The Hugging Face model for a config (its values, as `to_dict` gives them) without storage:
     its parameter names and shapes are those of a checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    config = AutoConfig.for_model(**hf_config)
+    auto = AutoModelForImageTextToText if "vision_config" in hf_config else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+        return auto.from_config(config)

@@ -8,9 +8,11 @@ from typing import Any
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
+from pagoda.models.llava import LlavaForConditionalGeneration
 from pagoda.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
+from pagoda.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from pagoda.models.qwen3 import Qwen3ForCausalLM
 from pagoda.models.transformers_fallback import (
     TRANSFORMERS_ARCHITECTURE,
@@ -22,10 +24,13 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "MistralForCausalLM": MistralForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
@@ -63,6 +68,17 @@ def _native_architecture(hf_config: Any) -> str | None:
     if not architectures:
         return _BY_MODEL_TYPE.get(getattr(hf_config, "model_type", None))
     return None
+
+
+def text_architecture(text_config: dict[str, Any]) -> str:
+    """The registry name of a vision-language model's language model, from its text config's values."""
+    for arch in text_config.get("architectures") or ():
+        if arch in MODEL_REGISTRY:
+            return arch
+    model_type = text_config.get("model_type", "llama")
+    if model_type not in _BY_MODEL_TYPE:
+        raise ValueError(f"a {model_type} language model has no native Pagoda implementation")
+    return _BY_MODEL_TYPE[model_type]
 
 
 def _unsupported(hf_config: Any, why: str) -> str:

@@ -81,6 +81,15 @@ class CausalLM(nn.Module, ABC):
         loads_own_checkpoint)."""
         raise NotImplementedError(f"{type(self).__name__} is loaded by pagoda/loader/weight_loader.py")
 
+    # A vision-language model: it also has `encode_image` (an ImageInput -> its features) and
+    # `embed_input_ids`, and its forward takes `inputs_embeds` (the runner merges the features in).
+    is_multimodal: ClassVar[bool] = False
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str:
+        """A checkpoint tensor's name as this model's parameters spell it (the same by default)."""
+        return name
+
     def tied_parameters(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it copies (a tied LM head: the embedding)."""
         return {}

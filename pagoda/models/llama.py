@@ -232,9 +232,13 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
+        """inputs_embeds: the first stage's input embeddings where they are not the tokens' own
+        (a vision-language model's, with image features merged in)."""
         if self.stage.is_first:
-            hidden, residual = self.embed_tokens(input_ids), None
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
             if self.embed_scale is not None:  # the scale rounded to the model dtype, as Gemma's reference does
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:

@@ -13,7 +13,9 @@ tokens of the step before it is launched with its sampling deferred until the co
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
 pooled into one vector (worker/pooler.py). With LoRA, each chunk's adapter is made resident and
 each token's slot written into the static index the LoRA layers (and the decode graphs) read
-(pagoda/lora/manager.py)."""
+(pagoda/lora/manager.py). A vision-language model's prefill chunks that reach image placeholders
+get the images' encoder features merged into their token embeddings (multimodal/encoder_cache.py),
+and an M-RoPE model's (Qwen2-VL) their [3, T] positions (multimodal/mrope.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from pagoda.layers.attention import Attention
 from pagoda.loader.model_loader import build_model
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRARequest
+from pagoda.multimodal.encoder_cache import EncoderCache
+from pagoda.multimodal.inputs import ImageInput
+from pagoda.multimodal.mrope import mrope_delta, mrope_positions
 from pagoda.sample.acceptance import accept_drafts
 from pagoda.sample.sampler import (
     DeviceSamples,
@@ -130,6 +135,10 @@ class _Batch:
     # the samples are read (never a chunk with drafts: the scheduler waits for their verdict).
     last_sample_row: dict[str, int]
     loras: list[LoRARequest | None]  # each chunk's adapter
+    # Chunks that may cover image placeholders: (request id, its images, start, length, first row).
+    image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = field(default_factory=list)
+    # M-RoPE (Qwen2-VL): positions is [3, T] where a chunk reaches into a prompt with images.
+    positions_3d: bool = False
 
 
 class ModelRunner:
@@ -167,6 +176,10 @@ class ModelRunner:
             "model built in %.1f s (%s weights, %.2f GiB)", time.perf_counter() - started, config.model.load_format,
             weight_bytes / 2**30,
         )
+        # A vision-language model's image features, kept across a request's prefill chunks; the
+        # first pipeline stage embeds the tokens, so it alone encodes images.
+        self.encoder_cache = EncoderCache() if self.model.is_multimodal and pp_group().is_first else None
+        self.mrope_merge_size: int | None = getattr(self.model, "mrope_merge_size", None)
         self.sampler = Sampler(config.model.seed)
         pooler = config.model.pooler
         self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
@@ -333,7 +346,11 @@ class ModelRunner:
         input_ids = self._input_ids(batch)
         if self.lora is not None:
             self.lora.set_batch(batch.loras, batch.query_lens)
-        if graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
+        images = None
+        if self.encoder_cache is not None and batch.image_chunks:
+            images = self.encoder_cache.step_features(batch.image_chunks, self.model.encode_image)
+        plain = images is None and not batch.positions_3d
+        if plain and graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(
                 input_ids, pinned(batch.positions, torch.int64), pinned(batch.slots, torch.int64),
                 pinned(batch.seq_lens, torch.int32), pinned(_padded_tables(batch.block_tables), torch.int32),
@@ -341,7 +358,12 @@ class ModelRunner:
         metadata = self._build_metadata(batch.slots, batch.query_lens, batch.seq_lens, batch.block_tables)
         self.attention_backend.prepare(metadata)
         positions = to_device(batch.positions, torch.int64, self.device)
-        return self.model(input_ids, positions, self.kv_caches, metadata)
+        if images is None:
+            return self.model(input_ids, positions, self.kv_caches, metadata)
+        rows, features = images
+        embeds = self.model.embed_input_ids(input_ids)
+        embeds[to_device(rows, torch.int64, self.device)] = features.to(embeds.dtype)
+        return self.model(input_ids, positions, self.kv_caches, metadata, inputs_embeds=embeds)
 
     def _input_ids(self, batch: _Batch) -> torch.Tensor:
         input_ids = to_device(batch.input_ids, torch.int64, self.device)
@@ -385,9 +407,12 @@ class ModelRunner:
         unread_rows: list[int] = []
         unread_sources: list[int] = []
         last_sample_row: dict[str, int] = {}
+        image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = []
         for chunk in chunks:
             req, s, n = chunk.request, chunk.start, chunk.num_tokens
             starts.append(len(input_ids))
+            if req.images and s < req.images[-1].end:
+                image_chunks.append((req.request_id, req.images, s, n, starts[-1]))
             if n == 1:  # a decode: most rows of most steps, so no ranges or generators
                 if s < len(req.token_ids):
                     input_ids.append(req.token_ids[s])
@@ -414,6 +439,9 @@ class ModelRunner:
                 sample_rows.extend(range(len(logits_rows), len(logits_rows) + k))
                 logits_rows.extend(range(starts[-1] + n - k, starts[-1] + n))
                 last_sample_row[req.request_id] = len(sample_rows) - 1
+        positions_3d = False
+        if self.mrope_merge_size is not None:
+            positions, positions_3d = _mrope_positions(chunks, positions, self.mrope_merge_size)
         return _Batch(
             input_ids=input_ids,
             positions=positions,
@@ -428,6 +456,8 @@ class ModelRunner:
             unread_sources=unread_sources,
             last_sample_row=last_sample_row,
             loras=[c.request.lora_request for c in chunks],
+            image_chunks=image_chunks,
+            positions_3d=positions_3d,
         )
 
     def _build_metadata(
@@ -445,6 +475,23 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _mrope_positions(chunks: list[ScheduledChunk], positions: list[int], merge: int) -> tuple[list, bool]:
+    """M-RoPE positions of a step: [3, T] (and True) where a chunk reaches into a prompt with
+    images; else the 1-D positions, those past an image prompt shifted by its delta."""
+    out = np.broadcast_to(np.asarray(positions, dtype=np.int64), (3, len(positions))).copy()
+    row, has_3d = 0, False
+    for chunk in chunks:
+        req, s, n = chunk.request, chunk.start, chunk.num_tokens
+        if req.images:
+            prompt_end = min(s + n, req.num_prompt_tokens)
+            if s < prompt_end:
+                out[:, row : row + prompt_end - s] = mrope_positions(req.images, s, prompt_end, merge)
+                has_3d = True
+            out[:, row + max(0, prompt_end - s) : row + n] += mrope_delta(req.images, merge)
+        row += n
+    return (out.tolist(), True) if has_3d else (out[0].tolist(), False)
 
 
 def _query_starts(query_lens: list[int]) -> list[int]:

@@ -74,6 +74,9 @@ class EngineCollector:
                            stats.kv_cache_usage)
         yield self._metric(CounterMetricFamily, "prompt_tokens", "Prompt tokens of accepted requests.",
                            counters.prompt_tokens)
+        yield self._metric(CounterMetricFamily, "prompt_image_tokens",
+                           "Prompt tokens of accepted requests that stand for images (part of prompt_tokens).",
+                           counters.prompt_image_tokens)
         yield self._metric(CounterMetricFamily, "generation_tokens", "Tokens generated.", counters.generation_tokens)
         yield self._metric(CounterMetricFamily, "num_preemptions", "Requests preempted.", stats.num_preemptions)
         yield self._metric(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",

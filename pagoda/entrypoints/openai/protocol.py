@@ -127,9 +127,17 @@ class CompletionRequest(SamplingFields):
     length_penalty: float = 1.0
 
 
+class ImageURL(RequestModel):
+    url: Optional[str] = None  # checked with the part, so that its error names the part
+    detail: Optional[str] = None
+
+
 class TextPart(RequestModel):
+    """A content part: text, or (for a vision-language model) an image_url."""
+
     type: str
     text: Optional[str] = None
+    image_url: Optional[ImageURL] = None
 
 
 class FunctionDefinition(RequestModel):

@@ -238,7 +238,7 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
         raise OpenAIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        _, tokens = await chat.render(body.messages, None, body.add_generation_prompt, tools=tools)
+        _, tokens, _ = await chat.render(body.messages, None, body.add_generation_prompt, tools=tools)
     else:
         tokens = await tokenize_prompt(
             chat.require_tokenizer(), body.prompt, body.add_special_tokens, chat.config.max_model_len, "prompt"

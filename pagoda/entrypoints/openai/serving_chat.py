@@ -1,9 +1,11 @@
-"""POST /v1/chat/completions: messages (and tools) through the chat template, one engine request
+"""POST /v1/chat/completions: messages (and tools) through the chat template (a vision-language
+model's image_url parts through its image processor, pagoda/multimodal/media.py), one engine request
 (n choices); each choice's text split into reasoning and content (--reasoning-parser), the
 content read as tool calls when the request has tools (tool_choice.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator
@@ -12,6 +14,7 @@ from typing import Any
 
 import jinja2
 
+from pagoda.multimodal.media import ImagePartError
 from pagoda.entrypoints.chat_utils import (
     ADD_SPECIAL_TOKENS_TO_RENDERED, RESERVED_TEMPLATE_KWARGS, Conversation, render_chat_text,
 )
@@ -78,7 +81,7 @@ class OpenAIServingChat(OpenAIServing):
             )
         tools = tool_calling(request, self.config.tool_parser, self.tokenizer)
         add_generation_prompt = _add_generation_prompt(request)
-        prompt_text, prompt_ids = await self.render(
+        prompt_text, prompt_ids, images = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
             request.chat_template_kwargs, template_tools(request),
         )
@@ -95,10 +98,14 @@ class OpenAIServingChat(OpenAIServing):
             request, max_tokens, len(prompt_ids), logprobs, structured_outputs=constraint, **extra
         )
         request_id = new_request_id(id_prefix)
-        streams = await self.add_requests(request_id, [(prompt_text, prompt_ids)], [params], "messages", lora)
+        streams = await self.add_requests(
+            request_id, [(prompt_text, prompt_ids)], [params], "messages", lora, images
+        )
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""
+        if not isinstance(echo, str):  # the echoed message's text, without its images
+            echo = "".join(part.get("text", "") for part in echo)
         return ChatRun(
             request_id, sub_request_ids(request_id, 1), prompt_ids, params.n, streams[0], role, echo, tools
         )
@@ -107,11 +114,12 @@ class OpenAIServingChat(OpenAIServing):
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool,
         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
-    ) -> tuple[str, list[int]]:
-        """The prompt of a conversation, rendered and tokenized off the event loop; a template that
-        rejects it (e.g. roles that do not alternate) or runs past the server's time bound, or a
-        prompt far beyond the context, is the client's error."""
-        conversation = _conversation(messages)
+    ) -> tuple[str, list[int], list[Any]]:
+        """The prompt of a conversation and its images, rendered and tokenized off the event loop;
+        a template that rejects it (e.g. roles that do not alternate) or runs past the server's time
+        bound, a prompt far beyond the context, or an image part that gives no image, is the
+        client's error."""
+        conversation, images = await self._images(_conversation(messages))
         _check_template_kwargs(template_kwargs)
         tokenizer = self.require_tokenizer()
         render = functools.partial(
@@ -133,7 +141,25 @@ class OpenAIServingChat(OpenAIServing):
                 param="chat_template_kwargs" if template_kwargs else "messages",
             ) from None
         limit = self.config.max_model_len
-        return text, await tokenize_prompt(tokenizer, text, ADD_SPECIAL_TOKENS_TO_RENDERED, limit, "messages")
+        return text, await tokenize_prompt(tokenizer, text, ADD_SPECIAL_TOKENS_TO_RENDERED, limit, "messages"), images
+
+    async def _images(self, conversation: Conversation) -> tuple[Conversation, list[Any]]:
+        """The conversation with its image parts made placeholders, and their images (decoded off
+        the event loop)."""
+        processor = self.engine.processor.image_processor
+        for i, turn in enumerate(conversation):
+            if isinstance(turn["content"], list) and processor is None:
+                kind = next(part["type"] for part in turn["content"] if part["type"] != "text")
+                raise OpenAIError(
+                    f"messages[{i}] has a content part of type {kind!r}: the model {self.model_name} takes text only",
+                    param=f"messages.{i}.content",
+                )
+        if processor is None:
+            return conversation, []
+        try:
+            return await asyncio.to_thread(processor.chat_images, conversation)
+        except ImagePartError as error:
+            raise OpenAIError(str(error), param=error.param) from None
 
     def splitter(self, request: ChatCompletionRequest) -> ReasoningSplitter | None:
         """One choice's reasoning splitter (--reasoning-parser), or None."""
@@ -143,6 +169,7 @@ class OpenAIServingChat(OpenAIServing):
         final = None
         async for _, output in merge([run.outputs]):
             final = output
+        run.prompt_ids = final.prompt_token_ids  # the engine's: image placeholders expanded
         choices = [self._choice(request, run, child) for child in final.outputs]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(
@@ -197,6 +224,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=run.echo)) for i in range(run.n)])
         async for _, output in merge([run.outputs]):
             cached = output.num_cached_tokens
+            run.prompt_ids = output.prompt_token_ids  # the engine's: image placeholders expanded
             choices = [self._stream_choice(request, child, sent, texts[child.index]) for child in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
@@ -340,15 +368,16 @@ def _check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
         )
 
 
-def _text(content: Any, i: int) -> str:
+def _text(content: Any, i: int) -> str | list[dict[str, Any]]:
+    """A message's text; its parts as they came where one is not text (a vision-language model's
+    image processor turns image parts into text and images; others are refused there)."""
     if content is None or isinstance(content, str):
         return content or ""
+    if any(part.type != "text" for part in content):
+        return [part.model_dump(exclude_none=True) for part in content]
     for part in content:
-        if part.type != "text" or part.text is None:
-            raise OpenAIError(
-                f"messages[{i}] has a content part of type {part.type!r}: only text parts are supported",
-                param=f"messages.{i}.content",
-            )
+        if part.text is None:
+            raise OpenAIError(f"messages[{i}] has a text part without text", param=f"messages.{i}.content")
     return "".join(part.text for part in content)
 
 

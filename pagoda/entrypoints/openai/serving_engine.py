@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,10 +208,10 @@ class OpenAIServing:
 
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-        default_param: str, lora_request: LoRARequest | None = None,
+        default_param: str, lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
-        output streams. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
+        output streams. images: each prompt's images (a chat's one prompt has them). The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
         self.check_runner()
         self.refuse_when_queue_full()
@@ -220,9 +220,9 @@ class OpenAIServing:
         try:
             for sub_id, (text, token_ids), p in zip(ids, prompts, params):
                 if self.config.log_requests:
-                    logger.info("Received request %s: %d prompt tokens, params: %s", sub_id, len(token_ids),
-                                params_summary(p))
-                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request))
+                    logger.info("Received request %s: %d prompt tokens%s, params: %s", sub_id, len(token_ids),
+                                f" and {len(images)} images" if images else "", params_summary(p))
+                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images))
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):

@@ -1,0 +1,122 @@
+"""Images of a chat's content parts: OpenAI's `image_url` parts (a `data:` URL with base64 bytes;
+http(s) only with --allow-image-url-fetch) and vLLM's `image_pil` parts (LLM.chat). Each image
+part becomes the model's image placeholder in the message's text, before its text parts as vLLM
+places them, so any chat template renders it; the images come back in prompt order. A bad part is
+an ImagePartError naming it (messages.I.content.J)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+from pagoda.multimodal.processing import check_image
+
+# Encoded bytes of one image at most (a data: URL's decoded payload, or a fetched body).
+MAX_IMAGE_BYTES = 10 * 2**20
+_FETCH_TIMEOUT_S = 10.0
+
+
+class ImagePartError(ValueError):
+    """A content part that gives no usable image; `param` names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def extract_images(
+    conversation: list[dict[str, Any]], placeholder: str, allow_fetch: bool, max_images: int
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The conversation with every content list made text (image parts as `placeholder`), and
+    its images in order. Raises ImagePartError."""
+    images: list[Any] = []
+    turns = []
+    for i, turn in enumerate(conversation):
+        content = turn.get("content")
+        if not isinstance(content, list):
+            turns.append(turn)
+            continue
+        texts, marks = [], []
+        for j, part in enumerate(content):
+            param = f"messages.{i}.content.{j}"
+            kind = part.get("type")
+            if kind == "text":
+                texts.append(part.get("text") or "")
+                continue
+            if kind not in ("image_url", "image_pil"):
+                raise ImagePartError(f"messages[{i}].content[{j}] has type {kind!r}: text and image_url parts are supported", param)
+            if len(images) == max_images:
+                raise ImagePartError(
+                    f"messages[{i}].content[{j}]: more than {max_images} images in one prompt (--limit-mm-per-prompt)",
+                    param,
+                )
+            images.append(_part_image(part, allow_fetch, f"messages[{i}].content[{j}]", param))
+            marks.append(placeholder)
+        turns.append({**turn, "content": "\n".join(marks + ["".join(texts)]) if marks else "".join(texts)})
+    return turns, images
+
+
+def _part_image(part: dict[str, Any], allow_fetch: bool, what: str, param: str) -> Any:
+    try:
+        if part["type"] == "image_pil":
+            image = part.get("image_pil")
+        else:
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ValueError("has no image_url.url")
+            image = _load_url(url, allow_fetch)
+        check_image(image, "the image")
+        return image
+    except ValueError as error:
+        raise ImagePartError(f"{what}: {error}", param) from None
+
+
+def _load_url(url: str, allow_fetch: bool) -> Any:
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ValueError("a data: URL must be data:<media type>;base64,<bytes>")
+        if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+            raise ValueError(f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise ValueError("the data: URL's payload is not valid base64") from None
+        return _decode(data)
+    if url.startswith(("http://", "https://")):
+        if not allow_fetch:
+            raise ValueError("fetching image URLs is off on this server (--allow-image-url-fetch): send a data: URL")
+        return _decode(_fetch(url))
+    raise ValueError("the image URL must be a data: URL (or http(s) with --allow-image-url-fetch)")
+
+
+def _fetch(url: str) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=_FETCH_TIMEOUT_S, follow_redirects=True) as response:
+            response.raise_for_status()
+            body = bytearray()
+            for piece in response.iter_bytes():
+                body += piece
+                if len(body) > MAX_IMAGE_BYTES:
+                    raise ValueError(f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+            return bytes(body)
+    except httpx.HTTPError as error:
+        raise ValueError(f"the image URL could not be fetched: {error}") from None
+
+
+def _decode(data: bytes) -> Any:
+    """A PIL image of encoded bytes; its size is checked (in check_image) before its pixels load."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        check_image(image, "the image")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"the data is not an image this server can read: {error}") from None
+    return image

@@ -1,0 +1,117 @@
+"""A vision-language model through `pagoda serve` and the openai client: a chat with a base64
+image part, whole and streamed, gives the offline engine's tokens; /metrics counts its image
+tokens; every bad image part (not an image, bad base64, too many pixels, more images than
+--limit-mm-per-prompt, an http URL while fetching is off, an image for a text-only model) is a
+400 naming the part, and the server goes on."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from pagoda import LLM, SamplingParams
+from tests.serving import API_KEY, MODEL, http_client, openai_client, openai_error, serving, tiny_model_args
+from tests.tiny_vlm import random_image, save_tiny_llava
+
+MAX_TOKENS = 6
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def chat_body(parts: list[dict]) -> dict:
+    return {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "messages": [{"role": "user", "content": parts}]}
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("vlm-server"))
+
+
+@pytest.fixture(scope="module")
+def base(llava, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vlm-server-log") / "server.log"
+    args = [str(llava), "--served-model-name", MODEL, "--max-model-len", "256", "--seed", "0",
+            "--limit-mm-per-prompt", '{"image": 2}']
+    with serving(args, log, {"PAGODA_API_KEY": API_KEY}) as (_, url):
+        yield url
+
+
+IMAGE = random_image(40, 52, seed=11)
+
+
+def test_chat_with_base64_image_whole_and_streamed(base, llava):
+    client = openai_client(base)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "what is in"}, image_part(data_url(IMAGE)),
+    ]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage.completion_tokens == MAX_TOKENS
+    # The same chat offline: the server ran the image (a PNG round trip keeps its pixels).
+    offline = LLM(str(llava), device="cpu", dtype="float32", max_model_len=256)
+    try:
+        expected = offline.chat(
+            [{"role": "user", "content": [{"type": "text", "text": "what is in"}, {"type": "image_pil", "image_pil": IMAGE}]}],
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False,
+        )[0]
+    finally:
+        offline.shutdown()
+    assert whole.choices[0].message.content == expected.outputs[0].text
+    assert whole.usage.prompt_tokens == len(expected.prompt_token_ids)  # the image's placeholders count
+    with http_client(base) as http:
+        metrics = http.get("/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith("pagoda:prompt_image_tokens_total")]
+    assert counted and float(counted[0].split()[-1]) >= 2 * 16
+
+
+def _png_of_size(width: int, height: int) -> str:
+    """A PNG data URL of many pixels but few bytes (one bit each, all the same)."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(("parts", "bad", "message"), [
+    ([image_part("data:image/png;base64," + base64.b64encode(b"not an image").decode())], 0, "not an image"),
+    ([image_part("data:image/png;base64,@@@")], 0, "not valid base64"),
+    ([image_part("data:image/png,raw")], 0, "base64"),
+    ([{"type": "image_url", "image_url": {}}], 0, "no image_url.url"),
+    ([{"type": "input_audio", "input_audio": {}}], 0, "type 'input_audio'"),
+    ([image_part(_png_of_size(9000, 9000))], 0, "pixels"),
+    ([image_part(data_url(IMAGE))] * 3, 2, "more than 2 images"),
+    ([{"type": "text", "text": "look"}, image_part("http://127.0.0.1:9/x.png")], 1, "--allow-image-url-fetch"),
+])
+def test_bad_image_parts_are_400_naming_the_part(base, parts, bad, message):
+    with http_client(base) as http:
+        error = openai_error(http.post("/v1/chat/completions", json=chat_body(parts)), 400,
+                             f"messages.0.content.{bad}")
+        assert message in error["message"]
+        ok = http.post("/v1/chat/completions", json=chat_body([image_part(data_url(IMAGE))]))
+        assert ok.status_code == 200, ok.text
+
+
+def test_image_for_a_text_only_model_is_400(tmp_path):
+    with serving(tiny_model_args(tmp_path), tmp_path / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, url):
+        with http_client(url) as http:
+            body = chat_body([{"type": "text", "text": "hi"}, image_part(data_url(IMAGE))])
+            error = openai_error(http.post("/v1/chat/completions", json=body), 400, "messages.0.content")
+            assert "text only" in error["message"]
+            body = chat_body([{"type": "text", "text": "hi"}])
+            assert http.post("/v1/chat/completions", json=body).status_code == 200

@@ -35,6 +35,28 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return values[:, :, undo].reshape(packed.shape[0], -1)
 
 
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Int values 0..15 [rows, cols] -> AWQ-packed int32 [rows, cols / 8] (unpack_awq's inverse)."""
+    rows, cols = values.shape
+    ordered = values.to(torch.int32).view(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
+    return pack_int4(ordered.reshape(rows, cols).t().contiguous()).t().contiguous()
+
+
+def quantize_rtn_awq(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """A float weight [out, in] rounded to the nearest of 16 levels per group of `group_size`
+    inputs (asymmetric: each group's own scale and zero point), in AutoAWQ's GEMM layout:
+    qweight [in, out / 8], qzeros [in / group, out / 8], scales [in / group, out] (fp16)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the weight's {in_features} input features")
+    groups = weight.float().t().reshape(in_features // group_size, group_size, out_features)
+    low, high = groups.amin(dim=1), groups.amax(dim=1)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    zeros = (-low / scales).round().clamp(0, 15)
+    q = (groups / scales[:, None] + zeros[:, None]).round().clamp(0, 15).reshape(in_features, out_features)
+    return {"qweight": pack_awq(q), "qzeros": pack_awq(zeros), "scales": scales.half()}
+
+
 class AWQLinearMethod(W4A16LinearMethod):
     checkpoint_params = ("qweight", "qzeros", "scales")
 

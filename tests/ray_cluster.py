@@ -38,8 +38,17 @@ def all_cpus_free(timeout_s: float = 30.0) -> bool:
     return ray.available_resources().get("CPU") == total
 
 
-def rank_actor_pids() -> list[int]:
-    """The process ids of the live rank actors on the cluster (from Ray's actor table)."""
+def _rank_actors() -> list[dict]:
+    """The live rank actors on the cluster, from Ray's actor table (no dashboard needed)."""
     from ray._private.state import actors
 
-    return [a["Pid"] for a in actors().values() if a["ActorClassName"] == "RankActor" and a["State"] == "ALIVE"]
+    return [a for a in actors().values() if a["ActorClassName"] == "RankActor" and a["State"] == "ALIVE"]
+
+
+def rank_actor_pids() -> list[int]:
+    return [actor["Pid"] for actor in _rank_actors()]
+
+
+def rank_actor_nodes() -> list[str]:
+    """The node id of each live rank actor."""
+    return [actor["Address"]["NodeID"] for actor in _rank_actors()]

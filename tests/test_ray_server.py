@@ -1,5 +1,6 @@
 """`pagoda serve --distributed-executor-backend ray` on a local Ray cluster of two simulated nodes
-answers through the `openai` client with one process's greedy tokens; and a server whose rank dies
+answers through the `openai` client with one process's greedy tokens; with --data-parallel-size 2
+Ray places the replicas' ranks on different nodes; and a server whose rank dies
 (a Ray actor, or a worker process of the multiprocess executor) fails the requests in flight and
 exits nonzero, naming the rank, rather than hanging or serving on with no ranks (vLLM's engine
 core dies with its executor the same way). Skipped without Ray."""
@@ -20,7 +21,7 @@ from tests.serving import MODEL, descendants, engine_core_pid, openai_client, se
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
 
-from tests.ray_cluster import rank_actor_pids, two_node_cluster  # noqa: E402  (needs Ray)
+from tests.ray_cluster import rank_actor_nodes, rank_actor_pids, two_node_cluster  # noqa: E402  (needs Ray)
 
 PROMPT = "across two nodes"
 EXIT_BOUND_S = 60  # the server must have exited by then after a rank dies
@@ -48,6 +49,22 @@ def test_ray_server_answers_through_the_openai_client(tmp_path, ray_address):
         one.shutdown()
     assert completion.usage.completion_tokens == len(expected.outputs[0].token_ids)
     assert completion.choices[0].text == expected.outputs[0].text
+
+
+def test_data_parallel_replicas_place_their_ranks_on_different_nodes(tmp_path, ray_address):
+    """--data-parallel-size 2 on Ray: an engine core a replica, each core's rank placed by Ray; one
+    CPU a node, so the replicas' ranks are on the two nodes; the server answers."""
+    model_args = tiny_model_args(tmp_path)
+    with _ray_server(model_args, tmp_path / "server.log", ray_address, ["--data-parallel-size", "2"]) as (_, base):
+        nodes = rank_actor_nodes()
+        client = openai_client(base)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            completions = list(pool.map(
+                lambda i: client.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=4, temperature=0.0),
+                range(4),
+            ))
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    assert all(c.usage.completion_tokens == 4 for c in completions)
 
 
 def _worker_pids(server_pid: int) -> list[int]:

@@ -1,7 +1,8 @@
 """--distributed-executor-backend ray on a local Ray cluster of two simulated nodes, on the CPU
 (gloo): at TP=2 and PP=2 the two ranks land on different nodes and give the same greedy tokens as
 one process; a rank whose actor is killed mid-run ends the run, within a bound, with an error
-naming the rank and its node, and the engine refuses further steps. Skipped without Ray."""
+naming the rank and its node, and the engine refuses further steps; so does a node removed mid-run.
+Skipped without Ray."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.tiny_models import save_tiny_model
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
 
-from tests.ray_cluster import all_cpus_free, two_node_cluster  # noqa: E402  (needs Ray)
+from tests.ray_cluster import CPUS_PER_NODE, all_cpus_free, two_node_cluster  # noqa: E402  (needs Ray)
 
 VOCAB = 251
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -69,10 +70,10 @@ def test_ray_ranks_on_two_nodes_generate_the_tokens_of_one_process(ray_cluster, 
     assert all_cpus_free()  # shutdown removed the placement group
 
 
-def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ray_cluster, model, prompts):
-    llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
+def _run_until_killed(llm: LLM, prompts, kill) -> BaseException:
+    """Start a long run, call kill() once it is decoding, and return what the run ended with
+    (bounded: a run that hangs fails the test)."""
     executor = _executor(llm)
-    nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
     steps = threading.Semaphore(0)
     execute = executor.execute
 
@@ -91,21 +92,50 @@ def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ra
             failure.append(error)
 
     runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    for _ in range(5):  # the run is decoding
+        assert steps.acquire(timeout=FAILURE_BOUND_S)
+    kill()
+    runner.join(FAILURE_BOUND_S)
+    assert not runner.is_alive(), "the engine hung after a rank died"
+    (error,) = failure
+    assert isinstance(error, ExecutorDeadError), repr(error)
+    return error
+
+
+def _names_a_rank_and_its_node(error: BaseException, nodes: dict[int, str], dead: int) -> bool:
+    """Whichever the engine notices first: the dead rank, or the other failing in a collective without it."""
+    alive = 1 - dead
+    died = rf"worker rank {dead} on node {re.escape(nodes[dead])} \(id \w+\) died"
+    failed = rf"worker rank {alive} on node {re.escape(nodes[alive])} \(id \w+\) failed"
+    return any(re.search(pattern, str(error)) for pattern in (died, failed))
+
+
+def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ray_cluster, model, prompts):
+    llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        runner.start()
-        for _ in range(5):  # the run is decoding
-            assert steps.acquire(timeout=FAILURE_BOUND_S)
-        ray.kill(executor._actors[1])
-        runner.join(FAILURE_BOUND_S)
-        assert not runner.is_alive(), "the engine hung after a rank died"
-        (error,) = failure
-        assert isinstance(error, ExecutorDeadError), repr(error)
-        # Whichever the engine notices first: rank 1's death, or rank 0's collective failing without it.
-        died = rf"worker rank 1 on node {nodes[1]} \(id \w+\) died"
-        failed = rf"worker rank 0 on node {nodes[0]} \(id \w+\) failed"
-        assert any(re.search(p, str(error)) for p in (died, failed)), str(error)
+        executor = _executor(llm)
+        nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
+        error = _run_until_killed(llm, prompts, lambda: ray.kill(executor._actors[1]))
+        assert _names_a_rank_and_its_node(error, nodes, dead=1), str(error)
         with pytest.raises(ExecutorDeadError, match="stopped"):
             llm.generate(prompts[0], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
+    assert all_cpus_free()
+
+
+def test_a_node_removed_mid_run_ends_it_with_an_error_naming_a_rank_and_node(ray_cluster, model, prompts):
+    llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        executor = _executor(llm)
+        nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
+        (worker_node,) = ray_cluster.worker_nodes
+        (dead,) = [rank for rank, (_, node_id) in enumerate(executor._nodes) if node_id == worker_node.node_id]
+        error = _run_until_killed(llm, prompts, lambda: ray_cluster.remove_node(worker_node))
+        assert _names_a_rank_and_its_node(error, nodes, dead), str(error)
+    finally:
+        llm.shutdown()
+        ray_cluster.add_node(num_cpus=CPUS_PER_NODE)  # the module's other tests need two nodes
+        ray_cluster.wait_for_nodes()
     assert all_cpus_free()

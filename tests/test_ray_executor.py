@@ -18,7 +18,11 @@ from tests.tiny_models import save_tiny_model
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
 
-from tests.ray_cluster import CPUS_PER_NODE, all_cpus_free, two_node_cluster  # noqa: E402  (needs Ray)
+from tests.ray_cluster import (  # needs Ray: after the skip
+    CPUS_PER_NODE,
+    all_cpus_free,
+    two_node_cluster,
+)
 
 VOCAB = 251
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -17,11 +17,22 @@ import httpx
 import pytest
 
 from pagoda import LLM, SamplingParams
-from tests.serving import MODEL, descendants, engine_core_pid, openai_client, serving, tiny_model_args
+from tests.serving import (
+    MODEL,
+    descendants,
+    engine_core_pid,
+    openai_client,
+    serving,
+    tiny_model_args,
+)
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
 
-from tests.ray_cluster import rank_actor_nodes, rank_actor_pids, two_node_cluster  # noqa: E402  (needs Ray)
+from tests.ray_cluster import (  # needs Ray: after the skip
+    rank_actor_nodes,
+    rank_actor_pids,
+    two_node_cluster,
+)
 
 PROMPT = "across two nodes"
 EXIT_BOUND_S = 60  # the server must have exited by then after a rank dies
@@ -74,7 +85,7 @@ def _worker_pids(server_pid: int) -> list[int]:
 
 
 def _long_completion(base: str) -> httpx.Response:
-    body = dict(model=MODEL, prompt="long", max_tokens=900, ignore_eos=True, temperature=0.0)
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 900, "ignore_eos": True, "temperature": 0.0}
     return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer test-key"}, timeout=60.0)
 
 

@@ -9,8 +9,8 @@ a free port; every rank joins the process groups there (NCCL on GPUs, gloo on CP
 
 A step goes out as the multiprocess executor's does, as one StepMessage: put into Ray's object
 store once and passed to every actor. A rank that fails, or whose actor or node dies, fails the
-call with an error naming the rank and its node: the other ranks may be stuck in a collective
-waiting for it, so every actor is killed and the executor is done."""
+call with an ExecutorDeadError naming the rank and its node: the other ranks may be stuck in a
+collective waiting for it, so every actor is killed and the executor is done."""
 
 from __future__ import annotations
 

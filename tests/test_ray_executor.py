@@ -1,34 +1,45 @@
-"""--distributed-executor-backend ray on a local Ray cluster on the CPU (gloo): the same greedy
-tokens as one process at TP=2 and PP=2; a rank whose actor dies fails the step with an error
-naming the rank and its node, and the engine refuses further steps. Skipped without Ray."""
+"""--distributed-executor-backend ray on a local Ray cluster of two simulated nodes, on the CPU
+(gloo): at TP=2 and PP=2 the two ranks land on different nodes and give the same greedy tokens as
+one process; a rank whose actor is killed mid-run ends the run, within a bound, with an error
+naming the rank and its node, and the engine refuses further steps; so does a node removed mid-run.
+Skipped without Ray."""
 
 from __future__ import annotations
 
 import random
-import time
+import re
+import threading
 
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.executor.base import ExecutorDeadError
 from tests.tiny_models import save_tiny_model
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
 
+from tests.ray_cluster import (  # needs Ray: after the skip
+    CPUS_PER_NODE,
+    all_cpus_free,
+    two_node_cluster,
+)
+
 VOCAB = 251
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)  # still running when a rank is killed
+FAILURE_BOUND_S = 60  # the killed run must end by then; a hang fails the test instead of stalling it
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local cluster for the module: Ray takes seconds to start."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """One cluster for the module: Ray takes seconds to start."""
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return save_tiny_model("llama3", tmp_path_factory.mktemp("ray"), vocab_size=VOCAB)
+    return save_tiny_model("llama3", tmp_path_factory.mktemp("ray"), vocab_size=VOCAB, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")
@@ -42,44 +53,93 @@ def _llm(model, **parallel) -> LLM:
                **parallel)
 
 
-def _greedy(model, prompts, **parallel) -> list[list[int]]:
-    llm = _llm(model, **parallel)
-    try:
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    finally:
-        llm.shutdown()
-
-
-def _all_cpus_free() -> bool:
-    """Whether the cluster got every CPU back (Ray frees a removed placement group's bundles soon after)."""
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU") != 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return ray.available_resources().get("CPU") == 4
-
-
-def _actors(llm: LLM) -> list:
-    return llm.llm_engine.engine_core.engine_core.executor._actors
+def _executor(llm: LLM):
+    return llm.llm_engine.engine_core.engine_core.executor
 
 
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_ray_ranks_generate_the_tokens_of_one_process(ray_cluster, model, prompts, layout):
-    expected = _greedy(model, prompts)
-    got = _greedy(model, prompts, distributed_executor_backend="ray", **layout)
+def test_ray_ranks_on_two_nodes_generate_the_tokens_of_one_process(ray_cluster, model, prompts, layout):
+    one = _llm(model)
+    try:
+        expected = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        one.shutdown()
+    llm = _llm(model, distributed_executor_backend="ray", **layout)
+    try:
+        assert len({node_id for _, node_id in _executor(llm)._nodes}) == 2  # one CPU a node: one rank a node
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.shutdown()
     assert got == expected
-    assert _all_cpus_free()  # shutdown removed the placement group
+    assert all_cpus_free()  # shutdown removed the placement group
 
 
-def test_a_dead_rank_actor_fails_the_step_naming_the_rank_and_node(ray_cluster, model, prompts):
+def _run_until_killed(llm: LLM, prompts, kill) -> BaseException:
+    """Start a long run, call kill() once it is decoding, and return what the run ended with
+    (bounded: a run that hangs fails the test)."""
+    executor = _executor(llm)
+    steps = threading.Semaphore(0)
+    execute = executor.execute
+
+    def counted(scheduler_output):
+        output = execute(scheduler_output)
+        steps.release()
+        return output
+
+    executor.execute = counted
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            llm.generate(prompts, LONG, use_tqdm=False)
+        except BaseException as error:  # noqa: BLE001  (what the run ended with is the assertion)
+            failure.append(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    for _ in range(5):  # the run is decoding
+        assert steps.acquire(timeout=FAILURE_BOUND_S)
+    kill()
+    runner.join(FAILURE_BOUND_S)
+    assert not runner.is_alive(), "the engine hung after a rank died"
+    (error,) = failure
+    assert isinstance(error, ExecutorDeadError), repr(error)
+    return error
+
+
+def _names_a_rank_and_its_node(error: BaseException, nodes: dict[int, str], dead: int) -> bool:
+    """Whichever the engine notices first: the dead rank, or the other failing in a collective without it."""
+    alive = 1 - dead
+    died = rf"worker rank {dead} on node {re.escape(nodes[dead])} \(id \w+\) died"
+    failed = rf"worker rank {alive} on node {re.escape(nodes[alive])} \(id \w+\) failed"
+    return any(re.search(pattern, str(error)) for pattern in (died, failed))
+
+
+def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ray_cluster, model, prompts):
     llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        llm.generate(prompts[0], GREEDY, use_tqdm=False)  # the cluster serves before the rank dies
-        ray.kill(_actors(llm)[1])
-        # Whichever the engine notices first: rank 1's death, or rank 0's collective failing without it.
-        with pytest.raises(RuntimeError, match=r"worker rank (1 on node \S+ died|0 on node \S+ failed)"):
-            llm.generate(prompts[0], GREEDY, use_tqdm=False)
-        with pytest.raises(RuntimeError, match="stopped"):
+        executor = _executor(llm)
+        nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
+        error = _run_until_killed(llm, prompts, lambda: ray.kill(executor._actors[1]))
+        assert _names_a_rank_and_its_node(error, nodes, dead=1), str(error)
+        with pytest.raises(ExecutorDeadError, match="stopped"):
             llm.generate(prompts[0], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
-    assert _all_cpus_free()
+    assert all_cpus_free()
+
+
+def test_a_node_removed_mid_run_ends_it_with_an_error_naming_a_rank_and_node(ray_cluster, model, prompts):
+    llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        executor = _executor(llm)
+        nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
+        (worker_node,) = ray_cluster.worker_nodes
+        (dead,) = [rank for rank, (_, node_id) in enumerate(executor._nodes) if node_id == worker_node.node_id]
+        error = _run_until_killed(llm, prompts, lambda: ray_cluster.remove_node(worker_node))
+        assert _names_a_rank_and_its_node(error, nodes, dead), str(error)
+    finally:
+        llm.shutdown()
+        ray_cluster.add_node(num_cpus=CPUS_PER_NODE)  # the module's other tests need two nodes
+        ray_cluster.wait_for_nodes()
+    assert all_cpus_free()

@@ -6,7 +6,8 @@ strings and gathers n>1 requests (it aborts a request a stop string ended).
 Messages are the typed structs of messages.py: EngineCoreRequest, AbortRequests and Stop in;
 Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs out. The core
 blocks on its input while it has no work, and exits when told to stop or when its parent process
-is gone."""
+is gone. A failed step aborts every request and the core goes on, unless a rank has died
+(ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pagoda.engine.messages import (
     decode_to_core,
     encode,
 )
+from pagoda.executor.base import ExecutorDeadError
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now
 from pagoda.logger import log_to_stderr
@@ -131,6 +133,8 @@ class _CoreLoop:
     def _step(self) -> None:
         try:
             outputs = self.core.step()
+        except ExecutorDeadError:
+            raise  # no rank is left to run a step: the process ends, and the front end with it
         except Exception:
             # The batch's state is unknown after a failed step: end every request.
             logger.exception("engine step failed; aborting all requests")

@@ -14,6 +14,11 @@ from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
 from pagoda.worker.worker import KVBudget
 
 
+class ExecutorDeadError(RuntimeError):
+    """A rank failed or died: every rank has been stopped, and the engine cannot go on (its
+    process ends, as vLLM's engine core does on an executor failure)."""
+
+
 class Executor(ABC):
     @abstractmethod
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:

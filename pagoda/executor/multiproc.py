@@ -32,7 +32,7 @@ import torch
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
-from pagoda.executor.base import Executor
+from pagoda.executor.base import Executor, ExecutorDeadError
 from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.step_codec import StepEncoder
 from pagoda.worker.worker import KVBudget, cpu_threads_per_rank, run_worker
@@ -129,7 +129,7 @@ class MultiprocExecutor(Executor):
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         if not self._finalizer.alive:
-            raise RuntimeError("the executor's worker processes have stopped (shut down, or a rank failed)")
+            raise ExecutorDeadError("the executor's worker processes have stopped (shut down, or a rank failed)")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for conn in self._conns:
             try:
@@ -165,7 +165,7 @@ class MultiprocExecutor(Executor):
     def _fail(self, message: str) -> None:
         self._finalizer.detach()
         _stop_workers(self._procs, self._conns, self._store, os.getpid(), grace_s=0.0)
-        raise RuntimeError(message)
+        raise ExecutorDeadError(message)
 
 
 def _stop_workers(

@@ -9,8 +9,8 @@ a free port; every rank joins the process groups there (NCCL on GPUs, gloo on CP
 
 A step goes out as the multiprocess executor's does, as one StepMessage: put into Ray's object
 store once and passed to every actor. A rank that fails, or whose actor or node dies, fails the
-call with an error naming the rank and its node: the other ranks may be stuck in a collective
-waiting for it, so every actor is killed and the executor is done."""
+call with an ExecutorDeadError naming the rank and its node: the other ranks may be stuck in a
+collective waiting for it, so every actor is killed and the executor is done."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
-from pagoda.executor.base import Executor
+from pagoda.executor.base import Executor, ExecutorDeadError
 from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.step_codec import StepEncoder
 from pagoda.worker.worker import KVBudget, Worker, set_up_rank
@@ -51,10 +51,11 @@ class RankActor:
         self._rank = rank
         self._worker: Worker | None = None
 
-    def node_address(self) -> str:
+    def node(self) -> tuple[str, str]:
+        """This actor's node: its address, and Ray's id of it (nodes may share an address)."""
         import ray
 
-        return ray.util.get_node_ip_address()
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -83,7 +84,7 @@ class RayExecutor(Executor):
         bundle = {"GPU": 1, "CPU": 1} if config.device.device.type == "cuda" else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
         self._actors: list[Any] = []
-        self._nodes: list[str] = []  # each rank's node address, once every actor has started
+        self._nodes: list[tuple[str, str]] = []  # each rank's node (address, id), once every actor has started
         self._finalizer = weakref.finalize(self, _stop_actors, ray, self._actors, self._group)
         self._wait_for_placement(bundle, world_size)
         actor_class = ray.remote(RankActor)
@@ -92,10 +93,11 @@ class RayExecutor(Executor):
             self._actors.append(actor_class.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy
             ).remote(config, rank))
-        self._nodes = self._gather([actor.node_address.remote() for actor in self._actors])
+        self._nodes = self._gather([actor.node.remote() for actor in self._actors])
         port = self._gather([self._actors[0].free_port.remote()])[0]
-        self._gather([actor.start.remote(f"tcp://{self._nodes[0]}:{port}") for actor in self._actors])
-        logger.info("Ray executor: %d ranks on nodes %s", world_size, ", ".join(sorted(set(self._nodes))))
+        self._gather([actor.start.remote(f"tcp://{self._nodes[0][0]}:{port}") for actor in self._actors])
+        placed = ", ".join(f"rank {rank}{self._on_node(rank)}" for rank in range(world_size))
+        logger.info("Ray executor: %d ranks: %s", world_size, placed)
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         return min(self._call("num_kv_blocks_that_fit", budget))
@@ -122,7 +124,7 @@ class RayExecutor(Executor):
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         if not self._finalizer.alive:
-            raise RuntimeError("the executor's Ray actors have stopped (shut down, or a rank failed)")
+            raise ExecutorDeadError("the executor's Ray actors have stopped (shut down, or a rank failed)")
         # One copy in the object store, read by every actor, instead of one pickle per actor.
         refs = [self._ray.put(arg) for arg in args]
         return self._gather([actor.call.remote(method, *refs) for actor in self._actors])
@@ -139,17 +141,21 @@ class RayExecutor(Executor):
             try:
                 results[rank] = ray.get(ready[0])
             except ray.exceptions.RayActorError as error:
-                self._fail(f"worker rank {rank} {self._where(rank)}died ({type(error).__name__}): {error}")
+                self._fail(f"worker rank {rank}{self._on_node(rank)} died ({type(error).__name__}): {error}")
             except ray.exceptions.RayError as error:
-                self._fail(f"worker rank {rank} {self._where(rank)}failed:\n{error}")
+                self._fail(f"worker rank {rank}{self._on_node(rank)} failed:\n{error}")
         return results
 
-    def _where(self, rank: int) -> str:
-        return f"on node {self._nodes[rank]} " if self._nodes else ""
+    def _on_node(self, rank: int) -> str:
+        """' on node ADDRESS (id ...)' once the ranks' nodes are known (a failure before has none)."""
+        if not self._nodes:
+            return ""
+        address, node_id = self._nodes[rank]
+        return f" on node {address} (id {node_id[:12]})"
 
     def _fail(self, message: str) -> None:
         self.shutdown()
-        raise RuntimeError(message)
+        raise ExecutorDeadError(message)
 
 
 def _stop_actors(ray: Any, actors: list[Any], group: Any) -> None:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The wave-2 features on a GPU, in two device calls of under 10 minutes each:
+#   bash scripts/gpu_check_wave2.sh tests   # the gpu-marked tests of quantization, the fp8 KV cache,
+#                                           # LoRA, vision models, long-prompt attention
+#   bash scripts/gpu_check_wave2.sh bench   # W1 with fp8 weights / fp8 KV / both, AWQ decode and W1,
+#                                           # LoRA W1, structured outputs, a 32k prompt's first token
+# Packages the device image lacks travel as wheels in .whl/ (see docs/gpu.md); the shapes come
+# from $PAGODA_SHARED_MODELS (default shared/models).
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/pagoda-gpu}; mkdir -p "$OUT"
+MODELS=${PAGODA_SHARED_MODELS:-shared/models}
+python3 scripts/ceilings.py "$OUT/ceilings.txt"  # the floors' rates, measured in the same call
+
+if [ "${1:-tests}" = tests ]; then
+    timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_fp8.py tests/test_quant_compressed_tensors.py \
+        tests/test_w4a16_kernel.py tests/test_quant_w4a16.py tests/test_kv_cache_fp8.py tests/test_lora_kernels.py \
+        tests/test_lora.py tests/test_vlm.py tests/test_triton_attention.py 2>&1 | tee "$OUT/wave2_tests.log" \
+        | grep -E "passed|failed|^FAILED|Error" | tail -15
+    exit 0
+fi
+
+bench() {  # name, then bench arguments
+    local name=$1; shift
+    timeout 200 python3 -m pagoda.entrypoints.cli --log-level warning bench throughput --disable-tqdm \
+        --output-json "$OUT/$name.json" "$@" 2>&1 | tail -1
+}
+W1="--model $MODELS/llama-3.1-8b --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024"
+bench w1_bf16 $W1
+bench w1_fp8 $W1 --quantization fp8 --kv-cache-dtype fp8
+bench w1_fp8_weights $W1 --quantization fp8
+bench w1_fp8_kv $W1 --kv-cache-dtype fp8
+bench w1_lora8 $W1 --num-loras 8 --lora-rank 16
+AWQ=/tmp/llama-3.1-8b-awq
+python3 scripts/quantize_awq_rtn.py --model "$MODELS/llama-3.1-8b" --random --out $AWQ | tail -1
+bench w1_awq --model $AWQ --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024
+for batch in 1 16 64; do
+    for model in "$MODELS/llama-3.1-8b --load-format dummy" "$AWQ"; do
+        timeout 120 python3 -m pagoda.entrypoints.cli --log-level warning bench latency --model $model \
+            --batch-size $batch --input-len 128 --output-len 128 --max-model-len 1024 2>&1 | tail -1
+    done
+done
+timeout 200 python3 scripts/bench_structured_gpu.py --model "$MODELS/llama-3.1-8b" 2>&1 | grep -v INFO | tail -2
+timeout 120 python3 -m pagoda.entrypoints.cli --log-level warning bench latency --model "$MODELS/llama-3.1-8b" \
+    --load-format dummy --batch-size 1 --input-len 32000 --output-len 2 --max-model-len 33000 \
+    --max-num-batched-tokens 32768 2>&1 | tail -1

@@ -115,11 +115,14 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '
-        'n..m tokens occurred before; default 5..5)', type=_json_object)
+        'n..m tokens occurred before; default 5..5), or {"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": k} (a smaller model with the same vocabulary proposes k greedy tokens)',
+        type=_json_object)
     num_speculative_tokens: int | None = _knob(
         None, "drafts a step verifies per request (older spelling of speculative_config's num_speculative_tokens)")
     speculative_model: str | None = _knob(
-        None, 'the draft\'s source: "[ngram]" for prompt lookup (older spelling of speculative_config\'s method)')
+        None, 'the draft\'s source: "[ngram]" for prompt lookup, else a draft model\'s path or name (older '
+        'spelling of speculative_config\'s method and model)')
 
     def __post_init__(self) -> None:
         _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {LOAD_FORMATS}")

@@ -20,13 +20,14 @@ from pagoda.config.groups import (
     ModelConfig,
     ParallelConfig,
     ResolvedConfig,
+    SpeculativeConfig,
 )
 from pagoda.config.model_spec import ModelSpec
 from pagoda.config.speculative import resolve_speculative
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
-from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import hf_meta_model
 from pagoda.models import model_architecture
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
@@ -46,6 +47,10 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     model = _model_config(args, resolved, tokenizer, device, speculative is not None)
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
+    if speculative is not None and speculative.method == "draft_model":
+        speculative = dataclasses.replace(
+            speculative, draft=_draft_model_config(args, speculative, model, parallel, device)
+        )
     if model.pooler is not None:
         # Each prompt runs whole in one step from its first token (its hidden states are pooled
         # there), and nothing is decoded after it: no chunks, no cached prefix, no overlapped steps.
@@ -84,6 +89,27 @@ def _model_config(
         resolved, spec, args.load_format, _dtype(args.dtype, spec, device), _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, speculative),
     )
+
+
+def _draft_model_config(
+    args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, parallel: ParallelConfig,
+    device: torch.device,
+) -> ModelConfig:
+    """The draft of method='draft_model': the target's dtype, context and EOS ids; its vocabulary
+    must be the target's (its drafts are token ids of the target)."""
+    assert speculative.model is not None
+    if parallel.world_size > 1 or parallel.distributed_executor_backend == "ray":
+        raise ValueError("speculative_config's method='draft_model' is not built with several ranks or Ray yet: "
+                         "the draft runs in the engine's process, beside a one-rank target (tensor_parallel_size=1)")
+    resolved = resolve_model(speculative.model, args.load_format)
+    draft_args = dataclasses.replace(args, max_model_len=target.max_model_len)
+    draft = _model_config(draft_args, resolved, None, device, False)
+    if draft.spec.vocab_size != target.spec.vocab_size:
+        raise ValueError(
+            f"speculative_config's model={speculative.model!r} has a vocabulary of {draft.spec.vocab_size} tokens, "
+            f"the target {target.name!r} one of {target.spec.vocab_size}: a draft must share the target's vocabulary"
+        )
+    return dataclasses.replace(draft, dtype=target.dtype, eos_token_ids=target.eos_token_ids)
 
 
 def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:

@@ -22,7 +22,7 @@ from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
 from pagoda.spec import build_proposer
-from pagoda.spec.proposer import TokenProposer
+from pagoda.spec.proposer import ProposerWithKVCache, TokenProposer
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget
@@ -43,7 +43,7 @@ class EngineCore:
         if proposer is not None:
             config = dataclasses.replace(config, speculative=SpeculativeConfig(proposer.num_speculative_tokens))
         elif config.speculative is not None:
-            proposer = build_proposer(config.speculative)
+            proposer = build_proposer(config)
         self.config = config
         self.proposer = proposer
         self.model_name = config.model.name
@@ -53,6 +53,10 @@ class EngineCore:
         try:
             self.num_kv_blocks = self._num_kv_blocks()
             self.executor.allocate_kv_cache(self.num_kv_blocks)
+            if isinstance(proposer, ProposerWithKVCache):
+                proposer.allocate_kv_cache(self.num_kv_blocks)
+                logger.info("the draft model's KV pool: %d blocks too (%.2f GiB)", self.num_kv_blocks,
+                            self.num_kv_blocks * proposer.kv_bytes_per_block() / 2**30)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -87,6 +91,7 @@ class EngineCore:
         budget = KVBudget(
             cache.kv_cache_memory_bytes, cache.gpu_memory_utilization, scheduler.max_num_batched_tokens,
             self.max_model_len,
+            self.proposer.kv_bytes_per_block() if isinstance(self.proposer, ProposerWithKVCache) else 0,
         )
         num_blocks = self.executor.num_kv_blocks_that_fit(budget)
         if cache.kv_cache_memory_bytes is None:

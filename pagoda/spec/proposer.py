@@ -5,13 +5,13 @@ proposer)` passes it down) calls `propose` after every step's update with the ru
 whose tokens are all known and computed but the last one; the drafts it returns
 are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many
 tokens a step yields, never which. Without one passed in, the engine core builds the one that
-`speculative_config` names (spec/ngram.py for `ngram`); with neither, a step yields one token per
+`speculative_config` names (spec/ngram.py for `ngram`, spec/draft_model.py for `draft_model`); with neither, a step yields one token per
 request, as the code path without drafts always has."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pagoda.core.request import Request
 
@@ -25,3 +25,13 @@ class TokenProposer(Protocol):
         """Draft token ids (in the vocabulary) to follow each request's tokens so far, by request
         id; a request left out, or given [], decodes one token next step."""
         ...
+
+
+@runtime_checkable
+class ProposerWithKVCache(TokenProposer, Protocol):
+    """A proposer with a KV pool of its own (a draft model's): the engine core sizes it with the
+    target's from one memory budget, as many blocks each."""
+
+    def kv_bytes_per_block(self) -> int: ...
+
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...

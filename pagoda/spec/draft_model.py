@@ -1,0 +1,131 @@
+"""The `draft_model` method: a smaller model with the target's vocabulary proposes k tokens per
+request by running k greedy steps of its own (vLLM's draft proposals are greedy too, so the
+target verifies them as one-hot drafts: pagoda/sample/rejection.py).
+
+The draft runs through Pagoda's own ModelRunner (its model code, paged attention, decode CUDA
+graphs and sampler) on the target's device, over a KV pool of its own with as many blocks as the
+target's (the engine core sizes both from one memory budget: `kv_bytes_per_block`). Per request
+it remembers which tokens its cache holds; each proposal computes only the tokens past the
+longest prefix of those that the request still has, so the positions of rejected drafts are
+rolled back by being written over. A request missing from a proposal (finished, preempted) gives
+its blocks back; it is recomputed if it comes back."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.config.groups import ParallelConfig, ResolvedConfig
+from pagoda.core.request import Request
+from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("pagoda")
+
+_GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class _DraftState:
+    """What the draft's cache holds for one request."""
+
+    # The pool holds keys and values of the request's first num_known tokens (a request's tokens
+    # only grow), then of these drafts, which may since have been rejected.
+    num_known: int = 0
+    drafts: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+
+
+class DraftModelProposer:
+    """A TokenProposer (spec/proposer.py) for the `draft_model` method."""
+
+    def __init__(self, config: ResolvedConfig) -> None:
+        """config: the target's; config.speculative.draft is the draft model, resolved."""
+        speculative = config.speculative
+        assert speculative is not None and speculative.draft is not None
+        self.num_speculative_tokens = speculative.num_speculative_tokens
+        draft_config = dataclasses.replace(
+            config, model=speculative.draft, speculative=None, parallel=ParallelConfig(1, 1, 1)
+        )
+        self.runner = ModelRunner(draft_config, config.rank_device(0))
+        self.block_size = config.cache.block_size
+        self.max_model_len = config.model.max_model_len
+        self._states: dict[str, _DraftState] = {}
+        self._free_blocks: list[int] = []
+
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of one block of the draft's pool (it holds as many blocks as the target's)."""
+        return self.runner.kv_bytes_per_block()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[Request]) -> dict[str, list[int]]:
+        self._forget_all_but({r.request_id for r in requests})
+        drafting = []
+        for req in requests:
+            num_drafts = min(self.num_speculative_tokens, self.max_model_len - req.num_tokens)
+            if num_drafts > 0 and self._reserve(req.request_id, req.num_tokens + num_drafts - 1):
+                drafting.append((req, num_drafts))
+        drafts: dict[str, list[int]] = {req.request_id: [] for req, _ in drafting}
+        # Step 1 computes each request's tokens past what the cache still holds; steps 2..k one draft each.
+        chunks = [self._first_chunk(req) for req, _ in drafting]
+        for step in range(self.num_speculative_tokens):
+            if not chunks:
+                break
+            sampled = self.runner.execute(SchedulerOutput(chunks, sum(c.num_tokens for c in chunks))).sampled
+            next_chunks = []
+            for chunk, (req, num_drafts) in zip(chunks, drafting):
+                token = sampled[req.request_id][0]
+                drafts[req.request_id].append(token)
+                if step + 1 < num_drafts:
+                    next_chunks.append(self._next_chunk(chunk, token))
+            drafting = [d for d in drafting if d[1] > step + 1]
+            chunks = next_chunks
+        return drafts
+
+    def _forget_all_but(self, request_ids: set[str]) -> None:
+        for rid in [rid for rid in self._states if rid not in request_ids]:
+            self._free_blocks.extend(reversed(self._states.pop(rid).block_ids))
+
+    def _reserve(self, request_id: str, num_positions: int) -> bool:
+        """Blocks for the request's first num_positions positions; False (and none taken) if the pool has too few."""
+        state = self._states.setdefault(request_id, _DraftState())
+        missing = -(-num_positions // self.block_size) - len(state.block_ids)
+        if missing > len(self._free_blocks):
+            return False
+        state.block_ids.extend(self._free_blocks.pop() for _ in range(max(0, missing)))
+        return True
+
+    def _first_chunk(self, req: Request) -> ScheduledChunk:
+        state = self._states[req.request_id]
+        tokens = req.token_ids
+        # The drafts that held are still valid in the pool; the first rejected one and those after it are written over.
+        start = min(state.num_known + _common_prefix(state.drafts, tokens[state.num_known :]), len(tokens) - 1)
+        state.num_known, state.drafts = len(tokens), []
+        draft_req = Request(req.request_id, list(tokens), _GREEDY, frozenset(), self.max_model_len)
+        return ScheduledChunk(draft_req, start, len(tokens) - start, state.block_ids, samples=True)
+
+    def _next_chunk(self, chunk: ScheduledChunk, token: int) -> ScheduledChunk:
+        """The one-token step that computes the draft just proposed."""
+        req = chunk.request
+        req.append_output_token(token)
+        self._states[req.request_id].drafts.append(token)
+        return ScheduledChunk(req, req.num_tokens - 1, 1, chunk.block_ids, samples=True)
+
+
+def _common_prefix(a_tokens: list[int], b_tokens: list[int]) -> int:
+    """How many leading tokens the two lists share."""
+    n = 0
+    for a, b in zip(a_tokens, b_tokens):
+        if a != b:
+            break
+        n += 1
+    return n

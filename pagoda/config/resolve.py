@@ -23,7 +23,7 @@ from pagoda.config.groups import (
     SpeculativeConfig,
 )
 from pagoda.config.model_spec import ModelSpec
-from pagoda.config.speculative import resolve_speculative
+from pagoda.config.speculative import MODEL_METHODS, resolve_speculative
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
@@ -47,9 +47,11 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     model = _model_config(args, resolved, tokenizer, device, speculative is not None)
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
+    if speculative is not None and speculative.method in MODEL_METHODS:
+        _check_one_rank(speculative, parallel)
     if speculative is not None and speculative.method == "draft_model":
         speculative = dataclasses.replace(
-            speculative, draft=_draft_model_config(args, speculative, model, parallel, device)
+            speculative, draft=_draft_model_config(args, speculative, model, device)
         )
     if model.pooler is not None:
         # Each prompt runs whole in one step from its first token (its hidden states are pooled
@@ -91,16 +93,19 @@ def _model_config(
     )
 
 
+def _check_one_rank(speculative: SpeculativeConfig, parallel: ParallelConfig) -> None:
+    if parallel.world_size > 1 or parallel.distributed_executor_backend == "ray":
+        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with several ranks or Ray "
+                         "yet: its proposer runs in the engine's process, beside a one-rank target "
+                         "(tensor_parallel_size=1, pipeline_parallel_size=1, the mp backend)")
+
+
 def _draft_model_config(
-    args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, parallel: ParallelConfig,
-    device: torch.device,
+    args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, device: torch.device
 ) -> ModelConfig:
     """The draft of method='draft_model': the target's dtype, context and EOS ids; its vocabulary
     must be the target's (its drafts are token ids of the target)."""
     assert speculative.model is not None
-    if parallel.world_size > 1 or parallel.distributed_executor_backend == "ray":
-        raise ValueError("speculative_config's method='draft_model' is not built with several ranks or Ray yet: "
-                         "the draft runs in the engine's process, beside a one-rank target (tensor_parallel_size=1)")
     resolved = resolve_model(speculative.model, args.load_format)
     draft_args = dataclasses.replace(args, max_model_len=target.max_model_len)
     draft = _model_config(draft_args, resolved, None, device, False)

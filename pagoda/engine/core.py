@@ -22,7 +22,12 @@ from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
 from pagoda.spec import build_proposer
-from pagoda.spec.proposer import ProposerWithKVCache, TokenProposer
+from pagoda.spec.proposer import (
+    HiddenStatesProposer,
+    ProposerWithKVCache,
+    SampleHiddenStates,
+    TokenProposer,
+)
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget
@@ -35,7 +40,9 @@ _GRAMMAR_WAIT_S = 0.01
 
 
 class EngineCore:
-    def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
+    def __init__(
+        self, config: ResolvedConfig, proposer: TokenProposer | HiddenStatesProposer | None = None
+    ) -> None:
         """config: resolved by the front end, once (config/resolve.py); proposer: drafts tokens
         that each step verifies along with the next one (None: the one config.speculative names,
         if any; without either, one token per request a step)."""
@@ -227,7 +234,7 @@ class EngineCore:
         self.structured_outputs.accept(updated)
         num_new = {req.request_id: n for req, n in updated}
         if self.proposer is not None:
-            self._propose_drafts()
+            self._propose_drafts(runner_output.sample_hidden)
         outputs = []
         for chunk in scheduler_output.chunks:
             req, rid = chunk.request, chunk.request.request_id
@@ -243,8 +250,9 @@ class EngineCore:
             ))
         return outputs
 
-    def _propose_drafts(self) -> None:
-        """Drafts for the next step of every running request that is decoding, its tokens known."""
+    def _propose_drafts(self, hidden: SampleHiddenStates | None) -> None:
+        """Drafts for the next step of every running request that is decoding, its tokens known;
+        hidden: the step's, for a proposer from the target's hidden states."""
         assert self.proposer is not None
         # A grammar's mask is for one position: constrained requests go without drafts.
         decoding = [
@@ -255,7 +263,11 @@ class EngineCore:
         if not decoding:
             return
         limit = self.proposer.num_speculative_tokens
-        for rid, drafts in self.proposer.propose(decoding).items():
+        if isinstance(self.proposer, HiddenStatesProposer):
+            proposed = {} if hidden is None else self.proposer.propose_from_hidden_states(decoding, hidden)
+        else:
+            proposed = self.proposer.propose(decoding)
+        for rid, drafts in proposed.items():
             self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])
 
 

@@ -11,7 +11,10 @@ request, as the code path without drafts always has."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+import torch
 
 from pagoda.core.request import Request
 
@@ -35,3 +38,26 @@ class ProposerWithKVCache(TokenProposer, Protocol):
     def kv_bytes_per_block(self) -> int: ...
 
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
+
+
+@dataclass
+class SampleHiddenStates:
+    """A step's final hidden states at its sample rows (on the target's device), and per request
+    the row that sampled its last new token: what a head over the target's hidden states reads."""
+
+    states: torch.Tensor  # [sample rows, hidden]
+    rows: dict[str, int]
+
+
+@runtime_checkable
+class HiddenStatesProposer(Protocol):
+    """A proposer from the target's hidden states (Medusa heads): the engine core gives it the
+    last step's, and the model runner keeps them for it (config/speculative.py HIDDEN_STATES_METHODS)."""
+
+    num_speculative_tokens: int
+
+    def propose_from_hidden_states(
+        self, requests: Sequence[Request], hidden: SampleHiddenStates
+    ) -> dict[str, list[int]]:
+        """As TokenProposer.propose; a request without a row in `hidden` gets no drafts."""
+        ...

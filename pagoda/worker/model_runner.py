@@ -7,7 +7,8 @@ samples on the device.
 
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
-each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
+each request gets a list of new tokens; for a proposer from the target's hidden states (Medusa
+heads), the step also hands back the final hidden states of its sample rows. Structured outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
@@ -26,6 +27,7 @@ import torch
 
 from pagoda.attention import AttentionMetadata, get_attention_backend
 from pagoda.config.groups import ResolvedConfig
+from pagoda.config.speculative import HIDDEN_STATES_METHODS
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
@@ -39,6 +41,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
 )
+from pagoda.spec.proposer import SampleHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -56,6 +59,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
     # An embedding engine's: request id -> its prompt's pooled hidden state (worker/pooler.py).
     pooled: dict[str, list[float]] = field(default_factory=dict)
+    # For a proposer from the target's hidden states (spec/medusa.py): those of the sample rows.
+    sample_hidden: SampleHiddenStates | None = None
 
 
 class PendingStep:
@@ -68,8 +73,10 @@ class PendingStep:
         sampling: list[ScheduledChunk] | None = None,
         samples: PendingSamples | None = None,
         sample_later: Callable[[GrammarBitmask | None], PendingSamples] | None = None,
+        sample_hidden: torch.Tensor | None = None,
     ) -> None:
         self._output = output
+        self._sample_hidden = sample_hidden  # [sample rows, hidden], kept for a proposer
         self._sampling = sampling or []  # the chunks that sample, in the order of the sample rows
         self._samples = samples
         self._sample_later = sample_later
@@ -90,6 +97,8 @@ class PendingStep:
         if samples is not None:
             self._samples = None
             read = samples.result()
+            if self._sample_hidden is not None:
+                out.sample_hidden = SampleHiddenStates(self._sample_hidden, {})
             row = 0
             for chunk in self._sampling:
                 rid, drafts = chunk.request.request_id, chunk.draft_token_ids
@@ -99,6 +108,8 @@ class PendingStep:
                 out.sampled_logprob[rid] = read.logprobs[row : row + len(tokens)]
                 if read.top_logprobs[row] is not None:
                     out.top_logprobs[rid] = read.top_logprobs[row : row + len(tokens)]
+                if out.sample_hidden is not None:
+                    out.sample_hidden.rows[rid] = row + len(tokens) - 1
                 row = end
         return out
 
@@ -136,6 +147,8 @@ class ModelRunner:
             and config.model.pooler is None
         )
         self.max_num_seqs = config.scheduler.max_num_seqs
+        speculative = config.speculative
+        self.keeps_sample_hidden = speculative is not None and speculative.method in HIDDEN_STATES_METHODS
         # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
         # multi-token step verifies when a proposer is configured.
         drafts = config.num_speculative_tokens
@@ -301,9 +314,12 @@ class ModelRunner:
             self._last_sample_rows = batch.last_sample_row
             return PendingSamples(samples)
 
+        sample_hidden = None
+        if self.keeps_sample_hidden:
+            sample_hidden = _rows(hidden, [batch.logits_rows[r] for r in batch.sample_rows])
         if defer_sampling:
-            return PendingStep(out, sampling, sample_later=sample)
-        return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask))
+            return PendingStep(out, sampling, sample_later=sample, sample_hidden=sample_hidden)
+        return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask), sample_hidden=sample_hidden)
 
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs

@@ -7,19 +7,26 @@ size and alpha: tokens/s of each, the speedup, and the mean acceptance length (t
 verifying step gave a request: 1 + accepted / drafts; expected 1 + alpha + ... + alpha^k).
 
     PYTHONPATH=. python scripts/bench_spec_decode.py --model shared/models/llama-3.1-8b \\
-        --alpha 0.5 0.7 0.9 -k 4 --batch 1 8 64
+        --alpha 0.5 0.7 0.9 -k 4 --batch 1 8 64 [--draft-model shared/models/llama-3.2-1b]
+
+With --draft-model, the engine also runs that draft (method draft_model) every step for its cost
+while the replay still decides the drafts, and prints the draft's time per engine step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
+from collections.abc import Sequence
 
 from pagoda import SamplingParams
 from pagoda.benchmarks.replay_proposer import ReplayProposer
 from pagoda.config import EngineConfig
+from pagoda.core.request import Request
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.spec.proposer import TokenProposer
 
 
 def generate(engine: LLMEngine, prompts: dict[str, list[int]], output_len: int) -> tuple[dict[str, list[int]], float]:
@@ -52,6 +59,39 @@ def timed_runs(engine: LLMEngine, prompts: list[list[int]], tag: str, args: argp
     return outputs, best
 
 
+class TimedDraftModel:
+    """Runs the draft model's proposer each step for its cost (keeping its KV in step with the
+    tokens), then returns the replay's drafts, so acceptance stays controlled."""
+
+    def __init__(self, draft: TokenProposer, replay: ReplayProposer) -> None:
+        self.draft = draft
+        self.replay = replay
+        self.num_speculative_tokens = replay.num_speculative_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def propose(self, requests: Sequence[Request]) -> dict[str, list[int]]:
+        started = time.perf_counter()
+        self.draft.propose(requests)
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+        return self.replay.propose(requests)
+
+
+def _spec_engine(
+    config: EngineConfig, replay: ReplayProposer, args: argparse.Namespace
+) -> tuple[LLMEngine, TimedDraftModel | None]:
+    if args.draft_model is None:
+        return LLMEngine(config, replay), None
+    speculative = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": replay.num_speculative_tokens}
+    engine = LLMEngine(dataclasses.replace(config, speculative_config=speculative))
+    core = engine.engine_core.engine_core
+    core.proposer = timed = TimedDraftModel(core.proposer, replay)
+    return engine, timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shared/models/llama-3.1-8b", help="model directory (weights: --load-format)")
@@ -64,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (after a warm-up); the best is kept")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--draft-model", default=None,
+                        help="also run this draft model (method draft_model, same --load-format) each step for its "
+                             "cost, while the replay decides the drafts; prints the draft's time per step")
     args = parser.parse_args()
     config = EngineConfig(model=args.model, load_format=args.load_format, max_model_len=args.max_model_len,
                           skip_tokenizer_init=True, device=args.device, max_num_seqs=max(args.batch))
@@ -78,13 +121,15 @@ def main() -> None:
     k = args.num_speculative_tokens
     for alpha in args.alpha:
         proposer = ReplayProposer({}, alpha, k, vocab_size)
-        engine = LLMEngine(config, proposer)
+        engine, timed = _spec_engine(config, proposer, args)
         scheduler = engine.engine_core.engine_core.scheduler
         for b in args.batch:
             expected, plain_rate = baseline[b]
             for rep in range(args.repeats + 1):  # every run's request ids get the futures of its prompts
                 proposer.futures.update({f"spec-{rep}-{i}": expected[str(i)] for i in range(b)})
             before = scheduler.stats()
+            if timed is not None:
+                timed.reset()
             outputs, rate = timed_runs(engine, prompts[b], "spec", args)
             after = scheduler.stats()
             drafts = after.num_drafts - before.num_drafts
@@ -94,6 +139,9 @@ def main() -> None:
                   f"{rate:9.1f} tok/s ({rate / plain_rate:.2f}x, {same}); mean acceptance length "
                   f"{1 + accepted / max(drafts, 1):.2f} (expected {sum(alpha**i for i in range(k + 1)):.2f})",
                   flush=True)
+            if timed is not None:
+                print(f"    draft model: {1000 * timed.seconds / max(timed.calls, 1):.2f} ms per engine step "
+                      f"({timed.calls} steps, k={k} draft forward passes each)", flush=True)
         engine.engine_core.shutdown()
         del engine
 

@@ -19,7 +19,7 @@ def test_each_draft_is_the_future_token_with_probability_alpha():
     future = list(range(100, 140))
     proposer = ReplayProposer({"r": future}, alpha=0.7, k=4, vocab_size=256, seed=1)
     right = total = 0
-    for done in range(0, 4000):
+    for done in range(4000):
         request = SimpleNamespace(request_id="r", num_output_tokens=done % 36)
         drafts = proposer.propose([request])["r"]
         expected = future[done % 36 : done % 36 + 4]

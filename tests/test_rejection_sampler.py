@@ -88,3 +88,24 @@ def test_one_hot_drafts_are_accepted_with_probability_p():
 def test_the_same_noise_gives_the_same_tokens():
     assert torch.equal(_verify(seed=3)[1], _verify(seed=3)[1])
     assert not torch.equal(_verify(seed=3)[1], _verify(seed=4)[1])
+
+
+def test_the_sampler_verifies_rows_against_their_draft_distributions():
+    """Through Sampler.sample: a draft x with p(x) >= q(x) is always accepted (the race alone
+    would pick x only with probability p(x)); a row without a draft samples from p."""
+    from types import SimpleNamespace
+
+    from pagoda.sample.sampler import Sampler
+    from pagoda.sampling_params import SamplingParams
+
+    rows = 400
+    requests = [SimpleNamespace(sampling_params=SamplingParams(temperature=1.0, seed=i), prompt_token_ids=[1],
+                                output_token_ids=[], eos_token_ids=frozenset()) for i in range(rows)]
+    logits = P[0].log().repeat(rows, 1)  # p(0) = 0.4
+    q = torch.zeros(rows, P.shape[1])
+    q[:, 0] = 0.3
+    q[:, 1] = 0.7
+    draft_ids = torch.where(torch.arange(rows) % 2 == 0, 0, -1)  # even rows verify draft 0, odd rows none
+    tokens = Sampler().sample(logits, requests, drafts=DraftDistributions(draft_ids, q)).token_ids
+    assert bool((tokens[0::2] == 0).all())
+    assert 0.25 < float((tokens[1::2] == 0).double().mean()) < 0.55

@@ -85,7 +85,8 @@ def _spec_engine(
 ) -> tuple[LLMEngine, TimedDraftModel | None]:
     if args.draft_model is None:
         return LLMEngine(config, replay), None
-    speculative = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": replay.num_speculative_tokens}
+    k = replay.num_speculative_tokens
+    speculative = {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": k}
     engine = LLMEngine(dataclasses.replace(config, speculative_config=speculative))
     core = engine.engine_core.engine_core
     core.proposer = timed = TimedDraftModel(core.proposer, replay)
@@ -94,7 +95,8 @@ def _spec_engine(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shared/models/llama-3.1-8b", help="model directory (weights: --load-format)")
+    parser.add_argument("--model", default="shared/models/llama-3.1-8b",
+                        help="model directory (its weights: see --load-format)")
     parser.add_argument("--load-format", default="dummy", help="dummy: random weights of the model's shape")
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.7], help="probability a draft token is right")
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="drafts per step")

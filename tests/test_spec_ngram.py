@@ -68,7 +68,8 @@ def test_vllm_spellings_resolve_to_one_config():
 @pytest.mark.parametrize("settings, message", [
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0 is invalid"),
     ({"method": "ngram"}, "num_speculative_tokens=None is invalid"),
-    ({"method": "lookahead", "num_speculative_tokens": 2}, "method='lookahead' is not known: must be one of ['ngram', 'draft_model', 'medusa']"),
+    ({"method": "lookahead", "num_speculative_tokens": 2},
+     "method='lookahead' is not known: must be one of ['ngram', 'draft_model', 'medusa']"),
     ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not built yet"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "model=None is invalid: method='draft_model' needs"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},

@@ -56,7 +56,8 @@ class MedusaProposer:
         x = hidden.states.index_select(0, rows).to(self.lm_heads.dtype)  # [requests, hidden]
         x = x.unsqueeze(0).expand(len(self.lm_heads), -1, -1)  # [heads, requests, hidden]
         for layer in range(self.block_weights.shape[1]):
-            linear = torch.baddbmm(self.block_biases[:, layer, None, :], x, self.block_weights[:, layer].transpose(1, 2))
+            weights = self.block_weights[:, layer].transpose(1, 2)
+            linear = torch.baddbmm(self.block_biases[:, layer, None, :], x, weights)
             x = x + torch.nn.functional.silu(linear)
         drafts = torch.bmm(x, self.lm_heads.transpose(1, 2)).argmax(dim=-1)  # [heads, requests]
         return dict(zip(with_hidden, drafts.T.tolist()))

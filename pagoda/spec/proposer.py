@@ -5,8 +5,9 @@ proposer)` passes it down) calls `propose` after every step's update with the ru
 whose tokens are all known and computed but the last one; the drafts it returns
 are verified by the next step (pagoda/sample/acceptance.py), so a proposer only changes how many
 tokens a step yields, never which. Without one passed in, the engine core builds the one that
-`speculative_config` names (spec/ngram.py for `ngram`, spec/draft_model.py for `draft_model`); with neither, a step yields one token per
-request, as the code path without drafts always has."""
+`speculative_config` names (spec/ngram.py for `ngram`, spec/draft_model.py for `draft_model`,
+spec/medusa.py for `medusa`: a HiddenStatesProposer, given the step's hidden states); with
+neither, a step yields one token per request, as the code path without drafts always has."""
 
 from __future__ import annotations
 

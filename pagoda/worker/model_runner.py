@@ -8,7 +8,8 @@ samples on the device.
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
 each request gets a list of new tokens; for a proposer from the target's hidden states (Medusa
-heads), the step also hands back the final hidden states of its sample rows. Structured outputs' grammar masks (computed by the engine
+heads), the step also hands back the final hidden states of its sample rows. Structured
+outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are

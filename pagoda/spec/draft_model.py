@@ -4,7 +4,9 @@ target verifies them as one-hot drafts: pagoda/sample/rejection.py).
 
 The draft runs through Pagoda's own ModelRunner (its model code, paged attention, decode CUDA
 graphs and sampler) on the target's device, over a KV pool of its own with as many blocks as the
-target's (the engine core sizes both from one memory budget: `kv_bytes_per_block`). Per request
+target's (the engine core sizes both from one memory budget: `kv_bytes_per_block`). The k steps
+are queued back to back, each taking its input from the step before's samples on the device, and
+read once at the end. Per request
 it remembers which tokens its cache holds; each proposal computes only the tokens past the
 longest prefix of those that the request still has, so the positions of rejected drafts are
 rolled back by being written over. A request missing from a proposal (finished, preempted) gives
@@ -74,21 +76,22 @@ class DraftModelProposer:
             num_drafts = min(self.num_speculative_tokens, self.max_model_len - req.num_tokens)
             if num_drafts > 0 and self._reserve(req.request_id, req.num_tokens + num_drafts - 1):
                 drafting.append((req, num_drafts))
-        drafts: dict[str, list[int]] = {req.request_id: [] for req, _ in drafting}
-        # Step 1 computes each request's tokens past what the cache still holds; steps 2..k one draft each.
+        # Step 1 computes each request's tokens past what the cache still holds; steps 2..k one
+        # draft each, its input the step before's sample, still on the device: no read between steps.
         chunks = [self._first_chunk(req) for req, _ in drafting]
+        steps = []
         for step in range(self.num_speculative_tokens):
             if not chunks:
                 break
-            sampled = self.runner.execute(SchedulerOutput(chunks, sum(c.num_tokens for c in chunks))).sampled
-            next_chunks = []
-            for chunk, (req, num_drafts) in zip(chunks, drafting):
-                token = sampled[req.request_id][0]
-                drafts[req.request_id].append(token)
-                if step + 1 < num_drafts:
-                    next_chunks.append(self._next_chunk(chunk, token))
+            steps.append(self.runner.launch(SchedulerOutput(chunks, sum(c.num_tokens for c in chunks))))
+            chunks = [_next_chunk(c) for c, (_, num_drafts) in zip(chunks, drafting) if num_drafts > step + 1]
             drafting = [d for d in drafting if d[1] > step + 1]
-            chunks = next_chunks
+        drafts: dict[str, list[int]] = {}
+        for launched in steps:
+            for rid, tokens in launched.result().sampled.items():
+                drafts.setdefault(rid, []).append(tokens[0])
+        for rid, proposed in drafts.items():
+            self._states[rid].drafts = proposed[:-1]  # the last one was sampled, not computed
         return drafts
 
     def _forget_all_but(self, request_ids: set[str]) -> None:
@@ -109,16 +112,15 @@ class DraftModelProposer:
         tokens = req.token_ids
         # The drafts that held are still valid in the pool; the first rejected one and those after it are written over.
         start = min(state.num_known + _common_prefix(state.drafts, tokens[state.num_known :]), len(tokens) - 1)
-        state.num_known, state.drafts = len(tokens), []
+        state.num_known = len(tokens)
         draft_req = Request(req.request_id, list(tokens), _GREEDY, frozenset(), self.max_model_len)
         return ScheduledChunk(draft_req, start, len(tokens) - start, state.block_ids, samples=True)
 
-    def _next_chunk(self, chunk: ScheduledChunk, token: int) -> ScheduledChunk:
-        """The one-token step that computes the draft just proposed."""
-        req = chunk.request
-        req.append_output_token(token)
-        self._states[req.request_id].drafts.append(token)
-        return ScheduledChunk(req, req.num_tokens - 1, 1, chunk.block_ids, samples=True)
+
+def _next_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
+    """The one-token step that computes the draft the chunk samples: past the request's known
+    tokens, so the runner takes its input from the step before's samples on the device."""
+    return ScheduledChunk(chunk.request, chunk.start + chunk.num_tokens, 1, chunk.block_ids, samples=True)
 
 
 def _common_prefix(a_tokens: list[int], b_tokens: list[int]) -> int:

@@ -91,3 +91,13 @@ def test_the_older_spelling_chooses_a_draft_model(models, plain):
     engine = _engine(models, speculative_model=models["target"], num_speculative_tokens=2)
     assert engine.engine_core.engine_core.config.speculative.method == "draft_model"
     assert _generate(engine, GREEDY)[0] == plain[0]
+
+
+def test_a_tensor_parallel_target_with_a_one_rank_draft(models, plain):
+    """The draft runs in the engine's process (TP 1) while the target's two ranks are worker processes."""
+    engine = _engine(models, "target", tensor_parallel_size=2)
+    tokens, _ = _generate(engine, GREEDY)
+    assert tokens == plain[0]
+    stats = _stats(engine)
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+    engine.engine_core.shutdown()

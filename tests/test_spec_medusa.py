@@ -90,6 +90,8 @@ def test_heads_that_do_not_fit_the_target_are_refused(models):
         _engine(models, "narrow")
     with pytest.raises(ValueError, match="num_speculative_tokens=5 is more than the 4 Medusa heads"):
         _engine(models, "medusa", k=5)
+    with pytest.raises(ValueError, match="method='medusa' is not built with several ranks yet"):
+        _engine(models, "medusa", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="method='medusa' needs"):
         _engine(models, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
 

@@ -23,7 +23,7 @@ from pagoda.config.groups import (
     SpeculativeConfig,
 )
 from pagoda.config.model_spec import ModelSpec
-from pagoda.config.speculative import MODEL_METHODS, resolve_speculative
+from pagoda.config.speculative import HIDDEN_STATES_METHODS, MODEL_METHODS, resolve_speculative
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
@@ -48,7 +48,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
     if speculative is not None and speculative.method in MODEL_METHODS:
-        _check_one_rank(speculative, parallel)
+        _check_proposer_placement(speculative, parallel)
     if speculative is not None and speculative.method == "draft_model":
         speculative = dataclasses.replace(
             speculative, draft=_draft_model_config(args, speculative, model, device)
@@ -93,11 +93,16 @@ def _model_config(
     )
 
 
-def _check_one_rank(speculative: SpeculativeConfig, parallel: ParallelConfig) -> None:
-    if parallel.world_size > 1 or parallel.distributed_executor_backend == "ray":
-        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with several ranks or Ray "
-                         "yet: its proposer runs in the engine's process, beside a one-rank target "
-                         "(tensor_parallel_size=1, pipeline_parallel_size=1, the mp backend)")
+def _check_proposer_placement(speculative: SpeculativeConfig, parallel: ParallelConfig) -> None:
+    """A draft model runs in the engine's process on the first rank's device (TP 1, whatever the
+    target's); Medusa heads read hidden states that only a one-rank target has in that process."""
+    if parallel.distributed_executor_backend == "ray":
+        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with Ray yet: its "
+                         "proposer runs in the engine's process (use distributed_executor_backend='mp')")
+    if speculative.method in HIDDEN_STATES_METHODS and parallel.world_size > 1:
+        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with several ranks yet: "
+                         "the heads read the target's hidden states in the engine's process "
+                         "(tensor_parallel_size=1, pipeline_parallel_size=1)")
 
 
 def _draft_model_config(

@@ -3,7 +3,8 @@ request by running k greedy steps of its own (vLLM's draft proposals are greedy 
 target verifies them as one-hot drafts: pagoda/sample/rejection.py).
 
 The draft runs through Pagoda's own ModelRunner (its model code, paged attention, decode CUDA
-graphs and sampler) on the target's device, over a KV pool of its own with as many blocks as the
+graphs and sampler) in the engine's process with TP 1, whatever the target's, on the first rank's
+device, over a KV pool of its own with as many blocks as the
 target's (the engine core sizes both from one memory budget: `kv_bytes_per_block`). The k steps
 are queued back to back, each taking its input from the step before's samples on the device, and
 read once at the end. Per request

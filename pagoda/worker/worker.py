@@ -32,7 +32,8 @@ class KVBudget:
     gpu_memory_utilization: float
     max_num_batched_tokens: int
     max_model_len: int
-    # A draft model's bytes per block: its pool takes as many blocks as the target's from the same budget.
+    # A draft model's bytes per block: its pool takes as many blocks as the target's from the same
+    # budget (every rank leaves it room, though only the first rank's device holds it).
     draft_bytes_per_block: int = 0
 
 

@@ -115,9 +115,12 @@ def test_the_heads_read_the_hidden_state_that_sampled_the_last_token(models, tmp
 
     def recording(requests, hidden):
         drafts = propose(requests, hidden)
-        seen.extend((drafts[r.request_id], r.token_ids[-1]) for r in requests if r.request_id in drafts)
+        # (Its last token sampled: a prompt's own last token need not be what the LM head predicts.)
+        seen.extend((drafts[r.request_id], r.token_ids[-1]) for r in requests
+                    if r.request_id in drafts and r.num_output_tokens)
         return drafts
 
     proposer.propose_from_hidden_states = recording
     _generate(engine, GREEDY)
-    assert len(seen) > 20 and all(drafts == [last] * 3 for drafts, last in seen)
+    bad = [(d, last) for d, last in seen if d != [last] * 3]
+    assert len(seen) > 20 and not bad, bad[:5]

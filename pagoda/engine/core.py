@@ -25,7 +25,7 @@ from pagoda.spec import build_proposer
 from pagoda.spec.proposer import (
     HiddenStatesProposer,
     ProposerWithKVCache,
-    SampleHiddenStates,
+    StepHiddenStates,
     TokenProposer,
 )
 from pagoda.structured_output.manager import StructuredOutputManager
@@ -234,7 +234,7 @@ class EngineCore:
         self.structured_outputs.accept(updated)
         num_new = {req.request_id: n for req, n in updated}
         if self.proposer is not None:
-            self._propose_drafts(runner_output.sample_hidden)
+            self._propose_drafts(runner_output.step_hidden)
         outputs = []
         for chunk in scheduler_output.chunks:
             req, rid = chunk.request, chunk.request.request_id
@@ -250,9 +250,10 @@ class EngineCore:
             ))
         return outputs
 
-    def _propose_drafts(self, hidden: SampleHiddenStates | None) -> None:
+    def _propose_drafts(self, hidden: StepHiddenStates | None) -> None:
         """Drafts for the next step of every running request that is decoding, its tokens known;
-        hidden: the step's, for a proposer from the target's hidden states."""
+        hidden: the step's, for a proposer from the target's hidden states (given every step:
+        EAGLE keeps those of prompts still being prefilled)."""
         assert self.proposer is not None
         # A grammar's mask is for one position: constrained requests go without drafts.
         decoding = [
@@ -260,13 +261,13 @@ class EngineCore:
             if not req.num_output_placeholders and req.num_computed_tokens == req.num_tokens - 1
             and req.sampling_params.structured_outputs is None
         ]
-        if not decoding:
-            return
         limit = self.proposer.num_speculative_tokens
         if isinstance(self.proposer, HiddenStatesProposer):
             proposed = {} if hidden is None else self.proposer.propose_from_hidden_states(decoding, hidden)
-        else:
+        elif decoding:
             proposed = self.proposer.propose(decoding)
+        else:
+            return
         for rid, drafts in proposed.items():
             self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])
 

@@ -20,7 +20,7 @@ from pagoda.config.groups import ResolvedConfig
 from pagoda.core.request import Request
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.loader.weights import iter_checkpoint_weights
-from pagoda.spec.proposer import SampleHiddenStates
+from pagoda.spec.proposer import StepHiddenStates
 
 _BLOCK = re.compile(r"(?:medusa_head\.(\d+)\.(\d+)|blocks\.(\d+)\.layers\.(\d+))\.linear\.(weight|bias)$")
 _LM_HEAD = re.compile(r"(?:medusa_head\.(\d+)\.(\d+)|lm_heads\.(\d+))\.weight$")
@@ -47,12 +47,12 @@ class MedusaProposer:
 
     @torch.inference_mode()
     def propose_from_hidden_states(
-        self, requests: Sequence[Request], hidden: SampleHiddenStates
+        self, requests: Sequence[Request], hidden: StepHiddenStates
     ) -> dict[str, list[int]]:
         with_hidden = [r.request_id for r in requests if r.request_id in hidden.rows]
         if not with_hidden:
             return {}
-        rows = torch.tensor([hidden.rows[rid] for rid in with_hidden], device=hidden.states.device)
+        rows = torch.tensor([hidden.last_row(rid) for rid in with_hidden], device=hidden.states.device)
         x = hidden.states.index_select(0, rows).to(self.lm_heads.dtype)  # [requests, hidden]
         x = x.unsqueeze(0).expand(len(self.lm_heads), -1, -1)  # [heads, requests, hidden]
         for layer in range(self.block_weights.shape[1]):

@@ -42,12 +42,19 @@ class ProposerWithKVCache(TokenProposer, Protocol):
 
 
 @dataclass
-class SampleHiddenStates:
-    """A step's final hidden states at its sample rows (on the target's device), and per request
-    the row that sampled its last new token: what a head over the target's hidden states reads."""
+class StepHiddenStates:
+    """A step's final hidden states (on the target's device) and, per request it computed, the
+    rows that hold its real tokens' states: what a head over the target's hidden states reads."""
 
-    states: torch.Tensor  # [sample rows, hidden]
-    rows: dict[str, int]
+    states: torch.Tensor  # [the step's tokens, hidden]
+    # request id -> (its first row, that row's position, how many rows from it hold real tokens:
+    # the chunk's known tokens and accepted drafts, not rejected ones)
+    rows: dict[str, tuple[int, int, int]]
+
+    def last_row(self, request_id: str) -> int:
+        """The row that sampled the request's last new token."""
+        first, _, count = self.rows[request_id]
+        return first + count - 1
 
 
 @runtime_checkable
@@ -58,7 +65,7 @@ class HiddenStatesProposer(Protocol):
     num_speculative_tokens: int
 
     def propose_from_hidden_states(
-        self, requests: Sequence[Request], hidden: SampleHiddenStates
+        self, requests: Sequence[Request], hidden: StepHiddenStates
     ) -> dict[str, list[int]]:
         """As TokenProposer.propose; a request without a row in `hidden` gets no drafts."""
         ...

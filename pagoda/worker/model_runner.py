@@ -8,7 +8,7 @@ samples on the device.
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
 each request gets a list of new tokens; for a proposer from the target's hidden states (Medusa
-heads), the step also hands back the final hidden states of its sample rows. Structured
+heads, EAGLE), the step also hands back its final hidden states. Structured
 outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
@@ -42,7 +42,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
 )
-from pagoda.spec.proposer import SampleHiddenStates
+from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -60,8 +60,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
     # An embedding engine's: request id -> its prompt's pooled hidden state (worker/pooler.py).
     pooled: dict[str, list[float]] = field(default_factory=dict)
-    # For a proposer from the target's hidden states (spec/medusa.py): those of the sample rows.
-    sample_hidden: SampleHiddenStates | None = None
+    # For a proposer from the target's hidden states (spec/medusa.py, spec/eagle.py): the step's.
+    step_hidden: StepHiddenStates | None = None
 
 
 class PendingStep:
@@ -74,10 +74,8 @@ class PendingStep:
         sampling: list[ScheduledChunk] | None = None,
         samples: PendingSamples | None = None,
         sample_later: Callable[[GrammarBitmask | None], PendingSamples] | None = None,
-        sample_hidden: torch.Tensor | None = None,
     ) -> None:
         self._output = output
-        self._sample_hidden = sample_hidden  # [sample rows, hidden], kept for a proposer
         self._sampling = sampling or []  # the chunks that sample, in the order of the sample rows
         self._samples = samples
         self._sample_later = sample_later
@@ -98,8 +96,6 @@ class PendingStep:
         if samples is not None:
             self._samples = None
             read = samples.result()
-            if self._sample_hidden is not None:
-                out.sample_hidden = SampleHiddenStates(self._sample_hidden, {})
             row = 0
             for chunk in self._sampling:
                 rid, drafts = chunk.request.request_id, chunk.draft_token_ids
@@ -109,8 +105,9 @@ class PendingStep:
                 out.sampled_logprob[rid] = read.logprobs[row : row + len(tokens)]
                 if read.top_logprobs[row] is not None:
                     out.top_logprobs[rid] = read.top_logprobs[row : row + len(tokens)]
-                if out.sample_hidden is not None:
-                    out.sample_hidden.rows[rid] = row + len(tokens) - 1
+                if out.step_hidden is not None:  # the accepted drafts' rows hold real tokens too
+                    first, position, known = out.step_hidden.rows[rid]
+                    out.step_hidden.rows[rid] = (first, position, known + len(tokens) - 1)
                 row = end
         return out
 
@@ -149,7 +146,7 @@ class ModelRunner:
         )
         self.max_num_seqs = config.scheduler.max_num_seqs
         speculative = config.speculative
-        self.keeps_sample_hidden = speculative is not None and speculative.method in HIDDEN_STATES_METHODS
+        self.keeps_step_hidden = speculative is not None and speculative.method in HIDDEN_STATES_METHODS
         # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
         # multi-token step verifies when a proposer is configured.
         drafts = config.num_speculative_tokens
@@ -292,6 +289,8 @@ class ModelRunner:
             if self.samples:
                 out.pooled = pool(self.pooling_type, hidden, chunks, _query_starts(batch.query_lens))
             return PendingStep(out)
+        if hidden is not None and self.keeps_step_hidden:
+            out.step_hidden = _step_hidden(hidden, chunks, batch.query_lens)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
@@ -315,12 +314,9 @@ class ModelRunner:
             self._last_sample_rows = batch.last_sample_row
             return PendingSamples(samples)
 
-        sample_hidden = None
-        if self.keeps_sample_hidden:
-            sample_hidden = _rows(hidden, [batch.logits_rows[r] for r in batch.sample_rows])
         if defer_sampling:
-            return PendingStep(out, sampling, sample_later=sample, sample_hidden=sample_hidden)
-        return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask), sample_hidden=sample_hidden)
+            return PendingStep(out, sampling, sample_later=sample)
+        return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask))
 
     def _forward(self, batch: _Batch) -> torch.Tensor | None:
         graphs = self.decode_graphs
@@ -436,6 +432,16 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+
+
+def _step_hidden(hidden: torch.Tensor, chunks: list[ScheduledChunk], query_lens: list[int]) -> StepHiddenStates:
+    """The step's hidden states, each chunk's rows of known tokens (PendingStep adds the accepted
+    drafts')."""
+    starts = _query_starts(query_lens)
+    rows = {
+        c.request.request_id: (first, c.start, c.num_tokens - len(c.draft_token_ids)) for c, first in zip(chunks, starts)
+    }
+    return StepHiddenStates(hidden[: starts[-1]], rows)
 
 
 def _query_starts(query_lens: list[int]) -> list[int]:

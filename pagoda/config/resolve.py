@@ -23,13 +23,18 @@ from pagoda.config.groups import (
     SpeculativeConfig,
 )
 from pagoda.config.model_spec import ModelSpec
-from pagoda.config.speculative import HIDDEN_STATES_METHODS, MODEL_METHODS, resolve_speculative
+from pagoda.config.speculative import (
+    HIDDEN_STATES_METHODS,
+    MODEL_METHODS,
+    resolve_speculative,
+)
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
 from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import hf_meta_model
 from pagoda.models import model_architecture
+from pagoda.models.eagle import EAGLE_ARCHITECTURE
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.pooling import PoolerConfig, read_pooler_config
@@ -49,7 +54,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     parallel = _parallel_config(args, model, device)
     if speculative is not None and speculative.method in MODEL_METHODS:
         _check_proposer_placement(speculative, parallel)
-    if speculative is not None and speculative.method == "draft_model":
+    if speculative is not None and speculative.method in ("draft_model", "eagle"):
         speculative = dataclasses.replace(
             speculative, draft=_draft_model_config(args, speculative, model, device)
         )
@@ -108,17 +113,32 @@ def _check_proposer_placement(speculative: SpeculativeConfig, parallel: Parallel
 def _draft_model_config(
     args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, device: torch.device
 ) -> ModelConfig:
-    """The draft of method='draft_model': the target's dtype, context and EOS ids; its vocabulary
-    must be the target's (its drafts are token ids of the target)."""
+    """The draft of method='draft_model' (or the head of 'eagle'): the target's dtype, context and
+    EOS ids; its vocabulary must be the target's (its drafts are token ids of the target), and an
+    EAGLE head's hidden size too (it reads the target's hidden states). An EAGLE head is built
+    with random weights that spec/eagle.py replaces with its checkpoint's and the target's."""
     assert speculative.model is not None
     resolved = resolve_model(speculative.model, args.load_format)
     draft_args = dataclasses.replace(args, max_model_len=target.max_model_len)
+    if speculative.method == "eagle":  # built random (its layout's shapes), then loaded by spec/eagle.py
+        draft_args = dataclasses.replace(draft_args, load_format="dummy")
     draft = _model_config(draft_args, resolved, None, device, False)
     if draft.spec.vocab_size != target.spec.vocab_size:
         raise ValueError(
             f"speculative_config's model={speculative.model!r} has a vocabulary of {draft.spec.vocab_size} tokens, "
             f"the target {target.name!r} one of {target.spec.vocab_size}: a draft must share the target's vocabulary"
         )
+    if speculative.method == "eagle":
+        if draft.spec.hidden_size != target.spec.hidden_size:
+            raise ValueError(f"speculative_config's model={speculative.model!r} is an EAGLE head of hidden size "
+                             f"{draft.spec.hidden_size}, the target's is {target.spec.hidden_size}: they must match")
+        hidden = draft.spec.hidden_size
+        # Its layout: fc, and no input norm in its layer, no final norm (models/eagle.py).
+        shapes = tuple((name, shape) for name, shape in draft.spec.checkpoint_shapes
+                       if not name.endswith("input_layernorm.weight") and name != "model.norm.weight")
+        spec = dataclasses.replace(draft.spec, architecture=EAGLE_ARCHITECTURE,
+                                   checkpoint_shapes=(*shapes, ("fc.weight", (hidden, 2 * hidden))))
+        draft = dataclasses.replace(draft, spec=spec)
     return dataclasses.replace(draft, dtype=target.dtype, eos_token_ids=target.eos_token_ids)
 
 

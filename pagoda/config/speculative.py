@@ -8,13 +8,13 @@ from typing import Any
 
 from pagoda.config.groups import SpeculativeConfig
 
-BUILT_METHODS = ("ngram", "draft_model", "medusa")
+BUILT_METHODS = ("ngram", "draft_model", "eagle", "medusa")
 # Methods whose proposer reads the target's hidden states: the model runner keeps them.
-HIDDEN_STATES_METHODS = ("medusa",)
+HIDDEN_STATES_METHODS = ("eagle", "medusa")
 # Methods whose proposer loads a model or heads from speculative_config's model.
-MODEL_METHODS = ("draft_model", "medusa")
+MODEL_METHODS = ("draft_model", "eagle", "medusa")
 # vLLM's methods that Pagoda does not have yet: refused by name rather than as unknown.
-UNBUILT_METHODS = ("eagle", "eagle3", "mtp")
+UNBUILT_METHODS = ("eagle3", "mtp")
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
 NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's defaults when neither bound is given.

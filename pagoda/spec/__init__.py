@@ -19,6 +19,10 @@ def build_proposer(config: ResolvedConfig) -> TokenProposer | HiddenStatesPropos
         )
 
         return DraftModelProposer(config)
+    if speculative.method == "eagle":
+        from pagoda.spec.eagle import EagleProposer
+
+        return EagleProposer(config)
     if speculative.method == "medusa":
         from pagoda.spec.medusa import MedusaProposer
 

@@ -30,7 +30,7 @@ from pagoda.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagoda")
 
-_GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+GREEDY_PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)
 
 
 @dataclass
@@ -41,7 +41,31 @@ class _DraftState:
     # only grow), then of these drafts, which may since have been rejected.
     num_known: int = 0
     drafts: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+
+
+class DraftBlocks:
+    """A proposer's KV pool blocks, per request."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.block_ids: dict[str, list[int]] = {}
+        self._free: list[int] = []
+
+    def allocate(self, num_blocks: int) -> None:
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    def forget_all_but(self, request_ids: set[str]) -> None:
+        for rid in [rid for rid in self.block_ids if rid not in request_ids]:
+            self._free.extend(reversed(self.block_ids.pop(rid)))
+
+    def reserve(self, request_id: str, num_positions: int) -> bool:
+        """Blocks for the request's first num_positions positions; False (and none taken) if the pool has too few."""
+        blocks = self.block_ids.setdefault(request_id, [])
+        missing = -(-num_positions // self.block_size) - len(blocks)
+        if missing > len(self._free):
+            return False
+        blocks.extend(self._free.pop() for _ in range(max(0, missing)))
+        return True
 
 
 class DraftModelProposer:
@@ -56,10 +80,9 @@ class DraftModelProposer:
             config, model=speculative.draft, speculative=None, parallel=ParallelConfig(1, 1, 1)
         )
         self.runner = ModelRunner(draft_config, config.rank_device(0))
-        self.block_size = config.cache.block_size
         self.max_model_len = config.model.max_model_len
         self._states: dict[str, _DraftState] = {}
-        self._free_blocks: list[int] = []
+        self._blocks = DraftBlocks(config.cache.block_size)
 
     def kv_bytes_per_block(self) -> int:
         """Bytes of one block of the draft's pool (it holds as many blocks as the target's)."""
@@ -67,15 +90,17 @@ class DraftModelProposer:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
-        self._free_blocks = list(range(num_blocks - 1, -1, -1))
+        self._blocks.allocate(num_blocks)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[Request]) -> dict[str, list[int]]:
-        self._forget_all_but({r.request_id for r in requests})
+        ids = {r.request_id for r in requests}
+        self._blocks.forget_all_but(ids)
+        self._states = {rid: state for rid, state in self._states.items() if rid in ids}
         drafting = []
         for req in requests:
             num_drafts = min(self.num_speculative_tokens, self.max_model_len - req.num_tokens)
-            if num_drafts > 0 and self._reserve(req.request_id, req.num_tokens + num_drafts - 1):
+            if num_drafts > 0 and self._blocks.reserve(req.request_id, req.num_tokens + num_drafts - 1):
                 drafting.append((req, num_drafts))
         # Step 1 computes each request's tokens past what the cache still holds; steps 2..k one
         # draft each, its input the step before's sample, still on the device: no read between steps.
@@ -85,7 +110,7 @@ class DraftModelProposer:
             if not chunks:
                 break
             steps.append(self.runner.launch(SchedulerOutput(chunks, sum(c.num_tokens for c in chunks))))
-            chunks = [_next_chunk(c) for c, (_, num_drafts) in zip(chunks, drafting) if num_drafts > step + 1]
+            chunks = [next_draft_chunk(c) for c, (_, num_drafts) in zip(chunks, drafting) if num_drafts > step + 1]
             drafting = [d for d in drafting if d[1] > step + 1]
         drafts: dict[str, list[int]] = {}
         for launched in steps:
@@ -95,30 +120,18 @@ class DraftModelProposer:
             self._states[rid].drafts = proposed[:-1]  # the last one was sampled, not computed
         return drafts
 
-    def _forget_all_but(self, request_ids: set[str]) -> None:
-        for rid in [rid for rid in self._states if rid not in request_ids]:
-            self._free_blocks.extend(reversed(self._states.pop(rid).block_ids))
-
-    def _reserve(self, request_id: str, num_positions: int) -> bool:
-        """Blocks for the request's first num_positions positions; False (and none taken) if the pool has too few."""
-        state = self._states.setdefault(request_id, _DraftState())
-        missing = -(-num_positions // self.block_size) - len(state.block_ids)
-        if missing > len(self._free_blocks):
-            return False
-        state.block_ids.extend(self._free_blocks.pop() for _ in range(max(0, missing)))
-        return True
-
     def _first_chunk(self, req: Request) -> ScheduledChunk:
-        state = self._states[req.request_id]
+        state = self._states.setdefault(req.request_id, _DraftState())
         tokens = req.token_ids
         # The drafts that held are still valid in the pool; the first rejected one and those after it are written over.
         start = min(state.num_known + _common_prefix(state.drafts, tokens[state.num_known :]), len(tokens) - 1)
         state.num_known = len(tokens)
-        draft_req = Request(req.request_id, list(tokens), _GREEDY, frozenset(), self.max_model_len)
-        return ScheduledChunk(draft_req, start, len(tokens) - start, state.block_ids, samples=True)
+        draft_req = Request(req.request_id, list(tokens), GREEDY_PARAMS, frozenset(), self.max_model_len)
+        blocks = self._blocks.block_ids[req.request_id]
+        return ScheduledChunk(draft_req, start, len(tokens) - start, blocks, samples=True)
 
 
-def _next_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
+def next_draft_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
     """The one-token step that computes the draft the chunk samples: past the request's known
     tokens, so the runner takes its input from the step before's samples on the device."""
     return ScheduledChunk(chunk.request, chunk.start + chunk.num_tokens, 1, chunk.block_ids, samples=True)

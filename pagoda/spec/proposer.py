@@ -32,9 +32,9 @@ class TokenProposer(Protocol):
 
 
 @runtime_checkable
-class ProposerWithKVCache(TokenProposer, Protocol):
-    """A proposer with a KV pool of its own (a draft model's): the engine core sizes it with the
-    target's from one memory budget, as many blocks each."""
+class ProposerWithKVCache(Protocol):
+    """A proposer with a KV pool of its own (a draft model's, an EAGLE head's): the engine core
+    sizes it with the target's from one memory budget, as many blocks each."""
 
     def kv_bytes_per_block(self) -> int: ...
 

@@ -434,7 +434,9 @@ class ModelRunner:
         )
 
 
-def _step_hidden(hidden: torch.Tensor, chunks: list[ScheduledChunk], query_lens: list[int]) -> StepHiddenStates:
+def _step_hidden(
+    hidden: torch.Tensor, chunks: list[ScheduledChunk], query_lens: list[int]
+) -> StepHiddenStates:
     """The step's hidden states, each chunk's rows of known tokens (PendingStep adds the accepted
     drafts')."""
     starts = _query_starts(query_lens)

@@ -1,4 +1,4 @@
-"""draft_model and medusa on a CUDA GPU, with CUDA graphs (the target's verification graphs and
+"""draft_model, eagle and medusa on a CUDA GPU, with CUDA graphs (the target's verification graphs and
 the draft runner's decode graphs): greedy tokens equal those without speculation (fp32, so that
 no near-tie flips), the target as its own draft has every draft accepted, and the engine sizes
 both KV pools from one budget. Skipped without a GPU (run by scripts/gpu_check.sh)."""
@@ -12,6 +12,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from tests.test_gpu_multi_token import _release, _workload
 from tests.test_multi_token_steps import _generate, _tokens
+from tests.test_spec_eagle import save_eagle_head
 from tests.test_spec_medusa import save_medusa_heads
 from tests.tiny_models import save_tiny_model
 
@@ -58,6 +59,14 @@ def test_draft_model_with_graphs_gives_the_greedy_tokens(target, plain):
 def test_medusa_with_graphs_gives_the_greedy_tokens(target, plain, tmp_path):
     heads = save_medusa_heads(tmp_path / "medusa")
     tokens, engine = _run(target, {"method": "medusa", "model": heads, "num_speculative_tokens": 3})
+    assert tokens == plain and engine.engine_core.engine_core.scheduler.stats().num_drafts > 0
+    del engine
+    _release()
+
+
+def test_eagle_gives_the_greedy_tokens(target, plain, tmp_path):
+    head = save_eagle_head(tmp_path)
+    tokens, engine = _run(target, {"method": "eagle", "model": head, "num_speculative_tokens": 3})
     assert tokens == plain and engine.engine_core.engine_core.scheduler.stats().num_drafts > 0
     del engine
     _release()

@@ -134,11 +134,15 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '
-        'n..m tokens occurred before; default 5..5)', type=_json_object)
+        'n..m tokens occurred before; default 5..5), or {"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": k} (a smaller model with the same vocabulary proposes k greedy tokens); '
+        'method "eagle" or "medusa" with "model" a head\'s checkpoint',
+        type=_json_object)
     num_speculative_tokens: int | None = _knob(
         None, "drafts a step verifies per request (older spelling of speculative_config's num_speculative_tokens)")
     speculative_model: str | None = _knob(
-        None, 'the draft\'s source: "[ngram]" for prompt lookup (older spelling of speculative_config\'s method)')
+        None, 'the draft\'s source: "[ngram]" for prompt lookup, else a draft model\'s path or name (older '
+        'spelling of speculative_config\'s method and model)')
     enable_lora: bool = _knob(False, "serve LoRA adapters (PEFT format) over the base model: requests name one "
                               "(LLM.generate's lora_request, the server's model field)", action="store_true")
     max_loras: int = _knob(1, "LoRA adapters resident on the device at once: the most one batch mixes")

@@ -74,10 +74,12 @@ class DeviceConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     num_speculative_tokens: int  # drafts per request a step may verify (decode graphs capture 1 + this)
-    method: str | None = None  # "ngram"; None: a proposer passed in code (EngineCore(config, proposer))
+    method: str | None = None  # "ngram", "draft_model"; None: a proposer passed in code (EngineCore(config, proposer))
     # ngram: the n-gram lengths matched against the request's earlier tokens, longest first.
     prompt_lookup_min: int = 0
     prompt_lookup_max: int = 0
+    model: str | None = None  # draft_model: the draft's source, as given
+    draft: ModelConfig | None = None  # draft_model: the draft, resolved (config/resolve.py)
 
 
 @dataclass(frozen=True)

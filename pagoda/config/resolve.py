@@ -20,16 +20,22 @@ from pagoda.config.groups import (
     ModelConfig,
     ParallelConfig,
     ResolvedConfig,
+    SpeculativeConfig,
 )
 from pagoda.config.model_spec import ModelSpec
-from pagoda.config.speculative import resolve_speculative
+from pagoda.config.speculative import (
+    HIDDEN_STATES_METHODS,
+    MODEL_METHODS,
+    resolve_speculative,
+)
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import load_generation_eos, load_hf_config
-from pagoda.loader.model_resolver import ResolvedModel
+from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import hf_meta_model
 from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture
+from pagoda.models.eagle import EAGLE_ARCHITECTURE
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
@@ -49,6 +55,12 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     model = _model_config(args, resolved, tokenizer, device, speculative is not None)
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
+    if speculative is not None and speculative.method in MODEL_METHODS:
+        _check_proposer_placement(speculative, parallel)
+    if speculative is not None and speculative.method in ("draft_model", "eagle"):
+        speculative = dataclasses.replace(
+            speculative, draft=_draft_model_config(args, speculative, model, device)
+        )
     if model.pooler is not None:
         # Each prompt runs whole in one step from its first token (its hidden states are pooled
         # there), and nothing is decoded after it: no chunks, no cached prefix, no overlapped steps.
@@ -115,6 +127,50 @@ def _quantization(stated: str | None, spec: ModelSpec, device: torch.device, dty
     get_quantization_config(method, spec.quantization).check_supported(device, dtype)
     logger.info("weight quantization: %s%s", method, "" if spec.quantization else " (quantized at load)")
     return method
+
+
+def _check_proposer_placement(speculative: SpeculativeConfig, parallel: ParallelConfig) -> None:
+    """A draft model runs in the engine's process on the first rank's device (TP 1, whatever the
+    target's); Medusa heads read hidden states that only a one-rank target has in that process."""
+    if parallel.distributed_executor_backend == "ray":
+        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with Ray yet: its "
+                         "proposer runs in the engine's process (use distributed_executor_backend='mp')")
+    if speculative.method in HIDDEN_STATES_METHODS and parallel.world_size > 1:
+        raise ValueError(f"speculative_config's method={speculative.method!r} is not built with several ranks yet: "
+                         "the heads read the target's hidden states in the engine's process "
+                         "(tensor_parallel_size=1, pipeline_parallel_size=1)")
+
+
+def _draft_model_config(
+    args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, device: torch.device
+) -> ModelConfig:
+    """The draft of method='draft_model' (or the head of 'eagle'): the target's dtype, context and
+    EOS ids; its vocabulary must be the target's (its drafts are token ids of the target), and an
+    EAGLE head's hidden size too (it reads the target's hidden states). An EAGLE head is built
+    with random weights that spec/eagle.py replaces with its checkpoint's and the target's."""
+    assert speculative.model is not None
+    resolved = resolve_model(speculative.model, args.load_format)
+    draft_args = dataclasses.replace(args, max_model_len=target.max_model_len)
+    if speculative.method == "eagle":  # built random (its layout's shapes), then loaded by spec/eagle.py
+        draft_args = dataclasses.replace(draft_args, load_format="dummy")
+    draft = _model_config(draft_args, resolved, None, device, False)
+    if draft.spec.vocab_size != target.spec.vocab_size:
+        raise ValueError(
+            f"speculative_config's model={speculative.model!r} has a vocabulary of {draft.spec.vocab_size} tokens, "
+            f"the target {target.name!r} one of {target.spec.vocab_size}: a draft must share the target's vocabulary"
+        )
+    if speculative.method == "eagle":
+        if draft.spec.hidden_size != target.spec.hidden_size:
+            raise ValueError(f"speculative_config's model={speculative.model!r} is an EAGLE head of hidden size "
+                             f"{draft.spec.hidden_size}, the target's is {target.spec.hidden_size}: they must match")
+        hidden = draft.spec.hidden_size
+        # Its layout: fc, and no input norm in its layer, no final norm (models/eagle.py).
+        shapes = tuple((name, shape) for name, shape in draft.spec.checkpoint_shapes
+                       if not name.endswith("input_layernorm.weight") and name != "model.norm.weight")
+        spec = dataclasses.replace(draft.spec, architecture=EAGLE_ARCHITECTURE,
+                                   checkpoint_shapes=(*shapes, ("fc.weight", (hidden, 2 * hidden))))
+        draft = dataclasses.replace(draft, spec=spec)
+    return dataclasses.replace(draft, dtype=target.dtype, eos_token_ids=target.eos_token_ids)
 
 
 def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:

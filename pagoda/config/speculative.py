@@ -8,9 +8,13 @@ from typing import Any
 
 from pagoda.config.groups import SpeculativeConfig
 
-BUILT_METHODS = ("ngram",)
+BUILT_METHODS = ("ngram", "draft_model", "eagle", "medusa")
+# Methods whose proposer reads the target's hidden states: the model runner keeps them.
+HIDDEN_STATES_METHODS = ("eagle", "medusa")
+# Methods whose proposer loads a model or heads from speculative_config's model.
+MODEL_METHODS = ("draft_model", "eagle", "medusa")
 # vLLM's methods that Pagoda does not have yet: refused by name rather than as unknown.
-UNBUILT_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mtp")
+UNBUILT_METHODS = ("eagle3", "mtp")
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
 NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's defaults when neither bound is given.
@@ -37,7 +41,11 @@ def resolve_speculative(
         raise ValueError(f"speculative_config's num_speculative_tokens={k!r} is invalid: must be an integer >= 1 "
                          "(--num-speculative-tokens, or the key in --speculative-config)")
     low, high = _prompt_lookup(settings.get("prompt_lookup_min"), settings.get("prompt_lookup_max"))
-    return SpeculativeConfig(k, method, low, high)
+    model = settings.get("model")
+    if method in MODEL_METHODS and not isinstance(model, str):
+        raise ValueError(f"speculative_config's model={model!r} is invalid: method={method!r} needs the draft "
+                         "model's or heads' path or name (--speculative-model, or the key in --speculative-config)")
+    return SpeculativeConfig(k, method, low, high, model if method in MODEL_METHODS else None)
 
 
 def _method(method: str | None, model: str | None) -> str:

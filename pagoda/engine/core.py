@@ -22,7 +22,12 @@ from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
 from pagoda.spec import build_proposer
-from pagoda.spec.proposer import TokenProposer
+from pagoda.spec.proposer import (
+    HiddenStatesProposer,
+    ProposerWithKVCache,
+    StepHiddenStates,
+    TokenProposer,
+)
 from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget
@@ -35,7 +40,9 @@ _GRAMMAR_WAIT_S = 0.01
 
 
 class EngineCore:
-    def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
+    def __init__(
+        self, config: ResolvedConfig, proposer: TokenProposer | HiddenStatesProposer | None = None
+    ) -> None:
         """config: resolved by the front end, once (config/resolve.py); proposer: drafts tokens
         that each step verifies along with the next one (None: the one config.speculative names,
         if any; without either, one token per request a step)."""
@@ -43,7 +50,7 @@ class EngineCore:
         if proposer is not None:
             config = dataclasses.replace(config, speculative=SpeculativeConfig(proposer.num_speculative_tokens))
         elif config.speculative is not None:
-            proposer = build_proposer(config.speculative)
+            proposer = build_proposer(config)
         self.config = config
         self.proposer = proposer
         self.model_name = config.model.name
@@ -53,6 +60,10 @@ class EngineCore:
         try:
             self.num_kv_blocks = self._num_kv_blocks()
             self.executor.allocate_kv_cache(self.num_kv_blocks)
+            if isinstance(proposer, ProposerWithKVCache):
+                proposer.allocate_kv_cache(self.num_kv_blocks)
+                logger.info("the draft model's KV pool: %d blocks too (%.2f GiB)", self.num_kv_blocks,
+                            self.num_kv_blocks * proposer.kv_bytes_per_block() / 2**30)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -87,6 +98,7 @@ class EngineCore:
         budget = KVBudget(
             cache.kv_cache_memory_bytes, cache.gpu_memory_utilization, scheduler.max_num_batched_tokens,
             self.max_model_len,
+            self.proposer.kv_bytes_per_block() if isinstance(self.proposer, ProposerWithKVCache) else 0,
         )
         num_blocks = self.executor.num_kv_blocks_that_fit(budget)
         if cache.kv_cache_memory_bytes is None:
@@ -226,7 +238,7 @@ class EngineCore:
         self.structured_outputs.accept(updated)
         num_new = {req.request_id: n for req, n in updated}
         if self.proposer is not None:
-            self._propose_drafts()
+            self._propose_drafts(runner_output.step_hidden)
         outputs = []
         for chunk in scheduler_output.chunks:
             req, rid = chunk.request, chunk.request.request_id
@@ -242,8 +254,10 @@ class EngineCore:
             ))
         return outputs
 
-    def _propose_drafts(self) -> None:
-        """Drafts for the next step of every running request that is decoding, its tokens known."""
+    def _propose_drafts(self, hidden: StepHiddenStates | None) -> None:
+        """Drafts for the next step of every running request that is decoding, its tokens known;
+        hidden: the step's, for a proposer from the target's hidden states (given every step:
+        EAGLE keeps those of prompts still being prefilled)."""
         assert self.proposer is not None
         # A grammar's mask is for one position: constrained requests go without drafts.
         decoding = [
@@ -251,10 +265,14 @@ class EngineCore:
             if not req.num_output_placeholders and req.num_computed_tokens == req.num_tokens - 1
             and req.sampling_params.structured_outputs is None
         ]
-        if not decoding:
-            return
         limit = self.proposer.num_speculative_tokens
-        for rid, drafts in self.proposer.propose(decoding).items():
+        if isinstance(self.proposer, HiddenStatesProposer):
+            proposed = {} if hidden is None else self.proposer.propose_from_hidden_states(decoding, hidden)
+        elif decoding:
+            proposed = self.proposer.propose(decoding)
+        else:
+            return
+        for rid, drafts in proposed.items():
             self.scheduler.requests[rid].draft_token_ids = list(drafts[:limit])
 
 

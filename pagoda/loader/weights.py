@@ -27,6 +27,18 @@ def iter_checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.
     raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {model_dir}")
 
 
+def read_checkpoint_tensors(model_dir: str | Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """Those of `names` the checkpoint has, reading only them from safetensors files."""
+    model_dir = Path(model_dir)
+    if not (files := _safetensors_files(model_dir)):
+        return {name: tensor for name, tensor in iter_checkpoint_weights(model_dir) if name in names}
+    found = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            found.update((name, f.get_tensor(name)) for name in names & set(f.keys()))
+    return found
+
+
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
@@ -89,4 +90,6 @@ def _unsupported(hf_config: Any, why: str) -> str:
 def model_class(architecture: str) -> type[CausalLM]:
     if architecture == TRANSFORMERS_ARCHITECTURE:
         return TransformersForCausalLM
+    if architecture == EAGLE_ARCHITECTURE:  # a speculative head: built by spec/eagle.py, never as a target
+        return EagleLlamaForCausalLM
     return MODEL_REGISTRY[architecture]

@@ -12,9 +12,10 @@ with a prefix that equals the true one (the drafts before it were accepted, so t
 tokens that position would have seen); drafts only decide how far one step gets. For
 deterministic (one-hot) drafts, such as n-gram or greedy draft-model proposals, it also accepts
 exactly as often as speculative rejection sampling (probability p(draft)) and, on rejection,
-emits a token distributed as p without the draft, just as that rule does. Drafts sampled from a
-draft model's distribution q would be accepted more often by rejection sampling against q; that
-rule belongs with such a proposer."""
+emits a token distributed as p without the draft, just as that rule does. For drafts given with
+the distribution q they were drawn from, the rows' tokens come from rejection sampling against q
+(pagoda/sample/rejection.py): a row's token is its draft where accepted, else a residual sample,
+so the same rule below reads them."""
 
 from __future__ import annotations
 

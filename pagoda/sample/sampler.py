@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from pagoda.host_to_device import to_device
+from pagoda.sample.rejection import DraftDistributions, rejection_sample
 from pagoda.sampling_params import SamplingParams
 
 _MASK = float("-inf")
@@ -97,11 +98,14 @@ class Sampler:
         return PendingSamples(self.sample(logits, requests)).result()
 
     def sample(
-        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int] | None = None
+        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int] | None = None,
+        drafts: DraftDistributions | None = None,
     ) -> DeviceSamples:
         """Sample one token per row, leaving the results on the device; the caller's logits are not
         changed. num_generated: the output tokens each row has before this one (default: as many as
-        its output_token_ids), for min_tokens and seeds while earlier samples are still in flight."""
+        its output_token_ids), for min_tokens and seeds while earlier samples are still in flight.
+        drafts: the drafts the rows verify with their proposer's distributions, for rejection
+        sampling (sample/rejection.py); None for drafts with none (one-hot), or no drafts."""
         if num_generated is None:
             num_generated = [len(r.output_token_ids) for r in requests]
         params = [r.sampling_params for r in requests]
@@ -115,19 +119,19 @@ class Sampler:
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, requests, greedy, num_generated)
+            tokens = self._sample(logits, requests, greedy, num_generated, drafts)
         return _device_samples(logits, tokens, params)
 
     def _sample(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest], greedy: list[bool],
-        num_generated: Sequence[int],
+        num_generated: Sequence[int], drafts: DraftDistributions | None,
     ) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         device = logits.device
         temperature = to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
         probs = torch.softmax(filter_top_k_top_p_min_p(logits / temperature[:, None], params), dim=-1)
         noise = self._exponential_noise(probs.shape, params, num_generated, device)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = rejection_sample(probs, noise, drafts)
         return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled)
 
     def _exponential_noise(

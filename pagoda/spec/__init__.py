@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from pagoda.config.groups import SpeculativeConfig
+from pagoda.config.groups import ResolvedConfig
 from pagoda.spec.ngram import NgramProposer
-from pagoda.spec.proposer import TokenProposer
+from pagoda.spec.proposer import HiddenStatesProposer, TokenProposer
 
 
-def build_proposer(config: SpeculativeConfig) -> TokenProposer:
-    """The proposer of a resolved method (config/speculative.py refuses those not built)."""
-    if config.method == "ngram":
-        return NgramProposer(config)
-    raise ValueError(f"no proposer for speculative method {config.method!r}")
+def build_proposer(config: ResolvedConfig) -> TokenProposer | HiddenStatesProposer:
+    """The proposer of config.speculative's method (config/speculative.py refuses those not built)."""
+    speculative = config.speculative
+    assert speculative is not None
+    if speculative.method == "ngram":
+        return NgramProposer(speculative)
+    if speculative.method == "draft_model":
+        from pagoda.spec.draft_model import (
+            DraftModelProposer,  # builds a model: only when asked for
+        )
+
+        return DraftModelProposer(config)
+    if speculative.method == "eagle":
+        from pagoda.spec.eagle import EagleProposer
+
+        return EagleProposer(config)
+    if speculative.method == "medusa":
+        from pagoda.spec.medusa import MedusaProposer
+
+        return MedusaProposer(config)
+    raise ValueError(f"no proposer for speculative method {speculative.method!r}")

@@ -7,7 +7,9 @@ samples on the device.
 
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
-each request gets a list of new tokens. Structured outputs' grammar masks (computed by the engine
+each request gets a list of new tokens; for a proposer from the target's hidden states (Medusa
+heads, EAGLE), the step also hands back its final hidden states. Structured
+outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
@@ -31,6 +33,7 @@ import torch
 from pagoda.attention import AttentionMetadata, get_attention_backend
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.groups import ResolvedConfig
+from pagoda.config.speculative import HIDDEN_STATES_METHODS
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
@@ -50,6 +53,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
 )
+from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
 from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -67,6 +71,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
     # An embedding engine's: request id -> its prompt's pooled hidden state (worker/pooler.py).
     pooled: dict[str, list[float]] = field(default_factory=dict)
+    # For a proposer from the target's hidden states (spec/medusa.py, spec/eagle.py): the step's.
+    step_hidden: StepHiddenStates | None = None
 
 
 class PendingStep:
@@ -110,6 +116,9 @@ class PendingStep:
                 out.sampled_logprob[rid] = read.logprobs[row : row + len(tokens)]
                 if read.top_logprobs[row] is not None:
                     out.top_logprobs[rid] = read.top_logprobs[row : row + len(tokens)]
+                if out.step_hidden is not None:  # the accepted drafts' rows hold real tokens too
+                    first, position, known = out.step_hidden.rows[rid]
+                    out.step_hidden.rows[rid] = (first, position, known + len(tokens) - 1)
                 row = end
         return out
 
@@ -152,6 +161,8 @@ class ModelRunner:
             and config.model.pooler is None
         )
         self.max_num_seqs = config.scheduler.max_num_seqs
+        speculative = config.speculative
+        self.keeps_step_hidden = speculative is not None and speculative.method in HIDDEN_STATES_METHODS
         # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
         # multi-token step verifies when a proposer is configured.
         drafts = config.num_speculative_tokens
@@ -314,6 +325,8 @@ class ModelRunner:
             if self.samples:
                 out.pooled = pool(self.pooling_type, hidden, chunks, _query_starts(batch.query_lens))
             return PendingStep(out)
+        if hidden is not None and self.keeps_step_hidden:
+            out.step_hidden = _step_hidden(hidden, chunks, batch.query_lens)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
@@ -492,6 +505,18 @@ def _mrope_positions(chunks: list[ScheduledChunk], positions: list[int], merge: 
             out[:, row + max(0, prompt_end - s) : row + n] += mrope_delta(req.images, merge)
         row += n
     return (out.tolist(), True) if has_3d else (out[0].tolist(), False)
+
+
+def _step_hidden(
+    hidden: torch.Tensor, chunks: list[ScheduledChunk], query_lens: list[int]
+) -> StepHiddenStates:
+    """The step's hidden states, each chunk's rows of known tokens (PendingStep adds the accepted
+    drafts')."""
+    starts = _query_starts(query_lens)
+    rows = {
+        c.request.request_id: (first, c.start, c.num_tokens - len(c.draft_token_ids)) for c, first in zip(chunks, starts)
+    }
+    return StepHiddenStates(hidden[: starts[-1]], rows)
 
 
 def _query_starts(query_lens: list[int]) -> list[int]:

@@ -32,6 +32,9 @@ class KVBudget:
     gpu_memory_utilization: float
     max_num_batched_tokens: int
     max_model_len: int
+    # A draft model's bytes per block: its pool takes as many blocks as the target's from the same
+    # budget (every rank leaves it room, though only the first rank's device holds it).
+    draft_bytes_per_block: int = 0
 
 
 class Worker:
@@ -48,7 +51,7 @@ class Worker:
             available = runner.profile_free_gpu_bytes(
                 budget.gpu_memory_utilization, budget.max_num_batched_tokens, budget.max_model_len
             )
-        return max(0, available) // runner.kv_bytes_per_block()
+        return max(0, available) // (runner.kv_bytes_per_block() + budget.draft_bytes_per_block)
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
         """Allocate the pool; its bytes."""

@@ -171,7 +171,7 @@ def test_a_method_not_built_is_refused_at_start_up(model_dir):
 def test_metrics_show_the_spec_decode_counters():
     stats = SchedulerStats(1, 0, 0.1, 0, 0, 0, num_drafts=5, num_draft_tokens=20, num_accepted_tokens=9,
                            num_accepted_tokens_per_pos=(4, 3, 2, 0))
-    engine = SimpleNamespace(stats=stats, counters=SimpleNamespace(prompt_tokens=0, generation_tokens=0),
+    engine = SimpleNamespace(stats=stats, counters=SimpleNamespace(prompt_tokens=0, generation_tokens=0, prompt_image_tokens=0),
                              requests_per_core=[1], config=SimpleNamespace(speculative=1))
     samples = {(s.name, s.labels.get("position")): s.value
                for metric in EngineCollector(engine, "m").collect() for s in metric.samples}

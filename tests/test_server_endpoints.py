@@ -173,7 +173,9 @@ class HeldEngine:
         self.iteration_listeners: list = []
         self.released = threading.Event()
 
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt) -> AsyncIterator:
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params, prompt, lora_request=None, images=()
+    ) -> AsyncIterator:
         return self._outputs(request_id, prompt_token_ids)
 
     async def _outputs(self, request_id: str, prompt_token_ids: list[int]) -> AsyncIterator[RequestOutput]:

@@ -53,7 +53,7 @@ class _DecodePlan:
     block_tables: torch.Tensor  # [B, blocks covering the longest], int64 (what indexing takes)
     max_len: int
     seq_lens: torch.Tensor  # [B]
-    causal: torch.Tensor  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
+    causal: torch.Tensor | None  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
 
 
 class TorchAttentionBackend:
@@ -66,14 +66,17 @@ class TorchAttentionBackend:
         every_row = len(rows) == len(metadata.query_lens_cpu)
         tables = metadata.block_tables if every_row else metadata.block_tables[torch.tensor(rows, device=dev)]
         seq_lens = metadata.seq_lens if every_row else metadata.seq_lens[torch.tensor(rows, device=dev)]
-        # Each decode sits at position seq_len - 1.
-        causal = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=dev), None)
+        # Each decode sits at position seq_len - 1; when all are max_len long (one stream, or
+        # equal lengths) each sees every gathered position: no mask for attention to convert.
+        causal = None
+        if any(metadata.seq_lens_cpu[i] != max_len for i in rows):
+            causal = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=dev), None)[:, None, None, :]
         metadata.backend_data["decode"] = _DecodePlan(
             token_idx=None if every_row else torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),
             block_tables=tables[:, : -(-max_len // metadata.block_size)].long(),
             max_len=max_len,
             seq_lens=seq_lens,
-            causal=causal[:, None, None, :],
+            causal=causal,
         )
 
     def forward(
@@ -156,8 +159,9 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | Non
     return mask if sliding_window is None else mask & (k_pos > q_pos - sliding_window)
 
 
-def _attend(query, keys, values, mask: torch.Tensor, layer: _Layer) -> torch.Tensor:
-    """query [B, Hq, Q, D], keys/values [B, Hkv, K, D], mask broadcastable to [B, Hq, Q, K]."""
+def _attend(query, keys, values, mask: torch.Tensor | None, layer: _Layer) -> torch.Tensor:
+    """query [B, Hq, Q, D], keys/values [B, Hkv, K, D], mask broadcastable to [B, Hq, Q, K] (None:
+    every key visible)."""
     if layer.logits_soft_cap is None:
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
@@ -165,6 +169,8 @@ def _attend(query, keys, values, mask: torch.Tensor, layer: _Layer) -> torch.Ten
     scores = (query @ keys.transpose(-1, -2)) * layer.scale
     cap = layer.logits_soft_cap
     scores = torch.tanh(scores / cap) * cap
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return probs.to(values.dtype) @ values
 

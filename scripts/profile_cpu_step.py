@@ -13,8 +13,8 @@ shares and op counts, and repeat timings."""
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import pstats
 import random
 import statistics
@@ -81,7 +81,7 @@ def main() -> None:
     with timings.installed():
         walls = [run_once(f"round{r}") for r in range(args.rounds)]
     tokens = args.streams * args.output_len
-    print(f"per output token (wall, whole run incl. prefill): "
+    print("per output token (wall, whole run incl. prefill): "
           + ", ".join(f"{w / args.output_len * 1e3:.2f} ms" for w in walls)
           + f"; {tokens * args.rounds / sum(walls):.1f} tok/s")
     timings.report()
@@ -96,7 +96,7 @@ class _Timings:
         self.calls: dict[str, list[float]] = collections.defaultdict(list)
         self.steps: list[float] = []
 
-    def installed(self) -> "_Installed":
+    def installed(self) -> _Installed:
         return _Installed(self)
 
     def wrap(self, label: str, fn: Callable) -> Callable:

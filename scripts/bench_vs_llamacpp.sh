@@ -78,7 +78,9 @@ def fmt(values):
 
 def ratio(p, l):
     pairs = [a / b for a, b in zip(p, l) if a and b]
-    return f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
+    if not pairs:
+        return "-"
+    return f"{pairs[0]:.2f}" if len(pairs) == 1 else f"{min(pairs):.2f}-{max(pairs):.2f}"
 
 print(f"\n| (rounds {', '.join(map(str, rounds))}) | llama-server | pagoda serve | ratio |\n|---|---|---|---|")
 for label, title in (("16streams", "16 streams"), ("1stream", "one stream")):

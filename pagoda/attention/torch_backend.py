@@ -44,6 +44,18 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     return kv[0], kv[1]
 
 
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What every layer's decode rows share in one step, built once in `prepare` (a step runs
+    the same decode over every layer: per-layer index and mask ops were most of its host cost)."""
+
+    token_idx: torch.Tensor | None  # each decode's row in the batch; None: every row is a decode, in order
+    block_tables: torch.Tensor  # [B, blocks covering the longest], int64 (what indexing takes)
+    max_len: int
+    seq_lens: torch.Tensor  # [B]
+    causal: torch.Tensor | None  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
+
+
 class TorchAttentionBackend:
     def prepare(self, metadata: AttentionMetadata) -> None:
         rows = [i for i, n in enumerate(metadata.query_lens_cpu) if n == 1]
@@ -51,13 +63,20 @@ class TorchAttentionBackend:
             return
         dev = metadata.block_tables.device
         max_len = max(metadata.seq_lens_cpu[i] for i in rows)
-        rows_t = torch.tensor(rows, device=dev)
-        seq_lens = metadata.seq_lens[rows_t]
-        metadata.backend_data["decode"] = (
-            torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),  # token index of each
-            metadata.block_tables[rows_t, : -(-max_len // metadata.block_size)],
-            max_len,
-            seq_lens,
+        every_row = len(rows) == len(metadata.query_lens_cpu)
+        tables = metadata.block_tables if every_row else metadata.block_tables[torch.tensor(rows, device=dev)]
+        seq_lens = metadata.seq_lens if every_row else metadata.seq_lens[torch.tensor(rows, device=dev)]
+        # Each decode sits at position seq_len - 1; when all are max_len long (one stream, or
+        # equal lengths) each sees every gathered position: no mask for attention to convert.
+        causal = None
+        if any(metadata.seq_lens_cpu[i] != max_len for i in rows):
+            causal = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=dev), None)[:, None, None, :]
+        metadata.backend_data["decode"] = _DecodePlan(
+            token_idx=None if every_row else torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),
+            block_tables=tables[:, : -(-max_len // metadata.block_size)].long(),
+            max_len=max_len,
+            seq_lens=seq_lens,
+            causal=causal,
         )
 
     def forward(
@@ -74,23 +93,29 @@ class TorchAttentionBackend:
         kv_scales: KVScales = None,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
-        out = torch.empty_like(q)
         layer = _Layer(scale, sliding_window, logits_soft_cap, kv_scales)
-        if "decode" in metadata.backend_data:
-            self._decode(q, kv_cache, metadata.backend_data["decode"], layer, out)
+        plan: _DecodePlan | None = metadata.backend_data.get("decode")
+        if plan is not None and plan.token_idx is None:  # a step of decodes only
+            return self._decode(q, kv_cache, plan, layer)
+        out = torch.empty_like(q)
+        if plan is not None:
+            out[plan.token_idx] = self._decode(q, kv_cache, plan, layer)
         for i, n in enumerate(metadata.query_lens_cpu):
             if n > 1:
                 self._prefill(q, kv_cache, metadata, i, layer, out)
         return out
 
-    def _decode(self, q, kv_cache, plan, layer: _Layer, out: torch.Tensor) -> None:
-        token_idx, tables, max_len, seq_lens = plan
-        keys, values = gather_kv(kv_cache, tables)
+    def _decode(self, q, kv_cache, plan: _DecodePlan, layer: _Layer) -> torch.Tensor:
+        """The decode rows' attention output, [B, Hq, D]."""
+        keys, values = gather_kv(kv_cache, plan.block_tables)
+        max_len = plan.max_len
         keys, values = _read((keys[:, :, :max_len], values[:, :, :max_len]), layer.kv_scales, q.dtype)
-        query = q[token_idx].unsqueeze(2)  # [B, Hq, 1, D]
-        # [B, 1, 1, max_len]: the cached positions each decode (at position seq_len - 1) sees
-        mask = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=q.device), layer.sliding_window)
-        out[token_idx] = _attend(query, keys, values, mask[:, None, None, :], layer).squeeze(2)
+        mask = plan.causal
+        if layer.sliding_window is not None:
+            k_pos = torch.arange(max_len, device=q.device)
+            mask = _visible(plan.seq_lens[:, None] - 1, k_pos, layer.sliding_window)[:, None, None, :]
+        query = (q if plan.token_idx is None else q[plan.token_idx]).unsqueeze(2)  # [B, Hq, 1, D]
+        return _attend(query, keys, values, mask, layer).squeeze(2)
 
     def _prefill(self, q, kv_cache, metadata, row: int, layer: _Layer, out: torch.Tensor) -> None:
         start = metadata.query_starts_cpu[row]
@@ -134,8 +159,9 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | Non
     return mask if sliding_window is None else mask & (k_pos > q_pos - sliding_window)
 
 
-def _attend(query, keys, values, mask: torch.Tensor, layer: _Layer) -> torch.Tensor:
-    """query [B, Hq, Q, D], keys/values [B, Hkv, K, D], mask broadcastable to [B, Hq, Q, K]."""
+def _attend(query, keys, values, mask: torch.Tensor | None, layer: _Layer) -> torch.Tensor:
+    """query [B, Hq, Q, D], keys/values [B, Hkv, K, D], mask broadcastable to [B, Hq, Q, K] (None:
+    every key visible)."""
     if layer.logits_soft_cap is None:
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
@@ -143,6 +169,8 @@ def _attend(query, keys, values, mask: torch.Tensor, layer: _Layer) -> torch.Ten
     scores = (query @ keys.transpose(-1, -2)) * layer.scale
     cap = layer.logits_soft_cap
     scores = torch.tanh(scores / cap) * cap
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return probs.to(values.dtype) @ values
 

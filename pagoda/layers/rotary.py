@@ -132,10 +132,10 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rotated, passed = x.split([self.rotary_dim, x.shape[-1] - self.rotary_dim], dim=-1)
-        x1, x2 = rotated.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return torch.cat([out.to(x.dtype), passed], dim=-1)
+        partial = self.rotary_dim < x.shape[-1]  # the rest of each head passes through (Phi-4-mini)
+        x1, x2 = (x[..., : self.rotary_dim] if partial else x).float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return torch.cat([out, x[..., self.rotary_dim :]], dim=-1) if partial else out
 
 
 class MRotaryEmbedding(RotaryEmbedding):

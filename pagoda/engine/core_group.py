@@ -50,8 +50,6 @@ class CoreGroup:
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
-        if config.device.device.type == "cpu":
-            _passive_openmp_waits()
         self.cores = [self._start(i, config, env) for i, env in enumerate(_core_environments(config))]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
         self._poller = zmq.Poller()
@@ -193,16 +191,6 @@ def _exit_status(exitcode: int) -> str:
         return f"was killed by signal {signal.Signals(-exitcode).name}"
     except ValueError:
         return f"was killed by signal {-exitcode}"
-
-
-def _passive_openmp_waits() -> None:
-    """CPU cores (and their workers) inherit OMP_WAIT_POLICY=PASSIVE unless it is set: GNU
-    OpenMP's threads otherwise spin at every barrier, and on a machine whose cores the front end
-    (HTTP, detokenizing) or anything else also uses, a spinning thread holds a core the thread it
-    waits for needs. On a loaded 2-core VM a default-model decode step took 1.5 s spinning, 72 ms
-    passive (docs/benchmarks.md). Set in this process's environment: the variable is read when a
-    spawned core imports torch, before its own code could set it."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _core_environments(config: ResolvedConfig) -> list[dict[str, str]]:

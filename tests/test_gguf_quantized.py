@@ -1,9 +1,9 @@
-"""GGUF weights kept quantized on the CPU (`--quantization gguf`): the blocks of Q4_0, Q4_1, Q4_K
-and Q8_0 unpack to exactly what gguf's own dequantizer gives; each layer's kernel path equals the
-reference (dequantize, then matmul) at real models' shapes; packed layers and tensor-parallel
-shards load through the loader's slicing; a tiny GGUF model gives the tokens of its dequantized
-conversion and of TP=2; the default model's quantized path gives the fp32 path's greedy tokens on
-the README's prompts."""
+"""GGUF weights kept quantized on the CPU (`--quantization gguf`): the blocks of Q4_0, Q4_1 and
+Q4_K unpack to exactly what gguf's own dequantizer gives; the int4 kernel path equals the
+reference (dequantize, then matmul) at real models' shapes; Q8_0 and other types are
+dequantized; packed layers and tensor-parallel shards load through the loader's slicing; a tiny
+GGUF model gives the tokens of its dequantized conversion and of TP=2; the default model's
+quantized path gives the fp32 path's greedy tokens on the README's prompts."""
 
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ import torch
 from pagoda import LLM, SamplingParams
 from pagoda.distributed.parallel_state import GroupInfo
 from pagoda.layers import linear
-from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, UnquantizedLinearMethod
+from pagoda.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Shard,
+    UnquantizedLinearMethod,
+)
 from pagoda.loader.gguf_blocks import dequantize_parts, unpack_blocks
 from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir
 from pagoda.quantization import get_quantization_config
-from pagoda.quantization.gguf import GGUFConfig, GGUFInt4LinearMethod, GGUFInt8LinearMethod
+from pagoda.quantization.gguf import GGUFInt4LinearMethod
 from tests.test_gguf import TinyModel, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -33,7 +38,7 @@ def random_blocks(type_name: str, n: int, k: int, seed: int) -> np.ndarray:
     block_size, type_size = gguf.GGML_QUANT_SIZES[Q[type_name]]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(n * k // block_size, type_size), dtype=np.uint8)
-    halves = {"Q4_0": 1, "Q8_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]  # d (and m / dmin) lead each block
+    halves = {"Q4_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]  # d (and m / dmin) lead each block
     blocks[:, : 2 * halves] = rng.uniform(1e-3, 2e-2, size=(len(blocks), halves)).astype(np.float16).view(np.uint8)
     return blocks.reshape(n, -1)
 
@@ -46,7 +51,7 @@ def layer_of(method, k: int, n: int, parts: dict[str, torch.Tensor]) -> ColumnPa
     return layer
 
 
-@pytest.mark.parametrize("type_name", INT4 + ["Q8_0"])
+@pytest.mark.parametrize("type_name", INT4)
 def test_unpacked_blocks_dequantize_as_gguf_does(type_name):
     raw = random_blocks(type_name, 8, 512, seed=1)
     expected = gguf.quants.dequantize(raw, Q[type_name])
@@ -68,21 +73,6 @@ def test_int4_kernel_equals_the_reference(type_name, n, k):
     assert not hasattr(layer, "qweight")  # the unpacked copy is freed after repacking
 
 
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_int8_kernel_equals_the_reference_up_to_per_row_requantization(n, k):
-    """Q8_0's 32-value blocks become one scale per output row: each weight moves by at most half
-    a step of its row's scale, so the output stays within that bound of the reference."""
-    parts = unpack_blocks(random_blocks("Q8_0", n, k, seed=n * k), "Q8_0")
-    layer = layer_of(GGUFInt8LinearMethod(), k, n, parts)
-    reference = dequantize_parts(parts)
-    row_step = reference.abs().amax(dim=1) / 127
-    x = torch.randn(4, k)
-    bound = (x.abs().sum(dim=1, keepdim=True) * row_step / 2) + 1e-4
-    assert ((layer(x) - x @ reference.t()).abs() <= bound).all()
-    relative = (layer(x) - x @ reference.t()).norm() / (x @ reference.t()).norm()
-    assert relative < 1e-2
-
-
 @pytest.mark.parametrize("type_names", [("Q4_0", "Q4_1", "Q4_1"), ("Q4_K", "Q4_K", "Q4_0")])
 def test_packed_layer_of_mixed_4bit_parts(type_names):
     """q|k|v with parts of different 4-bit types: one int4 layer, each part at its offset."""
@@ -100,18 +90,18 @@ def test_packed_layer_of_mixed_4bit_parts(type_names):
     torch.testing.assert_close(layer(x), x @ whole.t(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method_cls,type_name", [(GGUFInt4LinearMethod, "Q4_1"), (GGUFInt8LinearMethod, "Q8_0")])
-def test_tp2_shards_sum_to_the_whole(monkeypatch, method_cls, type_name):
+@pytest.mark.parametrize("type_name", INT4)
+def test_tp2_shards_sum_to_the_whole(monkeypatch, type_name):
     """Column shards side by side and row shards summed give the unsharded product."""
-    n, k = 128, 576
+    n, k = 128, 1024
     parts = unpack_blocks(random_blocks(type_name, n, k, seed=3), type_name)
     x = torch.randn(2, k)
     reference = x @ dequantize_parts(parts).t()
     columns, row_total = [], torch.zeros(2, n)
     for rank in range(2):
-        monkeypatch.setattr(linear, "tp_group", lambda: GroupInfo(rank, 2))
-        column = ColumnParallelLinear(k, {"w": Shard(rank * n // 2, n // 2, n)}, linear_method=method_cls())
-        row = RowParallelLinear(k, n, linear_method=method_cls())
+        monkeypatch.setattr(linear, "tp_group", lambda rank=rank: GroupInfo(rank, 2))
+        column = ColumnParallelLinear(k, {"w": Shard(rank * n // 2, n // 2, n)}, linear_method=GGUFInt4LinearMethod())
+        row = RowParallelLinear(k, n, linear_method=GGUFInt4LinearMethod())
         for name, tensor in parts.items():
             column.load_weight(name, tensor, "w")
             row.load_weight(name, tensor)
@@ -120,11 +110,6 @@ def test_tp2_shards_sum_to_the_whole(monkeypatch, method_cls, type_name):
         columns.append(column(x))
         shard = row.input_shard
         row_total += row.linear_method.apply(row, x[:, shard.start : shard.start + shard.size].contiguous(), None)
-    if method_cls is GGUFInt8LinearMethod:  # requantized per row: the reference is the whole layer's kernel
-        reference = layer_of(GGUFInt8LinearMethod(), k, n, parts)(x)
-        # Row shards requantize each rank's half of a row apart: the same bound as a whole layer.
-        assert (row_total - reference).norm() / reference.norm() < 1e-2
-        row_total = reference
     torch.testing.assert_close(torch.cat(columns, dim=1), reference, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(row_total, reference, rtol=1e-4, atol=1e-3)
 
@@ -132,13 +117,13 @@ def test_tp2_shards_sum_to_the_whole(monkeypatch, method_cls, type_name):
 def test_config_picks_a_method_per_layer_by_its_parts_types():
     config = get_quantization_config("gguf", {"quant_method": "gguf", "tensor_types": {
         "m.q_proj": "Q4_K", "m.k_proj": "Q4_K", "m.v_proj": "Q6_K", "m.o_proj": "Q4_0",
-        "m.gate_proj": "Q8_0", "m.up_proj": "Q8_0", "m.down_proj": "F16",
+        "m.gate_proj": "Q4_1", "m.up_proj": "Q4_0", "m.down_proj": "Q8_0",
     }})
     config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     assert isinstance(config.linear_method("m.qkv_proj"), UnquantizedLinearMethod)  # Q6_K part: dequantized
     assert isinstance(config.linear_method("m.o_proj"), GGUFInt4LinearMethod)
-    assert isinstance(config.linear_method("m.gate_up_proj"), GGUFInt8LinearMethod)
-    assert isinstance(config.linear_method("m.down_proj"), UnquantizedLinearMethod)
+    assert isinstance(config.linear_method("m.gate_up_proj"), GGUFInt4LinearMethod)
+    assert isinstance(config.linear_method("m.down_proj"), UnquantizedLinearMethod)  # Q8_0: dequantized
     assert config.kept_modules == {"m.o_proj", "m.gate_proj", "m.up_proj"}
 
 
@@ -159,7 +144,7 @@ def _generate(model: str, prompts: list[list[int]], **kwargs) -> list[tuple[list
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K])
 def test_tiny_gguf_model_equals_its_dequantized_conversion_and_tp2(tmp_path, qtype):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, TinyModel(hidden=256, intermediate=512), qtype)
@@ -170,4 +155,36 @@ def test_tiny_gguf_model_equals_its_dequantized_conversion_and_tp2(tmp_path, qty
     for got in (dense, tp2):
         assert [tokens for tokens, _ in got] == [tokens for tokens, _ in quantized]
         for (_, ours), (_, reference) in zip(got, quantized):
-            assert ours == pytest.approx(reference, abs=1e-2 if qtype == Q.Q8_0 else 1e-4)
+            assert ours == pytest.approx(reference, abs=1e-4)
+
+
+# The README's prompts (quick start: chat and `pagoda generate`) and a longer answer.
+README_CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+                [{"role": "user", "content": "Write a haiku about the sea."}]]
+README_PROMPTS = ["What is the capital of France?"]
+NEAR_TIE = 0.05  # nats between the two best tokens where fp32 sums of another order may swap them
+
+
+def _default_model_outputs(load_format: str) -> list:
+    llm = LLM(device="cpu", max_model_len=512, load_format=load_format)
+    params = SamplingParams(temperature=0, max_tokens=64, logprobs=2)
+    try:
+        outputs = llm.chat(README_CHATS, params, use_tqdm=False) + llm.generate(README_PROMPTS, params, use_tqdm=False)
+        return [o.outputs[0] for o in outputs]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
+    """`auto`: weights from the shipped Q4_1 GGUF, kept quantized; `safetensors`: the float32
+    conversion. Greedy tokens agree, or part only after a near-tie of the fp32 path's logits."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
+    quantized, dense = _default_model_outputs("auto"), _default_model_outputs("safetensors")
+    for ours, reference in zip(quantized, dense):
+        same = [a == b for a, b in zip(ours.token_ids, reference.token_ids)]
+        if all(same) and len(ours.token_ids) == len(reference.token_ids):
+            continue
+        first = same.index(False) if not all(same) else min(len(ours.token_ids), len(reference.token_ids))
+        top2 = sorted((lp.logprob for lp in reference.logprobs[first].values()), reverse=True)[:2]
+        assert top2[0] - top2[1] < NEAR_TIE, (first, ours.text, reference.text)

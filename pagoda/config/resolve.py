@@ -25,7 +25,11 @@ from pagoda.config.model_spec import ModelSpec
 from pagoda.config.speculative import resolve_speculative
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
-from pagoda.loader.model_loader import gguf_checkpoint_quantization, load_generation_eos, load_hf_config
+from pagoda.loader.model_loader import (
+    gguf_checkpoint_quantization,
+    load_generation_eos,
+    load_hf_config,
+)
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weights import hf_meta_model
 from pagoda.lora.config import LoRAConfig

@@ -1,6 +1,6 @@
-"""GGUF's quantized blocks unpacked, without dequantizing, into integer weights and one scale
-(and offset) per 32 inputs: the form the GGUF linear method (pagoda/quantization/gguf.py) loads,
-slices for packed and tensor-parallel layers, and repacks for the CPU's int4/int8 kernels.
+"""GGUF's 4-bit blocks unpacked, without dequantizing, into integer weights and a scale and an
+offset per 32 inputs: the form the GGUF linear method (pagoda/quantization/gguf.py) loads,
+slices for packed and tensor-parallel layers, and repacks for the CPU's int4 kernel.
 
 4-bit types give (qweight uint8 [N, K] holding 0..15, scales [N, K/32], zeros [N, K/32]) with
 W = (q - 8) * scale + zero, the convention of PyTorch's CPU int4 kernel:
@@ -8,7 +8,6 @@ W = (q - 8) * scale + zero, the convention of PyTorch's CPU int4 kernel:
 - Q4_1, blocks of 32: d, m, 16 bytes; W = d * q + m: scale d, zero m + 8d.
 - Q4_K, super-blocks of 256: d, dmin, 12 bytes of 6-bit sub-scales sc and sub-mins mn (8 each),
   128 bytes; W = d * sc * q - dmin * mn per 32: scale d*sc, zero 8*d*sc - dmin*mn.
-Q8_0 (blocks of 32: d, 32 int8) gives (qweight int8 [N, K], scales [N, K/32]) with W = q * d.
 In every type a block's 32 values are its low nibbles then its high ones (Q4_K: per 64 values)."""
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ import torch
 
 GROUP = 32  # inputs per scale, in every type here
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
-INT8_TYPES = frozenset({"Q8_0"})
 
 
 def unpack_blocks(data: np.ndarray, type_name: str) -> dict[str, torch.Tensor]:
-    """A tensor's raw blocks (uint8 [N, bytes per row], as gguf's reader holds them) as its parts:
-    {"qweight", "scales", "zeros"} for the 4-bit types, {"qweight", "scales"} for Q8_0."""
+    """A tensor's raw blocks (uint8 [N, bytes per row], as gguf's reader holds them) as its parts
+    {"qweight", "scales", "zeros"}."""
     raw = torch.tensor(data)  # a copy: the reader's array is a read-only view of the memory-mapped file
     rows = raw.shape[0]
-    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     blocks = raw.reshape(-1, type_size)
     parts = _UNPACK[type_name](blocks)
     return {name: part.reshape(rows, -1) for name, part in parts.items()}
@@ -63,17 +61,10 @@ def _q4_k(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": _nibbles(blocks[:, 16:], 32), "scales": scales, "zeros": 8 * scales - dmin * mn}
 
 
-def _q8_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"qweight": blocks[:, 2:].contiguous().view(torch.int8), "scales": _halves(blocks, 0)}
-
-
-_UNPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
+_UNPACK = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
 def dequantize_parts(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """W [N, K] in float32 from unpacked parts (the reference the kernels are checked against)."""
-    q = parts["qweight"].float()
-    scales = parts["scales"].repeat_interleave(GROUP, dim=1)
-    if "zeros" not in parts:
-        return q * scales
-    return (q - 8) * scales + parts["zeros"].repeat_interleave(GROUP, dim=1)
+    scales, zeros = (parts[name].repeat_interleave(GROUP, dim=1) for name in ("scales", "zeros"))
+    return (parts["qweight"].float() - 8) * scales + zeros

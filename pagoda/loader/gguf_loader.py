@@ -195,7 +195,10 @@ def _fit_llama3_scaling(divisors: torch.Tensor, inv_freq: torch.Tensor) -> dict[
 def _tensor_processor(reader: gguf.GGUFReader, config: dict[str, Any]) -> Any:
     # transformers' tensor processors undo llama.cpp's rotary permutation of Q and K in llama-arch
     # files (a permutation of rows, so it applies to unpacked blocks' rows as to weights).
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+    )
 
     return TENSOR_PROCESSORS.get(_architecture(reader), TensorProcessor)(config=config)
 

@@ -36,7 +36,11 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel
 
 
 def _default_model(load_format: str) -> ResolvedModel:
-    from pagoda.loader.default_model import DEFAULT_MODEL, default_gguf_path, default_model_dir
+    from pagoda.loader.default_model import (
+        DEFAULT_MODEL,
+        default_gguf_path,
+        default_model_dir,
+    )
 
     # Asked for as GGUF (e.g. to run llama.cpp on the same file), it is the shipped file itself.
     if load_format == "gguf":

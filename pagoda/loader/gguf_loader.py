@@ -53,27 +53,30 @@ def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def iter_gguf_weights(
-    path: str | Path, config: dict[str, Any], kept_modules: Collection[str] = ()
+    path: str | Path, config: dict[str, Any], kept_modules: Collection[str] = (), names: dict[str, str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the file under its Hugging Face parameter name: dequantized to float32, but
     for the weight of a module in `kept_modules`, whose unpacked blocks come as `<module>.qweight`,
-    `.scales` (and `.zeros`) instead (pagoda/loader/gguf_blocks.py).
+    `.scales` and `.zeros` instead (pagoda/loader/gguf_blocks.py). names: GGUF tensor name ->
+    Hugging Face name, where already known (gguf_quantization_config's "tensor_names").
 
     Tensors are read one at a time from the memory-mapped file, so only one is unpacked at once.
     """
-    return _weights(open_gguf(path), config, frozenset(kept_modules))
+    reader = open_gguf(path)
+    return _weights(reader, config, frozenset(kept_modules), names or _hf_names(reader, config))
 
 
 def gguf_quantization_config(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     """The file's quantization as a checkpoint's quantization_config: the GGUF type of every
-    module's weight, by Hugging Face module name (what GGUFConfig reads)."""
+    module's weight by Hugging Face module name (what GGUFConfig reads), and the tensor names'
+    map, so that loading need not build it again."""
     reader = open_gguf(path)
     names = _hf_names(reader, config)
     types = {
         names[t.name].removesuffix(".weight"): t.tensor_type.name
         for t in reader.tensors if names.get(t.name, "").endswith(".weight")
     }
-    return {"quant_method": "gguf", "tensor_types": types}
+    return {"quant_method": "gguf", "tensor_types": types, "tensor_names": names}
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -99,7 +102,9 @@ def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=_eos_token_ids(reader), pad_token_id=config.pad_token_id
     ).save_pretrained(directory)
     # safetensors writes a file from a whole dict: the float32 weights are all in memory here.
-    save_file(dict(_weights(reader, config.to_dict())), directory / "model.safetensors", metadata={"format": "pt"})
+    hf_config = config.to_dict()
+    weights = _weights(reader, hf_config, frozenset(), _hf_names(reader, hf_config))
+    save_file(dict(weights), directory / "model.safetensors", metadata={"format": "pt"})
     load_gguf_tokenizer(gguf_path).save_pretrained(directory)
 
 
@@ -203,18 +208,32 @@ def _tensor_processor(reader: gguf.GGUFReader, config: dict[str, Any]) -> Any:
     return TENSOR_PROCESSORS.get(_architecture(reader), TensorProcessor)(config=config)
 
 
+class _TopLevel:
+    """A model as get_gguf_hf_weights_map sees it, without its submodules: that function builds
+    gguf's whole name table again for each of the ~300 submodules it recurses into (tens of
+    seconds), a search needed only by models converted from a base class (Bloom), none of
+    SUPPORTED_ARCHITECTURES."""
+
+    def __init__(self, model: Any) -> None:
+        self.config = model.config
+        self.state_dict = model.state_dict
+
+    def named_children(self) -> list[tuple[str, Any]]:
+        return []
+
+
 def _hf_names(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face parameter name (transformers' own map)."""
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     processor = _tensor_processor(reader, config)
-    return get_gguf_hf_weights_map(hf_meta_model(config), processor, model_type=_architecture(reader))
+    return get_gguf_hf_weights_map(_TopLevel(hf_meta_model(config)), processor, model_type=_architecture(reader))
 
 
 def _weights(
-    reader: gguf.GGUFReader, config: dict[str, Any], kept_modules: frozenset[str] = frozenset()
+    reader: gguf.GGUFReader, config: dict[str, Any], kept_modules: frozenset[str], names: dict[str, str]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    names, processor = _hf_names(reader, config), _tensor_processor(reader, config)
+    processor = _tensor_processor(reader, config)
     unmapped = []
     for tensor in reader.tensors:
         if tensor.name not in names:

@@ -164,8 +164,11 @@ def _iter_weights(
     resolved: ResolvedModel, spec: ModelSpec, quant_config: QuantizationConfig | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     if resolved.weights_gguf is not None:
-        kept = quant_config.kept_modules if isinstance(quant_config, GGUFConfig) else ()
-        return iter_gguf_weights(resolved.weights_gguf, spec.hf_config, kept)
+        if isinstance(quant_config, GGUFConfig):
+            return iter_gguf_weights(
+                resolved.weights_gguf, spec.hf_config, quant_config.kept_modules, quant_config.tensor_names
+            )
+        return iter_gguf_weights(resolved.weights_gguf, spec.hf_config)
     return iter_checkpoint_weights(resolved.model_dir)
 
 

@@ -60,12 +60,14 @@ class GGUFInt4LinearMethod(LinearMethod):
 
 class GGUFConfig(QuantizationConfig):
     """The checkpoint config: {"quant_method": "gguf", "tensor_types": {checkpoint module: GGUF
-    type name}} (gguf_loader.gguf_quantization_config), read from the file."""
+    type name}, "tensor_names": {GGUF tensor: checkpoint tensor}} (gguf_loader.gguf_quantization_config),
+    read from the file."""
 
     name = "gguf"
 
-    def __init__(self, tensor_types: dict[str, str]) -> None:
+    def __init__(self, tensor_types: dict[str, str], tensor_names: dict[str, str] | None = None) -> None:
         self.tensor_types = tensor_types
+        self.tensor_names = tensor_names
         self.kept_modules: set[str] = set()  # checkpoint modules whose blocks the loader hands over unpacked
         self._logged_dequantized = False
 
@@ -73,7 +75,7 @@ class GGUFConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> GGUFConfig:
         if "tensor_types" not in config:
             raise ValueError("quantization='gguf' runs GGUF models only: pass a .gguf file (or omit --quantization)")
-        return cls(config["tensor_types"])
+        return cls(config["tensor_types"], config.get("tensor_names"))
 
     def linear_method(self, prefix: str) -> LinearMethod:
         modules = self.checkpoint_modules(prefix)

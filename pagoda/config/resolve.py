@@ -98,7 +98,7 @@ def _model_config(
             raise ValueError(
                 f"{resolved.weights_gguf}: a GGUF file runs on a native architecture only (model_impl='pagoda')"
             )
-        if args.load_format != "dummy":  # the GGUF types pick the method, as a quantization_config would
+        if args.load_format != "dummy":  # the GGUF types pick each layer's method, as a quantization_config would
             spec = dataclasses.replace(spec, quantization=gguf_checkpoint_quantization(resolved, spec))
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
     vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)

@@ -46,9 +46,9 @@ def _default_model(load_format: str) -> ResolvedModel:
     if load_format == "gguf":
         gguf_file = default_gguf_path()
         return ResolvedModel(gguf_file.parent, gguf_file, DEFAULT_MODEL)
-    # Its weights come from the shipped GGUF file but where a checkpoint format is asked for: then the
-    # converted directory's float32 safetensors.
-    weights = default_gguf_path() if load_format in ("auto", "dummy") else None
+    # Its weights come from the shipped GGUF file, unless another format is asked for (safetensors:
+    # the converted directory's float32 weights; dummy: random ones).
+    weights = default_gguf_path() if load_format == "auto" else None
     return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL, gguf_weights_file=weights)
 
 

@@ -3,7 +3,8 @@ Q4_K unpack to exactly what gguf's own dequantizer gives; the int4 kernel path e
 reference (dequantize, then matmul) at real models' shapes; Q8_0 and other types are
 dequantized; packed layers and tensor-parallel shards load through the loader's slicing; a tiny
 GGUF model gives the tokens of its dequantized conversion and of TP=2; the default model's
-quantized path gives the fp32 path's greedy tokens on the README's prompts."""
+quantized path gives the fp32 path's greedy tokens on the README's prompts (or parts from them
+only after a near-tie: the kernel runs in bfloat16)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def random_blocks(type_name: str, n: int, k: int, seed: int) -> np.ndarray:
     return blocks.reshape(n, -1)
 
 
+def assert_bf16_close(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """The kernel runs in bfloat16 (8 significant bits; float32 sums): within a few of its
+    rounding steps (2**-8 relative) of the exact product, where a wrong scale or zero is far off."""
+    assert ((got - exact).norm() / exact.norm()).item() < 5e-3
+
+
 def layer_of(method, k: int, n: int, parts: dict[str, torch.Tensor]) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(k, {"w": Shard(0, n, n)}, linear_method=method)
     for name, tensor in parts.items():
@@ -69,7 +76,7 @@ def test_int4_kernel_equals_the_reference(type_name, n, k):
     reference = dequantize_parts(parts)
     for rows in (1, 7, 65):
         x = torch.randn(rows, k)
-        torch.testing.assert_close(layer(x), x @ reference.t(), rtol=1e-4, atol=1e-3)  # float sums reordered
+        assert_bf16_close(layer(x), x @ reference.t())
     assert not hasattr(layer, "qweight")  # the unpacked copy is freed after repacking
 
 
@@ -87,7 +94,7 @@ def test_packed_layer_of_mixed_4bit_parts(type_names):
     method.process_weights_after_loading(layer)
     x = torch.randn(3, k)
     whole = torch.cat([dequantize_parts(p) for p in parts])
-    torch.testing.assert_close(layer(x), x @ whole.t(), rtol=1e-4, atol=1e-4)
+    assert_bf16_close(layer(x), x @ whole.t())
 
 
 @pytest.mark.parametrize("type_name", INT4)
@@ -110,8 +117,8 @@ def test_tp2_shards_sum_to_the_whole(monkeypatch, type_name):
         columns.append(column(x))
         shard = row.input_shard
         row_total += row.linear_method.apply(row, x[:, shard.start : shard.start + shard.size].contiguous(), None)
-    torch.testing.assert_close(torch.cat(columns, dim=1), reference, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(row_total, reference, rtol=1e-4, atol=1e-3)
+    assert_bf16_close(torch.cat(columns, dim=1), reference)
+    assert_bf16_close(row_total, reference)
 
 
 def test_config_picks_a_method_per_layer_by_its_parts_types():
@@ -132,15 +139,28 @@ def test_gguf_flag_on_a_checkpoint_that_is_not_gguf_is_refused():
         get_quantization_config("gguf", None)
 
 
-def _generate(model: str, prompts: list[list[int]], **kwargs) -> list[tuple[list[int], list[float]]]:
+NEAR_TIE = 0.05  # nats between the reference's two best tokens, where bfloat16 rounding may swap them
+
+
+def assert_same_greedy(ours, reference) -> None:
+    """Our greedy tokens equal the reference's, or part from them only where the reference's two
+    best tokens were within NEAR_TIE (each CompletionOutput with logprobs=2)."""
+    same = [a == b for a, b in zip(ours.token_ids, reference.token_ids)]
+    if all(same) and len(ours.token_ids) == len(reference.token_ids):
+        return
+    first = same.index(False) if not all(same) else min(len(ours.token_ids), len(reference.token_ids))
+    top2 = sorted((lp.logprob for lp in reference.logprobs[first].values()), reverse=True)[:2]
+    assert top2[0] - top2[1] < NEAR_TIE, (first, ours.token_ids, reference.token_ids)
+
+
+def _generate(model: str, prompts: list[list[int]], **kwargs) -> list:
     llm = LLM(model=model, device="cpu", skip_tokenizer_init=True, max_model_len=128, **kwargs)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)
+                               SamplingParams(temperature=0, max_tokens=8, logprobs=2), use_tqdm=False)
     finally:
         llm.shutdown()
-    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-            for o in outputs]
+    return [o.outputs[0] for o in outputs]
 
 
 @pytest.mark.slow
@@ -152,17 +172,15 @@ def test_tiny_gguf_model_equals_its_dequantized_conversion_and_tp2(tmp_path, qty
     quantized = _generate(str(path), prompts)
     dense = _generate(str(convert_gguf_to_hf_dir(path, tmp_path / "hf")), prompts)
     tp2 = _generate(str(path), prompts, tensor_parallel_size=2)
-    for got in (dense, tp2):
-        assert [tokens for tokens, _ in got] == [tokens for tokens, _ in quantized]
-        for (_, ours), (_, reference) in zip(got, quantized):
-            assert ours == pytest.approx(reference, abs=1e-4)
+    for ours, reference, other_rank_split in zip(quantized, dense, tp2):
+        assert_same_greedy(ours, reference)
+        assert_same_greedy(other_rank_split, ours)
 
 
 # The README's prompts (quick start: chat and `pagoda generate`) and a longer answer.
 README_CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
                 [{"role": "user", "content": "Write a haiku about the sea."}]]
 README_PROMPTS = ["What is the capital of France?"]
-NEAR_TIE = 0.05  # nats between the two best tokens where fp32 sums of another order may swap them
 
 
 def _default_model_outputs(load_format: str) -> list:
@@ -178,13 +196,8 @@ def _default_model_outputs(load_format: str) -> list:
 @pytest.mark.slow
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
     """`auto`: weights from the shipped Q4_1 GGUF, kept quantized; `safetensors`: the float32
-    conversion. Greedy tokens agree, or part only after a near-tie of the fp32 path's logits."""
+    conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
     quantized, dense = _default_model_outputs("auto"), _default_model_outputs("safetensors")
     for ours, reference in zip(quantized, dense):
-        same = [a == b for a, b in zip(ours.token_ids, reference.token_ids)]
-        if all(same) and len(ours.token_ids) == len(reference.token_ids):
-            continue
-        first = same.index(False) if not all(same) else min(len(ours.token_ids), len(reference.token_ids))
-        top2 = sorted((lp.logprob for lp in reference.logprobs[first].values()), reverse=True)[:2]
-        assert top2[0] - top2[1] < NEAR_TIE, (first, ours.text, reference.text)
+        assert_same_greedy(ours, reference)

@@ -6,7 +6,7 @@ The GGUF loader hands a kept layer its blocks unpacked (pagoda/loader/gguf_block
 parameter names created here, so packed (q|k|v, gate|up) and tensor-parallel layers slice them
 like any checkpoint tensor; `process_weights_after_loading` repacks them for the kernel:
 - Q4_0, Q4_1, Q4_K: `aten._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero
-  each (W = (q - 8) * scale + zero, which maps every 4-bit type exactly). A packed layer whose
+  each (W = (q - 8) * scale + zero, which maps every 4-bit type), in bfloat16 (below). A packed layer whose
   parts mix these types is one int4 layer.
 Other types are dequantized to the model's dtype, as are embeddings, LM heads and packed layers
 with a part of another type. Q8_0 among them: `aten._weight_int8pack_mm` takes one scale per
@@ -28,12 +28,16 @@ from pagoda.quantization.base import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
+# The kernel's only vectorised path (AVX-512/AVX2) takes bfloat16 activations and scales; with
+# float32 or float16 it runs a scalar loop 20-150x slower than a float32 matmul. The product is
+# accumulated in float32 and returned in the model's dtype.
+_KERNEL_DTYPE = torch.bfloat16
+
 
 class GGUFInt4LinearMethod(LinearMethod):
     """Q4_0/Q4_1/Q4_K: qweight uint8 [N, K] (0..15), scales and zeros [N, K/32]."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
-        self.dtype = torch.get_default_dtype()  # the model's, which the kernel's scales take
         if input_size % GROUP:
             raise ValueError(f"GGUF: a layer's {input_size} input features (per rank) are not a multiple of {GROUP}")
         layer.qweight = sliced_param(torch.empty(output_size, input_size, dtype=torch.uint8), output_dim=0, input_dim=1)
@@ -46,15 +50,15 @@ class GGUFInt4LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.qweight.data.int(), 2)
         # [K/32, N, 2]: each group's scale and zero per output column, as the kernel reads them.
-        scales_zeros = torch.stack([layer.scales.data.t(), layer.zeros.data.t()], dim=-1).to(self.dtype).contiguous()
+        scales_zeros = torch.stack([layer.scales.data.t(), layer.zeros.data.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
         del layer.qweight, layer.scales, layer.zeros
         layer.int4_weight = nn.Parameter(packed, requires_grad=False)
         layer.int4_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.int4_weight, GROUP, layer.int4_scales_zeros)
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
 

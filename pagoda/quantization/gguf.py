@@ -6,13 +6,12 @@ The GGUF loader hands a kept layer its blocks unpacked (pagoda/loader/gguf_block
 parameter names created here, so packed (q|k|v, gate|up) and tensor-parallel layers slice them
 like any checkpoint tensor; `process_weights_after_loading` repacks them for the kernel:
 - Q4_0, Q4_1, Q4_K: `aten._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero
-  each (W = (q - 8) * scale + zero, which maps every 4-bit type), in bfloat16 (below). A packed layer whose
-  parts mix these types is one int4 layer.
+  each (W = (q - 8) * scale + zero, which maps every 4-bit type), in bfloat16 (below). A packed
+  layer whose parts mix these types is one int4 layer.
 Other types are dequantized to the model's dtype, as are embeddings, LM heads and packed layers
 with a part of another type. Q8_0 among them: `aten._weight_int8pack_mm` takes one scale per
 output row, and requantizing Q8_0's one per 32 values to it moves the default model's Q8_0 tensor
-by 1.2 % (its logits' argmax changes for 2 % of random hidden states), enough to change greedy
-tokens."""
+by 1.2 % (its logits' argmax changes for 2 % of random hidden states), so greedy tokens would."""
 
 from __future__ import annotations
 

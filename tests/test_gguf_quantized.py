@@ -139,7 +139,9 @@ def test_gguf_flag_on_a_checkpoint_that_is_not_gguf_is_refused():
         get_quantization_config("gguf", None)
 
 
-NEAR_TIE = 0.05  # nats between the reference's two best tokens, where bfloat16 rounding may swap them
+# Nats between the reference's two best tokens where the bfloat16 kernel (8 significant bits: logits
+# of 10-20 move by a few hundredths) may swap them. The default model's haiku parts at 0.068.
+NEAR_TIE = 0.1
 
 
 def assert_same_greedy(ours, reference) -> None:

@@ -30,7 +30,11 @@ from pagoda.config.speculative import (
 )
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
-from pagoda.loader.model_loader import load_generation_eos, load_hf_config
+from pagoda.loader.model_loader import (
+    gguf_checkpoint_quantization,
+    load_generation_eos,
+    load_hf_config,
+)
 from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import hf_meta_model
 from pagoda.lora.config import LoRAConfig
@@ -101,8 +105,13 @@ def _model_config(
     hf_config = load_hf_config(resolved)
     spec = model_spec(hf_config, args.load_format, args.model_impl)
     _log_model_impl(spec, args.model_impl)
-    if resolved.gguf_file is not None and spec.architecture == TRANSFORMERS_ARCHITECTURE:
-        raise ValueError(f"{resolved.gguf_file}: a GGUF file runs on a native architecture only (model_impl='pagoda')")
+    if resolved.weights_gguf is not None:
+        if spec.architecture == TRANSFORMERS_ARCHITECTURE:
+            raise ValueError(
+                f"{resolved.weights_gguf}: a GGUF file runs on a native architecture only (model_impl='pagoda')"
+            )
+        if args.load_format != "dummy":  # the GGUF types pick each layer's method, as a quantization_config would
+            spec = dataclasses.replace(spec, quantization=gguf_checkpoint_quantization(resolved, spec))
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
     vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
     dtype = _dtype(args.dtype, spec, device)

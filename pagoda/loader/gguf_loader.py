@@ -1,19 +1,22 @@
-"""GGUF files in Hugging Face form: config, tokenizer, float32 weights under Hugging Face names, and
+"""GGUF files in Hugging Face form: config, tokenizer, weights under Hugging Face names (float32,
+or a linear layer's quantized blocks unpacked where the GGUF quantization method keeps them), and
 conversion into a self-contained Hugging Face model directory."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gguf
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from pagoda.layers.rotary import compute_inv_freq, rope_parameters
 from pagoda.loader.atomic_dir import write_directory_atomically
+from pagoda.loader.gguf_blocks import unpack_blocks
 from pagoda.loader.weights import hf_meta_model
 
 if TYPE_CHECKING:
@@ -49,12 +52,31 @@ def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise
 
 
-def iter_gguf_weights(path: str | Path, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the file dequantized to float32, under its Hugging Face parameter name.
+def iter_gguf_weights(
+    path: str | Path, config: dict[str, Any], kept_modules: Collection[str] = (), names: dict[str, str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file under its Hugging Face parameter name: dequantized to float32, but
+    for the weight of a module in `kept_modules`, whose unpacked blocks come as `<module>.qweight`,
+    `.scales` and `.zeros` instead (pagoda/loader/gguf_blocks.py). names: GGUF tensor name ->
+    Hugging Face name, where already known (gguf_quantization_config's "tensor_names").
 
-    Tensors are read one at a time from the memory-mapped file, so only one is dequantized at once.
+    Tensors are read one at a time from the memory-mapped file, so only one is unpacked at once.
     """
-    return _weights(open_gguf(path), config)
+    reader = open_gguf(path)
+    return _weights(reader, config, frozenset(kept_modules), names or _hf_names(reader, config))
+
+
+def gguf_quantization_config(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The file's quantization as a checkpoint's quantization_config: the GGUF type of every
+    module's weight by Hugging Face module name (what GGUFConfig reads), and the tensor names'
+    map, so that loading need not build it again."""
+    reader = open_gguf(path)
+    names = _hf_names(reader, config)
+    types = {
+        names[t.name].removesuffix(".weight"): t.tensor_type.name
+        for t in reader.tensors if names.get(t.name, "").endswith(".weight")
+    }
+    return {"quant_method": "gguf", "tensor_types": types, "tensor_names": names}
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -80,7 +102,9 @@ def _write_hf_dir(gguf_path: Path, directory: Path) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=_eos_token_ids(reader), pad_token_id=config.pad_token_id
     ).save_pretrained(directory)
     # safetensors writes a file from a whole dict: the float32 weights are all in memory here.
-    save_file(dict(_weights(reader, config.to_dict())), directory / "model.safetensors", metadata={"format": "pt"})
+    hf_config = config.to_dict()
+    weights = _weights(reader, hf_config, frozenset(), _hf_names(reader, hf_config))
+    save_file(dict(weights), directory / "model.safetensors", metadata={"format": "pt"})
     load_gguf_tokenizer(gguf_path).save_pretrained(directory)
 
 
@@ -173,34 +197,60 @@ def _fit_llama3_scaling(divisors: torch.Tensor, inv_freq: torch.Tensor) -> dict[
     }
 
 
-def _weights(reader: gguf.GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    # transformers' own GGUF -> HF name map and its tensor processors (which undo llama.cpp's
-    # rotary permutation of Q and K in llama-arch files), applied here one tensor at a time.
+def _tensor_processor(reader: gguf.GGUFReader, config: dict[str, Any]) -> Any:
+    # transformers' tensor processors undo llama.cpp's rotary permutation of Q and K in llama-arch
+    # files (a permutation of rows, so it applies to unpacked blocks' rows as to weights).
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
-        get_gguf_hf_weights_map,
     )
 
-    architecture = _architecture(reader)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
-    names = get_gguf_hf_weights_map(hf_meta_model(config), processor, model_type=architecture)
-    return _dequantized(reader, names, processor)
+    return TENSOR_PROCESSORS.get(_architecture(reader), TensorProcessor)(config=config)
 
 
-def _dequantized(
-    reader: gguf.GGUFReader, names: dict[str, str], processor: Any
+class _TopLevel:
+    """A model as get_gguf_hf_weights_map sees it, without its submodules: that function builds
+    gguf's whole name table again for each of the ~300 submodules it recurses into (tens of
+    seconds), a search needed only by models converted from a base class (Bloom), none of
+    SUPPORTED_ARCHITECTURES."""
+
+    def __init__(self, model: Any) -> None:
+        self.config = model.config
+        self.state_dict = model.state_dict
+
+    def named_children(self) -> list[tuple[str, Any]]:
+        return []
+
+
+def _hf_names(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face parameter name (transformers' own map)."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    processor = _tensor_processor(reader, config)
+    return get_gguf_hf_weights_map(_TopLevel(hf_meta_model(config)), processor, model_type=_architecture(reader))
+
+
+def _weights(
+    reader: gguf.GGUFReader, config: dict[str, Any], kept_modules: frozenset[str], names: dict[str, str]
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    processor = _tensor_processor(reader, config)
     unmapped = []
     for tensor in reader.tensors:
         if tensor.name not in names:
             if tensor.name != _ROPE_FREQS:  # already in the config
                 unmapped.append(tensor.name)
             continue
+        name = names[tensor.name]
+        module = name.removesuffix(".weight")
+        if module in kept_modules:
+            for part, values in unpack_blocks(tensor.data, tensor.tensor_type.name).items():
+                values = processor.process(weights=values.numpy(), name=tensor.name).weights
+                yield f"{module}.{part}", torch.from_numpy(np.ascontiguousarray(values))
+            continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         values = processor.process(weights=values, name=tensor.name).weights
         # A copy: the dequantized array may be a read-only view of the memory-mapped file.
-        yield names[tensor.name], torch.tensor(values, dtype=torch.float32)
+        yield name, torch.tensor(values, dtype=torch.float32)
     if unmapped:
         logger.warning("GGUF tensors with no Hugging Face parameter, not loaded: %s", unmapped)
 

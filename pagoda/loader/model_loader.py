@@ -16,6 +16,7 @@ from pagoda.attention.backend import AttentionBackend
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.loader.gguf_loader import (
+    gguf_quantization_config,
     iter_gguf_weights,
     load_gguf_config,
     load_gguf_eos_token_ids,
@@ -28,6 +29,7 @@ from pagoda.models import model_class
 from pagoda.models.interface import CausalLM
 from pagoda.quantization import get_quantization_config
 from pagoda.quantization.base import QuantizationConfig
+from pagoda.quantization.gguf import GGUFConfig
 
 logger = logging.getLogger(__name__)
 
@@ -150,18 +152,31 @@ def build_model(
     if model.load_format == "dummy":
         load_weights(built, _iter_dummy_weights(model.spec, model.seed, model.dtype, device))
     else:
-        logger.info("loading the weights from %s", model.resolved.gguf_file or model.resolved.model_dir)
+        logger.info("loading the weights from %s", model.resolved.weights_gguf or model.resolved.model_dir)
         if built.loads_own_checkpoint:
             built.load_checkpoint(model.resolved.model_dir)
         else:
-            load_weights(built, _iter_weights(model.resolved, model.spec))
+            load_weights(built, _iter_weights(model.resolved, model.spec, quant_config))
     return built.eval()
 
 
-def _iter_weights(resolved: ResolvedModel, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
-    if resolved.gguf_file is not None:
-        return iter_gguf_weights(resolved.gguf_file, spec.hf_config)
+def _iter_weights(
+    resolved: ResolvedModel, spec: ModelSpec, quant_config: QuantizationConfig | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    if resolved.weights_gguf is not None:
+        if isinstance(quant_config, GGUFConfig):
+            return iter_gguf_weights(
+                resolved.weights_gguf, spec.hf_config, quant_config.kept_modules, quant_config.tensor_names
+            )
+        return iter_gguf_weights(resolved.weights_gguf, spec.hf_config)
     return iter_checkpoint_weights(resolved.model_dir)
+
+
+def gguf_checkpoint_quantization(resolved: ResolvedModel, spec: ModelSpec) -> dict[str, Any] | None:
+    """The quantization_config of a model whose weights come from a GGUF file (None otherwise)."""
+    if resolved.weights_gguf is None:
+        return None
+    return gguf_quantization_config(resolved.weights_gguf, spec.hf_config)
 
 
 def _iter_dummy_weights(

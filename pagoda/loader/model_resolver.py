@@ -12,6 +12,14 @@ class ResolvedModel:
     model_dir: Path
     gguf_file: Path | None  # set when the weights (and config, tokenizer) come from a GGUF file
     name: str  # for display
+    # The default model: its weights from this GGUF file (kept quantized on the CPU), its config and
+    # tokenizer from model_dir (read from the GGUF file they take seconds).
+    gguf_weights_file: Path | None = None
+
+    @property
+    def weights_gguf(self) -> Path | None:
+        """The GGUF file the weights come from, if any."""
+        return self.gguf_file or self.gguf_weights_file
 
 
 def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel:
@@ -28,13 +36,20 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel
 
 
 def _default_model(load_format: str) -> ResolvedModel:
-    from pagoda.loader.default_model import DEFAULT_MODEL, default_gguf_path, default_model_dir
+    from pagoda.loader.default_model import (
+        DEFAULT_MODEL,
+        default_gguf_path,
+        default_model_dir,
+    )
 
     # Asked for as GGUF (e.g. to run llama.cpp on the same file), it is the shipped file itself.
     if load_format == "gguf":
         gguf_file = default_gguf_path()
         return ResolvedModel(gguf_file.parent, gguf_file, DEFAULT_MODEL)
-    return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL)
+    # Its weights come from the shipped GGUF file, unless another format is asked for (safetensors:
+    # the converted directory's float32 weights; dummy: random ones).
+    weights = default_gguf_path() if load_format == "auto" else None
+    return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL, gguf_weights_file=weights)
 
 
 def _resolve_file(path: Path, load_format: str, name: str) -> ResolvedModel:

@@ -9,6 +9,7 @@ from pagoda.quantization.awq import AWQConfig
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.compressed_tensors import CompressedTensorsConfig
 from pagoda.quantization.fp8 import Fp8Config
+from pagoda.quantization.gguf import GGUFConfig
 from pagoda.quantization.gptq import GPTQConfig
 
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
@@ -16,6 +17,7 @@ QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     CompressedTensorsConfig.name: CompressedTensorsConfig,
     AWQConfig.name: AWQConfig,
     GPTQConfig.name: GPTQConfig,
+    GGUFConfig.name: GGUFConfig,
 }
 
 

@@ -1,0 +1,63 @@
+"""Resident memory of `pagoda serve` on the default model after a few requests: start it from the
+source tree TREE (PYTHONPATH), wait for /health, send 8 greedy chat requests of 64 tokens one at
+a time, then print each process's RSS (front end, engine core and its helper) as JSON.
+
+    python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity in one sentence.",
+           "List three colours."]
+
+
+def post(port: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=600).read())
+
+
+def wait_ready(port: str, server: subprocess.Popen) -> None:
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return
+        except OSError:
+            if server.poll() is not None:
+                sys.exit("the server exited")
+            time.sleep(2)
+
+
+def main() -> None:
+    tree, port, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+    started = time.time()
+    with open(f"/tmp/serve_memory_{port}.log", "w") as log:
+        server = subprocess.Popen(["pagoda", "serve", "--port", port, *flags], env=dict(os.environ, PYTHONPATH=tree),
+                                  cwd=tree, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, server)
+        ready_s = time.time() - started
+        for prompt in PROMPTS * 2:
+            post(port, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 64, "temperature": 0,
+                                                "messages": [{"role": "user", "content": prompt}]})
+        root = psutil.Process(server.pid)
+        rss = {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20
+               for p in [root, *root.children(recursive=True)]}
+        print(json.dumps({"tree": tree, "flags": flags, "ready_s": round(ready_s, 1), "rss_mb": rss,
+                          "total_mb": sum(rss.values())}, indent=1))
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+if __name__ == "__main__":
+    main()

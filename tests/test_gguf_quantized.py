@@ -187,8 +187,8 @@ README_CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
 README_PROMPTS = ["What is the capital of France?"]
 
 
-def _default_model_outputs(load_format: str) -> list:
-    llm = LLM(device="cpu", max_model_len=512, load_format=load_format)
+def _default_model_outputs(**engine_args) -> list:
+    llm = LLM(device="cpu", max_model_len=512, **engine_args)
     params = SamplingParams(temperature=0, max_tokens=64, logprobs=2)
     try:
         outputs = llm.chat(README_CHATS, params, use_tqdm=False) + llm.generate(README_PROMPTS, params, use_tqdm=False)
@@ -199,9 +199,9 @@ def _default_model_outputs(load_format: str) -> list:
 
 @pytest.mark.slow
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
-    """`auto`: weights from the shipped Q4_1 GGUF, kept quantized; `safetensors`: the float32
-    conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
+    """quantization='gguf': weights from the shipped Q4_1 GGUF, kept quantized; by default: the
+    float32 conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
-    quantized, dense = _default_model_outputs("auto"), _default_model_outputs("safetensors")
+    quantized, dense = _default_model_outputs(quantization="gguf"), _default_model_outputs()
     for ours, reference in zip(quantized, dense):
         assert_same_greedy(ours, reference)

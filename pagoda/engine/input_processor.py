@@ -36,7 +36,7 @@ class InputProcessor:
     def __init__(self, args: EngineConfig) -> None:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
         started = time.perf_counter()
-        resolved = resolve_model(args.model, args.load_format)
+        resolved = resolve_model(args.model, args.load_format, args.quantization)
         self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
         self.config = resolve_config(args, resolved, self.tokenizer)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pagoda.kernels.w4a16_gemm import PACK, pack_int4, unpack_int4
-from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod
+from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, sliced_param
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.w4a16 import (
     PackedW4,
@@ -20,7 +20,6 @@ from pagoda.quantization.w4a16 import (
     check_bits,
     check_output,
     num_groups,
-    quant_param,
 )
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -68,11 +67,11 @@ class AWQLinearMethod(W4A16LinearMethod):
         groups = num_groups(input_size, self.group_size)
         along_input = {} if self.group_size == -1 else {"input_dim": 0, "input_divisor": self.group_size}
         packed_out = {"output_dim": 1, "output_divisor": PACK}
-        layer.qweight = quant_param(
+        layer.qweight = sliced_param(
             torch.empty(input_size, output_size // PACK, dtype=torch.int32), input_dim=0, **packed_out
         )
-        layer.qzeros = quant_param(torch.empty(groups, output_size // PACK, dtype=torch.int32), **packed_out, **along_input)
-        layer.scales = quant_param(torch.empty(groups, output_size), output_dim=1, **along_input)
+        layer.qzeros = sliced_param(torch.empty(groups, output_size // PACK, dtype=torch.int32), **packed_out, **along_input)
+        layer.scales = sliced_param(torch.empty(groups, output_size), output_dim=1, **along_input)
 
     def repack(self, layer: nn.Module) -> PackedW4:
         qweight = pack_int4(unpack_awq(layer.qweight.data))

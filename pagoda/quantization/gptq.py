@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pagoda.kernels.w4a16_gemm import PACK, unpack_int4
-from pagoda.layers.linear import LinearMethod
+from pagoda.layers.linear import LinearMethod, sliced_param
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.w4a16 import (
     PackedW4,
@@ -22,7 +22,6 @@ from pagoda.quantization.w4a16 import (
     check_bits,
     check_output,
     num_groups,
-    quant_param,
 )
 
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
@@ -48,14 +47,14 @@ class GPTQLinearMethod(W4A16LinearMethod):
             # With act-order a rank's rows belong to any group: it keeps every group's scales and
             # zeros, and its slice of g_idx indexes them (as vLLM does).
             groups, along_input = num_groups(shard.full, self.group_size), {}
-        layer.qweight = quant_param(
+        layer.qweight = sliced_param(
             torch.empty(input_size // PACK, output_size, dtype=torch.int32), input_dim=0, input_divisor=PACK, output_dim=1
         )
-        layer.qzeros = quant_param(
+        layer.qzeros = sliced_param(
             torch.empty(groups, output_size // PACK, dtype=torch.int32), output_dim=1, output_divisor=PACK, **along_input
         )
-        layer.scales = quant_param(torch.empty(groups, output_size), output_dim=1, **along_input)
-        layer.g_idx = quant_param(torch.empty(input_size, dtype=torch.int32), input_dim=0)
+        layer.scales = sliced_param(torch.empty(groups, output_size), output_dim=1, **along_input)
+        layer.g_idx = sliced_param(torch.empty(input_size, dtype=torch.int32), input_dim=0)
 
     def repack(self, layer: nn.Module) -> PackedW4:
         scales = layer.scales.data

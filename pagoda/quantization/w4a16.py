@@ -21,7 +21,7 @@ from pagoda.kernels.w4a16_gemm import (
     w4a16_gemm,
     w4a16_gemm_reference,
 )
-from pagoda.layers.linear import LinearMethod
+from pagoda.layers.linear import LinearMethod, sliced_param
 
 
 @dataclass
@@ -43,14 +43,6 @@ def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None)
     out = w4a16_gemm(rows, *args) if x.is_cuda else w4a16_gemm_reference(rows, *args)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
-
-
-def quant_param(data: torch.Tensor, **attrs: int) -> nn.Parameter:
-    """A frozen parameter carrying the loader's slicing attributes (output_dim, input_divisor...)."""
-    param = nn.Parameter(data, requires_grad=False)
-    for name, value in attrs.items():
-        setattr(param, name, value)
-    return param
 
 
 def check_bits(bits: int, field: str, method: str) -> None:
@@ -89,10 +81,10 @@ class W4A16LinearMethod(LinearMethod):
         packed = self.repack(layer)
         for name in self.checkpoint_params:
             delattr(layer, name)
-        layer.w4_qweight = quant_param(packed.qweight.contiguous())
-        layer.w4_scales = quant_param(packed.scales.contiguous())
-        layer.register_parameter("w4_zeros", None if packed.zeros is None else quant_param(packed.zeros.contiguous()))
-        layer.register_parameter("w4_g_idx", None if packed.g_idx is None else quant_param(packed.g_idx.contiguous()))
+        layer.w4_qweight = sliced_param(packed.qweight.contiguous())
+        layer.w4_scales = sliced_param(packed.scales.contiguous())
+        layer.register_parameter("w4_zeros", None if packed.zeros is None else sliced_param(packed.zeros.contiguous()))
+        layer.register_parameter("w4_g_idx", None if packed.g_idx is None else sliced_param(packed.g_idx.contiguous()))
         layer.w4_group_size = packed.group_size
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -115,14 +107,14 @@ class CompressedTensorsW4A16(W4A16LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         groups = num_groups(input_size, self.group_size, "weights.group_size")
         along_input = {} if self.group_size == -1 else {"input_dim": 1, "input_divisor": self.group_size}
-        layer.weight_packed = quant_param(
+        layer.weight_packed = sliced_param(
             torch.empty(output_size, input_size // PACK, dtype=torch.int32), output_dim=0, input_dim=1, input_divisor=PACK
         )
-        layer.weight_scale = quant_param(torch.empty(output_size, groups), output_dim=0, **along_input)
-        layer.weight_shape = quant_param(torch.empty(2, dtype=torch.int64))
+        layer.weight_scale = sliced_param(torch.empty(output_size, groups), output_dim=0, **along_input)
+        layer.weight_shape = sliced_param(torch.empty(2, dtype=torch.int64))
         if not self.symmetric:
             check_output(output_size, "compressed-tensors W4A16 asymmetric")
-            layer.weight_zero_point = quant_param(
+            layer.weight_zero_point = sliced_param(
                 torch.empty(output_size // PACK, groups, dtype=torch.int32), output_dim=0, output_divisor=PACK, **along_input
             )
 

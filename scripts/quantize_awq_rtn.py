@@ -7,14 +7,14 @@ to get an AWQ checkpoint of any shape for benchmarks.
     python scripts/quantize_awq_rtn.py --model DIR --out DIR [--group-size 128]
     python scripts/quantize_awq_rtn.py --model shared/models/llama-3.1-8b --random --out /tmp/l8b-awq
 
---random: random weights of the config's shapes (a config-only directory, as shared/models/)."""
+--random: the weights `--load-format dummy` gives the config's shapes (a config-only directory, as
+shared/models/)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from pagoda.config.resolve import model_spec
 from pagoda.loader.default_model import default_model_dir
+from pagoda.loader.model_loader import iter_dummy_weights
 from pagoda.loader.weights import iter_checkpoint_weights
 from pagoda.quantization.awq import quantize_rtn_awq
 
@@ -65,11 +66,12 @@ def _quantized(weights: Iterator[tuple[str, torch.Tensor]], group_size: int) -> 
 
 
 def _random_weights(config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """The very weights `--load-format dummy` gives the model (seed 0, bf16), so the quantized
+    checkpoint's logits can be compared with the dummy bf16 model's."""
     from transformers import AutoConfig
 
-    for name, shape in model_spec(AutoConfig.for_model(**config), "dummy").checkpoint_shapes:
-        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        yield name, torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=generator)
+    spec = model_spec(AutoConfig.for_model(**config), "dummy")
+    return iter_dummy_weights(spec, 0, torch.bfloat16, torch.device("cpu"))
 
 
 def _write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

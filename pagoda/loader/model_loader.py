@@ -150,7 +150,7 @@ def build_model(
     with _default_dtype(model.dtype), device:
         built = model_cls(model.spec, backend, model.max_model_len, quant_config)
     if model.load_format == "dummy":
-        load_weights(built, _iter_dummy_weights(model.spec, model.seed, model.dtype, device))
+        load_weights(built, iter_dummy_weights(model.spec, model.seed, model.dtype, device))
     else:
         logger.info("loading the weights from %s", model.resolved.weights_gguf or model.resolved.model_dir)
         if built.loads_own_checkpoint:
@@ -179,7 +179,7 @@ def gguf_checkpoint_quantization(resolved: ResolvedModel, spec: ModelSpec) -> di
     return gguf_quantization_config(resolved.weights_gguf, spec.hf_config)
 
 
-def _iter_dummy_weights(
+def iter_dummy_weights(
     spec: ModelSpec, seed: int, dtype: torch.dtype, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights as a checkpoint: whole tensors under Hugging Face names, each drawn from a

@@ -33,7 +33,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import is_fp8
-from pagoda.attention.torch_backend import KVScales
+from pagoda.attention.torch_backend import KVScales, gather_kv
 from pagoda.attention.torch_backend import write_kv as write_kv_16bit
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
@@ -340,16 +340,14 @@ def long_prefill_attention(
         zip(metadata.query_starts_cpu, metadata.query_lens_cpu, metadata.seq_lens_cpu)
     ):
         rows = slice(start, start + length)
-        query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, head_dim]
-        if seq_len == length:
-            keys, values, mask, causal = k[rows], v[rows], None, True
-        else:
-            blocks = metadata.block_tables[i, : -(-seq_len // block_size)]
-            keys, values = (kv_cache[j][blocks].flatten(0, 1)[:seq_len] for j in (0, 1))
-            mask, causal = causal_lower_right(length, seq_len), False
+        query, keys, values = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]
+        mask = None
+        if seq_len > length:
+            tables = metadata.block_tables[i : i + 1, : -(-seq_len // block_size)]
+            keys, values = (x[:, :, :seq_len] for x in gather_kv(kv_cache, tables))
+            mask = causal_lower_right(length, seq_len)
         attended = F.scaled_dot_product_attention(
-            query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+            query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
         )
         out[rows] = attended[0].transpose(0, 1)
     return out

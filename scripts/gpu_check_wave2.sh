@@ -40,7 +40,7 @@ for batch in 1 16 64; do
             --batch-size $batch --input-len 128 --output-len 128 --max-model-len 1024 2>&1 | tail -1
     done
 done
-timeout 200 python3 scripts/bench_structured_gpu.py --model "$MODELS/llama-3.1-8b" 2>&1 | grep -v INFO | tail -2
+timeout 200 python3 scripts/bench_structured_gpu.py --model "$MODELS/llama-3.1-8b" ${TOKENIZER:+--tokenizer "$TOKENIZER"} 2>&1 | grep -v INFO | tail -2
 timeout 120 python3 -m pagoda.entrypoints.cli --log-level warning bench latency --model "$MODELS/llama-3.1-8b" \
     --load-format dummy --batch-size 1 --input-len 32000 --output-len 2 --max-model-len 33000 \
     --max-num-batched-tokens 32768 2>&1 | tail -1

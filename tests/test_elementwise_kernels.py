@@ -1,4 +1,5 @@
-"""The Triton elementwise kernels (fused add + RMSNorm, in-place rotary, SiLU-and-mul) against the
+"""The Triton elementwise kernels (fused add + RMSNorm, in-place rotary, SiLU-and-mul, per-token FP8
+quantization) against the
 torch layers they replace on CUDA. The reference always runs the layer on CPU copies (its torch
 path); the kernel runs natively on a GPU, or on the CPU under TRITON_INTERPRET=1."""
 
@@ -15,10 +16,11 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.elementwise import rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
+from pagoda.kernels.elementwise import fp8_quantize_rows, rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
 from pagoda.layers.activation import SiluAndMul  # noqa: E402
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagoda.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagoda.quantization.fp8 import FP8, FP8_MAX, quantize_fp8_rows  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
@@ -81,3 +83,35 @@ def test_silu_and_mul(dtype, width):
     g = torch.Generator().manual_seed(width)
     x = (3 * torch.randn(6, 2 * width, generator=g)).to(dtype)
     _close(silu_and_mul(x.to(DEVICE)), SiluAndMul()(x), dtype)
+
+
+def _fp8_test_rows(cols: int, g: torch.Generator) -> torch.Tensor:
+    """Rows of magnitudes from 1e-3 to 1e2, one all zero. Under the CPU's interpreter, which rounds to
+    fp8 without carrying into the exponent (see test_kv_cache_fp8), rows of fp8 values times a power
+    of two whose largest magnitude is FP8_MAX times it: x / scale is then exact and needs no rounding."""
+    if ON_GPU:
+        x = torch.randn(9, cols, generator=g) * torch.logspace(-3, 2, 9)[:, None]
+    else:
+        codes = torch.randint(0, 256, (9, cols), generator=g, dtype=torch.uint8)
+        x = codes.view(FP8).float().nan_to_num(0.0) * torch.pow(2.0, torch.arange(-10, -1, dtype=torch.float32))[:, None]
+        x[:, 0] = FP8_MAX * torch.pow(2.0, torch.arange(-10, -1, dtype=torch.float32))
+    x[3] = 0  # an all-zero row takes the scale floor instead of dividing by zero
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [64, 200])
+def test_fp8_quantize_rows_matches_torch(dtype, cols):
+    x = _fp8_test_rows(cols, torch.Generator().manual_seed(cols)).to(dtype)
+
+    q, scale = fp8_quantize_rows(x.to(DEVICE), FP8)
+    ref_q, ref_scale = quantize_fp8_rows(x)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=0, atol=0)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+
+    static = torch.tensor([2.0**-10])  # one scale for every row; values past it clamp to the fp8 maximum
+    q, scale = fp8_quantize_rows(x.to(DEVICE), FP8, static.to(DEVICE))
+    ref_q = (x.float() / static).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    assert ref_q.float().abs().max() == FP8_MAX
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(scale.cpu(), static.expand(9, 1))

@@ -1,6 +1,7 @@
-"""The W4A16 Triton GEMM against its torch reference (dequantize, then matmul): on the CPU under
-TRITON_INTERPRET=1 on small shapes, through both configurations (split-K decode tiles and large-M
-tiles); natively on a GPU at the 8B model's shapes."""
+"""The W4A16 Triton GEMM and one-pass dequantization against their torch reference (dequantize,
+then matmul): on the CPU under TRITON_INTERPRET=1 on small shapes, through both configurations
+(split-K decode tiles and large-M tiles); natively on a GPU at the 8B model's shapes, with every
+CUDA path of w4a16_linear (tinygemm, dequantize + cuBLAS, the Triton GEMM)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from pagoda.kernels.w4a16_gemm import (
     unpack_int4,
     w4a16_gemm,
     w4a16_gemm_reference,
+    w4_dequantize,
+)
+from pagoda.quantization.w4a16 import (
+    DEQUANTIZE_MIN_ROWS,
+    TINYGEMM_MAX_ROWS,
+    PackedW4,
+    to_tinygemm,
+    w4a16_linear,
 )
 
 ON_GPU = torch.cuda.is_available()
@@ -119,4 +128,29 @@ def test_kernel_at_8b_shapes_on_gpu(m, n, k):
     out = w4a16_gemm(*on, None, group).float()
     ref = x.cuda().float() @ dequantize(*on[1:], None, group).float()
     # bf16 output and bf16 dequantized weights: relative to the output's scale.
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("zeros", [True, False])
+def test_one_pass_dequantize_equals_reference(group_size, zeros):
+    qweight, scales, zero, _, group, _ = random_weights(256, 200, group_size, zeros, False, seed=group_size)
+    on = [None if t is None else t.to(DEVICE) for t in (qweight, scales, zero)]
+    assert torch.equal(w4_dequantize(*on, group).cpu(), dequantize(qweight, scales, zero, None, group))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, TINYGEMM_MAX_ROWS, 64, DEQUANTIZE_MIN_ROWS])
+@pytest.mark.parametrize("zeros", [True, False])
+@pytest.mark.parametrize("n,k", SHAPES_8B[:2])
+def test_every_cuda_path_equals_reference(m, zeros, n, k):
+    qweight, scales, zero, _, group, _ = random_weights(k, n, 128, zeros, False, seed=m, dtype=torch.bfloat16)
+    w = PackedW4(qweight.cuda(), scales.cuda(), None if zero is None else zero.cuda(), None, group)
+    tinygemm = to_tinygemm(w)
+    assert tinygemm is not None
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = w4a16_linear(x, w, None, tinygemm).float()
+    ref = x.float() @ dequantize(w.qweight, w.scales, w.zeros, None, group).float()
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()

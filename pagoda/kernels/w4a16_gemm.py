@@ -147,6 +147,43 @@ def w4a16_gemm(
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 
 
+@triton.jit
+def _w4_dequantize_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, out_ptr, packed_rows, N, group_size,
+    HAS_ZEROS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[8i + j, n] = (nibble j of qweight[i, n] - zero) * scale for this program's tile."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < packed_rows)[:, None] & (offs_n < N)[None, :]
+    packed = tl.load(qweight_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0)
+    for j in tl.static_range(8):
+        ks = rows * 8 + j
+        group_offs = (ks // group_size)[:, None].to(tl.int64) * N + offs_n[None, :]
+        scale = tl.load(scales_ptr + group_offs, mask=mask, other=0.0)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + group_offs, mask=mask, other=0.0)
+        else:
+            zero = 8.0
+        q = ((packed >> (4 * j)) & 0xF).to(scale.dtype)
+        tl.store(out_ptr + ks[:, None].to(tl.int64) * N + offs_n[None, :], ((q - zero) * scale).to(scale.dtype), mask=mask)
+
+
+def w4_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """W^T [K, N] in the scales' dtype from the packed layout (no g_idx), in one pass: for large M,
+    where cuBLAS on the dequantized weight beats dequantizing inside a GEMM tile by tile."""
+    packed_rows, n = qweight.shape
+    out = torch.empty(packed_rows * PACK, n, dtype=scales.dtype, device=qweight.device)
+    block_r, block_n = 16, 128
+    _w4_dequantize_kernel[(triton.cdiv(packed_rows, block_r), triton.cdiv(n, block_n))](
+        qweight, scales, scales if zeros is None else zeros, out, packed_rows, n, group_size,
+        HAS_ZEROS=zeros is not None, BLOCK_R=block_r, BLOCK_N=block_n,
+    )
+    return out
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[K, N] unsigned 4-bit values (any integer dtype) -> int32 [K / 8, N] (the kernel's layout)."""
     k, n = q.shape

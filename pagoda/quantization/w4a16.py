@@ -1,7 +1,9 @@
 """4-bit weight-only linear layers (W4A16), shared by every 4-bit format: each format's method
 registers its checkpoint tensors and repacks them, after loading, into the one packed layout the
-Triton kernel reads (pagoda/kernels/w4a16_gemm.py); `apply` runs that kernel on CUDA and the torch
-reference (dequantize, then matmul) on the CPU.
+Triton kernel reads (pagoda/kernels/w4a16_gemm.py). On CUDA a few rows (decode) go through torch's
+own int4 GEMM (tinygemm, the one gpt-fast uses) where the layer fits it, many rows (prefill)
+through cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the
+Triton kernel; the CPU runs the torch reference (dequantize, then matmul).
 
 Also here: the compressed-tensors `pack-quantized` W4A16 scheme, as a method the
 compressed-tensors config dispatches to (`compressed_tensors_w4a16_method`)."""
@@ -20,6 +22,7 @@ from pagoda.kernels.w4a16_gemm import (
     unpack_int4,
     w4a16_gemm,
     w4a16_gemm_reference,
+    w4_dequantize,
 )
 from pagoda.layers.linear import LinearMethod, sliced_param
 
@@ -35,12 +38,57 @@ class PackedW4:
     group_size: int
 
 
-def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + b over x's last dim: the Triton kernel on CUDA, dequantize-and-matmul elsewhere
-    (the CPU entry point other 4-bit formats reuse)."""
+# tinygemm's constraints: bf16, groups of these sizes, K a multiple of 16 x its inner K tiles.
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_INNER_K_TILES = 8
+# Row counts where each CUDA path wins at the 8B model's shapes on the H200
+# (scripts/bench_linear_methods.py, us per layer's four matmuls): tinygemm up to 4 rows (64 at
+# one row against the Triton GEMM's 140 and bf16's 116; 259 at 16 rows against 143), cuBLAS on the
+# dequantized weight from 128 rows (331 against 528).
+TINYGEMM_MAX_ROWS = 4
+DEQUANTIZE_MIN_ROWS = 128
+
+
+@dataclass
+class TinyGemmW4:
+    """W in torch's int4pack layout with scales_and_zeros [groups, N, 2] (bf16): W = (q - 8) * scale + zero."""
+
+    weight: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+
+
+def to_tinygemm(w: PackedW4) -> TinyGemmW4 | None:
+    """The layer in tinygemm's layout, or None where tinygemm cannot run it. An integer zero
+    point z becomes the float zero (8 - z) * scale."""
+    k, n = w.qweight.shape[0] * PACK, w.qweight.shape[1]
+    if not (
+        w.qweight.is_cuda and w.scales.dtype == torch.bfloat16 and w.g_idx is None
+        and w.group_size in TINYGEMM_GROUP_SIZES and k % (16 * TINYGEMM_INNER_K_TILES) == 0 and n % 8 == 0
+    ):
+        return None
+    q = unpack_int4(w.qweight, dim=0).t()  # [N, K]
+    pairs = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()  # even k in the high nibble
+    weight = torch._convert_weight_to_int4pack(pairs, TINYGEMM_INNER_K_TILES)
+    zero_point = 8.0 if w.zeros is None else w.zeros.float()
+    zeros = ((8.0 - zero_point) * w.scales.float()).to(torch.bfloat16)
+    return TinyGemmW4(weight, torch.stack([w.scales, zeros.expand_as(w.scales)], dim=-1).contiguous(), w.group_size)
+
+
+def w4a16_linear(
+    x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, tinygemm: TinyGemmW4 | None = None
+) -> torch.Tensor:
+    """x @ W^T + b over x's last dim (the CPU entry point other 4-bit formats reuse)."""
     rows = x.reshape(-1, x.shape[-1])
     args = (w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
-    out = w4a16_gemm(rows, *args) if x.is_cuda else w4a16_gemm_reference(rows, *args)
+    if not x.is_cuda:
+        out = w4a16_gemm_reference(rows, *args)
+    elif tinygemm is not None and rows.shape[0] <= TINYGEMM_MAX_ROWS:
+        out = torch._weight_int4pack_mm(rows.contiguous(), tinygemm.weight, tinygemm.group_size, tinygemm.scales_and_zeros)
+    elif w.g_idx is None and rows.shape[0] >= DEQUANTIZE_MIN_ROWS:
+        out = rows @ w4_dequantize(w.qweight, w.scales, w.zeros, w.group_size)
+    else:
+        out = w4a16_gemm(rows, *args)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 
@@ -86,10 +134,11 @@ class W4A16LinearMethod(LinearMethod):
         layer.register_parameter("w4_zeros", None if packed.zeros is None else sliced_param(packed.zeros.contiguous()))
         layer.register_parameter("w4_g_idx", None if packed.g_idx is None else sliced_param(packed.g_idx.contiguous()))
         layer.w4_group_size = packed.group_size
+        layer.w4_tinygemm = to_tinygemm(packed)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = PackedW4(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
-        return w4a16_linear(x, w, bias)
+        return w4a16_linear(x, w, bias, layer.w4_tinygemm)
 
 
 class CompressedTensorsW4A16(W4A16LinearMethod):

@@ -1,6 +1,7 @@
 """A tiny random LLaVA (CLIP vision tower, projector, Llama) saved with its processor: a
-CLIPImageProcessor and the tests' byte-level tokenizer with an <image> token; and transformers'
-own greedy tokens for a prompt with images, to compare with."""
+CLIPImageProcessor and the tests' byte-level tokenizer with an <image> token; the same as
+LLaVA-NeXT (any-resolution tiles, image_newline); and transformers' own greedy tokens for a prompt
+with images, to compare with."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ IMAGE_SIZE = 56  # the processor's crop: (56 / 14) ** 2 = 16 placeholders per im
 PATCH_SIZE = 14
 
 
-def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
+# LLaVA-NeXT's tiles: one 56x56 tile (16 features) or two side by side, or four in a square.
+GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def save_tiny_llava(directory: Path, seed: int = 0, next_: bool = False) -> Path:
+    """The tiny LLaVA-1.5, or with next_ the tiny LLaVA-NeXT (the same parts, any-resolution tiles)."""
     tok_dir = directory / "tokenizer"
     save_tokenizer(tok_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
@@ -31,17 +37,22 @@ def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
         tie_word_embeddings=False,
     )
-    config = transformers.LlavaConfig(
+    config_cls, model_cls, processor_cls = (
+        (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextProcessor)
+        if next_ else (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor)
+    )
+    tiles = {"image_grid_pinpoints": GRID_PINPOINTS} if next_ else {}
+    config = config_cls(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        architectures=["LlavaForConditionalGeneration"], eos_token_id=1,
+        architectures=[model_cls.__name__], eos_token_id=1, **tiles,
     )
     torch.manual_seed(seed)
-    path = directory / "llava"
-    transformers.LlavaForConditionalGeneration(config).float().eval().save_pretrained(path)
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    path = directory / ("llava_next" if next_ else "llava")
+    model_cls(config).float().eval().save_pretrained(path)
+    image_processor = (transformers.LlavaNextImageProcessor if next_ else transformers.CLIPImageProcessor)(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **tiles
     )
-    processor = transformers.LlavaProcessor(
+    processor = processor_cls(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
@@ -59,7 +70,7 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 def hf_greedy_with_images(path: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of a text prompt with its images, EOS ignored."""
     processor = transformers.AutoProcessor.from_pretrained(path)
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
     with torch.no_grad():

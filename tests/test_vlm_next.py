@@ -85,9 +85,9 @@ def test_a_steps_images_go_through_the_tower_in_one_call(tmp_path, arch):
         model = _runner(llm).model
         calls = _count_calls(model.visual.model if arch == "qwen2_vl" else model.vision_tower.model)
         outputs = llm.generate(_requests(cases), GREEDY, use_tqdm=False)
-        cache = _runner(llm).encoder_cache
         # All four images are in the first step's prompt chunks: one call encodes them all.
-        assert (calls[0], cache.num_encoder_calls, cache.num_encoded) == (1, 1, 4)
+        assert calls[0] == 1
+        assert _runner(llm).encoder_cache.num_encoded == 4
     finally:
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == [greedy(path, p, images, MAX_TOKENS) for p, images in cases]

@@ -21,9 +21,7 @@ Encoder = Callable[[Sequence[ImageInput]], list[torch.Tensor]]
 class EncoderCache:
     def __init__(self) -> None:
         self._features: dict[str, dict[int, torch.Tensor]] = {}  # request id -> image index -> features
-        # Tests read these: a chunked prefill encodes each image once, a step's images in one call.
-        self.num_encoded = 0  # images encoded so far
-        self.num_encoder_calls = 0
+        self.num_encoded = 0  # images encoded so far (tests read it: a chunked prefill encodes once)
 
     def step_features(
         self, chunks: Sequence[tuple[str, Sequence[ImageInput], int, int, int]], encode: Encoder
@@ -62,4 +60,3 @@ class EncoderCache:
         for (rid, index, _), features in zip(missing, encode([image for *_, image in missing])):
             self._features.setdefault(rid, {})[index] = features
         self.num_encoded += len(missing)
-        self.num_encoder_calls += 1

@@ -1,10 +1,18 @@
 """LLaVA-NeXT (any-resolution tiles, unpadding, image_newline) through LLM: greedy tokens equal
 transformers' for images of different sizes and aspect ratios in one batch; and batched image
-encoding: a step's images go through the vision tower in one call, outputs unchanged."""
+encoding: a step's images go through the vision tower in one call, outputs unchanged; and
+scripts/bench_vlm_gpu.py end to end at its tiny CPU scale."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import transformers
 
 from pagoda import LLM, SamplingParams
 from tests.tiny_vlm import (
@@ -51,8 +59,6 @@ def test_llava_next_batch_matches_transformers(llava_next):
         hf_greedy_with_images(llava_next, prompt, images, MAX_TOKENS) for prompt, images in cases
     ]
     # Placeholders as transformers' processor counts them: the 100x40 and 40x90 images differ.
-    import transformers
-
     processor = transformers.AutoProcessor.from_pretrained(llava_next)
     expected = processor(text=cases[0][0], images=cases[0][1], return_tensors="pt")["input_ids"][0].tolist()
     assert outputs[0].prompt_token_ids == expected
@@ -91,3 +97,16 @@ def test_a_steps_images_go_through_the_tower_in_one_call(tmp_path, arch):
     finally:
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == [greedy(path, p, images, MAX_TOKENS) for p, images in cases]
+
+
+def test_bench_vlm_gpu_runs_tiny_on_the_cpu():
+    # scripts/bench_vlm_gpu.py measures issue 24's workload on the device; --tiny checks it end to end here.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "scripts/bench_vlm_gpu.py", "--tiny"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{\n"):])
+    # The six requests' prompts fit one step: their six images go through the tower together.
+    assert (result["pagoda"]["encoder_calls"], result["pagoda"]["images_per_encoder_call"]) == (1, 6)
+    assert result["transformers"]["output_tok_s"] > 0 and result["speedup"] > 0

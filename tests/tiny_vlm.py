@@ -127,26 +127,37 @@ def save_tiny_qwen2_vl(directory: Path, name: str = "qwen2_vl", seed: int = 0) -
 
 def hf_qwen2_vl_greedy(path: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation, each <|image_pad|> expanded to its image's merged patches."""
-    import inspect
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    pad = model.config.image_token_id
-    features = [image_processor([image], return_tensors="pt") for image in images]
+    inputs = qwen2_vl_inputs(model, tokenizer, image_processor, [prompt], [images])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def qwen2_vl_inputs(model, tokenizer, image_processor, prompts: list[str], images: list[list[Image.Image]]) -> dict:
+    """A Qwen2-VL model's generate inputs for prompts of equal expanded length (no padding), each
+    <|image_pad|> expanded to its image's merged patches (Qwen2VLProcessor's work, which needs
+    torchvision for its video half)."""
+    import inspect
+
+    pad, merge = model.config.image_token_id, model.config.vision_config.spatial_merge_size
+    features = [image_processor([image], return_tensors="pt") for row in images for image in row]
     grids = iter(f["image_grid_thw"] for f in features)
-    ids: list[int] = []
-    for token in tokenizer.encode(prompt):
-        ids += [pad] * (int(next(grids).prod()) // 4) if token == pad else [token]
-    input_ids = torch.tensor([ids])
+    rows = []
+    for prompt in prompts:
+        ids: list[int] = []
+        for token in tokenizer.encode(prompt):
+            ids += [pad] * (int(next(grids).prod()) // merge**2) if token == pad else [token]
+        rows.append(ids)
+    input_ids = torch.tensor(rows)
     inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    if images:
-        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+    if features:
+        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features]).to(model.dtype)
         inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features])
     # transformers >= 5.2x takes the token types (image: 1) that M-RoPE is computed from.
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
         inputs["mm_token_type_ids"] = (input_ids == pad).int()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    return {name: value.to(model.device) for name, value in inputs.items()}

@@ -77,10 +77,10 @@ def test_llava_next_chunked_prefill_matches_transformers(llava_next):
     assert tokens == hf_greedy_with_images(llava_next, prompt, images, MAX_TOKENS)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_a_steps_images_go_through_the_tower_in_one_call(tmp_path, arch):
-    if arch == "qwen2_vl":
-        path, greedy, mark = save_tiny_qwen2_vl(tmp_path), hf_qwen2_vl_greedy, QWEN_IMAGE
+    if arch.startswith("qwen"):  # one packed sequence (Qwen2.5-VL: windows within each image)
+        path, greedy, mark = save_tiny_qwen2_vl(tmp_path, arch), hf_qwen2_vl_greedy, QWEN_IMAGE
     else:
         path, greedy, mark = save_tiny_llava(tmp_path, next_=arch == "llava_next"), hf_greedy_with_images, "<image>"
     cases = [(f"one {mark} and {mark}", [random_image(60, 90, 7), random_image(100, 50, 8)]),
@@ -89,7 +89,7 @@ def test_a_steps_images_go_through_the_tower_in_one_call(tmp_path, arch):
     llm = LLM(str(path), device="cpu", dtype="float32", max_model_len=512)
     try:
         model = _runner(llm).model
-        calls = _count_calls(model.visual.model if arch == "qwen2_vl" else model.vision_tower.model)
+        calls = _count_calls(model.visual.model if arch.startswith("qwen") else model.vision_tower.model)
         outputs = llm.generate(_requests(cases), GREEDY, use_tqdm=False)
         # All four images are in the first step's prompt chunks: one call encodes them all.
         assert calls[0] == 1

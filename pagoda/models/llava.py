@@ -103,7 +103,7 @@ class LlavaForConditionalGeneration(CausalLM):
             hf.get("multimodal_projector_bias", True),
         )
         self.feature_layer = hf.get("vision_feature_layer", -2)
-        self.drop_cls = hf.get("vision_feature_select_strategy", "default") == "default"
+        self.feature_strategy = hf.get("vision_feature_select_strategy", "default")  # default: drop CLS
 
     @classmethod
     def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
@@ -147,7 +147,7 @@ class LlavaForConditionalGeneration(CausalLM):
         for members in by_shape.values():
             batch = torch.cat([pixels[i] for i in members]).to(device, self.projector_dtype)
             features = self.vision_tower(batch, self.feature_layer)
-            if self.drop_cls:
+            if self.feature_strategy == "default":
                 features = features[:, 1:]
             parts = self.multi_modal_projector(features).split([len(pixels[i]) for i in members])
             for i, part in zip(members, parts):
@@ -185,7 +185,6 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         self.image_newline = nn.Parameter(torch.empty(config.hidden_size))
         # transformers' pack_image_features reads its model's config (tile size, grid pinpoints).
         self.packing = SimpleNamespace(config=AutoConfig.for_model(**config.hf_config))
-        self.feature_strategy = config.hf_config.get("vision_feature_select_strategy", "default")
 
     @classmethod
     def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:

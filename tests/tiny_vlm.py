@@ -1,6 +1,7 @@
 """A tiny random LLaVA (CLIP vision tower, projector, Llama) saved with its processor: a
-CLIPImageProcessor and the tests' byte-level tokenizer with an <image> token; and transformers'
-own greedy tokens for a prompt with images, to compare with."""
+CLIPImageProcessor and the tests' byte-level tokenizer with an <image> token; the same as
+LLaVA-NeXT (any-resolution tiles, image_newline); and transformers' own greedy tokens for a prompt
+with images, to compare with."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ IMAGE_SIZE = 56  # the processor's crop: (56 / 14) ** 2 = 16 placeholders per im
 PATCH_SIZE = 14
 
 
-def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
+# LLaVA-NeXT's tiles: one 56x56 tile (16 features) or two side by side, or four in a square.
+GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def save_tiny_llava(directory: Path, seed: int = 0, next_: bool = False) -> Path:
+    """The tiny LLaVA-1.5, or with next_ the tiny LLaVA-NeXT (the same parts, any-resolution tiles)."""
     tok_dir = directory / "tokenizer"
     save_tokenizer(tok_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
@@ -31,17 +37,22 @@ def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
         tie_word_embeddings=False,
     )
-    config = transformers.LlavaConfig(
+    config_cls, model_cls, processor_cls = (
+        (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextProcessor)
+        if next_ else (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor)
+    )
+    tiles = {"image_grid_pinpoints": GRID_PINPOINTS} if next_ else {}
+    config = config_cls(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        architectures=["LlavaForConditionalGeneration"], eos_token_id=1,
+        architectures=[model_cls.__name__], eos_token_id=1, **tiles,
     )
     torch.manual_seed(seed)
-    path = directory / "llava"
-    transformers.LlavaForConditionalGeneration(config).float().eval().save_pretrained(path)
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    path = directory / ("llava_next" if next_ else "llava")
+    model_cls(config).float().eval().save_pretrained(path)
+    image_processor = (transformers.LlavaNextImageProcessor if next_ else transformers.CLIPImageProcessor)(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **tiles
     )
-    processor = transformers.LlavaProcessor(
+    processor = processor_cls(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
@@ -59,7 +70,7 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 def hf_greedy_with_images(path: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of a text prompt with its images, EOS ignored."""
     processor = transformers.AutoProcessor.from_pretrained(path)
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
     with torch.no_grad():
@@ -116,26 +127,37 @@ def save_tiny_qwen2_vl(directory: Path, name: str = "qwen2_vl", seed: int = 0) -
 
 def hf_qwen2_vl_greedy(path: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation, each <|image_pad|> expanded to its image's merged patches."""
-    import inspect
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    pad = model.config.image_token_id
-    features = [image_processor([image], return_tensors="pt") for image in images]
+    inputs = qwen2_vl_inputs(model, tokenizer, image_processor, [prompt], [images])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def qwen2_vl_inputs(model, tokenizer, image_processor, prompts: list[str], images: list[list[Image.Image]]) -> dict:
+    """A Qwen2-VL model's generate inputs for prompts of equal expanded length (no padding), each
+    <|image_pad|> expanded to its image's merged patches (Qwen2VLProcessor's work, which needs
+    torchvision for its video half)."""
+    import inspect
+
+    pad, merge = model.config.image_token_id, model.config.vision_config.spatial_merge_size
+    features = [image_processor([image], return_tensors="pt") for row in images for image in row]
     grids = iter(f["image_grid_thw"] for f in features)
-    ids: list[int] = []
-    for token in tokenizer.encode(prompt):
-        ids += [pad] * (int(next(grids).prod()) // 4) if token == pad else [token]
-    input_ids = torch.tensor([ids])
+    rows = []
+    for prompt in prompts:
+        ids: list[int] = []
+        for token in tokenizer.encode(prompt):
+            ids += [pad] * (int(next(grids).prod()) // merge**2) if token == pad else [token]
+        rows.append(ids)
+    input_ids = torch.tensor(rows)
     inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    if images:
-        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features])
+    if features:
+        inputs["pixel_values"] = torch.cat([f["pixel_values"] for f in features]).to(model.dtype)
         inputs["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features])
     # transformers >= 5.2x takes the token types (image: 1) that M-RoPE is computed from.
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
         inputs["mm_token_type_ids"] = (input_ids == pad).int()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    return {name: value.to(model.device) for name, value in inputs.items()}

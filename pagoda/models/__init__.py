@@ -9,7 +9,7 @@ from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
-from pagoda.models.llava import LlavaForConditionalGeneration
+from pagoda.models.llava import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from pagoda.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from pagoda.models.phi3 import Phi3ForCausalLM
 from pagoda.models.qwen2 import Qwen2ForCausalLM
@@ -26,6 +26,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "MistralForCausalLM": MistralForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,

@@ -81,7 +81,7 @@ class CausalLM(nn.Module, ABC):
         loads_own_checkpoint)."""
         raise NotImplementedError(f"{type(self).__name__} is loaded by pagoda/loader/weight_loader.py")
 
-    # A vision-language model: it also has `encode_image` (an ImageInput -> its features) and
+    # A vision-language model: it also has `encode_images` (ImageInputs -> each one's features) and
     # `embed_input_ids`, and its forward takes `inputs_embeds` (the runner merges the features in).
     is_multimodal: ClassVar[bool] = False
 

@@ -1,13 +1,18 @@
 """LLaVA-1.5 style vision-language models (LlavaForConditionalGeneration): a CLIP or SigLIP
 vision tower, a two-layer projector and a Pagoda language model (Llama/Mistral/Qwen2 by the text
-config's architecture). The vision tower is transformers' own vision model, built from the config
+config's architecture); LLaVA-NeXT (LlavaNextForConditionalGeneration) adds any-resolution tiles
+(the processor's image_grid_pinpoints), unpadding and the `image_newline` row, packed by
+transformers' own code. The vision tower is transformers' own vision model, built from the config
 and loaded from the checkpoint; it runs only on prefill chunks that cover image placeholders
-(multimodal/encoder_cache.py), so decode steps and their CUDA graphs are the language model's
-alone. Tensor parallelism splits the language model; the tower and projector are replicated."""
+(multimodal/encoder_cache.py), all of a step's images (or tiles) of one shape in one call, so
+decode steps and their CUDA graphs are the language model's alone. Tensor parallelism splits the
+language model; the tower and projector are replicated."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -25,6 +30,7 @@ _CHECKPOINT_PREFIXES = {
     "lm_head.": "language_model.lm_head.",
     "model.vision_tower.": "vision_tower.",
     "model.multi_modal_projector.": "multi_modal_projector.",
+    "model.image_newline": "image_newline",  # LLaVA-NeXT's
 }
 
 
@@ -97,7 +103,7 @@ class LlavaForConditionalGeneration(CausalLM):
             hf.get("multimodal_projector_bias", True),
         )
         self.feature_layer = hf.get("vision_feature_layer", -2)
-        self.drop_cls = hf.get("vision_feature_select_strategy", "default") == "default"
+        self.feature_strategy = hf.get("vision_feature_select_strategy", "default")  # default: drop CLS
 
     @classmethod
     def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
@@ -124,14 +130,29 @@ class LlavaForConditionalGeneration(CausalLM):
             for param, source in self.language_model.tied_parameters().items()
         }
 
-    def encode_image(self, image: ImageInput) -> torch.Tensor:
-        """The image's features in the language model's embedding space: [placeholders, hidden]."""
+    def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """Each image's features in the language model's embedding space: [placeholders, hidden]."""
+        tiles = self.project_tiles([image.torch_tensors()["pixel_values"] for image in images])
+        return [features.flatten(0, 1) for features in tiles]
+
+    def project_tiles(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's tiles [tiles, channels, height, width] through the tower and projector:
+        [tiles, patches, hidden]. The tiles of all images that share a shape go through the tower
+        in one call."""
         device = self.multi_modal_projector.linear_1.weight.device
-        pixels = image.torch_tensors()["pixel_values"].to(device, self.projector_dtype)
-        features = self.vision_tower(pixels, self.feature_layer)
-        if self.drop_cls:
-            features = features[:, 1:]
-        return self.multi_modal_projector(features).flatten(0, 1)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, tiles in enumerate(pixels):
+            by_shape.setdefault(tuple(tiles.shape[1:]), []).append(i)
+        projected: list[torch.Tensor] = [torch.empty(0)] * len(pixels)
+        for members in by_shape.values():
+            batch = torch.cat([pixels[i] for i in members]).to(device, self.projector_dtype)
+            features = self.vision_tower(batch, self.feature_layer)
+            if self.feature_strategy == "default":
+                features = features[:, 1:]
+            parts = self.multi_modal_projector(features).split([len(pixels[i]) for i in members])
+            for i, part in zip(members, parts):
+                projected[i] = part
+        return projected
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(input_ids)
@@ -148,3 +169,35 @@ class LlavaForConditionalGeneration(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-NeXT (llava-v1.6): each image is a base tile and the tiles of its best grid
+    resolution; the grid's features are unpadded to the image's aspect ratio and each row ends in
+    the learned `image_newline` (the processor counts the placeholders the same way)."""
+
+    def __init__(
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int, linear_method: LinearMethod | None = None
+    ) -> None:
+        super().__init__(config, backend, max_position, linear_method)
+        from transformers import AutoConfig
+
+        self.image_newline = nn.Parameter(torch.empty(config.hidden_size))
+        # transformers' pack_image_features reads its model's config (tile size, grid pinpoints).
+        self.packing = SimpleNamespace(config=AutoConfig.for_model(**config.hf_config))
+
+    @classmethod
+    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+        return super().weight_bytes(config, dtype) + config.hidden_size * dtype.itemsize
+
+    def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+        tensors = [image.torch_tensors() for image in images]
+        # The processor gives one image's tiles as [1, tiles, channels, height, width].
+        tiles = self.project_tiles([t["pixel_values"][0] for t in tensors])
+        sizes = torch.cat([t["image_sizes"] for t in tensors])
+        packed, _ = LlavaNextModel.pack_image_features(
+            self.packing, tiles, sizes, self.feature_strategy, self.image_newline
+        )
+        return list(packed)

@@ -2,11 +2,13 @@
 built from vision_config and loaded from the checkpoint, and Pagoda's Qwen2 language model with
 M-RoPE (layers/rotary.py's MRotaryEmbedding; the runner gives each prefill chunk with images its
 [3, T] positions, multimodal/mrope.py). As LLaVA's (models/llava.py), the tower runs only on
-prefill chunks that reach image placeholders; decode steps are the language model's alone."""
+prefill chunks that reach image placeholders, a step's images packed into one call; decode steps
+are the language model's alone."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -81,11 +83,15 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                 return old + name[len(new):]
         return name
 
-    def encode_image(self, image: ImageInput) -> torch.Tensor:
-        tensors = image.torch_tensors()
+    def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """Each image's merged patch features; all images in one tower call (the tower takes the
+        images' patches as one packed sequence, each image attending within itself)."""
+        tensors = [image.torch_tensors() for image in images]
         device = self.lm_head.weight.device
-        pixels = tensors["pixel_values"].to(device, self.vision_dtype)
-        return self.visual(pixels, tensors["image_grid_thw"].to(device))
+        pixels = torch.cat([t["pixel_values"] for t in tensors]).to(device, self.vision_dtype)
+        grids = torch.cat([t["image_grid_thw"] for t in tensors])
+        features = self.visual(pixels, grids.to(device))
+        return list(features.split((grids.prod(-1) // self.mrope_merge_size**2).tolist()))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -361,7 +361,7 @@ class ModelRunner:
             self.lora.set_batch(batch.loras, batch.query_lens)
         images = None
         if self.encoder_cache is not None and batch.image_chunks:
-            images = self.encoder_cache.step_features(batch.image_chunks, self.model.encode_image)
+            images = self.encoder_cache.step_features(batch.image_chunks, self.model.encode_images)
         plain = images is None and not batch.positions_3d
         if plain and graphs is not None and graphs.captures(batch.query_lens, len(batch.input_ids)):
             return graphs.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.models.bert import BertEmbeddingModel
 from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
@@ -22,6 +23,7 @@ from pagoda.models.transformers_fallback import (
 )
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "BertModel": BertEmbeddingModel,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -35,6 +37,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "RobertaModel": BertEmbeddingModel,
+    "XLMRobertaModel": BertEmbeddingModel,
 }
 
 # Configs read from GGUF files carry a model_type but no architectures.

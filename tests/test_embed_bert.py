@@ -37,10 +37,10 @@ ENCODERS = {
 
 
 def save_tiny_encoder(
-    name: str, directory: Path, pooling: str, normalize: bool, prefix: str = "", vocab_size: int = 256
+    name: str, directory: Path, pooling: str | None, normalize: bool, prefix: str = "", vocab_size: int = 256
 ) -> Path:
-    """A random encoder in sentence-transformers' layout; prefix: its tensors' names start with it
-    (as in a checkpoint of the encoder with a head)."""
+    """A random encoder in sentence-transformers' layout (pooling None: a bare transformers
+    checkpoint); prefix: its tensors' names start with it (as in a checkpoint of the encoder with a head)."""
     config_cls, arch, extra = ENCODERS[name]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -52,7 +52,8 @@ def save_tiny_encoder(
     if prefix:
         weights = path / "model.safetensors"
         save_file({prefix + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-    write_sentence_transformers_config(path, pooling, normalize)
+    if pooling is not None:
+        write_sentence_transformers_config(path, pooling, normalize)
     return path
 
 
@@ -82,12 +83,26 @@ def test_llm_embed_matches_transformers(tmp_path: Path, name: str, pooling: str,
     assert_close(again[0].outputs.embedding, hf_embeddings(want_path, [PROMPTS[1]], pooling, normalize)[0])
 
 
+def test_encoder_without_sentence_transformers_files_embeds_its_cls_token_normalized(tmp_path: Path) -> None:
+    path = save_tiny_encoder("bert", tmp_path, None, True)
+    llm = LLM(str(path), skip_tokenizer_init=True, max_num_seqs=3)
+    outputs = llm.embed([{"prompt_token_ids": p} for p in PROMPTS], use_tqdm=False)
+    for output, want in zip(outputs, hf_embeddings(path, PROMPTS, "CLS", True)):
+        assert_close(output.outputs.embedding, want)
+
+
 @pytest.mark.parametrize("knob", [{"runner": "generate"}, {"task": "generate"}])
 def test_encoder_refuses_to_generate(tmp_path: Path, knob: dict[str, str]) -> None:
     path = save_tiny_encoder("bert", tmp_path, "CLS", True)
     (name,) = knob
     with pytest.raises(ValueError, match=f"^{name}='generate' is invalid for BertModel: an encoder-only model"):
         LLM(str(path), skip_tokenizer_init=True, **knob)
+
+
+def test_transformers_fallback_refuses_an_encoder(tmp_path: Path) -> None:
+    path = save_tiny_encoder("bert", tmp_path, "CLS", True)
+    with pytest.raises(ValueError, match="^model_impl='transformers' is invalid for BertModel"):
+        LLM(str(path), skip_tokenizer_init=True, model_impl="transformers")
 
 
 def test_max_model_len_past_roberta_positions_is_refused(tmp_path: Path) -> None:
@@ -142,3 +157,19 @@ def test_too_long_input_is_a_400_naming_input(bert_server) -> None:
         assert f"maximum model length is {MAX_POSITIONS}" in error["message"]
         ok = http.post("/v1/embeddings", json={"model": MODEL, "input": [[5] * MAX_POSITIONS]})
         assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_gpu_bf16_embeddings_match_transformers(tmp_path: Path, name: str) -> None:
+    path = save_tiny_encoder(name, tmp_path, "MEAN", True)
+    prompts = PROMPTS + [list(range(3, 3 + MAX_POSITIONS))]
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=3)
+    outputs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    hf = transformers.AutoModel.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        for output, prompt in zip(outputs, prompts):
+            hidden = hf(torch.tensor([prompt], device="cuda")).last_hidden_state[0].float().mean(dim=0)
+            want = torch.nn.functional.normalize(hidden, dim=0).cpu()
+            torch.testing.assert_close(torch.tensor(output.outputs.embedding), want, atol=2e-2, rtol=0)

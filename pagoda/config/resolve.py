@@ -207,7 +207,8 @@ def _pooler(
     pooling_task = args.task in ("embed", "embedding")
     if args.runner == "generate" and pooling_task:
         raise ValueError(f"task={args.task!r} is invalid with runner='generate': embeddings need runner='pooling'")
-    if model_class(spec.architecture).is_encoder_only:
+    encoder = model_class(spec.architecture).is_encoder_only
+    if encoder:
         if args.runner == "generate" or args.task == "generate":
             knob = "runner" if args.runner == "generate" else "task"
             raise ValueError(
@@ -218,7 +219,8 @@ def _pooler(
         return None
     if speculative:
         raise ValueError("speculative_config is invalid with runner='pooling': an embedding engine decodes no tokens")
-    return read_pooler_config(resolved.model_dir, hf_config)
+    # Without a sentence-transformers Pooling module: an encoder's [CLS] token, a decoder's last (vLLM's defaults).
+    return read_pooler_config(resolved.model_dir, hf_config, "CLS" if encoder else "LAST")
 
 
 def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:

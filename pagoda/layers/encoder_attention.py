@@ -23,23 +23,23 @@ from pagoda.attention.backend import AttentionMetadata
 class _PaddedPrompts:
     rows: torch.Tensor  # [prompts, longest]: each position's row in the flat batch (padding repeats the last)
     key_mask: torch.Tensor | None  # [prompts, 1, 1, longest]: the real keys; None when all are equally long
-    real: torch.Tensor | None  # [prompts * longest]: the padded rows that are real tokens, in batch order
+    real: torch.Tensor | None  # the padded batch's rows that are real tokens, in batch order
 
 
 def _padded_prompts(metadata: AttentionMetadata) -> _PaddedPrompts:
+    """Built on the host from the step's lengths, then copied: no layer waits on the device."""
     plan = metadata.backend_data.get("encoder")
     if plan is None:
         device = metadata.query_start_loc.device
-        lens = torch.tensor(metadata.query_lens_cpu, device=device)
-        starts = torch.tensor(metadata.query_starts_cpu, device=device)
+        lens = torch.tensor(metadata.query_lens_cpu)
         longest = max(metadata.query_lens_cpu)
-        offsets = torch.arange(longest, device=device)
-        rows = starts[:, None] + torch.minimum(offsets[None, :], lens[:, None] - 1)
+        offsets = torch.arange(longest)
+        rows = torch.tensor(metadata.query_starts_cpu)[:, None] + torch.minimum(offsets[None, :], lens[:, None] - 1)
         key_mask = real = None
         if min(metadata.query_lens_cpu) != longest:
             is_real = offsets[None, :] < lens[:, None]
-            key_mask, real = is_real[:, None, None, :], is_real.flatten()
-        plan = metadata.backend_data["encoder"] = _PaddedPrompts(rows, key_mask, real)
+            key_mask, real = is_real[:, None, None, :].to(device), is_real.flatten().nonzero()[:, 0].to(device)
+        plan = metadata.backend_data["encoder"] = _PaddedPrompts(rows.to(device), key_mask, real)
     return plan
 
 
@@ -56,4 +56,4 @@ class EncoderAttention(nn.Module):
         q, k, v = (x[plan.rows].transpose(1, 2) for x in (q, k, v))  # [prompts, heads, longest, head_dim]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.key_mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
-        return out if plan.real is None else out[plan.real]
+        return out if plan.real is None else out.index_select(0, plan.real)

@@ -3,9 +3,10 @@
 `PoolerConfig` is read once (config/resolve.py) from the model's sentence-transformers files
 (`modules.json`, its Pooling module's `config.json`) where present; without them a decoder's
 embedding is its last token's hidden state, normalized (vLLM's default for Qwen3-Embedding-style
-models). The engine core's runner reduces each prompt's hidden states to one vector
-(worker/pooler.py); the front end then truncates it to the requested `dimensions` (Matryoshka
-models only) and normalizes it (`embedding`), in that order, as vLLM's embedding head does."""
+models), an encoder's (BERT) its first token's ([CLS]), normalized. The engine core's runner
+reduces each prompt's hidden states to one vector (worker/pooler.py); the front end then
+truncates it to the requested `dimensions` (Matryoshka models only) and normalizes it
+(`embedding`), in that order, as vLLM's embedding head does."""
 
 from __future__ import annotations
 
@@ -45,20 +46,20 @@ class PoolerConfig:
     matryoshka_dimensions: tuple[int, ...] = ()
 
 
-def read_pooler_config(model_dir: Path, hf_config: Any) -> PoolerConfig:
-    """The pooling a model's sentence-transformers files describe, else the decoder default;
-    ValueError for a module or pooling mode Pagoda does not run."""
+def read_pooler_config(model_dir: Path, hf_config: Any, default_pooling_type: str = "LAST") -> PoolerConfig:
+    """The pooling a model's sentence-transformers files describe, else the model's default
+    (normalized); ValueError for a module or pooling mode Pagoda does not run."""
     dimensions = tuple(getattr(hf_config, "matryoshka_dimensions", None) or ())
     matryoshka = bool(dimensions) or bool(getattr(hf_config, "is_matryoshka", False))
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
-        return PoolerConfig("LAST", True, matryoshka, dimensions)
+        return PoolerConfig(default_pooling_type, True, matryoshka, dimensions)
     modules = json.loads(modules_file.read_text())
     kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
     unknown = sorted(set(kinds) - set(_ST_MODULES))
     if unknown:
         raise ValueError(f"{modules_file} has sentence-transformers modules Pagoda does not run: {unknown}")
-    pooling_type = "LAST"
+    pooling_type = default_pooling_type
     if "Pooling" in kinds:
         pooling_file = model_dir / kinds["Pooling"]["path"] / "config.json"
         pooling_type = _st_pooling_type(json.loads(pooling_file.read_text()), pooling_file)

@@ -13,7 +13,8 @@ import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 MODEL_IMPLS = ("auto", "pagoda", "transformers")
-# vLLM's --runner: generate (tokens) or pooling (one vector per prompt: embeddings); auto: generate.
+# vLLM's --runner: generate (tokens) or pooling (one vector per prompt: embeddings); auto: pooling
+# for an encoder-only model (BERT), else generate.
 RUNNERS = ("auto", "generate", "pooling")
 # vLLM's older --task: embed (or "embedding") means the pooling runner, generate the generating one.
 TASKS = ("auto", "generate", "embed", "embedding")
@@ -130,7 +131,7 @@ class EngineConfig:
         "on any node of the Ray cluster this attaches to or starts; pip install pagoda[ray])",
         choices=EXECUTOR_BACKENDS)
     runner: str = _knob("auto", "generate: sample tokens; pooling: one embedding per prompt (POST /v1/embeddings, "
-                        "LLM.embed); auto: generate", choices=RUNNERS)
+                        "LLM.embed); auto: pooling for an encoder-only model (BERT), else generate", choices=RUNNERS)
     task: str = _knob("auto", "vLLM's older spelling of runner: embed means --runner pooling", choices=TASKS)
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '

@@ -38,7 +38,8 @@ from pagoda.loader.model_loader import (
 from pagoda.loader.model_resolver import ResolvedModel, resolve_model
 from pagoda.loader.weights import hf_meta_model
 from pagoda.lora.config import LoRAConfig
-from pagoda.models import model_architecture
+from pagoda.models import model_architecture, model_class
+from pagoda.models.bert import position_offset
 from pagoda.models.eagle import EAGLE_ARCHITECTURE
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.multimodal.processing import is_multimodal_config
@@ -83,7 +84,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
             _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
             args.max_long_partial_prefills,
-            max_loras=args.max_loras if args.enable_lora else 0,
+            max_loras=args.max_loras if args.enable_lora else 0, pooling=model.pooler is not None,
         ),
         parallel=parallel,
         device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device)),
@@ -117,7 +118,7 @@ def _model_config(
     dtype = _dtype(args.dtype, spec, device)
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
-        args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, speculative),
+        args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, spec, speculative),
         _quantization(args.quantization, spec, device, dtype),
     )
 
@@ -198,16 +199,28 @@ def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.devic
     return parallel
 
 
-def _pooler(args: EngineConfig, resolved: ResolvedModel, hf_config: Any, speculative: bool) -> PoolerConfig | None:
-    """The pooling of an embedding engine (--runner pooling, or --task embed); None: it generates."""
+def _pooler(
+    args: EngineConfig, resolved: ResolvedModel, hf_config: Any, spec: ModelSpec, speculative: bool
+) -> PoolerConfig | None:
+    """The pooling of an embedding engine (--runner pooling, or --task embed; runner auto picks it
+    for an encoder-only model, as vLLM's does); None: it generates."""
     pooling_task = args.task in ("embed", "embedding")
     if args.runner == "generate" and pooling_task:
         raise ValueError(f"task={args.task!r} is invalid with runner='generate': embeddings need runner='pooling'")
-    if args.runner != "pooling" and not pooling_task:
+    encoder = model_class(spec.architecture).is_encoder_only
+    if encoder:
+        if args.runner == "generate" or args.task == "generate":
+            knob = "runner" if args.runner == "generate" else "task"
+            raise ValueError(
+                f"{knob}='generate' is invalid for {spec.architecture}: an encoder-only model embeds and generates no "
+                "text; use runner='pooling' (--runner pooling)"
+            )
+    elif args.runner != "pooling" and not pooling_task:
         return None
     if speculative:
         raise ValueError("speculative_config is invalid with runner='pooling': an embedding engine decodes no tokens")
-    return read_pooler_config(resolved.model_dir, hf_config)
+    # Without a sentence-transformers Pooling module: an encoder's [CLS] token, a decoder's last (vLLM's defaults).
+    return read_pooler_config(resolved.model_dir, hf_config, "CLS" if encoder else "LAST")
 
 
 def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:
@@ -239,7 +252,7 @@ def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> Mo
         hidden_act=getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None) or "silu",
         rms_norm_eps=getattr(hf_config, "rms_norm_eps", 0.0),
         rope_parameters=rope,
-        max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
+        max_position_embeddings=_max_positions(hf_config, whole),
         layer_sliding_windows=_layer_sliding_windows(hf_config),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
@@ -254,6 +267,12 @@ def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> Mo
         final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
         **_moe_fields(hf_config),
     )
+
+
+def _max_positions(hf_config: Any, whole: dict[str, Any]) -> int | None:
+    """The positions a prompt can use: RoBERTa's first ones are taken by its padding index."""
+    table = getattr(hf_config, "max_position_embeddings", None)
+    return None if table is None else table - position_offset(whole)
 
 
 def _moe_fields(hf_config: Any) -> dict[str, Any]:

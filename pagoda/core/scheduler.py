@@ -60,6 +60,9 @@ class SchedulerConfig:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     max_loras: int = 0  # LoRA adapters the running requests may use at once (the device slots); 0: no LoRA
+    # An embedding engine (--runner pooling): a prompt runs once, whole, and nothing is generated
+    # after it, so it may fill max_model_len.
+    pooling: bool = False
 
 
 @dataclass
@@ -154,14 +157,17 @@ class Scheduler:
         n = request.num_prompt_tokens
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if n >= cfg.max_model_len:
+        generated = 0 if cfg.pooling else 1
+        if n + generated > cfg.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens; the maximum model length is {cfg.max_model_len} "
-                "(set by --max-model-len / max_model_len); at least one token must be left to generate"
+                "(set by --max-model-len / max_model_len)"
+                + ("" if cfg.pooling else "; at least one token must be left to generate")
             )
-        if kv.blocks_needed(n + 1) > kv.num_blocks:
+        if kv.blocks_needed(n + generated) > kv.num_blocks:
+            what = "the prompt and one generated token need" if generated else "the prompt needs"
             raise ValueError(
-                f"the prompt and one generated token need {kv.blocks_needed(n + 1)} KV blocks of "
+                f"{what} {kv.blocks_needed(n + generated)} KV blocks of "
                 f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: raise "
                 "gpu_memory_utilization, num_gpu_blocks_override or the CPU KV cache budget "
                 "(kv_cache_memory_bytes / PAGODA_CPU_KVCACHE_SPACE), or lower max_model_len"

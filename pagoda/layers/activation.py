@@ -1,4 +1,5 @@
-"""Activations of the gated MLP: SiLU (Llama family) and tanh-approximated GELU (Gemma's GeGLU)."""
+"""Activations: of the gated MLP, SiLU (Llama family) and tanh-approximated GELU (Gemma's GeGLU);
+of a plain MLP (BERT-style encoders), GELU exact or tanh-approximated, and ReLU."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def get_act_and_mul(hidden_act: str) -> nn.Module:
     if hidden_act not in _ACT_AND_MUL:
         raise ValueError(f"hidden_act={hidden_act!r} is not supported; supported: {sorted(_ACT_AND_MUL)}")
     return _ACT_AND_MUL[hidden_act]()
+
+
+# transformers' hidden_act names of the plain activations (its ACT2FN's meaning for each).
+_ACT = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+}
+
+
+def get_act(hidden_act: str) -> nn.Module:
+    if hidden_act not in _ACT:
+        raise ValueError(f"hidden_act={hidden_act!r} is not supported; supported: {sorted(_ACT)}")
+    return _ACT[hidden_act]()

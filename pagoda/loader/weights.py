@@ -77,9 +77,15 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
     """The Hugging Face model for a config (its values, as `to_dict` gives them) without storage:
     its parameter names and shapes are those of a checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     config = AutoConfig.for_model(**hf_config)
-    auto = AutoModelForImageTextToText if "vision_config" in hf_config else AutoModelForCausalLM
+    if "vision_config" in hf_config:
+        auto = AutoModelForImageTextToText
+    elif type(config) in MODEL_MAPPING and MODEL_MAPPING[type(config)].__name__ in (config.architectures or ()):
+        auto = AutoModel  # the checkpoint is the bare model, with no head (BertModel: an embedding model)
+    else:
+        auto = AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config)

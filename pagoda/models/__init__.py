@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagoda.models.bert import BertEmbeddingModel
 from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
@@ -22,6 +23,7 @@ from pagoda.models.transformers_fallback import (
 )
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "BertModel": BertEmbeddingModel,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -36,6 +38,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "RobertaModel": BertEmbeddingModel,
+    "XLMRobertaModel": BertEmbeddingModel,
 }
 
 # Configs read from GGUF files carry a model_type but no architectures.
@@ -56,6 +60,12 @@ def model_architecture(hf_config: Any, model_impl: str = "auto") -> str:
         if native is None:
             raise ValueError(_unsupported(hf_config, "has no native Pagoda implementation (model_impl='pagoda')"))
         return native
+    if native is not None and MODEL_REGISTRY[native].is_encoder_only:
+        # transformers' causal LM for its config would be a decoder with a random head (BertLMHeadModel).
+        raise ValueError(
+            f"model_impl={model_impl!r} is invalid for {native}: the transformers fallback runs causal LMs only, and "
+            "this is an encoder-only model; use model_impl='auto' or 'pagoda'"
+        )
     problem = fallback_problem(hf_config)
     if problem is not None:
         raise ValueError(_unsupported(hf_config, f"cannot run through the transformers fallback: {problem}"))

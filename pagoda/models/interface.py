@@ -85,6 +85,9 @@ class CausalLM(nn.Module, ABC):
     # `embed_input_ids`, and its forward takes `inputs_embeds` (the runner merges the features in).
     is_multimodal: ClassVar[bool] = False
 
+    # An encoder-only model (BERT): it embeds (runner='pooling') and never generates.
+    is_encoder_only: ClassVar[bool] = False
+
     @staticmethod
     def checkpoint_name(name: str) -> str:
         """A checkpoint tensor's name as this model's parameters spell it (the same by default)."""

@@ -266,6 +266,9 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The KV pool, then (on CUDA, unless eager) the decode graphs that read it."""
+        if not self.kv_cache_spec:
+            logger.info("no KV pool: the model's attention reads only each step's own keys and values (an encoder)")
+            return
         # Graphs pad batches with rows that write into one extra block, past the pool's.
         started = time.perf_counter()
         self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)

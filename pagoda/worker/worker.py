@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -45,13 +46,18 @@ class Worker:
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
         runner = self.runner
+        per_block = runner.kv_bytes_per_block() + budget.draft_bytes_per_block
+        if per_block == 0:
+            # An encoder-only model keeps no KV cache (layers/encoder_attention.py): its blocks are
+            # the scheduler's bookkeeping alone, and the engine core caps how many it counts.
+            return sys.maxsize
         if budget.stated_bytes is not None:
             available = budget.stated_bytes
         else:
             available = runner.profile_free_gpu_bytes(
                 budget.gpu_memory_utilization, budget.max_num_batched_tokens, budget.max_model_len
             )
-        return max(0, available) // (runner.kv_bytes_per_block() + budget.draft_bytes_per_block)
+        return max(0, available) // per_block
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
         """Allocate the pool; its bytes."""

@@ -33,7 +33,7 @@ VOCAB = 256  # the tiny models'
 
 def save_eagle3_head(
     directory: Path, seed: int = 0, draft_vocab_size: int = VOCAB, with_d2t: bool = True,
-    aux_layers: list[int] | None = None, **overrides,
+    aux_layers: list[int] | None = None, norm_before_residual: bool = False, **overrides,
 ) -> str:
     """A random one-layer Llama renamed into EAGLE-3's layout, with the tensors it adds; a draft
     vocabulary smaller than the target's is a random sorted subset of its ids."""
@@ -61,7 +61,7 @@ def save_eagle3_head(
     config = json.loads((source / "config.json").read_text())
     # A context shorter than the engine's: published heads say 2048 and run under longer targets.
     config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab_size,
-                  max_position_embeddings=64)
+                  max_position_embeddings=64, norm_before_residual=norm_before_residual)
     if aux_layers is not None:
         config["eagle_aux_hidden_state_layer_ids"] = aux_layers
     (head / "config.json").write_text(json.dumps(config))
@@ -79,6 +79,8 @@ def models(tmp_path_factory) -> dict[str, str]:
         "deep-target": str(save_tiny_model("llama3", root / "deep-target", num_hidden_layers=8)),
         "eagle3": save_eagle3_head(root / "eagle3", aux_layers=aux),
         "reduced": save_eagle3_head(root / "reduced", seed=1, draft_vocab_size=48, aux_layers=aux),
+        "norm-before-residual": save_eagle3_head(root / "norm-before-residual", seed=3, aux_layers=aux,
+                                                 norm_before_residual=True),
         "default-layers": save_eagle3_head(root / "default-layers", seed=2),
         "no-d2t": save_eagle3_head(root / "no-d2t", draft_vocab_size=48, with_d2t=False, aux_layers=aux),
         "narrow": save_eagle3_head(root / "narrow", aux_layers=aux, hidden_size=32, intermediate_size=64),
@@ -186,6 +188,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
         return w[f"midlayer.{name}.weight"]
 
     entry_tokens, entry_hidden = tokens[1:], aux @ w["fc.weight"].T  # entry p: token p + 1, state p
+    norm_before_residual = json.loads((Path(head_dir) / "config.json").read_text())["norm_before_residual"]
     drafts = []
     for _ in range(k):
         n = len(entry_tokens)
@@ -199,7 +202,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
         key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
         attended = torch.nn.functional.scaled_dot_product_attention(q, key, value, is_causal=True)
         attended = attended[0].transpose(0, 1).reshape(n, heads * d) @ layer("self_attn.o_proj").T
-        residual = attended + entry_hidden
+        residual = attended + (x[:, -entry_hidden.shape[1]:] if norm_before_residual else entry_hidden)
         normed = rms(residual, layer("post_attention_layernorm"))
         gated = torch.nn.functional.silu(normed @ layer("mlp.gate_proj").T) * (normed @ layer("mlp.up_proj").T)
         output = gated @ layer("mlp.down_proj").T + residual  # before the final norm: the next step's state
@@ -210,7 +213,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
     return drafts
 
 
-@pytest.mark.parametrize("head", ["eagle3", "reduced"])
+@pytest.mark.parametrize("head", ["eagle3", "reduced", "norm-before-residual"])
 def test_the_drafts_are_eagle3s_written_out_in_torch(models, plain, head):
     engine = _engine(models, head)
     proposer = _proposer(engine)

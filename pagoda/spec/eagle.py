@@ -3,21 +3,20 @@ request (greedy, as vLLM's). EAGLE-1's head (pagoda/models/eagle.py) reads the t
 hidden states; EAGLE-3's (pagoda/models/eagle3.py) those of three of its layers, which the model
 runner returns for it (config/resolve.py picks the layers), projected by the head's fc before its
 first step, and it drafts over a reduced vocabulary whose ids its checkpoint's `d2t` maps to the
-target's. The head's entry at position p reads the token at p + 1
-and the target's hidden state at p; its output there predicts the token at p + 2. Its first step
-computes the entries of every position whose target hidden state is new since the last proposal
-(prompts included); each further step feeds the draft just sampled with the head's own output
-hidden state, on the device (no read between steps). Rejected drafts' entries are written over:
-the next proposal recomputes from the first position the head has not seen a real hidden state
-for.
+target's. The head's entry at position p reads the token at p + 1 and the target's hidden state
+at p; its output there predicts the token at p + 2. Its first step computes the entries of every
+position whose target hidden state is new since the last proposal (prompts included); each
+further step feeds the draft just sampled with the head's own output hidden state, on the device
+(no read between steps). Rejected drafts' entries are written over: the next proposal recomputes
+from the first position the head has not seen a real hidden state for.
 
-The head runs through a ModelRunner of its own (eager: its forward reads
-per-step hidden states) in the engine's process, over a KV pool with as many blocks as the
-target's (spec/draft_model.py's DraftBlocks). Its weights come from the head's checkpoint, the LM
-head (EAGLE-1's) and the embedding from the target's where the head has none. The target's hidden states
-arrive every step (the engine core hands the proposer each step's StepHiddenStates); positions a
-request took from the prefix cache have none, so the head's entries there hold whatever those
-slots held: drafts get poorer, outputs do not change."""
+The head runs through a ModelRunner of its own (eager: its forward reads per-step hidden states)
+in the engine's process, over a KV pool with as many blocks as the target's
+(spec/draft_model.py's DraftBlocks). Its weights come from the head's checkpoint, the LM head
+(EAGLE-1's) and the embedding from the target's where the head has none. The target's hidden
+states arrive every step (the engine core hands the proposer each step's StepHiddenStates);
+positions a request took from the prefix cache have none, so the head's entries there hold
+whatever those slots held: drafts get poorer, outputs do not change."""
 
 from __future__ import annotations
 

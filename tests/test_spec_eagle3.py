@@ -33,7 +33,8 @@ VOCAB = 256  # the tiny models'
 
 def save_eagle3_head(
     directory: Path, seed: int = 0, draft_vocab_size: int = VOCAB, with_d2t: bool = True,
-    aux_layers: list[int] | None = None, norm_before_residual: bool = False, **overrides,
+    aux_layers: list[int] | None = None, norm_before_residual: bool = False,
+    architecture: str = "LlamaForCausalLMEagle3", **overrides,
 ) -> str:
     """A random one-layer Llama renamed into EAGLE-3's layout, with the tensors it adds; a draft
     vocabulary smaller than the target's is a random sorted subset of its ids."""
@@ -60,7 +61,7 @@ def save_eagle3_head(
     save_file(tensors, str(head / "model.safetensors"))
     config = json.loads((source / "config.json").read_text())
     # A context shorter than the engine's: published heads say 2048 and run under longer targets.
-    config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab_size,
+    config.update(architectures=[architecture], draft_vocab_size=draft_vocab_size,
                   max_position_embeddings=64, norm_before_residual=norm_before_residual)
     if aux_layers is not None:
         config["eagle_aux_hidden_state_layer_ids"] = aux_layers
@@ -78,7 +79,8 @@ def models(tmp_path_factory) -> dict[str, str]:
         "target": str(save_tiny_model("llama3", root / "target")),
         "deep-target": str(save_tiny_model("llama3", root / "deep-target", num_hidden_layers=8)),
         "eagle3": save_eagle3_head(root / "eagle3", aux_layers=aux),
-        "reduced": save_eagle3_head(root / "reduced", seed=1, draft_vocab_size=48, aux_layers=aux),
+        "reduced": save_eagle3_head(root / "reduced", seed=1, draft_vocab_size=48, aux_layers=aux,
+                                    architecture="Eagle3LlamaForCausalLM"),  # vLLM's other spelling
         "norm-before-residual": save_eagle3_head(root / "norm-before-residual", seed=3, aux_layers=aux,
                                                  norm_before_residual=True),
         "default-layers": save_eagle3_head(root / "default-layers", seed=2),

@@ -69,8 +69,8 @@ def test_vllm_spellings_resolve_to_one_config():
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0 is invalid"),
     ({"method": "ngram"}, "num_speculative_tokens=None is invalid"),
     ({"method": "lookahead", "num_speculative_tokens": 2},
-     "method='lookahead' is not known: must be one of ['ngram', 'draft_model', 'eagle', 'medusa']"),
-    ({"method": "eagle3", "num_speculative_tokens": 2}, "method='eagle3' is not built yet"),
+     "method='lookahead' is not known: must be one of ['ngram', 'draft_model', 'eagle', 'eagle3', 'medusa']"),
+    ({"method": "mtp", "num_speculative_tokens": 2}, "method='mtp' is not built yet"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "model=None is invalid: method='draft_model' needs"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      "prompt_lookup_min=4 is larger than prompt_lookup_max=2"),
@@ -164,8 +164,8 @@ def test_seeded_sampling_is_the_same_with_ngram_drafts(model_dir):
 
 
 def test_a_method_not_built_is_refused_at_start_up(model_dir):
-    with pytest.raises(ValueError, match="method='eagle3' is not built yet"):
-        _engine(model_dir, speculative_config={"method": "eagle3", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="method='mtp' is not built yet"):
+        _engine(model_dir, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
 
 
 def test_metrics_show_the_spec_decode_counters():

@@ -138,7 +138,7 @@ class EngineConfig:
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '
         'n..m tokens occurred before; default 5..5), or {"method": "draft_model", "model": PATH, '
         '"num_speculative_tokens": k} (a smaller model with the same vocabulary proposes k greedy tokens); '
-        'method "eagle" or "medusa" with "model" a head\'s checkpoint',
+        'method "eagle", "eagle3" or "medusa" with "model" a head\'s checkpoint',
         type=_json_object)
     num_speculative_tokens: int | None = _knob(
         None, "drafts a step verifies per request (older spelling of speculative_config's num_speculative_tokens)")

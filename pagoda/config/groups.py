@@ -80,6 +80,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 0
     model: str | None = None  # draft_model: the draft's source, as given
     draft: ModelConfig | None = None  # draft_model: the draft, resolved (config/resolve.py)
+    # eagle3: the target layers whose input hidden states the head reads (ModelRunner asks the model for them).
+    aux_hidden_state_layer_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

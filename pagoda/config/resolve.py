@@ -24,6 +24,7 @@ from pagoda.config.groups import (
 )
 from pagoda.config.model_spec import ModelSpec
 from pagoda.config.speculative import (
+    EAGLE_METHODS,
     HIDDEN_STATES_METHODS,
     MODEL_METHODS,
     resolve_speculative,
@@ -41,6 +42,7 @@ from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture, model_class
 from pagoda.models.bert import position_offset
 from pagoda.models.eagle import EAGLE_ARCHITECTURE
+from pagoda.models.eagle3 import EAGLE3_ARCHITECTURE, NUM_AUX_HIDDEN_STATES, eagle3_checkpoint_shapes
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
@@ -58,14 +60,17 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
     speculative = resolve_speculative(args.speculative_config, args.speculative_model, args.num_speculative_tokens)
     device = args.torch_device()
     model = _model_config(args, resolved, tokenizer, device, speculative is not None)
+    if model.spec.architecture == EAGLE3_ARCHITECTURE:
+        raise ValueError(f"model={model.name!r} is an EAGLE-3 head, which drafts for a target: give it as "
+                         "speculative_config's model (method 'eagle3') with its target as the model")
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
     if speculative is not None and speculative.method in MODEL_METHODS:
         _check_proposer_placement(speculative, parallel)
-    if speculative is not None and speculative.method in ("draft_model", "eagle"):
-        speculative = dataclasses.replace(
-            speculative, draft=_draft_model_config(args, speculative, model, device)
-        )
+    if speculative is not None and speculative.method in ("draft_model", *EAGLE_METHODS):
+        draft = _draft_model_config(args, speculative, model, device)
+        aux_layers = _eagle3_aux_layers(speculative, draft.spec, model.spec) if speculative.method == "eagle3" else ()
+        speculative = dataclasses.replace(speculative, draft=draft, aux_hidden_state_layer_ids=aux_layers)
     if model.pooler is not None:
         # Each prompt runs whole in one step from its first token (its hidden states are pooled
         # there), and nothing is decoded after it: no chunks, no cached prefix, no overlapped steps.
@@ -154,33 +159,66 @@ def _check_proposer_placement(speculative: SpeculativeConfig, parallel: Parallel
 def _draft_model_config(
     args: EngineConfig, speculative: SpeculativeConfig, target: ModelConfig, device: torch.device
 ) -> ModelConfig:
-    """The draft of method='draft_model' (or the head of 'eagle'): the target's dtype, context and
-    EOS ids; its vocabulary must be the target's (its drafts are token ids of the target), and an
-    EAGLE head's hidden size too (it reads the target's hidden states). An EAGLE head is built
-    with random weights that spec/eagle.py replaces with its checkpoint's and the target's."""
+    """The draft of method='draft_model' (or the head of 'eagle' or 'eagle3'): the target's dtype,
+    context and EOS ids; its vocabulary must be the target's (its drafts are token ids of the
+    target). An EAGLE head is built with random weights that spec/eagle.py replaces with its
+    checkpoint's and the target's, and runs over the target's context whatever its config's
+    max_position_embeddings says (published heads say 2048, as vLLM runs them)."""
     assert speculative.model is not None
     resolved = resolve_model(speculative.model, args.load_format)
     draft_args = dataclasses.replace(args, max_model_len=target.max_model_len)
-    if speculative.method == "eagle":  # built random (its layout's shapes), then loaded by spec/eagle.py
-        draft_args = dataclasses.replace(draft_args, load_format="dummy")
+    if speculative.method in EAGLE_METHODS:
+        draft_args = dataclasses.replace(draft_args, load_format="dummy", max_model_len=None)
     draft = _model_config(draft_args, resolved, None, device, False)
     if draft.spec.vocab_size != target.spec.vocab_size:
         raise ValueError(
             f"speculative_config's model={speculative.model!r} has a vocabulary of {draft.spec.vocab_size} tokens, "
             f"the target {target.name!r} one of {target.spec.vocab_size}: a draft must share the target's vocabulary"
         )
-    if speculative.method == "eagle":
-        if draft.spec.hidden_size != target.spec.hidden_size:
-            raise ValueError(f"speculative_config's model={speculative.model!r} is an EAGLE head of hidden size "
-                             f"{draft.spec.hidden_size}, the target's is {target.spec.hidden_size}: they must match")
-        hidden = draft.spec.hidden_size
-        # Its layout: fc, and no input norm in its layer, no final norm (models/eagle.py).
-        shapes = tuple((name, shape) for name, shape in draft.spec.checkpoint_shapes
-                       if not name.endswith("input_layernorm.weight") and name != "model.norm.weight")
-        spec = dataclasses.replace(draft.spec, architecture=EAGLE_ARCHITECTURE,
-                                   checkpoint_shapes=(*shapes, ("fc.weight", (hidden, 2 * hidden))))
-        draft = dataclasses.replace(draft, spec=spec)
-    return dataclasses.replace(draft, dtype=target.dtype, eos_token_ids=target.eos_token_ids)
+    if speculative.method in EAGLE_METHODS:
+        draft = dataclasses.replace(draft, spec=_eagle_head_spec(speculative, draft.spec, target.spec))
+    return dataclasses.replace(
+        draft, dtype=target.dtype, eos_token_ids=target.eos_token_ids, max_model_len=target.max_model_len
+    )
+
+
+def _eagle_head_spec(speculative: SpeculativeConfig, head: ModelSpec, target: ModelSpec) -> ModelSpec:
+    """An EAGLE head's spec in its method's layout (models/eagle.py, models/eagle3.py); it reads
+    the target's hidden states, so its hidden size must be the target's."""
+    source = speculative.model
+    if speculative.method == "eagle" and head.architecture == EAGLE3_ARCHITECTURE:
+        raise ValueError(f"speculative_config's model={source!r} is an EAGLE-3 head (its config's architectures: "
+                         f"{head.hf_config.get('architectures')}): use method 'eagle3'")
+    for hidden in (head.hidden_size, head.hf_config.get("target_hidden_size") or head.hidden_size):
+        if hidden != target.hidden_size:
+            raise ValueError(f"speculative_config's model={source!r} is an EAGLE head of hidden size {hidden}, "
+                             f"the target's is {target.hidden_size}: they must match")
+    if speculative.method == "eagle3":
+        return dataclasses.replace(
+            head, architecture=EAGLE3_ARCHITECTURE, checkpoint_shapes=eagle3_checkpoint_shapes(head)
+        )
+    # EAGLE-1's layout: fc, and no input norm in its layer, no final norm.
+    shapes = tuple((name, shape) for name, shape in head.checkpoint_shapes
+                   if not name.endswith("input_layernorm.weight") and name != "model.norm.weight")
+    hidden = head.hidden_size
+    return dataclasses.replace(head, architecture=EAGLE_ARCHITECTURE,
+                               checkpoint_shapes=(*shapes, ("fc.weight", (hidden, 2 * hidden))))
+
+
+def _eagle3_aux_layers(speculative: SpeculativeConfig, head: ModelSpec, target: ModelSpec) -> tuple[int, ...]:
+    """The target layers whose input hidden states an EAGLE-3 head reads, in layer order: its
+    config's `eagle_aux_hidden_state_layer_ids`, else vLLM's default (2, n // 2, n - 3) for a
+    target of n layers; layer n is the last layer's output."""
+    n = target.num_hidden_layers
+    stated = head.hf_config.get("eagle_aux_hidden_state_layer_ids")
+    layers = tuple(stated) if stated else (2, n // 2, n - 3)
+    in_range = all(isinstance(i, int) and 0 <= i <= n for i in layers)
+    if not in_range or len(set(layers)) != NUM_AUX_HIDDEN_STATES:
+        given = "its config's eagle_aux_hidden_state_layer_ids" if stated else "vLLM's default (2, n // 2, n - 3)"
+        raise ValueError(f"speculative_config's model={speculative.model!r} is an EAGLE-3 head, which reads the "
+                         f"hidden states of {NUM_AUX_HIDDEN_STATES} distinct layers of the target's 0..{n}: {given} "
+                         f"gives {list(layers)} (set eagle_aux_hidden_state_layer_ids in the head's config.json)")
+    return tuple(sorted(layers))
 
 
 def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.device) -> ParallelConfig:

@@ -8,13 +8,15 @@ from typing import Any
 
 from pagoda.config.groups import SpeculativeConfig
 
-BUILT_METHODS = ("ngram", "draft_model", "eagle", "medusa")
+BUILT_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "medusa")
 # Methods whose proposer reads the target's hidden states: the model runner keeps them.
-HIDDEN_STATES_METHODS = ("eagle", "medusa")
+HIDDEN_STATES_METHODS = ("eagle", "eagle3", "medusa")
 # Methods whose proposer loads a model or heads from speculative_config's model.
-MODEL_METHODS = ("draft_model", "eagle", "medusa")
+MODEL_METHODS = ("draft_model", "eagle", "eagle3", "medusa")
+# Methods whose model is an EAGLE head (spec/eagle.py).
+EAGLE_METHODS = ("eagle", "eagle3")
 # vLLM's methods that Pagoda does not have yet: refused by name rather than as unknown.
-UNBUILT_METHODS = ("eagle3", "mtp")
+UNBUILT_METHODS = ("mtp",)
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
 NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's defaults when neither bound is given.

@@ -7,6 +7,7 @@ from typing import Any
 
 from pagoda.models.bert import BertEmbeddingModel
 from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
+from pagoda.models.eagle3 import EAGLE3_ARCHITECTURE, EAGLE3_ARCHITECTURES, Eagle3LlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from pagoda.models.interface import CausalLM
 from pagoda.models.llama import LlamaForCausalLM, MistralForCausalLM
@@ -74,6 +75,8 @@ def model_architecture(hf_config: Any, model_impl: str = "auto") -> str:
 
 def _native_architecture(hf_config: Any) -> str | None:
     architectures = getattr(hf_config, "architectures", None) or []
+    if any(arch in EAGLE3_ARCHITECTURES for arch in architectures):
+        return EAGLE3_ARCHITECTURE  # a speculative head (config/resolve.py refuses it as a target)
     for arch in architectures:
         if arch in MODEL_REGISTRY:
             return arch
@@ -103,4 +106,6 @@ def model_class(architecture: str) -> type[CausalLM]:
         return TransformersForCausalLM
     if architecture == EAGLE_ARCHITECTURE:  # a speculative head: built by spec/eagle.py, never as a target
         return EagleLlamaForCausalLM
+    if architecture == EAGLE3_ARCHITECTURE:
+        return Eagle3LlamaForCausalLM
     return MODEL_REGISTRY[architecture]

@@ -4,7 +4,8 @@ no bias, as vLLM loads it) into one Llama decoder layer that has no input norm, 
 final norm; the LM head is the target's (pagoda/spec/eagle.py loads it, and the embedding when
 the head's checkpoint has none). Each forward reads its rows' target hidden states from
 `target_hidden`, which the proposer sets before every step, and leaves its output in
-`last_hidden`: the hidden state the head's next step continues from."""
+`last_hidden`: the hidden state the head's next step continues from. EAGLE-3's head is
+models/eagle3.py."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ class EagleLlamaForCausalLM(LlamaForCausalLM):
         del self.model.norm
         self.target_hidden: torch.Tensor | None = None  # [rows, hidden], set by the proposer
         self.last_hidden: torch.Tensor | None = None
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str:
+        """The published names (the model's tensors without `model.`) as ours."""
+        return f"model.{name}" if name.startswith(("layers.", "embed_tokens.", "norm.")) else name
+
+    def combine_hidden_states(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """The target's states as the head's first step reads them: as they are (its forward's
+        fc mixes each in with its token's embedding)."""
+        return target_hidden
 
     def forward(
         self,

@@ -64,9 +64,10 @@ class CausalLM(nn.Module, ABC):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
-    ) -> torch.Tensor | None:
-        """The final hidden states on the last pipeline stage; None on the others (which send
-        theirs on). kv_caches: one per spec of `kv_cache_spec`, in its order."""
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """The final hidden states on the last pipeline stage (with aux hidden states, a pair:
+        `set_aux_hidden_state_layers`); None on the others (which send theirs on). kv_caches: one
+        per spec of `kv_cache_spec`, in its order."""
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,13 @@ class CausalLM(nn.Module, ABC):
     def checkpoint_name(name: str) -> str:
         """A checkpoint tensor's name as this model's parameters spell it (the same by default)."""
         return name
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """Make `forward` return (the final hidden states, the hidden states entering each of
+        `layers` side by side [tokens, len(layers) x hidden]); a layer id equal to the number of
+        layers is the last layer's output. What an EAGLE-3 head reads (vLLM's aux hidden states)."""
+        raise ValueError(f"{type(self).__name__} does not expose its layers' hidden states, which EAGLE-3 reads: "
+                         "use a Llama-family target")
 
     def tied_parameters(self) -> dict[str, str]:
         """Parameter -> the checkpoint tensor it copies (a tied LM head: the embedding)."""

@@ -225,6 +225,7 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = norm_cls(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else PPMissingLayer()
+        self.aux_hidden_state_layers: tuple[int, ...] = ()  # CausalLM.set_aux_hidden_state_layers
 
     def forward(
         self,
@@ -233,7 +234,7 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """inputs_embeds: the first stage's input embeddings where they are not the tokens' own
         (a vision-language model's, with image features merged in)."""
         if self.stage.is_first:
@@ -245,13 +246,25 @@ class LlamaModel(nn.Module):
             shape = (input_ids.shape[0], self.hidden_size)
             hidden, residual = recv_from_prev_stage(2, shape, self.dtype, input_ids.device, self.stage)
         positions = self.rotary.table_index(positions, metadata)
-        for layer, kv_cache in zip(islice(self.layers, self.layer_range.start, None), kv_caches):
+        start = self.layer_range.start
+        aux: list[torch.Tensor] = []
+        for index, (layer, kv_cache) in enumerate(zip(islice(self.layers, start, None), kv_caches), start):
+            if index in self.aux_hidden_state_layers:
+                aux.append(_layer_input(hidden, residual))
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if not self.stage.is_last:
             send_to_next_stage((hidden, residual), self.stage)
             return None
+        if self.layer_range.stop in self.aux_hidden_state_layers:
+            aux.append(_layer_input(hidden, residual))
         hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return (hidden, torch.cat(aux, dim=-1)) if aux else hidden
+
+
+def _layer_input(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A copy of the hidden state a decoder layer reads (the layers' norms on CUDA write into the
+    residual's storage, and the first layer's residual is its input)."""
+    return hidden.clone() if residual is None else hidden + residual
 
 
 class LlamaForCausalLM(CausalLM):
@@ -313,8 +326,11 @@ class LlamaForCausalLM(CausalLM):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         return self.model(input_ids, positions, kv_caches, metadata)
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        self.model.aux_hidden_state_layers = layers
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

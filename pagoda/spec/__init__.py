@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pagoda.config.groups import ResolvedConfig
+from pagoda.config.speculative import EAGLE_METHODS
 from pagoda.spec.ngram import NgramProposer
 from pagoda.spec.proposer import HiddenStatesProposer, TokenProposer
 
@@ -19,7 +20,7 @@ def build_proposer(config: ResolvedConfig) -> TokenProposer | HiddenStatesPropos
         )
 
         return DraftModelProposer(config)
-    if speculative.method == "eagle":
+    if speculative.method in EAGLE_METHODS:
         from pagoda.spec.eagle import EagleProposer
 
         return EagleProposer(config)

@@ -1,19 +1,22 @@
-"""The `eagle` method (EAGLE-1): a one-layer head over the target's hidden states proposes k
-tokens per request (greedy, as vLLM's). The head's entry at position p reads the token at p + 1
-and the target's hidden state at p; its output there predicts the token at p + 2. Its first step
-computes the entries of every position whose target hidden state is new since the last proposal
-(prompts included); each further step feeds the draft just sampled with the head's own output
-hidden state, on the device (no read between steps). Rejected drafts' entries are written over:
-the next proposal recomputes from the first position the head has not seen a real hidden state
-for.
+"""The `eagle` and `eagle3` methods: a head over the target's hidden states proposes k tokens per
+request (greedy, as vLLM's). EAGLE-1's head (pagoda/models/eagle.py) reads the target's final
+hidden states; EAGLE-3's (pagoda/models/eagle3.py) those of three of its layers, which the model
+runner returns for it (config/resolve.py picks the layers), projected by the head's fc before its
+first step, and it drafts over a reduced vocabulary whose ids its checkpoint's `d2t` maps to the
+target's. The head's entry at position p reads the token at p + 1 and the target's hidden state
+at p; its output there predicts the token at p + 2. Its first step computes the entries of every
+position whose target hidden state is new since the last proposal (prompts included); each
+further step feeds the draft just sampled with the head's own output hidden state, on the device
+(no read between steps). Rejected drafts' entries are written over: the next proposal recomputes
+from the first position the head has not seen a real hidden state for.
 
-The head (pagoda/models/eagle.py) runs through a ModelRunner of its own (eager: its forward reads
-per-step hidden states) in the engine's process, over a KV pool with as many blocks as the
-target's (spec/draft_model.py's DraftBlocks). Its weights come from the head's checkpoint, the LM
-head (and the embedding when the head has none) from the target's. The target's hidden states
-arrive every step (the engine core hands the proposer each step's StepHiddenStates); positions a
-request took from the prefix cache have none, so the head's entries there hold whatever those
-slots held: drafts get poorer, outputs do not change."""
+The head runs through a ModelRunner of its own (eager: its forward reads per-step hidden states)
+in the engine's process, over a KV pool with as many blocks as the target's
+(spec/draft_model.py's DraftBlocks). Its weights come from the head's checkpoint, the LM head
+(EAGLE-1's) and the embedding from the target's where the head has none. The target's hidden
+states arrive every step (the engine core hands the proposer each step's StepHiddenStates);
+positions a request took from the prefix cache have none, so the head's entries there hold
+whatever those slots held: drafts get poorer, outputs do not change."""
 
 from __future__ import annotations
 
@@ -30,12 +33,15 @@ from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.loader.weight_loader import load_weights
 from pagoda.loader.weights import iter_checkpoint_weights, read_checkpoint_tensors
 from pagoda.models.eagle import EagleLlamaForCausalLM
+from pagoda.models.eagle3 import Eagle3LlamaForCausalLM
 from pagoda.spec.draft_model import GREEDY_PARAMS, DraftBlocks, next_draft_chunk
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.worker.model_runner import ModelRunner
 
 _EMBED = "model.embed_tokens.weight"
 _LM_HEAD = "lm_head.weight"
+# An EAGLE-3 head's maps between its draft vocabulary and the target's: d2t is read apart, t2d unused.
+_D2T, _T2D = "d2t", "t2d"
 
 
 @dataclass
@@ -54,7 +60,7 @@ class _Features:
 
 
 class EagleProposer:
-    """A HiddenStatesProposer and ProposerWithKVCache (spec/proposer.py) for the `eagle` method."""
+    """A HiddenStatesProposer and ProposerWithKVCache (spec/proposer.py) for the `eagle` and `eagle3` methods."""
 
     def __init__(self, config: ResolvedConfig) -> None:
         """config: the target's; config.speculative.draft is the head, resolved (config/resolve.py)."""
@@ -68,10 +74,12 @@ class EagleProposer:
         )
         self.runner = ModelRunner(head_config, device)
         self.head = self.runner.model
-        assert isinstance(self.head, EagleLlamaForCausalLM)
+        assert isinstance(self.head, (EagleLlamaForCausalLM, Eagle3LlamaForCausalLM))
         if config.model.load_format != "dummy":
             head_dir, target_dir = speculative.draft.resolved.model_dir, config.model.resolved.model_dir
-            load_weights(self.head, _head_weights(head_dir, target_dir))
+            if isinstance(self.head, Eagle3LlamaForCausalLM):
+                _load_draft_vocabulary(self.head, head_dir, speculative.model)
+            load_weights(self.head, _head_weights(self.head, head_dir, target_dir))
         self.max_model_len = config.model.max_model_len
         self._blocks = DraftBlocks(config.cache.block_size)
         self._features: dict[str, _Features] = {}
@@ -126,7 +134,7 @@ class EagleProposer:
         if not firsts:
             return {}
         chunks = [chunk for chunk, _, _ in firsts]
-        self.head.target_hidden = torch.cat([states for _, states, _ in firsts])
+        self.head.target_hidden = self.head.combine_hidden_states(torch.cat([states for _, states, _ in firsts]))
         budgets = [num_drafts for _, _, num_drafts in firsts]
         steps = []
         for step in range(self.num_speculative_tokens):
@@ -148,16 +156,36 @@ class EagleProposer:
         return drafts
 
 
-def _head_weights(head_dir: Path, target_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The head's checkpoint under Pagoda's names (its `layers.*` and `embed_tokens` are the
-    model's), then the target's LM head, and the target's embedding when the head has none."""
-    has_embedding = False
+def _head_weights(
+    head: EagleLlamaForCausalLM | Eagle3LlamaForCausalLM, head_dir: Path, target_dir: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The head's checkpoint (the head maps its names: `checkpoint_name`), then the target's LM
+    head and embedding where the head has none (EAGLE-1 heads have no LM head)."""
+    held = set()
     for name, tensor in iter_checkpoint_weights(head_dir):
-        if name.startswith(("layers.", "embed_tokens.")):
-            name = f"model.{name}"
-        has_embedding |= name == _EMBED
-        yield name, tensor
+        if name not in (_D2T, _T2D):
+            held.add(head.checkpoint_name(name))
+            yield name, tensor
     target = read_checkpoint_tensors(target_dir, {_EMBED, _LM_HEAD})
-    yield _LM_HEAD, target.get(_LM_HEAD, target[_EMBED])  # a tied target's LM head is its embedding
-    if not has_embedding:
+    if _LM_HEAD not in held:
+        yield _LM_HEAD, target.get(_LM_HEAD, target[_EMBED])  # a tied target's LM head is its embedding
+    if _EMBED not in held:
         yield _EMBED, target[_EMBED]
+
+
+def _load_draft_vocabulary(head: Eagle3LlamaForCausalLM, head_dir: Path, source: str) -> None:
+    """The head's d2t (draft id -> target id - draft id), which a head over fewer tokens than the
+    target's vocabulary must have."""
+    draft_vocab, vocab = len(head.target_token_ids), head.config.vocab_size
+    d2t = read_checkpoint_tensors(head_dir, {_D2T}).get(_D2T)
+    if d2t is None:
+        if draft_vocab < vocab:
+            raise ValueError(f"speculative_config's model={source!r} is an EAGLE-3 head over a draft vocabulary of "
+                             f"{draft_vocab} tokens (draft_vocab_size), the target's has {vocab}: its checkpoint must "
+                             "hold d2t, which maps draft token ids to the target's, and has none")
+        return
+    target_ids = torch.arange(len(d2t)) + d2t.long()
+    if d2t.shape != (draft_vocab,) or target_ids.min() < 0 or target_ids.max() >= vocab:
+        raise ValueError(f"speculative_config's model={source!r}: its d2t (shape {tuple(d2t.shape)}) must map each "
+                         f"of the {draft_vocab} draft token ids (draft_vocab_size) to a target id below {vocab}")
+    head.target_token_ids.copy_(target_ids)

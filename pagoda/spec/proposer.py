@@ -43,10 +43,11 @@ class ProposerWithKVCache(Protocol):
 
 @dataclass
 class StepHiddenStates:
-    """A step's final hidden states (on the target's device) and, per request it computed, the
-    rows that hold its real tokens' states: what a head over the target's hidden states reads."""
+    """A step's final hidden states (on the target's device; for EAGLE-3, its aux layers') and,
+    per request it computed, the rows that hold its real tokens' states: what a head over the
+    target's hidden states reads."""
 
-    states: torch.Tensor  # [the step's tokens, hidden]
+    states: torch.Tensor  # [the step's tokens, hidden] (EAGLE-3: [the step's tokens, 3 x hidden])
     # request id -> (its first row, that row's position, how many rows from it hold real tokens:
     # the chunk's known tokens and accepted drafts, not rejected ones)
     rows: dict[str, tuple[int, int, int]]

@@ -22,7 +22,9 @@ from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger("pagoda")
 
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+# -> the hidden states, or (them, the aux layers' hidden states) for an EAGLE-3 target.
+ForwardOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], ForwardOutput]
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -64,7 +66,7 @@ class DecodeGraphs:
         self.seq_lens = torch.full((n,), self.query_lens[-1], dtype=torch.int32, device=device)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         # (query tokens per request, batch size) -> the graph and its output buffer
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ForwardOutput]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -115,10 +117,10 @@ class DecodeGraphs:
         slot_mapping: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> ForwardOutput:
         """One step of B requests with q query tokens each (a step `captures` accepts) -> hidden
-        states [B * q, hidden]. The inputs are device tensors or pinned host tensors, so that copying
-        them in does not wait for the device."""
+        states [B * q, hidden] (and the aux ones, where the forward gives them). The inputs are
+        device tensors or pinned host tensors, so that copying them in does not wait for the device."""
         num_reqs, num_tokens = seq_lens.shape[0], input_ids.shape[0]
         q = num_tokens // num_reqs
         size = next(s for s in self.sizes if s >= num_reqs)
@@ -134,6 +136,8 @@ class DecodeGraphs:
         self.block_tables[num_reqs:size, 0].fill_(self.scratch_block)
         graph, hidden = self.graphs[q, size]
         graph.replay()
+        if isinstance(hidden, tuple):
+            return hidden[0][:num_tokens], hidden[1][:num_tokens]
         return hidden[:num_tokens]
 
     def _metadata(self, q: int, size: int) -> AttentionMetadata:

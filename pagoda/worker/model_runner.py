@@ -8,7 +8,8 @@ samples on the device.
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
 each request gets a list of new tokens; for a proposer from the target's hidden states (Medusa
-heads, EAGLE), the step also hands back its final hidden states. Structured
+heads, EAGLE), the step also hands back its final hidden states (for EAGLE-3, those of the
+layers its head reads: the model returns them besides its final ones). Structured
 outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
@@ -56,7 +57,7 @@ from pagoda.sample.sampler import (
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
-from pagoda.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from pagoda.worker.cuda_graphs import DecodeGraphs, ForwardOutput, capture_sizes
 
 logger = logging.getLogger("pagoda")
 
@@ -176,6 +177,8 @@ class ModelRunner:
             for layer in self.model.modules():
                 if isinstance(layer, Attention):
                     layer.kv_cache_dtype = config.cache.dtype
+        if speculative is not None and speculative.aux_hidden_state_layer_ids:
+            self.model.set_aux_hidden_state_layers(speculative.aux_hidden_state_layer_ids)
         self.kv_cache_spec = self.model.kv_cache_spec(self.block_size)
         self.lora = None if config.lora is None else LoRAManager(
             self.model, config.lora, config.model.spec,
@@ -259,7 +262,7 @@ class ModelRunner:
         self.attention_backend.prepare(metadata)
         dev = self.device
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
-        hidden = self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata)
+        hidden, _ = _split_aux(self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata))
         if hidden is not None:  # the last pipeline stage
             self.model.compute_logits(hidden[: min(num_tokens, 256)])
         self.kv_caches = []
@@ -322,14 +325,14 @@ class ModelRunner:
         (`PendingStep.sample`), which may follow the tokens of the step before it."""
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
-        hidden = self._forward(batch)
+        hidden, aux_hidden = _split_aux(self._forward(batch))
         out = ModelRunnerOutput()
         if hidden is not None and self.pooling_type is not None:
             if self.samples:
                 out.pooled = pool(self.pooling_type, hidden, chunks, _query_starts(batch.query_lens))
             return PendingStep(out)
         if hidden is not None and self.keeps_step_hidden:
-            out.step_hidden = _step_hidden(hidden, chunks, batch.query_lens)
+            out.step_hidden = _step_hidden(hidden if aux_hidden is None else aux_hidden, chunks, batch.query_lens)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
@@ -357,7 +360,7 @@ class ModelRunner:
             return PendingStep(out, sampling, sample_later=sample)
         return PendingStep(out, sampling, sample(scheduler_output.grammar_bitmask))
 
-    def _forward(self, batch: _Batch) -> torch.Tensor | None:
+    def _forward(self, batch: _Batch) -> ForwardOutput | None:
         graphs = self.decode_graphs
         input_ids = self._input_ids(batch)
         if self.lora is not None:
@@ -508,6 +511,11 @@ def _mrope_positions(chunks: list[ScheduledChunk], positions: list[int], merge: 
             out[:, row + max(0, prompt_end - s) : row + n] += mrope_delta(req.images, merge)
         row += n
     return (out.tolist(), True) if has_3d else (out[0].tolist(), False)
+
+
+def _split_aux(output: ForwardOutput | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the final hidden states, the aux layers' or None) of a forward's output."""
+    return output if isinstance(output, tuple) else (output, None)
 
 
 def _step_hidden(

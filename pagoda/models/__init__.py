@@ -61,7 +61,7 @@ def model_architecture(hf_config: Any, model_impl: str = "auto") -> str:
         if native is None:
             raise ValueError(_unsupported(hf_config, "has no native Pagoda implementation (model_impl='pagoda')"))
         return native
-    if native is not None and MODEL_REGISTRY[native].is_encoder_only:
+    if native in MODEL_REGISTRY and MODEL_REGISTRY[native].is_encoder_only:
         # transformers' causal LM for its config would be a decoder with a random head (BertLMHeadModel).
         raise ValueError(
             f"model_impl={model_impl!r} is invalid for {native}: the transformers fallback runs causal LMs only, and "

@@ -1,6 +1,7 @@
 """Microseconds per decoder layer's four matmuls (qkv, o, gate|up, down) of the 8B shape on a GPU,
 per quantized path, at several row counts: bf16 (cuBLAS); fp8 with per-token activation scales
-(the Triton quantization kernel + torch._scaled_mm, and the two alone); W4A16 through tinygemm,
+(the Triton quantization kernel + torch._scaled_mm, the two alone, and _scaled_mm with one scale
+per tensor); W4A16 through tinygemm,
 the Triton GEMM, and dequantize + cuBLAS. Each timed inside a CUDA graph (triton's
 do_bench_cudagraph), so launch costs do not count: the steps that matter run in graphs too. The
 W4A16 thresholds in pagoda/quantization/w4a16.py come from this table.
@@ -34,6 +35,7 @@ def layer_paths(n: int, k: int):
     )
     tiny = to_tinygemm(packed)
     w4 = (packed.qweight, packed.scales, packed.zeros, None, 128)
+    one = torch.ones((), device="cuda")
 
     def paths(x: torch.Tensor) -> dict:
         qx, x_scale = fp8_quantize_rows(x, FP8)
@@ -43,6 +45,10 @@ def layer_paths(n: int, k: int):
             "fp8_torch_quant": lambda: scaled_mm(*quantize_fp8_rows(x), qw, w_scale, x.dtype),
             "fp8_quant_only": lambda: fp8_quantize_rows(x, FP8),
             "fp8_mm_only": lambda: scaled_mm(qx, x_scale, qw, w_scale, x.dtype),
+            # One scale per tensor on both sides: cuBLASLt's own fp8 kernels rather than the row-wise ones.
+            "fp8_mm_tensorwise": lambda: torch._scaled_mm(
+                qx, qw.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+            ),
             "w4_tinygemm": lambda: torch._weight_int4pack_mm(x, tiny.weight, 128, tiny.scales_and_zeros),
             "w4_triton": lambda: w4a16_gemm(x, *w4),
             "w4_dequant_mm": lambda: x @ w4_dequantize(packed.qweight, packed.scales, packed.zeros, 128),

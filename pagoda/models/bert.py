@@ -154,8 +154,6 @@ class BertEmbeddingModel(CausalLM):
         super().__init__(config, backend, max_position, quant_config)
         if pp_group().size > 1:
             raise ValueError(f"{config.architecture} runs on one pipeline stage: use pipeline_parallel_size=1")
-        if quant_config is not None:
-            quant_config.packed_modules_mapping = self.packed_modules_mapping
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, quant_config)
 

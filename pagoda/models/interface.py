@@ -48,6 +48,8 @@ class CausalLM(nn.Module, ABC):
         quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
+        if quant_config is not None:  # its per-layer methods read which checkpoint parts a layer packs
+            quant_config.packed_modules_mapping = self.packed_modules_mapping
 
     @classmethod
     @abstractmethod

@@ -287,8 +287,6 @@ class LlamaForCausalLM(CausalLM):
     ) -> None:
         super().__init__(config, backend, max_position, quant_config)
         self.config = config
-        if quant_config is not None:
-            quant_config.packed_modules_mapping = self.packed_modules_mapping
         self.model = LlamaModel(
             config, backend, max_position, quant_config, self.decoder_layer_cls, self.norm_cls,
             self.scale_embeddings, **self.attention_switches(config),

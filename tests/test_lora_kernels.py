@@ -137,6 +137,40 @@ def test_context_groups_once_per_forward():
     assert seen[0] is not second and context.groups(9) is not seen[0]
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the engine runs the kernels itself (test_lora.py's gpu test)")
+def test_engine_steps_through_the_kernels_match_transformers_peft(tmp_path, monkeypatch):
+    """The engine's own batches (prompts and decodes of two adapters and of none in one step)
+    through the kernels under the interpreter, where the CPU engine would take the torch path."""
+    pytest.importorskip("peft")
+    import pagoda.lora.layers as layers
+    from pagoda import LLM, SamplingParams
+    from pagoda.lora.request import LoRARequest
+    from tests.lora_adapters import peft_greedy, save_peft_adapter
+    from tests.tiny_models import save_tiny_model
+
+    base = save_tiny_model("llama3", tmp_path)
+    adapters = [save_peft_adapter(base, tmp_path, seed=1),
+                save_peft_adapter(base, tmp_path, seed=3, rank=4, targets=("gate_proj", "up_proj", "down_proj"))]
+    prompts, max_new = [[5, 9, 200], list(range(30, 47))], 4
+    choices = [None, *adapters]
+    want = [tokens for a in choices for tokens in peft_greedy(base, a, prompts, max_new)]
+    steps = []
+
+    def kernels(out, x, lora_a, lora_b, indices):
+        steps.append(x.shape[0])
+        add_lora_triton(out, x, lora_a, lora_b, group_tokens(indices, lora_a.shape[0]))
+
+    monkeypatch.setattr(layers, "add_lora_torch", kernels)
+    llm = LLM(model=str(base), device="cpu", skip_tokenizer_init=True, enable_lora=True, max_loras=2)
+    loras = [None if a is None else LoRARequest(f"a{i}", i, str(a)) for i, a in enumerate(choices) for _ in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * len(choices)], params, use_tqdm=False,
+                           lora_request=loras)
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == want
+    assert max(steps) == 3 * sum(map(len, prompts)) and min(steps) == 3 * len(prompts)  # prompts, then decodes
+
+
 # On the device: the 8B model's four LoRA'd layers (the fused ones with a rank-16 part each) at a
 # decode step and a prompt chunk over 8 adapters, and the kernels captured in a CUDA graph.
 _LLAMA_8B_LAYERS = {  # name: (in, out, rank of the slot)

@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagoda.attention import triton_backend  # noqa: E402
-from pagoda.kernels import elementwise, sampling  # noqa: E402
+from pagoda.kernels import elementwise, lora, sampling  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _ATTENTION = {
@@ -66,6 +66,16 @@ KERNELS = {
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32", "positions_ptr": "*i64",
                 "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32",
                 "num_q_heads": "i32", "num_k_heads": "i32"}, dict(HALF=64, BLOCK_H=32, BLOCK_HALF=64)),
+    "LoRA shrink": (lora._shrink_kernel,
+                    {"x_ptr": "*bf16", "a_ptr": "*bf16", "order_ptr": "*i32", "tiles_ptr": "*i32", "y_ptr": "*fp32",
+                     "K": "i32", "R": "i32", "k_per_split": "i32", "num_tiles": "i32", "stride_x": "i32",
+                     "stride_as": "i32", "stride_ar": "i32", "stride_ysplit": "i32", "stride_y": "i32"},
+                    dict(BLOCK_M=16, BLOCK_R=64, BLOCK_K=lora.BLOCK_K, PRECISION="tf32")),
+    "LoRA expand": (lora._expand_kernel,
+                    {"y_ptr": "*fp32", "b_ptr": "*bf16", "order_ptr": "*i32", "tiles_ptr": "*i32", "out_ptr": "*bf16",
+                     "N": "i32", "R": "i32", "num_tiles": "i32", "stride_y": "i32", "stride_bs": "i32",
+                     "stride_bn": "i32", "stride_out": "i32"},
+                    dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=lora.BLOCK_N, PRECISION="tf32")),
     "SiLU-and-mul": (elementwise._silu_and_mul_kernel,
                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "n_cols": "i32"},
                      dict(BLOCK=1024)),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,25 +24,27 @@ from pagoda.host_to_device import to_device
 from pagoda.layers.linear import LinearMethod
 from pagoda.lora.peft import LoRAWeights
 
+if TYPE_CHECKING:
+    from pagoda.kernels.lora import TokenGroups
+
 
 class LoRAContext:
     """Each token's adapter slot for the step (-1: none), in one static device buffer that every
-    LoRA layer reads the first rows of: CUDA graphs capture it as an input. A step with prompt
-    chunks also has its runs of tokens that share an adapter, for the segmented kernels."""
+    LoRA layer reads the first rows of: CUDA graphs capture it as an input. The kernels' grouping
+    of the tokens by slot is computed from it once per forward pass, by its first LoRA layer (in
+    a captured graph, inside the graph)."""
 
-    def __init__(self, max_tokens: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, num_slots: int, device: torch.device) -> None:
         self.indices = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self.num_slots = num_slots
         self.active = False  # some token of the step has an adapter: eager steps without skip the work
-        # [3, runs]: each run's first token, length and slot (those without an adapter left out);
-        # None: one token per run (decodes), which the per-token kernels serve.
-        self.segments: torch.Tensor | None = None
-        self.max_segment_len = 0
+        self._groups: TokenGroups | None = None
         self._clean = True  # every row is -1
 
     def set_batch(self, chunk_slots: list[int], query_lens: list[int]) -> None:
         """Each chunk's slot (-1: none) and its number of tokens."""
         self.active = any(s >= 0 for s in chunk_slots)
-        self.segments = None
+        self._groups = None
         device = self.indices.device
         if not self.active:
             if not self._clean:  # a graph replay reads rows past the batch too
@@ -55,10 +57,15 @@ class LoRAContext:
         self.indices[: len(token_slots)].copy_(to_device(token_slots, torch.int32, device))
         self.indices[len(token_slots) :].fill_(-1)
         self._clean = False
-        runs = _runs(chunk_slots, query_lens)
-        self.max_segment_len = max(length for _, length, _ in runs)
-        if self.max_segment_len > 1:
-            self.segments = to_device([list(column) for column in zip(*runs)], torch.int32, device)
+
+    def groups(self, num_tokens: int) -> TokenGroups:
+        """The first num_tokens tokens grouped by slot, for the Triton kernels: computed by the
+        first layer that asks, reused by the others."""
+        from pagoda.kernels.lora import group_tokens
+
+        if self._groups is None or self._groups.order.shape[0] != num_tokens:
+            self._groups = group_tokens(self.indices[:num_tokens], self.num_slots)
+        return self._groups
 
     def always_on(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         """`forward` with every LoRA layer's work included whatever the indices: what a CUDA graph
@@ -72,26 +79,14 @@ class LoRAContext:
 
     @contextmanager
     def _on(self):
-        was = self.active, self.segments
-        self.active, self.segments = True, None  # a graph replays decodes: the per-token kernels
+        # The grouping is dropped on both sides: a capture computes its own inside the graph, and
+        # the graph's tensors are no eager step's.
+        was = self.active
+        self.active, self._groups = True, None
         try:
             yield
         finally:
-            self.active, self.segments = was
-
-
-def _runs(chunk_slots: list[int], query_lens: list[int]) -> list[tuple[int, int, int]]:
-    """(first token, length, slot) of each run of consecutive tokens with one adapter."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for slot, n in zip(chunk_slots, query_lens):
-        if slot >= 0 and runs and runs[-1][2] == slot and runs[-1][0] + runs[-1][1] == start:
-            first, length, _ = runs[-1]
-            runs[-1] = (first, length + n, slot)
-        elif slot >= 0:
-            runs.append((start, n, slot))
-        start += n
-    return runs
+            self.active, self._groups = was, None
 
 
 class LoRALinearMethod(LinearMethod):
@@ -122,19 +117,14 @@ class LoRALinearMethod(LinearMethod):
         return out
 
     def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """The Triton kernels on CUDA (segmented for prompt chunks, per token for decodes), the
-        torch path elsewhere."""
-        context = self.context
-        indices = context.indices[: x.shape[0]]
+        """The Triton kernels on CUDA, the torch path elsewhere."""
+        num_tokens = x.shape[0]
         if x.device.type != "cuda":
-            add_lora_torch(out, x, self.lora_a, self.lora_b, indices)
+            add_lora_torch(out, x, self.lora_a, self.lora_b, self.context.indices[:num_tokens])
             return
-        from pagoda.kernels.lora import add_lora_segments_triton, add_lora_triton
+        from pagoda.kernels.lora import add_lora_triton
 
-        if context.segments is not None:
-            add_lora_segments_triton(out, x, self.lora_a, self.lora_b, context.segments, context.max_segment_len)
-        else:
-            add_lora_triton(out, x, self.lora_a, self.lora_b, indices)
+        add_lora_triton(out, x, self.lora_a, self.lora_b, self.context.groups(num_tokens))
 
     def set_slot(self, slot: int, parts: list[LoRAWeights | None]) -> None:
         """Put one adapter's (sharded) parts into a slot; None: that part has no update."""

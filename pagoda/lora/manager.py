@@ -58,7 +58,7 @@ class LoRAManager:
     ) -> None:
         self.config = config
         self.spec = spec
-        self.context = LoRAContext(max_tokens, device)
+        self.context = LoRAContext(max_tokens, config.max_loras, device)
         self.layers = _wrap_target_layers(model, self.context, config, spec, dtype, device)
         if not self.layers:
             raise ValueError(f"enable_lora: {spec.architecture} has no layers LoRA adapters can target")

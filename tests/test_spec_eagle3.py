@@ -4,8 +4,9 @@ hidden_norm, `norm`, an `lm_head` over the draft vocabulary, `d2t`/`t2d`; no emb
 tiny random Llama target (fp32, CPU): greedy outputs are the same with speculation on and off
 (a batch of prompts, also under chunked prefill and preemption), sampled requests run, the
 runner hands the head the target layers' hidden states, the head's drafts are those of EAGLE-3
-written out in plain torch over its checkpoint, a reduced draft vocabulary's drafts are target
-ids through d2t, and heads that do not fit are refused."""
+written out in plain torch over its checkpoint (also for a head without fc, which reads the
+target's final hidden states), a reduced draft vocabulary's drafts are target ids through d2t,
+and heads that do not fit are refused."""
 
 from __future__ import annotations
 

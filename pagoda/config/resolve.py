@@ -213,7 +213,7 @@ def _eagle_head_spec(speculative: SpeculativeConfig, head: ModelSpec, target: Mo
 def _eagle3_aux_layers(speculative: SpeculativeConfig, head: ModelSpec, target: ModelSpec) -> tuple[int, ...]:
     """The target layers whose input hidden states an EAGLE-3 head reads, in layer order: its
     config's `eagle_aux_hidden_state_layer_ids`, else vLLM's default (2, n // 2, n - 3) for a
-    target of n layers; layer n is the last layer's output. None (()) for a head that reads the
+    target of n layers; layer n is the last layer's output. Empty for a head that reads the
     target's final hidden states (`eagle_config.use_aux_hidden_state: false`)."""
     if not uses_aux_hidden_states(head):
         return ()

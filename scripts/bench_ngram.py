@@ -1,8 +1,9 @@
 """Speculative decoding with `ngram` (prompt lookup) against none, single stream, in one run: the
-default model (or --model) asked to repeat a paragraph, greedy; prints output tokens/s of each and
-the mean acceptance length (tokens a verifying step gave the request: 1 + accepted / drafts).
+default model (or --model) asked to repeat a paragraph (--task edit: with one word changed),
+greedy; prints output tokens/s of each and the mean acceptance length (tokens a verifying step
+gave the request: 1 + accepted / drafts).
 
-    PYTHONPATH=. python scripts/bench_ngram.py [--model PATH] [--k 4] [--repeats 3]
+    PYTHONPATH=. python scripts/bench_ngram.py [--model PATH] [--task repeat|edit] [--k 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ PARAGRAPH = (
     "wrote the weather in a leather book: the wind, the swell, the colour of the sky, and the names of "
     "the boats that came home."
 )
+TASKS = {
+    "repeat": "Repeat this paragraph exactly:",
+    "edit": 'Repeat this paragraph with one word changed: "evening" becomes "morning".',
+}
 
 
 def run(llm: LLM, prompt: str, max_tokens: int, repeats: int) -> tuple[float, list[int]]:
@@ -40,8 +45,10 @@ def main() -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="the longest n-gram matched")
     parser.add_argument("--max-tokens", type=int, default=160, help="output tokens at most")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
+    parser.add_argument("--task", choices=sorted(TASKS), default="repeat",
+                        help="repeat the paragraph exactly, or with one word changed (edit)")
     args = parser.parse_args()
-    prompt = f"Repeat this paragraph exactly:\n\n{PARAGRAPH}"
+    prompt = f"{TASKS[args.task]}\n\n{PARAGRAPH}"
     plain = LLM(args.model)
     plain_rate, plain_tokens = run(plain, prompt, args.max_tokens, args.repeats)
     plain.shutdown()

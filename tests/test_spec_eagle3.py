@@ -4,8 +4,9 @@ hidden_norm, `norm`, an `lm_head` over the draft vocabulary, `d2t`/`t2d`; no emb
 tiny random Llama target (fp32, CPU): greedy outputs are the same with speculation on and off
 (a batch of prompts, also under chunked prefill and preemption), sampled requests run, the
 runner hands the head the target layers' hidden states, the head's drafts are those of EAGLE-3
-written out in plain torch over its checkpoint, a reduced draft vocabulary's drafts are target
-ids through d2t, and heads that do not fit are refused."""
+written out in plain torch over its checkpoint (also for a head without fc, which reads the
+target's final hidden states), a reduced draft vocabulary's drafts are target ids through d2t,
+and heads that do not fit are refused."""
 
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ VOCAB = 256  # the tiny models'
 def save_eagle3_head(
     directory: Path, seed: int = 0, draft_vocab_size: int = VOCAB, with_d2t: bool = True,
     aux_layers: list[int] | None = None, norm_before_residual: bool = False,
-    architecture: str = "LlamaForCausalLMEagle3", **overrides,
+    architecture: str = "LlamaForCausalLMEagle3", use_aux_hidden_state: bool | None = None, **overrides,
 ) -> str:
     """A random one-layer Llama renamed into EAGLE-3's layout, with the tensors it adds; a draft
-    vocabulary smaller than the target's is a random sorted subset of its ids."""
+    vocabulary smaller than the target's is a random sorted subset of its ids. use_aux_hidden_state:
+    written in the config's eagle_config when given; False: no fc (the head reads the target's
+    final hidden states)."""
     source = save_tiny_model("llama3", directory / "source", seed=seed, num_hidden_layers=1, **overrides)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -50,7 +53,8 @@ def save_eagle3_head(
         tensors[name] = tensor.contiguous()
     hidden = tensors["norm.weight"].shape[0]
     tensors["midlayer.hidden_norm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
-    tensors["fc.weight"] = torch.randn(hidden, 3 * hidden, generator=generator) * 0.1
+    if use_aux_hidden_state is not False:
+        tensors["fc.weight"] = torch.randn(hidden, 3 * hidden, generator=generator) * 0.1
     tensors["lm_head.weight"] = torch.randn(draft_vocab_size, hidden, generator=generator) * 0.2
     if with_d2t:
         target_ids = torch.randperm(VOCAB, generator=generator)[:draft_vocab_size].sort().values
@@ -65,6 +69,8 @@ def save_eagle3_head(
                   max_position_embeddings=64, norm_before_residual=norm_before_residual)
     if aux_layers is not None:
         config["eagle_aux_hidden_state_layer_ids"] = aux_layers
+    if use_aux_hidden_state is not None:
+        config["eagle_config"] = {"use_aux_hidden_state": use_aux_hidden_state}
     (head / "config.json").write_text(json.dumps(config))
     return str(head)
 
@@ -84,6 +90,8 @@ def models(tmp_path_factory) -> dict[str, str]:
         "norm-before-residual": save_eagle3_head(root / "norm-before-residual", seed=3, aux_layers=aux,
                                                  norm_before_residual=True),
         "default-layers": save_eagle3_head(root / "default-layers", seed=2),
+        # No fc: it reads the target's final hidden states (vLLM's default layers would not fit).
+        "final-states": save_eagle3_head(root / "final-states", seed=4, use_aux_hidden_state=False),
         "no-d2t": save_eagle3_head(root / "no-d2t", draft_vocab_size=48, with_d2t=False, aux_layers=aux),
         "narrow": save_eagle3_head(root / "narrow", aux_layers=aux, hidden_size=32, intermediate_size=64),
     }
@@ -108,7 +116,7 @@ def plain(models) -> list[list[int]]:
     return _generate(_engine(models), GREEDY)[0]
 
 
-@pytest.mark.parametrize("head", ["eagle3", "reduced"])
+@pytest.mark.parametrize("head", ["eagle3", "reduced", "final-states"])
 def test_greedy_outputs_are_the_same_with_eagle3_drafts(models, plain, head):
     engine = _engine(models, head)
     assert _generate(engine, GREEDY)[0] == plain
@@ -169,7 +177,8 @@ def test_the_head_reads_the_target_layers_hidden_states(models):
 
 def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int) -> list[int]:
     """EAGLE-3's k greedy drafts after `tokens` (a prompt and its first sampled token), from the
-    checkpoint's tensors and transformers' target (aux layers 0, 1 and 2 of 2)."""
+    checkpoint's tensors and transformers' target (aux layers 0, 1 and 2 of 2 through fc; a head
+    without fc: the target's final hidden states)."""
     w = dict(iter_checkpoint_weights(head_dir))
     config = LlamaConfig.from_pretrained(head_dir)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
@@ -179,6 +188,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
     with torch.no_grad():
         states = target(torch.tensor([prompt]), output_hidden_states=True).hidden_states
     aux = torch.cat([states[0][0], states[1][0], last_output[0]], dim=-1)
+    head_states = aux @ w["fc.weight"].T if "fc.weight" in w else states[-1][0]  # after the final norm
     embed = target.model.embed_tokens.weight.detach()
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rotary = LlamaRotaryEmbedding(config)
@@ -189,7 +199,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
     def layer(name: str) -> torch.Tensor:
         return w[f"midlayer.{name}.weight"]
 
-    entry_tokens, entry_hidden = tokens[1:], aux @ w["fc.weight"].T  # entry p: token p + 1, state p
+    entry_tokens, entry_hidden = tokens[1:], head_states  # entry p: token p + 1, state p
     norm_before_residual = json.loads((Path(head_dir) / "config.json").read_text())["norm_before_residual"]
     drafts = []
     for _ in range(k):
@@ -215,7 +225,7 @@ def _reference_drafts(head_dir: str, target_dir: str, tokens: list[int], k: int)
     return drafts
 
 
-@pytest.mark.parametrize("head", ["eagle3", "reduced", "norm-before-residual"])
+@pytest.mark.parametrize("head", ["eagle3", "reduced", "norm-before-residual", "final-states"])
 def test_the_drafts_are_eagle3s_written_out_in_torch(models, plain, head):
     engine = _engine(models, head)
     proposer = _proposer(engine)

@@ -42,7 +42,12 @@ from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture, model_class
 from pagoda.models.bert import position_offset
 from pagoda.models.eagle import EAGLE_ARCHITECTURE
-from pagoda.models.eagle3 import EAGLE3_ARCHITECTURE, NUM_AUX_HIDDEN_STATES, eagle3_checkpoint_shapes
+from pagoda.models.eagle3 import (
+    EAGLE3_ARCHITECTURE,
+    NUM_AUX_HIDDEN_STATES,
+    eagle3_checkpoint_shapes,
+    uses_aux_hidden_states,
+)
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
@@ -208,7 +213,10 @@ def _eagle_head_spec(speculative: SpeculativeConfig, head: ModelSpec, target: Mo
 def _eagle3_aux_layers(speculative: SpeculativeConfig, head: ModelSpec, target: ModelSpec) -> tuple[int, ...]:
     """The target layers whose input hidden states an EAGLE-3 head reads, in layer order: its
     config's `eagle_aux_hidden_state_layer_ids`, else vLLM's default (2, n // 2, n - 3) for a
-    target of n layers; layer n is the last layer's output."""
+    target of n layers; layer n is the last layer's output. Empty for a head that reads the
+    target's final hidden states (`eagle_config.use_aux_hidden_state: false`)."""
+    if not uses_aux_hidden_states(head):
+        return ()
     n = target.num_hidden_layers
     stated = head.hf_config.get("eagle_aux_hidden_state_layer_ids")
     layers = tuple(stated) if stated else (2, n // 2, n - 3)

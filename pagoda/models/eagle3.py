@@ -7,6 +7,9 @@ attends over [input_layernorm(the token's embedding); hidden_norm(that state)] (
 to the target's (target id = draft id + d2t[draft id]). The embedding is the target's when the
 head's checkpoint has none (pagoda/spec/eagle.py loads it).
 
+A head whose config says `eagle_config.use_aux_hidden_state: false` has no `fc`: it reads the
+target's final hidden states (after its norm, as EAGLE-1's head does) as they are.
+
 The proposer combines the target's states through `fc` once (`combine_hidden_states`) and sets
 `target_hidden` before every step; a forward leaves in `last_hidden` its output before the final
 norm, which the head's next step continues from (as EAGLE-3 feeds it back)."""
@@ -36,10 +39,16 @@ def draft_vocab_size(config: ModelSpec) -> int:
     return config.hf_config.get("draft_vocab_size") or config.vocab_size
 
 
+def uses_aux_hidden_states(config: ModelSpec) -> bool:
+    """Whether the head reads three target layers' states through fc (vLLM's default), not
+    the target's final hidden states: its config's `eagle_config.use_aux_hidden_state`."""
+    return bool((config.hf_config.get("eagle_config") or {}).get("use_aux_hidden_state", True))
+
+
 def eagle3_checkpoint_shapes(config: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The layout's tensors (under Pagoda's names) from a plain Llama's of the head's config:
     the first layer's q/k/v read 2 x hidden, it has a hidden_norm, the LM head covers the draft
-    vocabulary, and there is fc."""
+    vocabulary, and there is fc unless the head reads the target's final hidden states."""
     hidden = config.hidden_size
     first_layer_qkv = tuple(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv")
     shapes = []
@@ -49,10 +58,8 @@ def eagle3_checkpoint_shapes(config: ModelSpec) -> tuple[tuple[str, tuple[int, .
         elif name == "lm_head.weight":
             shape = (draft_vocab_size(config), hidden)
         shapes.append((name, shape))
-    return (
-        *shapes, ("model.layers.0.hidden_norm.weight", (hidden,)),
-        ("fc.weight", (hidden, NUM_AUX_HIDDEN_STATES * hidden)),
-    )
+    fc = (("fc.weight", (hidden, NUM_AUX_HIDDEN_STATES * hidden)),) if uses_aux_hidden_states(config) else ()
+    return (*shapes, ("model.layers.0.hidden_norm.weight", (hidden,)), *fc)
 
 
 class Eagle3LlamaForCausalLM(LlamaForCausalLM):
@@ -67,7 +74,8 @@ class Eagle3LlamaForCausalLM(LlamaForCausalLM):
                                                         bias=config.attention_bias)
         first.hidden_norm = RMSNorm(hidden, config.rms_norm_eps)
         self.norm_before_residual = bool(config.hf_config.get("norm_before_residual", False))
-        self.fc = nn.Linear(NUM_AUX_HIDDEN_STATES * hidden, hidden, bias=False)
+        self.fc = (nn.Linear(NUM_AUX_HIDDEN_STATES * hidden, hidden, bias=False)
+                   if uses_aux_hidden_states(config) else None)
         self.tie_word_embeddings = False  # its LM head covers the draft vocabulary only
         self.lm_head = ParallelLMHead(draft_vocab_size(config), hidden)
         # Each draft token's target id: the identity until spec/eagle.py loads the checkpoint's d2t.
@@ -82,9 +90,10 @@ class Eagle3LlamaForCausalLM(LlamaForCausalLM):
             name = "layers.0." + name.removeprefix("midlayer.")
         return EagleLlamaForCausalLM.checkpoint_name(name)
 
-    def combine_hidden_states(self, aux_hidden: torch.Tensor) -> torch.Tensor:
-        """The target's aux layers' states side by side [rows, 3 x hidden] -> the head's input [rows, hidden]."""
-        return self.fc(aux_hidden)
+    def combine_hidden_states(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """The target's aux layers' states side by side [rows, 3 x hidden] -> the head's input [rows, hidden]
+        (a head without fc: the target's final states, as they are)."""
+        return target_hidden if self.fc is None else self.fc(target_hidden)
 
     def forward(
         self,

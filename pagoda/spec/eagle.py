@@ -2,7 +2,7 @@
 request (greedy, as vLLM's). EAGLE-1's head (pagoda/models/eagle.py) reads the target's final
 hidden states; EAGLE-3's (pagoda/models/eagle3.py) those of three of its layers, which the model
 runner returns for it (config/resolve.py picks the layers), projected by the head's fc before its
-first step, and it drafts over a reduced vocabulary whose ids its checkpoint's `d2t` maps to the
+first step (a head without fc, `eagle_config.use_aux_hidden_state: false`, reads the final ones), and it drafts over a reduced vocabulary whose ids its checkpoint's `d2t` maps to the
 target's. The head's entry at position p reads the token at p + 1 and the target's hidden state
 at p; its output there predicts the token at p + 2. Its first step computes the entries of every
 position whose target hidden state is new since the last proposal (prompts included); each

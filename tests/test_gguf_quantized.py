@@ -199,9 +199,9 @@ def _default_model_outputs(**engine_args) -> list:
 
 @pytest.mark.slow
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
-    """quantization='gguf': weights from the shipped Q4_1 GGUF, kept quantized; by default: the
+    """By default: weights from the shipped Q4_1 GGUF, kept quantized; load_format='safetensors': the
     float32 conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
-    quantized, dense = _default_model_outputs(quantization="gguf"), _default_model_outputs()
+    quantized, dense = _default_model_outputs(), _default_model_outputs(load_format="safetensors")
     for ours, reference in zip(quantized, dense):
         assert_same_greedy(ours, reference)

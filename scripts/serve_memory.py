@@ -1,6 +1,7 @@
 """Resident memory of `pagoda serve` on the default model after a few requests: start it from the
 source tree TREE (PYTHONPATH), wait for /health, send 8 greedy chat requests of 64 tokens one at
-a time, then print each process's RSS (front end, engine core and its helper) as JSON.
+a time, then 16 at once (the 16-stream benchmark's load), then print each process's RSS (front
+end, engine core and its helper) as JSON.
 
     python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
 """
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -24,6 +26,11 @@ def post(port: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(request, timeout=600).read())
+
+
+def chat(port: str, prompt: str) -> dict:
+    return post(port, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 64, "temperature": 0,
+                                               "messages": [{"role": "user", "content": prompt}]})
 
 
 def wait_ready(port: str, server: subprocess.Popen) -> None:
@@ -47,8 +54,9 @@ def main() -> None:
         wait_ready(port, server)
         ready_s = time.time() - started
         for prompt in PROMPTS * 2:
-            post(port, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 64, "temperature": 0,
-                                                "messages": [{"role": "user", "content": prompt}]})
+            chat(port, prompt)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda prompt: chat(port, prompt), PROMPTS * 4))
         root = psutil.Process(server.pid)
         rss = {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20
                for p in [root, *root.children(recursive=True)]}

@@ -11,15 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.w4a16_gemm import (
-    GemmConfig,
-    choose_config,
-    dequantize,
-    pack_int4,
-    unpack_int4,
-    w4a16_gemm,
-    w4a16_gemm_reference,
-)
+from pagoda.kernels.w4a16_gemm import GemmConfig, choose_config, w4a16_gemm
+from pagoda.kernels.w4a16_layout import dequantize, pack_int4, unpack_int4, w4a16_gemm_reference
 
 ON_GPU = torch.cuda.is_available()
 needs_kernel = pytest.mark.skipif(

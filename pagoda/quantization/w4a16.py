@@ -1,6 +1,6 @@
 """4-bit weight-only linear layers (W4A16), shared by every 4-bit format: each format's method
 registers its checkpoint tensors and repacks them, after loading, into the one packed layout the
-Triton kernel reads (pagoda/kernels/w4a16_gemm.py); `apply` runs that kernel on CUDA and the torch
+Triton kernel reads (pagoda/kernels/w4a16_layout.py); `apply` runs that kernel on CUDA and the torch
 reference (dequantize, then matmul) on the CPU.
 
 Also here: the compressed-tensors `pack-quantized` W4A16 scheme, as a method the
@@ -15,18 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import (
-    PACK,
-    unpack_int4,
-    w4a16_gemm,
-    w4a16_gemm_reference,
-)
+from pagoda.kernels.w4a16_layout import PACK, unpack_int4, w4a16_gemm_reference
 from pagoda.layers.linear import LinearMethod, sliced_param
 
 
 @dataclass
 class PackedW4:
-    """W in the kernel's layout (see pagoda/kernels/w4a16_gemm.py)."""
+    """W in the kernel's layout (see pagoda/kernels/w4a16_layout.py)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -40,7 +35,12 @@ def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None)
     (the CPU entry point other 4-bit formats reuse)."""
     rows = x.reshape(-1, x.shape[-1])
     args = (w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
-    out = w4a16_gemm(rows, *args) if x.is_cuda else w4a16_gemm_reference(rows, *args)
+    if x.is_cuda:
+        from pagoda.kernels.w4a16_gemm import w4a16_gemm  # Triton: imported where it runs
+
+        out = w4a16_gemm(rows, *args)
+    else:
+        out = w4a16_gemm_reference(rows, *args)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 

@@ -1,11 +1,14 @@
-"""release_free_memory hands the heap's freed pages back to the OS (glibc): what an engine core's
-steps freed stops counting in its resident memory once it is idle."""
+"""What a CPU server's processes hold: release_free_memory hands the heap's freed pages back to the
+OS (glibc), so what an engine core's steps freed stops counting in its resident memory once it is
+idle; the front end and the engine core do not import Triton (~70 MB each) to run on the CPU."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import platform
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -30,3 +33,10 @@ def test_freed_heap_memory_leaves_the_resident_set():
     release_free_memory()
     assert held - process.memory_info().rss > 150 << 20
     libc.free(chunks[-1])
+
+
+def test_the_server_processes_import_no_triton():
+    # What `pagoda serve`'s front end and the engine core process import before any GPU kernel runs.
+    code = "import sys, pagoda.entrypoints.openai.server, pagoda.engine.core_proc; print('triton' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert imported.stdout.split()[-1] == "False"

@@ -29,6 +29,12 @@ from pagoda.quantization.gguf import GGUFInt4LinearMethod
 from tests.test_gguf import TinyModel, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache_dir(tmp_path, monkeypatch):
+    """GGUF files run kept quantized write their cache entry (loader/gguf_cache.py) here, not in ~/.cache."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))
 INT4 = ["Q4_0", "Q4_1", "Q4_K"]
 # (N, K): SmolLM2-135M's k/v, gate/up and down projections; Llama-8B-like widths.
 SHAPES = [(192, 576), (1536, 576), (576, 1536), (256, 4096)]

@@ -13,7 +13,11 @@ import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.loader import gguf_cache
-from pagoda.loader.gguf_loader import gguf_quantization_config, iter_gguf_weights, load_gguf_config
+from pagoda.loader.gguf_loader import (
+    gguf_quantization_config,
+    iter_gguf_weights,
+    load_gguf_config,
+)
 from tests.test_gguf import TinyModel, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType

@@ -15,7 +15,10 @@ import torch
 from pagoda.attention.backend import AttentionBackend
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
-from pagoda.loader.gguf_cache import cached_gguf_quantization_config, cached_gguf_weights
+from pagoda.loader.gguf_cache import (
+    cached_gguf_quantization_config,
+    cached_gguf_weights,
+)
 from pagoda.loader.gguf_loader import (
     iter_gguf_weights,
     load_gguf_config,

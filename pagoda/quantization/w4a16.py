@@ -35,8 +35,8 @@ def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None)
     (the CPU entry point other 4-bit formats reuse)."""
     rows = x.reshape(-1, x.shape[-1])
     args = (w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
-    if x.is_cuda:
-        from pagoda.kernels.w4a16_gemm import w4a16_gemm  # Triton: imported where it runs
+    if x.is_cuda:  # Triton, imported where it runs
+        from pagoda.kernels.w4a16_gemm import w4a16_gemm
 
         out = w4a16_gemm(rows, *args)
     else:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 from pagoda.kernels.elementwise import fp8_quantize_rows
-from pagoda.kernels.w4a16_gemm import pack_int4, w4_dequantize, w4a16_gemm
+from pagoda.kernels.w4a16_gemm import w4_dequantize, w4a16_gemm
+from pagoda.kernels.w4a16_layout import pack_int4
 from pagoda.quantization.fp8 import FP8, quantize_fp8_rows, scaled_mm
 from pagoda.quantization.w4a16 import PackedW4, to_tinygemm
 

@@ -1,6 +1,7 @@
 """Resident memory of `pagoda serve` on the default model after a few requests: start it from the
 source tree TREE (PYTHONPATH), wait for /health, send 8 greedy chat requests of 64 tokens one at
-a time, then print each process's RSS (front end, engine core and its helper) as JSON.
+a time, then 16 at once (the 16-stream benchmark's load), then print each process's RSS (front
+end, engine core and its helper) as JSON, right after the last answer and IDLE_S seconds later.
 
     python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
 """
@@ -13,9 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
+IDLE_S = 3  # the engine core gives freed memory back after a second idle
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity in one sentence.",
            "List three colours."]
 
@@ -24,6 +27,17 @@ def post(port: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(request, timeout=600).read())
+
+
+def chat(port: str, prompt: str) -> dict:
+    return post(port, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 64, "temperature": 0,
+                                               "messages": [{"role": "user", "content": prompt}]})
+
+
+def tree_rss_mb(pid: int) -> dict[str, int]:
+    root = psutil.Process(pid)
+    return {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20
+            for p in [root, *root.children(recursive=True)]}
 
 
 def wait_ready(port: str, server: subprocess.Popen) -> None:
@@ -47,13 +61,15 @@ def main() -> None:
         wait_ready(port, server)
         ready_s = time.time() - started
         for prompt in PROMPTS * 2:
-            post(port, "/v1/chat/completions", {"model": "SmolLM2-135M-Instruct", "max_tokens": 64, "temperature": 0,
-                                                "messages": [{"role": "user", "content": prompt}]})
-        root = psutil.Process(server.pid)
-        rss = {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20
-               for p in [root, *root.children(recursive=True)]}
-        print(json.dumps({"tree": tree, "flags": flags, "ready_s": round(ready_s, 1), "rss_mb": rss,
-                          "total_mb": sum(rss.values())}, indent=1))
+            chat(port, prompt)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda prompt: chat(port, prompt), PROMPTS * 4))
+        busy = tree_rss_mb(server.pid)
+        time.sleep(IDLE_S)
+        rest = tree_rss_mb(server.pid)
+        print(json.dumps({"tree": tree, "flags": flags, "ready_s": round(ready_s, 1), "rss_mb": busy,
+                          "total_mb": sum(busy.values()), f"rss_mb_{IDLE_S}s_later": rest,
+                          f"total_mb_{IDLE_S}s_later": sum(rest.values())}, indent=1))
     finally:
         server.terminate()
         server.wait(60)

@@ -29,6 +29,12 @@ from pagoda.quantization.gguf import GGUFInt4LinearMethod
 from tests.test_gguf import TinyModel, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache_dir(tmp_path, monkeypatch):
+    """GGUF files run kept quantized write their cache entry (loader/gguf_cache.py) here, not in ~/.cache."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))
 INT4 = ["Q4_0", "Q4_1", "Q4_K"]
 # (N, K): SmolLM2-135M's k/v, gate/up and down projections; Llama-8B-like widths.
 SHAPES = [(192, 576), (1536, 576), (576, 1536), (256, 4096)]
@@ -199,9 +205,9 @@ def _default_model_outputs(**engine_args) -> list:
 
 @pytest.mark.slow
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
-    """quantization='gguf': weights from the shipped Q4_1 GGUF, kept quantized; by default: the
+    """By default: weights from the shipped Q4_1 GGUF, kept quantized; load_format='safetensors': the
     float32 conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
-    quantized, dense = _default_model_outputs(quantization="gguf"), _default_model_outputs()
+    quantized, dense = _default_model_outputs(), _default_model_outputs(load_format="safetensors")
     for ours, reference in zip(quantized, dense):
         assert_same_greedy(ours, reference)

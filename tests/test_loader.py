@@ -202,11 +202,12 @@ def test_missing_model_error_says_where_it_looked(loader_hf_cache: Path, name: s
 def test_resolve_none_is_the_default_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(default_model, "default_model_dir", lambda: tmp_path)
     shipped = default_model.default_gguf_path()
-    # The converted directory, its float32 weights...
-    assert resolve_model(None) == ResolvedModel(tmp_path, None, DEFAULT_MODEL)
-    # ...or, kept quantized (--quantization gguf), the weights from the shipped GGUF file.
-    assert resolve_model(None, "auto", "gguf") == ResolvedModel(tmp_path, None, DEFAULT_MODEL, gguf_weights_file=shipped)
-    assert resolve_model(None, "safetensors", "gguf") == ResolvedModel(tmp_path, None, DEFAULT_MODEL)
+    # Config and tokenizer from the converted directory, the weights kept quantized from the shipped GGUF file...
+    quantized = ResolvedModel(tmp_path, None, DEFAULT_MODEL, gguf_weights_file=shipped)
+    assert resolve_model(None) == resolve_model(None, "auto", "gguf") == quantized
+    # ...or the converted directory's float32 weights (--load-format safetensors), also under another quantization.
+    assert resolve_model(None, "safetensors") == ResolvedModel(tmp_path, None, DEFAULT_MODEL)
+    assert resolve_model(None, "auto", "fp8") == ResolvedModel(tmp_path, None, DEFAULT_MODEL)
     gguf = resolve_model(None, "gguf")  # the shipped file itself, e.g. for llama.cpp
     assert gguf.gguf_file is not None and gguf.gguf_file.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 

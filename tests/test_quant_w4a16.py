@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import dequantize
+from pagoda.kernels.w4a16_layout import dequantize
 from pagoda.layers.linear import Shard, UnquantizedLinearMethod
 from pagoda.quantization import QUANTIZATION_METHODS, get_quantization_config
 from pagoda.quantization.awq import AWQConfig, AWQLinearMethod

@@ -12,16 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.w4a16_gemm import (
-    GemmConfig,
-    choose_config,
-    dequantize,
-    pack_int4,
-    unpack_int4,
-    w4a16_gemm,
-    w4a16_gemm_reference,
-    w4_dequantize,
-)
+from pagoda.kernels.w4a16_gemm import GemmConfig, choose_config, w4_dequantize, w4a16_gemm
+from pagoda.kernels.w4a16_layout import dequantize, pack_int4, unpack_int4, w4a16_gemm_reference
 from pagoda.quantization.w4a16 import (
     DEQUANTIZE_MIN_ROWS,
     TINYGEMM_MAX_ROWS,

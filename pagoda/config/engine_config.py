@@ -101,8 +101,11 @@ class EngineConfig:
     quantization: str | None = _knob(
         None, "weight quantization: fp8 (an fp16/bf16 checkpoint quantized at load, or an fp8 checkpoint) or "
         "compressed-tensors, awq, gptq, gguf (a GGUF model's quantized weights kept quantized on the CPU); default: the "
-        "checkpoint's quantization_config.quant_method, if any, and gguf for a GGUF model", aliases=("-q",))
-    load_format: str = _knob("auto", "how to read the weights (dummy: random, for benchmarks)", choices=LOAD_FORMATS)
+        "checkpoint's quantization_config.quant_method, if any, and gguf for a GGUF model and the default model",
+        aliases=("-q",))
+    load_format: str = _knob(
+        "auto", "how to read the weights (dummy: random, for benchmarks; safetensors: the default model's float32 "
+        "conversion instead of its GGUF weights kept quantized)", choices=LOAD_FORMATS)
     device: str = _knob("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
     skip_tokenizer_init: bool = _knob(False, "load no tokenizer: prompts must be token ids, outputs carry no text",
                                       action="store_true")

@@ -5,7 +5,8 @@ strings and gathers n>1 requests (it aborts a request a stop string ended).
 
 Messages are the typed structs of messages.py: EngineCoreRequest, AbortRequests and Stop in;
 Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs out. The core
-blocks on its input while it has no work, and exits when told to stop or when its parent process
+blocks on its input while it has no work (after a second of it, it hands the memory its steps
+freed back to the OS), and exits when told to stop or when its parent process
 is gone. A failed step aborts every request and the core goes on, unless a rank has died
 (ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too."""
 
@@ -37,6 +38,7 @@ from pagoda.engine.messages import (
 from pagoda.executor.base import ExecutorDeadError
 from pagoda.executor.multiproc import START_METHOD_ENV
 from pagoda.exit_now import exit_now
+from pagoda.free_memory import release_free_memory
 from pagoda.logger import log_to_stderr
 from pagoda.process_time import seconds_since_process_start
 
@@ -102,12 +104,16 @@ class _CoreLoop:
 
     def _handle_inputs(self, block: bool) -> bool:
         """Apply waiting messages (waiting for one if block); False once told to stop."""
+        trimmed = False
         while True:
             if not self.inputs.poll(_PARENT_CHECK_MS if block else 0):
                 if not block:
                     return True
                 if os.getppid() != self.parent:
                     return False
+                if not trimmed:  # idle for a while: what the last steps freed goes back to the OS
+                    release_free_memory()
+                    trimmed = True
                 continue
             message = decode_to_core(self.inputs.recv())
             if isinstance(message, Stop):

@@ -8,12 +8,12 @@ import fcntl
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 from pagoda.loader.atomic_dir import PARTIAL_DIR_MARK, directory_problem
+from pagoda.loader.cache_dir import pagoda_cache_dir
 from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir
 from pagoda.loader.weights import open_safetensors
 
@@ -52,7 +52,7 @@ def default_model_dir() -> Path:
     them; the conversion's log line names them so they can be deleted.
     """
     gguf_path = default_gguf_path()
-    target = _cache_root() / "models" / f"{DEFAULT_MODEL}-{_cache_key(gguf_path)}"
+    target = pagoda_cache_dir() / "models" / f"{DEFAULT_MODEL}-{_cache_key(gguf_path)}"
     if _cache_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +93,6 @@ def _cache_problem(target: Path) -> str | None:
             return None
     except ValueError as error:
         return str(error)
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("PAGODA_CACHE_DIR") or Path.home() / ".cache" / "pagoda").expanduser()
 
 
 def _cache_key(gguf_path: Path) -> str:

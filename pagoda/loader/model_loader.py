@@ -15,8 +15,11 @@ import torch
 from pagoda.attention.backend import AttentionBackend
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
+from pagoda.loader.gguf_cache import (
+    cached_gguf_quantization_config,
+    cached_gguf_weights,
+)
 from pagoda.loader.gguf_loader import (
-    gguf_quantization_config,
     iter_gguf_weights,
     load_gguf_config,
     load_gguf_eos_token_ids,
@@ -164,11 +167,13 @@ def _iter_weights(
     resolved: ResolvedModel, spec: ModelSpec, quant_config: QuantizationConfig | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     if resolved.weights_gguf is not None:
-        if isinstance(quant_config, GGUFConfig):
-            return iter_gguf_weights(
+        if not isinstance(quant_config, GGUFConfig):
+            return iter_gguf_weights(resolved.weights_gguf, spec.hf_config)
+        if quant_config.kept_modules:  # the CPU's quantized path, whose unpacked blocks are cached
+            return cached_gguf_weights(
                 resolved.weights_gguf, spec.hf_config, quant_config.kept_modules, quant_config.tensor_names
             )
-        return iter_gguf_weights(resolved.weights_gguf, spec.hf_config)
+        return iter_gguf_weights(resolved.weights_gguf, spec.hf_config, (), quant_config.tensor_names)
     return iter_checkpoint_weights(resolved.model_dir)
 
 
@@ -176,7 +181,7 @@ def gguf_checkpoint_quantization(resolved: ResolvedModel, spec: ModelSpec) -> di
     """The quantization_config of a model whose weights come from a GGUF file (None otherwise)."""
     if resolved.weights_gguf is None:
         return None
-    return gguf_quantization_config(resolved.weights_gguf, spec.hf_config)
+    return cached_gguf_quantization_config(resolved.weights_gguf, spec.hf_config)
 
 
 def iter_dummy_weights(

@@ -25,7 +25,7 @@ class ResolvedModel:
 def resolve_model(model: str | None, load_format: str = "auto", quantization: str | None = None) -> ResolvedModel:
     """Find `model` on this machine: None is the default model, then a local path, then a Hugging
     Face model id looked up offline in the Hugging Face cache. quantization: the one asked for
-    (the default model runs from its GGUF file, kept quantized, when it is "gguf")."""
+    (the default model runs from its GGUF file, kept quantized, unless another is asked for)."""
     if model is None:
         return _default_model(load_format, quantization)
     path = Path(model).expanduser()
@@ -47,10 +47,10 @@ def _default_model(load_format: str, quantization: str | None) -> ResolvedModel:
     if load_format == "gguf":
         gguf_file = default_gguf_path()
         return ResolvedModel(gguf_file.parent, gguf_file, DEFAULT_MODEL)
-    # With --quantization gguf its weights come from the shipped GGUF file, kept quantized; else
-    # from the converted directory's float32 weights, which start ~3x faster (the GGUF file's
-    # tensor names and types are read at every start: to cache) and run ~2x slower at one stream.
-    weights = default_gguf_path() if load_format == "auto" and quantization == "gguf" else None
+    # Its weights come from the shipped GGUF file, kept quantized on the CPU (the GGUF method, as
+    # for any GGUF model); load_format='safetensors' (or another quantization) reads the converted
+    # directory's float32 weights instead.
+    weights = default_gguf_path() if load_format == "auto" and quantization in (None, "gguf") else None
     return ResolvedModel(default_model_dir(), None, DEFAULT_MODEL, gguf_weights_file=weights)
 
 

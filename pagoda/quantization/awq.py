@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import PACK, pack_int4, unpack_int4
+from pagoda.kernels.w4a16_layout import PACK, pack_int4, unpack_int4
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, sliced_param
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.w4a16 import (

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import PACK, unpack_int4
+from pagoda.kernels.w4a16_layout import PACK, unpack_int4
 from pagoda.layers.linear import LinearMethod, sliced_param
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.w4a16 import (

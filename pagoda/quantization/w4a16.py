@@ -1,6 +1,6 @@
 """4-bit weight-only linear layers (W4A16), shared by every 4-bit format: each format's method
 registers its checkpoint tensors and repacks them, after loading, into the one packed layout the
-Triton kernel reads (pagoda/kernels/w4a16_gemm.py). On CUDA a few rows (decode) go through torch's
+Triton kernel reads (pagoda/kernels/w4a16_layout.py). On CUDA a few rows (decode) go through torch's
 own int4 GEMM (tinygemm, the one gpt-fast uses) where the layer fits it, many rows (prefill)
 through cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the
 Triton kernel; the CPU runs the torch reference (dequantize, then matmul).
@@ -17,19 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.kernels.w4a16_gemm import (
-    PACK,
-    unpack_int4,
-    w4a16_gemm,
-    w4a16_gemm_reference,
-    w4_dequantize,
-)
+from pagoda.kernels.w4a16_layout import PACK, unpack_int4, w4a16_gemm_reference
 from pagoda.layers.linear import LinearMethod, sliced_param
 
 
 @dataclass
 class PackedW4:
-    """W in the kernel's layout (see pagoda/kernels/w4a16_gemm.py)."""
+    """W in the kernel's layout (see pagoda/kernels/w4a16_layout.py)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -85,10 +79,13 @@ def w4a16_linear(
         out = w4a16_gemm_reference(rows, *args)
     elif tinygemm is not None and rows.shape[0] <= TINYGEMM_MAX_ROWS:
         out = torch._weight_int4pack_mm(rows.contiguous(), tinygemm.weight, tinygemm.group_size, tinygemm.scales_and_zeros)
-    elif w.g_idx is None and rows.shape[0] >= DEQUANTIZE_MIN_ROWS:
-        out = rows @ w4_dequantize(w.qweight, w.scales, w.zeros, w.group_size)
-    else:
-        out = w4a16_gemm(rows, *args)
+    else:  # Triton, imported where it runs
+        from pagoda.kernels.w4a16_gemm import w4_dequantize, w4a16_gemm
+
+        if w.g_idx is None and rows.shape[0] >= DEQUANTIZE_MIN_ROWS:
+            out = rows @ w4_dequantize(w.qweight, w.scales, w.zeros, w.group_size)
+        else:
+            out = w4a16_gemm(rows, *args)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 

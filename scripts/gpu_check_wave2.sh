@@ -4,6 +4,9 @@
 #                                           # LoRA, vision models, long-prompt attention
 #   bash scripts/gpu_check_wave2.sh bench   # W1 with fp8 weights / fp8 KV / both, AWQ decode and W1,
 #                                           # LoRA W1, structured outputs, a 32k prompt's first token
+#   bash scripts/gpu_check_wave2.sh kernels # every linear path and the LoRA kernels by row count,
+#                                           # speculative verification steps and the draft's cost
+#   bash scripts/gpu_check_wave2.sh vlm     # the Qwen2-VL-7B-shaped serving run beside transformers
 # Packages the device image lacks travel as wheels in .whl/ (see docs/gpu.md); the shapes come
 # from $PAGODA_SHARED_MODELS (default shared/models).
 set -uo pipefail
@@ -15,8 +18,22 @@ python3 scripts/ceilings.py "$OUT/ceilings.txt"  # the floors' rates, measured i
 if [ "${1:-tests}" = tests ]; then
     timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_fp8.py tests/test_quant_compressed_tensors.py \
         tests/test_w4a16_kernel.py tests/test_quant_w4a16.py tests/test_kv_cache_fp8.py tests/test_lora_kernels.py \
-        tests/test_lora.py tests/test_vlm.py tests/test_triton_attention.py 2>&1 | tee "$OUT/wave2_tests.log" \
+        tests/test_lora.py tests/test_vlm.py tests/test_vlm_next.py tests/test_triton_attention.py tests/test_elementwise_kernels.py \
+        tests/test_gpu_spec_decode.py tests/test_spec_eagle3.py tests/test_spec_bench.py tests/test_embed_bert.py 2>&1 | tee "$OUT/wave2_tests.log" \
         | grep -E "passed|failed|^FAILED|Error" | tail -15
+    exit 0
+fi
+
+if [ "${1:-tests}" = kernels ]; then
+    timeout 150 python3 scripts/bench_linear_methods.py --rows 1 4 8 16 64 256 4096
+    timeout 100 python3 scripts/bench_lora_kernels.py ${OLD_LORA_KERNELS:+--old "$OLD_LORA_KERNELS"}  # the file of an older commit
+    timeout 150 python3 scripts/bench_spec_decode.py --model "$MODELS/llama-3.1-8b" --step-times 2>&1 | grep -v INFO
+    timeout 150 python3 scripts/bench_spec_decode.py --model "$MODELS/llama-3.1-8b" --draft-model llama-1b-shape \
+        --alpha 0.7 --batch 1 8 64 --repeats 1 2>&1 | grep -v INFO
+    exit 0
+fi
+if [ "${1:-tests}" = vlm ]; then
+    timeout 500 python3 scripts/bench_vlm_gpu.py 2>&1 | grep -v INFO
     exit 0
 fi
 

@@ -2,9 +2,10 @@
 
 Refused (ValueError, naming the setting and the numbers): a TP size that does not divide the
 attention heads, the MLP width, or an MoE model's expert width (its expert count under expert
-parallelism); more pipeline stages than layers; weights that cannot fit one GPU at this TP x PP
-(the error names the smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle,
-with the split that would use them (TP just large enough to hold the model, DP with the rest).
+parallelism, or TP x DP's when the experts span the data-parallel replicas); more pipeline
+stages than layers; weights that cannot fit one GPU at this TP x PP (the error names the
+smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle, with the split that
+would use them (TP just large enough to hold the model, DP with the rest).
 
 The GPU rules need the GPU count and memory; `detect_gpus` reads them from NVML (or CUDA), or from
 PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB, so that they can be tested, or a machine planned for,
@@ -89,7 +90,8 @@ def check_parallel_layout(
     rules about the model's shape apply. The whole layout, data-parallel copies included, is
     checked once, against the GPUs the front end sees (each core then gets its own)."""
     layout = Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size)
-    problem = _tp_problem(spec, layout.tp, parallel.enable_expert_parallel)
+    ep_size = layout.tp * layout.dp if parallel.experts_span_replicas else layout.tp
+    problem = _tp_problem(spec, layout.tp, parallel.enable_expert_parallel, ep_size)
     if problem:
         raise ValueError(problem)
     layers = spec.num_hidden_layers
@@ -119,7 +121,8 @@ def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype, quant_config: Qua
     return model_class(spec.architecture).weight_bytes(spec, dtype, quant_config)
 
 
-def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str | None:
+def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False, ep_size: int = 0) -> str | None:
+    """ep_size: the ranks the experts are spread over with expert_parallel (default: tp)."""
     """Why the model cannot be split over `tp` ranks; None when it can."""
     heads = spec.num_attention_heads
     if heads % tp:
@@ -134,7 +137,7 @@ def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str 
             "(intermediate_size)"
         )
     if spec.num_experts:
-        problem = _moe_problem(spec, tp, expert_parallel)
+        problem = _moe_problem(spec, tp, expert_parallel, ep_size or tp)
         if problem:
             return problem
     try:
@@ -144,17 +147,19 @@ def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str 
     return None
 
 
-def _moe_problem(spec: ModelSpec, tp: int, expert_parallel: bool) -> str | None:
+def _moe_problem(spec: ModelSpec, tp: int, expert_parallel: bool, ep_size: int) -> str | None:
     if spec.shared_expert_intermediate_size % tp:
         return (
             f"tensor_parallel_size={tp} must divide the model's shared expert width "
             f"{spec.shared_expert_intermediate_size} (shared_expert_intermediate_size)"
         )
     if expert_parallel:
-        if spec.num_experts % tp:
+        if spec.num_experts % ep_size:
+            ranks = f"tensor_parallel_size={tp}" if ep_size == tp else (
+                f"tensor_parallel_size={tp} x data_parallel_size={ep_size // tp} = {ep_size}")
             return (
-                f"tensor_parallel_size={tp} with enable_expert_parallel must divide the model's "
-                f"{spec.num_experts} experts (num_experts)"
+                f"{ranks} with enable_expert_parallel must divide the model's {spec.num_experts} experts "
+                "(num_experts)"
             )
     elif spec.moe_intermediate_size % tp:
         return (

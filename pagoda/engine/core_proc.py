@@ -7,7 +7,10 @@ Messages are the typed structs of messages.py: EngineCoreRequest, AbortRequests 
 Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs out. The core
 blocks on its input while it has no work, and exits when told to stop or when its parent process
 is gone. A failed step aborts every request and the core goes on, unless a rank has died
-(ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too."""
+(ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too.
+
+When the MoE experts span the data-parallel replicas the cores step in lockstep (lockstep.py):
+each runs a step, or a dummy step, whenever any has work."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import zmq
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.engine.core import EngineCore
+from pagoda.engine.lockstep import IDLE_WAIT_MS, ReplicaVote
 from pagoda.engine.messages import (
     Aborted,
     AbortRequests,
@@ -78,7 +82,16 @@ def run_engine_core(
         return
     outputs.send(encode(Ready(core.max_model_len, core.model_name, core.num_kv_blocks)))
     try:
-        _CoreLoop(core, inputs, outputs, parent).run()
+        if config.parallel.experts_span_replicas:
+            parallel = config.parallel
+            logger.info(
+                "replica %d of %d: MoE experts over the %d ranks of the replicas (DP x TP), stepping in lockstep",
+                parallel.data_parallel_rank, parallel.data_parallel_size,
+                parallel.data_parallel_size * parallel.tensor_parallel_size,
+            )
+            _LockstepCoreLoop(core, inputs, outputs, parent, ReplicaVote(parallel)).run()
+        else:
+            _CoreLoop(core, inputs, outputs, parent).run()
     finally:
         core.shutdown()  # its worker processes, told to stop and joined
         context.destroy(linger=1000)
@@ -144,3 +157,34 @@ class _CoreLoop:
 
     def _send(self, message: FromCore) -> None:
         self.outputs.send(encode(message))
+
+
+class _LockstepCoreLoop(_CoreLoop):
+    """The loop of one replica among those whose experts span them: it steps whenever any has work."""
+
+    def __init__(
+        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent: int, vote: ReplicaVote
+    ) -> None:
+        super().__init__(core, inputs, outputs, parent)
+        self.vote = vote
+
+    def run(self) -> None:
+        running = False
+        while True:
+            if not running:
+                self.inputs.poll(IDLE_WAIT_MS)  # wait a little for work before the next vote
+            go_on = self._handle_inputs(block=False) and os.getppid() == self.parent
+            running, stop = self.vote.tally(self.core.has_unfinished_requests(), not go_on)
+            if stop:
+                return
+            if running:
+                self._step_or_dummy()
+
+    def _step_or_dummy(self) -> None:
+        # Asynchronous scheduling is off here (config/resolve.py): a step that computed tokens ran
+        # the model once, and one that computed none ran nothing.
+        if self.core.has_unfinished_requests():
+            self._step()
+            if self.core.num_batched_tokens:
+                return
+        self.core.execute_dummy_batch()

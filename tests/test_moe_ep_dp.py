@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import re
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import openai
@@ -22,7 +25,7 @@ from pagoda.config.resolve import resolve_config
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.layers.moe import SparseMoeBlock
 from pagoda.loader.model_resolver import resolve_model
-from tests.serving import save_tokenizer, serving
+from tests.serving import alive, descendants, engine_core_pid, save_tokenizer, serving
 from tests.tiny_models import save_tiny_model
 
 EXPERTS, HIDDEN, INTER = 8, 16, 12
@@ -111,7 +114,7 @@ def test_data_parallel_replicas_sharing_experts_serve_one_process_greedy_texts(a
     llm.shutdown()
     args = [str(path), "--served-model-name", "m", "--seed", "0", "--data-parallel-size", "2",
             "--enable-expert-parallel", "--tensor-parallel-size", str(tp)]
-    with serving(args, tmp_path / "server.log") as (_, base):
+    with serving(args, tmp_path / "server.log") as (proc, base):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120.0, max_retries=0)
 
         def complete(i: int) -> str:
@@ -122,5 +125,29 @@ def test_data_parallel_replicas_sharing_experts_serve_one_process_greedy_texts(a
             assert list(pool.map(complete, range(len(PROMPTS)))) == expected
         # Once every replica is idle again: a request wakes them all.
         assert complete(0) == expected[0]
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # the cores stop together, told by the front end
+        assert proc.wait(30) == 0
+    _assert_gone(tree)
     log = (tmp_path / "server.log").read_text()
     assert sorted(re.findall(rf"replica (\d) of 2: MoE experts over the {2 * tp} ranks", log)) == ["0", "1"]
+
+
+def test_a_replica_core_that_dies_takes_the_server_and_the_other_core_down(tmp_path):
+    vocab_size = save_tokenizer(tmp_path / "qwen3-moe")
+    path = save_tiny_model("qwen3-moe", tmp_path, vocab_size=vocab_size)
+    args = [str(path), "--served-model-name", "m", "--data-parallel-size", "2", "--enable-expert-parallel"]
+    with serving(args, tmp_path / "server.log") as (proc, _):
+        tree = descendants(proc.pid)
+        os.kill(engine_core_pid(proc.pid), signal.SIGKILL)
+        # The other core, its lockstep peer gone, waits for the front end, which exits as with
+        # any dead core (an abort of the front end would be -6).
+        assert proc.wait(30) == 1
+    _assert_gone(tree)
+
+
+def _assert_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)]

@@ -173,12 +173,23 @@ class _LockstepCoreLoop(_CoreLoop):
         while True:
             if not running:
                 self.inputs.poll(IDLE_WAIT_MS)  # wait a little for work before the next vote
-            go_on = self._handle_inputs(block=False) and os.getppid() == self.parent
-            running, stop = self.vote.tally(self.core.has_unfinished_requests(), not go_on)
-            if stop:
+            told = not (self._handle_inputs(block=False) and os.getppid() == self.parent)
+            try:
+                running, stop = self.vote.tally(self.core.has_unfinished_requests(), told)
+            except RuntimeError:  # gloo's error when a peer's connection breaks
+                logger.error("the engine core of another data-parallel replica is gone: this one steps no more")
+                running, stop = False, True
+            if told:
                 return
+            if stop:
+                break
             if running:
                 self._step_or_dummy()
+        # Another core stopped first: this one ends when the front end, which sees that, says so
+        # (or is gone), as a core on its own would; one ending unasked could block the front end's
+        # last send to it.
+        while self._handle_inputs(block=True):
+            pass
 
     def _step_or_dummy(self) -> None:
         # Asynchronous scheduling is off here (config/resolve.py): a step that computed tokens ran

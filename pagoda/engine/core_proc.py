@@ -10,7 +10,8 @@ is gone. A failed step aborts every request and the core goes on, unless a rank 
 (ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too.
 
 When the MoE experts span the data-parallel replicas the cores step in lockstep (lockstep.py):
-each runs a step, or a dummy step, whenever any has work."""
+each runs a step, or a dummy step, whenever any has work; a failed step ends the core, since the
+other replicas may be waiting inside its MoE exchange."""
 
 from __future__ import annotations
 
@@ -190,6 +191,13 @@ class _LockstepCoreLoop(_CoreLoop):
         # last send to it.
         while self._handle_inputs(block=True):
             pass
+
+    def _step(self) -> None:
+        # Not caught, unlike a core on its own: a step that failed may have left the other
+        # replicas inside an MoE layer's exchange, which no later step of this core would match.
+        # The core ends, and the front end with it.
+        outputs = self.core.step()
+        self._send(Outputs(outputs, self.core.scheduler.stats(), self.core.num_batched_tokens))
 
     def _step_or_dummy(self) -> None:
         # Asynchronous scheduling is off here (config/resolve.py): a step that computed tokens ran

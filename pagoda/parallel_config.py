@@ -4,7 +4,7 @@ Refused (ValueError, naming the setting and the numbers): a TP size that does no
 attention heads, the MLP width, or an MoE model's expert width (its expert count under expert
 parallelism, or TP x DP's when the experts span the data-parallel replicas); more pipeline
 stages than layers; weights that cannot fit one GPU at this TP x PP (the error names the
-smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle, with the split that
+smallest TP that fits; experts spanning the replicas count 1 / DP a replica); more GPUs than are visible. Warned: GPUs left idle, with the split that
 would use them (TP just large enough to hold the model, DP with the rest).
 
 The GPU rules need the GPU count and memory; `detect_gpus` reads them from NVML (or CUDA), or from
@@ -22,7 +22,9 @@ import torch
 from pagoda.config.groups import ParallelConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.distributed.partition import kv_head_shard
+from pagoda.layers.moe import FusedMoE
 from pagoda.models import model_class
+from pagoda.models.llama import is_sparse_layer
 from pagoda.quantization.base import QuantizationConfig
 
 logger = logging.getLogger("pagoda")
@@ -104,6 +106,8 @@ def check_parallel_layout(
         return
     room = gpu_memory_utilization * gpus.memory_bytes
     weights = estimate_weight_bytes(spec, dtype, quant_config)
+    if parallel.experts_span_replicas:  # what one replica holds: 1 / DP of the routed experts
+        weights -= _routed_expert_bytes(spec, dtype) * (layout.dp - 1) // layout.dp
     if weights / (layout.tp * layout.pp) > room:
         raise ValueError(_does_not_fit(spec, weights, room, layout, gpu_memory_utilization, gpus))
     if layout.gpus > gpus.count:
@@ -119,6 +123,13 @@ def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype, quant_config: Qua
     """Bytes of the weights, as the model's class counts them from its spec (quantized ones as
     `quant_config` holds them)."""
     return model_class(spec.architecture).weight_bytes(spec, dtype, quant_config)
+
+
+def _routed_expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of the routed experts of every sparse layer (held unquantized: layers/moe.py)."""
+    sparse_layers = sum(is_sparse_layer(spec, i) for i in range(spec.num_hidden_layers))
+    per_layer = FusedMoE.num_parameters(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size)
+    return sparse_layers * per_layer * dtype.itemsize
 
 
 def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False, ep_size: int = 0) -> str | None:
@@ -182,7 +193,7 @@ def _does_not_fit(
 ) -> str:
     per_gpu = weights / (layout.tp * layout.pp)
     message = (
-        f"the model's weights take {weights / _GIB:.1f} GiB; over tensor_parallel_size={layout.tp} x "
+        f"the weights of one copy of the model take {weights / _GIB:.1f} GiB; over tensor_parallel_size={layout.tp} x "
         f"pipeline_parallel_size={layout.pp} that is {per_gpu / _GIB:.1f} GiB a GPU, more than "
         f"gpu_memory_utilization={utilization} x {gpus.memory_bytes / _GIB:.1f} GiB = {room / _GIB:.1f} GiB"
     )

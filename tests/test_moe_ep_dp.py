@@ -21,11 +21,14 @@ import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineConfig
-from pagoda.config.resolve import resolve_config
+from pagoda.config.groups import ParallelConfig
+from pagoda.config.resolve import model_spec, resolve_config
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.layers.moe import SparseMoeBlock
 from pagoda.loader.model_resolver import resolve_model
+from pagoda.parallel_config import GpuInventory, check_parallel_layout
 from tests.serving import alive, descendants, engine_core_pid, save_tokenizer, serving
+from tests.test_moe import MIXTRAL_8X7B
 from tests.tiny_models import save_tiny_model
 
 EXPERTS, HIDDEN, INTER = 8, 16, 12
@@ -97,6 +100,20 @@ def test_only_an_moe_model_spreads_its_experts_over_the_replicas(tmp_path):
         _resolved(moe, data_parallel_size=4, enable_expert_parallel=True)
     with pytest.raises(ValueError, match=r"async_scheduling=True with data_parallel_size > 1"):
         _resolved(moe, data_parallel_size=2, enable_expert_parallel=True, async_scheduling=True)
+
+
+def test_a_replica_needs_room_for_its_share_of_the_experts_only():
+    config_cls, fields, _ = MIXTRAL_8X7B  # 87 GiB in bf16, of which 84 GiB of routed experts
+    spec = model_spec(config_cls(**fields), load_format="auto")
+    gpus = GpuInventory(count=2, memory_bytes=80 << 30)
+
+    def check(expert_parallel: bool) -> None:
+        parallel = ParallelConfig(1, 1, 2, expert_parallel, experts_span_replicas=expert_parallel)
+        check_parallel_layout(parallel, spec, torch.bfloat16, 0.9, gpus)
+
+    check(expert_parallel=True)  # 3 + 84 / 2 GiB a GPU
+    with pytest.raises(ValueError, match=r"one copy of the model take 87.0 GiB"):
+        check(expert_parallel=False)
 
 
 PROMPTS = ["a", "experts over replicas", "lockstep", "the longest prompt of the batch, by some way"]

@@ -4,8 +4,9 @@ Refused (ValueError, naming the setting and the numbers): a TP size that does no
 attention heads, the MLP width, or an MoE model's expert width (its expert count under expert
 parallelism, or TP x DP's when the experts span the data-parallel replicas); more pipeline
 stages than layers; weights that cannot fit one GPU at this TP x PP (the error names the
-smallest TP that fits; experts spanning the replicas count 1 / DP a replica); more GPUs than are visible. Warned: GPUs left idle, with the split that
-would use them (TP just large enough to hold the model, DP with the rest).
+smallest TP that fits; experts spanning the replicas count 1 / DP a replica); more GPUs than are
+visible. Warned: GPUs left idle, with the split that would use them (TP just large enough to hold
+the model, DP with the rest).
 
 The GPU rules need the GPU count and memory; `detect_gpus` reads them from NVML (or CUDA), or from
 PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB, so that they can be tested, or a machine planned for,

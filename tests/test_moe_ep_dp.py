@@ -2,7 +2,8 @@
 --enable-expert-parallel): the experts of each MoE layer spread over every replica's ranks, whose
 token rows meet in each layer (gloo, on the CPU); a replica with no rows (a dummy step) still
 takes part. Served with DP=2 (and DP=2 x TP=2): the engine cores step in lockstep, one replica
-idle for many steps, and the greedy texts equal one process's. A dense model's replicas stay independent, as vLLM's."""
+idle for many steps, and the greedy texts equal one process's. The layer's exchange over NCCL
+runs where two GPUs are visible (marked gpu). A dense model's replicas stay independent, as vLLM's."""
 
 from __future__ import annotations
 
@@ -46,15 +47,21 @@ def _block() -> SparseMoeBlock:
     return block
 
 
-def _replica_rank(rank: int, tp: int, dp_rank: int, init_method: str, results: multiprocessing.Queue) -> None:
+def _replica_rank(
+    rank: int, tp: int, dp_rank: int, init_method: str, device: str, results: multiprocessing.Queue
+) -> None:
     whole = _block()  # before joining: one process holds every expert
-    init_parallel(rank, tp, 1, init_method, "gloo", enable_expert_parallel=True, dp_size=2, dp_rank=dp_rank)
+    backend = "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(dp_rank * tp + rank)
+        backend = "nccl"
+    init_parallel(rank, tp, 1, init_method, backend, enable_expert_parallel=True, dp_size=2, dp_rank=dp_rank)
     try:
-        shard = _block()
+        shard = _block().to(device)
         errors = []
         for step, rows in enumerate(ROWS[dp_rank]):
             x = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(10 * step + dp_rank))
-            got = shard(x)
+            got = shard(x.to(device)).cpu()
             if got.shape != x.shape or not torch.allclose(got, whole(x), rtol=1e-5, atol=1e-5):
                 errors.append(f"step {step}: {got.shape} differs from the whole layer's")
         results.put((dp_rank * tp + rank, tuple(shard.experts.w13.shape), errors))
@@ -62,13 +69,17 @@ def _replica_rank(rank: int, tp: int, dp_rank: int, init_method: str, results: m
         destroy_parallel()
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "dp2xtp2"])
-def test_experts_spread_over_the_replicas_and_their_rows_meet(tp):
+@pytest.mark.parametrize("tp,device", [
+    (1, "cpu"), (2, "cpu"),
+    pytest.param(1, "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                        reason="needs 2 CUDA GPUs")]),
+], ids=["dp2", "dp2xtp2", "dp2-nccl"])
+def test_experts_spread_over_the_replicas_and_their_rows_meet(tp, device):
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory() as store:
         init_method = (Path(store) / "ranks").as_uri()
-        procs = [context.Process(target=_replica_rank, args=(rank, tp, dp_rank, init_method, results))
+        procs = [context.Process(target=_replica_rank, args=(rank, tp, dp_rank, init_method, device, results))
                  for dp_rank in range(2) for rank in range(tp)]
         for p in procs:
             p.start()

@@ -3,7 +3,9 @@
 token rows meet in each layer (gloo, on the CPU); a replica with no rows (a dummy step) still
 takes part. Served with DP=2 (and DP=2 x TP=2): the engine cores step in lockstep, one replica
 idle for many steps, and the greedy texts equal one process's. The layer's exchange over NCCL
-runs where two GPUs are visible (marked gpu). A dense model's replicas stay independent, as vLLM's."""
+runs where two GPUs are visible (marked gpu). SIGTERM stops the cores together; a core that dies
+takes the server and its peer down. A dense model's replicas stay independent, as vLLM's; a GPU
+needs room for its replica's share of the experts only."""
 
 from __future__ import annotations
 

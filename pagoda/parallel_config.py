@@ -2,9 +2,11 @@
 
 Refused (ValueError, naming the setting and the numbers): a TP size that does not divide the
 attention heads, the MLP width, or an MoE model's expert width (its expert count under expert
-parallelism); more pipeline stages than layers; weights that cannot fit one GPU at this TP x PP
-(the error names the smallest TP that fits); more GPUs than are visible. Warned: GPUs left idle,
-with the split that would use them (TP just large enough to hold the model, DP with the rest).
+parallelism, or TP x DP's when the experts span the data-parallel replicas); more pipeline
+stages than layers; weights that cannot fit one GPU at this TP x PP (the error names the
+smallest TP that fits; experts spanning the replicas count 1 / DP a replica); more GPUs than are
+visible. Warned: GPUs left idle, with the split that would use them (TP just large enough to hold
+the model, DP with the rest).
 
 The GPU rules need the GPU count and memory; `detect_gpus` reads them from NVML (or CUDA), or from
 PAGODA_NUM_GPUS and PAGODA_GPU_MEMORY_GIB, so that they can be tested, or a machine planned for,
@@ -21,7 +23,9 @@ import torch
 from pagoda.config.groups import ParallelConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.distributed.partition import kv_head_shard
+from pagoda.layers.moe import FusedMoE
 from pagoda.models import model_class
+from pagoda.models.llama import is_sparse_layer
 from pagoda.quantization.base import QuantizationConfig
 
 logger = logging.getLogger("pagoda")
@@ -89,7 +93,8 @@ def check_parallel_layout(
     rules about the model's shape apply. The whole layout, data-parallel copies included, is
     checked once, against the GPUs the front end sees (each core then gets its own)."""
     layout = Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size)
-    problem = _tp_problem(spec, layout.tp, parallel.enable_expert_parallel)
+    ep_size = layout.tp * layout.dp if parallel.experts_span_replicas else layout.tp
+    problem = _tp_problem(spec, layout.tp, parallel.enable_expert_parallel, ep_size)
     if problem:
         raise ValueError(problem)
     layers = spec.num_hidden_layers
@@ -102,6 +107,8 @@ def check_parallel_layout(
         return
     room = gpu_memory_utilization * gpus.memory_bytes
     weights = estimate_weight_bytes(spec, dtype, quant_config)
+    if parallel.experts_span_replicas:  # what one replica holds: 1 / DP of the routed experts
+        weights -= _routed_expert_bytes(spec, dtype) * (layout.dp - 1) // layout.dp
     if weights / (layout.tp * layout.pp) > room:
         raise ValueError(_does_not_fit(spec, weights, room, layout, gpu_memory_utilization, gpus))
     if layout.gpus > gpus.count:
@@ -119,7 +126,15 @@ def estimate_weight_bytes(spec: ModelSpec, dtype: torch.dtype, quant_config: Qua
     return model_class(spec.architecture).weight_bytes(spec, dtype, quant_config)
 
 
-def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str | None:
+def _routed_expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of the routed experts of every sparse layer (held unquantized: layers/moe.py)."""
+    sparse_layers = sum(is_sparse_layer(spec, i) for i in range(spec.num_hidden_layers))
+    per_layer = FusedMoE.num_parameters(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size)
+    return sparse_layers * per_layer * dtype.itemsize
+
+
+def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False, ep_size: int = 0) -> str | None:
+    """ep_size: the ranks the experts are spread over with expert_parallel (default: tp)."""
     """Why the model cannot be split over `tp` ranks; None when it can."""
     heads = spec.num_attention_heads
     if heads % tp:
@@ -134,7 +149,7 @@ def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str 
             "(intermediate_size)"
         )
     if spec.num_experts:
-        problem = _moe_problem(spec, tp, expert_parallel)
+        problem = _moe_problem(spec, tp, expert_parallel, ep_size or tp)
         if problem:
             return problem
     try:
@@ -144,17 +159,19 @@ def _tp_problem(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> str 
     return None
 
 
-def _moe_problem(spec: ModelSpec, tp: int, expert_parallel: bool) -> str | None:
+def _moe_problem(spec: ModelSpec, tp: int, expert_parallel: bool, ep_size: int) -> str | None:
     if spec.shared_expert_intermediate_size % tp:
         return (
             f"tensor_parallel_size={tp} must divide the model's shared expert width "
             f"{spec.shared_expert_intermediate_size} (shared_expert_intermediate_size)"
         )
     if expert_parallel:
-        if spec.num_experts % tp:
+        if spec.num_experts % ep_size:
+            ranks = f"tensor_parallel_size={tp}" if ep_size == tp else (
+                f"tensor_parallel_size={tp} x data_parallel_size={ep_size // tp} = {ep_size}")
             return (
-                f"tensor_parallel_size={tp} with enable_expert_parallel must divide the model's "
-                f"{spec.num_experts} experts (num_experts)"
+                f"{ranks} with enable_expert_parallel must divide the model's {spec.num_experts} experts "
+                "(num_experts)"
             )
     elif spec.moe_intermediate_size % tp:
         return (
@@ -177,7 +194,7 @@ def _does_not_fit(
 ) -> str:
     per_gpu = weights / (layout.tp * layout.pp)
     message = (
-        f"the model's weights take {weights / _GIB:.1f} GiB; over tensor_parallel_size={layout.tp} x "
+        f"the weights of one copy of the model take {weights / _GIB:.1f} GiB; over tensor_parallel_size={layout.tp} x "
         f"pipeline_parallel_size={layout.pp} that is {per_gpu / _GIB:.1f} GiB a GPU, more than "
         f"gpu_memory_utilization={utilization} x {gpus.memory_bytes / _GIB:.1f} GiB = {room / _GIB:.1f} GiB"
     )

@@ -66,8 +66,8 @@ def test_the_shards_of_two_ranks_sum_to_the_whole_layer(expert_parallel, monkeyp
     x, logits = torch.randn(9, hidden, generator=g), torch.randn(9, experts, generator=g)
 
     def layer(rank: int, size: int) -> FusedMoE:
-        for module in (moe, linear):
-            monkeypatch.setattr(module, "tp_group", lambda: GroupInfo(rank, size))
+        monkeypatch.setattr(linear, "tp_group", lambda: GroupInfo(rank, size))
+        monkeypatch.setattr(moe, "ep_group", lambda: GroupInfo(rank, size))
         monkeypatch.setattr(moe, "expert_parallel", lambda: expert_parallel)
         built = FusedMoE(experts, 2, hidden, inter, "silu", renormalize=True)
         built.load_weight("gate_up_proj", gate_up)

@@ -127,8 +127,9 @@ class EngineConfig:
     data_parallel_size: int = _knob(1, "engine cores behind this server, each on its own tensor x pipeline GPUs",
                                     aliases=("-dp",))
     enable_expert_parallel: bool = _knob(
-        False, "MoE layers: whole experts on each rank of the tensor-parallel group (expert parallelism) "
-        "instead of a slice of every expert", action="store_true")
+        False, "MoE layers: whole experts on each rank (expert parallelism) instead of a slice of every expert: the "
+        "ranks of the tensor-parallel group, or with --data-parallel-size those of every replica, which then step "
+        "in lockstep", action="store_true")
     distributed_executor_backend: str = _knob(
         "mp", "how the ranks run: mp (one worker process per rank on this host) or ray (one Ray actor per rank, "
         "on any node of the Ray cluster this attaches to or starts; pip install pagoda[ray])",

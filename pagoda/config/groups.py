@@ -54,10 +54,18 @@ class ParallelConfig:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     data_parallel_size: int  # engine cores, each with its own tensor x pipeline ranks
-    # MoE layers place whole experts on the TP group's ranks; each data-parallel core holds all.
+    # MoE layers place whole experts on ranks: the TP group's, or with several data-parallel
+    # cores of an MoE model the ranks of every core (experts_span_replicas).
     enable_expert_parallel: bool = False
     # mp: worker processes on this host, rank r on cuda:r; ray: Ray actors, each seeing one GPU.
     distributed_executor_backend: str = "mp"
+    # An MoE model's experts spread over the ranks of all data_parallel_size cores, which then
+    # step in lockstep (engine/lockstep.py); set by config/resolve.py.
+    experts_span_replicas: bool = False
+    # This core's replica, and the directory where the replicas' ranks meet (set per core by
+    # engine/core_group.py when the experts span the replicas).
+    data_parallel_rank: int = 0
+    data_parallel_rendezvous: str = ""
 
     @property
     def world_size(self) -> int:

@@ -70,6 +70,8 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
                          "speculative_config's model (method 'eagle3') with its target as the model")
     _check_block_size(args.block_size, device)
     parallel = _parallel_config(args, model, device)
+    if parallel.experts_span_replicas:
+        _check_experts_span_replicas(parallel, speculative)
     if speculative is not None and speculative.method in MODEL_METHODS:
         _check_proposer_placement(speculative, parallel)
     if speculative is not None and speculative.method in ("draft_model", *EAGLE_METHODS):
@@ -97,7 +99,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             max_loras=args.max_loras if args.enable_lora else 0, pooling=model.pooler is not None,
         ),
         parallel=parallel,
-        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device)),
+        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device, parallel)),
         speculative=speculative,
         lora=_lora_config(args),
     )
@@ -234,6 +236,10 @@ def _parallel_config(args: EngineConfig, model: ModelConfig, device: torch.devic
     parallel = ParallelConfig(
         args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size, args.enable_expert_parallel,
         args.distributed_executor_backend,
+        # vLLM's rule: a dense model's replicas stay independent, the flag meaning nothing to them.
+        experts_span_replicas=(
+            args.data_parallel_size > 1 and args.enable_expert_parallel and bool(model.spec.num_experts)
+        ),
     )
     _check_fallback_parallel(model.spec, parallel)
     # Ray's ranks use the cluster's GPUs, not this host's: its placement group checks that they exist.
@@ -351,6 +357,20 @@ def _log_model_impl(spec: ModelSpec, model_impl: str) -> None:
         logger.info("model implementation: pagoda (native %s; model_impl=%s)", spec.architecture, model_impl)
 
 
+def _check_experts_span_replicas(parallel: ParallelConfig, speculative: SpeculativeConfig | None) -> None:
+    """What the replicas' lockstep (engine/lockstep.py) does not support yet."""
+    if parallel.distributed_executor_backend != "mp":
+        raise ValueError(
+            f"distributed_executor_backend={parallel.distributed_executor_backend!r} with data_parallel_size="
+            f"{parallel.data_parallel_size} and enable_expert_parallel: experts spanning the replicas need 'mp'"
+        )
+    if speculative is not None:
+        raise ValueError(
+            "speculative_config with data_parallel_size > 1 and enable_expert_parallel is not supported: the "
+            "replicas step in lockstep, one forward pass each"
+        )
+
+
 def _check_fallback_parallel(spec: ModelSpec, parallel: ParallelConfig) -> None:
     if spec.architecture == TRANSFORMERS_ARCHITECTURE and parallel.world_size > 1:
         raise ValueError(
@@ -360,12 +380,18 @@ def _check_fallback_parallel(spec: ModelSpec, parallel: ParallelConfig) -> None:
         )
 
 
-def _enforce_eager(stated: bool, spec: ModelSpec, device: torch.device) -> bool:
+def _enforce_eager(stated: bool, spec: ModelSpec, device: torch.device, parallel: ParallelConfig) -> bool:
+    if device.type != "cuda" or stated:
+        return stated
     # transformers' modeling code is not known to be free of host syncs, which break a CUDA graph's capture.
-    if device.type == "cuda" and spec.architecture == TRANSFORMERS_ARCHITECTURE and not stated:
+    if spec.architecture == TRANSFORMERS_ARCHITECTURE:
         logger.info("the transformers fallback runs eagerly: no CUDA graphs")
         return True
-    return stated
+    # A graph would replay one replica's share of the MoE exchange at the sizes it was captured with.
+    if parallel.experts_span_replicas:
+        logger.info("MoE experts spanning the data-parallel replicas: every step runs eagerly, no CUDA graphs")
+        return True
+    return False
 
 
 def _layer_sliding_windows(hf_config: Any) -> tuple[int | None, ...]:
@@ -481,6 +507,13 @@ def _long_prefill_token_threshold(args: EngineConfig, max_model_len: int) -> int
 def _async_scheduling(stated: bool | None, device: torch.device, parallel: ParallelConfig) -> bool:
     # On for one rank on a GPU, where the host's share of a step is worth hiding; off on the CPU,
     # where the host runs the model too (EngineConfig refuses it stated for several ranks).
+    if parallel.experts_span_replicas:
+        if stated:
+            raise ValueError(
+                "async_scheduling=True with data_parallel_size > 1 and enable_expert_parallel: the replicas step "
+                "in lockstep, each step's forward pass run before the next is planned"
+            )
+        return False
     if stated is None:
         return device.type == "cuda" and parallel.world_size == 1
     return stated

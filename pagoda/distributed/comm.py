@@ -1,5 +1,6 @@
 """What ranks exchange: all-reduce of row-parallel partial sums, all-gather of vocabulary-sharded
-logits, and hidden states from one pipeline stage to the next."""
+logits, the data-parallel replicas' token rows for the MoE layers whose experts span them, and
+hidden states from one pipeline stage to the next."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ def all_gather_last_dim(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group.size)]
     dist.all_gather(parts, x, group=group.group)
     return torch.cat(parts, dim=-1)
+
+
+def all_gather_rows(x: torch.Tensor, group: GroupInfo) -> tuple[torch.Tensor, slice]:
+    """Every rank's rows of x, stacked in rank order, and where this rank's own rows are among
+    them. Ranks may have different numbers of rows (none, too): each is padded to the most."""
+    if group.size == 1:
+        return x, slice(0, x.shape[0])
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [torch.empty_like(count) for _ in range(group.size)]
+    dist.all_gather(counts, count, group=group.group)
+    rows = [int(c) for c in counts]
+    if not max(rows):  # every replica idle this step (nothing to exchange)
+        return x, slice(0, 0)
+    padded = x.new_zeros((max(rows), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(group.size)]
+    dist.all_gather(parts, padded, group=group.group)
+    start = sum(rows[: group.rank])
+    return torch.cat([part[:n] for part, n in zip(parts, rows)]), slice(start, start + x.shape[0])
 
 
 def send_to_next_stage(tensors: tuple[torch.Tensor, ...], stage: GroupInfo) -> None:

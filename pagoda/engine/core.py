@@ -183,6 +183,11 @@ class EngineCore:
             self._in_flight = None  # the device's state is unknown: nothing in flight is trusted
             raise
 
+    def execute_dummy_batch(self) -> None:
+        """Take part in a step of the data-parallel replicas that share this one's experts with no
+        tokens of its own (engine/lockstep.py)."""
+        self.executor.execute_dummy_batch()
+
     def _take_compiled_grammars(self) -> list[CoreOutput]:
         """Requests whose grammar is ready may run; those whose grammar failed end as aborted."""
         if not self.structured_outputs.has_compiling:

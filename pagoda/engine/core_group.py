@@ -1,6 +1,7 @@
 """The engine core processes behind one MPClient (the server's): one, or data_parallel_size of
 them, each on its own group of tensor x pipeline GPUs (CUDA_VISIBLE_DEVICES), or its share of the
-CPU threads.
+CPU threads. Where an MoE model's experts span the replicas, each core is told its replica rank
+and a directory where the replicas' ranks meet (engine/lockstep.py).
 
 A request goes to the core with the fewest unfinished engine requests, counted here as they are
 sent and as the cores report them ended (so a burst is spread at once, before any stats arrive).
@@ -50,7 +51,9 @@ class CoreGroup:
         self._dir = tempfile.TemporaryDirectory(prefix="pagoda-")
         self._context = zmq.Context()
         self._lock = threading.Lock()  # the outstanding counts: the event loop adds, the receiver ends
-        self.cores = [self._start(i, config, env) for i, env in enumerate(_core_environments(config))]
+        self.cores = [
+            self._start(i, self._replica_config(config, i), env) for i, env in enumerate(_core_environments(config))
+        ]
         atexit.register(self.kill)  # runs before multiprocessing joins its children
         self._poller = zmq.Poller()
         for core in self.cores:
@@ -64,6 +67,16 @@ class CoreGroup:
         (the caller kills the group)."""
         ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.model_name, self.num_gpu_blocks = ready[0]
+
+    def _replica_config(self, config: ResolvedConfig, index: int) -> ResolvedConfig:
+        """The config of core `index`: where the experts span the replicas, its rank among them
+        and where their ranks meet (this group's directory)."""
+        if not config.parallel.experts_span_replicas:
+            return config
+        parallel = dataclasses.replace(
+            config.parallel, data_parallel_rank=index, data_parallel_rendezvous=self._dir.name
+        )
+        return dataclasses.replace(config, parallel=parallel)
 
     def _start(self, index: int, config: ResolvedConfig, env: dict[str, str]) -> _Core:
         addresses = [f"ipc://{Path(self._dir.name) / f'{name}{index}'}" for name in ("in", "out")]

@@ -8,7 +8,11 @@ Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs
 blocks on its input while it has no work (after a second of it, it hands the memory its steps
 freed back to the OS), and exits when told to stop or when its parent process
 is gone. A failed step aborts every request and the core goes on, unless a rank has died
-(ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too."""
+(ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too.
+
+When the MoE experts span the data-parallel replicas the cores step in lockstep (lockstep.py):
+each runs a step, or a dummy step, whenever any has work; a failed step ends the core, since the
+other replicas may be waiting inside its MoE exchange."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import zmq
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.engine.core import EngineCore
+from pagoda.engine.lockstep import IDLE_WAIT_MS, ReplicaVote
 from pagoda.engine.messages import (
     Aborted,
     AbortRequests,
@@ -80,7 +85,16 @@ def run_engine_core(
         return
     outputs.send(encode(Ready(core.max_model_len, core.model_name, core.num_kv_blocks)))
     try:
-        _CoreLoop(core, inputs, outputs, parent).run()
+        if config.parallel.experts_span_replicas:
+            parallel = config.parallel
+            logger.info(
+                "replica %d of %d: MoE experts over the %d ranks of the replicas (DP x TP), stepping in lockstep",
+                parallel.data_parallel_rank, parallel.data_parallel_size,
+                parallel.data_parallel_size * parallel.tensor_parallel_size,
+            )
+            _LockstepCoreLoop(core, inputs, outputs, parent, ReplicaVote(parallel)).run()
+        else:
+            _CoreLoop(core, inputs, outputs, parent).run()
     finally:
         core.shutdown()  # its worker processes, told to stop and joined
         context.destroy(linger=1000)
@@ -150,3 +164,52 @@ class _CoreLoop:
 
     def _send(self, message: FromCore) -> None:
         self.outputs.send(encode(message))
+
+
+class _LockstepCoreLoop(_CoreLoop):
+    """The loop of one replica among those whose experts span them: it steps whenever any has work."""
+
+    def __init__(
+        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent: int, vote: ReplicaVote
+    ) -> None:
+        super().__init__(core, inputs, outputs, parent)
+        self.vote = vote
+
+    def run(self) -> None:
+        running = False
+        while True:
+            if not running:
+                self.inputs.poll(IDLE_WAIT_MS)  # wait a little for work before the next vote
+            told = not (self._handle_inputs(block=False) and os.getppid() == self.parent)
+            try:
+                running, stop = self.vote.tally(self.core.has_unfinished_requests(), told)
+            except RuntimeError:  # gloo's error when a peer's connection breaks
+                logger.error("the engine core of another data-parallel replica is gone: this one steps no more")
+                running, stop = False, True
+            if told:
+                return
+            if stop:
+                break
+            if running:
+                self._step_or_dummy()
+        # Another core stopped first: this one ends when the front end, which sees that, says so
+        # (or is gone), as a core on its own would; one ending unasked could block the front end's
+        # last send to it.
+        while self._handle_inputs(block=True):
+            pass
+
+    def _step(self) -> None:
+        # Not caught, unlike a core on its own: a step that failed may have left the other
+        # replicas inside an MoE layer's exchange, which no later step of this core would match.
+        # The core ends, and the front end with it.
+        outputs = self.core.step()
+        self._send(Outputs(outputs, self.core.scheduler.stats(), self.core.num_batched_tokens))
+
+    def _step_or_dummy(self) -> None:
+        # Asynchronous scheduling is off here (config/resolve.py): a step that computed tokens ran
+        # the model once, and one that computed none ran nothing.
+        if self.core.has_unfinished_requests():
+            self._step()
+            if self.core.num_batched_tokens:
+                return
+        self.core.execute_dummy_batch()

@@ -32,6 +32,11 @@ class Executor(ABC):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; the sampled tokens."""
 
+    @abstractmethod
+    def execute_dummy_batch(self) -> None:
+        """Run every rank's MoE layers with no tokens: the step of a data-parallel replica with
+        nothing scheduled while the others, whose experts it shares, run one."""
+
     # Whether the next step may be launched before this one's tokens are read: its decodes then
     # take their input tokens from the device, which only works where one rank samples and runs all.
     can_overlap_steps = False

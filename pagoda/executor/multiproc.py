@@ -35,7 +35,7 @@ from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor, ExecutorDeadError
 from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.step_codec import StepEncoder
-from pagoda.worker.worker import KVBudget, cpu_threads_per_rank, run_worker
+from pagoda.worker.worker import KVBudget, cpu_threads_per_rank, replicas_init_method, run_worker
 
 logger = logging.getLogger("pagoda")
 
@@ -80,7 +80,9 @@ class MultiprocExecutor(Executor):
         self._config = config
         start_method = worker_start_method()
         context = multiprocessing.get_context(start_method)
-        init_method = (Path(self._store) / "store").as_uri()
+        parallel = config.parallel
+        init_method = (replicas_init_method(parallel) if parallel.experts_span_replicas
+                       else (Path(self._store) / "store").as_uri())
         for rank in range(config.parallel.world_size):
             parent_end, child_end = context.Pipe()
             # A later worker forked with this end open would keep this rank's pipe from closing
@@ -111,6 +113,9 @@ class MultiprocExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
+
+    def execute_dummy_batch(self) -> None:
+        self._call("execute_dummy_batch")
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -108,6 +108,9 @@ class RayExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
+    def execute_dummy_batch(self) -> None:
+        self._call("execute_dummy_batch")
+
     def shutdown(self) -> None:
         self._finalizer()
 

@@ -5,8 +5,16 @@ over the k where the model does so); Qwen2-MoE adds a shared expert scaled by a 
 Experts are held stacked, so one kernel serves them all: w13 [experts, 2 x inter, hidden] (each
 expert's gate rows, then its up rows) and w2 [experts, hidden, inter]. With tensor parallelism each
 rank holds its slice of every expert's intermediate dim and the partial sums are all-reduced; with
-expert parallelism (parallel_state's `expert_parallel`) each rank of the TP group holds whole experts instead, a
+expert parallelism (parallel_state's `expert_parallel`) each rank of the EP group holds whole experts instead, a
 token's other experts contributing zero there, and the same all-reduce sums them.
+
+When the experts span the data-parallel replicas (the EP group is their DP x TP ranks) each
+layer first all-gathers the replicas' token rows over the DP group, so that every rank routes
+and runs its experts on all of them; the all-reduce over the EP group then sums every rank's
+share, and each replica keeps its own rows. An all-gather and an all-reduce, as vLLM's naive
+all-to-all does: gloo has no reduce-scatter, and an all-to-all of routed tokens would need the
+routing exchanged first. A replica with nothing scheduled takes part with no rows
+(`SparseMoeBlock.forward` on an empty batch: ModelRunner.execute_dummy_batch).
 
 On CUDA the experts run as pagoda/kernels/fused_moe.py's grouped GEMM; elsewhere, and as its
 reference, one matmul pair per expert over the tokens routed to it."""
@@ -19,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.distributed.comm import all_reduce
-from pagoda.distributed.parallel_state import expert_parallel, tp_group
+from pagoda.distributed.comm import all_gather_rows, all_reduce
+from pagoda.distributed.parallel_state import dp_group, ep_group, expert_parallel
 from pagoda.layers.activation import get_act_and_mul
 from pagoda.layers.linear import Shard, UnquantizedLinearMethod, _copy, even_shard
 from pagoda.layers.mlp import GatedMLP
@@ -71,11 +79,11 @@ class FusedMoE(nn.Module):
         renormalize: bool,
     ) -> None:
         super().__init__()
-        self.tp = tp_group()
         self.top_k, self.renormalize = top_k, renormalize
         if expert_parallel():
-            per_rank = num_experts // self.tp.size
-            self.experts = Shard(self.tp.rank * per_rank, per_rank, num_experts)
+            ep = ep_group()
+            per_rank = num_experts // ep.size
+            self.experts = Shard(ep.rank * per_rank, per_rank, num_experts)
             self.inter = Shard(0, intermediate_size, intermediate_size)
         else:
             self.experts = Shard(0, num_experts, num_experts)
@@ -93,6 +101,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """The experts' weighted sum, this rank's share before `all_reduce`; the caller reduces."""
+        if not x.shape[0]:
+            return torch.zeros_like(x)
         weights, ids = route(router_logits, self.top_k, self.renormalize)
         ids = ids - self.experts.start  # local ids; another rank's experts fall outside [0, local)
         if x.is_cuda:
@@ -152,7 +162,7 @@ class SparseMoeBlock(nn.Module):
     ) -> None:
         super().__init__()
         _check_experts_unquantized(quant_config, f"{prefix}.experts.0.gate_proj")
-        self.tp = tp_group()
+        self.ep, self.dp = ep_group(), dp_group()
         # The router (and the shared expert's gate) stay unquantized and whole on every rank: each
         # routes every token.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -175,9 +185,13 @@ class SparseMoeBlock(nn.Module):
         return routed + GatedMLP.num_parameters(hidden_size, shared_intermediate_size) + hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
-        if self.tp.size > 1:
-            out = all_reduce(out, self.tp)
+        """x: this replica's token rows (none in a dummy step); every rank of the EP group calls it
+        together."""
+        tokens, own = all_gather_rows(x, self.dp)  # x itself, when the experts stay in this replica
+        out = self.experts(tokens, self.gate(tokens))
+        if self.ep.size > 1:
+            out = all_reduce(out, self.ep)
+        out = out[own]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

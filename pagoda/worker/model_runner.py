@@ -39,6 +39,7 @@ from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
 from pagoda.layers.attention import Attention
+from pagoda.layers.moe import SparseMoeBlock
 from pagoda.loader.model_loader import build_model
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRARequest
@@ -317,6 +318,15 @@ class ModelRunner:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.launch(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_dummy_batch(self) -> None:
+        """This replica's share of a step it has no tokens for, while the replicas whose experts it
+        holds run one: each MoE layer of this rank's stage, in order, over no rows. (vLLM runs a
+        one-token forward; attention stays within the replica, so the MoE layers alone suffice.)"""
+        for block in self.model.modules():
+            if isinstance(block, SparseMoeBlock):
+                block(block.gate.weight.new_empty(0, block.gate.in_features))
 
     @torch.inference_mode()
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:

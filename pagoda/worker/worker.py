@@ -14,10 +14,11 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
-from pagoda.config.groups import ResolvedConfig
+from pagoda.config.groups import ParallelConfig, ResolvedConfig
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.exit_now import exit_now
 from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
@@ -69,6 +70,9 @@ class Worker:
         out = self.runner.execute(self.steps.decode(message))
         return out if self.runner.samples else None
 
+    def execute_dummy_batch(self) -> None:
+        self.runner.execute_dummy_batch()
+
 
 def cpu_threads_per_rank(world_size: int) -> int:
     """Each CPU rank's share of the host's cores: one thread pool each would oversubscribe them."""
@@ -116,12 +120,23 @@ def set_up_rank(config: ResolvedConfig, rank: int, init_method: str) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cpu_threads_per_rank(config.parallel.world_size))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    join_process_groups(config, rank, init_method)
+
+
+def join_process_groups(config: ResolvedConfig, rank: int, init_method: str) -> None:
+    """rank: within this data-parallel replica; the world spans every replica when the experts do."""
+    backend = "nccl" if config.rank_device(rank).type == "cuda" else "gloo"
     parallel = config.parallel
+    dp_size = parallel.data_parallel_size if parallel.experts_span_replicas else 1
     init_parallel(
         rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, init_method, backend,
-        parallel.enable_expert_parallel,
+        parallel.enable_expert_parallel, dp_size, parallel.data_parallel_rank,
     )
+
+
+def replicas_init_method(parallel: ParallelConfig) -> str:
+    """Where the ranks of every data-parallel replica meet when the experts span the replicas."""
+    return (Path(parallel.data_parallel_rendezvous) / "ranks").as_uri()
 
 
 def _serve(worker: Worker, conn: Connection) -> None:

@@ -86,7 +86,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
         ),
         scheduler=SchedulerConfig(
             args.max_num_seqs, _max_num_batched_tokens(args, model.max_model_len, device), model.max_model_len,
-            args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
+            args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device),
             _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
             args.max_long_partial_prefills,
             max_loras=args.max_loras if args.enable_lora else 0, pooling=model.pooler is not None,
@@ -470,12 +470,10 @@ def _long_prefill_token_threshold(args: EngineConfig, max_model_len: int) -> int
     return args.long_prefill_token_threshold
 
 
-def _async_scheduling(stated: bool | None, device: torch.device, parallel: ParallelConfig) -> bool:
-    # On for one rank on a GPU, where the host's share of a step is worth hiding; off on the CPU,
-    # where the host runs the model too (EngineConfig refuses it stated for several ranks).
-    if stated is None:
-        return device.type == "cuda" and parallel.world_size == 1
-    return stated
+def _async_scheduling(stated: bool | None, device: torch.device) -> bool:
+    # On for GPUs, where the host's share of a step is worth hiding; off on the CPU, where the
+    # host runs the model too.
+    return device.type == "cuda" if stated is None else stated
 
 
 def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer: Any | None) -> frozenset[int]:

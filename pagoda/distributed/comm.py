@@ -1,12 +1,13 @@
 """What ranks exchange: all-reduce of row-parallel partial sums, all-gather of vocabulary-sharded
-logits, and hidden states from one pipeline stage to the next."""
+logits, hidden states from one pipeline stage to the next, and the sampling rank's tokens that the
+next step reads before the engine has them."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from pagoda.distributed.parallel_state import GroupInfo
+from pagoda.distributed.parallel_state import GroupInfo, tp_group
 
 
 def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
@@ -38,3 +39,11 @@ def recv_from_prev_stage(
     for t in out:
         dist.recv(t, src=peer)
     return out
+
+
+def broadcast_from_sampling_rank(x: torch.Tensor) -> torch.Tensor:
+    """The sampling rank's x (TP rank 0 of the last pipeline stage), on every rank, in place; x
+    itself in a process without a process group (the only rank)."""
+    if dist.is_initialized():
+        dist.broadcast(x, src=dist.get_world_size() - tp_group().size)
+    return x

@@ -21,6 +21,7 @@ from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
+from pagoda.executor.base import LaunchedStep
 from pagoda.spec import build_proposer
 from pagoda.spec.proposer import (
     HiddenStatesProposer,
@@ -29,7 +30,6 @@ from pagoda.spec.proposer import (
     TokenProposer,
 )
 from pagoda.structured_output.manager import StructuredOutputManager
-from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget
 
 logger = logging.getLogger("pagoda")
@@ -71,8 +71,8 @@ class EngineCore:
         kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, kv_manager)
         self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
-        self.async_scheduling = config.scheduler.async_scheduling and self.executor.can_overlap_steps
-        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, tokens unread
         # Requests whose sampling reads their output tokens on the host (penalties): while one is
         # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
@@ -191,7 +191,7 @@ class EngineCore:
         self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ABORTED)
         return [CoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in failed]
 
-    def _launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+    def _launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
         scheduler_output.grammar_bitmask = self.structured_outputs.bitmask(scheduler_output.chunks)
         return self.executor.launch(scheduler_output)
 
@@ -224,11 +224,11 @@ class EngineCore:
             self._in_flight = (scheduler_output, step)
         return outputs
 
-    def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
+    def _take_in_flight(self) -> tuple[SchedulerOutput, LaunchedStep] | None:
         in_flight, self._in_flight = self._in_flight, None
         return in_flight
 
-    def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
+    def _read(self, scheduler_output: SchedulerOutput, step: LaunchedStep) -> list[CoreOutput]:
         """Wait for a launched step's tokens and apply them to its requests."""
         runner_output = step.result()
         self.num_batched_tokens = scheduler_output.num_batched_tokens

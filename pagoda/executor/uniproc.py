@@ -5,13 +5,11 @@ from __future__ import annotations
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.base import Executor
-from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
+from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget, Worker
 
 
 class UniprocExecutor(Executor):
-    can_overlap_steps = True
-
     def __init__(self, config: ResolvedConfig) -> None:
         self.worker = Worker(config)
 
@@ -20,9 +18,6 @@ class UniprocExecutor(Executor):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.worker.allocate_kv_cache(num_blocks)
-
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.runner.execute(scheduler_output)
 
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
         return self.worker.runner.launch(scheduler_output, defer_sampling)

@@ -3,7 +3,9 @@ loop a worker process runs, taking calls from the engine over a pipe.
 
 The engine process never holds a shard when there are several ranks: every rank is a worker
 process of its own, so all ranks are alike and the engine only schedules. A worker may be forked
-from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own."""
+from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own.
+A step comes as up to three calls (launch, sample, collect: executor.base.RankStep), so that a rank
+queues the next step on its device before the engine asks for this one's tokens."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -20,7 +23,8 @@ import torch
 from pagoda.config.groups import ResolvedConfig
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.exit_now import exit_now
-from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagoda.structured_output.bitmask import GrammarBitmask
+from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingStep
 from pagoda.worker.step_codec import StepDecoder, StepMessage
 
 
@@ -42,6 +46,7 @@ class Worker:
     def __init__(self, config: ResolvedConfig, rank: int = 0) -> None:
         self.runner = ModelRunner(config, config.rank_device(rank))
         self.steps = StepDecoder()
+        self.in_flight: deque[PendingStep] = deque()  # launched, not yet collected
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
@@ -64,10 +69,23 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         return num_blocks * self.runner.kv_bytes_per_block()
 
-    def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
-        """The step's sampled tokens from the rank that samples; None from the others."""
-        out = self.runner.execute(self.steps.decode(message))
-        return out if self.runner.samples else None
+    # A step's three calls (executor.base.RankStep); steps are read in the order they were launched.
+
+    def launch(self, message: StepMessage, defer_sampling: bool) -> None:
+        """Queue the step on this rank's device; its tokens wait for `collect`."""
+        self.in_flight.append(self.runner.launch(self.steps.decode(message), defer_sampling))
+
+    def sample(self, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Sample the newest step, deferred until its masks came (only the rank that samples
+        deferred anything)."""
+        step = self.in_flight[-1]
+        if step.awaits_sampling:
+            step.sample(grammar_bitmask)
+
+    def collect(self) -> ModelRunnerOutput | None:
+        """The oldest step's sampled tokens from the rank that samples; None from the others."""
+        step = self.in_flight.popleft()
+        return step.result() if self.runner.samples else None
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

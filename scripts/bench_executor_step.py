@@ -1,9 +1,9 @@
 """Per-step time of the multiprocess and Ray executors, one step at a time and overlapped, on the
 CPU: a tiny random llama at TP=2 (gloo) decoding 256 requests at once, both executors held in one
 process, each run with the engine's asynchronous scheduling off and on, in turn. A step's time is
-its period: from the engine's launch of one all-decode step to its launch of the next (the host's
-scheduling, the step message, the ranks' work, the read of the tokens; overlapped, the host's
-share runs while the ranks compute the step before). Only all-decode steps (256 requests, one
+its period: from the engine's sending of one all-decode step to the ranks to its sending of the
+next (the host's scheduling, the step message, the ranks' work, the read of the tokens;
+overlapped, the host's share runs while the ranks compute the step before). Only all-decode steps (256 requests, one
 token each) count. Prints each round's medians, their medians, the step message's size and the
 load average.
 
@@ -28,8 +28,8 @@ MODES = {"one at a time": False, "overlapped": True}
 
 
 class StepClock:
-    """Fills, as an LLM runs, with the period of each all-decode step its engine launches, and
-    the pickled size of each step message."""
+    """Fills, as an LLM runs, with the period of each all-decode step its engine sends to the
+    ranks, and the pickled size of each step message."""
 
     def __init__(self, llm: LLM, decodes: int) -> None:
         self.engine = llm.llm_engine.engine_core.engine_core
@@ -37,29 +37,26 @@ class StepClock:
         self.periods: list[float] = []
         self.sizes: list[int] = []
         self._decodes = decodes
-        self._last_launch: float | None = None  # of the all-decode step before
-        launch, encode = executor.launch, executor._steps.encode
-
-        def timed(scheduler_output, *args, **kwargs):
-            now = time.perf_counter()
-            decode = len(scheduler_output.chunks) == self._decodes == scheduler_output.num_batched_tokens
-            if decode and self._last_launch is not None:
-                self.periods.append(now - self._last_launch)
-            self._last_launch = now if decode else None
-            return launch(scheduler_output, *args, **kwargs)
+        self._last_sent: float | None = None  # the all-decode step before
+        encode = executor._steps.encode
 
         def measured(scheduler_output):
+            now = time.perf_counter()
+            decode = len(scheduler_output.chunks) == self._decodes == scheduler_output.num_batched_tokens
+            if decode and self._last_sent is not None:
+                self.periods.append(now - self._last_sent)
+            self._last_sent = now if decode else None
             message = encode(scheduler_output)
             self.sizes.append(len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
             return message
 
-        executor.launch, executor._steps.encode = timed, measured
+        executor._steps.encode = measured
 
     def start_round(self, overlapped: bool) -> None:
         # The engine reads the flag every step: a run may switch it between generations.
         self.engine.async_scheduling = overlapped
         self.periods.clear()
-        self._last_launch = None
+        self._last_sent = None
 
 
 def main() -> None:

@@ -17,18 +17,18 @@ def executor_of(llm: LLM):
 
 
 def run_until_killed(llm: LLM, prompts, kill: Callable[[], object]) -> ExecutorDeadError:
-    """Start a long run, call kill() once it is decoding (five steps launched), and return the
-    ExecutorDeadError the run ended with (bounded: a run that hangs fails the test)."""
+    """Start a long run, call kill() once it is decoding (five steps sent to the ranks), and
+    return the ExecutorDeadError the run ended with (bounded: a run that hangs fails the test)."""
     executor = executor_of(llm)
     steps = threading.Semaphore(0)
-    launch = executor.launch
+    encode = executor._steps.encode
 
-    def counted(*args, **kwargs):
-        step = launch(*args, **kwargs)
+    def counted(scheduler_output):
+        message = encode(scheduler_output)
         steps.release()
-        return step
+        return message
 
-    executor.launch = counted
+    executor._steps.encode = counted
     failure: list[BaseException] = []
 
     def run() -> None:

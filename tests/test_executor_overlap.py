@@ -76,7 +76,7 @@ def _workload_outputs(llm: LLM, stop_at: int | None = None) -> tuple[list, int]:
 
 def _run_both_ways(model_dir: str, **parallel) -> None:
     """One step at a time, then overlapped, one LLM at a time (a Ray cluster of two CPUs holds one
-    TP=2 run): the same outputs, and two steps in flight only when overlapped."""
+    TP=2 run): the same outputs; overlapped, a step is posted while the one before is in flight."""
     outputs, in_flight = [], []
     stop_at = None
     for async_scheduling in (False, True):
@@ -85,13 +85,13 @@ def _run_both_ways(model_dir: str, **parallel) -> None:
             seen = _steps_in_flight(llm)
             summary, stop_at = _workload_outputs(llm, stop_at)
             outputs.append(summary)
-            in_flight.append(max(seen["in_flight"]))
+            in_flight.append(max(seen["in_flight"], default=0))
             assert llm.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0
         finally:
             llm.shutdown()
     assert outputs[1] == outputs[0]
     assert any(row[2] == "stop" for row in outputs[0] if len(row) == 5)  # the stop id was hit
-    assert in_flight == [1, 2]
+    assert in_flight == [0, 2]  # one call a step when read at once
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

@@ -6,10 +6,11 @@ executor, to Ray actors) and returns the output of the rank that samples. Each r
 of the KV cache, all with the same number of blocks, so one block table serves every rank.
 
 Every executor can overlap steps (the engine's asynchronous scheduling): `launch` queues a step
-and returns at once, and its tokens are read later, after the next step has been launched. The
-executors of worker ranks (RankExecutor) post a step to every rank without waiting for its answer:
-a rank takes its calls in the order they were made (pipes and a Ray actor's calls from one caller
-are ordered), so it queues step t+1 on its device before it hands back step t's tokens."""
+and returns at once, and its tokens are read later, after the next step has been launched
+(`execute` runs a step read at once). The executors of worker ranks (RankExecutor) post a step to
+every rank without waiting for its answer: a rank takes its calls in the order they were made
+(pipes and a Ray actor's calls from one caller are ordered), so it queues step t+1 on its device
+before it hands back step t's tokens."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class Executor(ABC):
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Give every rank a KV cache of `num_blocks` blocks."""
 
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every rank; its sampled tokens (one step at a time)."""
+        return self.launch(scheduler_output).result()
+
     @abstractmethod
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> LaunchedStep:
         """Queue one step; its tokens are read when asked for. Steps are read in the order they
@@ -81,6 +86,10 @@ class RankExecutor(Executor):
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         return min(self._call("num_kv_blocks_that_fit", budget))
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # One call, not a launch and a collect: a step read at once gains nothing from two.
+        return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> LaunchedStep:
         self._post("launch", self._steps.encode(scheduler_output), defer_sampling)

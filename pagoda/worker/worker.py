@@ -4,8 +4,9 @@ loop a worker process runs, taking calls from the engine over a pipe.
 The engine process never holds a shard when there are several ranks: every rank is a worker
 process of its own, so all ranks are alike and the engine only schedules. A worker may be forked
 from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own.
-A step comes as up to three calls (launch, sample, collect: executor.base.RankStep), so that a rank
-queues the next step on its device before the engine asks for this one's tokens."""
+A step is one call (execute) when the engine reads it at once; overlapped, it is up to three
+(launch, sample, collect: executor.base.RankStep), so that a rank queues the next step on its
+device before the engine asks for this one's tokens."""
 
 from __future__ import annotations
 
@@ -69,7 +70,12 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         return num_blocks * self.runner.kv_bytes_per_block()
 
-    # A step's three calls (executor.base.RankStep); steps are read in the order they were launched.
+    def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
+        """A step read at once: launch, then collect."""
+        self.launch(message, defer_sampling=False)
+        return self.collect()
+
+    # An overlapped step's calls (executor.base.RankStep); steps are read in the order they were launched.
 
     def launch(self, message: StepMessage, defer_sampling: bool) -> None:
         """Queue the step on this rank's device; its tokens wait for `collect`."""

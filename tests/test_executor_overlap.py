@@ -4,20 +4,24 @@ not in a worker) and the Ray executor at TP=1 and TP=2 on a local cluster of two
 Outputs with async scheduling on equal those with it off (greedy, seeded, logprobs, stops,
 preemption, grammars whose masks follow the step in flight); the next step is posted to the ranks
 before the step before it is collected; a rank killed while steps are in flight ends the run with
-the error naming the rank. The Ray tests are skipped without Ray."""
+the error naming the rank. The Ray tests are skipped without Ray. On CUDA (marked gpu): the Ray
+executor at TP=1 on one GPU, and the multiprocess one at TP=2 over NCCL on two."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
 
 import pytest
+import torch
 
 from pagoda import LLM, SamplingParams
 from tests.killed_run import executor_of, run_until_killed
 from tests.serving import save_tokenizer
 from tests.test_async_scheduling import _summary, _workload
+from tests.test_gpu import _mixed_requests
 from tests.test_structured_outputs import SCHEMAS, _json, _texts
 from tests.tiny_models import save_tiny_model
 
@@ -164,3 +168,34 @@ def test_a_ray_actor_killed_with_steps_in_flight_ends_the_run_naming_the_rank_an
     finally:
         llm.shutdown()
     assert all_cpus_free()
+
+
+GPU_ENGINES = {"ray-tp1": {"distributed_executor_backend": "ray"}, "mp-tp2": {"tensor_parallel_size": 2}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", GPU_ENGINES.values(), ids=GPU_ENGINES.keys())
+def test_overlapped_steps_on_gpu_ranks_match_one_step_at_a_time(tmp_path, engine):
+    """The same batches either way (stops by length only), so the same tokens, bit for bit; the
+    samples that the next step reads cross to the other ranks over NCCL."""
+    if torch.cuda.device_count() < engine.get("tensor_parallel_size", 1) or not torch.cuda.is_available():
+        pytest.skip("needs as many CUDA GPUs as ranks")
+    if "distributed_executor_backend" in engine:
+        pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
+    path = save_tiny_model("llama3", tmp_path)
+    prompts, params = _mixed_requests(24)
+    tokens, in_flight = [], []
+    for overlap in (False, True):
+        llm = LLM(model=str(path), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                  gpu_memory_utilization=0.2, max_model_len=256, max_num_seqs=32, async_scheduling=overlap,
+                  max_num_batched_tokens=128, **engine)
+        try:
+            seen = _steps_in_flight(llm)
+            tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            in_flight.append(max(seen["in_flight"], default=0))
+        finally:
+            llm.shutdown()
+        del llm
+        gc.collect()
+    assert tokens[1] == tokens[0]
+    assert in_flight == [0, 2]

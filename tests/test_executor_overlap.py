@@ -126,6 +126,36 @@ def test_grammar_masks_of_overlapped_steps_reach_the_sampling_worker(tmp_path):
     assert deferred[0] == 0 and deferred[1] > 0
 
 
+def test_a_step_failing_with_the_next_in_flight_leaves_later_runs_their_own_tokens(model_dir):
+    """A step that fails after the next one was launched drops that one (its run is aborted);
+    the ranks must not hand its tokens to the next run's first step."""
+    prompts = [{"prompt_token_ids": [3, 4, 5, i]} for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected_llm = _llm(model_dir, False, tensor_parallel_size=2)
+    expected = [o.outputs[0].token_ids for o in expected_llm.generate(prompts, params, use_tqdm=False)]
+    expected_llm.shutdown()
+    llm = _llm(model_dir, True, tensor_parallel_size=2)
+    try:
+        seen = _steps_in_flight(llm)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        update, reads = scheduler.update_from_output, []
+
+        def failing_third_read(*args):
+            reads.append(1)
+            if len(reads) == 3:
+                raise RuntimeError("injected failure")
+            return update(*args)
+
+        scheduler.update_from_output = failing_third_read
+        with pytest.raises(RuntimeError, match="injected failure"):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert seen["in_flight"][-1] == 1  # the step launched before the failed read is still in the ranks
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert got == expected
+
+
 def test_a_worker_killed_with_steps_in_flight_ends_the_run_naming_the_rank(model_dir):
     llm = LLM(model=model_dir, device="cpu", skip_tokenizer_init=True, tensor_parallel_size=2,
               async_scheduling=True)

@@ -73,6 +73,7 @@ class RankExecutor(Executor):
         # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
         self._sampling_rank = config.parallel.world_size - config.parallel.tensor_parallel_size
         self._steps = StepEncoder()
+        self._launched = 0  # steps launched so far: each one's number names it in its later calls
 
     @abstractmethod
     def _post(self, method: str, *args: Any) -> None:
@@ -92,25 +93,26 @@ class RankExecutor(Executor):
         return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> LaunchedStep:
-        self._post("launch", self._steps.encode(scheduler_output), defer_sampling)
-        return RankStep(self, defer_sampling)
+        self._launched += 1
+        self._post("launch", self._launched, self._steps.encode(scheduler_output), defer_sampling)
+        return RankStep(self, self._launched, defer_sampling)
 
 
 class RankStep:
     """A step posted to the worker ranks: its masks (if deferred) and the read of its tokens are
-    calls of their own, which every rank matches to its oldest (`collect`) or newest (`sample`)
-    step in flight."""
+    calls of their own, naming the step by its number (worker.Worker.collect)."""
 
-    def __init__(self, executor: RankExecutor, defer_sampling: bool) -> None:
+    def __init__(self, executor: RankExecutor, number: int, defer_sampling: bool) -> None:
         self._executor = executor
+        self._number = number
         self.awaits_sampling = defer_sampling
 
     def sample(self, grammar_bitmask: GrammarBitmask | None) -> None:
         assert self.awaits_sampling, "this step's sampling was not deferred"
         self.awaits_sampling = False
-        self._executor._post("sample", grammar_bitmask)
+        self._executor._post("sample", self._number, grammar_bitmask)
 
     def result(self) -> ModelRunnerOutput:
         assert not self.awaits_sampling, "a deferred step is read before it sampled"
         executor = self._executor
-        return executor._call("collect")[executor._sampling_rank]
+        return executor._call("collect", self._number)[executor._sampling_rank]

@@ -47,7 +47,7 @@ class Worker:
     def __init__(self, config: ResolvedConfig, rank: int = 0) -> None:
         self.runner = ModelRunner(config, config.rank_device(rank))
         self.steps = StepDecoder()
-        self.in_flight: deque[PendingStep] = deque()  # launched, not yet collected
+        self.in_flight: deque[tuple[int, PendingStep]] = deque()  # (number, step): launched, not collected
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
@@ -71,26 +71,31 @@ class Worker:
         return num_blocks * self.runner.kv_bytes_per_block()
 
     def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
-        """A step read at once: launch, then collect."""
-        self.launch(message, defer_sampling=False)
-        return self.collect()
+        """A step read at once: its sampled tokens from the rank that samples; None from the others."""
+        out = self.runner.launch(self.steps.decode(message)).result()
+        return out if self.runner.samples else None
 
-    # An overlapped step's calls (executor.base.RankStep); steps are read in the order they were launched.
+    # An overlapped step's calls (executor.base.RankStep), each naming the step by its number.
 
-    def launch(self, message: StepMessage, defer_sampling: bool) -> None:
+    def launch(self, number: int, message: StepMessage, defer_sampling: bool) -> None:
         """Queue the step on this rank's device; its tokens wait for `collect`."""
-        self.in_flight.append(self.runner.launch(self.steps.decode(message), defer_sampling))
+        self.in_flight.append((number, self.runner.launch(self.steps.decode(message), defer_sampling)))
 
-    def sample(self, grammar_bitmask: GrammarBitmask | None) -> None:
-        """Sample the newest step, deferred until its masks came (only the rank that samples
+    def sample(self, number: int, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Sample the step (the newest), deferred until its masks came (only the rank that samples
         deferred anything)."""
-        step = self.in_flight[-1]
+        newest, step = self.in_flight[-1]
+        assert newest == number, f"masks for step {number}, but step {newest} is the newest"
         if step.awaits_sampling:
             step.sample(grammar_bitmask)
 
-    def collect(self) -> ModelRunnerOutput | None:
-        """The oldest step's sampled tokens from the rank that samples; None from the others."""
-        step = self.in_flight.popleft()
+    def collect(self, number: int) -> ModelRunnerOutput | None:
+        """The step's sampled tokens from the rank that samples; None from the others. Steps
+        launched before it and not collected were dropped by the engine (a step that failed
+        after the next one was launched): nobody will read them."""
+        oldest, step = self.in_flight.popleft()
+        while oldest != number:
+            oldest, step = self.in_flight.popleft()
         return step.result() if self.runner.samples else None
 
 

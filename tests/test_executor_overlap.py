@@ -56,13 +56,19 @@ def _steps_in_flight(llm: LLM) -> dict[str, list[int]]:
     executor = executor_of(llm)
     post, seen = executor._post, {"in_flight": [], "sampled_later": []}
 
-    def counted(method: str, *args) -> None:
+    def count(method: str, args: tuple) -> None:
         if method == "launch":
             seen["in_flight"].append((seen["in_flight"] or [0])[-1] + 1)
         elif method == "collect":
             seen["in_flight"].append(seen["in_flight"][-1] - 1)
         elif method == "sample":
             seen["sampled_later"].append(1)
+        elif method == "run_calls":  # several calls in one message
+            for call in args[0]:
+                count(*call)
+
+    def counted(method: str, *args) -> None:
+        count(method, args)
         post(method, *args)
 
     executor._post = counted

@@ -10,7 +10,8 @@ and returns at once, and its tokens are read later, after the next step has been
 (`execute` runs a step read at once). The executors of worker ranks (RankExecutor) post a step to
 every rank without waiting for its answer: a rank takes its calls in the order they were made
 (pipes and a Ray actor's calls from one caller are ordered), so it queues step t+1 on its device
-before it hands back step t's tokens."""
+before it hands back step t's tokens. A launch made while the step before it is in flight goes
+out with that step's collect, which the engine asks for right after: one message a step."""
 
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ class RankExecutor(Executor):
         self._sampling_rank = config.parallel.world_size - config.parallel.tensor_parallel_size
         self._steps = StepEncoder()
         self._launched = 0  # steps launched so far: each one's number names it in its later calls
+        self._uncollected: set[int] = set()  # launched steps whose tokens were not asked for
+        # Launches made while the step before was uncollected: the engine asks for that step's
+        # tokens next, and they go to the ranks in that call's message, ahead of it.
+        self._held: list[tuple[str, tuple[Any, ...]]] = []
 
     @abstractmethod
     def _post(self, method: str, *args: Any) -> None:
@@ -90,12 +95,40 @@ class RankExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         # One call, not a launch and a collect: a step read at once gains nothing from two.
-        return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
+        return self._ask("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
 
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> LaunchedStep:
         self._launched += 1
-        self._post("launch", self._launched, self._steps.encode(scheduler_output), defer_sampling)
-        return RankStep(self, self._launched, defer_sampling)
+        number = self._launched
+        call = ("launch", (number, self._steps.encode(scheduler_output), defer_sampling))
+        if number - 1 in self._uncollected:  # one message a step, as one step at a time has
+            self._held.append(call)
+        else:
+            self._post(call[0], *call[1])
+        self._uncollected.add(number)
+        return RankStep(self, number, defer_sampling)
+
+    def _sample_step(self, number: int, grammar_bitmask: GrammarBitmask | None) -> None:
+        self._flush_held()
+        self._post("sample", number, grammar_bitmask)
+
+    def _collect_step(self, number: int) -> ModelRunnerOutput:
+        """The step's tokens; steps launched before it and not collected are dropped (as the
+        ranks drop them: worker.Worker.collect)."""
+        self._uncollected = {n for n in self._uncollected if n > number}
+        return self._ask("collect", number)[self._sampling_rank]
+
+    def _ask(self, method: str, *args: Any) -> list[Any]:
+        """`_call`, with the launches held in its message, ahead of it."""
+        if not self._held:
+            return self._call(method, *args)
+        calls, self._held = [*self._held, (method, args)], []
+        return self._call("run_calls", calls)
+
+    def _flush_held(self) -> None:
+        if self._held:
+            calls, self._held = self._held, []
+            self._post("run_calls", calls)
 
 
 class RankStep:
@@ -110,9 +143,8 @@ class RankStep:
     def sample(self, grammar_bitmask: GrammarBitmask | None) -> None:
         assert self.awaits_sampling, "this step's sampling was not deferred"
         self.awaits_sampling = False
-        self._executor._post("sample", self._number, grammar_bitmask)
+        self._executor._sample_step(self._number, grammar_bitmask)
 
     def result(self) -> ModelRunnerOutput:
         assert not self.awaits_sampling, "a deferred step is read before it sampled"
-        executor = self._executor
-        return executor._call("collect", self._number)[executor._sampling_rank]
+        return self._executor._collect_step(self._number)

@@ -4,9 +4,10 @@ loop a worker process runs, taking calls from the engine over a pipe.
 The engine process never holds a shard when there are several ranks: every rank is a worker
 process of its own, so all ranks are alike and the engine only schedules. A worker may be forked
 from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own.
-A step is one call (execute) when the engine reads it at once; overlapped, it is up to three
-(launch, sample, collect: executor.base.RankStep), so that a rank queues the next step on its
-device before the engine asks for this one's tokens."""
+A step is one call (execute) when the engine reads it at once. Overlapped, it is a launch, a
+collect and, for a step whose grammar masks follow the step before, a sample (executor.base.RankStep);
+a launch travels in one message with the collect of the step before it (run_calls), so that a
+rank queues the next step on its device before it hands back this one's tokens."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
@@ -97,6 +99,14 @@ class Worker:
         while oldest != number:
             oldest, step = self.in_flight.popleft()
         return step.result() if self.runner.samples else None
+
+    def run_calls(self, calls: list[tuple[str, tuple]]) -> Any:
+        """Several calls that came in one message (the launch of a step, then the collect of the
+        one before it), in order; the last one's answer."""
+        answer = None
+        for method, args in calls:
+            answer = getattr(self, method)(*args)
+        return answer
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

@@ -5,7 +5,7 @@ Outputs with async scheduling on equal those with it off (greedy, seeded, logpro
 preemption, grammars whose masks follow the step in flight); the next step is posted to the ranks
 before the step before it is collected; a rank killed while steps are in flight ends the run with
 the error naming the rank. The Ray tests are skipped without Ray. On CUDA (marked gpu): the Ray
-executor at TP=1 on one GPU, and the multiprocess one at TP=2 over NCCL on two."""
+executor at TP=1 on one GPU, and the multiprocess one at TP=2 and PP=2 over NCCL on two."""
 
 from __future__ import annotations
 
@@ -206,7 +206,11 @@ def test_a_ray_actor_killed_with_steps_in_flight_ends_the_run_naming_the_rank_an
     assert all_cpus_free()
 
 
-GPU_ENGINES = {"ray-tp1": {"distributed_executor_backend": "ray"}, "mp-tp2": {"tensor_parallel_size": 2}}
+GPU_ENGINES = {
+    "ray-tp1": {"distributed_executor_backend": "ray"},
+    "mp-tp2": {"tensor_parallel_size": 2},
+    "mp-pp2": {"pipeline_parallel_size": 2},
+}
 
 
 @pytest.mark.gpu
@@ -214,7 +218,8 @@ GPU_ENGINES = {"ray-tp1": {"distributed_executor_backend": "ray"}, "mp-tp2": {"t
 def test_overlapped_steps_on_gpu_ranks_match_one_step_at_a_time(tmp_path, engine):
     """The same batches either way (stops by length only), so the same tokens, bit for bit; the
     samples that the next step reads cross to the other ranks over NCCL."""
-    if torch.cuda.device_count() < engine.get("tensor_parallel_size", 1) or not torch.cuda.is_available():
+    ranks = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
+    if not torch.cuda.is_available() or torch.cuda.device_count() < ranks:
         pytest.skip("needs as many CUDA GPUs as ranks")
     if "distributed_executor_backend" in engine:
         pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")

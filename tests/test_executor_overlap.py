@@ -1,5 +1,5 @@
 """Overlapped steps (asynchronous scheduling) through the executors of worker ranks, on the CPU
-(gloo): the multiprocess executor at TP=2 and PP=2 (one rank runs in the engine's own process,
+(gloo): the multiprocess executor at TP=2, PP=2 and both (one rank runs in the engine's own process,
 not in a worker) and the Ray executor at TP=1 and TP=2 on a local cluster of two simulated nodes.
 Outputs with async scheduling on equal those with it off (greedy, seeded, logprobs, stops,
 preemption, grammars whose masks follow the step in flight); the next step is posted to the ranks
@@ -25,7 +25,11 @@ from tests.test_gpu import _mixed_requests
 from tests.test_structured_outputs import SCHEMAS, _json, _texts
 from tests.tiny_models import save_tiny_model
 
-LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}
+LAYOUTS = {
+    "tp2": {"tensor_parallel_size": 2},
+    "pp2": {"pipeline_parallel_size": 2},
+    "tp2-pp2": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+}
 PROBE = ({"prompt_token_ids": [5, 9, 13, 17, 21, 25, 29, 33, 37, 2, 3]},
          SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pagoda.distributed.parallel_state import GroupInfo, tp_group
+from pagoda.distributed.parallel_state import GroupInfo, pp_group, tp_group
 
 
 def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
@@ -42,8 +42,12 @@ def recv_from_prev_stage(
 
 
 def broadcast_from_sampling_rank(x: torch.Tensor) -> torch.Tensor:
-    """The sampling rank's x (TP rank 0 of the last pipeline stage), on every rank, in place; x
-    itself in a process without a process group (the only rank)."""
-    if dist.is_initialized():
-        dist.broadcast(x, src=dist.get_world_size() - tp_group().size)
+    """The sampling rank's x (TP rank 0 of the last pipeline stage), on every rank, in place: to
+    each stage's TP rank 0 over their PP group, then over each stage's TP group. Within this
+    engine's groups, not the world's, which may span data-parallel replicas that step apart."""
+    pp, tp = pp_group(), tp_group()
+    if pp.group is not None and tp.rank == 0:
+        dist.broadcast(x, src=pp.global_ranks[-1], group=pp.group)
+    if tp.group is not None:
+        dist.broadcast(x, src=tp.global_ranks[0], group=tp.group)
     return x

@@ -1,10 +1,11 @@
-"""Per-step overhead of the Ray executor against the multiprocess one, on the CPU: a tiny random
-llama at TP=2 (gloo) decoding 256 requests at once, both executors held in one process and run in
-turn. A step's time is the engine's call to `executor.execute` (encode the step message, get it to
-both ranks, run the model, read the sampling rank's answer); the model's share is the same under
-both executors, so the difference of the medians is what Ray's messages cost over the pipes. Only
-all-decode steps (256 requests, one token each) count. Prints each round's medians, their medians,
-the step message's size and the load average.
+"""Per-step time of the multiprocess and Ray executors, one step at a time and overlapped, on the
+CPU: a tiny random llama at TP=2 (gloo) decoding 256 requests at once, both executors held in one
+process, each run with the engine's asynchronous scheduling off and on, in turn. A step's time is
+its period: from the engine's sending of one all-decode step to the ranks to its sending of the
+next (the host's scheduling, the step message, the ranks' work, the read of the tokens;
+overlapped, the host's share runs while the ranks compute the step before). Only all-decode steps (256 requests, one
+token each) count. Prints each round's medians, their medians, the step message's size and the
+load average.
 
     PYTHONPATH=. python scripts/bench_executor_step.py [--decodes 256] [--steps 32] [--rounds 5]
 """
@@ -23,37 +24,46 @@ from pagoda import LLM, SamplingParams
 from tests.tiny_models import save_tiny_model
 
 VOCAB = 251
+MODES = {"one at a time": False, "overlapped": True}
 
 
-def _time_decode_steps(llm: LLM, decodes: int) -> tuple[list[float], list[int]]:
-    """Lists that fill, as the LLM runs, with the wall time of each all-decode step its engine hands
-    the executor, and the pickled size of each step message."""
-    executor = llm.llm_engine.engine_core.engine_core.executor
-    execute, encode = executor.execute, executor._steps.encode
-    times: list[float] = []
-    sizes: list[int] = []
+class StepClock:
+    """Fills, as an LLM runs, with the period of each all-decode step its engine sends to the
+    ranks, and the pickled size of each step message."""
 
-    def timed(scheduler_output):
-        started = time.perf_counter()
-        output = execute(scheduler_output)
-        if len(scheduler_output.chunks) == decodes == scheduler_output.num_batched_tokens:
-            times.append(time.perf_counter() - started)
-        return output
+    def __init__(self, llm: LLM, decodes: int) -> None:
+        self.engine = llm.llm_engine.engine_core.engine_core
+        executor = self.engine.executor
+        self.periods: list[float] = []
+        self.sizes: list[int] = []
+        self._decodes = decodes
+        self._last_sent: float | None = None  # the all-decode step before
+        encode = executor._steps.encode
 
-    def measured(scheduler_output):
-        message = encode(scheduler_output)
-        sizes.append(len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
-        return message
+        def measured(scheduler_output):
+            now = time.perf_counter()
+            decode = len(scheduler_output.chunks) == self._decodes == scheduler_output.num_batched_tokens
+            if decode and self._last_sent is not None:
+                self.periods.append(now - self._last_sent)
+            self._last_sent = now if decode else None
+            message = encode(scheduler_output)
+            self.sizes.append(len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+            return message
 
-    executor.execute, executor._steps.encode = timed, measured
-    return times, sizes
+        executor._steps.encode = measured
+
+    def start_round(self, overlapped: bool) -> None:
+        # The engine reads the flag every step: a run may switch it between generations.
+        self.engine.async_scheduling = overlapped
+        self.periods.clear()
+        self._last_sent = None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decodes", type=int, default=256, help="requests decoding in every step")
     parser.add_argument("--steps", type=int, default=32, help="tokens each request generates in a round")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of each executor, taken in turn")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each executor and mode, taken in turn")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         model = save_tiny_model("llama3", Path(directory), vocab_size=VOCAB)
@@ -65,23 +75,23 @@ def main() -> None:
         }
         prompts = [{"prompt_token_ids": [2 + (i * 7 + j) % (VOCAB - 2) for j in range(4)]} for i in range(args.decodes)]
         params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
-        timings = {backend: _time_decode_steps(llm, args.decodes) for backend, llm in llms.items()}
+        clocks = {backend: StepClock(llm, args.decodes) for backend, llm in llms.items()}
         print(f"load average before: {_load()}")
-        medians: dict[str, list[float]] = {backend: [] for backend in llms}
+        medians: dict[tuple[str, str], list[float]] = {(b, m): [] for b in llms for m in MODES}
         for round_ in range(args.rounds):
-            for backend, llm in llms.items():
-                times, _ = timings[backend]
-                times.clear()
-                llm.generate(prompts, params, use_tqdm=False)
-                medians[backend].append(statistics.median(times))
-                print(f"round {round_} {backend}: median step {medians[backend][-1] * 1e3:.2f} ms "
-                      f"over {len(times)} decode steps")
+            for (backend, mode), runs in medians.items():
+                clock = clocks[backend]
+                clock.start_round(MODES[mode])
+                llms[backend].generate(prompts, params, use_tqdm=False)
+                runs.append(statistics.median(clock.periods))
+                print(f"round {round_} {backend} {mode}: median step {runs[-1] * 1e3:.2f} ms "
+                      f"over {len(clock.periods)} decode steps")
         for llm in llms.values():
             llm.shutdown()
     print(f"load average after: {_load()}")
-    mp, ray = (statistics.median(medians[backend]) * 1e3 for backend in ("mp", "ray"))
-    print(f"step message: median {statistics.median(timings['mp'][1])} bytes pickled")
-    print(f"median of medians: mp {mp:.2f} ms, ray {ray:.2f} ms, ray - mp {ray - mp:+.2f} ms a step")
+    print(f"step message: median {statistics.median(clocks['mp'].sizes)} bytes pickled")
+    for (backend, mode), runs in medians.items():
+        print(f"median of medians: {backend} {mode} {statistics.median(runs) * 1e3:.2f} ms a step")
 
 
 def _load() -> str:

@@ -118,8 +118,3 @@ def test_abort_with_a_step_in_flight(model_dir):
     # The engine goes on: a later request is served, after the leftover step in flight is read.
     again = overlapped.generate({"prompt_token_ids": [6, 7, 8]}, params, use_tqdm=False)[0].outputs[0].token_ids
     assert again == kept
-
-
-def test_async_scheduling_needs_one_rank(model_dir):
-    with pytest.raises(ValueError, match="async_scheduling=True needs one rank"):
-        LLM(model=model_dir, device="cpu", tensor_parallel_size=2, async_scheduling=True)

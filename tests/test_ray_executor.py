@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 
 import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.executor.base import ExecutorDeadError
+from tests.killed_run import executor_of, run_until_killed
 from tests.tiny_models import save_tiny_model
 
 ray = pytest.importorskip("ray", reason="pip install 'pagoda[ray]'")
@@ -26,8 +26,6 @@ from tests.ray_cluster import (  # needs Ray: after the skip
 
 VOCAB = 251
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)  # still running when a rank is killed
-FAILURE_BOUND_S = 60  # the killed run must end by then; a hang fails the test instead of stalling it
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +51,6 @@ def _llm(model, **parallel) -> LLM:
                **parallel)
 
 
-def _executor(llm: LLM):
-    return llm.llm_engine.engine_core.engine_core.executor
-
-
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
 def test_ray_ranks_on_two_nodes_generate_the_tokens_of_one_process(ray_cluster, model, prompts, layout):
     one = _llm(model)
@@ -66,45 +60,12 @@ def test_ray_ranks_on_two_nodes_generate_the_tokens_of_one_process(ray_cluster, 
         one.shutdown()
     llm = _llm(model, distributed_executor_backend="ray", **layout)
     try:
-        assert len({node_id for _, node_id in _executor(llm)._nodes}) == 2  # one CPU a node: one rank a node
+        assert len({node_id for _, node_id in executor_of(llm)._nodes}) == 2  # one CPU a node: one rank a node
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     finally:
         llm.shutdown()
     assert got == expected
     assert all_cpus_free()  # shutdown removed the placement group
-
-
-def _run_until_killed(llm: LLM, prompts, kill) -> BaseException:
-    """Start a long run, call kill() once it is decoding, and return what the run ended with
-    (bounded: a run that hangs fails the test)."""
-    executor = _executor(llm)
-    steps = threading.Semaphore(0)
-    execute = executor.execute
-
-    def counted(scheduler_output):
-        output = execute(scheduler_output)
-        steps.release()
-        return output
-
-    executor.execute = counted
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            llm.generate(prompts, LONG, use_tqdm=False)
-        except BaseException as error:  # noqa: BLE001  (what the run ended with is the assertion)
-            failure.append(error)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    for _ in range(5):  # the run is decoding
-        assert steps.acquire(timeout=FAILURE_BOUND_S)
-    kill()
-    runner.join(FAILURE_BOUND_S)
-    assert not runner.is_alive(), "the engine hung after a rank died"
-    (error,) = failure
-    assert isinstance(error, ExecutorDeadError), repr(error)
-    return error
 
 
 def _names_a_rank_and_its_node(error: BaseException, nodes: dict[int, str], dead: int) -> bool:
@@ -118,9 +79,9 @@ def _names_a_rank_and_its_node(error: BaseException, nodes: dict[int, str], dead
 def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ray_cluster, model, prompts):
     llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        executor = _executor(llm)
+        executor = executor_of(llm)
         nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
-        error = _run_until_killed(llm, prompts, lambda: ray.kill(executor._actors[1]))
+        error = run_until_killed(llm, prompts, lambda: ray.kill(executor._actors[1]))
         assert _names_a_rank_and_its_node(error, nodes, dead=1), str(error)
         with pytest.raises(ExecutorDeadError, match="stopped"):
             llm.generate(prompts[0], GREEDY, use_tqdm=False)
@@ -132,11 +93,11 @@ def test_a_rank_killed_mid_run_ends_it_with_an_error_naming_the_rank_and_node(ra
 def test_a_node_removed_mid_run_ends_it_with_an_error_naming_a_rank_and_node(ray_cluster, model, prompts):
     llm = _llm(model, tensor_parallel_size=2, distributed_executor_backend="ray")
     try:
-        executor = _executor(llm)
+        executor = executor_of(llm)
         nodes = {rank: address for rank, (address, _) in enumerate(executor._nodes)}
         (worker_node,) = ray_cluster.worker_nodes
         (dead,) = [rank for rank, (_, node_id) in enumerate(executor._nodes) if node_id == worker_node.node_id]
-        error = _run_until_killed(llm, prompts, lambda: ray_cluster.remove_node(worker_node))
+        error = run_until_killed(llm, prompts, lambda: ray_cluster.remove_node(worker_node))
         assert _names_a_rank_and_its_node(error, nodes, dead), str(error)
     finally:
         llm.shutdown()

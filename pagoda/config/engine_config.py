@@ -116,10 +116,10 @@ class EngineConfig:
         False, "fetch http(s) image URLs of chat content parts (off: only data: URLs are taken)", action="store_true")
     enforce_eager: bool = _knob(False, "run every step eagerly: no CUDA graphs (faster start-up, slower "
                                 "small-batch decode)", action="store_true")
-    # Plan and queue step N+1 while the device runs step N. None: on for one rank on a GPU,
-    # where the host's share of a step is worth hiding; off on the CPU, where it runs the model too.
-    async_scheduling: bool | None = _knob(None, "plan and queue each step while the GPU runs the one before "
-                                          "(default: on with one GPU)", action=argparse.BooleanOptionalAction)
+    # Plan and queue step N+1 while the device runs step N. None: on for GPUs, where the host's
+    # share of a step is worth hiding; off on the CPU, where it runs the model too.
+    async_scheduling: bool | None = _knob(None, "plan and queue each step while the GPUs run the one before "
+                                          "(default: on with GPUs)", action=argparse.BooleanOptionalAction)
     tensor_parallel_size: int = _knob(1, "GPUs (or CPU ranks) each layer is split across", aliases=("-tp",))
     pipeline_parallel_size: int = _knob(1, "consecutive stages the layers are split into", aliases=("-pp",))
     # Engine cores behind one server, each on its own TP x PP GPUs (the server reads it; one
@@ -190,11 +190,6 @@ class EngineConfig:
                "device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        if self.async_scheduling and self.world_size > 1:
-            raise ValueError(
-                f"async_scheduling=True needs one rank, not tensor_parallel_size x pipeline_parallel_size = "
-                f"{self.world_size}: the next step's inputs come from the sampling rank's device"
-            )
         if self.device.startswith("cuda:") and self.world_size > 1:
             raise ValueError(
                 f"device={self.device!r} names one GPU, but tensor_parallel_size x pipeline_parallel_size = "

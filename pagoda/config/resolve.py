@@ -505,8 +505,8 @@ def _long_prefill_token_threshold(args: EngineConfig, max_model_len: int) -> int
 
 
 def _async_scheduling(stated: bool | None, device: torch.device, parallel: ParallelConfig) -> bool:
-    # On for one rank on a GPU, where the host's share of a step is worth hiding; off on the CPU,
-    # where the host runs the model too (EngineConfig refuses it stated for several ranks).
+    # On for GPUs, where the host's share of a step is worth hiding; off on the CPU, where the
+    # host runs the model too.
     if parallel.experts_span_replicas:
         if stated:
             raise ValueError(
@@ -514,9 +514,7 @@ def _async_scheduling(stated: bool | None, device: torch.device, parallel: Paral
                 "in lockstep, each step's forward pass run before the next is planned"
             )
         return False
-    if stated is None:
-        return device.type == "cuda" and parallel.world_size == 1
-    return stated
+    return device.type == "cuda" if stated is None else stated
 
 
 def _eos_token_ids(generation_eos: set[int], hf_config: Any, tokenizer: Any | None) -> frozenset[int]:

@@ -1,13 +1,14 @@
 """What ranks exchange: all-reduce of row-parallel partial sums, all-gather of vocabulary-sharded
-logits, the data-parallel replicas' token rows for the MoE layers whose experts span them, and
-hidden states from one pipeline stage to the next."""
+logits, the data-parallel replicas' token rows for the MoE layers whose experts span them, hidden
+states from one pipeline stage to the next, and the sampling rank's tokens that the next step reads
+before the engine has them."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from pagoda.distributed.parallel_state import GroupInfo
+from pagoda.distributed.parallel_state import GroupInfo, pp_group, tp_group
 
 
 def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
@@ -58,3 +59,15 @@ def recv_from_prev_stage(
     for t in out:
         dist.recv(t, src=peer)
     return out
+
+
+def broadcast_from_sampling_rank(x: torch.Tensor) -> torch.Tensor:
+    """The sampling rank's x (TP rank 0 of the last pipeline stage), on every rank, in place: to
+    each stage's TP rank 0 over their PP group, then over each stage's TP group. Within this
+    engine's groups, not the world's, which may span data-parallel replicas that step apart."""
+    pp, tp = pp_group(), tp_group()
+    if pp.group is not None and tp.rank == 0:
+        dist.broadcast(x, src=pp.global_ranks[-1], group=pp.group)
+    if tp.group is not None:
+        dist.broadcast(x, src=tp.global_ranks[0], group=tp.group)
+    return x

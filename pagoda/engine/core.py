@@ -21,6 +21,7 @@ from pagoda.core.request import Request, RequestStatus
 from pagoda.core.scheduler import Scheduler, SchedulerOutput
 from pagoda.engine.messages import CoreOutput, EngineCoreRequest
 from pagoda.executor import make_executor
+from pagoda.executor.base import LaunchedStep
 from pagoda.spec import build_proposer
 from pagoda.spec.proposer import (
     HiddenStatesProposer,
@@ -29,7 +30,7 @@ from pagoda.spec.proposer import (
     TokenProposer,
 )
 from pagoda.structured_output.manager import StructuredOutputManager
-from pagoda.worker.model_runner import PendingStep
+from pagoda.worker.model_runner import ModelRunnerOutput
 from pagoda.worker.worker import KVBudget
 
 logger = logging.getLogger("pagoda")
@@ -71,8 +72,8 @@ class EngineCore:
         kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, kv_manager)
         self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
-        self.async_scheduling = config.scheduler.async_scheduling and self.executor.can_overlap_steps
-        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # launched, tokens unread
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, tokens unread
         # Requests whose sampling reads their output tokens on the host (penalties): while one is
         # unfinished, steps run one at a time.
         self._needs_known_tokens: set[str] = set()
@@ -172,13 +173,15 @@ class EngineCore:
             if self.async_scheduling and not self._steps_must_wait():
                 return self._step_overlapped()
             if self._in_flight is not None:  # drain before a step that needs every token known
-                return self._read(*self._take_in_flight())
+                scheduler_output, step = self._in_flight
+                self._in_flight = None
+                return self._read(scheduler_output, step.result())
             scheduler_output = self.scheduler.schedule()
             if not scheduler_output.chunks:
                 if self.structured_outputs.has_compiling:  # rather than spin until a grammar is ready
                     self.structured_outputs.wait_for_compiles(_GRAMMAR_WAIT_S)
                 return []
-            return self._read(scheduler_output, self._launch(scheduler_output))
+            return self._read(scheduler_output, self.executor.execute(self._masked(scheduler_output)))
         except BaseException:
             self._in_flight = None  # the device's state is unknown: nothing in flight is trusted
             raise
@@ -196,9 +199,10 @@ class EngineCore:
         self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ABORTED)
         return [CoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in failed]
 
-    def _launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+    def _masked(self, scheduler_output: SchedulerOutput) -> SchedulerOutput:
+        """The step with its constrained rows' grammar masks."""
         scheduler_output.grammar_bitmask = self.structured_outputs.bitmask(scheduler_output.chunks)
-        return self.executor.launch(scheduler_output)
+        return scheduler_output
 
     def _steps_must_wait(self) -> bool:
         # Drafts are proposed from a request's known tokens: with the next step planned before
@@ -220,22 +224,20 @@ class EngineCore:
             if previous is not None and self.structured_outputs.has_matchers:
                 step = self.executor.launch(scheduler_output, defer_sampling=True)
             else:
-                step = self._launch(scheduler_output)
-        outputs = [] if previous is None else self._read(*previous)
+                step = self.executor.launch(self._masked(scheduler_output))
+        outputs = [] if previous is None else self._read(previous[0], previous[1].result())
         if step is not None:
             if step.awaits_sampling:
-                scheduler_output.grammar_bitmask = self.structured_outputs.bitmask(scheduler_output.chunks)
-                step.sample(scheduler_output.grammar_bitmask)
+                step.sample(self._masked(scheduler_output).grammar_bitmask)
             self._in_flight = (scheduler_output, step)
         return outputs
 
-    def _take_in_flight(self) -> tuple[SchedulerOutput, PendingStep] | None:
+    def _take_in_flight(self) -> tuple[SchedulerOutput, LaunchedStep] | None:
         in_flight, self._in_flight = self._in_flight, None
         return in_flight
 
-    def _read(self, scheduler_output: SchedulerOutput, step: PendingStep) -> list[CoreOutput]:
-        """Wait for a launched step's tokens and apply them to its requests."""
-        runner_output = step.result()
+    def _read(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[CoreOutput]:
+        """Apply a step's tokens to its requests."""
         self.num_batched_tokens = scheduler_output.num_batched_tokens
         # An embedding request ends with its prompt's step: its vector is its whole output.
         self.scheduler.finish_requests(runner_output.pooled, RequestStatus.FINISHED_STOPPED)

@@ -9,9 +9,10 @@ the tokenizer, and none of the threads; it closes its copies of the other worker
 runs its rank on a fresh thread (see worker.run_worker).
 
 A call is pickled once and written to every pipe (a step as a StepMessage: what changed since the
-last one); every rank answers, and the answer of the rank that samples is the result. A rank that
-fails, or dies, fails the call: the other ranks may be stuck in a collective waiting for it, so
-every worker is stopped and the executor is done."""
+last one); every rank answers every call, in order, and the answer of the rank that samples is the
+result. A posted call's answer (a step's launch, its deferred masks) is left in the pipe until the
+next call that waits reads it. A rank that fails, or dies, fails the call: the other ranks may be
+stuck in a collective waiting for it, so every worker is stopped and the executor is done."""
 
 from __future__ import annotations
 
@@ -31,11 +32,8 @@ from typing import Any
 import torch
 
 from pagoda.config.groups import ResolvedConfig
-from pagoda.core.scheduler import SchedulerOutput
-from pagoda.executor.base import Executor, ExecutorDeadError
-from pagoda.worker.model_runner import ModelRunnerOutput
-from pagoda.worker.step_codec import StepEncoder
-from pagoda.worker.worker import KVBudget, cpu_threads_per_rank, replicas_init_method, run_worker
+from pagoda.executor.base import ExecutorDeadError, RankExecutor
+from pagoda.worker.worker import cpu_threads_per_rank, replicas_init_method, run_worker
 
 logger = logging.getLogger("pagoda")
 
@@ -62,7 +60,7 @@ def worker_start_method() -> str:
     return requested
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RankExecutor):
     def __init__(self, config: ResolvedConfig) -> None:
         if multiprocessing.current_process().daemon:
             raise RuntimeError(
@@ -74,9 +72,8 @@ class MultiprocExecutor(Executor):
         self._conns: list[Connection] = []
         # Stops the workers when this executor is shut down, collected, or the interpreter exits.
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._store, os.getpid())
-        # TP rank 0 of the last pipeline stage samples (ModelRunner.samples).
-        self._sampling_rank = (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
-        self._steps = StepEncoder()
+        super().__init__(config)
+        self._unanswered = 0  # calls posted whose answers are still in the pipes
         self._config = config
         start_method = worker_start_method()
         context = multiprocessing.get_context(start_method)
@@ -103,19 +100,10 @@ class MultiprocExecutor(Executor):
                 raise RuntimeError(f"{error}\n(workers were spawned: {_MAIN_GUARD_HINT})") from None
             raise
 
-    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
-        return min(self._call("num_kv_blocks_that_fit", budget))
-
     def allocate_kv_cache(self, num_blocks: int) -> None:
         reserved = sum(self._call("allocate_kv_cache", num_blocks))
         if self._config.device.device.type == "cpu":
             self._log_cpu_cost(reserved)
-
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
-
-    def execute_dummy_batch(self) -> None:
-        self._call("execute_dummy_batch")
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -132,7 +120,7 @@ class MultiprocExecutor(Executor):
             kv_bytes / 2**30, kv_bytes / ranks / 2**30,
         )
 
-    def _call(self, method: str, *args: Any) -> list[Any]:
+    def _post(self, method: str, *args: Any) -> None:
         if not self._finalizer.alive:
             raise ExecutorDeadError("the executor's worker processes have stopped (shut down, or a rank failed)")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -141,6 +129,13 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(message)
             except OSError:  # a dead worker's pipe: _collect reports it
                 pass
+        self._unanswered += 1
+
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        self._post(method, *args)
+        for _ in range(self._unanswered - 1):  # the answers to the calls posted before this one
+            self._collect()
+        self._unanswered = 0
         return self._collect()
 
     def _collect(self) -> list[Any]:

@@ -8,7 +8,9 @@ consecutive (a TP group) share a node where they can. Rank 0's actor names its n
 a free port; every rank joins the process groups there (NCCL on GPUs, gloo on CPUs).
 
 A step goes out as the multiprocess executor's does, as one StepMessage: put into Ray's object
-store once and passed to every actor. A rank that fails, or whose actor or node dies, fails the
+store once and passed to every actor. An actor runs one caller's calls in the order they were
+made, so a step is launched without waiting for its answer (executor.base.RankExecutor), and the
+answers are gathered when its tokens are read. A rank that fails, or whose actor or node dies, fails the
 call with an ExecutorDeadError naming the rank and its node: the other ranks may be stuck in a
 collective waiting for it, so every actor is killed and the executor is done."""
 
@@ -21,11 +23,8 @@ import weakref
 from typing import Any
 
 from pagoda.config.groups import ResolvedConfig
-from pagoda.core.scheduler import SchedulerOutput
-from pagoda.executor.base import Executor, ExecutorDeadError
-from pagoda.worker.model_runner import ModelRunnerOutput
-from pagoda.worker.step_codec import StepEncoder
-from pagoda.worker.worker import KVBudget, Worker, set_up_rank
+from pagoda.executor.base import ExecutorDeadError, RankExecutor
+from pagoda.worker.worker import Worker, set_up_rank
 
 logger = logging.getLogger("pagoda")
 
@@ -70,7 +69,7 @@ class RankActor:
         return getattr(self._worker, method)(*args)
 
 
-class RayExecutor(Executor):
+class RayExecutor(RankExecutor):
     def __init__(self, config: ResolvedConfig) -> None:
         ray = self._ray = _import_ray()
         from ray.util.placement_group import placement_group
@@ -79,13 +78,13 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             ray.init()  # the running cluster this machine belongs to (or RAY_ADDRESS's), else a new local one
         world_size = config.parallel.world_size
-        self._sampling_rank = (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
-        self._steps = StepEncoder()
+        super().__init__(config)
         bundle = {"GPU": 1, "CPU": 1} if config.device.device.type == "cuda" else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
         self._actors: list[Any] = []
         self._nodes: list[tuple[str, str]] = []  # each rank's node (address, id), once every actor has started
         self._finalizer = weakref.finalize(self, _stop_actors, ray, self._actors, self._group)
+        self._unanswered: list[Any] = []  # each rank's answer to the calls posted, in order, not yet read
         self._wait_for_placement(bundle, world_size)
         actor_class = ray.remote(RankActor)
         for rank in range(world_size):
@@ -99,17 +98,8 @@ class RayExecutor(Executor):
         placed = ", ".join(f"rank {rank}{self._on_node(rank)}" for rank in range(world_size))
         logger.info("Ray executor: %d ranks: %s", world_size, placed)
 
-    def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
-        return min(self._call("num_kv_blocks_that_fit", budget))
-
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._call("allocate_kv_cache", num_blocks)
-
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute", self._steps.encode(scheduler_output))[self._sampling_rank]
-
-    def execute_dummy_batch(self) -> None:
-        self._call("execute_dummy_batch")
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -125,24 +115,31 @@ class RayExecutor(Executor):
                 raise RuntimeError(f"Ray could not place the ranks within {PLACEMENT_TIMEOUT_S:.0f} s: {wanted}")
             logger.warning("waiting for Ray to place the ranks: %s", wanted)
 
-    def _call(self, method: str, *args: Any) -> list[Any]:
+    def _post(self, method: str, *args: Any) -> None:
         if not self._finalizer.alive:
             raise ExecutorDeadError("the executor's Ray actors have stopped (shut down, or a rank failed)")
         # One copy in the object store, read by every actor, instead of one pickle per actor.
         refs = [self._ray.put(arg) for arg in args]
-        return self._gather([actor.call.remote(method, *refs) for actor in self._actors])
+        self._unanswered.extend(actor.call.remote(method, *refs) for actor in self._actors)
+
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        self._post(method, *args)
+        refs, self._unanswered = self._unanswered, []
+        return self._gather(refs)[-len(self._actors) :]
 
     def _gather(self, refs: list[Any]) -> list[Any]:
-        """Every rank's answer, in rank order; the first failure kills all actors and raises."""
+        """The answers, in order, of calls made to the ranks in rank order (ref i is rank
+        i % ranks'); the first failure kills all actors and raises."""
         ray = self._ray
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        index_of = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            rank = rank_of[ready[0]]
+            index = index_of[ready[0]]
+            rank = index % len(self._actors)
             try:
-                results[rank] = ray.get(ready[0])
+                results[index] = ray.get(ready[0])
             except ray.exceptions.RayActorError as error:
                 self._fail(f"worker rank {rank}{self._on_node(rank)} died ({type(error).__name__}): {error}")
             except ray.exceptions.RayError as error:

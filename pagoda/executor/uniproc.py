@@ -7,13 +7,11 @@ from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.distributed.parallel_state import destroy_parallel
 from pagoda.executor.base import Executor
-from pagoda.worker.model_runner import ModelRunnerOutput, PendingStep
+from pagoda.worker.model_runner import PendingStep
 from pagoda.worker.worker import KVBudget, Worker, join_process_groups, replicas_init_method
 
 
 class UniprocExecutor(Executor):
-    can_overlap_steps = True
-
     def __init__(self, config: ResolvedConfig) -> None:
         self._in_world = config.parallel.experts_span_replicas
         if self._in_world:
@@ -25,9 +23,6 @@ class UniprocExecutor(Executor):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.worker.allocate_kv_cache(num_blocks)
-
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.runner.execute(scheduler_output)
 
     def launch(self, scheduler_output: SchedulerOutput, defer_sampling: bool = False) -> PendingStep:
         return self.worker.runner.launch(scheduler_output, defer_sampling)

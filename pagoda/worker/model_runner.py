@@ -3,7 +3,7 @@
 `launch` queues a step on the device and returns at once; its tokens are read when they are
 needed (`PendingStep.result`), so the engine can plan and queue the next step meanwhile. A
 decode whose input token was sampled by the step before, still unread, takes it from that step's
-samples on the device.
+samples on the device (with several ranks, broadcast by the rank that sampled them).
 
 A chunk with draft tokens samples every position from its last known token on; `PendingStep`
 keeps the drafts that match those samples and one sampled token (pagoda/sample/acceptance.py), so
@@ -36,6 +36,7 @@ from pagoda.attention.kv_cache_spec import FullAttentionSpec
 from pagoda.config.groups import ResolvedConfig
 from pagoda.config.speculative import HIDDEN_STATES_METHODS
 from pagoda.core.scheduler import ScheduledChunk, SchedulerOutput
+from pagoda.distributed.comm import broadcast_from_sampling_rank
 from pagoda.distributed.parallel_state import pp_group, tp_group
 from pagoda.host_to_device import pinned, to_device
 from pagoda.layers.attention import Attention
@@ -201,7 +202,8 @@ class ModelRunner:
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
-        # The last step's sampled tokens on the device, and which request each row belongs to.
+        # The last step's sampled tokens on the device (on the rank that samples), and which
+        # request each row belongs to (on every rank).
         self._last_samples: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
 
@@ -316,9 +318,6 @@ class ModelRunner:
 
     # One step ------------------------------------------------------------------------------
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.launch(scheduler_output).result()
-
     @torch.inference_mode()
     def execute_dummy_batch(self) -> None:
         """This replica's share of a step it has no tokens for, while the replicas whose experts it
@@ -336,6 +335,8 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         batch = self._prepare(chunks)
         hidden, aux_hidden = _split_aux(self._forward(batch))
+        if batch.last_sample_row:  # on every rank: the next step's decodes may read these samples
+            self._last_sample_rows = batch.last_sample_row
         out = ModelRunnerOutput()
         if hidden is not None and self.pooling_type is not None:
             if self.samples:
@@ -363,7 +364,6 @@ class ModelRunner:
                 apply_grammar_bitmask(sample_logits, grammar_bitmask)
             samples = self._sample(sample_logits, sampling)
             self._last_samples = samples.token_ids
-            self._last_sample_rows = batch.last_sample_row
             return PendingSamples(samples)
 
         if defer_sampling:
@@ -397,10 +397,21 @@ class ModelRunner:
     def _input_ids(self, batch: _Batch) -> torch.Tensor:
         input_ids = to_device(batch.input_ids, torch.int64, self.device)
         if batch.unread_rows:
-            assert self._last_samples is not None
             rows = to_device([batch.unread_rows, batch.unread_sources], torch.int64, self.device)
-            input_ids.index_copy_(0, rows[0], self._last_samples.index_select(0, rows[1]))
+            input_ids.index_copy_(0, rows[0], self._unread_tokens(rows[1]))
         return input_ids
+
+    def _unread_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """The previous step's samples at `rows`, on every rank: only the rank that samples has
+        them, so it broadcasts them, queued on the device like the rest of the step (one small
+        collective instead of every rank sampling alike, which would need their logits and
+        random draws to agree to the bit, and would not reach a first pipeline stage)."""
+        if self.samples:
+            assert self._last_samples is not None
+            tokens = self._last_samples.index_select(0, rows)
+        else:
+            tokens = torch.empty_like(rows)
+        return broadcast_from_sampling_rank(tokens)
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> DeviceSamples:
         requests: list[SamplingRequest] = [c.request for c in chunks]

@@ -3,7 +3,11 @@ loop a worker process runs, taking calls from the engine over a pipe.
 
 The engine process never holds a shard when there are several ranks: every rank is a worker
 process of its own, so all ranks are alike and the engine only schedules. A worker may be forked
-from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own."""
+from the engine's process (see executor.multiproc), so it runs its rank on a thread of its own.
+A step is one call (execute) when the engine reads it at once. Overlapped, it is a launch, a
+collect and, for a step whose grammar masks follow the step before, a sample (executor.base.RankStep);
+a launch travels in one message with the collect of the step before it (run_calls), so that a
+rank queues the next step on its device before it hands back this one's tokens."""
 
 from __future__ import annotations
 
@@ -12,16 +16,19 @@ import signal
 import sys
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pagoda.config.groups import ParallelConfig, ResolvedConfig
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.exit_now import exit_now
-from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput
+from pagoda.structured_output.bitmask import GrammarBitmask
+from pagoda.worker.model_runner import ModelRunner, ModelRunnerOutput, PendingStep
 from pagoda.worker.step_codec import StepDecoder, StepMessage
 
 
@@ -43,6 +50,7 @@ class Worker:
     def __init__(self, config: ResolvedConfig, rank: int = 0) -> None:
         self.runner = ModelRunner(config, config.rank_device(rank))
         self.steps = StepDecoder()
+        self.in_flight: deque[tuple[int, PendingStep]] = deque()  # (number, step): launched, not collected
 
     def num_kv_blocks_that_fit(self, budget: KVBudget) -> int:
         """How many KV blocks of this rank's share fit its memory."""
@@ -66,12 +74,43 @@ class Worker:
         return num_blocks * self.runner.kv_bytes_per_block()
 
     def execute(self, message: StepMessage) -> ModelRunnerOutput | None:
-        """The step's sampled tokens from the rank that samples; None from the others."""
-        out = self.runner.execute(self.steps.decode(message))
+        """A step read at once: its sampled tokens from the rank that samples; None from the others."""
+        out = self.runner.launch(self.steps.decode(message)).result()
         return out if self.runner.samples else None
 
     def execute_dummy_batch(self) -> None:
         self.runner.execute_dummy_batch()
+
+    # An overlapped step's calls (executor.base.RankStep), each naming the step by its number.
+
+    def launch(self, number: int, message: StepMessage, defer_sampling: bool) -> None:
+        """Queue the step on this rank's device; its tokens wait for `collect`."""
+        self.in_flight.append((number, self.runner.launch(self.steps.decode(message), defer_sampling)))
+
+    def sample(self, number: int, grammar_bitmask: GrammarBitmask | None) -> None:
+        """Sample the step (the newest), deferred until its masks came (only the rank that samples
+        deferred anything)."""
+        newest, step = self.in_flight[-1]
+        assert newest == number, f"masks for step {number}, but step {newest} is the newest"
+        if step.awaits_sampling:
+            step.sample(grammar_bitmask)
+
+    def collect(self, number: int) -> ModelRunnerOutput | None:
+        """The step's sampled tokens from the rank that samples; None from the others. Steps
+        launched before it and not collected were dropped by the engine (a step that failed
+        after the next one was launched): nobody will read them."""
+        oldest, step = self.in_flight.popleft()
+        while oldest != number:
+            oldest, step = self.in_flight.popleft()
+        return step.result() if self.runner.samples else None
+
+    def run_calls(self, calls: list[tuple[str, tuple]]) -> Any:
+        """Several calls that came in one message (the launch of a step, then the collect of the
+        one before it), in order; the last one's answer."""
+        answer = None
+        for method, args in calls:
+            answer = getattr(self, method)(*args)
+        return answer
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import torch
@@ -76,7 +78,10 @@ ARCHITECTURES = {
 def save_tiny_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """overrides: config fields to change (e.g. vocab_size, to match a tokenizer)."""
     config_cls, arch, extra = ARCHITECTURES[name]
-    fields = {**_COMMON, **extra, "architectures": [arch], "eos_token_id": 1, "bos_token_id": 0, **overrides}
+    # A copy: transformers writes rope_theta into the rope_scaling dict it is given, which would
+    # then override the next model's own rope_theta.
+    fields = copy.deepcopy({**_COMMON, **extra, "architectures": [arch], "eos_token_id": 1, "bos_token_id": 0})
+    fields.update(overrides)
     config = config_cls(**fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()

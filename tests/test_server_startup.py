@@ -77,3 +77,23 @@ def test_health_answers_503_while_the_engine_starts_then_200(model_args, tmp_pat
     for phase in ("imports took", "front end took", "tokenizer and configuration loaded in",
                   "engine core process up in", "model built in", "engine start took", "app took", "ready in"):
         assert phase in text, (phase, text)
+
+
+def test_a_client_that_hung_up_leaves_no_traceback(capsys):
+    from pagoda.entrypoints.openai.startup import StartingResponder, bind_listener
+
+    responder = StartingResponder(bind_listener("127.0.0.1", 0))
+    try:
+        for error in (BrokenPipeError(), ConnectionResetError()):  # a probe gone before its 503
+            try:
+                raise error
+            except ConnectionError:
+                responder._server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a real fault")
+        except ValueError:
+            responder._server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a real fault" in capsys.readouterr().err
+    finally:
+        responder.hand_over().close()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,12 +64,21 @@ class _StartingHandler(BaseHTTPRequestHandler):
         pass  # probes poll: a line each would flood the start-up log
 
 
+class _StartingServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A probe that timed out and hung up before its 503 is routine while the engine starts:
+        # no traceback for it. Anything else is still printed.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class StartingResponder:
     """Answers 503 on a listening socket from a thread, until `hand_over`."""
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
-        self._server = ThreadingHTTPServer(listener.getsockname()[:2], _StartingHandler, bind_and_activate=False)
+        self._server = _StartingServer(listener.getsockname()[:2], _StartingHandler, bind_and_activate=False)
         self._server.socket.close()  # the one it made unbound: it serves `listener` instead
         self._server.socket = listener
         self._server.daemon_threads = True

@@ -172,10 +172,9 @@ class EngineCore:
                 return failed
             if self.async_scheduling and not self._steps_must_wait():
                 return self._step_overlapped()
-            if self._in_flight is not None:  # drain before a step that needs every token known
-                scheduler_output, step = self._in_flight
-                self._in_flight = None
-                return self._read(scheduler_output, step.result())
+            previous = self._take_in_flight()
+            if previous is not None:  # drain before a step that needs every token known
+                return self._read(previous[0], previous[1].result())
             scheduler_output = self.scheduler.schedule()
             if not scheduler_output.chunks:
                 if self.structured_outputs.has_compiling:  # rather than spin until a grammar is ready

@@ -103,23 +103,13 @@ class Fp8LinearMethod(LinearMethod):
             return linear(x, dequantize_rows(layer.weight, layer.weight_scale, x.dtype), bias)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        qx, x_scale = quantize_activations(x, layer.input_scale if self.static_input else None)
+        from pagoda.kernels.elementwise import fp8_quantize_rows  # fp8_gemm: a CUDA GPU
+
+        qx, x_scale = fp8_quantize_rows(x.contiguous(), FP8, layer.input_scale if self.static_input else None)
         out = scaled_mm(qx, x_scale, layer.weight, layer.weight_scale, x.dtype)
         if bias is not None:
             out = out + bias
         return out.reshape(*shape[:-1], out.shape[-1])
-
-
-def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] in fp8 with its float32 scale [M, 1]: per token, or `static_scale` for every row."""
-    if x.is_cuda:
-        from pagoda.kernels.elementwise import fp8_quantize_rows
-
-        return fp8_quantize_rows(x.contiguous(), FP8, static_scale)
-    if static_scale is None:
-        return quantize_fp8_rows(x)
-    x_scale = static_scale.expand(x.shape[0], 1).contiguous()
-    return (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
 
 
 def scaled_mm(

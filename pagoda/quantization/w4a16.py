@@ -66,7 +66,7 @@ def to_tinygemm(w: PackedW4) -> TinyGemmW4 | None:
     weight = torch._convert_weight_to_int4pack(pairs, TINYGEMM_INNER_K_TILES)
     zero_point = 8.0 if w.zeros is None else w.zeros.float()
     zeros = ((8.0 - zero_point) * w.scales.float()).to(torch.bfloat16)
-    return TinyGemmW4(weight, torch.stack([w.scales, zeros.expand_as(w.scales)], dim=-1).contiguous(), w.group_size)
+    return TinyGemmW4(weight, torch.stack([w.scales, zeros], dim=-1).contiguous(), w.group_size)
 
 
 def w4a16_linear(

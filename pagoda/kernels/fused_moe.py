@@ -9,11 +9,28 @@ past the used ones exit at once), so decode steps can be captured in CUDA graphs
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from pagoda.layers.activation import get_act_and_mul
+
+
+class TileConfig(NamedTuple):
+    """The grouped GEMM's tiling: rows (pairs) x columns x depth per program, and its launch."""
+
+    block_m: int
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's own defaults for both
+
+
+def default_tile_config(num_pairs: int, num_experts: int) -> TileConfig:
+    """Small tiles of rows while most experts get only a few pairs (decode), larger ones after."""
+    return TileConfig(16 if num_pairs <= 4 * num_experts * 16 else 64)
 
 
 @triton.jit
@@ -88,36 +105,37 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 def _grouped_gemm(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sorted_pairs: torch.Tensor, tile_expert: torch.Tensor,
-    pairs_per_a_row: int, weights: torch.Tensor | None, block_m: int,
+    pairs_per_a_row: int, weights: torch.Tensor | None, config: TileConfig,
 ) -> None:
     _, n, k = b.shape
-    block_n, block_k = 64, 32
-    grid = (sorted_pairs.numel() // block_m, triton.cdiv(n, block_n))
+    grid = (sorted_pairs.numel() // config.block_m, triton.cdiv(n, config.block_n))
     _grouped_gemm_kernel[grid](
         a, b, c, weights if weights is not None else c, sorted_pairs, tile_expert,
         n, k, c.shape[0], a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         PAIRS_PER_A_ROW=pairs_per_a_row, MUL_WEIGHT=weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
 def fused_experts(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-    hidden_act: str,
+    hidden_act: str, config: TileConfig | None = None,
 ) -> torch.Tensor:
     """sum over k of weights[:, k] * expert_{ids[:, k]}(x), as layers/moe.py's experts_torch:
     x [tokens, hidden], w13 [experts, 2 x inter, hidden], w2 [experts, hidden, inter], weights and
-    ids [tokens, k]; ids outside [0, experts) contribute nothing."""
+    ids [tokens, k]; ids outside [0, experts) contribute nothing. `config`: the tiling (the
+    default's otherwise; scripts/bench_fused_moe.py compares others)."""
     tokens, top_k = ids.shape
     num_experts, hidden = w2.shape[0], w2.shape[1]
-    block_m = 16 if tokens * top_k <= 4 * num_experts * 16 else 64
-    sorted_pairs, tile_expert = sort_by_expert(ids, num_experts, block_m)
+    config = config or default_tile_config(tokens * top_k, num_experts)
+    sorted_pairs, tile_expert = sort_by_expert(ids, num_experts, config.block_m)
     x = x.contiguous()
     gate_up = torch.empty(tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, sorted_pairs, tile_expert, top_k, None, block_m)
+    _grouped_gemm(x, w13, gate_up, sorted_pairs, tile_expert, top_k, None, config)
     # Rows of dropped pairs hold garbage here; the down projection never reads them.
     hidden_states = get_act_and_mul(hidden_act)(gate_up)
     down = torch.zeros(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     routed = weights.to(torch.float32).flatten().contiguous()
-    _grouped_gemm(hidden_states, w2, down, sorted_pairs, tile_expert, 1, routed, block_m)
+    _grouped_gemm(hidden_states, w2, down, sorted_pairs, tile_expert, 1, routed, config)
     return down.view(tokens, top_k, hidden).sum(dim=1)

@@ -99,7 +99,8 @@ def test_fused_moe_kernel_equals_the_torch_path(tokens, experts, top_k, hidden, 
     for local_ids in (ids, ids - 1):
         ref = experts_torch(x, w13, w2, weights, local_ids, get_act_and_mul("silu"))
         on = [t.to(device) for t in (x, w13, w2, weights, local_ids)]
-        torch.testing.assert_close(fused_experts(*on, "silu").cpu(), ref, rtol=1e-4, atol=1e-4)
+        tol = 1e-4 if device == "cpu" else 2e-3  # CUDA's tl.dot multiplies float32 as TF32
+        torch.testing.assert_close(fused_experts(*on, "silu").cpu(), ref, rtol=tol, atol=tol)
 
 
 MIXTRAL_8X7B = (transformers.MixtralConfig, dict(

@@ -23,6 +23,7 @@ from pagoda.config.model_spec import ModelSpec
 from pagoda.layers.linear import LinearMethod
 from pagoda.models.interface import CausalLM
 from pagoda.multimodal.inputs import ImageInput
+from pagoda.quantization.base import QuantizationConfig
 
 # transformers 5 names the parts under `model.`; checkpoints (and older transformers) do not.
 _CHECKPOINT_PREFIXES = {
@@ -106,7 +107,9 @@ class LlavaForConditionalGeneration(CausalLM):
         self.feature_strategy = hf.get("vision_feature_select_strategy", "default")  # default: drop CLS
 
     @classmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
         from pagoda.models import model_class
 
         text = text_spec(config)
@@ -115,7 +118,8 @@ class LlavaForConditionalGeneration(CausalLM):
         h, i = vision["hidden_size"], vision["intermediate_size"]
         tower = vision["num_hidden_layers"] * (4 * h * h + 2 * h * i)
         projector = h * config.hidden_size + config.hidden_size**2
-        return model_class(text.architecture).weight_bytes(text, dtype) + (tower + projector) * dtype.itemsize
+        text_bytes = model_class(text.architecture).weight_bytes(text, dtype, quant_config)  # the tower stays unquantized
+        return text_bytes + (tower + projector) * dtype.itemsize
 
     @staticmethod
     def checkpoint_name(name: str) -> str:
@@ -187,8 +191,10 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         self.packing = SimpleNamespace(config=AutoConfig.for_model(**config.hf_config))
 
     @classmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
-        return super().weight_bytes(config, dtype) + config.hidden_size * dtype.itemsize
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
+        return super().weight_bytes(config, dtype, quant_config) + config.hidden_size * dtype.itemsize
 
     def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         from transformers.models.llava_next.modeling_llava_next import LlavaNextModel

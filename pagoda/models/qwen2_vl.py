@@ -19,6 +19,7 @@ from pagoda.layers.rotary import MRotaryEmbedding
 from pagoda.models.llava import VisionTower
 from pagoda.models.qwen2 import Qwen2ForCausalLM
 from pagoda.multimodal.inputs import ImageInput
+from pagoda.quantization.base import QuantizationConfig
 
 # transformers 5 names the parts under `model.`; checkpoints do not.
 _CHECKPOINT_PREFIXES = {"model.language_model.": "model.", "model.visual.": "visual."}
@@ -68,13 +69,15 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         self.vision_dtype = torch.get_default_dtype()
 
     @classmethod
-    def weight_bytes(cls, config: ModelSpec, dtype: torch.dtype) -> int:
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
         vision = config.hf_config["vision_config"]
         d = vision.get("embed_dim") or vision["hidden_size"]  # Qwen2-VL's name, Qwen2.5-VL's
         width = vision.get("intermediate_size") or int(d * vision.get("mlp_ratio", 4))
         # Each block's attention (4 d^2) and MLP (up to 3 d x width); the merger is left out.
         tower = vision["depth"] * (4 * d * d + 3 * d * width)
-        return super().weight_bytes(_text_spec(config), dtype) + tower * dtype.itemsize
+        return super().weight_bytes(_text_spec(config), dtype, quant_config) + tower * dtype.itemsize
 
     @staticmethod
     def checkpoint_name(name: str) -> str:

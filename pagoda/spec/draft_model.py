@@ -7,7 +7,8 @@ graphs and sampler) in the engine's process with TP 1, whatever the target's, on
 device, over a KV pool of its own with as many blocks as the
 target's (the engine core sizes both from one memory budget: `kv_bytes_per_block`). The k steps
 are queued back to back, each taking its input from the step before's samples on the device, and
-read once at the end. Per request
+read once at the end; the first computes 1 + k tokens of each request (known ones again where
+fewer are new) and the others one, so that all of them replay decode graphs. Per request
 it remembers which tokens its cache holds; each proposal computes only the tokens past the
 longest prefix of those that the request still has, so the positions of rejected drafts are
 rolled back by being written over. A request missing from a proposal (finished, preempted) gives
@@ -79,7 +80,10 @@ class DraftModelProposer:
         draft_config = dataclasses.replace(
             config, model=speculative.draft, speculative=None, parallel=ParallelConfig(1, 1, 1)
         )
-        self.runner = ModelRunner(draft_config, config.rank_device(0))
+        # A first step computes 1 + k tokens per request (below), the rest one: graphs for both.
+        self.runner = ModelRunner(
+            draft_config, config.rank_device(0), graph_query_lens=[1, 1 + self.num_speculative_tokens]
+        )
         self.max_model_len = config.model.max_model_len
         self._states: dict[str, _DraftState] = {}
         self._blocks = DraftBlocks(config.cache.block_size)
@@ -125,6 +129,9 @@ class DraftModelProposer:
         tokens = req.token_ids
         # The drafts that held are still valid in the pool; the first rejected one and those after it are written over.
         start = min(state.num_known + _common_prefix(state.drafts, tokens[state.num_known :]), len(tokens) - 1)
+        # Recomputing known positions writes the same keys and values again: every request that
+        # decodes computes exactly 1 + k tokens, so the step replays a decode graph.
+        start = min(start, max(0, len(tokens) - 1 - self.num_speculative_tokens))
         state.num_known = len(tokens)
         draft_req = Request(req.request_id, list(tokens), GREEDY_PARAMS, frozenset(), self.max_model_len)
         blocks = self._blocks.block_ids[req.request_id]

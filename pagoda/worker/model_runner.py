@@ -154,8 +154,12 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig, device: torch.device) -> None:
-        """device: this rank's."""
+    def __init__(
+        self, config: ResolvedConfig, device: torch.device, graph_query_lens: list[int] | None = None
+    ) -> None:
+        """device: this rank's. graph_query_lens: the query tokens per request that decode graphs
+        are captured for (a draft model's own; by default 1, and 1 + the drafts a multi-token
+        step verifies when a proposer is configured)."""
         self.device = device
         self.max_model_len = config.model.max_model_len
         # An embedding engine decodes nothing: no decode graphs.
@@ -166,10 +170,8 @@ class ModelRunner:
         self.max_num_seqs = config.scheduler.max_num_seqs
         speculative = config.speculative
         self.keeps_step_hidden = speculative is not None and speculative.method in HIDDEN_STATES_METHODS
-        # Query tokens per request that decode graphs are captured for: 1, and 1 + the drafts a
-        # multi-token step verifies when a proposer is configured.
         drafts = config.num_speculative_tokens
-        self.graph_query_lens = [1] + ([1 + drafts] if drafts else [])
+        self.graph_query_lens = graph_query_lens or [1] + ([1 + drafts] if drafts else [])
         self.decode_graphs: DecodeGraphs | None = None
         self.block_size = config.cache.block_size
         self.attention_backend = get_attention_backend(device)

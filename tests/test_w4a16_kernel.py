@@ -18,7 +18,7 @@ from pagoda.quantization.w4a16 import (
     DEQUANTIZE_MIN_ROWS,
     TINYGEMM_MAX_ROWS,
     PackedW4,
-    to_tinygemm,
+    to_int4pack,
     w4a16_linear,
 )
 
@@ -140,9 +140,9 @@ def test_one_pass_dequantize_equals_reference(group_size, zeros):
 def test_every_cuda_path_equals_reference(m, zeros, n, k):
     qweight, scales, zero, _, group, _ = random_weights(k, n, 128, zeros, False, seed=m, dtype=torch.bfloat16)
     w = PackedW4(qweight.cuda(), scales.cuda(), None if zero is None else zero.cuda(), None, group)
-    tinygemm = to_tinygemm(w)
-    assert tinygemm is not None
+    int4 = to_int4pack(w)
+    assert int4 is not None
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    out = w4a16_linear(x, w, None, tinygemm).float()
+    out = w4a16_linear(x, w, None, int4).float()
     ref = x.float() @ dequantize(w.qweight, w.scales, w.zeros, None, group).float()
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()

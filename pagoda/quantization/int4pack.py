@@ -14,9 +14,9 @@ matmul (scripts/bench_int4_cpu.py). So float32 models give up float32's exactnes
 for bfloat16's rounding (2**-9 relative), a small fraction of what the 4 bits themselves cost:
 the default model as AWQ round-to-nearest has perplexity 24.410 through the kernel and 24.425
 exactly (22.018 unquantized), and decodes one stream 21x faster than through the reference
-(docs/quantization.md, "On the CPU"). The
-exact float32 path is the torch reference that layers the kernels refuse fall back to
-(act-order, group sizes or widths); the tests check each format's decoding against it exactly."""
+(docs/quantization.md, "On the CPU"). The exact float32 path is the torch reference that layers
+the kernels refuse fall back to (act-order, group sizes or widths); the tests check each
+format's decoding against it exactly."""
 
 from __future__ import annotations
 

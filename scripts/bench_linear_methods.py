@@ -20,7 +20,7 @@ from pagoda.kernels.elementwise import fp8_quantize_rows
 from pagoda.kernels.w4a16_gemm import w4_dequantize, w4a16_gemm
 from pagoda.kernels.w4a16_layout import pack_int4
 from pagoda.quantization.fp8 import FP8, quantize_fp8_rows, scaled_mm
-from pagoda.quantization.w4a16 import PackedW4, to_tinygemm
+from pagoda.quantization.w4a16 import PackedW4, to_int4pack
 
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -34,7 +34,7 @@ def layer_paths(n: int, k: int):
         torch.rand(k // 128, n, device="cuda", dtype=torch.bfloat16) * 0.01,
         torch.randint(0, 16, (k // 128, n), device="cuda").to(torch.bfloat16), None, 128,
     )
-    tiny = to_tinygemm(packed)
+    tiny = to_int4pack(packed)
     w4 = (packed.qweight, packed.scales, packed.zeros, None, 128)
     one = torch.ones((), device="cuda")
 
@@ -50,7 +50,7 @@ def layer_paths(n: int, k: int):
             "fp8_mm_tensorwise": lambda: torch._scaled_mm(
                 qx, qw.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
             ),
-            "w4_tinygemm": lambda: torch._weight_int4pack_mm(x, tiny.weight, 128, tiny.scales_and_zeros),
+            "w4_tinygemm": lambda: tiny.matmul(x),
             "w4_triton": lambda: w4a16_gemm(x, *w4),
             "w4_dequant_mm": lambda: x @ w4_dequantize(packed.qweight, packed.scales, packed.zeros, 128),
         }

@@ -46,6 +46,11 @@ def perplexity(llm: LLM, text: str = TEXT) -> float:
     return math.exp(-sum(logprobs) / len(logprobs))
 
 
+def unquantized() -> LLM:
+    """The default model's float32 weights (by default it runs its GGUF file's 4-bit ones)."""
+    return LLM(device="cpu", dtype="float32", load_format="safetensors")
+
+
 def write_awq(out: Path, group_size: int = 64) -> Path:
     """The default model in AWQ's layout, 4-bit round-to-nearest (its widths, 576 and 1536, take
     groups of 64, not 128)."""
@@ -58,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--awq", default=None, help="the default model's AWQ checkpoint (default: written to a temp dir)")
     args = parser.parse_args()
-    base = perplexity(LLM(device="cpu", dtype="float32"))
+    base = perplexity(unquantized())
     fp8 = perplexity(LLM(device="cpu", dtype="float32", quantization="fp8", kv_cache_dtype="fp8"))
     with tempfile.TemporaryDirectory() as tmp:
         awq_dir = Path(args.awq) if args.awq else write_awq(Path(tmp) / "awq")

@@ -22,7 +22,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def base_perplexity() -> float:
-    return quant_perplexity.perplexity(LLM(device="cpu", dtype="float32"))
+    return quant_perplexity.perplexity(quant_perplexity.unquantized())
 
 
 def _answer(llm: LLM) -> str:

@@ -1,9 +1,11 @@
 """The W4A16 methods (AWQ, GPTQ, compressed-tensors pack-quantized) from checkpoint tensors written
 by reference packers here, which follow what AutoAWQ, AutoGPTQ and compressed-tensors write:
 round-to-nearest quantization of random weights, packed in each layout. Each method's
-create/process/apply must give x @ W^T with W the reference dequantization; the loader's slicing
-attributes, applied as the quantization contract describes, must reassemble fused parts and
-tensor-parallel shards. (On the CPU, apply is the torch path; the kernel has its own tests.)"""
+repack must decode to exactly the reference dequantization W, and apply must give x @ W^T: on
+the CPU through torch's int4 kernel (in bfloat16's tolerance) where the layer fits it, else exactly
+through the torch reference (act-order, group sizes and widths the kernel refuses); the loader's
+slicing attributes, applied as the quantization contract describes, must reassemble fused parts
+and tensor-parallel shards. (The Triton kernel and the CUDA paths have their own tests.)"""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pagoda.quantization import QUANTIZATION_METHODS, get_quantization_config
 from pagoda.quantization.awq import AWQConfig, AWQLinearMethod
 from pagoda.quantization.gptq import GPTQConfig, GPTQLinearMethod
 from pagoda.quantization.w4a16 import compressed_tensors_w4a16_method
+from tests.test_int4pack import assert_bf16_close
 
 GROUPS = [32, 64, 128, -1]  # -1: per output channel
 
@@ -151,6 +154,14 @@ def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / 8
 
 
+def assert_applies(layer: nn.Module, got: torch.Tensor, exact: torch.Tensor) -> None:
+    """The int4 kernel's product within bfloat16's tolerance; the reference's exactly (fp32 sums)."""
+    if layer.int4 is not None:
+        assert_bf16_close(got, exact)
+    else:
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_method_dequantizes_as_the_reference_and_applies_it(fmt, group_size):
@@ -160,14 +171,36 @@ def test_method_dequantizes_as_the_reference_and_applies_it(fmt, group_size):
     method = make_method(group_size)
     layer = build(method, k, n)
     contract_load(layer, tensors_of(qz))
-    method.process_weights_after_loading(layer)
-
-    w = dequantize(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
+    packed = method.repack(layer)
+    w = dequantize(packed.qweight, packed.scales, packed.zeros, packed.g_idx, packed.group_size)
     torch.testing.assert_close(w.t(), qz.dequantized(), rtol=0, atol=0)
+
+    method.process_weights_after_loading(layer)
+    # Every layer here fits the CPU's int4 kernel (per-channel in groups of 256) but act-order's,
+    # and the kernel's layer holds no other copy.
+    assert (layer.int4 is None) is act_order
+    assert (layer.w4_qweight is None) is not act_order
     x = torch.randn(2, 3, k)
     bias = torch.randn(n)
-    torch.testing.assert_close(method.apply(layer, x, bias), x @ qz.dequantized().t() + bias, rtol=1e-5, atol=1e-5)
+    assert_applies(layer, method.apply(layer, x, bias), x @ qz.dequantized().t() + bias)
     assert not hasattr(layer, "qweight") and not hasattr(layer, "weight_packed")  # the checkpoint copies freed
+
+
+@pytest.mark.parametrize("fmt,n,k,group_size", [
+    ("awq", 48, 256, 16),  # groups below the kernel's 32
+    ("gptq-sym", 24, 256, 32),  # outputs not a multiple of 16
+    ("ct-asym", 48, 40, -1),  # per-channel over inputs not a multiple of 32
+])
+def test_layers_the_int4_kernel_refuses_run_the_exact_reference(fmt, n, k, group_size):
+    make_method, tensors_of, sym, act_order = FORMATS[fmt]
+    qz = quantize(random_weight(n, k, 3), group_size, sym, act_order)
+    method = make_method(group_size)
+    layer = build(method, k, n)
+    contract_load(layer, tensors_of(qz))
+    method.process_weights_after_loading(layer)
+    assert layer.int4 is None
+    x = torch.randn(4, k)
+    torch.testing.assert_close(method.apply(layer, x, None), x @ qz.dequantized().t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -186,7 +219,7 @@ def test_fused_parts_load_side_by_side(fmt):
     method.process_weights_after_loading(layer)
     x = torch.randn(5, k)
     whole = torch.cat([qz.dequantized() for qz in parts])
-    torch.testing.assert_close(method.apply(layer, x, None), x @ whole.t(), rtol=1e-5, atol=1e-5)
+    assert_applies(layer, method.apply(layer, x, None), x @ whole.t())
 
 
 @pytest.mark.parametrize("group_size", [32, -1])
@@ -205,7 +238,7 @@ def test_row_parallel_shards_sum_to_the_whole(fmt, group_size):
         contract_load(layer, tensors_of(qz), shard=shard)
         method.process_weights_after_loading(layer)
         total += method.apply(layer, x[:, shard.start : shard.start + shard.size], None)
-    torch.testing.assert_close(total, x @ qz.dequantized().t(), rtol=1e-5, atol=1e-5)
+    assert_applies(layer, total, x @ qz.dequantized().t())
 
 
 def test_bf16_apply_keeps_the_activation_dtype():

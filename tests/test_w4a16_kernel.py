@@ -18,7 +18,7 @@ from pagoda.quantization.w4a16 import (
     DEQUANTIZE_MIN_ROWS,
     TINYGEMM_MAX_ROWS,
     PackedW4,
-    to_tinygemm,
+    to_int4pack,
     w4a16_linear,
 )
 
@@ -137,12 +137,14 @@ def test_one_pass_dequantize_equals_reference(group_size, zeros):
 @pytest.mark.parametrize("m", [1, TINYGEMM_MAX_ROWS, 64, DEQUANTIZE_MIN_ROWS])
 @pytest.mark.parametrize("zeros", [True, False])
 @pytest.mark.parametrize("n,k", SHAPES_8B[:2])
-def test_every_cuda_path_equals_reference(m, zeros, n, k):
-    qweight, scales, zero, _, group, _ = random_weights(k, n, 128, zeros, False, seed=m, dtype=torch.bfloat16)
+@pytest.mark.parametrize("per_channel", [False, True])  # per-channel: tinygemm's groups of 256, scales repeated
+def test_every_cuda_path_equals_reference(m, zeros, n, k, per_channel):
+    group_size = k if per_channel else 128
+    qweight, scales, zero, _, group, _ = random_weights(k, n, group_size, zeros, False, seed=m, dtype=torch.bfloat16)
     w = PackedW4(qweight.cuda(), scales.cuda(), None if zero is None else zero.cuda(), None, group)
-    tinygemm = to_tinygemm(w)
-    assert tinygemm is not None
+    int4 = to_int4pack(w)
+    assert int4 is not None
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    out = w4a16_linear(x, w, None, tinygemm).float()
+    out = w4a16_linear(x, w, None, int4).float()
     ref = x.float() @ dequantize(w.qweight, w.scales, w.zeros, None, group).float()
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()

@@ -5,9 +5,9 @@ on a GPU every weight is dequantized to the model's dtype at load.
 The GGUF loader hands a kept layer its blocks unpacked (pagoda/loader/gguf_blocks.py) under the
 parameter names created here, so packed (q|k|v, gate|up) and tensor-parallel layers slice them
 like any checkpoint tensor; `process_weights_after_loading` repacks them for the kernel:
-- Q4_0, Q4_1, Q4_K: `aten._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero
-  each (W = (q - 8) * scale + zero, which maps every 4-bit type), in bfloat16 (below). A packed
-  layer whose parts mix these types is one int4 layer.
+- Q4_0, Q4_1, Q4_K: torch's CPU int4 kernel (pagoda/quantization/int4pack.py, shared with the
+  W4A16 formats), groups of 32 with a scale and a zero each (W = (q - 8) * scale + zero, which
+  maps every 4-bit type), in bfloat16. A packed layer whose parts mix these types is one int4 layer.
 Other types are dequantized to the model's dtype, as are embeddings, LM heads and packed layers
 with a part of another type. Q8_0 among them: `aten._weight_int8pack_mm` takes one scale per
 output row, and requantizing Q8_0's one per 32 values to it moves the default model's Q8_0 tensor
@@ -24,21 +24,20 @@ from torch import nn
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, sliced_param
 from pagoda.loader.gguf_blocks import GROUP, INT4_TYPES
 from pagoda.quantization.base import QuantizationConfig
+from pagoda.quantization.int4pack import Int4Pack
 
 logger = logging.getLogger(__name__)
-
-# The kernel's only vectorised path (AVX-512/AVX2) takes bfloat16 activations and scales; with
-# float32 or float16 it runs a scalar loop 20-150x slower than a float32 matmul. The product is
-# accumulated in float32 and returned in the model's dtype.
-_KERNEL_DTYPE = torch.bfloat16
 
 
 class GGUFInt4LinearMethod(LinearMethod):
     """Q4_0/Q4_1/Q4_K: qweight uint8 [N, K] (0..15), scales and zeros [N, K/32]."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
-        if input_size % GROUP:
-            raise ValueError(f"GGUF: a layer's {input_size} input features (per rank) are not a multiple of {GROUP}")
+        if not Int4Pack.fits(output_size, input_size, GROUP, torch.device("cpu"), torch.get_default_dtype()):
+            raise ValueError(
+                f"GGUF: a layer of {output_size} x {input_size} features (per rank) does not fit the CPU int4 kernel "
+                f"(inputs a multiple of {GROUP}, outputs of 16)"
+            )
         layer.qweight = sliced_param(torch.empty(output_size, input_size, dtype=torch.uint8), output_dim=0, input_dim=1)
         for name in ("scales", "zeros"):  # one per output row and 32 inputs, sliced as the weight is
             setattr(layer, name, sliced_param(
@@ -47,18 +46,11 @@ class GGUFInt4LinearMethod(LinearMethod):
             ))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.qweight.data.int(), 2)
-        # [K/32, N, 2]: each group's scale and zero per output column, as the kernel reads them.
-        scales_zeros = torch.stack([layer.scales.data.t(), layer.zeros.data.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
+        layer.int4 = Int4Pack.from_values(layer.qweight.data, layer.scales.data, layer.zeros.data, GROUP)
         del layer.qweight, layer.scales, layer.zeros
-        layer.int4_weight = nn.Parameter(packed, requires_grad=False)
-        layer.int4_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.int4_weight, GROUP, layer.int4_scales_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
-        return out if bias is None else out + bias
+        return layer.int4.linear(x, bias)
 
 
 class GGUFConfig(QuantizationConfig):

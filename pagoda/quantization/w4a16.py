@@ -1,9 +1,12 @@
 """4-bit weight-only linear layers (W4A16), shared by every 4-bit format: each format's method
 registers its checkpoint tensors and repacks them, after loading, into the one packed layout the
-Triton kernel reads (pagoda/kernels/w4a16_layout.py). On CUDA a few rows (decode) go through torch's
-own int4 GEMM (tinygemm, the one gpt-fast uses) where the layer fits it, many rows (prefill)
-through cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the
-Triton kernel; the CPU runs the torch reference (dequantize, then matmul).
+Triton kernel reads (pagoda/kernels/w4a16_layout.py). Where torch's own int4 kernels run the layer
+(no act-order, groups they serve: pagoda/quantization/int4pack.py, shared with GGUF), it is also
+packed for them: on CUDA a few rows (decode) go through tinygemm, many rows (prefill) through
+cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the Triton
+kernel; on the CPU every row count goes through its int4 kernel (in bfloat16, also for float32
+models: int4pack.py says why), which holds the layer alone, and layers it cannot run through the
+torch reference (dequantize, then matmul, exact in the model's dtype).
 
 Also here: the compressed-tensors `pack-quantized` W4A16 scheme, as a method the
 compressed-tensors config dispatches to (`compressed_tensors_w4a16_method`)."""
@@ -19,6 +22,7 @@ from torch import nn
 
 from pagoda.kernels.w4a16_layout import PACK, unpack_int4, w4a16_gemm_reference
 from pagoda.layers.linear import LinearMethod, sliced_param
+from pagoda.quantization.int4pack import Int4Pack
 
 
 @dataclass
@@ -32,9 +36,6 @@ class PackedW4:
     group_size: int
 
 
-# tinygemm's constraints: bf16, groups of these sizes, K a multiple of 16 x its inner K tiles.
-TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
-TINYGEMM_INNER_K_TILES = 8
 # Row counts where each CUDA path wins at the 8B model's shapes on the H200
 # (scripts/bench_linear_methods.py, us per layer's four matmuls): tinygemm up to 4 rows (64 at
 # one row against the Triton GEMM's 140 and bf16's 116; 259 at 16 rows against 143), cuBLAS on the
@@ -43,49 +44,35 @@ TINYGEMM_MAX_ROWS = 4
 DEQUANTIZE_MIN_ROWS = 128
 
 
-@dataclass
-class TinyGemmW4:
-    """W in torch's int4pack layout with scales_and_zeros [groups, N, 2] (bf16): W = (q - 8) * scale + zero."""
-
-    weight: torch.Tensor
-    scales_and_zeros: torch.Tensor
-    group_size: int
-
-
-def to_tinygemm(w: PackedW4) -> TinyGemmW4 | None:
-    """The layer in tinygemm's layout, or None where tinygemm cannot run it. An integer zero
-    point z becomes the float zero (8 - z) * scale."""
+def to_int4pack(w: PackedW4) -> Int4Pack | None:
+    """The layer packed for torch's int4 kernel on its device, or None where that cannot run it
+    (act-order, or groups and widths it refuses). An integer zero point z becomes the float zero
+    (8 - z) * scale."""
     k, n = w.qweight.shape[0] * PACK, w.qweight.shape[1]
-    if not (
-        w.qweight.is_cuda and w.scales.dtype == torch.bfloat16 and w.g_idx is None
-        and w.group_size in TINYGEMM_GROUP_SIZES and k % (16 * TINYGEMM_INNER_K_TILES) == 0 and n % 8 == 0
-    ):
+    if w.g_idx is not None or not Int4Pack.fits(n, k, w.group_size, w.qweight.device, w.scales.dtype):
         return None
-    q = unpack_int4(w.qweight, dim=0).t()  # [N, K]
-    pairs = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()  # even k in the high nibble
-    weight = torch._convert_weight_to_int4pack(pairs, TINYGEMM_INNER_K_TILES)
-    zero_point = 8.0 if w.zeros is None else w.zeros.float()
-    zeros = ((8.0 - zero_point) * w.scales.float()).to(torch.bfloat16)
-    return TinyGemmW4(weight, torch.stack([w.scales, zeros], dim=-1).contiguous(), w.group_size)
+    scales = w.scales.float()
+    zeros = torch.zeros_like(scales) if w.zeros is None else (8.0 - w.zeros.float()) * scales
+    return Int4Pack.from_values(unpack_int4(w.qweight, dim=0).t(), scales.t(), zeros.t(), w.group_size)
 
 
 def w4a16_linear(
-    x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, tinygemm: TinyGemmW4 | None = None
+    x: torch.Tensor, w: PackedW4 | None, bias: torch.Tensor | None = None, int4: Int4Pack | None = None
 ) -> torch.Tensor:
-    """x @ W^T + b over x's last dim (the CPU entry point other 4-bit formats reuse)."""
+    """x @ W^T + b over x's last dim: through `int4` where it holds the layer (on the CPU every
+    row count, on CUDA up to TINYGEMM_MAX_ROWS), else from `w` (None only where `int4` serves all)."""
     rows = x.reshape(-1, x.shape[-1])
-    args = (w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
-    if not x.is_cuda:
-        out = w4a16_gemm_reference(rows, *args)
-    elif tinygemm is not None and rows.shape[0] <= TINYGEMM_MAX_ROWS:
-        out = torch._weight_int4pack_mm(rows.contiguous(), tinygemm.weight, tinygemm.group_size, tinygemm.scales_and_zeros)
+    if int4 is not None and (not x.is_cuda or rows.shape[0] <= TINYGEMM_MAX_ROWS):
+        out = int4.matmul(rows)
+    elif not x.is_cuda:
+        out = w4a16_gemm_reference(rows, w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
     else:  # Triton, imported where it runs
         from pagoda.kernels.w4a16_gemm import w4_dequantize, w4a16_gemm
 
         if w.g_idx is None and rows.shape[0] >= DEQUANTIZE_MIN_ROWS:
             out = rows @ w4_dequantize(w.qweight, w.scales, w.zeros, w.group_size)
         else:
-            out = w4a16_gemm(rows, *args)
+            out = w4a16_gemm(rows, w.qweight, w.scales, w.zeros, w.g_idx, w.group_size)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 
@@ -126,16 +113,19 @@ class W4A16LinearMethod(LinearMethod):
         packed = self.repack(layer)
         for name in self.checkpoint_params:
             delattr(layer, name)
-        layer.w4_qweight = sliced_param(packed.qweight.contiguous())
-        layer.w4_scales = sliced_param(packed.scales.contiguous())
-        layer.register_parameter("w4_zeros", None if packed.zeros is None else sliced_param(packed.zeros.contiguous()))
-        layer.register_parameter("w4_g_idx", None if packed.g_idx is None else sliced_param(packed.g_idx.contiguous()))
+        layer.int4 = to_int4pack(packed)
+        # The CPU's int4 kernel serves every row count: the layer then holds it alone.
+        kept = None if layer.int4 is not None and not packed.qweight.is_cuda else packed
+        for name in ("qweight", "scales", "zeros", "g_idx"):
+            tensor = None if kept is None else getattr(kept, name)
+            layer.register_parameter(f"w4_{name}", None if tensor is None else sliced_param(tensor.contiguous()))
         layer.w4_group_size = packed.group_size
-        layer.w4_tinygemm = to_tinygemm(packed)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = PackedW4(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
-        return w4a16_linear(x, w, bias, layer.w4_tinygemm)
+        w = None
+        if layer.w4_qweight is not None:
+            w = PackedW4(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
+        return w4a16_linear(x, w, bias, layer.int4)
 
 
 class CompressedTensorsW4A16(W4A16LinearMethod):

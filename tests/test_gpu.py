@@ -30,10 +30,17 @@ def test_bf16_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
     path = save_tiny_model(arch, tmp_path)
     rng = random.Random(0)
     prompt = [rng.randrange(2, 256) for _ in range(48)]
+    # The logits' reference is transformers in float32: its bfloat16 run rounds at other places
+    # than ours (Gemma 2 soft-caps attention scores in bfloat16, Pagoda's kernel in float32), so
+    # the two bfloat16 runs can differ by more than either does from the exact values.
+    exact = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        ref_logprobs = torch.log_softmax(exact(torch.tensor([prompt], device="cuda")).logits[0], -1)
+    del exact
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref_logprobs = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0].float(), -1)
+        hf_logprobs = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0].float(), -1)
         ref_tokens = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
                                  pad_token_id=0)[0, len(prompt):].tolist()
 
@@ -43,8 +50,13 @@ def test_bf16_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, prompt_logprobs=0),
                        use_tqdm=False)[0]
     ours = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
-    theirs = ref_logprobs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
-    assert (ours - theirs).abs().max() < 0.1 * max(1.0, theirs.abs().max().item())
+    rows, targets = torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])
+    theirs = ref_logprobs[rows, targets].cpu()
+    hf_bf16 = hf_logprobs[rows, targets].cpu()
+    bound = 0.1 * max(1.0, theirs.abs().max().item())
+    print(f"{arch}: max logprob error against float32, Pagoda bf16 {(ours - theirs).abs().max():.4f}, "
+          f"transformers bf16 {(hf_bf16 - theirs).abs().max():.4f} (bound {bound:.4f})")
+    assert (ours - theirs).abs().max() < bound
 
     tokens = out.outputs[0].token_ids
     for i, (a, b) in enumerate(zip(tokens, ref_tokens)):

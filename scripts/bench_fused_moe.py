@@ -13,9 +13,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
+from ceilings import copy_tb_per_s  # scripts/ceilings.py, beside this script
+from triton.testing import do_bench_cudagraph
 
 from pagoda.kernels.fused_moe import TileConfig, default_tile_config, fused_experts
+from pagoda.layers.activation import get_act_and_mul
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
 CANDIDATES = [
@@ -31,19 +33,6 @@ def microseconds(fn) -> float:
     return do_bench_cudagraph(fn, rep=50) * 1e3
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write), measured as
-    scripts/ceilings.py does (a graph replay of the copy gave 2.77 TB/s where it gives 4.25)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median") * 1e-3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 2048, 8192])
@@ -54,8 +43,9 @@ def main() -> None:
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, dtype=dtype, device=device) * 0.02
     dense13 = torch.randn(2 * INTER * TOP_K, HIDDEN, dtype=dtype, device=device) * 0.02
     dense2 = torch.randn(HIDDEN, INTER * TOP_K, dtype=dtype, device=device) * 0.02
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_tb_per_s() * 1e12
     expert_bytes = 3 * HIDDEN * INTER * dtype.itemsize
+    act = get_act_and_mul("silu")  # the fused path's activation too
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'tokens':>6} {'floor':>7} {'dense':>7} {'fused':>7} {'best':>7}  best tiling (m, n, k, warps, stages)")
     for tokens in args.tokens:
@@ -64,7 +54,7 @@ def main() -> None:
         weights = torch.rand(tokens, TOP_K, device=device)
         experts_read = ids.unique().numel()
         floor = experts_read * expert_bytes / bandwidth * 1e6
-        dense = microseconds(lambda: F.linear(swiglu(F.linear(x, dense13)), dense2))
+        dense = microseconds(lambda: F.linear(act(F.linear(x, dense13)), dense2))
         times = {}
         for config in [default_tile_config(tokens * TOP_K, EXPERTS), *CANDIDATES]:
             if config not in times:

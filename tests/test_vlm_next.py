@@ -110,3 +110,25 @@ def test_bench_vlm_gpu_runs_tiny_on_the_cpu():
     # The six requests' prompts fit one step: their six images go through the tower together.
     assert (result["pagoda"]["encoder_calls"], result["pagoda"]["images_per_encoder_call"]) == (1, 6)
     assert result["transformers"]["output_tok_s"] > 0 and result["speedup"] > 0
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl"])
+def test_a_quantized_language_model_counts_its_projections_quantized(tmp_path, kind):
+    # The GPU layout check sizes a VLM with the checkpoint's quantization (it raised a TypeError
+    # before every VLM took the argument): fp8 stores the language model's projection weights at
+    # one byte, so the estimate drops by one byte per such weight, the vision tower unchanged.
+    import torch
+
+    from pagoda.config.resolve import model_spec
+    from pagoda.parallel_config import estimate_weight_bytes
+    from pagoda.quantization.fp8 import Fp8Config
+
+    path = save_tiny_qwen2_vl(tmp_path) if kind == "qwen2_vl" else save_tiny_llava(tmp_path, next_=kind == "llava_next")
+    spec = model_spec(transformers.AutoConfig.from_pretrained(path), load_format="auto")
+    text = spec.hf_config["text_config"]
+    layers, hidden, inter = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
+    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    head_dim = text.get("head_dim") or hidden // heads
+    projections = layers * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter)
+    bf16 = estimate_weight_bytes(spec, torch.bfloat16)
+    assert estimate_weight_bytes(spec, torch.bfloat16, Fp8Config.from_config({})) == bf16 - projections

@@ -21,10 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# A near-tie: a gap between the two best logits this small can flip under bf16 rounding.
-NEAR_TIE = 0.05
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_bf16_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
     path = save_tiny_model(arch, tmp_path)
@@ -37,7 +33,6 @@ def test_bf16_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
     exact = exact.cuda().eval()
     with torch.no_grad():
         ref_logprobs = torch.log_softmax(exact(torch.tensor([prompt], device="cuda")).logits[0], -1)
-    del exact
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
     hf = hf.cuda().eval()
     hf.generation_config.eos_token_id = None
@@ -60,18 +55,21 @@ def test_bf16_logits_and_greedy_tokens_match_transformers(arch, tmp_path):
           f"transformers bf16 {(hf_bf16 - theirs).abs().max():.4f} (bound {bound:.4f})")
     assert (ours - theirs).abs().max() < bound
 
+    # Greedy tokens may part only at a near-tie: where the exact top-2 gap is within what bf16
+    # rounding moves transformers' own logprobs (twice its largest error above).
+    near_tie = 2 * (hf_bf16 - theirs).abs().max().item()
     tokens = out.outputs[0].token_ids
     for i, (a, b) in enumerate(zip(tokens, ref_tokens)):
         if a != b:
-            gap = _logit_gap(hf, prompt + ref_tokens[:i])
-            print(f"{arch}: diverged at output {i} ({a} vs {b}), top-2 logit gap {gap:.4f}")
-            assert gap < NEAR_TIE, f"diverged at output {i} without a near-tie (gap {gap})"
+            gap = _logit_gap(exact, prompt + ref_tokens[:i])
+            print(f"{arch}: diverged at output {i} ({a} vs {b}), exact top-2 logit gap {gap:.4f} (near-tie {near_tie:.4f})")
+            assert gap < near_tie, f"diverged at output {i} without a near-tie (exact gap {gap})"
             break
 
 
-def _logit_gap(hf, ids: list[int]) -> float:
+def _logit_gap(model, ids: list[int]) -> float:
     with torch.no_grad():
-        logits = hf(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
     top = logits.topk(2).values
     return (top[0] - top[1]).item()
 

@@ -140,11 +140,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def engine_core_pid(server_pid: int) -> int:
-    """The server's child started by multiprocessing's spawn (not its resource tracker)."""
+    """The server's first engine core: the process named pagoda-core-0 among its descendants
+    (a fork of its fork server)."""
     for pid in descendants(server_pid):
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if int(stat[1]) == server_pid and b"spawn_main" in cmdline:
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "pagoda-core-0":
             return pid
     raise AssertionError("no engine core process found")
 

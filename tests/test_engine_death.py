@@ -220,3 +220,20 @@ def test_server_exits_when_its_engine_core_is_killed(tmp_path, parallel):
     while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in tree if alive(pid)]
+
+
+@pytest.mark.parametrize("parallel", [[], ["--data-parallel-size", "2"]], ids=["one-core", "dp2"])
+def test_a_killed_front_end_leaves_no_process(tmp_path, parallel):
+    """SIGKILL of the server's own process (nothing of it runs any more): its engine cores, forked
+    from a fork server that outlives the front end while they run, see it gone and exit, and the
+    fork server with them."""
+    with serving([*tiny_model_args(tmp_path), *parallel], tmp_path / "server.log") as (proc, _):
+        tree = descendants(proc.pid)
+        cores = [pid for pid in tree if Path(f"/proc/{pid}/comm").read_text().startswith("pagoda-core")]
+        assert len(cores) == (2 if parallel else 1), tree
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in tree if alive(pid)]

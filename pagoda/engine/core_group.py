@@ -26,6 +26,7 @@ import zmq
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine.core_launcher import core_process_context
 from pagoda.engine.core_proc import run_engine_core
 from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
 
@@ -83,12 +84,12 @@ class CoreGroup:
         to_core, from_core = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
         to_core.bind(addresses[0])
         from_core.bind(addresses[1])
-        # spawn, not fork: a forked child would inherit this process's threads and torch state.
         # Not a daemon: with tensor or pipeline parallelism the core starts worker processes,
-        # which a daemon may not; an exit that skipped shutdown() kills it (`kill`).
-        process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, name=f"pagoda-engine-core-{index}", daemon=False,
-            args=(config, *addresses, logging.getLogger().getEffectiveLevel(), env),
+        # which a daemon may not; an exit that skipped shutdown() kills it (`kill`). The core
+        # runs with this process's environment as of now (the fork server's is older).
+        process = core_process_context().Process(
+            target=run_engine_core, name=f"pagoda-core-{index}", daemon=False,
+            args=(config, *addresses, logging.getLogger().getEffectiveLevel(), {**os.environ, **env}, os.getpid()),
         )
         process.start()
         return _Core(process, to_core, from_core)

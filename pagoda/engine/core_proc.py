@@ -6,7 +6,7 @@ strings and gathers n>1 requests (it aborts a request a stop string ended).
 Messages are the typed structs of messages.py: EngineCoreRequest, AbortRequests and Stop in;
 Ready (or Failed) once, then Accepted / Refused per request, Aborted and Outputs out. The core
 blocks on its input while it has no work (after a second of it, it hands the memory its steps
-freed back to the OS), and exits when told to stop or when its parent process
+freed back to the OS), and exits when told to stop or when the front end's process
 is gone. A failed step aborts every request and the core goes on, unless a rank has died
 (ExecutorDeadError): then the core exits nonzero, and the front end, seeing it end, dies too.
 
@@ -17,8 +17,11 @@ other replicas may be waiting inside its MoE exchange."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import select
 import signal
+from pathlib import Path
 
 import torch
 import zmq
@@ -49,16 +52,28 @@ from pagoda.process_time import seconds_since_process_start
 
 logger = logging.getLogger("pagoda")
 
-_PARENT_CHECK_MS = 1000  # how often an idle core checks that its parent is still alive
+_FRONT_END_CHECK_MS = 1000  # how often an idle core checks that the front end is still alive
 _SEND_TIMEOUT_MS = 60_000
+
+
+def _name_process(name: str) -> None:
+    """The process's name as ps and top show it (Linux keeps 15 bytes), so that a core is told
+    from the fork server it came from."""
+    try:
+        Path("/proc/self/comm").write_text(name[:15])
+    except OSError:
+        pass
 
 
 def run_engine_core(
     config: ResolvedConfig, input_address: str, output_address: str, log_level: int,
-    env: dict[str, str],
+    env: dict[str, str], front_end_pid: int,
 ) -> None:
-    """The child process's main function; env: variables to set first (its GPUs, its threads)."""
+    """The child process's main function; env: the environment to run with (the front end's, with
+    this core's GPUs or threads)."""
+    os.environ.clear()
     os.environ.update(env)
+    _name_process(multiprocessing.current_process().name)
     # This process is Pagoda's own, its main module guarded: its workers may be spawned, the
     # method that works everywhere (as `vllm serve` sets VLLM_WORKER_MULTIPROC_METHOD).
     os.environ.setdefault(START_METHOD_ENV, "spawn")
@@ -69,9 +84,9 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log_to_stderr(log_level)
     started = seconds_since_process_start()
-    if started is not None:  # the spawned interpreter's imports: part of the server's start
-        logger.info("engine core process up in %.1f s (its imports)", started)
-    parent = os.getppid()
+    if started is not None:  # from its fork: its config's unpickling, any import not preloaded
+        logger.info("engine core process up in %.1f s", started)
+    front_end = _FrontEnd(front_end_pid)
     context = zmq.Context()
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     # A send blocked this long means the front end is gone: give up rather than hang.
@@ -92,24 +107,49 @@ def run_engine_core(
                 parallel.data_parallel_rank, parallel.data_parallel_size,
                 parallel.data_parallel_size * parallel.tensor_parallel_size,
             )
-            _LockstepCoreLoop(core, inputs, outputs, parent, ReplicaVote(parallel)).run()
+            _LockstepCoreLoop(core, inputs, outputs, front_end, ReplicaVote(parallel)).run()
         else:
-            _CoreLoop(core, inputs, outputs, parent).run()
+            _CoreLoop(core, inputs, outputs, front_end).run()
     finally:
         core.shutdown()  # its worker processes, told to stop and joined
         context.destroy(linger=1000)
     exit_now(0)
 
 
+class _FrontEnd:
+    """Whether the front end that started this core still runs. The core's parent is the fork
+    server, which outlives the front end as long as any core it forked does, so the core watches
+    the front end itself: through a pidfd (readable once that process has exited, and never
+    another's) where Linux gives one, else by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
+            self._fd = None
+
+    def alive(self) -> bool:
+        if self._fd is not None:
+            return not select.select([self._fd], [], [], 0)[0]
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
 class _CoreLoop:
-    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent: int) -> None:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, front_end: _FrontEnd) -> None:
         self.core = core
         self.inputs = inputs
         self.outputs = outputs
-        self.parent = parent
+        self.front_end = front_end
 
     def run(self) -> None:
-        while os.getppid() == self.parent:  # orphaned: nobody will ever read an output
+        while self.front_end.alive():  # else nobody will ever read an output
             busy = self.core.has_unfinished_requests()
             if not self._handle_inputs(block=not busy):
                 return
@@ -120,10 +160,10 @@ class _CoreLoop:
         """Apply waiting messages (waiting for one if block); False once told to stop."""
         trimmed = False
         while True:
-            if not self.inputs.poll(_PARENT_CHECK_MS if block else 0):
+            if not self.inputs.poll(_FRONT_END_CHECK_MS if block else 0):
                 if not block:
                     return True
-                if os.getppid() != self.parent:
+                if not self.front_end.alive():
                     return False
                 if not trimmed:  # idle for a while: what the last steps freed goes back to the OS
                     release_free_memory()
@@ -170,9 +210,9 @@ class _LockstepCoreLoop(_CoreLoop):
     """The loop of one replica among those whose experts span them: it steps whenever any has work."""
 
     def __init__(
-        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent: int, vote: ReplicaVote
+        self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, front_end: _FrontEnd, vote: ReplicaVote
     ) -> None:
-        super().__init__(core, inputs, outputs, parent)
+        super().__init__(core, inputs, outputs, front_end)
         self.vote = vote
 
     def run(self) -> None:
@@ -180,7 +220,7 @@ class _LockstepCoreLoop(_CoreLoop):
         while True:
             if not running:
                 self.inputs.poll(IDLE_WAIT_MS)  # wait a little for work before the next vote
-            told = not (self._handle_inputs(block=False) and os.getppid() == self.parent)
+            told = not (self._handle_inputs(block=False) and self.front_end.alive())
             try:
                 running, stop = self.vote.tally(self.core.has_unfinished_requests(), told)
             except RuntimeError:  # gloo's error when a peer's connection breaks

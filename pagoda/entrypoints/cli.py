@@ -23,10 +23,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from pagoda.engine.core_launcher import start_core_server
     from pagoda.entrypoints.openai.startup import bind_listener
 
     # Bound before the server's imports and the engine's load: a port in use fails at once.
     listener = bind_listener(args.host or "0.0.0.0", args.port)
+    start_core_server()  # its imports run beside the front end's
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
     run_server(args, listener)

@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"
+# Test files run on parallel workers (pytest-xdist), each file whole on one worker so that its
+# module-scoped servers start once: most of the suite's time is server start-ups, which keep one
+# core busy. PAGODA_TEST_WORKERS=0 runs everything in this process.
+WORKERS=${PAGODA_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
+[ "$WORKERS" -gt 4 ] && WORKERS=4  # more would mostly add memory: the heavy tests start ranks of their own
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadfile "$@"

@@ -83,22 +83,38 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(args: list[str], log: Path, env: dict[str, str] | None = None):
-    """A `pagoda serve` subprocess on a free loopback port, healthy; yields (process, base URL)."""
-    port = free_port()
-    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *args, "--host", "127.0.0.1", "--port",
-             str(port), "--device", "cpu"],
-            env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
+    """A `pagoda serve` subprocess on a free loopback port, healthy; yields (process, base URL).
+    A port another test's server took between its choice and the bind (test files run in
+    parallel) is chosen again."""
+    for attempt in range(3):
+        port = free_port()
+        with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", *args, "--host", "127.0.0.1", "--port",
+                 str(port), "--device", "cpu"],
+                env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(proc, base, log)
+            break
+        except RuntimeError:
+            _stop(proc)
+            if attempt == 2 or f"cannot listen on 127.0.0.1:{port}" not in log.read_text():
+                raise
+        except BaseException:
+            _stop(proc)
+            raise
     try:
-        wait_healthy(proc, base, log)
         yield proc, base
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
 
 
 @contextlib.contextmanager

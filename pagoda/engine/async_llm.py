@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -175,9 +176,20 @@ class AsyncLLM:
 
     async def _outputs(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
+        held: Any = None  # an item taken while catching up, for the next turn
         try:
             while not finished:
-                item = await stream.outputs.get()
+                item = held if held is not None else await stream.outputs.get()
+                held = None
+                # A consumer that fell behind takes what has queued since as one output (the
+                # latest, its text deltas joined), as vLLM's output collector does: its work per
+                # turn stays one chunk, however many steps it missed.
+                while isinstance(item, RequestOutput) and not item.finished and not stream.outputs.empty():
+                    later = stream.outputs.get_nowait()
+                    if isinstance(later, Exception):
+                        held = later
+                        break
+                    item = _merged(item, later)
                 if isinstance(item, Exception):
                     finished = True
                     raise item
@@ -254,8 +266,7 @@ class AsyncLLM:
             streams, pending = list(self._streams), list(self._pending.values())
             self._pending.clear()
         error = self._dead_error()
-        for request_id in streams:
-            self._deliver(request_id, error, final=True)
+        self._deliver([(request_id, error, True) for request_id in streams])
         for waiting in pending:
             _fail(waiting, error)
 
@@ -265,8 +276,9 @@ class AsyncLLM:
         elif isinstance(message, Refused):
             self._refuse(message.request_id, ValueError(message.message))
         elif isinstance(message, Aborted):
-            for output in self._output_processor.abort(message.request_ids):
-                self._finish(output, RequestAborted(f"request {output.request_id} was aborted"))
+            ended = self._output_processor.abort(message.request_ids)
+            _notify(self.finished_listeners, *ended)
+            self._deliver([(o.request_id, RequestAborted(f"request {o.request_id} was aborted"), True) for o in ended])
         elif isinstance(message, Outputs):
             self._process(message)
 
@@ -277,11 +289,8 @@ class AsyncLLM:
         _notify(self.iteration_listeners, stats)
         if stopped:  # a stop string ended them here: the core must stop them too
             self._send_abort(stopped)
-        for output in outputs:
-            if output.finished:
-                self._finish(output, output)
-            else:
-                self._deliver(output.request_id, output)
+        _notify(self.finished_listeners, *[output for output in outputs if output.finished])
+        self._deliver([(output.request_id, output, output.finished) for output in outputs])
 
     def _accept(self, request_id: str) -> None:
         pending = self._take_pending(request_id)
@@ -304,27 +313,43 @@ class AsyncLLM:
         with self._lock:  # the sender, the receiver and _end_all each take a request once
             return self._pending.pop(request_id, None)
 
-    def _finish(self, output: RequestOutput, item: Any) -> None:
-        _notify(self.finished_listeners, output)
-        self._deliver(output.request_id, item, final=True)
-
-    def _deliver(self, request_id: str, item: Any, final: bool = False) -> None:
-        # The last item ends the stream here, not in its consumer: a stream nobody iterates (its
-        # handler failed first) must not stay behind.
-        stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
-        if stream is not None:
+    def _deliver(self, items: list[tuple[str, Any, bool]]) -> None:
+        """Hand (request id, item, final) to the requests' streams: one callback per event loop,
+        so that a step's outputs wake the loop once, not once a request. A final item ends the
+        stream here, not in its consumer: a stream nobody iterates (its handler failed first)
+        must not stay behind."""
+        puts: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item, final in items:
+            stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+            if stream is not None:
+                puts.setdefault(stream.loop, []).append((stream.outputs, item))
+        for loop, queued in puts.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, queued)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 pass
 
 
-def _notify(listeners: list[Callable[[Any], None]], event: Any) -> None:
-    for listener in listeners:
-        try:
-            listener(event)
-        except Exception:  # metrics must never stop the delivery of outputs
-            logger.exception("a metrics listener failed")
+def _put_all(queued: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in queued:
+        queue.put_nowait(item)
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two successive ones of a request: the later, with each child's text delta
+    the two deltas joined (the rest is cumulative already)."""
+    deltas = {child.index: child.text_delta for child in earlier.outputs}
+    outputs = [dataclasses.replace(c, text_delta=deltas.get(c.index, "") + c.text_delta) for c in later.outputs]
+    return dataclasses.replace(later, outputs=outputs)
+
+
+def _notify(listeners: list[Callable[[Any], None]], *events: Any) -> None:
+    for event in events:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # metrics must never stop the delivery of outputs
+                logger.exception("a metrics listener failed")
 
 
 def _fail(pending: _Pending, error: Exception) -> None:

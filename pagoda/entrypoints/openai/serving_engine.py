@@ -332,6 +332,14 @@ def as_openai_error(error: Exception) -> OpenAIError:
 async def merge(iterators: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several async iterators as they come, tagged with the iterator's index; if one
     fails or the consumer leaves, the others are cancelled (which aborts their requests)."""
+    if len(iterators) == 1:  # most requests: no task and no queue between the stream and its reader
+        only = iterators[0]
+        try:
+            async for item in only:
+                yield 0, item
+        finally:
+            await only.aclose()  # type: ignore[attr-defined]  # an async generator: closing it aborts its request
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

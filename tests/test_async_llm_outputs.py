@@ -1,0 +1,84 @@
+"""AsyncLLM's per-request streams: a reader that fell behind the engine gets what queued since its
+last turn as one output (the latest, each child's text deltas joined), an error after outputs
+still comes after them, and the engine's outputs reach the streams in one callback per step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagoda.engine.async_llm import AsyncLLM, _Stream
+from pagoda.outputs import CompletionOutput, RequestOutput
+
+
+def _output(step: int, deltas: list[str], finished: bool = False) -> RequestOutput:
+    children = [CompletionOutput(index=i, text="", token_ids=list(range(step + 1)), cumulative_logprob=None,
+                                 logprobs=None, finish_reason="length" if finished else None, text_delta=delta)
+                for i, delta in enumerate(deltas)]
+    return RequestOutput("r", None, [1, 2], None, children, finished)
+
+
+def _engine(aborted: list[list[str]]) -> AsyncLLM:
+    engine = AsyncLLM.__new__(AsyncLLM)  # only the stream's reader is exercised: no core
+    engine._send_abort = aborted.append
+    return engine
+
+
+def test_a_reader_behind_gets_one_output_with_the_deltas_joined():
+    async def run() -> list[RequestOutput]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), ["r-0"])
+        for step, deltas in enumerate([["a", "x"], ["b", ""], ["c", "y"]]):
+            stream.outputs.put_nowait(_output(step, deltas))
+        reader = _engine([])._outputs(stream)
+        first = await reader.__anext__()  # three steps queued before the reader's turn
+        stream.outputs.put_nowait(_output(3, ["d", "z"], finished=True))
+        return [first] + [output async for output in reader]
+
+    first, last = asyncio.run(run())
+    assert [c.text_delta for c in first.outputs] == ["abc", "xy"]
+    assert first.outputs[0].token_ids == [0, 1, 2] and not first.finished  # the latest state
+    assert [c.text_delta for c in last.outputs] == ["d", "z"] and last.finished
+
+
+def test_an_error_queued_after_outputs_comes_after_them():
+    aborted: list[list[str]] = []
+
+    async def run() -> tuple[list[str], Exception]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), ["r-0"])
+        stream.outputs.put_nowait(_output(0, ["a"]))
+        stream.outputs.put_nowait(_output(1, ["b"]))
+        stream.outputs.put_nowait(RuntimeError("engine died"))
+        seen = []
+        with pytest.raises(RuntimeError) as raised:
+            async for output in _engine(aborted)._outputs(stream):
+                seen.append(output.outputs[0].text_delta)
+        return seen, raised.value
+
+    seen, error = asyncio.run(run())
+    assert seen == ["ab"] and str(error) == "engine died"
+    assert aborted == []  # the error ended the stream: nothing left to abort
+
+
+def test_a_step_reaches_every_stream_in_one_callback():
+    async def run() -> tuple[int, list[int]]:
+        loop = asyncio.get_running_loop()
+        engine = _engine([])
+        engine._streams = {f"r{i}": _Stream(loop, asyncio.Queue(), [f"r{i}-0"]) for i in range(3)}
+        queues = {rid: s.outputs for rid, s in engine._streams.items()}
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args):
+            nonlocal calls
+            calls += 1
+            return original(*args)
+
+        loop.call_soon_threadsafe = counting
+        engine._deliver([("r0", _output(0, ["a"]), False), ("r1", _output(0, ["b"]), True), ("r2", _output(0, ["c"]), False)])
+        await asyncio.sleep(0)
+        return calls, [q.qsize() for q in queues.values()], sorted(engine._streams)
+
+    calls, sizes, left = asyncio.run(run())
+    assert calls == 1 and sizes == [1, 1, 1]
+    assert left == ["r0", "r2"]  # the final item ended r1's stream

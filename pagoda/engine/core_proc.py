@@ -124,14 +124,16 @@ class _FrontEnd:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self._exited: select.poll | None = None
         try:
-            self._fd: int | None = os.pidfd_open(pid)
+            self._exited = select.poll()
+            self._exited.register(os.pidfd_open(pid), select.POLLIN)
         except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
-            self._fd = None
+            self._exited = None
 
     def alive(self) -> bool:
-        if self._fd is not None:
-            return not select.select([self._fd], [], [], 0)[0]
+        if self._exited is not None:
+            return not self._exited.poll(0)
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:

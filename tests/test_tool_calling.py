@@ -315,8 +315,10 @@ def test_auto_tool_call_streamed(parser_server):
     name, client = parser_server
     content, calls, finish = _streamed(client, TRIGGER[name], tools=TOOLS)
     assert content == ("Let me check." if name == "hermes" else "")
+    # In how many pieces the arguments come depends on the reader's pace (a stream behind the
+    # engine gets what queued as one chunk); test_parser_streams_text_character_by_character
+    # checks that they stream as the text grows.
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"})]
-    assert calls[0]["pieces"] >= 2  # as the model writes them
     assert finish == ["tool_calls"]
 
 

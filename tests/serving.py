@@ -172,6 +172,14 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
+def still_alive(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive once they have all exited or the timeout has passed."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
 def tiny_model_args(directory: Path) -> list[str]:
     """A tiny random llama with the byte-level tokenizer saved under directory, as `pagoda serve`
     arguments (served as MODEL)."""

@@ -19,7 +19,7 @@ import pytest
 from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.sampling_params import SamplingParams
-from tests.serving import MODEL, alive, descendants, engine_core_pid, openai_error, serving, tiny_model_args
+from tests.serving import MODEL, descendants, engine_core_pid, openai_error, serving, still_alive, tiny_model_args
 from tests.tiny_models import save_tiny_model
 
 LONG = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)  # still running when the engine dies
@@ -216,10 +216,7 @@ def test_server_exits_when_its_engine_core_is_killed(tmp_path, parallel):
     assert proc.returncode != 0
     text = log.read_text()
     assert "engine core 0" in text and "SIGKILL" in text, text[-3000:]
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in tree if alive(pid)]
+    assert not still_alive(tree, 10)
 
 
 @pytest.mark.parametrize("parallel", [[], ["--data-parallel-size", "2"]], ids=["one-core", "dp2"])
@@ -233,7 +230,4 @@ def test_a_killed_front_end_leaves_no_process(tmp_path, parallel):
         assert len(cores) == (2 if parallel else 1), tree
         proc.kill()
         proc.wait(10)
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in tree if alive(pid)]
+    assert not still_alive(tree, 15)

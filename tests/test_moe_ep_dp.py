@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import openai
@@ -30,7 +29,7 @@ from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.layers.moe import SparseMoeBlock
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.parallel_config import GpuInventory, check_parallel_layout
-from tests.serving import alive, descendants, engine_core_pid, save_tokenizer, serving
+from tests.serving import descendants, engine_core_pid, save_tokenizer, serving, still_alive
 from tests.test_moe import MIXTRAL_8X7B
 from tests.tiny_models import save_tiny_model
 
@@ -158,7 +157,7 @@ def test_data_parallel_replicas_sharing_experts_serve_one_process_greedy_texts(a
         tree = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)  # the cores stop together, told by the front end
         assert proc.wait(30) == 0
-    _assert_gone(tree)
+    assert not still_alive(tree, 10)
     log = (tmp_path / "server.log").read_text()
     assert sorted(re.findall(rf"replica (\d) of 2: MoE experts over the {2 * tp} ranks", log)) == ["0", "1"]
 
@@ -173,11 +172,4 @@ def test_a_replica_core_that_dies_takes_the_server_and_the_other_core_down(tmp_p
         # The other core, its lockstep peer gone, waits for the front end, which exits as with
         # any dead core (an abort of the front end would be -6).
         assert proc.wait(30) == 1
-    _assert_gone(tree)
-
-
-def _assert_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in pids if alive(pid)]
+    assert not still_alive(tree, 10)

@@ -31,7 +31,7 @@ from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.sample.sampler import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 from tests.serving import (
-    API_KEY, MAX_MODEL_LEN, MODEL, SPECIALS, alive, descendants, save_tokenizer, serving,
+    API_KEY, MAX_MODEL_LEN, MODEL, SPECIALS, descendants, save_tokenizer, serving, still_alive,
     openai_error, tiny_model_args,
 )
 from tests.tiny_models import save_tiny_model
@@ -356,10 +356,7 @@ def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_
         assert len(tree) >= 3  # the engine core and two workers (a resource tracker may join them)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in tree if alive(pid)]
+    assert not still_alive(tree, 10)
 
 
 def test_async_scheduling_server_answers_as_the_default_one(model_args, client, tmp_path):

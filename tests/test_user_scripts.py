@@ -10,13 +10,12 @@ import logging
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from pagoda.executor.multiproc import START_METHOD_ENV, worker_start_method
-from tests.serving import alive, descendants, serving, tiny_model_args
+from tests.serving import descendants, serving, still_alive, tiny_model_args
 from tests.tiny_models import save_tiny_model
 
 # No main guard, on purpose. The one-process run goes first, so the script's process has run
@@ -36,14 +35,6 @@ print(json.dumps({{"tokens": tokens, "workers": workers}}))
 """
 
 
-def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
-    """The pids still alive once they have all exited or the timeout has passed."""
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return [p for p in pids if alive(p)]
-
-
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
 def test_script_without_main_guard_runs_parallel(layout, tmp_path, monkeypatch):
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
@@ -56,7 +47,7 @@ def test_script_without_main_guard_runs_parallel(layout, tmp_path, monkeypatch):
     assert len(result["workers"]) == 2  # the parallel engine's two ranks, still up when the script ended
     assert result["tokens"]["parallel"] == result["tokens"]["one"]
     assert all(len(t) == 6 for t in result["tokens"]["one"])
-    assert not _wait_gone(result["workers"])
+    assert not still_alive(result["workers"], 30)
 
 
 def test_workers_are_forked_by_default(monkeypatch):
@@ -91,4 +82,4 @@ def test_parallel_server_stops_cleanly_on_sigterm(tmp_path):
     assert "CPU run on 2 ranks: 2 worker processes x" in text
     assert "KV cache of" in text
     assert len(processes) >= 3
-    assert not _wait_gone(processes)
+    assert not still_alive(processes, 30)

@@ -28,6 +28,6 @@ def core_process_context() -> BaseContext:
 
 def start_core_server() -> None:
     """Start the fork server now (the first core would otherwise start it, and wait for its
-    imports then)."""
-    core_process_context()
+    imports then), with the core's modules to preload."""
+    core_process_context()  # sets the preload list, which the server reads when it starts
     multiprocessing.forkserver.ensure_running()

@@ -124,12 +124,12 @@ class _FrontEnd:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._exited: select.poll | None = None
+        exited: select.poll | None = select.poll()
         try:
-            self._exited = select.poll()
-            self._exited.register(os.pidfd_open(pid), select.POLLIN)
+            exited.register(os.pidfd_open(pid), select.POLLIN)
         except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
-            self._exited = None
+            exited = None
+        self._exited = exited
 
     def alive(self) -> bool:
         if self._exited is not None:

@@ -22,15 +22,14 @@ KVScales = tuple[torch.Tensor, torch.Tensor] | None
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: KVScales = None
 ) -> None:
-    """k, v: [T, Hkv, D] into their slots; an fp8 cache gets them divided by its scales."""
+    """k, v: [T, Hkv, D] into their slots (one copy for both); an fp8 cache gets them divided by its scales."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    for i, x in enumerate((k, v)):
-        rows = kv_cache[i].view(-1, num_kv_heads, head_dim)
-        if is_fp8(kv_cache.dtype):
-            x = quantize(x, kv_scales and kv_scales[i], kv_cache.dtype)
-            # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
-            rows, x = rows.view(torch.uint8), x.view(torch.uint8)
-        rows.index_copy_(0, slot_mapping, x)
+    rows = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    if is_fp8(kv_cache.dtype):
+        k, v = (quantize(x, kv_scales and kv_scales[i], kv_cache.dtype) for i, x in enumerate((k, v)))
+        # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
+        rows, k, v = rows.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    rows.index_copy_(1, slot_mapping, torch.stack((k, v)))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +38,10 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     # An fp8 cache is indexed as bytes: CUDA's indexing has no float8 kernel in every torch release.
     storage = kv_cache.view(torch.uint8) if is_fp8(kv_cache.dtype) else kv_cache
-    kv = storage[:, block_tables.long()].view(kv_cache.dtype)  # [2, B, max_blocks, block_size, H, D]
-    kv = kv.reshape(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
+    # index_select, not indexing with the table: on the CPU advanced indexing took 4-11x as long
+    # (171 against 15 us for one request's 7 blocks; 5.0 against 1.3 ms for 16 requests' 40).
+    kv = storage.index_select(1, block_tables.flatten()).view(kv_cache.dtype)  # [2, B * max_blocks, block_size, H, D]
+    kv = kv.view(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
 

@@ -44,9 +44,14 @@ def test_engine_flags_default_to_engine_config(command):
 def test_engine_flags_parse_to_config_values():
     args = build_parser().parse_args([
         "serve", "m", "--max-num-seqs", "3", "--no-enable-prefix-caching", "--enforce-eager", "-tp", "2",
-        "--gpu-memory-utilization", "0.5", "--dtype", "float16", "--no-async-scheduling",
+        "--gpu-memory-utilization", "0.5", "--dtype", "float16", "--no-async-scheduling", "-O3",
     ])
     config = EngineConfig(**engine_kwargs(args))
     assert (config.max_num_seqs, config.enable_prefix_caching, config.enforce_eager, config.tensor_parallel_size,
-            config.gpu_memory_utilization, config.dtype, config.async_scheduling) == (3, False, True, 2, 0.5,
-                                                                                      "float16", False)
+            config.gpu_memory_utilization, config.dtype, config.async_scheduling, config.optimization_level) == (
+        3, False, True, 2, 0.5, "float16", False, 3)
+    assert build_parser().parse_args(["serve", "--optimization-level", "0"]).optimization_level == 0
+    with pytest.raises(SystemExit):  # argparse names the flag and the choices
+        build_parser().parse_args(["serve", "-O4"])
+    with pytest.raises(ValueError, match="optimization_level=4 is invalid"):
+        EngineConfig(optimization_level=4)

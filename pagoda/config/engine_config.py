@@ -116,6 +116,13 @@ class EngineConfig:
         False, "fetch http(s) image URLs of chat content parts (off: only data: URLs are taken)", action="store_true")
     enforce_eager: bool = _knob(False, "run every step eagerly: no CUDA graphs (faster start-up, slower "
                                 "small-batch decode)", action="store_true")
+    # vLLM's optimization levels, what each means here: 0 no CUDA graphs (as --enforce-eager);
+    # 1 and 2 (vLLM's default) CUDA graphs for decode steps; 3 also compiles the CPU decode forward
+    # (pagoda/worker/compiled_decode.py), a minute or two the first time, cached after.
+    optimization_level: int = _knob(
+        2, "0: every step eager (no CUDA graphs); 1-2: CUDA graphs for decode steps on GPUs; 3: also compile the "
+        "CPU decode forward with torch.compile (faster small-batch steps; the first start compiles for about a "
+        "minute, later starts load it from the cache)", aliases=("-O",), choices=range(4), metavar="{0,1,2,3}")
     # Plan and queue step N+1 while the device runs step N. None: on for GPUs, where the host's
     # share of a step is worth hiding; off on the CPU, where it runs the model too.
     async_scheduling: bool | None = _knob(None, "plan and queue each step while the GPUs run the one before "
@@ -166,6 +173,7 @@ class EngineConfig:
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                f"one of {tuple(KV_CACHE_DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
+        _check(self.optimization_level in range(4), "optimization_level", self.optimization_level, "0, 1, 2 or 3")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _check(self.max_loras >= 1, "max_loras", self.max_loras, ">= 1")
         _check(self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank, ">= 1")

@@ -77,6 +77,8 @@ class ParallelConfig:
 class DeviceConfig:
     device: torch.device  # rank r of several runs on cuda:r (mp) or its actor's one GPU (ray)
     enforce_eager: bool
+    # -O3 on the CPU: decode steps through the compiled forward (pagoda/worker/compiled_decode.py).
+    compile_decode: bool = False
 
 
 @dataclass(frozen=True)

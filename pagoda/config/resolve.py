@@ -99,7 +99,10 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             max_loras=args.max_loras if args.enable_lora else 0, pooling=model.pooler is not None,
         ),
         parallel=parallel,
-        device=DeviceConfig(device, _enforce_eager(args.enforce_eager, model.spec, device, parallel)),
+        device=DeviceConfig(
+            device, _enforce_eager(args.enforce_eager or args.optimization_level == 0, model.spec, device, parallel),
+            compile_decode=_compile_decode(args, model, device, parallel, speculative),
+        ),
         speculative=speculative,
         lora=_lora_config(args),
     )
@@ -378,6 +381,28 @@ def _check_fallback_parallel(spec: ModelSpec, parallel: ParallelConfig) -> None:
             f"{parallel.pipeline_parallel_size}: the transformers fallback runs on one rank (its layers are not "
             "split); use 1 and 1 (data_parallel_size works), or a natively supported architecture"
         )
+
+
+def _compile_decode(
+    args: EngineConfig, model: ModelConfig, device: torch.device, parallel: ParallelConfig,
+    speculative: SpeculativeConfig | None,
+) -> bool:
+    """-O3 on the CPU: the decode forward compiled, where it is one rank's model stepping one token
+    per request (what the compiled graph was tested for); elsewhere it says why not."""
+    if args.optimization_level < 3 or device.type != "cpu" or args.enforce_eager:
+        return False
+    reasons = {
+        "tensor or pipeline parallelism": parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1,
+        "speculative decoding": speculative is not None,
+        "LoRA adapters": args.enable_lora,
+        "the transformers fallback": model.spec.architecture == TRANSFORMERS_ARCHITECTURE,
+        "a pooling model": model.pooler is not None,
+        "a multimodal model": model_class(model.spec.architecture).is_multimodal,
+    }
+    unsupported = [reason for reason, applies in reasons.items() if applies]
+    if unsupported:
+        logger.info("optimization_level=3: the decode forward runs eagerly with %s", " and ".join(unsupported))
+    return not unsupported
 
 
 def _enforce_eager(stated: bool, spec: ModelSpec, device: torch.device, parallel: ParallelConfig) -> bool:

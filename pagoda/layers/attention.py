@@ -9,6 +9,7 @@ from torch import nn
 
 from pagoda.attention.backend import AttentionBackend, AttentionMetadata
 from pagoda.attention.kv_cache_spec import FullAttentionSpec
+from pagoda.attention.opaque import paged_attention
 
 
 class Attention(nn.Module):
@@ -53,9 +54,14 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]."""
-        out = self.backend.forward(
-            q, k, v, kv_cache, metadata, self.scale,
-            sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
-            kv_scales=(self.k_scale, self.v_scale),
-        )
+        if torch.compiler.is_compiling():  # one graph for the model: attention an opaque op
+            out = paged_attention(
+                q, k, v, kv_cache, self.k_scale, self.v_scale, self.scale, self.sliding_window, self.logits_soft_cap
+            )
+        else:
+            out = self.backend.forward(
+                q, k, v, kv_cache, metadata, self.scale,
+                sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
+                kv_scales=(self.k_scale, self.v_scale),
+            )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -59,6 +59,7 @@ from pagoda.sample.sampler import (
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 from pagoda.worker.pooler import pool
+from pagoda.worker.compiled_decode import CompiledDecode
 from pagoda.worker.cuda_graphs import DecodeGraphs, ForwardOutput, capture_sizes
 
 logger = logging.getLogger("pagoda")
@@ -173,6 +174,8 @@ class ModelRunner:
         drafts = config.num_speculative_tokens
         self.graph_query_lens = graph_query_lens or [1] + ([1 + drafts] if drafts else [])
         self.decode_graphs: DecodeGraphs | None = None
+        self.compile_decode = config.device.compile_decode
+        self.compiled_decode: CompiledDecode | None = None
         self.block_size = config.cache.block_size
         self.attention_backend = get_attention_backend(device)
         started = time.perf_counter()
@@ -273,13 +276,15 @@ class ModelRunner:
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The KV pool, then (on CUDA, unless eager) the decode graphs that read it."""
+        """The KV pool, then (on CUDA, unless eager) the decode graphs that read it, or (-O3 on the
+        CPU) the compiled decode forward."""
         if not self.kv_cache_spec:
             logger.info("no KV pool: the model's attention reads only each step's own keys and values (an encoder)")
             return
-        # Graphs pad batches with rows that write into one extra block, past the pool's.
+        # Graphs pad batches with rows that write into one extra block, past the pool's; the
+        # compiler's dummy step writes there too.
         started = time.perf_counter()
-        self.kv_caches = self._kv_tensors(num_blocks + self.use_cuda_graphs)
+        self.kv_caches = self._kv_tensors(num_blocks + (self.use_cuda_graphs or self.compile_decode))
         logger.info(
             "KV pool of %d blocks (%d tokens, %s) allocated in %.1f s", num_blocks, num_blocks * self.block_size,
             _dtype_names(self.kv_cache_spec), time.perf_counter() - started,
@@ -290,6 +295,18 @@ class ModelRunner:
             )
             with torch.inference_mode():
                 self.decode_graphs.capture()
+        if self.compile_decode:
+            self._compile_decode(scratch_block=num_blocks)
+
+    @torch.inference_mode()
+    def _compile_decode(self, scratch_block: int) -> None:
+        compiled = CompiledDecode(self.model, self.attention_backend, self.kv_caches)
+        slot = scratch_block * self.block_size
+        metadata = self._build_metadata([slot], [1], [1], [[scratch_block]])
+        self.attention_backend.prepare(metadata)
+        dummy = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if compiled.compile(dummy, dummy.clone(), metadata):
+            self.compiled_decode = compiled
 
     def _decode_graphs(self, kv_caches: list[torch.Tensor], scratch_block: int, sizes: list[int]) -> DecodeGraphs:
         # The forward closes over the model and the pool, not over self: a runner <-> graphs
@@ -390,6 +407,8 @@ class ModelRunner:
         self.attention_backend.prepare(metadata)
         positions = to_device(batch.positions, torch.int64, self.device)
         if images is None:
+            if self.compiled_decode is not None and plain and len(batch.input_ids) == len(batch.query_lens):
+                return self.compiled_decode(input_ids, positions, metadata)
             return self.model(input_ids, positions, self.kv_caches, metadata)
         rows, features = images
         embeds = self.model.embed_input_ids(input_ids)

@@ -70,7 +70,7 @@ def _random_weights(config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     checkpoint's logits can be compared with the dummy bf16 model's."""
     from transformers import AutoConfig
 
-    spec = model_spec(AutoConfig.for_model(**config), "dummy")
+    spec = model_spec(AutoConfig.for_model(**config))
     return iter_dummy_weights(spec, 0, torch.bfloat16, torch.device("cpu"))
 
 

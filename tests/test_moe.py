@@ -122,7 +122,7 @@ QWEN3_30B_A3B = (transformers.Qwen3MoeConfig, dict(
 @pytest.mark.parametrize("known", [MIXTRAL_8X7B, QWEN3_30B_A3B], ids=["mixtral-8x7b", "qwen3-30b-a3b"])
 def test_weight_estimate_counts_the_experts(known):
     config_cls, fields, published_parameters = known
-    spec = model_spec(config_cls(**fields), load_format="auto")
+    spec = model_spec(config_cls(**fields))
     model_cls = model_class(spec.architecture)
     estimate = estimate_weight_bytes(spec, torch.bfloat16)
     assert estimate / 2 == pytest.approx(published_parameters, rel=2e-3)

@@ -116,7 +116,7 @@ def test_only_an_moe_model_spreads_its_experts_over_the_replicas(tmp_path):
 
 def test_a_replica_needs_room_for_its_share_of_the_experts_only():
     config_cls, fields, _ = MIXTRAL_8X7B  # 87 GiB in bf16, of which 84 GiB of routed experts
-    spec = model_spec(config_cls(**fields), load_format="auto")
+    spec = model_spec(config_cls(**fields))
     gpus = GpuInventory(count=2, memory_bytes=80 << 30)
 
     def check(expert_parallel: bool) -> None:

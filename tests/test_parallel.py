@@ -163,7 +163,7 @@ def test_stages_cover_every_layer_once():
 
 
 def _shape(**fields) -> ModelSpec:
-    return model_spec(transformers.LlamaConfig(**{**LLAMA_8B, **fields}), load_format="auto")
+    return model_spec(transformers.LlamaConfig(**{**LLAMA_8B, **fields}))
 
 
 LLAMA_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,

@@ -142,7 +142,7 @@ def test_quantized_weight_bytes_count_one_byte_per_projection_weight():
     spec = model_spec(transformers.LlamaConfig(
         hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
         num_hidden_layers=32, vocab_size=128256, tie_word_embeddings=False,
-    ), load_format="auto")
+    ))
     projections = 32 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336)
     bf16 = estimate_weight_bytes(spec, torch.bfloat16)
     assert estimate_weight_bytes(spec, torch.bfloat16, Fp8Config.from_config({})) == bf16 - projections

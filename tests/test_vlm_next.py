@@ -124,7 +124,7 @@ def test_a_quantized_language_model_counts_its_projections_quantized(tmp_path, k
     from pagoda.quantization.fp8 import Fp8Config
 
     path = save_tiny_qwen2_vl(tmp_path) if kind == "qwen2_vl" else save_tiny_llava(tmp_path, next_=kind == "llava_next")
-    spec = model_spec(transformers.AutoConfig.from_pretrained(path), load_format="auto")
+    spec = model_spec(transformers.AutoConfig.from_pretrained(path))
     text = spec.hf_config["text_config"]
     layers, hidden, inter = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
     heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]

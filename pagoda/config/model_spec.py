@@ -35,7 +35,8 @@ class ModelSpec:
     quantization: dict[str, Any] | None  # quantization_config as the checkpoint states it
     # Every value of the config, for what needs transformers' own classes again (GGUF tensor names).
     hf_config: dict[str, Any]
-    # Dummy weights only: each checkpoint tensor's name and shape, as transformers' model has them.
+    # Where dummy weights differ from what transformers' model of hf_config has (an EAGLE head's
+    # layout): each checkpoint tensor's name and shape; empty: transformers' (hf_checkpoint_shapes).
     checkpoint_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # The rope of sliding-window layers where it differs from the others' (Gemma 3's local base).
     local_rope_parameters: dict[str, Any] | None = None

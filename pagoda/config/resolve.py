@@ -37,7 +37,7 @@ from pagoda.loader.model_loader import (
     load_hf_config,
 )
 from pagoda.loader.model_resolver import ResolvedModel, resolve_model
-from pagoda.loader.weights import hf_meta_model
+from pagoda.loader.weights import hf_checkpoint_shapes
 from pagoda.lora.config import LoRAConfig
 from pagoda.models import model_architecture, model_class
 from pagoda.models.bert import position_offset
@@ -119,7 +119,7 @@ def _model_config(
     args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None, device: torch.device, speculative: bool
 ) -> ModelConfig:
     hf_config = load_hf_config(resolved)
-    spec = model_spec(hf_config, args.load_format, args.model_impl)
+    spec = model_spec(hf_config, args.model_impl)
     _log_model_impl(spec, args.model_impl)
     if resolved.weights_gguf is not None:
         if spec.architecture == TRANSFORMERS_ARCHITECTURE:
@@ -203,6 +203,9 @@ def _eagle_head_spec(speculative: SpeculativeConfig, head: ModelSpec, target: Mo
         if hidden != target.hidden_size:
             raise ValueError(f"speculative_config's model={source!r} is an EAGLE head of hidden size {hidden}, "
                              f"the target's is {target.hidden_size}: they must match")
+    # A head's random weights (spec/eagle.py loads its checkpoint over them) in its layout, from
+    # its plain Llama's.
+    head = dataclasses.replace(head, checkpoint_shapes=hf_checkpoint_shapes(head.hf_config))
     if speculative.method == "eagle3":
         return dataclasses.replace(
             head, architecture=EAGLE3_ARCHITECTURE, checkpoint_shapes=eagle3_checkpoint_shapes(head)
@@ -278,7 +281,7 @@ def _pooler(
     return read_pooler_config(resolved.model_dir, hf_config, "CLS" if encoder else "LAST")
 
 
-def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> ModelSpec:
+def model_spec(hf_config: Any, model_impl: str = "auto") -> ModelSpec:
     """The typed spec of a Hugging Face config (ValueError: an architecture Pagoda runs neither
     natively nor through the transformers fallback, as model_impl allows). Fields only native
     models read (the MLP width, the norm's epsilon) are 0 for a fallback config that lacks them.
@@ -315,7 +318,6 @@ def model_spec(hf_config: Any, load_format: str, model_impl: str = "auto") -> Mo
         dtype=declared if isinstance(declared, torch.dtype) else None,
         quantization=quantization,
         hf_config=whole,
-        checkpoint_shapes=_checkpoint_shapes(whole) if load_format == "dummy" else (),
         local_rope_parameters=local_rope,
         query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
         attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
@@ -443,10 +445,6 @@ def _normalised_rope(params: dict[str, Any]) -> dict[str, Any]:
     params = dict(params)
     params.setdefault("rope_type", params.pop("type", "default"))
     return params
-
-
-def _checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
 
 
 def _dtype(dtype: str, spec: ModelSpec, device: torch.device) -> torch.dtype:

@@ -27,7 +27,7 @@ from pagoda.loader.gguf_loader import (
 )
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.loader.weight_loader import load_weights
-from pagoda.loader.weights import iter_checkpoint_weights
+from pagoda.loader.weights import hf_checkpoint_shapes, iter_checkpoint_weights
 from pagoda.models import model_class
 from pagoda.models.interface import CausalLM
 from pagoda.quantization import get_quantization_config
@@ -190,7 +190,9 @@ def iter_dummy_weights(
     """Random weights as a checkpoint: whole tensors under Hugging Face names, each drawn from a
     seed of its own name. Every rank of a sharded model loads its slices of the very tensors that
     one unsharded rank loads, so a random model gives the same tokens at any TP and PP size."""
-    for name, shape in spec.checkpoint_shapes:
+    # Built here, in the engine core, rather than by the front end: the transformers model that
+    # gives the names and shapes imports most of transformers (~3 s of the server's start-up).
+    for name, shape in spec.checkpoint_shapes or hf_checkpoint_shapes(spec.hf_config):
         generator = torch.Generator(device=device).manual_seed(((seed << 32) + zlib.crc32(name.encode())) & _U64)
         tensor = torch.empty(shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)

@@ -74,6 +74,11 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
+def hf_checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The names and shapes of a checkpoint of this config (its values, as `to_dict` gives them)."""
+    return tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
+
+
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
     """The Hugging Face model for a config (its values, as `to_dict` gives them) without storage:
     its parameter names and shapes are those of a checkpoint."""

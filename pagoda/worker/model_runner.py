@@ -58,9 +58,9 @@ from pagoda.sample.sampler import (
 )
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
-from pagoda.worker.pooler import pool
 from pagoda.worker.compiled_decode import CompiledDecode
 from pagoda.worker.cuda_graphs import DecodeGraphs, ForwardOutput, capture_sizes
+from pagoda.worker.pooler import pool
 
 logger = logging.getLogger("pagoda")
 

@@ -35,6 +35,8 @@ KV_CACHE_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+# vLLM's -O levels (see optimization_level).
+OPTIMIZATION_LEVELS = range(4)
 # The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
 # VLLM_CPU_KVCACHE_SPACE does.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -122,7 +124,7 @@ class EngineConfig:
     optimization_level: int = _knob(
         2, "0: every step eager (no CUDA graphs); 1-2: CUDA graphs for decode steps on GPUs; 3: also compile the "
         "CPU decode forward with torch.compile (faster small-batch steps; the first start compiles for about a "
-        "minute, later starts load it from the cache)", aliases=("-O",), choices=range(4), metavar="{0,1,2,3}")
+        "minute, later starts load it from the cache)", aliases=("-O",), choices=OPTIMIZATION_LEVELS, metavar="{0,1,2,3}")
     # Plan and queue step N+1 while the device runs step N. None: on for GPUs, where the host's
     # share of a step is worth hiding; off on the CPU, where it runs the model too.
     async_scheduling: bool | None = _knob(None, "plan and queue each step while the GPUs run the one before "
@@ -173,7 +175,8 @@ class EngineConfig:
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                f"one of {tuple(KV_CACHE_DTYPES)}")
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
-        _check(self.optimization_level in range(4), "optimization_level", self.optimization_level, "0, 1, 2 or 3")
+        _check(self.optimization_level in OPTIMIZATION_LEVELS, "optimization_level", self.optimization_level,
+               "0, 1, 2 or 3")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _check(self.max_loras >= 1, "max_loras", self.max_loras, ">= 1")
         _check(self.max_lora_rank >= 1, "max_lora_rank", self.max_lora_rank, ">= 1")

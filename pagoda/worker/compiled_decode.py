@@ -67,8 +67,9 @@ class CompiledDecode:
         try:
             self(input_ids, positions, metadata)
         except Exception as e:  # dynamo's, inductor's or the C++ compiler's: any of them means eager
+            first_line = next(iter(str(e).strip().splitlines()), "")
             logger.warning("optimization_level=3: the decode forward does not compile (%s: %s); it runs eagerly",
-                           type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+                           type(e).__name__, first_line)
             return False
         logger.info("decode forward compiled in %.1f s (cache: %s)", time.perf_counter() - started,
                     os.environ["TORCHINDUCTOR_CACHE_DIR"])

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# W3 (../shared/BENCHMARKS.md): `pagoda serve` on the Llama-3.1-8B shape (random weights), then
-# `pagoda bench serve` with 512 requests of 512 -> 256 tokens at each rate given (default: inf 32),
-# failures printed with their status and body. Run on a CUDA machine from the repository root:
+# W3 (../shared/BENCHMARKS.md): offline `pagoda bench throughput` on 512 requests of 512 -> 256
+# tokens (what the server's throughput is held against), then `pagoda serve` on the Llama-3.1-8B
+# shape (random weights) and `pagoda bench serve` with the same request shape at each rate given
+# (default: inf 32), failures printed with their status and body. Run on a CUDA machine from the
+# repository root:
 #   PAGODA_SHARED_MODELS=.shared_models bash scripts/bench_serve_w3.sh [RATE ...]
-# SERVE_FLAGS adds `pagoda serve` flags, e.g. the prefill budget's trade:
+# SERVE_FLAGS adds engine flags to both runs, e.g. the prefill budget's trade:
 #   SERVE_FLAGS="--max-num-batched-tokens 4096" bash scripts/bench_serve_w3.sh inf
 # The shared model configs carry no tokenizer: the byte-level one of the tests serves (prompts are
 # token ids, drawn from what it gives for bench serve's pool text).
@@ -12,6 +14,8 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/pagoda-gpu}; mkdir -p "$OUT"
 MODELS=${PAGODA_SHARED_MODELS:-shared/models}
 RATES=${*:-inf 32}
+python3 -m pagoda.entrypoints.cli --log-level warning bench throughput --model "$MODELS/llama-3.1-8b" --load-format dummy \
+    --num-prompts 512 --input-len 512 --output-len 256 --max-model-len 1024 --disable-tqdm ${SERVE_FLAGS:-} 2>&1 | tail -1
 TOKENIZER=$(mktemp -d)
 python3 -c "import sys; from pathlib import Path; from tests.serving import save_tokenizer; save_tokenizer(Path(sys.argv[1]))" "$TOKENIZER"
 PORT=8011

@@ -4,7 +4,7 @@ detokenizer), timed over many steps with their medians, the aten ops one decode 
 and the top Python functions by own time.
 
     PYTHONPATH=. python3 scripts/profile_cpu_step.py [--model DIR] [--streams 1] [--output-len 128]
-        [--threads N] [--skip-tokenizer-init --max-model-len 512]
+        [--threads N] [--skip-tokenizer-init --max-model-len 512] [-O 3]
 
 Steps run in this process (the offline engine); the server adds the front end <-> core IPC and
 HTTP on top, which `pagoda bench serve` measures end to end. The machine may be shared: compare
@@ -30,6 +30,7 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.engine.core import EngineCore
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.output_processor import OutputProcessor
+from pagoda.layers.linear import ParallelLMHead
 from pagoda.sample.sampler import PendingSamples, Sampler
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.model_runner import ModelRunner
@@ -39,6 +40,7 @@ _PARTS: list[tuple[str, Any, str]] = [
     ("scheduler.schedule", Scheduler, "schedule"),
     ("runner._prepare (inputs)", ModelRunner, "_prepare"),
     ("runner._forward (model)", ModelRunner, "_forward"),
+    ("LM head (logits)", ParallelLMHead, "forward"),
     ("sampler.sample (queue)", Sampler, "sample"),
     ("samples.result (read)", PendingSamples, "result"),
     ("core._read (update)", EngineCore, "_read"),
@@ -56,10 +58,12 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: Pagoda's)")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs after a warm-up run")
+    parser.add_argument("-O", "--optimization-level", type=int, default=2, help="3: the decode forward compiled")
     args = parser.parse_args()
 
     engine = LLMEngine(EngineConfig(
         model=args.model, max_model_len=args.max_model_len, device="cpu", skip_tokenizer_init=args.skip_tokenizer_init,
+        optimization_level=args.optimization_level,
     ))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -222,12 +222,21 @@ def test_server_exits_when_its_engine_core_is_killed(tmp_path, parallel):
 @pytest.mark.parametrize("parallel", [[], ["--data-parallel-size", "2"]], ids=["one-core", "dp2"])
 def test_a_killed_front_end_leaves_no_process(tmp_path, parallel):
     """SIGKILL of the server's own process (nothing of it runs any more): its engine cores, forked
-    from a fork server that outlives the front end while they run, see it gone and exit, and the
-    fork server with them."""
+    from a fork server that the front end stopped once they ran (adopting them), see it gone and
+    exit."""
     with serving([*tiny_model_args(tmp_path), *parallel], tmp_path / "server.log") as (proc, _):
         tree = descendants(proc.pid)
         cores = [pid for pid in tree if Path(f"/proc/{pid}/comm").read_text().startswith("pagoda-core")]
         assert len(cores) == (2 if parallel else 1), tree
+        # The fork server is gone, the cores are the front end's children; the rest of the tree
+        # is the resource tracker.
+        assert [_parent(pid) for pid in cores] == [proc.pid] * len(cores)
+        others = [pid for pid in tree if pid not in cores]
+        assert all("resource_tracker" in Path(f"/proc/{pid}/cmdline").read_text() for pid in others), others
         proc.kill()
         proc.wait(10)
     assert not still_alive(tree, 15)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

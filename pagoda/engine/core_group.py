@@ -26,7 +26,7 @@ import zmq
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine.core_launcher import core_process_context
+from pagoda.engine.core_launcher import AdoptedProcess, core_process_context, stop_core_server
 from pagoda.engine.core_proc import run_engine_core
 from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
 
@@ -37,7 +37,7 @@ _POLL_MS = 500  # how often the receiver checks that it should go on
 
 @dataclass
 class _Core:
-    process: multiprocessing.process.BaseProcess
+    process: multiprocessing.process.BaseProcess | AdoptedProcess
     to_core: zmq.Socket
     from_core: zmq.Socket
     stats: SchedulerStats = dataclasses.field(default_factory=lambda: SchedulerStats(0, 0, 0.0, 0, 0, 0))
@@ -65,9 +65,14 @@ class CoreGroup:
 
     def wait_ready(self) -> None:
         """Block until every core has built its engine; a core's start-up error is raised here
-        (the caller kills the group)."""
+        (the caller kills the group). Then the fork server that started them may go."""
         ready = [self._wait_ready(core) for core in self.cores]
         self.max_model_len, self.model_name, self.num_gpu_blocks = ready[0]
+        adopted = stop_core_server([core.process.pid for core in self.cores])
+        for core, process in zip(self.cores, adopted or []):
+            self._poller.unregister(core.process.sentinel)  # the fork server's pipe: at its end, readable for good
+            core.process = process
+            self._poller.register(process.sentinel, zmq.POLLIN)
 
     def _replica_config(self, config: ResolvedConfig, index: int) -> ResolvedConfig:
         """The config of core `index`: where the experts span the replicas, its rank among them

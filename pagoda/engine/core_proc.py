@@ -118,9 +118,9 @@ def run_engine_core(
 
 class _FrontEnd:
     """Whether the front end that started this core still runs. The core's parent is the fork
-    server, which outlives the front end as long as any core it forked does, so the core watches
-    the front end itself: through a pidfd (readable once that process has exited, and never
-    another's) where Linux gives one, else by its pid."""
+    server (or, once the server's front end has stopped it, the front end; then init when that
+    dies), so the core watches the front end itself: through a pidfd (readable once that process
+    has exited, and never another's) where Linux gives one, else by its pid."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid

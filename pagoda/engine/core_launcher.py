@@ -58,7 +58,9 @@ def stop_core_server(pids: Sequence[int]) -> list[AdoptedProcess] | None:
     running): their handles, or None where it stays (another process's, or not Linux: a pidfd and
     a child subreaper are what let this process watch and reap them). Library users of the engine
     keep theirs: becoming a subreaper changes the whole process."""
-    if not _server_started_here or not hasattr(os, "pidfd_open"):
+    server = multiprocessing.forkserver._forkserver  # private: checked, so a Python without it keeps the server
+    if not (_server_started_here and hasattr(os, "pidfd_open") and getattr(server, "_forkserver_pid", None)
+            and hasattr(server, "_stop")):
         return None
     try:
         pidfds = [os.pidfd_open(pid) for pid in pids]  # before the stop: these are the cores, whatever happens
@@ -70,7 +72,6 @@ def stop_core_server(pids: Sequence[int]) -> list[AdoptedProcess] | None:
         return None
     # Its children hold its lifeline's write end too (to fork in turn), so it would outlive them:
     # ended, then forgotten (a later core would start another); the cores are now ours.
-    server = multiprocessing.forkserver._forkserver
     os.kill(server._forkserver_pid, signal.SIGTERM)
     server._stop()
     return [AdoptedProcess(pid, pidfd) for pid, pidfd in zip(pids, pidfds)]

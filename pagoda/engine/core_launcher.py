@@ -15,12 +15,14 @@ each ended."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import select
 import signal
+import threading
 from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 
@@ -79,30 +81,37 @@ def stop_core_server(pids: Sequence[int]) -> list[AdoptedProcess] | None:
 
 class AdoptedProcess:
     """A core whose fork server has gone, now this process's child: the part of
-    multiprocessing's Process that the core group uses."""
+    multiprocessing's Process that the core group uses (from any thread: one reaps it, under a
+    lock, and the others read what it found)."""
 
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self.sentinel = pidfd  # readable once the process has ended
         self._exitcode: int | None = None
+        self._lock = threading.Lock()
 
     @property
     def exitcode(self) -> int | None:
         """As multiprocessing's: the exit status, or minus the signal that killed it; None while it runs."""
-        if self._exitcode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._exitcode = os.waitstatus_to_exitcode(status)
-        return self._exitcode
+        return self._reap()
 
     def is_alive(self) -> bool:
-        return self.exitcode is None
+        return self._reap() is None
 
     def join(self, timeout: float | None = None) -> None:
-        if self._exitcode is None and select.select([self.sentinel], [], [], timeout)[0]:
-            pid, status = os.waitpid(self.pid, 0)
-            self._exitcode = os.waitstatus_to_exitcode(status)
+        select.select([self.sentinel], [], [], timeout)
+        self._reap()
 
     def kill(self) -> None:
-        if self._exitcode is None:
-            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)  # never another process, as a pid could be
+        # Through the pidfd: never another process, as a reused pid could be; one that has just
+        # ended is not there to signal.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+
+    def _reap(self) -> int | None:
+        with self._lock:
+            if self._exitcode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self._exitcode = os.waitstatus_to_exitcode(status)
+            return self._exitcode

@@ -1,17 +1,23 @@
 """The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
 head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths;
 then decodes of few requests, with and without key splits, timed inside a CUDA graph as decode steps
-run. Reports time and the KV bytes read per second.
+run. Reports time and the KV bytes read per second. --launch-sweep instead times W1's decode step
+(256 requests of 512-768 keys) on a 16-bit and an fp8 cache over key tiles, warps and pipeline
+stages (the choices of triton_backend._launch_options).
 
-    PYTHONPATH=. python3 scripts/bench_attention.py
+    PYTHONPATH=. python3 scripts/bench_attention.py [--launch-sweep]
 """
 
 from __future__ import annotations
+
+import random
+import sys
 
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from pagoda.attention.backend import AttentionMetadata
+from pagoda.attention import triton_backend
 from pagoda.attention.triton_backend import _num_sms, decode_splits, paged_attention, query_tile
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -61,5 +67,20 @@ def main() -> None:
             print(f"{num_reqs:>8} {keys:>6} {splits:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
 
 
+def launch_sweep() -> None:
+    rng = random.Random(0)
+    seq_lens = [rng.randint(512, 768) for _ in range(256)]
+    q, cache, metadata = batch([1] * 256, seq_lens)
+    print(f"{'cache':<6} {'tile_n':>6} {'warps':>5} {'stages':>6} {'us':>7} {'TB/s':>6}")
+    for name, kv_cache in (("16-bit", cache), ("fp8", cache.to(torch.float8_e4m3fn))):
+        kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * kv_cache.element_size()
+        for tile_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 3, 4):
+                    triton_backend._launch_options = lambda *_: {"num_warps": warps, "num_stages": stages}
+                    ms = do_bench_cudagraph(lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, 4, tile_n))
+                    print(f"{name:<6} {tile_n:>6} {warps:>5} {stages:>6} {ms * 1e3:>7.1f} {kv_bytes / ms / 1e9:>6.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    launch_sweep() if "--launch-sweep" in sys.argv else main()

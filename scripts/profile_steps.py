@@ -1,7 +1,10 @@
 """Where a throughput run's time goes, step by step (GPU): prefill vs decode steps, host vs device
-time of one step, and the top CUDA kernels of a decode step and a prefill step.
+time of one step, and the top CUDA kernels of a decode step and a prefill step. With --timeline,
+instead, the whole run's kernels are traced and the GPU's idle time between them is reported for
+each kind of step (what overlapped scheduling leaves uncovered).
 
     PYTHONPATH=. python3 scripts/profile_steps.py --model MODEL_DIR [--num-prompts 256 ...]
+        [--quantization fp8 --kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--timeline", action="store_true")
     args = parser.parse_args()
 
     config = EngineConfig(
         model=args.model, load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
     )
     engine = LLMEngine(config)
     core = engine.engine_core.engine_core  # in this process: its scheduler can be read
@@ -44,14 +51,18 @@ def main() -> None:
         engine.add_request(str(i), ids, params)
 
     kinds: dict[str, list[float]] = {"prefill": [], "decode": []}
+    steps: list[tuple[str, float, float]] = []  # kind, start and end (seconds from the run's start)
     traced: set[str] = set()
+    timeline = profile(activities=[ProfilerActivity.CUDA]) if args.timeline else None
+    if timeline:
+        timeline.start()
     started = time.perf_counter()
     while engine.has_unfinished_requests():
         prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or bool(
             core.scheduler.waiting
         )
         kind = "prefill" if prefill else "decode"
-        if kind not in traced and len(kinds[kind]) >= 3:
+        if not timeline and kind not in traced and len(kinds[kind]) >= 3:
             traced.add(kind)
             _trace(engine, kind)
             continue
@@ -60,12 +71,50 @@ def main() -> None:
         if not core.async_scheduling:  # overlapped, a step returns once the one before is read
             torch.cuda.synchronize()
         kinds[kind].append(time.perf_counter() - t0)
+        steps.append((kind, t0 - started, time.perf_counter() - started))
     total = time.perf_counter() - started
+    if timeline:
+        torch.cuda.synchronize()
+        timeline.stop()
+        _idle_by_kind(timeline, steps)
     print(f"total {total:.2f} s")
     for kind, times in kinds.items():
         if times:
             times_ms = sorted(t * 1e3 for t in times)
             print(f"{kind:>8}: {len(times):4d} steps, {sum(times):6.2f} s, median {times_ms[len(times_ms) // 2]:.2f} ms")
+
+
+def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> None:
+    """The GPU's busy and idle time over the run, idle gaps charged to the kind of the step whose
+    host interval they fall in. Overlapped, step N's host interval holds the GPU's work of step
+    N - 1, so a gap's kind is approximate at phase changes. The profiler's clock starts near the
+    loop's; its first kernel is taken as the run's start."""
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in timeline.events() if e.device_type.name == "CUDA"
+    )
+    origin = kernels[0][0]
+    busy, idle = 0.0, {"prefill": 0.0, "decode": 0.0, "between": 0.0}
+    gaps: list[float] = []
+    kinds = iter(steps)
+    current = next(kinds)
+    reach = kernels[0][0]  # the end of the busy interval so far (kernels may overlap on streams)
+    for start, end in kernels:
+        if start > reach:
+            gap_at = (reach - origin) / 1e6
+            while current is not None and current[2] < gap_at:
+                current = next(kinds, None)
+            kind = current[0] if current is not None and current[1] <= gap_at else "between"
+            idle[kind] += (start - reach) / 1e6
+            gaps.append((start - reach) / 1e3)
+            busy += (end - start) / 1e6
+        else:
+            busy += max(0.0, end - reach) / 1e6
+        reach = max(reach, end)
+    gaps.sort(reverse=True)
+    print(f"timeline: {len(kernels)} kernels, GPU busy {busy:.2f} s over {(reach - origin) / 1e6:.2f} s; idle "
+          + ", ".join(f"{kind} {seconds:.3f} s" for kind, seconds in idle.items())
+          + f"; gaps {len(gaps)}, under 50 us {sum(g for g in gaps if g < 0.05) / 1e3:.3f} s, the largest (ms) "
+          + " ".join(f"{g:.1f}" for g in gaps[:8]))
 
 
 def _trace(engine: LLMEngine, kind: str) -> None:

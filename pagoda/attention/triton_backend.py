@@ -18,8 +18,8 @@ SDPA_MIN_QUERY_LEN); a 16-bit cache only.
 An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast to the
 query's dtype tile by tile; its K scale is folded into the score scale and its V scale applied
 to the accumulated output, both read from device tensors so CUDA graphs see the loaded values.
-Its keys and values are written by one kernel that scales, saturates and casts them (a 16-bit
-cache is written by torch's index_copy_, as before)."""
+Its keys and values are written by the cache-write kernel, which also scales, saturates and casts
+them."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from torch.nn.attention.bias import causal_lower_right
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import is_fp8
 from pagoda.attention.torch_backend import KVScales, gather_kv
-from pagoda.attention.torch_backend import write_kv as write_kv_16bit
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
@@ -78,6 +77,12 @@ def _paged_attention_kernel(
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if KV_FP8:  # q.k_stored * scale * k_scale = q.k * scale
         scale = scale * tl.load(k_scale_ptr)
+        if q.dtype != tl.float32:
+            # 16-bit tiles are multiplied in fp16: Hopper converts fp8 pairs to fp16 in one
+            # instruction, to bf16 only through fp16 per element, which bounded the kernel (1.4
+            # TB/s of fp8 K/V). fp16 holds every fp8 value and more of q's mantissa than bf16; q
+            # is clamped to its range.
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     q_pos = prefix + q_local  # absolute position of each query row
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
@@ -135,23 +140,24 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _write_kv_fp8_kernel(
+def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    """One program per token: its keys and values [Hkv, D] divided by their scales, saturated
-    to the fp8 range, into its slot of the (contiguous) cache."""
+    """One program per token: its keys and values [Hkv, D] into its slot of the (contiguous)
+    cache; into an fp8 cache divided by their scales and saturated to the fp8 range."""
     token = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < ROW
     head, d = i // HEAD_DIM, i % HEAD_DIM
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=valid).to(tl.float32)
-    v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=valid).to(tl.float32)
-    # Rounded division, as torch divides: fp32 `/` is approximate in Triton.
-    k = tl.clamp(tl.math.div_rn(k, tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
-    v = tl.clamp(tl.math.div_rn(v, tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
+    k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=valid)
+    v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=valid)
+    if KV_FP8:
+        # Rounded division, as torch divides: fp32 `/` is approximate in Triton.
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + slot * ROW + i, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
     tl.store(v_cache_ptr + slot * ROW + i, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
 
@@ -159,18 +165,18 @@ def _write_kv_fp8_kernel(
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: KVScales = None
 ) -> None:
-    """k, v: [T, Hkv, D] (unit stride along D) into their slots; an fp8 cache gets them divided
-    by its scales (None: 1.0), in one launch."""
-    if not is_fp8(kv_cache.dtype):
-        write_kv_16bit(k, v, kv_cache, slot_mapping)
-        return
-    k_scale, v_scale = kv_scales or _unit_scales(k.device)
+    """k, v: [T, Hkv, D] (unit stride along D) into their slots in one launch; an fp8 cache gets
+    them divided by its scales (None: 1.0). One pass: torch's stack + index_copy_ took 134 us a
+    layer for an 8,192-token chunk of the 8B shape on an H200."""
+    kv_fp8 = is_fp8(kv_cache.dtype)
+    k_scale, v_scale = (kv_scales or _unit_scales(k.device)) if kv_fp8 else (slot_mapping, slot_mapping)  # not read
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     row = num_kv_heads * head_dim
-    _write_kv_fp8_kernel[(k.shape[0],)](
+    _write_kv_kernel[(k.shape[0],)](
         k, v, kv_cache[0], kv_cache[1], slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row), FP8_MAX=torch.finfo(kv_cache.dtype).max,
+        HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row),
+        FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_fp8 else 0.0, KV_FP8=kv_fp8,
     )
 
 
@@ -242,7 +248,7 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
-        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8,
+        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8, **_launch_options(max_query_len, kv_fp8),
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
@@ -250,6 +256,16 @@ def paged_attention(
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
     return out
+
+
+def _launch_options(max_query_len: int, kv_fp8: bool) -> dict[str, int]:
+    """Warps and pipeline stages. Decodes, measured on an H200 at W1's decode step (256 requests x
+    512-768 keys, 8B heads, 64-key tiles; `scripts/bench_attention.py --launch-sweep`): a 16-bit
+    cache 166 us with 2 stages against 176 with Triton's default 3; an fp8 cache 138 us with 2
+    warps against 172 with 4. Prefill tiles keep Triton's defaults."""
+    if max_query_len > 1:
+        return {}
+    return {"num_warps": 2, "num_stages": 3} if kv_fp8 else {"num_warps": 4, "num_stages": 2}
 
 
 def _unit_scales(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,11 @@
 """The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
 head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths;
 then decodes of few requests, with and without key splits, timed inside a CUDA graph as decode steps
-run. Reports time and the KV bytes read per second. --launch-sweep instead times W1's decode step
+run. Reports time and the KV bytes read per second. --launch-sweep decode instead times W1's decode step
 (256 requests of 512-768 keys) on a 16-bit and an fp8 cache over key tiles, warps and pipeline
-stages (the choices of triton_backend._launch_options).
+stages (the choices of triton_backend._launch_options), and its prefill step over query tiles too.
 
-    PYTHONPATH=. python3 scripts/bench_attention.py [--launch-sweep]
+    PYTHONPATH=. python3 scripts/bench_attention.py [--launch-sweep decode|prefill [--quick]]
 """
 
 from __future__ import annotations
@@ -67,20 +67,39 @@ def main() -> None:
             print(f"{num_reqs:>8} {keys:>6} {splits:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
 
 
-def launch_sweep() -> None:
+def launch_sweep(kind: str) -> None:
+    """decode: W1's decode step; prefill: its prefill step (16 prompts of 512 tokens), over query
+    tiles too (16 or 32 tokens: 64 or 128 rows of the 4-head group)."""
     rng = random.Random(0)
-    seq_lens = [rng.randint(512, 768) for _ in range(256)]
-    q, cache, metadata = batch([1] * 256, seq_lens)
-    print(f"{'cache':<6} {'tile_n':>6} {'warps':>5} {'stages':>6} {'us':>7} {'TB/s':>6}")
+    if kind == "decode":
+        seq_lens = [rng.randint(512, 768) for _ in range(256)]
+        q, cache, metadata = batch([1] * 256, seq_lens)
+        shapes = [(4, tile_n, warps, stages) for tile_n in (64, 128) for warps in (2, 4, 8) for stages in (2, 3, 4)]
+        if "--quick" in sys.argv:
+            shapes = [(4, 64, warps, stages) for warps in (2, 4) for stages in (2, 3)]
+    else:
+        seq_lens = [512] * 16
+        q, cache, metadata = batch(seq_lens, seq_lens)
+        shapes = [
+            (block_q, tile_n, warps, stages)
+            for block_q in (16, 32) for tile_n in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)
+        ]
+    print(f"{'cache':<6} {'q_tile':>6} {'tile_n':>6} {'warps':>5} {'stages':>6} {'us':>7} {'TB/s':>6}")
     for name, kv_cache in (("16-bit", cache), ("fp8", cache.to(torch.float8_e4m3fn))):
         kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * kv_cache.element_size()
-        for tile_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (2, 3, 4):
-                    triton_backend._launch_options = lambda *_: {"num_warps": warps, "num_stages": stages}
-                    ms = do_bench_cudagraph(lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, 4, tile_n))
-                    print(f"{name:<6} {tile_n:>6} {warps:>5} {stages:>6} {ms * 1e3:>7.1f} {kv_bytes / ms / 1e9:>6.2f}")
-
+        for block_q, tile_n, warps, stages in shapes:
+            triton_backend._launch_options = lambda *_: {"num_warps": warps, "num_stages": stages}
+            run = lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, block_q, tile_n)  # noqa: E731
+            try:
+                with torch.cuda.stream(torch.cuda.Stream()):  # graphs cannot be captured on the default stream
+                    ms = do_bench_cudagraph(run)
+            except Exception as e:  # a tile too large for shared memory
+                print(f"{name:<6} {block_q:>6} {tile_n:>6} {warps:>5} {stages:>6} failed: {type(e).__name__}")
+                continue
+            print(f"{name:<6} {block_q:>6} {tile_n:>6} {warps:>5} {stages:>6} {ms * 1e3:>7.1f} {kv_bytes / ms / 1e9:>6.2f}")
 
 if __name__ == "__main__":
-    launch_sweep() if "--launch-sweep" in sys.argv else main()
+    if "--launch-sweep" in sys.argv:
+        launch_sweep(sys.argv[sys.argv.index("--launch-sweep") + 1])
+    else:
+        main()

@@ -21,8 +21,6 @@ from pagoda.layers.linear import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
-    Fp8Input,
-    InputQuantization,
     Shard,
     VocabParallelEmbedding,
     even_shard,
@@ -95,13 +93,12 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        x: torch.Tensor | Fp8Input,
+        x: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -116,16 +113,13 @@ def layer_window(config: ModelSpec, layer_index: int) -> int | None:
 
 
 def norm_input(
-    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, quant: InputQuantization | None = None
-) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
+    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's input norm, with the residual add fused into it: (normed, residual). The
-    first layer has no residual yet: its input is the residual. quant: the next matmul's input
-    quantization, done by the norm's kernel."""
+    first layer has no residual yet: its input is the residual."""
     if residual is None:
-        return norm(hidden, quant=quant), hidden
-    return norm(hidden, residual, quant)
-
-
+        return norm(hidden), hidden
+    return norm(hidden, residual)
 def is_sparse_layer(config: ModelSpec, layer_index: int) -> bool:
     return bool(config.num_experts) and layer_index not in config.dense_mlp_layers
 
@@ -186,11 +180,9 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each norm writes its output as the matmul after it takes it (fp8 for an fp8 GEMM).
-        attn_quant, mlp_quant = self.self_attn.qkv_proj.input_quantization(), self.mlp.input_quantization()
-        hidden, residual = norm_input(self.input_layernorm, hidden, residual, attn_quant)
+        hidden, residual = norm_input(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_quant)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 

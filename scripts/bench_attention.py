@@ -1,9 +1,10 @@
 """The Triton paged-attention kernel at W1's shapes (Llama-3.1-8B: 32 query heads, 8 KV heads,
 head_dim 128, bf16): a decode step of 256 requests and a prefill chunk, for several key-tile widths;
 then decodes of few requests, with and without key splits, timed inside a CUDA graph as decode steps
-run. Reports time and the KV bytes read per second. --launch-sweep decode instead times W1's decode step
-(256 requests of 512-768 keys) on a 16-bit and an fp8 cache over key tiles, warps and pipeline
-stages (the choices of triton_backend._launch_options), and its prefill step over query tiles too.
+run. Reports time and the KV bytes read per second. Instead, on a 16-bit and an fp8 cache over key
+tiles, warps and pipeline stages (the choices of triton_backend._launch_options): --launch-sweep
+decode times W1's decode step (256 requests of 512-768 keys; --quick: four choices), --launch-sweep
+prefill its prefill step (16 prompts of 512 tokens) over query tiles too.
 
     PYTHONPATH=. python3 scripts/bench_attention.py [--launch-sweep decode|prefill [--quick]]
 """
@@ -97,6 +98,7 @@ def launch_sweep(kind: str) -> None:
                 print(f"{name:<6} {block_q:>6} {tile_n:>6} {warps:>5} {stages:>6} failed: {type(e).__name__}")
                 continue
             print(f"{name:<6} {block_q:>6} {tile_n:>6} {warps:>5} {stages:>6} {ms * 1e3:>7.1f} {kv_bytes / ms / 1e9:>6.2f}")
+
 
 if __name__ == "__main__":
     if "--launch-sweep" in sys.argv:

@@ -29,9 +29,9 @@ _ATTENTION = {
 _ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False, KV_FP8=False)
 # The same with an fp8 cache (--kv-cache-dtype fp8).
 _FP8_ATTENTION = dict(_ATTENTION, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
-_FP8_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
-              "slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "stride_kt": "i32",
-              "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
+_KV_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+             "slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "stride_kt": "i32",
+             "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
 _RMS_NORM = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
              "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "n_cols": "i32", "eps": "fp32"}
 _SILU = {"x_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "n_cols": "i32"}
@@ -46,12 +46,12 @@ KERNELS = {
                                        dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
     "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
                                         dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
-    "KV write, bf16": (triton_backend._write_kv_kernel, dict(_FP8_WRITE, k_cache_ptr="*bf16", v_cache_ptr="*bf16"),
+    "KV write, bf16": (triton_backend._write_kv_kernel, _KV_WRITE,
                        dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=0.0, KV_FP8=False)),
-    "fp8 KV write, e4m3": (triton_backend._write_kv_kernel, _FP8_WRITE,
+    "fp8 KV write, e4m3": (triton_backend._write_kv_kernel, dict(_KV_WRITE, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
                            dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=448.0, KV_FP8=True)),
     "fp8 KV write, e5m2": (triton_backend._write_kv_kernel,
-                           dict(_FP8_WRITE, k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5"),
+                           dict(_KV_WRITE, k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5"),
                            dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=57344.0, KV_FP8=True)),
     "combine splits": (triton_backend._combine_splits_kernel,
                        {"partial_ptr": "*fp32", "partial_max_sum_ptr": "*fp32", "out_ptr": "*bf16",

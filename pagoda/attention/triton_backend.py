@@ -15,9 +15,10 @@ only on the batch size and the block tables' width, so decode CUDA graphs captur
 A step of long prompt chunks alone goes to PyTorch's fused attention instead (see
 SDPA_MIN_QUERY_LEN); a 16-bit cache only.
 
-An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast to the
-query's dtype tile by tile; its K scale is folded into the score scale and its V scale applied
-to the accumulated output, both read from device tensors so CUDA graphs see the loaded values.
+An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast tile by
+tile, to fp16 for 16-bit queries (see the kernel) and to float32 for float32 ones; its K scale is
+folded into the score scale and its V scale applied to the accumulated output, both read from
+device tensors so CUDA graphs see the loaded values.
 Its keys and values are written by the cache-write kernel, which also scales, saturates and casts
 them."""
 
@@ -260,8 +261,8 @@ def paged_attention(
 
 def _launch_options(max_query_len: int, kv_fp8: bool) -> dict[str, int]:
     """Warps and pipeline stages. Decodes, measured on an H200 at W1's decode step (256 requests x
-    512-768 keys, 8B heads, 64-key tiles; `scripts/bench_attention.py --launch-sweep`): a 16-bit
-    cache 166 us with 2 stages against 176 with Triton's default 3; an fp8 cache 138 us with 2
+    512-768 keys, 8B heads, 64-key tiles; `scripts/bench_attention.py --launch-sweep decode`): a
+    16-bit cache 166 us with 2 stages against 176 with Triton's default 3; an fp8 cache 138 us with 2
     warps against 172 with 4. Prefill tiles keep Triton's defaults."""
     if max_query_len > 1:
         return {}

@@ -32,9 +32,10 @@ _FP8_ATTENTION = dict(_ATTENTION, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"
 _KV_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
              "slot_mapping_ptr": "*i64", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "stride_kt": "i32",
              "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}
-_RMS_NORM = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
-             "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "n_cols": "i32", "eps": "fp32"}
-_SILU = {"x_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "n_cols": "i32"}
+_RMS_NORM = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "scale_ptr": "*fp32",
+             "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "n_cols": "i32", "eps": "fp32", "fp8_max": "fp32"}
+_SILU = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scale_ptr": "*fp32", "stride_x": "i32", "stride_o": "i32",
+         "n_cols": "i32", "fp8_max": "fp32"}
 KERNELS = {
     "paged attention, decode": (triton_backend._paged_attention_kernel, _ATTENTION,
                                 dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=1)),
@@ -47,12 +48,12 @@ KERNELS = {
     "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
                                         dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
     "KV write, bf16": (triton_backend._write_kv_kernel, _KV_WRITE,
-                       dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=0.0, KV_FP8=False)),
+                       dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=0.0, KV_FP8=False, BLOCK_SIZE=16)),
     "fp8 KV write, e4m3": (triton_backend._write_kv_kernel, dict(_KV_WRITE, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
-                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=448.0, KV_FP8=True)),
+                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=448.0, KV_FP8=True, BLOCK_SIZE=16)),
     "fp8 KV write, e5m2": (triton_backend._write_kv_kernel,
                            dict(_KV_WRITE, k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5"),
-                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=57344.0, KV_FP8=True)),
+                           dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=57344.0, KV_FP8=True, BLOCK_SIZE=16)),
     "combine splits": (triton_backend._combine_splits_kernel,
                        {"partial_ptr": "*fp32", "partial_max_sum_ptr": "*fp32", "out_ptr": "*bf16",
                         "query_start_loc_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"},
@@ -64,7 +65,9 @@ KERNELS = {
                           {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
                           dict(BLOCK=4096)),
     "add + RMSNorm": (elementwise._rms_norm_kernel, _RMS_NORM,
-                      dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096)),
+                      dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096, FP8_OUT=False, STATIC=False)),
+    "add + RMSNorm, fp8 out": (elementwise._rms_norm_kernel, dict(_RMS_NORM, out_ptr="*fp8e4nv"),
+                               dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096, FP8_OUT=True, STATIC=False)),
     "rotary": (elementwise._rotary_kernel,
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32", "positions_ptr": "*i64",
                 "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32",
@@ -79,7 +82,9 @@ KERNELS = {
                      "N": "i32", "R": "i32", "num_tiles": "i32", "stride_y": "i32", "stride_bs": "i32",
                      "stride_bn": "i32", "stride_out": "i32"},
                     dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=lora.BLOCK_N, PRECISION="tf32")),
-    "SiLU-and-mul": (elementwise._silu_and_mul_kernel, _SILU, dict(BLOCK=1024)),
+    "SiLU-and-mul": (elementwise._silu_and_mul_kernel, _SILU, dict(BLOCK=1024, FP8_OUT=False, STATIC=False)),
+    "SiLU-and-mul, fp8 out": (elementwise._silu_and_mul_kernel, dict(_SILU, out_ptr="*fp8e4nv"),
+                              dict(BLOCK=16384, FP8_OUT=True, STATIC=False)),
     "fp8 quantize rows": (elementwise._fp8_quantize_rows_kernel,
                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
                            "stride_q": "i32", "n_cols": "i32", "fp8_max": "fp32"}, dict(STATIC=False, BLOCK=16384)),

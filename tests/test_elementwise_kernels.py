@@ -115,3 +115,41 @@ def test_fp8_quantize_rows_matches_torch(dtype, cols):
     assert ref_q.float().abs().max() == FP8_MAX
     assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), static.expand(9, 1))
+
+
+def _same_fp8(fused: tuple[torch.Tensor, torch.Tensor], unfused: torch.Tensor, static: torch.Tensor | None) -> None:
+    """A kernel's fp8 output equals fp8_quantize_rows of its unquantized output, bit for bit."""
+    q, scale = fused
+    ref_q, ref_scale = fp8_quantize_rows(unfused.reshape(-1, unfused.shape[-1]), FP8, static)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.cpu().view(torch.uint8))
+    assert torch.equal(scale.cpu(), ref_scale.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [None, 2.0**-6])
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+def test_rms_norm_quantizes_its_output_as_the_quantization_kernel_does(dtype, static, norm_class):
+    g = torch.Generator().manual_seed(5)
+    x = (4 * torch.randn(7, 96, generator=g)).to(dtype).to(DEVICE)
+    residual = torch.randn(7, 96, generator=g).to(dtype).to(DEVICE)
+    layer = norm_class(96, eps=1e-5)
+    layer.weight.data = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    weight, order = layer._kernel_weight().to(DEVICE), layer.cast_before_scale
+    static = None if static is None else torch.tensor([static], device=DEVICE)
+
+    _same_fp8(rms_norm(x, weight, 1e-5, None, order, (FP8, static)), rms_norm(x, weight, 1e-5, None, order), static)
+    fused_residual, residual_copy = residual.clone(), residual.clone()
+    fused = rms_norm(x, weight, 1e-5, fused_residual, order, (FP8, static))
+    _same_fp8(fused, rms_norm(x, weight, 1e-5, residual_copy, order), static)
+    assert torch.equal(fused_residual, residual_copy)  # the sum is still left for the next layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [None, 2.0**-6])
+@pytest.mark.parametrize("width", [24, 1500])
+def test_silu_and_mul_quantizes_its_output_as_the_quantization_kernel_does(dtype, static, width):
+    g = torch.Generator().manual_seed(width)
+    x = (3 * torch.randn(6, 2 * width, generator=g)).to(dtype).to(DEVICE)
+    x[2] = 0  # a zero row: the scale floor
+    static = None if static is None else torch.tensor([static], device=DEVICE)
+    _same_fp8(silu_and_mul(x, (FP8, static)), silu_and_mul(x), static)

@@ -210,3 +210,36 @@ def test_scaled_mm_static_activation_scale(m):
     qx = (x.float() / x_scale).to(FP8).float() * x_scale
     expected = qx @ dequantize_rows(layer.weight, layer.weight_scale, torch.float32).t()
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_fp8
+@pytest.mark.parametrize("checkpoint", ["dynamic", "static"])
+def test_norms_and_activation_quantize_for_the_fp8_matmuls_as_the_matmuls_would(checkpoint, prompts, tmp_path, monkeypatch):
+    """The norms and SiLU-and-mul write the fp8 GEMMs' inputs (fused); with that turned off each
+    GEMM quantizes its input itself: the same bits, so the same logprobs."""
+    src = save_tiny_model("llama3", tmp_path)
+    path, engine = src, {"quantization": "fp8"}
+    if checkpoint == "static":
+        path, engine = tmp_path / "fp8", {}
+        pack_checkpoint(src, path, lambda w: fp8_per_tensor(w, input_scale=float(w.abs().max()) / 100), HF_FP8_STATIC)
+
+    def run() -> list[list[float]]:
+        llm = LLM(model=str(path), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, block_size=16,
+                  gpu_memory_utilization=0.2, **engine)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        return [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs] for o in outputs]
+
+    from pagoda.kernels import elementwise
+
+    calls = []  # the GEMMs that quantize their input themselves: o_proj alone when fused
+    quantize = elementwise.fp8_quantize_rows
+    monkeypatch.setattr(elementwise, "fp8_quantize_rows", lambda *a: calls.append(1) or quantize(*a))
+    fused, fused_calls = run(), len(calls)
+    monkeypatch.setattr(Fp8LinearMethod, "input_quantization", lambda self, layer: None)
+    assert run() == fused
+    assert 0 < fused_calls and 4 * fused_calls == len(calls) - fused_calls

@@ -1,7 +1,9 @@
 """Triton kernels for the memory-bound work between a decoder layer's matmuls: RMSNorm fused with
 the residual add, rotary embedding applied in place, SiLU-and-mul, and the per-token FP8
 quantization of a matmul's input. Each reads its inputs once
-and writes once, where the torch versions make a round trip to memory per elementwise op.
+and writes once, where the torch versions make a round trip to memory per elementwise op. The norm
+and SiLU-and-mul can also quantize what they write for the FP8 matmul that reads it (`fp8_out`),
+with the result the quantization kernel gives on their output and without its pass over memory.
 
 They round where the torch references (pagoda/layers) round, so that outputs match them bit for
 bit or within one unit in the last place."""
@@ -14,10 +16,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _store_fp8_row(y, mask, q_ptrs, scale_ptr, row, fp8_max, STATIC: tl.constexpr):
+    """Quantize one row y (float32, whole in this program) to fp8 at q_ptrs: by its own largest
+    magnitude (scale stored at scale_ptr[row]) or, STATIC, by the one scale at scale_ptr."""
+    if STATIC:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / fp8_max
+        tl.store(scale_ptr + row, scale)
+    q = tl.clamp(tl.math.div_rn(y, scale), -fp8_max, fp8_max)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr,
-    stride_x, stride_r, stride_o, n_cols, eps,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
+    stride_x, stride_r, stride_o, n_cols, eps, fp8_max,
     HAS_RESIDUAL: tl.constexpr, CAST_BEFORE_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    FP8_OUT: tl.constexpr, STATIC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -32,29 +48,60 @@ def _rms_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     normed = xf * rstd
     if CAST_BEFORE_SCALE:  # Llama's reference rounds the normalised x before the weight; Gemma's after
-        normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+        normed = normed.to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (normed * w).to(x.dtype)
+    if FP8_OUT:  # what fp8_quantize_rows makes of the model-dtype output
+        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max, STATIC)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
+
+
+# An fp8 output: (the float8 dtype, one float32 scale for every row, or None: each row's own).
+Fp8Quant = tuple[torch.dtype, "torch.Tensor | None"]
+
+
+def _row_warps(block: int) -> int:
+    """Warps for a program that holds a whole row of `block` elements: a row of 8,192 or more held
+    by 4 warps spills (H200, 8,192 x 14,336 quantized: 207 us with 4, 141 with 8)."""
+    return 8 if block >= 8192 else 4
+
+
+def _fp8_output(rows: int, x: torch.Tensor, fp8_out: Fp8Quant) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The quantized output's buffers [rows, x's last dim] in fp8 and its scales [rows, 1], and the fp8 maximum."""
+    fp8_dtype, static_scale = fp8_out
+    q = torch.empty(rows, x.shape[-1], dtype=fp8_dtype, device=x.device)
+    if static_scale is None:
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    else:
+        scale = static_scale.reshape(1, 1).expand(rows, 1).contiguous()
+    return q, scale, torch.finfo(fp8_dtype).max
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-    cast_before_scale: bool = True,
-) -> torch.Tensor:
+    cast_before_scale: bool = True, fp8_out: Fp8Quant | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x) * weight over the last dim; with `residual`, normalises x + residual and stores that
     sum into `residual` in place (it becomes the next residual). x: [..., N], rows contiguous.
     cast_before_scale: round norm(x) to x's dtype before the weight scales it (Llama), or only the
-    product (Gemma)."""
+    product (Gemma). fp8_out: return (fp8 [rows, N], float32 scales [rows, 1]) instead, as
+    fp8_quantize_rows gives for the output."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = torch.empty_like(x2)
+    if fp8_out is None:
+        out, scale, fp8_max = torch.empty_like(x2), x2, 0.0  # scale: not read
+    else:
+        out, scale, fp8_max = _fp8_output(x2.shape[0], x2, fp8_out)
     r2 = x2 if residual is None else residual.view(-1, shape[-1])
+    block = triton.next_power_of_2(shape[-1])
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), shape[-1], eps,
-        HAS_RESIDUAL=residual is not None, CAST_BEFORE_SCALE=cast_before_scale,
-        BLOCK=triton.next_power_of_2(shape[-1]),
+        x2, r2, weight, out, scale, x2.stride(0), r2.stride(0), out.stride(0), shape[-1], eps, fp8_max,
+        HAS_RESIDUAL=residual is not None, CAST_BEFORE_SCALE=cast_before_scale, BLOCK=block,
+        FP8_OUT=fp8_out is not None, STATIC=fp8_out is not None and fp8_out[1] is not None,
+        num_warps=_row_warps(block),
     )
-    return out.view(shape)
+    return out.view(shape) if fp8_out is None else (out, scale)
 
 
 @triton.jit
@@ -103,7 +150,10 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, scale_ptr, stride_x, stride_o, n_cols, fp8_max,
+    BLOCK: tl.constexpr, FP8_OUT: tl.constexpr, STATIC: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -111,18 +161,34 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     # silu is rounded to the model dtype before the product, as F.silu(gate) * up rounds it.
     act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
+    y = (act * up.to(tl.float32)).to(up.dtype)
+    if FP8_OUT:  # one program holds the whole row
+        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max, STATIC)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]."""
+def silu_and_mul(
+    x: torch.Tensor, fp8_out: Fp8Quant | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]. fp8_out: return (fp8 [rows, N], float32 scales
+    [rows, 1]) instead, as fp8_quantize_rows gives for the output."""
     n = x.shape[-1] // 2
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
+    rows = x2.shape[0]
+    if fp8_out is None:
+        out, scale, fp8_max = torch.empty(rows, n, dtype=x.dtype, device=x.device), x2, 0.0  # scale: not read
         block = min(1024, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block)
-    return out.view(*x.shape[:-1], n)
+    else:
+        out, scale, fp8_max = _fp8_output(rows, x2[:, :n], fp8_out)
+        block = triton.next_power_of_2(n)  # a row's scale needs the whole row
+    if rows:
+        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
+            x2, out, scale, x2.stride(0), out.stride(0), n, fp8_max, BLOCK=block,
+            FP8_OUT=fp8_out is not None, STATIC=fp8_out is not None and fp8_out[1] is not None,
+            num_warps=_row_warps(block),
+        )
+    return out.view(*x.shape[:-1], n) if fp8_out is None else (out, scale)
 
 
 @triton.jit
@@ -134,13 +200,7 @@ def _fp8_quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if STATIC:
-        scale = tl.load(scale_ptr)
-    else:
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / fp8_max
-        tl.store(scale_ptr + row, scale)
-    q = tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max)
-    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    _store_fp8_row(x, mask, q_ptr + row * stride_q + cols, scale_ptr, row, fp8_max, STATIC)
 
 
 def fp8_quantize_rows(
@@ -150,16 +210,11 @@ def fp8_quantize_rows(
     row's largest magnitude over the fp8 maximum, or `static_scale` (one float32 value) for every
     row. The torch sequence (abs, amax, divide, clamp, cast) makes six passes with fp32
     intermediates, which cost more than the fp8 GEMM saves on a prefill."""
-    q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    if static_scale is None:
-        scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    else:
-        scale = static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    q, scale, fp8_max = _fp8_output(x.shape[0], x, (fp8_dtype, static_scale))
     if x.shape[0]:
         block = triton.next_power_of_2(x.shape[1])
-        # A row of 8,192 or more held by 4 warps spills (H200, 8,192 x 14,336: 207 us, 141 with 8 warps).
         _fp8_quantize_rows_kernel[(x.shape[0],)](
-            x, q, scale, x.stride(0), q.stride(0), x.shape[1], torch.finfo(fp8_dtype).max,
-            STATIC=static_scale is not None, BLOCK=block, num_warps=8 if block >= 8192 else 4,
+            x, q, scale, x.stride(0), q.stride(0), x.shape[1], fp8_max,
+            STATIC=static_scale is not None, BLOCK=block, num_warps=_row_warps(block),
         )
     return q, scale

@@ -7,15 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.layers.linear import Fp8Input, InputQuantization
+
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, over the merged [gate | up] projection output."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant: InputQuantization | None = None) -> torch.Tensor | Fp8Input:
+        """quant: the next matmul's input quantization, which the CUDA kernel applies as it writes
+        (an Fp8Input; x [tokens, 2N])."""
         if x.is_cuda:
             from pagoda.kernels.elementwise import silu_and_mul
 
-            return silu_and_mul(x)
+            return silu_and_mul(x) if quant is None else Fp8Input(*silu_and_mul(x, quant), x.dtype)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -23,7 +27,8 @@ class SiluAndMul(nn.Module):
 class GeluTanhAndMul(nn.Module):
     """gelu_tanh(gate) * up, over the merged [gate | up] projection output."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant: InputQuantization | None = None) -> torch.Tensor:
+        """quant: ignored (no fused kernel here): the next matmul quantizes its input itself."""
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,25 @@ def sliced_param(data: torch.Tensor, **slicing: int | bool) -> nn.Parameter:
     return param
 
 
+class InputQuantization(NamedTuple):
+    """How a linear layer's FP8 matmul takes its input: in `fp8_dtype`, with one float32 scale per
+    row, each row's own (static_scale None) or the checkpoint's one for every row."""
+
+    fp8_dtype: torch.dtype
+    static_scale: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Fp8Input:
+    """A linear layer's input already quantized as its method asks (`input_quantization`), by the
+    kernel that produced it (a norm, an activation): data [M, K] in fp8, scale [M, 1] float32,
+    and the dtype of the unquantized input, which the output takes."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
 class LinearMethod(ABC):
     """How a linear layer holds and applies its weight. `create_weights` registers the parameters
     the loader fills, in the checkpoint's [output, input] layout (a column-parallel layer's rows
@@ -73,6 +93,11 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def input_quantization(self, layer: nn.Module) -> InputQuantization | None:
+        """How `apply` would quantize its input, so that the kernel producing that input can do it
+        in its own pass and hand `apply` an Fp8Input; None (the default): it takes the input as it is."""
+        return None
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -101,8 +126,11 @@ class Linear(nn.Module):
         self.linear_method.create_weights(self, input_size, output_size)
         self.bias = sliced_param(torch.empty(output_size), output_dim=0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
+
+    def input_quantization(self) -> InputQuantization | None:
+        return self.linear_method.input_quantization(self)
 
 
 @dataclass(frozen=True)
@@ -183,7 +211,7 @@ class RowParallelLinear(Linear):
         self.input_shard = Shard(self.tp.rank * (input_size // self.tp.size), input_size // self.tp.size, input_size)
         super().__init__(self.input_shard.size, output_size, bias, linear_method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         if self.tp.size == 1:
             return self.linear_method.apply(self, x, self.bias)
         out = all_reduce(self.linear_method.apply(self, x, None), self.tp)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.activation import get_act_and_mul
-from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear, even_shard
+from pagoda.layers.linear import ColumnParallelLinear, Fp8Input, InputQuantization, RowParallelLinear, even_shard
 from pagoda.quantization.base import QuantizationConfig, linear_method_for
 
 
@@ -43,5 +43,9 @@ class GatedMLP(nn.Module):
         """Of the linear layers' weights (what a quantization method holds), unsharded."""
         return 3 * hidden_size * intermediate_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.input_quantization()))
+
+    def input_quantization(self) -> InputQuantization | None:
+        """How the first matmul takes its input: the norm before it can quantize it as it writes it."""
+        return self.gate_up_proj.input_quantization()

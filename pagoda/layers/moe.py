@@ -184,6 +184,10 @@ class SparseMoeBlock(nn.Module):
             return routed
         return routed + GatedMLP.num_parameters(hidden_size, shared_intermediate_size) + hidden_size
 
+    def input_quantization(self) -> None:
+        """None: the router and the experts read the unquantized input."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: this replica's token rows (none in a dummy step); every rank of the EP group calls it
         together."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.layers.linear import Fp8Input, InputQuantization
+
 
 class RMSNorm(nn.Module):
     # Whether norm(x) is rounded to x's dtype before the weight scales it, as each reference does.
@@ -28,17 +30,18 @@ class RMSNorm(nn.Module):
         return self.weight
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: InputQuantization | None = None
+    ) -> torch.Tensor | Fp8Input | tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); on CUDA the
-        sum is written into `residual`'s storage."""
+        sum is written into `residual`'s storage. quant: the next matmul's input quantization, which
+        the CUDA kernel applies to norm(x) as it writes it (an Fp8Input; x [tokens, hidden])."""
         if x.is_cuda:
             from pagoda.kernels.elementwise import rms_norm
 
-            if residual is None:
-                return rms_norm(x, self._kernel_weight(), self.eps, cast_before_scale=self.cast_before_scale)
-            out = rms_norm(x, self._kernel_weight(), self.eps, residual, cast_before_scale=self.cast_before_scale)
-            return out, residual
+            out = rms_norm(x, self._kernel_weight(), self.eps, residual, self.cast_before_scale, quant)
+            if quant is not None:
+                out = Fp8Input(*out, x.dtype)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -56,9 +56,10 @@ class GemmaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm, as in the Llama layer: the sublayers'
         # normalised outputs are what is added.
-        hidden, residual = norm_input(self.input_layernorm, hidden, residual)
+        attn_quant, mlp_quant = self.self_attn.qkv_proj.input_quantization(), self.mlp.input_quantization()
+        hidden, residual = norm_input(self.input_layernorm, hidden, residual, attn_quant)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, kv_cache, metadata))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual, mlp_quant)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 

@@ -21,6 +21,8 @@ from pagoda.layers.linear import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
+    Fp8Input,
+    InputQuantization,
     Shard,
     VocabParallelEmbedding,
     even_shard,
@@ -93,12 +95,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        x: torch.Tensor,
+        x: torch.Tensor | Fp8Input,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -113,13 +116,16 @@ def layer_window(config: ModelSpec, layer_index: int) -> int | None:
 
 
 def norm_input(
-    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, quant: InputQuantization | None = None
+) -> tuple[torch.Tensor | Fp8Input, torch.Tensor]:
     """A decoder layer's input norm, with the residual add fused into it: (normed, residual). The
-    first layer has no residual yet: its input is the residual."""
+    first layer has no residual yet: its input is the residual. quant: the next matmul's input
+    quantization, done by the norm's kernel."""
     if residual is None:
-        return norm(hidden), hidden
-    return norm(hidden, residual)
+        return norm(hidden, quant=quant), hidden
+    return norm(hidden, residual, quant)
+
+
 def is_sparse_layer(config: ModelSpec, layer_index: int) -> bool:
     return bool(config.num_experts) and layer_index not in config.dense_mlp_layers
 
@@ -180,9 +186,11 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = norm_input(self.input_layernorm, hidden, residual)
+        # Each norm writes its output as the matmul after it takes it (fp8 for an fp8 GEMM).
+        attn_quant, mlp_quant = self.self_attn.qkv_proj.input_quantization(), self.mlp.input_quantization()
+        hidden, residual = norm_input(self.input_layernorm, hidden, residual, attn_quant)
         hidden = self.self_attn(positions, hidden, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_quant)
         return self.mlp(hidden), residual
 
 

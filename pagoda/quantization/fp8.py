@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from pagoda.layers.linear import (
+    Fp8Input,
+    InputQuantization,
     LinearMethod,
     UnquantizedLinearMethod,
     linear,
@@ -97,19 +99,22 @@ class Fp8LinearMethod(LinearMethod):
             fp8_gemm_supported(weight.device)
             and in_features % _SCALED_MM_ALIGN == 0 and out_features % _SCALED_MM_ALIGN == 0
         )
+        layer.fp8_input = InputQuantization(FP8, layer.input_scale if self.static_input else None)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not layer.fp8_gemm:
+    def input_quantization(self, layer: nn.Module) -> InputQuantization | None:
+        return layer.fp8_input if layer.fp8_gemm else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Input, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Input):  # quantized by the kernel that produced it
+            out = scaled_mm(x.data, x.scale, layer.weight, layer.weight_scale, x.dtype)
+        elif not layer.fp8_gemm:
             return linear(x, dequantize_rows(layer.weight, layer.weight_scale, x.dtype), bias)
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        from pagoda.kernels.elementwise import fp8_quantize_rows  # fp8_gemm: a CUDA GPU
+        else:
+            from pagoda.kernels.elementwise import fp8_quantize_rows  # fp8_gemm: a CUDA GPU
 
-        qx, x_scale = fp8_quantize_rows(x.contiguous(), FP8, layer.input_scale if self.static_input else None)
-        out = scaled_mm(qx, x_scale, layer.weight, layer.weight_scale, x.dtype)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*shape[:-1], out.shape[-1])
+            qx, x_scale = fp8_quantize_rows(x.reshape(-1, x.shape[-1]).contiguous(), *layer.fp8_input)
+            out = scaled_mm(qx, x_scale, layer.weight, layer.weight_scale, x.dtype).reshape(*x.shape[:-1], -1)
+        return out if bias is None else out + bias
 
 
 def scaled_mm(

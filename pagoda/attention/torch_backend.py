@@ -4,7 +4,7 @@ Decodes (one query token) are attended as one padded batch; prefill chunks one r
 time, each against its cached prefix and causally within the chunk. A sliding-window layer masks
 the keys older than its window; a soft-capped layer (Gemma 2) computes the scores itself, since
 scaled_dot_product_attention cannot cap them. An fp8 cache is quantized as it is written and
-dequantized to the query's dtype as it is read, its values in their own layout (pagoda/attention/kv_fp8.py)."""
+dequantized to the query's dtype as it is read (pagoda/attention/kv_fp8.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.attention.backend import AttentionMetadata
-from pagoda.attention.kv_fp8 import dequantize, fp8_values, is_fp8, quantize
+from pagoda.attention.kv_fp8 import dequantize, is_fp8, quantize
 
 KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -25,14 +25,11 @@ def write_kv(
     """k, v: [T, Hkv, D] into their slots (one copy for both); an fp8 cache gets them divided by its scales."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     rows = kv_cache.view(2, -1, num_kv_heads, head_dim)
-    if not is_fp8(kv_cache.dtype):
-        rows.index_copy_(1, slot_mapping, torch.stack((k, v)))
-        return
-    k, v = (quantize(x, kv_scales and kv_scales[i], kv_cache.dtype) for i, x in enumerate((k, v)))
-    # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
-    rows[0].view(torch.uint8).index_copy_(0, slot_mapping, k.view(torch.uint8))
-    block_size = kv_cache.shape[2]
-    fp8_values(kv_cache)[slot_mapping // block_size, :, :, slot_mapping % block_size] = v.view(torch.uint8)
+    if is_fp8(kv_cache.dtype):
+        k, v = (quantize(x, kv_scales and kv_scales[i], kv_cache.dtype) for i, x in enumerate((k, v)))
+        # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
+        rows, k, v = rows.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    rows.index_copy_(1, slot_mapping, torch.stack((k, v)))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +40,9 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     storage = kv_cache.view(torch.uint8) if is_fp8(kv_cache.dtype) else kv_cache
     # index_select, not indexing with the table: timed inside the CPU engine, 38 against 48 us a
     # layer at one stream and 144 against 168 us at 16 (isolated calls exaggerate it: 4-11x).
-    kv = storage.index_select(1, block_tables.flatten())  # [2, B * max_blocks, block_size, H, D]
-    keys = kv[0].view(kv_cache.dtype).view(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    if not is_fp8(kv_cache.dtype):
-        return keys, kv[1].view(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = kv[1].view(num_reqs, -1, num_kv_heads, head_dim, block_size).permute(0, 2, 1, 4, 3)  # see kv_fp8
-    return keys, values.reshape(num_reqs, num_kv_heads, -1, head_dim).view(kv_cache.dtype)
+    kv = storage.index_select(1, block_tables.flatten()).view(kv_cache.dtype)  # [2, B * max_blocks, block_size, H, D]
+    kv = kv.view(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
+    return kv[0], kv[1]
 
 
 @dataclass(frozen=True)

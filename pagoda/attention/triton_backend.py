@@ -15,11 +15,10 @@ only on the batch size and the block tables' width, so decode CUDA graphs captur
 A step of long prompt chunks alone goes to PyTorch's fused attention instead (see
 SDPA_MIN_QUERY_LEN); a 16-bit cache only.
 
-An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) holds its values
-with the slot innermost (pagoda/attention/kv_fp8.py) and is upcast tile by tile, to fp16 for
-16-bit queries (see the kernel) and to float32 for float32 ones; its K scale is folded into the
-score scale and its V scale applied to the accumulated output, both read from device tensors so
-CUDA graphs see the loaded values.
+An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast tile by
+tile, to fp16 for 16-bit queries (see the kernel) and to float32 for float32 ones; its K scale is
+folded into the score scale and its V scale applied to the accumulated output, both read from
+device tensors so CUDA graphs see the loaded values.
 Its keys and values are written by the cache-write kernel, which also scales, saturates and casts
 them."""
 
@@ -39,28 +38,6 @@ from pagoda.attention.torch_backend import KVScales, gather_kv
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
-
-
-@triton.jit
-def _load_fp8_values(
-    v_cache_ptr, table_ptr, start, last_key, kv_head, stride_cb, d, d_valid,
-    TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Keys start .. start + TILE_N's values [TILE_N, D] from an fp8 cache, whose blocks hold them
-    [head, d, slot] (`start` is a multiple of TILE_N, itself one of BLOCK_SIZE). Loaded as
-    [blocks, d, slot], slots contiguous, so that each thread reads whole vectors along the keys,
-    the sum's dimension in p @ v: in the keys-last layout an 8-bit tile is read a byte at a time
-    (Hopper has no transposing shared-memory load for 8-bit types)."""
-    blocks = tl.arange(0, TILE_N // BLOCK_SIZE)
-    slots = tl.arange(0, BLOCK_SIZE)
-    first = start + blocks * BLOCK_SIZE
-    block_id = tl.load(table_ptr + first // BLOCK_SIZE, mask=first < last_key, other=0).to(tl.int64)
-    ptrs = (v_cache_ptr + block_id[:, None, None] * stride_cb + kv_head * (HEAD_DIM * BLOCK_SIZE)
-            + d[None, :, None] * BLOCK_SIZE + slots[None, None, :])
-    # Whole blocks: a mask along the slots would split the vector loads. The caller zeroes the
-    # slots past last_key, which may hold anything (NaN too, which p = 0 would not cancel).
-    values = tl.load(ptrs, mask=(first < last_key)[:, None, None] & d_valid[None, :, None], other=0.0)
-    return tl.reshape(tl.permute(values, (0, 2, 1)), (TILE_N, BLOCK_D))
 
 
 # The block-table width changes from step to step; specialising on it (as Triton does on integers
@@ -132,13 +109,10 @@ def _paged_attention_kernel(
                   + kv_head * stride_ch + d[None, :])
         kv_mask = in_range[:, None] & d_valid[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         if KV_FP8:
             k = k.to(q.dtype)
-            v = _load_fp8_values(v_cache_ptr, block_tables_ptr + req * stride_bt, start, last_key, kv_head, stride_cb,
-                                 d, d_valid, TILE_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D)
-            v = tl.where(in_range[:, None], v.to(q.dtype), 0.0)
-        else:
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale
         if HAS_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 2 * sigmoid(2x) - 1
             s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0)
@@ -171,11 +145,9 @@ def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, KV_FP8: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
 ):
     """One program per token: its keys and values [Hkv, D] into its slot of the (contiguous)
-    cache; into an fp8 cache divided by their scales and saturated to the fp8 range, its values
-    with the slot innermost (pagoda/attention/kv_fp8.py)."""
+    cache; into an fp8 cache divided by their scales and saturated to the fp8 range."""
     token = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     valid = i < ROW
@@ -188,11 +160,7 @@ def _write_kv_kernel(
         k = tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + slot * ROW + i, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
-    if KV_FP8:  # [block, head, d, slot in block]
-        v_offset = (slot // BLOCK_SIZE) * (ROW * BLOCK_SIZE) + i * BLOCK_SIZE + slot % BLOCK_SIZE
-    else:
-        v_offset = slot * ROW + i
-    tl.store(v_cache_ptr + v_offset, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
+    tl.store(v_cache_ptr + slot * ROW + i, v.to(v_cache_ptr.dtype.element_ty), mask=valid)
 
 
 def write_kv(
@@ -209,7 +177,7 @@ def write_kv(
         k, v, kv_cache[0], kv_cache[1], slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row),
-        FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_fp8 else 0.0, KV_FP8=kv_fp8, BLOCK_SIZE=kv_cache.shape[2],
+        FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_fp8 else 0.0, KV_FP8=kv_fp8,
     )
 
 

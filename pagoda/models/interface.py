@@ -73,7 +73,8 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits over the whole vocabulary."""
+        """Logits over the whole vocabulary, in the model's dtype or float32 (the sampler and the
+        prompt logprobs compute in float32 whichever it is)."""
 
     # True: the model reads its own checkpoint (`load_checkpoint`) instead of the generic loader;
     # dummy weights still come through the generic loader, under the model's parameter names.

@@ -208,4 +208,4 @@ class TransformersForCausalLM(CausalLM):
         return out.last_hidden_state[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.hf_model.get_output_embeddings()(hidden).float()
+        return self.hf_model.get_output_embeddings()(hidden)

@@ -450,7 +450,7 @@ class ModelRunner:
         first, count = batch.prompt_rows[chunk.request.request_id]
         req = chunk.request
         targets = req.prompt_token_ids[chunk.start + 1 : chunk.start + 1 + count]
-        logprobs = torch.log_softmax(logits[first : first + count], dim=-1)
+        logprobs = torch.log_softmax(logits[first : first + count].float(), dim=-1)
         chosen = to_device(targets, torch.int64, logprobs.device)
         return gather_top_logprobs(logprobs, chosen, req.sampling_params.prompt_logprobs)
 

@@ -34,6 +34,18 @@ def test_greedy_sample_matches_torch(dtype, vocab):
     torch.testing.assert_close(logprobs.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 40, 600])  # many splits of a row down to one split each
+def test_greedy_sample_splits_rows(rows):
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 9000, generator=g) * 3
+    logits[0, 8999] = logits[0].max() + 1  # in the last split
+    logits[-1, 4097] = logits[-1, 8000] = logits[-1].max() + 1  # a tie across splits
+    tokens, logprobs = greedy_sample(logits.to(DEVICE))
+    assert tokens.cpu().tolist() == logits.argmax(dim=-1).tolist()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1, keepdim=True))[:, 0]
+    torch.testing.assert_close(logprobs.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_sample_reads_strided_rows():
     logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
     view = logits.to(DEVICE)[:, :2500]  # rows of a wider tensor

@@ -24,8 +24,6 @@ them."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -35,6 +33,7 @@ from torch.nn.attention.bias import causal_lower_right
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import is_fp8
 from pagoda.attention.torch_backend import KVScales, gather_kv
+from pagoda.kernels.device_info import num_sms
 
 # The window of a layer that has none: more tokens than any sequence holds (an int32 in the kernel).
 _NO_WINDOW = 1 << 30
@@ -283,13 +282,6 @@ def decode_splits(num_programs: int, max_keys: int, num_sms: int) -> int:
     return max(1, min((2 * num_sms) // num_programs, max_keys // 128, 64))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter: an H100's count
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def query_tile(max_query_len: int, group: int) -> int:
     """Query tokens per program: decodes pack the group into >= 16 rows (the smallest tensor-core
     tile); short queries (a decode with a few draft tokens) into 16 or 32 rows, so that their tile
@@ -337,7 +329,7 @@ class TritonAttentionBackend:
             # The longest a request here can be: what its block table holds (a graph's tables
             # are max_model_len wide, so its captured split count suits any length).
             max_keys = metadata.block_tables.shape[1] * metadata.block_size
-            num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, _num_sms(q.device))
+            num_splits = decode_splits(metadata.num_reqs * k.shape[1], max_keys, num_sms(q.device))
         return paged_attention(
             q, kv_cache, metadata, scale, query_tile(max_query_len, group), num_splits=num_splits,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_scales=kv_scales,

@@ -15,42 +15,78 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.device_info import num_sms
+
 
 @triton.jit
-def _greedy_kernel(logits_ptr, tokens_ptr, logprobs_ptr, stride_row, vocab, BLOCK: tl.constexpr):
+def _greedy_split_kernel(
+    logits_ptr, max_ptr, sum_ptr, arg_ptr, stride_row, vocab, chunk, SPLITS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Over one split of one row (columns [split * chunk, (split + 1) * chunk)): its max, the sum of
+    exp(x - max), and the first column holding the max."""
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     base = logits_ptr + row * stride_row
     lanes = tl.arange(0, BLOCK)
-    # Per lane: the running max, the sum of exp(x - max), and the first column holding the max.
     lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
     lane_sum = tl.zeros([BLOCK], tl.float32)
     lane_arg = tl.zeros([BLOCK], tl.int32)
-    for start in tl.range(0, vocab, BLOCK):
+    end = tl.minimum((split + 1) * chunk, vocab)
+    for start in tl.range(split * chunk, end, BLOCK):
         cols = start + lanes
-        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(lane_max, x)
         # A lane that has seen only -inf (masked columns, the tail) shifts by 0: no inf - inf.
         shift = tl.where(new_max > float("-inf"), new_max, 0.0)
         lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
         lane_arg = tl.where(x > lane_max, cols, lane_arg)  # strictly greater: the first column wins
         lane_max = new_max
-    row_max = tl.max(lane_max, axis=0)
-    total = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0)
+    split_max = tl.max(lane_max, axis=0)
+    shift = tl.where(split_max > float("-inf"), split_max, 0.0)
+    out = row * SPLITS + split
+    tl.store(max_ptr + out, split_max)
+    tl.store(sum_ptr + out, tl.sum(lane_sum * tl.exp(lane_max - shift), axis=0))
     # Ties across lanes: the lowest column, as torch.argmax picks.
-    token = tl.min(tl.where(lane_max == row_max, lane_arg, vocab), axis=0)
+    tl.store(arg_ptr + out, tl.min(tl.where(lane_max == split_max, lane_arg, vocab), axis=0))
+
+
+@triton.jit
+def _greedy_combine_kernel(max_ptr, sum_ptr, arg_ptr, tokens_ptr, logprobs_ptr, vocab, SPLITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    splits = row * SPLITS + tl.arange(0, SPLITS)
+    split_max = tl.load(max_ptr + splits)
+    row_max = tl.max(split_max, axis=0)
+    total = tl.sum(tl.load(sum_ptr + splits) * tl.exp(split_max - row_max), axis=0)
+    # Splits are in column order: the lowest column among the maxima is the first one.
+    token = tl.min(tl.where(split_max == row_max, tl.load(arg_ptr + splits), vocab), axis=0)
     tl.store(tokens_ptr + row, token.to(tl.int64))
     # logprob of the max = max - logsumexp = -log(sum exp(x - max))
     tl.store(logprobs_ptr + row, -tl.log(total))
 
 
+_GREEDY_BLOCK = 2048
+
+
 def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [rows] int64, its log-softmax [rows] float32) of logits [rows, vocab], any float dtype,
-    last dim contiguous."""
+    last dim contiguous. Each row is split across programs so that a batch of any size keeps
+    every SM reading (one program per row read 256 rows of a 128k vocabulary at 1 TB/s on an
+    H200, one row at a fraction of that)."""
     rows, vocab = logits.shape
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    if rows:
-        _greedy_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), vocab, BLOCK=2048)
+    if not rows:
+        return tokens, logprobs
+    blocks = triton.cdiv(vocab, _GREEDY_BLOCK)
+    # About four programs per SM, a power of two (the combining kernel's tile), a block or more each.
+    splits = min(triton.next_power_of_2(triton.cdiv(4 * num_sms(logits.device), rows)), triton.next_power_of_2(blocks))
+    chunk = triton.cdiv(blocks, splits) * _GREEDY_BLOCK
+    partial_max, partial_sum = (torch.empty(rows, splits, dtype=torch.float32, device=logits.device) for _ in range(2))
+    partial_arg = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    _greedy_split_kernel[(rows, splits)](
+        logits, partial_max, partial_sum, partial_arg, logits.stride(0), vocab, chunk, SPLITS=splits, BLOCK=_GREEDY_BLOCK
+    )
+    _greedy_combine_kernel[(rows,)](partial_max, partial_sum, partial_arg, tokens, logprobs, vocab, SPLITS=splits)
     return tokens, logprobs
 
 

@@ -10,12 +10,12 @@ and no split."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.device_info import num_sms
 from pagoda.kernels.w4a16_layout import PACK
 
 
@@ -87,13 +87,6 @@ class GemmConfig:
     num_stages: int
 
 
-@cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """Small M: the weight read is the cost, so 64-wide output tiles and split-K until the
     programs cover the SMs several times over (decode wants 8 waves in flight, M <= 64 two), in
@@ -104,7 +97,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
         block_n, block_k = 64, 128
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         waves, most = (8, 8) if m <= 16 else (2, 4)
-        split_k = triton.next_power_of_2(triton.cdiv(waves * _num_sms(device), tiles))
+        split_k = triton.next_power_of_2(triton.cdiv(waves * num_sms(device, on_cpu=1), tiles))
         split_k = min(split_k, most, triton.cdiv(k, block_k))
         return GemmConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=4)
     block_m = 64 if m <= 128 else 128

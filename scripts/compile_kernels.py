@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagoda.attention import triton_backend  # noqa: E402
-from pagoda.kernels import elementwise, lora, sampling  # noqa: E402
+from pagoda.kernels import elementwise, fp8_gemm, lora, sampling  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _ATTENTION = {
@@ -58,9 +58,16 @@ KERNELS = {
                        {"partial_ptr": "*fp32", "partial_max_sum_ptr": "*fp32", "out_ptr": "*bf16",
                         "query_start_loc_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"},
                        dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=128, BLOCK_D=128)),
-    "greedy sampling": (sampling._greedy_kernel,
-                        {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "stride_row": "i32",
-                         "vocab": "i32"}, dict(BLOCK=2048)),
+    "greedy sampling, per split": (sampling._greedy_split_kernel,
+                                   {"logits_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "arg_ptr": "*i32",
+                                    "stride_row": "i32", "vocab": "i32", "chunk": "i32"}, dict(SPLITS=4, BLOCK=2048)),
+    "greedy sampling, combine": (sampling._greedy_combine_kernel,
+                                 {"max_ptr": "*fp32", "sum_ptr": "*fp32", "arg_ptr": "*i32", "tokens_ptr": "*i64",
+                                  "logprobs_ptr": "*fp32", "vocab": "i32"}, dict(SPLITS=4)),
+    "fp8 GEMM": (fp8_gemm._fp8_gemm_kernel,
+                 {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                  "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32",
+                  "stride_om": "i32"}, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True)),
     "exponential noise": (sampling._exponential_kernel,
                           {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
                           dict(BLOCK=4096)),

@@ -167,7 +167,7 @@ def _fp8_layer(k: int, n: int, method: Fp8LinearMethod, weight: torch.Tensor) ->
 
 @pytest.mark.gpu
 @needs_fp8
-@pytest.mark.parametrize("m", [1, 16, 64, 512])
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 512])  # 256: down_proj takes the Triton GEMM
 @pytest.mark.parametrize("k,n", SHAPES_8B)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scaled_mm_path_equals_the_torch_reference(k, n, m, dtype):

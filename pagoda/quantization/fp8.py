@@ -120,9 +120,15 @@ class Fp8LinearMethod(LinearMethod):
 def scaled_mm(
     qx: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(qx * x_scale) @ (weight * weight_scale)^T in `dtype` through cuBLASLt's FP8 GEMM: qx [M, K]
-    fp8 with x_scale [M, 1], weight [N, K] fp8 with weight_scale [N]. Row-wise scaling gives
-    bf16 only, so other dtypes are cast from it."""
+    """(qx * x_scale) @ (weight * weight_scale)^T in `dtype`: qx [M, K] fp8 with x_scale [M, 1],
+    weight [N, K] fp8 with weight_scale [N]. Through cuBLASLt's FP8 GEMM (row-wise scaling gives
+    bf16 only, so other dtypes are cast from it), or the Triton one for the decode shapes that
+    cuBLASLt spreads over too few SMs."""
+    from pagoda.kernels.fp8_gemm import decode_config, fp8_gemm  # a CUDA GPU: Triton is there
+
+    config = decode_config(qx.shape[0], weight.shape[0], weight.shape[1], qx.device)
+    if config is not None:
+        return fp8_gemm(qx, x_scale, weight, weight_scale, dtype, config)
     out = torch._scaled_mm(
         qx, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )

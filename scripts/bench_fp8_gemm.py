@@ -1,0 +1,84 @@
+"""The Triton FP8 GEMM (pagoda/kernels/fp8_gemm.py) against torch._scaled_mm (cuBLASLt) on a
+model's decode-batch GEMM shapes (GPU): for each batch M and layer (qkv, o, gate_up, down), the
+best Triton configuration of a sweep, its time, cuBLASLt's, their largest difference, and the time
+of what pagoda.quantization.fp8.scaled_mm runs for the shape (fp8_gemm.decode_config's choice).
+
+    PYTHONPATH=. python3 scripts/bench_fp8_gemm.py [--model ../shared/models/llama-3.1-8b] [--m 64 128 256 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from pagoda.kernels.fp8_gemm import Fp8GemmConfig, decode_config, fp8_gemm
+from pagoda.quantization.fp8 import quantize_fp8_rows, scaled_mm
+
+
+def layer_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each linear layer of a Llama-shaped decoder layer."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head_dim
+    return {"qkv": (qkv, hidden), "o": (hidden, c["num_attention_heads"] * head_dim),
+            "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+
+
+def configs() -> list[Fp8GemmConfig]:
+    grid = itertools.product((64, 128), (64, 128, 256), (128, 256), (4, 8), (3, 4))
+    # Shared memory: stages x (BLOCK_M + BLOCK_N) x BLOCK_K bytes, under the H200's 227 KiB.
+    return [Fp8GemmConfig(*c) for c in grid if c[4] * (c[0] + c[1]) * c[2] <= 200 * 1024]
+
+
+def time_us(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def best_triton(a, a_scale, b, b_scale) -> tuple[float, Fp8GemmConfig]:
+    best: tuple[float, Fp8GemmConfig | None] = (float("inf"), None)
+    for cfg in configs():
+        try:
+            t = time_us(lambda: fp8_gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg))
+        except Exception:  # out of shared memory or registers for this shape: not a candidate
+            continue
+        best = min(best, (t, cfg))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "../../shared/models/llama-3.1-8b"))
+    parser.add_argument("--m", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--no-sweep", action="store_true", help="cuBLASLt against the engine's choice only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{'M':>5} {'layer':>8} {'N':>6} {'K':>6} | {'cuBLASLt us':>11} | {'engine us':>9} engine's choice"
+          + ("" if args.no_sweep else " | best Triton us, config, max |diff| from cuBLASLt"))
+    for m, (name, (n, k)) in itertools.product(args.m, layer_shapes(args.model).items()):
+        a, a_scale = quantize_fp8_rows(torch.randn(m, k, device="cuda"))
+        b, b_scale = quantize_fp8_rows(torch.randn(n, k, device="cuda"))
+        b_scale = b_scale.reshape(-1)
+
+        def cublas_mm():
+            return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
+
+        engine_choice = decode_config(m, n, k, a.device)
+        line = (f"{m:>5} {name:>8} {n:>6} {k:>6} | {time_us(cublas_mm):>11.1f} | "
+                f"{time_us(lambda: scaled_mm(a, a_scale, b, b_scale, torch.bfloat16)):>9.1f} "
+                f"{'cuBLASLt' if engine_choice is None else tuple(engine_choice)}")
+        if not args.no_sweep:
+            t, cfg = best_triton(a, a_scale, b, b_scale)
+            diff = (fp8_gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg).float() - cublas_mm().float()).abs().max()
+            line += f" | {t:.1f} {tuple(cfg)} {diff.item():.3g}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

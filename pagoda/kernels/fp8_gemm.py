@@ -61,20 +61,25 @@ def _fp8_gemm_kernel(
 
 
 DEFAULT_CONFIG = Fp8GemmConfig(64, 128, 256, 4, 4)
+# For a long K at decode batches: the tile width that makes one program per SM wins.
+_LONG_K_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
 
 
 def decode_config(m: int, n: int, k: int, device: torch.device) -> Fp8GemmConfig | None:
     """The configuration to run a GEMM of this shape with, or None where cuBLASLt is as fast.
 
-    Measured on the H200 (`scripts/bench_fp8_gemm.py`, 8B shapes): only a long K (down_proj, K =
-    3.5 N) at M = 128-256 gains, 1.19x (43.6 -> 36.7 us at M = 256): its 128 x 128 tiles leave half
-    the SMs idle for the whole of a long K loop. Elsewhere within 10 %, and slower from M = 512.
-    The tile width keeps the program count at about one per SM."""
-    if not (128 <= m <= 256 and k >= 3 * n):
+    Measured on the H200 (`scripts/bench_fp8_gemm.py`, 8B shapes): a long K (down_proj, K = 3.5 N)
+    gains where 64-row tiles make one wave of programs (90-100 % of the SMs): 43.6 -> 36.7 us at
+    M = 256, 42.2 -> 34.0 at M = 128: cuBLASLt's 128 x 128 tiles leave half the SMs idle for the
+    whole of the K loop. A wave and a half (M = 192 with 64 x 64 tiles) lost, 43.7 -> 53.1; other
+    shapes were within 10 %, and slower from M = 512."""
+    if k < 3 * n:
         return None
-    if triton.cdiv(m, 64) * triton.cdiv(n, 128) >= 0.9 * num_sms(device):
-        return DEFAULT_CONFIG
-    return Fp8GemmConfig(64, 64, 256, 8, 4)
+    sms = num_sms(device)
+    for config in _LONG_K_CONFIGS:
+        if 0.9 * sms <= triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n) <= sms:
+            return config
+    return None
 
 
 def fp8_gemm(

@@ -24,7 +24,8 @@ class Fp8GemmConfig(NamedTuple):
     num_stages: int
 
 
-@triton.jit
+# M follows the batch: specialised (a multiple of 16 or not) it would compile again mid-serving.
+@triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, out_ptr, M, N, K, stride_am, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,

@@ -18,10 +18,10 @@ import triton.language as tl
 from pagoda.kernels.device_info import num_sms
 
 
-@triton.jit
-def _greedy_split_kernel(
-    logits_ptr, max_ptr, sum_ptr, arg_ptr, stride_row, vocab, chunk, SPLITS: tl.constexpr, BLOCK: tl.constexpr
-):
+# The split count follows the batch size: as a constant or a specialised argument it would compile
+# the kernels again for new batch sizes mid-serving.
+@triton.jit(do_not_specialize=["chunk", "num_splits"])
+def _greedy_split_kernel(logits_ptr, max_ptr, sum_ptr, arg_ptr, stride_row, vocab, chunk, num_splits, BLOCK: tl.constexpr):
     """Over one split of one row (columns [split * chunk, (split + 1) * chunk)): its max, the sum of
     exp(x - max), and the first column holding the max."""
     row = tl.program_id(0).to(tl.int64)
@@ -43,28 +43,33 @@ def _greedy_split_kernel(
         lane_max = new_max
     split_max = tl.max(lane_max, axis=0)
     shift = tl.where(split_max > float("-inf"), split_max, 0.0)
-    out = row * SPLITS + split
+    out = row * num_splits + split
     tl.store(max_ptr + out, split_max)
     tl.store(sum_ptr + out, tl.sum(lane_sum * tl.exp(lane_max - shift), axis=0))
     # Ties across lanes: the lowest column, as torch.argmax picks.
     tl.store(arg_ptr + out, tl.min(tl.where(lane_max == split_max, lane_arg, vocab), axis=0))
 
 
-@triton.jit
-def _greedy_combine_kernel(max_ptr, sum_ptr, arg_ptr, tokens_ptr, logprobs_ptr, vocab, SPLITS: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _greedy_combine_kernel(
+    max_ptr, sum_ptr, arg_ptr, tokens_ptr, logprobs_ptr, vocab, num_splits, MAX_SPLITS: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
-    splits = row * SPLITS + tl.arange(0, SPLITS)
-    split_max = tl.load(max_ptr + splits)
+    lanes = tl.arange(0, MAX_SPLITS)
+    valid = lanes < num_splits
+    splits = row * num_splits + lanes
+    split_max = tl.load(max_ptr + splits, mask=valid, other=float("-inf"))
     row_max = tl.max(split_max, axis=0)
-    total = tl.sum(tl.load(sum_ptr + splits) * tl.exp(split_max - row_max), axis=0)
+    total = tl.sum(tl.load(sum_ptr + splits, mask=valid, other=0.0) * tl.exp(split_max - row_max), axis=0)
     # Splits are in column order: the lowest column among the maxima is the first one.
-    token = tl.min(tl.where(split_max == row_max, tl.load(arg_ptr + splits), vocab), axis=0)
+    token = tl.min(tl.where(split_max == row_max, tl.load(arg_ptr + splits, mask=valid, other=vocab), vocab), axis=0)
     tl.store(tokens_ptr + row, token.to(tl.int64))
     # logprob of the max = max - logsumexp = -log(sum exp(x - max))
     tl.store(logprobs_ptr + row, -tl.log(total))
 
 
 _GREEDY_BLOCK = 2048
+_GREEDY_MAX_SPLITS = 64
 
 
 def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +83,17 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not rows:
         return tokens, logprobs
     blocks = triton.cdiv(vocab, _GREEDY_BLOCK)
-    # About four programs per SM, a power of two (the combining kernel's tile), a block or more each.
-    splits = min(triton.next_power_of_2(triton.cdiv(4 * num_sms(logits.device), rows)), triton.next_power_of_2(blocks))
+    # About four programs per SM, a block or more each.
+    splits = min(triton.cdiv(4 * num_sms(logits.device), rows), blocks, _GREEDY_MAX_SPLITS)
     chunk = triton.cdiv(blocks, splits) * _GREEDY_BLOCK
     partial_max, partial_sum = (torch.empty(rows, splits, dtype=torch.float32, device=logits.device) for _ in range(2))
     partial_arg = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
     _greedy_split_kernel[(rows, splits)](
-        logits, partial_max, partial_sum, partial_arg, logits.stride(0), vocab, chunk, SPLITS=splits, BLOCK=_GREEDY_BLOCK
+        logits, partial_max, partial_sum, partial_arg, logits.stride(0), vocab, chunk, splits, BLOCK=_GREEDY_BLOCK
     )
-    _greedy_combine_kernel[(rows,)](partial_max, partial_sum, partial_arg, tokens, logprobs, vocab, SPLITS=splits)
+    _greedy_combine_kernel[(rows,)](
+        partial_max, partial_sum, partial_arg, tokens, logprobs, vocab, splits, MAX_SPLITS=_GREEDY_MAX_SPLITS
+    )
     return tokens, logprobs
 
 

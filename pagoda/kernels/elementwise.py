@@ -63,8 +63,10 @@ Fp8Quant = tuple[torch.dtype, "torch.Tensor | None"]
 
 def _row_warps(block: int) -> int:
     """Warps for a program that holds a whole row of `block` elements: a row of 8,192 or more held
-    by 4 warps spills (H200, 8,192 x 14,336 quantized: 207 us with 4, 141 with 8)."""
-    return 8 if block >= 8192 else 4
+    by 4 warps spills (H200, 8,192 x 14,336 quantized: 207 us with 4, 141 with 8); SiLU-and-mul
+    writing fp8 for 8,192 x 14,336 took 378 us with 4 warps, 267 with 8, 227 with 16
+    (`scripts/bench_elementwise.py --fp8`)."""
+    return 16 if block >= 16384 else 8 if block >= 8192 else 4
 
 
 def _fp8_output(rows: int, x: torch.Tensor, fp8_out: Fp8Quant) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -17,7 +17,7 @@ MODE=${1:-full}
 python3 scripts/ceilings.py "$OUT/ceilings.txt"  # the floors' rates, measured in the same call
 # -s shows each greedy divergence from transformers with its logit gap (tests/test_gpu.py).
 [ "$MODE" != w2-peer ] && python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu*.py tests/test_triton_attention.py \
-    tests/test_elementwise_kernels.py tests/test_sampling_kernel.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15
+    tests/test_elementwise_kernels.py tests/test_sampling_kernel.py tests/test_fp8_gemm.py tests/test_kv_cache_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15
 
 bench() {  # name, then bench arguments
     local name=$1; shift

@@ -1,14 +1,21 @@
 """Compile every Triton kernel of Pagoda for Hopper (sm_90) without a GPU: Triton's bundled ptxas
 needs none. The interpreter (what CPU machines run the kernels under) accepts code the compiler
-refuses; this catches it before a GPU run does.
+refuses; this catches it before a GPU run does. Arguments are specialised as Triton's launcher
+specialises them on a GPU: pointers 16-byte aligned, strides multiples of 16 (without that,
+loads the GPU's code makes 16 bytes wide compile a byte at a time).
 
     python3 scripts/compile_kernels.py        # must run without TRITON_INTERPRET=1
+    python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 2 --num-stages 3]
+        # how many of each kind of load, conversion and MMA one kernel's PTX holds
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -100,20 +107,50 @@ KERNELS = {
 }
 
 
-def compile_for_hopper(kernel: triton.JITFunction, signature: dict[str, str], constexprs: dict[str, int]) -> int:
-    """The kernel's cubin size in bytes; raises the compiler's error."""
+def compile_for_hopper(
+    kernel: triton.JITFunction, signature: dict[str, str], constexprs: dict[str, int], **options: int
+) -> dict[str, str | bytes]:
+    """The kernel's compiled forms ("ptx", "cubin", ...); raises the compiler's error."""
     full = {**signature, **{name: "constexpr" for name in constexprs}}
     if set(full) != set(kernel.arg_names):
         raise ValueError(f"{kernel.__name__}: signature differs from the kernel's arguments: {set(full) ^ set(kernel.arg_names)}")
     constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    return len(triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constants), target=HOPPER).asm["cubin"])
+    aligned = {
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
+    }
+    source = ASTSource(fn=kernel, signature=full, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=HOPPER, options=options).asm
+
+
+# Instruction kinds worth counting in a kernel's PTX: how its tiles travel and multiply.
+_PTX_KINDS = {
+    "global loads, vector": r"ld\.global(?:\.\w+)*\.v\d", "global loads, 8-bit": r"ld\.global(?:\.\w+)*\.[bu]8\b",
+    "async copies to shared": r"cp\.async\.c", "shared loads, vector": r"ld\.shared(?:\.\w+)*\.v\d",
+    "shared loads, 8-bit": r"ld\.shared(?:\.\w+)*\.[bu]8\b", "ldmatrix": r"ldmatrix",
+    "fp8 -> fp16 pair conversions": r"cvt\.rn\.f16x2\.e4m3x2", "mma.sync": r"mma\.sync", "wgmma": r"wgmma\.mma_async",
+}
+
+
+def ptx_counts(ptx: str) -> Counter:
+    return Counter({kind: len(re.findall(pattern, ptx)) for kind, pattern in _PTX_KINDS.items()})
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ptx", metavar="KERNEL", help="count instruction kinds in this kernel's PTX (a name below)")
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--num-stages", type=int, default=3)
+    args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    if args.ptx:
+        asm = compile_for_hopper(*KERNELS[args.ptx], num_warps=args.num_warps, num_stages=args.num_stages)
+        for kind, count in ptx_counts(asm["ptx"]).items():
+            print(f"{kind}: {count}")
+        return
     for name, (kernel, signature, constexprs) in KERNELS.items():
-        print(f"{name}: {compile_for_hopper(kernel, signature, constexprs)} bytes of sm_90 code")
+        print(f"{name}: {len(compile_for_hopper(kernel, signature, constexprs)['cubin'])} bytes of sm_90 code")
 
 
 if __name__ == "__main__":

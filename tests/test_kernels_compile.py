@@ -22,3 +22,18 @@ def test_every_kernel_compiles_for_hopper():
     lines = done.stdout.splitlines()
     assert lines and all(line.endswith("bytes of sm_90 code") for line in lines), done.stdout
     assert any(line.startswith("paged attention, split decode:") for line in lines)
+
+
+def test_fp8_decode_attention_reads_the_cache_in_vectors():
+    """The PTX of the fp8-cache decode attention, specialised as a GPU launch is: its tiles come
+    from global memory in 16-byte async copies, never a byte at a time, and meet the tensor cores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ptx", "paged attention, fp8 KV decode", "--num-warps", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {kind: int(n) for kind, n in (line.rsplit(": ", 1) for line in done.stdout.splitlines())}
+    assert counts["global loads, 8-bit"] == 0, counts
+    assert counts["async copies to shared"] > 0 and counts["mma.sync"] > 0, counts
+    assert counts["fp8 -> fp16 pair conversions"] > 0, counts

@@ -5,16 +5,12 @@ path); the kernel runs natively on a GPU, or on the CPU under TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 from pagoda.kernels.elementwise import fp8_quantize_rows, rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
 from pagoda.layers.activation import SiluAndMul  # noqa: E402
@@ -22,7 +18,6 @@ from pagoda.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagoda.layers.rotary import RotaryEmbedding  # noqa: E402
 from pagoda.quantization.fp8 import FP8, FP8_MAX, quantize_fp8_rows  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
 # One unit in the last place of the dtype, relative: the kernels round where the references do,
 # but fp32 accumulation order may differ.

@@ -4,21 +4,16 @@ cuBLASLt's torch._scaled_mm), under TRITON_INTERPRET=1 on the CPU (small shapes)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 from pagoda.kernels.fp8_gemm import Fp8GemmConfig, decode_config, fp8_gemm  # noqa: E402
 from pagoda.quantization.fp8 import quantize_fp8_rows  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 OUT_DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
 SMALL = Fp8GemmConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
 

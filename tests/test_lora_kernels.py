@@ -6,21 +6,16 @@ natively on a GPU, or on the CPU under TRITON_INTERPRET=1; the reference always 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 from pagoda.kernels.lora import BLOCK_K, _k_per_split, add_lora_triton, block_m_for, group_tokens
 from pagoda.lora.layers import LoRAContext, add_lora_torch
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def _weights(num_tokens: int, k: int, n: int, rank: int, slots: int, seed: int, dtype: torch.dtype):

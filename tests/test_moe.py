@@ -6,7 +6,6 @@ Mixtral 8x7B and Qwen3-30B-A3B shapes is their parameter count and that of the m
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -22,6 +21,7 @@ from pagoda.layers.activation import get_act_and_mul
 from pagoda.layers.moe import FusedMoE, experts_torch, route
 from pagoda.models import model_class
 from pagoda.parallel_config import estimate_weight_bytes
+from tests.kernel_device import KERNELS_RUN, NO_KERNELS
 from tests.test_parallel import _assert_same, _generate, _workers
 from tests.tiny_models import hf_greedy, save_tiny_model
 
@@ -82,8 +82,7 @@ def test_the_shards_of_two_ranks_sum_to_the_whole_layer(expert_parallel, monkeyp
     torch.testing.assert_close(sum(s(x, logits) for s in shards), whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
+@pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS)
 # Pairs per expert 0.3, 14, 35 and 300: each of default_tile_config's tilings (the widest only
 # where the GPU has the shared memory for it; the interpreter takes the one below).
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter",

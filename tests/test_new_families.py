@@ -6,13 +6,13 @@ and the Triton kernel's sliding window and soft-cap against the torch reference.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
+from tests.kernel_device import KERNELS_RUN, NO_KERNELS
 from tests.tiny_models import hf_greedy, save_tiny_model
 
 MAX_NEW = 10
@@ -52,9 +52,7 @@ def test_phi3_long_and_short_rope_requests_in_one_batch(tmp_path):
     assert got == hf_greedy(path, prompts, MAX_NEW)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="no GPU and no interpreter"
-)
+@pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS)
 @pytest.mark.parametrize(("window", "soft_cap"), [(5, None), (None, 2.0), (20, 3.0)])
 @pytest.mark.parametrize(
     ("query_lens", "prefix_lens", "num_splits"),

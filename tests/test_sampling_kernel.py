@@ -4,20 +4,16 @@ sampling against torch's argmax and log-softmax; per-row seeded exponential nois
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+from tests.kernel_device import DEVICE, require_kernels
 
-pytest.importorskip("triton")
+require_kernels()
 
 from pagoda.kernels.sampling import exponential_noise, greedy_sample  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -5,22 +5,17 @@ in fp32 on small shapes."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
-triton = pytest.importorskip("triton")
+require_kernels()
 
 from pagoda.attention.backend import AttentionMetadata  # noqa: E402
 from pagoda.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from pagoda.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32]
 
 

@@ -5,8 +5,6 @@ CUDA path of w4a16_linear (tinygemm, dequantize + cuBLAS, the Triton GEMM)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,13 +19,9 @@ from pagoda.quantization.w4a16 import (
     to_int4pack,
     w4a16_linear,
 )
+from tests.kernel_device import DEVICE, KERNELS_RUN, NO_KERNELS, ON_GPU
 
-ON_GPU = torch.cuda.is_available()
-needs_kernel = pytest.mark.skipif(
-    not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)",
-)
-DEVICE = "cuda" if ON_GPU else "cpu"
+needs_kernel = pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS)
 
 
 def random_weights(k: int, n: int, group_size: int, zeros: bool, act_order: bool, seed: int, dtype=torch.float32):

@@ -1,17 +1,15 @@
-"""The Triton FP8 GEMM (pagoda/kernels/fp8_gemm.py) against torch._scaled_mm (cuBLASLt) on a
-model's decode-batch GEMM shapes (GPU): for each batch M and layer (qkv, o, gate_up, down), the
+"""The Triton FP8 GEMM (pagoda/kernels/fp8_gemm.py) against torch._scaled_mm (cuBLASLt) on the 8B
+model's GEMM shapes at decode batches (GPU): for each batch M and layer (qkv, o, gate_up, down), the
 best Triton configuration of a sweep, its time, cuBLASLt's, their largest difference, and the time
 of what pagoda.quantization.fp8.scaled_mm runs for the shape (fp8_gemm.decode_config's choice).
 
-    PYTHONPATH=. python3 scripts/bench_fp8_gemm.py [--model ../shared/models/llama-3.1-8b] [--m 64 128 256 512]
+    PYTHONPATH=. python3 scripts/bench_fp8_gemm.py [--m 64 128 256 512] [--no-sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 
 import torch
 from triton.testing import do_bench
@@ -19,16 +17,7 @@ from triton.testing import do_bench
 from pagoda.kernels.fp8_gemm import Fp8GemmConfig, decode_config, fp8_gemm
 from pagoda.quantization.fp8 import quantize_fp8_rows, scaled_mm
 
-
-def layer_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
-    """(N, K) of each linear layer of a Llama-shaped decoder layer."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        c = json.load(f)
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head_dim
-    return {"qkv": (qkv, hidden), "o": (hidden, c["num_attention_heads"] * head_dim),
-            "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+from bench_linear_methods import SHAPES_8B  # this script's directory is on sys.path
 
 
 def configs() -> list[Fp8GemmConfig]:
@@ -54,14 +43,13 @@ def best_triton(a, a_scale, b, b_scale) -> tuple[float, Fp8GemmConfig]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "../../shared/models/llama-3.1-8b"))
     parser.add_argument("--m", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--no-sweep", action="store_true", help="cuBLASLt against the engine's choice only")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{'M':>5} {'layer':>8} {'N':>6} {'K':>6} | {'cuBLASLt us':>11} | {'engine us':>9} engine's choice"
           + ("" if args.no_sweep else " | best Triton us, config, max |diff| from cuBLASLt"))
-    for m, (name, (n, k)) in itertools.product(args.m, layer_shapes(args.model).items()):
+    for m, (name, (n, k)) in itertools.product(args.m, SHAPES_8B.items()):
         a, a_scale = quantize_fp8_rows(torch.randn(m, k, device="cuda"))
         b, b_scale = quantize_fp8_rows(torch.randn(n, k, device="cuda"))
         b_scale = b_scale.reshape(-1)

@@ -1,7 +1,8 @@
 """Microseconds per decoder layer's four matmuls (qkv, o, gate|up, down) of the 8B shape on a GPU,
 per quantized path, at several row counts: bf16 (cuBLAS); fp8 with per-token activation scales
-(the Triton quantization kernel + torch._scaled_mm, the two alone, and _scaled_mm with one scale
-per tensor); W4A16 through tinygemm,
+(the Triton quantization kernel + the engine's fp8 GEMM, `scaled_mm`: cuBLASLt's row-wise kernel or,
+where fp8_gemm.decode_config picks it, the Triton one; the two alone; and _scaled_mm with one
+scale per tensor); W4A16 through tinygemm,
 the Triton GEMM, and dequantize + cuBLAS. Each timed inside a CUDA graph (triton's
 do_bench_cudagraph), so launch costs do not count: the steps that matter run in graphs too. The
 W4A16 thresholds in pagoda/quantization/w4a16.py come from this table.

@@ -155,3 +155,17 @@ def test_final_only_requests_output_once_and_the_same(llm):
     # Two rows of one batch: the same logprobs up to BLAS rounding.
     assert [lp[t].logprob for lp, t in zip(final.logprobs, final.token_ids)] == pytest.approx(
         [lp[t].logprob for lp, t in zip(last.logprobs, last.token_ids)], abs=1e-5)
+
+
+def test_a_16_bit_models_logprobs_are_computed_in_float32(tmp_path):
+    """The LM head hands over logits in the model's dtype; prompt and sample logprobs are still
+    computed in float32 (a bf16 log-softmax would round every value to bf16's 8 bits)."""
+    import torch
+
+    path = save_tiny_model("llama3", tmp_path)
+    llm = LLM(model=str(path), device="cpu", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=64)
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2, logprobs=2)
+    out = llm.generate({"prompt_token_ids": [3, 4, 5, 6, 7, 8]}, params, use_tqdm=False)[0]
+    values = [x.logprob for lp in out.prompt_logprobs[1:] + out.outputs[0].logprobs for x in lp.values()]
+    rounded = [v for v in values if torch.tensor(v).bfloat16().item() == v]
+    assert len(values) == 23 and rounded == [], rounded

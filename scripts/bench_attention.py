@@ -19,7 +19,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention import triton_backend
-from pagoda.attention.triton_backend import _num_sms, decode_splits, paged_attention, query_tile
+from pagoda.attention.triton_backend import decode_splits, paged_attention, query_tile
+from pagoda.kernels.device_info import num_sms
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
@@ -61,7 +62,7 @@ def main() -> None:
     for num_reqs, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 2048), (4, 32768), (16, 8192), (32, 2048)):
         q, cache, metadata = batch([1] * num_reqs, [keys] * num_reqs)
         kv_bytes = num_reqs * keys * KV_HEADS * HEAD_DIM * 2 * 2
-        auto = decode_splits(num_reqs * KV_HEADS, keys, _num_sms(q.device))
+        auto = decode_splits(num_reqs * KV_HEADS, keys, num_sms(q.device))
         for splits in sorted({1, auto}):
             with torch.cuda.stream(torch.cuda.Stream()):  # graphs cannot be captured on the default stream
                 ms = do_bench_cudagraph(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, 4, num_splits=splits))

@@ -107,6 +107,7 @@ class RotaryEmbedding(nn.Module):
         else:
             table = _cos_sin(compute_inv_freq(self.rotary_dim, params), max_position)
         self.register_buffer("cos_sin", table, persistent=False)
+        self._rotation_table: torch.Tensor | None = None  # _rotation_rows'
 
     def table_index(self, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """Each token's row of `cos_sin`: its position, in the long table (LongRoPE) when its
@@ -128,14 +129,36 @@ class RotaryEmbedding(nn.Module):
 
             rotary_inplace(positions, q, k, self.cos_sin)
             return q, k
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return self._rotate(q, k, self._rotation_rows(positions).unsqueeze(1))
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotation_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The CPU path's (cos | cos | -sin | sin) rows at `positions`, from a table built once
+        (on the CPU only: a long-context model's table is large)."""
+        if torch.compiler.is_compiling():  # (no state built inside a compiled forward)
+            return _signed(self.cos_sin[positions])
+        if self._rotation_table is None:
+            self._rotation_table = _signed(self.cos_sin)
+        return self._rotation_table[positions]
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated as one tensor (half the ops: per-op overhead is most of a small CPU
+        step) by `_signed` rows [T, 1, 2R]: x * cos + (x2 | x1) * (-sin | sin) is rotate-half's
+        x1 * cos - x2 * sin | x2 * cos + x1 * sin, rounded the same."""
+        cos, signed_sin = rows.chunk(2, dim=-1)
+        x = torch.cat([q, k], dim=1)
         partial = self.rotary_dim < x.shape[-1]  # the rest of each head passes through (Phi-4-mini)
-        x1, x2 = (x[..., : self.rotary_dim] if partial else x).float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        return torch.cat([out, x[..., self.rotary_dim :]], dim=-1) if partial else out
+        head = (x[..., : self.rotary_dim] if partial else x).float()
+        x1, x2 = head.chunk(2, dim=-1)
+        out = (head * cos + torch.cat([x2, x1], dim=-1) * signed_sin).to(x.dtype)
+        if partial:
+            out = torch.cat([out, x[..., self.rotary_dim :]], dim=-1)
+        return out[:, : q.shape[1]], out[:, q.shape[1] :]
+
+
+def _signed(cos_sin: torch.Tensor) -> torch.Tensor:
+    """cos | sin rows [.., R] -> cos | cos | -sin | sin [.., 2R], the factors `_rotate` takes."""
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    return torch.cat([cos, cos, -sin, sin], dim=-1)
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -168,5 +191,4 @@ class MRotaryEmbedding(RotaryEmbedding):
 
             rotary_inplace(rows, q, k, table.contiguous())
             return q, k
-        cos, sin = table.unsqueeze(1).chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return self._rotate(q, k, _signed(table).unsqueeze(1))

@@ -90,7 +90,7 @@ def launch_sweep(kind: str) -> None:
     for name, kv_cache in (("16-bit", cache), ("fp8", cache.to(torch.float8_e4m3fn))):
         kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * kv_cache.element_size()
         for block_q, tile_n, warps, stages in shapes:
-            triton_backend._launch_options = lambda *_: {"num_warps": warps, "num_stages": stages}
+            triton_backend._launch_options = lambda *_: {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
             run = lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, block_q, tile_n)  # noqa: E731
             try:
                 with torch.cuda.stream(torch.cuda.Stream()):  # graphs cannot be captured on the default stream

@@ -5,7 +5,7 @@ specialises them on a GPU: pointers 16-byte aligned, strides multiples of 16 (wi
 loads the GPU's code makes 16 bytes wide compile a byte at a time).
 
     python3 scripts/compile_kernels.py        # must run without TRITON_INTERPRET=1
-    python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 2 --num-stages 3]
+    python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 1 --num-stages 3]
         # how many of each kind of load, conversion and MMA one kernel's PTX holds
 """
 
@@ -50,8 +50,9 @@ KERNELS = {
                                       dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
     "paged attention, prefill": (triton_backend._paged_attention_kernel, _ATTENTION,
                                  dict(_ATTENTION_SHAPE, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+    # As W1's decode step launches it (one warp, 3 stages: triton_backend._launch_options).
     "paged attention, fp8 KV decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                       dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
+                                       dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=4, TILE_N=32, M=16, NUM_SPLITS=1)),
     "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
                                         dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
     "KV write, bf16": (triton_backend._write_kv_kernel, _KV_WRITE,

@@ -230,16 +230,15 @@ def paged_attention(
     grid = (num_reqs, num_kv_heads, num_splits if num_splits > 1 else triton.cdiv(max_query_len, block_q))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    # Measured on an H100 (scripts/bench_attention.py): 64-key tiles for decodes, whose programs
-    # only stream K/V; 32 for prefill tiles, whose 64 query rows make larger tiles spill.
-    tile_n = tile_n or max(block_size, 64 if max_query_len == 1 and block_d <= 128 else 32)
+    kv_fp8 = is_fp8(kv_cache.dtype)
+    options = _launch_options(max_query_len, kv_fp8, num_splits, block_d)
+    tile_n = tile_n or max(block_size, options.pop("tile_n"))
     assert tile_n % block_size == 0, "key tiles start on block boundaries"
     if num_splits > 1:
         partial = torch.empty(num_reqs, num_splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
         partial_max_sum = torch.empty(num_reqs, num_splits, num_heads, 2, dtype=torch.float32, device=q.device)
     else:
         partial = partial_max_sum = out  # not read
-    kv_fp8 = is_fp8(kv_cache.dtype)
     k_scale, v_scale = (kv_scales or _unit_scales(q.device)) if kv_fp8 else (out, out)  # not read unscaled
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, partial_max_sum,
@@ -252,7 +251,7 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
-        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8, **_launch_options(max_query_len, kv_fp8),
+        HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8, **options,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
@@ -262,14 +261,23 @@ def paged_attention(
     return out
 
 
-def _launch_options(max_query_len: int, kv_fp8: bool) -> dict[str, int]:
-    """Warps and pipeline stages. Decodes, measured on an H200 at W1's decode step (256 requests x
-    512-768 keys, 8B heads, 64-key tiles; `scripts/bench_attention.py --launch-sweep decode`): a
-    16-bit cache 166 us with 2 stages against 176 with Triton's default 3; an fp8 cache 138 us with 2
-    warps against 172 with 4. Prefill tiles keep Triton's defaults."""
+def _launch_options(max_query_len: int, kv_fp8: bool, num_splits: int, block_d: int) -> dict[str, int]:
+    """Keys a program reads per iteration (tile_n), warps and pipeline stages. Measured on an
+    H100 (scripts/bench_attention.py): 64-key tiles for decodes, whose programs only stream K/V;
+    32 for prefill tiles, whose 64 query rows make larger tiles spill; prefill tiles keep Triton's
+    warps and stages. Decodes on an H200 at W1's decode step (256 requests x 512-768 keys, 8B
+    heads; `scripts/bench_attention.py --launch-sweep decode`): a 16-bit cache 166 us with 2
+    stages against 176 with Triton's default 3; an fp8 cache 122 us in 32-key tiles with one
+    warp against 127.5 in 64-key tiles with two and 172 with four (split decodes, few programs of
+    long contexts, keep two warps: one would leave the SMs with too few warps to hide latency)."""
     if max_query_len > 1:
-        return {}
-    return {"num_warps": 2, "num_stages": 3} if kv_fp8 else {"num_warps": 4, "num_stages": 2}
+        return {"tile_n": 32}
+    tile_n = 64 if block_d <= 128 else 32
+    if not kv_fp8:
+        return {"tile_n": tile_n, "num_warps": 4, "num_stages": 2}
+    if num_splits == 1 and block_d <= 128:
+        return {"tile_n": 32, "num_warps": 1, "num_stages": 3}
+    return {"tile_n": tile_n, "num_warps": 2, "num_stages": 3}
 
 
 def _unit_scales(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from pagoda.distributed.comm import all_gather_last_dim, all_reduce
 from pagoda.distributed.parallel_state import tp_group
+from pagoda.layers.lm_head_screen import ScreenedHead
 
 _SKINNY_ROWS = 64
 
@@ -269,11 +270,26 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection, sharded as the embedding is (and sharing its weight when tied)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         """Logits over the whole vocabulary in the weight's dtype, on every rank of the TP group: the
         sampler's greedy kernel reads them as they are (a float32 copy of 256 rows of a 128k
-        vocabulary costs a decode step ~0.1 ms on an H200), every other use in float32."""
+        vocabulary costs a decode step ~0.1 ms on an H200), every other use in float32.
+        argmax_only: the caller reads each row's argmax alone; a float32 head on the CPU then
+        screens through a float16 copy (layers/lm_head_screen.py), keeping the argmax exact."""
+        screen = self._screen() if argmax_only else None
+        if screen is not None:
+            return screen.logits(hidden, self.weight)
         logits = linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = all_gather_last_dim(logits, self.tp)[:, : self.num_embeddings]
         return logits
+
+    def _screen(self) -> ScreenedHead | None:
+        """Built on first use (~0.7 s for the default model's head) and again if the weight has
+        changed since; None where it does not serve (a TP shard's screen would need every rank's
+        maximum)."""
+        version = self.weight._version
+        if getattr(self, "_screened", (None, -1))[1] != version:
+            serves = self.tp.size == 1 and ScreenedHead.serves(self.weight)
+            self._screened = (ScreenedHead(self.weight) if serves else None, version)
+        return self._screened[0]

@@ -193,5 +193,5 @@ class BertEmbeddingModel(CausalLM):
         """kv_caches: empty (an encoder keeps none)."""
         return self.encoder(self.embeddings(input_ids, positions), metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         raise NotImplementedError("an encoder-only model computes no logits: it runs with runner='pooling'")

@@ -116,7 +116,7 @@ class Eagle3LlamaForCausalLM(LlamaForCausalLM):
         hidden, self.last_hidden = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         """Over the target's vocabulary: the draft vocabulary's logits at their target ids, -inf elsewhere."""
         draft_logits = super().compute_logits(hidden)
         logits = draft_logits.new_full((hidden.shape[0], self.config.vocab_size), float("-inf"))

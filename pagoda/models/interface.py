@@ -72,9 +72,11 @@ class CausalLM(nn.Module, ABC):
         per spec of `kv_cache_spec`, in its order."""
 
     @abstractmethod
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         """Logits over the whole vocabulary, in the model's dtype or float32 (the sampler and the
-        prompt logprobs compute in float32 whichever it is)."""
+        prompt logprobs compute in float32 whichever it is). argmax_only: the caller reads only
+        each row's argmax, which must stay exact; the other logits may then be approximate (a
+        float32 head on the CPU: layers/lm_head_screen.py)."""
 
     # True: the model reads its own checkpoint (`load_checkpoint`) instead of the generic loader;
     # dummy weights still come through the generic loader, under the model's parameter names.

@@ -338,8 +338,8 @@ class LlamaForCausalLM(CausalLM):
     def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
         self.model.aux_hidden_state_layers = layers
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
+        logits = self.lm_head(hidden, argmax_only)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits.float() / cap) * cap
 

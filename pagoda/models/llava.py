@@ -171,8 +171,8 @@ class LlavaForConditionalGeneration(CausalLM):
     ) -> torch.Tensor | None:
         return self.language_model.model(input_ids, positions, kv_caches, metadata, inputs_embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden, argmax_only)
 
 
 class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):

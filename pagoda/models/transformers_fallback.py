@@ -207,5 +207,5 @@ class TransformersForCausalLM(CausalLM):
             _CURRENT.reset(token)
         return out.last_hidden_state[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         return self.hf_model.get_output_embeddings()(hidden)

@@ -172,6 +172,17 @@ class Sampler:
         return self._generators[device]
 
 
+def takes_argmax_only(params: SamplingParams) -> bool:
+    """Whether a row reads its logits' argmax alone: greedy, no logprobs of either kind, and
+    nothing that changes logits before the argmax (allowed tokens, biases, penalties, min_tokens,
+    a grammar)."""
+    return (
+        _samples_greedily(params) and params.logprobs is None and params.prompt_logprobs is None
+        and not params.allowed_token_ids and not params.logit_bias and not params.has_penalties
+        and params.min_tokens == 0 and params.structured_outputs is None
+    )
+
+
 def _samples_greedily(params: SamplingParams) -> bool:
     # top_k=1 is greedy by definition; argmax also settles ties the way greedy rows do.
     return params.is_greedy or params.top_k == 1

@@ -55,6 +55,7 @@ from pagoda.sample.sampler import (
     SamplingRequest,
     TopLogprobs,
     gather_top_logprobs,
+    takes_argmax_only,
 )
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
@@ -365,7 +366,9 @@ class ModelRunner:
             out.step_hidden = _step_hidden(hidden if aux_hidden is None else aux_hidden, chunks, batch.query_lens)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
-        logits = self.model.compute_logits(_rows(hidden, batch.logits_rows))
+        # Greedy rows alone, no drafts: the argmax is all that is read (and must stay exact).
+        argmax_only = all(takes_argmax_only(c.request.sampling_params) and not c.draft_token_ids for c in chunks)
+        logits = self.model.compute_logits(_rows(hidden, batch.logits_rows), argmax_only)
         if not self.samples:
             return PendingStep(out)
         for chunk in chunks:

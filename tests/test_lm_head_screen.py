@@ -1,0 +1,79 @@
+"""The screened float32 LM head (layers/lm_head_screen.py): its argmax is the float32 head's, near
+ties included, the logits it did not recompute are within its bound, and only steps that read
+nothing but the argmax take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.sample.sampler import takes_argmax_only
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
+
+pytestmark = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="fbgemm's float16 GEMM (x86)"
+)
+
+
+def _head(vocab: int = 4096, hidden: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, hidden, generator=g) * 0.05
+
+
+def test_argmax_is_the_float32_heads_through_near_ties():
+    weight = _head()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(8, 256, generator=g) * 3
+    exact = hidden @ weight.T
+    # Rows whose top two tokens differ by less than float16's rounding: the runner-up's weight
+    # row is the winner's with one entry moved by 2e-6, a fifteenth of float16's spacing there
+    # (its logit higher by ~1e-5: dozens of float32 ulps, below float16's resolution).
+    top = exact.argmax(dim=1)
+    runner_up = (top + 1) % weight.shape[0]
+    weight[runner_up] = weight[top]
+    k = hidden.abs().argmax(dim=1)
+    weight[runner_up, k] += 2e-6 * torch.sign(hidden[range(8), k])
+    exact = hidden @ weight.T
+    screened = ScreenedHead(weight).logits(hidden, weight)
+    assert torch.equal(screened.argmax(dim=1), exact.argmax(dim=1))
+    assert torch.equal(screened.argmax(dim=1), runner_up)  # the nudged row wins, by ~1e-8
+    # Each near-tie was recomputed in float32, not left at its float16 value.
+    torch.testing.assert_close(screened[range(8), top], exact[range(8), top], rtol=1e-6, atol=1e-6)
+
+
+def test_other_logits_are_within_the_bound():
+    weight = _head(seed=2)
+    hidden = torch.randn(4, 256, generator=torch.Generator().manual_seed(3)) * 3
+    screen = ScreenedHead(weight)
+    screened, exact = screen.logits(hidden, weight), hidden @ weight.T
+    bound = hidden.norm(dim=1, keepdim=True) * 2.0**-9 * screen.max_row_norm
+    assert bool(((screened - exact).abs() <= bound).all())
+    assert bool((screened != exact).any())  # most logits are the float16 copy's
+
+
+def test_serves_float32_cpu_weights_within_float16_range():
+    weight = _head()
+    assert ScreenedHead.serves(weight)
+    assert not ScreenedHead.serves(weight.bfloat16())
+    weight[0, 0] = 1e5  # beyond float16's range
+    assert not ScreenedHead.serves(weight)
+
+
+@pytest.mark.parametrize(
+    "params, argmax_only",
+    [
+        (SamplingParams(temperature=0.0), True),
+        (SamplingParams(temperature=0.7, top_k=1), True),
+        (SamplingParams(temperature=0.7), False),
+        (SamplingParams(temperature=0.0, logprobs=1), False),
+        (SamplingParams(temperature=0.0, prompt_logprobs=1), False),
+        (SamplingParams(temperature=0.0, logit_bias={5: 3.0}), False),
+        (SamplingParams(temperature=0.0, allowed_token_ids=[1, 2]), False),
+        (SamplingParams(temperature=0.0, repetition_penalty=1.2), False),
+        (SamplingParams(temperature=0.0, min_tokens=4), False),
+        (SamplingParams(temperature=0.0, structured_outputs=StructuredOutputsParams(regex="a+")), False),
+    ],
+)
+def test_only_rows_that_read_the_argmax_alone_are_screened(params, argmax_only):
+    assert takes_argmax_only(params) == argmax_only

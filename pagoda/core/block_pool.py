@@ -7,7 +7,7 @@ front, evicting the least recently freed cached block first.
 Blocks never used yet come before the freed ones (what a GPU wants: its pool is allocated
 whole, and a fresh block evicts nothing), or, with `reuse_first`, after them: on the CPU a fresh
 block's pages are first touched when written, which grows the resident pool and faults on the
-step's path (a ~5 % of a 16-stream decode step in this project's VM, docs/benchmarks.md). Reusing
+step's path (~5 % of a 16-stream decode step in this project's VM, docs/benchmarks.md). Reusing
 first keeps the touched part of the pool at the most blocks ever in use at once, and the prefix
 cache to what that part holds."""
 

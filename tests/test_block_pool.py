@@ -11,7 +11,7 @@ from pagoda.core.block_pool import BlockPool, hash_block_tokens
 
 def check_invariants(pool: BlockPool) -> None:
     assert all(ref >= 0 for ref in pool.ref_counts)
-    assert sorted(pool.free_order()) == [b for b, ref in enumerate(pool.ref_counts) if ref == 0]
+    assert set(pool.free_queue) == {b for b, ref in enumerate(pool.ref_counts) if ref == 0}
     assert pool.cached == {h: b for b, h in enumerate(pool.block_hashes) if h is not None}
     assert pool.usage == pytest.approx(1 - pool.num_free_blocks / pool.num_blocks)
 
@@ -86,19 +86,6 @@ def test_the_same_content_is_cached_once():
     assert pool.block_hashes == [7, None]
 
 
-def test_reuse_first_takes_freed_blocks_before_unused_ones():
-    """(A CPU pool: a never-used block's pages have not been touched yet.) Freed blocks come back
-    least recently freed first, cached or not; unused blocks only once none is free."""
-    pool = BlockPool(6, reuse_first=True)
-    a, b, c = pool.get_new_blocks(3)
-    pool.cache_block(b, 7)
-    pool.free_blocks([c, b])
-    assert pool.get_new_blocks(1) == [c]
-    assert pool.get_new_blocks(2) == [b, 3]  # b's cached prefix is evicted before block 3 is first used
-    assert pool.get_cached_block(7) is None
-    assert pool.free_order() == [4, 5]
-
-
 def test_pool_needs_a_block():
     with pytest.raises(ValueError):
         BlockPool(0)
@@ -115,21 +102,14 @@ _op = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(num_blocks=st.integers(1, 6), ops=st.lists(_op, max_size=40), reuse_first=st.booleans())
-def test_random_operations_keep_the_pool_consistent(num_blocks, ops, reuse_first):
-    pool = BlockPool(num_blocks, reuse_first)
+@given(num_blocks=st.integers(1, 6), ops=st.lists(_op, max_size=40))
+def test_random_operations_keep_the_pool_consistent(num_blocks, ops):
+    pool = BlockPool(num_blocks)
     held: list[int] = []  # one entry per reference taken
-    unused: list[int] = list(range(num_blocks))  # never taken yet
-    lru: list[int] = []  # freed, oldest first
-
-    def order() -> list[int]:  # the free blocks in the order they are taken
-        return lru + unused if reuse_first else unused + lru
-
+    lru: list[int] = list(range(num_blocks))  # the free queue, oldest first
     for op in ops:
-        if op[0] == "alloc" and op[1] <= len(unused) + len(lru):
-            expected = order()[: op[1]]
-            unused = [b for b in unused if b not in expected]
-            lru = [b for b in lru if b not in expected]
+        if op[0] == "alloc" and op[1] <= len(lru):
+            expected, lru = lru[: op[1]], lru[op[1] :]
             assert pool.get_new_blocks(op[1]) == expected
             held += expected
         elif op[0] == "free" and held:
@@ -146,7 +126,7 @@ def test_random_operations_keep_the_pool_consistent(num_blocks, ops, reuse_first
         elif op[0] == "cache" and held:
             pool.cache_block(held[op[1] % len(held)], op[2])
         check_invariants(pool)
-        assert pool.free_order() == order()
+        assert list(pool.free_queue) == lru
         assert pool.ref_counts == [held.count(b) for b in range(num_blocks)]
     pool.free_blocks(held)
     assert pool.num_free_blocks == num_blocks and pool.usage == 0

@@ -2,14 +2,7 @@
 
 A block whose ref count drops to zero goes to the end of the free queue but keeps its cached
 hash, so a later request with the same prefix can still take it back; allocation takes from the
-front, evicting the least recently freed cached block first.
-
-Blocks never used yet come before the freed ones (what a GPU wants: its pool is allocated
-whole, and a fresh block evicts nothing), or, with `reuse_first`, after them: on the CPU a fresh
-block's pages are first touched when written, which grows the resident pool and faults on the
-step's path (~5 % of a 16-stream decode step in this project's VM, docs/benchmarks.md). Reusing
-first keeps the touched part of the pool at the most blocks ever in use at once, and the prefix
-cache to what that part holds."""
+front, evicting the least recently freed cached block first."""
 
 from __future__ import annotations
 
@@ -44,50 +37,34 @@ def hash_block_tokens(
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, reuse_first: bool = False) -> None:
+    def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.num_blocks = num_blocks
-        self.reuse_first = reuse_first
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
-        # Freed blocks, least recently freed first. An OrderedDict is an O(1) queue that also
-        # supports removal from the middle (cache hits).
-        self.free_queue: OrderedDict[int, None] = OrderedDict()
-        self.next_unused = 0  # blocks from here on have never been used
+        # An OrderedDict is an O(1) queue that also supports removal from the middle (cache hits).
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue) + self.num_blocks - self.next_unused
+        return len(self.free_queue)
 
     @property
     def usage(self) -> float:
         """The fraction of blocks some request holds."""
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - len(self.free_queue) / self.num_blocks
 
     def get_new_blocks(self, n: int) -> list[int]:
-        """Take `n` free blocks, never-used ones first (or last, with reuse_first) and the
-        least recently freed first, forgetting what they cached."""
-        if n > self.num_free_blocks:
-            raise ValueError(f"asked for {n} blocks with only {self.num_free_blocks} free")
-        blocks = [self._take() for _ in range(n)]
+        """Take the `n` least recently freed blocks, forgetting what they cached."""
+        if n > len(self.free_queue):
+            raise ValueError(f"asked for {n} blocks with only {len(self.free_queue)} free")
+        blocks = [self.free_queue.popitem(last=False)[0] for _ in range(n)]
         for block_id in blocks:
             self._evict(block_id)
             self.ref_counts[block_id] = 1
         return blocks
-
-    def free_order(self) -> list[int]:
-        """The free blocks in the order get_new_blocks takes them."""
-        unused = list(range(self.next_unused, self.num_blocks))
-        return list(self.free_queue) + unused if self.reuse_first else unused + list(self.free_queue)
-
-    def _take(self) -> int:
-        unused = self.next_unused < self.num_blocks
-        if unused and not (self.reuse_first and self.free_queue):
-            self.next_unused += 1
-            return self.next_unused - 1
-        return self.free_queue.popitem(last=False)[0]
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Take a reference on cached blocks (a prefix-cache hit)."""

@@ -11,11 +11,10 @@ from pagoda.multimodal.inputs import block_extra_keys
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, reuse_first: bool = False) -> None:
-        """reuse_first: freed blocks before never-used ones (BlockPool: a CPU pool's untouched pages)."""
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
-        self.block_pool = BlockPool(num_blocks, reuse_first)
+        self.block_pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}

@@ -69,10 +69,7 @@ class EngineCore:
             self.executor.shutdown()
             raise
         cache = config.cache
-        kv_manager = KVCacheManager(
-            self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching,
-            reuse_first=config.rank_device(0).type == "cpu",  # its pool is touched as it is first used
-        )
+        kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, kv_manager)
         self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
         self.async_scheduling = config.scheduler.async_scheduling

@@ -77,3 +77,24 @@ def test_serves_float32_cpu_weights_within_float16_range():
 )
 def test_only_rows_that_read_the_argmax_alone_are_screened(params, argmax_only):
     assert takes_argmax_only(params) == argmax_only
+
+
+def test_the_engine_screens_greedy_steps_only(tmp_path, monkeypatch):
+    """A float32 model on the CPU: greedy requests take the screened head (same tokens as with
+    the float32 head); a step with a request asking for logprobs reads the float32 head."""
+    from pagoda import LLM
+    from tests.tiny_models import save_tiny_model
+
+    llm = LLM(model=str(save_tiny_model("llama3", tmp_path)), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    head = llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.lm_head
+    calls = []
+    real = ScreenedHead.logits
+    monkeypatch.setattr(ScreenedHead, "logits", lambda self, hidden, weight: calls.append(len(hidden)) or real(self, hidden, weight))
+    prompt = {"prompt_token_ids": [5, 9, 33, 7]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    screened = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(calls) == 6 and isinstance(head._screened[0], ScreenedHead)
+    calls.clear()
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    exact = llm.generate(prompt, with_logprobs, use_tqdm=False)[0].outputs[0].token_ids
+    assert calls == [] and screened == exact

@@ -366,8 +366,12 @@ class ModelRunner:
             out.step_hidden = _step_hidden(hidden if aux_hidden is None else aux_hidden, chunks, batch.query_lens)
         if hidden is None or not batch.logits_rows:  # hidden is None before the last pipeline stage
             return PendingStep(out)
-        # Greedy rows alone, no drafts: the argmax is all that is read (and must stay exact).
-        argmax_only = all(takes_argmax_only(c.request.sampling_params) and not c.draft_token_ids for c in chunks)
+        # Greedy rows alone, no drafts: the argmax is all that is read (and must stay exact). Only
+        # a CPU head has a use for it (layers/lm_head_screen.py): a GPU step skips the ~0.1 ms
+        # look at 256 rows' parameters.
+        argmax_only = self.device.type == "cpu" and all(
+            takes_argmax_only(c.request.sampling_params) and not c.draft_token_ids for c in chunks
+        )
         logits = self.model.compute_logits(_rows(hidden, batch.logits_rows), argmax_only)
         if not self.samples:
             return PendingStep(out)

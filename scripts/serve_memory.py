@@ -1,7 +1,8 @@
 """Resident memory of `pagoda serve` on the default model after a few requests: start it from the
 source tree TREE (PYTHONPATH), wait for /health, send 8 greedy chat requests of 64 tokens one at
 a time, then 16 at once (the 16-stream benchmark's load), then print each process's RSS (front
-end, engine core and its helper) as JSON, right after the last answer and IDLE_S seconds later.
+end, engine core and its helper) as JSON, right after the last answer and IDLE_S seconds later,
+and then their proportional set size in all (shared library pages counted once).
 
     python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
 """
@@ -40,6 +41,13 @@ def tree_rss_mb(pid: int) -> dict[str, int]:
             for p in [root, *root.children(recursive=True)]}
 
 
+def tree_pss_mb(pid: int) -> int:
+    """The processes' proportional set size: pages they share (the same libraries mapped by the
+    front end and the engine core) count once in all, where their RSS counts them in each."""
+    root = psutil.Process(pid)
+    return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]) >> 20
+
+
 def wait_ready(port: str, server: subprocess.Popen) -> None:
     while True:
         try:
@@ -67,9 +75,11 @@ def main() -> None:
         busy = tree_rss_mb(server.pid)
         time.sleep(IDLE_S)
         rest = tree_rss_mb(server.pid)
+        pss = tree_pss_mb(server.pid)
         print(json.dumps({"tree": tree, "flags": flags, "ready_s": round(ready_s, 1), "rss_mb": busy,
                           "total_mb": sum(busy.values()), f"rss_mb_{IDLE_S}s_later": rest,
-                          f"total_mb_{IDLE_S}s_later": sum(rest.values())}, indent=1))
+                          f"total_mb_{IDLE_S}s_later": sum(rest.values()),
+                          f"pss_total_mb_{IDLE_S}s_later": pss}, indent=1))
     finally:
         server.terminate()
         server.wait(60)

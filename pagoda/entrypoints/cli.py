@@ -28,9 +28,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     # Bound before the server's imports and the engine's load: a port in use fails at once.
     listener = bind_listener(args.host or "0.0.0.0", args.port)
-    start_core_server(dummy_weights=args.load_format == "dummy")  # its imports run beside the front end's
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
+    start_core_server(dummy_weights=args.load_format == "dummy")  # after the imports it shares
     run_server(args, listener)
 
 

@@ -1,10 +1,12 @@
 """AsyncLLM's per-request streams: a reader that fell behind the engine gets what queued since its
 last turn as one output (the latest, each child's text deltas joined), an error after outputs
-still comes after them, and the engine's outputs reach the streams in one callback per step."""
+still comes after them, the engine's outputs reach the streams in one callback per step, and the
+receiver gives freed heap memory back when idle."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -82,3 +84,39 @@ def test_a_step_reaches_every_stream_in_one_callback():
     calls, sizes, left = asyncio.run(run())
     assert calls == 1 and sizes == [1, 1, 1]
     assert left == ["r0", "r2"]  # the final item ended r1's stream
+
+
+class _ScriptedCore:
+    """An engine core client whose get_output plays `script` (None: a poll interval with nothing)
+    and that ends after it; `before` runs before each message is returned."""
+
+    def __init__(self, script: list, before) -> None:
+        self.script, self.before = list(script), before
+
+    def alive(self) -> bool:
+        return bool(self.script)
+
+    def get_output(self):
+        self.before(len(self.script))
+        return self.script.pop(0)
+
+
+def test_the_receiver_gives_freed_memory_back_once_idle(monkeypatch):
+    # The front end's receiver trims the heap after a quiet poll with no request left, once per
+    # quiet spell: not while a request is still streaming, not again until more work came.
+    trims: list[int] = []
+    monkeypatch.setattr("pagoda.engine.async_llm.release_free_memory", lambda: trims.append(len(core.script)))
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine._dead, engine._stopping, engine._pending = None, True, {}
+    engine._lock = threading.Lock()
+    engine._handle = lambda message: None
+    engine._deliver = lambda deliveries: None
+    def before(remaining: int) -> None:  # a request streams while the 3rd and 4th polls run
+        engine._streams = {"r": object()} if remaining in (5, 4) else {}
+
+    # Polls: idle (the start-up's trim), idle, a message, idle with the request open, idle with it
+    # done (a trim), idle, a message; each trim records the polls left after it.
+    core = _ScriptedCore([None, None, "output", None, None, None, "output"], before)
+    engine.engine_core = core
+    engine._receive_loop()
+    assert trims == [6, 2]

@@ -40,6 +40,7 @@ from pagoda.engine.messages import (
     Refused,
 )
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
+from pagoda.free_memory import release_free_memory
 from pagoda.lora.request import LoRARequest
 from pagoda.multimodal.inputs import image_tokens
 from pagoda.outputs import RequestOutput
@@ -229,11 +230,18 @@ class AsyncLLM:
         self._refuse(request_id, RequestAborted(f"request {request_id} could not be sent: {error}"))
 
     def _receive_loop(self) -> None:
+        untrimmed = True  # the start-up's garbage (the tokenizer's load freed ~30 MB) is the first
         try:
             while self._dead is None and self.engine_core.alive():
                 message = self.engine_core.get_output()
                 if message is not None:
                     self._handle(message)
+                    untrimmed = True
+                elif untrimmed and not self._streams:
+                    # Idle for a poll interval: what the requests' processing freed goes back to
+                    # the OS, as the engine core's does.
+                    release_free_memory()
+                    untrimmed = False
             if not self._stopping:
                 self._mark_dead(self.engine_core.cores.exits() or "the engine's receive loop ended")
         except BaseException:

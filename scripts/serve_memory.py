@@ -2,9 +2,12 @@
 source tree TREE (PYTHONPATH), wait for /health, send 8 greedy chat requests of 64 tokens one at
 a time, then 16 at once (the 16-stream benchmark's load), then print each process's RSS (front
 end, engine core and its helper) as JSON, right after the last answer and IDLE_S seconds later,
-and then their proportional set size in all (shared library pages counted once).
+and then their proportional set size in all (shared library pages counted once). With
+ROUNDS=N in the environment, N-1 more rounds of 16 requests at once follow (new prompts each
+round, as new users' would be), with the total at rest after each: how the KV pool's written part
+grows with use.
 
-    python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
+    [ROUNDS=6] python scripts/serve_memory.py TREE PORT [pagoda serve flags...]
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def tree_pss_mb(pid: int) -> int:
     return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]) >> 20
 
 
+def more_rounds(port: str, pid: int, round_: int) -> int:
+    """One more round of 16 requests at once, prompts of this round's own; the total RSS at rest."""
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: chat(port, f"Round {round_}, user {i}: {PROMPTS[i % len(PROMPTS)]}"), range(16)))
+    time.sleep(IDLE_S)
+    return sum(tree_rss_mb(pid).values())
+
+
 def wait_ready(port: str, server: subprocess.Popen) -> None:
     while True:
         try:
@@ -72,6 +83,7 @@ def main() -> None:
             chat(port, prompt)
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda prompt: chat(port, prompt), PROMPTS * 4))
+        growth = [more_rounds(port, server.pid, round_) for round_ in range(1, int(os.environ.get("ROUNDS", "1")))]
         busy = tree_rss_mb(server.pid)
         time.sleep(IDLE_S)
         rest = tree_rss_mb(server.pid)
@@ -79,7 +91,7 @@ def main() -> None:
         print(json.dumps({"tree": tree, "flags": flags, "ready_s": round(ready_s, 1), "rss_mb": busy,
                           "total_mb": sum(busy.values()), f"rss_mb_{IDLE_S}s_later": rest,
                           f"total_mb_{IDLE_S}s_later": sum(rest.values()),
-                          f"pss_total_mb_{IDLE_S}s_later": pss}, indent=1))
+                          f"pss_total_mb_{IDLE_S}s_later": pss, "rounds_at_rest_mb": growth}, indent=1))
     finally:
         server.terminate()
         server.wait(60)

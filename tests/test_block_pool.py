@@ -11,7 +11,9 @@ from pagoda.core.block_pool import BlockPool, hash_block_tokens
 
 def check_invariants(pool: BlockPool) -> None:
     assert all(ref >= 0 for ref in pool.ref_counts)
-    assert set(pool.free_queue) == {b for b, ref in enumerate(pool.ref_counts) if ref == 0}
+    never_used = set(range(pool.num_used, pool.num_blocks))
+    assert set(pool.free_queue) | never_used == {b for b, ref in enumerate(pool.ref_counts) if ref == 0}
+    assert not never_used & set(pool.free_queue)
     assert pool.cached == {h: b for b, h in enumerate(pool.block_hashes) if h is not None}
     assert pool.usage == pytest.approx(1 - pool.num_free_blocks / pool.num_blocks)
 
@@ -86,6 +88,24 @@ def test_the_same_content_is_cached_once():
     assert pool.block_hashes == [7, None]
 
 
+def test_past_its_resident_blocks_the_pool_reuses_freed_blocks_first():
+    # A CPU pool's pages are resident once written: past resident_blocks, blocks are reused (least
+    # recently freed first) and never-used ones are taken only when no freed one is left.
+    pool = BlockPool(6, resident_blocks=3)
+    a, b, c = pool.get_new_blocks(3)
+    pool.cache_block(a, 1)
+    pool.free_blocks([b, a])
+    assert pool.get_new_blocks(1) == [b]  # not block 3
+    assert pool.get_cached_block(1) == a  # still cached: b was freed first
+    assert pool.get_new_blocks(3) == [a, 3, 4]  # a evicted, then new blocks as none is free
+    assert pool.get_cached_block(1) is None and pool.num_used == 5
+    check_invariants(pool)
+    gpu = BlockPool(6)  # no bound: never-used blocks first, as a GPU's pool, allocated whole
+    x, y = gpu.get_new_blocks(2)
+    gpu.free_blocks([x, y])
+    assert gpu.get_new_blocks(5) == [2, 3, 4, 5, x]
+
+
 def test_pool_needs_a_block():
     with pytest.raises(ValueError):
         BlockPool(0)
@@ -126,7 +146,7 @@ def test_random_operations_keep_the_pool_consistent(num_blocks, ops):
         elif op[0] == "cache" and held:
             pool.cache_block(held[op[1] % len(held)], op[2])
         check_invariants(pool)
-        assert list(pool.free_queue) == lru
+        assert [*range(pool.num_used, num_blocks), *pool.free_queue] == lru
         assert pool.ref_counts == [held.count(b) for b in range(num_blocks)]
     pool.free_blocks(held)
     assert pool.num_free_blocks == num_blocks and pool.usage == 0

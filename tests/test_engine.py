@@ -169,3 +169,20 @@ def test_a_16_bit_models_logprobs_are_computed_in_float32(tmp_path):
     values = [x.logprob for lp in out.prompt_logprobs[1:] + out.outputs[0].logprobs for x in lp.values()]
     rounded = [v for v in values if torch.tensor(v).bfloat16().item() == v]
     assert len(values) == 23 and rounded == [], rounded
+
+
+def test_a_cpu_pool_reuses_freed_blocks_past_one_request_of_max_model_len(tmp_path):
+    # The CPU pool's pages are resident once written: past max_model_len's blocks (8 here) freed
+    # blocks are reused before never-used ones, so one request after another stays in those 8
+    # (it was 5 more each, toward all 64); blocks held at once still grow past them.
+    path = save_tiny_model("llama3", tmp_path)
+    llm = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=32,
+              num_gpu_blocks_override=64, block_size=4)
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    first = [_run(llm, [10 + r] * 10, temperature=0.0, max_tokens=10, ignore_eos=True) for r in range(10)]
+    assert pool.num_used == 8
+    again = [_run(llm, [10 + r] * 10, temperature=0.0, max_tokens=10, ignore_eos=True) for r in range(10)]
+    assert again == first  # reused blocks hand no request another's K/V
+    prompts = [{"prompt_token_ids": [40 + r] * 10} for r in range(4)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert pool.num_used > 8  # four requests at once hold 20 blocks

@@ -1,8 +1,12 @@
 """The pool of fixed-size KV blocks: ref counts, an LRU free queue, and the prefix-cache map.
 
 A block whose ref count drops to zero goes to the end of the free queue but keeps its cached
-hash, so a later request with the same prefix can still take it back; allocation takes from the
-front, evicting the least recently freed cached block first."""
+hash, so a later request with the same prefix can still take it back; allocation takes blocks
+never used before first, then from the front of the queue, evicting the least recently freed
+cached block first. A pool whose memory is only resident once written (the CPU's) can bound that:
+once `resident_blocks` have been used, freed blocks are taken before never-used ones, so the
+written part grows only when more blocks are held at once, and the prefix cache keeps what fits
+in it."""
 
 from __future__ import annotations
 
@@ -37,34 +41,47 @@ def hash_block_tokens(
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, resident_blocks: int | None = None) -> None:
+        """resident_blocks: how many blocks are used before freed ones are preferred to never-used
+        ones (module docstring); None: never-used blocks first while any are left."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
-        # An OrderedDict is an O(1) queue that also supports removal from the middle (cache hits).
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks [0, num_used) have been handed out at some time; the rest never have.
+        self.num_used = 0
+        self.resident_blocks = num_blocks if resident_blocks is None else max(1, min(resident_blocks, num_blocks))
+        # The freed blocks, least recently freed first. An OrderedDict is an O(1) queue that also
+        # supports removal from the middle (cache hits).
+        self.free_queue: OrderedDict[int, None] = OrderedDict()
         self.cached: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self.free_queue) + self.num_blocks - self.num_used
 
     @property
     def usage(self) -> float:
         """The fraction of blocks some request holds."""
-        return 1.0 - len(self.free_queue) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def get_new_blocks(self, n: int) -> list[int]:
-        """Take the `n` least recently freed blocks, forgetting what they cached."""
-        if n > len(self.free_queue):
-            raise ValueError(f"asked for {n} blocks with only {len(self.free_queue)} free")
-        blocks = [self.free_queue.popitem(last=False)[0] for _ in range(n)]
+        """Take `n` blocks (never-used or least recently freed: module docstring), forgetting
+        what they cached."""
+        if n > self.num_free_blocks:
+            raise ValueError(f"asked for {n} blocks with only {self.num_free_blocks} free")
+        blocks = [self._take() for _ in range(n)]
         for block_id in blocks:
             self._evict(block_id)
             self.ref_counts[block_id] = 1
         return blocks
+
+    def _take(self) -> int:
+        if self.num_used < self.num_blocks and (self.num_used < self.resident_blocks or not self.free_queue):
+            self.num_used += 1
+            return self.num_used - 1
+        return self.free_queue.popitem(last=False)[0]
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Take a reference on cached blocks (a prefix-cache hit)."""

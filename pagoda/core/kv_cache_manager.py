@@ -11,10 +11,13 @@ from pagoda.multimodal.inputs import block_extra_keys
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool, resident_blocks: int | None = None
+    ) -> None:
+        """resident_blocks: see BlockPool."""
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
-        self.block_pool = BlockPool(num_blocks)
+        self.block_pool = BlockPool(num_blocks, resident_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}

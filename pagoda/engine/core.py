@@ -69,7 +69,9 @@ class EngineCore:
             self.executor.shutdown()
             raise
         cache = config.cache
-        kv_manager = KVCacheManager(self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching)
+        kv_manager = KVCacheManager(
+            self.num_kv_blocks, cache.block_size, cache.enable_prefix_caching, self._resident_kv_blocks()
+        )
         self.scheduler = Scheduler(config.scheduler, kv_manager)
         self.structured_outputs = StructuredOutputManager(config.model.grammar_vocab)
         self.async_scheduling = config.scheduler.async_scheduling
@@ -116,6 +118,21 @@ class EngineCore:
             )
         # More blocks than every sequence at full length could use would only cost memory.
         return min(num_blocks, blocks_per_seq * scheduler.max_num_seqs)
+
+    def _resident_kv_blocks(self) -> int | None:
+        """On the CPU, where the pool's pages become resident as they are first written, the
+        blocks used before freed ones are preferred to never-used ones: one request of
+        max_model_len (the prefix cache's room then, and the resident part's size unless more
+        blocks are held at once; for the default model 8,192 tokens, the bytes of the 16,384-token
+        float16 cache that scripts/bench_vs_llamacpp.sh gives llama-server). A GPU's pool is
+        allocated whole: None."""
+        if self.config.device.device.type != "cpu":
+            return None
+        blocks = -(-self.max_model_len // self.config.cache.block_size)
+        if blocks < self.num_kv_blocks:
+            logger.info("the KV pool's pages are written as its blocks are first used: past %d blocks (one request "
+                        "of max_model_len) freed blocks are reused first", blocks)
+        return blocks
 
     # Requests -------------------------------------------------------------------------------
 

@@ -1,17 +1,19 @@
 """The engine core behind the front end: typed wire messages that cross the process boundary
-intact, and a core process that loads no tokenizer (the server process detokenizes)."""
+intact, and a core process that loads no tokenizer (the front end detokenizes)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import httpx
 import pytest
 
+from pagoda.config import EngineConfig
 from pagoda.engine import messages
+from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.input_processor import fan_out
 from pagoda.sampling_params import SamplingParams
-from tests.serving import MODEL, engine_core_pid, serving, tiny_model_args
+from tests.serving import tiny_model_args
 
 
 def test_a_request_crosses_to_the_core_intact():
@@ -37,14 +39,16 @@ def _maps_tokenizers(pid: int) -> bool:
     return any("/tokenizers/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
 
 
-def test_the_engine_core_process_loads_no_tokenizer(tmp_path):
-    # A checkpoint's weights. Random ones (--load-format dummy) are named after transformers' own
-    # model of the config, which the core builds, and whose modeling code imports tokenizers:
-    # in the core rather than on the front end's path to the core's start (~3 s).
-    log = tmp_path / "server.log"
-    with serving(tiny_model_args(tmp_path), log) as (proc, base):
-        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0.0}
-        response = httpx.post(f"{base}/v1/completions", json=body, timeout=30.0)
-        assert response.status_code == 200 and response.json()["choices"][0]["text"]  # detokenized
-        assert _maps_tokenizers(proc.pid)  # the front end's tokenizer: the check sees it
-        assert not _maps_tokenizers(engine_core_pid(proc.pid)), log.read_text()[-2000:]
+def test_a_library_engines_core_process_loads_no_tokenizer(tmp_path):
+    # AsyncLLM used as a library starts its core from multiprocessing's own fork server, a fresh
+    # interpreter that imports the core's modules only: never the tokenizers library, since the
+    # front end detokenizes. A checkpoint's weights: random ones (--load-format dummy) are named
+    # after transformers' own model of the config, whose modeling code imports tokenizers. (Under
+    # `pagoda serve` the core is a fork of the front end and shares what that imported:
+    # tests/test_process_memory.py.)
+    engine = AsyncLLM(EngineConfig(model=tiny_model_args(tmp_path)[0], device="cpu", max_model_len=256))
+    try:
+        assert _maps_tokenizers(os.getpid())  # this process's tokenizer: the check sees it
+        assert not _maps_tokenizers(engine.engine_core.cores.cores[0].process.pid)
+    finally:
+        engine.shutdown()

@@ -38,17 +38,19 @@ def chat(port: str, prompt: str) -> dict:
                                                "messages": [{"role": "user", "content": prompt}]})
 
 
-def tree_rss_mb(pid: int) -> dict[str, int]:
+def process_tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
-    return {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20
-            for p in [root, *root.children(recursive=True)]}
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss_mb(pid: int) -> dict[str, int]:
+    return {f"{p.pid} {' '.join(p.cmdline()[:3])[-40:]}": p.memory_info().rss >> 20 for p in process_tree(pid)}
 
 
 def tree_pss_mb(pid: int) -> int:
     """The processes' proportional set size: pages they share (the same libraries mapped by the
     front end and the engine core) count once in all, where their RSS counts them in each."""
-    root = psutil.Process(pid)
-    return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]) >> 20
+    return sum(p.memory_full_info().pss for p in process_tree(pid)) >> 20
 
 
 def more_rounds(port: str, pid: int, round_: int) -> int:

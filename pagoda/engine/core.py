@@ -94,6 +94,11 @@ class EngineCore:
 
     # Set-up ---------------------------------------------------------------------------------
 
+    @property
+    def _blocks_per_request(self) -> int:
+        """The KV blocks one request of max_model_len holds."""
+        return -(-self.max_model_len // self.config.cache.block_size)
+
     def _num_kv_blocks(self) -> int:
         cache, scheduler = self.config.cache, self.config.scheduler
         if cache.num_gpu_blocks_override is not None:
@@ -110,14 +115,13 @@ class EngineCore:
             knob = "kv_cache_memory_bytes or PAGODA_CPU_KVCACHE_SPACE (GiB, per rank)"
         else:
             knob = "kv_cache_memory_bytes"
-        blocks_per_seq = -(-self.max_model_len // cache.block_size)
-        if num_blocks < blocks_per_seq:
+        if num_blocks < self._blocks_per_request:
             raise ValueError(
                 f"the KV cache has room for {num_blocks * cache.block_size} tokens, fewer than one request of "
                 f"max_model_len={self.max_model_len}: raise {knob} or lower max_model_len"
             )
         # More blocks than every sequence at full length could use would only cost memory.
-        return min(num_blocks, blocks_per_seq * scheduler.max_num_seqs)
+        return min(num_blocks, self._blocks_per_request * scheduler.max_num_seqs)
 
     def _resident_kv_blocks(self) -> int | None:
         """On the CPU, where the pool's pages become resident as they are first written, the
@@ -128,7 +132,7 @@ class EngineCore:
         allocated whole: None."""
         if self.config.device.device.type != "cpu":
             return None
-        blocks = -(-self.max_model_len // self.config.cache.block_size)
+        blocks = self._blocks_per_request
         if blocks < self.num_kv_blocks:
             logger.info("the KV pool's pages are written as its blocks are first used: past %d blocks (one request "
                         "of max_model_len) freed blocks are reused first", blocks)

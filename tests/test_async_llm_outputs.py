@@ -31,13 +31,16 @@ def test_a_reader_behind_gets_one_output_with_the_deltas_joined():
     async def run() -> list[RequestOutput]:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), ["r-0"])
         for step, deltas in enumerate([["a", "x"], ["b", ""], ["c", "y"]]):
-            stream.outputs.put_nowait(_output(step, deltas))
+            queued.append(_output(step, deltas))
+            stream.outputs.put_nowait(queued[-1])
         reader = _engine([])._outputs(stream)
         first = await reader.__anext__()  # three steps queued before the reader's turn
         stream.outputs.put_nowait(_output(3, ["d", "z"], finished=True))
         return [first] + [output async for output in reader]
 
+    queued: list[RequestOutput] = []
     first, last = asyncio.run(run())
+    assert [c.text_delta for c in queued[-1].outputs] == ["c", "y"]  # the outputs merged are left as they were
     assert [c.text_delta for c in first.outputs] == ["abc", "xy"]
     assert first.outputs[0].token_ids == [0, 1, 2] and not first.finished  # the latest state
     assert [c.text_delta for c in last.outputs] == ["d", "z"] and last.finished
@@ -88,7 +91,8 @@ def test_a_step_reaches_every_stream_in_one_callback():
 
 class _ScriptedCore:
     """An engine core client whose get_output plays `script` (None: a poll interval with nothing)
-    and that ends after it; `before` runs before each message is returned."""
+    and that ends after it; `before` runs before each message is returned. The receiver asks
+    whether the core is alive only after a poll that found nothing."""
 
     def __init__(self, script: list, before) -> None:
         self.script, self.before = list(script), before
@@ -97,6 +101,8 @@ class _ScriptedCore:
         return bool(self.script)
 
     def get_output(self):
+        if not self.script:  # the core has ended: its polls find nothing
+            return None
         self.before(len(self.script))
         return self.script.pop(0)
 

@@ -138,6 +138,24 @@ def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
     assert [c.finish_reason for c in out.outputs] == ["stop", "length"] and not processor.parents
 
 
+def test_each_output_keeps_the_metrics_it_was_made_with(tmp_path):
+    """A consumer may read an output after later steps: its metrics stay as they were then (the
+    first token's time once it came, no finish time until the last)."""
+    save_tokenizer(tmp_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    processor = OutputProcessor(tokenizer)
+    (child, _), = children = fan_out("r", SamplingParams(max_tokens=3))
+    processor.add("r", "hi", tokenizer.encode("hi"), children)
+    scheduled = CoreOutput(child, [], first_scheduled_time=5.0)  # a prompt chunk: no token yet
+    first, second, last = (processor.process([out])[0][0] for out in [
+        scheduled, CoreOutput(child, tokenizer.encode("a")), CoreOutput(child, tokenizer.encode("b"), finish_reason="length"),
+    ])
+    assert first.metrics.first_scheduled_time == 5.0 and first.metrics.first_token_time is None
+    assert second.metrics.first_token_time is not None and second.metrics.finished_time is None
+    assert last.metrics.finished_time is not None and last.metrics.first_token_time == second.metrics.first_token_time
+    assert first.metrics.first_token_time is None and second.metrics.finished_time is None  # unchanged since
+
+
 # Plain endpoints ---------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
+import copy
 import logging
 import threading
 import time
@@ -185,12 +185,15 @@ class AsyncLLM:
                 # A consumer that fell behind takes what has queued since as one output (the
                 # latest, its text deltas joined), as vLLM's output collector does: its work per
                 # turn stays one chunk, however many steps it missed.
-                while isinstance(item, RequestOutput) and not item.finished and not stream.outputs.empty():
-                    later = stream.outputs.get_nowait()
-                    if isinstance(later, Exception):
-                        held = later
-                        break
-                    item = _merged(item, later)
+                if isinstance(item, RequestOutput) and not item.finished and not stream.outputs.empty():
+                    run = [item]
+                    while not run[-1].finished and not stream.outputs.empty():
+                        later = stream.outputs.get_nowait()
+                        if isinstance(later, Exception):
+                            held = later
+                            break
+                        run.append(later)
+                    item = _merged(run)
                 if isinstance(item, Exception):
                     finished = True
                     raise item
@@ -232,12 +235,17 @@ class AsyncLLM:
     def _receive_loop(self) -> None:
         untrimmed = True  # the start-up's garbage (the tokenizer's load freed ~30 MB) is the first
         try:
-            while self._dead is None and self.engine_core.alive():
+            while self._dead is None:
                 message = self.engine_core.get_output()
                 if message is not None:
                     self._handle(message)
                     untrimmed = True
-                elif untrimmed and not self._streams:
+                    continue
+                # Only when no message came: the check is a system call, and each one lets the
+                # event loop take the GIL for a switch interval while the outputs wait.
+                if not self.engine_core.alive():
+                    break
+                if untrimmed and not self._streams:
                     # Idle for a poll interval: what the requests' processing freed goes back to
                     # the OS, as the engine core's does.
                     release_free_memory()
@@ -343,12 +351,21 @@ def _put_all(queued: list[tuple[asyncio.Queue, Any]]) -> None:
         queue.put_nowait(item)
 
 
-def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One output for two successive ones of a request: the later, with each child's text delta
-    the two deltas joined (the rest is cumulative already)."""
-    deltas = {child.index: child.text_delta for child in earlier.outputs}
-    outputs = [dataclasses.replace(c, text_delta=deltas.get(c.index, "") + c.text_delta) for c in later.outputs]
-    return dataclasses.replace(later, outputs=outputs)
+def _merged(run: list[RequestOutput]) -> RequestOutput:
+    """One output for successive ones of a request: the last, with each child's text deltas
+    joined (the rest is cumulative already). Shallow copies: dataclasses.replace re-runs
+    __init__, and this runs for every request of every step while the event loop is behind."""
+    if len(run) == 1:
+        return run[0]
+    deltas: dict[int, list[str]] = {}
+    for output in run:
+        for child in output.outputs:
+            deltas.setdefault(child.index, []).append(child.text_delta)
+    merged = copy.copy(run[-1])
+    merged.outputs = [copy.copy(child) for child in merged.outputs]
+    for child in merged.outputs:
+        child.text_delta = "".join(deltas[child.index])
+    return merged
 
 
 def _notify(listeners: list[Callable[[Any], None]], *events: Any) -> None:

@@ -143,17 +143,20 @@ class CoreGroup:
                 core.to_core.send(data)
 
     def receive(self) -> list[tuple[int, FromCore]]:
-        """(core index, message): one from each core that has one within _POLL_MS. A core process
-        that ends wakes the poll at once (alive() says which)."""
+        """(core index, message): every message queued at each core that has one within
+        _POLL_MS, in order. A core process that ends wakes the poll at once (alive() says which)."""
         received = []
         for socket, _ in self._poller.poll(_POLL_MS):
             index = self._sockets.get(socket)
             if index is None:  # a sentinel: alive() says which core has ended
                 continue
-            message = decode_from_core(socket.recv())
-            if isinstance(message, (Outputs, Aborted)):
-                self.cores[index].stats = message.stats
-            received.append((index, message))
+            # All that queued, not one per poll: a receiver that fell behind catches up without a
+            # poll (a system call, and the GIL given up) per message.
+            for data in _queued(socket):
+                message = decode_from_core(data)
+                if isinstance(message, (Outputs, Aborted)):
+                    self.cores[index].stats = message.stats
+                received.append((index, message))
         return received
 
     def exits(self) -> str:
@@ -224,3 +227,13 @@ def _core_environments(config: ResolvedConfig) -> list[dict[str, str]]:
     gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     size = config.parallel.world_size
     return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * size : (i + 1) * size])} for i in range(dp)]
+
+
+def _queued(socket: zmq.Socket) -> list[bytes]:
+    """The messages a socket that polled readable holds now (one at least)."""
+    messages = [socket.recv()]
+    while True:
+        try:
+            messages.append(socket.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return messages

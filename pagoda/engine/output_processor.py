@@ -59,10 +59,18 @@ class _Parent:
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_cached_tokens: int = 0
     final_only: bool = False  # no output until it finishes (offline generate reads only those)
+    # What its outputs carry of metrics: a copy, as a consumer may read an output after later
+    # steps; made again only when metrics change (three times a request), not every step.
+    metrics_copy: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.children)
+
+    def metrics_view(self) -> RequestMetrics:
+        if self.metrics_copy is None:
+            self.metrics_copy = dataclasses.replace(self.metrics)
+        return self.metrics_copy
 
 
 class OutputProcessor:
@@ -157,10 +165,12 @@ class OutputProcessor:
 
     def _record_metrics(self, parent: _Parent, out: CoreOutput, now: float) -> None:
         metrics = parent.metrics
-        if metrics.first_scheduled_time is None:
+        if metrics.first_scheduled_time is None and out.first_scheduled_time is not None:
             metrics.first_scheduled_time = out.first_scheduled_time
+            parent.metrics_copy = None
         if metrics.first_token_time is None and out.new_token_ids:
             metrics.first_token_time = now
+            parent.metrics_copy = None
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
 
     def _record_latency(self, child: _Child, out: CoreOutput, now: float, stats: IterationStats | None) -> None:
@@ -201,6 +211,7 @@ class OutputProcessor:
         finished = parent.finished
         if finished:
             parent.metrics.finished_time = now
+            parent.metrics_copy = None
             del self.parents[parent.request_id]
         return RequestOutput(
             request_id=parent.request_id,
@@ -209,7 +220,7 @@ class OutputProcessor:
             prompt_logprobs=parent.prompt_logprobs,
             outputs=[self._completion(c) for c in parent.children],
             finished=finished,
-            metrics=dataclasses.replace(parent.metrics),
+            metrics=parent.metrics_view(),
             num_cached_tokens=parent.num_cached_tokens,
             pooled=parent.children[0].pooled,
         )

@@ -81,7 +81,7 @@ def _turn(
     reply = []
     with client.stream("POST", "/chat/completions", json=body) as response:
         raise_for_error(response)
-        for event in iter_events(response.iter_lines()):
+        for event in iter_events(response.iter_bytes()):
             for choice in event.get("choices", []):
                 piece = choice.get("delta", {}).get("content") or ""
                 reply.append(piece)

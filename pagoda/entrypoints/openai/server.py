@@ -108,7 +108,11 @@ class ServerLoad:
     def leave(self) -> None:
         self.in_flight -= self.enabled
 
-    async def until_done(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    def until_done(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The stream, counted until it ends; as it is when not tracking (a layer less per chunk)."""
+        return self._counted(chunks) if self.enabled else chunks
+
+    async def _counted(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield chunk

@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
+from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.async_llm import AsyncLLM, _Stream
+from pagoda.engine.messages import Aborted, Accepted, Outputs
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -100,11 +102,12 @@ class _ScriptedCore:
     def alive(self) -> bool:
         return bool(self.script)
 
-    def get_output(self):
+    def get_outputs(self):
         if not self.script:  # the core has ended: its polls find nothing
-            return None
+            return []
         self.before(len(self.script))
-        return self.script.pop(0)
+        message = self.script.pop(0)
+        return [] if message is None else [message]
 
 
 def test_the_receiver_gives_freed_memory_back_once_idle(monkeypatch):
@@ -115,7 +118,7 @@ def test_the_receiver_gives_freed_memory_back_once_idle(monkeypatch):
     engine = AsyncLLM.__new__(AsyncLLM)
     engine._dead, engine._stopping, engine._pending = None, True, {}
     engine._lock = threading.Lock()
-    engine._handle = lambda message: None
+    engine._handle_all = lambda messages: None
     engine._deliver = lambda deliveries: None
     def before(remaining: int) -> None:  # a request streams while the 3rd and 4th polls run
         engine._streams = {"r": object()} if remaining in (5, 4) else {}
@@ -126,3 +129,16 @@ def test_the_receiver_gives_freed_memory_back_once_idle(monkeypatch):
     engine.engine_core = core
     engine._receive_loop()
     assert trims == [6, 2]
+
+
+def test_successive_steps_received_together_are_processed_as_one_batch():
+    # Outputs of successive steps that queued while the receiver was busy go through the output
+    # processor together (one output per request); any other message keeps its place between them.
+    engine = AsyncLLM.__new__(AsyncLLM)
+    calls: list = []
+    engine._process = lambda steps: calls.append([s.num_batched_tokens for s in steps])
+    engine._handle = lambda message: calls.append(type(message).__name__)
+    stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+    step = lambda n: Outputs([], stats, n)  # noqa: E731
+    engine._handle_all([step(1), step(2), Aborted(["r"], stats), step(3), Accepted("s"), step(4), step(5)])
+    assert calls == [[1, 2], "Aborted", [3], "Accepted", [4, 5]]

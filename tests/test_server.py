@@ -22,7 +22,7 @@ from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine import messages
 from pagoda.engine.input_processor import fan_out
 from pagoda.engine.messages import CoreOutput
-from pagoda.engine.output_processor import OutputProcessor
+from pagoda.engine.output_processor import IterationStats, OutputProcessor
 from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.server import generation_defaults
@@ -136,6 +136,25 @@ def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
     out, stopped = step("x", "!", finish_b="length")
     assert out.finished and [c.text for c in out.outputs] == ["h", "yla!"] and not stopped
     assert [c.finish_reason for c in out.outputs] == ["stop", "length"] and not processor.parents
+
+
+def test_steps_applied_together_give_one_output_each_and_stop_where_they_did(tmp_path):
+    """A front end behind the core applies the steps it holds in order and makes one output per
+    request: the text of all of them, and a stop string ending a request at its own step (the
+    tokens after it, generated before the core heard, are dropped)."""
+    save_tokenizer(tmp_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    processor = OutputProcessor(tokenizer)
+    (a, _), = a_children = fan_out("a", SamplingParams(stop=["lo"], max_tokens=10))
+    (b, _), = b_children = fan_out("b", SamplingParams(max_tokens=10))
+    processor.add("a", "x", tokenizer.encode("x"), a_children)
+    processor.add("b", "x", tokenizer.encode("x"), b_children)
+    steps = [[CoreOutput(a, tokenizer.encode(ca)), CoreOutput(b, tokenizer.encode(cb))] for ca, cb in ["hh", "le", "oy", "!!"]]
+    outputs, stopped = processor.process_steps([(step, IterationStats(2)) for step in steps])
+    by_id = {o.request_id: o.outputs[0] for o in outputs}
+    assert len(outputs) == 2 and stopped == [a]
+    assert (by_id["a"].text, by_id["a"].finish_reason, len(by_id["a"].token_ids)) == ("h", "stop", 3)
+    assert by_id["b"].text == by_id["b"].text_delta == "hey!" and by_id["b"].finish_reason is None
 
 
 def test_each_output_keeps_the_metrics_it_was_made_with(tmp_path):

@@ -236,9 +236,9 @@ class AsyncLLM:
         untrimmed = True  # the start-up's garbage (the tokenizer's load freed ~30 MB) is the first
         try:
             while self._dead is None:
-                message = self.engine_core.get_output()
-                if message is not None:
-                    self._handle(message)
+                messages = self.engine_core.get_outputs()
+                if messages:
+                    self._handle_all(messages)
                     untrimmed = True
                     continue
                 # Only when no message came: the check is a system call, and each one lets the
@@ -286,6 +286,21 @@ class AsyncLLM:
         for waiting in pending:
             _fail(waiting, error)
 
+    def _handle_all(self, messages: list[FromCore]) -> None:
+        """Handle messages in order; successive steps' Outputs as one batch, so that a receiver
+        that fell behind the core catches up with one output per request, not one per step."""
+        steps: list[Outputs] = []
+        for message in messages:
+            if isinstance(message, Outputs):
+                steps.append(message)
+                continue
+            if steps:
+                self._process(steps)
+                steps = []
+            self._handle(message)
+        if steps:
+            self._process(steps)
+
     def _handle(self, message: FromCore) -> None:
         if isinstance(message, Accepted):
             self._accept(message.request_id)
@@ -296,13 +311,13 @@ class AsyncLLM:
             _notify(self.finished_listeners, *ended)
             self._deliver([(o.request_id, RequestAborted(f"request {o.request_id} was aborted"), True) for o in ended])
         elif isinstance(message, Outputs):
-            self._process(message)
+            self._process([message])
 
-    def _process(self, message: Outputs) -> None:
-        self.counters.generation_tokens += sum(len(o.new_token_ids) for o in message.outputs)
-        stats = IterationStats(message.num_batched_tokens)
-        outputs, stopped = self._output_processor.process(message.outputs, stats)
-        _notify(self.iteration_listeners, stats)
+    def _process(self, steps: list[Outputs]) -> None:
+        self.counters.generation_tokens += sum(len(o.new_token_ids) for step in steps for o in step.outputs)
+        applied = [(step.outputs, IterationStats(step.num_batched_tokens)) for step in steps]
+        outputs, stopped = self._output_processor.process_steps(applied)
+        _notify(self.iteration_listeners, *[stats for _, stats in applied])
         if stopped:  # a stop string ended them here: the core must stop them too
             self._send_abort(stopped)
         _notify(self.finished_listeners, *[output for output in outputs if output.finished])

@@ -154,8 +154,14 @@ class MPClient(EngineCoreClient):
         """The next message of any core, its bookkeeping done: None when none came within a poll
         interval or a core process has ended (alive() says)."""
         if not self._received:
-            self._received.extend(self._count(index, message) for index, message in self.cores.receive())
+            self._received.extend(self.get_outputs())
         return self._received.popleft() if self._received else None
+
+    def get_outputs(self) -> list[FromCore]:
+        """Every message the cores have queued (waiting a poll interval for one), in order, their
+        bookkeeping done; empty when none came or a core process has ended (alive() says). Not
+        mixed with get_output, which may hold some back."""
+        return [self._count(index, message) for index, message in self.cores.receive()]
 
     def _count(self, index: int, message: FromCore) -> FromCore:
         """Engine requests that end stop counting against their core (routing, num_waiting)."""

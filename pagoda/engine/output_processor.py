@@ -119,27 +119,25 @@ class OutputProcessor:
         """Apply one step's core outputs (recording its inter-token latencies in stats, when
         given). Returns the outputs of the user requests they advanced, and the engine requests a
         stop string ended here, which the core must stop too."""
+        return self.process_steps([(core_outputs, stats)])
+
+    def process_steps(
+        self, steps: list[tuple[list[CoreOutput], IterationStats | None]]
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """As process, for successive steps applied in order (a stop string ends a request at
+        the step it comes in), with one output per user request they advanced."""
         touched: dict[str, _Parent] = {}
         stopped: list[str] = []
         now = time.time()
-        for out in core_outputs:
-            entry = self._live.get(out.request_id)
-            if entry is None:  # ended here (a stop string, an abort) before the core knew
-                continue
-            parent, child = entry
-            self._record_metrics(parent, out, now)
-            self._record_latency(child, out, now, stats)
-            self._record_prompt_logprobs(parent, child, out)
-            stop = self._record_tokens(child, out)
-            if out.pooled is not None:
-                child.pooled = out.pooled
-            if stop is not None:
-                if child.finish_reason is None:
+        for core_outputs, stats in steps:
+            for out in core_outputs:
+                entry = self._live.get(out.request_id)
+                if entry is None:  # ended here (a stop string, an abort) before the core knew
+                    continue
+                parent, child = entry
+                if self._apply(parent, child, out, now, stats):
                     stopped.append(child.request_id)
-                child.finish_reason, child.stop_reason = "stop", stop  # wins over a length limit
-            if child.finish_reason is not None:
-                del self._live[child.request_id]
-            touched[parent.request_id] = parent
+                touched[parent.request_id] = parent
         outputs = [self._output(p, now) for p in touched.values() if not p.final_only or p.finished]
         return outputs, stopped
 
@@ -162,6 +160,23 @@ class OutputProcessor:
         return [self._output(p, now) for p in touched.values() if p.finished]
 
     # Per step ---------------------------------------------------------------------------------
+
+    def _apply(self, parent: _Parent, child: _Child, out: CoreOutput, now: float, stats: IterationStats | None) -> bool:
+        """Record one core output; True when a stop string ended the child here (the core goes on
+        until told)."""
+        self._record_metrics(parent, out, now)
+        self._record_latency(child, out, now, stats)
+        self._record_prompt_logprobs(parent, child, out)
+        stop = self._record_tokens(child, out)
+        if out.pooled is not None:
+            child.pooled = out.pooled
+        stopped_here = False
+        if stop is not None:
+            stopped_here = child.finish_reason is None
+            child.finish_reason, child.stop_reason = "stop", stop  # wins over a length limit
+        if child.finish_reason is not None:
+            del self._live[child.request_id]
+        return stopped_here
 
     def _record_metrics(self, parent: _Parent, out: CoreOutput, now: float) -> None:
         metrics = parent.metrics

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).parent.parent / "scripts").glob("*.py"))
+ROOT = Path(__file__).parent.parent
+SCRIPTS = sorted((ROOT / "scripts").glob("**/*.py"))
 
 
 def _pagoda_imports(path: Path) -> list[tuple[str, str | None]]:
@@ -24,9 +28,21 @@ def _pagoda_imports(path: Path) -> list[tuple[str, str | None]]:
     return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(s.relative_to(ROOT / "scripts")) for s in SCRIPTS])
 def test_script_imports_resolve(script):
     for module_name, name in _pagoda_imports(script):
         module = importlib.import_module(module_name)
         if name is not None and not hasattr(module, name):
             importlib.import_module(f"{module_name}.{name}")  # a submodule, or ImportError names it
+
+
+def test_the_serve_tracer_wraps_what_it_names(tmp_path):
+    # scripts/serve_trace patches the engine core's step, the front end's handling of steps and
+    # the benchmark client's run by name at start-up, where a failure is only a warning on stderr.
+    env = {**os.environ, "PAGODA_STEP_TRACE": str(tmp_path), "PYTHONPATH": f"{ROOT / 'scripts' / 'serve_trace'}:{ROOT}"}
+    check = (
+        "from pagoda.engine import core, async_llm; from pagoda.benchmarks import serve; "
+        "print(core.EngineCore.step.__name__, async_llm.AsyncLLM._process.__name__, serve._run.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["traced_step", "traced_process", "traced_run"], done.stderr

@@ -302,6 +302,7 @@ class AsyncLLM:
             self._process(steps)
 
     def _handle(self, message: FromCore) -> None:
+        """One message other than a step's Outputs (_handle_all batches those)."""
         if isinstance(message, Accepted):
             self._accept(message.request_id)
         elif isinstance(message, Refused):
@@ -310,8 +311,6 @@ class AsyncLLM:
             ended = self._output_processor.abort(message.request_ids)
             _notify(self.finished_listeners, *ended)
             self._deliver([(o.request_id, RequestAborted(f"request {o.request_id} was aborted"), True) for o in ended])
-        elif isinstance(message, Outputs):
-            self._process([message])
 
     def _process(self, steps: list[Outputs]) -> None:
         self.counters.generation_tokens += sum(len(o.new_token_ids) for step in steps for o in step.outputs)

@@ -92,7 +92,7 @@ def test_a_step_reaches_every_stream_in_one_callback():
 
 
 class _ScriptedCore:
-    """An engine core client whose get_output plays `script` (None: a poll interval with nothing)
+    """An engine core client whose get_outputs plays `script` (None: a poll interval with nothing)
     and that ends after it; `before` runs before each message is returned. The receiver asks
     whether the core is alive only after a poll that found nothing."""
 

@@ -4,12 +4,11 @@
 structs are never encoded, and `get_output` runs one step. `MPClient` drives the core processes
 of a CoreGroup over ZeroMQ (the server's AsyncLLM): a request is encoded by its caller (one that
 cannot be encoded fails there, alone) and sent by a sender thread; the core answers each one with
-Accepted or Refused, and `get_output` returns the cores' messages one at a time to the front
-end's receiver thread."""
+Accepted or Refused, and `get_outputs` returns the cores' messages, all that have queued, to the
+front end's receiver thread."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -49,10 +48,6 @@ class EngineCoreClient(ABC):
         """Stop these engine requests (None: all); ids the core no longer has are ignored."""
 
     @abstractmethod
-    def get_output(self) -> FromCore | None:
-        """The core's next message (None: nothing came within a poll interval)."""
-
-    @abstractmethod
     def shutdown(self) -> None:
         """Stop the core; the client cannot be used after this."""
 
@@ -87,7 +82,7 @@ SenderDeathListener = Callable[[str], None]
 
 class MPClient(EngineCoreClient):
     """The core processes of a CoreGroup (one, or data_parallel_size), started and ready once
-    built. Any thread may add and abort; get_output belongs to one receiver thread."""
+    built. Any thread may add and abort; get_outputs belongs to one receiver thread."""
 
     def __init__(
         self, config: ResolvedConfig, on_unsent: UnsentListener, on_sender_death: SenderDeathListener,
@@ -106,7 +101,6 @@ class MPClient(EngineCoreClient):
         # Requests sent and not yet answered: their core and engine request count, so that a
         # refused or unsent one stops counting as outstanding there.
         self._unanswered: dict[str, tuple[int, int]] = {}
-        self._received: collections.deque[FromCore] = collections.deque()
         self._sender = threading.Thread(target=self._send_loop, name="pagoda-engine-send", daemon=True)
         self._sender.start()
 
@@ -150,17 +144,9 @@ class MPClient(EngineCoreClient):
 
     # The receiver thread ----------------------------------------------------------------------
 
-    def get_output(self) -> FromCore | None:
-        """The next message of any core, its bookkeeping done: None when none came within a poll
-        interval or a core process has ended (alive() says)."""
-        if not self._received:
-            self._received.extend(self.get_outputs())
-        return self._received.popleft() if self._received else None
-
     def get_outputs(self) -> list[FromCore]:
         """Every message the cores have queued (waiting a poll interval for one), in order, their
-        bookkeeping done; empty when none came or a core process has ended (alive() says). Not
-        mixed with get_output, which may hold some back."""
+        bookkeeping done; empty when none came or a core process has ended (alive() says)."""
         return [self._count(index, message) for index, message in self.cores.receive()]
 
     def _count(self, index: int, message: FromCore) -> FromCore:

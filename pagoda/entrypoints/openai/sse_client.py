@@ -43,23 +43,26 @@ def _event(line: bytes) -> dict[str, Any] | None:
     return event
 
 
+def _events(lines: _LineSplitter, chunk: bytes) -> Iterator[dict[str, Any]]:
+    """The events that a chunk completes."""
+    for line in lines.feed(chunk):
+        event = _event(line)
+        if event is not None:
+            yield event
+
+
 def iter_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
     """The events of a stream's bytes (`response.iter_bytes()`)."""
     lines = _LineSplitter()
     for chunk in chunks:
-        for line in lines.feed(chunk):
-            event = _event(line)
-            if event is not None:
-                yield event
+        yield from _events(lines, chunk)
 
 
 async def aiter_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     lines = _LineSplitter()
     async for chunk in response.aiter_bytes():
-        for line in lines.feed(chunk):
-            event = _event(line)
-            if event is not None:
-                yield event
+        for event in _events(lines, chunk):
+            yield event
 
 
 def raise_for_error(response: httpx.Response) -> None:

@@ -176,10 +176,11 @@ def _exit_time(proc) -> float:
 
 
 def _refused_or_gone(base: str, method: str, path: str, **kwargs) -> None:
-    """Right after the engine's death: a 503, or no server any more; never a hang."""
+    """Right after the engine's death: a 503, or no server any more; never a hang. A server that
+    exits while the request is in flight resets the connection: gone, too."""
     try:
         response = httpx.request(method, f"{base}{path}", timeout=10.0, **kwargs)
-    except (httpx.ConnectError, httpx.RemoteProtocolError):
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return
     assert response.status_code == 503, response.text
     if path != "/health":

@@ -24,6 +24,7 @@ from torch import nn
 from pagoda.distributed.comm import all_gather_last_dim, all_reduce
 from pagoda.distributed.parallel_state import tp_group
 from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.layers.q8_rows import Q8Rows
 
 _SKINNY_ROWS = 64
 
@@ -249,8 +250,11 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * per_rank
         self.end = min(num_embeddings, self.start + per_rank)
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim), requires_grad=False)
+        self.q8: Q8Rows | None = None  # the rows in Q8_0 form instead of `weight` (see hold_q8)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.q8 is not None:
+            return self.q8[ids]
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.start) | (ids >= self.end)
@@ -266,6 +270,13 @@ class VocabParallelEmbedding(nn.Module):
         _copy(self.weight.data[:rows], tensor[self.start : self.end], param_name)
         self.weight.data[rows:].zero_()
 
+    def hold_q8(self, rows: Q8Rows) -> None:
+        """Read the rows from `rows` (this weight's values, exactly: Q8Rows.lossless) and free the
+        float32 weight, which stays as an empty parameter (its device and dtype still say the layer's)."""
+        assert self.tp.size == 1, "a rank's shard reads other ranks' rows: one rank only"
+        self.q8 = rows
+        self.weight = nn.Parameter(self.weight.data.new_empty(0, self.weight.shape[1]), requires_grad=False)
+
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection, sharded as the embedding is (and sharing its weight when tied)."""
@@ -276,6 +287,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         vocabulary costs a decode step ~0.1 ms on an H200), every other use in float32.
         argmax_only: the caller reads each row's argmax alone; a float32 head on the CPU then
         screens through a float16 copy (layers/lm_head_screen.py), keeping the argmax exact."""
+        if self.q8 is not None:  # every step through its screen: the float32 rows are not held
+            return self._q8_screen.logits(hidden, self.q8)
         screen = self._screen() if argmax_only else None
         if screen is not None:
             return screen.logits(hidden, self.weight)
@@ -283,6 +296,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp.size > 1:
             logits = all_gather_last_dim(logits, self.tp)[:, : self.num_embeddings]
         return logits
+
+    def hold_q8(self, rows: Q8Rows) -> None:
+        """As the embedding's, and every step's logits through a screen (layers/lm_head_screen.py):
+        within its bound of the float32 head's, exact within twice it of each row's maximum, so the
+        argmax is the float32 head's. The screen must serve the weight (ScreenedHead.serves)."""
+        self._q8_screen = ScreenedHead(self.weight)
+        super().hold_q8(rows)
 
     def _screen(self) -> ScreenedHead | None:
         """Built on first use (~0.7 s for the default model's head) and again if the weight has

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.layers.q8_rows import Q8Rows
+
 _RELATIVE = 2.0**-9
 _ABSOLUTE = 2.0**-24
 _FP16_MAX = 65504.0
@@ -43,8 +45,9 @@ class ScreenedHead:
             and bool(weight.abs().max() <= _FP16_MAX)
         )
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """hidden [M, K] -> logits [M, V] whose argmax per row is that of hidden @ weight.T."""
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | Q8Rows) -> torch.Tensor:
+        """hidden [M, K] -> logits [M, V] whose argmax per row is that of hidden @ weight.T, from
+        the float32 weight this screen was built from (or its rows in Q8_0 form: exactly its values)."""
         approx = torch.ops.quantized.linear_dynamic_fp16(hidden, self.packed)
         bound = torch.linalg.vector_norm(hidden, dim=1) * (_RELATIVE * self.max_row_norm)
         bound += hidden.abs().sum(dim=1) * _ABSOLUTE

@@ -160,6 +160,8 @@ def build_model(
             built.load_checkpoint(model.resolved.model_dir)
         else:
             load_weights(built, _iter_weights(model.resolved, model.spec, quant_config))
+    if quant_config is not None:
+        quant_config.process_model_after_loading(built)
     return built.eval()
 
 

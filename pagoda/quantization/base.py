@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod
 
@@ -32,6 +33,10 @@ class QuantizationConfig(ABC):
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method for the linear layer at our module path `prefix` (e.g. "model.layers.0.self_attn.qkv_proj");
         UnquantizedLinearMethod() for layers the config leaves unquantized."""
+
+    def process_model_after_loading(self, model: nn.Module) -> None:
+        """Once every weight is in and each linear method has prepared its own: what the method does
+        to layers that are not linear (GGUF: its Q8_0 embeddings)."""
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raise ValueError naming the flag or checkpoint field and what is supported."""

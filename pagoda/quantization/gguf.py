@@ -8,10 +8,13 @@ like any checkpoint tensor; `process_weights_after_loading` repacks them for the
 - Q4_0, Q4_1, Q4_K: torch's CPU int4 kernel (pagoda/quantization/int4pack.py, shared with the
   W4A16 formats), groups of 32 with a scale and a zero each (W = (q - 8) * scale + zero, which
   maps every 4-bit type), in bfloat16. A packed layer whose parts mix these types is one int4 layer.
-Other types are dequantized to the model's dtype, as are embeddings, LM heads and packed layers
-with a part of another type. Q8_0 among them: `aten._weight_int8pack_mm` takes one scale per
-output row, and requantizing Q8_0's one per 32 values to it moves the default model's Q8_0 tensor
-by 1.2 % (its logits' argmax changes for 2 % of random hidden states), so greedy tokens would."""
+- Q8_0 embeddings and LM heads: their float32 values turned back into Q8_0's form after loading,
+  exactly (pagoda/layers/q8_rows.py; `process_model_after_loading`).
+Other types are dequantized to the model's dtype, as are other embeddings and LM heads and packed
+layers with a part of another type. Q8_0 projections among them: `aten._weight_int8pack_mm` takes
+one scale per output row, and requantizing Q8_0's one per 32 values to it moves the default
+model's Q8_0 tensor by 1.2 % (its logits' argmax changes for 2 % of random hidden states), so
+greedy tokens would."""
 
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, sliced_param
+from pagoda.layers.linear import LinearMethod, UnquantizedLinearMethod, VocabParallelEmbedding, sliced_param
+from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.layers.q8_rows import Q8Rows
 from pagoda.loader.gguf_blocks import GROUP, INT4_TYPES
 from pagoda.quantization.base import QuantizationConfig
 from pagoda.quantization.int4pack import Int4Pack
@@ -82,6 +87,24 @@ class GGUFConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         self.kept_modules.update(modules)
         return GGUFInt4LinearMethod()
+
+    def process_model_after_loading(self, model: nn.Module) -> None:
+        """On the CPU, an embedding or LM head whose GGUF tensor is Q8_0 keeps its rows in that form
+        and lets the float32 weight go (layers/q8_rows.py: the default model's 113 MB -> 31 MB); a
+        tied pair shares them. One rank only, and where the LM head's screen serves the weight."""
+        tied = model.tied_parameters()
+        held: dict[str, Q8Rows | None] = {}
+        for path, module in model.named_modules():
+            if not isinstance(module, VocabParallelEmbedding) or module.tp.size != 1:
+                continue
+            source = tied.get(f"{path}.weight", f"{path}.weight").rpartition(".")[0]
+            if self.tensor_types.get(source) != "Q8_0" or not ScreenedHead.serves(module.weight):
+                continue
+            if source not in held:
+                held[source] = Q8Rows.lossless(module.weight)
+                logger.info("GGUF: %s %s in Q8_0", source, "kept" if held[source] is not None else "not kept (inexact)")
+            if held[source] is not None:
+                module.hold_q8(held[source])
 
     def _log_dequantized(self) -> None:
         if not self._logged_dequantized:

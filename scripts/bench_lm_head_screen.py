@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from pagoda.benchmarks.alternating import alternate, print_rounds
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.layers.linear import ParallelLMHead
@@ -47,21 +46,9 @@ def main() -> None:
     for set_way in ways.values():  # past prefill, each way's screen built
         set_way()
         engine.step()
-    medians: dict[str, list[float]] = {name: [] for name in ways}
-    for r in range(args.rounds):
-        for name in (list(ways) if r % 2 == 0 else list(reversed(ways))):
-            ways[name]()
-            engine.step()
-            steps = []
-            for _ in range(args.steps):
-                started = time.perf_counter()
-                engine.step()
-                steps.append(time.perf_counter() - started)
-            medians[name].append(statistics.median(steps) * 1e3)
-    print(f"decode step, ms (streams {args.streams}, -O{args.optimization_level}, temperature {args.temperature}): "
-          "median of each round")
-    for name, values in medians.items():
-        print(f"{name:<14} median {statistics.median(values):6.2f}   " + " ".join(f"{v:.1f}" for v in values))
+    medians = alternate(engine.step, ways, args.rounds, args.steps)
+    print_rounds(f"decode step, ms (streams {args.streams}, -O{args.optimization_level}, "
+                 f"temperature {args.temperature})", medians)
 
 
 def _ways(head: ParallelLMHead) -> dict[str, Callable[[], None]]:

@@ -32,8 +32,15 @@ def write_kv(
     rows.index_copy_(1, slot_mapping, torch.stack((k, v)))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max_blocks] block ids -> keys and values [B, num_kv_heads, max_blocks * block_size, D]."""
+def gather_kv(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, run: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_blocks] block ids -> keys and values [B, num_kv_heads, max_blocks * block_size, D].
+    run: the blocks' ids as one ascending run (one row only, `block_run`), read in place: no copy."""
+    if run is not None:
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        kv = kv_cache[:, run].view(2, 1, -1, num_kv_heads, head_dim).transpose(2, 3)
+        return kv[0], kv[1]
     num_reqs = block_tables.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     # An fp8 cache is indexed as bytes: CUDA's indexing has no float8 kernel in every torch release.
@@ -43,6 +50,18 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch
     kv = storage.index_select(1, block_tables.flatten()).view(kv_cache.dtype)  # [2, B * max_blocks, block_size, H, D]
     kv = kv.view(2, num_reqs, -1, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
+
+
+def block_run(table: torch.Tensor) -> slice | None:
+    """A request's block ids [n] as the slice of the pool they cover, when they are one ascending
+    run (blocks handed out in turn to a request that grows alone): its keys and values are then
+    read in place, where a gather copies the whole context in every layer (a 4,000-token context
+    of the default model: 6 MB a layer, each step). CPU tables only: reading one is a device sync."""
+    if table.device.type != "cpu":
+        return None
+    first = int(table[0])
+    run = slice(first, first + len(table))
+    return run if torch.equal(table, torch.arange(run.start, run.stop, dtype=table.dtype, device=table.device)) else None
 
 
 @dataclass(frozen=True)
@@ -55,10 +74,15 @@ class _DecodePlan:
     max_len: int
     seq_lens: torch.Tensor  # [B]
     causal: torch.Tensor | None  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
+    run: slice | None  # one decode whose blocks are one run of the pool (block_run): read in place
 
 
 class TorchAttentionBackend:
     def prepare(self, metadata: AttentionMetadata) -> None:
+        metadata.backend_data["prefill_runs"] = {
+            i: block_run(metadata.block_tables[i, : -(-metadata.seq_lens_cpu[i] // metadata.block_size)])
+            for i, n in enumerate(metadata.query_lens_cpu) if n > 1
+        }
         rows = [i for i, n in enumerate(metadata.query_lens_cpu) if n == 1]
         if not rows:
             return
@@ -72,12 +96,14 @@ class TorchAttentionBackend:
         causal = None
         if any(metadata.seq_lens_cpu[i] != max_len for i in rows):
             causal = _visible(seq_lens[:, None] - 1, torch.arange(max_len, device=dev), None)[:, None, None, :]
+        tables = tables[:, : -(-max_len // metadata.block_size)].long()
         metadata.backend_data["decode"] = _DecodePlan(
             token_idx=None if every_row else torch.tensor([metadata.query_starts_cpu[i] for i in rows], device=dev),
-            block_tables=tables[:, : -(-max_len // metadata.block_size)].long(),
+            block_tables=tables,
             max_len=max_len,
             seq_lens=seq_lens,
             causal=causal,
+            run=block_run(tables[0]) if len(rows) == 1 else None,
         )
 
     def forward(
@@ -108,7 +134,7 @@ class TorchAttentionBackend:
 
     def _decode(self, q, kv_cache, plan: _DecodePlan, layer: _Layer) -> torch.Tensor:
         """The decode rows' attention output, [B, Hq, D]."""
-        keys, values = gather_kv(kv_cache, plan.block_tables)
+        keys, values = gather_kv(kv_cache, plan.block_tables, plan.run)
         max_len = plan.max_len
         keys, values = _read((keys[:, :, :max_len], values[:, :, :max_len]), layer.kv_scales, q.dtype)
         mask = plan.causal
@@ -128,7 +154,7 @@ class TorchAttentionBackend:
         start = metadata.query_starts_cpu[row]
         q_len, seq_len = metadata.query_lens_cpu[row], metadata.seq_lens_cpu[row]
         table = metadata.block_tables[row : row + 1, : -(-seq_len // metadata.block_size)]
-        keys, values = gather_kv(kv_cache, table)
+        keys, values = gather_kv(kv_cache, table, metadata.backend_data.get("prefill_runs", {}).get(row))
         keys, values = _read((keys[:, :, :seq_len], values[:, :, :seq_len]), layer.kv_scales, q.dtype)
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]
         prefix = seq_len - q_len

@@ -40,8 +40,24 @@ def test_new_blocks_come_from_the_front_with_one_reference():
 def test_freed_blocks_are_reused_least_recently_freed_first():
     pool = BlockPool(4)
     blocks = pool.get_new_blocks(4)
+    for block_id in blocks:  # cached: each one taken evicts what it holds, the oldest first
+        pool.cache_block(block_id, 100 + block_id)
     pool.free_blocks([blocks[2], blocks[0], blocks[3], blocks[1]])
     assert pool.get_new_blocks(4) == [blocks[2], blocks[0], blocks[3], blocks[1]]
+
+
+def test_new_blocks_follow_the_block_before_them_where_that_evicts_nothing():
+    pool = BlockPool(8)
+    a = pool.get_new_blocks(6)
+    pool.cache_block(a[4], 444)
+    pool.free_blocks([a[1], a[5], a[2], a[4]])  # 2 and 5 free and uncached, 4 cached
+    # After block 1 (a cached history's last block, say): 2 is free and holds nothing, then 3 is
+    # held, so the least recently freed block; never-used ones come first while the pool grows.
+    assert pool.get_new_blocks(3, after=1) == [2, 6, 7]
+    assert pool.get_new_blocks(1, after=3) == [1]  # 4 is free but cached: not taken out of turn
+    assert pool.get_cached_block(444) == 4
+    assert pool.get_new_blocks(2) == [5, 4]  # a call's blocks follow each other too
+    check_invariants(pool)
 
 
 def test_a_freed_cached_block_can_be_hit_until_it_is_evicted():

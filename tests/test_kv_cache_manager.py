@@ -118,6 +118,16 @@ def test_a_second_request_hits_the_shared_prefix_while_the_first_runs_and_after_
     assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (12 + 11 + 13, 0 + 8 + 12)
 
 
+def test_a_chats_next_turn_continues_its_history_in_one_run():
+    kv = KVCacheManager(num_blocks=32, block_size=4, enable_prefix_caching=True)
+    first = make_request("turn-1", list(range(1, 11)))  # 2 full blocks and a half-full one
+    run_prefill(kv, first)
+    kv.free(first)
+    second = make_request("turn-2", list(range(1, 11)) + [50, 51, 52, 53, 54, 55])
+    assert run_prefill(kv, second) == 8  # the history's full blocks
+    table = kv.get_block_ids("turn-2")
+    assert table == list(range(table[0], table[0] + len(table)))
+
 def test_the_last_token_is_never_taken_from_the_cache():
     kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     run_prefill(kv, make_request("a", [1] * 8))

@@ -6,7 +6,8 @@ never used before first, then from the front of the queue, evicting the least re
 cached block first. A pool whose memory is only resident once written (the CPU's) can bound that:
 once `resident_blocks` have been used, freed blocks are taken before never-used ones, so the
 written part grows only when more blocks are held at once, and the prefix cache keeps what fits
-in it."""
+in it. Among free blocks that cache nothing, the one right after a request's last block comes
+first (get_new_blocks' `after`), so that a request's blocks run in order where they can."""
 
 from __future__ import annotations
 
@@ -66,18 +67,28 @@ class BlockPool:
         """The fraction of blocks some request holds."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_new_blocks(self, n: int) -> list[int]:
+    def get_new_blocks(self, n: int, after: int | None = None) -> list[int]:
         """Take `n` blocks (never-used or least recently freed: module docstring), forgetting
-        what they cached."""
+        what they cached. after: the block they follow in their request's table; each new block
+        is the one right after the previous where that one is free and caches nothing (taking it
+        evicts nothing), so a request's blocks run in order where they can: the CPU's attention
+        reads such a run in place (attention/torch_backend.py, block_run). A chat's next turn,
+        for one, follows its cached history with the block its last turn left half full."""
         if n > self.num_free_blocks:
             raise ValueError(f"asked for {n} blocks with only {self.num_free_blocks} free")
-        blocks = [self._take() for _ in range(n)]
+        blocks: list[int] = []
+        for _ in range(n):
+            blocks.append(self._take(None if after is None else after + 1))
+            after = blocks[-1]
         for block_id in blocks:
             self._evict(block_id)
             self.ref_counts[block_id] = 1
         return blocks
 
-    def _take(self) -> int:
+    def _take(self, preferred: int | None) -> int:
+        if preferred in self.free_queue and self.block_hashes[preferred] is None:
+            del self.free_queue[preferred]
+            return preferred
         if self.num_used < self.num_blocks and (self.num_used < self.resident_blocks or not self.free_queue):
             self.num_used += 1
             return self.num_used - 1

@@ -95,7 +95,7 @@ class KVCacheManager:
             self.prefix_cache_hits += hits
         pool.touch(computed_blocks)
         table.extend(computed_blocks)
-        table.extend(pool.get_new_blocks(num_new_blocks))
+        table.extend(pool.get_new_blocks(num_new_blocks, after=table[-1] if table else None))
         self.block_tables[request.request_id] = table
         if self.enable_prefix_caching:
             self._offer_full_blocks(request, table, num_tokens)

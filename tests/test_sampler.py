@@ -76,6 +76,14 @@ def scaled_probs(row: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(row / temperature, dim=-1)
 
 
+def nucleus(row: torch.Tensor, temperature: float, top_p: float) -> set[int]:
+    """The tokens top-p keeps: each whose more likely tokens hold less than top_p."""
+    probs = scaled_probs(row, temperature)
+    order = probs.argsort(descending=True)
+    mass_above = probs[order].cumsum(0) - probs[order]
+    return set(order[mass_above < top_p].tolist())
+
+
 def test_top_k_never_leaves_the_k_best() -> None:
     row = random_logits(1, 30, seed=3, scale=1.0)[0]
     tokens = draw(row, 4000, temperature=0.9, top_k=4)
@@ -85,13 +93,10 @@ def test_top_k_never_leaves_the_k_best() -> None:
 def test_top_p_keeps_exactly_the_nucleus() -> None:
     row = random_logits(1, 30, seed=4, scale=1.5)[0]
     temperature, top_p = 0.8, 0.7
-    probs = scaled_probs(row, temperature)
-    order = probs.argsort(descending=True)
-    mass_above = probs[order].cumsum(0) - probs[order]
-    nucleus = set(order[mass_above < top_p].tolist())
-    assert 1 < len(nucleus) < 30
+    kept = nucleus(row, temperature, top_p)
+    assert 1 < len(kept) < 30
     tokens = draw(row, 6000, temperature=temperature, top_p=top_p)
-    assert set(tokens.tolist()) == nucleus
+    assert set(tokens.tolist()) == kept
 
 
 def test_min_p_drops_tokens_below_the_threshold() -> None:
@@ -286,3 +291,46 @@ def test_gather_top_logprobs_hand_example() -> None:
 def test_sampled_logprob_is_finite_and_negative() -> None:
     out = Sampler()(random_logits(8, 300, seed=8), reqs(8, temperature=1.3, top_p=0.9, min_p=0.01))
     assert all(math.isfinite(lp) and lp <= 0 for lp in out.logprobs)
+
+
+# The partial sort --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "row_params, partial",
+    [
+        ([dict(top_k=5)] * 4, True),
+        ([dict(top_p=0.3)] * 4, True),
+        ([dict(min_p=0.5)] * 4, True),
+        ([dict(top_k=40, top_p=0.2), dict(top_p=0.25, min_p=0.1), {}, dict(top_k=3)], True),  # one row filters nothing
+        ([dict(top_p=0.3), dict(top_p=0.999)], False),  # a nucleus beyond the candidates: the whole sort
+        ([dict(top_k=40)] * 2, True),  # a top-k beyond the candidates widens them
+    ],
+)
+def test_the_best_candidates_filter_as_sorting_the_whole_row_does(monkeypatch, row_params, partial) -> None:
+    import pagoda.sample.sampler as sampler_module
+    from pagoda.sample.sampler import filter_top_k_top_p_min_p
+
+    logits = random_logits(len(row_params), 300, seed=8, scale=2.5)
+    params = [SamplingParams(temperature=1.0, **p) for p in row_params]
+    among_the_best = sampler_module._filter_among_the_best
+    monkeypatch.setattr(sampler_module, "_filter_among_the_best", lambda *args: None)
+    whole_sort = filter_top_k_top_p_min_p(logits, params)
+    taken = []
+    monkeypatch.setattr(sampler_module, "_filter_among_the_best", lambda *args: taken.append(among_the_best(*args)) or taken[-1])
+    monkeypatch.setattr(sampler_module, "_CANDIDATES", 16)
+    assert torch.equal(filter_top_k_top_p_min_p(logits, params), whole_sort)
+    assert (taken[0] is not None) == partial
+    assert bool(torch.isinf(whole_sort).any())
+
+
+def test_sampling_among_the_best_keeps_exactly_the_nucleus(monkeypatch) -> None:
+    import pagoda.sample.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_CANDIDATES", 8)
+    row = random_logits(1, 300, seed=4, scale=2.5)[0]
+    temperature, top_p = 0.8, 0.6
+    kept = nucleus(row, temperature, top_p)
+    assert 1 < len(kept) <= 8
+    tokens = draw(row, 4000, temperature=temperature, top_p=top_p)
+    assert set(tokens.tolist()) == kept

@@ -91,7 +91,7 @@ def thinking(tokenizer) -> dict:
                 logit_bias={str(tokenizer.convert_tokens_to_ids(token)): value for token, value in bias.items()})
 
 
-SEED = 4
+SEED = 1
 
 
 def _raw(completion) -> str:

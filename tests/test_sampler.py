@@ -305,6 +305,8 @@ def test_sampled_logprob_is_finite_and_negative() -> None:
         ([dict(top_k=40, top_p=0.2), dict(top_p=0.25, min_p=0.1), {}, dict(top_k=3)], True),  # one row filters nothing
         ([dict(top_p=0.3), dict(top_p=0.999)], False),  # a nucleus beyond the candidates: the whole sort
         ([dict(top_k=40)] * 2, True),  # a top-k beyond the candidates widens them
+        ([dict(top_k=100_000, top_p=0.3), dict(top_k=100_000)], True),  # a top-k beyond the vocabulary: all of it
+        ([dict(top_k=100_000, top_p=0.999)], False),
     ],
 )
 def test_the_best_candidates_filter_as_sorting_the_whole_row_does(monkeypatch, row_params, partial) -> None:
@@ -313,15 +315,29 @@ def test_the_best_candidates_filter_as_sorting_the_whole_row_does(monkeypatch, r
 
     logits = random_logits(len(row_params), 300, seed=8, scale=2.5)
     params = [SamplingParams(temperature=1.0, **p) for p in row_params]
+    whole_sort = sorted_filter(logits, params)
     among_the_best = sampler_module._filter_among_the_best
-    monkeypatch.setattr(sampler_module, "_filter_among_the_best", lambda *args: None)
-    whole_sort = filter_top_k_top_p_min_p(logits, params)
     taken = []
     monkeypatch.setattr(sampler_module, "_filter_among_the_best", lambda *args: taken.append(among_the_best(*args)) or taken[-1])
     monkeypatch.setattr(sampler_module, "_CANDIDATES", 16)
     assert torch.equal(filter_top_k_top_p_min_p(logits, params), whole_sort)
     assert (taken[0] is not None) == partial
     assert bool(torch.isinf(whole_sort).any())
+
+
+def sorted_filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p and min-p over the distribution cut to it, from whole sorted rows."""
+    out = logits.clone()
+    for row, p in zip(out, params):
+        ranked, order = row.sort(descending=True)
+        top_k = p.top_k if p.top_k > 0 else len(row)
+        probs = torch.softmax(ranked[:top_k], dim=-1)
+        mass_above = probs.cumsum(0) - probs
+        keep = (mass_above < p.top_p) & (probs >= p.min_p * probs[0])
+        keep[0] = True
+        row[order[top_k:]] = float("-inf")
+        row[order[:top_k][~keep]] = float("-inf")
+    return out
 
 
 def test_sampling_among_the_best_keeps_exactly_the_nucleus(monkeypatch) -> None:

@@ -98,11 +98,13 @@ class GGUFConfig(QuantizationConfig):
             if not isinstance(module, VocabParallelEmbedding) or module.tp.size != 1:
                 continue
             source = tied.get(f"{path}.weight", f"{path}.weight").rpartition(".")[0]
-            if self.tensor_types.get(source) != "Q8_0" or not ScreenedHead.serves(module.weight):
+            if self.tensor_types.get(source) != "Q8_0":
                 continue
-            if source not in held:
-                held[source] = Q8Rows.lossless(module.weight)
-                logger.info("GGUF: %s %s in Q8_0", source, "kept" if held[source] is not None else "not kept (inexact)")
+            if source not in held:  # a tied pair's weight is checked once
+                held[source] = None
+                if ScreenedHead.serves(module.weight):
+                    held[source] = Q8Rows.lossless(module.weight)
+                    logger.info("GGUF: %s %s in Q8_0", source, "kept" if held[source] is not None else "not kept (inexact)")
             if held[source] is not None:
                 module.hold_q8(held[source])
 

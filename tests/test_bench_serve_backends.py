@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
+import aiohttp
 import pytest
 
 from pagoda.benchmarks.serve import _POOL_TEXT, _send
@@ -118,7 +118,7 @@ def test_a_tokenizer_that_answers_no_tokens_is_a_clear_error(capsys):
 def test_a_malformed_stream_event_is_the_request_s_failure_with_its_exception():
     async def send() -> str:
         with fake_llama_server(broken=True) as (base, _):
-            async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            async with aiohttp.ClientSession(base_url=base, timeout=aiohttp.ClientTimeout(total=10.0)) as client:
                 result = await _send(client, "fake.gguf", BenchRequest([1, 2, 3], 4), [1, 2, 3])
         assert not result.ok
         return result.error

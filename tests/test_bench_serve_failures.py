@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 
+import aiohttp
 import httpx
 import pytest
 
@@ -84,7 +85,7 @@ def _generated(base: str) -> float:
 
 def test_a_reset_connection_is_named_by_its_cause():
     """A server that resets the connection after reading the request (as one closing an idle
-    keep-alive connection just as a request arrives does): httpx's ReadError has no message."""
+    keep-alive connection just as a request arrives does): the failure says the connection was reset."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         def reset_one() -> None:
             connection, _ = listener.accept()
@@ -98,10 +99,10 @@ def test_a_reset_connection_is_named_by_its_cause():
 
         async def send() -> str:
             base = f"http://127.0.0.1:{listener.getsockname()[1]}"
-            async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            async with aiohttp.ClientSession(base_url=base, timeout=aiohttp.ClientTimeout(total=10.0)) as client:
                 result = await _send(client, "m", BenchRequest([1, 2, 3], 4), [1, 2, 3])
             assert not result.ok
             return result.error
 
         error = asyncio.run(send())
-    assert error.startswith("no response: ") and "ConnectionResetError" in error, error
+    assert error.startswith("no response: ") and "Connection reset by peer" in error, error

@@ -5,8 +5,10 @@ them unescaped, and httpx's iter_lines splits at them) stays one event."""
 import asyncio
 import json
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from pagoda.entrypoints.openai.sse_client import aiter_events, iter_events
 
@@ -30,14 +32,24 @@ def test_events_survive_any_chunking_and_unicode_line_breaks(line_end, chunk_siz
     assert _texts(iter_events(chunks)) == TEXTS
 
 
-def test_httpx_response_stream_is_read_the_same_way():
+def test_a_streamed_response_is_read_the_same_way():
+    """As `pagoda bench serve` reads a stream: aiohttp's chunks as they come, from a real server
+    that writes the events in pieces of 7 bytes."""
     data = _stream(b"\r\n")
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=data))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(0, len(data), 7):
+            await response.write(data[i : i + 7])
+        return response
 
     async def read() -> list[str]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
-            async with client.stream("POST", "/v1/completions") as response:
-                return _texts([event async for event in aiter_events(response)])
+        app = web.Application()
+        app.router.add_post("/v1/completions", stream)
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            async with session.post(server.make_url("/v1/completions")) as response:
+                return _texts([event async for event in aiter_events(response.content.iter_any())])
 
     assert asyncio.run(read()) == TEXTS
 

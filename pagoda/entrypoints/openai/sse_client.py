@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -58,20 +58,26 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         yield from _events(lines, chunk)
 
 
-async def aiter_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def aiter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The events of a stream's bytes as they come (httpx's `response.aiter_bytes()`, aiohttp's
+    `response.content.iter_any()`)."""
     lines = _LineSplitter()
-    async for chunk in response.aiter_bytes():
+    async for chunk in chunks:
         for event in _events(lines, chunk):
             yield event
 
 
-def raise_for_error(response: httpx.Response) -> None:
-    """An error response as a RuntimeError carrying the server's message."""
-    if response.is_success:
-        return
-    response.read()
+def server_error(status: int, body: str) -> RuntimeError:
+    """An error response as a RuntimeError carrying the server's message (its OpenAI error body's,
+    else the body as it is)."""
     try:
-        message = response.json()["error"]["message"]
+        message = json.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        message = response.text
-    raise RuntimeError(f"{response.status_code} from the server: {message}")
+        message = body
+    return RuntimeError(f"{status} from the server: {message}")
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    if not response.is_success:
+        response.read()
+        raise server_error(response.status_code, response.text)

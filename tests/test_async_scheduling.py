@@ -46,12 +46,26 @@ def _summary(outputs) -> list:
     rows = []
     for out in outputs:
         for c in out.outputs:
-            logprobs = None if c.logprobs is None else [round(lp[t].logprob, 4) for lp, t in zip(c.logprobs, c.token_ids)]
+            logprobs = None if c.logprobs is None else [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
             rows.append((c.index, c.token_ids, c.finish_reason, c.stop_reason, logprobs))
         prompt = None if out.prompt_logprobs is None else [
-            None if lp is None else round(max(x.logprob for x in lp.values()), 4) for lp in out.prompt_logprobs]
+            None if lp is None else max(x.logprob for x in lp.values()) for lp in out.prompt_logprobs]
         rows.append((out.num_cached_tokens, prompt))
     return rows
+
+
+def assert_same_outputs(got: list, expected: list) -> None:
+    """Two `_summary`s: the same tokens, finish reasons and cached counts, and logprobs equal
+    within 1e-3 (batches of other shapes sum in another order: the last digits may differ)."""
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected):
+        assert len(row) == len(want)
+        for value, wanted in zip(row, want):
+            if isinstance(wanted, list) and any(isinstance(x, float) for x in wanted):
+                assert [x is None for x in value] == [x is None for x in wanted]
+                assert [x for x in value if x is not None] == pytest.approx([x for x in wanted if x is not None], abs=1e-3)
+            else:
+                assert value == wanted
 
 
 @pytest.mark.parametrize("num_blocks", [64, 14], ids=["roomy", "preempting"])
@@ -64,7 +78,7 @@ def test_async_scheduling_matches_one_step_at_a_time(model_dir, num_blocks):
     prompts, params = _workload(stop_at)
     expected = _summary(sync.generate(prompts, params, use_tqdm=False))
     got = _summary(overlapped.generate(prompts, params, use_tqdm=False))
-    assert got == expected
+    assert_same_outputs(got, expected)
     assert any(row[2] == "stop" for row in expected if len(row) == 5)  # the stop id was hit
     if num_blocks == 14:
         assert overlapped.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0
@@ -83,8 +97,8 @@ def test_penalised_requests_step_one_at_a_time_and_match(model_dir):
                        frequency_penalty=0.5, presence_penalty=0.3),
         SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12),
     ]
-    assert _summary(overlapped.generate(prompts, params, use_tqdm=False)) == _summary(
-        sync.generate(prompts, params, use_tqdm=False))
+    assert_same_outputs(_summary(overlapped.generate(prompts, params, use_tqdm=False)),
+                        _summary(sync.generate(prompts, params, use_tqdm=False)))
 
 
 def test_outputs_of_a_step_arrive_one_call_later(model_dir):

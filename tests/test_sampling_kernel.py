@@ -1,5 +1,5 @@
 """The Triton sampling kernels, natively on a GPU or on the CPU under TRITON_INTERPRET=1: greedy
-sampling against torch's argmax and log-softmax; per-row seeded exponential noise."""
+sampling against torch's argmax; per-row seeded exponential noise."""
 
 from __future__ import annotations
 
@@ -23,11 +23,8 @@ def test_greedy_sample_matches_torch(dtype, vocab):
     logits = (torch.randn(6, vocab, generator=g) * 4).to(dtype)
     logits[1, : vocab // 2] = float("-inf")  # masked columns, as a logit processor leaves them
     logits[2, vocab // 3] = logits[2, vocab - 1] = logits[2].max() + 1  # a tie: the first column wins
-    tokens, logprobs = greedy_sample(logits.to(DEVICE))
-    reference = logits.float()
-    assert tokens.cpu().tolist() == reference.argmax(dim=-1).tolist()
-    expected = torch.log_softmax(reference, dim=-1).gather(1, reference.argmax(dim=-1, keepdim=True))[:, 0]
-    torch.testing.assert_close(logprobs.cpu(), expected, rtol=1e-5, atol=1e-5)
+    tokens = greedy_sample(logits.to(DEVICE))
+    assert tokens.cpu().tolist() == logits.float().argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40, 600])  # many splits of a row down to one split each
@@ -36,16 +33,14 @@ def test_greedy_sample_splits_rows(rows):
     logits = torch.randn(rows, 9000, generator=g) * 3
     logits[0, 8999] = logits[0].max() + 1  # in the last split
     logits[-1, 4097] = logits[-1, 8000] = logits[-1].max() + 1  # a tie across splits
-    tokens, logprobs = greedy_sample(logits.to(DEVICE))
+    tokens = greedy_sample(logits.to(DEVICE))
     assert tokens.cpu().tolist() == logits.argmax(dim=-1).tolist()
-    expected = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1, keepdim=True))[:, 0]
-    torch.testing.assert_close(logprobs.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_sample_reads_strided_rows():
     logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
     view = logits.to(DEVICE)[:, :2500]  # rows of a wider tensor
-    tokens, _ = greedy_sample(view)
+    tokens = greedy_sample(view)
     assert tokens.cpu().tolist() == logits[:, :2500].argmax(dim=-1).tolist()
 
 

@@ -55,7 +55,6 @@ class TopLogprobs:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]  # one per row
-    logprobs: list[float]  # logprob of each sampled token
     top_logprobs: list[TopLogprobs | None]  # None where params.logprobs is None
 
 
@@ -64,7 +63,6 @@ class DeviceSamples:
     """One step's samples on the logits' device; top logprobs, when asked for, already read."""
 
     token_ids: torch.Tensor  # [rows] int64
-    logprobs: torch.Tensor  # [rows] float32: of each sampled token
     top_logprobs: list[TopLogprobs | None]
 
 
@@ -74,22 +72,20 @@ class PendingSamples:
 
     def __init__(self, samples: DeviceSamples) -> None:
         self.top_logprobs = samples.top_logprobs
-        # One transfer for both (float64 holds every token id exactly).
-        pairs = torch.stack([samples.token_ids.double(), samples.logprobs.double()])
+        tokens = samples.token_ids
         self._event: torch.cuda.Event | None = None
-        if pairs.device.type == "cuda":
-            self._host = torch.empty(pairs.shape, dtype=pairs.dtype, pin_memory=True)
-            self._host.copy_(pairs, non_blocking=True)
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = pairs
+            self._host = tokens
 
     def result(self) -> SamplerOutput:
         if self._event is not None:
             self._event.synchronize()
-        token_ids, logprobs = self._host.tolist()
-        return SamplerOutput([int(t) for t in token_ids], logprobs, self.top_logprobs)
+        return SamplerOutput(self._host.tolist(), self.top_logprobs)
 
 
 class Sampler:
@@ -118,7 +114,7 @@ class Sampler:
         if all(greedy) and logits.is_cuda and all(p.logprobs is None for p in params):
             from pagoda.kernels.sampling import greedy_sample
 
-            return DeviceSamples(*greedy_sample(logits), [None] * len(params))
+            return DeviceSamples(greedy_sample(logits), [None] * len(params))
         logits = logits.float()
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -379,18 +375,12 @@ def _filter_among_the_best(
 
 
 def _device_samples(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> DeviceSamples:
+    """The samples with the logprobs their rows asked for (a [batch, vocab] log-softmax only then)."""
     k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     if k is None:
-        # Only the chosen tokens' logprobs: no need to materialise a [batch, vocab] log-softmax.
-        chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        return DeviceSamples(tokens, chosen, [None] * len(params))
-    logprobs = torch.log_softmax(logits, dim=-1)
-    tops = gather_top_logprobs(logprobs, tokens, k)
-    return DeviceSamples(
-        tokens,
-        logprobs.gather(1, tokens[:, None])[:, 0],
-        [None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)],
-    )
+        return DeviceSamples(tokens, [None] * len(params))
+    tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1), tokens, k)
+    return DeviceSamples(tokens, [None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)])
 
 
 def gather_top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TopLogprobs]:

@@ -70,7 +70,6 @@ logger = logging.getLogger("pagoda")
 class ModelRunnerOutput:
     # request id -> its new tokens: the drafts accepted, then one sampled token.
     sampled: dict[str, list[int]] = field(default_factory=dict)
-    sampled_logprob: dict[str, list[float]] = field(default_factory=dict)  # one per new token
     top_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)  # one per new token, when asked
     # request id -> (index of the first prompt token scored, logprobs of each scored token).
     prompt_logprobs: dict[str, tuple[int, list[TopLogprobs]]] = field(default_factory=dict)
@@ -118,7 +117,6 @@ class PendingStep:
                 end = row + 1 + len(drafts)
                 tokens = accept_drafts(drafts, read.token_ids[row:end]) if drafts else read.token_ids[row:end]
                 out.sampled[rid] = tokens
-                out.sampled_logprob[rid] = read.logprobs[row : row + len(tokens)]
                 if read.top_logprobs[row] is not None:
                     out.top_logprobs[rid] = read.top_logprobs[row : row + len(tokens)]
                 if out.step_hidden is not None:  # the accepted drafts' rows hold real tokens too

@@ -7,6 +7,9 @@
 #   PAGODA_SHARED_MODELS=.shared_models bash scripts/bench_serve_w3.sh [RATE ...]
 # SERVE_FLAGS adds engine flags to both runs, e.g. the prefill budget's trade:
 #   SERVE_FLAGS="--max-num-batched-tokens 4096" bash scripts/bench_serve_w3.sh inf
+# SERVER_FLAGS adds flags to `pagoda serve` alone (offline keeps its defaults), e.g. the server's
+# step budget against offline's own:
+#   SERVER_FLAGS="--max-num-batched-tokens 4096" bash scripts/bench_serve_w3.sh inf 32
 # TRACE=DIR times the served runs (scripts/serve_trace: the core's steps, the front end's handling
 # of each, the client's runs) and prints where they lost time against the core, at the end.
 # The shared model configs carry no tokenizer: the byte-level one of the tests serves (prompts are
@@ -27,7 +30,7 @@ python3 -c "import sys; from pathlib import Path; from tests.serving import save
 PORT=8011
 started=$(date +%s%N)
 PAGODA_STEP_TRACE=${TRACE:-} PYTHONPATH=$SERVED_PYTHONPATH python3 -m pagoda.entrypoints.cli serve "$MODELS/llama-3.1-8b" --tokenizer "$TOKENIZER" --load-format dummy \
-    --max-model-len 1024 --port $PORT --disable-log-requests ${SERVE_FLAGS:-} > "$OUT/w3_server.log" 2>&1 &
+    --max-model-len 1024 --port $PORT --disable-log-requests ${SERVE_FLAGS:-} ${SERVER_FLAGS:-} > "$OUT/w3_server.log" 2>&1 &
 server=$!
 until curl -sf -o /dev/null "localhost:$PORT/health"; do
     kill -0 $server 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/w3_server.log"; exit 1; }

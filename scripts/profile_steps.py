@@ -5,6 +5,9 @@ each kind of step (what overlapped scheduling leaves uncovered).
 
     PYTHONPATH=. python3 scripts/profile_steps.py --model MODEL_DIR [--num-prompts 256 ...]
         [--quantization fp8 --kv-cache-dtype fp8]
+    # one long prompt's prefill step (the 4th of 5, each a whole prompt):
+    PYTHONPATH=. python3 scripts/profile_steps.py --model MODEL_DIR --num-prompts 5 --input-len 32000 \
+        --output-len 1 --max-model-len 32768 --max-num-batched-tokens 32000 --no-enable-prefix-caching
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main() -> None:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--timeline", action="store_true")
     args = parser.parse_args()
 
@@ -41,6 +46,7 @@ def main() -> None:
         model=args.model, load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
     )
     engine = LLMEngine(config)
     core = engine.engine_core.engine_core  # in this process: its scheduler can be read

@@ -3,7 +3,7 @@ several lengths, and prefill tokens/s, for Pagoda (one engine, prefix caching of
 steps) and transformers (SDPA; the same random weights' shape, one forward that keeps the last
 logits) in the same process. Each length: a warm-up prompt, then the median of --iters new ones.
 
-    PYTHONPATH=. python3 scripts/bench_prefill_lengths.py --model DIR [--lengths 1024 4096 16384 32000 131072]
+    PYTHONPATH=. python3 scripts/bench_prefill_lengths.py --model DIR [--lengths 1024 4096 16384 32000 131000]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def median_seconds(run: Callable[[list[int]], None], length: int, iters: int, vo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32000, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32000, 131000])
     parser.add_argument("--iters", type=int, default=3, help="timed prompts per length (one beyond 32,768 tokens)")
     args = parser.parse_args()
     rng = random.Random(0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 from test_kv_cache_manager import make_request
 
 from pagoda.config import EngineConfig
@@ -22,6 +24,7 @@ from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.openai.cli_args import (
     SERVER_MAX_NUM_BATCHED_TOKENS,
     server_engine_kwargs,
+    server_max_num_batched_tokens,
 )
 
 
@@ -170,7 +173,7 @@ def serve_kwargs(*flags: str) -> dict:
 
 
 def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
-    assert serve_kwargs()["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS == 2048
+    assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS == 2048
     assert EngineConfig().max_num_batched_tokens is None  # offline LLM: the engine's default
     assert serve_kwargs("--max-num-batched-tokens", "8192")["max_num_batched_tokens"] == 8192
     # Whole prompts in one step: the budget must hold the longest, as the engine sizes it.
@@ -180,6 +183,20 @@ def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
                           "--max-long-partial-prefills", "2")
     assert (kwargs["long_prefill_token_threshold"], kwargs["max_num_partial_prefills"],
             kwargs["max_long_partial_prefills"]) == (512, 4, 2)
+
+
+@pytest.mark.parametrize(("gib", "capability", "budget"), [(141, (9, 0), 6144), (80, (9, 0), 6144), (80, (8, 0), 2048),
+                                                             (24, (8, 9), 2048), (48, (9, 0), 2048)])
+def test_serve_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, budget):
+    """vLLM's rule's shape: GPUs of 70 GiB or more get larger server steps (not the A100: 80 GB,
+    compute capability 8.0); the measurements behind the numbers are in docs/benchmarks.md."""
+    props = SimpleNamespace(total_memory=gib * 2**30, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert server_max_num_batched_tokens(torch.device("cuda")) == budget
+    assert server_max_num_batched_tokens(torch.device("cpu")) == SERVER_MAX_NUM_BATCHED_TOKENS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve_kwargs()["max_num_batched_tokens"] == budget  # --device auto: the GPU
+    assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS
 
 
 def test_capped_chunks_give_the_engine_s_greedy_tokens(tmp_path):

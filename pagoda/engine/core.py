@@ -82,9 +82,10 @@ class EngineCore:
         self.num_batched_tokens = 0  # tokens computed by the step whose outputs step() last returned
         logger.info(
             "engine ready in %.1f s: %s on %s (%s), %d KV blocks of %d tokens in %s (%d tokens; %.1f requests of "
-            "max_model_len=%d)", time.perf_counter() - started, self.model_name, config.device.device,
-            config.model.dtype, self.num_kv_blocks, cache.block_size, cache.dtype, self.num_kv_blocks * cache.block_size,
-            self.num_kv_blocks * cache.block_size / self.max_model_len, self.max_model_len,
+            "max_model_len=%d), steps of %d tokens at most", time.perf_counter() - started, self.model_name,
+            config.device.device, config.model.dtype, self.num_kv_blocks, cache.block_size, cache.dtype,
+            self.num_kv_blocks * cache.block_size, self.num_kv_blocks * cache.block_size / self.max_model_len,
+            self.max_model_len, config.scheduler.max_num_batched_tokens,
         )
         # What start-up built lives as long as the engine: keep the collector from rescanning it
         # every few steps (each step's outputs make enough garbage to trigger full collections).

@@ -105,20 +105,38 @@ def model_argument(args: argparse.Namespace) -> str | None:
     return args.model_tag or args.model
 
 
-# A server's step budget, as vLLM's server default (outside H100-class GPUs): a step holds at most
-# this many tokens, so a prefill chunk beside the running decodes delays each of their next tokens
-# by one short step, not a long one; 2048 tokens already keep a GPU's matrix units busy, so
-# throughput hardly drops. Offline LLM keeps its larger default.
+# A server's step budget, as vLLM's server defaults it: a step holds at most this many tokens, so a
+# prefill chunk beside the running decodes delays each of their next tokens by one step of that
+# size, not a long one. GPUs of 70 GiB or more from Hopper on get larger steps (vLLM gives them
+# 8192): their matrix units want more rows a step. W3 on an H200 served 95 % of offline's
+# throughput at 2,048, 97 % at 6,144 with a p99 ITL of 153 ms, and 8,192 took that to 198-223 ms,
+# past the 200 ms target (docs/benchmarks.md, session 21). Offline LLM keeps its larger default.
 SERVER_MAX_NUM_BATCHED_TOKENS = 2048
+LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS = 6144
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def server_max_num_batched_tokens(device: Any) -> int:
+    """The server's default step budget on `device` (a torch.device)."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if props.total_memory >= LARGE_GPU_BYTES and (props.major, props.minor) >= (9, 0):
+            return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS
+    return SERVER_MAX_NUM_BATCHED_TOKENS
 
 
 def server_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig of `pagoda serve`: its flags, with the server's step budget where none is
     given and prompts are chunked (an embedding engine runs each prompt whole in one step)."""
+    from pagoda.config import EngineConfig
+
     kwargs = {**engine_kwargs(args), "model": model_argument(args)}
     pooling = args.runner == "pooling" or args.task in ("embed", "embedding")
     if kwargs["max_num_batched_tokens"] is None and args.enable_chunked_prefill and not pooling:
-        kwargs["max_num_batched_tokens"] = SERVER_MAX_NUM_BATCHED_TOKENS
+        device = EngineConfig(device=kwargs.get("device", "auto")).torch_device()
+        kwargs["max_num_batched_tokens"] = server_max_num_batched_tokens(device)
     return kwargs
 
 

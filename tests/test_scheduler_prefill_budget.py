@@ -192,9 +192,11 @@ def test_serve_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, c
     compute capability 8.0); the measurements behind the numbers are in docs/benchmarks.md."""
     props = SimpleNamespace(total_memory=gib * 2**30, major=capability[0], minor=capability[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a front end without the GPUs
+    assert server_max_num_batched_tokens(torch.device("cuda")) == SERVER_MAX_NUM_BATCHED_TOKENS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert server_max_num_batched_tokens(torch.device("cuda")) == budget
     assert server_max_num_batched_tokens(torch.device("cpu")) == SERVER_MAX_NUM_BATCHED_TOKENS
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert serve_kwargs()["max_num_batched_tokens"] == budget  # --device auto: the GPU
     assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS
 

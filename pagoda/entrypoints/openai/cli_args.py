@@ -117,10 +117,11 @@ LARGE_GPU_BYTES = 70 * 2**30
 
 
 def server_max_num_batched_tokens(device: Any) -> int:
-    """The server's default step budget on `device` (a torch.device)."""
+    """The server's default step budget on `device` (a torch.device; a front end with no GPU of
+    its own, as a Ray head may be, keeps the smaller one)."""
     import torch
 
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         if props.total_memory >= LARGE_GPU_BYTES and (props.major, props.minor) >= (9, 0):
             return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.entrypoints.openai.limits import RequestLimits
 from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,9 +119,9 @@ LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS = 6144
 LARGE_GPU_BYTES = 70 * 2**30
 
 
-def server_max_num_batched_tokens(device: Any) -> int:
-    """The server's default step budget on `device` (a torch.device; a front end with no GPU of
-    its own, as a Ray head may be, keeps the smaller one)."""
+def server_max_num_batched_tokens(device: torch.device) -> int:
+    """The server's default step budget on `device` (a front end with no GPU of its own, as a Ray
+    head may be, keeps the smaller one)."""
     import torch
 
     if device.type == "cuda" and torch.cuda.is_available():

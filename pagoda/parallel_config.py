@@ -37,6 +37,7 @@ _GIB = 1 << 30
 class GpuInventory:
     count: int
     memory_bytes: int  # of each GPU
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability; (0, 0) where the environment states the GPUs
 
 
 @dataclass(frozen=True)
@@ -60,27 +61,27 @@ def detect_gpus() -> GpuInventory:
     memory = os.environ.get("PAGODA_GPU_MEMORY_GIB")
     if count is None:
         count = torch.cuda.device_count()
-    if memory is None:
-        memory_bytes = _first_gpu_memory_bytes() if int(count) else 0
-    else:
-        memory_bytes = int(float(memory) * _GIB)
-    return GpuInventory(int(count), memory_bytes)
+    if memory is not None:
+        return GpuInventory(int(count), int(float(memory) * _GIB))
+    return GpuInventory(int(count), *_first_gpu()) if int(count) else GpuInventory(0, 0)
 
 
-def _first_gpu_memory_bytes() -> int:
-    """The first visible GPU's memory, read through NVML where it is installed: CUDA itself would
-    be initialized by the reading, and a process with CUDA initialized can no longer fork its rank
-    workers (see executor/multiproc.py)."""
+def _first_gpu() -> tuple[int, tuple[int, int]]:
+    """The first visible GPU's memory and compute capability, read through NVML where it is
+    installed: CUDA itself would be initialized by the reading, and a process with CUDA
+    initialized can no longer fork its rank workers (see executor/multiproc.py)."""
     try:
         import pynvml
     except ImportError:
-        return torch.cuda.get_device_properties(0).total_memory
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, (props.major, props.minor)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
     pynvml.nvmlInit()
     try:
         handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
                   else pynvml.nvmlDeviceGetHandleByUUID(visible))
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), (major, minor)
     finally:
         pynvml.nvmlShutdown()
 

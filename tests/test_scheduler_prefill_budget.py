@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 from test_kv_cache_manager import make_request
 
+from pagoda import parallel_config
 from pagoda.config import EngineConfig
 from pagoda.config.resolve import _long_prefill_token_threshold
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -26,6 +26,7 @@ from pagoda.entrypoints.openai.cli_args import (
     server_engine_kwargs,
     server_max_num_batched_tokens,
 )
+from pagoda.parallel_config import GpuInventory
 
 
 def make_scheduler(budget: int, threshold: int = 0, partial: int = 1, long: int = 1, max_num_seqs: int = 16) -> Scheduler:
@@ -190,13 +191,12 @@ def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
 def test_serve_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, budget):
     """vLLM's rule's shape: GPUs of 70 GiB or more get larger server steps (not the A100: 80 GB,
     compute capability 8.0); the measurements behind the numbers are in docs/benchmarks.md."""
-    props = SimpleNamespace(total_memory=gib * 2**30, major=capability[0], minor=capability[1])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a front end without the GPUs
+    monkeypatch.setattr(parallel_config, "detect_gpus", lambda: GpuInventory(0, 0))  # a front end without the GPUs
     assert server_max_num_batched_tokens(torch.device("cuda")) == SERVER_MAX_NUM_BATCHED_TOKENS
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parallel_config, "detect_gpus", lambda: GpuInventory(1, gib * 2**30, capability))
     assert server_max_num_batched_tokens(torch.device("cuda")) == budget
     assert server_max_num_batched_tokens(torch.device("cpu")) == SERVER_MAX_NUM_BATCHED_TOKENS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert serve_kwargs()["max_num_batched_tokens"] == budget  # --device auto: the GPU
     assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS
 

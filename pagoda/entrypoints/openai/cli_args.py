@@ -120,13 +120,14 @@ LARGE_GPU_BYTES = 70 * 2**30
 
 
 def server_max_num_batched_tokens(device: torch.device) -> int:
-    """The server's default step budget on `device` (a front end with no GPU of its own, as a Ray
-    head may be, keeps the smaller one)."""
-    import torch
+    """The server's default step budget on `device`, from the GPUs the front end sees (through
+    NVML: the front end must not initialize CUDA; one with no GPU of its own, as a Ray head may
+    be, keeps the smaller budget)."""
+    from pagoda.parallel_config import detect_gpus
 
-    if device.type == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        if props.total_memory >= LARGE_GPU_BYTES and (props.major, props.minor) >= (9, 0):
+    if device.type == "cuda":
+        gpus = detect_gpus()
+        if gpus.count and gpus.memory_bytes >= LARGE_GPU_BYTES and gpus.capability >= (9, 0):
             return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS
     return SERVER_MAX_NUM_BATCHED_TOKENS
 

@@ -135,18 +135,28 @@ def test_decode_splits_fill_the_gpu_only_for_small_batches():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 32)])
-def test_long_prefill_steps_match_torch_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("has_lse_attention", [True, False])
+def test_long_prefill_steps_match_torch_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim, has_lse_attention):
     """A step of long prompt chunks only (lowered threshold), whole prompts and chunks over a
-    cached prefix, through the fused-attention path equals the reference; a step with a decode in
-    it stays in the paged kernel."""
+    cached prefix (their two fused calls merged by log-sum-exp), through the fused-attention path
+    equals the reference; a step with a decode in it stays in the paged kernel, and so does a
+    chunk over a prefix where the fused kernel with log-sum-exps is missing."""
     from pagoda.attention import triton_backend
 
     monkeypatch.setattr(triton_backend, "SDPA_MIN_QUERY_LEN", 24)
-    for query_lens, prefix_lens, goes_fused in (([40, 24], [0, 50], True), ([30], [70], True), ([40, 1], [0, 9], False)):
+    monkeypatch.setattr(triton_backend, "_has_attention_with_lse", lambda device, head_dim: has_lse_attention)
+    fused_calls = []
+    fused = triton_backend.long_prefill_attention
+    monkeypatch.setattr(triton_backend, "long_prefill_attention", lambda *a: fused_calls.append(1) or fused(*a))
+    for query_lens, prefix_lens, goes_fused in (
+        ([40, 24], [0, 50], has_lse_attention), ([30], [70], has_lse_attention), ([40, 30], [0, 0], True),
+        ([40, 1], [0, 9], False),
+    ):
         inputs = _batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, 16, dtype, seed=len(query_lens))
         ref, ref_cache = _run(TorchAttentionBackend(), *inputs)
+        fused_calls.clear()
         out, cache = _run(TritonAttentionBackend(), *inputs)
-        assert inputs[-1].backend_data["long_prefill"] == goes_fused
+        assert bool(fused_calls) == goes_fused
         assert torch.equal(cache, ref_cache)
         tol = 2e-2 if dtype != torch.float32 else 1e-4
         assert (out - ref).norm() / ref.norm() < tol

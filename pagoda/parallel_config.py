@@ -33,11 +33,21 @@ logger = logging.getLogger("pagoda")
 _GIB = 1 << 30
 
 
+# vLLM's line for larger default steps: GPUs of 70 GiB or more (it leaves out the A100: 80 GB,
+# compute capability 8.0; here from Hopper on).
+LARGE_GPU_BYTES = 70 * _GIB
+
+
 @dataclass(frozen=True)
 class GpuInventory:
     count: int
     memory_bytes: int  # of each GPU
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability; (0, 0) where the environment states the GPUs
+
+    @property
+    def large(self) -> bool:
+        """GPUs whose matrix units want larger steps than the defaults (H100, H200, B200)."""
+        return bool(self.count) and self.memory_bytes >= LARGE_GPU_BYTES and self.capability >= (9, 0)
 
 
 @dataclass(frozen=True)

@@ -100,18 +100,19 @@ def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> N
     )
     origin = kernels[0][0]
     busy, idle = 0.0, {"prefill": 0.0, "decode": 0.0, "between": 0.0}
-    gaps: list[float] = []
-    kinds = iter(steps)
-    current = next(kinds)
+    gaps: list[tuple[float, str]] = []  # milliseconds, and where: the step's kind and index
+    step_index = 0
+    current = steps[0]
     reach = kernels[0][0]  # the end of the busy interval so far (kernels may overlap on streams)
     for start, end in kernels:
         if start > reach:
             gap_at = (reach - origin) / 1e6
             while current is not None and current[2] < gap_at:
-                current = next(kinds, None)
+                step_index += 1
+                current = steps[step_index] if step_index < len(steps) else None
             kind = current[0] if current is not None and current[1] <= gap_at else "between"
             idle[kind] += (start - reach) / 1e6
-            gaps.append((start - reach) / 1e3)
+            gaps.append(((start - reach) / 1e3, f"{kind} {step_index}"))
             busy += (end - start) / 1e6
         else:
             busy += max(0.0, end - reach) / 1e6
@@ -119,8 +120,8 @@ def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> N
     gaps.sort(reverse=True)
     print(f"timeline: {len(kernels)} kernels, GPU busy {busy:.2f} s over {(reach - origin) / 1e6:.2f} s; idle "
           + ", ".join(f"{kind} {seconds:.3f} s" for kind, seconds in idle.items())
-          + f"; gaps {len(gaps)}, under 50 us {sum(g for g in gaps if g < 0.05) / 1e3:.3f} s, the largest (ms) "
-          + " ".join(f"{g:.1f}" for g in gaps[:8]))
+          + f"; gaps {len(gaps)}, under 50 us {sum(g for g, _ in gaps if g < 0.05) / 1e3:.3f} s, the largest (ms, in "
+          + "step) " + ", ".join(f"{g:.1f} ({where})" for g, where in gaps[:12]))
 
 
 def _trace(engine: LLMEngine, kind: str) -> None:

@@ -16,7 +16,8 @@ from test_kv_cache_manager import make_request
 
 from pagoda import parallel_config
 from pagoda.config import EngineConfig
-from pagoda.config.resolve import _long_prefill_token_threshold
+from pagoda.config import resolve
+from pagoda.config.resolve import _long_prefill_token_threshold, _max_num_batched_tokens
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request
 from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -186,15 +187,27 @@ def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
             kwargs["max_long_partial_prefills"]) == (512, 4, 2)
 
 
-@pytest.mark.parametrize(("gib", "capability", "budget"), [(141, (9, 0), 6144), (80, (9, 0), 6144), (80, (8, 0), 2048),
-                                                             (24, (8, 9), 2048), (48, (9, 0), 2048)])
-def test_serve_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, budget):
-    """vLLM's rule's shape: GPUs of 70 GiB or more get larger server steps (not the A100: 80 GB,
-    compute capability 8.0); the measurements behind the numbers are in docs/benchmarks.md."""
-    monkeypatch.setattr(parallel_config, "detect_gpus", lambda: GpuInventory(0, 0))  # a front end without the GPUs
-    assert server_max_num_batched_tokens(torch.device("cuda")) == SERVER_MAX_NUM_BATCHED_TOKENS
-    monkeypatch.setattr(parallel_config, "detect_gpus", lambda: GpuInventory(1, gib * 2**30, capability))
-    assert server_max_num_batched_tokens(torch.device("cuda")) == budget
+@pytest.mark.parametrize(("gib", "capability", "budget", "offline_budget"), [
+    (141, (9, 0), 6144, 16384), (80, (9, 0), 6144, 16384), (80, (8, 0), 2048, 8192), (24, (8, 9), 2048, 8192),
+    (48, (9, 0), 2048, 8192),
+])
+def test_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, budget, offline_budget):
+    """vLLM's rule's shape: GPUs of 70 GiB or more get larger steps, served and offline (not the
+    A100: 80 GB, compute capability 8.0); the measurements behind the numbers are in
+    docs/benchmarks.md."""
+    def offline(device: str, **config) -> int:
+        return _max_num_batched_tokens(EngineConfig(**config), 1024, torch.device(device))
+
+    # first a front end without the GPUs (as a Ray head may be), then one with them
+    for gpus, served, unserved in ((GpuInventory(0, 0), SERVER_MAX_NUM_BATCHED_TOKENS, 8192),
+                                   (GpuInventory(1, gib * 2**30, capability), budget, offline_budget)):
+        monkeypatch.setattr(parallel_config, "detect_gpus", lambda gpus=gpus: gpus)
+        monkeypatch.setattr(resolve, "detect_gpus", lambda gpus=gpus: gpus)
+        assert server_max_num_batched_tokens(torch.device("cuda")) == served
+        assert offline("cuda") == unserved
+    assert offline("cpu") == 2048
+    assert offline("cuda", max_num_batched_tokens=4096) == 4096
+    assert offline("cuda", enable_chunked_prefill=False) == 2048  # whole prompts: max(max_model_len, 2048)
     assert server_max_num_batched_tokens(torch.device("cpu")) == SERVER_MAX_NUM_BATCHED_TOKENS
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert serve_kwargs()["max_num_batched_tokens"] == budget  # --device auto: the GPU

@@ -512,12 +512,20 @@ def _kv_cache_memory_bytes(stated: int | None, device: torch.device) -> int | No
     return int(gib * (1 << 30))
 
 
+# Offline steps' default budgets, vLLM's LLM class's: 16,384 tokens on large GPUs (W1 on an H200:
+# 6.46-6.50 s against 6.53-6.60 at 8,192, half the prefill steps; docs/benchmarks.md, session 22).
+MAX_NUM_BATCHED_TOKENS = 8192
+LARGE_GPU_MAX_NUM_BATCHED_TOKENS = 16384
+
+
 def _max_num_batched_tokens(args: EngineConfig, max_model_len: int, device: torch.device) -> int:
     if args.max_num_batched_tokens is not None:
         return args.max_num_batched_tokens
     if not args.enable_chunked_prefill:
         return max(max_model_len, 2048)
-    return 2048 if device.type == "cpu" else 8192
+    if device.type == "cpu":
+        return 2048
+    return LARGE_GPU_MAX_NUM_BATCHED_TOKENS if detect_gpus().large else MAX_NUM_BATCHED_TOKENS
 
 
 def _long_prefill_token_threshold(args: EngineConfig, max_model_len: int) -> int:

@@ -110,13 +110,12 @@ def model_argument(args: argparse.Namespace) -> str | None:
 
 # A server's step budget, as vLLM's server defaults it: a step holds at most this many tokens, so a
 # prefill chunk beside the running decodes delays each of their next tokens by one step of that
-# size, not a long one. GPUs of 70 GiB or more from Hopper on get larger steps (vLLM gives them
-# 8192): their matrix units want more rows a step. W3 on an H200 served 95 % of offline's
-# throughput at 2,048, 97 % at 6,144 with a p99 ITL of 153 ms, and 8,192 took that to 198-223 ms,
-# past the 200 ms target (docs/benchmarks.md, session 21). Offline LLM keeps its larger default.
+# size, not a long one. Large GPUs (GpuInventory.large) get larger steps (vLLM gives them 8192):
+# their matrix units want more rows a step. W3 on an H200 served 95 % of offline's throughput at
+# 2,048, 97 % at 6,144 with a p99 ITL of 153 ms, and 8,192 took that to 198-223 ms, past the
+# 200 ms target (docs/benchmarks.md, session 21). Offline LLM keeps its larger default.
 SERVER_MAX_NUM_BATCHED_TOKENS = 2048
 LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS = 6144
-LARGE_GPU_BYTES = 70 * 2**30
 
 
 def server_max_num_batched_tokens(device: torch.device) -> int:
@@ -125,10 +124,8 @@ def server_max_num_batched_tokens(device: torch.device) -> int:
     be, keeps the smaller budget)."""
     from pagoda.parallel_config import detect_gpus
 
-    if device.type == "cuda":
-        gpus = detect_gpus()
-        if gpus.count and gpus.memory_bytes >= LARGE_GPU_BYTES and gpus.capability >= (9, 0):
-            return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS
+    if device.type == "cuda" and detect_gpus().large:
+        return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS
     return SERVER_MAX_NUM_BATCHED_TOKENS
 
 

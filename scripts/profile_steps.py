@@ -1,7 +1,9 @@
 """Where a throughput run's time goes, step by step (GPU): prefill vs decode steps, host vs device
 time of one step, and the top CUDA kernels of a decode step and a prefill step. With --timeline,
 instead, the whole run's kernels are traced and the GPU's idle time between them is reported for
-each kind of step (what overlapped scheduling leaves uncovered).
+each kind of step (what overlapped scheduling leaves uncovered). --log-compiles names each Triton
+kernel that a step compiled, or loaded from Triton's on-disk cache, and how long it took (a run's
+first steps meet kernel specializations that start-up did not).
 
     PYTHONPATH=. python3 scripts/profile_steps.py --model MODEL_DIR [--num-prompts 256 ...]
         [--quantization fp8 --kv-cache-dtype fp8]
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--timeline", action="store_true")
+    parser.add_argument("--log-compiles", action="store_true",
+                        help="each Triton kernel compiled, or loaded from Triton's cache, within the run: its step and time")
     args = parser.parse_args()
 
     config = EngineConfig(
@@ -62,7 +66,10 @@ def main() -> None:
     timeline = profile(activities=[ProfilerActivity.CUDA]) if args.timeline else None
     if timeline:
         timeline.start()
+    compiles: list[tuple[float, float, str]] = []  # start and end (seconds from the run's start), kernel
     started = time.perf_counter()
+    if args.log_compiles:
+        _watch_triton_compiles(compiles, started)
     while engine.has_unfinished_requests():
         prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or bool(
             core.scheduler.waiting
@@ -83,6 +90,8 @@ def main() -> None:
         torch.cuda.synchronize()
         timeline.stop()
         _idle_by_kind(timeline, steps)
+    if args.log_compiles:
+        _report_compiles(compiles, steps)
     print(f"total {total:.2f} s")
     for kind, times in kinds.items():
         if times:
@@ -122,6 +131,33 @@ def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> N
           + ", ".join(f"{kind} {seconds:.3f} s" for kind, seconds in idle.items())
           + f"; gaps {len(gaps)}, under 50 us {sum(g for g, _ in gaps if g < 0.05) / 1e3:.3f} s, the largest (ms, in "
           + "step) " + ", ".join(f"{g:.1f} ({where})" for g, where in gaps[:12]))
+
+
+def _watch_triton_compiles(compiles: list[tuple[float, float, str]], started: float) -> None:
+    """Record each kernel specialization that a launch found missing from Triton's in-process
+    cache: compiled, or loaded from the on-disk cache (both stall the host mid-step)."""
+    from triton import knobs
+
+    pending: dict[object, float] = {}
+
+    def before(*, key: object, fn: object, **_: object) -> bool:
+        pending[key] = time.perf_counter() - started
+        return False  # compile as usual
+
+    def after(*, key: object, fn: object, **_: object) -> None:
+        compiles.append((pending.pop(key, 0.0), time.perf_counter() - started, getattr(fn, "name", str(fn))))
+
+    knobs.runtime.jit_cache_hook = before
+    knobs.runtime.jit_post_compile_hook = after
+
+
+def _report_compiles(compiles: list[tuple[float, float, str]], steps: list[tuple[str, float, float]]) -> None:
+    total = sum(end - start for start, end, _ in compiles)
+    print(f"Triton kernels compiled or loaded within the run: {len(compiles)}, {total:.3f} s")
+    for start, end, name in compiles:
+        index = next((i for i, (_, _, step_end) in enumerate(steps) if step_end >= start), len(steps))
+        kind = steps[index][0] if index < len(steps) else "after"
+        print(f"  {name:<40} {(end - start) * 1e3:8.1f} ms in {kind} step {index}")
 
 
 def _trace(engine: LLMEngine, kind: str) -> None:

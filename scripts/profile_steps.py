@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--log-compiles", action="store_true",
-                        help="each Triton kernel compiled, or loaded from Triton's cache, within the run: its step and time")
+                        help="each Triton kernel compiled, or loaded from Triton's cache, within the run: its step "
+                        "and time")
     args = parser.parse_args()
 
     config = EngineConfig(

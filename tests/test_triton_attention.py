@@ -136,7 +136,9 @@ def test_decode_splits_fill_the_gpu_only_for_small_batches():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 32)])
 @pytest.mark.parametrize("has_lse_attention", [True, False])
-def test_long_prefill_steps_match_torch_reference(monkeypatch, dtype, num_heads, num_kv_heads, head_dim, has_lse_attention):
+def test_long_prefill_steps_match_torch_reference(
+    monkeypatch, dtype, num_heads, num_kv_heads, head_dim, has_lse_attention
+):
     """A step of long prompt chunks only (lowered threshold), whole prompts and chunks over a
     cached prefix (their two fused calls merged by log-sum-exp), through the fused-attention path
     equals the reference; a step with a decode in it stays in the paged kernel, and so does a
@@ -144,7 +146,7 @@ def test_long_prefill_steps_match_torch_reference(monkeypatch, dtype, num_heads,
     from pagoda.attention import triton_backend
 
     monkeypatch.setattr(triton_backend, "SDPA_MIN_QUERY_LEN", 24)
-    monkeypatch.setattr(triton_backend, "_has_attention_with_lse", lambda device, head_dim: has_lse_attention)
+    monkeypatch.setattr(triton_backend, "_has_attention_with_lse", lambda device, head_dim, dtype: has_lse_attention)
     fused_calls = []
     fused = triton_backend.long_prefill_attention
     monkeypatch.setattr(triton_backend, "long_prefill_attention", lambda *a: fused_calls.append(1) or fused(*a))
@@ -160,3 +162,26 @@ def test_long_prefill_steps_match_torch_reference(monkeypatch, dtype, num_heads,
         assert torch.equal(cache, ref_cache)
         tol = 2e-2 if dtype != torch.float32 else 1e-4
         assert (out - ref).norm() / ref.norm() < tol
+
+
+def test_the_fused_path_over_a_prefix_needs_cudnn_attention(monkeypatch):
+    """Chunks over a cached prefix take cuDNN's fused attention only where it runs: cuDNN 9,
+    compute capability 8.0 on, 16-bit inputs, head dims a multiple of 8 up to 128 (256 on Hopper)."""
+    from pagoda.attention import triton_backend
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    cases = [
+        ((9, 0), 128, torch.bfloat16, True), ((9, 0), 256, torch.float16, True), ((8, 0), 128, torch.bfloat16, True),
+        ((8, 0), 256, torch.bfloat16, False), ((7, 5), 64, torch.float16, False),
+        ((9, 0), 128, torch.float32, False), ((9, 0), 100, torch.bfloat16, False),
+    ]
+    for capability, head_dim, dtype, expected in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        triton_backend._has_attention_with_lse.cache_clear()
+        assert triton_backend._has_attention_with_lse(torch.device("cuda"), head_dim, dtype) == expected
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 8900)
+    triton_backend._has_attention_with_lse.cache_clear()
+    assert not triton_backend._has_attention_with_lse(torch.device("cuda"), 128, torch.bfloat16)
+    triton_backend._has_attention_with_lse.cache_clear()
+    assert triton_backend._has_attention_with_lse(torch.device("cpu"), 128, torch.float32)

@@ -335,7 +335,7 @@ class TritonAttentionBackend:
         if (
             metadata.backend_data["long_prefill"] and sliding_window is None and logits_soft_cap is None
             and kv_cache.dtype == q.dtype
-            and (not metadata.backend_data["after_prefix"] or _has_attention_with_lse(q.device, q.shape[-1]))
+            and (not metadata.backend_data["after_prefix"] or _has_attention_with_lse(q.device, q.shape[-1], q.dtype))
         ):
             return long_prefill_attention(q, k, v, kv_cache, metadata, scale)
         group = q.shape[1] // k.shape[1]
@@ -384,17 +384,18 @@ def long_prefill_attention(
 
 
 @functools.cache
-def _has_attention_with_lse(device: torch.device, head_dim: int) -> bool:
-    """Whether _attention_with_lse runs here: cuDNN's fused attention needs cuDNN 9 and compute
-    capability 8.0 (PyTorch's own conditions for it); head dims up to 256 ran on an H200 (GQA, its
-    log-sum-exp exact to 1e-6), up to 128 elsewhere. Otherwise chunks over a cached prefix stay in
-    the paged kernel."""
+def _has_attention_with_lse(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether _attention_with_lse runs here: cuDNN's fused attention needs cuDNN 9, compute
+    capability 8.0, 16-bit inputs and head dims that are multiples of 8 (PyTorch's own conditions
+    for it); head dims up to 256 ran on an H200 (GQA, its log-sum-exp exact to 1e-6), up to 128
+    elsewhere. Otherwise chunks over a cached prefix stay in the paged kernel."""
     if device.type != "cuda":
         return True
     capability = torch.cuda.get_device_capability(device)
     return (
         torch.backends.cudnn.is_available() and torch.backends.cudnn.version() >= 90000
-        and capability >= (8, 0) and head_dim <= (256 if capability >= (9, 0) else 128)
+        and capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0 and head_dim <= (256 if capability >= (9, 0) else 128)
     )
 
 

@@ -5,6 +5,10 @@
 #   bash scripts/gpu_check.sh quick    # no transformers, no one-step-at-a-time W1 (~4 min)
 #   bash scripts/gpu_check.sh w2-peer  # W2, Pagoda and transformers only (~5 min: transformers
 #                                      # takes ~4 of them), for W2's ratio in a call of its own
+#   bash scripts/gpu_check.sh long     # a new prompt's first token at 1k-131k tokens, beside
+#                                      # transformers (scripts/bench_prefill_lengths.py, ~4 min)
+#   bash scripts/gpu_check.sh serve    # W3: `pagoda serve` at rates inf and 32 against offline on
+#                                      # the same requests, and the cold start (~3 min)
 # Packages the device image lacks travel as wheels in .whl/ (see docs/gpu.md).
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -15,6 +19,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 MODE=${1:-full}
 python3 scripts/ceilings.py "$OUT/ceilings.txt"  # the floors' rates, measured in the same call
+case "$MODE" in
+    long) exec python3 scripts/bench_prefill_lengths.py --model "$MODELS/llama-3.1-8b" --iters 1 ;;
+    serve) OUT=$OUT exec bash scripts/bench_serve_w3.sh inf 32 ;;
+esac
 # -s shows each greedy divergence from transformers with its logit gap (tests/test_gpu.py).
 [ "$MODE" != w2-peer ] && python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu*.py tests/test_triton_attention.py \
     tests/test_elementwise_kernels.py tests/test_sampling_kernel.py tests/test_fp8_gemm.py tests/test_kv_cache_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "diverged|passed|failed|Error" | tail -15

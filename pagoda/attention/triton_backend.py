@@ -403,7 +403,8 @@ def _attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention [1, heads, tokens, D] (GQA: fewer key heads) and its log-sum-exp [1, heads,
-    tokens] (natural log of each row's exp-sum): cuDNN on a GPU, the flash kernel on the CPU."""
+    tokens] (natural log of each row's exp-sum; cuDNN's has a trailing dimension of 1): cuDNN on a
+    GPU, the flash kernel on the CPU."""
     if query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, keys, values, None, True, 0.0, causal, False, scale=scale

@@ -15,10 +15,12 @@ first steps meet kernel specializations that start-up did not).
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import pstats
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -111,18 +113,13 @@ def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> N
     origin = kernels[0][0]
     busy, idle = 0.0, {"prefill": 0.0, "decode": 0.0, "between": 0.0}
     gaps: list[tuple[float, str]] = []  # milliseconds, and where: the step's kind and index
-    step_index = 0
-    current = steps[0]
+    step_at = _step_finder(steps)
     reach = kernels[0][0]  # the end of the busy interval so far (kernels may overlap on streams)
     for start, end in kernels:
         if start > reach:
-            gap_at = (reach - origin) / 1e6
-            while current is not None and current[2] < gap_at:
-                step_index += 1
-                current = steps[step_index] if step_index < len(steps) else None
-            kind = current[0] if current is not None and current[1] <= gap_at else "between"
+            index, kind = step_at((reach - origin) / 1e6)
             idle[kind] += (start - reach) / 1e6
-            gaps.append(((start - reach) / 1e3, f"{kind} {step_index}"))
+            gaps.append(((start - reach) / 1e3, f"{kind} {index}"))
             busy += (end - start) / 1e6
         else:
             busy += max(0.0, end - reach) / 1e6
@@ -155,10 +152,23 @@ def _watch_triton_compiles(compiles: list[tuple[float, float, str]], started: fl
 def _report_compiles(compiles: list[tuple[float, float, str]], steps: list[tuple[str, float, float]]) -> None:
     total = sum(end - start for start, end, _ in compiles)
     print(f"Triton kernels compiled or loaded within the run: {len(compiles)}, {total:.3f} s")
+    step_at = _step_finder(steps)
     for start, end, name in compiles:
-        index = next((i for i, (_, _, step_end) in enumerate(steps) if step_end >= start), len(steps))
-        kind = steps[index][0] if index < len(steps) else "after"
+        index, kind = step_at(start)
         print(f"  {name:<40} {(end - start) * 1e3:8.1f} ms in {kind} step {index}")
+
+
+def _step_finder(steps: list[tuple[str, float, float]]) -> Callable[[float], tuple[int, str]]:
+    """at (seconds from the run's start) -> the index of the first step not ended by then, and its
+    kind, or "between" where `at` falls outside every step's host interval."""
+    ends = [end for _, _, end in steps]
+
+    def step_at(at: float) -> tuple[int, str]:
+        index = bisect.bisect_left(ends, at)
+        inside = index < len(steps) and steps[index][1] <= at
+        return index, steps[index][0] if inside else "between"
+
+    return step_at
 
 
 def _trace(engine: LLMEngine, kind: str) -> None:

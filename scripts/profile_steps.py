@@ -108,27 +108,30 @@ def _idle_by_kind(timeline: profile, steps: list[tuple[str, float, float]]) -> N
     N - 1, so a gap's kind is approximate at phase changes. The profiler's clock starts near the
     loop's; its first kernel is taken as the run's start."""
     kernels = sorted(
-        (e.time_range.start, e.time_range.end) for e in timeline.events() if e.device_type.name == "CUDA"
+        (e.time_range.start, e.time_range.end, e.name) for e in timeline.events() if e.device_type.name == "CUDA"
     )
     origin = kernels[0][0]
     busy, idle = 0.0, {"prefill": 0.0, "decode": 0.0, "between": 0.0}
-    gaps: list[tuple[float, str]] = []  # milliseconds, and where: the step's kind and index
+    gaps: list[tuple[float, str, str, str]] = []  # milliseconds, where (the step's kind and index), the kernels around
     step_at = _step_finder(steps)
-    reach = kernels[0][0]  # the end of the busy interval so far (kernels may overlap on streams)
-    for start, end in kernels:
+    reach, last = kernels[0][0], kernels[0][2]  # the end of the busy interval so far (kernels may overlap on streams)
+    for start, end, name in kernels:
         if start > reach:
             index, kind = step_at((reach - origin) / 1e6)
             idle[kind] += (start - reach) / 1e6
-            gaps.append(((start - reach) / 1e3, f"{kind} {index}"))
+            gaps.append(((start - reach) / 1e3, f"{kind} {index}", last, name))
             busy += (end - start) / 1e6
         else:
             busy += max(0.0, end - reach) / 1e6
+        if end >= reach:
+            last = name
         reach = max(reach, end)
     gaps.sort(reverse=True)
     print(f"timeline: {len(kernels)} kernels, GPU busy {busy:.2f} s over {(reach - origin) / 1e6:.2f} s; idle "
           + ", ".join(f"{kind} {seconds:.3f} s" for kind, seconds in idle.items())
-          + f"; gaps {len(gaps)}, under 50 us {sum(g for g, _ in gaps if g < 0.05) / 1e3:.3f} s, the largest (ms, in "
-          + "step) " + ", ".join(f"{g:.1f} ({where})" for g, where in gaps[:12]))
+          + f"; gaps {len(gaps)}, under 50 us {sum(g[0] for g in gaps if g[0] < 0.05) / 1e3:.3f} s; the largest:")
+    for ms, where, before, after in gaps[:8]:
+        print(f"  {ms:6.1f} ms in {where}, after {before[:50]}, before {after[:50]}")
 
 
 def _watch_triton_compiles(compiles: list[tuple[float, float, str]], started: float) -> None:

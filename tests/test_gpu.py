@@ -186,6 +186,33 @@ def test_launching_a_step_never_waits_for_the_gpu(tmp_path):
     assert len(launched) > 20 and llm.llm_engine.engine_core.engine_core.async_scheduling
 
 
+def test_sampling_kernels_are_ready_before_the_first_step(tmp_path):
+    """Start-up compiles the sampler's Triton kernels (greedy and random): a run's first steps,
+    greedy or not, compile none and load none from Triton's cache."""
+    from triton import knobs
+
+    path = save_tiny_model("llama3", tmp_path)
+    llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True, gpu_memory_utilization=0.2,
+              max_model_len=256, max_num_seqs=32)
+    compiled = []
+
+    def record(*, fn, **_):
+        compiled.append(getattr(fn, "name", str(fn)))
+        return False  # compile as usual
+
+    knobs.runtime.jit_cache_hook = record
+    try:
+        prompts, params = _mixed_requests(8)
+        llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=3)] * 8, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    from pagoda.kernels import sampling
+
+    names = {name for name in dir(sampling) if name.endswith("_kernel")}
+    assert len(names) == 3 and not names & set(compiled), compiled
+
+
 def test_seeded_rows_sample_the_same_in_any_batch_on_the_gpu():
     """Seeded rows draw their noise from (seed, step) in one kernel for the batch: a row's token
     depends on its logits, seed and step, not on its neighbours or its place."""

@@ -56,6 +56,7 @@ from pagoda.sample.sampler import (
     TopLogprobs,
     gather_top_logprobs,
     takes_argmax_only,
+    warm_up_sampling,
 )
 from pagoda.spec.proposer import StepHiddenStates
 from pagoda.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
@@ -271,7 +272,7 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         hidden, _ = _split_aux(self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata))
         if hidden is not None:  # the last pipeline stage
-            self.model.compute_logits(hidden[: min(num_tokens, 256)])
+            warm_up_sampling(self.model.compute_logits(hidden[: min(num_tokens, 256)]))
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -147,6 +147,27 @@ def test_triton_on_an_fp8_cache_matches_torch(monkeypatch, cache_dtype, num_spli
     assert (out - ref).norm() / ref.norm() < (TOLERANCE if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("query_lens, prefix_lens", [([40, 24], [0, 50]), ([30], [70])])
+@pytest.mark.parametrize("dtype", [DTYPE] if ON_GPU else [DTYPE, torch.bfloat16])
+def test_long_prefill_on_an_fp8_cache_matches_torch(monkeypatch, cache_dtype, query_lens, prefix_lens, dtype):
+    """A step of long chunks only (lowered threshold) goes to the fused-attention path on an fp8
+    cache too, reading every key as the cache holds it, and equals the torch backend's."""
+    from pagoda.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "SDPA_MIN_QUERY_LEN", 24)
+    fused_calls = []
+    fused = triton_backend.long_prefill_attention
+    monkeypatch.setattr(triton_backend, "long_prefill_attention", lambda *a: fused_calls.append(1) or fused(*a))
+    # (the interpreter's fp8 rounding: see test_triton_on_an_fp8_cache_matches_torch)
+    inputs = _inputs(query_lens, prefix_lens, 8, 2, 32, 16, cache_dtype, dtype, len(query_lens), representable=not ON_GPU)
+    ref, ref_cache = _attend(TorchAttentionBackend(), *inputs)
+    out, cache = _attend(triton_backend.TritonAttentionBackend(), *inputs)
+    assert fused_calls
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    assert (out - ref).norm() / ref.norm() < (TOLERANCE if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cache_dtype", FP8)

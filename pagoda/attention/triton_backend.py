@@ -13,8 +13,8 @@ sum and unnormalised output), and a second kernel combines the splits. The split
 only on the batch size and the block tables' width, so decode CUDA graphs capture it.
 
 A step of long prompt chunks alone goes to PyTorch's fused attention instead (see
-SDPA_MIN_QUERY_LEN); a 16-bit cache only. A chunk after the first attends to its cached prefix and
-to itself in two such calls, merged by their log-sum-exps.
+SDPA_MIN_QUERY_LEN). A chunk after the first attends to its cached prefix and to itself in two such
+calls, merged by their log-sum-exps; an fp8 cache's keys and values are dequantized for them.
 
 An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast tile by
 tile, to fp16 for 16-bit queries (see the kernel) and to float32 for float32 ones; its K scale is
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from pagoda.attention.backend import AttentionMetadata
-from pagoda.attention.kv_fp8 import is_fp8
+from pagoda.attention.kv_fp8 import dequantize, is_fp8
 from pagoda.attention.torch_backend import KVScales, gather_kv
 from pagoda.kernels.device_info import num_sms
 
@@ -334,10 +334,9 @@ class TritonAttentionBackend:
         write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
         if (
             metadata.backend_data["long_prefill"] and sliding_window is None and logits_soft_cap is None
-            and kv_cache.dtype == q.dtype
             and (not metadata.backend_data["after_prefix"] or _has_attention_with_lse(q.device, q.shape[-1], q.dtype))
         ):
-            return long_prefill_attention(q, k, v, kv_cache, metadata, scale)
+            return long_prefill_attention(q, k, v, kv_cache, metadata, scale, kv_scales)
         group = q.shape[1] // k.shape[1]
         max_query_len = metadata.backend_data["max_query_len"]
         num_splits = 1
@@ -354,26 +353,32 @@ class TritonAttentionBackend:
 
 def long_prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-    scale: float,
+    scale: float, kv_scales: KVScales = None,
 ) -> torch.Tensor:
     """Each request's chunk through PyTorch's fused attention: causally against its own keys, and a
     later chunk also against its cached prefix (read back from the paged cache), unmasked; the two
     softmaxes merged by their log-sum-exps. One call with a lower-right causal mask would go to
     FlashAttention rather than cuDNN on Hopper: a 131,000-token prompt's first token took 15.5 s
-    that way on an H200, against transformers' 11.4 s with one causal call."""
+    that way on an H200, against transformers' 11.4 s with one causal call. An fp8 cache's keys
+    and values, the chunk's own included, are read back as it holds them (dequantized), as the
+    paged kernel reads them."""
     out = torch.empty_like(q)
-    block_size = metadata.block_size
+    fp8 = is_fp8(kv_cache.dtype)
     for i, (start, length, seq_len) in enumerate(
         zip(metadata.query_starts_cpu, metadata.query_lens_cpu, metadata.seq_lens_cpu)
     ):
         rows = slice(start, start + length)
         query, keys, values = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]
         prefix_len = seq_len - length
+        if fp8:
+            cached = _cached_keys_values(kv_cache, metadata, i, seq_len, kv_scales, q.dtype)
+            keys, values = (x[:, :, prefix_len:] for x in cached)
         if prefix_len == 0:
             attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            tables = metadata.block_tables[i : i + 1, : -(-prefix_len // block_size)]
-            prefix_keys, prefix_values = (x[:, :, :prefix_len] for x in gather_kv(kv_cache, tables))
+            if not fp8:
+                cached = _cached_keys_values(kv_cache, metadata, i, prefix_len, kv_scales, q.dtype)
+            prefix_keys, prefix_values = (x[:, :, :prefix_len] for x in cached)
             own, own_lse = _attention_with_lse(query, keys, values, scale, causal=True)
             old, old_lse = _attention_with_lse(query, prefix_keys, prefix_values, scale, causal=False)
             # softmax over both key sets = each part weighted by its share of the total exp-sum
@@ -381,6 +386,20 @@ def long_prefill_attention(
             attended = old.float().lerp_(own.float(), own_share)
         out[rows] = attended[0].transpose(0, 1)
     return out
+
+
+def _cached_keys_values(
+    kv_cache: torch.Tensor, metadata: AttentionMetadata, request: int, length: int, kv_scales: KVScales,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's first `length` cached keys and values [1, Hkv, length, D] in `dtype` (an fp8
+    cache's dequantized)."""
+    tables = metadata.block_tables[request : request + 1, : -(-length // metadata.block_size)]
+    keys, values = (x[:, :, :length] for x in gather_kv(kv_cache, tables))
+    if not is_fp8(kv_cache.dtype):
+        return keys, values
+    k_scale, v_scale = kv_scales or (None, None)
+    return dequantize(keys, k_scale, dtype), dequantize(values, v_scale, dtype)
 
 
 @functools.cache

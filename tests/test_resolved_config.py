@@ -91,3 +91,28 @@ def test_defaults_that_depend_on_the_machine_are_resolved_once(tiny, monkeypatch
     assert config.scheduler.max_num_batched_tokens == 2048 and not config.scheduler.async_scheduling
     assert config.model.max_model_len == config.model.spec.max_position_embeddings
     assert config.model.eos_token_ids == {1}  # the tiny model's config.json
+
+
+
+@pytest.mark.parametrize("declared", [{"torch_dtype": "float16"}, {}])
+def test_a_config_json_declares_its_dtype_by_either_name_or_none(tiny, tmp_path, monkeypatch, declared):
+    """A config.json that says "torch_dtype" (written before transformers renamed it) declares its
+    dtype as one that says "dtype" does; one that says neither (a GGUF file's) declares none.
+    Either way the old attribute is not read: transformers logs a deprecation warning for it."""
+    import json
+    import shutil
+
+    import torch
+    import transformers
+
+    path = shutil.copytree(tiny, tmp_path / "model")
+    fields = json.loads((path / "config.json").read_text())
+    fields.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps({**fields, **declared}))
+
+    def deprecated(config):
+        raise AssertionError("the config's deprecated torch_dtype was read")
+
+    monkeypatch.setattr(transformers.PretrainedConfig, "torch_dtype", property(deprecated))
+    config = InputProcessor(_args(path)).config
+    assert config.model.spec.dtype == (torch.float16 if declared else None)

@@ -292,7 +292,8 @@ def model_spec(hf_config: Any, model_impl: str = "auto") -> ModelSpec:
         hf_config = hf_config.text_config
     heads = hf_config.num_attention_heads
     rope, local_rope = _rope_parameters(hf_config)
-    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers >= 4.56 reads a config.json's "torch_dtype" into `dtype` (the old name warns).
+    declared = getattr(hf_config, "dtype", None)
     declared = DTYPES.get(declared) if isinstance(declared, str) else declared
     quantization = getattr(hf_config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):

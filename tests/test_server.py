@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import re
 import signal
 import socket
@@ -382,7 +383,8 @@ def test_data_parallel_serves_on_both_cores_with_the_same_greedy_texts(model_arg
 
 def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_args, client, tmp_path):
     """--tensor-parallel-size 2: the engine core starts a worker process per rank; greedy texts
-    equal the single-rank server's, and SIGTERM takes the whole tree down."""
+    equal the single-rank server's, and SIGTERM sent to every process of the tree at once (as
+    `systemctl stop` sends it) takes it down in order: exit status 0, no engine death reported."""
     prompts = [f"ranks {i}" for i in range(3)]
     expected = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
     with serving([*model_args, "--tensor-parallel-size", "2"], tmp_path / "tp.log") as (proc, tp_base):
@@ -391,9 +393,11 @@ def test_tensor_parallel_server_answers_as_one_rank_and_leaves_no_process(model_
             == expected
         tree = descendants(proc.pid)
         assert len(tree) >= 3  # the engine core and two workers (a resource tracker may join them)
-        proc.send_signal(signal.SIGTERM)
+        for pid in [proc.pid, *tree]:
+            os.kill(pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not still_alive(tree, 10)
+    assert "engine has died" not in (tmp_path / "tp.log").read_text()
 
 
 def test_async_scheduling_server_answers_as_the_default_one(model_args, client, tmp_path):

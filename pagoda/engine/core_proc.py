@@ -20,12 +20,12 @@ import logging
 import multiprocessing
 import os
 import select
-import signal
 from pathlib import Path
 
 import torch
 import zmq
 
+from pagoda.child_signals import leave_shutdown_to_the_front_end
 from pagoda.config.groups import ResolvedConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.lockstep import IDLE_WAIT_MS, ReplicaVote
@@ -79,9 +79,9 @@ def run_engine_core(
     os.environ.setdefault(START_METHOD_ENV, "spawn")
     if "OMP_NUM_THREADS" in env:  # torch read the variable when it was imported, before this
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    # The front end owns shutdown: Ctrl-C reaches the whole process group, and the core must
-    # keep running until the front end has aborted its requests and told it to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The front end owns shutdown: the core keeps running until the front end has aborted its
+    # requests and told it to stop, though Ctrl-C or systemd's SIGTERM reached it too.
+    leave_shutdown_to_the_front_end()
     log_to_stderr(log_level)
     started = seconds_since_process_start()
     if started is not None:  # from its fork: its config's unpickling, any import not preloaded

@@ -12,7 +12,6 @@ rank queues the next step on its device before it hands back this one's tokens."
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import traceback
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pagoda.child_signals import leave_shutdown_to_the_front_end
 from pagoda.config.groups import ParallelConfig, ResolvedConfig
 from pagoda.distributed.parallel_state import destroy_parallel, init_parallel
 from pagoda.exit_now import exit_now
@@ -124,9 +124,9 @@ def run_worker(config: ResolvedConfig, rank: int, init_method: str, conn: Connec
     A new thread, because GNU OpenMP keeps its thread pool (torch's intra-op threads) per calling
     thread: a child forked after the engine's process ran a parallel region inherits that pool
     without its threads, and the forking thread's next parallel region would wait for them forever."""
-    # The engine owns shutdown: Ctrl-C reaches the whole process group, and a rank must keep
-    # serving until the engine tells it to stop (or its end of the pipe closes).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The engine owns shutdown: a rank keeps serving until the engine tells it to stop (or its
+    # end of the pipe closes), though Ctrl-C or systemd's SIGTERM reached it too.
+    leave_shutdown_to_the_front_end()
     finished: list[None] = []  # stays empty if the rank raised (its thread printed the traceback)
     rank_thread = threading.Thread(
         target=lambda: finished.append(_run_rank(config, rank, init_method, conn)), name=f"pagoda-rank-{rank}"

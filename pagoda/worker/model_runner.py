@@ -271,7 +271,8 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         hidden, _ = _split_aux(self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata))
-        if hidden is not None:  # the last pipeline stage
+        # The last pipeline stage; a pooling runner (an embedding decoder) neither reads logits nor samples.
+        if hidden is not None and self.pooling_type is None:
             warm_up_sampling(self.model.compute_logits(hidden[: min(num_tokens, 256)]))
         self.kv_caches = []
 

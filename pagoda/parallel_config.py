@@ -116,6 +116,11 @@ def check_parallel_layout(
         )
     if gpus is None:
         return
+    if not gpus.count:
+        raise ValueError(
+            "device='cuda', but no CUDA GPU is visible (torch.cuda.device_count() is 0: CUDA_VISIBLE_DEVICES, the "
+            "driver, or a CPU build of torch); use --device cpu, or auto to run where the model can"
+        )
     room = gpu_memory_utilization * gpus.memory_bytes
     weights = estimate_weight_bytes(spec, dtype, quant_config)
     if parallel.experts_span_replicas:  # what one replica holds: 1 / DP of the routed experts

@@ -202,6 +202,12 @@ def test_more_gpus_than_visible_are_refused():
         _check(_shape(), GpuInventory(4, H100), tensor_parallel_size=2, data_parallel_size=4)
 
 
+def test_no_visible_gpu_is_named_as_such():
+    """Not as weights that fit no GPU of 0 GiB (what a --device cuda run without a GPU was told)."""
+    with pytest.raises(ValueError, match=r"^device='cuda', but no CUDA GPU is visible"):
+        _check(_shape(), GpuInventory(0, 0))
+
+
 def test_weights_that_do_not_fit_name_the_smallest_tp_that_does():
     with pytest.raises(ValueError, match=r"131\.\d GiB .* use tensor_parallel_size=2, the smallest that fits"):
         _check(_shape(**LLAMA_70B), GpuInventory(2, H100))

@@ -120,6 +120,14 @@ def test_a_flag_that_contradicts_the_checkpoint_is_refused(fp8_checkpoint):
     assert "contradicts" in message and "quantization_config.quant_method is 'fp8'" in message
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq", "compressed-tensors"])
+def test_a_method_for_quantized_checkpoints_on_an_unquantized_one_says_so(fp8_checkpoint, method):
+    """Not as a field its quantization_config lacks (the AWQ method said "has none of w_bit, bits")."""
+    message = _refused(fp8_checkpoint.with_name("llama3"), quantization=method)
+    assert message.startswith(f"quantization={method!r} runs {method} checkpoints, and this model's config has no "
+                              "quantization_config")
+
+
 def test_a_checkpoint_method_pagoda_lacks_is_refused_naming_the_field(tmp_path):
     src = save_tiny_model("llama3", tmp_path)
     pack_checkpoint(src, tmp_path / "bnb", fp8_per_tensor, {"quant_method": "bitsandbytes"})

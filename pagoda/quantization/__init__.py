@@ -19,12 +19,20 @@ QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     GPTQConfig.name: GPTQConfig,
     GGUFConfig.name: GGUFConfig,
 }
+# Methods that only read weights a quantizer wrote, as its quantization_config describes them (fp8
+# also quantizes an unquantized model at load; a GGUF file's method comes from the file itself).
+_QUANTIZED_CHECKPOINTS_ONLY = (AWQConfig.name, GPTQConfig.name, CompressedTensorsConfig.name)
 
 
 def get_quantization_config(name: str, checkpoint_config: dict[str, Any] | None) -> QuantizationConfig:
     """The config of method `name` from the checkpoint's quantization_config ({} or None: quantize at load)."""
     if name not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization={name!r} is not supported: use one of {sorted(QUANTIZATION_METHODS)}")
+    if not checkpoint_config and name in _QUANTIZED_CHECKPOINTS_ONLY:
+        raise ValueError(
+            f"quantization={name!r} runs {name} checkpoints, and this model's config has no quantization_config: "
+            "pass the quantized checkpoint, or omit --quantization (fp8 quantizes an unquantized model at load)"
+        )
     return QUANTIZATION_METHODS[name].from_config(dict(checkpoint_config or {}))
 
 

@@ -439,44 +439,42 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     """Serve on `listener`, bound to --host/--port before anything slow: 503 there until the
     engine is ready, then uvicorn."""
     clock = StartupClock()
+    # What the front end reads of its own is checked before the engine loads: a bad argument fails at once.
     tool_parser = auto_tool_parser(args)
+    chat_template = load_chat_template(args.chat_template)
     starting = StartingResponder(listener)
     clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
     model = model_argument(args)
     engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
     clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
-    names = args.served_model_name or [model or engine.model_name]
-    config = engine_server_config(
-        engine, names, args.generation_config,
-        chat_template=load_chat_template(args.chat_template), log_requests=not args.disable_log_requests,
-        limits=request_limits(args),
-        max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
-        reasoning_parser=args.reasoning_parser,
-        max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
-        tool_parser=tool_parser,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_force_include_usage=args.enable_force_include_usage,
-    )
-    try:
+    try:  # from here on, a failure stops the engine in order rather than leaving it to be killed at exit
+        names = args.served_model_name or [model or engine.model_name]
+        config = engine_server_config(
+            engine, names, args.generation_config,
+            chat_template=chat_template, log_requests=not args.disable_log_requests,
+            limits=request_limits(args),
+            max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
+            reasoning_parser=args.reasoning_parser,
+            max_stored_responses=args.max_stored_responses, stored_response_ttl=args.stored_response_ttl,
+            tool_parser=tool_parser,
+            return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+            enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+            enable_force_include_usage=args.enable_force_include_usage,
+        )
         serve_lora_modules(engine, config.loras, args.lora_modules or [], names[0])
-    except BaseException:
-        engine.shutdown()
-        raise
-    cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
-    endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
-    app = build_app(engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground)
-    uvicorn_config = uvicorn.Config(
-        app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
-        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
-    )
-    logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
-    if not args.disable_playground:
-        logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
-    server = _Server(uvicorn_config, engine)
-    clock.lap("app")
-    logger.info("start-up: %s", clock.summary())
-    try:
+        cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
+        endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
+        app = build_app(engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground)
+        uvicorn_config = uvicorn.Config(
+            app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        )
+        logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
+        if not args.disable_playground:
+            logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
+        server = _Server(uvicorn_config, engine)
+        clock.lap("app")
+        logger.info("start-up: %s", clock.summary())
         server.run(sockets=[starting.hand_over()])
     finally:
         engine.shutdown()

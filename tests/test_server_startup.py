@@ -99,14 +99,19 @@ def test_a_client_that_hung_up_leaves_no_traceback(capsys):
         responder.hand_over().close()
 
 
-def test_a_missing_chat_template_fails_before_the_engine_starts(model_args, tmp_path):
-    log = tmp_path / "server.log"
-    proc = start([*model_args, "--chat-template", str(tmp_path / "missing.jinja")], free_port(), log)
+
+def _refused_at_start(args: list[str], log: Path) -> str:
+    """The log of a server that exits with status 2 (an argument refused)."""
+    proc = start(args, free_port(), log)
     try:
-        assert proc.wait(120) == 2
+        assert proc.wait(120) == 2, log.read_text()
     finally:
         proc.kill()
-    text = log.read_text()
+    return log.read_text()
+
+
+def test_a_missing_chat_template_fails_before_the_engine_starts(model_args, tmp_path):
+    text = _refused_at_start([*model_args, "--chat-template", str(tmp_path / "missing.jinja")], tmp_path / "server.log")
     assert f"chat template file '{tmp_path / 'missing.jinja'}' does not exist" in text, text
     assert "model built" not in text, text
 
@@ -114,12 +119,6 @@ def test_a_missing_chat_template_fails_before_the_engine_starts(model_args, tmp_
 def test_a_failure_once_the_engine_runs_stops_it_in_order(model_args, tmp_path):
     """A folder without generation_config.json is found wanting once the engine has the model's
     folder: the server exits 2 naming the flag, its engine stopped, not reported dead of a kill."""
-    log = tmp_path / "server.log"
-    proc = start([*model_args, "--generation-config", str(tmp_path)], free_port(), log)
-    try:
-        assert proc.wait(120) == 2
-    finally:
-        proc.kill()
-    text = log.read_text()
+    text = _refused_at_start([*model_args, "--generation-config", str(tmp_path)], tmp_path / "server.log")
     assert f"--generation-config {tmp_path}: no generation_config.json in that folder" in text, text
     assert "model built" in text and "engine has died" not in text, text

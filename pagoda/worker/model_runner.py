@@ -163,6 +163,7 @@ class ModelRunner:
         step verifies when a proposer is configured)."""
         self.device = device
         self.max_model_len = config.model.max_model_len
+        self.hidden_size, self.dtype = config.model.spec.hidden_size, config.model.dtype
         # An embedding engine decodes nothing: no decode graphs.
         self.use_cuda_graphs = (
             device.type == "cuda" and not config.device.enforce_eager and pp_group().size == 1
@@ -271,14 +272,13 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         hidden, _ = _split_aux(self.model(input_ids, torch.tensor(positions, device=dev), self.kv_caches, metadata))
-        # The last pipeline stage; a pooling runner (an embedding decoder) neither reads logits nor samples.
-        if hidden is not None and self.pooling_type is None:
-            warm_up_sampling(self.model.compute_logits(hidden[: min(num_tokens, 256)]))
+        if hidden is not None:  # the last pipeline stage
+            self.model.compute_logits(hidden[: min(num_tokens, 256)])
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The KV pool, then (on CUDA, unless eager) the decode graphs that read it, or (-O3 on the
-        CPU) the compiled decode forward."""
+        CPU) the compiled decode forward; on CUDA, the sampler's kernels compiled."""
         if not self.kv_cache_spec:
             logger.info("no KV pool: the model's attention reads only each step's own keys and values (an encoder)")
             return
@@ -298,6 +298,16 @@ class ModelRunner:
                 self.decode_graphs.capture()
         if self.compile_decode:
             self._compile_decode(scratch_block=num_blocks)
+        # However the pool was sized (profiled, or stated by --kv-cache-memory-bytes).
+        if self.device.type == "cuda" and self.pooling_type is None and pp_group().is_last:
+            self.warm_up_sampler()
+
+    @torch.inference_mode()
+    def warm_up_sampler(self) -> None:
+        """Sample from one row of logits as the model computes them (every rank of the last stage
+        computes them: the head may gather across the TP ranks)."""
+        hidden = torch.zeros(1, self.hidden_size, dtype=self.dtype, device=self.device)
+        warm_up_sampling(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
     def _compile_decode(self, scratch_block: int) -> None:

@@ -7,7 +7,7 @@ is greedy decoding), and beams are finally ranked by cum_logprob / generated_len
 (the ending EOS counted, the prompt not).
 
 This module holds the search's state and rules; the offline LLM and the server drive it
-(entrypoints/llm.py, entrypoints/openai/serving_completion.py).
+(entrypoints/llm.py, entrypoints/openai/serving_engine.py for the completion and chat routes).
 """
 
 from __future__ import annotations
@@ -139,13 +139,13 @@ class BeamSearch:
 
 def completion_outputs(search: BeamSearch, beams: list[BeamSearchSequence], tokenizer: object) -> list[CompletionOutput]:
     """The beams as the CompletionOutputs of one request (the server's choices): the generated
-    tokens, the text without a final EOS (as vLLM writes it)."""
+    tokens, the text without a final EOS (as vLLM writes it), all of it new (a stream's one delta)."""
     outputs = []
     for index, beam in enumerate(beams):
         text = "" if tokenizer is None else tokenizer.decode(search.generated(beam, strip_eos=True), skip_special_tokens=True)
         outputs.append(CompletionOutput(
             index=index, text=text, token_ids=search.generated(beam, strip_eos=False),
             cumulative_logprob=beam.cum_logprob, logprobs=beam.logprobs, finish_reason=beam.finish_reason,
-            stop_reason=beam.stop_reason,
+            stop_reason=beam.stop_reason, text_delta=text,
         ))
     return outputs

@@ -1,4 +1,4 @@
-"""Beam search (LLM.beam_search, use_beam_search on /v1/completions) finds the same beams, with the
+"""Beam search (LLM.beam_search, use_beam_search on /v1/completions and /v1/chat/completions) finds the same beams, with the
 same scores, as transformers' generate() on tiny random models (fp32, CPU).
 
 The transformers settings that match Pagoda's (and vLLM's) search: do_sample=False,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import random
 
+import httpx
 import openai
 import pytest
 import torch
@@ -161,6 +162,41 @@ def test_completions_use_beam_search_returns_the_n_best_beams(server):
     assert [c.index for c in response.choices] == [0, 1]
     assert all(c.finish_reason == "length" for c in response.choices)
     assert response.usage.completion_tokens == 12
+
+
+def test_streamed_beam_search_sends_the_beams_text(server):
+    """A streamed search sends its n best beams in one chunk, text and all (it sent them empty)."""
+    _, client = server
+    body = {"use_beam_search": True, "ignore_eos": True}
+    whole = client.completions.create(model=MODEL, prompt="stream", max_tokens=5, n=2, extra_body=body)
+    chunks = list(client.completions.create(model=MODEL, prompt="stream", max_tokens=5, n=2, stream=True, extra_body=body))
+    streamed = {i: "".join(c.text for chunk in chunks for c in chunk.choices if c.index == i) for i in (0, 1)}
+    assert [streamed[0], streamed[1]] == [c.text for c in whole.choices]
+    assert all(c.text for c in whole.choices)
+
+
+def test_chat_use_beam_search_returns_the_n_best_beams_of_the_rendered_prompt(server):
+    """vLLM's chat requests take use_beam_search too (n beams, all returned): it was ignored, and
+    the reply sampled."""
+    path, client = server
+    messages = [{"role": "user", "content": "beam search in a chat"}]
+    body = {"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5}
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2, extra_body=body)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, n=2, stream=True, extra_body=body,
+    ))
+    base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    prompt = httpx.post(f"{base}/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    llm = LLM(model=path, device="cpu")
+    tokenizer = llm.get_tokenizer()
+    beams = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(2, 5, ignore_eos=True, length_penalty=0.5))
+    expected = [tokenizer.decode(b.tokens[len(prompt):]) for b in beams[0].sequences[:2]]
+    assert [c.message.content for c in whole.choices] == expected
+    streamed = ["".join(c.delta.content or "" for chunk in chunks for c in chunk.choices if c.index == i) for i in (0, 1)]
+    assert streamed == expected
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, n=11, extra_body=body)
+    assert caught.value.body["param"] == "n"
 
 
 @pytest.mark.parametrize("extra, param", [

@@ -109,6 +109,9 @@ class SamplingFields(RequestModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     structured_outputs: Optional[dict[str, Any]] = None
+    # vLLM's beam search: n beams (completions: best_of, else n), the n best returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 PromptInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
@@ -122,9 +125,6 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
     response_format: Optional[dict[str, Any]] = None  # vLLM's extra: as chat's
-    # vLLM's beam search: best_of (or else n) beams, the n best returned.
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
 
 
 class ImageURL(RequestModel):

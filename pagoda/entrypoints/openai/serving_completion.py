@@ -4,13 +4,10 @@ token ids and usage in them when asked for); with use_beam_search, one beam sear
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
-from pagoda.beam_search import MAX_BEAM_WIDTH, BeamSearch, BeamSearchParams, completion_outputs
 from pagoda.engine.detokenizer import decode_token
 from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from pagoda.sampling_params import SamplingParams
 
 from .preprocess import Prompt, prompt_inputs
 from .protocol import (
@@ -19,7 +16,7 @@ from .protocol import (
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
-    sub_request_ids, value_error,
+    sub_request_ids,
 )
 from .structured_outputs import structured_outputs
 
@@ -27,8 +24,6 @@ from .structured_outputs import structured_outputs
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         lora = self.check_model(request.model)
-        if lora is not None and request.use_beam_search:
-            raise OpenAIError("use_beam_search is not supported with a LoRA adapter yet", param="use_beam_search")
         refuse_unsupported({
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
@@ -49,7 +44,12 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = new_request_id("cmpl")
         ids = sub_request_ids(request_id, len(prompts))
         if request.use_beam_search:
-            streams = self._beam_searches(request, ids, prompts, [p.max_tokens for p in params])
+            n = request.n or 1
+            width = request.best_of if request.best_of is not None else n
+            if width < n:
+                raise OpenAIError(f"best_of={width} is invalid: it must be >= n ({n})", param="best_of")
+            width_param = "best_of" if request.best_of is not None else "n"
+            streams = self.beam_searches(request, ids, prompts, [p.max_tokens for p in params], width, width_param, lora)
         else:
             streams = await self.add_requests(request_id, prompts, params, default_param="prompt", lora_request=lora)
         if request.stream:
@@ -63,56 +63,6 @@ class OpenAIServingCompletion(OpenAIServing):
         """The prompt as truncate_prompt_tokens leaves it; a cut prompt's text is its tokens' (echo)."""
         kept = self.truncate(request, ids)
         return (text if len(kept) == len(ids) else None), kept
-    def _beam_searches(
-        self, request: CompletionRequest, ids: list[str], prompts: list[Prompt], max_tokens: list[int]
-    ) -> list[AsyncIterator[RequestOutput]]:
-        """One beam search per prompt, each an output stream of one final output (the n best beams)."""
-        n = request.n or 1
-        width_param = "best_of" if request.best_of is not None else "n"
-        width = request.best_of if request.best_of is not None else n
-        if width < n:
-            raise OpenAIError(f"best_of={width} is invalid: it must be >= n ({n})", param="best_of")
-        if width > MAX_BEAM_WIDTH:
-            raise OpenAIError(
-                f"{width_param}={width} is invalid: the beam width must be at most {MAX_BEAM_WIDTH}", param=width_param
-            )
-        self.check_runner()
-        self.refuse_when_queue_full()
-        try:
-            params = [
-                BeamSearchParams(width, tokens, request.ignore_eos, request.temperature or 0.0, request.length_penalty)
-                for tokens in max_tokens
-            ]
-        except ValueError as error:
-            raise value_error(error) from None
-        return [self._beam_search(sub_id, prompt, p, n) for sub_id, prompt, p in zip(ids, prompts, params)]
-
-    async def _beam_search(
-        self, request_id: str, prompt: Prompt, params: BeamSearchParams, num_returned: int
-    ) -> AsyncIterator[RequestOutput]:
-        text, token_ids = prompt
-        search = BeamSearch(token_ids, params, self.engine.processor.config.model.eos_token_ids)
-        step_params = params.step_params()
-        while not search.done:
-            finals = await asyncio.gather(*(
-                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params)
-                for i, beam in enumerate(search.live)
-            ))
-            search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in finals])
-        outputs = completion_outputs(search, search.best()[:num_returned], self.tokenizer)
-        yield RequestOutput(request_id, text, token_ids, None, outputs, finished=True)
-
-    async def _final_output(self, request_id: str, token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        output = None
-        try:
-            stream = await self.engine.add_request(request_id, token_ids, params)
-        except ValueError as error:  # the prompt is refused
-            raise value_error(error, "prompt") from None
-        async for output in stream:
-            pass
-        assert output is not None and output.finished  # the stream ends with the final output
-        return output
-
     async def _prompts(self, prompt: PromptInput) -> list[Prompt]:
         return await prompt_inputs(prompt, "prompt", self.require_tokenizer, self.config.max_model_len)
 

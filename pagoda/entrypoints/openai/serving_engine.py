@@ -1,6 +1,6 @@
 """What the completion, chat and embedding handlers share: errors in OpenAI's shape, model and
 runner checks, the SamplingParams of a request, prompt truncation and the context-length check, the queue bound
-(--max-queued-requests), running one engine request, usage (with its cached-token details and
+(--max-queued-requests), running one engine request or a beam search (use_beam_search), usage (with its cached-token details and
 stream options) and logprob tokens as text or as "token_id:N"."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pagoda.beam_search import MAX_BEAM_WIDTH, BeamSearch, BeamSearchParams, completion_outputs
 from pagoda.engine.async_llm import AsyncLLM, RequestAborted
 from pagoda.engine.input_processor import truncate_prompt
 from pagoda.lora.registry import ServedLoRAs
@@ -229,6 +230,56 @@ class OpenAIServing:
                 raise self.value_error(error, default_param) from None
             raise
         return streams
+
+    def beam_searches(
+        self, request: SamplingFields, ids: list[str], prompts: list[tuple[str | None, list[int]]],
+        max_tokens: list[int], width: int, width_param: str, lora_request: LoRARequest | None,
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """vLLM's use_beam_search: one search of `width` beams per prompt, each an output stream of
+        one final output, the request's n best beams (text and deltas whole)."""
+        if lora_request is not None:
+            raise OpenAIError("use_beam_search is not supported with a LoRA adapter yet", param="use_beam_search")
+        if width > MAX_BEAM_WIDTH:
+            raise OpenAIError(
+                f"{width_param}={width} is invalid: the beam width must be at most {MAX_BEAM_WIDTH}", param=width_param
+            )
+        self.check_runner()
+        self.refuse_when_queue_full()
+        try:
+            params = [
+                BeamSearchParams(width, tokens, request.ignore_eos, request.temperature or 0.0, request.length_penalty)
+                for tokens in max_tokens
+            ]
+        except ValueError as error:
+            raise value_error(error) from None
+        n = request.n or 1
+        return [self._beam_search(sub_id, prompt, p, n) for sub_id, prompt, p in zip(ids, prompts, params)]
+
+    async def _beam_search(
+        self, request_id: str, prompt: tuple[str | None, list[int]], params: BeamSearchParams, num_returned: int
+    ) -> AsyncIterator[RequestOutput]:
+        text, token_ids = prompt
+        search = BeamSearch(token_ids, params, self.engine.processor.config.model.eos_token_ids)
+        step_params = params.step_params()
+        while not search.done:
+            finals = await asyncio.gather(*(
+                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params)
+                for i, beam in enumerate(search.live)
+            ))
+            search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in finals])
+        outputs = completion_outputs(search, search.best()[:num_returned], self.tokenizer)
+        yield RequestOutput(request_id, text, token_ids, None, outputs, finished=True)
+
+    async def _final_output(self, request_id: str, token_ids: list[int], params: SamplingParams) -> RequestOutput:
+        output = None
+        try:
+            stream = await self.engine.add_request(request_id, token_ids, params)
+        except ValueError as error:  # the prompt is refused
+            raise value_error(error, self.prompt_param) from None
+        async for output in stream:
+            pass
+        assert output is not None and output.finished  # the stream ends with the final output
+        return output
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
         """Usage; with --enable-prompt-tokens-details, the prompt tokens the prefix cache served

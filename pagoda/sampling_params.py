@@ -137,6 +137,13 @@ class SamplingParams:
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name: moved to structured_outputs
+    # Words never to generate: each word's last token is masked while the output ends with the
+    # tokens before it (as vLLM: the output only, not the prompt).
+    bad_words: list[str] | None = None
+    # Their token sequences, which the engine derives from bad_words with its tokenizer
+    # (`bad_words_token_ids`): the word as it starts a text, and after a space where that is
+    # another first token of the same length.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if _REBUILDING.get():
@@ -147,6 +154,7 @@ class SamplingParams:
         self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids) or []
         self.allowed_token_ids = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        self.bad_words = _normalise_bad_words(self.bad_words)
         self._check_ranges()
 
     def for_child(self, index: int) -> SamplingParams:
@@ -156,6 +164,12 @@ class SamplingParams:
         child.n = 1
         child.seed = None if self.seed is None else self.seed + index
         return child
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Whether the logits of a step depend on the tokens generated before it: penalties, and
+        bad words of more than one token."""
+        return self.has_penalties or any(len(ids) > 1 for ids in self.bad_words_token_ids or ())
 
     @property
     def has_penalties(self) -> bool:
@@ -216,6 +230,29 @@ def _normalise_stop(stop: Any) -> list[str]:
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         _fail("stop", stop, "a non-empty string or a list of non-empty strings")
     return list(stops)
+
+
+def _normalise_bad_words(words: Any) -> list[str] | None:
+    if words is None:
+        return None
+    listed = [words] if isinstance(words, str) else words
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in listed):
+        _fail("bad_words", words, "a list of words that are not empty or all spaces")
+    return list(listed) or None
+
+
+def bad_words_token_ids(words: list[str], encode: Any) -> list[list[int]]:
+    """The token sequences to mask for each word (encode: text -> token ids, no special tokens):
+    the word as it starts a text, and after a space where that starts with another token and is
+    as long (a word inside a sentence), as vLLM tokenizes them."""
+    sequences: list[list[int]] = []
+    for word in words:
+        plain = encode(word.lstrip())
+        sequences.append(plain)
+        spaced = encode(" " + word.lstrip())
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            sequences.append(spaced)
+    return sequences
 
 
 def _normalise_token_ids(name: str, ids: Any) -> list[int] | None:

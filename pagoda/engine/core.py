@@ -306,5 +306,6 @@ class EngineCore:
 
 def _reads_known_tokens(request: Request) -> bool:
     """Whether planning the request's next step needs its tokens so far on the host: penalties
-    count them. (A grammar's mask follows them too, but only its step's sampling waits for them.)"""
-    return request.sampling_params.has_penalties
+    count them, bad words match their tail. (A grammar's mask follows them too, but only its
+    step's sampling waits for them.)"""
+    return request.sampling_params.reads_output_tokens

@@ -4,9 +4,9 @@ processor (pagoda/multimodal/processing.py: a prompt's images preprocessed, thei
 tokens expanded); a user request turned into an
 EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
-vocabulary, more logprobs than --max-logprobs, a structured-output constraint that does not
+vocabulary, more logprobs than --max-logprobs, bad_words without a tokenizer, a structured-output constraint that does not
 parse, a LoRA adapter the engine cannot apply), the prompt truncated to truncate_prompt_tokens
-and logprobs of -1 made the vocabulary's size. What depends on the core's state (the prompt's
+logprobs of -1 made the vocabulary's size and bad_words made token sequences. What depends on the core's state (the prompt's
 length against the KV pool) the core itself refuses."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.models import model_class
 from pagoda.multimodal.processing import ImageProcessor
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, bad_words_token_ids
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class InputProcessor:
         self._validate_token_ids("logit_bias", params.logit_bias)
         self._validate_token_ids("allowed_token_ids", params.allowed_token_ids)
         params = self._resolve_logprobs(params)
+        if params.bad_words:
+            params = self._with_bad_words_token_ids(params)
         if params.structured_outputs is not None:
             check_structured_outputs(params.structured_outputs)
         if lora_request is not None:
@@ -99,6 +101,16 @@ class InputProcessor:
         bad = sorted(t for t in token_ids or () if t >= self.vocab_size)
         if bad:
             raise ValueError(f"{name}=<ids {bad[:5]}> is invalid: token ids must be in the vocabulary range [0, {self.vocab_size})")
+
+    def _with_bad_words_token_ids(self, params: SamplingParams) -> SamplingParams:
+        """params with the token sequences of their bad_words, as this model's tokenizer writes them."""
+        if self.tokenizer is None:
+            raise ValueError(f"bad_words={params.bad_words!r} is invalid: this engine has no tokenizer (skip_tokenizer_init)")
+        sequences = bad_words_token_ids(params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        self._validate_token_ids("bad_words", [t for ids in sequences for t in ids])
+        params = copy.copy(params)  # checked when made: not checked again
+        params.bad_words_token_ids = sequences
+        return params
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
         """params with -1 (the whole vocabulary) as the vocabulary's size; more than max_logprobs

@@ -1,6 +1,6 @@
 """Batched sampling over one step's logits.
 
-Order: allowed_token_ids masking, logit_bias, min_tokens masking, repetition penalty, frequency and presence penalties;
+Order: allowed_token_ids masking, logit_bias, min_tokens and bad_words masking, repetition penalty, frequency and presence penalties;
 logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
 take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
 min-p, and sampled. On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
@@ -216,7 +216,7 @@ def takes_argmax_only(params: SamplingParams) -> bool:
     return (
         _samples_greedily(params) and params.logprobs is None and params.prompt_logprobs is None
         and not params.allowed_token_ids and not params.logit_bias and not params.has_penalties
-        and params.min_tokens == 0 and params.structured_outputs is None
+        and params.min_tokens == 0 and params.structured_outputs is None and not params.bad_words_token_ids
     )
 
 
@@ -238,13 +238,13 @@ def _step_seed(seed: int, num_output_tokens: int) -> int:
 def process_logits(
     logits: torch.Tensor, requests: Sequence[SamplingRequest], num_generated: Sequence[int]
 ) -> torch.Tensor:
-    """allowed_token_ids, logit_bias, min_tokens masking and penalties, in a float32 copy; the
-    logits themselves when none applies. Penalties read each row's output_token_ids: they must all
-    be known."""
+    """allowed_token_ids, logit_bias, min_tokens and bad_words masking and penalties, in a float32
+    copy; the logits themselves when none applies. Penalties and bad words read each row's
+    output_token_ids: they must all be known."""
     vocab, device = logits.shape[1], logits.device
     allow_rows, allow_cols = _allowed_entries(requests, vocab)
     bias_rows, bias_cols, bias_values = _logit_bias_entries(requests, vocab)
-    ban_rows, ban_cols = _min_tokens_entries(requests, num_generated, vocab)
+    ban_rows, ban_cols = _banned_entries(requests, num_generated, vocab)
     penalised = [row for row, r in enumerate(requests) if r.sampling_params.has_penalties]
     if not (allow_rows or bias_rows or ban_rows or penalised):
         return logits
@@ -292,17 +292,22 @@ def _logit_bias_entries(
     return rows, cols, values
 
 
-def _min_tokens_entries(
+def _banned_entries(
     requests: Sequence[SamplingRequest], num_generated: Sequence[int], vocab: int
 ) -> tuple[list[int], list[int]]:
-    """(row, token) pairs that must not be sampled yet: EOS and stop ids before min_tokens."""
+    """(row, token) pairs that must not be sampled now: EOS and stop ids before min_tokens, and
+    the last token of each bad word whose other tokens the output ends with."""
     rows: list[int] = []
     cols: list[int] = []
     for row, (req, generated) in enumerate(zip(requests, num_generated)):
         p = req.sampling_params
-        if generated >= p.min_tokens:
-            continue
-        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
+        banned = set()
+        if generated < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
+        output = req.output_token_ids
+        for word in p.bad_words_token_ids or ():
+            if len(word) - 1 <= len(output) and output[len(output) - len(word) + 1 :] == word[:-1]:
+                banned.add(word[-1])
         ids = [t for t in banned if t < vocab]
         rows.extend([row] * len(ids))
         cols.extend(ids)

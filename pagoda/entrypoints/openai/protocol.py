@@ -98,6 +98,7 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[Int64] = None
     allowed_token_ids: Optional[list[TokenId]] = None
+    bad_words: Optional[Union[str, list[str]]] = None
     truncate_prompt_tokens: Optional[Int64] = None
     # Prompt and output token ids in the response; streamed, the prompt's come in the first chunk.
     return_token_ids: Optional[bool] = None

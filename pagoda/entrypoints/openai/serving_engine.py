@@ -194,6 +194,7 @@ class OpenAIServing:
             logit_bias=request.logit_bias, skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             allowed_token_ids=request.allowed_token_ids, truncate_prompt_tokens=request.truncate_prompt_tokens,
+            bad_words=request.bad_words,
         )
         fields.update(extra)
         for name, value in self.config.default_sampling.items():

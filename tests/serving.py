@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 import httpx
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from tests.tiny_models import save_tiny_model
@@ -34,14 +34,17 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0 (BOS), 1 (EOS), 2
 
 
-def save_tokenizer(path: Path) -> int:
-    """A byte-level tokenizer with no merges: one token per byte, plus ChatML's special tokens."""
+def save_tokenizer(path: Path, adds_bos: bool = False) -> int:
+    """A byte-level tokenizer with no merges: one token per byte, plus ChatML's special tokens;
+    adds_bos: encoding a text puts BOS (id 0) before it, as Llama's tokenizers do."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIALS)
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{SPECIALS[0]} $A", special_tokens=[(SPECIALS[0], 0)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=SPECIALS[0], eos_token=SPECIALS[1], chat_template=CHAT_TEMPLATE
     )

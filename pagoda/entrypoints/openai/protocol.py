@@ -126,6 +126,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[Int64] = None
     suffix: Optional[str] = None
     response_format: Optional[dict[str, Any]] = None  # vLLM's extra: as chat's
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's special tokens (BOS) around a text prompt
 
 
 class ImageURL(RequestModel):
@@ -215,6 +216,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the template: enable_thinking
     add_generation_prompt: bool = True
+    # vLLM's: the tokenizer's special tokens (BOS) added to the rendered template, which has its own
+    add_special_tokens: bool = False
     continue_final_message: bool = False  # the last message left open, for the model to go on with
     echo: bool = False  # the reply starts with the last message's text when that has the reply's role
     include_reasoning: bool = True  # with --reasoning-parser: false leaves reasoning_content out

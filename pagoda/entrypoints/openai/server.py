@@ -242,7 +242,11 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
         raise OpenAIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        _, tokens, _ = await chat.render(body.messages, None, body.add_generation_prompt, tools=tools)
+        # As vLLM's: a conversation's template has its special tokens; the tokenizer's are added on request only.
+        add_special = body.add_special_tokens and "add_special_tokens" in body.model_fields_set
+        _, tokens, _ = await chat.render(
+            body.messages, None, body.add_generation_prompt, tools=tools, add_special_tokens=add_special
+        )
     else:
         tokens = await tokenize_prompt(
             chat.require_tokenizer(), body.prompt, body.add_special_tokens, chat.config.max_model_len, "prompt"

@@ -83,7 +83,7 @@ class OpenAIServingChat(OpenAIServing):
         add_generation_prompt = _add_generation_prompt(request)
         prompt_text, prompt_ids, images = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
-            request.chat_template_kwargs, template_tools(request),
+            request.chat_template_kwargs, template_tools(request), request.add_special_tokens,
         )
         prompt_ids = self.truncate(request, prompt_ids)
         if request.top_logprobs is not None and not request.logprobs:
@@ -118,7 +118,7 @@ class OpenAIServingChat(OpenAIServing):
     async def render(
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool,
         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = ADD_SPECIAL_TOKENS_TO_RENDERED,
     ) -> tuple[str, list[int], list[Any]]:
         """The prompt of a conversation and its images, rendered and tokenized off the event loop;
         a template that rejects it (e.g. roles that do not alternate) or runs past the server's time
@@ -146,7 +146,7 @@ class OpenAIServingChat(OpenAIServing):
                 param="chat_template_kwargs" if template_kwargs else "messages",
             ) from None
         limit = self.config.max_model_len
-        return text, await tokenize_prompt(tokenizer, text, ADD_SPECIAL_TOKENS_TO_RENDERED, limit, "messages"), images
+        return text, await tokenize_prompt(tokenizer, text, add_special_tokens, limit, "messages"), images
 
     async def _images(self, conversation: Conversation) -> tuple[Conversation, list[Any]]:
         """The conversation with its image parts made placeholders, and their images (decoded off

@@ -28,7 +28,7 @@ class OpenAIServingCompletion(OpenAIServing):
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
         })
-        prompts = [self._truncated(request, text, ids) for text, ids in await self._prompts(request.prompt)]
+        prompts = [self._truncated(request, text, ids) for text, ids in await self._prompts(request.prompt, request.add_special_tokens)]
         # Echoed prompt tokens get logprobs too.
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
@@ -63,8 +63,8 @@ class OpenAIServingCompletion(OpenAIServing):
         """The prompt as truncate_prompt_tokens leaves it; a cut prompt's text is its tokens' (echo)."""
         kept = self.truncate(request, ids)
         return (text if len(kept) == len(ids) else None), kept
-    async def _prompts(self, prompt: PromptInput) -> list[Prompt]:
-        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, self.config.max_model_len)
+    async def _prompts(self, prompt: PromptInput, add_special_tokens: bool) -> list[Prompt]:
+        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, self.config.max_model_len, add_special_tokens)
 
     async def _full(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]

@@ -54,6 +54,19 @@ def test_prompt_that_can_never_fit_the_pool_is_refused(tmp_path):
     _still_serves(small)
 
 
+def test_a_prompts_cache_salt_keeps_its_blocks_to_the_same_salt(llm):
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]  # two full blocks of 4
+
+    def cached(salt: str | None) -> int:
+        request = {"prompt_token_ids": prompt} if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}
+        return llm.generate(request, SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens
+
+    assert (cached("a"), cached("a"), cached("b"), cached(None), cached(None)) == (0, 8, 0, 0, 8)
+    with pytest.raises(ValueError, match="^cache_salt="):
+        cached("")
+    _still_serves(llm)
+
+
 def test_bad_prompt_in_a_batch_adds_nothing(llm):
     prompts = [{"prompt_token_ids": [4, 5]}, {"prompt_token_ids": []}]
     with pytest.raises(ValueError):

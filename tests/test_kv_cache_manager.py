@@ -140,6 +140,21 @@ def test_equal_blocks_after_different_prefixes_do_not_match():
     assert kv.get_computed_blocks(make_request("b", [2, 2, 5, 5, 6]))[1] == 0
 
 
+def test_a_cache_salt_shares_the_prefix_only_with_the_same_salt():
+    kv = KVCacheManager(num_blocks=16, block_size=2, enable_prefix_caching=True)
+    prompt = [1, 2, 3, 4, 5]
+
+    def salted(rid: str, salt: str | None) -> Request:
+        return Request(rid, list(prompt), Params(), frozenset({EOS}), 64, arrival_time=0.0, cache_salt=salt)
+
+    run_prefill(kv, salted("a", "alice"))
+    assert kv.get_computed_blocks(salted("b", "alice"))[1] == 4
+    assert kv.get_computed_blocks(salted("c", "bob"))[1] == 0
+    assert kv.get_computed_blocks(salted("d", None))[1] == 0
+    run_prefill(kv, salted("e", None))
+    assert kv.get_computed_blocks(salted("f", None))[1] == 4
+
+
 @pytest.mark.parametrize(
     "caching, params", [(False, {}), (True, {"prompt_logprobs": 1})], ids=["caching off", "prompt logprobs"]
 )

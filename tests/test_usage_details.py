@@ -75,6 +75,25 @@ def test_cached_tokens_are_the_prompt_tokens_the_prefix_cache_served(http, clien
     assert events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 4 * BLOCK_SIZE
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", lambda text: {"prompt": text}),
+    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}]}),
+])
+def test_a_cache_salt_shares_cached_prompts_only_with_the_same_salt(http, path, body):
+    """vLLM's cache_salt: another salt (or none) gets none of a salted prompt's blocks."""
+    request = {**body(unique_prompt()), **GREEDY}
+
+    def cached(**salt) -> int:
+        usage = http.post(path, json={**request, **salt}).json()["usage"]
+        return usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    assert cached(cache_salt="alice") == 0
+    assert cached(cache_salt="alice") >= 4 * BLOCK_SIZE
+    assert cached(cache_salt="bob") == 0
+    assert cached() == 0
+    openai_error(http.post(path, json={**request, "cache_salt": ""}), 400, "cache_salt")
+
+
 def test_cached_tokens_sum_over_a_requests_prompts(http):
     prompts = [unique_prompt(), unique_prompt()]
     http.post("/v1/completions", json={"prompt": prompts, **GREEDY})

@@ -29,7 +29,8 @@ def hash_block_tokens(
     BLAKE2b rather than Python's hash(): hash() of int tuples can be collided on purpose, and the
     map is keyed by this digest alone, so a collision would hand a request another prompt's KV.
     Chaining makes one key stand for the whole prefix up to and including this block. extra_keys:
-    what else the block's K/V depends on (the digests of the images behind its placeholder tokens)."""
+    what else the block's K/V depends on (the digests of the images behind its placeholder tokens),
+    or who may share it (a request's cache salt, on its first block)."""
     digest = hashlib.blake2b(digest_size=_HASH_BYTES)
     if parent_hash is not None:
         digest.update(parent_hash.to_bytes(_HASH_BYTES, "little"))

@@ -114,8 +114,11 @@ class KVCacheManager:
         for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[-1] if hashes else None
             tokens = request.token_ids[i * bs : (i + 1) * bs]
-            # A block over image placeholders is keyed by the images' content too.
+            # A block over image placeholders is keyed by the images' content too; the first by
+            # the request's salt (the chain carries it on).
             extra = block_extra_keys(request.images, i * bs, (i + 1) * bs) if request.images else ()
+            if i == 0 and request.cache_salt is not None:
+                extra = (*extra, "salt:" + request.cache_salt)
             hashes.append(hash_block_tokens(parent, tokens, request.lora_int_id, extra))
         return hashes
 

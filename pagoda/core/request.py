@@ -47,6 +47,7 @@ class Request:
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
         images: list[ImageInput] | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.lora_request = lora_request
@@ -57,6 +58,7 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.images = images or []  # in prompt order; their placeholders are prompt tokens
+        self.cache_salt = cache_salt  # keys its first block, and so every block after it
         room = max_model_len - len(prompt_token_ids)
         requested = sampling_params.max_tokens
         self.max_tokens = room if requested is None else min(requested, room)

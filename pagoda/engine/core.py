@@ -149,6 +149,7 @@ class EngineCore:
                 child_id, list(request.prompt_token_ids), params, self.eos_token_ids, self.max_model_len,
                 lora_request=request.lora_request,
                 images=request.images,
+                cache_salt=request.cache_salt,
             )
             for child_id, params in request.children
         ]

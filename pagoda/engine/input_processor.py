@@ -53,7 +53,7 @@ class InputProcessor:
 
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
+        lora_request: LoRARequest | None = None, images: Sequence[Any] = (), cache_salt: str | None = None,
     ) -> EngineCoreRequest:
         """The engine request(s) of one user request (its prompt truncated as params ask; each image
         placeholder token expanded to its image's features), or a ValueError naming what is wrong."""
@@ -74,8 +74,11 @@ class InputProcessor:
             check_structured_outputs(params.structured_outputs)
         if lora_request is not None:
             self.check_lora(lora_request)
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+            raise ValueError(f"cache_salt={cache_salt!r} is invalid: it must be a non-empty string or None")
         return EngineCoreRequest(
-            request_id, prompt_token_ids, fan_out(request_id, params), lora_request=lora_request, images=image_inputs
+            request_id, prompt_token_ids, fan_out(request_id, params), lora_request=lora_request, images=image_inputs,
+            cache_salt=cache_salt,
         )
 
     def check_lora(self, lora_request: LoRARequest) -> None:

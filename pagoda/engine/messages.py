@@ -38,6 +38,7 @@ class EngineCoreRequest(_Message):
     children: list[EngineRequest]
     lora_request: LoRARequest | None = None  # the adapter every child runs with; None: the base model
     images: list[ImageInput] = []  # the prompt's images, in prompt order (multimodal/inputs.py)
+    cache_salt: str | None = None  # vLLM's: the prompt's cached blocks shared only with requests of the same salt
 
 
 class AbortRequests(_Message):

@@ -59,7 +59,8 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string, or {"prompt": str} or {"prompt_token_ids": [...]} with
-        optionally "multi_modal_data": {"image": a PIL image or a list of them}); outputs in input order.
+        optionally "multi_modal_data": {"image": a PIL image or a list of them} and "cache_salt": a string, whose
+        cached blocks only prompts of the same salt share); outputs in input order.
         lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model)."""
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
@@ -211,7 +212,8 @@ class LLM:
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
                 engine.add_request(
-                    request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora, images=_images(prompt)
+                    request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora, images=_images(prompt),
+                    cache_salt=None if isinstance(prompt, str) else prompt.get("cache_salt"),
                 )
                 request_ids.append(request_id)
         except ValueError:

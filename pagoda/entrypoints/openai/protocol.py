@@ -110,6 +110,8 @@ class SamplingFields(RequestModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     structured_outputs: Optional[dict[str, Any]] = None
+    # vLLM's: the prompt's cached blocks are shared only with requests that give the same salt.
+    cache_salt: Optional[str] = None
     # vLLM's beam search: n beams (completions: best_of, else n), the n best returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0

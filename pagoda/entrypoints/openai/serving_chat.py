@@ -105,7 +105,7 @@ class OpenAIServingChat(OpenAIServing):
             ids = sub_request_ids(request_id, 1)
             streams = self.beam_searches(request, ids, prompts, [params.max_tokens], params.n, "n", lora)
         else:
-            streams = await self.add_requests(request_id, prompts, [params], "messages", lora, images)
+            streams = await self.add_requests(request_id, prompts, [params], "messages", lora, images, request.cache_salt)
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""

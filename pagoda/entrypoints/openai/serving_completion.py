@@ -51,7 +51,9 @@ class OpenAIServingCompletion(OpenAIServing):
             width_param = "best_of" if request.best_of is not None else "n"
             streams = self.beam_searches(request, ids, prompts, [p.max_tokens for p in params], width, width_param, lora)
         else:
-            streams = await self.add_requests(request_id, prompts, params, default_param="prompt", lora_request=lora)
+            streams = await self.add_requests(
+                request_id, prompts, params, default_param="prompt", lora_request=lora, cache_salt=request.cache_salt
+            )
         if request.stream:
             return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)
         try:

@@ -211,6 +211,7 @@ class OpenAIServing:
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
         default_param: str, lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
+        cache_salt: str | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. images: each prompt's images (a chat's one prompt has them). The caller aborts sub_request_ids(request_id, len(prompts)) when done:
@@ -224,7 +225,7 @@ class OpenAIServing:
                 if self.config.log_requests:
                     logger.info("Received request %s: %d prompt tokens%s, params: %s", sub_id, len(token_ids),
                                 f" and {len(images)} images" if images else "", params_summary(p))
-                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images))
+                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt))
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):
@@ -253,28 +254,31 @@ class OpenAIServing:
             ]
         except ValueError as error:
             raise value_error(error) from None
-        n = request.n or 1
-        return [self._beam_search(sub_id, prompt, p, n) for sub_id, prompt, p in zip(ids, prompts, params)]
+        n, salt = request.n or 1, request.cache_salt
+        return [self._beam_search(sub_id, prompt, p, n, salt) for sub_id, prompt, p in zip(ids, prompts, params)]
 
     async def _beam_search(
-        self, request_id: str, prompt: tuple[str | None, list[int]], params: BeamSearchParams, num_returned: int
+        self, request_id: str, prompt: tuple[str | None, list[int]], params: BeamSearchParams, num_returned: int,
+        cache_salt: str | None,
     ) -> AsyncIterator[RequestOutput]:
         text, token_ids = prompt
         search = BeamSearch(token_ids, params, self.engine.processor.config.model.eos_token_ids)
         step_params = params.step_params()
         while not search.done:
             finals = await asyncio.gather(*(
-                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params)
+                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params, cache_salt)
                 for i, beam in enumerate(search.live)
             ))
             search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in finals])
         outputs = completion_outputs(search, search.best()[:num_returned], self.tokenizer)
         yield RequestOutput(request_id, text, token_ids, None, outputs, finished=True)
 
-    async def _final_output(self, request_id: str, token_ids: list[int], params: SamplingParams) -> RequestOutput:
+    async def _final_output(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, cache_salt: str | None
+    ) -> RequestOutput:
         output = None
         try:
-            stream = await self.engine.add_request(request_id, token_ids, params)
+            stream = await self.engine.add_request(request_id, token_ids, params, cache_salt=cache_salt)
         except ValueError as error:  # the prompt is refused
             raise value_error(error, self.prompt_param) from None
         async for output in stream:

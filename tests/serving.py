@@ -44,7 +44,8 @@ def save_tokenizer(path: Path, adds_bos: bool = False) -> int:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIALS)
     if adds_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{SPECIALS[0]} $A", special_tokens=[(SPECIALS[0], 0)])
+        bos = SPECIALS[0]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=SPECIALS[0], eos_token=SPECIALS[1], chat_template=CHAT_TEMPLATE
     )

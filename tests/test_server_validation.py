@@ -21,7 +21,9 @@ VOCAB_SIZE = len(SPECIALS) + 256  # tests.serving's byte-level tokenizer
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 COMPLETION = {"prompt": "hi", "max_tokens": 1}
 
-COMPLETION_INTS = ["n", "seed", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs", "best_of"]
+COMPLETION_INTS = [
+    "n", "seed", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs", "best_of", "priority",
+]
 CHAT_INTS = ["n", "seed", "max_tokens", "max_completion_tokens", "top_k", "min_tokens", "top_logprobs",
              "prompt_logprobs"]
 
@@ -124,6 +126,12 @@ def test_seed_whose_nth_child_would_overflow_is_refused(http):
 def test_n_past_128_is_refused(http, path, base_body, n):
     error = refused(http, path, {**base_body, "n": n}, "n")
     assert "128" in error["message"]
+
+
+@pytest.mark.parametrize("path, base_body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_a_priority_other_than_0_is_refused_without_priority_scheduling(http, path, base_body):
+    openai_error(http.post(path, json={**base_body, "priority": 1}), 400, "priority")
+    assert http.post(path, json={**base_body, "priority": 0}).status_code == 200
 
 
 def test_n_of_128_is_served(http):

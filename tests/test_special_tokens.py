@@ -32,9 +32,9 @@ def prompt_ids(http, route: str, **body) -> list[int]:
 
 
 def test_a_completion_prompt_gets_bos_unless_the_request_says_not(http):
-    assert prompt_ids(http, "completions", prompt="abc")[0] == BOS
-    assert prompt_ids(http, "completions", prompt="abc", add_special_tokens=False)[0] != BOS
-    assert prompt_ids(http, "completions", prompt="abc", add_special_tokens=False) == prompt_ids(http, "completions", prompt="abc")[1:]
+    with_bos = prompt_ids(http, "completions", prompt="abc")
+    assert with_bos[0] == BOS
+    assert prompt_ids(http, "completions", prompt="abc", add_special_tokens=False) == with_bos[1:]
 
 
 def test_a_chat_prompt_gets_bos_only_when_the_request_asks(http):

@@ -108,8 +108,11 @@ class InputProcessor:
     def _with_bad_words_token_ids(self, params: SamplingParams) -> SamplingParams:
         """params with the token sequences of their bad_words, as this model's tokenizer writes them."""
         if self.tokenizer is None:
-            raise ValueError(f"bad_words={params.bad_words!r} is invalid: this engine has no tokenizer (skip_tokenizer_init)")
-        sequences = bad_words_token_ids(params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+            raise ValueError(
+                f"bad_words={params.bad_words!r} is invalid: this engine has no tokenizer (skip_tokenizer_init)"
+            )
+        tokenizer = self.tokenizer
+        sequences = bad_words_token_ids(params.bad_words, lambda text: tokenizer.encode(text, add_special_tokens=False))
         self._validate_token_ids("bad_words", [t for ids in sequences for t in ids])
         params = copy.copy(params)  # checked when made: not checked again
         params.bad_words_token_ids = sequences

@@ -112,6 +112,8 @@ class SamplingFields(RequestModel):
     structured_outputs: Optional[dict[str, Any]] = None
     # vLLM's: the prompt's cached blocks are shared only with requests that give the same salt.
     cache_salt: Optional[str] = None
+    # vLLM's priority scheduling, which this server does not have: only 0 (the default) is taken.
+    priority: Int64 = 0
     # vLLM's beam search: n beams (completions: best_of, else n), the n best returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: messages (and tools) through the chat template (a vision-language
 model's image_url parts through its image processor, pagoda/multimodal/media.py), one engine request
-(n choices) or a beam search of n beams (use_beam_search); each choice's text split into reasoning and content (--reasoning-parser), the
-content read as tool calls when the request has tools (tool_choice.py)."""
+(n choices) or a beam search of n beams (use_beam_search); each choice's text split into reasoning
+and content (--reasoning-parser), the content read as tool calls when the request has tools
+(tool_choice.py)."""
 
 from __future__ import annotations
 
@@ -105,7 +106,9 @@ class OpenAIServingChat(OpenAIServing):
             ids = sub_request_ids(request_id, 1)
             streams = self.beam_searches(request, ids, prompts, [params.max_tokens], params.n, "n", lora)
         else:
-            streams = await self.add_requests(request_id, prompts, [params], "messages", lora, images, request.cache_salt)
+            streams = await self.add_requests(
+                request_id, prompts, [params], "messages", lora, images, request.cache_salt
+            )
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""

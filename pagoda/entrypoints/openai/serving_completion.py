@@ -28,7 +28,8 @@ class OpenAIServingCompletion(OpenAIServing):
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
         })
-        prompts = [self._truncated(request, text, ids) for text, ids in await self._prompts(request.prompt, request.add_special_tokens)]
+        texts = await self._prompts(request.prompt, request.add_special_tokens)
+        prompts = [self._truncated(request, text, ids) for text, ids in texts]
         # Echoed prompt tokens get logprobs too.
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
@@ -49,7 +50,8 @@ class OpenAIServingCompletion(OpenAIServing):
             if width < n:
                 raise OpenAIError(f"best_of={width} is invalid: it must be >= n ({n})", param="best_of")
             width_param = "best_of" if request.best_of is not None else "n"
-            streams = self.beam_searches(request, ids, prompts, [p.max_tokens for p in params], width, width_param, lora)
+            max_tokens = [p.max_tokens for p in params]
+            streams = self.beam_searches(request, ids, prompts, max_tokens, width, width_param, lora)
         else:
             streams = await self.add_requests(
                 request_id, prompts, params, default_param="prompt", lora_request=lora, cache_salt=request.cache_salt
@@ -66,7 +68,8 @@ class OpenAIServingCompletion(OpenAIServing):
         kept = self.truncate(request, ids)
         return (text if len(kept) == len(ids) else None), kept
     async def _prompts(self, prompt: PromptInput, add_special_tokens: bool) -> list[Prompt]:
-        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, self.config.max_model_len, add_special_tokens)
+        limit = self.config.max_model_len
+        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, limit, add_special_tokens)
 
     async def _full(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]

@@ -173,6 +173,11 @@ class OpenAIServing:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        if request.priority != 0:
+            raise OpenAIError(
+                f"priority={request.priority} is invalid: this server schedules first come, first served "
+                "(vLLM's --scheduling-policy fcfs), so only 0 is taken", param="priority",
+            )
         completion = max_tokens if max_tokens is not None else 1
         if prompt_len + completion > limit:
             # OpenAI names the prompt's field: the prompt is what a client shortens.
@@ -225,7 +230,9 @@ class OpenAIServing:
                 if self.config.log_requests:
                     logger.info("Received request %s: %d prompt tokens%s, params: %s", sub_id, len(token_ids),
                                 f" and {len(images)} images" if images else "", params_summary(p))
-                streams.append(await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt))
+                streams.append(
+                    await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt)
+                )
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):

@@ -67,6 +67,24 @@ def test_a_prompts_cache_salt_keeps_its_blocks_to_the_same_salt(llm):
     _still_serves(llm)
 
 
+def test_priority_scheduling_runs_the_lowest_priority_value_first(tmp_path):
+    path = save_tiny_model("llama3", tmp_path)
+    one_at_a_time = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, max_model_len=64,
+                        max_num_seqs=1, scheduling_policy="priority")
+    prompts = [{"prompt_token_ids": [5, 6, i]} for i in range(4)]
+    outputs = one_at_a_time.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False, priority=[2, 0, 1, -1])
+    started = [out.metrics.first_scheduled_time for out in outputs]
+    assert sorted(range(4), key=started.__getitem__) == [3, 1, 2, 0]
+    with pytest.raises(ValueError, match="entries for 4 prompts"):
+        one_at_a_time.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False, priority=[1])
+
+
+def test_a_priority_needs_priority_scheduling(llm):
+    with pytest.raises(ValueError, match="^priority=3 .*scheduling_policy='priority'"):
+        llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2), use_tqdm=False, priority=[3])
+    _still_serves(llm)
+
+
 def test_bad_prompt_in_a_batch_adds_nothing(llm):
     prompts = [{"prompt_token_ids": [4, 5]}, {"prompt_token_ids": []}]
     with pytest.raises(ValueError):

@@ -28,8 +28,12 @@ def make_scheduler(
     max_model_len: int = 64,
     chunked: bool = True,
     prefix: bool = True,
+    priority: bool = False,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, chunked, async_scheduling=False)
+    config = SchedulerConfig(
+        max_num_seqs, max_num_batched_tokens, max_model_len, chunked, async_scheduling=False,
+        priority_scheduling=priority,
+    )
     return Scheduler(config, KVCacheManager(num_blocks, block_size, prefix))
 
 
@@ -172,6 +176,49 @@ def test_the_newest_request_preempts_itself_and_the_older_keep_their_blocks():
     # a took b's freed tail block, so only b's head is still cached when b recomputes after a.
     assert a.status.is_finished() and summary(out) == [("b", 4, 5, True)]
     assert b.num_cached_tokens == 0  # the figure of its first schedule
+
+
+def add_with_priority(sched: Scheduler, rid: str, priority: int, prompt: list[int], **params) -> Request:
+    req = make_request(rid, prompt, sched.config.max_model_len, **params)
+    req.priority = priority
+    sched.add_request(req)
+    return req
+
+
+def test_priority_scheduling_admits_the_lowest_priority_value_first_then_by_arrival():
+    sched = make_scheduler(max_num_seqs=1, priority=True)
+    for rid, priority in [("a", 2), ("b", 0), ("c", 1), ("d", 0)]:
+        add_with_priority(sched, rid, priority, [1, 2, 3], max_tokens=2)
+    assert [r.request_id for r in sched.waiting] == ["b", "d", "c", "a"]
+    order = []
+    for _ in range(20):
+        out = step(sched)
+        order += [c.request.request_id for c in out.chunks if c.request.request_id not in order]
+    assert order == ["b", "d", "c", "a"]
+
+
+def test_first_come_first_served_ignores_priority():
+    sched = make_scheduler(max_num_seqs=1)
+    for rid, priority in [("a", 2), ("b", 0)]:
+        add_with_priority(sched, rid, priority, [1, 2, 3], max_tokens=2)
+    assert [r.request_id for r in sched.waiting] == ["a", "b"]
+
+
+def test_priority_scheduling_preempts_the_lowest_priority_request_not_the_newest():
+    # As the FCFS test above: three running requests fit until each needs its third block. The
+    # oldest has the lowest priority (the highest value): it goes, and waits behind d, which came
+    # later with a higher priority.
+    sched = make_scheduler(num_blocks=6, block_size=4, prefix=False, max_num_seqs=3, priority=True)
+    a = add_with_priority(sched, "a", 5, [1] * 4, max_tokens=8)
+    add_with_priority(sched, "b", 0, [2] * 4, max_tokens=8)
+    add_with_priority(sched, "c", 0, [3] * 4, max_tokens=8)
+    step(sched)
+    d = add_with_priority(sched, "d", 1, [4] * 4, max_tokens=8)
+    out = step_until(sched, lambda out: out.preempted, itertools.count(10))
+    assert out.preempted == ["a"] and [ch.request.request_id for ch in out.chunks] == ["b", "c"]
+    assert a.status == RequestStatus.PREEMPTED and list(sched.waiting) == [d, a]
+    run_until_done(sched)
+    assert a.num_output_tokens == 8 and d.num_output_tokens == 8
 
 
 def test_without_chunking_a_recomputation_longer_than_the_budget_is_split():

@@ -245,6 +245,14 @@ def test_cors_flags_reach_the_middleware(model_args, tmp_path):
         assert simple.status_code == 200 and "access-control-allow-origin" not in simple.headers
 
 
+def test_the_scheduling_policy_flag_lets_requests_give_a_priority(model_args, tmp_path):
+    with serving(model_args + ["--scheduling-policy", "priority"], tmp_path / "server.log") as (_, url):
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            for priority in (-3, 0, 7):
+                assert http.post(path, json={**body, "model": MODEL, "priority": priority}).status_code == 200
+
+
 # The offline path: SamplingParams refuses the same values -------------------------------------------
 
 

@@ -93,6 +93,10 @@ class EngineConfig:
     max_long_partial_prefills: int = _knob(
         1, "chunked prefill: of those, prompts longer than long_prefill_token_threshold at most; fewer than "
         "max_num_partial_prefills lets shorter prompts jump ahead of long ones")
+    scheduling_policy: str = _knob(
+        "fcfs", "the order requests wait and run in: fcfs (first come, first served) or priority (by each "
+        "request's priority, lower first, then arrival; the lowest-priority running request is preempted first)",
+        choices=("fcfs", "priority"))
     max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
                               "so that -1 (the whole vocabulary) may be asked for")
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")

@@ -97,6 +97,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
             args.max_long_partial_prefills,
             max_loras=args.max_loras if args.enable_lora else 0, pooling=model.pooler is not None,
+            priority_scheduling=args.scheduling_policy == "priority",
         ),
         parallel=parallel,
         device=DeviceConfig(

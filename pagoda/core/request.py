@@ -48,6 +48,7 @@ class Request:
         lora_request: LoRARequest | None = None,
         images: list[ImageInput] | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.lora_request = lora_request
@@ -59,6 +60,7 @@ class Request:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.images = images or []  # in prompt order; their placeholders are prompt tokens
         self.cache_salt = cache_salt  # keys its first block, and so every block after it
+        self.priority = priority  # with priority scheduling: lower runs earlier
         room = max_model_len - len(prompt_token_ids)
         requested = sampling_params.max_tokens
         self.max_tokens = room if requested is None else min(requested, room)

@@ -20,6 +20,11 @@ request is scheduled without them. Under asynchronous scheduling drafts go only 
 token that is known (the proposer cannot have seen a placeholder's value), and a request whose
 drafts are in flight is not planned again until they are read: how many will hold is unknown.
 
+Requests wait first come, first served (a preempted one goes back to the front); with
+`priority_scheduling` (vLLM's --scheduling-policy priority) they wait, are planned and are kept
+by (priority, arrival time), lowest first: the lowest-priority running request is the one
+preempted, and the highest-priority waiting one is admitted next.
+
 A waiting request whose grammar is still compiling (structured outputs), or whose LoRA adapter
 would make the running requests use more adapters than the device has slots (max_loras), is
 passed over: the requests behind it are admitted meanwhile.
@@ -63,6 +68,8 @@ class SchedulerConfig:
     # An embedding engine (--runner pooling): a prompt runs once, whole, and nothing is generated
     # after it, so it may fill max_model_len.
     pooling: bool = False
+    # vLLM's --scheduling-policy priority: requests ordered by (priority, arrival time), not arrival alone.
+    priority_scheduling: bool = False
 
 
 @dataclass
@@ -150,7 +157,17 @@ class Scheduler:
         """Queue a request, or refuse it up front (ValueError) if it could never run."""
         self._validate(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, req: Request, preempted: bool = False) -> None:
+        """Into the waiting queue: at the back, or a preempted request at the front; with priority
+        scheduling, after every request of a lower (priority, arrival time)."""
+        if not self.config.priority_scheduling:
+            self.waiting.appendleft(req) if preempted else self.waiting.append(req)
+            return
+        key = _priority_key(req)
+        behind = next((i for i, other in enumerate(self.waiting) if _priority_key(other) > key), len(self.waiting))
+        self.waiting.insert(behind, req)
 
     def _validate(self, request: Request) -> None:
         cfg, kv = self.config, self.kv_cache_manager
@@ -182,6 +199,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.config.priority_scheduling:  # planned highest first, and so preempted lowest first
+            self.running.sort(key=_priority_key)
         slots = _PrefillSlots(self.config)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, slots)
         if not out.preempted:  # blocks just ran short: admitting more would only thrash
@@ -227,7 +246,8 @@ class Scheduler:
         return drafts[: max(0, room)]
 
     def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        """Allocate for `req`, preempting the newest running requests until it fits.
+        """Allocate for `req`, preempting the last running requests (the newest; with priority
+        scheduling the lowest priority) until it fits.
 
         False when `req` itself, the newest left, had to go."""
         while not self.kv_cache_manager.allocate_slots(req, n):
@@ -243,7 +263,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.draft_token_ids = []  # proposed for a computation that is gone
-        self.waiting.appendleft(req)
+        self._enqueue(req, preempted=True)
         self.num_preemptions += 1
         out.preempted.append(req.request_id)
 
@@ -425,3 +445,7 @@ class Scheduler:
             num_accepted_tokens=sum(self.num_accepted_tokens_per_pos),
             num_accepted_tokens_per_pos=tuple(self.num_accepted_tokens_per_pos),
         )
+
+
+def _priority_key(req: Request) -> tuple[int, float]:
+    return req.priority, req.arrival_time

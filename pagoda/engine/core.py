@@ -150,6 +150,7 @@ class EngineCore:
                 lora_request=request.lora_request,
                 images=request.images,
                 cache_salt=request.cache_salt,
+                priority=request.priority,
             )
             for child_id, params in request.children
         ]

@@ -26,7 +26,7 @@ from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.models import model_class
 from pagoda.multimodal.processing import ImageProcessor
-from pagoda.sampling_params import SamplingParams, bad_words_token_ids
+from pagoda.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, bad_words_token_ids
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class InputProcessor:
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         lora_request: LoRARequest | None = None, images: Sequence[Any] = (), cache_salt: str | None = None,
+        priority: int = 0,
     ) -> EngineCoreRequest:
         """The engine request(s) of one user request (its prompt truncated as params ask; each image
         placeholder token expanded to its image's features), or a ValueError naming what is wrong."""
@@ -76,10 +77,20 @@ class InputProcessor:
             self.check_lora(lora_request)
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
             raise ValueError(f"cache_salt={cache_salt!r} is invalid: it must be a non-empty string or None")
+        self._validate_priority(priority)
         return EngineCoreRequest(
             request_id, prompt_token_ids, fan_out(request_id, params), lora_request=lora_request, images=image_inputs,
-            cache_salt=cache_salt,
+            cache_salt=cache_salt, priority=priority,
         )
+
+    def _validate_priority(self, priority: int) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool) or not INT64_MIN <= priority <= INT64_MAX:
+            raise ValueError(f"priority={priority!r} is invalid: it must be an integer of 64 bits")
+        if priority != 0 and not self.config.scheduler.priority_scheduling:
+            raise ValueError(
+                f"priority={priority} is invalid: requests are served first come, first served; start the engine "
+                "with scheduling_policy='priority' (--scheduling-policy priority) to order them by priority"
+            )
 
     def check_lora(self, lora_request: LoRARequest) -> None:
         """ValueError unless the engine serves adapters and this one fits the model (its files

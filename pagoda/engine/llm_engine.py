@@ -38,14 +38,16 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
         images: Sequence[Any] = (),
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; a ValueError leaves the engine exactly as it was. With `final_only`,
         `step` returns its output only once it has finished. cache_salt: its cached blocks are
-        shared only with requests of the same salt."""
+        shared only with requests of the same salt; priority: lower runs earlier (priority scheduling)."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.processor.make_request(
-            request_id, prompt_token_ids, params, lora_request=lora_request, images=images, cache_salt=cache_salt
+            request_id, prompt_token_ids, params, lora_request=lora_request, images=images, cache_salt=cache_salt,
+            priority=priority,
         )
         self.engine_core.add_request(request)
         self.output_processor.add(

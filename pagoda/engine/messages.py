@@ -39,6 +39,7 @@ class EngineCoreRequest(_Message):
     lora_request: LoRARequest | None = None  # the adapter every child runs with; None: the base model
     images: list[ImageInput] = []  # the prompt's images, in prompt order (multimodal/inputs.py)
     cache_salt: str | None = None  # vLLM's: the prompt's cached blocks shared only with requests of the same salt
+    priority: int = 0  # vLLM's: with --scheduling-policy priority, lower runs earlier
 
 
 class AbortRequests(_Message):

@@ -57,16 +57,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string, or {"prompt": str} or {"prompt_token_ids": [...]} with
-        optionally "multi_modal_data": {"image": a PIL image or a list of them} and "cache_salt": a string, whose
-        cached blocks only prompts of the same salt share); outputs in input order.
-        lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model)."""
+        optionally "multi_modal_data": {"image": a PIL image or a list of them} and "cache_salt": a
+        string, whose cached blocks only prompts of the same salt share); outputs in input order.
+        lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model).
+        priority: each prompt's, lower first (an LLM built with scheduling_policy="priority")."""
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(sampling_params, len(prompts))
-        request_ids = self._add_all(prompts, params, _loras_per_prompt(lora_request, len(prompts)))
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts: give one per prompt")
+        loras = _loras_per_prompt(lora_request, len(prompts))
+        request_ids = self._add_all(prompts, params, loras, priority)
         return self._run(request_ids, use_tqdm)
 
     def embed(
@@ -202,18 +207,19 @@ class LLM:
 
     def _add_all(
         self, prompts: Sequence[PromptType], params: list[SamplingParams],
-        loras: Sequence[LoRARequest | None] | None = None,
+        loras: Sequence[LoRARequest | None] | None = None, priority: Sequence[int] | None = None,
     ) -> list[str]:
         """Add every prompt, or none: a bad one aborts those already added and raises."""
         engine = self.llm_engine
         request_ids: list[str] = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras or [None] * len(prompts)):
+            for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras or [None] * len(prompts))):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._request_counter))
                 engine.add_request(
                     request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora, images=_images(prompt),
                     cache_salt=None if isinstance(prompt, str) else prompt.get("cache_salt"),
+                    priority=0 if priority is None else priority[i],
                 )
                 request_ids.append(request_id)
         except ValueError:

@@ -112,7 +112,7 @@ class SamplingFields(RequestModel):
     structured_outputs: Optional[dict[str, Any]] = None
     # vLLM's: the prompt's cached blocks are shared only with requests that give the same salt.
     cache_salt: Optional[str] = None
-    # vLLM's priority scheduling, which this server does not have: only 0 (the default) is taken.
+    # vLLM's: with --scheduling-policy priority, lower runs earlier (else only 0 is taken).
     priority: Int64 = 0
     # vLLM's beam search: n beams (completions: best_of, else n), the n best returned.
     use_beam_search: bool = False

@@ -107,7 +107,7 @@ class OpenAIServingChat(OpenAIServing):
             streams = self.beam_searches(request, ids, prompts, [params.max_tokens], params.n, "n", lora)
         else:
             streams = await self.add_requests(
-                request_id, prompts, [params], "messages", lora, images, request.cache_salt
+                request_id, prompts, [params], "messages", lora, images, request.cache_salt, request.priority
             )
         role = "assistant" if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]

@@ -54,7 +54,8 @@ class OpenAIServingCompletion(OpenAIServing):
             streams = self.beam_searches(request, ids, prompts, max_tokens, width, width_param, lora)
         else:
             streams = await self.add_requests(
-                request_id, prompts, params, default_param="prompt", lora_request=lora, cache_salt=request.cache_salt
+                request_id, prompts, params, default_param="prompt", lora_request=lora, cache_salt=request.cache_salt,
+                priority=request.priority,
             )
         if request.stream:
             return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)

@@ -173,11 +173,6 @@ class OpenAIServing:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
         if request.stream and request.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
-        if request.priority != 0:
-            raise OpenAIError(
-                f"priority={request.priority} is invalid: this server schedules first come, first served "
-                "(vLLM's --scheduling-policy fcfs), so only 0 is taken", param="priority",
-            )
         completion = max_tokens if max_tokens is not None else 1
         if prompt_len + completion > limit:
             # OpenAI names the prompt's field: the prompt is what a client shortens.
@@ -216,7 +211,7 @@ class OpenAIServing:
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
         default_param: str, lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, priority: int = 0,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
         output streams. images: each prompt's images (a chat's one prompt has them). The caller aborts sub_request_ids(request_id, len(prompts)) when done:
@@ -231,7 +226,7 @@ class OpenAIServing:
                     logger.info("Received request %s: %d prompt tokens%s, params: %s", sub_id, len(token_ids),
                                 f" and {len(images)} images" if images else "", params_summary(p))
                 streams.append(
-                    await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt)
+                    await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt, priority)
                 )
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
@@ -261,19 +256,19 @@ class OpenAIServing:
             ]
         except ValueError as error:
             raise value_error(error) from None
-        n, salt = request.n or 1, request.cache_salt
-        return [self._beam_search(sub_id, prompt, p, n, salt) for sub_id, prompt, p in zip(ids, prompts, params)]
+        n, extra = request.n or 1, {"cache_salt": request.cache_salt, "priority": request.priority}
+        return [self._beam_search(sub_id, prompt, p, n, extra) for sub_id, prompt, p in zip(ids, prompts, params)]
 
     async def _beam_search(
         self, request_id: str, prompt: tuple[str | None, list[int]], params: BeamSearchParams, num_returned: int,
-        cache_salt: str | None,
+        extra: dict[str, Any],
     ) -> AsyncIterator[RequestOutput]:
         text, token_ids = prompt
         search = BeamSearch(token_ids, params, self.engine.processor.config.model.eos_token_ids)
         step_params = params.step_params()
         while not search.done:
             finals = await asyncio.gather(*(
-                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params, cache_salt)
+                self._final_output(f"{request_id}-{search.steps}-{i}", beam.tokens, step_params, extra)
                 for i, beam in enumerate(search.live)
             ))
             search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in finals])
@@ -281,11 +276,12 @@ class OpenAIServing:
         yield RequestOutput(request_id, text, token_ids, None, outputs, finished=True)
 
     async def _final_output(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, cache_salt: str | None
+        self, request_id: str, token_ids: list[int], params: SamplingParams, extra: dict[str, Any]
     ) -> RequestOutput:
+        """One beam's step: extra holds the request's cache_salt and priority."""
         output = None
         try:
-            stream = await self.engine.add_request(request_id, token_ids, params, cache_salt=cache_salt)
+            stream = await self.engine.add_request(request_id, token_ids, params, **extra)
         except ValueError as error:  # the prompt is refused
             raise value_error(error, self.prompt_param) from None
         async for output in stream:

@@ -179,6 +179,7 @@ def test_the_newest_request_preempts_itself_and_the_older_keep_their_blocks():
 
 
 def add_with_priority(sched: Scheduler, rid: str, priority: int, prompt: list[int], **params) -> Request:
+    """A request of this priority (which only a priority-scheduling scheduler reads)."""
     req = make_request(rid, prompt, sched.config.max_model_len, **params)
     req.priority = priority
     sched.add_request(req)
@@ -377,6 +378,9 @@ def check_invariants(sched: Scheduler, max_drafts: int = 0) -> None:
         refs.update(table)
     for req in sched.waiting:
         assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and req.num_computed_tokens == 0
+    if sched.config.priority_scheduling:
+        keys = [(r.priority, r.arrival_time) for r in sched.waiting]
+        assert keys == sorted(keys)
     assert sorted(kv.block_tables) == sorted(running_ids)
     assert pool.ref_counts == [refs[b] for b in range(pool.num_blocks)]
     free = {*pool.free_queue, *range(pool.num_used, pool.num_blocks)}
@@ -412,6 +416,7 @@ configs = st.fixed_dictionaries(
         "max_model_len": st.integers(8, 32),
         "chunked": st.booleans(),
         "prefix": st.booleans(),
+        "priority": st.booleans(),
     }
 )
 # Prompts are a piece of one shared sequence plus a short tail, so cached prefixes get reused.
@@ -427,6 +432,7 @@ requests = st.fixed_dictionaries(
         "ignore_eos": st.booleans(),
         "stop_token_ids": st.none() | st.just([3]),
         "prompt_logprobs": st.none() | st.just(1),
+        "priority": st.integers(-2, 2),
     }
 )
 sampled_tokens = st.lists(st.sampled_from([1, 2, 3, EOS]), min_size=1, max_size=8)  # 3: a stop id
@@ -449,7 +455,7 @@ class Driver:
             args["min_tokens"] = min(args["min_tokens"], args["max_tokens"])
         before = (self.sched.num_waiting, self.sched.num_running)
         try:
-            self.added.append(add(self.sched, f"r{len(self.added)}", **args))
+            self.added.append(add_with_priority(self.sched, f"r{len(self.added)}", **args))
         except ValueError:
             assert (self.sched.num_waiting, self.sched.num_running) == before
 

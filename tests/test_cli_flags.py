@@ -55,3 +55,23 @@ def test_engine_flags_parse_to_config_values():
         build_parser().parse_args(["serve", "-O4"])
     with pytest.raises(ValueError, match="optimization_level=4 is invalid"):
         EngineConfig(optimization_level=4)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("2048", 2048), ("32k", 32_000), ("32K", 32_768), ("25.6k", 25_600), ("1m", 10**6), ("8G", 8 * 2**30),
+])
+def test_sizes_take_vllms_human_readable_suffixes(text, value):
+    args = build_parser().parse_args(
+        ["serve", "--max-model-len", text, "--max-num-batched-tokens", text, "--kv-cache-memory-bytes", text]
+    )
+    assert args.max_model_len == args.max_num_batched_tokens == args.kv_cache_memory_bytes == value
+
+
+@pytest.mark.parametrize("flag, text", [
+    ("--max-model-len", "1.5K"), ("--max-model-len", "32x"), ("--max-model-len", ""),
+    ("--port", "99999"), ("--port", "-1"), ("--port", "http"),
+])
+def test_a_bad_size_or_port_is_refused_naming_the_flag(flag, text, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag, text])
+    assert f"argument {flag}:" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,24 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+_SUFFIXED = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT]?)")
+# vLLM's human-readable integers: a lowercase suffix is a power of 1000, an uppercase one of 1024.
+_MULTIPLIERS = {s: 1000**i for i, s in enumerate("kmgt", 1)} | {s: 1024**i for i, s in enumerate("KMGT", 1)}
+
+
+def human_readable_int(text: str) -> int:
+    """A flag's integer as vLLM reads it: 2048, 32k (32,000), 32K (32,768), 25.6k (25,600); a
+    fraction only with a decimal suffix."""
+    match = _SUFFIXED.fullmatch(text.strip())
+    if match is None or (match[2] in ("", *"KMGT") and "." in match[1]):
+        raise argparse.ArgumentTypeError(
+            f"invalid integer {text!r}: digits, with an optional k, m, g, t (powers of 1000) or K, M, G, T "
+            "(powers of 1024) after them; a fraction only before k, m, g or t"
+        )
+    number, suffix = match.groups()
+    return int(float(number) * _MULTIPLIERS[suffix]) if suffix else int(number)
+
+
 def _knob(default: Any, help: str, **flag: Any) -> Any:
     """A field with its command-line help (and argparse extras: aliases, action, choices): the
     flags of `pagoda serve` and the benches are generated from these (entrypoints/engine_args.py)."""
@@ -65,18 +84,20 @@ class EngineConfig:
     tokenizer: str | None = _knob(None, "the tokenizer's folder or cached id (default: the model's)")
     dtype: str = _knob("auto", "weights and activations: auto (the model's bf16/fp16 on a GPU, float32 on the CPU), "
                        "or one of " + ", ".join(DTYPES), choices=("auto", *DTYPES))
-    max_model_len: int | None = _knob(None, "the longest prompt + output in tokens (default: the model's context)")
+    max_model_len: int | None = _knob(
+        None, "the longest prompt + output in tokens, e.g. 8192, 32k or 32K (default: the model's context)",
+        type=human_readable_int)
     max_num_seqs: int = _knob(256, "requests in one batch at most")
     max_num_batched_tokens: int | None = _knob(
         None, "tokens in one step at most, prefill chunks and decodes together: the prefill a step may hold beside "
         "the running decodes (default: 8192 on a GPU, 2048 on the CPU and for `pagoda serve`; max(max_model_len, "
-        "2048) with chunked prefill off)")
+        "2048) with chunked prefill off)", type=human_readable_int)
     block_size: int = _knob(16, "tokens in one KV cache block (a power of two)")
     gpu_memory_utilization: float = _knob(0.9, "the share of GPU memory for weights, activations and the KV cache")
     num_gpu_blocks_override: int | None = _knob(None, "the number of KV cache blocks, instead of what fits")
     kv_cache_memory_bytes: int | None = _knob(
         None, "bytes for the KV cache, instead of what gpu_memory_utilization leaves (on the CPU: "
-        f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g})")
+        f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g}), e.g. 8G", type=human_readable_int)
     kv_cache_dtype: str = _knob(
         "auto", "the KV cache's dtype: auto (the model's), fp8 (= fp8_e4m3) or fp8_e5m2: one byte a value, so the pool "
         "holds twice the tokens of a 16-bit cache; keys and values are divided by the checkpoint's per-layer k_scale/"

@@ -15,12 +15,19 @@ if TYPE_CHECKING:
     import torch
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: ports go from 0 (any free one) to 65535")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # As vLLM: the model positional, or --model (the positional wins when both are given).
     parser.add_argument("model_tag", nargs="?", default=None, metavar="model",
                         help="a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
     parser.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="the name(s) clients use in `model` (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or os.environ.get("VLLM_API_KEY"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import socket
 import sys
 import threading
@@ -33,7 +32,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as error:
         hint = " (another server is listening there: stop it, or choose another --port)" \
             if error.errno == errno.EADDRINUSE else ""
-        reason = os.strerror(error.errno) if error.errno else str(error)
+        # A name that does not resolve is a gaierror, whose errno is getaddrinfo's own code.
+        reason = error.strerror or str(error)
         raise RuntimeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 

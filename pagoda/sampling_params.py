@@ -248,6 +248,8 @@ def bad_words_token_ids(words: list[str], encode: Any) -> list[list[int]]:
     sequences: list[list[int]] = []
     for word in words:
         plain = encode(word.lstrip())
+        if not plain:  # a word the tokenizer writes as nothing cannot be generated
+            continue
         sequences.append(plain)
         spaced = encode(" " + word.lstrip())
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):

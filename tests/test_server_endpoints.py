@@ -174,7 +174,8 @@ class HeldEngine:
         self.released = threading.Event()
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params, prompt, lora_request=None, images=()
+        self, request_id: str, prompt_token_ids: list[int], params, prompt, lora_request=None, images=(),
+        cache_salt=None, priority=0,
     ) -> AsyncIterator:
         return self._outputs(request_id, prompt_token_ids)
 

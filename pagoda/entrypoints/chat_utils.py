@@ -26,15 +26,17 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 def render_chat_text(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None, documents: list[dict[str, str]] | None = None,
 ) -> str:
     """The prompt text of one conversation. continue_final_message leaves the last message open,
     for the model to go on with it; template_kwargs are extra variables for the template
     (such as enable_thinking); tools: the functions the model may call (OpenAI's `tools`
-    entries), which the template writes into the prompt."""
+    entries), which the template writes into the prompt; documents: what a retrieval-augmented
+    template grounds the reply in (each a dict such as {"title", "text"})."""
     return tokenizer.apply_chat_template(
         conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message, tokenize=False, tools=tools, **(template_kwargs or {}),
+        continue_final_message=continue_final_message, tokenize=False, tools=tools, documents=documents,
+        **(template_kwargs or {}),
     )
 
 

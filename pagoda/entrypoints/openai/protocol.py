@@ -219,6 +219,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extras
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the template: enable_thinking
+    documents: Optional[list[dict[str, str]]] = None  # for a retrieval-augmented template: {"title", "text"} each
     add_generation_prompt: bool = True
     # vLLM's: the tokenizer's special tokens (BOS) added to the rendered template, which has its own
     add_special_tokens: bool = False

@@ -84,7 +84,7 @@ class OpenAIServingChat(OpenAIServing):
         add_generation_prompt = _add_generation_prompt(request)
         prompt_text, prompt_ids, images = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
-            request.chat_template_kwargs, template_tools(request), request.add_special_tokens,
+            request.chat_template_kwargs, template_tools(request), request.add_special_tokens, request.documents,
         )
         prompt_ids = self.truncate(request, prompt_ids)
         if request.top_logprobs is not None and not request.logprobs:
@@ -122,6 +122,7 @@ class OpenAIServingChat(OpenAIServing):
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool,
         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = ADD_SPECIAL_TOKENS_TO_RENDERED,
+        documents: list[dict[str, str]] | None = None,
     ) -> tuple[str, list[int], list[Any]]:
         """The prompt of a conversation and its images, rendered and tokenized off the event loop;
         a template that rejects it (e.g. roles that do not alternate) or runs past the server's time
@@ -132,7 +133,7 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer = self.require_tokenizer()
         render = functools.partial(
             render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template,
-            add_generation_prompt, continue_final_message, template_kwargs, tools,
+            add_generation_prompt, continue_final_message, template_kwargs, tools, documents,
         )
         bound = self.config.limits.chat_template_timeout
         try:

@@ -75,6 +75,19 @@ def test_a_freed_cached_block_can_be_hit_until_it_is_evicted():
     check_invariants(pool)
 
 
+def test_reset_forgets_every_cached_block_once_none_is_held():
+    pool = BlockPool(2)
+    a, b = pool.get_new_blocks(2)
+    pool.cache_block(a, 111)
+    pool.cache_block(b, 222)
+    pool.free_blocks([b])
+    assert pool.reset_prefix_cache() is False and pool.get_cached_block(222) == b  # a is held
+    pool.free_blocks([a])
+    assert pool.reset_prefix_cache() is True
+    assert pool.get_cached_block(111) is None and pool.get_cached_block(222) is None
+    check_invariants(pool)
+
+
 def test_touch_adds_a_reference_to_a_held_block():
     pool = BlockPool(2)
     (a,) = pool.get_new_blocks(1)

@@ -217,3 +217,13 @@ def test_a_cpu_pool_reuses_freed_blocks_past_one_request_of_max_model_len(tmp_pa
     prompts = [{"prompt_token_ids": [40 + r] * 10} for r in range(4)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     assert pool.num_used > 8  # four requests at once hold 20 blocks
+
+
+def test_reset_prefix_cache_makes_the_next_prompt_compute_whole(llm):
+    prompt = {"prompt_token_ids": [21, 22, 23, 24, 25, 26, 27, 28, 29]}
+    params = SamplingParams(max_tokens=1)
+    llm.generate(prompt, params, use_tqdm=False)
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == 8
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == 0
+    _still_serves(llm)

@@ -118,6 +118,15 @@ class BlockPool:
         self.block_hashes[block_id] = block_hash
         self.cached[block_hash] = block_id
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's reset_prefix_cache: a benchmark's cold start, or new
+        weights); False, forgetting nothing, while any block is held."""
+        if any(self.ref_counts):
+            return False
+        self.cached.clear()
+        self.block_hashes = [None] * self.num_blocks
+        return True
+
     def get_cached_block(self, block_hash: int) -> int | None:
         return self.cached.get(block_hash)
 

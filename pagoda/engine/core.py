@@ -165,6 +165,10 @@ class EngineCore:
             raise
         self._needs_known_tokens.update(r.request_id for r in requests if _reads_known_tokens(r))
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefix blocks; False, forgetting nothing, while requests hold blocks."""
+        return self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+
     def abort_requests(self, request_ids: Sequence[str] | None = None) -> list[str]:
         """Stop engine requests (None: all) and free their blocks; returns those that were
         unfinished (unknown ids are ignored)."""

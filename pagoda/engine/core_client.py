@@ -66,6 +66,10 @@ class InprocClient(EngineCoreClient):
     def abort_requests(self, request_ids: list[str] | None) -> None:
         self.engine_core.abort_requests(request_ids)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefix blocks; False while requests hold blocks."""
+        return self.engine_core.reset_prefix_cache()
+
     def get_output(self) -> Outputs:
         outputs = self.engine_core.step()
         return Outputs(outputs, None, self.engine_core.num_batched_tokens)

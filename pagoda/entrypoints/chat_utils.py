@@ -23,6 +23,13 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 ) | {"messages", "self"}
 
 
+def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
+    """ValueError when a request's extra template variables would set the renderer's own arguments."""
+    clashes = sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or {}))
+    if clashes:
+        raise ValueError(f"chat_template_kwargs may not set {clashes}: they are the renderer's own arguments")
+
+
 def render_chat_text(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
@@ -42,10 +49,13 @@ def render_chat_text(
 
 def render_chat(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, list[int]]:
-    """The prompt text of one conversation and its token ids."""
-    text = render_chat_text(tokenizer, conversation, chat_template, add_generation_prompt, tools=tools)
+    """The prompt text of one conversation and its token ids (render_chat_text's arguments)."""
+    text = render_chat_text(
+        tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message, template_kwargs, tools
+    )
     return text, tokenizer.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS_TO_RENDERED)
 
 

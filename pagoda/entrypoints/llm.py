@@ -5,22 +5,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.entrypoints.chat_utils import Conversation, render_chat
+from pagoda.inputs import PromptType
+from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat
+from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.logger import configure_logging
 from pagoda.lora.request import LoRARequest
 from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, embedding
 from pagoda.sampling_params import SamplingParams
-
-PromptType = Union[str, dict[str, Any]]
-
 
 class LLM:
     """An engine for offline generation.
@@ -42,6 +41,20 @@ class LLM:
             )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
+        self._generation_defaults: dict[str, Any] | None = None  # read on first use
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters the model's generation_config.json recommends (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), SamplingParams'
+        own defaults for the rest: what generate and chat use without sampling_params, as vLLM's."""
+        if self._generation_defaults is None:
+            self._generation_defaults = load_generation_defaults(self.llm_engine.processor.config.model.resolved.model_dir)
+        return SamplingParams(**self._generation_defaults)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's blocks, so that the next prompts are computed whole (as
+        vLLM's); False, forgetting nothing, while requests are unfinished."""
+        return self.llm_engine.engine_core.reset_prefix_cache()
 
     def shutdown(self) -> None:
         """Stop the engine's worker processes now (with several ranks); they also stop when the LLM
@@ -67,6 +80,8 @@ class LLM:
         self._require_runner("generate", "LLM.generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = self._params_per_prompt(sampling_params, len(prompts))
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts: give one per prompt")
@@ -107,17 +122,27 @@ class LLM:
         use_tqdm: bool = True,
         tools: list[dict[str, Any]] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
         (which also gets `tools`, OpenAI-style function definitions, as in vLLM). A vision-language
-        model's messages may hold image parts: image_url (a data: URL) or image_pil."""
+        model's messages may hold image parts: image_url (a data: URL) or image_pil.
+        continue_final_message: the last message is left open for the reply to go on with (with
+        add_generation_prompt=False); chat_template_kwargs: more variables for the template, such
+        as {"enable_thinking": False}."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        check_template_kwargs(chat_template_kwargs)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self._require_tokenizer("chat")
         images = self.llm_engine.processor.image_processor
         token_prompts = []
         for conv in conversations:
             conv, conv_images = images.chat_images(conv) if images is not None else (conv, [])
-            text, ids = render_chat(tokenizer, conv, chat_template, add_generation_prompt, tools)
+            text, ids = render_chat(
+                tokenizer, conv, chat_template, add_generation_prompt, tools, continue_final_message, chat_template_kwargs
+            )
             token_prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": conv_images}})
         return self.generate(token_prompts, sampling_params, use_tqdm, lora_request)
 
@@ -183,10 +208,8 @@ class LLM:
 
     @staticmethod
     def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+        sampling_params: SamplingParams | Sequence[SamplingParams], num_prompts: int
     ) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         if len(sampling_params) != num_prompts:

@@ -17,7 +17,7 @@ import jinja2
 
 from pagoda.multimodal.media import ImagePartError
 from pagoda.entrypoints.chat_utils import (
-    ADD_SPECIAL_TOKENS_TO_RENDERED, RESERVED_TEMPLATE_KWARGS, Conversation, render_chat_text,
+    ADD_SPECIAL_TOKENS_TO_RENDERED, Conversation, check_template_kwargs, render_chat_text,
 )
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
@@ -129,7 +129,10 @@ class OpenAIServingChat(OpenAIServing):
         bound, a prompt far beyond the context, or an image part that gives no image, is the
         client's error."""
         conversation, images = await self._images(_conversation(messages))
-        _check_template_kwargs(template_kwargs)
+        try:
+            check_template_kwargs(template_kwargs)
+        except ValueError as error:
+            raise OpenAIError(str(error), param="chat_template_kwargs") from None
         tokenizer = self.require_tokenizer()
         render = functools.partial(
             render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template,
@@ -366,15 +369,6 @@ def _add_generation_prompt(request: ChatCompletionRequest) -> bool:
             "continue_final_message and add_generation_prompt cannot both be true", param="continue_final_message"
         )
     return False
-
-
-def _check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
-    clashes = sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or {}))
-    if clashes:
-        raise OpenAIError(
-            f"chat_template_kwargs may not set {clashes}: they are the server's own arguments to the template",
-            param="chat_template_kwargs",
-        )
 
 
 def _text(content: Any, i: int) -> str | list[dict[str, Any]]:

@@ -252,6 +252,25 @@ def test_completion_n_logprobs_echo(client):
     assert echo.logprobs.text_offset[:3] == [0, 1, 2]
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, http):
+    """vLLM's echo without generation (how evaluation harnesses score a text): the prompt and its
+    logprobs, nothing generated; without echo max_tokens=0 is still refused."""
+    prompt = "abcab"
+    scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    generated = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, **GREEDY).choices[0]
+    assert choice.logprobs.tokens == generated.logprobs.tokens[: len(prompt)]
+    assert choice.logprobs.token_logprobs == generated.logprobs.token_logprobs[: len(prompt)]
+    streamed = list(client.completions.create(
+        model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0, stream=True,
+    ))
+    assert "".join(c.text for chunk in streamed for c in chunk.choices) == prompt
+    assert [t for chunk in streamed for c in chunk.choices for t in c.logprobs.tokens] == choice.logprobs.tokens
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
 def test_prompt_logprobs(http):
     ids = http.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
     body = {"prompt": "abc", "max_tokens": 2, "prompt_logprobs": 2, "n": 2, "temperature": 0}

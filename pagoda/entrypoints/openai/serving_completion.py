@@ -4,6 +4,7 @@ token ids and usage in them when asked for); with use_beam_search, one beam sear
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from pagoda.engine.detokenizer import decode_token
@@ -35,9 +36,12 @@ class OpenAIServingCompletion(OpenAIServing):
         if prompt_k is None and request.echo:
             prompt_k = request.logprobs
         constraint = structured_outputs(request)
+        # vLLM's echo without generation: max_tokens 0 with echo answers with the prompt alone and
+        # its logprobs (how evaluation harnesses score a text); one token is computed and dropped.
+        echo_only = bool(request.echo) and request.max_tokens == 0
         params = [
             self.sampling_params(
-                request, request.max_tokens, len(ids), request.logprobs, prompt_logprobs=prompt_k,
+                request, 1 if echo_only else request.max_tokens, len(ids), request.logprobs, prompt_logprobs=prompt_k,
                 structured_outputs=constraint,
             )
             for _, ids in prompts
@@ -57,6 +61,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 request_id, prompts, params, default_param="prompt", lora_request=lora, cache_salt=request.cache_salt,
                 priority=request.priority,
             )
+        if echo_only:
+            streams = [_without_generated(stream) for stream in streams]
         if request.stream:
             return sse_stream(self._stream(request, request_id, prompts, streams), self.engine, ids)
         try:
@@ -178,3 +184,13 @@ class OpenAIServingCompletion(OpenAIServing):
             result.text_offset.append(text_offset)
             text_offset += len(token or "")
         return result
+
+
+async def _without_generated(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """The outputs with each choice's generated tokens, text and logprobs taken out."""
+    async for output in stream:
+        output.outputs = [
+            dataclasses.replace(c, text="", text_delta="", token_ids=[], logprobs=None if c.logprobs is None else [])
+            for c in output.outputs
+        ]
+        yield output

@@ -76,6 +76,22 @@ def test_model_flag_and_the_vllm_api_key(http, base):
     assert httpx.post(f"{base}/invocations", json={"prompt": "hi", "max_tokens": 1}).status_code == 401
 
 
+def test_a_model_is_retrieved_by_its_id_as_openais_client_asks(http, base):
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, timeout=60.0, max_retries=0)
+    listed = http.get("/v1/models").json()["data"][0]
+    assert client.models.retrieve(MODEL).model_dump(exclude_none=True) == {
+        k: v for k, v in listed.items() if v is not None
+    }
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body["code"] == "model_not_found"
+    assert httpx.get(f"{base}/v1/models/{MODEL}").status_code == 401  # it needs the key, as the list does
+
+
+def test_ping_is_sagemakers_health_check(base):
+    assert httpx.get(f"{base}/ping").status_code == 200 and httpx.post(f"{base}/ping").status_code == 200
+
+
 def test_model_positional_or_flag_as_vllm_parses_them():
     parse = build_parser().parse_args
     assert model_argument(parse(["serve", "--model", "a"])) == "a"

@@ -162,6 +162,9 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     async def health() -> Response:
         return Response(status_code=200 if engine.is_alive() else 503)
 
+    # SageMaker's health check, beside its /invocations (vLLM serves both methods).
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": pagoda.__version__}
@@ -170,11 +173,22 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_cards() -> list[ModelCard]:
+        names = config.served_model_names
+        return [ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in names] + lora_model_cards(
+            config
+        )
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[
-            ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in config.served_model_names
-        ] + lora_model_cards(config))
+        return ModelList(data=model_cards())
+
+    @app.get("/v1/models/{model_id:path}", responses=_ERROR_RESPONSES)  # OpenAI's retrieve; ids may hold "/"
+    async def model(model_id: str) -> ModelCard:
+        card = next((card for card in model_cards() if card.id == model_id), None)
+        if card is None:
+            raise OpenAIError(f"The model `{model_id}` does not exist", 404, "model", code="model_not_found")
+        return card
 
     @app.post("/v1/completions", responses=_ERROR_RESPONSES)
     async def create_completion(body: CompletionRequest, raw: Request) -> Any:

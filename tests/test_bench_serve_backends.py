@@ -27,6 +27,7 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
     streams one character a token; `broken` streams an event that is not JSON."""
 
     prompts: list = []
+    bodies: list = []  # each /v1/completions request's body
     broken = False
 
     def _json(self, status: int, body: dict) -> None:
@@ -51,6 +52,7 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
             self._json(200, {"tokens": [ord(c) for c in body.get("content", "")]})
         elif self.path == "/v1/completions":
             self.prompts.append(body["prompt"])
+            self.bodies.append(body)
             self._stream(body["max_tokens"])
         else:
             self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
@@ -73,12 +75,12 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def fake_llama_server(broken: bool = False) -> Iterator[tuple[str, list]]:
-    handler = type("Handler", (FakeLlamaServer,), {"prompts": [], "broken": broken})
+    handler = type("Handler", (FakeLlamaServer,), {"prompts": [], "bodies": [], "broken": broken})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler.prompts
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
     finally:
         server.shutdown()
         server.server_close()
@@ -94,8 +96,9 @@ def bench(base: str, *extra: str) -> dict:
 
 @pytest.mark.parametrize("backend", ["auto", "llama.cpp"])
 def test_llama_server_gets_token_id_prompts(backend):
-    with fake_llama_server() as (base, prompts):
+    with fake_llama_server() as (base, handler):
         summary = bench(base, "--backend", backend)
+    prompts = handler.prompts
     assert summary["completed"] == 4 and summary["failed"] == 0
     assert summary["model"] == "fake.gguf"
     assert summary["total_output_tokens"] == 4 * 5  # one token a chunk: the stream has no usage
@@ -106,10 +109,10 @@ def test_llama_server_gets_token_id_prompts(backend):
 
 
 def test_a_tokenizer_that_answers_no_tokens_is_a_clear_error(capsys):
-    with fake_llama_server() as (base, prompts), pytest.raises(SystemExit) as exit_info:
+    with fake_llama_server() as (base, handler), pytest.raises(SystemExit) as exit_info:
         # The vLLM body: llama-server reads no "content" in it and answers {"tokens": []}.
         main(["bench", "serve", "--base-url", base, "--num-prompts", "2", "--backend", "vllm"])
-    assert exit_info.value.code == 2 and prompts == []
+    assert exit_info.value.code == 2 and handler.prompts == []
     error = capsys.readouterr().err
     assert "gave no tokens" in error and "--backend" in error and "llama.cpp" in error, error
     assert "randrange" not in error
@@ -119,9 +122,26 @@ def test_a_malformed_stream_event_is_the_request_s_failure_with_its_exception():
     async def send() -> str:
         with fake_llama_server(broken=True) as (base, _):
             async with aiohttp.ClientSession(base_url=base, timeout=aiohttp.ClientTimeout(total=10.0)) as client:
-                result = await _send(client, "fake.gguf", BenchRequest([1, 2, 3], 4), [1, 2, 3])
+                result = await _send(client, "fake.gguf", BenchRequest([1, 2, 3], 4), [1, 2, 3], True)
         assert not result.ok
         return result.error
 
     error = asyncio.run(send())
     assert re.match(r"HTTP 200, then JSONDecodeError\(", error), error
+
+
+def test_vllms_bench_serve_flags_run_unchanged(tmp_path):
+    """A `vllm bench serve` command line: --host/--port rather than a URL, --dataset-name random,
+    --save-result into --result-dir, and --ignore-eos (on by default; --no-ignore-eos lets EOS end)."""
+    with fake_llama_server() as (base, handler):
+        port = base.rsplit(":", 1)[1]
+        args = build_parser().parse_args([
+            "bench", "serve", "--host", "127.0.0.1", "--port", port, "--dataset-name", "random", "--num-prompts", "2",
+            "--random-input-len", "4", "--random-output-len", "3", "--save-result", "--result-dir", str(tmp_path),
+            "--result-filename", "run.json", "--no-ignore-eos",
+        ])
+        summary = args.func(args)
+    assert summary["completed"] == 2 and json.loads((tmp_path / "run.json").read_text()) == summary
+    assert [body["ignore_eos"] for body in handler.bodies] == [False, False]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "serve", "--dataset-name", "sharegpt"])

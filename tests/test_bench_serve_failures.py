@@ -100,7 +100,7 @@ def test_a_reset_connection_is_named_by_its_cause():
         async def send() -> str:
             base = f"http://127.0.0.1:{listener.getsockname()[1]}"
             async with aiohttp.ClientSession(base_url=base, timeout=aiohttp.ClientTimeout(total=10.0)) as client:
-                result = await _send(client, "m", BenchRequest([1, 2, 3], 4), [1, 2, 3])
+                result = await _send(client, "m", BenchRequest([1, 2, 3], 4), [1, 2, 3], True)
             assert not result.ok
             return result.error
 

@@ -75,3 +75,11 @@ def test_a_bad_size_or_port_is_refused_naming_the_flag(flag, text, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", flag, text])
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_the_benches_take_vllms_dataset_and_warm_up_flags():
+    throughput = build_parser().parse_args(
+        ["bench", "throughput", "--dataset-name", "random", "--random-input-len", "7", "--random-output-len", "3"]
+    )
+    assert (throughput.dataset_name, throughput.input_len, throughput.output_len) == ("random", 7, 3)
+    assert build_parser().parse_args(["bench", "latency", "--num-iters-warmup", "0"]).num_iters_warmup == 0

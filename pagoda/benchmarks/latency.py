@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=32, help="prompt tokens per request (default: %(default)s)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")
     parser.add_argument("--num-iters", type=int, default=3, help="timed runs of each length (the median is kept)")
+    parser.add_argument("--num-iters-warmup", type=int, default=1,
+                        help="untimed runs of two output tokens first: lazy initialisation, allocator, kernels "
+                             "(default: %(default)s)")
     parser.add_argument("--output-json", default=None, help="write the results to this file")
 
 
@@ -81,7 +84,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         return make_requests(args.batch_size, args.input_len, args.output_len, vocab_size, next(seeds))
 
     generate = BACKENDS[args.backend](args)
-    generate(new_batch(), 2)  # warm-up: lazy initialisation, allocator, kernels
+    for _ in range(args.num_iters_warmup):
+        generate(new_batch(), 2)
     full = _median_seconds(generate, new_batch, args.output_len, args.num_iters)
     first = _median_seconds(generate, new_batch, 1, args.num_iters)
     result = {

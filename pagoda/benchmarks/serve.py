@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from pagoda.benchmarks.plot import plot_serve_sweep
-from pagoda.benchmarks.throughput import BenchRequest, make_requests
+from pagoda.benchmarks.throughput import BenchRequest, add_dataset_argument, make_requests
 from pagoda.entrypoints.openai.sse_client import aiter_events, server_error
 
 # Seconds an idle connection is kept for reuse: well under the servers' keep-alive timeout
@@ -130,10 +130,12 @@ async def _first_model(client: aiohttp.ClientSession) -> str:
         return (await _json(response))["data"][0]["id"]
 
 
-async def _send(client: aiohttp.ClientSession, model: str, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
+async def _send(
+    client: aiohttp.ClientSession, model: str, request: BenchRequest, prompt: list[int] | str, ignore_eos: bool
+) -> RequestResult:
     body = {
         "model": model, "prompt": prompt, "max_tokens": request.output_len, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True},
     }
     start = last = time.perf_counter()
     result = RequestResult(ok=False, prompt_tokens=len(request.prompt_token_ids))
@@ -209,7 +211,7 @@ async def _run(
 
     async def limited(index: int, request: BenchRequest, prompt: list[int] | str) -> RequestResult:
         async with cap:
-            result = await _send(client, model, request, prompt)
+            result = await _send(client, model, request, prompt, args.ignore_eos)
         if not result.ok:
             print(f"request {index} failed: {result.error}", flush=True)
         return result
@@ -256,13 +258,16 @@ def _percentiles(name: str, seconds: list[float]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    parser.add_argument("--base-url", default=None, help="the server (default: http://HOST:PORT)")
+    parser.add_argument("--host", default="127.0.0.1", help="the server's host, without --base-url (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="the server's port, without --base-url (default: %(default)s)")
     parser.add_argument("--model", default=None, help="default: the server's first model")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="the kind of server: vllm (vLLM or Pagoda), llama.cpp (llama-server), llama-cpp-python "
                              "(text prompts); auto: detected from its routes (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
                         help="the server's API key (default: $PAGODA_API_KEY)")
+    add_dataset_argument(parser)
     parser.add_argument("--num-prompts", type=int, default=100, help="requests (default: %(default)s)")
     parser.add_argument("--random-input-len", type=int, default=128, help="prompt tokens per request (default: %(default)s)")
     parser.add_argument("--random-output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")
@@ -273,11 +278,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs the same requests at each rate in turn (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the random prompts (default: %(default)s)")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate every request's --random-output-len tokens, past EOS (default: on, so that "
+                             "servers compare on the same token counts)")
     parser.add_argument("--output-json", "--result-file", dest="result_file", default=None,
                         help="also write the summary here as JSON (a list of them, one per rate, for several rates)")
+    parser.add_argument("--save-result", action="store_true",
+                        help="as vLLM's: write the summary as JSON to --result-dir/--result-filename")
+    parser.add_argument("--result-dir", default=".", help="with --save-result (default: the current directory)")
+    parser.add_argument("--result-filename", default=None,
+                        help="with --save-result (default: pagoda-RATEqps-MODEL-TIME.json)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw TTFT, TPOT and output throughput against the request rate into this PNG "
                              "(matplotlib), with the data drawn beside it as FILE.json")
+
+
+def _saved_result_path(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> str | None:
+    """--save-result's file, named as vLLM names it by default (rate, model, time)."""
+    if not args.save_result:
+        return None
+    rate = "-".join(str(s["request_rate"]) for s in summaries)
+    model = str(summaries[0]["model"]).replace("/", "-")
+    name = args.result_filename or f"pagoda-{rate}qps-{model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return os.path.join(args.result_dir, name)
 
 
 def _request_rates(text: str) -> list[float]:
@@ -292,6 +315,7 @@ def _request_rates(text: str) -> list[float]:
 
 def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     """The summary, as written to --result-file: one for one rate, a list of them for several."""
+    args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     try:
         summaries = asyncio.run(_sweep(args))
     except aiohttp.ClientError as error:
@@ -300,8 +324,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
         for key, value in summary.items():
             print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
     result = summaries[0] if len(summaries) == 1 else summaries
-    if args.result_file:
-        with open(args.result_file, "w") as f:
+    for path in filter(None, (args.result_file, _saved_result_path(args, summaries))):
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
     if args.plot:
         plot_serve_sweep(summaries, args.plot)

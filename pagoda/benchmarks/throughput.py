@@ -66,6 +66,15 @@ def _length(mean: int, ratio: float, rng: random.Random) -> int:
     return rng.randint(low, high)
 
 
+# vLLM's --dataset-name values that need no download; its others (sharegpt, sonnet, ...) read files.
+DATASETS = ("random",)
+
+
+def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset-name", default="random", choices=DATASETS,
+                        help="the requests: random token prompts of the lengths asked for (default: %(default)s)")
+
+
 def make_requests(
     num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int, range_ratio: float = 0.0
 ) -> list[BenchRequest]:
@@ -222,8 +231,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a comma-separated list (pagoda,hf) runs each in turn (default: pagoda)")
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=256, help="requests (default: %(default)s)")
-    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
-    parser.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
+    add_dataset_argument(parser)
+    parser.add_argument("--input-len", "--random-input-len", type=int, default=512,
+                        help="prompt tokens per request (default: %(default)s)")
+    parser.add_argument("--output-len", "--random-output-len", type=int, default=256,
+                        help="output tokens per request (default: %(default)s)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")

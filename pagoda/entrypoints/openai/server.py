@@ -162,8 +162,9 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     async def health() -> Response:
         return Response(status_code=200 if engine.is_alive() else 503)
 
-    # SageMaker's health check, beside its /invocations (vLLM serves both methods).
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    # SageMaker's health check, beside its /invocations (vLLM serves both methods); /health's alias,
+    # left out of /openapi.json.
+    app.add_api_route("/ping", health, methods=["GET", "POST"], include_in_schema=False)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

@@ -96,7 +96,10 @@ def _schema_text(schema: Any) -> str | None:
         schema = schema.model_json_schema()
     if not isinstance(schema, (dict, bool)):
         _fail("structured_outputs.json", schema, "a JSON schema: a dict, its JSON text, or a pydantic model class")
-    return json.dumps(schema)
+    try:
+        return json.dumps(schema)
+    except RecursionError:
+        raise ValueError("structured_outputs.json is invalid: the schema nests deeper than Python can encode") from None
 
 
 @dataclass

@@ -134,6 +134,18 @@ def test_a_priority_other_than_0_is_refused_without_priority_scheduling(http, pa
     assert http.post(path, json={**base_body, "priority": 0}).status_code == 200
 
 
+def test_a_request_nested_past_pythons_recursion_limit_is_a_400(http):
+    """A tool's parameters or a schema nested hundreds deep: the client's error, not a 500."""
+    nested: dict = {"type": "string"}
+    for _ in range(450):
+        nested = {"type": "object", "properties": {"a": nested}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": nested}}]
+    openai_error(http.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "required"}), 400)
+    deep_text = '{"type":"object","properties":{"a":' * 1000 + '{"type":"string"}' + "}}" * 1000
+    openai_error(http.post("/v1/completions", json={**COMPLETION, "guided_json": deep_text}), 400, "guided_json")
+    assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
 def test_n_of_128_is_served(http):
     response = http.post("/v1/completions", json={**COMPLETION, "n": 128})
     assert response.status_code == 200 and len(response.json()["choices"]) == 128

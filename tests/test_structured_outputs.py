@@ -276,3 +276,26 @@ def test_threaded_accepts_equal_one_at_a_time(llm):
         assert all(serial[i].accept_token(t) for i, t in zip(going, tokens))
     assert len(going) > 50  # most were still inside the array: the masks above compared real states
     compiler.shutdown()
+
+
+def test_compiled_grammars_kept_are_bounded_by_their_memory(llm, monkeypatch):
+    """vLLM's VLLM_XGRAMMAR_CACHE_MB: past the budget the least recently used grammars go (the
+    newest stays); within it each distinct constraint compiles once."""
+    from pagoda.core.request import Request
+    from pagoda.structured_output.manager import StructuredOutputManager
+
+    def compiled_keys(budget_mb: str, count: int) -> list[tuple]:
+        monkeypatch.setenv("VLLM_XGRAMMAR_CACHE_MB", budget_mb)
+        manager = StructuredOutputManager(llm.llm_engine.processor.config.model.grammar_vocab)
+        for i in range(count):
+            params = SamplingParams(structured_outputs=StructuredOutputsParams(choice=[f"choice {i}", "other"]))
+            manager.add_request(Request(f"r{i}", [1, 2], params, frozenset({0}), 64))
+            while manager.has_compiling:
+                manager.wait_for_compiles(10.0)
+                manager.take_compiled()
+        return list(manager._compiled)
+
+    first = StructuredOutputsParams(choice=["choice 0", "other"]).key
+    assert len(compiled_keys("512", 3)) == 3
+    kept = compiled_keys("0.000001", 3)  # a byte: any grammar is past it
+    assert len(kept) == 1 and kept[0] != first  # the newest only

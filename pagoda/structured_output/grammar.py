@@ -52,11 +52,11 @@ def check(params: StructuredOutputsParams) -> None:
 def _check(key: tuple) -> None:
     params = _from_key(key)
     name = next(n for n in ("json", "regex", "choice", "grammar", "json_object") if getattr(params, n) is not None)
-    if params.json is not None:
-        _check_schema_keywords(params.json)
     try:
+        if params.json is not None:
+            _check_schema_keywords(params.json)
         _grammar(params)
-    except RuntimeError as error:
+    except RuntimeError as error:  # xgrammar's, and RecursionError for a schema nested too deeply
         raise ValueError(f"{name}={getattr(params, name)!r} is invalid: {_reason(error)}") from None
 
 
@@ -133,13 +133,17 @@ def _choice_ebnf(choices: list[str]) -> str:
 class GrammarCompiler:
     """Compiles constraints for one vocabulary (thread-safe: xgrammar's compiler is)."""
 
-    def __init__(self, vocab: str, max_threads: int = 2, accept_threads: int | None = None) -> None:
+    def __init__(self, vocab: str, max_threads: int | None = None, accept_threads: int | None = None) -> None:
         import xgrammar
 
         self._xgrammar = xgrammar
         self.tokenizer_info = xgrammar.TokenizerInfo.deserialize_json(vocab)
         self.vocab_size: int = self.tokenizer_info.vocab_size
-        self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=max_threads)
+        # Half the host's cores: a large grammar compiles for seconds while the engine steps on.
+        # No cache of xgrammar's own: the manager keeps compiled grammars, within its bounds.
+        self._compiler = xgrammar.GrammarCompiler(
+            self.tokenizer_info, max_threads=max_threads or max(1, (os.cpu_count() or 2) // 2), cache_enabled=False
+        )
         # Fills a step's masks on several threads at once (half the host's cores, xgrammar's
         # default): one matcher after another costs ~0.2 ms a request at a 128k vocabulary.
         self._batch = xgrammar.BatchGrammarMatcher()

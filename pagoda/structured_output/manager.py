@@ -11,6 +11,7 @@ draft tokens (a mask is for one position)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -25,6 +26,15 @@ from pagoda.structured_output.grammar import GrammarCompiler
 logger = logging.getLogger("pagoda")
 
 _MAX_CACHED_GRAMMARS = 1024
+# The compiled grammars kept for later requests are also bounded by their memory (one of 20,000
+# choices holds ~116 MB at a 49k vocabulary): vLLM's VLLM_XGRAMMAR_CACHE_MB, 512 by default.
+_CACHE_MB_ENV = ("PAGODA_XGRAMMAR_CACHE_MB", "VLLM_XGRAMMAR_CACHE_MB")
+_DEFAULT_CACHE_MB = 512
+
+
+def cache_limit_bytes() -> int:
+    value = next((os.environ[name] for name in _CACHE_MB_ENV if os.environ.get(name)), _DEFAULT_CACHE_MB)
+    return int(float(value) * 2**20)
 
 
 class StructuredOutputManager:
@@ -34,7 +44,8 @@ class StructuredOutputManager:
         self._vocab = grammar_vocab
         self._compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
-        self._compiled: OrderedDict[tuple, Future] = OrderedDict()  # constraint key -> compiled grammar
+        self._compiled: OrderedDict[tuple, Future] = OrderedDict()  # constraint key -> compiled grammar, LRU first
+        self._cache_limit = cache_limit_bytes()
         self._compiling: dict[str, tuple[Request, Future]] = {}  # requests waiting for their grammar
         self._matchers: dict[str, tuple[Request, Any]] = {}  # request id -> (request, its matcher)
         self._off_grammar: set[str] = set()  # requests warned about a token their grammar refused
@@ -57,10 +68,18 @@ class StructuredOutputManager:
             if self._compiler is None:
                 self._compiler = GrammarCompiler(self._vocab)
             future = self._compiled[key] = self._pool.submit(self._compiler.compile, params)
-            if len(self._compiled) > _MAX_CACHED_GRAMMARS:
-                self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
+        self._evict()
         return future
+
+    def _evict(self) -> None:
+        """Drop the least recently used grammars past the cache's count and memory bounds (a
+        running request keeps its own matcher's grammar alive; the newest is always kept)."""
+        sizes = {key: _memory(future) for key, future in self._compiled.items()}
+        total = sum(sizes.values())
+        while len(self._compiled) > 1 and (len(self._compiled) > _MAX_CACHED_GRAMMARS or total > self._cache_limit):
+            key, _ = self._compiled.popitem(last=False)
+            total -= sizes[key]
 
     @property
     def has_matchers(self) -> bool:
@@ -88,6 +107,7 @@ class StructuredOutputManager:
                 continue
             self._matchers[rid] = (req, self._compiler.matcher(future.result()))
             req.waiting_for_grammar = False
+        self._evict()  # the grammars just compiled count now
         return failed
 
     def wait_for_compiles(self, timeout: float) -> None:
@@ -161,3 +181,10 @@ def _accept(matcher: Any, tokens: list[int]) -> bool:
         if not matcher.accept_token(token):
             return False
     return True
+
+
+def _memory(future: Future) -> int:
+    """A compiled grammar's bytes; 0 while it compiles, or if it failed."""
+    if not future.done() or future.exception() is not None:
+        return 0
+    return future.result().memory_size_bytes

@@ -44,13 +44,19 @@ class RequestModel(OpenAIModel):
 
 def _has_lone_surrogate(value: Any) -> bool:
     """Whether a string in a field's value (nested lists and dicts included) is not valid Unicode;
-    nested models have checked their own fields."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, (list, tuple)):
-        return any(_has_lone_surrogate(item) for item in value if not isinstance(item, int))
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    nested models have checked their own fields. A loop, not recursion: a JSON schema may nest
+    deeper than Python's recursion limit."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, (list, tuple)):
+            pending.extend(part for part in item if not isinstance(part, int))
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
     return False
 
 

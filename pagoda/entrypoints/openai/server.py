@@ -354,7 +354,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return _error(OpenAIError(str(error.detail), error.status_code))
 
+    # A handler of its own class answers inside the app: one for Exception answers from outermost
+    # middleware, which then re-raises, and the server drops the connection (a keep-alive client's too).
     @app.exception_handler(RequestAborted)
+    @app.exception_handler(RecursionError)
     @app.exception_handler(Exception)
     async def failed(_: Request, error: Exception) -> JSONResponse:
         return _error(as_openai_error(error))

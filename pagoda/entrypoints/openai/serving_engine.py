@@ -1,7 +1,8 @@
 """What the completion, chat and embedding handlers share: errors in OpenAI's shape, model and
-runner checks, the SamplingParams of a request, prompt truncation and the context-length check, the queue bound
-(--max-queued-requests), running one engine request or a beam search (use_beam_search), usage (with its cached-token details and
-stream options) and logprob tokens as text or as "token_id:N"."""
+runner checks, the SamplingParams of a request, prompt truncation and the context-length check,
+the queue bound (--max-queued-requests), running one engine request or a beam search
+(use_beam_search), usage (with its cached-token details and stream options) and logprob tokens
+as text or as "token_id:N"."""
 
 from __future__ import annotations
 
@@ -379,11 +380,15 @@ async def sse_stream(chunks: AsyncIterator[str], engine: AsyncLLM, request_ids: 
 
 def as_openai_error(error: Exception) -> OpenAIError:
     """Any exception as the error a client gets: a request the engine aborted (shutting down) is
-    a 503 it may retry; anything else is a bug: a 500 naming only its type (the traceback is logged)."""
+    a 503 it may retry; a request whose JSON nests past Python's recursion limit (a tool's or a
+    schema's parameters copied, rendered or walked) is the client's 400; anything else is a bug: a
+    500 naming only its type (the traceback is logged)."""
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, RequestAborted):
         return OpenAIError(str(error), 503, type="server_error")
+    if isinstance(error, RecursionError):
+        return OpenAIError("the request nests too deeply to be processed (maximum recursion depth exceeded)")
     logger.error("internal error", exc_info=error)
     return OpenAIError(f"internal server error: {type(error).__name__}", 500, type="server_error")
 

@@ -14,7 +14,7 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.engine.input_processor import InputProcessor
-from tests.serving import MODEL, SPECIALS, openai_error, served, stream_events, tiny_model_args
+from tests.serving import MAX_MODEL_LEN, MODEL, SPECIALS, openai_error, served, stream_events, tiny_model_args
 
 VOCAB_SIZE = len(SPECIALS) + 256  # tests.serving's byte-level tokenizer
 MAX_LOGPROBS = VOCAB_SIZE + 10  # room for -1 (the whole vocabulary), and a bound to cross
@@ -139,6 +139,19 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(http):
     assert everything["choices"][0]["prompt_token_ids"] == full  # -1: the last max_model_len tokens
     chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "truncate_prompt_tokens": 2, **GREEDY})
     assert chat.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_a_text_far_past_the_context_is_truncated_when_asked_not_refused(http):
+    """Refused early without truncate_prompt_tokens (its first characters alone overflow the
+    context); with it, cut to its last tokens and served (it was refused all the same)."""
+    long_text = "abcdefgh" * MAX_MODEL_LEN  # one token a byte: 8 x the context
+    refused = http.post("/v1/completions", json={"prompt": long_text, **GREEDY})
+    assert openai_error(refused, 400, "prompt")["code"] == "context_length_exceeded"
+    cut = {"truncate_prompt_tokens": 5, "return_token_ids": True, **GREEDY}
+    completion = http.post("/v1/completions", json={"prompt": long_text, **cut}).json()
+    assert completion["choices"][0]["prompt_token_ids"] == tokens_of(http, long_text[-5:])
+    messages = [{"role": "user", "content": long_text}]
+    assert http.post("/v1/chat/completions", json={"messages": messages, **cut}).json()["usage"]["prompt_tokens"] == 5
 
 
 # logprobs: -1 ----------------------------------------------------------------------------------------

@@ -38,12 +38,13 @@ async def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list
 
 
 async def tokenize_prompt(
-    tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int, param: str
+    tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int | None, param: str
 ) -> list[int]:
     """The token ids of a prompt, encoded on the tokenizer thread; a 400 naming param, before
-    tokenizing all of it, when a prefix alone already has more tokens than the context holds."""
-    prefix_chars = max_model_len * _PREFIX_CHARS_PER_TOKEN
-    if len(text) > prefix_chars:
+    tokenizing all of it, when a prefix alone already has more tokens than the context holds
+    (max_model_len None: no such check, for a prompt that truncate_prompt_tokens will cut)."""
+    prefix_chars = (max_model_len or 0) * _PREFIX_CHARS_PER_TOKEN
+    if max_model_len is not None and len(text) > prefix_chars:
         counted = len(await _tokenize(tokenizer, text[:prefix_chars], add_special_tokens))
         # The whole prompt has at least as many tokens as its prefix (give or take the word the
         # cut splits), so it could never run.
@@ -58,7 +59,8 @@ async def tokenize_prompt(
 
 
 async def prompt_inputs(
-    prompt: PromptInput, param: str, tokenizer: Callable[[], Any], max_model_len: int, add_special_tokens: bool = True
+    prompt: PromptInput, param: str, tokenizer: Callable[[], Any], max_model_len: int | None,
+    add_special_tokens: bool = True,
 ) -> list[Prompt]:
     """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as (text, ids) each;
     a 400 naming param for an empty list or a text far past the context. tokenizer: called for

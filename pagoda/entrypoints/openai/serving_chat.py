@@ -85,6 +85,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_text, prompt_ids, images = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
             request.chat_template_kwargs, template_tools(request), request.add_special_tokens, request.documents,
+            length_limit=self.length_limit(request),
         )
         prompt_ids = self.truncate(request, prompt_ids)
         if request.top_logprobs is not None and not request.logprobs:
@@ -122,12 +123,12 @@ class OpenAIServingChat(OpenAIServing):
         self, messages: list[ChatMessage], chat_template: str | None, add_generation_prompt: bool,
         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = ADD_SPECIAL_TOKENS_TO_RENDERED,
-        documents: list[dict[str, str]] | None = None,
+        documents: list[dict[str, str]] | None = None, *, length_limit: int | None,
     ) -> tuple[str, list[int], list[Any]]:
         """The prompt of a conversation and its images, rendered and tokenized off the event loop;
         a template that rejects it (e.g. roles that do not alternate) or runs past the server's time
-        bound, a prompt far beyond the context, or an image part that gives no image, is the
-        client's error."""
+        bound, a prompt far beyond length_limit (None: no such check), or an image part that gives
+        no image, is the client's error."""
         conversation, images = await self._images(_conversation(messages))
         try:
             check_template_kwargs(template_kwargs)
@@ -152,8 +153,7 @@ class OpenAIServingChat(OpenAIServing):
                 f"the chat template cannot render these messages: {error}",
                 param="chat_template_kwargs" if template_kwargs else "messages",
             ) from None
-        limit = self.config.max_model_len
-        return text, await tokenize_prompt(tokenizer, text, add_special_tokens, limit, "messages"), images
+        return text, await tokenize_prompt(tokenizer, text, add_special_tokens, length_limit, "messages"), images
 
     async def _images(self, conversation: Conversation) -> tuple[Conversation, list[Any]]:
         """The conversation with its image parts made placeholders, and their images (decoded off

@@ -29,7 +29,7 @@ class OpenAIServingCompletion(OpenAIServing):
             "suffix": request.suffix,
             "best_of": None if request.use_beam_search or request.best_of in (None, 1, request.n) else request.best_of,
         })
-        texts = await self._prompts(request.prompt, request.add_special_tokens)
+        texts = await self._prompts(request)
         prompts = [self._truncated(request, text, ids) for text, ids in texts]
         # Echoed prompt tokens get logprobs too.
         prompt_k = request.prompt_logprobs
@@ -74,9 +74,9 @@ class OpenAIServingCompletion(OpenAIServing):
         """The prompt as truncate_prompt_tokens leaves it; a cut prompt's text is its tokens' (echo)."""
         kept = self.truncate(request, ids)
         return (text if len(kept) == len(ids) else None), kept
-    async def _prompts(self, prompt: PromptInput, add_special_tokens: bool) -> list[Prompt]:
-        limit = self.config.max_model_len
-        return await prompt_inputs(prompt, "prompt", self.require_tokenizer, limit, add_special_tokens)
+    async def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+        limit = self.length_limit(request)
+        return await prompt_inputs(request.prompt, "prompt", self.require_tokenizer, limit, request.add_special_tokens)
 
     async def _full(
         self, request: CompletionRequest, request_id: str, prompts: list[Prompt], streams: list[AsyncIterator]

@@ -34,7 +34,7 @@ class OpenAIServingEmbedding(OpenAIServing):
         # One prefill step and no sampling: max_tokens only has to leave the prompt room.
         params = SamplingParams(max_tokens=1, detokenize=False)
         prompts = await prompt_inputs(
-            request.input, "input", self.require_tokenizer, self.config.max_model_len, request.add_special_tokens
+            request.input, "input", self.require_tokenizer, self.length_limit(request), request.add_special_tokens
         )
         prompts = [(text, self.truncate(request, ids)) for text, ids in prompts]
         request_id = new_request_id("embd")

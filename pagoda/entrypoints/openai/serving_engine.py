@@ -156,6 +156,11 @@ class OpenAIServing:
         openai_error.param = self.param_names.get(openai_error.param, openai_error.param)
         return openai_error
 
+    def length_limit(self, request: Any) -> int | None:
+        """The context a text prompt is checked against before it is tokenized whole (a text far
+        past it is refused early); None when the request's truncate_prompt_tokens cuts it anyway."""
+        return None if request.truncate_prompt_tokens is not None else self.config.max_model_len
+
     def truncate(self, request: SamplingFields, prompt_token_ids: list[int]) -> list[int]:
         """The prompt as truncate_prompt_tokens leaves it (the engine would truncate it the same
         way; the context-length check must see what it will run)."""

@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-playground", action="store_true",
                         help="do not serve the chat playground page at / and /playground")
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    parser.add_argument("--enable-log-requests", dest="disable_log_requests", action="store_false",
+                        help="a log line per request (the default here; vLLM's newer spelling)")
+    parser.add_argument("--disable-log-stats", action="store_true",
+                        help="no stats line every 10 s ($PAGODA_LOG_STATS_INTERVAL) while there is traffic")
+    parser.add_argument("--uvicorn-log-level", default=None,
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="the HTTP server's own logging (default: as --log-level)")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
     # CORS, as vLLM: any origin, method and header, but no credentials unless asked for.
     parser.add_argument("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, a JSON list: ["*"]')
     parser.add_argument("--allow-credentials", action="store_true",

@@ -122,13 +122,16 @@ class ServerLoad:
 
 def build_app(
     engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None,
-    endpoints: Endpoints | None = None, playground: bool = True,
+    endpoints: Endpoints | None = None, playground: bool = True, stats_log: bool = True,
 ) -> FastAPI:
+    """stats_log: a stats line every $PAGODA_LOG_STATS_INTERVAL seconds (10) while there is traffic."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stats_task = asyncio.create_task(log_stats(engine, float(os.environ.get("PAGODA_LOG_STATS_INTERVAL", 10))))
+        interval = float(os.environ.get("PAGODA_LOG_STATS_INTERVAL", 10))
+        stats_task = asyncio.create_task(log_stats(engine, interval)) if stats_log else None
         yield
-        stats_task.cancel()
+        if stats_task is not None:
+            stats_task.cancel()
 
     endpoints = endpoints or Endpoints()
     app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan, root_path=endpoints.root_path or "")
@@ -487,10 +490,14 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
         serve_lora_modules(engine, config.loras, args.lora_modules or [], names[0])
         cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
         endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
-        app = build_app(engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground)
+        app = build_app(
+            engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground,
+            stats_log=not args.disable_log_stats,
+        )
         uvicorn_config = uvicorn.Config(
-            app, host=args.host or "0.0.0.0", port=args.port, log_level=logging.getLogger().getEffectiveLevel(),
-            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+            app, host=args.host or "0.0.0.0", port=args.port,
+            log_level=args.uvicorn_log_level or logging.getLogger().getEffectiveLevel(),
+            access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
         logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
         if not args.disable_playground:

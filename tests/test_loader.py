@@ -285,3 +285,29 @@ def test_a_model_without_a_tokenizer_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"no usable tokenizer in .*--tokenizer.*skip_tokenizer_init"):
         LLM(model=str(path))
     assert LLM(model=str(path), skip_tokenizer_init=True).get_tokenizer() is None
+
+
+def test_a_config_class_in_the_models_own_code_runs_with_trust_remote_code(tmp_path):
+    """vLLM's trust_remote_code: a config.json whose class the folder defines (auto_map) loads only
+    when asked, and the refusal says how; the model, a native architecture, then runs as usual."""
+    from pagoda import SamplingParams
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model("llama3", tmp_path / "custom")
+    (path / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomLlamaConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomLlamaConfig"})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        LLM(model=str(path), device="cpu", skip_tokenizer_init=True)
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    prompt = {"prompt_token_ids": [1, 2, 3]}
+
+    def tokens(llm: LLM) -> list[int]:
+        return llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+
+    custom = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, trust_remote_code=True)
+    plain = LLM(model=str(save_tiny_model("llama3", tmp_path / "plain")), device="cpu", skip_tokenizer_init=True)
+    assert tokens(custom) == tokens(plain)  # the same weights, the same native model

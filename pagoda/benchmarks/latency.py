@@ -77,7 +77,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     if args.output_len < 2:
         raise ValueError(f"--output-len={args.output_len} is too short: at least 2 tokens are needed")
-    vocab_size = load_hf_config(resolve_model(args.model, args.load_format)).vocab_size
+    resolved = resolve_model(args.model, args.load_format, trust_remote_code=args.trust_remote_code)
+    vocab_size = load_hf_config(resolved).vocab_size
     seeds = itertools.count(args.seed)
 
     def new_batch() -> list[BenchRequest]:

@@ -266,7 +266,8 @@ def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
     from pagoda.loader.model_loader import load_hf_config
     from pagoda.loader.model_resolver import resolve_model
 
-    vocab_size = load_hf_config(resolve_model(args.model, args.load_format)).vocab_size
+    resolved = resolve_model(args.model, args.load_format, trust_remote_code=args.trust_remote_code)
+    vocab_size = load_hf_config(resolved).vocab_size
     requests = make_requests(
         args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed, args.random_range_ratio
     )

@@ -130,6 +130,9 @@ class EngineConfig:
         "compressed-tensors, awq, gptq, gguf (a GGUF model's quantized weights kept quantized on the CPU); default: the "
         "checkpoint's quantization_config.quant_method, if any, and gguf for a GGUF model and the default model",
         aliases=("-q",))
+    trust_remote_code: bool = _knob(
+        False, "run a config, tokenizer or processor class that the model's folder defines in its own Python files "
+        "(its architecture must still be one Pagoda or transformers has)", action="store_true")
     load_format: str = _knob(
         "auto", "how to read the weights (dummy: random, for benchmarks; safetensors: the default model's float32 "
         "conversion instead of its GGUF weights kept quantized)", choices=LOAD_FORMATS)

@@ -36,7 +36,7 @@ class InputProcessor:
     def __init__(self, args: EngineConfig) -> None:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
         started = time.perf_counter()
-        resolved = resolve_model(args.model, args.load_format, args.quantization)
+        resolved = resolve_model(args.model, args.load_format, args.quantization, args.trust_remote_code)
         self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
         self.config = resolve_config(args, resolved, self.tokenizer)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
@@ -46,7 +46,8 @@ class InputProcessor:
         # A vision-language model's image preprocessing (None: a text-only model).
         self.image_processor = (
             ImageProcessor(
-                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt, args.allow_image_url_fetch
+                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt, args.allow_image_url_fetch,
+                resolved.trust_remote_code,
             )
             if model_class(self.config.model.spec.architecture).is_multimodal else None
         )

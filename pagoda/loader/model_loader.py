@@ -49,9 +49,12 @@ def load_hf_config(resolved: ResolvedModel) -> Any:
     path = resolved.model_dir / "config.json"
     _check_json(path)
     try:
-        return AutoConfig.from_pretrained(str(resolved.model_dir), local_files_only=True)
+        return AutoConfig.from_pretrained(
+            str(resolved.model_dir), local_files_only=True, trust_remote_code=resolved.trust_remote_code
+        )
     except (OSError, ValueError) as error:  # no config.json, or one transformers cannot use
-        raise ValueError(f"cannot load the model config {path}: {error}") from error
+        hint = " (pass trust_remote_code=True, --trust-remote-code, to run it)" if "custom code" in str(error) else ""
+        raise ValueError(f"cannot load the model config {path}: {error}{hint}") from error
 
 
 def _check_json(path: Path) -> None:
@@ -74,7 +77,7 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
     if Path(source).is_dir():
         _check_json(Path(source) / "config.json")  # the tokenizer's class may be read from it
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=resolved.trust_remote_code)
     except (OSError, ValueError) as error:
         # transformers' message for a folder with no tokenizer files speaks of slow tokenizers,
         # sentencepiece and tiktoken; say what the user can do instead.

@@ -3,6 +3,7 @@ model id already in the Hugging Face cache. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ class ResolvedModel:
     # The default model: its weights from this GGUF file (kept quantized on the CPU), its config and
     # tokenizer from model_dir (read from the GGUF file they take seconds).
     gguf_weights_file: Path | None = None
+    # vLLM's trust_remote_code: a config, tokenizer or processor class the model's folder defines in
+    # its own Python files may be run (its architecture must still be one Pagoda or transformers has).
+    trust_remote_code: bool = False
 
     @property
     def weights_gguf(self) -> Path | None:
@@ -22,10 +26,17 @@ class ResolvedModel:
         return self.gguf_file or self.gguf_weights_file
 
 
-def resolve_model(model: str | None, load_format: str = "auto", quantization: str | None = None) -> ResolvedModel:
+def resolve_model(
+    model: str | None, load_format: str = "auto", quantization: str | None = None, trust_remote_code: bool = False
+) -> ResolvedModel:
     """Find `model` on this machine: None is the default model, then a local path, then a Hugging
     Face model id looked up offline in the Hugging Face cache. quantization: the one asked for
     (the default model runs from its GGUF file, kept quantized, unless another is asked for)."""
+    resolved = _resolve(model, load_format, quantization)
+    return dataclasses.replace(resolved, trust_remote_code=True) if trust_remote_code else resolved
+
+
+def _resolve(model: str | None, load_format: str, quantization: str | None) -> ResolvedModel:
     if model is None:
         return _default_model(load_format, quantization)
     path = Path(model).expanduser()

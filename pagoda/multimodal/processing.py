@@ -55,21 +55,28 @@ class ImageProcessor:
     """One model's image preprocessing, loaded once by the front end."""
 
     def __init__(
-        self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None, allow_url_fetch: bool = False
+        self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None, allow_url_fetch: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         self.token_id = image_token_id(hf_config)
         try:
-            self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+            self.processor = AutoProcessor.from_pretrained(
+                str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+            )
             self.image_processor = self.processor.image_processor
             self.placeholder: str = self.processor.image_token  # the placeholder as text, for chats
         except ImportError:
             # Qwen2-VL's processor also loads its video processor, which needs torchvision:
             # images need only the image processor.
             self.processor = None
-            self.image_processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            self.image_processor = AutoImageProcessor.from_pretrained(
+                str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+            )
             self.placeholder = tokenizer.convert_ids_to_tokens(self.token_id)
         self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
         self.allow_url_fetch = allow_url_fetch

@@ -4,10 +4,11 @@ processor (pagoda/multimodal/processing.py: a prompt's images preprocessed, thei
 tokens expanded); a user request turned into an
 EngineCoreRequest (n>1 fanned out into engine requests) after the checks that need the model but
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
-vocabulary, more logprobs than --max-logprobs, bad_words without a tokenizer, a structured-output constraint that does not
-parse, a LoRA adapter the engine cannot apply), the prompt truncated to truncate_prompt_tokens
-logprobs of -1 made the vocabulary's size and bad_words made token sequences. What depends on the core's state (the prompt's
-length against the KV pool) the core itself refuses."""
+vocabulary, more logprobs than --max-logprobs, bad_words without a tokenizer, a structured-output
+constraint that does not parse, a LoRA adapter the engine cannot apply, an empty cache_salt, a
+priority without priority scheduling), the prompt truncated to truncate_prompt_tokens, logprobs
+of -1 made the vocabulary's size and bad_words made token sequences. What depends on the core's
+state (the prompt's length against the KV pool) the core itself refuses."""
 
 from __future__ import annotations
 

@@ -12,14 +12,15 @@ from tqdm.auto import tqdm
 from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.inputs import PromptType
 from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat
+from pagoda.inputs import PromptType
 from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.logger import configure_logging
 from pagoda.lora.request import LoRARequest
 from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, embedding
 from pagoda.sampling_params import SamplingParams
+
 
 class LLM:
     """An engine for offline generation.
@@ -48,7 +49,8 @@ class LLM:
         top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), SamplingParams'
         own defaults for the rest: what generate and chat use without sampling_params, as vLLM's."""
         if self._generation_defaults is None:
-            self._generation_defaults = load_generation_defaults(self.llm_engine.processor.config.model.resolved.model_dir)
+            model_dir = self.llm_engine.processor.config.model.resolved.model_dir
+            self._generation_defaults = load_generation_defaults(model_dir)
         return SamplingParams(**self._generation_defaults)
 
     def reset_prefix_cache(self) -> bool:

@@ -43,7 +43,7 @@ def model_dir(tmp_path_factory):
 def base(model_dir, tmp_path_factory):
     path, *rest = model_dir[1]
     args = ["--model", path, *rest, "--root-path", ROOT, "--enable-tokenizer-info-endpoint",
-            "--enable-server-load-tracking", "--enable-force-include-usage"]
+            "--enable-server-load-tracking", "--enable-force-include-usage", "--enable-request-id-headers"]
     env = {"VLLM_API_KEY": KEY, "PAGODA_API_KEY": ""}
     with serving(args, tmp_path_factory.mktemp("endpoints") / "server.log", env) as (_, url):
         yield url
@@ -88,6 +88,16 @@ def test_a_model_is_retrieved_by_its_id_as_openais_client_asks(http, base):
     assert httpx.get(f"{base}/v1/models/{MODEL}").status_code == 401  # it needs the key, as the list does
 
 
+def test_responses_carry_the_request_id_given_or_a_new_one(http, base):
+    given = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers={"X-Request-Id": "trace-7"})
+    assert given.status_code == 200 and given.headers["x-request-id"] == "trace-7"
+    with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True},
+                     headers={"X-Request-Id": "trace-8"}) as streamed:
+        assert streamed.headers["x-request-id"] == "trace-8"
+    fresh = [httpx.get(f"{base}/v1/models").headers["x-request-id"] for _ in range(2)]  # a 401 too
+    assert len(set(fresh)) == 2 and all(len(i) == 32 for i in fresh)
+
+
 def test_ping_is_sagemakers_health_check(base):
     assert httpx.get(f"{base}/ping").status_code == 200 and httpx.post(f"{base}/ping").status_code == 200
 
@@ -130,10 +140,12 @@ def test_tokenizer_info_describes_the_tokenizer(http, tokenizer):
 
 
 def test_optional_endpoints_are_off_by_default():
-    """Without the flags: no /tokenizer_info, and /load reports 0 whatever runs (as in vLLM)."""
+    """Without the flags: no /tokenizer_info, /load reports 0 whatever runs (as in vLLM), and no
+    X-Request-Id header."""
     app = TestClient(build_app(HeldEngine(), ServerConfig([MODEL], 64, None, False)))
     assert app.get("/tokenizer_info").status_code == 404
-    assert app.get("/load").json() == {"server_load": 0}
+    load = app.get("/load", headers={"X-Request-Id": "trace-1"})
+    assert load.json() == {"server_load": 0} and "x-request-id" not in load.headers
 
 
 # /invocations --------------------------------------------------------------------------------------

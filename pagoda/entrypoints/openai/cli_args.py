@@ -114,6 +114,8 @@ def add_response_arguments(parser: argparse.ArgumentParser) -> None:
                         help="put usage in every streamed chunk and a usage chunk at the end, whatever stream_options say")
     parser.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                         help="serve GET /tokenizer_info (the tokenizer's configuration and chat template)")
+    parser.add_argument("--enable-request-id-headers", action="store_true",
+                        help="an X-Request-Id header on every response: the request's own, or a new one")
     parser.add_argument("--enable-server-load-tracking", action="store_true",
                         help="count the generation requests in flight, reported by GET /load")
 

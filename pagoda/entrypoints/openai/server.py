@@ -44,6 +44,7 @@ from .protocol import (
 )
 from .protocol_responses import ResponsesRequest
 from .request_body import RequestBodyLimits
+from .request_id import RequestIdHeaders
 from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
@@ -92,6 +93,7 @@ class Endpoints:
     root_path: str | None = None  # --root-path
     tokenizer_info: bool = False  # --enable-tokenizer-info-endpoint
     server_load_tracking: bool = False  # --enable-server-load-tracking
+    request_id_headers: bool = False  # --enable-request-id-headers
 
 
 class ServerLoad:
@@ -144,6 +146,8 @@ def build_app(
                        allow_methods=cors.allowed_methods, allow_headers=cors.allowed_headers)
     if api_key:
         app.middleware("http")(_require_api_key(api_key))
+    if endpoints.request_id_headers:  # outermost: refusals carry the id too
+        app.add_middleware(RequestIdHeaders)
     _add_error_handlers(app)
     _add_routes(app, engine, config, endpoints)
     if playground:
@@ -489,7 +493,10 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
         )
         serve_lora_modules(engine, config.loras, args.lora_modules or [], names[0])
         cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
-        endpoints = Endpoints(args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking)
+        endpoints = Endpoints(
+            args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking,
+            args.enable_request_id_headers,
+        )
         app = build_app(
             engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground,
             stats_log=not args.disable_log_stats,

@@ -68,8 +68,8 @@ class StructuredOutputManager:
             if self._compiler is None:
                 self._compiler = GrammarCompiler(self._vocab)
             future = self._compiled[key] = self._pool.submit(self._compiler.compile, params)
+            self._evict()
         self._compiled.move_to_end(key)
-        self._evict()
         return future
 
     def _evict(self) -> None:
@@ -94,9 +94,8 @@ class StructuredOutputManager:
         """Let requests whose grammar is ready be scheduled; returns those whose compile failed
         (the caller ends them)."""
         failed = []
-        for rid, (req, future) in list(self._compiling.items()):
-            if not future.done():
-                continue
+        ready = [(rid, entry) for rid, entry in self._compiling.items() if entry[1].done()]
+        for rid, (req, future) in ready:
             del self._compiling[rid]
             if req.status.is_finished():
                 continue
@@ -107,7 +106,8 @@ class StructuredOutputManager:
                 continue
             self._matchers[rid] = (req, self._compiler.matcher(future.result()))
             req.waiting_for_grammar = False
-        self._evict()  # the grammars just compiled count now
+        if ready:
+            self._evict()  # the grammars just compiled count now
         return failed
 
     def wait_for_compiles(self, timeout: float) -> None:

@@ -43,8 +43,8 @@ async def tokenize_prompt(
     """The token ids of a prompt, encoded on the tokenizer thread; a 400 naming param, before
     tokenizing all of it, when a prefix alone already has more tokens than the context holds
     (max_model_len None: no such check, for a prompt that truncate_prompt_tokens will cut)."""
-    prefix_chars = (max_model_len or 0) * _PREFIX_CHARS_PER_TOKEN
-    if max_model_len is not None and len(text) > prefix_chars:
+    prefix_chars = None if max_model_len is None else max_model_len * _PREFIX_CHARS_PER_TOKEN
+    if prefix_chars is not None and len(text) > prefix_chars:
         counted = len(await _tokenize(tokenizer, text[:prefix_chars], add_special_tokens))
         # The whole prompt has at least as many tokens as its prefix (give or take the word the
         # cut splits), so it could never run.

@@ -182,10 +182,8 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_cards() -> list[ModelCard]:
-        names = config.served_model_names
-        return [ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in names] + lora_model_cards(
-            config
-        )
+        served = [ModelCard(id=name, root=name, max_model_len=config.max_model_len) for name in config.served_model_names]
+        return served + lora_model_cards(config)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -49,11 +49,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = new_request_id("cmpl")
         ids = sub_request_ids(request_id, len(prompts))
         if request.use_beam_search:
-            n = request.n or 1
-            width = request.best_of if request.best_of is not None else n
-            if width < n:
-                raise OpenAIError(f"best_of={width} is invalid: it must be >= n ({n})", param="best_of")
-            width_param = "best_of" if request.best_of is not None else "n"
+            width, width_param = _beam_width(request)
             max_tokens = [p.max_tokens for p in params]
             streams = self.beam_searches(request, ids, prompts, max_tokens, width, width_param, lora)
         else:
@@ -184,6 +180,16 @@ class OpenAIServingCompletion(OpenAIServing):
             result.text_offset.append(text_offset)
             text_offset += len(token or "")
         return result
+
+
+def _beam_width(request: CompletionRequest) -> tuple[int, str]:
+    """use_beam_search's beam width (best_of, else n) and the field that sets it."""
+    n = request.n or 1
+    if request.best_of is None:
+        return n, "n"
+    if request.best_of < n:
+        raise OpenAIError(f"best_of={request.best_of} is invalid: it must be >= n ({n})", param="best_of")
+    return request.best_of, "best_of"
 
 
 async def _without_generated(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

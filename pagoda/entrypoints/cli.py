@@ -7,6 +7,7 @@ import sys
 
 from pagoda.benchmarks import latency, throughput
 from pagoda.benchmarks import serve as serve_bench
+from pagoda.entrypoints.config_file import add_config_argument, expand_config_files
 from pagoda.entrypoints.engine_args import add_engine_argument
 from pagoda.entrypoints.openai import chat_cli, cli_args
 from pagoda.logger import log_to_stderr
@@ -56,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API (default: the embedded one)")
     cli_args.add_arguments(serve)
+    add_config_argument(serve)
     serve.set_defaults(func=_serve)
 
     batch = commands.add_parser("run-batch", help="run a file of OpenAI batch requests (chat and completions) "
                                 "offline, as vLLM's run_batch")
     cli_args.add_run_batch_arguments(batch)
+    add_config_argument(batch)
     batch.set_defaults(func=_run_batch)
 
     chat = commands.add_parser("chat", help="chat with a running `pagoda serve` from the terminal")
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(expand_config_files(parser, sys.argv[1:] if argv is None else argv))
     log_to_stderr(args.log_level.upper())
     try:
         args.func(args)

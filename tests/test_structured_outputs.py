@@ -299,3 +299,33 @@ def test_compiled_grammars_kept_are_bounded_by_their_memory(llm, monkeypatch):
     assert len(compiled_keys("512", 3)) == 3
     kept = compiled_keys("0.000001", 3)  # a byte: any grammar is past it
     assert len(kept) == 1 and kept[0] != first  # the newest only
+
+
+def test_the_engines_structured_outputs_config_disables_any_whitespace(llm, model_dir):
+    """--structured-outputs-config '{"disable_any_whitespace": true}': requests that leave any
+    whitespace allowed get JSON with xgrammar's fixed separators all the same (vLLM's engine-wide
+    setting): as json.dumps writes it."""
+    params = SamplingParams(max_tokens=200, temperature=1.0, n=6, seed=3,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMAS["array"]))
+    compact = LLM(model=str(model_dir), device="cpu", max_model_len=512, seed=0,
+                  structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+    spaced_texts = [text for text, _ in _texts(llm, [PROMPT], params)[0]]
+    compact_texts = [text for text, _ in _texts(compact, [PROMPT], params)[0]]
+    assert any(text != json.dumps(json.loads(text)) for text in spaced_texts), spaced_texts  # any whitespace
+    for text in compact_texts:
+        jsonschema.validate(json.loads(text), SCHEMAS["array"])
+        assert text == json.dumps(json.loads(text))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"structured_outputs_config": {"backend": "outlines"}}, "xgrammar alone"),
+    ({"guided_decoding_backend": "lm-format-enforcer"}, "guided_decoding_backend='lm-format-enforcer'"),
+    ({"structured_outputs_config": {"backend": "nope"}}, r"must be one of \('auto', 'xgrammar'\)"),
+    ({"structured_outputs_config": {"whitespace": False}}, r"unknown keys \['whitespace'\]"),
+    ({"structured_outputs_config": {"disable_any_whitespace": "yes"}}, "true or false"),
+])
+def test_a_structured_outputs_backend_other_than_xgrammar_is_refused_by_name(config, message):
+    from pagoda.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**config)

@@ -121,6 +121,12 @@ class EngineConfig:
     max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
                               "so that -1 (the whole vocabulary) may be asked for")
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
+    structured_outputs_config: dict[str, Any] | None = _knob(
+        None, 'structured outputs, as JSON: {"backend": "auto" or "xgrammar" (the one built in), '
+        '"disable_any_whitespace": true (JSON schemas allow only the fixed separators, no other whitespace)}',
+        type=_json_object)
+    guided_decoding_backend: str | None = _knob(
+        None, "older spelling of structured_outputs_config's backend: auto or xgrammar")
     model_impl: str = _knob(
         "auto", "which implementation runs the model: auto (Pagoda's native one where it has the architecture, "
         "else transformers' modeling code with Pagoda's paged attention), pagoda (native only) or transformers",
@@ -202,6 +208,7 @@ class EngineConfig:
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                f"one of {tuple(KV_CACHE_DTYPES)}")
+        _check_structured_outputs(self.structured_outputs_config, self.guided_decoding_backend)
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.optimization_level in OPTIMIZATION_LEVELS, "optimization_level", self.optimization_level,
                "0, 1, 2 or 3")
@@ -245,6 +252,28 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+# vLLM's structured-output backends; xgrammar alone is built in (docs/structured_outputs.md says why).
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+_OTHER_BACKENDS = ("guidance", "outlines", "lm-format-enforcer")
+
+
+def _check_structured_outputs(config: dict[str, Any] | None, older_backend: str | None) -> None:
+    if config is not None:
+        unknown = sorted(set(config) - {"backend", "disable_any_whitespace"})
+        if unknown:
+            raise ValueError(f"structured_outputs_config has unknown keys {unknown}: it takes backend and "
+                             "disable_any_whitespace")
+        _check(isinstance(config.get("disable_any_whitespace", False), bool),
+               "structured_outputs_config.disable_any_whitespace", config.get("disable_any_whitespace"), "true or false")
+    for name, backend in (("structured_outputs_config.backend", (config or {}).get("backend")),
+                          ("guided_decoding_backend", older_backend)):
+        if backend is not None and backend not in STRUCTURED_OUTPUT_BACKENDS:
+            known = backend in _OTHER_BACKENDS
+            raise ValueError(f"{name}={backend!r} is invalid: " + (
+                "Pagoda builds structured outputs on xgrammar alone: use 'xgrammar' or 'auto'" if known
+                else f"must be one of {STRUCTURED_OUTPUT_BACKENDS}"))
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -13,6 +13,7 @@ state (the prompt's length against the KV pool) the core itself refuses."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ class InputProcessor:
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
+        # --structured-outputs-config's disable_any_whitespace: every request's JSON compact.
+        self.compact_json = bool((args.structured_outputs_config or {}).get("disable_any_whitespace"))
         self._checked_loras: set[tuple[int, str]] = set()  # (id, path) of the adapters found applicable
         # A vision-language model's image preprocessing (None: a text-only model).
         self.image_processor = (
@@ -74,6 +77,7 @@ class InputProcessor:
         if params.bad_words:
             params = self._with_bad_words_token_ids(params)
         if params.structured_outputs is not None:
+            params = self._with_engine_structured_outputs(params)
             check_structured_outputs(params.structured_outputs)
         if lora_request is not None:
             self.check_lora(lora_request)
@@ -117,6 +121,15 @@ class InputProcessor:
         bad = sorted(t for t in token_ids or () if t >= self.vocab_size)
         if bad:
             raise ValueError(f"{name}=<ids {bad[:5]}> is invalid: token ids must be in the vocabulary range [0, {self.vocab_size})")
+
+    def _with_engine_structured_outputs(self, params: SamplingParams) -> SamplingParams:
+        """params with the engine's structured-output settings applied (compact JSON when set)."""
+        constraint = params.structured_outputs
+        if not self.compact_json or constraint.disable_any_whitespace:
+            return params
+        params = copy.copy(params)
+        params.structured_outputs = dataclasses.replace(constraint, disable_any_whitespace=True)
+        return params
 
     def _with_bad_words_token_ids(self, params: SamplingParams) -> SamplingParams:
         """params with the token sequences of their bad_words, as this model's tokenizer writes them."""

@@ -73,11 +73,11 @@ def _median_seconds(generate: Generate, new_batch: NewBatch, output_len: int, it
 
 def main(args: argparse.Namespace) -> dict[str, float]:
     from pagoda.loader.model_loader import load_hf_config
-    from pagoda.loader.model_resolver import resolve_model
+    from pagoda.loader.model_resolver import resolve_engine_model
 
     if args.output_len < 2:
         raise ValueError(f"--output-len={args.output_len} is too short: at least 2 tokens are needed")
-    resolved = resolve_model(args.model, args.load_format, trust_remote_code=args.trust_remote_code)
+    resolved = resolve_engine_model(args)
     vocab_size = load_hf_config(resolved).vocab_size
     seeds = itertools.count(args.seed)
 

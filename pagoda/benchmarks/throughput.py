@@ -155,7 +155,7 @@ def load_hf_model(args: argparse.Namespace) -> tuple[Any, int]:
     from pagoda.loader.model_loader import load_hf_config
     from pagoda.loader.model_resolver import resolve_model
 
-    resolved = resolve_model(args.model, args.load_format)
+    resolved = resolve_model(args.model, args.load_format, revision=args.revision, download_dir=args.download_dir)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with device:
@@ -264,9 +264,9 @@ def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
     """The result, as written to --output-json: one for one backend, a list of them for several."""
     from pagoda.loader.default_model import DEFAULT_MODEL
     from pagoda.loader.model_loader import load_hf_config
-    from pagoda.loader.model_resolver import resolve_model
+    from pagoda.loader.model_resolver import resolve_engine_model
 
-    resolved = resolve_model(args.model, args.load_format, trust_remote_code=args.trust_remote_code)
+    resolved = resolve_engine_model(args)
     vocab_size = load_hf_config(resolved).vocab_size
     requests = make_requests(
         args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed, args.random_range_ratio

@@ -82,6 +82,10 @@ def _knob(default: Any, help: str, **flag: Any) -> Any:
 class EngineConfig:
     model: str | None = _knob(None, "a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
     tokenizer: str | None = _knob(None, "the tokenizer's folder or cached id (default: the model's)")
+    revision: str | None = _knob(
+        None, "a model id's branch, tag or commit in the Hugging Face cache (default: main; nothing is downloaded)")
+    download_dir: str | None = _knob(
+        None, "the Hugging Face cache a model id is looked up in (default: HF_HUB_CACHE, else HF_HOME's)")
     dtype: str = _knob("auto", "weights and activations: auto (the model's bf16/fp16 on a GPU, float32 on the CPU), "
                        "or one of " + ", ".join(DTYPES), choices=("auto", *DTYPES))
     max_model_len: int | None = _knob(

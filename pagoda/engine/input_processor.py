@@ -23,7 +23,7 @@ from pagoda.config import EngineConfig
 from pagoda.config.resolve import resolve_config
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.loader.model_loader import load_hf_config, load_tokenizer
-from pagoda.loader.model_resolver import resolve_model
+from pagoda.loader.model_resolver import resolve_engine_model
 from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.models import model_class
@@ -38,7 +38,7 @@ class InputProcessor:
     def __init__(self, args: EngineConfig) -> None:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
         started = time.perf_counter()
-        resolved = resolve_model(args.model, args.load_format, args.quantization, args.trust_remote_code)
+        resolved = resolve_engine_model(args)
         self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
         self.config = resolve_config(args, resolved, self.tokenizer)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)

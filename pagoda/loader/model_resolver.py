@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,28 @@ class ResolvedModel:
 
 
 def resolve_model(
-    model: str | None, load_format: str = "auto", quantization: str | None = None, trust_remote_code: bool = False
+    model: str | None, load_format: str = "auto", quantization: str | None = None, trust_remote_code: bool = False,
+    revision: str | None = None, download_dir: str | None = None,
 ) -> ResolvedModel:
     """Find `model` on this machine: None is the default model, then a local path, then a Hugging
-    Face model id looked up offline in the Hugging Face cache. quantization: the one asked for
+    Face model id looked up offline in the Hugging Face cache (`download_dir`, else the default
+    one), at `revision` (a branch, tag or commit; default main). quantization: the one asked for
     (the default model runs from its GGUF file, kept quantized, unless another is asked for)."""
-    resolved = _resolve(model, load_format, quantization)
+    resolved = _resolve(model, load_format, quantization, revision, download_dir)
     return dataclasses.replace(resolved, trust_remote_code=True) if trust_remote_code else resolved
 
 
-def _resolve(model: str | None, load_format: str, quantization: str | None) -> ResolvedModel:
+def resolve_engine_model(config: Any) -> ResolvedModel:
+    """resolve_model for an EngineConfig, or the parsed flags of one (the same names)."""
+    return resolve_model(
+        config.model, config.load_format, config.quantization, config.trust_remote_code, config.revision,
+        config.download_dir,
+    )
+
+
+def _resolve(
+    model: str | None, load_format: str, quantization: str | None, revision: str | None, download_dir: str | None,
+) -> ResolvedModel:
     if model is None:
         return _default_model(load_format, quantization)
     path = Path(model).expanduser()
@@ -44,7 +57,7 @@ def _resolve(model: str | None, load_format: str, quantization: str | None) -> R
         return _resolve_file(path, load_format, model)
     if path.is_dir():
         return _resolve_dir(path, load_format, model)
-    return _resolve_dir(_from_hf_cache(model), load_format, model)
+    return _resolve_dir(_from_hf_cache(model, revision, download_dir), load_format, model)
 
 
 def _default_model(load_format: str, quantization: str | None) -> ResolvedModel:
@@ -88,15 +101,16 @@ def _gguf(path: Path, load_format: str, name: str) -> ResolvedModel:
     return ResolvedModel(path.parent, path, name)
 
 
-def _from_hf_cache(model_id: str) -> Path:
+def _from_hf_cache(model_id: str, revision: str | None, cache_dir: str | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(model_id, local_files_only=True))
+        return Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError) as e:
+        at = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(
-            f"model {model_id!r} is neither a local path nor a model in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}; set HF_HUB_CACHE or HF_HOME to look elsewhere). Pagoda never "
+            f"model {model_id!r}{at} is neither a local path nor a model in the Hugging Face cache "
+            f"({cache_dir or constants.HF_HUB_CACHE}; --download-dir, HF_HUB_CACHE or HF_HOME look elsewhere). Pagoda never "
             "downloads models: pass a local directory or .gguf file, or download the model into the cache first"
         ) from e

@@ -36,6 +36,16 @@ KV_CACHE_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+# vLLM's --tokenizer-mode values: auto and hf load the fast tokenizer, slow the Python one; mistral
+# (mistral_common's) and custom (a registered class) are vLLM's own loaders, which Pagoda has not.
+TOKENIZER_MODES = ("auto", "hf", "slow", "mistral", "custom")
+SUPPORTED_TOKENIZER_MODES = ("auto", "hf", "slow")
+# The generation_config.json fields that are default sampling parameters (vLLM's, for
+# --generation-config and --override-generation-config) -> their SamplingParams names.
+GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
 # vLLM's -O levels (see optimization_level).
 OPTIMIZATION_LEVELS = range(4)
 # The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
@@ -82,6 +92,20 @@ def _knob(default: Any, help: str, **flag: Any) -> Any:
 class EngineConfig:
     model: str | None = _knob(None, "a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
     tokenizer: str | None = _knob(None, "the tokenizer's folder or cached id (default: the model's)")
+    tokenizer_mode: str = _knob(
+        "auto", "auto or hf: the fast tokenizer; slow: the slow (Python) one, where the model has one; vLLM's "
+        "mistral and custom are refused (Pagoda loads tokenizers through transformers only)", choices=TOKENIZER_MODES)
+    hf_overrides: dict[str, Any] | None = _knob(
+        None, 'fields set on the model\'s Hugging Face config after it is read, as JSON: {"max_position_embeddings": '
+        '4096}; a key the config lacks is added, a nested config (text_config) is updated key by key', type=_json_object)
+    generation_config: str = _knob(
+        "auto", "default sampling parameters for requests that leave them unset: auto takes them from the model's "
+        "generation_config.json, vllm (or pagoda) uses the engine's own defaults, a folder takes its "
+        "generation_config.json")
+    override_generation_config: dict[str, Any] | None = _knob(
+        None, 'default sampling parameters set over generation_config\'s, as JSON of generation-config names: '
+        '{"temperature": 0.5, "max_new_tokens": 128}; keys: ' + ", ".join(GENERATION_CONFIG_FIELDS),
+        type=_json_object)
     dtype: str = _knob("auto", "weights and activations: auto (the model's bf16/fp16 on a GPU, float32 on the CPU), "
                        "or one of " + ", ".join(DTYPES), choices=("auto", *DTYPES))
     max_model_len: int | None = _knob(
@@ -202,6 +226,11 @@ class EngineConfig:
         _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                f"one of {tuple(KV_CACHE_DTYPES)}")
+        _check_tokenizer_mode(self.tokenizer_mode)
+        for name in ("hf_overrides", "override_generation_config"):
+            _check(getattr(self, name) is None or isinstance(getattr(self, name), dict), name, getattr(self, name),
+                   "a dict (a JSON object)")
+        _check_generation_overrides(self.override_generation_config or {})
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.optimization_level in OPTIMIZATION_LEVELS, "optimization_level", self.optimization_level,
                "0, 1, 2 or 3")
@@ -245,6 +274,24 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def _check_tokenizer_mode(mode: str) -> None:
+    _check(mode in TOKENIZER_MODES, "tokenizer_mode", mode, f"one of {TOKENIZER_MODES}")
+    if mode not in SUPPORTED_TOKENIZER_MODES:
+        raise ValueError(
+            f"tokenizer_mode={mode!r} is not supported: Pagoda loads tokenizers through transformers "
+            f"({', '.join(SUPPORTED_TOKENIZER_MODES)}), not vLLM's {mode} loader (mistral needs mistral_common)"
+        )
+
+
+def _check_generation_overrides(overrides: dict[str, Any]) -> None:
+    unknown = [key for key in overrides if key not in GENERATION_CONFIG_FIELDS]
+    if unknown:
+        raise ValueError(
+            f"override_generation_config has unknown keys {unknown}: the accepted ones are "
+            + ", ".join(GENERATION_CONFIG_FIELDS)
+        )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

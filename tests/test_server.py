@@ -19,6 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import PreTrainedTokenizerFast
 
+from pagoda.config import EngineConfig
+from pagoda.config.resolve import default_sampling
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine import messages
 from pagoda.engine.input_processor import fan_out
@@ -26,7 +28,6 @@ from pagoda.engine.messages import CoreOutput
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
 from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.openai.server import generation_defaults
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
 from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.sample.sampler import TopLogprobs
@@ -479,12 +480,12 @@ def test_generation_config_sets_defaults_that_requests_override(tmp_path):
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7, "eos_token_id": 2})
     )
-    defaults = generation_defaults(str(tmp_path), tmp_path / "unused")
+    defaults = default_sampling(EngineConfig(generation_config=str(tmp_path)), tmp_path / "unused")
     assert defaults == load_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
-    assert generation_defaults("auto", tmp_path) == defaults
-    assert generation_defaults("vllm", tmp_path) == {}
+    assert default_sampling(EngineConfig(generation_config="auto"), tmp_path) == defaults
+    assert default_sampling(EngineConfig(generation_config="vllm"), tmp_path) == {}
     with pytest.raises(ValueError, match="no generation_config.json"):
-        generation_defaults(str(tmp_path / "missing"), tmp_path)
+        default_sampling(EngineConfig(generation_config=str(tmp_path / "missing")), tmp_path)
 
     serving = OpenAIServing(SimpleNamespace(tokenizer=None), ServerConfig([MODEL], 64, None, False, defaults))
     messages = [{"role": "user", "content": "hi"}]

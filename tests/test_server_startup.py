@@ -117,8 +117,14 @@ def test_a_missing_chat_template_fails_before_the_engine_starts(model_args, tmp_
 
 
 def test_a_failure_once_the_engine_runs_stops_it_in_order(model_args, tmp_path):
-    """A folder without generation_config.json is found wanting once the engine has the model's
-    folder: the server exits 2 naming the flag, its engine stopped, not reported dead of a kill."""
-    text = _refused_at_start([*model_args, "--generation-config", str(tmp_path)], tmp_path / "server.log")
-    assert f"--generation-config {tmp_path}: no generation_config.json in that folder" in text, text
+    """--lora-modules without --enable-lora is found wanting once the engine runs (it asks the
+    engine): the server exits 2 naming the flag, its engine stopped, not reported dead of a kill."""
+    text = _refused_at_start([*model_args, "--lora-modules", f"a={tmp_path}"], tmp_path / "server.log")
+    assert "--lora-modules needs --enable-lora" in text, text
     assert "model built" in text and "engine has died" not in text, text
+
+
+def test_a_generation_config_folder_without_the_file_fails_before_the_model_loads(model_args, tmp_path):
+    text = _refused_at_start([*model_args, "--generation-config", str(tmp_path)], tmp_path / "server.log")
+    assert f"generation_config={str(tmp_path)!r}: no generation_config.json in that folder" in text, text
+    assert "model built" not in text, text

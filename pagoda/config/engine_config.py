@@ -36,6 +36,16 @@ KV_CACHE_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+# vLLM's --tokenizer-mode values: auto and hf load the fast tokenizer, slow the Python one; mistral
+# (mistral_common's) and custom (a registered class) are vLLM's own loaders, which Pagoda has not.
+TOKENIZER_MODES = ("auto", "hf", "slow", "mistral", "custom")
+SUPPORTED_TOKENIZER_MODES = ("auto", "hf", "slow")
+# The generation_config.json fields that are default sampling parameters (vLLM's, for
+# --generation-config and --override-generation-config) -> their SamplingParams names.
+GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
 # vLLM's -O levels (see optimization_level).
 OPTIMIZATION_LEVELS = range(4)
 # The CPU has no device memory to profile: its KV pool gets a stated budget, as vLLM's
@@ -86,6 +96,20 @@ class EngineConfig:
         None, "a model id's branch, tag or commit in the Hugging Face cache (default: main; nothing is downloaded)")
     download_dir: str | None = _knob(
         None, "the Hugging Face cache a model id is looked up in (default: HF_HUB_CACHE, else HF_HOME's)")
+    tokenizer_mode: str = _knob(
+        "auto", "auto or hf: the fast tokenizer; slow: the slow (Python) one, where the model has one; vLLM's "
+        "mistral and custom are refused (Pagoda loads tokenizers through transformers only)", choices=TOKENIZER_MODES)
+    hf_overrides: dict[str, Any] | None = _knob(
+        None, 'fields set on the model\'s Hugging Face config after it is read, as JSON: {"max_position_embeddings": '
+        '4096}; a key the config lacks is added, a nested config (text_config) is updated key by key', type=_json_object)
+    generation_config: str = _knob(
+        "auto", "default sampling parameters for requests that leave them unset: auto takes them from the model's "
+        "generation_config.json, vllm (or pagoda) uses the engine's own defaults, a folder takes its "
+        "generation_config.json")
+    override_generation_config: dict[str, Any] | None = _knob(
+        None, 'default sampling parameters set over generation_config\'s, as JSON of generation-config names: '
+        '{"temperature": 0.5, "max_new_tokens": 128}; keys: ' + ", ".join(GENERATION_CONFIG_FIELDS),
+        type=_json_object)
     dtype: str = _knob("auto", "weights and activations: auto (the model's bf16/fp16 on a GPU, float32 on the CPU), "
                        "or one of " + ", ".join(DTYPES), choices=("auto", *DTYPES))
     max_model_len: int | None = _knob(
@@ -213,6 +237,11 @@ class EngineConfig:
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                f"one of {tuple(KV_CACHE_DTYPES)}")
         _check_structured_outputs(self.structured_outputs_config, self.guided_decoding_backend)
+        _check_tokenizer_mode(self.tokenizer_mode)
+        for name in ("hf_overrides", "override_generation_config"):
+            _check(getattr(self, name) is None or isinstance(getattr(self, name), dict), name, getattr(self, name),
+                   "a dict (a JSON object)")
+        _check_generation_overrides(self.override_generation_config or {})
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
         _check(self.optimization_level in OPTIMIZATION_LEVELS, "optimization_level", self.optimization_level,
                "0, 1, 2 or 3")
@@ -278,6 +307,24 @@ def _check_structured_outputs(config: dict[str, Any] | None, older_backend: str 
             raise ValueError(f"{name}={backend!r} is invalid: " + (
                 "Pagoda builds structured outputs on xgrammar alone: use 'xgrammar' or 'auto'" if known
                 else f"must be one of {STRUCTURED_OUTPUT_BACKENDS}"))
+
+
+def _check_tokenizer_mode(mode: str) -> None:
+    _check(mode in TOKENIZER_MODES, "tokenizer_mode", mode, f"one of {TOKENIZER_MODES}")
+    if mode not in SUPPORTED_TOKENIZER_MODES:
+        raise ValueError(
+            f"tokenizer_mode={mode!r} is not supported: Pagoda loads tokenizers through transformers "
+            f"({', '.join(SUPPORTED_TOKENIZER_MODES)}), not vLLM's {mode} loader (mistral needs mistral_common)"
+        )
+
+
+def _check_generation_overrides(overrides: dict[str, Any]) -> None:
+    unknown = [key for key in overrides if key not in GENERATION_CONFIG_FIELDS]
+    if unknown:
+        raise ValueError(
+            f"override_generation_config has unknown keys {unknown}: the accepted ones are "
+            + ", ".join(GENERATION_CONFIG_FIELDS)
+        )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -6,6 +6,7 @@ defaults live in EngineConfig alone: no field here has one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,9 @@ class ModelConfig:
     pooler: PoolerConfig | None
     # The weight quantization method (--quantization, or the checkpoint's quant_method); None: none.
     quantization: str | None
+    # SamplingParams fields a request leaves unset take these (generation_config,
+    # override_generation_config): what LLM.get_default_sampling_params and the server apply.
+    default_sampling: dict[str, Any]
 
     @property
     def name(self) -> str:

@@ -8,12 +8,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pagoda.attention.backend import TRITON_MIN_BLOCK_SIZE, attention_backend_name
-from pagoda.config.engine_config import DEFAULT_CPU_KV_CACHE_GIB, DTYPES, KV_CACHE_DTYPES, EngineConfig
+from pagoda.config.engine_config import (
+    DEFAULT_CPU_KV_CACHE_GIB,
+    DTYPES,
+    GENERATION_CONFIG_FIELDS,
+    KV_CACHE_DTYPES,
+    EngineConfig,
+)
 from pagoda.config.groups import (
     CacheConfig,
     DeviceConfig,
@@ -33,6 +40,7 @@ from pagoda.core.scheduler import SchedulerConfig
 from pagoda.layers.rotary import rope_parameters
 from pagoda.loader.model_loader import (
     gguf_checkpoint_quantization,
+    load_generation_defaults,
     load_generation_eos,
     load_hf_config,
 )
@@ -53,6 +61,7 @@ from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
 from pagoda.pooling import PoolerConfig, read_pooler_config
 from pagoda.quantization import get_quantization_config, resolve_quantization
+from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import grammar_vocab
 
 logger = logging.getLogger(__name__)
@@ -135,8 +144,33 @@ def _model_config(
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, spec, speculative),
-        _quantization(args.quantization, spec, device, dtype),
+        _quantization(args.quantization, spec, device, dtype), default_sampling(args, resolved.model_dir),
     )
+
+
+def default_sampling(args: EngineConfig, model_dir: Path) -> dict[str, Any]:
+    """vLLM's generation_config and override_generation_config: the SamplingParams defaults of
+    requests that leave them unset. 'auto': the generation_config.json in model_dir (the model's
+    folder as resolved), 'vllm' or 'pagoda': none, else a folder holding one; the overrides are
+    set over them (as vLLM's, an override of null unsets the field)."""
+    choice = args.generation_config
+    defaults: dict[str, Any] = {}
+    if choice not in ("vllm", "pagoda"):
+        directory = model_dir if choice == "auto" else Path(choice)
+        if not (directory / "generation_config.json").is_file() and choice != "auto":
+            raise ValueError(f"generation_config={choice!r}: no generation_config.json in that folder")
+        defaults = load_generation_defaults(directory)
+    overrides = args.override_generation_config or {}
+    defaults.update({GENERATION_CONFIG_FIELDS[name]: value for name, value in overrides.items()})
+    defaults = {name: value for name, value in defaults.items() if value is not None}
+    try:
+        SamplingParams(**defaults)  # a bad value fails here, not in every request that takes it
+    except ValueError as error:
+        raise ValueError(f"generation_config={choice!r} with override_generation_config="
+                         f"{args.override_generation_config} gives an invalid default: {error}") from None
+    if defaults:
+        logger.info("default sampling parameters (generation_config=%s): %s", choice, defaults)
+    return defaults
 
 
 def _quantization(stated: str | None, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> str | None:

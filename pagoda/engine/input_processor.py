@@ -39,7 +39,9 @@ class InputProcessor:
         """Find the model, load its tokenizer and resolve the engine's configuration, once."""
         started = time.perf_counter()
         resolved = resolve_engine_model(args)
-        self.tokenizer: Any | None = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer)
+        self.tokenizer: Any | None = (
+            None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+        )
         self.config = resolve_config(args, resolved, self.tokenizer)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size

@@ -14,7 +14,6 @@ from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat
 from pagoda.inputs import PromptType
-from pagoda.loader.model_loader import load_generation_defaults
 from pagoda.logger import configure_logging
 from pagoda.lora.request import LoRARequest
 from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
@@ -42,16 +41,13 @@ class LLM:
             )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
-        self._generation_defaults: dict[str, Any] | None = None  # read on first use
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling parameters the model's generation_config.json recommends (temperature,
-        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), SamplingParams'
-        own defaults for the rest: what generate and chat use without sampling_params, as vLLM's."""
-        if self._generation_defaults is None:
-            model_dir = self.llm_engine.processor.config.model.resolved.model_dir
-            self._generation_defaults = load_generation_defaults(model_dir)
-        return SamplingParams(**self._generation_defaults)
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens; generation_config
+        and override_generation_config as in vLLM), SamplingParams' own defaults for the rest: what
+        generate and chat use without sampling_params, as vLLM's."""
+        return SamplingParams(**self.llm_engine.processor.config.model.default_sampling)
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache's blocks, so that the next prompts are computed whole (as

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pagoda.attention.backend import AttentionBackend
+from pagoda.config.engine_config import GENERATION_CONFIG_FIELDS
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
 from pagoda.loader.gguf_cache import (
@@ -42,6 +43,28 @@ _U64 = 2**64 - 1
 
 
 def load_hf_config(resolved: ResolvedModel) -> Any:
+    """The model's Hugging Face config, with its hf_overrides set."""
+    config = _read_hf_config(resolved)
+    if resolved.hf_overrides:
+        _override(config, resolved.hf_overrides)
+        logger.info("model config fields overridden (hf_overrides): %s", resolved.hf_overrides)
+    return config
+
+
+def _override(config: Any, overrides: dict[str, Any]) -> None:
+    """vLLM's hf_overrides: each key set, whether or not the config had it; a nested config (a
+    vision-language model's text_config) updated key by key rather than replaced."""
+    from transformers import PretrainedConfig
+
+    for key, value in overrides.items():
+        nested = getattr(config, key, None)
+        if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
+            _override(nested, value)
+        else:
+            setattr(config, key, value)
+
+
+def _read_hf_config(resolved: ResolvedModel) -> Any:
     if resolved.gguf_file is not None:
         return load_gguf_config(resolved.gguf_file)
     from transformers import AutoConfig
@@ -68,7 +91,20 @@ def _check_json(path: Path) -> None:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
-def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any:
+def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None, mode: str = "auto") -> Any:
+    """The model's tokenizer (or the one in `tokenizer`); mode: tokenizer_mode, 'slow' for the
+    slow (Python) tokenizer, a ValueError where transformers gives a fast one only."""
+    loaded = _load_tokenizer(resolved, tokenizer, use_fast=mode != "slow")
+    if mode == "slow" and loaded.is_fast:
+        # transformers 5 ignores use_fast: a slow tokenizer is only had where the model's class is one.
+        raise ValueError(
+            f"tokenizer_mode='slow': {tokenizer or resolved.name} has no slow (Python) tokenizer that transformers "
+            f"loads (it gives the fast {type(loaded).__name__}): use tokenizer_mode='auto'"
+        )
+    return loaded
+
+
+def _load_tokenizer(resolved: ResolvedModel, tokenizer: str | None, use_fast: bool) -> Any:
     from transformers import AutoTokenizer
 
     if resolved.gguf_file is not None and tokenizer is None:
@@ -77,7 +113,9 @@ def load_tokenizer(resolved: ResolvedModel, tokenizer: str | None = None) -> Any
     if Path(source).is_dir():
         _check_json(Path(source) / "config.json")  # the tokenizer's class may be read from it
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=resolved.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=resolved.trust_remote_code, use_fast=use_fast
+        )
     except (OSError, ValueError) as error:
         # transformers' message for a folder with no tokenizer files speaks of slow tokenizers,
         # sentencepiece and tiktoken; say what the user can do instead.
@@ -114,13 +152,6 @@ def load_generation_eos(resolved: ResolvedModel) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
-# generation_config.json fields that set default sampling parameters -> SamplingParams names.
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
-}
-
-
 def load_generation_defaults(directory: str | Path) -> dict[str, Any]:
     """The default sampling parameters a generation_config.json in `directory` sets (the fields
     that differ from transformers' defaults), by SamplingParams name; {} when there is none."""
@@ -128,7 +159,7 @@ def load_generation_defaults(directory: str | Path) -> dict[str, Any]:
     if gen is None:
         return {}
     diff = gen.to_diff_dict()
-    return {ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if diff.get(theirs) is not None}
+    return {ours: diff[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if diff.get(theirs) is not None}
 
 
 @contextlib.contextmanager

@@ -20,6 +20,9 @@ class ResolvedModel:
     # vLLM's trust_remote_code: a config, tokenizer or processor class the model's folder defines in
     # its own Python files may be run (its architecture must still be one Pagoda or transformers has).
     trust_remote_code: bool = False
+    # vLLM's hf_overrides: fields set on the model's config when it is read (loader/model_loader.py's
+    # load_hf_config), so that every reader of the config sees them.
+    hf_overrides: dict[str, Any] | None = None
 
     @property
     def weights_gguf(self) -> Path | None:
@@ -29,21 +32,21 @@ class ResolvedModel:
 
 def resolve_model(
     model: str | None, load_format: str = "auto", quantization: str | None = None, trust_remote_code: bool = False,
-    revision: str | None = None, download_dir: str | None = None,
+    hf_overrides: dict[str, Any] | None = None, revision: str | None = None, download_dir: str | None = None,
 ) -> ResolvedModel:
     """Find `model` on this machine: None is the default model, then a local path, then a Hugging
     Face model id looked up offline in the Hugging Face cache (`download_dir`, else the default
     one), at `revision` (a branch, tag or commit; default main). quantization: the one asked for
     (the default model runs from its GGUF file, kept quantized, unless another is asked for)."""
     resolved = _resolve(model, load_format, quantization, revision, download_dir)
-    return dataclasses.replace(resolved, trust_remote_code=True) if trust_remote_code else resolved
+    return dataclasses.replace(resolved, trust_remote_code=trust_remote_code, hf_overrides=hf_overrides)
 
 
 def resolve_engine_model(config: Any) -> ResolvedModel:
     """resolve_model for an EngineConfig, or the parsed flags of one (the same names)."""
     return resolve_model(
-        config.model, config.load_format, config.quantization, config.trust_remote_code, config.revision,
-        config.download_dir,
+        config.model, config.load_format, config.quantization, config.trust_remote_code, config.hf_overrides,
+        config.revision, config.download_dir,
     )
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pagoda.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 # JSON-schema keywords xgrammar accepts but does not enforce: a request with one is refused
 # rather than given output that may break its schema.
@@ -31,14 +34,20 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
-def grammar_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> str:
+def grammar_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> str | None:
     """The tokenizer's vocabulary as xgrammar needs it, serialized: vocab_size is the model's
-    (its logits' width, which may exceed the tokenizer's); EOS ends a grammar that is complete."""
+    (its logits' width, which may exceed the tokenizer's); EOS ends a grammar that is complete.
+    None for a tokenizer xgrammar cannot read (a slow one in Python, such as ByT5's): the model
+    still runs, without structured outputs."""
     import xgrammar
 
-    info = xgrammar.TokenizerInfo.from_huggingface(
-        tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids)
-    )
+    try:
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids)
+        )
+    except ValueError as error:  # xgrammar's "Unsupported tokenizer type"
+        logger.warning("no structured outputs with this tokenizer: %s", error)
+        return None
     return info.serialize_json()
 
 

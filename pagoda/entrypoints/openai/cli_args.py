@@ -37,12 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # data_parallel_size is a server knob, not an engine one: offline LLM is one engine core.
     add_engine_arguments(parser, skip=())
     parser.add_argument("--chat-template", default=None, help="a Jinja file, or the template itself")
-    parser.add_argument(
-        "--generation-config", default="auto",
-        help="default sampling parameters for requests that leave them unset: 'auto' takes them from the "
-             "model's generation_config.json, 'vllm' (or 'pagoda') uses the engine's own defaults, a folder "
-             "takes its generation_config.json",
-    )
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: info)")

@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
     engine = AsyncLLM(EngineConfig(**engine_kwargs(args)))
     try:
         config = engine_server_config(
-            engine, [args.model or engine.model_name], "auto", chat_template=None, log_requests=False
+            engine, [args.model or engine.model_name], chat_template=None, log_requests=False
         )
         handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "/v1/chat/completions": (ChatCompletionRequest, OpenAIServingChat(engine, config).create),

@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -32,7 +31,6 @@ import pagoda
 from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
-from pagoda.loader.model_loader import load_generation_defaults
 
 from .cli_args import model_argument, request_limits, server_engine_kwargs
 from .metrics import log_stats, metrics_registry
@@ -421,24 +419,6 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def generation_defaults(choice: str, model_dir: Path) -> dict[str, Any]:
-    """--generation-config: 'auto' (the generation_config.json in model_dir, the model's folder
-    as the engine resolved it), 'vllm' or 'pagoda' (none), or a folder holding a
-    generation_config.json."""
-    if choice in ("vllm", "pagoda"):
-        return {}
-    if choice == "auto":
-        directory = model_dir
-    else:
-        directory = Path(choice)
-        if not (directory / "generation_config.json").is_file():
-            raise ValueError(f"--generation-config {choice}: no generation_config.json in that folder")
-    defaults = load_generation_defaults(directory)
-    if defaults:
-        logger.info("default sampling parameters from %s/generation_config.json: %s", directory, defaults)
-    return defaults
-
-
 def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
     """The parser of "auto" tool calls: --tool-call-parser, once --enable-auto-tool-choice is set
     (a --tool-parser-plugin file may add parsers first); checked before the engine starts."""
@@ -450,16 +430,13 @@ def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
     return parser if args.enable_auto_tool_choice else None
 
 
-def engine_server_config(
-    engine: AsyncLLM, served_model_names: list[str], generation_config: str, **options: Any
-) -> ServerConfig:
-    """A ServerConfig whose engine-given fields (the context, the model's generation defaults, its
+def engine_server_config(engine: AsyncLLM, served_model_names: list[str], **options: Any) -> ServerConfig:
+    """A ServerConfig whose engine-given fields (the context, the default sampling parameters, the
     pooling) come from `engine`, for the server and run-batch alike; options: the other fields."""
     model = engine.config.model
     return ServerConfig(
         served_model_names=served_model_names, max_model_len=engine.max_model_len,
-        default_sampling=generation_defaults(generation_config, model.resolved.model_dir), pooler=model.pooler,
-        **options,
+        default_sampling=model.default_sampling, pooler=model.pooler, **options,
     )
 
 
@@ -478,8 +455,7 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     try:  # from here on, a failure stops the engine in order rather than leaving it to be killed at exit
         names = args.served_model_name or [model or engine.model_name]
         config = engine_server_config(
-            engine, names, args.generation_config,
-            chat_template=chat_template, log_requests=not args.disable_log_requests,
+            engine, names, chat_template=chat_template, log_requests=not args.disable_log_requests,
             limits=request_limits(args),
             max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
             reasoning_parser=args.reasoning_parser,

@@ -31,6 +31,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# For content given as parts (vLLM's "openai" content format): it loops over each message's content.
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{% for part in m['content'] %}{{ part['text'] }}|{% endfor %}{% endfor %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]  # ids 0 (BOS), 1 (EOS), 2
 
 

@@ -1,7 +1,7 @@
 """vLLM's offline API beyond generate, on a tiny random model with a chat template (fp32, CPU):
-LLM.chat's continue_final_message and chat_template_kwargs, get_default_sampling_params (the
-model's generation_config.json, which generate uses without sampling_params) and the prompt types
-of pagoda.inputs."""
+LLM.chat's continue_final_message, chat_template_kwargs and chat_template_content_format,
+get_default_sampling_params (the model's generation_config.json, which generate uses without
+sampling_params) and the prompt types of pagoda.inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.inputs import TextPrompt, TokensPrompt
-from tests.serving import save_tokenizer
+from tests.serving import PARTS_TEMPLATE, save_tokenizer
 from tests.tiny_models import save_tiny_model
 
 TEMPLATE = (
@@ -45,6 +45,19 @@ def test_chat_continues_the_final_message_and_passes_template_variables(llm):
         prompt_of(llm, messages, continue_final_message=True)
     with pytest.raises(ValueError, match="chat_template_kwargs may not set"):
         prompt_of(llm, messages, chat_template_kwargs={"tools": []})
+
+
+def test_chat_template_content_format_gives_the_template_parts_or_a_string(llm):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    text = [{"role": "user", "content": "hi"}]
+    # "auto": parts for a template that loops over them, the text joined for one that writes content out.
+    assert prompt_of(llm, parts, chat_template=PARTS_TEMPLATE) == "<user>a|b|"
+    assert prompt_of(llm, parts) == "<user>ab</user><assistant>"
+    assert prompt_of(llm, text, chat_template=PARTS_TEMPLATE, chat_template_content_format="openai") == "<user>hi|"
+    # "string" forced: the looping template iterates over the string's characters, which have no text.
+    assert prompt_of(llm, parts, chat_template=PARTS_TEMPLATE, chat_template_content_format="string") == "<user>||"
+    with pytest.raises(ValueError, match="chat_template_content_format='parts' is invalid"):
+        prompt_of(llm, text, chat_template_content_format="parts")
 
 
 def test_the_default_sampling_params_are_the_models_generation_config(llm):

@@ -122,13 +122,16 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template_content_format: str = "auto",
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
         (which also gets `tools`, OpenAI-style function definitions, as in vLLM). A vision-language
         model's messages may hold image parts: image_url (a data: URL) or image_pil.
         continue_final_message: the last message is left open for the reply to go on with (with
         add_generation_prompt=False); chat_template_kwargs: more variables for the template, such
-        as {"enable_thinking": False}."""
+        as {"enable_thinking": False}; chat_template_content_format: how a message's content reaches
+        the template, as vLLM's: "string" (text parts joined), "openai" (a list of parts) or "auto"
+        (as the template's source shows)."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         check_template_kwargs(chat_template_kwargs)
@@ -139,7 +142,8 @@ class LLM:
         for conv in conversations:
             conv, conv_images = images.chat_images(conv) if images is not None else (conv, [])
             text, ids = render_chat(
-                tokenizer, conv, chat_template, add_generation_prompt, tools, continue_final_message, chat_template_kwargs
+                tokenizer, conv, chat_template, add_generation_prompt, tools, continue_final_message,
+                chat_template_kwargs, chat_template_content_format,
             )
             token_prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": conv_images}})
         return self.generate(token_prompts, sampling_params, use_tqdm, lora_request)

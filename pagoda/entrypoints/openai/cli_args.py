@@ -7,6 +7,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from pagoda.entrypoints.chat_utils import CONTENT_FORMATS
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.entrypoints.openai.limits import RequestLimits
 from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
@@ -20,6 +21,12 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: ports go from 0 (any free one) to 65535")
     return port
+
+
+def _non_negative(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # data_parallel_size is a server knob, not an engine one: offline LLM is one engine core.
     add_engine_arguments(parser, skip=())
     parser.add_argument("--chat-template", default=None, help="a Jinja file, or the template itself")
+    parser.add_argument(
+        "--chat-template-content-format", choices=CONTENT_FORMATS, default="auto",
+        help="how a message's content reaches the chat template: 'string' (text parts joined), 'openai' (a list "
+             "of parts, for templates that loop over them), 'auto' (as the template's source shows; the default)",
+    )
     # SUPPRESS: given after `serve`, it overrides the top-level --log-level; absent, it leaves it.
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: info)")
@@ -45,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     parser.add_argument("--enable-log-requests", dest="disable_log_requests", action="store_false",
                         help="a log line per request (the default here; vLLM's newer spelling)")
+    parser.add_argument("--max-log-len", type=_non_negative, default=None, metavar="N",
+                        help="cut the prompt text and token ids a request's log line shows (at debug level) to "
+                             "N characters and N ids (default: no limit)")
     parser.add_argument("--disable-log-stats", action="store_true",
                         help="no stats line every 10 s ($PAGODA_LOG_STATS_INTERVAL) while there is traffic")
     parser.add_argument("--uvicorn-log-level", default=None,
@@ -57,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let browsers send cookies and auth headers cross-origin (CORS credentials; off by default)")
     parser.add_argument("--allowed-methods", type=json.loads, default=["*"], help='CORS methods, a JSON list: ["*"]')
     parser.add_argument("--allowed-headers", type=json.loads, default=["*"], help='CORS headers, a JSON list: ["*"]')
+    parser.add_argument("--middleware", action="append", default=[], metavar="IMPORT.PATH",
+                        help="an ASGI middleware class or an HTTP middleware coroutine function (module.name) added "
+                             "to the app; repeatable")
     parser.add_argument(
         "--max-queued-requests", type=int, default=None,
         help="answer new requests with 503 and Retry-After while this many engine requests (each prompt and each "
@@ -112,6 +130,10 @@ def add_response_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an X-Request-Id header on every response: the request's own, or a new one")
     parser.add_argument("--enable-server-load-tracking", action="store_true",
                         help="count the generation requests in flight, reported by GET /load")
+    parser.add_argument("--disable-fastapi-docs", action="store_true",
+                        help="do not serve /docs, /redoc and /openapi.json")
+    parser.add_argument("--response-role", default="assistant", metavar="ROLE",
+                        help="the role of chat replies to requests with add_generation_prompt (default: %(default)s)")
 
 
 def model_argument(args: argparse.Namespace) -> str | None:

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib
+import inspect
 import logging
 import os
 import secrets
@@ -92,6 +94,7 @@ class Endpoints:
     tokenizer_info: bool = False  # --enable-tokenizer-info-endpoint
     server_load_tracking: bool = False  # --enable-server-load-tracking
     request_id_headers: bool = False  # --enable-request-id-headers
+    fastapi_docs: bool = True  # /docs, /redoc and /openapi.json; off with --disable-fastapi-docs
 
 
 class ServerLoad:
@@ -123,8 +126,10 @@ class ServerLoad:
 def build_app(
     engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None,
     endpoints: Endpoints | None = None, playground: bool = True, stats_log: bool = True,
+    middleware: Sequence[Any] = (),
 ) -> FastAPI:
-    """stats_log: a stats line every $PAGODA_LOG_STATS_INTERVAL seconds (10) while there is traffic."""
+    """stats_log: a stats line every $PAGODA_LOG_STATS_INTERVAL seconds (10) while there is traffic;
+    middleware: --middleware's classes and functions (import_middleware)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         interval = float(os.environ.get("PAGODA_LOG_STATS_INTERVAL", 10))
@@ -134,7 +139,12 @@ def build_app(
             stats_task.cancel()
 
     endpoints = endpoints or Endpoints()
-    app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan, root_path=endpoints.root_path or "")
+    docs = endpoints.fastapi_docs
+    app = FastAPI(
+        title="Pagoda", version=pagoda.__version__, lifespan=lifespan, root_path=endpoints.root_path or "",
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     # Added first, so it runs inside CORS (its 413/408 carry CORS headers) and after the key check.
     app.add_middleware(
         RequestBodyLimits, max_size=config.limits.max_request_body_size, timeout=config.limits.request_body_timeout
@@ -144,8 +154,13 @@ def build_app(
                        allow_methods=cors.allowed_methods, allow_headers=cors.allowed_headers)
     if api_key:
         app.middleware("http")(_require_api_key(api_key))
-    if endpoints.request_id_headers:  # outermost: refusals carry the id too
+    if endpoints.request_id_headers:  # outside the others: refusals carry the id too
         app.add_middleware(RequestIdHeaders)
+    for added in middleware:  # outermost, as vLLM adds them
+        if inspect.isclass(added):
+            app.add_middleware(added)
+        else:
+            app.middleware("http")(added)
     _add_error_handlers(app)
     _add_routes(app, engine, config, endpoints)
     if playground:
@@ -430,6 +445,26 @@ def auto_tool_parser(args: argparse.Namespace) -> type[ToolParser] | None:
     return parser if args.enable_auto_tool_choice else None
 
 
+def import_middleware(paths: list[str]) -> list[Any]:
+    """--middleware's objects: each module.name a class (ASGI middleware) or a coroutine function
+    (HTTP middleware, as app.middleware("http") takes it); imported before the engine starts, so
+    that a bad path fails at once."""
+    imported = []
+    for path in paths:
+        module_name, _, name = path.rpartition(".")
+        if not module_name:
+            raise ValueError(f"--middleware {path}: give the import path of a class or function, as module.name")
+        try:
+            added = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"--middleware {path}: cannot import it: {error}") from None
+        if not (inspect.isclass(added) or inspect.iscoroutinefunction(added)):
+            kind = type(added).__name__
+            raise ValueError(f"--middleware {path}: it is a {kind}, not a class or a coroutine function")
+        imported.append(added)
+    return imported
+
+
 def engine_server_config(engine: AsyncLLM, served_model_names: list[str], **options: Any) -> ServerConfig:
     """A ServerConfig whose engine-given fields (the context, the default sampling parameters, the
     pooling) come from `engine`, for the server and run-batch alike; options: the other fields."""
@@ -446,6 +481,7 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     clock = StartupClock()
     # What the front end reads of its own is checked before the engine loads: a bad argument fails at once.
     tool_parser = auto_tool_parser(args)
+    middleware = import_middleware(args.middleware)
     chat_template = load_chat_template(args.chat_template)
     starting = StartingResponder(listener)
     clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
@@ -455,7 +491,10 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     try:  # from here on, a failure stops the engine in order rather than leaving it to be killed at exit
         names = args.served_model_name or [model or engine.model_name]
         config = engine_server_config(
-            engine, names, chat_template=chat_template, log_requests=not args.disable_log_requests,
+            engine, names,
+            chat_template=chat_template, chat_template_content_format=args.chat_template_content_format,
+            log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
+            response_role=args.response_role,
             limits=request_limits(args),
             max_queued_requests=args.max_queued_requests, metrics_vllm_names=args.metrics_vllm_names,
             reasoning_parser=args.reasoning_parser,
@@ -469,11 +508,11 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
         cors = CorsConfig(args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers)
         endpoints = Endpoints(
             args.root_path, args.enable_tokenizer_info_endpoint, args.enable_server_load_tracking,
-            args.enable_request_id_headers,
+            args.enable_request_id_headers, not args.disable_fastapi_docs,
         )
         app = build_app(
             engine, config, args.api_key, cors, endpoints, playground=not args.disable_playground,
-            stats_log=not args.disable_log_stats,
+            stats_log=not args.disable_log_stats, middleware=middleware,
         )
         uvicorn_config = uvicorn.Config(
             app, host=args.host or "0.0.0.0", port=args.port,

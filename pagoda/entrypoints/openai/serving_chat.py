@@ -1,8 +1,8 @@
-"""POST /v1/chat/completions: messages (and tools) through the chat template (a vision-language
-model's image_url parts through its image processor, pagoda/multimodal/media.py), one engine request
-(n choices) or a beam search of n beams (use_beam_search); each choice's text split into reasoning
-and content (--reasoning-parser), the content read as tool calls when the request has tools
-(tool_choice.py)."""
+"""POST /v1/chat/completions: messages (and tools) through the chat template (their content as a
+string or as parts, --chat-template-content-format; a vision-language model's image_url parts
+through its image processor, pagoda/multimodal/media.py), one engine request (n choices) or a beam
+search of n beams (use_beam_search); each choice's text split into reasoning and content
+(--reasoning-parser), the content read as tool calls when the request has tools (tool_choice.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .reasoning import ReasoningSplitter, reasoning_splitter
 from .protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, ToolCall, TopLogprob,
+    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TextPart, TokenLogprob, ToolCall, TopLogprob,
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
@@ -49,7 +49,7 @@ class ChatRun:
     prompt_ids: list[int]
     n: int
     outputs: AsyncIterator[RequestOutput]
-    role: str  # of the reply: the assistant's, or the last message's when it is continued
+    role: str  # of the reply: --response-role's, or the last message's when it is continued
     echo: str  # what the reply starts with (request.echo), else ""
     tools: ToolCalling  # how its text is read as tool calls
 
@@ -110,11 +110,10 @@ class OpenAIServingChat(OpenAIServing):
             streams = await self.add_requests(
                 request_id, prompts, [params], "messages", lora, images, request.cache_salt, request.priority
             )
-        role = "assistant" if add_generation_prompt else request.messages[-1].role
+        # As vLLM's: a reply opens a turn of --response-role's, or continues the last message's.
+        role = self.config.response_role if add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
-        echo = _text(last.content, len(request.messages) - 1) if request.echo and last.role == role else ""
-        if not isinstance(echo, str):  # the echoed message's text, without its images
-            echo = "".join(part.get("text", "") for part in echo)
+        echo = _text(last.content) if request.echo and last.role == role else ""
         return ChatRun(
             request_id, sub_request_ids(request_id, 1), prompt_ids, params.n, streams[0], role, echo, tools
         )
@@ -138,6 +137,7 @@ class OpenAIServingChat(OpenAIServing):
         render = functools.partial(
             render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template,
             add_generation_prompt, continue_final_message, template_kwargs, tools, documents,
+            self.config.chat_template_content_format,
         )
         bound = self.config.limits.chat_template_timeout
         try:
@@ -160,10 +160,12 @@ class OpenAIServingChat(OpenAIServing):
         the event loop)."""
         processor = self.engine.processor.image_processor
         for i, turn in enumerate(conversation):
-            if isinstance(turn["content"], list) and processor is None:
-                kind = next(part["type"] for part in turn["content"] if part["type"] != "text")
+            content = turn["content"]
+            kinds = [part["type"] for part in content if part["type"] != "text"] if isinstance(content, list) else []
+            if kinds and processor is None:
                 raise OpenAIError(
-                    f"messages[{i}] has a content part of type {kind!r}: the model {self.model_name} takes text only",
+                    f"messages[{i}] has a content part of type {kinds[0]!r}: the model {self.model_name} "
+                    "takes text only",
                     param=f"messages.{i}.content",
                 )
         if processor is None:
@@ -335,7 +337,7 @@ def _conversation(messages: list[ChatMessage]) -> Conversation:
         if not message.role:
             raise OpenAIError(f"messages[{i}].role must not be empty", param=f"messages.{i}.role")
         # Other roles go to the template as they are (as in vLLM): a template may know its own.
-        turn: dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": _text(message.content, i)}
+        turn: dict[str, Any] = {"role": _ROLES.get(message.role, message.role), "content": _content(message.content, i)}
         if message.tool_calls:
             turn["tool_calls"] = [_template_tool_call(call, i) for call in message.tool_calls]
         if message.tool_call_id is not None:
@@ -371,17 +373,22 @@ def _add_generation_prompt(request: ChatCompletionRequest) -> bool:
     return False
 
 
-def _text(content: Any, i: int) -> str | list[dict[str, Any]]:
-    """A message's text; its parts as they came where one is not text (a vision-language model's
-    image processor turns image parts into text and images; others are refused there)."""
+def _content(content: str | list[TextPart] | None, i: int) -> str | list[dict[str, Any]] | None:
+    """A message's content for the template: its parts as dicts (chat_utils.format_content makes
+    text parts one string where the template takes strings)."""
+    if content is None or isinstance(content, str):
+        return content
+    for part in content:
+        if part.type == "text" and part.text is None:
+            raise OpenAIError(f"messages[{i}] has a text part without text", param=f"messages.{i}.content")
+    return [part.model_dump(exclude_none=True) for part in content]
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    """A message's text: its text parts joined, without its images."""
     if content is None or isinstance(content, str):
         return content or ""
-    if any(part.type != "text" for part in content):
-        return [part.model_dump(exclude_none=True) for part in content]
-    for part in content:
-        if part.text is None:
-            raise OpenAIError(f"messages[{i}] has a text part without text", param=f"messages.{i}.content")
-    return "".join(part.text for part in content)
+    return "".join(part.text or "" for part in content if part.type == "text")
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:

@@ -98,6 +98,13 @@ class ServerConfig:
     pooler: PoolerConfig | None = None
     # The LoRA adapters a request's `model` may name besides the served names (--lora-modules).
     loras: ServedLoRAs = dataclasses.field(default_factory=ServedLoRAs)
+    # The prompt text and token ids a request's log line shows, cut to this many characters and
+    # ids (--max-log-len; None: whole).
+    max_log_len: int | None = None
+    # How message content reaches the chat template (--chat-template-content-format).
+    chat_template_content_format: str = "auto"
+    # The role of a reply that opens a new turn (--response-role).
+    response_role: str = "assistant"
 
 
 class OpenAIServing:
@@ -229,8 +236,7 @@ class OpenAIServing:
         try:
             for sub_id, (text, token_ids), p in zip(ids, prompts, params):
                 if self.config.log_requests:
-                    logger.info("Received request %s: %d prompt tokens%s, params: %s", sub_id, len(token_ids),
-                                f" and {len(images)} images" if images else "", params_summary(p))
+                    self._log_request(sub_id, text, token_ids, p, len(images))
                 streams.append(
                     await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt, priority)
                 )
@@ -240,6 +246,17 @@ class OpenAIServing:
                 raise self.value_error(error, default_param) from None
             raise
         return streams
+
+    def _log_request(
+        self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams, num_images: int
+    ) -> None:
+        """The request's log line; at debug level, as vLLM's, its prompt too (cut to --max-log-len)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            cut = self.config.max_log_len  # None slices whole
+            logger.debug("Request %s details: prompt: %r, prompt_token_ids: %s", request_id, text and text[:cut],
+                         token_ids[:cut])
+        logger.info("Received request %s: %d prompt tokens%s, params: %s", request_id, len(token_ids),
+                    f" and {num_images} images" if num_images else "", params_summary(params))
 
     def beam_searches(
         self, request: SamplingFields, ids: list[str], prompts: list[tuple[str | None, list[int]]],

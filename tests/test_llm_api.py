@@ -52,10 +52,10 @@ def test_chat_template_content_format_gives_the_template_parts_or_a_string(llm):
     text = [{"role": "user", "content": "hi"}]
     # "auto": parts for a template that loops over them, the text joined for one that writes content out.
     assert prompt_of(llm, parts, chat_template=PARTS_TEMPLATE) == "<user>a|b|"
-    assert prompt_of(llm, parts) == "<user>ab</user><assistant>"
+    assert prompt_of(llm, parts) == "<user>a\nb</user><assistant>"  # joined by newlines, as vLLM joins them
     assert prompt_of(llm, text, chat_template=PARTS_TEMPLATE, chat_template_content_format="openai") == "<user>hi|"
-    # "string" forced: the looping template iterates over the string's characters, which have no text.
-    assert prompt_of(llm, parts, chat_template=PARTS_TEMPLATE, chat_template_content_format="string") == "<user>||"
+    # "string" forced: the looping template iterates over the string's 3 characters, which have no text.
+    assert prompt_of(llm, parts, chat_template=PARTS_TEMPLATE, chat_template_content_format="string") == "<user>|||"
     with pytest.raises(ValueError, match="chat_template_content_format='parts' is invalid"):
         prompt_of(llm, text, chat_template_content_format="parts")
 

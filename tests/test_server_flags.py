@@ -174,10 +174,10 @@ def test_content_reaches_the_template_as_parts_or_a_string(flagged, plain):
     # "auto": a template that loops over content gets parts; a string content is one part.
     assert rendered(plain[0], TWO_PARTS, chat_template=PARTS_TEMPLATE) == "<user>a|b|"
     assert rendered(plain[0], [{"role": "user", "content": "hi"}], chat_template=PARTS_TEMPLATE) == "<user>hi|"
-    # ...and one that writes content out gets the text parts joined.
-    assert rendered(plain[0], TWO_PARTS, add_generation_prompt=False) == "<|im_start|>user\nab<|im_end|>\n"
-    # "string" forced: the looping template iterates over the string's characters, which have no text.
-    assert rendered(flagged[0], TWO_PARTS) == "<user>||"
+    # ...and one that writes content out gets the text parts joined by newlines, as vLLM joins them.
+    assert rendered(plain[0], TWO_PARTS, add_generation_prompt=False) == "<|im_start|>user\na\nb<|im_end|>\n"
+    # "string" forced: the looping template iterates over the string's 3 characters, which have no text.
+    assert rendered(flagged[0], TWO_PARTS) == "<user>|||"
 
 
 @pytest.mark.parametrize("template, expected", [

@@ -148,7 +148,7 @@ def _reads(node: nodes.Node, names: set[str], key: str | None = None) -> bool:
 
 def format_content(conversation: Conversation, content_format: str) -> Conversation:
     """Each message's content in content_format ("string" or "openai"): as a string, text parts
-    joined (a list with other parts stays as it is: an image processor or a refusal deals with
+    joined by newlines, as vLLM joins them (a list with other parts stays as it is: an image processor or a refusal deals with
     it); as "openai", a list of parts, a string one text part."""
     return [
         {**turn, "content": _formatted(turn["content"], content_format)} if "content" in turn else turn
@@ -164,7 +164,7 @@ def _formatted(content: Any, content_format: str) -> Any:
     if content is None:
         return ""
     if isinstance(content, list) and all(part.get("type") == "text" for part in content):
-        return "".join(part.get("text") or "" for part in content)
+        return "\n".join(part.get("text") or "" for part in content)
     return content
 
 

@@ -54,7 +54,7 @@ def extract_images(
                 )
             images.append(_part_image(part, allow_fetch, f"messages[{i}].content[{j}]", param))
             marks.append(placeholder)
-        turns.append({**turn, "content": "\n".join(marks + ["".join(texts)]) if marks else "".join(texts)})
+        turns.append({**turn, "content": "\n".join(marks + texts)})
     return turns, images
 
 

@@ -1,8 +1,9 @@
 """vLLM's scoring APIs: cross-encoders (Bert/Roberta/XLMRobertaForSequenceClassification) score
 text pairs as transformers does, each pair as the tokenizer encodes pairs (BERT's second text of
-token type 1), through LLM.score and LLM.classify; an embedding model's score is the cosine similarity of the
-two texts' embeddings; 1-to-N and N-to-N pairing; bad input refused naming the field, and each
-API refused by name on a model that cannot serve it."""
+token type 1), through LLM.score, LLM.classify, POST /score, /rerank and /classify; an embedding
+model's score is the cosine similarity of the two texts' embeddings; 1-to-N and N-to-N pairing,
+rerank order and top_n; bad input refused naming the field, and each API refused by name on a
+model that cannot serve it."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from pagoda import LLM
 from pagoda.attention import get_attention_backend
 from pagoda.config.engine_config import EngineConfig
 from pagoda.config.resolve import resolve_config
+from pagoda.entrypoints.openai.server import build_app
+from pagoda.entrypoints.openai.serving_engine import ServerConfig
 from pagoda.loader.model_loader import build_model
 from pagoda.loader.model_resolver import resolve_model
 from pagoda.models import model_class
+from tests.serving import MODEL, http_client, openai_error, serving
 from tests.test_embed_bert import save_tiny_encoder
 from tests.test_embeddings import hf_embeddings
+from tests.test_server_endpoints import HeldEngine
 
 MAX_POSITIONS = 64
 QUERY = "what is a cat?"
@@ -182,3 +188,130 @@ def test_dummy_weights_and_weight_bytes(tmp_path: Path, name: str) -> None:
     model = build_model(model_config, device=cpu, backend=get_attention_backend(cpu))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert model_class(model_config.spec.architecture).weight_bytes(model_config.spec, torch.float32) == param_bytes
+
+
+# The server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_server(tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("cross")
+    path = save_cross_encoder("bert", directory, {0: "relevant"})
+    # No --runner: auto picks pooling for an encoder.
+    with serving([str(path), "--served-model-name", MODEL], directory / "server.log") as (_, base):
+        yield path, base
+
+
+def test_score_endpoint_matches_transformers(cross_encoder_server) -> None:
+    path, base = cross_encoder_server
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with http_client(base) as http:
+        one_to_n = http.post("/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS})
+        n_to_n = http.post("/v1/score", json={"model": MODEL, "text_1": DOCUMENTS[:2], "text_2": DOCUMENTS[2:]})
+        single = http.post("/score", json={"text_1": QUERY, "text_2": DOCUMENTS[0]})
+    for response, pairs in (
+        (one_to_n, [(QUERY, d) for d in DOCUMENTS]), (n_to_n, list(zip(DOCUMENTS[:2], DOCUMENTS[2:]))),
+        (single, [(QUERY, DOCUMENTS[0])]),
+    ):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "list" and body["model"] == MODEL and body["id"].startswith("score-")
+        assert [d["index"] for d in body["data"]] == list(range(len(pairs)))
+        assert {d["object"] for d in body["data"]} == {"score"}
+        for data, (text_1, text_2) in zip(body["data"], pairs):
+            assert data["score"] == pytest.approx(hf_score(path, text_1, text_2), abs=1e-4)
+        tokens = sum(len(tokenizer(a, b)["input_ids"]) for a, b in pairs)
+        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens
+
+
+def test_rerank_orders_documents_by_score(cross_encoder_server) -> None:
+    path, base = cross_encoder_server
+    want = [hf_score(path, QUERY, d) for d in DOCUMENTS]
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: want[i], reverse=True)
+    with http_client(base) as http:
+        for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            response = http.post(route, json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert [r["index"] for r in body["results"]] == order
+            for result in body["results"]:
+                assert result["document"] == {"text": DOCUMENTS[result["index"]]}
+                assert result["relevance_score"] == pytest.approx(want[result["index"]], abs=1e-4)
+            assert body["usage"]["total_tokens"] > 0 and body["model"] == MODEL
+        top = http.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS, "top_n": 2, "return_documents": False})
+        assert [r["index"] for r in top.json()["results"]] == order[:2]
+        assert all("document" not in r for r in top.json()["results"])
+
+
+def test_classify_endpoint_gives_label_probabilities(cross_encoder_server) -> None:
+    path, base = cross_encoder_server
+    texts = ["good movie", "bad."]
+    with http_client(base) as http:
+        response = http.post("/classify", json={"model": MODEL, "input": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == MODEL
+    for data, text in zip(body["data"], texts):
+        # One label: its probability is the sigmoid of its logit, as vLLM's.
+        assert data["probs"] == pytest.approx([torch.sigmoid(hf_logits(path, text))[0].item()], abs=1e-4)
+        assert data["label"] == "relevant" and data["num_classes"] == 1
+    assert [d["index"] for d in body["data"]] == [0, 1]
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2"),
+    ("/score", {"text_1": [], "text_2": "a"}, "text_1"),
+    ("/score", {"text_1": "a", "text_2": []}, "text_2"),
+    ("/score", {"text_1": "a"}, "text_2"),
+    ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 10**4}, "truncate_prompt_tokens"),
+    ("/score", {"text_1": "a", "text_2": "b " * 100}, "text_2"),  # past max_model_len
+    ("/rerank", {"query": "a", "documents": []}, "documents"),
+    ("/rerank", {"documents": ["a"]}, "query"),
+    ("/classify", {"input": []}, "input"),
+    ("/v1/embeddings", {"input": "a"}, "model"),  # a cross-encoder gives no embeddings
+])
+def test_bad_score_requests_name_the_field(cross_encoder_server, route: str, body: dict, param: str) -> None:
+    _, base = cross_encoder_server
+    with http_client(base) as http:
+        openai_error(http.post(route, json={"model": MODEL, **body}), 400, param)
+        assert http.post("/score", json={"model": MODEL, "text_1": "a", "text_2": "b"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("embed")
+    vocab_size = save_bert_tokenizer(directory / "bert")
+    path = save_tiny_encoder("bert", directory, "MEAN", True, vocab_size=vocab_size)
+    with serving([str(path), "--served-model-name", MODEL], directory / "server.log") as (_, base):
+        yield path, base
+
+
+def test_embedding_model_scores_are_cosine_similarities(embedding_server) -> None:
+    path, base = embedding_server
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    texts = [QUERY, *DOCUMENTS]
+    want = hf_embeddings(path, [tokenizer.encode(t) for t in texts], "MEAN", True)
+    cosines = [torch.nn.functional.cosine_similarity(want[0], w, dim=0).item() for w in want[1:]]
+    with http_client(base) as http:
+        score = http.post("/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS}).json()
+        rerank = http.post("/rerank", json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS, "top_n": 3}).json()
+        pairwise = http.post("/score", json={"model": MODEL, "text_1": DOCUMENTS[:2], "text_2": DOCUMENTS[2:]}).json()
+        classify = http.post("/classify", json={"model": MODEL, "input": "a"})
+    assert [d["score"] for d in score["data"]] == pytest.approx(cosines, abs=1e-5)
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: cosines[i], reverse=True)[:3]
+    assert [r["index"] for r in rerank["results"]] == order
+    assert [r["relevance_score"] for r in rerank["results"]] == pytest.approx([cosines[i] for i in order], abs=1e-5)
+    for data, (i, j) in zip(pairwise["data"], [(1, 3), (2, 4)]):
+        cosine = torch.nn.functional.cosine_similarity(want[i], want[j], dim=0).item()
+        assert data["score"] == pytest.approx(cosine, abs=1e-5)
+    assert "embedding model" in openai_error(classify, 400, "model")["message"]
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/score", {"text_1": "a", "text_2": "b"}),
+    ("/v1/rerank", {"query": "a", "documents": ["b"]}),
+    ("/classify", {"input": "a"}),
+])
+def test_generating_server_refuses_scoring(route: str, body: dict) -> None:
+    app = TestClient(build_app(HeldEngine(), ServerConfig([MODEL], 64, None, False)))
+    assert "--runner pooling" in openai_error(app.post(route, json={"model": MODEL, **body}), 400, "model")["message"]

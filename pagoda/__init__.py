@@ -9,7 +9,10 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 from typing import TYPE_CHECKING, Any
 
 from pagoda.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
-from pagoda.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from pagoda.outputs import (
+    ClassificationOutput, ClassificationRequestOutput, CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput,
+    Logprob, RequestOutput, ScoringOutput, ScoringRequestOutput,
+)
 from pagoda.pooling import PoolingParams
 from pagoda.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
@@ -19,7 +22,8 @@ if TYPE_CHECKING:
 __all__ = [
     "LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput", "CompletionOutput",
     "Logprob", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "PoolingParams", "EmbeddingOutput",
-    "EmbeddingRequestOutput",
+    "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput", "ScoringOutput",
+    "ScoringRequestOutput",
 ]
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ class TextPrompt(TypedDict):
 class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
     prompt: NotRequired[str]  # its text, when known: outputs carry it
+    token_type_ids: NotRequired[list[int]]  # a BERT text pair's: 0 through the first text, then 1
     multi_modal_data: NotRequired[dict[str, Any]]
     cache_salt: NotRequired[str]
 

@@ -1,4 +1,5 @@
-"""What `LLM.generate` and `LLM.embed` return: the same shapes vLLM users already consume."""
+"""What `LLM.generate`, `LLM.embed`, `LLM.classify` and `LLM.score` return: the same shapes vLLM
+users already consume."""
 
 from __future__ import annotations
 
@@ -77,5 +78,40 @@ class EmbeddingRequestOutput:
 
     request_id: str
     outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # each label's probability, by the model's label index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """vLLM's: one prompt's label probabilities (`.outputs.probs`)."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """vLLM's: one text pair's score (`.outputs.score`); prompt_token_ids: the tokens scored (a
+    cross-encoder's pair, or the two texts' one after the other)."""
+
+    request_id: str
+    outputs: ScoringOutput
     prompt_token_ids: list[int]
     finished: bool = True

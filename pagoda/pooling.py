@@ -6,7 +6,10 @@ embedding is its last token's hidden state, normalized (vLLM's default for Qwen3
 models), an encoder's (BERT) its first token's ([CLS]), normalized. The engine core's runner
 reduces each prompt's hidden states to one vector (worker/pooler.py); the front end then
 truncates it to the requested `dimensions` (Matryoshka models only) and normalizes it
-(`embedding`), in that order, as vLLM's embedding head does."""
+(`embedding`), in that order, as vLLM's embedding head does.
+
+A sequence-classification model (a cross-encoder) pools its first token through its head: its
+pooled vector is its labels' logits, which the front end makes probabilities (`probabilities`)."""
 
 from __future__ import annotations
 
@@ -44,6 +47,44 @@ class PoolerConfig:
     # model names, or () for any.
     is_matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] = ()
+    # A sequence-classification model's labels, by index (config.json's id2label); () for an
+    # embedding model.
+    labels: tuple[str, ...] = ()
+
+
+def classifier_config(hf_config: Any) -> PoolerConfig:
+    """The pooling of a sequence-classification model: its first token, through its head."""
+    id2label = getattr(hf_config, "id2label", None) or {0: "LABEL_0", 1: "LABEL_1"}
+    labels = tuple(str(label) for _, label in sorted(id2label.items(), key=lambda item: int(item[0])))
+    return PoolerConfig("CLS", False, labels=labels)
+
+
+# What each pooling API needs of the model: an embedding model, a classifier, or either (score).
+_TASK_NEEDS = {"embed": False, "classify": True, "score": None}
+
+
+def check_task(config: PoolerConfig, task: str, model_name: str) -> None:
+    """ValueError naming the model when it cannot serve `task` (embed, classify or score): a
+    classifier gives no embeddings, an embedding model no label probabilities, and a score is one
+    label's (vLLM's cross-encoders) or two embeddings' cosine similarity."""
+    classifier = bool(config.labels)
+    needs = _TASK_NEEDS[task]
+    if needs is not None and needs != classifier:
+        kind = "a sequence-classification model (a cross-encoder)" if classifier else "an embedding model"
+        other = "embeddings" if classifier else "label probabilities (classify)"
+        raise ValueError(f"model {model_name!r} is {kind}: it gives no {other}")
+    if task == "score" and classifier and len(config.labels) != 1:
+        raise ValueError(
+            f"model {model_name!r} has {len(config.labels)} labels: a score is the probability of a model with one "
+            "(num_labels=1, as cross-encoders have); classify gives its labels' probabilities"
+        )
+
+
+def probabilities(logits: list[float]) -> list[float]:
+    """A classifier's label probabilities, as vLLM's: the sigmoid of a single logit (a
+    cross-encoder's relevance), else the softmax over the labels."""
+    values = torch.tensor(logits, dtype=torch.float32)
+    return (torch.sigmoid(values) if len(logits) == 1 else torch.softmax(values, dim=0)).tolist()
 
 
 def read_pooler_config(model_dir: Path, hf_config: Any, default_pooling_type: str = "LAST") -> PoolerConfig:

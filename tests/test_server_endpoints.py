@@ -203,7 +203,7 @@ class HeldEngine:
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params, prompt, lora_request=None, images=(),
-        cache_salt=None, priority=0,
+        cache_salt=None, priority=0, token_type_ids=None,
     ) -> AsyncIterator:
         return self._outputs(request_id, prompt_token_ids)
 

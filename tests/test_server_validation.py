@@ -213,7 +213,7 @@ def test_openapi_declares_400_with_the_error_body_not_422(http):
     posts = {path: ops["post"] for path, ops in schema["paths"].items() if "post" in ops}
     assert set(posts) == {
         "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/invocations",
-        "/v1/embeddings",
+        "/v1/embeddings", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/classify",
     }
     for path, op in posts.items():
         assert "422" not in op["responses"], path

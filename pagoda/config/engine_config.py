@@ -17,8 +17,10 @@ MODEL_IMPLS = ("auto", "pagoda", "transformers")
 # vLLM's --runner: generate (tokens) or pooling (one vector per prompt: embeddings); auto: pooling
 # for an encoder-only model (BERT), else generate.
 RUNNERS = ("auto", "generate", "pooling")
-# vLLM's older --task: embed (or "embedding") means the pooling runner, generate the generating one.
-TASKS = ("auto", "generate", "embed", "embedding")
+# vLLM's older --task: embed (or "embedding"), classify and score mean the pooling runner, generate
+# the generating one.
+POOLING_TASKS = ("embed", "embedding", "classify", "score")
+TASKS = ("auto", "generate", *POOLING_TASKS)
 # vLLM's --distributed-executor-backend: mp, worker processes on this host; ray, Ray actors on any
 # node of a Ray cluster.
 EXECUTOR_BACKENDS = ("mp", "ray")
@@ -206,8 +208,10 @@ class EngineConfig:
         "on any node of the Ray cluster this attaches to or starts; pip install pagoda[ray])",
         choices=EXECUTOR_BACKENDS)
     runner: str = _knob("auto", "generate: sample tokens; pooling: one embedding per prompt (POST /v1/embeddings, "
-                        "LLM.embed); auto: pooling for an encoder-only model (BERT), else generate", choices=RUNNERS)
-    task: str = _knob("auto", "vLLM's older spelling of runner: embed means --runner pooling", choices=TASKS)
+                        "LLM.embed; /score, /rerank, /classify); auto: pooling for an encoder-only model (BERT, "
+                        "cross-encoders), else generate", choices=RUNNERS)
+    task: str = _knob("auto", "vLLM's older spelling of runner: embed, classify and score mean --runner pooling",
+                      choices=TASKS)
     speculative_config: dict[str, Any] | None = _knob(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
         '"prompt_lookup_min": n, "prompt_lookup_max": m} (ngram: drafts copied from where the request\'s last '

@@ -27,7 +27,7 @@ class ModelConfig:
     seed: int  # of sampling without a request seed, and of dummy weights
     eos_token_ids: frozenset[int]  # what ends a request unless it ignores EOS
     # The tokenizer's vocabulary as the grammar compiler needs it (structured outputs), serialized
-    # by structured_output/grammar.py; None without a tokenizer.
+    # by structured_output/grammar.py; None without a tokenizer, or on a pooling engine.
     grammar_vocab: str | None
     # An embedding engine's pooling (--runner pooling); None: the engine generates tokens.
     pooler: PoolerConfig | None

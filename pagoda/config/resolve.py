@@ -19,6 +19,7 @@ from pagoda.config.engine_config import (
     DTYPES,
     GENERATION_CONFIG_FIELDS,
     KV_CACHE_DTYPES,
+    POOLING_TASKS,
     EngineConfig,
 )
 from pagoda.config.groups import (
@@ -59,7 +60,7 @@ from pagoda.models.eagle3 import (
 from pagoda.models.transformers_fallback import TRANSFORMERS_ARCHITECTURE
 from pagoda.multimodal.processing import is_multimodal_config
 from pagoda.parallel_config import check_parallel_layout, detect_gpus
-from pagoda.pooling import PoolerConfig, read_pooler_config
+from pagoda.pooling import PoolerConfig, classifier_config, read_pooler_config
 from pagoda.quantization import get_quantization_config, resolve_quantization
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import grammar_vocab
@@ -139,12 +140,16 @@ def _model_config(
         if args.load_format != "dummy":  # the GGUF types pick each layer's method, as a quantization_config would
             spec = dataclasses.replace(spec, quantization=gguf_checkpoint_quantization(resolved, spec))
     eos_token_ids = _eos_token_ids(load_generation_eos(resolved), hf_config, tokenizer)
-    vocab = None if tokenizer is None else grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids)
+    pooler = _pooler(args, resolved, hf_config, spec, speculative)
+    # A pooling engine samples nothing, so it compiles no grammars (whose vocabulary needs an EOS
+    # token, which a BERT tokenizer lacks).
+    sampling = tokenizer is not None and pooler is None
+    vocab = grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids) if sampling else None
     dtype = _dtype(args.dtype, spec, device)
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
-        args.seed, eos_token_ids, vocab, _pooler(args, resolved, hf_config, spec, speculative),
-        _quantization(args.quantization, spec, device, dtype), default_sampling(args, resolved.model_dir),
+        args.seed, eos_token_ids, vocab, pooler, _quantization(args.quantization, spec, device, dtype),
+        default_sampling(args, resolved.model_dir),
     )
 
 
@@ -297,9 +302,9 @@ def _pooler(
 ) -> PoolerConfig | None:
     """The pooling of an embedding engine (--runner pooling, or --task embed; runner auto picks it
     for an encoder-only model, as vLLM's does); None: it generates."""
-    pooling_task = args.task in ("embed", "embedding")
+    pooling_task = args.task in POOLING_TASKS
     if args.runner == "generate" and pooling_task:
-        raise ValueError(f"task={args.task!r} is invalid with runner='generate': embeddings need runner='pooling'")
+        raise ValueError(f"task={args.task!r} is invalid with runner='generate': it needs runner='pooling'")
     encoder = model_class(spec.architecture).is_encoder_only
     if encoder:
         if args.runner == "generate" or args.task == "generate":
@@ -312,6 +317,8 @@ def _pooler(
         return None
     if speculative:
         raise ValueError("speculative_config is invalid with runner='pooling': an embedding engine decodes no tokens")
+    if model_class(spec.architecture).is_cross_encoder:
+        return classifier_config(hf_config)
     # Without a sentence-transformers Pooling module: an encoder's [CLS] token, a decoder's last (vLLM's defaults).
     return read_pooler_config(resolved.model_dir, hf_config, "CLS" if encoder else "LAST")
 

@@ -49,6 +49,7 @@ class Request:
         images: list[ImageInput] | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        pair_start: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.lora_request = lora_request
@@ -61,6 +62,9 @@ class Request:
         self.images = images or []  # in prompt order; their placeholders are prompt tokens
         self.cache_salt = cache_salt  # keys its first block, and so every block after it
         self.priority = priority  # with priority scheduling: lower runs earlier
+        # A text pair's (a BERT cross-encoder's): its second text's first token, of token type 1 as
+        # every token after it; None: every token is of type 0.
+        self.pair_start = pair_start
         room = max_model_len - len(prompt_token_ids)
         requested = sampling_params.max_tokens
         self.max_tokens = room if requested is None else min(requested, room)

@@ -142,14 +142,16 @@ class AsyncLLM:
         images: Sequence[Any] = (),
         cache_salt: str | None = None,
         priority: int = 0,
+        token_type_ids: Sequence[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine accepts it, returns its outputs step by step (the last
         one finished). Raises ValueError for a request the engine refuses or that cannot be
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
-        client gone) aborts the request; so must a caller that never starts it."""
+        client gone) aborts the request; so must a caller that never starts it. token_type_ids: a
+        BERT text pair's (an embedding engine's)."""
         request = self.processor.make_request(
             request_id, list(prompt_token_ids), params, lora_request=lora_request, images=images, cache_salt=cache_salt,
-            priority=priority,
+            priority=priority, token_type_ids=token_type_ids,
         )
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])

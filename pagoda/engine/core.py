@@ -151,6 +151,7 @@ class EngineCore:
                 images=request.images,
                 cache_salt=request.cache_salt,
                 priority=request.priority,
+                pair_start=request.pair_start,
             )
             for child_id, params in request.children
         ]

@@ -6,7 +6,8 @@ EngineCoreRequest (n>1 fanned out into engine requests) after the checks that ne
 no engine state (empty prompt, token ids, logit_bias keys and allowed_token_ids outside the
 vocabulary, more logprobs than --max-logprobs, bad_words without a tokenizer, a structured-output
 constraint that does not parse, a LoRA adapter the engine cannot apply, an empty cache_salt, a
-priority without priority scheduling), the prompt truncated to truncate_prompt_tokens, logprobs
+priority without priority scheduling, token_type_ids a model of one token type cannot take), the
+prompt (and its token types) truncated to truncate_prompt_tokens, logprobs
 of -1 made the vocabulary's size and bad_words made token sequences. What depends on the core's
 state (the prompt's length against the KV pool) the core itself refuses."""
 
@@ -61,11 +62,17 @@ class InputProcessor:
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         lora_request: LoRARequest | None = None, images: Sequence[Any] = (), cache_salt: str | None = None,
-        priority: int = 0,
+        priority: int = 0, token_type_ids: Sequence[int] | None = None,
     ) -> EngineCoreRequest:
         """The engine request(s) of one user request (its prompt truncated as params ask; each image
-        placeholder token expanded to its image's features), or a ValueError naming what is wrong."""
+        placeholder token expanded to its image's features), or a ValueError naming what is wrong.
+        token_type_ids: each prompt token's (a BERT text pair's: 0 through the first text, then 1)."""
         max_model_len = self.config.model.max_model_len
+        pair_start = None  # vLLM's compressed token_type_ids: the first token of type 1
+        if token_type_ids is not None:
+            self._validate_token_types(list(token_type_ids), len(prompt_token_ids))
+            types = truncate_prompt(list(token_type_ids), params.truncate_prompt_tokens, max_model_len)
+            pair_start = types.index(1) if 1 in types else None
         prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, max_model_len)
         image_inputs = []
         if self.image_processor is not None:  # placeholders without their images are refused too
@@ -88,8 +95,21 @@ class InputProcessor:
         self._validate_priority(priority)
         return EngineCoreRequest(
             request_id, prompt_token_ids, fan_out(request_id, params), lora_request=lora_request, images=image_inputs,
-            cache_salt=cache_salt, priority=priority,
+            cache_salt=cache_salt, priority=priority, pair_start=pair_start,
         )
+
+    def _validate_token_types(self, token_type_ids: list[int], num_tokens: int) -> None:
+        """One type per prompt token, zeros then ones (a text pair's), and ones only for a model
+        with a second token type (BERT's type_vocab_size)."""
+        zeros_then_ones = set(token_type_ids) <= {0, 1} and sorted(token_type_ids) == token_type_ids
+        if len(token_type_ids) != num_tokens or not zeros_then_ones:
+            raise ValueError(
+                "token_type_ids=<...> is invalid: they must be one per prompt token, zeros then ones (a text pair's)"
+            )
+        if 1 in token_type_ids and (self.config.model.spec.hf_config.get("type_vocab_size") or 1) < 2:
+            raise ValueError(
+                f"token_type_ids=<...> is invalid: {self.config.model.spec.architecture} has one token type"
+            )
 
     def _validate_priority(self, priority: int) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool) or not INT64_MIN <= priority <= INT64_MAX:
@@ -170,15 +190,22 @@ class InputProcessor:
 
 def truncate_prompt(prompt_token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
     """The prompt's last truncate_prompt_tokens tokens (-1: the last max_model_len), as vLLM keeps them."""
+    keep = truncation_length(truncate_prompt_tokens, max_model_len)
+    return prompt_token_ids if keep is None else prompt_token_ids[-keep:]
+
+
+def truncation_length(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """The tokens truncate_prompt_tokens keeps (-1: max_model_len; None: no truncation);
+    ValueError past max_model_len."""
     if truncate_prompt_tokens is None:
-        return prompt_token_ids
+        return None
     keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
     if keep > max_model_len:
         raise ValueError(
             f"truncate_prompt_tokens={truncate_prompt_tokens} is invalid: it must be at most max_model_len "
             f"({max_model_len}), or -1"
         )
-    return prompt_token_ids[-keep:]
+    return keep
 
 
 def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:

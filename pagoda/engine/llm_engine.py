@@ -39,15 +39,17 @@ class LLMEngine:
         images: Sequence[Any] = (),
         cache_salt: str | None = None,
         priority: int = 0,
+        token_type_ids: Sequence[int] | None = None,
     ) -> None:
         """Queue a request; a ValueError leaves the engine exactly as it was. With `final_only`,
         `step` returns its output only once it has finished. cache_salt: its cached blocks are
-        shared only with requests of the same salt; priority: lower runs earlier (priority scheduling)."""
+        shared only with requests of the same salt; priority: lower runs earlier (priority scheduling);
+        token_type_ids: a BERT text pair's (an embedding engine's)."""
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.processor.make_request(
             request_id, prompt_token_ids, params, lora_request=lora_request, images=images, cache_salt=cache_salt,
-            priority=priority,
+            priority=priority, token_type_ids=token_type_ids,
         )
         self.engine_core.add_request(request)
         self.output_processor.add(

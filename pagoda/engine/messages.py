@@ -40,6 +40,8 @@ class EngineCoreRequest(_Message):
     images: list[ImageInput] = []  # the prompt's images, in prompt order (multimodal/inputs.py)
     cache_salt: str | None = None  # vLLM's: the prompt's cached blocks shared only with requests of the same salt
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower runs earlier
+    # The first token of type 1 (vLLM's compressed token_type_ids: a text pair's second text); None: all type 0.
+    pair_start: int | None = None
 
 
 class AbortRequests(_Message):

@@ -13,12 +13,17 @@ from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat
-from pagoda.inputs import PromptType
+from pagoda.engine.input_processor import truncation_length
+from pagoda.inputs import PromptType, TokensPrompt
 from pagoda.logger import configure_logging
 from pagoda.lora.request import LoRARequest
-from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, embedding
+from pagoda.outputs import (
+    ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput,
+    ScoringOutput, ScoringRequestOutput,
+)
+from pagoda.pooling import PoolerConfig, PoolingParams, check_dimensions, check_task, embedding, probabilities
 from pagoda.sampling_params import SamplingParams
+from pagoda.scoring import cosine_score, encode_pair, pair_indices
 
 
 class LLM:
@@ -96,19 +101,78 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """The embedding of each prompt (a string or {"prompt_token_ids": [...]}), in input order;
         the LLM must be an embedding engine (runner="pooling", or task="embed")."""
-        pooler = self._require_runner("pooling", "LLM.embed")
+        pooler = self._require_pooling_task("embed", "LLM.embed")
         pooling_params = pooling_params or PoolingParams()
         check_dimensions(pooler, self.llm_engine.engine_core.model_name, pooling_params.dimensions)
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        # One prefill step and no sampling: max_tokens only has to leave the prompt room.
-        params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens, detokenize=False)
-        outputs = self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm)
+        outputs = self._pool(prompts, use_tqdm, truncate_prompt_tokens)
         return [
             EmbeddingRequestOutput(
                 o.request_id, EmbeddingOutput(embedding(o.pooled, pooler, pooling_params)), o.prompt_token_ids
             )
             for o in outputs
+        ]
+
+    def classify(
+        self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Each prompt's label probabilities (`.outputs.probs`, by the model's label index), in
+        input order; the LLM must run a sequence-classification model (a cross-encoder)."""
+        self._require_pooling_task("classify", "LLM.classify")
+        outputs = self._pool(prompts, use_tqdm, truncate_prompt_tokens)
+        return [
+            ClassificationRequestOutput(o.request_id, ClassificationOutput(probabilities(o.pooled)), o.prompt_token_ids)
+            for o in outputs
+        ]
+
+    def score(
+        self,
+        data_1: PromptType | Sequence[PromptType],
+        data_2: PromptType | Sequence[PromptType],
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's score of text pairs: data_1's one text against each of data_2's (1 to N), or
+        both pairwise (N to N); one output per pair (`.outputs.score`), in order. A cross-encoder
+        scores each pair as its tokenizer encodes pairs (texts only); an embedding model gives
+        the cosine similarity of the two texts' embeddings."""
+        pooler = self._require_pooling_task("score", "LLM.score")
+        texts_1 = [data_1] if isinstance(data_1, (str, dict)) else list(data_1)
+        texts_2 = [data_2] if isinstance(data_2, (str, dict)) else list(data_2)
+        pairs = pair_indices(len(texts_1), len(texts_2), ("data_1", "data_2"))
+        if pooler.labels:  # a cross-encoder
+            texts = [(texts_1[i], texts_2[j]) for i, j in pairs]
+            return self._cross_encoder_scores(texts, truncate_prompt_tokens, use_tqdm)
+        outputs = self._pool(texts_1 + texts_2, use_tqdm, truncate_prompt_tokens)
+        outputs_1, outputs_2 = outputs[: len(texts_1)], outputs[len(texts_1) :]
+        return [
+            ScoringRequestOutput(
+                f"{a.request_id}_{b.request_id}", ScoringOutput(cosine_score(a.pooled, b.pooled)),
+                a.prompt_token_ids + b.prompt_token_ids,
+            )
+            for a, b in ((outputs_1[i], outputs_2[j]) for i, j in pairs)
+        ]
+
+    def _cross_encoder_scores(
+        self, pairs: list[tuple[PromptType, PromptType]], truncate_prompt_tokens: int | None, use_tqdm: bool
+    ) -> list[ScoringRequestOutput]:
+        """Each pair through the cross-encoder, as its tokenizer encodes (and cuts) pairs."""
+        tokenizer = self._require_tokenizer("LLM.score")
+        max_length = truncation_length(truncate_prompt_tokens, self.llm_engine.engine_core.max_model_len)
+        prompts: list[PromptType] = []
+        for text_1, text_2 in pairs:
+            if not (isinstance(text_1, str) and isinstance(text_2, str)):
+                raise ValueError("a cross-encoder scores texts: data_1 and data_2 must be strings")
+            token_ids, token_type_ids = encode_pair(tokenizer, text_1, text_2, max_length)
+            prompt: TokensPrompt = {"prompt_token_ids": token_ids}
+            if token_type_ids is not None:
+                prompt["token_type_ids"] = token_type_ids
+            prompts.append(prompt)
+        return [
+            ScoringRequestOutput(o.request_id, ScoringOutput(probabilities(o.pooled)[0]), o.prompt_token_ids)
+            for o in self._pool(prompts, use_tqdm)
         ]
 
     def chat(
@@ -203,6 +267,23 @@ class LLM:
             raise ValueError(f"{what} needs runner={runner!r}, but this LLM was built with runner={other!r}")
         return pooler
 
+    def _require_pooling_task(self, task: str, what: str) -> PoolerConfig:
+        """The engine's pooling, when its model serves `task` (embed, classify or score)."""
+        pooler = self._require_runner("pooling", what)
+        assert pooler is not None  # a pooling engine
+        check_task(pooler, task, self.llm_engine.engine_core.model_name)
+        return pooler
+
+    def _pool(
+        self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool, truncate_prompt_tokens: int | None = None
+    ) -> list[RequestOutput]:
+        """Each prompt's final output on the embedding engine (its pooled vector), in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        # One prefill step and no sampling: max_tokens only has to leave the prompt room.
+        params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens, detokenize=False)
+        return self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm)
+
     def _require_tokenizer(self, what: str) -> Any:
         if self.llm_engine.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer, but the LLM was built with skip_tokenizer_init=True")
@@ -245,6 +326,7 @@ class LLM:
                     request_id, token_ids, p, prompt=text, final_only=True, lora_request=lora, images=_images(prompt),
                     cache_salt=None if isinstance(prompt, str) else prompt.get("cache_salt"),
                     priority=0 if priority is None else priority[i],
+                    token_type_ids=None if isinstance(prompt, str) else prompt.get("token_type_ids"),
                 )
                 request_ids.append(request_id)
         except ValueError:

@@ -82,7 +82,9 @@ def hf_checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[in
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
     """The Hugging Face model for a config (its values, as `to_dict` gives them) without storage:
     its parameter names and shapes are those of a checkpoint."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
+    )
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     config = AutoConfig.for_model(**hf_config)
@@ -90,6 +92,8 @@ def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:
         auto = AutoModelForImageTextToText
     elif type(config) in MODEL_MAPPING and MODEL_MAPPING[type(config)].__name__ in (config.architectures or ()):
         auto = AutoModel  # the checkpoint is the bare model, with no head (BertModel: an embedding model)
+    elif any(arch.endswith("ForSequenceClassification") for arch in config.architectures or ()):
+        auto = AutoModelForSequenceClassification  # a cross-encoder
     else:
         auto = AutoModelForCausalLM
     with torch.device("meta"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagoda.models.bert import BertEmbeddingModel
+from pagoda.models.bert import BertClassifierModel, BertEmbeddingModel
 from pagoda.models.eagle import EAGLE_ARCHITECTURE, EagleLlamaForCausalLM
 from pagoda.models.eagle3 import EAGLE3_ARCHITECTURE, EAGLE3_ARCHITECTURES, Eagle3LlamaForCausalLM
 from pagoda.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
@@ -24,6 +24,7 @@ from pagoda.models.transformers_fallback import (
 )
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "BertForSequenceClassification": BertClassifierModel,
     "BertModel": BertEmbeddingModel,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
@@ -39,7 +40,9 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "RobertaForSequenceClassification": BertClassifierModel,
     "RobertaModel": BertEmbeddingModel,
+    "XLMRobertaForSequenceClassification": BertClassifierModel,
     "XLMRobertaModel": BertEmbeddingModel,
 }
 

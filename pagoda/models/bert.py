@@ -1,10 +1,13 @@
-"""Encoder-only embedding models: BERT (BertModel, as sentence-transformers ships all-MiniLM and
-BGE checkpoints) and RoBERTa / XLM-RoBERTa, one class for all three. They run on an embedding engine only (--runner
+"""Encoder-only models: BERT (BertModel, as sentence-transformers ships all-MiniLM and
+BGE checkpoints) and RoBERTa / XLM-RoBERTa, one class for all three; and their sequence
+classification models (cross-encoders such as ms-marco-MiniLM and bge-reranker), the same encoder
+with the classification head over the first token. They run on an embedding engine only (--runner
 pooling): a prompt is one whole step, its tokens attend to each other both ways
 (layers/encoder_attention.py, no KV cache), and its final hidden states are pooled by the runner.
 
 Token, absolute position and token-type embeddings (every token is of type 0, as
-sentence-transformers encodes one sentence), LayerNorm; then per layer self-attention and a GELU
+sentence-transformers encodes one sentence, unless the step gives the types: a BERT text pair's
+second text is of type 1), LayerNorm; then per layer self-attention and a GELU
 MLP, each followed by a LayerNorm over its output plus its input (post-norm). RoBERTa's position
 ids start after its padding index (padding_idx + 1), so its context is that much shorter than
 its position table (config/resolve.py). Module names are the checkpoint's (`embeddings.*`,
@@ -51,9 +54,13 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=hf.get("layer_norm_eps", 1e-12))
         self.position_offset = position_offset(hf)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
-        return self.LayerNorm(hidden + self.token_type_embeddings.weight[0])
+        if token_type_ids is None:
+            return self.LayerNorm(hidden + self.token_type_embeddings.weight[0])
+        return self.LayerNorm(hidden + self.token_type_embeddings(token_type_ids))
 
 
 class BertSelfAttention(nn.Module):
@@ -189,9 +196,63 @@ class BertEmbeddingModel(CausalLM):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """kv_caches: empty (an encoder keeps none)."""
-        return self.encoder(self.embeddings(input_ids, positions), metadata)
+        """kv_caches: empty (an encoder keeps none); token_type_ids: each token's (None: all 0)."""
+        return self.encoder(self.embeddings(input_ids, positions, token_type_ids), metadata)
 
     def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         raise NotImplementedError("an encoder-only model computes no logits: it runs with runner='pooling'")
+
+
+class BertClassifierModel(BertEmbeddingModel):
+    """BertForSequenceClassification, RobertaForSequenceClassification and
+    XLMRobertaForSequenceClassification: `classify` turns the pooled first token's hidden state
+    into the labels' logits as transformers' heads do, dense + tanh then a projection (BERT's
+    pooler, then its classifier; RoBERTa's classifier.dense, then classifier.out_proj)."""
+
+    is_cross_encoder: ClassVar[bool] = True
+    ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("embeddings.position_ids",)
+
+    def __init__(
+        self, config: ModelSpec, backend: AttentionBackend, max_position: int,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
+        super().__init__(config, backend, max_position, quant_config)
+        hidden = config.hidden_size
+        # Replicated on every rank: one row per prompt, too small to shard.
+        self.head = nn.ModuleDict({
+            "dense": nn.Linear(hidden, hidden), "out_proj": nn.Linear(hidden, num_labels(config.hf_config)),
+        })
+
+    @classmethod
+    def weight_bytes(
+        cls, config: ModelSpec, dtype: torch.dtype, quant_config: QuantizationConfig | None = None
+    ) -> int:
+        hidden, labels = config.hidden_size, num_labels(config.hf_config)
+        head = (hidden + 1) * hidden + (hidden + 1) * labels
+        return super().weight_bytes(config, dtype, quant_config) + head * dtype.itemsize
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str:
+        name = BertEmbeddingModel.checkpoint_name(name)
+        for source, target in _HEAD_NAMES:
+            if name.startswith(source):
+                return target + name.removeprefix(source)
+        return name
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled: each prompt's first token's final hidden state [prompts, hidden] -> its logits [prompts, labels]."""
+        return self.head["out_proj"](torch.tanh(self.head["dense"](pooled)))
+
+
+# The heads' checkpoint names (after the encoder prefix is stripped) -> ours: BERT's, then RoBERTa's.
+_HEAD_NAMES = (
+    ("pooler.dense.", "head.dense."), ("classifier.dense.", "head.dense."),
+    ("classifier.out_proj.", "head.out_proj."), ("classifier.", "head.out_proj."),
+)
+
+
+def num_labels(hf_config: dict[str, Any]) -> int:
+    """A sequence-classification config's number of labels (transformers' default: 2)."""
+    return len(hf_config.get("id2label") or {}) or 2

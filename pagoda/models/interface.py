@@ -93,6 +93,13 @@ class CausalLM(nn.Module, ABC):
 
     # An encoder-only model (BERT): it embeds (runner='pooling') and never generates.
     is_encoder_only: ClassVar[bool] = False
+    # A sequence-classification model (a cross-encoder): its pooled first token goes through
+    # `classify`, and its pooled vector is the labels' logits.
+    is_cross_encoder: ClassVar[bool] = False
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each prompt's pooled hidden state [prompts, hidden] -> its labels' logits (cross-encoders)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a sequence-classification model")
 
     @staticmethod
     def checkpoint_name(name: str) -> str:

@@ -14,7 +14,8 @@ outputs' grammar masks (computed by the engine
 core) are applied to the sampled rows' logits before sampling; a step whose masks follow the
 tokens of the step before it is launched with its sampling deferred until the core has them. An
 embedding engine (--runner pooling) computes no logits: each prompt's final hidden states are
-pooled into one vector (worker/pooler.py). With LoRA, each chunk's adapter is made resident and
+pooled into one vector (worker/pooler.py); a text pair's second text is of token type 1 there
+(a BERT cross-encoder's). With LoRA, each chunk's adapter is made resident and
 each token's slot written into the static index the LoRA layers (and the decode graphs) read
 (pagoda/lora/manager.py). A vision-language model's prefill chunks that reach image placeholders
 get the images' encoder features merged into their token embeddings (multimodal/encoder_cache.py),
@@ -152,6 +153,8 @@ class _Batch:
     image_chunks: list[tuple[str, list[ImageInput], int, int, int]] = field(default_factory=list)
     # M-RoPE (Qwen2-VL): positions is [3, T] where a chunk reaches into a prompt with images.
     positions_3d: bool = False
+    # Each row's token type, where a request is a text pair (a BERT cross-encoder's); None: all 0.
+    token_type_ids: list[int] | None = None
 
 
 class ModelRunner:
@@ -205,6 +208,8 @@ class ModelRunner:
         self.sampler = Sampler(config.model.seed)
         pooler = config.model.pooler
         self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
+        # A sequence-classification model's head, over each prompt's pooled vector.
+        self.pooling_head = self.model.classify if pooler is not None and pooler.labels else None
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
@@ -383,7 +388,9 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if hidden is not None and self.pooling_type is not None:
             if self.samples:
-                out.pooled = pool(self.pooling_type, hidden, chunks, _query_starts(batch.query_lens))
+                out.pooled = pool(
+                    self.pooling_type, hidden, chunks, _query_starts(batch.query_lens), self.pooling_head
+                )
             return PendingStep(out)
         if hidden is not None and self.keeps_step_hidden:
             out.step_hidden = _step_hidden(hidden if aux_hidden is None else aux_hidden, chunks, batch.query_lens)
@@ -437,6 +444,9 @@ class ModelRunner:
         self.attention_backend.prepare(metadata)
         positions = to_device(batch.positions, torch.int64, self.device)
         if images is None:
+            if batch.token_type_ids is not None:
+                token_types = to_device(batch.token_type_ids, torch.int64, self.device)
+                return self.model(input_ids, positions, self.kv_caches, metadata, token_type_ids=token_types)
             if self.compiled_decode is not None and plain and len(batch.input_ids) == len(batch.query_lens):
                 return self.compiled_decode(input_ids, positions, metadata)
             return self.model(input_ids, positions, self.kv_caches, metadata)
@@ -533,6 +543,9 @@ class ModelRunner:
         positions_3d = False
         if self.mrope_merge_size is not None:
             positions, positions_3d = _mrope_positions(chunks, positions, self.mrope_merge_size)
+        token_type_ids = None
+        if self.pooling_type is not None and any(c.request.pair_start is not None for c in chunks):
+            token_type_ids = _token_types(chunks)
         return _Batch(
             input_ids=input_ids,
             positions=positions,
@@ -549,6 +562,7 @@ class ModelRunner:
             loras=[c.request.lora_request for c in chunks],
             image_chunks=image_chunks,
             positions_3d=positions_3d,
+            token_type_ids=token_type_ids,
         )
 
     def _build_metadata(
@@ -600,6 +614,16 @@ def _step_hidden(
         c.request.request_id: (first, c.start, c.num_tokens - len(c.draft_token_ids)) for c, first in zip(chunks, starts)
     }
     return StepHiddenStates(hidden[: starts[-1]], rows)
+
+
+def _token_types(chunks: list[ScheduledChunk]) -> list[int]:
+    """Each row's token type: 1 from a text pair's second text on (its request's pair_start), else 0."""
+    types: list[int] = []
+    for chunk in chunks:
+        second = chunk.request.pair_start
+        rows = range(chunk.start, chunk.start + chunk.num_tokens)
+        types.extend(0 if second is None or p < second else 1 for p in rows)
+    return types
 
 
 def _query_starts(query_lens: list[int]) -> list[int]:

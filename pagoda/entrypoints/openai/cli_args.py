@@ -7,6 +7,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from pagoda.config.engine_config import POOLING_TASKS
 from pagoda.entrypoints.chat_utils import CONTENT_FORMATS
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.entrypoints.openai.limits import RequestLimits
@@ -168,7 +169,7 @@ def server_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from pagoda.config import EngineConfig
 
     kwargs = {**engine_kwargs(args), "model": model_argument(args)}
-    pooling = args.runner == "pooling" or args.task in ("embed", "embedding")
+    pooling = args.runner == "pooling" or args.task in POOLING_TASKS
     if kwargs["max_num_batched_tokens"] is None and args.enable_chunked_prefill and not pooling:
         device = EngineConfig(device=kwargs.get("device", "auto")).torch_device()
         kwargs["max_num_batched_tokens"] = server_max_num_batched_tokens(device)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from pagoda.scoring import encode_pair
+
 from .protocol import PromptInput
 from .serving_engine import OpenAIError
 
@@ -56,6 +58,15 @@ async def tokenize_prompt(
                 param=param, code="context_length_exceeded",
             )
     return await _tokenize(tokenizer, text, add_special_tokens)
+
+
+async def tokenize_pair(
+    tokenizer: Any, text_1: str, text_2: str, max_length: int | None
+) -> tuple[list[int], list[int] | None]:
+    """A cross-encoder's text pair as its tokenizer encodes pairs (scoring.encode_pair), on the
+    tokenizer thread: its token ids and token types."""
+    encode = functools.partial(encode_pair, tokenizer, text_1, text_2, max_length)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, encode)
 
 
 async def prompt_inputs(

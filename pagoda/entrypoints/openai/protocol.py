@@ -273,6 +273,39 @@ class EmbeddingData(OpenAIModel):
     embedding: Union[list[float], str]  # a string: base64 of little-endian float32s
 
 
+class ScoreRequest(RequestModel):
+    """POST /score (and /v1/score), vLLM's: text_1's one text scored against each of text_2's (1
+    to N), or both pairwise (N to N)."""
+
+    model: Optional[str] = None
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+    truncate_prompt_tokens: Optional[Int64] = None
+
+
+class RerankRequest(RequestModel):
+    """POST /rerank (and /v1/rerank, /v2/rerank), vLLM's (Jina's and Cohere's shape): the documents
+    by their score against the query, best first; top_n of them (0: all). return_documents: false
+    leaves each result's document out (Jina's and Cohere's switch; vLLM always includes it)."""
+
+    model: Optional[str] = None
+    query: str
+    documents: list[str]
+    top_n: Int64 = 0
+    return_documents: bool = True
+    truncate_prompt_tokens: Optional[Int64] = None
+
+
+class ClassificationRequest(RequestModel):
+    """POST /classify, vLLM's: each input's label probabilities (a sequence-classification model)."""
+
+    model: Optional[str] = None
+    input: PromptInput
+    user: Optional[str] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    add_special_tokens: bool = True
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -448,4 +481,57 @@ class EmbeddingResponse(OpenAIModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class ScoreData(OpenAIModel):
+    index: int  # the pair's
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankDocument(OpenAIModel):
+    text: str
+
+
+class RerankResult(OpenAIModel):
+    index: int  # the document's, in the request
+    document: Optional[RerankDocument] = None  # None: return_documents was false
+    relevance_score: float
+
+
+class RerankUsage(OpenAIModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(OpenAIModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+class ClassificationData(OpenAIModel):
+    index: int
+    label: str  # the most probable label's name (config.json's id2label)
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
     usage: UsageInfo

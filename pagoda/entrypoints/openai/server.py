@@ -39,8 +39,8 @@ from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ErrorResponse, ModelCard,
-    ModelList, TokenizeRequest,
+    ChatCompletionRequest, ClassificationRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+    ErrorResponse, ModelCard, ModelList, RerankRequest, ScoreRequest, TokenizeRequest,
 )
 from .protocol_responses import ResponsesRequest
 from .request_body import RequestBodyLimits
@@ -49,6 +49,7 @@ from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
+from .serving_score import OpenAIServingScore
 from .serving_responses import OpenAIServingResponses
 from .serving_engine import OpenAIError, ServerConfig, as_openai_error
 from .startup import StartingResponder, StartupClock
@@ -172,6 +173,7 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
     embeddings = OpenAIServingEmbedding(engine, config)
+    scores = OpenAIServingScore(engine, config)
     responses = OpenAIServingResponses(
         chat, ResponseStore(config.max_stored_responses, config.stored_response_ttl)
     )
@@ -220,6 +222,22 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
     @app.post("/v1/embeddings", responses=_ERROR_RESPONSES)
     async def create_embedding(body: EmbeddingRequest, raw: Request) -> Any:
         return await _respond(raw, embeddings.create(body), load)
+
+    # vLLM's scoring routes, each under its paths.
+    @app.post("/score", responses=_ERROR_RESPONSES)
+    @app.post("/v1/score", responses=_ERROR_RESPONSES)
+    async def create_score(body: ScoreRequest, raw: Request) -> Any:
+        return await _respond(raw, scores.score(body), load)
+
+    @app.post("/rerank", responses=_ERROR_RESPONSES)
+    @app.post("/v1/rerank", responses=_ERROR_RESPONSES)
+    @app.post("/v2/rerank", responses=_ERROR_RESPONSES)
+    async def do_rerank(body: RerankRequest, raw: Request) -> Any:
+        return await _respond(raw, scores.rerank(body), load)
+
+    @app.post("/classify", responses=_ERROR_RESPONSES)
+    async def create_classify(body: ClassificationRequest, raw: Request) -> Any:
+        return await _respond(raw, scores.classify(body), load)
 
     @app.post("/invocations", responses=_ERROR_RESPONSES, openapi_extra=_INVOCATIONS_BODY)
     async def invocations(raw: Request) -> Any:

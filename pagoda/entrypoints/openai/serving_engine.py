@@ -1,8 +1,8 @@
-"""What the completion, chat and embedding handlers share: errors in OpenAI's shape, model and
-runner checks, the SamplingParams of a request, prompt truncation and the context-length check,
-the queue bound (--max-queued-requests), running one engine request or a beam search
-(use_beam_search), usage (with its cached-token details and stream options) and logprob tokens
-as text or as "token_id:N"."""
+"""What the completion, chat and pooling (embedding, score, classify) handlers share: errors in
+OpenAI's shape, model, runner and pooling-task checks, the SamplingParams of a request, prompt
+truncation and the context-length check, the queue bound (--max-queued-requests), running one
+engine request, a beam search (use_beam_search) or prompts on the embedding engine, usage (with
+its cached-token details and stream options) and logprob tokens as text or as "token_id:N"."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pagoda.engine.input_processor import truncate_prompt
 from pagoda.lora.registry import ServedLoRAs
 from pagoda.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
-from pagoda.pooling import PoolerConfig
+from pagoda.pooling import PoolerConfig, check_task
 from pagoda.sampling_params import SamplingParams
 
 from .limits import RequestLimits
@@ -152,6 +152,18 @@ class OpenAIServing:
                 param="model",
             )
 
+    def check_pooling_task(self, task: str) -> PoolerConfig:
+        """The embedding server's pooling, when its model serves `task` (embed, classify or
+        score); else a 400 naming the model."""
+        self.check_runner()
+        pooler = self.config.pooler
+        assert pooler is not None  # check_runner: a pooling server
+        try:
+            check_task(pooler, task, self.model_name)
+        except ValueError as error:
+            raise OpenAIError(str(error), param="model") from None
+        return pooler
+
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise OpenAIError("this model was loaded without a tokenizer", param="prompt")
@@ -224,22 +236,24 @@ class OpenAIServing:
     async def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
         default_param: str, lora_request: LoRARequest | None = None, images: Sequence[Any] = (),
-        cache_salt: str | None = None, priority: int = 0,
+        cache_salt: str | None = None, priority: int = 0, token_type_ids: Sequence[list[int] | None] = (),
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add one engine request per prompt, all or none (a refusal is a 400, a full queue a 503); returns their
-        output streams. images: each prompt's images (a chat's one prompt has them). The caller aborts sub_request_ids(request_id, len(prompts)) when done:
+        output streams. images: each prompt's images (a chat's one prompt has them); token_type_ids: each
+        prompt's, or () for none. The caller aborts sub_request_ids(request_id, len(prompts)) when done:
         a stream never iterated cannot abort its own request."""
         self.check_runner()
         self.refuse_when_queue_full()
         streams: list[AsyncIterator[RequestOutput]] = []
         ids = sub_request_ids(request_id, len(prompts))
         try:
-            for sub_id, (text, token_ids), p in zip(ids, prompts, params):
+            for i, (sub_id, (text, token_ids), p) in enumerate(zip(ids, prompts, params)):
                 if self.config.log_requests:
                     self._log_request(sub_id, text, token_ids, p, len(images))
-                streams.append(
-                    await self.engine.add_request(sub_id, token_ids, p, text, lora_request, images, cache_salt, priority)
-                )
+                streams.append(await self.engine.add_request(
+                    sub_id, token_ids, p, text, lora_request, images, cache_salt, priority,
+                    token_type_ids=token_type_ids[i] if token_type_ids else None,
+                ))
         except BaseException as error:
             self.engine.abort(ids[: len(streams)])
             if isinstance(error, ValueError):
@@ -257,6 +271,26 @@ class OpenAIServing:
                          token_ids[:cut])
         logger.info("Received request %s: %d prompt tokens%s, params: %s", request_id, len(token_ids),
                     f" and {num_images} images" if num_images else "", params_summary(params))
+
+    async def pooled_outputs(
+        self, prefix: str, prompts: list[tuple[str | None, list[int]]], default_param: str,
+        token_type_ids: Sequence[list[int] | None] = (),
+    ) -> tuple[str, list[RequestOutput]]:
+        """Run each prompt on the embedding engine: the request's id (from prefix) and each
+        prompt's final output (its pooled vector), in prompt order."""
+        request_id = new_request_id(prefix)
+        # One prefill step and no sampling: max_tokens only has to leave the prompt room.
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        streams = await self.add_requests(
+            request_id, prompts, [params] * len(prompts), default_param, token_type_ids=token_type_ids
+        )
+        try:
+            finals: dict[int, RequestOutput] = {}
+            async for index, output in merge(streams):
+                finals[index] = output
+        finally:
+            self.engine.abort(sub_request_ids(request_id, len(prompts)))
+        return request_id, [finals[i] for i in range(len(prompts))]
 
     def beam_searches(
         self, request: SamplingFields, ids: list[str], prompts: list[tuple[str | None, list[int]]],

@@ -79,9 +79,10 @@ def test_model_flag_and_the_vllm_api_key(http, base):
 def test_a_model_is_retrieved_by_its_id_as_openais_client_asks(http, base):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, timeout=60.0, max_retries=0)
     listed = http.get("/v1/models").json()["data"][0]
-    assert client.models.retrieve(MODEL).model_dump(exclude_none=True) == {
-        k: v for k, v in listed.items() if v is not None
-    }
+    retrieved = client.models.retrieve(MODEL).model_dump(exclude_none=True)
+    # `created` is each answer's own time (as vLLM's): the two may fall either side of a second.
+    assert 0 <= retrieved.pop("created") - listed.pop("created") <= 1
+    assert retrieved == {k: v for k, v in listed.items() if v is not None}
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
     assert caught.value.body["code"] == "model_not_found"

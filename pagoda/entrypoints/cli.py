@@ -25,10 +25,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from pagoda.engine.core_launcher import start_core_server
-    from pagoda.entrypoints.openai.startup import bind_listener
+    from pagoda.entrypoints.openai.startup import bind_listener, bind_unix_listener
 
     # Bound before the server's imports and the engine's load: a port in use fails at once.
-    listener = bind_listener(args.host or "0.0.0.0", args.port)
+    listener = bind_unix_listener(args.uds) if args.uds else bind_listener(args.host or "0.0.0.0", args.port)
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
     start_core_server(dummy_weights=args.load_format == "dummy")  # after the imports it shares

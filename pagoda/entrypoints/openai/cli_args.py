@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from pagoda.config.engine_config import POOLING_TASKS
@@ -36,6 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a local HF directory, a GGUF file or a cached model id (default: the embedded model)")
     parser.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
     parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--uds", default=None, metavar="PATH",
+                        help="listen on this Unix domain socket instead of --host/--port")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM), unless the "
+                        "certificate file holds it")
+    parser.add_argument("--ssl-ca-certs", default=None, help="CA certificates that client certificates are checked "
+                        "against (with --ssl-cert-reqs)")
+    parser.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE),
+                        help="whether clients must show a certificate: 0 none, 1 optional, 2 required "
+                             "(Python's ssl.CERT_*; default: %(default)s)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="the name(s) clients use in `model` (default: the model argument)")
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or os.environ.get("VLLM_API_KEY"),

@@ -16,11 +16,13 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import uvicorn
+from uvicorn.config import SSL_PROTOCOL_VERSION, create_ssl_context
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -493,6 +495,31 @@ def engine_server_config(engine: AsyncLLM, served_model_names: list[str], **opti
     )
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of --ssl-certfile (with --ssl-keyfile, --ssl-ca-certs, --ssl-cert-reqs), as
+    uvicorn makes it for the app: the start-up 503s are answered over TLS too, and a bad file fails
+    before the engine loads. None without a certificate."""
+    if args.ssl_certfile is None:
+        if args.ssl_keyfile is not None:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile: the certificate the key belongs to")
+        return None
+    try:
+        return create_ssl_context(
+            certfile=args.ssl_certfile, keyfile=args.ssl_keyfile, password=None, ssl_version=SSL_PROTOCOL_VERSION,
+            cert_reqs=args.ssl_cert_reqs, ca_certs=args.ssl_ca_certs, ciphers="TLSv1",  # uvicorn's default
+        )
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"--ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {error}") from None
+
+
+def server_url(args: argparse.Namespace, host: str | None = None) -> str:
+    """Where the server listens, for its log: unix:PATH, or http(s)://host:port."""
+    if args.uds:
+        return f"unix:{args.uds}"
+    scheme = "https" if args.ssl_certfile else "http"
+    return f"{scheme}://{host or args.host or '0.0.0.0'}:{args.port}"
+
+
 def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     """Serve on `listener`, bound to --host/--port before anything slow: 503 there until the
     engine is ready, then uvicorn."""
@@ -501,8 +528,8 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     tool_parser = auto_tool_parser(args)
     middleware = import_middleware(args.middleware)
     chat_template = load_chat_template(args.chat_template)
-    starting = StartingResponder(listener)
-    clock.lap("front end", f": listening on port {args.port}, answering 503 until the engine is ready")
+    starting = StartingResponder(listener, tls_context(args))
+    clock.lap("front end", f": listening on {server_url(args)}, answering 503 until the engine is ready")
     model = model_argument(args)
     engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
     clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
@@ -533,13 +560,15 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
             stats_log=not args.disable_log_stats, middleware=middleware,
         )
         uvicorn_config = uvicorn.Config(
-            app, host=args.host or "0.0.0.0", port=args.port,
+            app, host=args.host or "0.0.0.0", port=args.port, uds=args.uds,
             log_level=args.uvicorn_log_level or logging.getLogger().getEffectiveLevel(),
             access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
         )
-        logger.info("serving %s on http://%s:%d", names, args.host or "0.0.0.0", args.port)
+        logger.info("serving %s on %s", names, server_url(args))
         if not args.disable_playground:
-            logger.info("chat playground: http://%s:%d/", args.host or "localhost", args.port)
+            logger.info("chat playground: %s/", server_url(args, "localhost"))
         server = _Server(uvicorn_config, engine)
         clock.lap("app")
         logger.info("start-up: %s", clock.summary())

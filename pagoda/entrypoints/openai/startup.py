@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -35,6 +37,20 @@ def bind_listener(host: str, port: int) -> socket.socket:
         # A name that does not resolve is a gaierror, whose errno is getaddrinfo's own code.
         reason = error.strerror or str(error)
         raise RuntimeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+
+
+def bind_unix_listener(path: str) -> socket.socket:
+    """A listening Unix domain socket at `path` (vLLM's --uds), replacing a stale socket file
+    there as uvicorn does; RuntimeError naming the path when it cannot be had."""
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            os.remove(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(_BACKLOG)
+        return listener
+    except OSError as error:
+        raise RuntimeError(f"cannot listen on the Unix socket {path} (--uds): {error.strerror or error}") from None
 
 
 class _StartingHandler(BaseHTTPRequestHandler):
@@ -65,6 +81,15 @@ class _StartingHandler(BaseHTTPRequestHandler):
 
 
 class _StartingServer(ThreadingHTTPServer):
+    tls: ssl.SSLContext | None = None  # set with --ssl-certfile: the 503s are answered over TLS too
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        connection, address = self.socket.accept()
+        if self.tls is None:
+            return connection, address
+        # The handshake happens in the connection's own thread (on its first read), not here.
+        return self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False), address
+
     def handle_error(self, request: object, client_address: object) -> None:
         # A probe that timed out and hung up before its 503 is routine while the engine starts:
         # no traceback for it. Anything else is still printed.
@@ -74,13 +99,14 @@ class _StartingServer(ThreadingHTTPServer):
 
 
 class StartingResponder:
-    """Answers 503 on a listening socket from a thread, until `hand_over`."""
+    """Answers 503 on a listening socket from a thread, until `hand_over`; over TLS with `tls`."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, tls: ssl.SSLContext | None = None) -> None:
         self.listener = listener
-        self._server = _StartingServer(listener.getsockname()[:2], _StartingHandler, bind_and_activate=False)
+        self._server = _StartingServer(("", 0), _StartingHandler, bind_and_activate=False)
         self._server.socket.close()  # the one it made unbound: it serves `listener` instead
         self._server.socket = listener
+        self._server.tls = tls
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="pagoda-starting", daemon=True)

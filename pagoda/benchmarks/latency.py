@@ -13,7 +13,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from pagoda.benchmarks.throughput import BenchRequest, hf_generate, load_hf_model, make_requests
+from pagoda.benchmarks.datasets import BenchRequest, make_requests
+from pagoda.benchmarks.throughput import hf_generate, load_hf_model
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 
 # Runs a batch with every request's output_len overridden, synchronously.

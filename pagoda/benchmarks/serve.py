@@ -33,7 +33,13 @@ from typing import Any
 import aiohttp
 
 from pagoda.benchmarks.plot import plot_serve_sweep
-from pagoda.benchmarks.throughput import BenchRequest, add_dataset_argument, make_requests
+from pagoda.benchmarks.datasets import (
+    BenchRequest,
+    ShareGPTSampler,
+    add_dataset_arguments,
+    make_requests,
+    sharegpt_pairs,
+)
 from pagoda.entrypoints.openai.sse_client import aiter_events, server_error
 
 # Seconds an idle connection is kept for reuse: well under the servers' keep-alive timeout
@@ -62,14 +68,20 @@ class RequestResult:
     error: str = ""
 
 
-# --backend: the kinds of server, by their tokenizer route and the body it takes. vllm: vLLM's and
-# Pagoda's; llama.cpp: llama-server; llama-cpp-python: text prompts only.
+# --backend: the kinds of server, by their tokenizer route, its text field and its switch for the
+# special tokens (BOS). vllm: vLLM's and Pagoda's; llama.cpp: llama-server; llama-cpp-python: text
+# prompts only.
 _TOKENIZE = {
-    "vllm": ("/tokenize", {"prompt": _POOL_TEXT, "add_special_tokens": False}),
-    "llama.cpp": ("/tokenize", {"content": _POOL_TEXT, "add_special": False}),
-    "llama-cpp-python": ("/extras/tokenize", {"input": _POOL_TEXT}),
+    "vllm": ("/tokenize", "prompt", "add_special_tokens"),
+    "llama.cpp": ("/tokenize", "content", "add_special"),
+    "llama-cpp-python": ("/extras/tokenize", "input", None),
 }
 BACKENDS = ("auto", *_TOKENIZE)
+
+
+def _tokenize_body(backend: str, text: str, special_tokens: bool) -> tuple[str, dict[str, Any]]:
+    path, field, switch = _TOKENIZE[backend]
+    return path, {field: text} if switch is None else {field: text, switch: special_tokens}
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -91,32 +103,37 @@ async def detect_backend(client: aiohttp.ClientSession) -> str:
     no /tokenize, and vLLM's and Pagoda's answer {"prompt"} there."""
     if await _status(client, "GET", "/props") == 200:
         return "llama.cpp"
-    path, body = _TOKENIZE["vllm"]
+    path, body = _tokenize_body("vllm", _POOL_TEXT, False)
     return "llama-cpp-python" if await _status(client, "POST", path, json=body) == 404 else "vllm"
 
 
 class _Tokenizer:
-    """The server's tokenizer route: the pool of ids prompts are drawn from, and each prompt in
-    the form the server takes (ids, or their text for llama-cpp-python)."""
+    """The server's tokenizer route: the pool of ids random prompts are drawn from, a dataset's
+    texts as ids, and each prompt in the form the server takes (ids, or their text for
+    llama-cpp-python)."""
 
     def __init__(self, client: aiohttp.ClientSession, backend: str) -> None:
         self.client = client
         self.backend = backend
 
     async def pool(self) -> list[int]:
+        return sorted(set(await self.encode(_POOL_TEXT, special_tokens=False)))
+
+    async def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """text's ids, with the special tokens (BOS) the server would add to it as a prompt."""
         if self.backend == "auto":
             self.backend = await detect_backend(self.client)
-        path, body = _TOKENIZE[self.backend]
+        path, body = _tokenize_body(self.backend, text, special_tokens)
         async with self.client.post(path, json=body) as response:
             answer = await _json(response)
         tokens = answer.get("tokens")
-        if not tokens:  # llama-server answers {"tokens": []} to a body it does not read
+        if not tokens and text:  # llama-server answers {"tokens": []} to a body it does not read
             raise RuntimeError(
                 f"the server's tokenizer gave no tokens for the prompt text (POST {path} {list(body)} answered "
                 f"{json.dumps(answer)[:200]!r}): is it a {self.backend} server? Set --backend to its kind, one of "
                 f"{', '.join(_TOKENIZE)}"
             )
-        return sorted(set(tokens))
+        return tokens or []
 
     async def prompt(self, token_ids: list[int]) -> list[int] | str:
         if self.backend != "llama-cpp-python":
@@ -191,15 +208,29 @@ async def _sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession(base_url=args.base_url, headers=headers, timeout=timeout, connector=connector) as client:
         model = args.model or await _first_model(client)
         tokenizer = _Tokenizer(client, args.backend)
-        pool = await tokenizer.pool()
-        requests = make_requests(
-            args.num_prompts, args.random_input_len, args.random_output_len, len(pool), args.seed,
-            args.random_range_ratio,
-        )
-        for request in requests:
-            request.prompt_token_ids = [pool[i] for i in request.prompt_token_ids]
+        requests = await (_sharegpt_requests if args.dataset_name == "sharegpt" else _random_requests)(args, tokenizer)
         prompts = [await tokenizer.prompt(request.prompt_token_ids) for request in requests]
         return [await _run(client, model, requests, prompts, rate, args) for rate in args.request_rate]
+
+
+async def _random_requests(args: argparse.Namespace, tokenizer: _Tokenizer) -> list[BenchRequest]:
+    """Seeded random prompts of ids from the server's own tokenizer."""
+    pool = await tokenizer.pool()
+    requests = make_requests(
+        args.num_prompts, args.random_input_len, args.random_output_len, len(pool), args.seed, args.random_range_ratio,
+    )
+    for request in requests:
+        request.prompt_token_ids = [pool[i] for i in request.prompt_token_ids]
+    return requests
+
+
+async def _sharegpt_requests(args: argparse.Namespace, tokenizer: _Tokenizer) -> list[BenchRequest]:
+    """--num-prompts requests from the ShareGPT file, tokenized by the server (as datasets.sharegpt_requests)."""
+    sampler = ShareGPTSampler(args)
+    for prompt, reply in sharegpt_pairs(args):
+        if sampler.offer(await tokenizer.encode(prompt), await tokenizer.encode(reply)):
+            break
+    return sampler.requests()
 
 
 async def _run(
@@ -267,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(text prompts); auto: detected from its routes (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"),
                         help="the server's API key (default: $PAGODA_API_KEY)")
-    add_dataset_argument(parser)
+    add_dataset_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=100, help="requests (default: %(default)s)")
     parser.add_argument("--random-input-len", type=int, default=128, help="prompt tokens per request (default: %(default)s)")
     parser.add_argument("--random-output-len", type=int, default=128, help="output tokens per request (default: %(default)s)")

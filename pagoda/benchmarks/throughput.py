@@ -1,5 +1,5 @@
-"""`pagoda bench throughput`: offline throughput on random-token requests, as `vllm bench
-throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer;
+"""`pagoda bench throughput`: offline throughput on random-token requests (or a ShareGPT file's:
+benchmarks/datasets.py), as `vllm bench throughput` measures it, with `transformers` (or llama.cpp) on the same requests as the peer;
 several backends run one after another, and --plot draws them side by side. With --num-loras N,
 Pagoda runs the requests twice on one engine: without adapters, then with N random adapters of
 --lora-rank assigned round-robin."""
@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pagoda.benchmarks.datasets import BenchRequest, add_dataset_arguments, make_requests, sharegpt_requests
 from pagoda.benchmarks.plot import plot_throughput
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
-
-
-@dataclass
-class BenchRequest:
-    prompt_token_ids: list[int]
-    output_len: int
 
 
 @dataclass
@@ -59,33 +53,6 @@ class BenchResult:
             "tokens_per_second": self.total_tokens_per_s,
             "output_tokens_per_second": self.output_tokens_per_s,
         }
-
-
-def _length(mean: int, ratio: float, rng: random.Random) -> int:
-    low, high = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
-    return rng.randint(low, high)
-
-
-# vLLM's --dataset-name values that need no download; its others (sharegpt, sonnet, ...) read files.
-DATASETS = ("random",)
-
-
-def add_dataset_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset-name", default="random", choices=DATASETS,
-                        help="the requests: random token prompts of the lengths asked for (default: %(default)s)")
-
-
-def make_requests(
-    num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int, range_ratio: float = 0.0
-) -> list[BenchRequest]:
-    """Seeded random token prompts; lengths uniform in [len * (1 - r), len * (1 + r)]."""
-    rng = random.Random(seed)
-    requests = []
-    for _ in range(num_prompts):
-        n = _length(input_len, range_ratio, rng)
-        ids = [rng.randrange(vocab_size) for _ in range(n)]
-        requests.append(BenchRequest(ids, _length(output_len, range_ratio, rng)))
-    return requests
 
 
 def run_pagoda(args: argparse.Namespace, requests: list[BenchRequest]) -> BenchResult | list[BenchResult]:
@@ -231,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a comma-separated list (pagoda,hf) runs each in turn (default: pagoda)")
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=256, help="requests (default: %(default)s)")
-    add_dataset_argument(parser)
+    add_dataset_arguments(parser)
     parser.add_argument("--input-len", "--random-input-len", type=int, default=512,
                         help="prompt tokens per request (default: %(default)s)")
     parser.add_argument("--output-len", "--random-output-len", type=int, default=256,
@@ -263,14 +230,20 @@ def _backends(text: str) -> list[str]:
 def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
     """The result, as written to --output-json: one for one backend, a list of them for several."""
     from pagoda.loader.default_model import DEFAULT_MODEL
-    from pagoda.loader.model_loader import load_hf_config
+    from pagoda.loader.model_loader import load_hf_config, load_tokenizer
     from pagoda.loader.model_resolver import resolve_engine_model
 
     resolved = resolve_engine_model(args)
-    vocab_size = load_hf_config(resolved).vocab_size
-    requests = make_requests(
-        args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed, args.random_range_ratio
-    )
+    if args.dataset_name == "sharegpt":
+        tokenizer = load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+        requests = sharegpt_requests(args, tokenizer.encode)
+        workload = f"{args.num_prompts} ShareGPT requests"
+    else:
+        requests = make_requests(
+            args.num_prompts, args.input_len, args.output_len, load_hf_config(resolved).vocab_size, args.seed,
+            args.random_range_ratio,
+        )
+        workload = f"{args.num_prompts} requests of {args.input_len} prompt + {args.output_len} output tokens"
     results = []
     for backend in args.backend:
         result = BACKENDS[backend](args, requests)
@@ -282,6 +255,5 @@ def main(args: argparse.Namespace) -> BenchResult | list[BenchResult]:
         with open(args.output_json, "w") as f:
             json.dump(as_json[0] if len(results) == 1 else as_json, f, indent=2)
     if args.plot:
-        workload = f"{args.num_prompts} requests of {args.input_len} prompt + {args.output_len} output tokens"
         plot_throughput(as_json, args.model or DEFAULT_MODEL, workload, args.plot)
     return results[0] if len(results) == 1 else results

@@ -671,3 +671,18 @@ def test_default_model_server_answers_paris(default_server):
     stopped = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=24, stop="Paris")
     assert stopped.choices[0].message.content == whole.choices[0].message.content.split("Paris")[0]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_max_new_tokens_of_a_folder_or_an_override_caps_every_request(tmp_path):
+    """As vLLM's override_max_tokens: max_new_tokens caps a request's own max_tokens when it comes
+    from a --generation-config folder or --override-generation-config; the model's own is a default."""
+    from pagoda.config.resolve import max_tokens_cap
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7}))
+    assert max_tokens_cap(EngineConfig(generation_config=str(tmp_path)), tmp_path / "unused") == 7
+    assert max_tokens_cap(EngineConfig(generation_config="auto"), tmp_path) is None
+    assert max_tokens_cap(EngineConfig(override_generation_config={"max_new_tokens": 5}), tmp_path) == 5
+    serving = OpenAIServing(SimpleNamespace(tokenizer=None), ServerConfig([MODEL], 64, None, False, max_tokens_cap=7))
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    assert serving.sampling_params(request, 20, 10, None).max_tokens == 7
+    assert serving.sampling_params(request, 3, 10, None).max_tokens == 3

@@ -36,6 +36,9 @@ class ModelConfig:
     # SamplingParams fields a request leaves unset take these (generation_config,
     # override_generation_config): what LLM.get_default_sampling_params and the server apply.
     default_sampling: dict[str, Any]
+    # What no request's max_tokens may pass on the server, as vLLM's: a --generation-config
+    # folder's max_new_tokens, or --override-generation-config's (the model's own is a default only).
+    max_tokens_cap: int | None = None
 
     @property
     def name(self) -> str:

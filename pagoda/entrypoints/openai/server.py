@@ -491,7 +491,7 @@ def engine_server_config(engine: AsyncLLM, served_model_names: list[str], **opti
     model = engine.config.model
     return ServerConfig(
         served_model_names=served_model_names, max_model_len=engine.max_model_len,
-        default_sampling=model.default_sampling, pooler=model.pooler, **options,
+        default_sampling=model.default_sampling, max_tokens_cap=model.max_tokens_cap, pooler=model.pooler, **options,
     )
 
 

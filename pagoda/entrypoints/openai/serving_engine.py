@@ -77,6 +77,7 @@ class ServerConfig:
     log_requests: bool
     # SamplingParams fields a request leaves unset take these (--generation-config).
     default_sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_tokens_cap: int | None = None  # ModelConfig.max_tokens_cap
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     # New requests get a 503 while this many engine requests wait (--max-queued-requests).
     max_queued_requests: int | None = None
@@ -227,6 +228,8 @@ class OpenAIServing:
                 fields[name] = min(value, fields[name])  # never past the context
             elif fields.get(name) is None:
                 fields[name] = value
+        if self.config.max_tokens_cap is not None:
+            fields["max_tokens"] = min(fields["max_tokens"], self.config.max_tokens_cap)
         try:
             # Unset fields take SamplingParams' own defaults.
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import pytest
@@ -41,10 +42,21 @@ def llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(llava, tmp_path_factory):
+def media(tmp_path_factory) -> Path:
+    """The server's --allowed-local-media-path, holding IMAGE as image.png; beside it, outside.png."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "allowed").mkdir()
+    IMAGE.save(root / "allowed" / "image.png")
+    IMAGE.save(root / "outside.png")
+    (root / "allowed" / "link.png").symlink_to(root / "outside.png")
+    return root / "allowed"
+
+
+@pytest.fixture(scope="module")
+def base(llava, media, tmp_path_factory):
     log = tmp_path_factory.mktemp("vlm-server-log") / "server.log"
     args = [str(llava), "--served-model-name", MODEL, "--max-model-len", "256", "--seed", "0",
-            "--limit-mm-per-prompt", '{"image": 2}']
+            "--limit-mm-per-prompt", '{"image": 2}', "--allowed-local-media-path", str(media)]
     with serving(args, log, {"PAGODA_API_KEY": API_KEY}) as (_, url):
         yield url
 
@@ -81,6 +93,23 @@ def test_chat_with_base64_image_whole_and_streamed(base, llava):
     assert counted and float(counted[0].split()[-1]) >= 2 * 16
 
 
+def test_file_urls_are_read_from_the_allowed_folder_only(base, media):
+    """vLLM's --allowed-local-media-path: a file:// URL under the folder is the image itself; one
+    outside it, through .. or a symbolic link, is a 400 naming the part."""
+    with http_client(base) as http:
+        sent = http.post("/v1/chat/completions", json=chat_body([image_part(data_url(IMAGE))])).json()
+        read = http.post("/v1/chat/completions", json=chat_body([image_part((media / "image.png").as_uri())]))
+        assert read.status_code == 200, read.text
+        assert read.json()["choices"][0]["message"]["content"] == sent["choices"][0]["message"]["content"]
+        for url in [(media.parent / "outside.png").as_uri(), f"file://{media}/../outside.png",
+                    (media / "link.png").as_uri()]:
+            error = openai_error(http.post("/v1/chat/completions", json=chat_body([image_part(url)])), 400,
+                                 "messages.0.content.0")
+            assert "is not under the server's --allowed-local-media-path" in error["message"], url
+        missing = http.post("/v1/chat/completions", json=chat_body([image_part((media / "none.png").as_uri())]))
+        assert "cannot be read" in openai_error(missing, 400, "messages.0.content.0")["message"]
+
+
 def _png_of_size(width: int, height: int) -> str:
     """A PNG data URL of many pixels but few bytes (one bit each, all the same)."""
     buffer = io.BytesIO()
@@ -97,6 +126,7 @@ def _png_of_size(width: int, height: int) -> str:
     ([image_part(_png_of_size(9000, 9000))], 0, "pixels"),
     ([image_part(data_url(IMAGE))] * 3, 2, "more than 2 images"),
     ([{"type": "text", "text": "look"}, image_part("http://127.0.0.1:9/x.png")], 1, "--allow-image-url-fetch"),
+    ([image_part("ftp://127.0.0.1/x.png")], 0, "must be a data: URL"),
 ])
 def test_bad_image_parts_are_400_naming_the_part(base, parts, bad, message):
     with http_client(base) as http:

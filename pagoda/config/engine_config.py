@@ -180,6 +180,9 @@ class EngineConfig:
         type=_json_object)
     allow_image_url_fetch: bool = _knob(
         False, "fetch http(s) image URLs of chat content parts (off: only data: URLs are taken)", action="store_true")
+    allowed_local_media_path: str | None = _knob(
+        None, "take file:// image URLs of chat content parts from under this folder of the server's (only in a "
+        "trusted environment: requests may then read any image there)")
     enforce_eager: bool = _knob(False, "run every step eagerly: no CUDA graphs (faster start-up, slower "
                                 "small-batch decode)", action="store_true")
     # vLLM's optimization levels, what each means here: 0 no CUDA graphs (as --enforce-eager);

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pagoda.config import EngineConfig
@@ -28,7 +29,7 @@ from pagoda.loader.model_resolver import resolve_engine_model
 from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.models import model_class
-from pagoda.multimodal.processing import ImageProcessor
+from pagoda.multimodal.processing import ImageProcessor, ImageSources
 from pagoda.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, bad_words_token_ids
 from pagoda.structured_output.grammar import check as check_structured_outputs
 
@@ -53,7 +54,8 @@ class InputProcessor:
         # A vision-language model's image preprocessing (None: a text-only model).
         self.image_processor = (
             ImageProcessor(
-                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt, args.allow_image_url_fetch,
+                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt,
+                ImageSources(args.allow_image_url_fetch, _local_media_dir(args.allowed_local_media_path)),
                 resolved.trust_remote_code,
             )
             if model_class(self.config.model.spec.architecture).is_multimodal else None
@@ -213,3 +215,14 @@ def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
     if params.n == 1:
         return [(request_id, params)]
     return [(f"{i}_{request_id}", params.for_child(i)) for i in range(params.n)]
+
+
+def _local_media_dir(path: str | None) -> Path | None:
+    """--allowed-local-media-path as an existing folder, its links resolved (file:// URLs are checked
+    against it); ValueError naming the flag otherwise."""
+    if path is None:
+        return None
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"allowed_local_media_path={path!r} is invalid: it must be an existing folder")
+    return folder

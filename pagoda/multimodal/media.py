@@ -1,5 +1,6 @@
 """Images of a chat's content parts: OpenAI's `image_url` parts (a `data:` URL with base64 bytes;
-http(s) only with --allow-image-url-fetch) and vLLM's `image_pil` parts (LLM.chat). Each image
+http(s) only with --allow-image-url-fetch; file:// only under --allowed-local-media-path) and
+vLLM's `image_pil` parts (LLM.chat). Each image
 part becomes the model's image placeholder in the message's text, before its text parts as vLLM
 places them, so any chat template renders it; the images come back in prompt order. A bad part is
 an ImagePartError naming it (messages.I.content.J)."""
@@ -9,9 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
-from pagoda.multimodal.processing import check_image
+from pagoda.multimodal.processing import ImageSources, check_image
 
 # Encoded bytes of one image at most (a data: URL's decoded payload, or a fetched body).
 MAX_IMAGE_BYTES = 10 * 2**20
@@ -27,7 +30,7 @@ class ImagePartError(ValueError):
 
 
 def extract_images(
-    conversation: list[dict[str, Any]], placeholder: str, allow_fetch: bool, max_images: int
+    conversation: list[dict[str, Any]], placeholder: str, sources: ImageSources, max_images: int
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """The conversation with every content list made text (image parts as `placeholder`), and
     its images in order. Raises ImagePartError."""
@@ -52,13 +55,13 @@ def extract_images(
                     f"messages[{i}].content[{j}]: more than {max_images} images in one prompt (--limit-mm-per-prompt)",
                     param,
                 )
-            images.append(_part_image(part, allow_fetch, f"messages[{i}].content[{j}]", param))
+            images.append(_part_image(part, sources, f"messages[{i}].content[{j}]", param))
             marks.append(placeholder)
         turns.append({**turn, "content": "\n".join(marks + texts)})
     return turns, images
 
 
-def _part_image(part: dict[str, Any], allow_fetch: bool, what: str, param: str) -> Any:
+def _part_image(part: dict[str, Any], sources: ImageSources, what: str, param: str) -> Any:
     try:
         if part["type"] == "image_pil":
             image = part.get("image_pil")
@@ -67,14 +70,14 @@ def _part_image(part: dict[str, Any], allow_fetch: bool, what: str, param: str) 
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise ValueError("has no image_url.url")
-            image = _load_url(url, allow_fetch)
+            image = _load_url(url, sources)
         check_image(image, "the image")
         return image
     except ValueError as error:
         raise ImagePartError(f"{what}: {error}", param) from None
 
 
-def _load_url(url: str, allow_fetch: bool) -> Any:
+def _load_url(url: str, sources: ImageSources) -> Any:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
@@ -87,10 +90,28 @@ def _load_url(url: str, allow_fetch: bool) -> Any:
             raise ValueError("the data: URL's payload is not valid base64") from None
         return _decode(data)
     if url.startswith(("http://", "https://")):
-        if not allow_fetch:
+        if not sources.allow_fetch:
             raise ValueError("fetching image URLs is off on this server (--allow-image-url-fetch): send a data: URL")
         return _decode(_fetch(url))
-    raise ValueError("the image URL must be a data: URL (or http(s) with --allow-image-url-fetch)")
+    if url.startswith("file:"):
+        return _decode(_read_local(url, sources.local_dir))
+    raise ValueError("the image URL must be a data: URL (or http(s) with --allow-image-url-fetch, file:// under "
+                     "--allowed-local-media-path)")
+
+
+def _read_local(url: str, local_dir: Path | None) -> bytes:
+    """A file:// URL's bytes, from under local_dir only (symbolic links and .. resolved first)."""
+    if local_dir is None:
+        raise ValueError("file:// image URLs are off on this server (--allowed-local-media-path): send a data: URL")
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).resolve()
+    if not path.is_relative_to(local_dir):
+        raise ValueError(f"{path} is not under the server's --allowed-local-media-path {local_dir}")
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ValueError(f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+        return path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read: {error.strerror}") from None
 
 
 def _fetch(url: str) -> bytes:

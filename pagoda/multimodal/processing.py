@@ -6,6 +6,7 @@ Expanding token ids (not text) serves text prompts, token-id prompts and rendere
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,21 @@ def check_image(image: Any, what: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ImageSources:
+    """Where image URLs may point besides data: URLs: the web (--allow-image-url-fetch), and files
+    under one folder of the server's (vLLM's --allowed-local-media-path; None: no file:// URLs)."""
+
+    allow_fetch: bool = False
+    local_dir: Path | None = None
+
+
 class ImageProcessor:
     """One model's image preprocessing, loaded once by the front end."""
 
     def __init__(
-        self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None, allow_url_fetch: bool = False,
-        trust_remote_code: bool = False,
+        self, model_dir: Path, hf_config: Any, limit_per_prompt: dict[str, int] | None,
+        sources: ImageSources = ImageSources(), trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
@@ -79,13 +89,13 @@ class ImageProcessor:
             )
             self.placeholder = tokenizer.convert_ids_to_tokens(self.token_id)
         self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
-        self.allow_url_fetch = allow_url_fetch
+        self.sources = sources
 
     def chat_images(self, conversation: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """A chat's images, and the chat with placeholders where they were (media.ImagePartError)."""
         from pagoda.multimodal.media import extract_images
 
-        return extract_images(conversation, self.placeholder, self.allow_url_fetch, self.max_images)
+        return extract_images(conversation, self.placeholder, self.sources, self.max_images)
 
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:

@@ -1,7 +1,7 @@
 """POST /v1/responses through `pagoda serve` on a tiny random llama, driven by the official openai
-client's `client.responses.create` (whole and streamed) and raw httpx: replies equal to the chat
-route's for the same conversation, previous_response_id, the bounded store, and 400s that name
-the field."""
+client's `client.responses.create` (whole and streamed) and raw httpx: replies (and their
+logprobs, and truncation "auto") equal to the chat route's for the same conversation,
+previous_response_id, the bounded store, and 400s that name the field."""
 
 from __future__ import annotations
 
@@ -101,6 +101,65 @@ def test_streamed_events(client):
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
 
 
+def _logprobs(tokens) -> list[tuple]:
+    """Logprobs (SDK objects or dicts) as (token, logprob, top (token, logprob) pairs), the logprobs
+    to within batching's rounding."""
+    rows = [token if isinstance(token, dict) else token.model_dump() for token in tokens]
+    return [(row["token"], pytest.approx(row["logprob"], abs=1e-4),
+             [(top["token"], pytest.approx(top["logprob"], abs=1e-4)) for top in row["top_logprobs"]])
+            for row in rows]
+
+
+def test_output_text_logprobs_are_the_chat_routes(client):
+    include = ["message.output_text.logprobs"]
+    request = dict(model=MODEL, input="Log me", max_output_tokens=6, include=include, top_logprobs=3, **GREEDY)
+    response = client.responses.create(**request)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Log me"}],
+                                          max_tokens=6, logprobs=True, top_logprobs=3, **GREEDY)
+    expected = chat.choices[0].logprobs.content
+    assert len(expected) == response.usage.output_tokens == 6 and all(len(t.top_logprobs) == 3 for t in expected)
+    part = response.output[0].content[0]
+    assert _logprobs(part.logprobs) == _logprobs(expected)
+    assert [token.bytes for token in part.logprobs] == [token.bytes for token in expected]
+    assert response.top_logprobs == 3
+    # Streamed, the text deltas carry them in order, and the text's done event and the response all.
+    events = list(client.responses.create(stream=True, store=False, **request))
+    streamed = [lp for event in events if event.type == "response.output_text.delta" for lp in event.logprobs]
+    assert len(expected) - 1 <= len(streamed)  # a last token that makes no text yet has no delta
+    assert _logprobs(streamed) == _logprobs(expected[:len(streamed)])
+    done = next(event for event in events if event.type == "response.output_text.done")
+    assert _logprobs(done.logprobs) == _logprobs(expected)
+    assert _logprobs(events[-1].response.output[0].content[0].logprobs) == _logprobs(expected)
+    # top_logprobs 0: the chosen tokens' own; without include: none (top_logprobs alone is ignored, as in vLLM).
+    own = client.responses.create(**{**request, "top_logprobs": 0}).output[0].content[0].logprobs
+    assert _logprobs(own) == [(token, logprob, []) for token, logprob, _ in _logprobs(expected)]
+    assert client.responses.create(**{**request, "include": []}).output[0].content[0].logprobs == []
+
+
+def test_truncation_auto_drops_the_oldest_tokens(client, http):
+    long_input = "old words " * 120 + "the newest words"  # a token a byte: past the context
+    body = {"model": MODEL, "input": long_input, "max_output_tokens": 4, **GREEDY}
+    openai_error(http.post("/v1/responses", json=body), 400, "input")  # truncation "disabled", the default
+    response = client.responses.create(**body, truncation="auto")
+    assert response.truncation == "auto" and response.usage.input_tokens == MAX_MODEL_LEN - 4
+    # The chat route's reply to the conversation's last tokens, as many as leave room for the output.
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": long_input}], max_tokens=4,
+        extra_body={"truncate_prompt_tokens": MAX_MODEL_LEN - 4}, **GREEDY,
+    )
+    assert chat.usage.prompt_tokens == MAX_MODEL_LEN - 4 and response.output_text == chat.choices[0].message.content
+    # A prompt that fits is as it was.
+    short = client.responses.create(model=MODEL, input="short", max_output_tokens=4, truncation="auto", **GREEDY)
+    plain = client.responses.create(model=MODEL, input="short", max_output_tokens=4, **GREEDY)
+    assert short.usage.input_tokens == plain.usage.input_tokens and short.output_text == plain.output_text
+
+
+def test_unsupported_include_values_are_named(http):
+    body = {"model": MODEL, "input": "x", "include": ["message.output_text.logprobs", "file_search_call.results"]}
+    error = openai_error(http.post("/v1/responses", json=body), 400, "include")
+    assert "file_search_call.results" in error["message"]
+
+
 def test_previous_response_id_continues_the_conversation(client, http):
     first = client.responses.create(model=MODEL, input="First", instructions="Only here.", max_output_tokens=4,
                                     **GREEDY)
@@ -179,12 +238,16 @@ def test_store_bounds_count_and_time():
     ({"input": "x", "stream": "yes please"}, "stream"),
     ({"input": "x", "previous_response_id": 12}, "previous_response_id"),
     ({"input": "x", "truncation": "sometimes"}, "truncation"),
-    ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),  # function tools only
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),  # no name
-    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),  # only the logprobs are served
+    ({"input": "x", "include": ["message.output_text.logprobs", "no.such.thing"]}, "include"),
+    ({"input": "x", "include": "message.output_text.logprobs"}, "include"),  # a list
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),  # OpenAI's 0-20
+    ({"input": "x", "top_logprobs": -1}, "top_logprobs"),
+    ({"input": "x", "background": True, "store": False}, "background"),  # nowhere to keep it
+    ({"input": "x", "background": "later"}, "background"),
     ({"input": "x", "model": "nope"}, "model"),
 ])
 def test_bad_requests_name_the_field(http, body, param):

@@ -214,6 +214,7 @@ def test_openapi_declares_400_with_the_error_body_not_422(http):
     assert set(posts) == {
         "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/invocations",
         "/v1/embeddings", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/classify",
+        "/v1/responses/{response_id}/cancel",
     }
     for path, op in posts.items():
         assert "422" not in op["responses"], path

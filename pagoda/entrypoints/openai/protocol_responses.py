@@ -1,6 +1,7 @@
 """Request and response bodies of OpenAI's Responses API (POST /v1/responses), as pydantic models,
 with the sampling extras vLLM takes there. Fields whose feature is not built are declared so
-that the server can refuse them by name; of the tools, function tools are served."""
+that the server can refuse them by name; of the tools, function tools are served; of `include`,
+the output text's logprobs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from .protocol import Int64, OpenAIModel, RequestModel, TokenId
+from .protocol import Int64, OpenAIModel, RequestModel, TokenId, TokenLogprob
+
+# The one `include` value served (vLLM's too): each output_text part's logprobs, top_logprobs of them.
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
 
 
 class InputContentPart(RequestModel):
@@ -80,15 +84,17 @@ class ResponsesRequest(RequestModel):
     service_tier: Optional[str] = None
     parallel_tool_calls: bool = True
     reasoning: Optional[ReasoningConfig] = None  # effort goes to the template as reasoning_effort
+    # "auto": the oldest tokens of a prompt past the context are dropped (vLLM's truncation).
     truncation: Optional[Literal["auto", "disabled"]] = "disabled"
+    include: Optional[list[str]] = None
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    # Generated after the POST answers (needs store); GET shows it, POST .../cancel stops it.
+    background: bool = False
     tools: Optional[list[FunctionTool]] = None
     tool_choice: Optional[ResponsesToolChoice] = None
     text: Optional[TextConfig] = None
     # Not built: refused when set.
-    include: Optional[list[str]] = None
-    background: Optional[bool] = None
     prompt: Optional[Any] = None
-    top_logprobs: Optional[int] = None
     max_tool_calls: Optional[int] = None
     # vLLM's extras
     top_k: Optional[Int64] = None
@@ -106,7 +112,7 @@ class OutputText(OpenAIModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] = Field(default_factory=list)  # with include's INCLUDE_LOGPROBS
 
 
 class OutputMessage(OpenAIModel):
@@ -171,7 +177,7 @@ class ResponseObject(OpenAIModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     model: str
     output: list[OutputItem] = Field(default_factory=list)
     usage: Optional[ResponseUsage] = None
@@ -191,3 +197,13 @@ class ResponseObject(OpenAIModel):
     tools: list[FunctionTool] = Field(default_factory=list)
     text: TextConfig = Field(default_factory=lambda: TextConfig(format={"type": "text"}))
     truncation: str = "disabled"
+    top_logprobs: Optional[int] = None
+    background: bool = False
+
+
+class ResponseDeleted(OpenAIModel):
+    """DELETE /v1/responses/{id}'s answer, as OpenAI's."""
+
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True

@@ -140,6 +140,7 @@ def build_app(
         yield
         if stats_task is not None:
             stats_task.cancel()
+        await responses.shutdown()  # background responses would otherwise hold the shutdown
 
     endpoints = endpoints or Endpoints()
     docs = endpoints.fastapi_docs
@@ -165,13 +166,16 @@ def build_app(
         else:
             app.middleware("http")(added)
     _add_error_handlers(app)
-    _add_routes(app, engine, config, endpoints)
+    responses = _add_routes(app, engine, config, endpoints)
     if playground:
         add_playground_routes(app)
     return app
 
 
-def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints: Endpoints) -> None:
+def _add_routes(
+    app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints: Endpoints
+) -> OpenAIServingResponses:
+    """The routes; returns the Responses API's handler, whose background responses the app stops."""
     completions = OpenAIServingCompletion(engine, config)
     chat = OpenAIServingChat(engine, config)
     embeddings = OpenAIServingEmbedding(engine, config)
@@ -264,8 +268,19 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
         return await _respond(raw, responses.create(body), load)
 
     @app.get("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
-    async def retrieve_response(response_id: str) -> Any:
-        return JSONResponse(responses.retrieve(response_id).model_dump(exclude_none=True))
+    async def retrieve_response(response_id: str, stream: bool = False, starting_after: int | None = None) -> Any:
+        retrieved = responses.retrieve(response_id, stream, starting_after)
+        if isinstance(retrieved, BaseModel):
+            return JSONResponse(retrieved.model_dump(exclude_none=True))
+        return StreamingResponse(retrieved, media_type="text/event-stream")
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=_ERROR_RESPONSES)
+    async def cancel_response(response_id: str) -> Any:
+        return JSONResponse((await responses.cancel(response_id)).model_dump(exclude_none=True))
+
+    @app.delete("/v1/responses/{response_id}", responses=_ERROR_RESPONSES)
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return (await responses.delete(response_id)).model_dump()
 
     add_lora_routes(app, engine, config, _ERROR_RESPONSES)
 
@@ -285,6 +300,8 @@ def _add_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, endpoints:
         if bad:
             raise OpenAIError(f"token ids {bad[:5]} are out of the vocabulary range", param="tokens")
         return {"prompt": chat.require_tokenizer().decode(body.tokens)}
+
+    return responses
 
 
 async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str, Any]:

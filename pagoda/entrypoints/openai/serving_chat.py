@@ -212,7 +212,7 @@ class OpenAIServingChat(OpenAIServing):
             role=run.role, content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=tool_calls
         )
         return ChatChoice(
-            index=child.index, message=message, logprobs=self._logprobs(request, child, 0),
+            index=child.index, message=message, logprobs=self.logprobs(request, child, 0),
             finish_reason=finish_reason, stop_reason=child.stop_reason,
             token_ids=child.token_ids if request.return_token_ids else None,
         )
@@ -259,12 +259,14 @@ class OpenAIServingChat(OpenAIServing):
         if delta is None and finish_reason is None and not request.logprobs:
             return None  # held back: a reasoning marker or a tool call not yet whole
         return ChatStreamChoice(
-            index=child.index, delta=delta or DeltaMessage(), logprobs=self._logprobs(request, child, start),
+            index=child.index, delta=delta or DeltaMessage(), logprobs=self.logprobs(request, child, start),
             finish_reason=finish_reason, stop_reason=child.stop_reason,
             token_ids=child.token_ids[start:] if request.return_token_ids else None,
         )
 
-    def _logprobs(self, request: ChatCompletionRequest, child: CompletionOutput, start: int) -> ChatLogprobs | None:
+    def logprobs(self, request: ChatCompletionRequest, child: CompletionOutput, start: int) -> ChatLogprobs | None:
+        """A choice's logprobs from its token `start` on (the Responses route's output text takes
+        them too); None unless the request asks for them."""
         if not request.logprobs or child.logprobs is None:
             return None
         content = [

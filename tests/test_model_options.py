@@ -53,6 +53,18 @@ def test_hf_overrides_change_the_context_and_the_forward_as_a_changed_config_doe
     assert tokens != hf_greedy(tiny, PROMPTS, 6)  # the override bites
 
 
+def test_a_rope_theta_override_changes_the_rotary_embedding(tiny, tmp_path):
+    """{"rope_theta": ...} as vLLM users write it, though transformers 5 keeps it in rope_parameters."""
+    llm = LLM(model=str(tiny), device="cpu", hf_overrides={"rope_theta": 7.0})
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    rope = json.loads((tiny / "config.json").read_text())["rope_parameters"]  # llama3 scaling, kept
+    changed = _with_config(tiny, tmp_path, rope_theta=7.0, rope_parameters={**rope, "rope_theta": 7.0})
+    assert tokens == hf_greedy(changed, PROMPTS, 6)
+    assert tokens != hf_greedy(tiny, PROMPTS, 6)
+
+
 def test_hf_overrides_add_missing_keys_and_update_nested_configs(tmp_path):
     transformers.LlavaConfig(text_config={"model_type": "llama", "hidden_size": 64}).save_pretrained(tmp_path)
     overrides = {"text_config": {"max_position_embeddings": 77}, "my_field": [1, 2]}

@@ -62,6 +62,10 @@ def _override(config: Any, overrides: dict[str, Any]) -> None:
             _override(nested, value)
         else:
             setattr(config, key, value)
+        # transformers 5 reads rope_theta from rope_parameters alone (its rope_scaling setter
+        # updates them itself): a top-level override, as vLLM users write it, goes there too.
+        if key == "rope_theta" and isinstance(getattr(config, "rope_parameters", None), dict):
+            config.rope_parameters = {**config.rope_parameters, "rope_theta": value}
 
 
 def _read_hf_config(resolved: ResolvedModel) -> Any:

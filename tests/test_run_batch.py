@@ -1,6 +1,6 @@
 """`pagoda run-batch`: an OpenAI batch file of chat and completion lines, bad lines among them, run
-offline; each line gets its result or its error, in the input's order. Embedding lines on an
-engine with --runner pooling."""
+offline; each line gets its result or its error, in the input's order. Embedding, score and
+rerank lines on an engine with --runner pooling."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.serving import save_tokenizer
 from tests.tiny_models import save_tiny_model
@@ -99,3 +101,24 @@ def test_run_batch_embeds_on_a_pooling_engine(tmp_path: Path):
     assert [len(d["embedding"]) for d in two["response"]["body"]["data"]] == [64, 64]
     assert missing["response"]["status_code"] == 400 and missing["error"]["param"] == "input"
     assert shortened["response"]["status_code"] == 400 and shortened["error"]["param"] == "dimensions"
+
+
+def test_run_batch_scores_and_reranks_with_a_cross_encoder(tmp_path: Path):
+    from tests.test_score import hf_score, save_cross_encoder
+
+    model = str(save_cross_encoder("bert", tmp_path))
+    documents = ["a pagoda is a tower", "the sea is wide"]
+    lines = [
+        line("score", "/v1/score", {"text_1": "what is a pagoda", "text_2": documents}),
+        line("rerank", "/v1/rerank", {"query": "what is a pagoda", "documents": documents, "top_n": 1}),
+        line("bad-pairs", "/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}),
+    ]
+    done = _run_batch(tmp_path, lines, "--model", model, "--runner", "pooling", "--max-model-len", "64")
+    assert done.returncode == 0, done.stderr[-3000:]
+    score, rerank, bad = [json.loads(text) for text in (tmp_path / "results.jsonl").read_text().splitlines()]
+    expected = [hf_score(Path(model), "what is a pagoda", d) for d in documents]
+    assert [d["score"] for d in score["response"]["body"]["data"]] == pytest.approx(expected, abs=1e-4)
+    (best,) = rerank["response"]["body"]["results"]
+    assert best["index"] == max(range(2), key=expected.__getitem__)
+    assert best["relevance_score"] == pytest.approx(max(expected), abs=1e-4)
+    assert bad["response"]["status_code"] == 400 and bad["error"]["param"] == "text_2"

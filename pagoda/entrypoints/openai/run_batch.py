@@ -1,6 +1,7 @@
 """`pagoda run-batch -i requests.jsonl -o results.jsonl`: OpenAI's batch file format run offline,
 as vLLM's run_batch. Each input line {"custom_id", "method": "POST", "url": "/v1/chat/completions",
-"/v1/completions" or "/v1/embeddings" (an engine with --runner pooling), "body"} gets one output line {"id", "custom_id", "response": {"status_code",
+"/v1/completions", or "/v1/embeddings", "/v1/score" and "/v1/rerank" (an engine with --runner
+pooling), "body"} gets one output line {"id", "custom_id", "response": {"status_code",
 "request_id", "body"}, "error"}, in input order. The lines run concurrently through the server's
 own handlers on an in-process AsyncLLM; a line that cannot be read, or whose request is refused,
 gets an error (status code and OpenAI's error object) and the other lines go on."""
@@ -21,12 +22,13 @@ from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.entrypoints.engine_args import engine_kwargs
 
-from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorInfo
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorInfo, RerankRequest, ScoreRequest
 from .server import engine_server_config, validation_error
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
 from .serving_engine import OpenAIError, as_openai_error, new_request_id
+from .serving_score import OpenAIServingScore
 
 Handler = Callable[[Any], Awaitable[Any]]
 
@@ -34,7 +36,7 @@ Handler = Callable[[Any], Awaitable[Any]]
 class BatchRequestInput(BaseModel):
     custom_id: str
     method: Literal["POST"]
-    url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/v1/rerank"]
     body: dict[str, Any]
 
 
@@ -59,10 +61,13 @@ def main(args: argparse.Namespace) -> None:
         config = engine_server_config(
             engine, [args.model or engine.model_name], chat_template=None, log_requests=False
         )
+        scores = OpenAIServingScore(engine, config)
         handlers: dict[str, tuple[type[BaseModel], Handler]] = {
             "/v1/chat/completions": (ChatCompletionRequest, OpenAIServingChat(engine, config).create),
             "/v1/completions": (CompletionRequest, OpenAIServingCompletion(engine, config).create),
             "/v1/embeddings": (EmbeddingRequest, OpenAIServingEmbedding(engine, config).create),
+            "/v1/score": (ScoreRequest, scores.score),
+            "/v1/rerank": (RerankRequest, scores.rerank),
         }
         results = asyncio.run(_run_all(lines, handlers))
     finally:

@@ -149,6 +149,18 @@ def test_optional_endpoints_are_off_by_default():
     assert load.json() == {"server_load": 0} and "x-request-id" not in load.headers
 
 
+def test_any_of_several_api_keys_is_taken(monkeypatch):
+    """vLLM's --api-key takes several keys (to rotate them); $VLLM_API_KEY gives one."""
+    args = build_parser().parse_args(["serve", "--api-key", "old", "new"])
+    app = TestClient(build_app(HeldEngine(), ServerConfig([MODEL], 64, None, False), args.api_key))
+    for key, status in (("old", 200), ("new", 200), ("other", 401)):
+        assert app.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == status, key
+    assert app.get("/v1/models").status_code == 401 and app.get("/load").status_code == 200  # not under /v1
+    monkeypatch.delenv("PAGODA_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == ["from-env"]
+
+
 # /invocations --------------------------------------------------------------------------------------
 
 

@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(Python's ssl.CERT_*; default: %(default)s)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="the name(s) clients use in `model` (default: the model argument)")
-    parser.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY") or os.environ.get("VLLM_API_KEY"),
-                        help="require `Authorization: Bearer KEY` on /v1 (default: $PAGODA_API_KEY, else $VLLM_API_KEY)")
+    env_key = os.environ.get("PAGODA_API_KEY") or os.environ.get("VLLM_API_KEY")
+    parser.add_argument("--api-key", nargs="+", default=[env_key] if env_key else None, metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on /v1, one of these keys (default: $PAGODA_API_KEY, "
+                             "else $VLLM_API_KEY)")
     parser.add_argument("--root-path", default=None,
                         help="the path prefix a proxy serves this server under (FastAPI's root_path), e.g. /llm")
     # data_parallel_size is a server knob, not an engine one: offline LLM is one engine core.

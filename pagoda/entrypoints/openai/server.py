@@ -127,7 +127,7 @@ class ServerLoad:
 
 
 def build_app(
-    engine: AsyncLLM, config: ServerConfig, api_key: str | None = None, cors: CorsConfig | None = None,
+    engine: AsyncLLM, config: ServerConfig, api_keys: Sequence[str] | None = None, cors: CorsConfig | None = None,
     endpoints: Endpoints | None = None, playground: bool = True, stats_log: bool = True,
     middleware: Sequence[Any] = (),
 ) -> FastAPI:
@@ -156,8 +156,8 @@ def build_app(
     cors = cors or CorsConfig()
     app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_credentials=cors.allow_credentials,
                        allow_methods=cors.allowed_methods, allow_headers=cors.allowed_headers)
-    if api_key:
-        app.middleware("http")(_require_api_key(api_key))
+    if api_keys:
+        app.middleware("http")(_require_api_key(api_keys))
     if endpoints.request_id_headers:  # outside the others: refusals carry the id too
         app.add_middleware(RequestIdHeaders)
     for added in middleware:  # outermost, as vLLM adds them
@@ -372,8 +372,9 @@ async def _disconnected(raw: Request) -> None:
         pass
 
 
-def _require_api_key(api_key: str) -> Callable:
-    expected = f"Bearer {api_key}"
+def _require_api_key(api_keys: Sequence[str]) -> Callable:
+    """Any one of the keys (vLLM's --api-key takes several, so that keys can be rotated)."""
+    expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def check(request: Request, call_next: Callable) -> Response:
         # OpenAI's routes (and /invocations, which generates too) need the key; /health, /metrics
@@ -381,9 +382,9 @@ def _require_api_key(api_key: str) -> Callable:
         given = request.headers.get("authorization", "")
         path = _route_path(request)
         protected = path.startswith("/v1") or path == "/invocations"
-        if protected and request.method != "OPTIONS" and not secrets.compare_digest(
-            given.encode(), expected.encode()
-        ):
+        # Compared with each key in constant time, all of them: how long it takes says nothing.
+        matches = [secrets.compare_digest(given.encode(), key) for key in expected]
+        if protected and request.method != "OPTIONS" and not any(matches):
             return _error(OpenAIError("invalid or missing API key", 401, code="invalid_api_key"))
         return await call_next(request)
 

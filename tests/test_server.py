@@ -679,9 +679,13 @@ def test_max_new_tokens_of_a_folder_or_an_override_caps_every_request(tmp_path):
     from pagoda.config.resolve import max_tokens_cap
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7}))
-    assert max_tokens_cap(EngineConfig(generation_config=str(tmp_path)), tmp_path / "unused") == 7
-    assert max_tokens_cap(EngineConfig(generation_config="auto"), tmp_path) is None
-    assert max_tokens_cap(EngineConfig(override_generation_config={"max_new_tokens": 5}), tmp_path) == 5
+
+    def cap(config: EngineConfig) -> int | None:
+        return max_tokens_cap(config, default_sampling(config, tmp_path))
+
+    assert cap(EngineConfig(generation_config=str(tmp_path))) == 7
+    assert cap(EngineConfig(generation_config="auto")) is None  # the model's own: a default only
+    assert cap(EngineConfig(override_generation_config={"max_new_tokens": 5})) == 5
     serving = OpenAIServing(SimpleNamespace(tokenizer=None), ServerConfig([MODEL], 64, None, False, max_tokens_cap=7))
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
     assert serving.sampling_params(request, 20, 10, None).max_tokens == 7

@@ -146,19 +146,21 @@ def _model_config(
     sampling = tokenizer is not None and pooler is None
     vocab = grammar_vocab(tokenizer, spec.vocab_size, eos_token_ids) if sampling else None
     dtype = _dtype(args.dtype, spec, device)
+    defaults = default_sampling(args, resolved.model_dir)
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, pooler, _quantization(args.quantization, spec, device, dtype),
-        default_sampling(args, resolved.model_dir), max_tokens_cap(args, resolved.model_dir),
+        defaults, max_tokens_cap(args, defaults),
     )
 
 
-def max_tokens_cap(args: EngineConfig, model_dir: Path) -> int | None:
+def max_tokens_cap(args: EngineConfig, defaults: dict[str, Any]) -> int | None:
     """The server's bound on every request's max_tokens (vLLM's override_max_tokens): max_new_tokens
-    of a generation_config folder or of override_generation_config; None with the model's own."""
+    of a generation_config folder (defaults: default_sampling's) or of override_generation_config;
+    None with the model's own."""
     if args.generation_config in ("auto", "vllm", "pagoda"):
         return (args.override_generation_config or {}).get("max_new_tokens")
-    return default_sampling(args, model_dir).get("max_tokens")
+    return defaults.get("max_tokens")
 
 
 def default_sampling(args: EngineConfig, model_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from .protocol import (
     ClassificationData, ClassificationRequest, ClassificationResponse, RerankDocument, RerankRequest, RerankResponse,
     RerankResult, RerankUsage, ScoreData, ScoreRequest, ScoreResponse,
 )
+from .serving_embedding import pool_input
 from .serving_engine import OpenAIServing
 
 # A scored request's id, each pair's score, and the prompt tokens scored.
@@ -51,11 +52,7 @@ class OpenAIServingScore(OpenAIServing):
     async def classify(self, request: ClassificationRequest) -> ClassificationResponse:
         self.check_model(request.model)
         labels = self.check_pooling_task("classify").labels
-        prompts = await prompt_inputs(
-            request.input, "input", self.require_tokenizer, self.length_limit(request), request.add_special_tokens
-        )
-        prompts = [(text, self.truncate(request, ids)) for text, ids in prompts]
-        request_id, outputs = await self.pooled_outputs("classify", prompts, "input")
+        request_id, prompts, outputs = await pool_input(self, request, "classify")
         data = []
         for i, output in enumerate(outputs):
             probs = probabilities(output.pooled)

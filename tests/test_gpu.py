@@ -256,19 +256,3 @@ def test_what_the_engine_asks_before_starting_ranks_leaves_them_free_to_fork():
     """The device and GPU inventory (NVML) leave CUDA uninitialized, so rank workers are forked and
     a script without a main guard runs with several GPUs too; a forked child can use the GPU."""
     subprocess.run([sys.executable, "-c", _FORK_AFTER_START_CHECKS], check=True, timeout=120)
-
-
-def test_steps_of_new_sizes_take_no_new_device_memory(tmp_path):
-    """Start-up leaves the largest step's memory in torch's caching allocator: steps of sizes not
-    seen before (more sampled rows, longer chunks) ask the driver for none, where a cudaMalloc
-    would wait for the device's queue."""
-    path = save_tiny_model("llama3", tmp_path, vocab_size=32768)  # logits of a few rows: over 1 MB
-    llm = LLM(model=str(path), device="cuda", skip_tokenizer_init=True, gpu_memory_utilization=0.2,
-              max_model_len=256, max_num_seqs=64)
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
-    before = torch.cuda.memory_stats()["num_device_alloc"]
-    for n in (5, 17, 40, 64):
-        prompts = [{"prompt_token_ids": [3 + (7 * k + j) % 900 for j in range(8 + 3 * k)]} for k in range(n)]
-        llm.generate(prompts, params, use_tqdm=False)
-    assert torch.cuda.memory_stats()["num_device_alloc"] == before

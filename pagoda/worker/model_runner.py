@@ -213,7 +213,6 @@ class ModelRunner:
         # One rank samples: TP rank 0 of the last pipeline stage (every rank there has the logits).
         self.samples = pp_group().is_last and tp_group().rank == 0
         self.kv_caches: list[torch.Tensor] = []
-        self._step_bytes = 0  # the profiled largest step's memory beside the weights (CUDA)
         # The last step's sampled tokens on the device (on the rank that samples), and which
         # request each row belongs to (on every rank).
         self._last_samples: torch.Tensor | None = None
@@ -232,13 +231,11 @@ class ModelRunner:
         started = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        held = torch.cuda.memory_allocated(self.device)
         self._profile_run(num_tokens, max_model_len)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self._step_bytes = peak - held
         graphs = self._graph_bytes()
         logger.info(
             "profiling pass over %d tokens in %.1f s: peak %.2f GiB with the weights, %.2f GiB outside torch, "
@@ -309,16 +306,6 @@ class ModelRunner:
         # However the pool was sized (profiled, or stated by --kv-cache-memory-bytes).
         if self.device.type == "cuda" and self.pooling_type is None and pp_group().is_last:
             self.warm_up_sampler()
-        if self._step_bytes:
-            self._reserve_step_memory()
-
-    def _reserve_step_memory(self) -> None:
-        """Have torch's caching allocator take the largest step's memory from the driver now, as one
-        block it keeps and splits: otherwise the first steps ask the driver for each new buffer size
-        (the logits of each new row count), and such a cudaMalloc waits for the device's whole
-        queue (W1 on the H200: a 16,384-token prefill step's host idled ~350 ms at the LM head, so
-        the next step was scheduled only once the device had run dry)."""
-        torch.empty(self._step_bytes, dtype=torch.uint8, device=self.device)
 
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:

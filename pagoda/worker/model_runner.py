@@ -310,14 +310,15 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
         """Sample from one row of logits as the model computes them (every rank of the last stage
-        computes them: the head may gather across the TP ranks), then compute the logits of every
-        row count up to max_num_seqs once. cuBLAS's first GEMM of a kernel it has not run yet held
-        the host until the device's queue drained (W1 on the H200: ~350 ms in each early prefill
-        step, whose rows grow 32, 63, 95, ...), so the next step was planned only once the device
-        had run dry; the row counts cost ~0.1 s here."""
-        hidden = torch.zeros(self.max_num_seqs, self.hidden_size, dtype=self.dtype, device=self.device)
+        computes them: the head may gather across the TP ranks), then compute the logits of each
+        row count a decode graph covers once. cuBLAS's first GEMM of a shape it has not run held the
+        host until the device's queue had drained (W1 on the H200: ~350 ms in each early prefill
+        step, whose sampled rows grow 32, 63, 95, ...), so the next step was planned only once the
+        device had run dry; 512 row counts take ~0.36 s on the H200."""
+        max_rows = min(self.max_num_seqs, capture_sizes(self.max_num_seqs)[-1])
+        hidden = torch.zeros(max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
         warm_up_sampling(self.model.compute_logits(hidden[:1]))
-        for rows in range(2, self.max_num_seqs + 1):
+        for rows in range(2, max_rows + 1):
             self.model.compute_logits(hidden[:rows])
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ from pagoda.config.resolve import default_sampling
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine import messages
 from pagoda.engine.input_processor import fan_out
-from pagoda.engine.messages import CoreOutput
+from pagoda.engine.messages import CoreOutput, Outputs
 from pagoda.engine.output_processor import IterationStats, OutputProcessor
 from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
@@ -106,8 +106,8 @@ def test_core_outputs_cross_the_process_boundary_intact():
         CoreOutput("r", [7], [top], (1, [top, top]), None, None, 16, 123.5),
         CoreOutput("0_s", [], None, None, "stop", 2, 0, None),
     ]
-    stats = SchedulerStats(1, 2, 0.5, 3, 4, 5)
-    assert messages.decode_from_core(messages.encode(messages.Outputs(outputs, stats))) == messages.Outputs(outputs, stats)
+    step = Outputs(outputs, SchedulerStats(1, 2, 0.5, 3, 4, 5), 17, timestamp=1700000000.125)
+    assert messages.decode_from_core(messages.encode(step)) == step
 
 
 def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
@@ -121,9 +121,9 @@ def test_front_end_detokenizes_and_ends_a_request_on_a_stop_string(tmp_path):
     (a, _), (b, _) = children
 
     def step(char_a: str, char_b: str, finish_b: str | None = None):
-        outputs, stopped = processor.process([
+        outputs, stopped = processor.process(Outputs([
             CoreOutput(a, tokenizer.encode(char_a)), CoreOutput(b, tokenizer.encode(char_b), finish_reason=finish_b),
-        ])
+        ], None))
         return outputs[0], stopped
 
     out, stopped = step("h", "y")
@@ -152,7 +152,7 @@ def test_steps_applied_together_give_one_output_each_and_stop_where_they_did(tmp
     processor.add("a", "x", tokenizer.encode("x"), a_children)
     processor.add("b", "x", tokenizer.encode("x"), b_children)
     steps = [[CoreOutput(a, tokenizer.encode(ca)), CoreOutput(b, tokenizer.encode(cb))] for ca, cb in ["hh", "le", "oy", "!!"]]
-    outputs, stopped = processor.process_steps([(step, IterationStats(2)) for step in steps])
+    outputs, stopped = processor.process_steps([(Outputs(step, None), IterationStats(2)) for step in steps])
     by_id = {o.request_id: o.outputs[0] for o in outputs}
     assert len(outputs) == 2 and stopped == [a]
     assert (by_id["a"].text, by_id["a"].finish_reason, len(by_id["a"].token_ids)) == ("h", "stop", 3)
@@ -168,13 +168,29 @@ def test_each_output_keeps_the_metrics_it_was_made_with(tmp_path):
     (child, _), = children = fan_out("r", SamplingParams(max_tokens=3))
     processor.add("r", "hi", tokenizer.encode("hi"), children)
     scheduled = CoreOutput(child, [], first_scheduled_time=5.0)  # a prompt chunk: no token yet
-    first, second, last = (processor.process([out])[0][0] for out in [
+    first, second, last = (processor.process(Outputs([out], None))[0][0] for out in [
         scheduled, CoreOutput(child, tokenizer.encode("a")), CoreOutput(child, tokenizer.encode("b"), finish_reason="length"),
     ])
     assert first.metrics.first_scheduled_time == 5.0 and first.metrics.first_token_time is None
     assert second.metrics.first_token_time is not None and second.metrics.finished_time is None
     assert last.metrics.finished_time is not None and last.metrics.first_token_time == second.metrics.first_token_time
     assert first.metrics.first_token_time is None and second.metrics.finished_time is None  # unchanged since
+
+
+def test_request_timings_are_the_cores_though_the_front_end_takes_its_steps_at_once():
+    """A front end behind the core applies several steps at one moment of its own: the first
+    token's time, the inter-token latencies and the finish are those the core stamped on the steps
+    that made them."""
+    processor = OutputProcessor(None)
+    (child, _), = children = fan_out("r", SamplingParams(max_tokens=3))
+    processor.add("r", None, [1, 2], children, arrival_time=100.0)
+    steps = [
+        (Outputs([CoreOutput(child, [token], finish_reason=finish)], None, 1, made), IterationStats(1))
+        for token, finish, made in [(5, None, 101.0), (6, None, 101.25), (7, "length", 101.75)]
+    ]
+    (output,), _ = processor.process_steps(steps)
+    assert (output.metrics.first_token_time, output.metrics.finished_time) == (101.0, 101.75)
+    assert [stats.inter_token_latencies for _, stats in steps] == [[], [0.25], [0.5]]
 
 
 # Plain endpoints ---------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ class AsyncLLM:
 
     def _process(self, steps: list[Outputs]) -> None:
         self.counters.generation_tokens += sum(len(o.new_token_ids) for step in steps for o in step.outputs)
-        applied = [(step.outputs, IterationStats(step.num_batched_tokens)) for step in steps]
+        applied = [(step, IterationStats(step.num_batched_tokens)) for step in steps]
         outputs, stopped = self._output_processor.process_steps(applied)
         _notify(self.iteration_listeners, *[stats for _, stats in applied])
         if stopped:  # a stop string ended them here: the core must stop them too

@@ -68,7 +68,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns the outputs of the user requests it advanced."""
-        outputs, stopped = self.output_processor.process(self.engine_core.get_output().outputs)
+        outputs, stopped = self.output_processor.process(self.engine_core.get_output())
         if stopped:  # a stop string ended them here: the core must stop them too
             self.engine_core.abort_requests(stopped)
         return outputs

@@ -3,13 +3,16 @@
 Front end -> core: EngineCoreRequest (one user request: its prompt ids, its images' inputs and
 its engine requests, n>1 already fanned out), AbortRequests, Stop. Core -> front end: Ready or Failed once at start-up,
 then Accepted / Refused per EngineCoreRequest, Aborted and Outputs (each with the core's scheduler
-stats). Every struct is tagged, so one decoder per direction returns the right type; token ids,
-never text, cross the boundary. The in-process core takes and returns the same structs, unencoded.
+stats; Outputs stamped with the time the core made them). Every struct is tagged, so one decoder
+per direction returns the right type; token ids, never text, cross the boundary. The in-process
+core takes and returns the same structs, unencoded.
 
 Encoding raises OverflowError for an integer wider than 64 bits (a seed, a token id), TypeError
 for a value msgpack cannot hold: the caller fails that one request."""
 
 from __future__ import annotations
+
+import time
 
 import msgspec
 
@@ -104,6 +107,10 @@ class Outputs(_Message):
     outputs: list[CoreOutput]
     stats: SchedulerStats | None  # None in-process, where nobody reads them per step
     num_batched_tokens: int = 0  # tokens the step that made these outputs computed (0: no step)
+    # When the core made them (time.time(), comparable with the front end's arrival times on the
+    # same host): request timings are taken from it, since a front end that fell behind the core
+    # applies several steps at one moment of its own.
+    timestamp: float = msgspec.field(default_factory=time.time)
 
 
 ToCore = EngineCoreRequest | AbortRequests | Stop

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
-from pagoda.engine.messages import CoreOutput, EngineRequest
+from pagoda.engine.messages import CoreOutput, EngineRequest, Outputs
 from pagoda.outputs import (
     CompletionOutput,
     Logprob,
@@ -36,7 +36,7 @@ class _Child:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    last_token_time: float | None = None  # when its latest tokens arrived
+    last_token_time: float | None = None  # when the core made its latest tokens
     pooled: list[float] | None = None  # an embedding engine's vector of the prompt
 
 
@@ -45,7 +45,8 @@ class IterationStats:
     """What one engine step did, as the front end saw it: for the server's per-step metrics."""
 
     num_batched_tokens: int  # tokens the step computed (prompt chunks, decodes, drafts)
-    # Per engine request that got tokens after its first ones: seconds since its previous ones.
+    # Per engine request that got tokens after its first ones: seconds since its previous ones
+    # (between the core's steps that made them).
     inter_token_latencies: list[float] = field(default_factory=list)
 
 
@@ -114,31 +115,32 @@ class OutputProcessor:
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
 
     def process(
-        self, core_outputs: list[CoreOutput], stats: IterationStats | None = None
+        self, step: Outputs, stats: IterationStats | None = None
     ) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's core outputs (recording its inter-token latencies in stats, when
         given). Returns the outputs of the user requests they advanced, and the engine requests a
         stop string ended here, which the core must stop too."""
-        return self.process_steps([(core_outputs, stats)])
+        return self.process_steps([(step, stats)])
 
     def process_steps(
-        self, steps: list[tuple[list[CoreOutput], IterationStats | None]]
+        self, steps: list[tuple[Outputs, IterationStats | None]]
     ) -> tuple[list[RequestOutput], list[str]]:
         """As process, for successive steps applied in order (a stop string ends a request at
         the step it comes in), with one output per user request they advanced."""
-        touched: dict[str, _Parent] = {}
+        # Each user request advanced, with the core's time of the latest step that did: its
+        # finish time if it ended.
+        touched: dict[str, tuple[_Parent, float]] = {}
         stopped: list[str] = []
-        now = time.time()
-        for core_outputs, stats in steps:
-            for out in core_outputs:
+        for step, stats in steps:
+            for out in step.outputs:
                 entry = self._live.get(out.request_id)
                 if entry is None:  # ended here (a stop string, an abort) before the core knew
                     continue
                 parent, child = entry
-                if self._apply(parent, child, out, now, stats):
+                if self._apply(parent, child, out, step.timestamp, stats):
                     stopped.append(child.request_id)
-                touched[parent.request_id] = parent
-        outputs = [self._output(p, now) for p in touched.values() if not p.final_only or p.finished]
+                touched[parent.request_id] = parent, step.timestamp
+        outputs = [self._output(p, t) for p, t in touched.values() if not p.final_only or p.finished]
         return outputs, stopped
 
     def live_children(self, request_ids: Iterable[str]) -> list[str]:
@@ -156,16 +158,19 @@ class OutputProcessor:
                 parent, child = entry
                 child.finish_reason = "abort"
                 touched[parent.request_id] = parent
+        # An abort comes with no core time: the front end's clock says when it ended.
         now = time.time()
         return [self._output(p, now) for p in touched.values() if p.finished]
 
     # Per step ---------------------------------------------------------------------------------
 
-    def _apply(self, parent: _Parent, child: _Child, out: CoreOutput, now: float, stats: IterationStats | None) -> bool:
-        """Record one core output; True when a stop string ended the child here (the core goes on
-        until told)."""
-        self._record_metrics(parent, out, now)
-        self._record_latency(child, out, now, stats)
+    def _apply(
+        self, parent: _Parent, child: _Child, out: CoreOutput, core_time: float, stats: IterationStats | None
+    ) -> bool:
+        """Record one core output, made at core_time; True when a stop string ended the child here
+        (the core goes on until told)."""
+        self._record_metrics(parent, out, core_time)
+        self._record_latency(child, out, core_time, stats)
         self._record_prompt_logprobs(parent, child, out)
         stop = self._record_tokens(child, out)
         if out.pooled is not None:
@@ -178,22 +183,22 @@ class OutputProcessor:
             del self._live[child.request_id]
         return stopped_here
 
-    def _record_metrics(self, parent: _Parent, out: CoreOutput, now: float) -> None:
+    def _record_metrics(self, parent: _Parent, out: CoreOutput, core_time: float) -> None:
         metrics = parent.metrics
         if metrics.first_scheduled_time is None and out.first_scheduled_time is not None:
             metrics.first_scheduled_time = out.first_scheduled_time
             parent.metrics_copy = None
         if metrics.first_token_time is None and out.new_token_ids:
-            metrics.first_token_time = now
+            metrics.first_token_time = core_time
             parent.metrics_copy = None
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
 
-    def _record_latency(self, child: _Child, out: CoreOutput, now: float, stats: IterationStats | None) -> None:
+    def _record_latency(self, child: _Child, out: CoreOutput, core_time: float, stats: IterationStats | None) -> None:
         if not out.new_token_ids:
             return
         if stats is not None and child.last_token_time is not None:
-            stats.inter_token_latencies.append(now - child.last_token_time)
-        child.last_token_time = now
+            stats.inter_token_latencies.append(core_time - child.last_token_time)
+        child.last_token_time = core_time
 
     def _record_prompt_logprobs(self, parent: _Parent, child: _Child, out: CoreOutput) -> None:
         """Logprobs of prompt tokens first, first + 1, ... (token 0 has none)."""
@@ -222,10 +227,11 @@ class OutputProcessor:
             text_ids = text_ids[:-1]
         return child.detokenizer.append(text_ids, len(child.token_ids))
 
-    def _output(self, parent: _Parent, now: float) -> RequestOutput:
+    def _output(self, parent: _Parent, finished_time: float) -> RequestOutput:
+        """finished_time: the request's, if it has finished."""
         finished = parent.finished
         if finished:
-            parent.metrics.finished_time = now
+            parent.metrics.finished_time = finished_time
             parent.metrics_copy = None
             del self.parents[parent.request_id]
         return RequestOutput(

@@ -76,4 +76,4 @@ def get_attention_backend(device: torch.device) -> AttentionBackend:
         return TritonAttentionBackend()
     from pagoda.attention.torch_backend import TorchAttentionBackend
 
-    return TorchAttentionBackend()
+    return TorchAttentionBackend(native_decode=device.type == "cpu")

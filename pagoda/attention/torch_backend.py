@@ -8,6 +8,7 @@ dequantized to the query's dtype as it is read (pagoda/attention/kv_fp8.py)."""
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from pagoda.attention.backend import AttentionMetadata
 from pagoda.attention.kv_fp8 import dequantize, is_fp8, quantize
+from pagoda.kernels import cpu_native
 
 KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -75,9 +77,17 @@ class _DecodePlan:
     seq_lens: torch.Tensor  # [B]
     causal: torch.Tensor | None  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
     run: slice | None  # one decode whose blocks are one run of the pool (block_run): read in place
+    # Every row a decode on the CPU, with the C function built: float32 layers without a window
+    # or a soft cap attend through it (pagoda/kernels/cpu_native.py).
+    native: ctypes.CDLL | None
 
 
 class TorchAttentionBackend:
+    def __init__(self, native_decode: bool = False) -> None:
+        """native_decode: steps of decodes only on the CPU attend through the C function where it
+        builds (pagoda/kernels/cpu_native.py); the reference in tests is torch ops alone."""
+        self.native_decode = native_decode
+
     def prepare(self, metadata: AttentionMetadata) -> None:
         metadata.backend_data["prefill_runs"] = {
             i: block_run(metadata.block_tables[i, : -(-metadata.seq_lens_cpu[i] // metadata.block_size)])
@@ -104,6 +114,7 @@ class TorchAttentionBackend:
             seq_lens=seq_lens,
             causal=causal,
             run=block_run(tables[0]) if len(rows) == 1 else None,
+            native=cpu_native.load() if self.native_decode and every_row and dev.type == "cpu" else None,
         )
 
     def forward(
@@ -119,9 +130,17 @@ class TorchAttentionBackend:
         logits_soft_cap: float | None = None,
         kv_scales: KVScales = None,
     ) -> torch.Tensor:
+        plan: _DecodePlan | None = metadata.backend_data.get("decode")
+        if (
+            plan is not None and plan.native is not None and kv_cache.dtype == q.dtype == torch.float32
+            and sliding_window is None and logits_soft_cap is None
+        ):
+            return cpu_native.decode_attention(
+                plan.native, q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, metadata.slot_mapping,
+                metadata.block_tables, metadata.seq_lens, scale,
+            )
         write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
         layer = _Layer(scale, sliding_window, logits_soft_cap, kv_scales)
-        plan: _DecodePlan | None = metadata.backend_data.get("decode")
         if plan is not None and plan.token_idx is None:  # a step of decodes only
             return self._decode(q, kv_cache, plan, layer)
         out = torch.empty_like(q)

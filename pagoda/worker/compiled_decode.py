@@ -42,6 +42,10 @@ class CompiledDecode:
 
         # In this process: a pool of compile workers would stay resident beside the engine.
         torch._inductor.config.compile_threads = 1
+        # No check of every input's sizes and strides on each call (~660 a step, ~0.3 ms of a 7.7 ms
+        # step at one stream): the inputs are the step's fresh ids and positions and tensors that
+        # never change (the weights and the pool).
+        torch._inductor.config.size_asserts = False
         self._backend = backend
 
         def forward(input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:

@@ -133,7 +133,7 @@ class TorchAttentionBackend:
         plan: _DecodePlan | None = metadata.backend_data.get("decode")
         if (
             plan is not None and plan.native is not None and kv_cache.dtype == q.dtype == torch.float32
-            and sliding_window is None and logits_soft_cap is None
+            and sliding_window is None and logits_soft_cap is None and kv_cache.is_contiguous()
         ):
             return cpu_native.decode_attention(
                 plan.native, q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, metadata.slot_mapping,

@@ -85,8 +85,9 @@ class _DecodePlan:
 class TorchAttentionBackend:
     def __init__(self, native_decode: bool = False) -> None:
         """native_decode: steps of decodes only on the CPU attend through the C function where it
-        builds (pagoda/kernels/cpu_native.py); the reference in tests is torch ops alone."""
-        self.native_decode = native_decode
+        builds (pagoda/kernels/cpu_native.py), built here rather than in a request's first step;
+        the reference in tests is torch ops alone."""
+        self.native_decode = native_decode and cpu_native.load() is not None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         metadata.backend_data["prefill_runs"] = {

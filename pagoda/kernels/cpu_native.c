@@ -16,7 +16,7 @@ static void write_kv(const float* k, const float* v, float* pool, int64_t half, 
 
 /* One decode row's group of query heads that share KV head h: scores, softmax, weighted values.
    Positions are walked block by block: a division per position cost more than its dot products. */
-static void attend(const float* q, const float* pool, int64_t half, const int32_t* table, int seq_len,
+static inline __attribute__((always_inline)) void attend(const float* q, const float* pool, int64_t half, const int32_t* table, int seq_len,
                    int group, int64_t row_len, int head_dim, int block_size, int h, float scale,
                    float* scores, float* out) {
     for (int pos = 0, blk = 0; pos < seq_len; blk++) {
@@ -66,8 +66,16 @@ int decode_attention(const float* q, const float* k, const float* v, float* pool
             float* scores = malloc(sizeof(float) * group * seq_lens[b]);
             if (!scores) { failed = 1; continue; }
             int64_t first = (int64_t)b * num_heads + (int64_t)h * group;
-            attend(q + first * head_dim, pool, half, tables + b * table_stride, seq_lens[b], group, row_len,
-                   head_dim, block_size, h, scale, scores, out + first * head_dim);
+            const float* qh = q + first * head_dim;
+            const int32_t* table = tables + b * table_stride;
+            float* oh = out + first * head_dim;
+            /* The common head sizes as constants: their loops compile to straight vector code. */
+            if (head_dim == 64)
+                attend(qh, pool, half, table, seq_lens[b], group, row_len, 64, block_size, h, scale, scores, oh);
+            else if (head_dim == 128)
+                attend(qh, pool, half, table, seq_lens[b], group, row_len, 128, block_size, h, scale, scores, oh);
+            else
+                attend(qh, pool, half, table, seq_lens[b], group, row_len, head_dim, block_size, h, scale, scores, oh);
             free(scores);
         }
     }

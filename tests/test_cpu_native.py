@@ -43,15 +43,21 @@ def test_greedy_tokens_are_the_same_through_the_c_decode(tmp_path, monkeypatch):
     assert native == tokens()
 
 
-def test_without_a_compiler_torch_ops_attend(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+def _load_afresh():
     cpu_native.load.cache_clear()
     try:
-        assert cpu_native.load() is None
+        return cpu_native.load()
     finally:
-        cpu_native.load.cache_clear()
-    assert "did not compile" in caplog.text
+        cpu_native.load.cache_clear()  # the next caller builds or finds the real one
+
+
+@pytest.mark.parametrize("compiler, cache", [("no-such-cc", "tmp"), ("false", "tmp"), ("cc", "/proc/no-cache-here")])
+def test_where_it_does_not_build_torch_ops_attend(compiler, cache, tmp_path, monkeypatch, caplog):
+    """A compiler that is not there or fails, or a cache that cannot be written: a warning, and torch's ops."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path) if cache == "tmp" else cache)
+    monkeypatch.setenv("CC", str(tmp_path / compiler) if compiler == "no-such-cc" else compiler)
+    assert _load_afresh() is None
+    assert "not built" in caplog.text
     inputs = _batch([1, 1], [4, 20], 4, 2, 32, 16, torch.float32, seed=0)
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     _run(TorchAttentionBackend(native_decode=True), *inputs)

@@ -34,7 +34,7 @@ _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 @cache
 def load() -> ctypes.CDLL | None:
-    """The built library, or None (logged once) without a C compiler or when the build fails."""
+    """The built library, or None (logged once) without a C compiler or when the build or the load fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: the CPU's decode attention runs in torch ops")
@@ -42,29 +42,28 @@ def load() -> ctypes.CDLL | None:
     source = _SOURCE.read_text()
     key = hashlib.sha256("\0".join([source, compiler, *_FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
     path = pagoda_cache_dir() / "cpu_native" / f"cpu_native_{key}.so"
-    if not path.exists() and not _build(compiler, path):
+    try:
+        if not path.exists():
+            _build(compiler, path)
+        library = ctypes.CDLL(str(path))
+    except OSError as error:  # a compiler that fails or does not run, an unwritable cache, a library that does not load
+        logger.warning("the CPU kernels are not built (%s): torch ops run instead", error)
         return None
-    library = ctypes.CDLL(str(path))
     library.decode_attention.restype = _I
     library.decode_attention.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
     return library
 
 
-def _build(compiler: str, path: Path) -> bool:
+def _build(compiler: str, path: Path) -> None:
+    """Compile into path; OSError with the compiler's last line of errors if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        try:
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True)
-        except OSError as error:  # CC names no program
-            result = subprocess.CompletedProcess([compiler], 127, "", str(error))
+        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            logger.warning("the CPU kernels did not compile with %s (%s): torch ops run instead", compiler,
-                           (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1])
-            return False
+            last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            raise OSError(f"{compiler}: {last}")
         os.replace(built, path)  # atomic: a process beside this one sees the whole file or none
-    return True
 
 
 def _cpu_model() -> str:

@@ -239,6 +239,9 @@ class TokenizeRequest(RequestModel):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[ChatCompletionToolParam]] = None  # rendered by the chat template with messages
+    # vLLM's, as on chat completions: the request's own template (--trust-request-chat-template), its variables
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: Optional[bool] = False

@@ -9,7 +9,8 @@ truncates it to the requested `dimensions` (Matryoshka models only) and normaliz
 (`embedding`), in that order, as vLLM's embedding head does.
 
 A sequence-classification model (a cross-encoder) pools its first token through its head: its
-pooled vector is its labels' logits, which the front end makes probabilities (`probabilities`)."""
+pooled vector is its labels' logits, which the front end makes probabilities (`probabilities`),
+or leaves raw where the request's `use_activation` is false (vLLM's)."""
 
 from __future__ import annotations
 
@@ -32,11 +33,14 @@ _ST_MODULES = ("Transformer", "Pooling", "Normalize")
 
 @dataclass
 class PoolingParams:
-    """vLLM's per-request pooling settings: the vector's length (Matryoshka models) and whether
-    to L2-normalize it (None: as the model's config says)."""
+    """vLLM's per-request pooling settings: the vector's length (Matryoshka models), whether
+    to L2-normalize it (None: as the model's config says), and whether a classifier's logits go
+    through its activation (sigmoid or softmax; None: they do) or come back raw. A score by
+    cosine similarity (an embedding model's) is the same either way."""
 
     dimensions: int | None = None
     normalize: bool | None = None
+    use_activation: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,13 @@ def check_task(config: PoolerConfig, task: str, model_name: str) -> None:
         )
 
 
-def probabilities(logits: list[float]) -> list[float]:
+def probabilities(logits: list[float], use_activation: bool | None = None) -> list[float]:
     """A classifier's label probabilities, as vLLM's: the sigmoid of a single logit (a
-    cross-encoder's relevance), else the softmax over the labels."""
+    cross-encoder's relevance), else the softmax over the labels; the logits themselves when
+    use_activation is False (vLLM's switch; None is True)."""
     values = torch.tensor(logits, dtype=torch.float32)
+    if use_activation is False:
+        return values.tolist()
     return (torch.sigmoid(values) if len(logits) == 1 else torch.softmax(values, dim=0)).tolist()
 
 

@@ -15,7 +15,7 @@ import transformers
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from pagoda import LLM
+from pagoda import LLM, PoolingParams
 from pagoda.attention import get_attention_backend
 from pagoda.config.engine_config import EngineConfig
 from pagoda.config.resolve import resolve_config
@@ -150,6 +150,28 @@ def test_llm_classify_gives_softmax_over_labels(tmp_path: Path) -> None:
         llm.embed("a", use_tqdm=False)
 
 
+def test_llm_use_activation_false_gives_raw_logits(tmp_path: Path) -> None:
+    """vLLM's PoolingParams(use_activation=False): a cross-encoder's score is its logit (whose
+    sigmoid is the default score), a classifier's probs its labels' logits."""
+    raw = PoolingParams(use_activation=False)
+    path = save_cross_encoder("bert", tmp_path / "one")
+    llm = LLM(str(path), max_num_seqs=3)
+    scores = [o.outputs.score for o in llm.score(QUERY, DOCUMENTS, use_tqdm=False)]
+    logits = [o.outputs.score for o in llm.score(QUERY, DOCUMENTS, use_tqdm=False, pooling_params=raw)]
+    assert logits == pytest.approx([hf_logits(path, QUERY, d)[0].item() for d in DOCUMENTS], abs=1e-4)
+    assert scores == pytest.approx(torch.sigmoid(torch.tensor(logits)).tolist(), abs=1e-6)
+    assert any(not 0 < logit < 1 for logit in logits)  # the test has teeth: these are no probabilities
+    on = llm.score(QUERY, DOCUMENTS, use_tqdm=False, pooling_params=PoolingParams(use_activation=True))
+    assert [o.outputs.score for o in on] == pytest.approx(scores, abs=1e-6)
+    (one,) = llm.classify("good movie", use_tqdm=False, pooling_params=raw)
+    assert one.outputs.probs == pytest.approx(hf_logits(path, "good movie").tolist(), abs=1e-4)
+    path = save_cross_encoder("bert", tmp_path / "three", {0: "negative", 1: "neutral", 2: "positive"})
+    (three,) = LLM(str(path)).classify("good movie", use_tqdm=False, pooling_params=raw)
+    logits_3 = hf_logits(path, "good movie")
+    assert three.outputs.probs == pytest.approx(logits_3.tolist(), abs=1e-4)
+    assert abs(sum(three.outputs.probs) - 1) > 1e-3
+
+
 def test_llm_score_embedding_model_is_cosine_similarity(tmp_path: Path) -> None:
     path = save_tiny_encoder("bert", tmp_path, "MEAN", True)
     llm = LLM(str(path), skip_tokenizer_init=True, max_num_seqs=3)
@@ -258,6 +280,35 @@ def test_classify_endpoint_gives_label_probabilities(cross_encoder_server) -> No
     assert [d["index"] for d in body["data"]] == [0, 1]
 
 
+def test_use_activation_false_gives_raw_logits(cross_encoder_server) -> None:
+    """vLLM's `use_activation: false` on /score, /rerank and /classify: the cross-encoder's logit,
+    whose sigmoid is the default score; true is the default."""
+    path, base = cross_encoder_server
+    logits = [hf_logits(path, QUERY, d)[0].item() for d in DOCUMENTS]
+    assert any(not 0 < logit < 1 for logit in logits)  # no probabilities
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: logits[i], reverse=True)
+    pairs = {"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS}
+    with http_client(base) as http:
+        default = http.post("/score", json=pairs).json()
+        on = http.post("/v1/score", json={**pairs, "use_activation": True}).json()
+        raw = http.post("/score", json={**pairs, "use_activation": False}).json()
+        for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            body = {"model": MODEL, "query": QUERY, "documents": DOCUMENTS, "use_activation": False}
+            ranked = http.post(route, json=body).json()["results"]
+            assert [r["index"] for r in ranked] == order
+            assert [r["relevance_score"] for r in ranked] == pytest.approx([logits[i] for i in order], abs=1e-4)
+        classify = http.post("/classify", json={"model": MODEL, "input": ["good movie"], "use_activation": False})
+    raw_scores = [d["score"] for d in raw["data"]]
+    assert raw_scores == pytest.approx(logits, abs=1e-4)
+    assert [d["score"] for d in default["data"]] == pytest.approx(
+        torch.sigmoid(torch.tensor(raw_scores)).tolist(), abs=1e-6
+    )
+    assert [d["score"] for d in on["data"]] == pytest.approx([d["score"] for d in default["data"]], abs=1e-6)
+    (data,) = classify.json()["data"]
+    assert data["probs"] == pytest.approx(hf_logits(path, "good movie").tolist(), abs=1e-4)
+    assert data["label"] == "relevant" and data["num_classes"] == 1
+
+
 @pytest.mark.parametrize("route,body,param", [
     ("/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2"),
     ("/score", {"text_1": [], "text_2": "a"}, "text_1"),
@@ -268,6 +319,9 @@ def test_classify_endpoint_gives_label_probabilities(cross_encoder_server) -> No
     ("/rerank", {"query": "a", "documents": []}, "documents"),
     ("/rerank", {"documents": ["a"]}, "query"),
     ("/classify", {"input": []}, "input"),
+    ("/score", {"text_1": "a", "text_2": "b", "use_activation": "maybe"}, "use_activation"),
+    ("/v2/rerank", {"query": "a", "documents": ["b"], "use_activation": [False]}, "use_activation"),
+    ("/classify", {"input": "a", "use_activation": {"on": False}}, "use_activation"),
     ("/v1/embeddings", {"input": "a"}, "model"),  # a cross-encoder gives no embeddings
 ])
 def test_bad_score_requests_name_the_field(cross_encoder_server, route: str, body: dict, param: str) -> None:
@@ -296,8 +350,11 @@ def test_embedding_model_scores_are_cosine_similarities(embedding_server) -> Non
         score = http.post("/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS}).json()
         rerank = http.post("/rerank", json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS, "top_n": 3}).json()
         pairwise = http.post("/score", json={"model": MODEL, "text_1": DOCUMENTS[:2], "text_2": DOCUMENTS[2:]}).json()
+        # vLLM's use_activation leaves a cosine similarity as it is.
+        raw = http.post("/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS, "use_activation": False})
         classify = http.post("/classify", json={"model": MODEL, "input": "a"})
     assert [d["score"] for d in score["data"]] == pytest.approx(cosines, abs=1e-5)
+    assert [d["score"] for d in raw.json()["data"]] == pytest.approx([d["score"] for d in score["data"]], abs=1e-6)
     order = sorted(range(len(DOCUMENTS)), key=lambda i: cosines[i], reverse=True)[:3]
     assert [r["index"] for r in rerank["results"]] == order
     assert [r["relevance_score"] for r in rerank["results"]] == pytest.approx([cosines[i] for i in order], abs=1e-5)

@@ -132,6 +132,17 @@ def test_tokenize_returns_token_strings_when_asked(http, tokenizer):
     still_serves(http)
 
 
+def test_tokenize_refuses_a_request_chat_template_without_the_flag(http):
+    """vLLM's: /tokenize takes a request's chat_template only where the chat route would
+    (--trust-request-chat-template, not given here); chat_template_kwargs are checked as there."""
+    body = {"messages": MESSAGES, "chat_template": "{{ messages }}"}
+    refused = openai_error(http.post("/tokenize", json=body), 400, "chat_template")
+    assert "--trust-request-chat-template" in refused["message"]
+    bad_kwargs = {"messages": MESSAGES, "chat_template_kwargs": {"add_generation_prompt": False}}
+    openai_error(http.post("/tokenize", json=bad_kwargs), 400, "chat_template_kwargs")
+    still_serves(http)
+
+
 def test_tokenizer_info_describes_the_tokenizer(http, tokenizer):
     info = http.get("/tokenizer_info").json()
     assert info["tokenizer_class"] == type(tokenizer).__name__

@@ -14,7 +14,9 @@ import pytest
 
 from pagoda.entrypoints.chat_utils import detect_content_format
 from pagoda.entrypoints.openai.server import import_middleware
-from tests.serving import CHAT_TEMPLATE, MODEL, PARTS_TEMPLATE, http_client, serving, sse_events, tiny_model_args
+from tests.serving import (
+    CHAT_TEMPLATE, MODEL, PARTS_TEMPLATE, http_client, openai_error, serving, sse_events, tiny_model_args,
+)
 
 TWO_PARTS = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
 
@@ -197,3 +199,43 @@ def test_content_reaches_the_template_as_parts_or_a_string(flagged, plain):
 ])
 def test_auto_reads_the_template_syntax(template, expected):
     assert detect_content_format(template) == expected
+
+
+# A request's chat_template and chat_template_kwargs on /tokenize (vLLM's, as on chat) ------------
+
+KWARGS_TEMPLATE = "{% for m in messages %}[{{ greeting }} {{ m['content'] }}]{% endfor %}"
+
+
+def tokenized(http: httpx.Client, messages: list[dict], **body) -> str:
+    """The text of /tokenize's tokens for a conversation."""
+    response = http.post("/tokenize", json={"model": MODEL, "messages": messages, **body})
+    assert response.status_code == 200, response.text
+    return http.post("/detokenize", json={"model": MODEL, "tokens": response.json()["tokens"]}).json()["prompt"]
+
+
+def test_tokenize_renders_the_requests_chat_template_and_kwargs(plain):
+    http = plain[0]
+    hi = [{"role": "user", "content": "hi"}]
+    body = {"chat_template": KWARGS_TEMPLATE, "chat_template_kwargs": {"greeting": "hey"}}
+    assert tokenized(http, hi, **body) == "[hey hi]"
+    assert tokenized(http, hi, **body) == rendered(http, hi, **body)  # the chat route's rendering
+    parts = {"chat_template": PARTS_TEMPLATE}
+    assert tokenized(http, TWO_PARTS, **parts) == rendered(http, TWO_PARTS, **parts) == "<user>a|b|"
+    # Without them, the model's own template.
+    assert tokenized(http, hi) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"chat_template": "{% for m in messages %}{{ m.content "}, "chat_template"),  # no template
+    ({"chat_template": "{{ 1 // 0 }}"}, "chat_template"),  # one that fails as it runs
+    ({"chat_template": "{{ raise_exception('no') }}"}, "chat_template"),
+    ({"chat_template": 5}, "chat_template"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),  # the renderer's own argument
+    ({"chat_template_kwargs": "greeting"}, "chat_template_kwargs"),
+])
+@pytest.mark.parametrize("route", ["/tokenize", "/v1/chat/completions"])
+def test_a_bad_request_chat_template_is_a_400_naming_it(plain, route, body, param):
+    http = plain[0]
+    messages = [{"role": "user", "content": "hi"}]
+    openai_error(http.post(route, json={"model": MODEL, "messages": messages, "max_tokens": 1, **body}), 400, param)
+    assert tokenized(http, messages, chat_template=KWARGS_TEMPLATE) == "[ hi]"  # the server goes on

@@ -114,14 +114,18 @@ class LLM:
 
     def classify(
         self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True,
-        truncate_prompt_tokens: int | None = None,
+        truncate_prompt_tokens: int | None = None, pooling_params: PoolingParams | None = None,
     ) -> list[ClassificationRequestOutput]:
         """Each prompt's label probabilities (`.outputs.probs`, by the model's label index), in
-        input order; the LLM must run a sequence-classification model (a cross-encoder)."""
+        input order (its logits with PoolingParams(use_activation=False)); the LLM must run a
+        sequence-classification model (a cross-encoder)."""
         self._require_pooling_task("classify", "LLM.classify")
+        use_activation = (pooling_params or PoolingParams()).use_activation
         outputs = self._pool(prompts, use_tqdm, truncate_prompt_tokens)
         return [
-            ClassificationRequestOutput(o.request_id, ClassificationOutput(probabilities(o.pooled)), o.prompt_token_ids)
+            ClassificationRequestOutput(
+                o.request_id, ClassificationOutput(probabilities(o.pooled, use_activation)), o.prompt_token_ids
+            )
             for o in outputs
         ]
 
@@ -133,18 +137,21 @@ class LLM:
         *,
         truncate_prompt_tokens: int | None = None,
         use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
     ) -> list[ScoringRequestOutput]:
         """vLLM's score of text pairs: data_1's one text against each of data_2's (1 to N), or
         both pairwise (N to N); one output per pair (`.outputs.score`), in order. A cross-encoder
-        scores each pair as its tokenizer encodes pairs (texts only); an embedding model gives
-        the cosine similarity of the two texts' embeddings."""
+        scores each pair as its tokenizer encodes pairs (texts only), its logit's sigmoid (the
+        logit with PoolingParams(use_activation=False)); an embedding model gives the cosine
+        similarity of the two texts' embeddings."""
         pooler = self._require_pooling_task("score", "LLM.score")
         texts_1 = [data_1] if isinstance(data_1, (str, dict)) else list(data_1)
         texts_2 = [data_2] if isinstance(data_2, (str, dict)) else list(data_2)
         pairs = pair_indices(len(texts_1), len(texts_2), ("data_1", "data_2"))
         if pooler.labels:  # a cross-encoder
             texts = [(texts_1[i], texts_2[j]) for i, j in pairs]
-            return self._cross_encoder_scores(texts, truncate_prompt_tokens, use_tqdm)
+            use_activation = (pooling_params or PoolingParams()).use_activation
+            return self._cross_encoder_scores(texts, truncate_prompt_tokens, use_tqdm, use_activation)
         outputs = self._pool(texts_1 + texts_2, use_tqdm, truncate_prompt_tokens)
         outputs_1, outputs_2 = outputs[: len(texts_1)], outputs[len(texts_1) :]
         return [
@@ -156,7 +163,8 @@ class LLM:
         ]
 
     def _cross_encoder_scores(
-        self, pairs: list[tuple[PromptType, PromptType]], truncate_prompt_tokens: int | None, use_tqdm: bool
+        self, pairs: list[tuple[PromptType, PromptType]], truncate_prompt_tokens: int | None, use_tqdm: bool,
+        use_activation: bool | None,
     ) -> list[ScoringRequestOutput]:
         """Each pair through the cross-encoder, as its tokenizer encodes (and cuts) pairs."""
         tokenizer = self._require_tokenizer("LLM.score")
@@ -171,7 +179,9 @@ class LLM:
                 prompt["token_type_ids"] = token_type_ids
             prompts.append(prompt)
         return [
-            ScoringRequestOutput(o.request_id, ScoringOutput(probabilities(o.pooled)[0]), o.prompt_token_ids)
+            ScoringRequestOutput(
+                o.request_id, ScoringOutput(probabilities(o.pooled, use_activation)[0]), o.prompt_token_ids
+            )
             for o in self._pool(prompts, use_tqdm)
         ]
 

@@ -239,6 +239,9 @@ class TokenizeRequest(RequestModel):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[ChatCompletionToolParam]] = None  # rendered by the chat template with messages
+    # vLLM's, as on chat completions: the request's own template (--trust-request-chat-template), its variables
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: Optional[bool] = False
@@ -281,6 +284,7 @@ class ScoreRequest(RequestModel):
     text_1: Union[str, list[str]]
     text_2: Union[str, list[str]]
     truncate_prompt_tokens: Optional[Int64] = None
+    use_activation: Optional[bool] = None  # vLLM's: false gives a cross-encoder's raw logit
 
 
 class RerankRequest(RequestModel):
@@ -294,16 +298,19 @@ class RerankRequest(RequestModel):
     top_n: Int64 = 0
     return_documents: bool = True
     truncate_prompt_tokens: Optional[Int64] = None
+    use_activation: Optional[bool] = None  # vLLM's: false gives a cross-encoder's raw logit
 
 
 class ClassificationRequest(RequestModel):
-    """POST /classify, vLLM's: each input's label probabilities (a sequence-classification model)."""
+    """POST /classify, vLLM's: each input's label probabilities (a sequence-classification model),
+    or its logits with use_activation: false."""
 
     model: Optional[str] = None
     input: PromptInput
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[Int64] = None
     add_special_tokens: bool = True
+    use_activation: Optional[bool] = None  # vLLM's: false gives the labels' raw logits
 
 
 class UsageInfo(OpenAIModel):

@@ -315,8 +315,8 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
         # As vLLM's: a conversation's template has its special tokens; the tokenizer's are added on request only.
         add_special = body.add_special_tokens and "add_special_tokens" in body.model_fields_set
         _, tokens, _ = await chat.render(
-            body.messages, None, body.add_generation_prompt, tools=tools, add_special_tokens=add_special,
-            length_limit=chat.config.max_model_len,
+            body.messages, body.chat_template, body.add_generation_prompt, template_kwargs=body.chat_template_kwargs,
+            tools=tools, add_special_tokens=add_special, length_limit=chat.config.max_model_len,
         )
     else:
         tokens = await tokenize_prompt(

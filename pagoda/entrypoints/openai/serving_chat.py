@@ -37,6 +37,12 @@ from .structured_outputs import structured_outputs
 
 # "developer" is OpenAI's newer name for "system", which the chat templates know.
 _ROLES = {"developer": "system"}
+# What rendering a chat template raises on a request's input: jinja2's errors, transformers'
+# ValueError (no template, a role it refuses), and what the template's own expressions raise
+# ({{ 1 // 0 }}, a call on the wrong type, a macro that recurses without end).
+_TEMPLATE_ERRORS = (
+    jinja2.TemplateError, ValueError, TypeError, ArithmeticError, LookupError, AttributeError, RecursionError,
+)
 
 
 @dataclass
@@ -75,11 +81,6 @@ class OpenAIServingChat(OpenAIServing):
         """Check, render and add a chat request to the engine (the chat and Responses routes share this)."""
         lora = self.check_model(request.model)
         _refuse_unsupported(request)
-        if request.chat_template is not None and not self.config.limits.trust_request_chat_template:
-            raise OpenAIError(
-                "Chat template is passed with request, but --trust-request-chat-template is not set. "
-                "Refused request with untrusted chat template.", param="chat_template",
-            )
         tools = tool_calling(request, self.config.tool_parser, self.tokenizer)
         add_generation_prompt = _add_generation_prompt(request)
         prompt_text, prompt_ids, images = await self.render(
@@ -124,10 +125,17 @@ class OpenAIServingChat(OpenAIServing):
         tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = ADD_SPECIAL_TOKENS_TO_RENDERED,
         documents: list[dict[str, str]] | None = None, *, length_limit: int | None,
     ) -> tuple[str, list[int], list[Any]]:
-        """The prompt of a conversation and its images, rendered and tokenized off the event loop;
-        a template that rejects it (e.g. roles that do not alternate) or runs past the server's time
-        bound, a prompt far beyond length_limit (None: no such check), or an image part that gives
-        no image, is the client's error."""
+        """The prompt of a conversation and its images, rendered (by the request's chat_template,
+        else the server's) and tokenized off the event loop; a request's own template without
+        --trust-request-chat-template, a template that rejects the conversation (e.g. roles that do
+        not alternate), fails or runs past the server's time bound, a prompt far beyond
+        length_limit (None: no such check), or an image part that gives no image, is the client's
+        error."""
+        if chat_template is not None and not self.config.limits.trust_request_chat_template:
+            raise OpenAIError(
+                "Chat template is passed with request, but --trust-request-chat-template is not set. "
+                "Refused request with untrusted chat template.", param="chat_template",
+            )
         conversation, images = await self._images(_conversation(messages))
         try:
             check_template_kwargs(template_kwargs)
@@ -147,12 +155,13 @@ class OpenAIServingChat(OpenAIServing):
                 f"the chat template took longer than {bound:g} s (--chat-template-timeout) to render these messages",
                 param="chat_template" if chat_template is not None else "messages",
             ) from None
-        except (jinja2.TemplateError, ValueError, TypeError) as error:
-            # Variables a request passes can break the template as much as its messages can.
-            raise OpenAIError(
-                f"the chat template cannot render these messages: {error}",
-                param="chat_template_kwargs" if template_kwargs else "messages",
-            ) from None
+        except _TEMPLATE_ERRORS as error:
+            # A request's own template is at fault first; variables a request passes can break
+            # the template as much as its messages can.
+            param = "chat_template" if chat_template is not None else "messages"
+            if chat_template is None and template_kwargs:
+                param = "chat_template_kwargs"
+            raise OpenAIError(f"the chat template cannot render these messages: {error}", param=param) from None
         return text, await tokenize_prompt(tokenizer, text, add_special_tokens, length_limit, "messages"), images
 
     async def _images(self, conversation: Conversation) -> tuple[Conversation, list[Any]]:

@@ -2,7 +2,9 @@
 /score (text pairs' scores), /rerank (documents by their score against a query, best first) and
 /classify (each input's label probabilities). A cross-encoder (a sequence-classification model)
 scores a pair as its tokenizer encodes pairs, the probability of its one label; an embedding model
-scores it by the cosine similarity of the two texts' embeddings (pagoda/scoring.py)."""
+scores it by the cosine similarity of the two texts' embeddings (pagoda/scoring.py). vLLM's
+`use_activation: false` gives a cross-encoder's logits instead of their sigmoid or softmax; a
+cosine similarity is the same either way."""
 
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class OpenAIServingScore(OpenAIServing):
         request_id, prompts, outputs = await pool_input(self, request, "classify")
         data = []
         for i, output in enumerate(outputs):
-            probs = probabilities(output.pooled)
+            probs = probabilities(output.pooled, request.use_activation)
             label = labels[max(range(len(probs)), key=probs.__getitem__)]
             data.append(ClassificationData(index=i, label=label, probs=probs, num_classes=len(probs)))
         usage = self.usage(sum(len(ids) for _, ids in prompts), 0)
@@ -91,7 +93,8 @@ class OpenAIServingScore(OpenAIServing):
         encoded = [await tokenize_pair(tokenizer, text_1, text_2, max_length) for text_1, text_2 in pairs]
         prompts: list[Prompt] = [(None, ids) for ids, _ in encoded]
         request_id, outputs = await self.pooled_outputs(prefix, prompts, names[1], [types for _, types in encoded])
-        return request_id, [probabilities(o.pooled)[0] for o in outputs], sum(len(ids) for _, ids in prompts)
+        scores = [probabilities(o.pooled, request.use_activation)[0] for o in outputs]
+        return request_id, scores, sum(len(ids) for _, ids in prompts)
 
     async def _embedding_scores(
         self, request: ScoreRequest | RerankRequest, texts_1: list[str], texts_2: list[str],

@@ -9,7 +9,8 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from tests.tiny_vlm import (
-    QWEN_IMAGE, hf_greedy_with_images, hf_qwen2_vl_greedy, random_image, save_tiny_llava, save_tiny_qwen2_vl,
+    PARTS_TEMPLATE, QWEN_IMAGE, hf_greedy_with_images, hf_qwen2_vl_greedy, random_image, save_tiny_llava,
+    save_tiny_qwen2_vl,
 )
 
 MAX_TOKENS = 8
@@ -114,6 +115,25 @@ def test_chat_with_image_parts_equals_generate(llm):
         {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}, GREEDY, use_tqdm=False
     )[0]
     assert chat.prompt_token_ids == direct.prompt_token_ids
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+@pytest.mark.parametrize(("content_format", "user"), [
+    ("auto", "before [IMG]<image>[/IMG] after"),  # the template loops over parts: vLLM's "openai" format
+    ("openai", "before [IMG]<image>[/IMG] after"),
+    ("string", "<image>\nbefore \n after"),  # placeholders first, then the text parts joined
+])
+def test_chat_gives_a_template_that_loops_over_parts_its_image_parts(llm, content_format, user):
+    image = random_image(30, 20, seed=4)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "before "}, {"type": "image_pil", "image_pil": image}, {"type": "text", "text": " after"},
+    ]}]
+    chat = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=PARTS_TEMPLATE,
+                    chat_template_content_format=content_format)[0]
+    prompt = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant"  # jinja drops the last newline
+    assert chat.prompt == prompt
+    ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+    direct = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": image}}, GREEDY, use_tqdm=False)[0]
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from pagoda import LLM, SamplingParams
 from tests.serving import API_KEY, MODEL, http_client, openai_client, openai_error, serving, tiny_model_args
-from tests.tiny_vlm import random_image, save_tiny_llava
+from tests.tiny_vlm import PARTS_TEMPLATE, random_image, save_tiny_llava
 
 MAX_TOKENS = 6
 
@@ -145,3 +146,20 @@ def test_image_for_a_text_only_model_is_400(tmp_path):
             assert "text only" in error["message"]
             body = chat_body([{"type": "text", "text": "hi"}])
             assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_template_over_parts_gets_the_image_parts_through_the_server(llava, tmp_path):
+    """vLLM's "openai" content format through the chat route's render (here /tokenize): a template
+    that loops over a message's parts writes each image's tokens itself."""
+    template = tmp_path / "parts.jinja"
+    template.write_text(PARTS_TEMPLATE)
+    args = [str(llava), "--served-model-name", MODEL, "--max-model-len", "256", "--chat-template", str(template)]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "see "}, image_part(data_url(IMAGE))]}]
+    with serving(args, tmp_path / "server.log", {"PAGODA_API_KEY": API_KEY}) as (_, url), http_client(url) as http:
+        tokens = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+        chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    expected = AutoTokenizer.from_pretrained(llava).encode(
+        "<|im_start|>user\nsee [IMG]<image>[/IMG]<|im_end|>\n<|im_start|>assistant", add_special_tokens=False
+    )
+    assert tokens == expected
+    assert chat.status_code == 200, chat.text

@@ -22,6 +22,14 @@ PATCH_SIZE = 14
 GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
+# A template that loops over a message's parts and writes each image's tokens itself, as Qwen2-VL's does.
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for part in m.content %}{% if part.type == 'image' %}[IMG]<image>[/IMG]{% else %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
 def save_tiny_llava(directory: Path, seed: int = 0, next_: bool = False) -> Path:
     """The tiny LLaVA-1.5, or with next_ the tiny LLaVA-NeXT (the same parts, any-resolution tiles)."""
     tok_dir = directory / "tokenizer"

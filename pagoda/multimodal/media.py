@@ -30,10 +30,13 @@ class ImagePartError(ValueError):
 
 
 def extract_images(
-    conversation: list[dict[str, Any]], placeholder: str, sources: ImageSources, max_images: int
+    conversation: list[dict[str, Any]], placeholder: str, sources: ImageSources, max_images: int,
+    as_parts: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The conversation with every content list made text (image parts as `placeholder`), and
-    its images in order. Raises ImagePartError."""
+    """The conversation with every content list made text (image parts as `placeholder`, before
+    the text), and its images in order. as_parts: content lists stay lists, each image part made
+    {"type": "image"}, for a template that writes its own image tokens (vLLM's "openai" content
+    format). Raises ImagePartError."""
     images: list[Any] = []
     turns = []
     for i, turn in enumerate(conversation):
@@ -41,12 +44,13 @@ def extract_images(
         if not isinstance(content, list):
             turns.append(turn)
             continue
-        texts, marks = [], []
+        texts, marks, parts = [], [], []
         for j, part in enumerate(content):
             param = f"messages.{i}.content.{j}"
             kind = part.get("type")
             if kind == "text":
                 texts.append(part.get("text") or "")
+                parts.append(part)
                 continue
             if kind not in ("image_url", "image_pil"):
                 raise ImagePartError(f"messages[{i}].content[{j}] has type {kind!r}: text and image_url parts are supported", param)
@@ -57,7 +61,8 @@ def extract_images(
                 )
             images.append(_part_image(part, sources, f"messages[{i}].content[{j}]", param))
             marks.append(placeholder)
-        turns.append({**turn, "content": "\n".join(marks + texts)})
+            parts.append({"type": "image"})
+        turns.append({**turn, "content": parts if as_parts else "\n".join(marks + texts)})
     return turns, images
 
 

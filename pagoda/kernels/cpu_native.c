@@ -1,4 +1,4 @@
-/* Pagoda's CPU kernels in C, built on first use by pagoda/kernels/cpu_native.py.
+/* Pagoda's CPU kernels in C, built by pagoda/kernels/cpu_native.py when the CPU backend is made.
    Keys and values of one position of one KV head lie D floats apart from the next head's; the pool
    is [2, num_blocks, block_size, num_kv_heads, D], its values `half` floats after its keys. */
 #include <math.h>
@@ -16,9 +16,9 @@ static void write_kv(const float* k, const float* v, float* pool, int64_t half, 
 
 /* One decode row's group of query heads that share KV head h: scores, softmax, weighted values.
    Positions are walked block by block: a division per position cost more than its dot products. */
-static inline __attribute__((always_inline)) void attend(const float* q, const float* pool, int64_t half, const int32_t* table, int seq_len,
-                   int group, int64_t row_len, int head_dim, int block_size, int h, float scale,
-                   float* scores, float* out) {
+static inline __attribute__((always_inline)) void attend(
+    const float* q, const float* pool, int64_t half, const int32_t* table, int seq_len, int group, int64_t row_len,
+    int head_dim, int block_size, int h, float scale, float* scores, float* out) {
     for (int pos = 0, blk = 0; pos < seq_len; blk++) {
         const float* key = pool + (int64_t)table[blk] * block_size * row_len + (int64_t)h * head_dim;
         for (int end = pos + block_size < seq_len ? pos + block_size : seq_len; pos < end; pos++, key += row_len) {

@@ -4,9 +4,10 @@ row's query heads attended over its positions in place, read through its block t
 that is a write, a gather and scaled_dot_product_attention a layer (~25-45 us at one stream of the
 default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26").
 
-The library is built on first use with the system's C compiler (-O3 -march=native, OpenMP: the
-libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
-compiler, the flags and the CPU. Without a compiler `load` returns None and torch's ops run."""
+The library is built when the CPU attention backend is made, with the system's C compiler (-O3
+-march=native, OpenMP: the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native,
+keyed by the source, the compiler, the flags and the CPU. Without a compiler `load` returns None
+and torch's ops run."""
 
 from __future__ import annotations
 

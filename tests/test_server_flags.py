@@ -225,6 +225,17 @@ def test_tokenize_renders_the_requests_chat_template_and_kwargs(plain):
     assert tokenized(http, hi) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_tokenize_continues_the_final_message_as_the_chat_route_does(plain):
+    http = plain[0]
+    started = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, the"}]
+    body = {"continue_final_message": True, "add_generation_prompt": False}
+    text = tokenized(http, started, **body)
+    assert text == rendered(http, started, **body)
+    assert text.endswith("<|im_start|>assistant\nSure, the")  # left open: no end of turn, no new turn
+    both = {"continue_final_message": True, "add_generation_prompt": True}
+    openai_error(http.post("/tokenize", json={"model": MODEL, "messages": started, **both}), 400, "continue_final_message")
+
+
 @pytest.mark.parametrize("body, param", [
     ({"chat_template": "{% for m in messages %}{{ m.content "}, "chat_template"),  # no template
     ({"chat_template": "{{ 1 // 0 }}"}, "chat_template"),  # one that fails as it runs

@@ -244,6 +244,7 @@ class TokenizeRequest(RequestModel):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's, as on chat completions: the last message left open
     return_token_strs: Optional[bool] = False
 
 

@@ -48,7 +48,7 @@ from .protocol_responses import ResponsesRequest
 from .request_body import RequestBodyLimits
 from .request_id import RequestIdHeaders
 from .response_store import ResponseStore
-from .serving_chat import OpenAIServingChat
+from .serving_chat import OpenAIServingChat, adds_generation_prompt
 from .serving_completion import OpenAIServingCompletion
 from .serving_embedding import OpenAIServingEmbedding
 from .serving_score import OpenAIServingScore
@@ -315,8 +315,8 @@ async def _tokenize(chat: OpenAIServingChat, body: TokenizeRequest) -> dict[str,
         # As vLLM's: a conversation's template has its special tokens; the tokenizer's are added on request only.
         add_special = body.add_special_tokens and "add_special_tokens" in body.model_fields_set
         _, tokens, _ = await chat.render(
-            body.messages, body.chat_template, body.add_generation_prompt, template_kwargs=body.chat_template_kwargs,
-            tools=tools, add_special_tokens=add_special, length_limit=chat.config.max_model_len,
+            body.messages, body.chat_template, adds_generation_prompt(body), body.continue_final_message,
+            body.chat_template_kwargs, tools, add_special, length_limit=chat.config.max_model_len,
         )
     else:
         tokens = await tokenize_prompt(

@@ -25,7 +25,8 @@ from .preprocess import DeadlineExceeded, run_with_deadline, tokenize_prompt
 from .reasoning import ReasoningSplitter, reasoning_splitter
 from .protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TextPart, TokenLogprob, ToolCall, TopLogprob,
+    ChatResponseMessage, ChatStreamChoice, DeltaMessage, TextPart, TokenizeRequest, TokenLogprob, ToolCall,
+    TopLogprob,
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,
@@ -82,7 +83,7 @@ class OpenAIServingChat(OpenAIServing):
         lora = self.check_model(request.model)
         _refuse_unsupported(request)
         tools = tool_calling(request, self.config.tool_parser, self.tokenizer)
-        add_generation_prompt = _add_generation_prompt(request)
+        add_generation_prompt = adds_generation_prompt(request)
         prompt_text, prompt_ids, images = await self.render(
             request.messages, request.chat_template, add_generation_prompt, request.continue_final_message,
             request.chat_template_kwargs, template_tools(request), request.add_special_tokens, request.documents,
@@ -373,7 +374,7 @@ def _template_tool_call(call: ToolCall, i: int) -> dict[str, Any]:
     return {**call.model_dump(exclude_none=True), "function": {"name": call.function.name, "arguments": arguments}}
 
 
-def _add_generation_prompt(request: ChatCompletionRequest) -> bool:
+def adds_generation_prompt(request: ChatCompletionRequest | TokenizeRequest) -> bool:
     """Whether the prompt ends by opening the assistant's turn: not when the last message is
     continued, and a request that asks for both is refused (as vLLM refuses it)."""
     if not request.continue_final_message:

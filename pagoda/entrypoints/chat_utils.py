@@ -46,16 +46,17 @@ def render_chat_text(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None, documents: list[dict[str, str]] | None = None,
-    content_format: str = "auto",
+    content_format: str = "auto", image_placeholder: str | None = None,
 ) -> str:
     """The prompt text of one conversation. continue_final_message leaves the last message open,
     for the model to go on with it; template_kwargs are extra variables for the template
     (such as enable_thinking); tools: the functions the model may call (OpenAI's `tools`
     entries), which the template writes into the prompt; documents: what a retrieval-augmented
     template grounds the reply in (each a dict such as {"title", "text"}); content_format: how
-    message content reaches the template (CONTENT_FORMATS)."""
+    message content reaches the template (CONTENT_FORMATS); image_placeholder: what a
+    vision-language model's {"type": "image"} parts become in the "string" format."""
     content_format = resolve_content_format(content_format, tokenizer, chat_template, tools)
-    conversation = format_content(conversation, content_format)
+    conversation = format_content(conversation, content_format, image_placeholder)
     return tokenizer.apply_chat_template(
         conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message, tokenize=False, tools=tools, documents=documents,
@@ -66,12 +67,12 @@ def render_chat_text(
 def render_chat(
     tokenizer: Any, conversation: Conversation, chat_template: str | None = None, add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-    template_kwargs: dict[str, Any] | None = None, content_format: str = "auto",
+    template_kwargs: dict[str, Any] | None = None, content_format: str = "auto", image_placeholder: str | None = None,
 ) -> tuple[str, list[int]]:
     """The prompt text of one conversation and its token ids (render_chat_text's arguments)."""
     text = render_chat_text(
         tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message, template_kwargs, tools,
-        content_format=content_format,
+        content_format=content_format, image_placeholder=image_placeholder,
     )
     return text, tokenizer.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS_TO_RENDERED)
 
@@ -146,25 +147,31 @@ def _reads(node: nodes.Node, names: set[str], key: str | None = None) -> bool:
     return isinstance(node, nodes.Name) and node.name in names
 
 
-def format_content(conversation: Conversation, content_format: str) -> Conversation:
+def format_content(
+    conversation: Conversation, content_format: str, image_placeholder: str | None = None
+) -> Conversation:
     """Each message's content in content_format ("string" or "openai"): as a string, text parts
-    joined by newlines, as vLLM joins them (a list with other parts stays as it is: an image processor or a refusal deals with
-    it); as "openai", a list of parts, a string one text part."""
+    joined by newlines, as vLLM joins them, after one image_placeholder per {"type": "image"} part
+    (a list with other parts stays as it is: an image processor or a refusal deals with it); as
+    "openai", a list of parts (image parts for the template to write), a string one text part."""
     return [
-        {**turn, "content": _formatted(turn["content"], content_format)} if "content" in turn else turn
+        {**turn, "content": _formatted(turn["content"], content_format, image_placeholder)}
+        if "content" in turn else turn
         for turn in conversation
     ]
 
 
-def _formatted(content: Any, content_format: str) -> Any:
+def _formatted(content: Any, content_format: str, image_placeholder: str | None) -> Any:
     if content_format == "openai":
         if content is None:
             return []
         return [{"type": "text", "text": content}] if isinstance(content, str) else content
     if content is None:
         return ""
-    if isinstance(content, list) and all(part.get("type") == "text" for part in content):
-        return "\n".join(part.get("text") or "" for part in content)
+    kinds = {"text"} if image_placeholder is None else {"text", "image"}
+    if isinstance(content, list) and all(part.get("type") in kinds for part in content):
+        marks = [image_placeholder for part in content if part["type"] == "image"]
+        return "\n".join(marks + [part.get("text") or "" for part in content if part["type"] == "text"])
     return content
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from pagoda.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagoda.config import EngineConfig
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat, resolve_content_format
+from pagoda.entrypoints.chat_utils import Conversation, check_template_kwargs, render_chat
 from pagoda.engine.input_processor import truncation_length
 from pagoda.inputs import PromptType, TokensPrompt
 from pagoda.logger import configure_logging
@@ -213,12 +213,11 @@ class LLM:
         tokenizer = self._require_tokenizer("chat")
         images = self.llm_engine.processor.image_processor
         token_prompts = []
-        content_format = resolve_content_format(chat_template_content_format, tokenizer, chat_template, tools)
         for conv in conversations:
-            conv, conv_images = images.chat_images(conv, content_format) if images is not None else (conv, [])
+            conv, conv_images = images.chat_images(conv) if images is not None else (conv, [])
             text, ids = render_chat(
                 tokenizer, conv, chat_template, add_generation_prompt, tools, continue_final_message,
-                chat_template_kwargs, content_format,
+                chat_template_kwargs, chat_template_content_format, None if images is None else images.placeholder,
             )
             token_prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": conv_images}})
         return self.generate(token_prompts, sampling_params, use_tqdm, lora_request)

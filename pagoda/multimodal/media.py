@@ -1,8 +1,9 @@
 """Images of a chat's content parts: OpenAI's `image_url` parts (a `data:` URL with base64 bytes;
 http(s) only with --allow-image-url-fetch; file:// only under --allowed-local-media-path) and
 vLLM's `image_pil` parts (LLM.chat). Each image
-part becomes the model's image placeholder in the message's text, before its text parts as vLLM
-places them, so any chat template renders it; the images come back in prompt order. A bad part is
+part becomes an {"type": "image"} part, which the chat's content format makes the model's image
+placeholder before the message's text (as vLLM places it) or leaves for a template that writes
+its own image tokens; the images come back in prompt order. A bad part is
 an ImagePartError naming it (messages.I.content.J)."""
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ class ImagePartError(ValueError):
 
 
 def extract_images(
-    conversation: list[dict[str, Any]], placeholder: str, sources: ImageSources, max_images: int,
-    as_parts: bool = False,
+    conversation: list[dict[str, Any]], sources: ImageSources, max_images: int
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The conversation with every content list made text (image parts as `placeholder`, before
-    the text), and its images in order. as_parts: content lists stay lists, each image part made
-    {"type": "image"}, for a template that writes its own image tokens (vLLM's "openai" content
-    format). Raises ImagePartError."""
+    """The conversation with each image part of a content list made {"type": "image"} (the chat
+    template's content format then makes it the model's placeholder, or the template writes its
+    own image tokens: chat_utils.format_content), and its images in order. Raises ImagePartError."""
     images: list[Any] = []
     turns = []
     for i, turn in enumerate(conversation):
@@ -44,12 +43,11 @@ def extract_images(
         if not isinstance(content, list):
             turns.append(turn)
             continue
-        texts, marks, parts = [], [], []
+        parts = []
         for j, part in enumerate(content):
             param = f"messages.{i}.content.{j}"
             kind = part.get("type")
             if kind == "text":
-                texts.append(part.get("text") or "")
                 parts.append(part)
                 continue
             if kind not in ("image_url", "image_pil"):
@@ -60,9 +58,8 @@ def extract_images(
                     param,
                 )
             images.append(_part_image(part, sources, f"messages[{i}].content[{j}]", param))
-            marks.append(placeholder)
             parts.append({"type": "image"})
-        turns.append({**turn, "content": parts if as_parts else "\n".join(marks + texts)})
+        turns.append({**turn, "content": parts})
     return turns, images
 
 

@@ -91,14 +91,12 @@ class ImageProcessor:
         self.max_images = (limit_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
         self.sources = sources
 
-    def chat_images(
-        self, conversation: list[dict[str, Any]], content_format: str = "string"
-    ) -> tuple[list[dict[str, Any]], list[Any]]:
-        """A chat's images, and the chat with placeholders where they were: as text ("string"), or
-        as {"type": "image"} parts ("openai") for the template to write (media.ImagePartError)."""
+    def chat_images(self, conversation: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """A chat's images, and the chat with {"type": "image"} parts where they were
+        (media.ImagePartError); render it with `placeholder` as the image placeholder."""
         from pagoda.multimodal.media import extract_images
 
-        return extract_images(conversation, self.placeholder, self.sources, self.max_images, content_format == "openai")
+        return extract_images(conversation, self.sources, self.max_images)
 
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:

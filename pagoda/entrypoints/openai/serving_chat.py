@@ -17,7 +17,7 @@ import jinja2
 
 from pagoda.multimodal.media import ImagePartError
 from pagoda.entrypoints.chat_utils import (
-    ADD_SPECIAL_TOKENS_TO_RENDERED, Conversation, check_template_kwargs, render_chat_text, resolve_content_format,
+    ADD_SPECIAL_TOKENS_TO_RENDERED, Conversation, check_template_kwargs, render_chat_text,
 )
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
@@ -137,17 +137,17 @@ class OpenAIServingChat(OpenAIServing):
                 "Chat template is passed with request, but --trust-request-chat-template is not set. "
                 "Refused request with untrusted chat template.", param="chat_template",
             )
-        tokenizer = self.require_tokenizer()
-        template = chat_template or self.config.chat_template
-        content_format = resolve_content_format(self.config.chat_template_content_format, tokenizer, template, tools)
-        conversation, images = await self._images(_conversation(messages), content_format)
+        conversation, images = await self._images(_conversation(messages))
         try:
             check_template_kwargs(template_kwargs)
         except ValueError as error:
             raise OpenAIError(str(error), param="chat_template_kwargs") from None
+        tokenizer = self.require_tokenizer()
+        processor = self.engine.processor.image_processor
         render = functools.partial(
-            render_chat_text, tokenizer, conversation, template, add_generation_prompt, continue_final_message,
-            template_kwargs, tools, documents, content_format,
+            render_chat_text, tokenizer, conversation, chat_template or self.config.chat_template,
+            add_generation_prompt, continue_final_message, template_kwargs, tools, documents,
+            self.config.chat_template_content_format, None if processor is None else processor.placeholder,
         )
         bound = self.config.limits.chat_template_timeout
         try:
@@ -166,9 +166,9 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(f"the chat template cannot render these messages: {error}", param=param) from None
         return text, await tokenize_prompt(tokenizer, text, add_special_tokens, length_limit, "messages"), images
 
-    async def _images(self, conversation: Conversation, content_format: str) -> tuple[Conversation, list[Any]]:
-        """The conversation with its image parts made placeholders (text, or image parts in the
-        "openai" content format), and their images (decoded off the event loop)."""
+    async def _images(self, conversation: Conversation) -> tuple[Conversation, list[Any]]:
+        """The conversation with its image parts made {"type": "image"} parts, and their images
+        (decoded off the event loop)."""
         processor = self.engine.processor.image_processor
         for i, turn in enumerate(conversation):
             content = turn["content"]
@@ -182,7 +182,7 @@ class OpenAIServingChat(OpenAIServing):
         if processor is None:
             return conversation, []
         try:
-            return await asyncio.to_thread(processor.chat_images, conversation, content_format)
+            return await asyncio.to_thread(processor.chat_images, conversation)
         except ImagePartError as error:
             raise OpenAIError(str(error), param=error.param) from None
 

@@ -1,18 +1,22 @@
 """AsyncLLM's per-request streams: a reader that fell behind the engine gets what queued since its
 last turn as one output (the latest, each child's text deltas joined), an error after outputs
 still comes after them, the engine's outputs reach the streams in one callback per step, and the
-receiver gives freed heap memory back when idle."""
+receiver gives freed heap memory back when idle; a step's scheduler stats show once its outputs are applied."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
+import zmq
 
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.async_llm import AsyncLLM, _Stream
-from pagoda.engine.messages import Aborted, Accepted, Outputs
+from pagoda.engine.core_client import MPClient
+from pagoda.engine.core_group import CoreGroup, _Core
+from pagoda.engine.messages import Aborted, Accepted, Outputs, encode
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -102,6 +106,9 @@ class _ScriptedCore:
     def alive(self) -> bool:
         return bool(self.script)
 
+    def publish_stats(self) -> None:
+        pass
+
     def get_outputs(self):
         if not self.script:  # the core has ended: its polls find nothing
             return []
@@ -142,3 +149,38 @@ def test_successive_steps_received_together_are_processed_as_one_batch():
     step = lambda n: Outputs([], stats, n)  # noqa: E731
     engine._handle_all([step(1), step(2), Aborted(["r"], stats), step(3), Accepted("s"), step(4), step(5)])
     assert calls == [[1, 2], "Aborted", [3], "Accepted", [4, 5]]
+
+
+def test_a_steps_scheduler_stats_show_only_once_its_outputs_are_applied(monkeypatch):
+    # A /metrics scrape while the receiver applies a step must not see the step's requests gone
+    # from the running batch before their tokens are counted.
+    monkeypatch.setattr("pagoda.engine.async_llm.release_free_memory", lambda: None)
+    running, done = SchedulerStats(1, 0, 0.5, 0, 0, 0), SchedulerStats(0, 0, 0.0, 0, 0, 0)
+    context = zmq.Context.instance()
+    core_end, front_end = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    core_end.bind("inproc://stats-order")
+    front_end.connect("inproc://stats-order")
+    group = CoreGroup.__new__(CoreGroup)  # one core, its process stood in for: alive until it has sent
+    group.cores = [_Core(SimpleNamespace(is_alive=lambda: not sent), None, front_end, stats=running)]
+    group._lock, group._poller, group._sockets = threading.Lock(), zmq.Poller(), {front_end: 0}
+    group._poller.register(front_end, zmq.POLLIN)
+    client = MPClient.__new__(MPClient)
+    client.cores, client._unanswered, client._arrived_stats = group, {}, {}
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine._dead, engine._stopping, engine._streams, engine.engine_core = None, True, {}, client
+    engine._lock, engine._pending = threading.Lock(), {}
+    seen: list[int] = []
+
+    def handle_all(messages) -> None:
+        seen.append(client.stats.num_running)
+        sent.append(True)
+
+    engine._handle_all = handle_all
+    sent: list[bool] = []
+    core_end.send(encode(Outputs([], done, 1)))
+    try:
+        engine._receive_loop()
+    finally:
+        core_end.close(0)
+        front_end.close(0)
+    assert seen == [1] and client.stats.num_running == 0

@@ -244,6 +244,7 @@ class AsyncLLM:
                 messages = self.engine_core.get_outputs()
                 if messages:
                     self._handle_all(messages)
+                    self.engine_core.publish_stats()
                     untrimmed = True
                     continue
                 # Only when no message came: the check is a system call, and each one lets the

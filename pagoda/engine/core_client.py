@@ -105,6 +105,7 @@ class MPClient(EngineCoreClient):
         # Requests sent and not yet answered: their core and engine request count, so that a
         # refused or unsent one stops counting as outstanding there.
         self._unanswered: dict[str, tuple[int, int]] = {}
+        self._arrived_stats: dict[int, SchedulerStats] = {}  # by core, until publish_stats
         self._sender = threading.Thread(target=self._send_loop, name="pagoda-engine-send", daemon=True)
         self._sender.start()
 
@@ -153,8 +154,18 @@ class MPClient(EngineCoreClient):
         bookkeeping done; empty when none came or a core process has ended (alive() says)."""
         return [self._count(index, message) for index, message in self.cores.receive()]
 
+    def publish_stats(self) -> None:
+        """Once the receiver has applied what get_outputs returned: the cores' latest scheduler
+        stats become `stats`. Not before, so that `stats` never shows a request ended whose
+        tokens are not yet counted (a /metrics scrape between the two would)."""
+        for index, stats in self._arrived_stats.items():
+            self.cores.cores[index].stats = stats
+        self._arrived_stats.clear()
+
     def _count(self, index: int, message: FromCore) -> FromCore:
         """Engine requests that end stop counting against their core (routing, num_waiting)."""
+        if isinstance(message, (Outputs, Aborted)):
+            self._arrived_stats[index] = message.stats
         if isinstance(message, Outputs):
             self.cores.ended(index, sum(o.finish_reason is not None for o in message.outputs))
         elif isinstance(message, Aborted):

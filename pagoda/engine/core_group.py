@@ -28,7 +28,7 @@ from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.core_launcher import AdoptedProcess, core_process_context, stop_core_server
 from pagoda.engine.core_proc import run_engine_core
-from pagoda.engine.messages import Aborted, Failed, FromCore, Outputs, decode_from_core
+from pagoda.engine.messages import Failed, FromCore, decode_from_core
 
 logger = logging.getLogger("pagoda")
 
@@ -152,11 +152,7 @@ class CoreGroup:
                 continue
             # All that queued, not one per poll: a receiver that fell behind catches up without a
             # poll (a system call, and the GIL given up) per message.
-            for data in _queued(socket):
-                message = decode_from_core(data)
-                if isinstance(message, (Outputs, Aborted)):
-                    self.cores[index].stats = message.stats
-                received.append((index, message))
+            received.extend((index, decode_from_core(data)) for data in _queued(socket))
         return received
 
     def exits(self) -> str:

@@ -1,6 +1,8 @@
-"""The CPU's decode attention in C (pagoda/kernels/cpu_native.py) against torch's ops: the same keys
-and values written, the same outputs within float32 rounding, the same greedy tokens; and torch's ops
-where no compiler builds it."""
+"""The CPU kernels in C (pagoda/kernels/cpu_native.py). The decode attention against torch's ops: the
+same keys and values written, the same outputs within float32 rounding, the same greedy tokens; and
+torch's ops where no compiler builds it. The int4 matmul against its arithmetic in torch (int16
+activations per 32 inputs) and the exact product, in the engine's layers eagerly and compiled, and
+torch's int4 kernel where it cannot run."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from test_triton_attention import _batch, _run
 from pagoda import LLM, SamplingParams
 from pagoda.attention.torch_backend import TorchAttentionBackend
 from pagoda.kernels import cpu_native
+from pagoda.quantization.int4pack import Int4Pack, NativeInt4
+from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
 needs_compiler = pytest.mark.skipif(cpu_native.load() is None, reason="no C compiler builds the CPU kernels here")
+needs_int4 = pytest.mark.skipif(not cpu_native.int4_available(), reason="the C int4 matmul needs AVX512-VNNI")
 
 
 @needs_compiler
@@ -62,3 +67,64 @@ def test_where_it_does_not_build_torch_ops_attend(compiler, cache, tmp_path, mon
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     _run(TorchAttentionBackend(native_decode=True), *inputs)
     assert inputs[-1].backend_data["decode"].native is None
+
+
+def _int4_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The C matmul's arithmetic in torch: each 32 inputs of a row rounded to int16 steps of max|x| / 32767,
+    times d * q, plus m times the block's float sum; d and m in float16."""
+    rows, k = x.shape
+    blocks = x.reshape(rows, k // 32, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    steps = torch.round(blocks * torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))) * (amax / 32767.0)
+    per_input = torch.arange(k) // 32
+    d, m = d.half().float(), m.half().float()
+    return steps.reshape(rows, k) @ (d[:, per_input] * q.float()).t() + blocks.sum(dim=2) @ m.t()
+
+
+@needs_int4
+@pytest.mark.parametrize("n, k", [(16, 32), (960, 576), (576, 1536)])
+def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    m = (torch.rand(n, k // 32, generator=g) - 0.5) * 0.1
+    w = cpu_native.int4_pack(q, d, m)
+    per_input = torch.arange(k) // 32
+    exact_weight = d.half().float()[:, per_input] * q.float() + m.half().float()[:, per_input]
+    for rows in (1, 3, 4, 13, 16, 70):  # the kernel's row chunks of 8, 4 and 1
+        x = torch.randn(rows, k, generator=g)
+        x[0, :32] = 0  # a block of zeros (no scale),
+        x[-1, -5] = 300.0  # and one with an outlier
+        got = cpu_native.int4_matmul(x, w, n)
+        want = _int4_reference(x, q, d, m)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
+        exact = x @ exact_weight.t()  # int16 steps: far inside bfloat16's 2**-9
+        assert ((got - exact).norm() / exact.norm()).item() < 1e-4, rows
+
+
+@needs_int4
+def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
+    """An AWQ model's layers through the C matmul, with the same greedy tokens eagerly and in the
+    compiled decode forward (one graph: the op is opaque to the compiler)."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = write_quantized(save_tiny_model("llama3", tmp_path), tmp_path / "awq", "awq", 32)
+    prompts = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 7 * k)]} for k in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = []
+    for level in (0, 3):
+        llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=64, optimization_level=level)
+        runner = llm.llm_engine.engine_core.engine_core.executor.worker.runner
+        assert isinstance(runner.model.model.layers[0].mlp.down_proj.int4, NativeInt4)
+        tokens.append([out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)])
+        assert (runner.compiled_decode is not None) == (level == 3)  # still: no step fell back to eager
+    assert tokens[0] == tokens[1]
+
+
+def test_without_the_c_matmul_torchs_int4_kernel_runs(monkeypatch):
+    monkeypatch.setattr(cpu_native, "int4_available", lambda: False)
+    q = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(0))
+    pack = Int4Pack.from_values(q, torch.full((32, 2), 0.01), torch.zeros(32, 2), 32)
+    assert type(pack) is Int4Pack
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(pack.matmul(x), x @ ((q.float() - 8) * 0.01).t(), rtol=2e-2, atol=2e-2)

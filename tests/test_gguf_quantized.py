@@ -3,8 +3,8 @@ Q4_K unpack to exactly what gguf's own dequantizer gives; the int4 kernel path e
 reference (dequantize, then matmul) at real models' shapes; Q8_0 and other types are
 dequantized; packed layers and tensor-parallel shards load through the loader's slicing; a tiny
 GGUF model gives the tokens of its dequantized conversion and of TP=2; the default model's
-quantized path gives the fp32 path's greedy tokens on the README's prompts (or parts from them
-only after a near-tie: the kernel runs in bfloat16)."""
+quantized path gives the fp32 path's greedy tokens on the README's prompts (through Pagoda's C int4
+matmul, int16 activations; torch's kernel, in bfloat16, may part from them after a near-tie)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.distributed.parallel_state import GroupInfo
+from pagoda.kernels import cpu_native
 from pagoda.layers import linear
 from pagoda.layers.linear import (
     ColumnParallelLinear,
@@ -187,8 +188,12 @@ def _default_model_outputs(**engine_args) -> list:
 @pytest.mark.slow
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, monkeypatch):
     """By default: weights from the shipped Q4_1 GGUF, kept quantized; load_format='safetensors': the
-    float32 conversion. Greedy tokens agree, or part only after a near-tie of the float32 path's logits."""
+    float32 conversion. Greedy tokens agree; through torch's int4 kernel (no AVX512-VNNI), or part
+    only after a near-tie of the float32 path's logits."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
     quantized, dense = _default_model_outputs(), _default_model_outputs(load_format="safetensors")
     for ours, reference in zip(quantized, dense):
-        assert_same_greedy(ours, reference)
+        if cpu_native.int4_available():
+            assert ours.token_ids == reference.token_ids
+        else:
+            assert_same_greedy(ours, reference)

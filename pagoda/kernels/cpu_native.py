@@ -1,13 +1,15 @@
-"""CPU kernels in C (cpu_native.c) where torch's ops cost more in dispatch than in arithmetic: a
-step of decodes' attention, the step's keys and values written into the paged float32 pool and each
-row's query heads attended over its positions in place, read through its block table. In torch ops
-that is a write, a gather and scaled_dot_product_attention a layer (~25-45 us at one stream of the
-default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26").
+"""CPU kernels in C (cpu_native.c) where torch's own cost more than the arithmetic needs:
+- a step of decodes' attention, the step's keys and values written into the paged float32 pool and
+  each row's query heads attended over its positions in place, read through its block table. In
+  torch ops that is a write, a gather and scaled_dot_product_attention a layer (~25-45 us at one
+  stream of the default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26");
+- the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
+  where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
+  3x faster than torch's int4 kernel at one row and 1.7x at 16 (docs/benchmarks.md, "CPU, session 27").
 
-The library is built when the CPU attention backend is made, with the system's C compiler (-O3
--march=native, OpenMP: the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native,
-keyed by the source, the compiler, the flags and the CPU. Without a compiler `load` returns None
-and torch's ops run."""
+The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
+the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
+compiler, the flags and the CPU. Without a compiler `load` returns None and torch's ops run."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def load() -> ctypes.CDLL | None:
     """The built library, or None (logged once) without a C compiler or when the build or the load fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler: the CPU's decode attention runs in torch ops")
+        logger.info("no C compiler: the CPU's decode attention and int4 matmuls run in torch ops")
         return None
     source = _SOURCE.read_text()
     key = hashlib.sha256("\0".join([source, compiler, *_FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
@@ -52,6 +54,8 @@ def load() -> ctypes.CDLL | None:
         return None
     library.decode_attention.restype = _I
     library.decode_attention.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+    library.int4_matmul.restype = _I
+    library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     return library
 
 
@@ -94,3 +98,55 @@ def decode_attention(
         raise MemoryError("CPU decode attention: no memory for a row's scores")
     return out
 
+
+
+# The 4-bit weight-only matmul ------------------------------------------------------------------
+
+INT4_OUTPUTS, INT4_INPUTS = 16, 32  # a weight block's outputs and inputs (cpu_native.c's layout)
+
+
+def int4_available() -> bool:
+    """Whether the C int4 matmul runs here: built, on a CPU with AVX512-VNNI."""
+    library = load()
+    return library is not None and bool(library.int4_supported())
+
+
+def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """W = d * q + m, from q [N, K] (integers 0..15) and d, m [N, K / 32] (rounded to float16), as
+    the uint8 blocks the C matmul reads [N / 16, K / 32, 320] (N a multiple of 16, K of 32)."""
+    n, k = q.shape
+    blocks, groups = n // INT4_OUTPUTS, k // INT4_INPUTS
+    # [block, group, step of 2 inputs, output, input], then the steps paired into the nibbles of a byte
+    steps = q.to(torch.uint8).reshape(blocks, INT4_OUTPUTS, groups, INT4_INPUTS // 2, 2).permute(0, 2, 3, 1, 4)
+    steps = steps.reshape(blocks, groups, INT4_INPUTS // 4, 2, 2 * INT4_OUTPUTS)
+    nibbles = (steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)).reshape(blocks, groups, -1)
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:
+        values = values.to(torch.float16).reshape(blocks, INT4_OUTPUTS, groups).permute(0, 2, 1)
+        return values.contiguous().view(torch.uint8)
+
+    return torch.cat([nibbles, per_block(d), per_block(m)], dim=2).contiguous()
+
+
+_library = torch.library.Library("pagoda", "FRAGMENT")
+_library.define("int4_matmul(Tensor x, Tensor w, int n) -> Tensor")
+
+
+def _int4_matmul(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] float32 @ W^T -> [M, n] float32, W packed by int4_pack."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if load().int4_matmul(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), n, out.data_ptr()):
+        raise MemoryError("CPU int4 matmul: no memory for the quantized activations")
+    return out
+
+
+_library.impl("int4_matmul", _int4_matmul, "CPU")
+
+
+@torch.library.register_fake("pagoda::int4_matmul")
+def _(x, w, n) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+int4_matmul = torch.ops.pagoda.int4_matmul.default

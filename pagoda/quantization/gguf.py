@@ -1,13 +1,14 @@
 """GGUF checkpoints (`--quantization gguf`, chosen by itself for a GGUF model as in vLLM): on the
-CPU their quantized linear layers stay quantized and run through PyTorch's weight-only kernels;
+CPU their quantized linear layers stay quantized and run through weight-only kernels;
 on a GPU every weight is dequantized to the model's dtype at load.
 
 The GGUF loader hands a kept layer its blocks unpacked (pagoda/loader/gguf_blocks.py) under the
 parameter names created here, so packed (q|k|v, gate|up) and tensor-parallel layers slice them
 like any checkpoint tensor; `process_weights_after_loading` repacks them for the kernel:
-- Q4_0, Q4_1, Q4_K: torch's CPU int4 kernel (pagoda/quantization/int4pack.py, shared with the
-  W4A16 formats), groups of 32 with a scale and a zero each (W = (q - 8) * scale + zero, which
-  maps every 4-bit type), in bfloat16. A packed layer whose parts mix these types is one int4 layer.
+- Q4_0, Q4_1, Q4_K: the int4 matmul (pagoda/quantization/int4pack.py, shared with the W4A16
+  formats: Pagoda's C one where the CPU has AVX512-VNNI, else torch's, in bfloat16), groups of 32
+  with a scale and a zero each (W = (q - 8) * scale + zero, which maps every 4-bit type). A packed
+  layer whose parts mix these types is one int4 layer.
 - Q8_0 embeddings and LM heads: their float32 values turned back into Q8_0's form after loading,
   exactly (pagoda/layers/q8_rows.py; `process_model_after_loading`).
 Other types are dequantized to the model's dtype, as are other embeddings and LM heads and packed

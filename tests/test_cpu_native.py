@@ -13,7 +13,7 @@ from test_triton_attention import _batch, _run
 from pagoda import LLM, SamplingParams
 from pagoda.attention.torch_backend import TorchAttentionBackend
 from pagoda.kernels import cpu_native
-from pagoda.quantization.int4pack import Int4Pack, NativeInt4
+from pagoda.quantization.int4pack import Int4Pack, NativeInt4, int4_weight
 from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
@@ -124,7 +124,7 @@ def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
 def test_without_the_c_matmul_torchs_int4_kernel_runs(monkeypatch):
     monkeypatch.setattr(cpu_native, "int4_available", lambda: False)
     q = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(0))
-    pack = Int4Pack.from_values(q, torch.full((32, 2), 0.01), torch.zeros(32, 2), 32)
+    pack = int4_weight(q, torch.full((32, 2), 0.01), torch.zeros(32, 2), 32)
     assert type(pack) is Int4Pack
     x = torch.randn(3, 64)
     torch.testing.assert_close(pack.matmul(x), x @ ((q.float() - 8) * 0.01).t(), rtol=2e-2, atol=2e-2)

@@ -30,7 +30,7 @@ from pagoda.layers.lm_head_screen import ScreenedHead
 from pagoda.layers.q8_rows import Q8Rows
 from pagoda.loader.gguf_blocks import GROUP, INT4_TYPES
 from pagoda.quantization.base import QuantizationConfig
-from pagoda.quantization.int4pack import Int4Pack
+from pagoda.quantization.int4pack import Int4Pack, int4_weight
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class GGUFInt4LinearMethod(LinearMethod):
             ))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.int4 = Int4Pack.from_values(layer.qweight.data, layer.scales.data, layer.zeros.data, GROUP)
+        layer.int4 = int4_weight(layer.qweight.data, layer.scales.data, layer.zeros.data, GROUP)
         del layer.qweight, layer.scales, layer.zeros
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -42,6 +42,15 @@ def kernel_group_size(group_size: int) -> int | None:
     return next((size for size in reversed(GROUP_SIZES) if group_size % size == 0), None)
 
 
+def int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Int4Pack | NativeInt4:
+    """The weight for the fastest kernel on q's device, from q [N, K] (integers 0..15), scales and
+    float zeros [N, K / group_size] (W = (q - 8) * scale + zero); Int4Pack.fits must hold. On a
+    CPU with AVX512-VNNI, Pagoda's own C matmul (NativeInt4); elsewhere torch's (Int4Pack)."""
+    if not q.is_cuda and cpu_native.int4_available():
+        return NativeInt4.from_values(q, scales, zeros, group_size)
+    return Int4Pack.from_values(q, scales, zeros, group_size)
+
+
 class _Int4Linear(nn.Module):
     """A 4-bit weight-only layer's weight: `matmul` from its kernel, `linear` over it."""
 
@@ -73,14 +82,9 @@ class Int4Pack(_Int4Linear):
         return device.type == "cpu" and n % 16 == 0
 
     @classmethod
-    def from_values(
-        cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-    ) -> Int4Pack | NativeInt4:
+    def from_values(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Int4Pack:
         """From q [N, K] (integers 0..15), scales and float zeros [N, K / group_size] on the
-        kernel's device (W = (q - 8) * scale + zero); `fits` must hold. On a CPU where Pagoda's
-        own C matmul runs (AVX512-VNNI), that one (NativeInt4)."""
-        if not q.is_cuda and cpu_native.int4_available():
-            return NativeInt4.from_values(q, scales, zeros, group_size)
+        kernel's device (W = (q - 8) * scale + zero); `fits` must hold."""
         size = kernel_group_size(group_size)
         scales_and_zeros = torch.stack([scales, zeros], dim=-1).to(KERNEL_DTYPE)
         # [groups, N, 2], each group's pair repeated over its kernel-sized sub-groups.
@@ -111,7 +115,7 @@ class NativeInt4(_Int4Linear):
 
     @classmethod
     def from_values(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> NativeInt4:
-        """As Int4Pack.from_values, on the CPU (group_size a multiple of 32)."""
+        """As int4_weight, on the CPU."""
         per_32 = group_size // cpu_native.INT4_INPUTS
         d = scales.float().repeat_interleave(per_32, dim=1)
         m = (zeros.float() - 8 * scales.float()).repeat_interleave(per_32, dim=1)

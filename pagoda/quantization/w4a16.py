@@ -22,7 +22,7 @@ from torch import nn
 
 from pagoda.kernels.w4a16_layout import PACK, unpack_int4, w4a16_gemm_reference
 from pagoda.layers.linear import LinearMethod, sliced_param
-from pagoda.quantization.int4pack import Int4Pack
+from pagoda.quantization.int4pack import Int4Pack, NativeInt4, int4_weight
 
 
 @dataclass
@@ -44,20 +44,20 @@ TINYGEMM_MAX_ROWS = 4
 DEQUANTIZE_MIN_ROWS = 128
 
 
-def to_int4pack(w: PackedW4) -> Int4Pack | None:
-    """The layer packed for torch's int4 kernel on its device, or None where that cannot run it
-    (act-order, or groups and widths it refuses). An integer zero point z becomes the float zero
+def to_int4pack(w: PackedW4) -> Int4Pack | NativeInt4 | None:
+    """The layer packed for the int4 kernel on its device (int4pack.int4_weight), or None where that
+    cannot run it (act-order, or groups and widths it refuses). An integer zero point z becomes the float zero
     (8 - z) * scale."""
     k, n = w.qweight.shape[0] * PACK, w.qweight.shape[1]
     if w.g_idx is not None or not Int4Pack.fits(n, k, w.group_size, w.qweight.device, w.scales.dtype):
         return None
     scales = w.scales.float()
     zeros = torch.zeros_like(scales) if w.zeros is None else (8.0 - w.zeros.float()) * scales
-    return Int4Pack.from_values(unpack_int4(w.qweight, dim=0).t(), scales.t(), zeros.t(), w.group_size)
+    return int4_weight(unpack_int4(w.qweight, dim=0).t(), scales.t(), zeros.t(), w.group_size)
 
 
 def w4a16_linear(
-    x: torch.Tensor, w: PackedW4 | None, bias: torch.Tensor | None = None, int4: Int4Pack | None = None
+    x: torch.Tensor, w: PackedW4 | None, bias: torch.Tensor | None = None, int4: Int4Pack | NativeInt4 | None = None
 ) -> torch.Tensor:
     """x @ W^T + b over x's last dim: through `int4` where it holds the layer (on the CPU every
     row count, on CUDA up to TINYGEMM_MAX_ROWS), else from `w` (None only where `int4` serves all)."""

@@ -53,6 +53,18 @@ def test_compiled_decode_steps_give_transformers_greedy_tokens(tiny, tmp_path, m
     assert any(tmp_path.joinpath("inductor").iterdir())  # cached under PAGODA_CACHE_DIR
 
 
+def test_each_model_in_a_process_runs_its_own_graph(tiny, tmp_path):
+    # The graphs keep no guards: a second model must not find the first one's graph on shared code.
+    other = save_tiny_model("llama3", tmp_path, seed=1, num_hidden_layers=3)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for path in (tiny, other, tiny):
+        llm = _llm(path, optimization_level=3)
+        got = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                                                  use_tqdm=False)]
+        assert _runner(llm).compiled_decode is not None
+        assert got == hf_greedy(path, PROMPTS, 8)
+
+
 def test_a_forward_that_does_not_compile_runs_eagerly(tiny, monkeypatch, caplog):
     def fail(self, input_ids, positions, metadata):
         raise RuntimeError("no C++ compiler")

@@ -55,6 +55,10 @@ class CompiledDecode:
         def forward(input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
             return model(input_ids, positions, kv_caches, metadata)
 
+        # Its own code object: dynamo keeps a compiled graph on the code it compiled, and without
+        # guards another model in this process would run this one's graph (its weights, its layers).
+        forward.__code__ = forward.__code__.replace()
+
         # No guards: the model, its pool and the inputs' types never change, and the sizes are
         # unbacked; guards on every parameter cost ~1.7 ms a step at one stream.
         self._forward: Callable[..., torch.Tensor] = torch.compile(

@@ -62,7 +62,7 @@ def layer_paths(n: int, k: int, group_size: int, rows: int) -> dict[str, Callabl
                                                                          fp32_scales_and_zeros),
         "fp32 matmul": lambda: x @ dense.t(),
     }
-    if cpu_native.int4_available():
+    if cpu_native.vnni_available():
         native = NativeInt4.from_values(*values)
         paths["int4 C"] = lambda: native.matmul(x)
     return paths
@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.decode_step:
-        if not cpu_native.int4_available():
+        if not cpu_native.vnni_available():
             raise SystemExit("the C int4 matmul does not run here (it needs a C compiler and AVX512-VNNI)")
         for rows in args.rows:
             ms = decode_step_ms(rows)

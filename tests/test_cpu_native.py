@@ -2,7 +2,7 @@
 same keys and values written, the same outputs within float32 rounding, the same greedy tokens; and
 torch's ops where no compiler builds it. The int4 matmul against its arithmetic in torch (int16
 activations per 32 inputs) and the exact product, in the engine's layers eagerly and compiled, and
-torch's int4 kernel where it cannot run."""
+torch's int4 kernel where it cannot run. The Q8_0 matmul (the LM head's screen) against its arithmetic."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
 needs_compiler = pytest.mark.skipif(cpu_native.load() is None, reason="no C compiler builds the CPU kernels here")
-needs_int4 = pytest.mark.skipif(not cpu_native.int4_available(), reason="the C int4 matmul needs AVX512-VNNI")
+needs_vnni = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C int4 and Q8_0 matmuls need AVX512-VNNI")
 
 
 @needs_compiler
@@ -81,7 +81,7 @@ def _int4_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.
     return steps.reshape(rows, k) @ (d[:, per_input] * q.float()).t() + blocks.sum(dim=2) @ m.t()
 
 
-@needs_int4
+@needs_vnni
 @pytest.mark.parametrize("n, k", [(16, 32), (960, 576), (576, 1536)])
 def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
     g = torch.Generator().manual_seed(n)
@@ -102,7 +102,7 @@ def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
         assert ((got - exact).norm() / exact.norm()).item() < 1e-4, rows
 
 
-@needs_int4
+@needs_vnni
 def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
     """An AWQ model's layers through the C matmul, with the same greedy tokens eagerly and in the
     compiled decode forward (one graph: the op is opaque to the compiler)."""
@@ -121,8 +121,23 @@ def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
     assert tokens[0] == tokens[1]
 
 
+@needs_vnni
+def test_q8_matmul_equals_its_arithmetic_in_torch():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(-127, 128, (1000, 576), generator=g, dtype=torch.int8)
+    scales = torch.rand(1000, 18, generator=g) * 1e-3
+    weight = (values.float().unflatten(1, (-1, 32)) * scales[..., None]).flatten(1)
+    for rows in (1, 3, 4, 13, 16, 70):  # the kernel's row chunks of 8, 4 and 1
+        x = torch.randn(rows, 576, generator=g)
+        x[-1, 7] = -250.0  # an outlier sets its row's step
+        amax = x.abs().amax(dim=1, keepdim=True)
+        steps = torch.round(x * (32767.0 / amax)) * (amax / 32767.0)  # each row in int16 steps
+        got, want = cpu_native.q8_matmul(x, values, scales), steps @ weight.t()
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
+
+
 def test_without_the_c_matmul_torchs_int4_kernel_runs(monkeypatch):
-    monkeypatch.setattr(cpu_native, "int4_available", lambda: False)
+    monkeypatch.setattr(cpu_native, "vnni_available", lambda: False)
     q = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(0))
     pack = int4_weight(q, torch.full((32, 2), 0.01), torch.zeros(32, 2), 32)
     assert type(pack) is Int4Pack

@@ -193,7 +193,7 @@ def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_defaul
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
     quantized, dense = _default_model_outputs(), _default_model_outputs(load_format="safetensors")
     for ours, reference in zip(quantized, dense):
-        if cpu_native.int4_available():
+        if cpu_native.vnni_available():
             assert ours.token_ids == reference.token_ids
         else:
             assert_same_greedy(ours, reference)

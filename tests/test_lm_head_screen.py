@@ -1,13 +1,15 @@
 """The screened float32 LM head (layers/lm_head_screen.py): its argmax is the float32 head's, near
 ties included, the logits it did not recompute are within its bound, and only steps that read
-nothing but the argmax take it."""
+nothing but the argmax take it. The same for the screen of Q8_0 rows through the C matmul."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.kernels import cpu_native
+from pagoda.layers.lm_head_screen import Q8ScreenedHead, ScreenedHead
+from pagoda.layers.q8_rows import Q8Rows
 from pagoda.sample.sampler import takes_argmax_only
 from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -50,6 +52,54 @@ def test_other_logits_are_within_the_bound():
     bound = hidden.norm(dim=1, keepdim=True) * 2.0**-9 * screen.max_row_norm
     assert bool(((screened - exact).abs() <= bound).all())
     assert bool((screened != exact).any())  # most logits are the float16 copy's
+
+
+def _q8_head(vocab: int = 4096, hidden: int = 256, seed: int = 0) -> Q8Rows:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-127, 128, (vocab, hidden), generator=g, dtype=torch.int8)
+    return Q8Rows(values, torch.rand(vocab, hidden // 32, generator=g) * 4e-4 + 1e-4)
+
+
+def _dense(rows: Q8Rows) -> torch.Tensor:
+    return rows[torch.arange(rows.shape[0])]
+
+
+needs_vnni = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C Q8_0 matmul needs AVX512-VNNI")
+
+
+@needs_vnni
+def test_q8_screen_argmax_is_the_float32_heads_through_near_ties():
+    head = _q8_head()
+    hidden = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)) * 3
+    exact = hidden @ _dense(head).T
+    # Each row's runner-up: the winner's values with one block's scale moved so that its logit is
+    # higher by 2e-5 (~80 float32 ulps there), far below the screen's bound.
+    top, runner_up = exact.argmax(dim=1), (exact.argmax(dim=1) + 1) % 4096
+    for row, (t, r) in enumerate(zip(top.tolist(), runner_up.tolist())):
+        head.values.data[r] = head.values[t]
+        head.scales.data[r] = head.scales[t]
+        blocks = (head.values[t].float() * hidden[row]).unflatten(0, (-1, 32)).sum(dim=1) * head.scales[t]
+        g = int(blocks.abs().argmax())
+        head.scales.data[r, g] *= 1 + 2e-5 / float(blocks[g])
+    exact = hidden @ _dense(head).T
+    screened = Q8ScreenedHead(head).logits(hidden, head)
+    assert torch.equal(screened.argmax(dim=1), exact.argmax(dim=1))
+    assert torch.equal(screened.argmax(dim=1), runner_up)
+    torch.testing.assert_close(screened[range(8), top], exact[range(8), top], rtol=1e-6, atol=1e-6)
+
+
+@needs_vnni
+def test_q8_screen_other_logits_are_within_the_bound():
+    head = _q8_head(seed=2)
+    hidden = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)) * 3
+    hidden[1] = 0  # a row of zeros: no step
+    screen = Q8ScreenedHead(head)
+    screened, exact = screen.logits(hidden, head), hidden @ _dense(head).T
+    assert screen.max_row_l1 == pytest.approx(float(_dense(head).abs().sum(dim=1).max()), rel=1e-5)
+    bound = hidden.abs().amax(dim=1, keepdim=True) * 2.0**-15 * screen.max_row_l1
+    assert bool(((screened - exact).abs() <= bound).all())
+    assert bool((screened != exact).any())  # most logits are the int16 product's
+    assert bool((screened[1] == 0).all())
 
 
 def test_serves_float32_cpu_weights_within_float16_range():

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pagoda import LLM, SamplingParams
+from pagoda.kernels import cpu_native
 from pagoda.layers.linear import ParallelLMHead, VocabParallelEmbedding
-from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.layers.lm_head_screen import Q8ScreenedHead, ScreenedHead
 from pagoda.layers.q8_rows import Q8Rows
 from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir
 from tests.test_gguf import TinyModel, write_tiny_gguf
@@ -65,8 +66,11 @@ def test_a_tied_embedding_and_head_read_their_rows_from_it():
     head.weight = embedding.weight
     ids = torch.tensor([0, 7, 2047, 5, 5])
     hidden = torch.randn(6, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3
-    screened = ScreenedHead(weight).logits(hidden, weight.clone())
     q8 = Q8Rows.lossless(weight)
+    if cpu_native.vnni_available():  # the head's screen reads the Q8_0 rows through the C matmul
+        screened = Q8ScreenedHead(q8).logits(hidden, q8)
+    else:
+        screened = ScreenedHead(weight).logits(hidden, weight.clone())
     head.hold_q8(q8)
     embedding.hold_q8(q8)
     assert torch.equal(embedding(ids), F.embedding(ids, weight))

@@ -96,7 +96,7 @@ int decode_attention(const float* q, const float* k, const float* v, float* pool
 
 #define INT4_BLOCK 320
 
-int int4_supported(void) { return 1; }
+int vnni_supported(void) { return 1; }
 
 /* Row r's 32-input blocks as int16 pairs (read as int32 by the broadcasts), their scales and float sums. */
 static void quantize_rows(const float* x, int rows, int k, int16_t* q, float* scales, float* sums) {
@@ -176,7 +176,58 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
     free(scales);
     return 0;
 }
+
+/* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows: int8 values
+   [n, k], float32 scales [n, k / 32], row-major as the embedding reads them), each row of x in int16
+   steps of its max|x| / 32767: within max|x| * 2**-15 * sum|W_row| of the exact product (the LM
+   head's screen, pagoda/layers/lm_head_screen.py, recomputes the candidates exactly). */
+static inline __attribute__((always_inline)) void q8_rows(
+    const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
+    float* out, int64_t n) {
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i values = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * g)));
+        __m512 scale = _mm512_set1_ps(wscales[g]);
+        for (int r = 0; r < R; r++) {
+            __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), values,
+                                               _mm512_loadu_si512((const void*)(q + (int64_t)r * k + 32 * g)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[(int64_t)r * n] = _mm512_reduce_add_ps(acc[r]) * steps[r];
+}
+
+int q8_matmul(const float* x, int rows, int k, const int8_t* values, const float* scales, int64_t n, float* out) {
+    int groups = k / 32;
+    int16_t* q = malloc((size_t)rows * k * sizeof(int16_t));
+    float* steps = malloc(sizeof(float) * (size_t)rows);
+    if (!q || !steps) { free(q); free(steps); return 1; }
+    for (int r = 0; r < rows; r++) {
+        const float* a = x + (int64_t)r * k;
+        float amax = 0.f;
+        for (int i = 0; i < k; i++) amax = fabsf(a[i]) > amax ? fabsf(a[i]) : amax;
+        float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int i = 0; i < k; i++) q[(int64_t)r * k + i] = (int16_t)nearbyintf(a[i] * inv);
+        steps[r] = amax / 32767.f;
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t v = 0; v < n; v++) {
+        const int8_t* w = values + v * k;
+        const float* ws = scales + v * groups;
+        int r = 0;
+        for (; r + 8 <= rows; r += 8) q8_rows(8, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
+        for (; r + 4 <= rows; r += 4) q8_rows(4, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
+        for (; r < rows; r++) q8_rows(1, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
+    }
+    free(q);
+    free(steps);
+    return 0;
+}
 #else
-int int4_supported(void) { return 0; }
+int vnni_supported(void) { return 0; }
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
+int q8_matmul(const float* x, int rows, int k, const signed char* values, const float* scales, int64_t n, float* out) {
+    return 1;
+}
 #endif

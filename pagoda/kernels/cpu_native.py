@@ -56,6 +56,8 @@ def load() -> ctypes.CDLL | None:
     library.decode_attention.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
     library.int4_matmul.restype = _I
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
+    library.q8_matmul.restype = _I
+    library.q8_matmul.argtypes = [_P, _I, _I, _P, _P, _I64, _P]
     return library
 
 
@@ -105,10 +107,10 @@ def decode_attention(
 INT4_OUTPUTS, INT4_INPUTS = 16, 32  # a weight block's outputs and inputs (cpu_native.c's layout)
 
 
-def int4_available() -> bool:
-    """Whether the C int4 matmul runs here: built, on a CPU with AVX512-VNNI."""
+def vnni_available() -> bool:
+    """Whether the C int4 and Q8_0 matmuls run here: built, on a CPU with AVX512-VNNI."""
     library = load()
-    return library is not None and bool(library.int4_supported())
+    return library is not None and bool(library.vnni_supported())
 
 
 def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -126,6 +128,18 @@ def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor
         return values.contiguous().view(torch.uint8)
 
     return torch.cat([nibbles, per_block(d), per_block(m)], dim=2).contiguous()
+
+
+def q8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) @ W^T -> [M, N] float32 for W = values (int8 [N, K]) * scales
+    (float32 [N, K / 32]) per 32, x in int16 steps of each row's max|x| / 32767 (cpu_native.c says
+    how close). The LM head's screen (pagoda/layers/lm_head_screen.py); not an op: it runs outside
+    the compiled forward."""
+    out = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
+    if load().q8_matmul(x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(), scales.data_ptr(), values.shape[0],
+                        out.data_ptr()):
+        raise MemoryError("CPU Q8_0 matmul: no memory for the quantized activations")
+    return out
 
 
 _library = torch.library.Library("pagoda", "FRAGMENT")

@@ -23,7 +23,8 @@ from torch import nn
 
 from pagoda.distributed.comm import all_gather_last_dim, all_reduce
 from pagoda.distributed.parallel_state import tp_group
-from pagoda.layers.lm_head_screen import ScreenedHead
+from pagoda.kernels import cpu_native
+from pagoda.layers.lm_head_screen import Q8ScreenedHead, ScreenedHead
 from pagoda.layers.q8_rows import Q8Rows
 
 _SKINNY_ROWS = 64
@@ -300,8 +301,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     def hold_q8(self, rows: Q8Rows) -> None:
         """As the embedding's, and every step's logits through a screen (layers/lm_head_screen.py):
         within its bound of the float32 head's, exact within twice it of each row's maximum, so the
-        argmax is the float32 head's. The screen must serve the weight (ScreenedHead.serves)."""
-        self._q8_screen = ScreenedHead(self.weight)
+        argmax is the float32 head's. The screen must serve the weight (ScreenedHead.serves); where
+        the CPU has AVX512-VNNI it reads the Q8_0 rows themselves (Q8ScreenedHead)."""
+        self._q8_screen = Q8ScreenedHead(rows) if cpu_native.vnni_available() else ScreenedHead(self.weight)
         super().hold_q8(rows)
 
     def _screen(self) -> ScreenedHead | None:

@@ -46,7 +46,7 @@ def int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grou
     """The weight for the fastest kernel on q's device, from q [N, K] (integers 0..15), scales and
     float zeros [N, K / group_size] (W = (q - 8) * scale + zero); Int4Pack.fits must hold. On a
     CPU with AVX512-VNNI, Pagoda's own C matmul (NativeInt4); elsewhere torch's (Int4Pack)."""
-    if not q.is_cuda and cpu_native.int4_available():
+    if not q.is_cuda and cpu_native.vnni_available():
         return NativeInt4.from_values(q, scales, zeros, group_size)
     return Int4Pack.from_values(q, scales, zeros, group_size)
 

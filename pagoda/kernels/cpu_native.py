@@ -5,7 +5,8 @@
   stream of the default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26");
 - the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
   where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
-  3x faster than torch's int4 kernel at one row and 1.7x at 16 (docs/benchmarks.md, "CPU, session 27").
+  1.4-1.6x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
+- the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's.
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
 the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the

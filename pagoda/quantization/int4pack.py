@@ -20,7 +20,8 @@ format's decoding against it exactly.
 
 On a CPU with AVX512-VNNI, Pagoda's own C matmul (`NativeInt4`, pagoda/kernels/cpu_native.py)
 takes the place of torch's there: float16 scales, activations in int16 per 32 inputs (closer to
-float32 than bfloat16 is), 3x faster at one row and 1.7x at 16."""
+float32 than bfloat16 is), 1.4-1.6x torch's over a decode step of the default model's layers
+(docs/benchmarks.md, "CPU, session 27")."""
 
 from __future__ import annotations
 

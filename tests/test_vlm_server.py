@@ -10,7 +10,6 @@ import base64
 import io
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 from transformers import AutoTokenizer

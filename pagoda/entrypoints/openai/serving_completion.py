@@ -13,7 +13,7 @@ from pagoda.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from .preprocess import Prompt, prompt_inputs
 from .protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamChoice,
-    CompletionStreamResponse, PromptInput,
+    CompletionStreamResponse,
 )
 from .serving_engine import (
     OpenAIError, OpenAIServing, merge, new_request_id, prompt_logprobs, refuse_unsupported, sse, sse_stream,

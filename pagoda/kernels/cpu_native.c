@@ -119,31 +119,32 @@ static void quantize_rows(const float* x, int rows, int k, int16_t* q, float* sc
 
 /* R rows (R a constant once inlined: its accumulators stay in registers) x the 16 outputs of block row `w`. */
 static inline __attribute__((always_inline)) void int4_rows(
-    const int R, const uint8_t* w, int groups, const int16_t* q, int k, const float* scales, const float* sums,
+    const int R, const uint8_t* w, int groups, const int16_t* q, int k, const float* scales, const float* sums_x,
     float* out, int64_t n) {
     const __m512i nibble = _mm512_set1_epi16(0x0F);
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++, w += INT4_BLOCK) {
-        __m512i even[8], odd[8];
+        /* Each row's int32 sums; two for a lone row (two chains of vpdpwssd, not one twice as long). */
+        __m512i sums[8][2];
         /* Four blocks ahead: ~10 % at one row and ~20 % at 16 with the weights in memory, not in cache. */
         for (int line = 0; line < INT4_BLOCK; line += 64) _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
         for (int c = 0; c < 8; c++) {
             __m512i bytes = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i*)(w + 32 * c)));
             __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_srli_epi16(bytes, 4);
             for (int r = 0; r < R; r++) {
                 const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + g * 32) + 2 * c;
-                even[r] = _mm512_dpwssd_epi32(even[r], low, _mm512_set1_epi32(pairs[0]));
-                odd[r] = _mm512_dpwssd_epi32(odd[r], high, _mm512_set1_epi32(pairs[1]));
+                sums[r][0] = _mm512_dpwssd_epi32(sums[r][0], low, _mm512_set1_epi32(pairs[0]));
+                sums[r][R == 1] = _mm512_dpwssd_epi32(sums[r][R == 1], high, _mm512_set1_epi32(pairs[1]));
             }
         }
         __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(w + 256)));
         __m512 m = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(w + 288)));
         for (int r = 0; r < R; r++) {
-            __m512 total = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-            acc[r] = _mm512_fmadd_ps(total, _mm512_mul_ps(d, _mm512_set1_ps(scales[(int64_t)r * groups + g])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[(int64_t)r * groups + g]), acc[r]);
+            __m512i total = R == 1 ? _mm512_add_epi32(sums[r][0], sums[r][1]) : sums[r][0];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(scales[(int64_t)r * groups + g])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums_x[(int64_t)r * groups + g]), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * n, acc[r]);

@@ -5,7 +5,7 @@
   stream of the default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26");
 - the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
   where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
-  1.4-1.6x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
+  1.6-2.2x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
 - the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's.
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
@@ -147,8 +147,9 @@ _library = torch.library.Library("pagoda", "FRAGMENT")
 _library.define("int4_matmul(Tensor x, Tensor w, int n) -> Tensor")
 
 
-def _int4_matmul(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] float32 @ W^T -> [M, n] float32, W packed by int4_pack."""
+def int4_matmul(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] float32 @ W^T -> [M, n] float32, W packed by int4_pack. Called as it is eagerly;
+    a compiled graph calls it through `int4_matmul_op` (the dispatcher's ~1.5 us a call)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     if load().int4_matmul(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), n, out.data_ptr()):
@@ -156,7 +157,7 @@ def _int4_matmul(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-_library.impl("int4_matmul", _int4_matmul, "CPU")
+_library.impl("int4_matmul", int4_matmul, "CPU")
 
 
 @torch.library.register_fake("pagoda::int4_matmul")
@@ -164,4 +165,4 @@ def _(x, w, n) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
 
 
-int4_matmul = torch.ops.pagoda.int4_matmul.default
+int4_matmul_op = torch.ops.pagoda.int4_matmul.default

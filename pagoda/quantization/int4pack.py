@@ -20,7 +20,7 @@ format's decoding against it exactly.
 
 On a CPU with AVX512-VNNI, Pagoda's own C matmul (`NativeInt4`, pagoda/kernels/cpu_native.py)
 takes the place of torch's there: float16 scales, activations in int16 per 32 inputs (closer to
-float32 than bfloat16 is), 1.4-1.6x torch's over a decode step of the default model's layers
+float32 than bfloat16 is), 1.6-2.2x torch's over a decode step of the default model's layers
 (docs/benchmarks.md, "CPU, session 27")."""
 
 from __future__ import annotations
@@ -124,4 +124,9 @@ class NativeInt4(_Int4Linear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ W^T -> [M, N] in x's dtype (computed in float32 and int32)."""
-        return cpu_native.int4_matmul(x.float(), self.blocks, self.n).to(x.dtype)
+        if x.dtype != torch.float32:
+            return self.matmul(x.float()).to(x.dtype)
+        # Eagerly the function itself: 120 calls a step of the default model, ~4 us each through
+        # the op's dispatch; the compiled forward's graph holds the op (opaque to the compiler).
+        mm = cpu_native.int4_matmul_op if torch.compiler.is_compiling() else cpu_native.int4_matmul
+        return mm(x, self.blocks, self.n)

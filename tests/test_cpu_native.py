@@ -91,6 +91,7 @@ def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
     w = cpu_native.int4_pack(q, d, m)
     per_input = torch.arange(k) // 32
     exact_weight = d.half().float()[:, per_input] * q.float() + m.half().float()[:, per_input]
+    assert cpu_native.int4_matmul(torch.empty(0, k), w, n).shape == (0, n)
     for rows in (1, 3, 4, 13, 16, 70):  # the kernel's row chunks of 8, 4 and 1
         x = torch.randn(rows, k, generator=g)
         x[0, :32] = 0  # a block of zeros (no scale),
@@ -127,6 +128,7 @@ def test_q8_matmul_equals_its_arithmetic_in_torch():
     values = torch.randint(-127, 128, (1000, 576), generator=g, dtype=torch.int8)
     scales = torch.rand(1000, 18, generator=g) * 1e-3
     weight = (values.float().unflatten(1, (-1, 32)) * scales[..., None]).flatten(1)
+    assert cpu_native.q8_matmul(torch.empty(0, 576), values, scales).shape == (0, 1000)
     for rows in (1, 3, 4, 13, 16, 70):  # the kernel's row chunks of 8, 4 and 1
         x = torch.randn(rows, 576, generator=g)
         x[-1, 7] = -250.0  # an outlier sets its row's step

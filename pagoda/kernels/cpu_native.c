@@ -152,6 +152,7 @@ static inline __attribute__((always_inline)) void int4_rows(
 
 /* out [rows, n] = x [rows, k] @ W^T for W packed as above (k a multiple of 32, n of 16); 1 without memory. */
 int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, float* out) {
+    if (rows == 0) return 0;  /* (aligned_alloc of nothing may give NULL) */
     int groups = k / 32;
     int16_t* q = aligned_alloc(64, ((size_t)rows * k * sizeof(int16_t) + 63) / 64 * 64);
     float* scales = malloc(sizeof(float) * 2 * (size_t)rows * groups);
@@ -200,6 +201,7 @@ static inline __attribute__((always_inline)) void q8_rows(
 }
 
 int q8_matmul(const float* x, int rows, int k, const int8_t* values, const float* scales, int64_t n, float* out) {
+    if (rows == 0) return 0;
     int groups = k / 32;
     int16_t* q = malloc((size_t)rows * k * sizeof(int16_t));
     float* steps = malloc(sizeof(float) * (size_t)rows);

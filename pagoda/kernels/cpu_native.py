@@ -102,7 +102,6 @@ def decode_attention(
     return out
 
 
-
 # The 4-bit weight-only matmul ------------------------------------------------------------------
 
 INT4_OUTPUTS, INT4_INPUTS = 16, 32  # a weight block's outputs and inputs (cpu_native.c's layout)

@@ -33,6 +33,7 @@ _RELATIVE = 2.0**-9
 _ABSOLUTE = 2.0**-24
 _FP16_MAX = 65504.0
 _INT16_STEP = 2.0**-15
+_CHUNK_ROWS = 4096  # rows summed at once for the bound: small temporaries
 
 
 class ScreenedHead:
@@ -71,8 +72,10 @@ class Q8ScreenedHead:
     the 32-value blocks' int32 products within ~2^-19 of |w|_1 max|x|), then as ScreenedHead."""
 
     def __init__(self, rows: Q8Rows) -> None:
-        l1 = (rows.values.abs().unflatten(-1, (-1, GROUP)).sum(dim=-1, dtype=torch.int32) * rows.scales).sum(dim=1)
-        self.max_row_l1 = float(l1.max())
+        self.max_row_l1 = max(
+            float((values.to(torch.int16).abs().unflatten(-1, (-1, GROUP)).sum(dim=-1) * scales).sum(dim=1).max())
+            for values, scales in zip(rows.values.split(_CHUNK_ROWS), rows.scales.split(_CHUNK_ROWS))
+        )
 
     def logits(self, hidden: torch.Tensor, rows: Q8Rows) -> torch.Tensor:
         """hidden [M, K] -> logits [M, V] whose argmax per row is that of hidden @ W.T exactly."""

@@ -35,6 +35,31 @@ def test_native_decodes_equal_torch_reference(num_heads, num_kv_heads, head_dim,
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300]])
+def test_native_decodes_of_a_16_bit_pool_equal_torch_reference(dtype, prefix_lens, monkeypatch):
+    """--kv-cache-dtype bfloat16 / float16 on a float32 model: the same bytes written (converted as
+    torch converts them), the same outputs within float32 rounding."""
+    if not cpu_native.decode_attends(cpu_native.load(), dtype):
+        pytest.skip(f"the C compiler here has no {dtype}")
+    q, k, v, cache, metadata = _batch([1] * len(prefix_lens), prefix_lens, 9, 3, 64, 16, torch.float32,
+                                      seed=len(prefix_lens))
+    inputs = (q, k, v, cache.to(dtype), metadata)
+    ref, ref_cache = _run(TorchAttentionBackend(), *inputs)
+    native, calls = cpu_native.decode_attention, []
+
+    def spy(*args):
+        calls.append(1)
+        return native(*args)
+
+    monkeypatch.setattr(cpu_native, "decode_attention", spy)
+    out, cache = _run(TorchAttentionBackend(native_decode=True), *inputs)
+    assert calls  # the C function ran
+    assert torch.equal(cache.view(torch.int16), ref_cache.view(torch.int16))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
 def test_greedy_tokens_are_the_same_through_the_c_decode(tmp_path, monkeypatch):
     llm = LLM(model=str(save_tiny_model("llama3", tmp_path)), device="cpu", skip_tokenizer_init=True, max_model_len=256)
     prompts = [{"prompt_token_ids": [3 + (7 * k + j) % 200 for j in range(5 + 9 * k)]} for k in range(6)]

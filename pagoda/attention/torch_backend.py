@@ -31,7 +31,7 @@ def write_kv(
         k, v = (quantize(x, kv_scales and kv_scales[i], kv_cache.dtype) for i, x in enumerate((k, v)))
         # As bytes: index_copy_ has no float8 kernel on the CPU (nor on CUDA in every release).
         rows, k, v = rows.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
-    rows.index_copy_(1, slot_mapping, torch.stack((k, v)))
+    rows.index_copy_(1, slot_mapping, torch.stack((k, v)).to(rows.dtype))
 
 
 def gather_kv(
@@ -78,7 +78,8 @@ class _DecodePlan:
     causal: torch.Tensor | None  # [B, 1, 1, max_len]: the cached positions each decode sees, windows aside
     run: slice | None  # one decode whose blocks are one run of the pool (block_run): read in place
     # Every row a decode on the CPU, with the C function built: float32 layers without a window
-    # or a soft cap attend through it (pagoda/kernels/cpu_native.py).
+    # or a soft cap attend through it (pagoda/kernels/cpu_native.py), their pool float32,
+    # bfloat16 or float16.
     native: ctypes.CDLL | None
 
 
@@ -133,7 +134,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         plan: _DecodePlan | None = metadata.backend_data.get("decode")
         if (
-            plan is not None and plan.native is not None and kv_cache.dtype == q.dtype == torch.float32
+            plan is not None and plan.native is not None and q.dtype == torch.float32
+            and cpu_native.decode_attends(plan.native, kv_cache.dtype)
             and sliding_window is None and logits_soft_cap is None and kv_cache.is_contiguous()
         ):
             return cpu_native.decode_attention(
@@ -201,7 +203,7 @@ class _Layer:
 def _read(kv: tuple[torch.Tensor, torch.Tensor], kv_scales: KVScales, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Gathered keys and values as `dtype`: an fp8 cache's times its scales."""
     if not is_fp8(kv[0].dtype):
-        return kv
+        return tuple(x.to(dtype) for x in kv)
     return tuple(dequantize(x, kv_scales and kv_scales[i], dtype) for i, x in enumerate(kv))
 
 

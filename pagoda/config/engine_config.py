@@ -34,6 +34,8 @@ DTYPES = {
 # vLLM's --kv-cache-dtype values: auto (the model's dtype) or an fp8 format; fp8 means fp8_e4m3.
 KV_CACHE_DTYPES = {
     "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
@@ -129,9 +131,10 @@ class EngineConfig:
         None, "bytes for the KV cache, instead of what gpu_memory_utilization leaves (on the CPU: "
         f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g}), e.g. 8G", type=human_readable_int)
     kv_cache_dtype: str = _knob(
-        "auto", "the KV cache's dtype: auto (the model's), fp8 (= fp8_e4m3) or fp8_e5m2: one byte a value, so the pool "
-        "holds twice the tokens of a 16-bit cache; keys and values are divided by the checkpoint's per-layer k_scale/"
-        "v_scale (1.0 where it has none)", choices=tuple(KV_CACHE_DTYPES))
+        "auto", "the KV cache's dtype: auto (the model's), bfloat16 or float16 (half a float32 model's cache, on the "
+        "CPU), fp8 (= fp8_e4m3) or fp8_e5m2: one byte a value, so the pool holds twice the tokens of a 16-bit cache; "
+        "fp8 keys and values are divided by the checkpoint's per-layer k_scale/v_scale (1.0 where it has none)",
+        choices=tuple(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _knob(True, "share the KV blocks of common prompt prefixes",
                                         action=argparse.BooleanOptionalAction)
     enable_chunked_prefill: bool = _knob(True, "split long prompts across steps, beside the running decodes",

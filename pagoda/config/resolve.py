@@ -532,9 +532,15 @@ def _check_block_size(block_size: int, device: torch.device) -> None:
 
 
 def _kv_cache_dtype(stated: str, model: ModelConfig, device: torch.device) -> torch.dtype:
-    """The cached keys' and values' dtype: the model's (auto) or an fp8 format, where it can run."""
+    """The cached keys' and values' dtype: the model's (auto), a 16-bit one, or an fp8 format,
+    where it can run."""
     dtype = KV_CACHE_DTYPES[stated] or model.dtype
     if dtype.itemsize != 1:
+        if dtype != model.dtype and device.type != "cpu":
+            raise ValueError(
+                f"kv_cache_dtype={stated!r} differs from the model's dtype ({model.dtype}); a 16-bit cache of "
+                "another dtype runs on the CPU only: use --kv-cache-dtype auto, fp8 or fp8_e5m2 here"
+            )
         return dtype
     if model.spec.architecture == TRANSFORMERS_ARCHITECTURE:
         raise ValueError(

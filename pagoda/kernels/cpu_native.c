@@ -1,86 +1,120 @@
-/* Pagoda's CPU kernels in C, built by pagoda/kernels/cpu_native.py when the CPU backend is made.
-   Keys and values of one position of one KV head lie D floats apart from the next head's; the pool
-   is [2, num_blocks, block_size, num_kv_heads, D], its values `half` floats after its keys. */
+/* Pagoda's CPU kernels in C, built by pagoda/kernels/cpu_native.py on first use.
+   Decode attention: keys and values of one position of one KV head lie D values apart from the
+   next head's; the pool is [2, num_blocks, block_size, num_kv_heads, D], its values `half` values
+   after its keys, in float32, bfloat16 or float16 (--kv-cache-dtype), read into float32 sums. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void write_kv(const float* k, const float* v, float* pool, int64_t half, const int64_t* slots,
-                     int rows, int64_t row_len) {
-    for (int b = 0; b < rows; b++) {
-        memcpy(pool + slots[b] * row_len, k + b * row_len, row_len * sizeof(float));
-        memcpy(pool + half + slots[b] * row_len, v + b * row_len, row_len * sizeof(float));
-    }
+static inline float f32_load(float x) { return x; }
+static inline float f32_store(float x) { return x; }
+
+/* bfloat16 as torch converts it: the float's top half, rounded to nearest even; NaN kept a NaN. */
+static inline float bf16_load(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+static inline uint16_t bf16_store(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if (isnan(x)) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-/* One decode row's group of query heads that share KV head h: scores, softmax, weighted values.
-   Positions are walked block by block: a division per position cost more than its dot products. */
-static inline __attribute__((always_inline)) void attend(
-    const float* q, const float* pool, int64_t half, const int32_t* table, int seq_len, int group, int64_t row_len,
-    int head_dim, int block_size, int h, float scale, float* scores, float* out) {
-    for (int pos = 0, blk = 0; pos < seq_len; blk++) {
-        const float* key = pool + (int64_t)table[blk] * block_size * row_len + (int64_t)h * head_dim;
-        for (int end = pos + block_size < seq_len ? pos + block_size : seq_len; pos < end; pos++, key += row_len) {
-            for (int j = 0; j < group; j++) {
-                const float* qj = q + (int64_t)j * head_dim;
-                float s = 0.f;
-                #pragma omp simd reduction(+:s)
-                for (int d = 0; d < head_dim; d++) s += qj[d] * key[d];
-                scores[(int64_t)j * seq_len + pos] = s * scale;
-            }
-        }
-    }
-    for (int j = 0; j < group; j++) {
-        float* sj = scores + (int64_t)j * seq_len;
-        float m = -INFINITY, total = 0.f;
-        for (int pos = 0; pos < seq_len; pos++) m = sj[pos] > m ? sj[pos] : m;
-        for (int pos = 0; pos < seq_len; pos++) { sj[pos] = expf(sj[pos] - m); total += sj[pos]; }
-        for (int pos = 0; pos < seq_len; pos++) sj[pos] /= total;
-        memset(out + (int64_t)j * head_dim, 0, head_dim * sizeof(float));
-    }
-    for (int pos = 0, blk = 0; pos < seq_len; blk++) {
-        const float* value = pool + half + (int64_t)table[blk] * block_size * row_len + (int64_t)h * head_dim;
-        for (int end = pos + block_size < seq_len ? pos + block_size : seq_len; pos < end; pos++, value += row_len) {
-            for (int j = 0; j < group; j++) {
-                float p = scores[(int64_t)j * seq_len + pos], *oj = out + (int64_t)j * head_dim;
-                #pragma omp simd
-                for (int d = 0; d < head_dim; d++) oj[d] += p * value[d];
-            }
-        }
-    }
+#ifdef __FLT16_MAX__ /* a compiler with _Float16 (GCC 12, clang 15); without it float16 pools attend in torch ops */
+static inline float f16_load(_Float16 x) { return (float)x; }
+static inline _Float16 f16_store(float x) { return (_Float16)x; }
+#endif
+
+/* The step's keys and values (float32) into their slots, then one decode row's group of query
+   heads that share KV head h: scores, softmax, weighted values. Positions are walked block by
+   block: a division per position cost more than its dot products. */
+#define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                                    \
+static void NAME##_write(const float* k, const float* v, T* pool, int64_t half, const int64_t* slots, int rows,   \
+                         int64_t row_len) {                                                                       \
+    for (int b = 0; b < rows; b++) {                                                                              \
+        T* key = pool + slots[b] * row_len;                                                                       \
+        T* value = pool + half + slots[b] * row_len;                                                              \
+        for (int64_t i = 0; i < row_len; i++) {                                                                   \
+            key[i] = STORE(k[b * row_len + i]);                                                                   \
+            value[i] = STORE(v[b * row_len + i]);                                                                 \
+        }                                                                                                         \
+    }                                                                                                             \
+}                                                                                                                 \
+                                                                                                                  \
+static inline __attribute__((always_inline)) void NAME##_attend(                                                  \
+    const float* q, const T* pool, int64_t half, const int32_t* table, int seq_len, int group, int64_t row_len,   \
+    int head_dim, int block_size, int h, float scale, float* scores, float* out) {                                \
+    for (int pos = 0, blk = 0; pos < seq_len; blk++) {                                                            \
+        const T* key = pool + (int64_t)table[blk] * block_size * row_len + (int64_t)h * head_dim;                 \
+        for (int end = pos + block_size < seq_len ? pos + block_size : seq_len; pos < end; pos++, key += row_len) { \
+            for (int j = 0; j < group; j++) {                                                                     \
+                const float* qj = q + (int64_t)j * head_dim;                                                      \
+                float s = 0.f;                                                                                    \
+                _Pragma("omp simd reduction(+:s)")                                                                \
+                for (int d = 0; d < head_dim; d++) s += qj[d] * LOAD(key[d]);                                     \
+                scores[(int64_t)j * seq_len + pos] = s * scale;                                                   \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int j = 0; j < group; j++) {                                                                             \
+        float* sj = scores + (int64_t)j * seq_len;                                                                \
+        float m = -INFINITY, total = 0.f;                                                                         \
+        for (int pos = 0; pos < seq_len; pos++) m = sj[pos] > m ? sj[pos] : m;                                    \
+        for (int pos = 0; pos < seq_len; pos++) { sj[pos] = expf(sj[pos] - m); total += sj[pos]; }                \
+        for (int pos = 0; pos < seq_len; pos++) sj[pos] /= total;                                                 \
+        memset(out + (int64_t)j * head_dim, 0, head_dim * sizeof(float));                                         \
+    }                                                                                                             \
+    for (int pos = 0, blk = 0; pos < seq_len; blk++) {                                                            \
+        const T* value = pool + half + (int64_t)table[blk] * block_size * row_len + (int64_t)h * head_dim;        \
+        for (int end = pos + block_size < seq_len ? pos + block_size : seq_len; pos < end; pos++, value += row_len) { \
+            for (int j = 0; j < group; j++) {                                                                     \
+                float p = scores[(int64_t)j * seq_len + pos], *oj = out + (int64_t)j * head_dim;                  \
+                _Pragma("omp simd")                                                                               \
+                for (int d = 0; d < head_dim; d++) oj[d] += p * LOAD(value[d]);                                   \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+}                                                                                                                 \
+                                                                                                                  \
+int NAME(const float* q, const float* k, const float* v, T* pool, int64_t half, const int64_t* slots,             \
+         const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, int rows, int num_heads,           \
+         int num_kv_heads, int head_dim, int block_size, float scale, float* out) {                               \
+    int64_t row_len = (int64_t)num_kv_heads * head_dim;                                                           \
+    NAME##_write(k, v, pool, half, slots, rows, row_len);                                                         \
+    int group = num_heads / num_kv_heads, failed = 0;                                                             \
+    int64_t work = 0;                                                                                             \
+    for (int b = 0; b < rows; b++) work += seq_lens[b];                                                           \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic) if (work * num_kv_heads > 4096) reduction(|: failed)") \
+    for (int b = 0; b < rows; b++) {                                                                              \
+        for (int h = 0; h < num_kv_heads; h++) {                                                                  \
+            float* scores = malloc(sizeof(float) * group * seq_lens[b]);                                          \
+            if (!scores) { failed = 1; continue; }                                                                \
+            int64_t first = (int64_t)b * num_heads + (int64_t)h * group;                                          \
+            const float* qh = q + first * head_dim;                                                               \
+            const int32_t* table = tables + b * table_stride;                                                     \
+            float* oh = out + first * head_dim;                                                                   \
+            /* The common head sizes as constants: their loops compile to straight vector code. */               \
+            if (head_dim == 64)                                                                                   \
+                NAME##_attend(qh, pool, half, table, seq_lens[b], group, row_len, 64, block_size, h, scale, scores, oh); \
+            else if (head_dim == 128)                                                                             \
+                NAME##_attend(qh, pool, half, table, seq_lens[b], group, row_len, 128, block_size, h, scale, scores, oh); \
+            else                                                                                                  \
+                NAME##_attend(qh, pool, half, table, seq_lens[b], group, row_len, head_dim, block_size, h, scale, scores, oh); \
+            free(scores);                                                                                         \
+        }                                                                                                         \
+    }                                                                                                             \
+    return failed;                                                                                                \
 }
 
-int decode_attention(const float* q, const float* k, const float* v, float* pool, int64_t half,
-                     const int64_t* slots, const int32_t* tables, int64_t table_stride, const int32_t* seq_lens,
-                     int rows, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
-                     float* out) {
-    int64_t row_len = (int64_t)num_kv_heads * head_dim;
-    write_kv(k, v, pool, half, slots, rows, row_len);
-    int group = num_heads / num_kv_heads, failed = 0;
-    int64_t work = 0;
-    for (int b = 0; b < rows; b++) work += seq_lens[b];
-    #pragma omp parallel for collapse(2) schedule(dynamic) if (work * num_kv_heads > 4096) reduction(|: failed)
-    for (int b = 0; b < rows; b++) {
-        for (int h = 0; h < num_kv_heads; h++) {
-            float* scores = malloc(sizeof(float) * group * seq_lens[b]);
-            if (!scores) { failed = 1; continue; }
-            int64_t first = (int64_t)b * num_heads + (int64_t)h * group;
-            const float* qh = q + first * head_dim;
-            const int32_t* table = tables + b * table_stride;
-            float* oh = out + first * head_dim;
-            /* The common head sizes as constants: their loops compile to straight vector code. */
-            if (head_dim == 64)
-                attend(qh, pool, half, table, seq_lens[b], group, row_len, 64, block_size, h, scale, scores, oh);
-            else if (head_dim == 128)
-                attend(qh, pool, half, table, seq_lens[b], group, row_len, 128, block_size, h, scale, scores, oh);
-            else
-                attend(qh, pool, half, table, seq_lens[b], group, row_len, head_dim, block_size, h, scale, scores, oh);
-            free(scores);
-        }
-    }
-    return failed;
-}
+DECODE_ATTENTION(decode_attention, float, f32_load, f32_store)
+DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_load, bf16_store)
+#ifdef __FLT16_MAX__
+DECODE_ATTENTION(decode_attention_f16, _Float16, f16_load, f16_store)
+#endif
 
 /* int4 weights x int16 activations, for the 4-bit weight-only layers (pagoda/quantization/int4pack.py):
    W = d * q + m with q in 0..15 and a float16 d and m for each output and 32 inputs. Each row of x is

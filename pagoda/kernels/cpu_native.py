@@ -34,6 +34,9 @@ logger = logging.getLogger("pagoda")
 _SOURCE = Path(__file__).with_name("cpu_native.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_DECODE_ATTENTION = {
+    torch.float32: "decode_attention", torch.bfloat16: "decode_attention_bf16", torch.float16: "decode_attention_f16",
+}
 
 
 @cache
@@ -53,8 +56,11 @@ def load() -> ctypes.CDLL | None:
     except OSError as error:  # a compiler that fails or does not run, an unwritable cache, a library that does not load
         logger.warning("the CPU kernels are not built (%s): torch ops run instead", error)
         return None
-    library.decode_attention.restype = _I
-    library.decode_attention.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+    for name in _DECODE_ATTENTION.values():  # float16's where the compiler has _Float16
+        function = getattr(library, name, None)
+        if function is not None:
+            function.restype = _I
+            function.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
     library.int4_matmul.restype = _I
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     library.q8_matmul.restype = _I
@@ -83,16 +89,23 @@ def _cpu_model() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
+def decode_attends(library: ctypes.CDLL, kv_cache_dtype: torch.dtype) -> bool:
+    """Whether `decode_attention` reads a pool of this dtype."""
+    name = _DECODE_ATTENTION.get(kv_cache_dtype)
+    return name is not None and hasattr(library, name)
+
+
 def decode_attention(
     library: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """A step of decodes only: k and v [B, Hkv, D] written into kv_cache [2, blocks, block_size, Hkv, D]
     at slot_mapping [B] (int64), then q [B, Hq, D] attended over each row's seq_lens [B] (int32)
-    positions through block_tables [B, n] (int32) -> [B, Hq, D]. float32 throughout; q, k, v contiguous."""
+    positions through block_tables [B, n] (int32) -> [B, Hq, D]. q, k, v float32 and contiguous; the
+    pool float32, bfloat16 or float16 (decode_attends), its values converted as torch converts them."""
     rows, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
-    failed = library.decode_attention(
+    failed = getattr(library, _DECODE_ATTENTION[kv_cache.dtype])(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_cache.data_ptr(), kv_cache[0].numel(),
         slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         rows, num_heads, kv_cache.shape[3], head_dim, kv_cache.shape[2], scale, out.data_ptr(),

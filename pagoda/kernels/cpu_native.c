@@ -165,7 +165,7 @@ static inline __attribute__((always_inline)) void int4_rows(
         for (int line = 0; line < INT4_BLOCK; line += 64) _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
         for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
         for (int c = 0; c < 8; c++) {
-            __m512i bytes = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i*)(w + 32 * c)));
+            __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * c)));
             __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_srli_epi16(bytes, 4);
             for (int r = 0; r < R; r++) {
                 const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + g * 32) + 2 * c;
@@ -173,8 +173,8 @@ static inline __attribute__((always_inline)) void int4_rows(
                 sums[r][R == 1] = _mm512_dpwssd_epi32(sums[r][R == 1], high, _mm512_set1_epi32(pairs[1]));
             }
         }
-        __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(w + 256)));
-        __m512 m = _mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(w + 288)));
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + 256)));
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + 288)));
         for (int r = 0; r < R; r++) {
             __m512i total = R == 1 ? _mm512_add_epi32(sums[r][0], sums[r][1]) : sums[r][0];
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(scales[(int64_t)r * groups + g])), acc[r]);

@@ -13,6 +13,7 @@ from test_triton_attention import _batch, _run
 from pagoda import LLM, SamplingParams
 from pagoda.attention.torch_backend import TorchAttentionBackend
 from pagoda.kernels import cpu_native
+from pagoda.layers.q8_rows import Q8Rows
 from pagoda.quantization.int4pack import Int4Pack, NativeInt4, int4_weight
 from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
@@ -153,13 +154,18 @@ def test_q8_matmul_equals_its_arithmetic_in_torch():
     values = torch.randint(-127, 128, (1000, 576), generator=g, dtype=torch.int8)
     scales = torch.rand(1000, 18, generator=g) * 1e-3
     weight = (values.float().unflatten(1, (-1, 32)) * scales[..., None]).flatten(1)
-    assert cpu_native.q8_matmul(torch.empty(0, 576), values, scales).shape == (0, 1000)
+    held = Q8Rows(values, scales)  # in blocks of 16 rows (1,000: the last block padded)
+
+    def q8_matmul(x):
+        return cpu_native.q8_matmul(x, held.blocks, held.block_scales, held.num_rows)
+
+    assert q8_matmul(torch.empty(0, 576)).shape == (0, 1000)
     for rows in (1, 3, 4, 13, 16, 70):  # the kernel's row chunks of 8, 4 and 1
         x = torch.randn(rows, 576, generator=g)
         x[-1, 7] = -250.0  # an outlier sets its row's step
         amax = x.abs().amax(dim=1, keepdim=True)
         steps = torch.round(x * (32767.0 / amax)) * (amax / 32767.0)  # each row in int16 steps
-        got, want = cpu_native.q8_matmul(x, values, scales), steps @ weight.t()
+        got, want = q8_matmul(x), steps @ weight.t()
         assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
 
 

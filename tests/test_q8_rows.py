@@ -41,10 +41,10 @@ def _q8_weight(rows: int = 1000, width: int = 256, seed: int = 0) -> torch.Tenso
 def test_rows_come_back_bit_for_bit_in_a_quarter_of_the_bytes():
     weight = _q8_weight()
     q8 = Q8Rows.lossless(weight)
-    assert q8 is not None and q8.values.dtype == torch.int8
+    assert q8 is not None and q8.blocks.dtype == torch.int8 and q8.shape == weight.shape
     assert torch.equal(q8[torch.arange(len(weight))], weight)
     assert torch.equal(q8[torch.tensor([7, 3, 3])], weight[[7, 3, 3]])
-    assert q8.values.nbytes + q8.scales.nbytes < weight.nbytes / 3
+    assert q8.blocks.nbytes + q8.block_scales.nbytes < weight.nbytes / 3
 
 
 def test_weights_that_are_not_q8_0_values_are_left_alone():
@@ -79,7 +79,7 @@ def test_a_tied_embedding_and_head_read_their_rows_from_it():
         assert torch.equal(logits, screened)
         assert torch.equal(logits.argmax(dim=1), (hidden @ weight.T).argmax(dim=1))
     assert embedding.weight.numel() == 0 and head.weight.numel() == 0  # no float32 copy left
-    assert {name for name, _ in head.named_parameters()} >= {"q8.values", "q8.scales"}
+    assert {name for name, _ in head.named_parameters()} >= {"q8.blocks", "q8.block_scales"}
 
 
 def _engine_model(llm: LLM) -> torch.nn.Module:

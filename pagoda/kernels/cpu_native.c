@@ -213,28 +213,39 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
     return 0;
 }
 
-/* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows: int8 values
-   [n, k], float32 scales [n, k / 32], row-major as the embedding reads them), each row of x in int16
-   steps of its max|x| / 32767: within max|x| * 2**-15 * sum|W_row| of the exact product (the LM
-   head's screen, pagoda/layers/lm_head_screen.py, recomputes the candidates exactly). */
+/* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows, as
+   pagoda/layers/q8_rows.py holds them: blocks of 16 rows [n/16][k/32][16 pairs][16 rows][2] int8,
+   scales [n/16][k/32][16 rows] float32, n padded to 16), each row of x in int16 steps of its
+   max|x| / 32767: within max|x| * 2**-15 * sum|W_row| of the exact product (the LM head's screen,
+   pagoda/layers/lm_head_screen.py, recomputes the candidates exactly). As the int4 matmul: 16
+   outputs at a time, summed in int32 by vpdpwssd, one scale a block of 32 inputs. */
 static inline __attribute__((always_inline)) void q8_rows(
     const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
-    float* out, int64_t n) {
+    float* out, int64_t n, __mmask16 columns) {
     __m512 acc[8];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m512i values = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * g)));
-        __m512 scale = _mm512_set1_ps(wscales[g]);
+    for (int g = 0; g < groups; g++, w += 512) {
+        __m512i sums[8][2];
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
+        for (int pair = 0; pair < 16; pair++) {
+            __m512i values = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * pair)));
+            for (int r = 0; r < R; r++) {
+                const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + 32 * g);
+                sums[r][R == 1 && (pair & 1)] =
+                    _mm512_dpwssd_epi32(sums[r][R == 1 && (pair & 1)], values, _mm512_set1_epi32(pairs[pair]));
+            }
+        }
+        __m512 scale = _mm512_loadu_ps(wscales + 16 * g);
         for (int r = 0; r < R; r++) {
-            __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), values,
-                                               _mm512_loadu_si512((const void*)(q + (int64_t)r * k + 32 * g)));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+            __m512i total = R == 1 ? _mm512_add_epi32(sums[r][0], sums[r][1]) : sums[r][0];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) out[(int64_t)r * n] = _mm512_reduce_add_ps(acc[r]) * steps[r];
+    for (int r = 0; r < R; r++)
+        _mm512_mask_storeu_ps(out + (int64_t)r * n, columns, _mm512_mul_ps(acc[r], _mm512_set1_ps(steps[r])));
 }
 
-int q8_matmul(const float* x, int rows, int k, const int8_t* values, const float* scales, int64_t n, float* out) {
+int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float* scales, int64_t n, float* out) {
     if (rows == 0) return 0;
     int groups = k / 32;
     int16_t* q = malloc((size_t)rows * k * sizeof(int16_t));
@@ -248,14 +259,17 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* values, const float
         for (int i = 0; i < k; i++) q[(int64_t)r * k + i] = (int16_t)nearbyintf(a[i] * inv);
         steps[r] = amax / 32767.f;
     }
+    int64_t num_blocks = (n + 15) / 16;
     #pragma omp parallel for schedule(static)
-    for (int64_t v = 0; v < n; v++) {
-        const int8_t* w = values + v * k;
-        const float* ws = scales + v * groups;
+    for (int64_t b = 0; b < num_blocks; b++) {
+        const int8_t* w = blocks + b * groups * 512;
+        const float* ws = scales + b * groups * 16;
+        __mmask16 columns = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
+        float* o = out + 16 * b;
         int r = 0;
-        for (; r + 8 <= rows; r += 8) q8_rows(8, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
-        for (; r + 4 <= rows; r += 4) q8_rows(4, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
-        for (; r < rows; r++) q8_rows(1, w, ws, groups, q + (int64_t)r * k, k, steps + r, out + r * n + v, n);
+        for (; r + 8 <= rows; r += 8) q8_rows(8, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
+        for (; r + 4 <= rows; r += 4) q8_rows(4, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
+        for (; r < rows; r++) q8_rows(1, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
     }
     free(q);
     free(steps);
@@ -264,7 +278,7 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* values, const float
 #else
 int vnni_supported(void) { return 0; }
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
-int q8_matmul(const float* x, int rows, int k, const signed char* values, const float* scales, int64_t n, float* out) {
+int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {
     return 1;
 }
 #endif

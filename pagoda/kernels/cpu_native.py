@@ -143,13 +143,13 @@ def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     return torch.cat([nibbles, per_block(d), per_block(m)], dim=2).contiguous()
 
 
-def q8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) @ W^T -> [M, N] float32 for W = values (int8 [N, K]) * scales
-    (float32 [N, K / 32]) per 32, x in int16 steps of each row's max|x| / 32767 (cpu_native.c says
-    how close). The LM head's screen (pagoda/layers/lm_head_screen.py); not an op: it runs outside
-    the compiled forward."""
-    out = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
-    if load().q8_matmul(x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(), scales.data_ptr(), values.shape[0],
+def q8_matmul(x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) @ W^T -> [M, n] float32 for W held as pagoda/layers/q8_rows.py's
+    Q8Rows holds it (its `blocks` and `block_scales`, n its rows), x in int16 steps of each row's
+    max|x| / 32767 (cpu_native.c says how close). The LM head's screen
+    (pagoda/layers/lm_head_screen.py); not an op: it runs outside the compiled forward."""
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if load().q8_matmul(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), block_scales.data_ptr(), n,
                         out.data_ptr()):
         raise MemoryError("CPU Q8_0 matmul: no memory for the quantized activations")
     return out

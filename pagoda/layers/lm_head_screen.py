@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 
 from pagoda.kernels import cpu_native
-from pagoda.layers.q8_rows import GROUP, Q8Rows
+from pagoda.layers.q8_rows import Q8Rows
 
 _RELATIVE = 2.0**-9
 _ABSOLUTE = 2.0**-24
 _FP16_MAX = 65504.0
 _INT16_STEP = 2.0**-15
-_CHUNK_ROWS = 4096  # rows summed at once for the bound: small temporaries
+_CHUNK_BLOCKS = 256  # blocks of 16 rows summed at once for the bound: small temporaries
 
 
 class ScreenedHead:
@@ -72,15 +72,16 @@ class Q8ScreenedHead:
     the 32-value blocks' int32 products within ~2^-19 of |w|_1 max|x|), then as ScreenedHead."""
 
     def __init__(self, rows: Q8Rows) -> None:
+        # Each block's rows' sums of |values| (in int16: 32 x 128 at most), times their scales.
         self.max_row_l1 = max(
-            float((values.to(torch.int16).abs().unflatten(-1, (-1, GROUP)).sum(dim=-1) * scales).sum(dim=1).max())
-            for values, scales in zip(rows.values.split(_CHUNK_ROWS), rows.scales.split(_CHUNK_ROWS))
+            float((values.to(torch.int16).abs().sum(dim=(2, 4)) * scales).sum(dim=1).max())
+            for values, scales in zip(rows.blocks.split(_CHUNK_BLOCKS), rows.block_scales.split(_CHUNK_BLOCKS))
         )
 
     def logits(self, hidden: torch.Tensor, rows: Q8Rows) -> torch.Tensor:
         """hidden [M, K] -> logits [M, V] whose argmax per row is that of hidden @ W.T exactly."""
         hidden = hidden.float().contiguous()
-        approx = cpu_native.q8_matmul(hidden, rows.values, rows.scales)
+        approx = cpu_native.q8_matmul(hidden, rows.blocks, rows.block_scales, rows.num_rows)
         bound = hidden.abs().amax(dim=1) * (_INT16_STEP * self.max_row_l1)
         return _exact_near_the_max(approx, bound, hidden, rows)
 

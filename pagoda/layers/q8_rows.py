@@ -33,8 +33,9 @@ class Q8Rows(nn.Module):
         super().__init__()
         rows, width = values.shape
         pad = -rows % ROWS_PER_BLOCK
-        values = torch.cat([values, values.new_zeros(pad, width)])
-        scales = torch.cat([scales, scales.new_zeros(pad, width // GROUP)])
+        if pad:
+            values = torch.cat([values, values.new_zeros(pad, width)])
+            scales = torch.cat([scales, scales.new_zeros(pad, width // GROUP)])
         blocks, groups = (rows + pad) // ROWS_PER_BLOCK, width // GROUP
         values = values.view(blocks, ROWS_PER_BLOCK, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
         self.blocks = nn.Parameter(values.contiguous(), requires_grad=False)

@@ -2,7 +2,8 @@
 same keys and values written, the same outputs within float32 rounding, the same greedy tokens; and
 torch's ops where no compiler builds it. The int4 matmul against its arithmetic in torch (int16
 activations per 32 inputs) and the exact product, in the engine's layers eagerly and compiled, and
-torch's int4 kernel where it cannot run. The Q8_0 matmul (the LM head's screen) against its arithmetic."""
+torch's int4 kernel where it cannot run. The Q8_0 matmul (the LM head's screen) against its arithmetic.
+The decoder layers' RMSNorm and rotary embedding against their torch paths."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from test_triton_attention import _batch, _run
 from pagoda import LLM, SamplingParams
 from pagoda.attention.torch_backend import TorchAttentionBackend
 from pagoda.kernels import cpu_native
+from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.q8_rows import Q8Rows
+from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.quantization.int4pack import Int4Pack, NativeInt4, int4_weight
 from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
@@ -176,3 +179,52 @@ def test_without_the_c_matmul_torchs_int4_kernel_runs(monkeypatch):
     assert type(pack) is Int4Pack
     x = torch.randn(3, 64)
     torch.testing.assert_close(pack.matmul(x), x @ ((q.float() - 8) * 0.01).t(), rtol=2e-2, atol=2e-2)
+
+
+@needs_compiler
+@pytest.mark.parametrize("norm_cls", [RMSNorm, GemmaRMSNorm])
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 100), (300, 576)])  # a tail past 16s; rows over threads
+def test_rms_norm_equals_the_torch_path(norm_cls, rows, hidden, monkeypatch):
+    """With the residual add and without: the sum written into the residual exactly as torch adds,
+    the norm within float32 rounding (its sum of squares is ordered differently)."""
+    torch.manual_seed(rows)
+    norm = norm_cls(hidden, eps=1e-5)
+    norm.weight.data = torch.randn(hidden) * 0.1 + (0 if norm_cls is GemmaRMSNorm else 1)
+    x, residual = torch.randn(rows, hidden) * 3, torch.randn(rows, hidden)
+    calls = []
+    native = cpu_native.rms_norm
+    monkeypatch.setattr(cpu_native, "rms_norm", lambda *args: calls.append(1) or native(*args))
+    out, summed = norm(x, residual.clone())
+    alone = norm(x)
+    assert len(calls) == 2  # the C kernel ran both times
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    ref_out, ref_summed = norm(x, residual.clone())
+    assert torch.equal(summed, ref_summed)
+    torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(alone, norm(x), rtol=2e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("head_dim, partial, positions", [(64, 1.0, [0, 5, 1023]), (96, 0.5, [7] * 70)])
+def test_rotary_in_c_equals_the_torch_path_bit_for_bit(head_dim, partial, positions, monkeypatch):
+    """q and k as the attention layer has them (views of the qkv projection's output), rotated in
+    place; a partial rotary leaves the rest of each head as it was. 70 tokens: over the threads."""
+    torch.manual_seed(head_dim)
+    rotary = RotaryEmbedding(head_dim, 1024, {"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": partial})
+    tokens, q_heads, kv_heads = len(positions), 6, 2
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor(positions)
+
+    def rotated(qkv):
+        q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k = rotary(positions, q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim))
+        return q.clone(), k.clone(), qkv
+
+    q, k, in_place = rotated(qkv.clone())
+    assert torch.equal(in_place[:, : q_heads * head_dim].view(tokens, q_heads, head_dim), q)  # written into qkv
+    assert torch.equal(in_place[:, (q_heads + kv_heads) * head_dim :], qkv[:, (q_heads + kv_heads) * head_dim :])
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    ref_q, ref_k, untouched = rotated(qkv.clone())
+    assert torch.equal(untouched, qkv)  # (the torch path rotates copies)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)

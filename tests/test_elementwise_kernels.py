@@ -12,6 +12,7 @@ from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
 require_kernels()
 
+from pagoda.kernels import cpu_native  # noqa: E402
 from pagoda.kernels.elementwise import fp8_quantize_rows, rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
 from pagoda.layers.activation import SiluAndMul  # noqa: E402
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
@@ -22,6 +23,12 @@ DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
 # One unit in the last place of the dtype, relative: the kernels round where the references do,
 # but fp32 accumulation order may differ.
 ULP = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _torch_reference(monkeypatch):
+    """The CPU layers' torch path as the reference, not the CPU's C kernels (which rotate in place)."""
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:

@@ -116,6 +116,59 @@ DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_load, bf16_store)
 DECODE_ATTENTION(decode_attention_f16, _Float16, f16_load, f16_store)
 #endif
 
+/* RMSNorm of float32 rows [rows, hidden]: out = row / sqrt(mean(row^2) + eps) * weight. With
+   `residual`, the row is x + residual, written into residual first (the decoder layers' add before
+   their norms, as the CUDA kernel does it). 16 partial sums a row, so that the compiler vectorizes
+   the sum of squares without reordering a float sum it was not asked to. */
+void rms_norm(const float* x, float* residual, const float* weight, int rows, int hidden, float eps, float* out) {
+    #pragma omp parallel for schedule(static) if ((int64_t)rows * hidden > 65536)
+    for (int r = 0; r < rows; r++) {
+        const float* row = x + (int64_t)r * hidden;
+        if (residual) {
+            float* sum = residual + (int64_t)r * hidden;
+            for (int i = 0; i < hidden; i++) sum[i] += row[i];
+            row = sum;
+        }
+        float partial[16] = {0};
+        int i = 0;
+        for (; i + 16 <= hidden; i += 16)
+            for (int j = 0; j < 16; j++) partial[j] += row[i + j] * row[i + j];
+        float squares = 0;
+        for (; i < hidden; i++) squares += row[i] * row[i];
+        for (int j = 0; j < 16; j++) squares += partial[j];
+        float inverse = 1.0f / sqrtf(squares / hidden + eps);
+        float* o = out + (int64_t)r * hidden;
+        for (i = 0; i < hidden; i++) o[i] = row[i] * inverse * weight[i];
+    }
+}
+
+/* Rotate-half rotary embedding in place, float32: each token t's query heads (q + t * q_stride, head
+   after head) and key heads rotated by row positions[t] of cos_sin [*, rotary_dim] (its cosines,
+   then its sines); the first rotary_dim values of each head rotate, the rest pass. Rounded as the
+   torch path rounds: x1 * cos - x2 * sin and x2 * cos + x1 * sin, each product rounded. */
+static void rotate_heads(float* x, int heads, int head_dim, const float* cos, int half) {
+    for (int h = 0; h < heads; h++) {
+        float* x1 = x + (int64_t)h * head_dim;
+        float* x2 = x1 + half;
+        for (int i = 0; i < half; i++) {
+            float a = x1[i], b = x2[i], c = cos[i], s = cos[half + i];
+            x1[i] = a * c - b * s;
+            x2[i] = b * c + a * s;
+        }
+    }
+}
+
+void rotary(const int64_t* positions, int tokens, float* q, int64_t q_stride, int q_heads, float* k,
+            int64_t k_stride, int k_heads, int head_dim, const float* cos_sin, int rotary_dim) {
+    int half = rotary_dim / 2;
+    #pragma omp parallel for schedule(static) if (tokens >= 64)
+    for (int t = 0; t < tokens; t++) {
+        const float* cos = cos_sin + positions[t] * rotary_dim;
+        rotate_heads(q + t * q_stride, q_heads, head_dim, cos, half);
+        rotate_heads(k + t * k_stride, k_heads, head_dim, cos, half);
+    }
+}
+
 /* int4 weights x int16 activations, for the 4-bit weight-only layers (pagoda/quantization/int4pack.py):
    W = d * q + m with q in 0..15 and a float16 d and m for each output and 32 inputs. Each row of x is
    quantized per 32 inputs to int16 (scale a = max|x| / 32767: 2**-15 of the block's largest value,

@@ -6,7 +6,9 @@
 - the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
   where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
   1.6-2.2x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
-- the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's.
+- the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's;
+- the decoder layers' RMSNorm (with the residual add before it) and rotary embedding in float32,
+  where torch's several small ops a call cost more than the arithmetic at decode batches.
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
 the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
@@ -65,6 +67,10 @@ def load() -> ctypes.CDLL | None:
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     library.q8_matmul.restype = _I
     library.q8_matmul.argtypes = [_P, _I, _I, _P, _P, _I64, _P]
+    library.rms_norm.restype = None
+    library.rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
+    library.rotary.restype = None
+    library.rotary.argtypes = [_P, _I, _P, _I64, _I, _P, _I64, _I, _I, _P, _I]
     return library
 
 
@@ -113,6 +119,39 @@ def decode_attention(
     if failed:
         raise MemoryError("CPU decode attention: no memory for a row's scores")
     return out
+
+
+# The decoder layers' norms and rotary embedding -------------------------------------------------
+
+
+def elementwise_serves(*tensors: torch.Tensor) -> bool:
+    """Whether `rms_norm` and `rotary_inplace` take these tensors: float32 on the CPU, outside a
+    compiled graph (where inductor fuses torch's ops itself), the library built. Eagerly, torch's
+    rms_norm and the rotary's ~10 ops cost ~10 and ~19 us a layer at one row, the C ~1-2."""
+    for tensor in tensors:  # (a loop: this runs ~120 times a decode step)
+        if tensor.dtype != torch.float32 or not tensor.is_cpu:
+            return False
+    return not torch.compiler.is_compiling() and load() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> torch.Tensor:
+    """RMSNorm of x [.., hidden] (float32) by weight; with `residual` (contiguous), x + residual is
+    written into it and normed, as the CUDA kernel (pagoda/kernels/elementwise.py) does."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    hidden = x.shape[-1]
+    load().rms_norm(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+                    x.numel() // hidden, hidden, eps, out.data_ptr())
+    return out
+
+
+def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """q [T, Hq, D] and k [T, Hk, D] (float32, heads D apart: views of the qkv projection) rotated in
+    place by rows `positions` [T] (int64) of cos_sin [*, R] (cosines, then sines), as
+    pagoda/layers/rotary.py's torch path rotates them (rounded the same)."""
+    tokens, q_heads, head_dim = q.shape
+    load().rotary(positions.data_ptr(), tokens, q.data_ptr(), q.stride(0), q_heads, k.data_ptr(), k.stride(0),
+                  k.shape[1], head_dim, cos_sin.data_ptr(), cos_sin.shape[1])
 
 
 # The 4-bit weight-only matmul ------------------------------------------------------------------

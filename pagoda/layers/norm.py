@@ -1,5 +1,6 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
-On CUDA one Triton kernel does both; the torch code is the CPU path and the reference.
+On CUDA one Triton kernel does both, on the CPU (float32) one C kernel; the torch code is the
+reference and the path elsewhere.
 GemmaRMSNorm scales by (1 + weight) (Gemma's checkpoints store the offset from one)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.kernels import cpu_native
 from pagoda.layers.linear import Fp8Input, InputQuantization
 
 
@@ -39,7 +41,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: InputQuantization | None = None
     ) -> torch.Tensor | Fp8Input | tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); on CUDA the
-        sum is written into `residual`'s storage. quant: the next matmul's input quantization, which
+        sum is written into `residual`'s storage (also by the CPU's C kernel). quant: the next matmul's input quantization, which
         the CUDA kernel applies to norm(x) as it writes it (an Fp8Input; x [tokens, hidden])."""
         if x.is_cuda:
             from pagoda.kernels.elementwise import rms_norm
@@ -47,6 +49,9 @@ class RMSNorm(nn.Module):
             out = rms_norm(x, self._kernel_weight(), self.eps, residual, self.cast_before_scale, quant)
             if quant is not None:
                 out = Fp8Input(*out, x.dtype)
+            return out if residual is None else (out, residual)
+        if cpu_native.elementwise_serves(x, self.weight) and (residual is None or residual.is_contiguous()):
+            out = cpu_native.rms_norm(x, self._kernel_weight(), self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)

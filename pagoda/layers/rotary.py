@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagoda.attention.backend import AttentionMetadata
+from pagoda.kernels import cpu_native
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -122,12 +123,15 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA, copies elsewhere).
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA and by the CPU's C kernel, copies elsewhere).
         positions: rows of `cos_sin` (table_index)."""
         if q.is_cuda:
             from pagoda.kernels.elementwise import rotary_inplace
 
             rotary_inplace(positions, q, k, self.cos_sin)
+            return q, k
+        if cpu_native.elementwise_serves(q, k, self.cos_sin) and _heads_packed(q) and _heads_packed(k):
+            cpu_native.rotary_inplace(positions, q, k, self.cos_sin)
             return q, k
         return self._rotate(q, k, self._rotation_rows(positions).unsqueeze(1))
 
@@ -153,6 +157,11 @@ class RotaryEmbedding(nn.Module):
         if partial:
             out = torch.cat([out, x[..., self.rotary_dim :]], dim=-1)
         return out[:, : q.shape[1]], out[:, q.shape[1] :]
+
+
+def _heads_packed(x: torch.Tensor) -> bool:
+    """Whether x [T, H, D]'s heads lie D values apart, each contiguous (as the C rotary reads them)."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def _signed(cos_sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ same keys and values written, the same outputs within float32 rounding, the same
 torch's ops where no compiler builds it. The int4 matmul against its arithmetic in torch (int16
 activations per 32 inputs) and the exact product, in the engine's layers eagerly and compiled, and
 torch's int4 kernel where it cannot run. The Q8_0 matmul (the LM head's screen) against its arithmetic.
-The decoder layers' RMSNorm and rotary embedding against their torch paths."""
+The decoder layers' RMSNorm, rotary embedding and SiLU-and-mul against their torch paths."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from test_triton_attention import _batch, _run
 from pagoda import LLM, SamplingParams
 from pagoda.attention.torch_backend import TorchAttentionBackend
 from pagoda.kernels import cpu_native
+from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.q8_rows import Q8Rows
 from pagoda.layers.rotary import RotaryEmbedding
@@ -228,3 +229,18 @@ def test_rotary_in_c_equals_the_torch_path_bit_for_bit(head_dim, partial, positi
     ref_q, ref_k, untouched = rotated(qkv.clone())
     assert torch.equal(untouched, qkv)  # (the torch path rotates copies)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows, n", [(1, 1536), (5, 37)])
+def test_silu_and_mul_in_c_is_torchs_within_rounding(rows, n, monkeypatch):
+    """e^x by the C polynomial: within a few float32 ulps of torch's, out to the clamps (|x| > 87)."""
+    torch.manual_seed(n)
+    x = torch.randn(rows, 2 * n) * 8
+    x[0, :4] = torch.tensor([-100.0, -87.5, 90.0, 0.0])
+    act, calls, native = SiluAndMul(), [], cpu_native.silu_and_mul
+    monkeypatch.setattr(cpu_native, "silu_and_mul", lambda x: calls.append(1) or native(x))
+    out = act(x)
+    assert calls  # the C kernel ran
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    torch.testing.assert_close(out, act(x), rtol=5e-7, atol=1e-30)

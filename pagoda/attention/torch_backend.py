@@ -132,16 +132,12 @@ class TorchAttentionBackend:
         logits_soft_cap: float | None = None,
         kv_scales: KVScales = None,
     ) -> torch.Tensor:
-        plan: _DecodePlan | None = metadata.backend_data.get("decode")
-        if (
-            plan is not None and plan.native is not None and q.dtype == torch.float32
-            and cpu_native.decode_attends(plan.native, kv_cache.dtype)
-            and sliding_window is None and logits_soft_cap is None and kv_cache.is_contiguous()
-        ):
+        native = self.c_decode(metadata, kv_cache, sliding_window, logits_soft_cap)
+        if native is not None and q.dtype == torch.float32:
             return cpu_native.decode_attention(
-                plan.native, q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, metadata.slot_mapping,
-                metadata.block_tables, metadata.seq_lens, scale,
+                native, q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables, metadata.seq_lens, scale
             )
+        plan: _DecodePlan | None = metadata.backend_data.get("decode")
         write_kv(k, v, kv_cache, metadata.slot_mapping, kv_scales)
         layer = _Layer(scale, sliding_window, logits_soft_cap, kv_scales)
         if plan is not None and plan.token_idx is None:  # a step of decodes only
@@ -153,6 +149,21 @@ class TorchAttentionBackend:
             if n > 1:
                 self._prefill(q, kv_cache, metadata, i, layer, out)
         return out
+
+    def c_decode(
+        self, metadata: AttentionMetadata, kv_cache: torch.Tensor, sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> ctypes.CDLL | None:
+        """The C library where a layer of this step (float32 queries) attends in it
+        (cpu_native.decode_attention): every row a decode on the CPU, a pool it reads, no window or
+        soft cap; else None."""
+        plan: _DecodePlan | None = metadata.backend_data.get("decode")
+        if (
+            plan is None or plan.native is None or sliding_window is not None or logits_soft_cap is not None
+            or not cpu_native.decode_attends(plan.native, kv_cache.dtype) or not kv_cache.is_contiguous()
+        ):
+            return None
+        return plan.native
 
     def _decode(self, q, kv_cache, plan: _DecodePlan, layer: _Layer) -> torch.Tensor:
         """The decode rows' attention output, [B, Hq, D]."""

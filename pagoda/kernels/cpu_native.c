@@ -30,17 +30,18 @@ static inline _Float16 f16_store(float x) { return (_Float16)x; }
 #endif
 
 /* The step's keys and values (float32) into their slots, then one decode row's group of query
-   heads that share KV head h: scores, softmax, weighted values. Positions are walked block by
-   block: a division per position cost more than its dot products. */
+   heads that share KV head h: scores, softmax, weighted values. Rows of q, k and v lie q_stride
+   and kv_stride values apart (views of the qkv projection's output), their heads packed. Positions
+   are walked block by block: a division per position cost more than its dot products. */
 #define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                                    \
-static void NAME##_write(const float* k, const float* v, T* pool, int64_t half, const int64_t* slots, int rows,   \
-                         int64_t row_len) {                                                                       \
+static void NAME##_write(const float* k, const float* v, int64_t kv_stride, T* pool, int64_t half,               \
+                         const int64_t* slots, int rows, int64_t row_len) {                                       \
     for (int b = 0; b < rows; b++) {                                                                              \
         T* key = pool + slots[b] * row_len;                                                                       \
         T* value = pool + half + slots[b] * row_len;                                                              \
         for (int64_t i = 0; i < row_len; i++) {                                                                   \
-            key[i] = STORE(k[b * row_len + i]);                                                                   \
-            value[i] = STORE(v[b * row_len + i]);                                                                 \
+            key[i] = STORE(k[b * kv_stride + i]);                                                                 \
+            value[i] = STORE(v[b * kv_stride + i]);                                                               \
         }                                                                                                         \
     }                                                                                                             \
 }                                                                                                                 \
@@ -80,11 +81,11 @@ static inline __attribute__((always_inline)) void NAME##_attend(                
     }                                                                                                             \
 }                                                                                                                 \
                                                                                                                   \
-int NAME(const float* q, const float* k, const float* v, T* pool, int64_t half, const int64_t* slots,             \
-         const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, int rows, int num_heads,           \
-         int num_kv_heads, int head_dim, int block_size, float scale, float* out) {                               \
+int NAME(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, T* pool,           \
+         int64_t half, const int64_t* slots, const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, \
+         int rows, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale, float* out) {      \
     int64_t row_len = (int64_t)num_kv_heads * head_dim;                                                           \
-    NAME##_write(k, v, pool, half, slots, rows, row_len);                                                         \
+    NAME##_write(k, v, kv_stride, pool, half, slots, rows, row_len);                                              \
     int group = num_heads / num_kv_heads, failed = 0;                                                             \
     int64_t work = 0;                                                                                             \
     for (int b = 0; b < rows; b++) work += seq_lens[b];                                                           \
@@ -94,7 +95,7 @@ int NAME(const float* q, const float* k, const float* v, T* pool, int64_t half, 
             float* scores = malloc(sizeof(float) * group * seq_lens[b]);                                          \
             if (!scores) { failed = 1; continue; }                                                                \
             int64_t first = (int64_t)b * num_heads + (int64_t)h * group;                                          \
-            const float* qh = q + first * head_dim;                                                               \
+            const float* qh = q + b * q_stride + (int64_t)h * group * head_dim;                                   \
             const int32_t* table = tables + b * table_stride;                                                     \
             float* oh = out + first * head_dim;                                                                   \
             /* The common head sizes as constants: their loops compile to straight vector code. */               \
@@ -166,6 +167,39 @@ void rotary(const int64_t* positions, int tokens, float* q, int64_t q_stride, in
         const float* cos = cos_sin + positions[t] * rotary_dim;
         rotate_heads(q + t * q_stride, q_heads, head_dim, cos, half);
         rotate_heads(k + t * k_stride, k_heads, head_dim, cos, half);
+    }
+}
+
+/* e^x where libm's expf would not vectorize: 2^n e^r, r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in
+   two parts, so that n ln 2 is exact), e^r by its Taylor polynomial to r^7 (its error below
+   float32's rounding), x clamped to [-87, 88] (2^n then a normal float). n is rounded to nearest
+   by adding and taking away 1.5 * 2^23. */
+static inline float exp_poly(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.f / 5040;
+    p = p * r + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/* silu(gate) * up for rows [gate | up] of 2n values (float32), as torch computes it:
+   gate / (1 + e^-gate) * up. */
+void silu_and_mul(const float* x, int rows, int n, float* out) {
+    for (int r = 0; r < rows; r++) {
+        const float* gate = x + (int64_t)r * 2 * n;
+        const float* up = gate + n;
+        float* o = out + (int64_t)r * n;
+        for (int i = 0; i < n; i++) o[i] = gate[i] / (1.f + exp_poly(-gate[i])) * up[i];
     }
 }
 
@@ -266,6 +300,61 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
     return 0;
 }
 
+/* One Llama-style decoder layer for a step of decode rows, in one call: at small batches a
+   layer's ~40 torch ops and their dispatch cost more than its arithmetic. Float32 activations, the
+   four matmuls' weights as int4_matmul takes them, no biases:
+     s = x + residual (x alone in the first layer), written into residual;
+     q, k, v = int4(rms_norm(s) * input_norm, w_qkv); q and k rotated (rotary);
+     a = decode attention over the pool (its keys and values written first; kv_dtype 0 float32,
+         1 bfloat16, 2 float16);
+     residual = int4(a, w_o) + s; out = int4(silu_and_mul(int4(rms_norm(residual) * post_norm, w_gate_up)), w_down).
+   The same kernels the torch path calls one by one, in its order (pagoda/models/cpu_decode_layer.py).
+   1 without memory, 2 for a pool dtype this build lacks. */
+int decode_layer(
+    const float* x, float* residual, int first, int rows, int hidden, float eps, const float* input_norm,
+    const float* post_norm, const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up, const uint8_t* w_down,
+    int intermediate, const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads,
+    int num_kv_heads, int head_dim, float scale, void* pool, int kv_dtype, int64_t half, const int64_t* slots,
+    const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {
+    int64_t q_size = (int64_t)num_heads * head_dim, kv_size = (int64_t)num_kv_heads * head_dim;
+    int64_t qkv_size = q_size + 2 * kv_size;
+    int64_t per_row = hidden + qkv_size + q_size + 3 * (int64_t)intermediate + hidden;
+    float* normed = malloc(sizeof(float) * per_row * rows);
+    if (!normed) return 1;
+    float* qkv = normed + (int64_t)rows * hidden;
+    float* attended = qkv + rows * qkv_size;
+    float* gate_up = attended + rows * q_size;
+    float* act = gate_up + rows * 2 * (int64_t)intermediate;
+    float* projected = act + rows * (int64_t)intermediate;
+    rms_norm(x, first ? NULL : residual, input_norm, rows, hidden, eps, normed);
+    if (first) memcpy(residual, x, sizeof(float) * rows * hidden);
+    int failed = int4_matmul(normed, rows, hidden, w_qkv, qkv_size, qkv);
+    float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
+    rotary(positions, rows, q, qkv_size, num_heads, k, qkv_size, num_kv_heads, head_dim, cos_sin, rotary_dim);
+    if (kv_dtype == 0)
+        failed |= decode_attention(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride, seq_lens,
+                                   rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
+    else if (kv_dtype == 1)
+        failed |= decode_attention_bf16(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride,
+                                        seq_lens, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
+#ifdef __FLT16_MAX__
+    else if (kv_dtype == 2)
+        failed |= decode_attention_f16(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride,
+                                       seq_lens, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
+#endif
+    else
+        failed = 2;
+    if (!failed) {
+        failed |= int4_matmul(attended, rows, q_size, w_o, hidden, projected);
+        rms_norm(projected, residual, post_norm, rows, hidden, eps, normed);
+        failed |= int4_matmul(normed, rows, hidden, w_gate_up, 2 * (int64_t)intermediate, gate_up);
+        silu_and_mul(gate_up, rows, intermediate, act);
+        failed |= int4_matmul(act, rows, intermediate, w_down, hidden, out);
+    }
+    free(normed);
+    return failed;
+}
+
 /* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows, as
    pagoda/layers/q8_rows.py holds them: blocks of 16 rows [n/16][k/32][16 pairs][16 rows][2] int8,
    scales [n/16][k/32][16 rows] float32, n padded to 16), each row of x in int16 steps of its
@@ -330,6 +419,7 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
 }
 #else
 int vnni_supported(void) { return 0; }
+int decode_layer(void) { return 2; } /* never called: the layer runs in C only where vnni_supported() */
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
 int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {
     return 1;

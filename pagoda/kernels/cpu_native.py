@@ -7,8 +7,9 @@
   where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
   1.6-2.2x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
 - the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's;
-- the decoder layers' RMSNorm (with the residual add before it) and rotary embedding in float32,
-  where torch's several small ops a call cost more than the arithmetic at decode batches.
+- the decoder layers' RMSNorm (with the residual add before it), rotary embedding and SiLU-and-mul
+  in float32, where torch's several small ops a call cost more than the arithmetic at decode
+  batches; and a whole Llama-style layer of a decode step in one call (pagoda/models/cpu_decode_layer.py).
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
 the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
@@ -62,7 +63,7 @@ def load() -> ctypes.CDLL | None:
         function = getattr(library, name, None)
         if function is not None:
             function.restype = _I
-            function.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+            function.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
     library.int4_matmul.restype = _I
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     library.q8_matmul.restype = _I
@@ -71,6 +72,13 @@ def load() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
     library.rotary.restype = None
     library.rotary.argtypes = [_P, _I, _P, _I64, _I, _P, _I64, _I, _I, _P, _I]
+    library.silu_and_mul.restype = None
+    library.silu_and_mul.argtypes = [_P, _I, _I, _P]
+    library.decode_layer.restype = _I
+    library.decode_layer.argtypes = [
+        _P, _P, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float,
+        _P, _I, _I64, _P, _P, _I64, _P, _I, _P,
+    ]
     return library
 
 
@@ -107,12 +115,17 @@ def decode_attention(
 ) -> torch.Tensor:
     """A step of decodes only: k and v [B, Hkv, D] written into kv_cache [2, blocks, block_size, Hkv, D]
     at slot_mapping [B] (int64), then q [B, Hq, D] attended over each row's seq_lens [B] (int32)
-    positions through block_tables [B, n] (int32) -> [B, Hq, D]. q, k, v float32 and contiguous; the
-    pool float32, bfloat16 or float16 (decode_attends), its values converted as torch converts them."""
+    positions through block_tables [B, n] (int32) -> [B, Hq, D] (contiguous). q, k, v float32, each
+    row's heads packed (views of the qkv projection's output are: others are copied; k and v rows
+    alike apart); the pool float32, bfloat16 or float16 (decode_attends), its values converted as
+    torch converts them."""
+    q, k, v = (t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (q, k, v))
+    if k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
     rows, num_heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype)
     failed = getattr(library, _DECODE_ATTENTION[kv_cache.dtype])(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_cache.data_ptr(), kv_cache[0].numel(),
+        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), kv_cache.data_ptr(), kv_cache[0].numel(),
         slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         rows, num_heads, kv_cache.shape[3], head_dim, kv_cache.shape[2], scale, out.data_ptr(),
     )
@@ -152,6 +165,16 @@ def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
     tokens, q_heads, head_dim = q.shape
     load().rotary(positions.data_ptr(), tokens, q.data_ptr(), q.stride(0), q_heads, k.data_ptr(), k.stride(0),
                   k.shape[1], head_dim, cos_sin.data_ptr(), cos_sin.shape[1])
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x [.., 2n] = [gate | up] (float32) -> [.., n], as torch rounds it but for
+    e^x (a polynomial within float32's rounding, where libm's would not vectorize)."""
+    x = x.contiguous()
+    n = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], n)
+    load().silu_and_mul(x.data_ptr(), x.numel() // (2 * n), n, out.data_ptr())
+    return out
 
 
 # The 4-bit weight-only matmul ------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.kernels import cpu_native
 from pagoda.layers.linear import Fp8Input, InputQuantization
 
 
@@ -20,6 +21,8 @@ class SiluAndMul(nn.Module):
             from pagoda.kernels.elementwise import silu_and_mul
 
             return silu_and_mul(x) if quant is None else Fp8Input(*silu_and_mul(x, quant), x.dtype)
+        if cpu_native.elementwise_serves(x):
+            return cpu_native.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from pagoda.distributed.parallel_state import tp_group
 from pagoda.kernels import cpu_native
 from pagoda.layers.lm_head_screen import Q8ScreenedHead, ScreenedHead
 from pagoda.layers.q8_rows import Q8Rows
+
+if TYPE_CHECKING:
+    from pagoda.quantization.int4pack import NativeInt4
 
 _SKINNY_ROWS = 64
 
@@ -100,6 +103,12 @@ class LinearMethod(ABC):
     def input_quantization(self, layer: nn.Module) -> InputQuantization | None:
         """How `apply` would quantize its input, so that the kernel producing that input can do it
         in its own pass and hand `apply` an Fp8Input; None (the default): it takes the input as it is."""
+        return None
+
+    def c_int4_weight(self, layer: nn.Module) -> NativeInt4 | None:
+        """The layer's weight where `apply` is exactly the CPU's C int4 matmul of its input, nothing
+        added (pagoda/models/cpu_decode_layer.py then runs it inside a whole decoder layer's C
+        call): a NativeInt4. None (the default): `apply` does more, or other arithmetic."""
         return None
 
 

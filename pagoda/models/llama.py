@@ -31,8 +31,11 @@ from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.moe import SparseMoeBlock
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.models.cpu_decode_layer import CDecodeLayer
 from pagoda.models.interface import CausalLM, PPMissingLayer
 from pagoda.quantization.base import QuantizationConfig, linear_method_for
+
+_UNBUILT = object()  # LlamaDecoderLayer.c_layer before its first CPU forward
 
 
 class LlamaAttention(nn.Module):
@@ -177,6 +180,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = build_mlp(config, layer_index, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # A decode step's layer in one C call on the CPU, where the layer is of that kind
+        # (pagoda/models/cpu_decode_layer.py); built at its first CPU forward.
+        self.c_layer: CDecodeLayer | None | object = _UNBUILT
 
     def forward(
         self,
@@ -186,6 +192,12 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hidden.is_cuda and not torch.compiler.is_compiling():
+            if self.c_layer is _UNBUILT:
+                self.c_layer = CDecodeLayer.of(self)  # once its weights are loaded: their addresses
+            done = self.c_layer and self.c_layer(positions, hidden, residual, kv_cache, metadata)
+            if done:
+                return done
         # Each norm writes its output as the matmul after it takes it (fp8 for an fp8 GEMM).
         attn_quant, mlp_quant = self.self_attn.qkv_proj.input_quantization(), self.mlp.input_quantization()
         hidden, residual = norm_input(self.input_layernorm, hidden, residual, attn_quant)

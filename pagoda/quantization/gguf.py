@@ -30,7 +30,7 @@ from pagoda.layers.lm_head_screen import ScreenedHead
 from pagoda.layers.q8_rows import Q8Rows
 from pagoda.loader.gguf_blocks import GROUP, INT4_TYPES
 from pagoda.quantization.base import QuantizationConfig
-from pagoda.quantization.int4pack import Int4Pack, int4_weight
+from pagoda.quantization.int4pack import Int4Pack, NativeInt4, c_int4_weight, int4_weight
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class GGUFInt4LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.int4.linear(x, bias)
+
+    def c_int4_weight(self, layer: nn.Module) -> NativeInt4 | None:
+        return c_int4_weight(layer)
 
 
 class GGUFConfig(QuantizationConfig):

@@ -52,6 +52,12 @@ def int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grou
     return Int4Pack.from_values(q, scales, zeros, group_size)
 
 
+def c_int4_weight(layer: nn.Module) -> NativeInt4 | None:
+    """A 4-bit layer's weight where its output is the C matmul's alone (LinearMethod.c_int4_weight)."""
+    int4 = getattr(layer, "int4", None)
+    return int4 if isinstance(int4, NativeInt4) and layer.bias is None else None
+
+
 class _Int4Linear(nn.Module):
     """A 4-bit weight-only layer's weight: `matmul` from its kernel, `linear` over it."""
 

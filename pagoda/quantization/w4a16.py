@@ -22,7 +22,7 @@ from torch import nn
 
 from pagoda.kernels.w4a16_layout import PACK, unpack_int4, w4a16_gemm_reference
 from pagoda.layers.linear import LinearMethod, sliced_param
-from pagoda.quantization.int4pack import Int4Pack, NativeInt4, int4_weight
+from pagoda.quantization.int4pack import Int4Pack, NativeInt4, c_int4_weight, int4_weight
 
 
 @dataclass
@@ -126,6 +126,9 @@ class W4A16LinearMethod(LinearMethod):
         if layer.w4_qweight is not None:
             w = PackedW4(layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_g_idx, layer.w4_group_size)
         return w4a16_linear(x, w, bias, layer.int4)
+
+    def c_int4_weight(self, layer: nn.Module) -> NativeInt4 | None:
+        return c_int4_weight(layer)
 
 
 class CompressedTensorsW4A16(W4A16LinearMethod):

@@ -1,0 +1,100 @@
+"""A Llama-style decoder layer's decode step in one C call on the CPU (cpu_native.c's `decode_layer`).
+
+At one stream of the default model a layer's modules made ~50 torch ops and Python calls around
+seven C kernels: ~170 us a layer, of which the kernels' arithmetic was ~70. The C call runs the
+same kernels the modules call one by one (RMSNorm with its residual add, the int4 matmul, the
+rotary embedding, the decode attention, SiLU-and-mul), in the same order on the same values: its
+outputs are the modules' bit for bit (tests/test_cpu_decode_layer.py).
+
+It serves a layer of that kind only: 4-bit weights in the C matmul's blocks for all four
+matmuls and nothing added to them (no bias, no LoRA), plain RMSNorms, rotary without q/k norms,
+no sliding window or soft cap, one tensor-parallel rank; and a step whose every row is a decode
+that the C attention serves (TorchAttentionBackend.c_decode). Elsewhere the modules run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagoda.attention.backend import AttentionMetadata
+from pagoda.attention.torch_backend import TorchAttentionBackend
+from pagoda.kernels import cpu_native
+from pagoda.layers.activation import SiluAndMul
+from pagoda.layers.mlp import GatedMLP
+from pagoda.layers.norm import RMSNorm
+from pagoda.layers.rotary import RotaryEmbedding
+
+_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_layer's kv_dtype
+
+
+@dataclass(frozen=True)
+class CDecodeLayer:
+    """What `decode_layer` reads of one layer. The tensors' addresses are read at each call (a
+    fraction of a microsecond), never kept: nothing can then point at memory given back."""
+
+    hidden_size: int
+    eps: float
+    weights: tuple[torch.Tensor, ...]  # the two norms' weights, then the four matmuls' blocks
+    intermediate_size: int
+    cos_sin: torch.Tensor
+    attention: tuple  # rotary_dim, heads, KV heads, head_dim, scale
+    backend: TorchAttentionBackend
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> CDecodeLayer | None:
+        """A LlamaDecoderLayer's C form where it is of the kind decode_layer computes (module
+        docstring), else None."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if not (cpu_native.vnni_available() and isinstance(mlp, GatedMLP) and isinstance(mlp.act, SiluAndMul)):
+            return None
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        int4 = [linear.linear_method.c_int4_weight(linear) for linear in linears]
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        rotary, attention = attn.rotary, attn.attn
+        if (
+            any(w is None for w in int4) or attn.o_proj.tp.size > 1 or mlp.down_proj.tp.size > 1
+            or any(type(norm) is not RMSNorm or norm.weight.dtype != torch.float32 for norm in norms)
+            or attn.q_norm is not None or type(rotary) is not RotaryEmbedding or rotary.cos_sin.dtype != torch.float32
+            or attention.sliding_window is not None or attention.logits_soft_cap is not None
+            or not isinstance(attention.backend, TorchAttentionBackend)
+        ):
+            return None
+        return cls(
+            hidden_size=norms[0].weight.shape[0],
+            eps=norms[0].eps,
+            weights=(*(norm.weight for norm in norms), *(w.blocks for w in int4)),
+            intermediate_size=int4[3].blocks.shape[1] * cpu_native.INT4_INPUTS,
+            cos_sin=rotary.cos_sin,
+            attention=(rotary.rotary_dim, attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                       attention.scale),
+            backend=attention.backend,
+        )
+
+    def __call__(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's (output, residual), as its forward returns them; None where this step is
+        not one decode_layer computes (the modules then run)."""
+        library = self.backend.c_decode(metadata, kv_cache)
+        if (
+            library is None or hidden.dtype != torch.float32 or not hidden.is_contiguous()
+            or not (residual is None or residual.is_contiguous()) or positions.dtype != torch.int64
+        ):
+            return None
+        out = torch.empty_like(hidden)
+        first = residual is None
+        if first:
+            residual = torch.empty_like(hidden)
+        failed = library.decode_layer(
+            hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0], self.hidden_size, self.eps,
+            *(weight.data_ptr() for weight in self.weights), self.intermediate_size, positions.data_ptr(),
+            self.cos_sin.data_ptr(), *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
+            kv_cache.numel() // 2, metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
+            metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), kv_cache.shape[2], out.data_ptr(),
+        )
+        if failed:
+            raise MemoryError("the CPU decode layer: no memory for its activations")
+        return out, residual

@@ -1,0 +1,72 @@
+"""A decode step's Llama layer in one C call on the CPU (pagoda/models/cpu_decode_layer.py): the same
+kernels as the layer's modules in the same order, so the same bits: equal tokens and equal logprobs
+with it and without it, on a float32 and a 16-bit KV cache, through steps of decodes (the C layer)
+and steps mixing prefill chunks (the modules); and the layers it does not serve left to the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.kernels import cpu_native
+from pagoda.models.cpu_decode_layer import CDecodeLayer
+from tests.test_quant_w4a16_model import write_quantized
+from tests.tiny_models import save_tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C int4 matmul needs AVX512-VNNI")
+
+
+def _layers(llm: LLM) -> list:
+    return llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.model.layers
+
+
+def _run(llm: LLM, prompts: list[dict]) -> list[tuple]:
+    # max_num_batched_tokens small enough that later prompts' chunks share steps with decodes
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [{k: v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs])
+            for o in outs]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
+def test_the_c_layer_gives_the_modules_bits(kv_cache_dtype, tmp_path, monkeypatch):
+    model = write_quantized(save_tiny_model("llama3", tmp_path), tmp_path / "awq", "awq", 32)
+    llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=32,
+              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)  # the same steps both runs
+    prompts = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 9 * k)]} for k in range(4)]
+    calls = []
+    monkeypatch.setattr(CDecodeLayer, "__call__", _spy(CDecodeLayer.__call__, calls))
+    with_c = _run(llm, prompts)
+    layers = _layers(llm)
+    assert all(isinstance(layer.c_layer, CDecodeLayer) for layer in layers)
+    served = [done for done in calls if done is not None]
+    assert served and len(served) < len(calls)  # decode steps in C; steps with prefill chunks in the modules
+    for layer in layers:
+        layer.c_layer = None
+    assert _run(llm, prompts) == with_c
+
+
+def _spy(call, calls: list):
+    def spied(self, *args):
+        done = call(self, *args)
+        calls.append(done)
+        return done
+
+    return spied
+
+
+def test_layers_of_another_kind_run_their_modules(tmp_path):
+    """Float32 weights (no int4 matmul): the modules, and the same tokens as transformers' path checks elsewhere."""
+    llm = LLM(model=str(save_tiny_model("llama3", tmp_path)), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert all(layer.c_layer is None for layer in _layers(llm))
+
+
+def test_a_bias_keeps_the_modules(tmp_path):
+    """Qwen2's q/k/v biases: the C layer adds none, so the layer is not its kind."""
+    model = write_quantized(save_tiny_model("qwen2-mqa", tmp_path), tmp_path / "awq", "awq", 32)
+    llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert all(layer.c_layer is None for layer in _layers(llm))
+    assert torch.is_tensor(_layers(llm)[0].self_attn.qkv_proj.bias)

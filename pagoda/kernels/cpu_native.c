@@ -29,6 +29,28 @@ static inline float f16_load(_Float16 x) { return (float)x; }
 static inline _Float16 f16_store(float x) { return (_Float16)x; }
 #endif
 
+/* e^x where libm's expf would not vectorize: 2^n e^r, r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in
+   two parts, so that n ln 2 is exact), e^r by its Taylor polynomial to r^7 (its error below
+   float32's rounding), x clamped to [-87, 88] (2^n then a normal float). n is rounded to nearest
+   by adding and taking away 1.5 * 2^23. */
+static inline float exp_poly(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.f / 5040;
+    p = p * r + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
 /* The step's keys and values (float32) into their slots, then one decode row's group of query
    heads that share KV head h: scores, softmax, weighted values. Rows of q, k and v lie q_stride
    and kv_stride values apart (views of the qkv projection's output), their heads packed. Positions
@@ -65,7 +87,8 @@ static inline __attribute__((always_inline)) void NAME##_attend(                
         float* sj = scores + (int64_t)j * seq_len;                                                                \
         float m = -INFINITY, total = 0.f;                                                                         \
         for (int pos = 0; pos < seq_len; pos++) m = sj[pos] > m ? sj[pos] : m;                                    \
-        for (int pos = 0; pos < seq_len; pos++) { sj[pos] = expf(sj[pos] - m); total += sj[pos]; }                \
+        for (int pos = 0; pos < seq_len; pos++) sj[pos] = exp_poly(sj[pos] - m);                                  \
+        for (int pos = 0; pos < seq_len; pos++) total += sj[pos];                                                 \
         for (int pos = 0; pos < seq_len; pos++) sj[pos] /= total;                                                 \
         memset(out + (int64_t)j * head_dim, 0, head_dim * sizeof(float));                                         \
     }                                                                                                             \
@@ -89,7 +112,7 @@ int NAME(const float* q, int64_t q_stride, const float* k, const float* v, int64
     int group = num_heads / num_kv_heads, failed = 0;                                                             \
     int64_t work = 0;                                                                                             \
     for (int b = 0; b < rows; b++) work += seq_lens[b];                                                           \
-    _Pragma("omp parallel for collapse(2) schedule(dynamic) if (work * num_kv_heads > 4096) reduction(|: failed)") \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic) if (work * num_kv_heads > 512) reduction(|: failed)") \
     for (int b = 0; b < rows; b++) {                                                                              \
         for (int h = 0; h < num_kv_heads; h++) {                                                                  \
             float* scores = malloc(sizeof(float) * group * seq_lens[b]);                                          \
@@ -168,28 +191,6 @@ void rotary(const int64_t* positions, int tokens, float* q, int64_t q_stride, in
         rotate_heads(q + t * q_stride, q_heads, head_dim, cos, half);
         rotate_heads(k + t * k_stride, k_heads, head_dim, cos, half);
     }
-}
-
-/* e^x where libm's expf would not vectorize: 2^n e^r, r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in
-   two parts, so that n ln 2 is exact), e^r by its Taylor polynomial to r^7 (its error below
-   float32's rounding), x clamped to [-87, 88] (2^n then a normal float). n is rounded to nearest
-   by adding and taking away 1.5 * 2^23. */
-static inline float exp_poly(float x) {
-    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-    float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.f / 5040;
-    p = p * r + 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
 }
 
 /* silu(gate) * up for rows [gate | up] of 2n values (float32), as torch computes it:

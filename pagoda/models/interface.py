@@ -71,6 +71,11 @@ class CausalLM(nn.Module, ABC):
         `set_aux_hidden_state_layers`); None on the others (which send theirs on). kv_caches: one
         per spec of `kv_cache_spec`, in its order."""
 
+    def decodes_in_c(self) -> bool:
+        """Whether every decoder layer of a decode step runs as one C call on this CPU
+        (pagoda/models/cpu_decode_layer.py): -O3 then has nothing worth compiling."""
+        return False
+
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         """Logits over the whole vocabulary, in the model's dtype or float32 (the sampler and the

@@ -181,8 +181,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # A decode step's layer in one C call on the CPU, where the layer is of that kind
-        # (pagoda/models/cpu_decode_layer.py); built at its first CPU forward.
+        # (pagoda/models/cpu_decode_layer.py); built once its weights are loaded (built_c_layer).
         self.c_layer: CDecodeLayer | None | object = _UNBUILT
+
+    def built_c_layer(self) -> CDecodeLayer | None:
+        if self.c_layer is _UNBUILT:
+            self.c_layer = CDecodeLayer.of(self)
+        return self.c_layer
 
     def forward(
         self,
@@ -193,9 +198,8 @@ class LlamaDecoderLayer(nn.Module):
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not hidden.is_cuda and not torch.compiler.is_compiling():
-            if self.c_layer is _UNBUILT:
-                self.c_layer = CDecodeLayer.of(self)  # once its weights are loaded: their addresses
-            done = self.c_layer and self.c_layer(positions, hidden, residual, kv_cache, metadata)
+            c_layer = self.built_c_layer()
+            done = c_layer and c_layer(positions, hidden, residual, kv_cache, metadata)
             if done:
                 return done
         # Each norm writes its output as the matmul after it takes it (fp8 for an fp8 GEMM).
@@ -349,6 +353,10 @@ class LlamaForCausalLM(CausalLM):
 
     def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
         self.model.aux_hidden_state_layers = layers
+
+    def decodes_in_c(self) -> bool:
+        layers = self.model.layers
+        return all(isinstance(layer, LlamaDecoderLayer) and layer.built_c_layer() for layer in layers)
 
     def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         logits = self.lm_head(hidden, argmax_only)

@@ -323,6 +323,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_decode(self, scratch_block: int) -> None:
+        if self.model.decodes_in_c():
+            logger.info("optimization_level=3: each decoder layer of a decode step runs as one C call, faster "
+                        "than the compiled forward: not compiled")
+            return
         compiled = CompiledDecode(self.model, self.attention_backend, self.kv_caches)
         slot = scratch_block * self.block_size
         metadata = self._build_metadata([slot], [1], [1], [[scratch_block]])

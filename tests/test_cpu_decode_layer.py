@@ -1,13 +1,13 @@
 """A decode step's Llama layer in one C call on the CPU (pagoda/models/cpu_decode_layer.py): the same
 kernels as the layer's modules in the same order, so the same bits: equal tokens and equal logprobs
-with it and without it, on a float32 and a 16-bit KV cache, through steps of decodes (the C layer)
-and steps mixing prefill chunks (the modules); the layers it does not serve left to the modules; and
+with it and without it (Llama, Qwen2's biases, Qwen3's q/k norms), on a float32 and a 16-bit KV
+cache, through steps of decodes (the C layer) and steps mixing prefill chunks (the modules); the
+layers it does not serve left to the modules; and
 -O3 not compiling a model whose layers all run in C."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.kernels import cpu_native
@@ -30,9 +30,13 @@ def _run(llm: LLM, prompts: list[dict]) -> list[tuple]:
             for o in outs]
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
-def test_the_c_layer_gives_the_modules_bits(kv_cache_dtype, tmp_path, monkeypatch):
-    model = write_quantized(save_tiny_model("llama3", tmp_path), tmp_path / "awq", "awq", 32)
+@pytest.mark.parametrize("arch, kv_cache_dtype", [
+    ("llama3", "auto"), ("llama3", "bfloat16"),
+    ("qwen2-mqa", "auto"),  # q/k/v biases, one KV head
+    ("qwen3", "auto"),  # each head of q and k normed before the rotary
+])
+def test_the_c_layer_gives_the_modules_bits(arch, kv_cache_dtype, tmp_path, monkeypatch):
+    model = write_quantized(save_tiny_model(arch, tmp_path), tmp_path / "awq", "awq", 32)
     llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=32,
               kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)  # the same steps both runs
     prompts = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 9 * k)]} for k in range(4)]
@@ -64,13 +68,13 @@ def test_layers_of_another_kind_run_their_modules(tmp_path):
     assert all(layer.c_layer is None for layer in _layers(llm))
 
 
-def test_a_bias_keeps_the_modules(tmp_path):
-    """Qwen2's q/k/v biases: the C layer adds none, so the layer is not its kind."""
-    model = write_quantized(save_tiny_model("qwen2-mqa", tmp_path), tmp_path / "awq", "awq", 32)
+def test_gemmas_norms_keep_the_modules(tmp_path):
+    """Gemma's (1 + weight) norms, its four norms a layer and soft caps: not the C layer's kind."""
+    model = write_quantized(save_tiny_model("gemma2", tmp_path), tmp_path / "awq", "awq", 32)
     llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=64)
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
-    assert all(layer.c_layer is None for layer in _layers(llm))
-    assert torch.is_tensor(_layers(llm)[0].self_attn.qkv_proj.bias)
+    assert not any(getattr(layer, "c_layer", None) for layer in _layers(llm))
+    assert not llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.decodes_in_c()
 
 
 def test_o3_leaves_a_model_of_c_layers_uncompiled(tmp_path, caplog):

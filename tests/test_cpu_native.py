@@ -136,11 +136,11 @@ def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
 @needs_vnni
 def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
     """An AWQ model's layers through the C matmul, with the same greedy tokens eagerly and in the
-    compiled decode forward (one graph: the op is opaque to the compiler). Qwen2: its q/k/v biases
-    keep its layers from the whole-layer C call (tests/test_cpu_decode_layer.py), so -O3 compiles."""
+    compiled decode forward (one graph: the op is opaque to the compiler). Gemma 2: its norms keep
+    its layers from the whole-layer C call (tests/test_cpu_decode_layer.py), so -O3 compiles."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    model = write_quantized(save_tiny_model("qwen2-mqa", tmp_path), tmp_path / "awq", "awq", 32)
+    model = write_quantized(save_tiny_model("gemma2", tmp_path), tmp_path / "awq", "awq", 32)
     prompts = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 7 * k)]} for k in range(3)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     tokens = []

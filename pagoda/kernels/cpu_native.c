@@ -301,11 +301,19 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
     return 0;
 }
 
+/* Each row of out [rows, n] plus bias (none where NULL), as torch adds a linear layer's bias. */
+static void add_bias(float* out, int rows, int64_t n, const float* bias) {
+    if (!bias) return;
+    for (int r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) out[r * n + i] += bias[i];
+}
+
 /* One Llama-style decoder layer for a step of decode rows, in one call: at small batches a
    layer's ~40 torch ops and their dispatch cost more than its arithmetic. Float32 activations, the
-   four matmuls' weights as int4_matmul takes them, no biases:
+   four matmuls' weights as int4_matmul takes them, each with its bias or none (NULL):
      s = x + residual (x alone in the first layer), written into residual;
-     q, k, v = int4(rms_norm(s) * input_norm, w_qkv); q and k rotated (rotary);
+     q, k, v = int4(rms_norm(s) * input_norm, w_qkv); each head of q and k normed by q_norm and
+         k_norm where given (Qwen3); q and k rotated (rotary);
      a = decode attention over the pool (its keys and values written first; kv_dtype 0 float32,
          1 bfloat16, 2 float16);
      residual = int4(a, w_o) + s; out = int4(silu_and_mul(int4(rms_norm(residual) * post_norm, w_gate_up)), w_down).
@@ -314,9 +322,10 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
 int decode_layer(
     const float* x, float* residual, int first, int rows, int hidden, float eps, const float* input_norm,
     const float* post_norm, const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up, const uint8_t* w_down,
-    int intermediate, const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads,
-    int num_kv_heads, int head_dim, float scale, void* pool, int kv_dtype, int64_t half, const int64_t* slots,
-    const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {
+    const float* qkv_bias, const float* o_bias, const float* gate_up_bias, const float* down_bias, int intermediate, const float* q_norm, const float* k_norm, float qk_eps,
+    const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads, int num_kv_heads, int head_dim,
+    float scale, void* pool, int kv_dtype, int64_t half, const int64_t* slots, const int32_t* tables,
+    int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {
     int64_t q_size = (int64_t)num_heads * head_dim, kv_size = (int64_t)num_kv_heads * head_dim;
     int64_t qkv_size = q_size + 2 * kv_size;
     int64_t per_row = hidden + qkv_size + q_size + 3 * (int64_t)intermediate + hidden;
@@ -330,7 +339,12 @@ int decode_layer(
     rms_norm(x, first ? NULL : residual, input_norm, rows, hidden, eps, normed);
     if (first) memcpy(residual, x, sizeof(float) * rows * hidden);
     int failed = int4_matmul(normed, rows, hidden, w_qkv, qkv_size, qkv);
+    add_bias(qkv, rows, qkv_size, qkv_bias);
     float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
+    for (int r = 0; q_norm && r < rows; r++) {  /* in place: each head's sum of squares is read first */
+        rms_norm(q + r * qkv_size, NULL, q_norm, num_heads, head_dim, qk_eps, q + r * qkv_size);
+        rms_norm(k + r * qkv_size, NULL, k_norm, num_kv_heads, head_dim, qk_eps, k + r * qkv_size);
+    }
     rotary(positions, rows, q, qkv_size, num_heads, k, qkv_size, num_kv_heads, head_dim, cos_sin, rotary_dim);
     if (kv_dtype == 0)
         failed |= decode_attention(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride, seq_lens,
@@ -347,10 +361,13 @@ int decode_layer(
         failed = 2;
     if (!failed) {
         failed |= int4_matmul(attended, rows, q_size, w_o, hidden, projected);
+        add_bias(projected, rows, hidden, o_bias);
         rms_norm(projected, residual, post_norm, rows, hidden, eps, normed);
         failed |= int4_matmul(normed, rows, hidden, w_gate_up, 2 * (int64_t)intermediate, gate_up);
+        add_bias(gate_up, rows, 2 * (int64_t)intermediate, gate_up_bias);
         silu_and_mul(gate_up, rows, intermediate, act);
         failed |= int4_matmul(act, rows, intermediate, w_down, hidden, out);
+        add_bias(out, rows, hidden, down_bias);
     }
     free(normed);
     return failed;

@@ -76,8 +76,8 @@ def load() -> ctypes.CDLL | None:
     library.silu_and_mul.argtypes = [_P, _I, _I, _P]
     library.decode_layer.restype = _I
     library.decode_layer.argtypes = [
-        _P, _P, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_float,
-        _P, _I, _I64, _P, _P, _I64, _P, _I, _P,
+        _P, _P, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_float,
+        _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _I, _I64, _P, _P, _I64, _P, _I, _P,
     ]
     return library
 

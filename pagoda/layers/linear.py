@@ -106,8 +106,8 @@ class LinearMethod(ABC):
         return None
 
     def c_int4_weight(self, layer: nn.Module) -> NativeInt4 | None:
-        """The layer's weight where `apply` is exactly the CPU's C int4 matmul of its input, nothing
-        added (pagoda/models/cpu_decode_layer.py then runs it inside a whole decoder layer's C
+        """The layer's weight where `apply` is exactly the CPU's C int4 matmul of its input plus the
+        layer's bias (pagoda/models/cpu_decode_layer.py then runs it inside a whole decoder layer's C
         call): a NativeInt4. None (the default): `apply` does more, or other arithmetic."""
         return None
 

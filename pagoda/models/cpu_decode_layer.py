@@ -7,9 +7,10 @@ rotary embedding, the decode attention, SiLU-and-mul), in the same order on the 
 outputs are the modules' bit for bit (tests/test_cpu_decode_layer.py).
 
 It serves a layer of that kind only: 4-bit weights in the C matmul's blocks for all four
-matmuls and nothing added to them (no bias, no LoRA), plain RMSNorms, rotary without q/k norms,
-no sliding window or soft cap, one tensor-parallel rank; and a step whose every row is a decode
-that the C attention serves (TorchAttentionBackend.c_decode). Elsewhere the modules run."""
+matmuls with nothing but their biases added (no LoRA), plain RMSNorms (Qwen3's per-head q/k norms
+too), plain rotary, no sliding window or soft cap, one tensor-parallel rank; and a step whose
+every row is a decode that the C attention serves (TorchAttentionBackend.c_decode). Elsewhere the
+modules run."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ class CDecodeLayer:
 
     hidden_size: int
     eps: float
-    weights: tuple[torch.Tensor, ...]  # the two norms' weights, then the four matmuls' blocks
+    # The two norms' weights, the four matmuls' blocks and their biases (qkv, o, gate_up, down: None where absent)
+    weights: tuple[torch.Tensor | None, ...]
     intermediate_size: int
+    qk_norms: tuple[torch.Tensor | None, torch.Tensor | None]  # Qwen3's per-head norms of q and k
+    qk_eps: float
     cos_sin: torch.Tensor
     attention: tuple  # rotary_dim, heads, KV heads, head_dim, scale
     backend: TorchAttentionBackend
@@ -52,11 +56,13 @@ class CDecodeLayer:
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         int4 = [linear.linear_method.c_int4_weight(linear) for linear in linears]
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        qk_norms = (attn.q_norm, attn.k_norm)
         rotary, attention = attn.rotary, attn.attn
         if (
             any(w is None for w in int4) or attn.o_proj.tp.size > 1 or mlp.down_proj.tp.size > 1
-            or any(type(norm) is not RMSNorm or norm.weight.dtype != torch.float32 for norm in norms)
-            or attn.q_norm is not None or type(rotary) is not RotaryEmbedding or rotary.cos_sin.dtype != torch.float32
+            or not all(_plain(norm) for norm in norms) or not all(n is None or _plain(n) for n in qk_norms)
+            or any(lin.bias is not None and lin.bias.dtype != torch.float32 for lin in linears)
+            or type(rotary) is not RotaryEmbedding or rotary.cos_sin.dtype != torch.float32
             or attention.sliding_window is not None or attention.logits_soft_cap is not None
             or not isinstance(attention.backend, TorchAttentionBackend)
         ):
@@ -64,8 +70,10 @@ class CDecodeLayer:
         return cls(
             hidden_size=norms[0].weight.shape[0],
             eps=norms[0].eps,
-            weights=(*(norm.weight for norm in norms), *(w.blocks for w in int4)),
+            weights=(*(norm.weight for norm in norms), *(w.blocks for w in int4), *(lin.bias for lin in linears)),
             intermediate_size=int4[3].blocks.shape[1] * cpu_native.INT4_INPUTS,
+            qk_norms=(None, None) if qk_norms[0] is None else (qk_norms[0].weight, qk_norms[1].weight),
+            qk_eps=1e-6 if qk_norms[0] is None else qk_norms[0].eps,
             cos_sin=rotary.cos_sin,
             attention=(rotary.rotary_dim, attention.num_heads, attention.num_kv_heads, attention.head_dim,
                        attention.scale),
@@ -90,11 +98,20 @@ class CDecodeLayer:
             residual = torch.empty_like(hidden)
         failed = library.decode_layer(
             hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0], self.hidden_size, self.eps,
-            *(weight.data_ptr() for weight in self.weights), self.intermediate_size, positions.data_ptr(),
-            self.cos_sin.data_ptr(), *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
+            *(_address(weight) for weight in self.weights), self.intermediate_size,
+            *(_address(norm) for norm in self.qk_norms), self.qk_eps, positions.data_ptr(), self.cos_sin.data_ptr(), *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
             kv_cache.numel() // 2, metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
             metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), kv_cache.shape[2], out.data_ptr(),
         )
         if failed:
             raise MemoryError("the CPU decode layer: no memory for its activations")
         return out, residual
+
+
+def _plain(norm: nn.Module) -> bool:
+    """An RMSNorm of float32 weights (not Gemma's 1 + weight)."""
+    return type(norm) is RMSNorm and norm.weight.dtype == torch.float32
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()

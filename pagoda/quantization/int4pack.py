@@ -53,9 +53,9 @@ def int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grou
 
 
 def c_int4_weight(layer: nn.Module) -> NativeInt4 | None:
-    """A 4-bit layer's weight where its output is the C matmul's alone (LinearMethod.c_int4_weight)."""
+    """A 4-bit layer's weight where its output is the C matmul's plus its bias (LinearMethod.c_int4_weight)."""
     int4 = getattr(layer, "int4", None)
-    return int4 if isinstance(int4, NativeInt4) and layer.bias is None else None
+    return int4 if isinstance(int4, NativeInt4) else None
 
 
 class _Int4Linear(nn.Module):

@@ -5,8 +5,14 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from pagoda.sample.sampler import Sampler, TopLogprobs, gather_top_logprobs, process_logits
+from pagoda import LLM
+from pagoda.config import EngineConfig
+from pagoda.entrypoints.cli import build_parser
+from pagoda.entrypoints.engine_args import engine_kwargs
+from pagoda.entrypoints.openai.protocol import CompletionLogprobs, TokenLogprob, TopLogprob
+from pagoda.sample.sampler import Sampler, TopLogprobs, filter_top_k_top_p_min_p, gather_top_logprobs, process_logits
 from pagoda.sampling_params import SamplingParams
+from tests.tiny_models import save_tiny_model
 
 
 @dataclass
@@ -246,7 +252,20 @@ def test_min_tokens_masked_tokens_are_never_sampled() -> None:
 # Logprobs ------------------------------------------------------------------------------------
 
 
-def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> None:
+def _processed_with_temperature(logits: torch.Tensor, requests: list[Req]) -> torch.Tensor:
+    """What rows sample from: processed, divided by temperature (1 for greedy rows), filtered."""
+    params = [r.sampling_params for r in requests]
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    return filter_top_k_top_p_min_p(processed(logits, requests) / temperature[:, None], params)
+
+
+@pytest.mark.parametrize("mode, reference", [
+    ("raw_logprobs", lambda logits, requests: torch.log_softmax(logits, dim=-1)),  # vLLM's default
+    ("raw_logits", lambda logits, requests: logits),
+    ("processed_logprobs", lambda logits, requests: torch.log_softmax(_processed_with_temperature(logits, requests), -1)),
+    ("processed_logits", _processed_with_temperature),
+])
+def test_logprobs_follow_the_logprobs_mode(mode, reference) -> None:
     logits = random_logits(6, 40, seed=7)
     requests = [
         Req(SamplingParams(temperature=0.5, logprobs=3, presence_penalty=1.0), output_token_ids=[1, 2]),
@@ -256,8 +275,8 @@ def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> No
         Req(SamplingParams(temperature=0.0)),
         Req(SamplingParams(temperature=1.0, logprobs=20, seed=3)),
     ]
-    out = Sampler()(logits, requests)
-    reference = torch.log_softmax(processed(logits, requests), dim=-1)
+    out = Sampler(logprobs_mode=mode)(logits, requests)
+    reference = reference(logits, requests)
     for row, (token, top, req) in enumerate(zip(out.token_ids, out.top_logprobs, requests)):
         k = req.sampling_params.logprobs
         if k is None:
@@ -269,7 +288,8 @@ def test_logprobs_are_log_softmax_of_processed_logits_before_temperature() -> No
         assert top.logprobs == pytest.approx(reference[row, top.token_ids].tolist(), abs=1e-5)
         assert top.ranks[0] == int((reference[row] > reference[row, token]).sum()) + 1
         assert top.ranks[1:] == list(range(1, k + 1))
-    assert out.top_logprobs[1].ranks == [1]  # greedy: the chosen token is the most likely
+    if mode.startswith("processed"):
+        assert out.top_logprobs[1].ranks == [1]  # greedy: the chosen token is the most likely
 
 
 def test_gather_top_logprobs_hand_example() -> None:
@@ -342,3 +362,25 @@ def test_sampling_among_the_best_keeps_exactly_the_nucleus(monkeypatch) -> None:
     assert 1 < len(kept) <= 8
     tokens = draw(row, 4000, temperature=temperature, top_p=top_p)
     assert set(tokens.tolist()) == kept
+
+
+def test_the_logprobs_mode_is_vllms_flag_and_reaches_the_sampler(tmp_path) -> None:
+    args = build_parser().parse_args(["serve", "m", "--logprobs-mode", "processed_logits"])
+    assert EngineConfig(**engine_kwargs(args)).logprobs_mode == "processed_logits"
+    assert EngineConfig().logprobs_mode == "raw_logprobs"  # vLLM's default
+    with pytest.raises(ValueError, match="logprobs_mode='logits' is invalid"):
+        EngineConfig(logprobs_mode="logits")
+    llm = LLM(model=str(save_tiny_model("llama3", tmp_path)), device="cpu", skip_tokenizer_init=True,
+              max_model_len=64, logprobs_mode="raw_logits")
+    assert llm.llm_engine.engine_core.engine_core.executor.worker.runner.sampler.logprobs_mode == "raw_logits"
+
+
+def test_a_masked_tokens_logprob_is_written_as_vllms_floor() -> None:
+    """-inf (a token filtered out) is no JSON number: the responses carry -9999.0, as vLLM's."""
+    logprobs = CompletionLogprobs()
+    logprobs.token_logprobs.extend([float("-inf"), None, -1.5])
+    logprobs.top_logprobs.append({"a": float("-inf")})
+    assert '"token_logprobs":[-9999.0,null,-1.5]' in logprobs.model_dump_json()
+    assert '{"a":-9999.0}' in logprobs.model_dump_json()
+    chat = TokenLogprob(token="x", logprob=float("-inf"), top_logprobs=[TopLogprob(token="y", logprob=float("-inf"))])
+    assert chat.model_dump_json().count("-9999.0") == 2

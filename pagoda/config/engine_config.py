@@ -43,6 +43,7 @@ KV_CACHE_DTYPES = {
 # vLLM's --tokenizer-mode values: auto and hf load the fast tokenizer, slow the Python one; mistral
 # (mistral_common's) and custom (a registered class) are vLLM's own loaders, which Pagoda has not.
 TOKENIZER_MODES = ("auto", "hf", "slow", "mistral", "custom")
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 SUPPORTED_TOKENIZER_MODES = ("auto", "hf", "slow")
 # The generation_config.json fields that are default sampling parameters (vLLM's, for
 # --generation-config and --override-generation-config) -> their SamplingParams names.
@@ -153,6 +154,10 @@ class EngineConfig:
         choices=("fcfs", "priority"))
     max_logprobs: int = _knob(20, "the most logprobs (and prompt_logprobs) a request may ask for per token; -1: no cap, "
                               "so that -1 (the whole vocabulary) may be asked for")
+    logprobs_mode: str = _knob(
+        "raw_logprobs", "what logprobs and prompt_logprobs hold (vLLM's values): raw_logprobs (the log-softmax of the "
+        "model's logits, before any processing), raw_logits, processed_logprobs or processed_logits (after "
+        "every processor: logit_bias, penalties, bad_words, temperature, top-k/top-p/min-p)", choices=LOGPROBS_MODES)
     seed: int = _knob(0, "the random seed of sampling without a request seed, and of dummy weights")
     structured_outputs_config: dict[str, Any] | None = _knob(
         None, 'structured outputs, as JSON: {"backend": "auto" or "xgrammar" (the one built in), '
@@ -253,6 +258,7 @@ class EngineConfig:
                    "a dict (a JSON object)")
         _check_generation_overrides(self.override_generation_config or {})
         _check(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, ">= 0, or -1 (no cap)")
+        _check(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", self.logprobs_mode, f"one of {LOGPROBS_MODES}")
         _check(self.optimization_level in OPTIMIZATION_LEVELS, "optimization_level", self.optimization_level,
                "0, 1, 2 or 3")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")

@@ -39,6 +39,7 @@ class ModelConfig:
     # What no request's max_tokens may pass on the server, as vLLM's: a --generation-config
     # folder's max_new_tokens, or --override-generation-config's (the model's own is a default only).
     max_tokens_cap: int | None = None
+    logprobs_mode: str = "raw_logprobs"  # what logprobs hold (--logprobs-mode)
 
     @property
     def name(self) -> str:

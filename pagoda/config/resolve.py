@@ -150,7 +150,7 @@ def _model_config(
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, pooler, _quantization(args.quantization, spec, device, dtype),
-        defaults, max_tokens_cap(args, defaults),
+        defaults, max_tokens_cap(args, defaults), args.logprobs_mode,
     )
 
 

@@ -1,9 +1,11 @@
 """Batched sampling over one step's logits.
 
 Order: allowed_token_ids masking, logit_bias, min_tokens and bad_words masking, repetition penalty, frequency and presence penalties;
-logprobs are the log-softmax of these processed logits (before temperature); then greedy rows
-take the argmax and the others are divided by their temperature, filtered by top-k, top-p and
-min-p, and sampled. On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
+then greedy rows take the argmax and the others are divided by their temperature, filtered by
+top-k, top-p and min-p, and sampled. Logprobs are of the model's logits as they came (vLLM's
+default logprobs mode, raw_logprobs) or of the processed ones (processed_logprobs: after all of
+the above, temperature and filters included), or those logits themselves (raw_logits,
+processed_logits). On a GPU, a batch of greedy rows that ask for no top logprobs takes the argmax
 and its logprob in one pass over the logits (pagoda/kernels/sampling.py). All of it is tensor work
 over the batch; Python loops over rows only build index lists and seeds on the host.
 
@@ -107,8 +109,10 @@ def warm_up_sampling(logits: torch.Tensor) -> None:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, logprobs_mode: str = "raw_logprobs") -> None:
+        """logprobs_mode: what logprobs hold (--logprobs-mode, module docstring)."""
         self.seed = seed
+        self.logprobs_mode = logprobs_mode
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> SamplerOutput:
@@ -127,7 +131,7 @@ class Sampler:
         if num_generated is None:
             num_generated = [len(r.output_token_ids) for r in requests]
         params = [r.sampling_params for r in requests]
-        logits = process_logits(logits, requests, num_generated)
+        raw, logits = logits, process_logits(logits, requests, num_generated)
         greedy = [_samples_greedily(p) for p in params]
         if all(greedy) and logits.is_cuda and all(p.logprobs is None for p in params):
             from pagoda.kernels.sampling import greedy_sample
@@ -137,22 +141,26 @@ class Sampler:
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, requests, greedy, num_generated, drafts)
-        return _device_samples(logits, tokens, params)
+            tokens, logits = self._sample(logits, requests, greedy, num_generated, drafts)
+        source = raw.float() if self.logprobs_mode.startswith("raw") else logits
+        return _device_samples(source, tokens, params, self.logprobs_mode.endswith("logprobs"))
 
     def _sample(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest], greedy: list[bool],
         num_generated: Sequence[int], drafts: DraftDistributions | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples, and the logits they were drawn from (temperature and filters applied;
+        greedy rows' temperature 1)."""
         params = [r.sampling_params for r in requests]
         device = logits.device
         temperature = to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
-        probs = torch.softmax(filter_top_k_top_p_min_p(logits / temperature[:, None], params), dim=-1)
+        filtered = filter_top_k_top_p_min_p(logits / temperature[:, None], params)
+        probs = torch.softmax(filtered, dim=-1)
         if device.type == "cpu" and drafts is None:
             sampled = self._inverse_cdf(probs, params, num_generated)
         else:
             sampled = rejection_sample(probs, self._exponential_noise(probs.shape, params, num_generated, device), drafts)
-        return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled)
+        return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled), filtered
 
     def _inverse_cdf(self, probs: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int]) -> torch.Tensor:
         """The CPU's draw: one uniform number a row against its cumulative probabilities. The race
@@ -397,12 +405,15 @@ def _filter_among_the_best(
     return torch.where(keeps_all_col, logits, filtered) if any(keeps_all) else filtered
 
 
-def _device_samples(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> DeviceSamples:
-    """The samples with the logprobs their rows asked for (a [batch, vocab] log-softmax only then)."""
+def _device_samples(
+    logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams], as_logprobs: bool
+) -> DeviceSamples:
+    """The samples with the logprobs their rows asked for (a [batch, vocab] log-softmax only then),
+    or the logits' own values where not as_logprobs (the *_logits modes)."""
     k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     if k is None:
         return DeviceSamples(tokens, [None] * len(params))
-    tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1), tokens, k)
+    tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1) if as_logprobs else logits, tokens, k)
     return DeviceSamples(tokens, [None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)])
 
 

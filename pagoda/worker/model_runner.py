@@ -205,7 +205,7 @@ class ModelRunner:
         # first pipeline stage embeds the tokens, so it alone encodes images.
         self.encoder_cache = EncoderCache() if self.model.is_multimodal and pp_group().is_first else None
         self.mrope_merge_size: int | None = getattr(self.model, "mrope_merge_size", None)
-        self.sampler = Sampler(config.model.seed)
+        self.sampler = Sampler(config.model.seed, config.model.logprobs_mode)
         pooler = config.model.pooler
         self.pooling_type = None if pooler is None else pooler.pooling_type  # None: the runner samples
         # A sequence-classification model's head, over each prompt's pooled vector.
@@ -488,7 +488,9 @@ class ModelRunner:
         first, count = batch.prompt_rows[chunk.request.request_id]
         req = chunk.request
         targets = req.prompt_token_ids[chunk.start + 1 : chunk.start + 1 + count]
-        logprobs = torch.log_softmax(logits[first : first + count].float(), dim=-1)
+        logprobs = logits[first : first + count].float()
+        if self.sampler.logprobs_mode.endswith("logprobs"):  # (else the logits themselves: --logprobs-mode)
+            logprobs = torch.log_softmax(logprobs, dim=-1)
         chosen = to_device(targets, torch.int64, logprobs.device)
         return gather_top_logprobs(logprobs, chosen, req.sampling_params.prompt_logprobs)
 

@@ -14,7 +14,9 @@ import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, field_validator, model_serializer,
+)
 
 from pagoda.sampling_params import INT64_MAX, INT64_MIN
 
@@ -321,17 +323,22 @@ class UsageInfo(OpenAIModel):
     prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
+# A logprob as the responses carry it: -inf (a token masked out, or filtered with
+# --logprobs-mode processed_*) is not JSON, so it is written floored at vLLM's -9999.0.
+LogprobValue = Annotated[float, PlainSerializer(lambda value: max(value, -9999.0), return_type=float)]
+
+
 class CompletionLogprobs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[Optional[LogprobValue]] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, LogprobValue]]] = Field(default_factory=list)
 
 
 class LogprobInfo(OpenAIModel):
     """vLLM's Logprob: one token's logprob, its rank in the vocabulary and its text."""
 
-    logprob: float
+    logprob: LogprobValue
     rank: Optional[int] = None
     decoded_token: Optional[str] = None
 
@@ -379,7 +386,7 @@ class CompletionStreamResponse(CompletionResponse):
 
 class TopLogprob(OpenAIModel):
     token: str
-    logprob: float
+    logprob: LogprobValue
     bytes: Optional[list[int]] = None
 
 

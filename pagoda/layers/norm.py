@@ -40,9 +40,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, quant: InputQuantization | None = None
     ) -> torch.Tensor | Fp8Input | tuple[torch.Tensor | Fp8Input, torch.Tensor]:
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); on CUDA the
-        sum is written into `residual`'s storage (also by the CPU's C kernel). quant: the next matmul's input quantization, which
-        the CUDA kernel applies to norm(x) as it writes it (an Fp8Input; x [tokens, hidden])."""
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual); on CUDA (and by
+        the CPU's C kernel) the sum is written into `residual`'s storage. quant: the next matmul's
+        input quantization, which the CUDA kernel applies to norm(x) as it writes it (an Fp8Input;
+        x [tokens, hidden])."""
         if x.is_cuda:
             from pagoda.kernels.elementwise import rms_norm
 

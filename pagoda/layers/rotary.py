@@ -123,8 +123,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA and by the CPU's C kernel, copies elsewhere).
-        positions: rows of `cos_sin` (table_index)."""
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (in place on CUDA and by the CPU's C kernel,
+        copies elsewhere). positions: rows of `cos_sin` (table_index)."""
         if q.is_cuda:
             from pagoda.kernels.elementwise import rotary_inplace
 

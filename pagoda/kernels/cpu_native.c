@@ -322,7 +322,8 @@ static void add_bias(float* out, int rows, int64_t n, const float* bias) {
 int decode_layer(
     const float* x, float* residual, int first, int rows, int hidden, float eps, const float* input_norm,
     const float* post_norm, const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up, const uint8_t* w_down,
-    const float* qkv_bias, const float* o_bias, const float* gate_up_bias, const float* down_bias, int intermediate, const float* q_norm, const float* k_norm, float qk_eps,
+    const float* qkv_bias, const float* o_bias, const float* gate_up_bias, const float* down_bias, int intermediate,
+    const float* q_norm, const float* k_norm, float qk_eps,
     const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads, int num_kv_heads, int head_dim,
     float scale, void* pool, int kv_dtype, int64_t half, const int64_t* slots, const int32_t* tables,
     int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {

@@ -99,7 +99,8 @@ class CDecodeLayer:
         failed = library.decode_layer(
             hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0], self.hidden_size, self.eps,
             *(_address(weight) for weight in self.weights), self.intermediate_size,
-            *(_address(norm) for norm in self.qk_norms), self.qk_eps, positions.data_ptr(), self.cos_sin.data_ptr(), *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
+            *(_address(norm) for norm in self.qk_norms), self.qk_eps, positions.data_ptr(), self.cos_sin.data_ptr(),
+            *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
             kv_cache.numel() // 2, metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
             metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), kv_cache.shape[2], out.data_ptr(),
         )

@@ -28,7 +28,7 @@ needs_vnni = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C i
 
 @needs_compiler
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 1, 128, 32)])
-@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300], [15, 16, 31, 32, 33] * 4])
+@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300], [15, 16, 31, 32, 33] * 4, [255, 256, 1000]])
 def test_native_decodes_equal_torch_reference(num_heads, num_kv_heads, head_dim, block_size, prefix_lens):
     inputs = _batch([1] * len(prefix_lens), prefix_lens, num_heads, num_kv_heads, head_dim, block_size,
                     torch.float32, seed=len(prefix_lens))
@@ -41,7 +41,7 @@ def test_native_decodes_equal_torch_reference(num_heads, num_kv_heads, head_dim,
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300]])
+@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300], [700]])
 def test_native_decodes_of_a_16_bit_pool_equal_torch_reference(dtype, prefix_lens, monkeypatch):
     """--kv-cache-dtype bfloat16 / float16 on a float32 model: the same bytes written (converted as
     torch converts them), the same outputs within float32 rounding."""

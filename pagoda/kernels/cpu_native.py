@@ -63,7 +63,9 @@ def load() -> ctypes.CDLL | None:
         function = getattr(library, name, None)
         if function is not None:
             function.restype = _I
-            function.argtypes = [_P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+            function.argtypes = [
+                _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
+            ]
     library.int4_matmul.restype = _I
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     library.q8_matmul.restype = _I
@@ -134,13 +136,14 @@ def decode_attention(
     return out
 
 
-# The decoder layers' norms and rotary embedding -------------------------------------------------
+# The decoder layers' norms, rotary embedding and SiLU-and-mul --------------------------------------
 
 
 def elementwise_serves(*tensors: torch.Tensor) -> bool:
-    """Whether `rms_norm` and `rotary_inplace` take these tensors: float32 on the CPU, outside a
-    compiled graph (where inductor fuses torch's ops itself), the library built. Eagerly, torch's
-    rms_norm and the rotary's ~10 ops cost ~10 and ~19 us a layer at one row, the C ~1-2."""
+    """Whether `rms_norm`, `rotary_inplace` and `silu_and_mul` take these tensors: float32 on the
+    CPU, outside a compiled graph (where inductor fuses torch's ops itself), the library built.
+    Eagerly, torch's rms_norm and the rotary's ~10 ops cost ~10 and ~19 us a layer at one row, the
+    C ~1-2."""
     for tensor in tensors:  # (a loop: this runs ~120 times a decode step)
         if tensor.dtype != torch.float32 or not tensor.is_cpu:
             return False

@@ -130,7 +130,10 @@ class RotaryEmbedding(nn.Module):
 
             rotary_inplace(positions, q, k, self.cos_sin)
             return q, k
-        if cpu_native.elementwise_serves(q, k, self.cos_sin) and _heads_packed(q) and _heads_packed(k):
+        if (
+            cpu_native.elementwise_serves(q, k, self.cos_sin) and _heads_packed(q) and _heads_packed(k)
+            and positions.dtype == torch.int64 and positions.is_contiguous()
+        ):
             cpu_native.rotary_inplace(positions, q, k, self.cos_sin)
             return q, k
         return self._rotate(q, k, self._rotation_rows(positions).unsqueeze(1))

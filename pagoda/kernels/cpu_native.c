@@ -104,9 +104,10 @@ static inline __attribute__((always_inline)) void NAME##_attend(                
     }                                                                                                             \
 }                                                                                                                 \
                                                                                                                   \
-int NAME(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, T* pool,           \
+int NAME(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, void* pool_data,    \
          int64_t half, const int64_t* slots, const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, \
          int rows, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale, float* out) {      \
+    T* pool = pool_data;                                                                                          \
     int64_t row_len = (int64_t)num_kv_heads * head_dim;                                                           \
     NAME##_write(k, v, kv_stride, pool, half, slots, rows, row_len);                                              \
     int group = num_heads / num_kv_heads, failed = 0;                                                             \
@@ -133,6 +134,11 @@ int NAME(const float* q, int64_t q_stride, const float* k, const float* v, int64
     }                                                                                                             \
     return failed;                                                                                                \
 }
+
+/* Any pool type's decode attention (they differ in the pool's values only), as decode_layer calls it. */
+typedef int (*decode_attention_fn)(const float*, int64_t, const float*, const float*, int64_t, void*, int64_t,
+                                   const int64_t*, const int32_t*, int64_t, const int32_t*, int, int, int, int, int,
+                                   float, float*);
 
 DECODE_ATTENTION(decode_attention, float, f32_load, f32_store)
 DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_load, bf16_store)
@@ -314,18 +320,18 @@ static void add_bias(float* out, int rows, int64_t n, const float* bias) {
      s = x + residual (x alone in the first layer), written into residual;
      q, k, v = int4(rms_norm(s) * input_norm, w_qkv); each head of q and k normed by q_norm and
          k_norm where given (Qwen3); q and k rotated (rotary);
-     a = decode attention over the pool (its keys and values written first; kv_dtype 0 float32,
-         1 bfloat16, 2 float16);
+     a = attend(...): the decode attention of the pool's type (its keys and values written first);
      residual = int4(a, w_o) + s; out = int4(silu_and_mul(int4(rms_norm(residual) * post_norm, w_gate_up)), w_down).
    The same kernels the torch path calls one by one, in its order (pagoda/models/cpu_decode_layer.py).
-   1 without memory, 2 for a pool dtype this build lacks. */
+   Each stage runs only once those before it have (a matmul's or the attention's scratch may not
+   be had): 1 without memory. */
 int decode_layer(
     const float* x, float* residual, int first, int rows, int hidden, float eps, const float* input_norm,
     const float* post_norm, const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up, const uint8_t* w_down,
     const float* qkv_bias, const float* o_bias, const float* gate_up_bias, const float* down_bias, int intermediate,
     const float* q_norm, const float* k_norm, float qk_eps,
     const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads, int num_kv_heads, int head_dim,
-    float scale, void* pool, int kv_dtype, int64_t half, const int64_t* slots, const int32_t* tables,
+    float scale, decode_attention_fn attend, void* pool, int64_t half, const int64_t* slots, const int32_t* tables,
     int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {
     int64_t q_size = (int64_t)num_heads * head_dim, kv_size = (int64_t)num_kv_heads * head_dim;
     int64_t qkv_size = q_size + 2 * kv_size;
@@ -340,36 +346,31 @@ int decode_layer(
     rms_norm(x, first ? NULL : residual, input_norm, rows, hidden, eps, normed);
     if (first) memcpy(residual, x, sizeof(float) * rows * hidden);
     int failed = int4_matmul(normed, rows, hidden, w_qkv, qkv_size, qkv);
-    add_bias(qkv, rows, qkv_size, qkv_bias);
-    float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
-    for (int r = 0; q_norm && r < rows; r++) {  /* in place: each head's sum of squares is read first */
-        rms_norm(q + r * qkv_size, NULL, q_norm, num_heads, head_dim, qk_eps, q + r * qkv_size);
-        rms_norm(k + r * qkv_size, NULL, k_norm, num_kv_heads, head_dim, qk_eps, k + r * qkv_size);
-    }
-    rotary(positions, rows, q, qkv_size, num_heads, k, qkv_size, num_kv_heads, head_dim, cos_sin, rotary_dim);
-    if (kv_dtype == 0)
-        failed |= decode_attention(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride, seq_lens,
-                                   rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
-    else if (kv_dtype == 1)
-        failed |= decode_attention_bf16(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride,
-                                        seq_lens, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
-#ifdef __FLT16_MAX__
-    else if (kv_dtype == 2)
-        failed |= decode_attention_f16(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride,
-                                       seq_lens, rows, num_heads, num_kv_heads, head_dim, block_size, scale, attended);
-#endif
-    else
-        failed = 2;
     if (!failed) {
-        failed |= int4_matmul(attended, rows, q_size, w_o, hidden, projected);
+        add_bias(qkv, rows, qkv_size, qkv_bias);
+        float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
+        for (int r = 0; q_norm && r < rows; r++) {  /* in place: each head's sum of squares is read first */
+            rms_norm(q + r * qkv_size, NULL, q_norm, num_heads, head_dim, qk_eps, q + r * qkv_size);
+            rms_norm(k + r * qkv_size, NULL, k_norm, num_kv_heads, head_dim, qk_eps, k + r * qkv_size);
+        }
+        rotary(positions, rows, q, qkv_size, num_heads, k, qkv_size, num_kv_heads, head_dim, cos_sin, rotary_dim);
+        failed = attend(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride, seq_lens, rows,
+                        num_heads, num_kv_heads, head_dim, block_size, scale, attended);
+    }
+    if (!failed)
+        failed = int4_matmul(attended, rows, q_size, w_o, hidden, projected);
+    if (!failed) {
         add_bias(projected, rows, hidden, o_bias);
         rms_norm(projected, residual, post_norm, rows, hidden, eps, normed);
-        failed |= int4_matmul(normed, rows, hidden, w_gate_up, 2 * (int64_t)intermediate, gate_up);
+        failed = int4_matmul(normed, rows, hidden, w_gate_up, 2 * (int64_t)intermediate, gate_up);
+    }
+    if (!failed) {
         add_bias(gate_up, rows, 2 * (int64_t)intermediate, gate_up_bias);
         silu_and_mul(gate_up, rows, intermediate, act);
-        failed |= int4_matmul(act, rows, intermediate, w_down, hidden, out);
-        add_bias(out, rows, hidden, down_bias);
+        failed = int4_matmul(act, rows, intermediate, w_down, hidden, out);
     }
+    if (!failed)
+        add_bias(out, rows, hidden, down_bias);
     free(normed);
     return failed;
 }
@@ -438,7 +439,7 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
 }
 #else
 int vnni_supported(void) { return 0; }
-int decode_layer(void) { return 2; } /* never called: the layer runs in C only where vnni_supported() */
+int decode_layer(void) { return 1; } /* never called: the layer runs in C only where vnni_supported() */
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
 int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {
     return 1;

@@ -79,7 +79,7 @@ def load() -> ctypes.CDLL | None:
     library.decode_layer.restype = _I
     library.decode_layer.argtypes = [
         _P, _P, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_float,
-        _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _I, _I64, _P, _P, _I64, _P, _I, _P,
+        _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _I64, _P, _P, _I64, _P, _I, _P,
     ]
     return library
 
@@ -109,6 +109,13 @@ def decode_attends(library: ctypes.CDLL, kv_cache_dtype: torch.dtype) -> bool:
     """Whether `decode_attention` reads a pool of this dtype."""
     name = _DECODE_ATTENTION.get(kv_cache_dtype)
     return name is not None and hasattr(library, name)
+
+
+@cache
+def decode_attention_address(library: ctypes.CDLL, kv_cache_dtype: torch.dtype) -> int:
+    """The address of the decode attention for pools of this dtype (decode_attends must hold), for
+    C code that calls it (the whole decode layer)."""
+    return ctypes.cast(getattr(library, _DECODE_ATTENTION[kv_cache_dtype]), ctypes.c_void_p).value
 
 
 def decode_attention(

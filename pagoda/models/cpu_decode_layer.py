@@ -27,9 +27,6 @@ from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 
-_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_layer's kv_dtype
-
-
 @dataclass(frozen=True)
 class CDecodeLayer:
     """What `decode_layer` reads of one layer. The tensors' addresses are read at each call (a
@@ -100,7 +97,7 @@ class CDecodeLayer:
             hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0], self.hidden_size, self.eps,
             *(_address(weight) for weight in self.weights), self.intermediate_size,
             *(_address(norm) for norm in self.qk_norms), self.qk_eps, positions.data_ptr(), self.cos_sin.data_ptr(),
-            *self.attention, kv_cache.data_ptr(), _KV_DTYPES[kv_cache.dtype],
+            *self.attention, cpu_native.decode_attention_address(library, kv_cache.dtype), kv_cache.data_ptr(),
             kv_cache.numel() // 2, metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
             metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), kv_cache.shape[2], out.data_ptr(),
         )

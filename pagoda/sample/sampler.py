@@ -142,7 +142,7 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens, logits = self._sample(logits, requests, greedy, num_generated, drafts)
-        source = raw.float() if self.logprobs_mode.startswith("raw") else logits
+        source = raw if self.logprobs_mode.startswith("raw") else logits
         return _device_samples(source, tokens, params, self.logprobs_mode.endswith("logprobs"))
 
     def _sample(
@@ -408,11 +408,12 @@ def _filter_among_the_best(
 def _device_samples(
     logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams], as_logprobs: bool
 ) -> DeviceSamples:
-    """The samples with the logprobs their rows asked for (a [batch, vocab] log-softmax only then),
-    or the logits' own values where not as_logprobs (the *_logits modes)."""
+    """The samples with the logprobs their rows asked for (the logits in float32 and a [batch, vocab]
+    log-softmax only then), or the logits' own values where not as_logprobs (the *_logits modes)."""
     k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     if k is None:
         return DeviceSamples(tokens, [None] * len(params))
+    logits = logits.float()
     tops = gather_top_logprobs(torch.log_softmax(logits, dim=-1) if as_logprobs else logits, tokens, k)
     return DeviceSamples(tokens, [None if p.logprobs is None else _first(top, p.logprobs) for top, p in zip(tops, params)])
 

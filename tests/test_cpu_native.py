@@ -245,3 +245,16 @@ def test_silu_and_mul_in_c_is_torchs_within_rounding(rows, n, monkeypatch):
     assert calls  # the C kernel ran
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     torch.testing.assert_close(out, act(x), rtol=5e-7, atol=1e-30)
+
+
+@needs_compiler
+def test_positions_of_another_dtype_rotate_through_torch(monkeypatch):
+    """The C rotary reads int64 positions: int32 ones take the torch path, rotated the same."""
+    rotary = RotaryEmbedding(64, 1024, {"rope_type": "default", "rope_theta": 10000.0})
+    q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
+    calls, native = [], cpu_native.rotary_inplace
+    monkeypatch.setattr(cpu_native, "rotary_inplace", lambda *args: calls.append(1) or native(*args))
+    got = [t.clone() for t in rotary(torch.tensor([5, 900, 17], dtype=torch.int32), q.clone(), k.clone())]
+    assert not calls
+    want = rotary(torch.tensor([5, 900, 17]), q.clone(), k.clone())
+    assert calls and all(torch.equal(a, b) for a, b in zip(got, want))

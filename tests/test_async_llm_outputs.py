@@ -125,7 +125,7 @@ def test_the_receiver_gives_freed_memory_back_once_idle(monkeypatch):
     engine = AsyncLLM.__new__(AsyncLLM)
     engine._dead, engine._stopping, engine._pending = None, True, {}
     engine._lock = threading.Lock()
-    engine._handle_all = lambda messages: None
+    engine._handle_all = lambda messages: []
     engine._deliver = lambda deliveries: None
     def before(remaining: int) -> None:  # a request streams while the 3rd and 4th polls run
         engine._streams = {"r": object()} if remaining in (5, 4) else {}
@@ -143,8 +143,8 @@ def test_successive_steps_received_together_are_processed_as_one_batch():
     # processor together (one output per request); any other message keeps its place between them.
     engine = AsyncLLM.__new__(AsyncLLM)
     calls: list = []
-    engine._process = lambda steps: calls.append([s.num_batched_tokens for s in steps])
-    engine._handle = lambda message: calls.append(type(message).__name__)
+    engine._process = lambda steps: calls.append([s.num_batched_tokens for s in steps]) or []
+    engine._handle = lambda message: calls.append(type(message).__name__) or []
     stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
     step = lambda n: Outputs([], stats, n)  # noqa: E731
     engine._handle_all([step(1), step(2), Aborted(["r"], stats), step(3), Accepted("s"), step(4), step(5)])
@@ -153,7 +153,8 @@ def test_successive_steps_received_together_are_processed_as_one_batch():
 
 def test_a_steps_scheduler_stats_show_only_once_its_outputs_are_applied(monkeypatch):
     # A /metrics scrape while the receiver applies a step must not see the step's requests gone
-    # from the running batch before their tokens are counted.
+    # from the running batch before their tokens are counted; and a stream is handed the step's
+    # output only once they show (a client that has read a token then sees its request's stats).
     monkeypatch.setattr("pagoda.engine.async_llm.release_free_memory", lambda: None)
     running, done = SchedulerStats(1, 0, 0.5, 0, 0, 0), SchedulerStats(0, 0, 0.0, 0, 0, 0)
     context = zmq.Context.instance()
@@ -171,11 +172,13 @@ def test_a_steps_scheduler_stats_show_only_once_its_outputs_are_applied(monkeypa
     engine._lock, engine._pending = threading.Lock(), {}
     seen: list[int] = []
 
-    def handle_all(messages) -> None:
+    def handle_all(messages) -> list:
         seen.append(client.stats.num_running)
         sent.append(True)
+        return [("r", "output", False)]
 
     engine._handle_all = handle_all
+    engine._deliver = lambda deliveries: seen.append((client.stats.num_running, deliveries))
     sent: list[bool] = []
     core_end.send(encode(Outputs([], done, 1)))
     try:
@@ -183,4 +186,5 @@ def test_a_steps_scheduler_stats_show_only_once_its_outputs_are_applied(monkeypa
     finally:
         core_end.close(0)
         front_end.close(0)
-    assert seen == [1] and client.stats.num_running == 0
+    # (then the receiver's end hands every stream still open its error: none here)
+    assert seen == [1, (0, [("r", "output", False)]), (0, [])] and client.stats.num_running == 0

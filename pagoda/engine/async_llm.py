@@ -243,8 +243,12 @@ class AsyncLLM:
             while self._dead is None:
                 messages = self.engine_core.get_outputs()
                 if messages:
-                    self._handle_all(messages)
+                    # Applied, then the cores' stats published, then the outputs handed to their
+                    # streams: a /metrics scrape never sees a step's requests gone before their
+                    # tokens are counted, and a client that has read a token sees its request running.
+                    deliveries = self._handle_all(messages)
                     self.engine_core.publish_stats()
+                    self._deliver(deliveries)
                     untrimmed = True
                     continue
                 # Only when no message came: the check is a system call, and each one lets the
@@ -292,23 +296,26 @@ class AsyncLLM:
         for waiting in pending:
             _fail(waiting, error)
 
-    def _handle_all(self, messages: list[FromCore]) -> None:
-        """Handle messages in order; successive steps' Outputs as one batch, so that a receiver
-        that fell behind the core catches up with one output per request, not one per step."""
+    def _handle_all(self, messages: list[FromCore]) -> list[tuple[str, Any, bool]]:
+        """Apply messages in order; successive steps' Outputs as one batch, so that a receiver
+        that fell behind the core catches up with one output per request, not one per step. What
+        the streams are to receive is returned (for _deliver), in order."""
         steps: list[Outputs] = []
+        deliveries: list[tuple[str, Any, bool]] = []
         for message in messages:
             if isinstance(message, Outputs):
                 steps.append(message)
                 continue
             if steps:
-                self._process(steps)
+                deliveries += self._process(steps)
                 steps = []
-            self._handle(message)
+            deliveries += self._handle(message)
         if steps:
-            self._process(steps)
+            deliveries += self._process(steps)
+        return deliveries
 
-    def _handle(self, message: FromCore) -> None:
-        """One message other than a step's Outputs (_handle_all batches those)."""
+    def _handle(self, message: FromCore) -> list[tuple[str, Any, bool]]:
+        """One message other than a step's Outputs (_handle_all batches those); its deliveries."""
         if isinstance(message, Accepted):
             self._accept(message.request_id)
         elif isinstance(message, Refused):
@@ -316,9 +323,10 @@ class AsyncLLM:
         elif isinstance(message, Aborted):
             ended = self._output_processor.abort(message.request_ids)
             _notify(self.finished_listeners, *ended)
-            self._deliver([(o.request_id, RequestAborted(f"request {o.request_id} was aborted"), True) for o in ended])
+            return [(o.request_id, RequestAborted(f"request {o.request_id} was aborted"), True) for o in ended]
+        return []
 
-    def _process(self, steps: list[Outputs]) -> None:
+    def _process(self, steps: list[Outputs]) -> list[tuple[str, Any, bool]]:
         self.counters.generation_tokens += sum(len(o.new_token_ids) for step in steps for o in step.outputs)
         applied = [(step, IterationStats(step.num_batched_tokens)) for step in steps]
         outputs, stopped = self._output_processor.process_steps(applied)
@@ -326,7 +334,7 @@ class AsyncLLM:
         if stopped:  # a stop string ended them here: the core must stop them too
             self._send_abort(stopped)
         _notify(self.finished_listeners, *[output for output in outputs if output.finished])
-        self._deliver([(output.request_id, output, output.finished) for output in outputs])
+        return [(output.request_id, output, output.finished) for output in outputs]
 
     def _accept(self, request_id: str) -> None:
         pending = self._take_pending(request_id)

@@ -50,22 +50,29 @@ def _ended(client: openai.OpenAI, response_id: str, timeout: float = 60.0) -> tu
     raise AssertionError(f"response still {seen[-1]} after {timeout} s")
 
 
-def _metric(http, name: str) -> float:
+def _metric(http, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(http.get("/metrics").text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and labels.items() <= sample.labels.items():
                 return sample.value
-    raise AssertionError(f"no {name} in /metrics")
+    raise AssertionError(f"no {name} {labels} in /metrics")
 
 
-def _engine_idle(http, timeout: float = 10.0) -> float:
-    """The generated-token total once no engine request runs or waits."""
+def _aborted(http) -> float:
+    return _metric(http, "pagoda:request_success_total", finished_reason="abort")
+
+
+def _engine_idle(http, aborted_before: float, timeout: float = 10.0) -> float:
+    """The generated-token total once the engine core has answered the abort of one more request
+    (every token it made for that request has been counted by then: its outputs come first) and
+    no engine request runs or waits. The gauges alone may be older than the request."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _metric(http, "pagoda:num_requests_running") == 0 and _metric(http, "pagoda:num_requests_waiting") == 0:
+        idle = _metric(http, "pagoda:num_requests_running") == 0 == _metric(http, "pagoda:num_requests_waiting")
+        if idle and _aborted(http) == aborted_before + 1:
             return _metric(http, "pagoda:generation_tokens_total")
         time.sleep(0.05)
-    raise AssertionError("engine requests still running")
+    raise AssertionError("the engine request was not aborted, or requests still run")
 
 
 def test_background_response_is_generated_after_the_post(client):
@@ -86,12 +93,12 @@ def test_background_response_is_generated_after_the_post(client):
 
 
 def test_cancel_stops_the_engine_request(client, http):
-    asked = LONG["max_output_tokens"]
+    asked, aborted = LONG["max_output_tokens"], _aborted(http)
     started = client.responses.create(model=MODEL, input="Go on", background=True, **LONG, **GREEDY)
     cancelled = client.responses.cancel(started.id)
     assert cancelled.status == "cancelled" and cancelled.id == started.id
     assert cancelled.usage.output_tokens < asked
-    generated = _engine_idle(http)
+    generated = _engine_idle(http, aborted)
     time.sleep(0.3)
     assert _metric(http, "pagoda:generation_tokens_total") == generated  # nothing goes on generating
     retrieved = client.responses.retrieve(started.id)
@@ -141,11 +148,12 @@ def test_delete_forgets_the_response(client, http):
     body = {"model": MODEL, "input": "y", "max_output_tokens": 1, "previous_response_id": stored.id}
     openai_error(http.post("/v1/responses", json=body), 404, "previous_response_id")
     # One under way is cancelled first: its engine request goes too.
+    aborted = _aborted(http)
     running = client.responses.create(model=MODEL, input="Go on", background=True, **LONG)
     assert client.responses.delete(running.id) is None
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(running.id)
-    generated = _engine_idle(http)
+    generated = _engine_idle(http, aborted)
     time.sleep(0.3)
     assert _metric(http, "pagoda:generation_tokens_total") == generated
 

@@ -3,7 +3,7 @@ rows) sizes: the torch reference the W4A16 formats ran before (dequantize the wh
 call, then matmul) in float32 and bfloat16; torch's CPU int4 kernel (pagoda/quantization/int4pack.py)
 with bfloat16 activations (as the layers ran it before Pagoda's own, float32 in and out) and with
 float32 ones (its scalar loop); Pagoda's C int4 matmul (pagoda/kernels/cpu_native.py, where the CPU
-has AVX512-VNNI); and the float32 matmul of the unquantized weight for scale. Shapes: SmolLM2-135M's
+has AVX512-VNNI or AVX2); and the float32 matmul of the unquantized weight for scale. Shapes: SmolLM2-135M's
 gate/up (576 -> 1536) and down (1536 -> 576) projections, and a 4096 x 4096 layer.
 
 With --decode-step: all 120 int4 layers of one of the default model's decode steps (30 x qkv, o,
@@ -62,7 +62,7 @@ def layer_paths(n: int, k: int, group_size: int, rows: int) -> dict[str, Callabl
                                                                          fp32_scales_and_zeros),
         "fp32 matmul": lambda: x @ dense.t(),
     }
-    if cpu_native.vnni_available():
+    if cpu_native.int_matmuls_available():
         native = NativeInt4.from_values(*values)
         paths["int4 C"] = lambda: native.matmul(x)
     return paths
@@ -101,8 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.decode_step:
-        if not cpu_native.vnni_available():
-            raise SystemExit("the C int4 matmul does not run here (it needs a C compiler and AVX512-VNNI)")
+        if not cpu_native.int_matmuls_available():
+            raise SystemExit("the C int4 matmul does not run here (it needs a C compiler and AVX512-VNNI or AVX2)")
         for rows in args.rows:
             ms = decode_step_ms(rows)
             print(f"{rows:>3} rows: " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())

@@ -23,7 +23,7 @@ from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
 needs_compiler = pytest.mark.skipif(cpu_native.load() is None, reason="no C compiler builds the CPU kernels here")
-needs_vnni = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C int4 and Q8_0 matmuls need AVX512-VNNI")
+needs_int_matmuls = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C int4 and Q8_0 matmuls need AVX512-VNNI or AVX2")
 
 
 @needs_compiler
@@ -111,7 +111,7 @@ def _int4_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.
     return steps.reshape(rows, k) @ (d[:, per_input] * q.float()).t() + blocks.sum(dim=2) @ m.t()
 
 
-@needs_vnni
+@needs_int_matmuls
 @pytest.mark.parametrize("n, k", [(16, 32), (960, 576), (576, 1536)])
 def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
     g = torch.Generator().manual_seed(n)
@@ -133,7 +133,7 @@ def test_int4_matmul_equals_its_arithmetic_in_torch(n, k):
         assert ((got - exact).norm() / exact.norm()).item() < 1e-4, rows
 
 
-@needs_vnni
+@needs_int_matmuls
 def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
     """An AWQ model's layers through the C matmul, with the same greedy tokens eagerly and in the
     compiled decode forward (one graph: the op is opaque to the compiler). Gemma 2: its norms keep
@@ -153,7 +153,7 @@ def test_int4_layers_run_in_c_eagerly_and_compiled(tmp_path, monkeypatch):
     assert tokens[0] == tokens[1]
 
 
-@needs_vnni
+@needs_int_matmuls
 def test_q8_matmul_equals_its_arithmetic_in_torch():
     g = torch.Generator().manual_seed(0)
     values = torch.randint(-127, 128, (1000, 576), generator=g, dtype=torch.int8)
@@ -175,7 +175,7 @@ def test_q8_matmul_equals_its_arithmetic_in_torch():
 
 
 def test_without_the_c_matmul_torchs_int4_kernel_runs(monkeypatch):
-    monkeypatch.setattr(cpu_native, "vnni_available", lambda: False)
+    monkeypatch.setattr(cpu_native, "int_matmuls_available", lambda: False)
     q = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(0))
     pack = int4_weight(q, torch.full((32, 2), 0.01), torch.zeros(32, 2), 32)
     assert type(pack) is Int4Pack

@@ -64,10 +64,10 @@ def _dense(rows: Q8Rows) -> torch.Tensor:
     return rows[torch.arange(rows.shape[0])]
 
 
-needs_vnni = pytest.mark.skipif(not cpu_native.vnni_available(), reason="the C Q8_0 matmul needs AVX512-VNNI")
+needs_int_matmuls = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C Q8_0 matmul needs AVX512-VNNI or AVX2")
 
 
-@needs_vnni
+@needs_int_matmuls
 def test_q8_screen_argmax_is_the_float32_heads_through_near_ties():
     values, scales = _q8_values()
     hidden = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)) * 3

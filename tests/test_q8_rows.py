@@ -67,7 +67,7 @@ def test_a_tied_embedding_and_head_read_their_rows_from_it():
     ids = torch.tensor([0, 7, 2047, 5, 5])
     hidden = torch.randn(6, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3
     q8 = Q8Rows.lossless(weight)
-    if cpu_native.vnni_available():  # the head's screen reads the Q8_0 rows through the C matmul
+    if cpu_native.int_matmuls_available():  # the head's screen reads the Q8_0 rows through the C matmul
         screened = Q8ScreenedHead(q8).logits(hidden, q8)
     else:
         screened = ScreenedHead(weight).logits(hidden, weight.clone())

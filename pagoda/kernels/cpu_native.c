@@ -213,18 +213,18 @@ void silu_and_mul(const float* x, int rows, int n, float* out) {
 /* int4 weights x int16 activations, for the 4-bit weight-only layers (pagoda/quantization/int4pack.py):
    W = d * q + m with q in 0..15 and a float16 d and m for each output and 32 inputs. Each row of x is
    quantized per 32 inputs to int16 (scale a = max|x| / 32767: 2**-15 of the block's largest value,
-   finer than bfloat16's 2**-9), and 16 outputs at a time are summed in int32 by AVX512-VNNI's
-   vpdpwssd (32 products an instruction, twice float32's FMA), then scaled: per block,
-   y += d * a * sum(q * xq) + m * sum(x).
+   finer than bfloat16's 2**-9), and 16 outputs at a time are summed exactly in int32, then scaled:
+   per block, y += d * a * sum(q * xq) + m * sum(x). With AVX512-VNNI the sums take vpdpwssd (32
+   products an instruction, twice float32's FMA); with AVX2, vpmaddwd and vpaddd (16 products in
+   two). Both sum the same int32s and scale them alike, so they differ only in sum(x)'s order.
    The weight is [N/16][K/32] blocks of INT4_BLOCK bytes: 8 chunks of 32 bytes, each two steps of
    2 inputs x 16 outputs (byte 2o + i: output o, input i; the even step in the low nibbles), then
    the 16 outputs' d, then their m (float16). */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-
 #define INT4_BLOCK 320
-
-int vnni_supported(void) { return 1; }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT_MATMULS 1
+#define ROW_TILE 8 /* rows whose int32 and float32 sums stay in the 32 vector registers */
+#include <immintrin.h>
 
 /* Row r's 32-input blocks as int16 pairs (read as int32 by the broadcasts), their scales and float sums. */
 static void quantize_rows(const float* x, int rows, int k, int16_t* q, float* scales, float* sums) {
@@ -278,6 +278,163 @@ static inline __attribute__((always_inline)) void int4_rows(
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * n, acc[r]);
 }
 
+/* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows, as
+   pagoda/layers/q8_rows.py holds them: blocks of 16 rows [n/16][k/32][16 pairs][16 rows][2] int8,
+   scales [n/16][k/32][16 rows] float32, n padded to 16), each row of x in int16 steps of its
+   max|x| / 32767: within max|x| * 2**-15 * sum|W_row| of the exact product (the LM head's screen,
+   pagoda/layers/lm_head_screen.py, recomputes the candidates exactly). As the int4 matmul: 16
+   outputs at a time, summed in int32, one scale a block of 32 inputs. */
+static inline __attribute__((always_inline)) void q8_rows(
+    const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
+    float* out, int64_t n, int columns) {
+    __mmask16 mask = (__mmask16)((1u << columns) - 1);
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++, w += 512) {
+        __m512i sums[8][2];
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
+        for (int pair = 0; pair < 16; pair++) {
+            __m512i values = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * pair)));
+            for (int r = 0; r < R; r++) {
+                const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + 32 * g);
+                sums[r][R == 1 && (pair & 1)] =
+                    _mm512_dpwssd_epi32(sums[r][R == 1 && (pair & 1)], values, _mm512_set1_epi32(pairs[pair]));
+            }
+        }
+        __m512 scale = _mm512_loadu_ps(wscales + 16 * g);
+        for (int r = 0; r < R; r++) {
+            __m512i total = R == 1 ? _mm512_add_epi32(sums[r][0], sums[r][1]) : sums[r][0];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        _mm512_mask_storeu_ps(out + (int64_t)r * n, mask, _mm512_mul_ps(acc[r], _mm512_set1_ps(steps[r])));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define INT_MATMULS 1
+#define ROW_TILE 4 /* 16 vector registers: 4 rows' int32 and float32 sums of two halves fill them */
+#include <immintrin.h>
+
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 16 int32 (two vectors of 8 in order) as 16 int16, saturated, stored at out. */
+static inline void store_int16(int16_t* out, __m256i a, __m256i b) {
+    /* packs works within 128-bit lanes: a0-3 b0-3 a4-7 b4-7, put back in order. */
+    _mm256_storeu_si256((__m256i*)out, _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+}
+
+/* As the AVX-512 quantize_rows: int16 pairs, scales and float sums of each row's 32-input blocks. */
+static void quantize_rows(const float* x, int rows, int k, int16_t* q, float* scales, float* sums) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    int groups = k / 32;
+    for (int r = 0; r < rows; r++) {
+        for (int g = 0; g < groups; g++) {
+            const float* a = x + (int64_t)r * k + g * 32;
+            __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(a + 8 * i);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+                total = _mm256_add_ps(total, v[i]);
+            }
+            float largest = max8(amax);
+            __m256 inv = _mm256_set1_ps(largest > 0.f ? 32767.f / largest : 0.f);
+            __m256i qv[4];
+            for (int i = 0; i < 4; i++) qv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            int16_t* out = q + (int64_t)r * k + g * 32;
+            store_int16(out, qv[0], qv[1]);
+            store_int16(out + 16, qv[2], qv[3]);
+            scales[(int64_t)r * groups + g] = largest / 32767.f;
+            sums[(int64_t)r * groups + g] = sum8(total);
+        }
+    }
+}
+
+/* As the AVX-512 int4_rows, each 16 outputs in two halves of 8 (bytes 0-15 and 16-31 of a chunk). */
+static inline __attribute__((always_inline)) void int4_rows(
+    const int R, const uint8_t* w, int groups, const int16_t* q, int k, const float* scales, const float* sums_x,
+    float* out, int64_t n) {
+    const __m256i nibble = _mm256_set1_epi16(0x0F);
+    __m256 acc[ROW_TILE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++, w += INT4_BLOCK) {
+        __m256i sums[ROW_TILE][2];
+        for (int line = 0; line < INT4_BLOCK; line += 64) _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            for (int h = 0; h < 2; h++) {
+                __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + 32 * c + 16 * h)));
+                __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_srli_epi16(bytes, 4);
+                for (int r = 0; r < R; r++) {
+                    const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + g * 32) + 2 * c;
+                    __m256i both = _mm256_add_epi32(_mm256_madd_epi16(low, _mm256_set1_epi32(pairs[0])),
+                                                    _mm256_madd_epi16(high, _mm256_set1_epi32(pairs[1])));
+                    sums[r][h] = _mm256_add_epi32(sums[r][h], both);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 256 + 16 * h)));
+            __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 288 + 16 * h)));
+            for (int r = 0; r < R; r++) {
+                __m256 scaled = _mm256_mul_ps(d, _mm256_set1_ps(scales[(int64_t)r * groups + g]));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scaled, acc[r][h]);
+                acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(sums_x[(int64_t)r * groups + g]), acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out + (int64_t)r * n, acc[r][0]);
+        _mm256_storeu_ps(out + (int64_t)r * n + 8, acc[r][1]);
+    }
+}
+
+/* As the AVX-512 q8_rows: the first `columns` of 16 outputs, in two halves of 8. */
+static inline __attribute__((always_inline)) void q8_rows(
+    const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
+    float* out, int64_t n, int columns) {
+    __m256 acc[ROW_TILE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++, w += 512) {
+        __m256i sums[ROW_TILE][2];
+        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+        for (int pair = 0; pair < 16; pair++) {
+            for (int h = 0; h < 2; h++) {
+                __m256i values = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 32 * pair + 16 * h)));
+                for (int r = 0; r < R; r++) {
+                    const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + 32 * g);
+                    sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_madd_epi16(values, _mm256_set1_epi32(pairs[pair])));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 scale = _mm256_loadu_ps(wscales + 16 * g + 8 * h);
+            for (int r = 0; r < R; r++) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float row[16];
+        __m256 step = _mm256_set1_ps(steps[r]);
+        _mm256_storeu_ps(row, _mm256_mul_ps(acc[r][0], step));
+        _mm256_storeu_ps(row + 8, _mm256_mul_ps(acc[r][1], step));
+        memcpy(out + (int64_t)r * n, row, sizeof(float) * columns);
+    }
+}
+#endif
+
+#ifdef INT_MATMULS
+int int_matmuls_supported(void) { return 1; }
+
 /* out [rows, n] = x [rows, k] @ W^T for W packed as above (k a multiple of 32, n of 16); 1 without memory. */
 int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, float* out) {
     if (rows == 0) return 0;  /* (aligned_alloc of nothing may give NULL) */
@@ -292,9 +449,11 @@ int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, fl
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t* wb = w + b * groups * INT4_BLOCK;
         int r = 0;
+#if ROW_TILE == 8
         for (; r + 8 <= rows; r += 8)
             int4_rows(8, wb, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
                       out + r * n + b * 16, n);
+#endif
         for (; r + 4 <= rows; r += 4)
             int4_rows(4, wb, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
                       out + r * n + b * 16, n);
@@ -375,38 +534,6 @@ int decode_layer(
     return failed;
 }
 
-/* out [rows, n] ~ x [rows, k] @ W^T for W = values * scales per 32 (GGUF's Q8_0 rows, as
-   pagoda/layers/q8_rows.py holds them: blocks of 16 rows [n/16][k/32][16 pairs][16 rows][2] int8,
-   scales [n/16][k/32][16 rows] float32, n padded to 16), each row of x in int16 steps of its
-   max|x| / 32767: within max|x| * 2**-15 * sum|W_row| of the exact product (the LM head's screen,
-   pagoda/layers/lm_head_screen.py, recomputes the candidates exactly). As the int4 matmul: 16
-   outputs at a time, summed in int32 by vpdpwssd, one scale a block of 32 inputs. */
-static inline __attribute__((always_inline)) void q8_rows(
-    const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
-    float* out, int64_t n, __mmask16 columns) {
-    __m512 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int g = 0; g < groups; g++, w += 512) {
-        __m512i sums[8][2];
-        for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
-        for (int pair = 0; pair < 16; pair++) {
-            __m512i values = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * pair)));
-            for (int r = 0; r < R; r++) {
-                const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + 32 * g);
-                sums[r][R == 1 && (pair & 1)] =
-                    _mm512_dpwssd_epi32(sums[r][R == 1 && (pair & 1)], values, _mm512_set1_epi32(pairs[pair]));
-            }
-        }
-        __m512 scale = _mm512_loadu_ps(wscales + 16 * g);
-        for (int r = 0; r < R; r++) {
-            __m512i total = R == 1 ? _mm512_add_epi32(sums[r][0], sums[r][1]) : sums[r][0];
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        _mm512_mask_storeu_ps(out + (int64_t)r * n, columns, _mm512_mul_ps(acc[r], _mm512_set1_ps(steps[r])));
-}
-
 int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float* scales, int64_t n, float* out) {
     if (rows == 0) return 0;
     int groups = k / 32;
@@ -426,10 +553,12 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
     for (int64_t b = 0; b < num_blocks; b++) {
         const int8_t* w = blocks + b * groups * 512;
         const float* ws = scales + b * groups * 16;
-        __mmask16 columns = n - 16 * b >= 16 ? 0xFFFF : (__mmask16)((1u << (n - 16 * b)) - 1);
+        int columns = n - 16 * b >= 16 ? 16 : (int)(n - 16 * b);
         float* o = out + 16 * b;
         int r = 0;
+#if ROW_TILE == 8
         for (; r + 8 <= rows; r += 8) q8_rows(8, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
+#endif
         for (; r + 4 <= rows; r += 4) q8_rows(4, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
         for (; r < rows; r++) q8_rows(1, w, ws, groups, q + (int64_t)r * k, k, steps + r, o + r * n, n, columns);
     }
@@ -438,8 +567,8 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
     return 0;
 }
 #else
-int vnni_supported(void) { return 0; }
-int decode_layer(void) { return 1; } /* never called: the layer runs in C only where vnni_supported() */
+int int_matmuls_supported(void) { return 0; }
+int decode_layer(void) { return 1; } /* never called: the layer runs in C only where int_matmuls_supported() */
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
 int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {
     return 1;

@@ -4,9 +4,10 @@
   torch ops that is a write, a gather and scaled_dot_product_attention a layer (~25-45 us at one
   stream of the default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26");
 - the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
-  where the CPU has AVX512-VNNI: activations in int16 per 32 inputs, summed in int32 by vpdpwssd,
-  1.6-2.2x torch's int4 kernel over a decode step's layers (docs/benchmarks.md, "CPU, session 27");
-- the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), also VNNI's;
+  where the CPU has AVX512-VNNI or AVX2: activations in int16 per 32 inputs, summed exactly in int32
+  (vpdpwssd; vpmaddwd on AVX2), 1.6-2.2x torch's int4 kernel over a decode step's layers with VNNI
+  (docs/benchmarks.md, "CPU, session 27") and 2.4x with AVX2 ("CPU, session 29");
+- the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), the same way;
 - the decoder layers' RMSNorm (with the residual add before it), rotary embedding and SiLU-and-mul
   in float32, where torch's several small ops a call cost more than the arithmetic at decode
   batches; and a whole Llama-style layer of a decode step in one call (pagoda/models/cpu_decode_layer.py).
@@ -192,10 +193,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 INT4_OUTPUTS, INT4_INPUTS = 16, 32  # a weight block's outputs and inputs (cpu_native.c's layout)
 
 
-def vnni_available() -> bool:
-    """Whether the C int4 and Q8_0 matmuls run here: built, on a CPU with AVX512-VNNI."""
+def int_matmuls_available() -> bool:
+    """Whether the C int4 and Q8_0 matmuls run here: built, on a CPU with AVX512-VNNI or AVX2 (with FMA
+    and F16C)."""
     library = load()
-    return library is not None and bool(library.vnni_supported())
+    return library is not None and bool(library.int_matmuls_supported())
 
 
 def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

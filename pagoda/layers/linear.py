@@ -311,8 +311,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         """As the embedding's, and every step's logits through a screen (layers/lm_head_screen.py):
         within its bound of the float32 head's, exact within twice it of each row's maximum, so the
         argmax is the float32 head's. The screen must serve the weight (ScreenedHead.serves); where
-        the CPU has AVX512-VNNI it reads the Q8_0 rows themselves (Q8ScreenedHead)."""
-        self._q8_screen = Q8ScreenedHead(rows) if cpu_native.vnni_available() else ScreenedHead(self.weight)
+        the CPU has AVX512-VNNI or AVX2 it reads the Q8_0 rows themselves (Q8ScreenedHead)."""
+        self._q8_screen = Q8ScreenedHead(rows) if cpu_native.int_matmuls_available() else ScreenedHead(self.weight)
         super().hold_q8(rows)
 
     def _screen(self) -> ScreenedHead | None:

@@ -19,7 +19,7 @@ any two GEMMs). The rest of each row is within b, for whatever reads logits besi
 pass over [rows, vocab] costs as much as the candidates a looser bound lets through.
 
 A head held in Q8_0 form (GGUF's, pagoda/layers/q8_rows.py) screens every step the same way; where
-the CPU has AVX512-VNNI through `Q8ScreenedHead`, which reads the int8 rows themselves with Pagoda's
+the CPU has AVX512-VNNI or AVX2 through `Q8ScreenedHead`, which reads the int8 rows themselves with Pagoda's
 C matmul (no float16 copy), its bound typically ~10x tighter."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class ScreenedHead:
 
 
 class Q8ScreenedHead:
-    """Q8_0 rows' logits through Pagoda's C matmul (pagoda/kernels/cpu_native.py, AVX512-VNNI): the
+    """Q8_0 rows' logits through Pagoda's C matmul (pagoda/kernels/cpu_native.py, AVX512-VNNI or AVX2): the
     rows read as they are held (31.5 MB for the default model's head, where ScreenedHead's float16
     copy is another 56 MB), each row of activations in int16 steps of s = max|x| / 32767:
 

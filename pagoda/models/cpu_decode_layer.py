@@ -48,7 +48,7 @@ class CDecodeLayer:
         """A LlamaDecoderLayer's C form where it is of the kind decode_layer computes (module
         docstring), else None."""
         attn, mlp = layer.self_attn, layer.mlp
-        if not (cpu_native.vnni_available() and isinstance(mlp, GatedMLP) and isinstance(mlp.act, SiluAndMul)):
+        if not (cpu_native.int_matmuls_available() and isinstance(mlp, GatedMLP) and isinstance(mlp.act, SiluAndMul)):
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         int4 = [linear.linear_method.c_int4_weight(linear) for linear in linears]

@@ -6,7 +6,7 @@ The GGUF loader hands a kept layer its blocks unpacked (pagoda/loader/gguf_block
 parameter names created here, so packed (q|k|v, gate|up) and tensor-parallel layers slice them
 like any checkpoint tensor; `process_weights_after_loading` repacks them for the kernel:
 - Q4_0, Q4_1, Q4_K: the int4 matmul (pagoda/quantization/int4pack.py, shared with the W4A16
-  formats: Pagoda's C one where the CPU has AVX512-VNNI, else torch's, in bfloat16), groups of 32
+  formats: Pagoda's C one where the CPU has AVX512-VNNI or AVX2, else torch's, in bfloat16), groups of 32
   with a scale and a zero each (W = (q - 8) * scale + zero, which maps every 4-bit type). A packed
   layer whose parts mix these types is one int4 layer.
 - Q8_0 embeddings and LM heads: their float32 values turned back into Q8_0's form after loading,

@@ -18,7 +18,7 @@ exactly (22.018 unquantized), and decodes one stream 21x faster than through the
 the kernels refuse fall back to (act-order, group sizes or widths); the tests check each
 format's decoding against it exactly.
 
-On a CPU with AVX512-VNNI, Pagoda's own C matmul (`NativeInt4`, pagoda/kernels/cpu_native.py)
+On a CPU with AVX512-VNNI or AVX2, Pagoda's own C matmul (`NativeInt4`, pagoda/kernels/cpu_native.py)
 takes the place of torch's there: float16 scales, activations in int16 per 32 inputs (closer to
 float32 than bfloat16 is), 1.6-2.2x torch's over a decode step of the default model's layers
 (docs/benchmarks.md, "CPU, session 27")."""
@@ -46,8 +46,8 @@ def kernel_group_size(group_size: int) -> int | None:
 def int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Int4Pack | NativeInt4:
     """The weight for the fastest kernel on q's device, from q [N, K] (integers 0..15), scales and
     float zeros [N, K / group_size] (W = (q - 8) * scale + zero); Int4Pack.fits must hold. On a
-    CPU with AVX512-VNNI, Pagoda's own C matmul (NativeInt4); elsewhere torch's (Int4Pack)."""
-    if not q.is_cuda and cpu_native.vnni_available():
+    CPU with AVX512-VNNI or AVX2, Pagoda's own C matmul (NativeInt4); elsewhere torch's (Int4Pack)."""
+    if not q.is_cuda and cpu_native.int_matmuls_available():
         return NativeInt4.from_values(q, scales, zeros, group_size)
     return Int4Pack.from_values(q, scales, zeros, group_size)
 

@@ -1,8 +1,8 @@
-"""A decode step's Llama layer in one C call on the CPU (pagoda/models/cpu_decode_layer.py): the same
-kernels as the layer's modules in the same order, so the same bits: equal tokens and equal logprobs
+"""A decode step's Llama layers in one C call on the CPU (pagoda/models/cpu_decode_layer.py): the same
+kernels as the layers' modules in the same order, so the same bits: equal tokens and equal logprobs
 with it and without it (Llama, Qwen2's biases, Qwen3's q/k norms), on a float32 and a 16-bit KV
-cache, through steps of decodes (the C layer) and steps mixing prefill chunks (the modules); the
-layers it does not serve left to the modules; and
+cache, through steps of decodes (the C layers) and steps mixing prefill chunks (the modules); the
+layers it does not serve left to the modules, the others then in C a layer a call; and
 -O3 not compiling a model whose layers all run in C."""
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.kernels import cpu_native
-from pagoda.models.cpu_decode_layer import CDecodeLayer
+from pagoda.models.cpu_decode_layer import CDecodeLayer, CDecodeStack
 from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C int4 matmul needs AVX512-VNNI or AVX2")
 
 
+def _model(llm: LLM):
+    return llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.model
+
+
 def _layers(llm: LLM) -> list:
-    return llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.model.layers
+    return _model(llm).layers
 
 
 def _run(llm: LLM, prompts: list[dict]) -> list[tuple]:
@@ -35,21 +39,47 @@ def _run(llm: LLM, prompts: list[dict]) -> list[tuple]:
     ("qwen2-mqa", "auto"),  # q/k/v biases, one KV head
     ("qwen3", "auto"),  # each head of q and k normed before the rotary
 ])
-def test_the_c_layer_gives_the_modules_bits(arch, kv_cache_dtype, tmp_path, monkeypatch):
-    model = write_quantized(save_tiny_model(arch, tmp_path), tmp_path / "awq", "awq", 32)
-    llm = LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=32,
-              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)  # the same steps both runs
-    prompts = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 9 * k)]} for k in range(4)]
+def test_the_c_layers_give_the_modules_bits(arch, kv_cache_dtype, tmp_path, monkeypatch):
+    llm = _quantized_llm(arch, kv_cache_dtype, tmp_path)
     calls = []
-    monkeypatch.setattr(CDecodeLayer, "__call__", _spy(CDecodeLayer.__call__, calls))
-    with_c = _run(llm, prompts)
+    monkeypatch.setattr(CDecodeStack, "__call__", _spy(CDecodeStack.__call__, calls))
+    with_c = _run(llm, PROMPTS)
     layers = _layers(llm)
     assert all(isinstance(layer.c_layer, CDecodeLayer) for layer in layers)
+    assert _model(llm).c_stack.layers == [layer.c_layer for layer in layers]  # all of them in one call
     served = [done for done in calls if done is not None]
     assert served and len(served) < len(calls)  # decode steps in C; steps with prefill chunks in the modules
-    for layer in layers:
+    _modules_only(llm)
+    assert _run(llm, PROMPTS) == with_c
+
+
+def test_a_layer_the_c_code_does_not_serve_leaves_the_others_in_c(tmp_path, monkeypatch):
+    """One layer left to its modules (as a GGUF layer of a type the int4 matmul does not take
+    would be): the others run in C a layer a call, and the bits are still the modules'."""
+    llm = _quantized_llm("llama3", "auto", tmp_path)
+    _layers(llm)[1].c_layer = None  # before the first forward builds the model's C forms
+    calls = []
+    monkeypatch.setattr(CDecodeStack, "__call__", _spy(CDecodeStack.__call__, calls))
+    with_c = _run(llm, PROMPTS)
+    assert _model(llm).c_stack is None and any(done is not None for done in calls)
+    assert [layer.c_stack is not None for layer in _layers(llm)] == [True, False]
+    _modules_only(llm)
+    assert _run(llm, PROMPTS) == with_c
+
+
+PROMPTS = [{"prompt_token_ids": [3 + (5 * k + j) % 200 for j in range(4 + 9 * k)]} for k in range(4)]
+
+
+def _quantized_llm(arch: str, kv_cache_dtype: str, tmp_path) -> LLM:
+    model = write_quantized(save_tiny_model(arch, tmp_path), tmp_path / "awq", "awq", 32)
+    return LLM(model=str(model), device="cpu", skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=32,
+               kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)  # the same steps both runs
+
+
+def _modules_only(llm: LLM) -> None:
+    _model(llm).c_stack = None
+    for layer in _layers(llm):
         layer.c_layer = None
-    assert _run(llm, prompts) == with_c
 
 
 def _spy(call, calls: list):

@@ -473,64 +473,98 @@ static void add_bias(float* out, int rows, int64_t n, const float* bias) {
         for (int64_t i = 0; i < n; i++) out[r * n + i] += bias[i];
 }
 
-/* One Llama-style decoder layer for a step of decode rows, in one call: at small batches a
-   layer's ~40 torch ops and their dispatch cost more than its arithmetic. Float32 activations, the
-   four matmuls' weights as int4_matmul takes them, each with its bias or none (NULL):
+/* A Llama-style decoder layer as decode_layers reads it (pagoda/models/cpu_decode_layer.py builds
+   these): its weights (the four matmuls' as int4_matmul takes them; biases, Qwen3's q/k norms
+   NULL where absent), its shapes, and its KV pool with the decode attention of the pool's type. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const uint8_t *w_qkv, *w_o, *w_gate_up, *w_down;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    const float *q_norm, *k_norm, *cos_sin;
+    decode_attention_fn attend;
+    void* pool;
+    int64_t half;  /* the pool's values lie this many values after its keys */
+    int hidden, intermediate, rotary_dim, num_heads, num_kv_heads, head_dim, block_size;
+    float eps, qk_eps, scale;
+} decoder_layer;
+
+/* One layer for a step of decode rows: at small batches a layer's ~40 torch ops and their
+   dispatch cost more than its arithmetic. Float32 activations:
      s = x + residual (x alone in the first layer), written into residual;
      q, k, v = int4(rms_norm(s) * input_norm, w_qkv); each head of q and k normed by q_norm and
          k_norm where given (Qwen3); q and k rotated (rotary);
      a = attend(...): the decode attention of the pool's type (its keys and values written first);
      residual = int4(a, w_o) + s; out = int4(silu_and_mul(int4(rms_norm(residual) * post_norm, w_gate_up)), w_down).
-   The same kernels the torch path calls one by one, in its order (pagoda/models/cpu_decode_layer.py).
-   Each stage runs only once those before it have (a matmul's or the attention's scratch may not
-   be had): 1 without memory. */
-int decode_layer(
-    const float* x, float* residual, int first, int rows, int hidden, float eps, const float* input_norm,
-    const float* post_norm, const uint8_t* w_qkv, const uint8_t* w_o, const uint8_t* w_gate_up, const uint8_t* w_down,
-    const float* qkv_bias, const float* o_bias, const float* gate_up_bias, const float* down_bias, int intermediate,
-    const float* q_norm, const float* k_norm, float qk_eps,
-    const int64_t* positions, const float* cos_sin, int rotary_dim, int num_heads, int num_kv_heads, int head_dim,
-    float scale, decode_attention_fn attend, void* pool, int64_t half, const int64_t* slots, const int32_t* tables,
-    int64_t table_stride, const int32_t* seq_lens, int block_size, float* out) {
-    int64_t q_size = (int64_t)num_heads * head_dim, kv_size = (int64_t)num_kv_heads * head_dim;
+   The same kernels the torch path calls one by one, in its order. Each stage runs only once those
+   before it have (a matmul's or the attention's scratch may not be had): 1 without memory. */
+static int decode_layer(
+    const decoder_layer* L, const float* x, float* residual, int first, int rows, const int64_t* positions,
+    const int64_t* slots, const int32_t* tables, int64_t table_stride, const int32_t* seq_lens, float* out) {
+    int hidden = L->hidden;
+    int64_t intermediate = L->intermediate;
+    int64_t q_size = (int64_t)L->num_heads * L->head_dim, kv_size = (int64_t)L->num_kv_heads * L->head_dim;
     int64_t qkv_size = q_size + 2 * kv_size;
-    int64_t per_row = hidden + qkv_size + q_size + 3 * (int64_t)intermediate + hidden;
+    int64_t per_row = hidden + qkv_size + q_size + 3 * intermediate + hidden;
     float* normed = malloc(sizeof(float) * per_row * rows);
     if (!normed) return 1;
     float* qkv = normed + (int64_t)rows * hidden;
     float* attended = qkv + rows * qkv_size;
     float* gate_up = attended + rows * q_size;
-    float* act = gate_up + rows * 2 * (int64_t)intermediate;
-    float* projected = act + rows * (int64_t)intermediate;
-    rms_norm(x, first ? NULL : residual, input_norm, rows, hidden, eps, normed);
+    float* act = gate_up + rows * 2 * intermediate;
+    float* projected = act + rows * intermediate;
+    rms_norm(x, first ? NULL : residual, L->input_norm, rows, hidden, L->eps, normed);
     if (first) memcpy(residual, x, sizeof(float) * rows * hidden);
-    int failed = int4_matmul(normed, rows, hidden, w_qkv, qkv_size, qkv);
+    int failed = int4_matmul(normed, rows, hidden, L->w_qkv, qkv_size, qkv);
     if (!failed) {
-        add_bias(qkv, rows, qkv_size, qkv_bias);
+        add_bias(qkv, rows, qkv_size, L->qkv_bias);
         float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
-        for (int r = 0; q_norm && r < rows; r++) {  /* in place: each head's sum of squares is read first */
-            rms_norm(q + r * qkv_size, NULL, q_norm, num_heads, head_dim, qk_eps, q + r * qkv_size);
-            rms_norm(k + r * qkv_size, NULL, k_norm, num_kv_heads, head_dim, qk_eps, k + r * qkv_size);
+        for (int r = 0; L->q_norm && r < rows; r++) {  /* in place: each head's sum of squares is read first */
+            rms_norm(q + r * qkv_size, NULL, L->q_norm, L->num_heads, L->head_dim, L->qk_eps, q + r * qkv_size);
+            rms_norm(k + r * qkv_size, NULL, L->k_norm, L->num_kv_heads, L->head_dim, L->qk_eps, k + r * qkv_size);
         }
-        rotary(positions, rows, q, qkv_size, num_heads, k, qkv_size, num_kv_heads, head_dim, cos_sin, rotary_dim);
-        failed = attend(q, qkv_size, k, v, qkv_size, pool, half, slots, tables, table_stride, seq_lens, rows,
-                        num_heads, num_kv_heads, head_dim, block_size, scale, attended);
+        rotary(positions, rows, q, qkv_size, L->num_heads, k, qkv_size, L->num_kv_heads, L->head_dim, L->cos_sin,
+               L->rotary_dim);
+        failed = L->attend(q, qkv_size, k, v, qkv_size, L->pool, L->half, slots, tables, table_stride, seq_lens, rows,
+                           L->num_heads, L->num_kv_heads, L->head_dim, L->block_size, L->scale, attended);
     }
     if (!failed)
-        failed = int4_matmul(attended, rows, q_size, w_o, hidden, projected);
+        failed = int4_matmul(attended, rows, q_size, L->w_o, hidden, projected);
     if (!failed) {
-        add_bias(projected, rows, hidden, o_bias);
-        rms_norm(projected, residual, post_norm, rows, hidden, eps, normed);
-        failed = int4_matmul(normed, rows, hidden, w_gate_up, 2 * (int64_t)intermediate, gate_up);
+        add_bias(projected, rows, hidden, L->o_bias);
+        rms_norm(projected, residual, L->post_norm, rows, hidden, L->eps, normed);
+        failed = int4_matmul(normed, rows, hidden, L->w_gate_up, 2 * intermediate, gate_up);
     }
     if (!failed) {
-        add_bias(gate_up, rows, 2 * (int64_t)intermediate, gate_up_bias);
+        add_bias(gate_up, rows, 2 * intermediate, L->gate_up_bias);
         silu_and_mul(gate_up, rows, intermediate, act);
-        failed = int4_matmul(act, rows, intermediate, w_down, hidden, out);
+        failed = int4_matmul(act, rows, intermediate, L->w_down, hidden, out);
     }
     if (!failed)
-        add_bias(out, rows, hidden, down_bias);
+        add_bias(out, rows, hidden, L->down_bias);
     free(normed);
+    return failed;
+}
+
+/* Successive decoder layers (of one hidden size) for a step of decode rows, in one call: a layer
+   called from Python cost ~50 us of argument passing and glue at one stream. x is the first
+   layer's input; residual the stream the layers add into (first: none yet, x is taken as it);
+   out the last layer's output. 1 without memory. */
+int decode_layers(
+    const decoder_layer* layers, int num_layers, const float* x, float* residual, int first, int rows,
+    const int64_t* positions, const int64_t* slots, const int32_t* tables, int64_t table_stride,
+    const int32_t* seq_lens, float* out) {
+    /* Layers write out and spare by turns, so that the last writes out and none reads what it writes. */
+    float* spare = num_layers > 1 ? malloc(sizeof(float) * rows * layers[0].hidden) : NULL;
+    if (num_layers > 1 && !spare) return 1;
+    const float* in = x;
+    int failed = 0;
+    for (int i = 0; i < num_layers && !failed; i++) {
+        float* written = (num_layers - 1 - i) % 2 == 0 ? out : spare;
+        failed = decode_layer(&layers[i], in, residual, first && i == 0, rows, positions, slots, tables, table_stride,
+                              seq_lens, written);
+        in = written;
+    }
+    free(spare);
     return failed;
 }
 
@@ -568,7 +602,7 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
 }
 #else
 int int_matmuls_supported(void) { return 0; }
-int decode_layer(void) { return 1; } /* never called: the layer runs in C only where int_matmuls_supported() */
+int decode_layers(void) { return 1; } /* never called: layers run in C only where int_matmuls_supported() */
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
 int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {
     return 1;

@@ -10,10 +10,12 @@
 - the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), the same way;
 - the decoder layers' RMSNorm (with the residual add before it), rotary embedding and SiLU-and-mul
   in float32, where torch's several small ops a call cost more than the arithmetic at decode
-  batches; and a whole Llama-style layer of a decode step in one call (pagoda/models/cpu_decode_layer.py).
+  batches; and a Llama-style model's decoder layers for a decode step in one call
+  (pagoda/models/cpu_decode_layer.py).
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
-the libgomp torch has loaded serves it) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
+the libgomp torch has loaded serves it; -fno-trapping-math, without which GCC vectorizes no loop
+with a clamp, as the softmax's and SiLU's exponentials have, on AVX2) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
 compiler, the flags and the CPU. Without a compiler `load` returns None and torch's ops run."""
 
 from __future__ import annotations
@@ -36,11 +38,25 @@ from pagoda.loader.cache_dir import pagoda_cache_dir
 logger = logging.getLogger("pagoda")
 
 _SOURCE = Path(__file__).with_name("cpu_native.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _DECODE_ATTENTION = {
     torch.float32: "decode_attention", torch.bfloat16: "decode_attention_bf16", torch.float16: "decode_attention_f16",
 }
+
+
+class DecoderLayer(ctypes.Structure):
+    """cpu_native.c's decoder_layer: a Llama-style layer as decode_layers reads it."""
+
+    _fields_ = [
+        *((name, _P) for name in ("input_norm", "post_norm", "w_qkv", "w_o", "w_gate_up", "w_down", "qkv_bias",
+                                   "o_bias", "gate_up_bias", "down_bias", "q_norm", "k_norm", "cos_sin", "attend",
+                                   "pool")),
+        ("half", _I64),
+        *((name, _I) for name in ("hidden", "intermediate", "rotary_dim", "num_heads", "num_kv_heads", "head_dim",
+                                   "block_size")),
+        *((name, ctypes.c_float) for name in ("eps", "qk_eps", "scale")),
+    ]
 
 
 @cache
@@ -77,10 +93,9 @@ def load() -> ctypes.CDLL | None:
     library.rotary.argtypes = [_P, _I, _P, _I64, _I, _P, _I64, _I, _I, _P, _I]
     library.silu_and_mul.restype = None
     library.silu_and_mul.argtypes = [_P, _I, _I, _P]
-    library.decode_layer.restype = _I
-    library.decode_layer.argtypes = [
-        _P, _P, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_float,
-        _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _I64, _P, _P, _I64, _P, _I, _P,
+    library.decode_layers.restype = _I
+    library.decode_layers.argtypes = [
+        ctypes.POINTER(DecoderLayer), _I, _P, _P, _I, _I, _P, _P, _P, _I64, _P, _P,
     ]
     return library
 

@@ -1,4 +1,5 @@
-"""A Llama-style decoder layer's decode step in one C call on the CPU (cpu_native.c's `decode_layer`).
+"""A Llama-style model's decoder layers for a decode step in one C call on the CPU (cpu_native.c's
+`decode_layers`).
 
 At one stream of the default model a layer's modules made ~50 torch ops and Python calls around
 seven C kernels: ~170 us a layer, of which the kernels' arithmetic was ~70. The C call runs the
@@ -14,6 +15,7 @@ modules run."""
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -29,23 +31,21 @@ from pagoda.layers.rotary import RotaryEmbedding
 
 @dataclass(frozen=True)
 class CDecodeLayer:
-    """What `decode_layer` reads of one layer. The tensors' addresses are read at each call (a
-    fraction of a microsecond), never kept: nothing can then point at memory given back."""
+    """What `decode_layers` reads of one layer: its tensors, held here so that the addresses its
+    C form keeps stay theirs (a loaded model's weights stay where they are), and its shapes."""
 
-    hidden_size: int
-    eps: float
     # The two norms' weights, the four matmuls' blocks and their biases (qkv, o, gate_up, down: None where absent)
     weights: tuple[torch.Tensor | None, ...]
-    intermediate_size: int
     qk_norms: tuple[torch.Tensor | None, torch.Tensor | None]  # Qwen3's per-head norms of q and k
-    qk_eps: float
     cos_sin: torch.Tensor
-    attention: tuple  # rotary_dim, heads, KV heads, head_dim, scale
+    # hidden, intermediate, rotary_dim, heads, KV heads, head_dim; eps, qk_eps, scale
+    shape: tuple[int, int, int, int, int, int]
+    constants: tuple[float, float, float]
     backend: TorchAttentionBackend
 
     @classmethod
     def of(cls, layer: nn.Module) -> CDecodeLayer | None:
-        """A LlamaDecoderLayer's C form where it is of the kind decode_layer computes (module
+        """A LlamaDecoderLayer's C form where it is of the kind decode_layers computes (module
         docstring), else None."""
         attn, mlp = layer.self_attn, layer.mlp
         if not (cpu_native.int_matmuls_available() and isinstance(mlp, GatedMLP) and isinstance(mlp.act, SiluAndMul)):
@@ -65,45 +65,64 @@ class CDecodeLayer:
         ):
             return None
         return cls(
-            hidden_size=norms[0].weight.shape[0],
-            eps=norms[0].eps,
             weights=(*(norm.weight for norm in norms), *(w.blocks for w in int4), *(lin.bias for lin in linears)),
-            intermediate_size=int4[3].blocks.shape[1] * cpu_native.INT4_INPUTS,
             qk_norms=(None, None) if qk_norms[0] is None else (qk_norms[0].weight, qk_norms[1].weight),
-            qk_eps=1e-6 if qk_norms[0] is None else qk_norms[0].eps,
             cos_sin=rotary.cos_sin,
-            attention=(rotary.rotary_dim, attention.num_heads, attention.num_kv_heads, attention.head_dim,
-                       attention.scale),
+            shape=(norms[0].weight.shape[0], int4[3].blocks.shape[1] * cpu_native.INT4_INPUTS, rotary.rotary_dim,
+                   attention.num_heads, attention.num_kv_heads, attention.head_dim),
+            constants=(norms[0].eps, 1e-6 if qk_norms[0] is None else qk_norms[0].eps, attention.scale),
             backend=attention.backend,
         )
 
+    def c_form(self) -> cpu_native.DecoderLayer:
+        """The layer as decode_layers reads it, its KV pool not yet set (CDecodeStack does)."""
+        addresses = (_address(tensor) for tensor in (*self.weights, *self.qk_norms, self.cos_sin))
+        return cpu_native.DecoderLayer(*addresses, None, None, 0, *self.shape, 0, *self.constants)
+
+
+class CDecodeStack:
+    """Successive layers' decode step in one C call (cpu_native.c's `decode_layers`): called from
+    Python one by one, each layer cost ~50 us of argument passing and glue at one stream."""
+
+    def __init__(self, layers: list[CDecodeLayer]) -> None:
+        self.layers = layers  # the tensors whose addresses the C forms keep
+        self.c_layers = (cpu_native.DecoderLayer * len(layers))(*(layer.c_form() for layer in layers))
+        self.pools: list[torch.Tensor] | None = None  # the KV caches the C forms point at
+
     def __call__(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+        kv_caches: list[torch.Tensor], metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The layer's (output, residual), as its forward returns them; None where this step is
-        not one decode_layer computes (the modules then run)."""
-        library = self.backend.c_decode(metadata, kv_cache)
+        """The last layer's (output, residual), as the layers' forwards return them, with
+        kv_caches the layers' own; None where this step is not one decode_layers computes (the
+        modules then run)."""
+        library = self.layers[0].backend.c_decode(metadata, kv_caches[0])
         if (
             library is None or hidden.dtype != torch.float32 or not hidden.is_contiguous()
             or not (residual is None or residual.is_contiguous()) or positions.dtype != torch.int64
         ):
             return None
+        if self.pools is None or any(pool is not held for pool, held in zip(kv_caches, self.pools)):
+            self._point_at(library, kv_caches)
         out = torch.empty_like(hidden)
         first = residual is None
         if first:
             residual = torch.empty_like(hidden)
-        failed = library.decode_layer(
-            hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0], self.hidden_size, self.eps,
-            *(_address(weight) for weight in self.weights), self.intermediate_size,
-            *(_address(norm) for norm in self.qk_norms), self.qk_eps, positions.data_ptr(), self.cos_sin.data_ptr(),
-            *self.attention, cpu_native.decode_attention_address(library, kv_cache.dtype), kv_cache.data_ptr(),
-            kv_cache.numel() // 2, metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
-            metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), kv_cache.shape[2], out.data_ptr(),
+        failed = library.decode_layers(
+            self.c_layers, len(self.layers), hidden.data_ptr(), residual.data_ptr(), first, hidden.shape[0],
+            positions.data_ptr(), metadata.slot_mapping.data_ptr(), metadata.block_tables.data_ptr(),
+            metadata.block_tables.stride(0), metadata.seq_lens.data_ptr(), out.data_ptr(),
         )
         if failed:
-            raise MemoryError("the CPU decode layer: no memory for its activations")
+            raise MemoryError("the CPU decode layers: no memory for their activations")
         return out, residual
+
+    def _point_at(self, library: ctypes.CDLL, kv_caches: list[torch.Tensor]) -> None:
+        """Each layer's KV pool [2, blocks, block_size, KV heads, head_dim] and its attention."""
+        for c_layer, pool in zip(self.c_layers, kv_caches, strict=True):
+            c_layer.attend = cpu_native.decode_attention_address(library, pool.dtype)
+            c_layer.pool, c_layer.half, c_layer.block_size = pool.data_ptr(), pool[0].numel(), pool.shape[2]
+        self.pools = list(kv_caches)
 
 
 def _plain(norm: nn.Module) -> bool:

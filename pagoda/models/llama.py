@@ -31,7 +31,7 @@ from pagoda.layers.mlp import GatedMLP
 from pagoda.layers.moe import SparseMoeBlock
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
-from pagoda.models.cpu_decode_layer import CDecodeLayer
+from pagoda.models.cpu_decode_layer import CDecodeLayer, CDecodeStack
 from pagoda.models.interface import CausalLM, PPMissingLayer
 from pagoda.quantization.base import QuantizationConfig, linear_method_for
 
@@ -180,13 +180,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = build_mlp(config, layer_index, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # A decode step's layer in one C call on the CPU, where the layer is of that kind
+        # A decode step's layer in C on the CPU, where the layer is of that kind
         # (pagoda/models/cpu_decode_layer.py); built once its weights are loaded (built_c_layer).
         self.c_layer: CDecodeLayer | None | object = _UNBUILT
+        self.c_stack: CDecodeStack | None = None  # the layer alone in one C call, where the model's are not
 
     def built_c_layer(self) -> CDecodeLayer | None:
         if self.c_layer is _UNBUILT:
             self.c_layer = CDecodeLayer.of(self)
+            self.c_stack = self.c_layer and CDecodeStack([self.c_layer])
         return self.c_layer
 
     def forward(
@@ -197,9 +199,8 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hidden.is_cuda and not torch.compiler.is_compiling():
-            c_layer = self.built_c_layer()
-            done = c_layer and c_layer(positions, hidden, residual, kv_cache, metadata)
+        if not hidden.is_cuda and not torch.compiler.is_compiling() and self.built_c_layer():
+            done = self.c_stack(positions, hidden, residual, [kv_cache], metadata)
             if done:
                 return done
         # Each norm writes its output as the matmul after it takes it (fp8 for an fp8 GEMM).
@@ -250,6 +251,8 @@ class LlamaModel(nn.Module):
         )
         self.norm = norm_cls(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else PPMissingLayer()
         self.aux_hidden_state_layers: tuple[int, ...] = ()  # CausalLM.set_aux_hidden_state_layers
+        # A decode step's layers in one C call on the CPU, where each is of that kind (built_c_stack).
+        self.c_stack: CDecodeStack | None | object = _UNBUILT
 
     def forward(
         self,
@@ -272,10 +275,14 @@ class LlamaModel(nn.Module):
         positions = self.rotary.table_index(positions, metadata)
         start = self.layer_range.start
         aux: list[torch.Tensor] = []
-        for index, (layer, kv_cache) in enumerate(zip(islice(self.layers, start, None), kv_caches), start):
-            if index in self.aux_hidden_state_layers:
-                aux.append(_layer_input(hidden, residual))
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        in_c = self._decode_in_c(positions, hidden, residual, kv_caches, metadata)
+        if in_c:
+            hidden, residual = in_c
+        else:
+            for index, (layer, kv_cache) in enumerate(zip(islice(self.layers, start, None), kv_caches), start):
+                if index in self.aux_hidden_state_layers:
+                    aux.append(_layer_input(hidden, residual))
+                hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if not self.stage.is_last:
             send_to_next_stage((hidden, residual), self.stage)
             return None
@@ -283,6 +290,24 @@ class LlamaModel(nn.Module):
             aux.append(_layer_input(hidden, residual))
         hidden, _ = self.norm(hidden, residual)
         return (hidden, torch.cat(aux, dim=-1)) if aux else hidden
+
+    def built_c_stack(self) -> CDecodeStack | None:
+        """This stage's layers in one C call, where each has a C form (LlamaDecoderLayer.built_c_layer)."""
+        if self.c_stack is _UNBUILT:
+            layers = list(islice(self.layers, self.layer_range.start, self.layer_range.stop))
+            c_layers = [isinstance(layer, LlamaDecoderLayer) and layer.built_c_layer() for layer in layers]
+            self.c_stack = CDecodeStack(c_layers) if all(c_layers) else None
+        return self.c_stack
+
+    def _decode_in_c(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+        kv_caches: list[torch.Tensor], metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last layer's (hidden, residual) where this step's layers all run in one C call."""
+        if hidden.is_cuda or torch.compiler.is_compiling() or self.aux_hidden_state_layers:
+            return None
+        stack = self.built_c_stack()
+        return stack and stack(positions, hidden, residual, kv_caches, metadata)
 
 
 def _layer_input(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -355,8 +380,7 @@ class LlamaForCausalLM(CausalLM):
         self.model.aux_hidden_state_layers = layers
 
     def decodes_in_c(self) -> bool:
-        layers = self.model.layers
-        return all(isinstance(layer, LlamaDecoderLayer) and layer.built_c_layer() for layer in layers)
+        return self.model.built_c_stack() is not None
 
     def compute_logits(self, hidden: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
         logits = self.lm_head(hidden, argmax_only)

@@ -611,3 +611,31 @@ int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const 
     return 1;
 }
 #endif
+
+/* The LM head's screen (pagoda/layers/lm_head_screen.py), for W held as q8_matmul reads it: each
+   row's logits [rows, n], each within bound[r] of x_r . W_n, get those that could be the row's
+   maximum (within twice the bound of its largest) recomputed from x and W's float32 values, so
+   that the row's argmax is that of x @ W^T. One pass over a row where torch's ops made six. */
+void q8_exact_near_the_max(const float* x, int rows, int k, const int8_t* blocks, const float* scales, int64_t n,
+                           const float* bound, float* logits) {
+    int groups = k / 32;
+    #pragma omp parallel for schedule(static) if (rows > 1)
+    for (int r = 0; r < rows; r++) {
+        float* row = logits + (int64_t)r * n;
+        float largest = row[0];
+        for (int64_t i = 1; i < n; i++) largest = row[i] > largest ? row[i] : largest;
+        float floor = largest - 2 * bound[r];
+        const float* xr = x + (int64_t)r * k;
+        for (int64_t i = 0; i < n; i++) {
+            if (!(row[i] >= floor)) continue;
+            /* Row i of W: row i % 16 of its block of 16, its values in pairs of inputs (q8_rows.py). */
+            const int8_t* block = blocks + (i / 16) * groups * 512 + (i % 16) * 2;
+            const float* block_scales = scales + (i / 16) * groups * 16 + i % 16;
+            float sum = 0.f;
+            for (int g = 0; g < groups; g++)
+                for (int j = 0; j < 32; j++)
+                    sum += xr[g * 32 + j] * (block[g * 512 + (j / 2) * 32 + j % 2] * block_scales[g * 16]);
+            row[i] = sum;
+        }
+    }
+}

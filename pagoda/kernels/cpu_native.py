@@ -87,6 +87,8 @@ def load() -> ctypes.CDLL | None:
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
     library.q8_matmul.restype = _I
     library.q8_matmul.argtypes = [_P, _I, _I, _P, _P, _I64, _P]
+    library.q8_exact_near_the_max.restype = None
+    library.q8_exact_near_the_max.argtypes = [_P, _I, _I, _P, _P, _I64, _P, _P]
     library.rms_norm.restype = None
     library.rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
     library.rotary.restype = None
@@ -242,6 +244,16 @@ def q8_matmul(x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor,
                         out.data_ptr()):
         raise MemoryError("CPU Q8_0 matmul: no memory for the quantized activations")
     return out
+
+
+def q8_exact_near_the_max(
+    x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor, bound: torch.Tensor, logits: torch.Tensor
+) -> None:
+    """logits [M, n] of x [M, K] (float32, contiguous) for W held as q8_matmul reads it, each within
+    bound [M] of x @ W^T: those within twice the bound of their row's largest recomputed, in place,
+    from W's float32 values (the LM head's screen)."""
+    load().q8_exact_near_the_max(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), block_scales.data_ptr(),
+                                 logits.shape[1], bound.contiguous().data_ptr(), logits.data_ptr())
 
 
 _library = torch.library.Library("pagoda", "FRAGMENT")

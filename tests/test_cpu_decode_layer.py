@@ -15,7 +15,9 @@ from pagoda.models.cpu_decode_layer import CDecodeLayer, CDecodeStack
 from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
-pytestmark = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C int4 matmul needs AVX512-VNNI or AVX2")
+pytestmark = pytest.mark.skipif(
+    not cpu_native.int_matmuls_available(), reason="the C int4 matmul needs AVX512-VNNI or AVX2"
+)
 
 
 def _model(llm: LLM):

@@ -23,7 +23,9 @@ from tests.test_quant_w4a16_model import write_quantized
 from tests.tiny_models import save_tiny_model
 
 needs_compiler = pytest.mark.skipif(cpu_native.load() is None, reason="no C compiler builds the CPU kernels here")
-needs_int_matmuls = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C int4 and Q8_0 matmuls need AVX512-VNNI or AVX2")
+needs_int_matmuls = pytest.mark.skipif(
+    not cpu_native.int_matmuls_available(), reason="the C int4 and Q8_0 matmuls need AVX512-VNNI or AVX2"
+)
 
 
 @needs_compiler

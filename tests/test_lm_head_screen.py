@@ -64,7 +64,9 @@ def _dense(rows: Q8Rows) -> torch.Tensor:
     return rows[torch.arange(rows.shape[0])]
 
 
-needs_int_matmuls = pytest.mark.skipif(not cpu_native.int_matmuls_available(), reason="the C Q8_0 matmul needs AVX512-VNNI or AVX2")
+needs_int_matmuls = pytest.mark.skipif(
+    not cpu_native.int_matmuls_available(), reason="the C Q8_0 matmul needs AVX512-VNNI or AVX2"
+)
 
 
 @needs_int_matmuls

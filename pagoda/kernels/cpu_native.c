@@ -371,7 +371,8 @@ static inline __attribute__((always_inline)) void int4_rows(
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++, w += INT4_BLOCK) {
         __m256i sums[ROW_TILE][2];
-        for (int line = 0; line < INT4_BLOCK; line += 64) _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
+        for (int line = 0; line < INT4_BLOCK; line += 64)
+            _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
         for (int r = 0; r < R; r++) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
             for (int h = 0; h < 2; h++) {
@@ -416,7 +417,8 @@ static inline __attribute__((always_inline)) void q8_rows(
                 __m256i values = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 32 * pair + 16 * h)));
                 for (int r = 0; r < R; r++) {
                     const int32_t* pairs = (const int32_t*)(q + (int64_t)r * k + 32 * g);
-                    sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_madd_epi16(values, _mm256_set1_epi32(pairs[pair])));
+                    __m256i products = _mm256_madd_epi16(values, _mm256_set1_epi32(pairs[pair]));
+                    sums[r][h] = _mm256_add_epi32(sums[r][h], products);
                 }
             }
         }

@@ -15,8 +15,9 @@
 
 The library is built when first asked for, with the system's C compiler (-O3 -march=native, OpenMP:
 the libgomp torch has loaded serves it; -fno-trapping-math, without which GCC vectorizes no loop
-with a clamp, as the softmax's and SiLU's exponentials have, on AVX2) into $PAGODA_CACHE_DIR/cpu_native, keyed by the source, the
-compiler, the flags and the CPU. Without a compiler `load` returns None and torch's ops run."""
+with a clamp, as the softmax's and SiLU's exponentials have, on AVX2) into
+$PAGODA_CACHE_DIR/cpu_native, keyed by the source, the compiler, the flags and the CPU. Without a
+compiler `load` returns None and torch's ops run."""
 
 from __future__ import annotations
 

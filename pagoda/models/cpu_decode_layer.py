@@ -10,8 +10,9 @@ outputs are the modules' bit for bit (tests/test_cpu_decode_layer.py).
 It serves a layer of that kind only: 4-bit weights in the C matmul's blocks for all four
 matmuls with nothing but their biases added (no LoRA), plain RMSNorms (Qwen3's per-head q/k norms
 too), plain rotary, no sliding window or soft cap, one tensor-parallel rank; and a step whose
-every row is a decode that the C attention serves (TorchAttentionBackend.c_decode). Elsewhere the
-modules run."""
+every row is a decode that the C attention serves (TorchAttentionBackend.c_decode). Where every
+layer of the model is of that kind, one call runs them all (LlamaModel.built_c_stack); otherwise
+each such layer runs in a call of its own and the modules run the rest."""
 
 from __future__ import annotations
 

@@ -296,7 +296,7 @@ class LlamaModel(nn.Module):
         if self.c_stack is _UNBUILT:
             layers = list(islice(self.layers, self.layer_range.start, self.layer_range.stop))
             c_layers = [isinstance(layer, LlamaDecoderLayer) and layer.built_c_layer() for layer in layers]
-            self.c_stack = CDecodeStack(c_layers) if all(c_layers) else None
+            self.c_stack = CDecodeStack(c_layers) if c_layers and all(c_layers) else None
         return self.c_stack
 
     def _decode_in_c(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pagoda.kernels import cpu_native
 from pagoda.kernels.w4a16_layout import dequantize, pack_int4
 from pagoda.quantization.int4pack import Int4Pack, kernel_group_size
 from pagoda.quantization.w4a16 import PackedW4, to_int4pack
@@ -17,26 +18,40 @@ from pagoda.quantization.w4a16 import PackedW4, to_int4pack
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
+def int8_activations() -> bool:
+    """Whether the CPU's int4 kernel now takes its activations in int8 steps (the C matmul on AVX2,
+    as llama.cpp's: cpu_native.c says why) rather than in int16, or bfloat16 (torch's kernel)."""
+    return cpu_native.int_matmuls_available() and cpu_native.int4_activation_levels() == 127
+
+
 def assert_bf16_close(got: torch.Tensor, exact: torch.Tensor) -> None:
     """The kernel runs in bfloat16 (8 significant bits; float32 sums): within a few of its
-    rounding steps (2**-8 relative) of the exact product, where a wrong scale or zero is far off."""
-    assert ((got - exact).norm() / exact.norm()).item() < 5e-3
+    rounding steps (2**-8 relative) of the exact product, where a wrong scale or zero is far off.
+    Activations in int8 steps of each 32 inputs' largest (2**-7) land within ~1-2 %."""
+    tolerance = 3e-2 if got.device.type == "cpu" and int8_activations() else 5e-3
+    assert ((got - exact).norm() / exact.norm()).item() < tolerance
 
 
 # Nats between the reference's two best tokens where the bfloat16 kernel (8 significant bits: logits
 # of 10-20 move by a few hundredths) may swap them. The default model's haiku parts at 0.068.
 NEAR_TIE = 0.1
+# With int8 activations: they move the default model's logprobs of a text's tokens by 0.07 nats at
+# the median, 0.27 at the 90th percentile (0.67 at most, 333 tokens); its greedy answers part at gaps
+# of 0.13-0.17.
+INT8_NEAR_TIE = 0.5
 
 
 def assert_same_greedy(ours, reference) -> None:
-    """Our greedy tokens equal the reference's, or part from them only where the reference's two
-    best tokens were within NEAR_TIE (each CompletionOutput with logprobs=2)."""
+    """Our greedy tokens (run on the CPU) equal the reference's, or part from them only where the
+    reference's two best tokens were within the CPU kernel's near-tie (each CompletionOutput with
+    logprobs=2)."""
     same = [a == b for a, b in zip(ours.token_ids, reference.token_ids)]
     if all(same) and len(ours.token_ids) == len(reference.token_ids):
         return
     first = same.index(False) if not all(same) else min(len(ours.token_ids), len(reference.token_ids))
     top2 = sorted((lp.logprob for lp in reference.logprobs[first].values()), reverse=True)[:2]
-    assert top2[0] - top2[1] < NEAR_TIE, (first, ours.token_ids, reference.token_ids)
+    near_tie = INT8_NEAR_TIE if int8_activations() else NEAR_TIE
+    assert top2[0] - top2[1] < near_tie, (first, top2[0] - top2[1], ours.token_ids, reference.token_ids)
 
 
 def rows_of(k: int, rows: int) -> torch.Tensor:

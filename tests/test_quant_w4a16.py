@@ -254,7 +254,7 @@ def test_bf16_apply_keeps_the_activation_dtype():
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     out = method.apply(layer, x, None)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), x.float() @ qz.dequantized().t(), rtol=2e-2, atol=2e-2)
+    assert_bf16_close(out.float(), x.float() @ qz.dequantized().t())
 
 
 def test_registry_and_configs_from_checkpoint_fields():

@@ -210,13 +210,16 @@ void silu_and_mul(const float* x, int rows, int n, float* out) {
     }
 }
 
-/* int4 weights x int16 activations, for the 4-bit weight-only layers (pagoda/quantization/int4pack.py):
+/* int4 weights x integer activations, for the 4-bit weight-only layers (pagoda/quantization/int4pack.py):
    W = d * q + m with q in 0..15 and a float16 d and m for each output and 32 inputs. Each row of x is
-   quantized per 32 inputs to int16 (scale a = max|x| / 32767: 2**-15 of the block's largest value,
-   finer than bfloat16's 2**-9), and 16 outputs at a time are summed exactly in int32, then scaled:
-   per block, y += d * a * sum(q * xq) + m * sum(x). With AVX512-VNNI the sums take vpdpwssd (32
-   products an instruction, twice float32's FMA); with AVX2, vpmaddwd and vpaddd (16 products in
-   two). Both sum the same int32s and scale them alike, so they differ only in sum(x)'s order.
+   quantized per 32 inputs (scale a = max|x| / levels), and 16 outputs at a time are summed
+   exactly in integers, then scaled: per block, y += d * a * sum(q * xq) + m * sum(x).
+   - AVX512-VNNI: int16 activations (2**-15 of the block's largest value, finer than bfloat16's
+     2**-9), summed by vpdpwssd (32 products an instruction, twice float32's FMA).
+   - AVX2: int8 activations (2**-7 of the block's largest, as llama.cpp's own CPU matmuls take
+     them: ~1 % of a product's size, so greedy tokens may part from float32's after a near-tie),
+     summed by vpmaddubsw: 32 products an instruction, where int16's vpmaddwd takes 16 and the
+     multiplies are what bound a decode step of many rows (1.5x over int16 at 16 rows).
    The weight is [N/16][K/32] blocks of INT4_BLOCK bytes: 8 chunks of 32 bytes, each two steps of
    2 inputs x 16 outputs (byte 2o + i: output o, input i; the even step in the low nibbles), then
    the 16 outputs' d, then their m (float16). */
@@ -315,7 +318,8 @@ static inline __attribute__((always_inline)) void q8_rows(
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define INT_MATMULS 1
-#define ROW_TILE 4 /* 16 vector registers: 4 rows' int32 and float32 sums of two halves fill them */
+#define ROW_TILE 4 /* 16 vector registers: 4 rows' integer and float32 sums fill them */
+#define INT8_ACTIVATIONS 1
 #include <immintrin.h>
 
 static inline float max8(__m256 v) {
@@ -402,6 +406,93 @@ static inline __attribute__((always_inline)) void int4_rows(
     }
 }
 
+/* Row r's 32-input blocks in int8 steps (at most 127 in size: vpmaddubsw's pairs of products stay
+   within int16), their scales and float sums. */
+static void quantize_rows_int8(const float* x, int rows, int k, int8_t* q, float* scales, float* sums) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    /* packs works within 128-bit lanes: their 4-byte groups come out as 0 2 4 6 1 3 5 7 */
+    const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int groups = k / 32;
+    for (int r = 0; r < rows; r++) {
+        for (int g = 0; g < groups; g++) {
+            const float* a = x + (int64_t)r * k + g * 32;
+            __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(a + 8 * i);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+                total = _mm256_add_ps(total, v[i]);
+            }
+            float largest = max8(amax);
+            __m256 inv = _mm256_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+            __m256i qv[4];
+            for (int i = 0; i < 4; i++) qv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qv[0], qv[1]), _mm256_packs_epi32(qv[2], qv[3]));
+            _mm256_storeu_si256((__m256i*)(q + (int64_t)r * k + g * 32), _mm256_permutevar8x32_epi32(bytes, in_order));
+            scales[(int64_t)r * groups + g] = largest / 127.f;
+            sums[(int64_t)r * groups + g] = sum8(total);
+        }
+    }
+}
+
+/* As the AVX-512 int4_rows, with int8 activations: vpmaddubsw multiplies a chunk's 32 nibbles (16
+   outputs x 2 inputs) by an input pair, into 16 int16 sums. A sum of 8 such steps (16 products of at
+   most 15 x 127) fits int16, so each half block of 4 chunks is summed in int16 and widened to int32
+   as even and odd outputs; unpacked, those come out as outputs [0-3 | 8-11] and [4-7 | 12-15],
+   the order d, m and the float sums are kept in (in-lane shuffles only: Zen 1 splits the others). */
+static inline __attribute__((always_inline)) void int4_rows_int8(
+    const int R, const uint8_t* w, int groups, const int8_t* q, int k, const float* scales, const float* sums_x,
+    float* out, int64_t n) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256 acc[ROW_TILE][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++, w += INT4_BLOCK) {
+        for (int line = 0; line < INT4_BLOCK; line += 64)
+            _mm_prefetch((const char*)(w + 4 * INT4_BLOCK + line), _MM_HINT_T0);
+        __m128i dlo = _mm_loadu_si128((const __m128i*)(w + 256)), dhi = _mm_loadu_si128((const __m128i*)(w + 272));
+        __m128i mlo = _mm_loadu_si128((const __m128i*)(w + 288)), mhi = _mm_loadu_si128((const __m128i*)(w + 304));
+        __m256 d[2] = {_mm256_cvtph_ps(_mm_unpacklo_epi64(dlo, dhi)), _mm256_cvtph_ps(_mm_unpackhi_epi64(dlo, dhi))};
+        __m256 m[2] = {_mm256_cvtph_ps(_mm_unpacklo_epi64(mlo, mhi)), _mm256_cvtph_ps(_mm_unpackhi_epi64(mlo, mhi))};
+        __m256i even[ROW_TILE], odd[ROW_TILE];
+        _Pragma("GCC unroll 2")  /* unrolled: 1.1x at 16 rows */
+        for (int half = 0; half < 2; half++) {
+            __m256i sums[ROW_TILE];
+            for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 4")
+            for (int c = 4 * half; c < 4 * half + 4; c++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + 32 * c));
+                __m256i low = _mm256_and_si256(bytes, nibble);
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+                for (int r = 0; r < R; r++) {
+                    const int16_t* pairs = (const int16_t*)(q + (int64_t)r * k + g * 32) + 2 * c;
+                    sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(low, _mm256_set1_epi16(pairs[0])));
+                    sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(high, _mm256_set1_epi16(pairs[1])));
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m256i e = _mm256_srai_epi32(_mm256_slli_epi32(sums[r], 16), 16), o = _mm256_srai_epi32(sums[r], 16);
+                even[r] = half ? _mm256_add_epi32(even[r], e) : e;
+                odd[r] = half ? _mm256_add_epi32(odd[r], o) : o;
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_set1_ps(scales[(int64_t)r * groups + g]);
+            __m256 sx = _mm256_set1_ps(sums_x[(int64_t)r * groups + g]);
+            __m256i first = _mm256_unpacklo_epi32(even[r], odd[r]), second = _mm256_unpackhi_epi32(even[r], odd[r]);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(d[0], a), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(d[1], a), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(m[0], sx, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(m[1], sx, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float* o = out + (int64_t)r * n;
+        _mm_storeu_ps(o, _mm256_castps256_ps128(acc[r][0]));
+        _mm_storeu_ps(o + 4, _mm256_castps256_ps128(acc[r][1]));
+        _mm_storeu_ps(o + 8, _mm256_extractf128_ps(acc[r][0], 1));
+        _mm_storeu_ps(o + 12, _mm256_extractf128_ps(acc[r][1], 1));
+    }
+}
+
 /* As the AVX-512 q8_rows: the first `columns` of 16 outputs, in two halves of 8. */
 static inline __attribute__((always_inline)) void q8_rows(
     const int R, const int8_t* w, const float* wscales, int groups, const int16_t* q, int k, const float* steps,
@@ -440,32 +531,83 @@ static inline __attribute__((always_inline)) void q8_rows(
 #ifdef INT_MATMULS
 int int_matmuls_supported(void) { return 1; }
 
+/* One block row of W (16 outputs) for all rows of x, in tiles of as many rows as the registers hold. */
+static void int4_block(const uint8_t* w, int groups, int rows, const void* activations, int k, const float* scales,
+                       const float* sums, float* out, int64_t n) {
+    const int16_t* q = activations;
+    int r = 0;
+#if ROW_TILE == 8
+    for (; r + 8 <= rows; r += 8)
+        int4_rows(8, w, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
+                  out + r * n, n);
+#endif
+    for (; r + 4 <= rows; r += 4)
+        int4_rows(4, w, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
+                  out + r * n, n);
+    for (; r < rows; r++)
+        int4_rows(1, w, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
+                  out + r * n, n);
+}
+
+#ifdef INT8_ACTIVATIONS
+static int int8_activations = 1;  /* by default where the CPU has them (AVX2) */
+
+static void int4_block_int8(const uint8_t* w, int groups, int rows, const void* activations, int k,
+                            const float* scales, const float* sums, float* out, int64_t n) {
+    const int8_t* q = activations;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4)
+        int4_rows_int8(4, w, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
+                       out + r * n, n);
+    for (; r < rows; r++)
+        int4_rows_int8(1, w, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
+                       out + r * n, n);
+}
+#endif
+
+/* The int4 matmul's activation steps, max|x| / levels: 127 (int8) or 32767 (int16), the process's
+   setting (PAGODA_CPU_INT4_ACTIVATIONS, pagoda/kernels/cpu_native.py). Where the CPU has only the
+   int16 kernel (AVX512-VNNI) they stay 32767 whatever is asked. */
+void set_int4_activation_levels(int levels) {
+#ifdef INT8_ACTIVATIONS
+    int8_activations = levels == 127;
+#else
+    (void)levels;
+#endif
+}
+
+int int4_activation_levels(void) {
+#ifdef INT8_ACTIVATIONS
+    if (int8_activations) return 127;
+#endif
+    return 32767;
+}
+
 /* out [rows, n] = x [rows, k] @ W^T for W packed as above (k a multiple of 32, n of 16); 1 without memory. */
 int int4_matmul(const float* x, int rows, int k, const uint8_t* w, int64_t n, float* out) {
     if (rows == 0) return 0;  /* (aligned_alloc of nothing may give NULL) */
     int groups = k / 32;
-    int16_t* q = aligned_alloc(64, ((size_t)rows * k * sizeof(int16_t) + 63) / 64 * 64);
+    size_t activation_size = sizeof(int16_t);
+    void (*block)(const uint8_t*, int, int, const void*, int, const float*, const float*, float*, int64_t) = int4_block;
+#ifdef INT8_ACTIVATIONS
+    if (int8_activations) {
+        activation_size = sizeof(int8_t);
+        block = int4_block_int8;
+    }
+#endif
+    void* q = aligned_alloc(64, ((size_t)rows * k * activation_size + 63) / 64 * 64);
     float* scales = malloc(sizeof(float) * 2 * (size_t)rows * groups);
     if (!q || !scales) { free(q); free(scales); return 1; }
     float* sums = scales + (size_t)rows * groups;
-    quantize_rows(x, rows, k, q, scales, sums);
+#ifdef INT8_ACTIVATIONS
+    if (int8_activations) quantize_rows_int8(x, rows, k, q, scales, sums);
+    else
+#endif
+        quantize_rows(x, rows, k, q, scales, sums);
     int64_t blocks = n / 16;
     #pragma omp parallel for schedule(static) if (blocks * rows * groups > 256)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t* wb = w + b * groups * INT4_BLOCK;
-        int r = 0;
-#if ROW_TILE == 8
-        for (; r + 8 <= rows; r += 8)
-            int4_rows(8, wb, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
-                      out + r * n + b * 16, n);
-#endif
-        for (; r + 4 <= rows; r += 4)
-            int4_rows(4, wb, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
-                      out + r * n + b * 16, n);
-        for (; r < rows; r++)
-            int4_rows(1, wb, groups, q + (int64_t)r * k, k, scales + (int64_t)r * groups, sums + (int64_t)r * groups,
-                      out + r * n + b * 16, n);
-    }
+    for (int64_t b = 0; b < blocks; b++)
+        block(w + b * groups * INT4_BLOCK, groups, rows, q, k, scales, sums, out + b * 16, n);
     free(q);
     free(scales);
     return 0;
@@ -607,6 +749,8 @@ int q8_matmul(const float* x, int rows, int k, const int8_t* blocks, const float
 }
 #else
 int int_matmuls_supported(void) { return 0; }
+void set_int4_activation_levels(int levels) {}
+int int4_activation_levels(void) { return 0; }
 int decode_layers(void) { return 1; } /* never called: layers run in C only where int_matmuls_supported() */
 int int4_matmul(const float* x, int rows, int k, const unsigned char* w, int64_t n, float* out) { return 1; }
 int q8_matmul(const float* x, int rows, int k, const signed char* blocks, const float* scales, int64_t n, float* out) {

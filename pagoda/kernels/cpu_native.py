@@ -4,9 +4,13 @@
   torch ops that is a write, a gather and scaled_dot_product_attention a layer (~25-45 us at one
   stream of the default model, of which the arithmetic is a few; docs/benchmarks.md, "CPU, session 26");
 - the 4-bit weight-only matmul (`torch.ops.pagoda.int4_matmul`, for pagoda/quantization/int4pack.py)
-  where the CPU has AVX512-VNNI or AVX2: activations in int16 per 32 inputs, summed exactly in int32
-  (vpdpwssd; vpmaddwd on AVX2), 1.6-2.2x torch's int4 kernel over a decode step's layers with VNNI
-  (docs/benchmarks.md, "CPU, session 27") and 2.4x with AVX2 ("CPU, session 29");
+  where the CPU has AVX512-VNNI or AVX2: activations in steps of each 32 inputs' largest, summed
+  exactly in integers. With VNNI in int16 (vpdpwssd), 1.6-2.2x torch's int4 kernel over a decode
+  step's layers (docs/benchmarks.md, "CPU, session 27"). With AVX2 in int8 by default, as llama.cpp
+  takes them (vpmaddubsw; ~1.4x int16's vpmaddwd at 16 rows, "CPU, session 30"), or in int16 with
+  PAGODA_CPU_INT4_ACTIVATIONS=int16 (2.4x torch's kernel, "CPU, session 29"): int8 steps move the
+  default model's logits by ~0.07 nats (median) and its perplexity by ~1 %, so greedy tokens may
+  part from the float32 path's where its two best are that close;
 - the Q8_0 rows' matmul of the LM head's screen (pagoda/layers/lm_head_screen.py), the same way;
 - the decoder layers' RMSNorm (with the residual add before it), rotary embedding and SiLU-and-mul
   in float32, where torch's several small ops a call cost more than the arithmetic at decode
@@ -86,6 +90,9 @@ def load() -> ctypes.CDLL | None:
             ]
     library.int4_matmul.restype = _I
     library.int4_matmul.argtypes = [_P, _I, _I, _P, _I64, _P]
+    library.set_int4_activation_levels.restype = None
+    library.set_int4_activation_levels.argtypes = [_I]
+    library.set_int4_activation_levels(_activation_levels(os.environ.get("PAGODA_CPU_INT4_ACTIVATIONS", "int8")))
     library.q8_matmul.restype = _I
     library.q8_matmul.argtypes = [_P, _I, _I, _P, _P, _I64, _P]
     library.q8_exact_near_the_max.restype = None
@@ -216,6 +223,28 @@ def int_matmuls_available() -> bool:
     and F16C)."""
     library = load()
     return library is not None and bool(library.int_matmuls_supported())
+
+
+_ACTIVATION_LEVELS = {"int8": 127, "int16": 32767}
+
+
+def _activation_levels(name: str) -> int:
+    if name not in _ACTIVATION_LEVELS:
+        raise ValueError(f"PAGODA_CPU_INT4_ACTIVATIONS={name!r}: the int4 matmul's activations are int8 or int16")
+    return _ACTIVATION_LEVELS[name]
+
+
+def set_int4_activations(name: str) -> None:
+    """This process's int4 matmul activations from now on: "int8" (where the CPU has AVX2 without
+    AVX512-VNNI, the default) or "int16" (the only kind with VNNI), as PAGODA_CPU_INT4_ACTIVATIONS
+    sets them at the library's load."""
+    load().set_int4_activation_levels(_activation_levels(name))
+
+
+def int4_activation_levels() -> int:
+    """The int4 matmul's activations: each block of 32 inputs in steps of max|x| / this (127: int8;
+    32767: int16)."""
+    return load().int4_activation_levels()
 
 
 def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

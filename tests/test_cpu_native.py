@@ -7,6 +7,8 @@ The decoder layers' RMSNorm, rotary embedding and SiLU-and-mul against their tor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_triton_attention import _batch, _run
@@ -137,6 +139,24 @@ def test_int4_matmul_equals_its_arithmetic_in_torch(n, k, int4_activations):
         assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
         exact = x @ exact_weight.t()  # int16 steps: far inside bfloat16's 2**-9; int8: within ~1 %
         assert ((got - exact).norm() / exact.norm()).item() < 3.3 / cpu_native.int4_activation_levels(), rows
+
+
+@needs_int_matmuls
+def test_int4_activations_are_int8_or_int16(monkeypatch):
+    """PAGODA_CPU_INT4_ACTIVATIONS: int16 everywhere, int8 where the CPU has the kernel (AVX2 without
+    VNNI); anything else is an error that names the variable."""
+    with pytest.raises(ValueError, match="PAGODA_CPU_INT4_ACTIVATIONS='int4'"):
+        cpu_native.set_int4_activations("int4")
+    monkeypatch.setenv("PAGODA_CPU_INT4_ACTIVATIONS", "int16")
+    assert _load_afresh() is not None and cpu_native.int4_activation_levels() == 32767
+    monkeypatch.setenv("PAGODA_CPU_INT4_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="int8 or int16"):
+        _load_afresh()
+    monkeypatch.delenv("PAGODA_CPU_INT4_ACTIVATIONS")
+    assert _load_afresh() is not None
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    vnni = {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+    assert cpu_native.int4_activation_levels() == (32767 if vnni else 127)  # by default int8 where it runs
 
 
 @needs_int_matmuls

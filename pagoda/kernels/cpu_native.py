@@ -238,7 +238,10 @@ def set_int4_activations(name: str) -> None:
     """This process's int4 matmul activations from now on: "int8" (where the CPU has AVX2 without
     AVX512-VNNI, the default) or "int16" (the only kind with VNNI), as PAGODA_CPU_INT4_ACTIVATIONS
     sets them at the library's load."""
-    load().set_int4_activation_levels(_activation_levels(name))
+    levels = _activation_levels(name)
+    library = load()
+    if library is not None:
+        library.set_int4_activation_levels(levels)
 
 
 def int4_activation_levels() -> int:

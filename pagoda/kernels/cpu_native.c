@@ -340,28 +340,34 @@ static inline void store_int16(int16_t* out, __m256i a, __m256i b) {
     _mm256_storeu_si256((__m256i*)out, _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
 }
 
+/* A block of 32 inputs at a as integer steps of its largest size / levels, into q[4] (int32, in
+   order); its step, and its float sum in *sum. */
+static inline float quantize_block(const float* a, float levels, __m256i q[4], float* sum) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(a + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        total = _mm256_add_ps(total, v[i]);
+    }
+    float largest = max8(amax);
+    __m256 inv = _mm256_set1_ps(largest > 0.f ? levels / largest : 0.f);
+    for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    *sum = sum8(total);
+    return largest / levels;
+}
+
 /* As the AVX-512 quantize_rows: int16 pairs, scales and float sums of each row's 32-input blocks. */
 static void quantize_rows(const float* x, int rows, int k, int16_t* q, float* scales, float* sums) {
-    const __m256 sign = _mm256_set1_ps(-0.f);
     int groups = k / 32;
     for (int r = 0; r < rows; r++) {
         for (int g = 0; g < groups; g++) {
-            const float* a = x + (int64_t)r * k + g * 32;
-            __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_loadu_ps(a + 8 * i);
-                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-                total = _mm256_add_ps(total, v[i]);
-            }
-            float largest = max8(amax);
-            __m256 inv = _mm256_set1_ps(largest > 0.f ? 32767.f / largest : 0.f);
             __m256i qv[4];
-            for (int i = 0; i < 4; i++) qv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            int64_t at = (int64_t)r * groups + g;
+            scales[at] = quantize_block(x + (int64_t)r * k + g * 32, 32767.f, qv, &sums[at]);
             int16_t* out = q + (int64_t)r * k + g * 32;
             store_int16(out, qv[0], qv[1]);
             store_int16(out + 16, qv[2], qv[3]);
-            scales[(int64_t)r * groups + g] = largest / 32767.f;
-            sums[(int64_t)r * groups + g] = sum8(total);
         }
     }
 }
@@ -409,27 +415,16 @@ static inline __attribute__((always_inline)) void int4_rows(
 /* Row r's 32-input blocks in int8 steps (at most 127 in size: vpmaddubsw's pairs of products stay
    within int16), their scales and float sums. */
 static void quantize_rows_int8(const float* x, int rows, int k, int8_t* q, float* scales, float* sums) {
-    const __m256 sign = _mm256_set1_ps(-0.f);
     /* packs works within 128-bit lanes: their 4-byte groups come out as 0 2 4 6 1 3 5 7 */
     const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int groups = k / 32;
     for (int r = 0; r < rows; r++) {
         for (int g = 0; g < groups; g++) {
-            const float* a = x + (int64_t)r * k + g * 32;
-            __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_loadu_ps(a + 8 * i);
-                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-                total = _mm256_add_ps(total, v[i]);
-            }
-            float largest = max8(amax);
-            __m256 inv = _mm256_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
             __m256i qv[4];
-            for (int i = 0; i < 4; i++) qv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            int64_t at = (int64_t)r * groups + g;
+            scales[at] = quantize_block(x + (int64_t)r * k + g * 32, 127.f, qv, &sums[at]);
             __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qv[0], qv[1]), _mm256_packs_epi32(qv[2], qv[3]));
             _mm256_storeu_si256((__m256i*)(q + (int64_t)r * k + g * 32), _mm256_permutevar8x32_epi32(bytes, in_order));
-            scales[(int64_t)r * groups + g] = largest / 127.f;
-            sums[(int64_t)r * groups + g] = sum8(total);
         }
     }
 }

@@ -219,7 +219,8 @@ void silu_and_mul(const float* x, int rows, int n, float* out) {
    - AVX2: int8 activations (2**-7 of the block's largest, as llama.cpp's own CPU matmuls take
      them: ~1 % of a product's size, so greedy tokens may part from float32's after a near-tie),
      summed by vpmaddubsw: 32 products an instruction, where int16's vpmaddwd takes 16 and the
-     multiplies are what bound a decode step of many rows (1.5x over int16 at 16 rows).
+     multiplies are what bound a decode step of many rows (~1.6x over int16 at 16 rows). Unless
+     the process asks for int16 (set_int4_activation_levels), summed as VNNI's by vpmaddwd.
    The weight is [N/16][K/32] blocks of INT4_BLOCK bytes: 8 chunks of 32 bytes, each two steps of
    2 inputs x 16 outputs (byte 2o + i: output o, input i; the even step in the low nibbles), then
    the 16 outputs' d, then their m (float16). */

@@ -48,7 +48,8 @@ def test_the_c_layers_give_the_modules_bits(arch, kv_cache_dtype, tmp_path, monk
     with_c = _run(llm, PROMPTS)
     layers = _layers(llm)
     assert all(isinstance(layer.c_layer, CDecodeLayer) for layer in layers)
-    assert _model(llm).c_stack.layers == [layer.c_layer for layer in layers]  # all of them in one call
+    assert _model(llm).c_stack.layers == [layer.c_layer for layer in layers]  # all of them in one call,
+    assert all(layer.c_stack is None for layer in layers)  # and none again a layer a call
     served = [done for done in calls if done is not None]
     assert served and len(served) < len(calls)  # decode steps in C; steps with prefill chunks in the modules
     _modules_only(llm)

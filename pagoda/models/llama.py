@@ -183,7 +183,8 @@ class LlamaDecoderLayer(nn.Module):
         # A decode step's layer in C on the CPU, where the layer is of that kind
         # (pagoda/models/cpu_decode_layer.py); built once its weights are loaded (built_c_layer).
         self.c_layer: CDecodeLayer | None | object = _UNBUILT
-        self.c_stack: CDecodeStack | None = None  # the layer alone in one C call, where the model's are not
+        # The layer alone in one C call, where the model's call (LlamaModel.built_c_stack) does not run them all.
+        self.c_stack: CDecodeStack | None = None
 
     def built_c_layer(self) -> CDecodeLayer | None:
         if self.c_layer is _UNBUILT:
@@ -199,7 +200,7 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hidden.is_cuda and not torch.compiler.is_compiling() and self.built_c_layer():
+        if not hidden.is_cuda and not torch.compiler.is_compiling() and self.built_c_layer() and self.c_stack:
             done = self.c_stack(positions, hidden, residual, [kv_cache], metadata)
             if done:
                 return done
@@ -297,6 +298,9 @@ class LlamaModel(nn.Module):
             layers = list(islice(self.layers, self.layer_range.start, self.layer_range.stop))
             c_layers = [isinstance(layer, LlamaDecoderLayer) and layer.built_c_layer() for layer in layers]
             self.c_stack = CDecodeStack(c_layers) if c_layers and all(c_layers) else None
+            if self.c_stack is not None:  # it runs their decode steps: their own calls would only check again
+                for layer in layers:
+                    layer.c_stack = None
         return self.c_stack
 
     def _decode_in_c(

@@ -7,7 +7,7 @@
   where the CPU has AVX512-VNNI or AVX2: activations in steps of each 32 inputs' largest, summed
   exactly in integers. With VNNI in int16 (vpdpwssd), 1.6-2.2x torch's int4 kernel over a decode
   step's layers (docs/benchmarks.md, "CPU, session 27"). With AVX2 in int8 by default, as llama.cpp
-  takes them (vpmaddubsw; ~1.4x int16's vpmaddwd at 16 rows, "CPU, session 30"), or in int16 with
+  takes them (vpmaddubsw; ~1.6x int16's vpmaddwd at 16 rows, "CPU, session 30"), or in int16 with
   PAGODA_CPU_INT4_ACTIVATIONS=int16 (2.4x torch's kernel, "CPU, session 29"): int8 steps move the
   default model's logits by ~0.07 nats (median) and its perplexity by ~1 %, so greedy tokens may
   part from the float32 path's where its two best are that close;

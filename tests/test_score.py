@@ -300,10 +300,11 @@ def test_use_activation_false_gives_raw_logits(cross_encoder_server) -> None:
         classify = http.post("/classify", json={"model": MODEL, "input": ["good movie"], "use_activation": False})
     raw_scores = [d["score"] for d in raw["data"]]
     assert raw_scores == pytest.approx(logits, abs=1e-4)
+    # Separate requests: the same pairs' logits repeat within ~2e-6 (their steps' batches may differ).
     assert [d["score"] for d in default["data"]] == pytest.approx(
-        torch.sigmoid(torch.tensor(raw_scores)).tolist(), abs=1e-6
+        torch.sigmoid(torch.tensor(raw_scores)).tolist(), abs=1e-5
     )
-    assert [d["score"] for d in on["data"]] == pytest.approx([d["score"] for d in default["data"]], abs=1e-6)
+    assert [d["score"] for d in on["data"]] == pytest.approx([d["score"] for d in default["data"]], abs=1e-5)
     (data,) = classify.json()["data"]
     assert data["probs"] == pytest.approx(hf_logits(path, "good movie").tolist(), abs=1e-4)
     assert data["label"] == "relevant" and data["num_classes"] == 1

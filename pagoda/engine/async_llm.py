@@ -106,7 +106,7 @@ class AsyncLLM:
         self.iteration_listeners: list[IterationListener] = []
         self.dead_listeners: list[DeadListener] = []
         # The EOS ids the cores are built with come from the tokenizer: it loads first.
-        self.processor = InputProcessor(config)
+        self.processor = InputProcessor(config, apart=True)
         self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
         self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)

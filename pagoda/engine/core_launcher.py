@@ -34,9 +34,10 @@ import traceback
 from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
 
-# What a core imports before it can build its engine: the core's loop and engine, the model code,
-# and the configuration classes its pickled config needs (transformers' take seconds to import).
-CORE_MODULES = ["pagoda.engine.core_proc", "pagoda.models", "transformers.activations"]
+# What a core imports before it can build its engine: the core's loop and engine, and the model
+# code. Its config is Pagoda's own (a ModelSpec): transformers' config classes stay out of the cores
+# (pagoda/engine/resolve_apart.py).
+CORE_MODULES = ["pagoda.engine.core_proc", "pagoda.models"]
 # Random weights are drawn under the names of transformers' own model of the config, which the
 # core builds on the meta device: its modeling code takes seconds more to import.
 DUMMY_WEIGHT_MODULES = ["transformers.modeling_utils"]

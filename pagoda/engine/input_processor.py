@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pagoda.config import EngineConfig
-from pagoda.config.resolve import resolve_config
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
-from pagoda.loader.model_loader import load_hf_config, load_tokenizer
-from pagoda.loader.model_resolver import resolve_engine_model
+from pagoda.engine.resolve_apart import resolve_apart, resolve_engine
+from pagoda.loader.model_loader import load_hf_config
 from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.models import model_class
@@ -37,14 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 class InputProcessor:
-    def __init__(self, args: EngineConfig) -> None:
-        """Find the model, load its tokenizer and resolve the engine's configuration, once."""
+    def __init__(self, args: EngineConfig, apart: bool = False) -> None:
+        """Find the model, load its tokenizer and resolve the engine's configuration, once; apart:
+        the configuration in a process of its own (resolve_apart.py: the server's)."""
         started = time.perf_counter()
-        resolved = resolve_engine_model(args)
-        self.tokenizer: Any | None = (
-            None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
-        )
-        self.config = resolve_config(args, resolved, self.tokenizer)
+        resolved, self.tokenizer, self.config = (resolve_apart if apart else resolve_engine)(args)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs

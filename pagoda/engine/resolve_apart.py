@@ -1,0 +1,84 @@
+"""The server's engine configuration, resolved in a short-lived process of its own.
+
+Reading a model's Hugging Face config takes transformers' config classes, and with torch installed
+they import ~1,000 modules more (torch.distributed.tensor, accelerate, sympy: ~70 MB). Once the
+config is a ModelSpec neither the front end nor the engine cores need any of them, yet an import
+stays for the life of the process that made it, and the cores, forked from the front end's
+imports, would share it. So `pagoda serve` resolves its configuration in a fork of the core
+server (pagoda/engine/core_launcher.py: torch and the engine imported, transformers' configs not),
+which sends the ResolvedModel and ResolvedConfig back and exits. The offline LLM resolves in its
+own process, which builds the model too."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pagoda.config import EngineConfig
+from pagoda.config.groups import ResolvedConfig
+from pagoda.config.resolve import resolve_config
+from pagoda.engine.core_launcher import core_process_context
+from pagoda.loader.model_loader import load_tokenizer
+from pagoda.loader.model_resolver import ResolvedModel, resolve_engine_model
+from pagoda.logger import log_to_stderr
+
+
+# A tokenizer that does not pickle is loaded by the front end instead.
+_NOT_SENT = "pagoda: the tokenizer did not pickle"
+_UNPICKLABLE = (pickle.PicklingError, TypeError, AttributeError)
+
+
+def resolve_engine(args: EngineConfig) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    """The model found, its tokenizer (None with skip_tokenizer_init) and the engine's configuration."""
+    resolved = resolve_engine_model(args)
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+    return resolved, tokenizer, resolve_config(args, resolved, tokenizer)
+
+
+def resolve_apart(args: EngineConfig) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    """resolve_engine(args), run in a fork of the core server; the tokenizer comes back pickled
+    (loaded here where it does not pickle: a model's own code). What it raises is raised here (as
+    a RuntimeError naming it where it does not pickle)."""
+    context = core_process_context()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_resolve_and_send, name="pagoda-resolve", daemon=True,
+        args=(args, send, logging.getLogger().getEffectiveLevel(), dict(os.environ)),
+    )
+    process.start()
+    send.close()  # so that the child's end alone holds the pipe open: EOF once it has gone
+    try:
+        result = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the process resolving the engine's configuration exited with {process.exitcode}") from None
+    finally:
+        receive.close()
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    resolved, tokenizer, config = result
+    if tokenizer is _NOT_SENT:
+        tokenizer = load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+    return resolved, tokenizer, config
+
+
+def _resolve_and_send(args: EngineConfig, send: Connection, log_level: int, env: dict[str, str]) -> None:
+    # The front end's environment as of now (the core server's is older): the cache and hub paths.
+    os.environ.clear()
+    os.environ.update(env)
+    log_to_stderr(log_level)
+    try:
+        result: Any = resolve_engine(args)
+    except Exception as error:  # the front end raises it, as if it had resolved the config itself
+        result = error
+    try:
+        send.send(result)  # pickled whole before a byte is sent
+    except _UNPICKLABLE:
+        if isinstance(result, BaseException):
+            send.send(RuntimeError(f"{type(result).__name__}: {result}"))
+        else:
+            send.send((result[0], _NOT_SENT, result[2]))

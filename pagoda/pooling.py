@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 # sentence-transformers' Pooling config switch -> our pooling type.
 _ST_POOLING_MODES = {
@@ -88,6 +86,8 @@ def probabilities(logits: list[float], use_activation: bool | None = None) -> li
     """A classifier's label probabilities, as vLLM's: the sigmoid of a single logit (a
     cross-encoder's relevance), else the softmax over the labels; the logits themselves when
     use_activation is False (vLLM's switch; None is True)."""
+    import torch  # on a pooling model's first request: the server's front end starts without torch
+
     values = torch.tensor(logits, dtype=torch.float32)
     if use_activation is False:
         return values.tolist()
@@ -143,6 +143,8 @@ def check_dimensions(config: PoolerConfig, model_name: str, dimensions: int | No
 def embedding(pooled: list[float], config: PoolerConfig, params: PoolingParams) -> list[float]:
     """The embedding of a pooled vector: its first `dimensions` values, L2-normalized unless the
     request or else the model's config says not to."""
+    import torch  # as in probabilities
+
     vector = torch.tensor(pooled[: params.dimensions], dtype=torch.float32)
     if config.normalize if params.normalize is None else params.normalize:
         vector = torch.nn.functional.normalize(vector, dim=0)

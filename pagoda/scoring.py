@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def pair_indices(num_1: int, num_2: int, names: tuple[str, str]) -> list[tuple[int, int]]:
     """vLLM's pairing of two fields' texts: the first's one text with each of the second's (1 to
@@ -39,4 +37,6 @@ def encode_pair(tokenizer: Any, text_1: str, text_2: str, max_length: int | None
 def cosine_score(pooled_1: list[float], pooled_2: list[float]) -> float:
     """Two texts' score on an embedding model: their vectors' cosine similarity (the same
     normalized or not)."""
+    import torch  # on an embedding model's first score: the server's front end starts without torch
+
     return torch.nn.functional.cosine_similarity(torch.tensor(pooled_1), torch.tensor(pooled_2), dim=0).item()

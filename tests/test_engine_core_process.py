@@ -43,9 +43,7 @@ def test_a_library_engines_core_process_loads_no_tokenizer(tmp_path):
     # AsyncLLM used as a library starts its core from multiprocessing's own fork server, a fresh
     # interpreter that imports the core's modules only: never the tokenizers library, since the
     # front end detokenizes. A checkpoint's weights: random ones (--load-format dummy) are named
-    # after transformers' own model of the config, whose modeling code imports tokenizers. (Under
-    # `pagoda serve` the core is a fork of the front end and shares what that imported:
-    # tests/test_process_memory.py.)
+    # after transformers' own model of the config, whose modeling code imports tokenizers.
     engine = AsyncLLM(EngineConfig(model=tiny_model_args(tmp_path)[0], device="cpu", max_model_len=256))
     try:
         assert _maps_tokenizers(os.getpid())  # this process's tokenizer: the check sees it

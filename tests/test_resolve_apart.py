@@ -1,17 +1,19 @@
 """The server resolves its engine configuration in a short-lived process (engine/resolve_apart.py):
-the same ModelSpec, config and tokenizer as resolving in place, the same errors, and neither the
+the same ModelSpec, config and tokenizer as resolving in place, the same errors; neither the
 front end nor the engine cores import transformers' config classes, which bring ~1,000 modules
-(torch.distributed.tensor, accelerate) that only reading the config needs."""
+(torch.distributed.tensor, accelerate) that only reading the config needs, and the front end
+imports no torch: it holds the configuration's torch values by name (config/torch_values.py)."""
 
 from __future__ import annotations
 
 import pickle
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from pagoda.config import EngineConfig
+from pagoda.config import EngineConfig, torch_values
 from pagoda.engine import resolve_apart as apart
 from pagoda.engine.core_launcher import CORE_MODULES
 from tests.serving import save_tokenizer
@@ -52,59 +54,74 @@ def test_a_config_that_does_not_resolve_raises_the_same_error(tiny):
 
 
 class _Connection:
-    """A pipe's sending end that refuses the first message, as pickling an unpicklable one would."""
+    """A pipe's sending end that keeps what is sent."""
 
     def __init__(self) -> None:
         self.sent: list[object] = []
 
-    def send(self, message: object) -> None:
-        if not self.sent:
-            self.sent.append(None)
-            raise TypeError("cannot pickle this")
-        self.sent.append(message)
+    def send_bytes(self, message: bytes) -> None:
+        self.sent.append(pickle.loads(message))
 
 
 def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tiny, monkeypatch):
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
-    resolved = apart.resolve_engine(args)
-    monkeypatch.setattr(apart, "resolve_engine", lambda _: resolved)
+    resolved, _, config = apart.resolve_engine(args)
+    monkeypatch.setattr(apart, "resolve_engine", lambda *_: (resolved, threading.Lock(), config))
     sent = _Connection()
-    apart._resolve_and_send(args, sent, 20, {})
-    assert sent.sent[1] == (resolved[0], apart._NOT_SENT, resolved[2])  # the tokenizer: the front end's to load
+    apart._resolve_and_send(args, False, sent, 20, {})
+    assert sent.sent == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
 
-    class Unpicklable(Exception):
+    class Unpicklable(Exception):  # a local class: pickled by a name that does not import
         pass
 
-    monkeypatch.setattr(apart, "resolve_engine", lambda _: (_ for _ in ()).throw(Unpicklable("a bad field")))
+    monkeypatch.setattr(apart, "resolve_engine", lambda *_: (_ for _ in ()).throw(Unpicklable("a bad field")))
     sent = _Connection()
-    apart._resolve_and_send(args, sent, 20, {})
-    error = sent.sent[1]
+    apart._resolve_and_send(args, False, sent, 20, {})
+    [error] = sent.sent
     assert isinstance(error, RuntimeError) and str(error) == "Unpicklable: a bad field"
-    assert pickle.loads(pickle.dumps(error)).args == error.args
 
 
-def _imports_config_classes(code: str) -> bool:
-    run = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print({CONFIG_CLASSES_CHAIN!r} in sys.modules)"],
+def test_torch_values_cross_by_name_into_a_process_without_torch():
+    config = apart.resolve_engine(EngineConfig(device="cpu", skip_tokenizer_init=True))[2]
+    assert pickle.loads(torch_values.dumps(config)) == config  # where torch is: torch's own values
+    code = f"""
+import pickle, sys
+config = pickle.loads({torch_values.dumps(config)!r})
+assert "torch" not in sys.modules
+dtype, device = config.model.dtype, config.device.device
+assert (str(dtype), dtype.kind, device.type) == ("torch.float32", "dtype", "cpu"), (dtype, device)
+sys.stdout.buffer.write(pickle.dumps(config))  # as the front end sends it to a core
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    assert pickle.loads(run.stdout) == config  # torch's values again where torch is
+
+
+def _imported(code: str, module: str) -> bool:
+    """Whether running `code` in a new interpreter imports `module`."""
+    run = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print({module!r} in sys.modules)"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout.split()[-1] == "True"
 
 
 def test_the_cores_preloaded_modules_import_no_config_classes():
-    assert not _imports_config_classes(f"import {', '.join(CORE_MODULES)}")
+    assert not _imported(f"import {', '.join(CORE_MODULES)}", CONFIG_CLASSES_CHAIN)
 
 
 @pytest.mark.parametrize("apart_", [True, False])
-def test_the_servers_front_end_imports_no_config_classes(tiny, apart_):
-    # As `pagoda serve` starts: the server's imports, the core server forked, the engine. Resolved
-    # in place (the offline LLM's way), the same start imports them: the check sees them.
+@pytest.mark.parametrize("module", [CONFIG_CLASSES_CHAIN, "torch"])
+def test_the_servers_front_end_imports_neither_config_classes_nor_torch(tiny, apart_, module):
+    # As `pagoda serve` starts: the core server, the server's imports, the engine's configuration.
+    # Resolved in place (the offline LLM's way), the same start imports them: the check sees them.
     code = f"""
-import pagoda.entrypoints.openai.server
-from pagoda.config import EngineConfig
 from pagoda.engine.core_launcher import start_core_server
-from pagoda.engine.input_processor import InputProcessor
 start_core_server(dummy_weights=False)
+import pagoda.entrypoints.openai.server
+from pagoda.config import EngineConfig, torch_values
+from pagoda.engine.input_processor import InputProcessor
 processor = InputProcessor(EngineConfig(model={str(tiny)!r}, device="cpu", max_model_len=256), apart={apart_})
 processor.tokenizer.apply_chat_template([{{"role": "user", "content": "hi"}}], tokenize=False)
+assert str(processor.config.model.dtype) == "torch.float32" and processor.config.device.device.type == "cpu"
 """
-    assert _imports_config_classes(code) is not apart_
+    assert _imported(code, module) is not apart_

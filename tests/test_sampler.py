@@ -10,7 +10,8 @@ from pagoda.config import EngineConfig
 from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.engine_args import engine_kwargs
 from pagoda.entrypoints.openai.protocol import CompletionLogprobs, TokenLogprob, TopLogprob
-from pagoda.sample.sampler import Sampler, TopLogprobs, filter_top_k_top_p_min_p, gather_top_logprobs, process_logits
+from pagoda.sample.sampler import Sampler, filter_top_k_top_p_min_p, gather_top_logprobs, process_logits
+from pagoda.sample.top_logprobs import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 from tests.tiny_models import save_tiny_model
 

@@ -21,12 +21,9 @@ from pagoda.config.resolve import _long_prefill_token_threshold, _max_num_batche
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request
 from pagoda.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagoda.config.resolve import SERVER_MAX_NUM_BATCHED_TOKENS
 from pagoda.entrypoints.cli import build_parser
-from pagoda.entrypoints.openai.cli_args import (
-    SERVER_MAX_NUM_BATCHED_TOKENS,
-    server_engine_kwargs,
-    server_max_num_batched_tokens,
-)
+from pagoda.entrypoints.openai.cli_args import server_engine_kwargs
 from pagoda.parallel_config import GpuInventory
 
 
@@ -174,44 +171,46 @@ def serve_kwargs(*flags: str) -> dict:
     return server_engine_kwargs(build_parser().parse_args(["serve", *flags]))
 
 
-def test_serve_steps_hold_fewer_tokens_than_offline_by_default():
-    assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS == 2048
-    assert EngineConfig().max_num_batched_tokens is None  # offline LLM: the engine's default
-    assert serve_kwargs("--max-num-batched-tokens", "8192")["max_num_batched_tokens"] == 8192
+def budget(device: str, server: bool, *flags: str, **config) -> int:
+    """The step budget resolved for these `pagoda serve` flags (or this offline config)."""
+    args = EngineConfig(**serve_kwargs(*flags)) if flags or server else EngineConfig(**config)
+    return _max_num_batched_tokens(args, 1024, torch.device(device), server)
+
+
+def test_serve_steps_hold_fewer_tokens_than_offline_by_default(monkeypatch):
+    monkeypatch.setattr(resolve, "detect_gpus", lambda: GpuInventory(1, 24 * 2**30, (8, 9)))
+    assert budget("cuda", True) == SERVER_MAX_NUM_BATCHED_TOKENS == 2048
+    assert budget("cuda", False) == 8192  # offline LLM: the engine's default
+    assert budget("cpu", True) == budget("cpu", False) == 2048
+    assert budget("cuda", True, "--max-num-batched-tokens", "8192") == 8192
     # Whole prompts in one step: the budget must hold the longest, as the engine sizes it.
     assert serve_kwargs("--no-enable-chunked-prefill")["max_num_batched_tokens"] is None
-    assert serve_kwargs("--runner", "pooling")["max_num_batched_tokens"] is None
+    assert budget("cuda", True, "--no-enable-chunked-prefill") == 2048  # max(max_model_len, 2048)
     kwargs = serve_kwargs("--long-prefill-token-threshold", "512", "--max-num-partial-prefills", "4",
                           "--max-long-partial-prefills", "2")
     assert (kwargs["long_prefill_token_threshold"], kwargs["max_num_partial_prefills"],
             kwargs["max_long_partial_prefills"]) == (512, 4, 2)
 
 
-@pytest.mark.parametrize(("gib", "capability", "budget", "offline_budget"), [
+@pytest.mark.parametrize(("gib", "capability", "served", "offline_budget"), [
     (141, (9, 0), 6144, 16384), (80, (9, 0), 6144, 16384), (80, (8, 0), 2048, 8192), (24, (8, 9), 2048, 8192),
     (48, (9, 0), 2048, 8192),
 ])
-def test_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, budget, offline_budget):
+def test_steps_are_larger_on_large_gpus_from_hopper_on(monkeypatch, gib, capability, served, offline_budget):
     """vLLM's rule's shape: GPUs of 70 GiB or more get larger steps, served and offline (not the
     A100: 80 GB, compute capability 8.0); the measurements behind the numbers are in
     docs/benchmarks.md."""
-    def offline(device: str, **config) -> int:
-        return _max_num_batched_tokens(EngineConfig(**config), 1024, torch.device(device))
-
-    # first a front end without the GPUs (as a Ray head may be), then one with them
-    for gpus, served, unserved in ((GpuInventory(0, 0), SERVER_MAX_NUM_BATCHED_TOKENS, 8192),
-                                   (GpuInventory(1, gib * 2**30, capability), budget, offline_budget)):
+    # first a machine that sees no GPU of its own (as a Ray head may be), then one with them
+    for gpus, server, offline in ((GpuInventory(0, 0), SERVER_MAX_NUM_BATCHED_TOKENS, 8192),
+                                  (GpuInventory(1, gib * 2**30, capability), served, offline_budget)):
         monkeypatch.setattr(parallel_config, "detect_gpus", lambda gpus=gpus: gpus)
         monkeypatch.setattr(resolve, "detect_gpus", lambda gpus=gpus: gpus)
-        assert server_max_num_batched_tokens(torch.device("cuda")) == served
-        assert offline("cuda") == unserved
-    assert offline("cpu") == 2048
-    assert offline("cuda", max_num_batched_tokens=4096) == 4096
-    assert offline("cuda", enable_chunked_prefill=False) == 2048  # whole prompts: max(max_model_len, 2048)
-    assert server_max_num_batched_tokens(torch.device("cpu")) == SERVER_MAX_NUM_BATCHED_TOKENS
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert serve_kwargs()["max_num_batched_tokens"] == budget  # --device auto: the GPU
-    assert serve_kwargs("--device", "cpu")["max_num_batched_tokens"] == SERVER_MAX_NUM_BATCHED_TOKENS
+        assert budget("cuda", True) == server
+        assert budget("cuda", False) == offline
+    assert budget("cpu", False) == 2048
+    assert budget("cuda", False, max_num_batched_tokens=4096) == 4096
+    assert budget("cuda", False, enable_chunked_prefill=False) == 2048  # whole prompts: max(max_model_len, 2048)
+    assert budget("cpu", True) == SERVER_MAX_NUM_BATCHED_TOKENS
 
 
 def test_capped_chunks_give_the_engine_s_greedy_tokens(tmp_path):

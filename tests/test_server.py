@@ -30,7 +30,7 @@ from pagoda.entrypoints.cli import build_parser
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.serving_engine import OpenAIServing, ServerConfig
 from pagoda.loader.model_loader import load_generation_defaults
-from pagoda.sample.sampler import TopLogprobs
+from pagoda.sample.top_logprobs import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 from tests.serving import (
     API_KEY, MAX_MODEL_LEN, MODEL, SPECIALS, descendants, save_tokenizer, serving, still_alive,

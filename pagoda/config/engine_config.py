@@ -8,9 +8,10 @@ import argparse
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 MODEL_IMPLS = ("auto", "pagoda", "transformers")
@@ -24,21 +25,23 @@ TASKS = ("auto", "generate", *POOLING_TASKS)
 # vLLM's --distributed-executor-backend: mp, worker processes on this host; ray, Ray actors on any
 # node of a Ray cluster.
 EXECUTOR_BACKENDS = ("mp", "ray")
+# --dtype's values and the torch dtype each names (by its name in torch: the server's front end,
+# which reads these flags, imports no torch).
 DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
 }
 # vLLM's --kv-cache-dtype values: auto (the model's dtype) or an fp8 format; fp8 means fp8_e4m3.
 KV_CACHE_DTYPES = {
     "auto": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
 # vLLM's --tokenizer-mode values: auto and hf load the fast tokenizer, slow the Python one; mistral
 # (mistral_common's) and custom (a registered class) are vLLM's own loaders, which Pagoda has not.
@@ -298,6 +301,8 @@ class EngineConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

@@ -6,15 +6,16 @@ defaults live in EngineConfig alone: no field here has one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagoda.config.model_spec import ModelSpec
 from pagoda.core.scheduler import SchedulerConfig
 from pagoda.loader.model_resolver import ResolvedModel
 from pagoda.lora.config import LoRAConfig
 from pagoda.pooling import PoolerConfig
+
+if TYPE_CHECKING:  # a process without torch holds its dtypes and devices by name (config/torch_values.py)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ModelConfig:
     # SamplingParams fields a request leaves unset take these (generation_config,
     # override_generation_config): what LLM.get_default_sampling_params and the server apply.
     default_sampling: dict[str, Any]
+    multimodal: bool  # its prompts may hold images (the model class's is_multimodal)
     # What no request's max_tokens may pass on the server, as vLLM's: a --generation-config
     # folder's max_new_tokens, or --override-generation-config's (the model's own is a default only).
     max_tokens_cap: int | None = None
@@ -117,6 +119,8 @@ class ResolvedConfig:
         return 0 if self.speculative is None else self.speculative.num_speculative_tokens
 
     def rank_device(self, rank: int) -> torch.device:
+        import torch
+
         device = self.device.device
         if device.type != "cuda":
             return device

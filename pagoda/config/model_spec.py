@@ -1,13 +1,14 @@
-"""ModelSpec: a model's shape and switches, read once from its Hugging Face config by the front
-end (config/resolve.py) and shipped to the engine core and its workers, which build the model from
+"""ModelSpec: a model's shape and switches, read once from its Hugging Face config
+(config/resolve.py) and shipped to the engine core and its workers, which build the model from
 it and never read a config file or import transformers' config classes (which import tokenizers)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # a process without torch holds its dtypes by name (config/torch_values.py)
+    import torch
 
 
 @dataclass(frozen=True)

@@ -68,10 +68,13 @@ from pagoda.structured_output.grammar import grammar_vocab
 logger = logging.getLogger(__name__)
 
 
-def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None = None) -> ResolvedConfig:
+def resolve_config(
+    args: EngineConfig, resolved: ResolvedModel, tokenizer: Any | None = None, server: bool = False
+) -> ResolvedConfig:
     """resolved: where the model's files are (loader/model_resolver.py); tokenizer: the front
     end's (None: skip_tokenizer_init), whose EOS token ends requests besides those the model's
-    configs name, and whose vocabulary grammars are compiled against."""
+    configs name, and whose vocabulary grammars are compiled against; server: with `pagoda
+    serve`'s defaults (its step budget), as vLLM's server has its own."""
     speculative = resolve_speculative(args.speculative_config, args.speculative_model, args.num_speculative_tokens)
     device = args.torch_device()
     model = _model_config(args, resolved, tokenizer, device, speculative is not None)
@@ -102,7 +105,7 @@ def resolve_config(args: EngineConfig, resolved: ResolvedModel, tokenizer: Any |
             args.num_gpu_blocks_override, _kv_cache_memory_bytes(args.kv_cache_memory_bytes, device),
         ),
         scheduler=SchedulerConfig(
-            args.max_num_seqs, _max_num_batched_tokens(args, model.max_model_len, device), model.max_model_len,
+            args.max_num_seqs, _max_num_batched_tokens(args, model.max_model_len, device, server), model.max_model_len,
             args.enable_chunked_prefill, _async_scheduling(args.async_scheduling, device, parallel),
             _long_prefill_token_threshold(args, model.max_model_len), args.max_num_partial_prefills,
             args.max_long_partial_prefills,
@@ -150,7 +153,7 @@ def _model_config(
     return ModelConfig(
         resolved, spec, args.load_format, dtype, _max_model_len(args.max_model_len, spec),
         args.seed, eos_token_ids, vocab, pooler, _quantization(args.quantization, spec, device, dtype),
-        defaults, max_tokens_cap(args, defaults), args.logprobs_mode,
+        defaults, model_class(spec.architecture).is_multimodal, max_tokens_cap(args, defaults), args.logprobs_mode,
     )
 
 
@@ -346,7 +349,8 @@ def model_spec(hf_config: Any, model_impl: str = "auto") -> ModelSpec:
     rope, local_rope = _rope_parameters(hf_config)
     # transformers >= 4.56 reads a config.json's "torch_dtype" into `dtype` (the old name warns).
     declared = getattr(hf_config, "dtype", None)
-    declared = DTYPES.get(declared) if isinstance(declared, str) else declared
+    if isinstance(declared, str):
+        declared = getattr(torch, DTYPES[declared]) if declared in DTYPES else None
     quantization = getattr(hf_config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
@@ -452,7 +456,7 @@ def _compile_decode(
         "LoRA adapters": args.enable_lora,
         "the transformers fallback": model.spec.architecture == TRANSFORMERS_ARCHITECTURE,
         "a pooling model": model.pooler is not None,
-        "a multimodal model": model_class(model.spec.architecture).is_multimodal,
+        "a multimodal model": model.multimodal,
     }
     unsupported = [reason for reason, applies in reasons.items() if applies]
     if unsupported:
@@ -502,7 +506,7 @@ def _normalised_rope(params: dict[str, Any]) -> dict[str, Any]:
 
 def _dtype(dtype: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
     if dtype != "auto":
-        return DTYPES[dtype]
+        return getattr(torch, DTYPES[dtype])
     if device.type == "cpu":
         # fp32 is what CPU matmul libraries run fastest and most exactly.
         return torch.float32
@@ -534,7 +538,7 @@ def _check_block_size(block_size: int, device: torch.device) -> None:
 def _kv_cache_dtype(stated: str, model: ModelConfig, device: torch.device) -> torch.dtype:
     """The cached keys' and values' dtype: the model's (auto), a 16-bit one, or an fp8 format,
     where it can run."""
-    dtype = KV_CACHE_DTYPES[stated] or model.dtype
+    dtype = getattr(torch, KV_CACHE_DTYPES[stated]) if KV_CACHE_DTYPES[stated] else model.dtype
     if dtype.itemsize != 1:
         if dtype != model.dtype and device.type != "cpu":
             raise ValueError(
@@ -575,15 +579,25 @@ def _kv_cache_memory_bytes(stated: int | None, device: torch.device) -> int | No
 # 6.46-6.50 s against 6.53-6.60 at 8,192, half the prefill steps; docs/benchmarks.md, session 22).
 MAX_NUM_BATCHED_TOKENS = 8192
 LARGE_GPU_MAX_NUM_BATCHED_TOKENS = 16384
+# A server's step budget, as vLLM's server defaults it: a step holds at most this many tokens, so a
+# prefill chunk beside the running decodes delays each of their next tokens by one step of that
+# size, not a long one. Large GPUs (GpuInventory.large) get larger steps (vLLM gives them 8192):
+# their matrix units want more rows a step. W3 on an H200 served 95 % of offline's throughput at
+# 2,048, 97 % at 6,144 with a p99 ITL of 153 ms, and 8,192 took that to 198-223 ms, past the
+# 200 ms target (docs/benchmarks.md, session 21). Offline LLM keeps its larger default.
+SERVER_MAX_NUM_BATCHED_TOKENS = 2048
+LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS = 6144
 
 
-def _max_num_batched_tokens(args: EngineConfig, max_model_len: int, device: torch.device) -> int:
+def _max_num_batched_tokens(args: EngineConfig, max_model_len: int, device: torch.device, server: bool) -> int:
     if args.max_num_batched_tokens is not None:
         return args.max_num_batched_tokens
-    if not args.enable_chunked_prefill:
+    if not args.enable_chunked_prefill:  # whole prompts: the budget must hold the longest
         return max(max_model_len, 2048)
     if device.type == "cpu":
         return 2048
+    if server:
+        return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS if detect_gpus().large else SERVER_MAX_NUM_BATCHED_TOKENS
     return LARGE_GPU_MAX_NUM_BATCHED_TOKENS if detect_gpus().large else MAX_NUM_BATCHED_TOKENS
 
 

@@ -14,10 +14,10 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine.core import EngineCore
 from pagoda.engine.core_group import CoreGroup
 from pagoda.engine.messages import (
     Aborted,
@@ -30,7 +30,9 @@ from pagoda.engine.messages import (
     Stop,
     encode,
 )
-from pagoda.spec.proposer import TokenProposer
+
+if TYPE_CHECKING:
+    from pagoda.spec.proposer import TokenProposer
 
 logger = logging.getLogger("pagoda")
 
@@ -57,6 +59,8 @@ class InprocClient(EngineCoreClient):
     get_output runs one step and returns its Outputs (no stats: nobody reads them per step)."""
 
     def __init__(self, config: ResolvedConfig, proposer: TokenProposer | None = None) -> None:
+        from pagoda.engine.core import EngineCore  # the engine in this process (MPClient's front end has no torch)
+
         self.engine_core = EngineCore(config, proposer)
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
 

@@ -21,13 +21,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import zmq
 
 from pagoda.config.groups import ResolvedConfig
 from pagoda.core.scheduler import SchedulerStats
-from pagoda.engine.core_launcher import AdoptedProcess, core_process_context, stop_core_server
-from pagoda.engine.core_proc import run_engine_core
+from pagoda.engine.core_launcher import AdoptedProcess, core_process_context, run_core, stop_core_server
 from pagoda.engine.messages import Failed, FromCore, decode_from_core
 
 logger = logging.getLogger("pagoda")
@@ -93,7 +91,7 @@ class CoreGroup:
         # which a daemon may not; an exit that skipped shutdown() kills it (`kill`). The core
         # runs with this process's environment as of now (the fork server's is older).
         process = core_process_context().Process(
-            target=run_engine_core, name=f"pagoda-core-{index}", daemon=False,
+            target=run_core, name=f"pagoda-core-{index}", daemon=False,
             args=(config, *addresses, logging.getLogger().getEffectiveLevel(), {**os.environ, **env}, os.getpid()),
         )
         process.start()
@@ -220,7 +218,11 @@ def _core_environments(config: ResolvedConfig) -> list[dict[str, str]]:
         # Cores sharing the CPU would each start a thread per core and fight over them.
         return [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // dp))}] * dp
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if not visible:
+        import torch
+
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    gpus = visible.split(",")
     size = config.parallel.world_size
     return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * size : (i + 1) * size])} for i in range(dp)]
 

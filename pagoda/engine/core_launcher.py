@@ -1,38 +1,30 @@
 """Where the server's engine core processes come from: forks of one server process (multiprocessing's
 forkserver) that has already imported what a core runs.
 
-A spawned core would import torch, the engine and the model code after the front end has finished
-its own imports (seconds each, one after the other). Each core is a fork of a process with one
-thread, which is safe where a fork of the front end (its threads, its event loop) is not. It never
-touches CUDA: each core initializes its own GPUs.
+A spawned core would import torch, the engine and the model code only once it is started (seconds).
+Each core is a fork of a process with one thread, which is safe where a fork of the front end (its
+threads, its event loop) is not. It never touches CUDA: each core initializes its own GPUs.
 
-`pagoda serve` on Linux makes its fork server by forking itself once its imports are done (the
-core's modules included) and before it starts a thread: the front end, the fork server and the
-cores then share those imports' pages (torch's relocated libraries, the modules' objects: ~200 MB
-on the CPU) where a fork server started from a fresh interpreter imports them all again, into
-memory of its own that every core copies. Elsewhere the fork server is multiprocessing's own.
-
-Once the server's cores run, the fork server would only sit there holding what it imported: on
-Linux the front end becomes a child subreaper, stops it, and adopts the cores it forked
-(`AdoptedProcess`), so that it still learns how each ended."""
+`pagoda serve` starts the fork server first thing, so that it imports torch and the engine while
+the front end starts; the front end itself imports neither (it tokenizes, routes and detokenizes:
+~200 MB less), and resolves the engine's configuration in a fork of the server
+(engine/resolve_apart.py). Once the server's cores run, the fork server would only sit there holding
+what it imported: on Linux the front end becomes a child subreaper, stops it, and adopts the cores
+it forked (`AdoptedProcess`), so that it still learns how each ended."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
-import importlib
 import multiprocessing
 import multiprocessing.forkserver
-import multiprocessing.util
 import os
 import select
 import signal
-import sys
 import threading
-import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from multiprocessing.context import BaseContext
+from typing import Any
 
 # What a core imports before it can build its engine: the core's loop and engine, and the model
 # code. Its config is Pagoda's own (a ModelSpec): transformers' config classes stay out of the cores
@@ -41,6 +33,14 @@ CORE_MODULES = ["pagoda.engine.core_proc", "pagoda.models"]
 # Random weights are drawn under the names of transformers' own model of the config, which the
 # core builds on the meta device: its modeling code takes seconds more to import.
 DUMMY_WEIGHT_MODULES = ["transformers.modeling_utils"]
+
+
+def run_core(*args: Any) -> None:
+    """An engine core's main function (core_proc.run_engine_core), as the process starting it
+    names it: that process (the server's front end) imports no torch, which core_proc does."""
+    from pagoda.engine.core_proc import run_engine_core
+
+    run_engine_core(*args)
 
 
 def core_process_context(preload: Sequence[str] = CORE_MODULES) -> BaseContext:
@@ -55,72 +55,12 @@ _server_started_here = False  # by start_core_server: this process is the server
 
 
 def start_core_server(dummy_weights: bool) -> None:
-    """Start the fork server now (the first core would otherwise start it, and wait for its
-    imports then), with the core's modules imported: in this process first, and the server a fork
-    of it, where it can be (module docstring)."""
+    """Start the fork server now, importing the core's modules while this process goes on (the
+    first core would otherwise start it, and wait for its imports then)."""
     global _server_started_here
-    preload = [*CORE_MODULES, *DUMMY_WEIGHT_MODULES] if dummy_weights else CORE_MODULES
-    core_process_context(preload)  # sets the preload list, which the server reads when it starts
-    # Linux alone: macOS's system libraries (numpy's BLAS among them) are not safe to use after a
-    # fork without an exec, which is why Python spawns there.
-    if sys.platform == "linux" and threading.active_count() == 1:
-        for name in preload:
-            importlib.import_module(name)
-        # Collections would write to every object's header, copying the pages the forks share:
-        # what the imports made lives as long as the process anyway.
-        gc.freeze()
-        with _fork_server_forked():
-            multiprocessing.forkserver.ensure_running()
-    else:
-        multiprocessing.forkserver.ensure_running()
+    core_process_context([*CORE_MODULES, *DUMMY_WEIGHT_MODULES] if dummy_weights else CORE_MODULES)
+    multiprocessing.forkserver.ensure_running()
     _server_started_here = True
-
-
-_FORK_SERVER_CODE = "from multiprocessing.forkserver import main"
-
-
-@contextlib.contextmanager
-def _fork_server_forked() -> Iterator[None]:
-    """multiprocessing starts its fork server by running `python -c CODE` with some descriptors
-    passed (util.spawnv_passfds): run CODE in a fork of this process instead, with the same
-    descriptors open, so that the server shares this process's imports. Anything else spawned
-    meanwhile (multiprocessing's resource tracker, which imports next to nothing) spawns as usual."""
-    spawn = multiprocessing.util.spawnv_passfds
-
-    def fork_instead(path: str, args: list[str], passfds: Sequence[int]) -> int:
-        if len(args) < 2 or args[-2] != "-c" or not args[-1].startswith(_FORK_SERVER_CODE):
-            return spawn(path, args, passfds)
-        for stream in (sys.stdout, sys.stderr):  # or the fork and its cores write what they hold again
-            if stream is not None:
-                stream.flush()
-        pid = os.fork()
-        if pid == 0:
-            _run_forked_server(args[-1], passfds)
-        return pid
-
-    multiprocessing.util.spawnv_passfds = fork_instead
-    try:
-        yield
-    finally:
-        multiprocessing.util.spawnv_passfds = spawn
-
-
-def _run_forked_server(code: str, passfds: Sequence[int]) -> None:
-    """The fork's life: what an exec would have left open, then the server's code; never returns
-    (this process's exit handlers and buffers are the front end's, not the fork's)."""
-    status = 1
-    try:
-        keep = sorted({0, 1, 2, *passfds})
-        for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
-            os.closerange(low + 1, high)  # the listening socket among them: the front end's alone
-        exec(code, {"__name__": "__pagoda_fork_server__"})
-        status = 0
-    except SystemExit as stop:  # how the server ends once its clients have all gone
-        status = stop.code if isinstance(stop.code, int) else 0
-    except BaseException:
-        traceback.print_exc()  # before the exit below, which would drop it
-    finally:
-        os._exit(status)
 
 
 def stop_core_server(pids: Sequence[int]) -> list[AdoptedProcess] | None:

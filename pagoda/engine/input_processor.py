@@ -19,28 +19,29 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagoda.config import EngineConfig
 from pagoda.engine.messages import EngineCoreRequest, EngineRequest
 from pagoda.engine.resolve_apart import resolve_apart, resolve_engine
-from pagoda.loader.model_loader import load_hf_config
-from pagoda.lora.peft import check_adapter, load_peft_adapter
 from pagoda.lora.request import LoRARequest
-from pagoda.models import model_class
-from pagoda.multimodal.processing import ImageProcessor, ImageSources
 from pagoda.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, bad_words_token_ids
 from pagoda.structured_output.grammar import check as check_structured_outputs
+
+if TYPE_CHECKING:
+    from pagoda.loader.model_resolver import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
 
 class InputProcessor:
-    def __init__(self, args: EngineConfig, apart: bool = False) -> None:
+    def __init__(self, args: EngineConfig, apart: bool = False, server: bool = False) -> None:
         """Find the model, load its tokenizer and resolve the engine's configuration, once; apart:
-        the configuration in a process of its own (resolve_apart.py: the server's)."""
+        the configuration in a process of its own (resolve_apart.py: AsyncLLM's); server: with
+        `pagoda serve`'s defaults. The modules that only some models and requests need (images,
+        LoRA adapters) load when they are first needed: the server's front end imports no torch."""
         started = time.perf_counter()
-        resolved, self.tokenizer, self.config = (resolve_apart if apart else resolve_engine)(args)
+        resolved, self.tokenizer, self.config = (resolve_apart if apart else resolve_engine)(args, server)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
@@ -48,14 +49,7 @@ class InputProcessor:
         self.compact_json = bool((args.structured_outputs_config or {}).get("disable_any_whitespace"))
         self._checked_loras: set[tuple[int, str]] = set()  # (id, path) of the adapters found applicable
         # A vision-language model's image preprocessing (None: a text-only model).
-        self.image_processor = (
-            ImageProcessor(
-                resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt,
-                ImageSources(args.allow_image_url_fetch, _local_media_dir(args.allowed_local_media_path)),
-                resolved.trust_remote_code,
-            )
-            if model_class(self.config.model.spec.architecture).is_multimodal else None
-        )
+        self.image_processor = _image_processor(args, resolved) if self.config.model.multimodal else None
 
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -126,6 +120,8 @@ class InputProcessor:
             raise ValueError("lora_request is invalid: the engine was started without enable_lora (--enable-lora)")
         key = (lora_request.lora_int_id, lora_request.lora_path)
         if key not in self._checked_loras:
+            from pagoda.lora.peft import check_adapter, load_peft_adapter
+
             check_adapter(load_peft_adapter(lora_request.lora_path, lora.max_lora_rank), self.config.model.spec)
             self._checked_loras.add(key)
 
@@ -211,6 +207,17 @@ def fan_out(request_id: str, params: SamplingParams) -> list[EngineRequest]:
     if params.n == 1:
         return [(request_id, params)]
     return [(f"{i}_{request_id}", params.for_child(i)) for i in range(params.n)]
+
+
+def _image_processor(args: EngineConfig, resolved: ResolvedModel) -> Any:
+    from pagoda.loader.model_loader import load_hf_config
+    from pagoda.multimodal.processing import ImageProcessor, ImageSources
+
+    return ImageProcessor(
+        resolved.model_dir, load_hf_config(resolved), args.limit_mm_per_prompt,
+        ImageSources(args.allow_image_url_fetch, _local_media_dir(args.allowed_local_media_path)),
+        resolved.trust_remote_code,
+    )
 
 
 def _local_media_dir(path: str | None) -> Path | None:

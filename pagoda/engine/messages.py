@@ -19,7 +19,7 @@ import msgspec
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.lora.request import LoRARequest
 from pagoda.multimodal.inputs import ImageInput
-from pagoda.sample.sampler import TopLogprobs
+from pagoda.sample.top_logprobs import TopLogprobs
 from pagoda.sampling_params import SamplingParams, rebuilding_checked_params
 
 # An engine request: its id and its own SamplingParams (n=1).

@@ -21,7 +21,7 @@ from pagoda.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from pagoda.sample.sampler import TopLogprobs
+from pagoda.sample.top_logprobs import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 
 

@@ -1,13 +1,15 @@
 """The server's engine configuration, resolved in a short-lived process of its own.
 
 Reading a model's Hugging Face config takes transformers' config classes, and with torch installed
-they import ~1,000 modules more (torch.distributed.tensor, accelerate, sympy: ~70 MB). Once the
-config is a ModelSpec neither the front end nor the engine cores need any of them, yet an import
-stays for the life of the process that made it, and the cores, forked from the front end's
-imports, would share it. So `pagoda serve` resolves its configuration in a fork of the core
-server (pagoda/engine/core_launcher.py: torch and the engine imported, transformers' configs not),
-which sends the ResolvedModel and ResolvedConfig back and exits. The offline LLM resolves in its
-own process, which builds the model too."""
+they import ~1,000 modules more (torch.distributed.tensor, accelerate, sympy: ~70 MB), and torch
+itself. Once the config is a ModelSpec, the engine cores need none of transformers' and the front
+end neither those nor torch (it tokenizes, routes and detokenizes), yet an import stays for the
+life of the process that made it. So AsyncLLM (the server) resolves its configuration in a fork of
+the core server (engine/core_launcher.py: torch and the engine imported, transformers' configs
+not), which sends the ResolvedModel, the tokenizer and the ResolvedConfig back and exits; the
+front end holds the configuration's torch values by name (config/torch_values.py). The offline
+LLM resolves in its own process, which builds the model too.
+"""
 
 from __future__ import annotations
 
@@ -15,43 +17,48 @@ import logging
 import os
 import pickle
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagoda.config import EngineConfig
-from pagoda.config.groups import ResolvedConfig
-from pagoda.config.resolve import resolve_config
+from pagoda.config.torch_values import dumps
 from pagoda.engine.core_launcher import core_process_context
-from pagoda.loader.model_loader import load_tokenizer
-from pagoda.loader.model_resolver import ResolvedModel, resolve_engine_model
 from pagoda.logger import log_to_stderr
 
+if TYPE_CHECKING:
+    from pagoda.config.groups import ResolvedConfig
+    from pagoda.loader.model_resolver import ResolvedModel
 
 # A tokenizer that does not pickle is loaded by the front end instead.
 _NOT_SENT = "pagoda: the tokenizer did not pickle"
 _UNPICKLABLE = (pickle.PicklingError, TypeError, AttributeError)
 
 
-def resolve_engine(args: EngineConfig) -> tuple[ResolvedModel, Any, ResolvedConfig]:
-    """The model found, its tokenizer (None with skip_tokenizer_init) and the engine's configuration."""
+def resolve_engine(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    """The model found, its tokenizer (None with skip_tokenizer_init) and the engine's
+    configuration (server: with `pagoda serve`'s defaults)."""
+    from pagoda.config.resolve import resolve_config
+    from pagoda.loader.model_resolver import resolve_engine_model
+
     resolved = resolve_engine_model(args)
-    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
-    return resolved, tokenizer, resolve_config(args, resolved, tokenizer)
+    tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(resolved, args)
+    return resolved, tokenizer, resolve_config(args, resolved, tokenizer, server=server)
 
 
-def resolve_apart(args: EngineConfig) -> tuple[ResolvedModel, Any, ResolvedConfig]:
-    """resolve_engine(args), run in a fork of the core server; the tokenizer comes back pickled
-    (loaded here where it does not pickle: a model's own code). What it raises is raised here (as
-    a RuntimeError naming it where it does not pickle)."""
+def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    """resolve_engine(args, server), run in a fork of the core server; the tokenizer comes back
+    pickled (loaded here where it does not pickle: a model's own code), the configuration's torch
+    values by name where this process has no torch (config/torch_values.py). What it raises is
+    raised here (as a RuntimeError naming it where it does not pickle)."""
     context = core_process_context()
     receive, send = context.Pipe(duplex=False)
     process = context.Process(
         target=_resolve_and_send, name="pagoda-resolve", daemon=True,
-        args=(args, send, logging.getLogger().getEffectiveLevel(), dict(os.environ)),
+        args=(args, server, send, logging.getLogger().getEffectiveLevel(), dict(os.environ)),
     )
     process.start()
     send.close()  # so that the child's end alone holds the pipe open: EOF once it has gone
     try:
-        result = receive.recv()
+        result = pickle.loads(receive.recv_bytes())
     except EOFError:
         process.join()
         raise RuntimeError(f"the process resolving the engine's configuration exited with {process.exitcode}") from None
@@ -62,23 +69,32 @@ def resolve_apart(args: EngineConfig) -> tuple[ResolvedModel, Any, ResolvedConfi
         raise result
     resolved, tokenizer, config = result
     if tokenizer is _NOT_SENT:
-        tokenizer = load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+        tokenizer = _load_tokenizer(resolved, args)
     return resolved, tokenizer, config
 
 
-def _resolve_and_send(args: EngineConfig, send: Connection, log_level: int, env: dict[str, str]) -> None:
+def _load_tokenizer(resolved: ResolvedModel, args: EngineConfig) -> Any:
+    from pagoda.loader.model_loader import load_tokenizer
+
+    return load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
+
+
+def _resolve_and_send(
+    args: EngineConfig, server: bool, send: Connection, log_level: int, env: dict[str, str]
+) -> None:
     # The front end's environment as of now (the core server's is older): the cache and hub paths.
     os.environ.clear()
     os.environ.update(env)
     log_to_stderr(log_level)
     try:
-        result: Any = resolve_engine(args)
+        result: Any = resolve_engine(args, server)
     except Exception as error:  # the front end raises it, as if it had resolved the config itself
         result = error
     try:
-        send.send(result)  # pickled whole before a byte is sent
+        message = dumps(result)
     except _UNPICKLABLE:
         if isinstance(result, BaseException):
-            send.send(RuntimeError(f"{type(result).__name__}: {result}"))
+            message = dumps(RuntimeError(f"{type(result).__name__}: {result}"))
         else:
-            send.send((result[0], _NOT_SENT, result[2]))
+            message = dumps((result[0], _NOT_SENT, result[2]))
+    send.send_bytes(message)

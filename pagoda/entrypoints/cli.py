@@ -1,16 +1,12 @@
-"""The `pagoda` command."""
+"""The `pagoda` command.
+
+Its subcommands' modules are imported as the parser is built, not with this module: the processes
+the server starts (multiprocessing's children) run the main module again, and so import this one."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-from pagoda.benchmarks import latency, throughput
-from pagoda.benchmarks import serve as serve_bench
-from pagoda.entrypoints.config_file import add_config_argument, expand_config_files
-from pagoda.entrypoints.engine_args import add_engine_argument
-from pagoda.entrypoints.openai import chat_cli, cli_args
-from pagoda.logger import log_to_stderr
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -29,9 +25,9 @@ def _serve(args: argparse.Namespace) -> None:
 
     # Bound before the server's imports and the engine's load: a port in use fails at once.
     listener = bind_unix_listener(args.uds) if args.uds else bind_listener(args.host or "0.0.0.0", args.port)
+    start_core_server(dummy_weights=args.load_format == "dummy")  # its imports run beside the front end's
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
-    start_core_server(dummy_weights=args.load_format == "dummy")  # after the imports it shares
     run_server(args, listener)
 
 
@@ -42,6 +38,12 @@ def _run_batch(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagoda.benchmarks import latency, throughput
+    from pagoda.benchmarks import serve as serve_bench
+    from pagoda.entrypoints.config_file import add_config_argument
+    from pagoda.entrypoints.engine_args import add_engine_argument
+    from pagoda.entrypoints.openai import chat_cli, cli_args
+
     parser = argparse.ArgumentParser(prog="pagoda", description="Pagoda LLM inference engine")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pagoda.entrypoints.config_file import expand_config_files
+    from pagoda.logger import log_to_stderr
+
     parser = build_parser()
     args = parser.parse_args(expand_config_files(parser, sys.argv[1:] if argv is None else argv))
     log_to_stderr(args.log_level.upper())

@@ -5,10 +5,13 @@ prompt, and a digest of its content (the prefix cache's key for the blocks it co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the server's front end, which carries these, imports no torch
+    import torch
 
 
 class TensorData(msgspec.Struct, array_like=True):
@@ -24,6 +27,8 @@ class TensorData(msgspec.Struct, array_like=True):
         return cls(array.tobytes(), array.dtype.str, list(array.shape))
 
     def to_tensor(self) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape).copy())
 
 

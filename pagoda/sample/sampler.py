@@ -29,6 +29,7 @@ import torch
 
 from pagoda.host_to_device import to_device
 from pagoda.sample.rejection import DraftDistributions, rejection_sample
+from pagoda.sample.top_logprobs import TopLogprobs
 from pagoda.sampling_params import SamplingParams
 
 _MASK = float("-inf")
@@ -43,15 +44,6 @@ class SamplingRequest(Protocol):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int]
-
-
-@dataclass
-class TopLogprobs:
-    """One position: the chosen token first, then the top-k, with their 1-based vocabulary ranks."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
 
 
 @dataclass

@@ -6,16 +6,12 @@ import argparse
 import json
 import os
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pagoda.config.engine_config import POOLING_TASKS
 from pagoda.entrypoints.chat_utils import CONTENT_FORMATS
 from pagoda.entrypoints.engine_args import add_engine_arguments, engine_kwargs
 from pagoda.entrypoints.openai.limits import RequestLimits
 from pagoda.entrypoints.openai.reasoning import REASONING_PARSERS
-
-if TYPE_CHECKING:
-    import torch
 
 
 def _port(text: str) -> int:
@@ -155,38 +151,10 @@ def model_argument(args: argparse.Namespace) -> str | None:
     return args.model_tag or args.model
 
 
-# A server's step budget, as vLLM's server defaults it: a step holds at most this many tokens, so a
-# prefill chunk beside the running decodes delays each of their next tokens by one step of that
-# size, not a long one. Large GPUs (GpuInventory.large) get larger steps (vLLM gives them 8192):
-# their matrix units want more rows a step. W3 on an H200 served 95 % of offline's throughput at
-# 2,048, 97 % at 6,144 with a p99 ITL of 153 ms, and 8,192 took that to 198-223 ms, past the
-# 200 ms target (docs/benchmarks.md, session 21). Offline LLM keeps its larger default.
-SERVER_MAX_NUM_BATCHED_TOKENS = 2048
-LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS = 6144
-
-
-def server_max_num_batched_tokens(device: torch.device) -> int:
-    """The server's default step budget on `device`, from the GPUs the front end sees (through
-    NVML: the front end must not initialize CUDA; one with no GPU of its own, as a Ray head may
-    be, keeps the smaller budget)."""
-    from pagoda.parallel_config import detect_gpus
-
-    if device.type == "cuda" and detect_gpus().large:
-        return LARGE_GPU_SERVER_MAX_NUM_BATCHED_TOKENS
-    return SERVER_MAX_NUM_BATCHED_TOKENS
-
-
 def server_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig of `pagoda serve`: its flags, with the server's step budget where none is
-    given and prompts are chunked (an embedding engine runs each prompt whole in one step)."""
-    from pagoda.config import EngineConfig
-
-    kwargs = {**engine_kwargs(args), "model": model_argument(args)}
-    pooling = args.runner == "pooling" or args.task in POOLING_TASKS
-    if kwargs["max_num_batched_tokens"] is None and args.enable_chunked_prefill and not pooling:
-        device = EngineConfig(device=kwargs.get("device", "auto")).torch_device()
-        kwargs["max_num_batched_tokens"] = server_max_num_batched_tokens(device)
-    return kwargs
+    """The EngineConfig of `pagoda serve`: its flags (the server's own defaults, its step budget
+    among them, are resolved with the model: config/resolve.py)."""
+    return {**engine_kwargs(args), "model": model_argument(args)}
 
 
 def add_request_limit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -549,7 +549,7 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     starting = StartingResponder(listener, tls_context(args))
     clock.lap("front end", f": listening on {server_url(args)}, answering 503 until the engine is ready")
     model = model_argument(args)
-    engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)))
+    engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)), server=True)
     clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
     try:  # from here on, a failure stops the engine in order rather than leaving it to be killed at exit
         names = args.served_model_name or [model or engine.model_name]

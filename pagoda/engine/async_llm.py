@@ -94,7 +94,8 @@ DeadListener = Callable[[EngineDeadError], None]
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig, server: bool = False) -> None:
-        """server: with `pagoda serve`'s defaults (config/resolve.py)."""
+        """server: `pagoda serve`'s engine (its defaults, its configuration resolved apart:
+        engine/resolve_apart.py)."""
         # The lock orders adding a request against the engine's end: a request is either refused
         # or failed by _end_all, never left waiting.
         self._lock = threading.Lock()
@@ -107,7 +108,7 @@ class AsyncLLM:
         self.iteration_listeners: list[IterationListener] = []
         self.dead_listeners: list[DeadListener] = []
         # The EOS ids the cores are built with come from the tokenizer: it loads first.
-        self.processor = InputProcessor(config, apart=True, server=server)
+        self.processor = InputProcessor(config, server=server)
         self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
         self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)

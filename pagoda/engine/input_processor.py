@@ -35,13 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 class InputProcessor:
-    def __init__(self, args: EngineConfig, apart: bool = False, server: bool = False) -> None:
-        """Find the model, load its tokenizer and resolve the engine's configuration, once; apart:
-        the configuration in a process of its own (resolve_apart.py: AsyncLLM's); server: with
-        `pagoda serve`'s defaults. The modules that only some models and requests need (images,
-        LoRA adapters) load when they are first needed: the server's front end imports no torch."""
+    def __init__(self, args: EngineConfig, server: bool = False) -> None:
+        """Find the model, load its tokenizer and resolve the engine's configuration, once; server:
+        `pagoda serve`'s, whose defaults it takes and whose front end imports no torch, so the
+        configuration is resolved in a process of its own (resolve_apart.py). The modules that
+        only some models and requests need (images, LoRA adapters) load when first needed."""
         started = time.perf_counter()
-        resolved, self.tokenizer, self.config = (resolve_apart if apart else resolve_engine)(args, server)
+        resolved, self.tokenizer, self.config = (resolve_apart if server else resolve_engine)(args, server)
         logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs

@@ -4,11 +4,11 @@ Reading a model's Hugging Face config takes transformers' config classes, and wi
 they import ~1,000 modules more (torch.distributed.tensor, accelerate, sympy: ~70 MB), and torch
 itself. Once the config is a ModelSpec, the engine cores need none of transformers' and the front
 end neither those nor torch (it tokenizes, routes and detokenizes), yet an import stays for the
-life of the process that made it. So AsyncLLM (the server) resolves its configuration in a fork of
+life of the process that made it. So `pagoda serve` resolves its configuration in a fork of
 the core server (engine/core_launcher.py: torch and the engine imported, transformers' configs
 not), which sends the ResolvedModel, the tokenizer and the ResolvedConfig back and exits; the
 front end holds the configuration's torch values by name (config/torch_values.py). The offline
-LLM resolves in its own process, which builds the model too.
+LLM, and AsyncLLM used as a library, resolve in their own process (which has torch anyway).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ imports no torch: it holds the configuration's torch values by name (config/torc
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
     resolved, _, config = apart.resolve_engine(args)
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (resolved, threading.Lock(), config))
+    monkeypatch.setattr(apart, "log_to_stderr", lambda level: None)  # this process's logging stays as it is
     sent = _Connection()
-    apart._resolve_and_send(args, False, sent, 20, {})
+    apart._resolve_and_send(args, False, sent, 20, dict(os.environ))  # the environment it has
     assert sent.sent == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
 
     class Unpicklable(Exception):  # a local class: pickled by a name that does not import
@@ -76,7 +78,7 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
 
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (_ for _ in ()).throw(Unpicklable("a bad field")))
     sent = _Connection()
-    apart._resolve_and_send(args, False, sent, 20, {})
+    apart._resolve_and_send(args, False, sent, 20, dict(os.environ))
     [error] = sent.sent
     assert isinstance(error, RuntimeError) and str(error) == "Unpicklable: a bad field"
 

@@ -14,7 +14,10 @@ or leaves raw where the request's `use_activation` is false (vLLM's)."""
 
 from __future__ import annotations
 
+import array
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ _ST_POOLING_MODES = {
     "pooling_mode_cls_token": "CLS",
 }
 _ST_MODULES = ("Transformer", "Pooling", "Normalize")
+_MIN_NORM = 1e-12  # torch.nn.functional.normalize's eps
 
 
 @dataclass
@@ -85,13 +89,28 @@ def check_task(config: PoolerConfig, task: str, model_name: str) -> None:
 def probabilities(logits: list[float], use_activation: bool | None = None) -> list[float]:
     """A classifier's label probabilities, as vLLM's: the sigmoid of a single logit (a
     cross-encoder's relevance), else the softmax over the labels; the logits themselves when
-    use_activation is False (vLLM's switch; None is True)."""
-    import torch  # on a pooling model's first request: the server's front end starts without torch
-
-    values = torch.tensor(logits, dtype=torch.float32)
+    use_activation is False (vLLM's switch; None is True). Computed in Python's floats (a few
+    labels do not pay for torch, which the server's front end does not load), given as float32s."""
     if use_activation is False:
-        return values.tolist()
-    return (torch.sigmoid(values) if len(logits) == 1 else torch.softmax(values, dim=0)).tolist()
+        return list(logits)
+    if len(logits) == 1:
+        return float32s([_sigmoid(logits[0])])
+    top = max(logits)  # exponents of at most 0: none overflows
+    exps = [math.exp(x - top) for x in logits]
+    total = math.fsum(exps)
+    return float32s([e / total for e in exps])
+
+
+def float32s(values: Iterable[float]) -> list[float]:
+    """values rounded to float32, as the engine's tensors hold them (base64 embeddings too)."""
+    return array.array("f", values).tolist()
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)  # for x < 0, exp(-x) could overflow
+    return e / (1.0 + e)
 
 
 def read_pooler_config(model_dir: Path, hf_config: Any, default_pooling_type: str = "LAST") -> PoolerConfig:
@@ -142,10 +161,10 @@ def check_dimensions(config: PoolerConfig, model_name: str, dimensions: int | No
 
 def embedding(pooled: list[float], config: PoolerConfig, params: PoolingParams) -> list[float]:
     """The embedding of a pooled vector: its first `dimensions` values, L2-normalized unless the
-    request or else the model's config says not to."""
-    import torch  # as in probabilities
-
-    vector = torch.tensor(pooled[: params.dimensions], dtype=torch.float32)
-    if config.normalize if params.normalize is None else params.normalize:
-        vector = torch.nn.functional.normalize(vector, dim=0)
-    return vector.tolist()
+    request or else the model's config says not to (a norm under 1e-12 counts as 1e-12, as
+    torch's normalize), as float32s."""
+    vector = pooled[: params.dimensions]
+    if not (config.normalize if params.normalize is None else params.normalize):
+        return list(vector)
+    norm = max(math.hypot(*vector), _MIN_NORM)
+    return float32s(x / norm for x in vector)

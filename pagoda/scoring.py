@@ -5,7 +5,13 @@ cross-encoder's is its one label's probability: pooling.probabilities)."""
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
+
+from pagoda.pooling import float32s
+
+_MIN_NORM = 1e-8  # torch.nn.functional.cosine_similarity's eps
 
 
 def pair_indices(num_1: int, num_2: int, names: tuple[str, str]) -> list[tuple[int, int]]:
@@ -36,7 +42,6 @@ def encode_pair(tokenizer: Any, text_1: str, text_2: str, max_length: int | None
 
 def cosine_score(pooled_1: list[float], pooled_2: list[float]) -> float:
     """Two texts' score on an embedding model: their vectors' cosine similarity (the same
-    normalized or not)."""
-    import torch  # on an embedding model's first score: the server's front end starts without torch
-
-    return torch.nn.functional.cosine_similarity(torch.tensor(pooled_1), torch.tensor(pooled_2), dim=0).item()
+    normalized or not; each norm at least 1e-8, as torch's cosine_similarity), a float32."""
+    dot = math.fsum(map(operator.mul, pooled_1, pooled_2))
+    return float32s([dot / (max(math.hypot(*pooled_1), _MIN_NORM) * max(math.hypot(*pooled_2), _MIN_NORM))])[0]

@@ -172,6 +172,13 @@ def engine_core_pid(server_pid: int) -> int:
     raise AssertionError("no engine core process found")
 
 
+def maps_library(pid: int, fragment: str) -> bool:
+    """Whether the process has a shared library whose path contains fragment mapped
+    ("libtorch_cpu" for torch; "/tokenizers/" for the tokenizers library, which every
+    transformers tokenizer and Pagoda's detokenizer import)."""
+    return any(fragment in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -4,7 +4,6 @@ intact, and a core process that loads no tokenizer (the front end detokenizes)."
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from pagoda.engine import messages
 from pagoda.engine.async_llm import AsyncLLM
 from pagoda.engine.input_processor import fan_out
 from pagoda.sampling_params import SamplingParams
-from tests.serving import tiny_model_args
+from tests.serving import maps_library, tiny_model_args
 
 
 def test_a_request_crosses_to_the_core_intact():
@@ -33,12 +32,6 @@ def test_an_integer_wider_than_64_bits_fails_at_encode_time():
         messages.encode(messages.EngineCoreRequest("r", [1], [("r", params)]))
 
 
-def _maps_tokenizers(pid: int) -> bool:
-    """Whether the process has the `tokenizers` library loaded: every transformers tokenizer
-    (and Pagoda's detokenizer) imports it."""
-    return any("/tokenizers/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
-
-
 def test_a_library_engines_core_process_loads_no_tokenizer(tmp_path):
     # AsyncLLM used as a library starts its core from multiprocessing's own fork server, a fresh
     # interpreter that imports the core's modules only: never the tokenizers library, since the
@@ -46,7 +39,7 @@ def test_a_library_engines_core_process_loads_no_tokenizer(tmp_path):
     # after transformers' own model of the config, whose modeling code imports tokenizers.
     engine = AsyncLLM(EngineConfig(model=tiny_model_args(tmp_path)[0], device="cpu", max_model_len=256))
     try:
-        assert _maps_tokenizers(os.getpid())  # this process's tokenizer: the check sees it
-        assert not _maps_tokenizers(engine.engine_core.cores.cores[0].process.pid)
+        assert maps_library(os.getpid(), "/tokenizers/")  # this process's tokenizer: the check sees it
+        assert not maps_library(engine.engine_core.cores.cores[0].process.pid, "/tokenizers/")
     finally:
         engine.shutdown()

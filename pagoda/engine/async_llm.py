@@ -151,6 +151,8 @@ class AsyncLLM:
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it. token_type_ids: a
         BERT text pair's (an embedding engine's)."""
+        if params.structured_outputs is not None or lora_request is not None:
+            await asyncio.to_thread(self.processor.check_grammar_and_adapter, params, lora_request)
         request = self.processor.make_request(
             request_id, list(prompt_token_ids), params, lora_request=lora_request, images=images, cache_salt=cache_salt,
             priority=priority, token_type_ids=token_type_ids,

@@ -97,7 +97,7 @@ class OpenAIServingChat(OpenAIServing):
         # A parser whose markers may be special tokens needs them left in the text, as in vLLM.
         keep_specials = tools.parser is not None and tools.parser.keeps_special_tokens
         extra = {"skip_special_tokens": False} if keep_specials else {}
-        constraint = structured_outputs(request, tools.json_schema)
+        constraint = await structured_outputs(request, tools.json_schema)
         params = self.sampling_params(
             request, max_tokens, len(prompt_ids), logprobs, structured_outputs=constraint, **extra
         )

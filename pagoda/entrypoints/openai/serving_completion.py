@@ -35,7 +35,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_k = request.prompt_logprobs
         if prompt_k is None and request.echo:
             prompt_k = request.logprobs
-        constraint = structured_outputs(request)
+        constraint = await structured_outputs(request)
         # vLLM's echo without generation: max_tokens 0 with echo answers with the prompt alone and
         # its logprobs (how evaluation harnesses score a text); one token is computed and dropped.
         echo_only = bool(request.echo) and request.max_tokens == 0

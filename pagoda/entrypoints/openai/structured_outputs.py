@@ -4,6 +4,7 @@ field the client sent."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pagoda.sampling_params import StructuredOutputsParams
@@ -16,12 +17,14 @@ from .serving_engine import OpenAIError
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
-def structured_outputs(
+async def structured_outputs(
     request: SamplingFields, tool_schema: dict[str, Any] | None = None
 ) -> StructuredOutputsParams | None:
     """The request's constraint, or None; a 400 naming the field when it is malformed, cannot
     be compiled, or is given twice. tool_schema: what a "required" or named tool_choice
-    constrains the output to (tool_choice.py), so that those calls are always valid."""
+    constrains the output to (tool_choice.py), so that those calls are always valid. The check
+    runs in a worker thread: the first imports xgrammar (and torch, seconds), and a large
+    schema's grammar takes a while to build, while the event loop streams other requests."""
     given = _given(request)
     if tool_schema is not None:
         given.append(("tool_choice", {"json": tool_schema}))
@@ -33,7 +36,7 @@ def structured_outputs(
     name, fields = given[0]
     try:
         params = StructuredOutputsParams(**fields)
-        check(params)
+        await asyncio.to_thread(check, params)
     except (TypeError, ValueError) as error:
         raise OpenAIError(f"{name}: {error}", param=name) from None
     return params

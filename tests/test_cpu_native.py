@@ -45,13 +45,14 @@ def test_native_decodes_equal_torch_reference(num_heads, num_kv_heads, head_dim,
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("prefix_lens", [[5], [0, 17, 40, 300], [700]])
-def test_native_decodes_of_a_16_bit_pool_equal_torch_reference(dtype, prefix_lens, monkeypatch):
+@pytest.mark.parametrize("prefix_lens, head_dim", [([5], 64), ([0, 17, 40, 300], 64), ([700], 64), ([3, 90], 128),
+                                                   ([3, 90], 36)])  # 36: past the last full vector of 8
+def test_native_decodes_of_a_16_bit_pool_equal_torch_reference(dtype, prefix_lens, head_dim, monkeypatch):
     """--kv-cache-dtype bfloat16 / float16 on a float32 model: the same bytes written (converted as
     torch converts them), the same outputs within float32 rounding."""
     if not cpu_native.decode_attends(cpu_native.load(), dtype):
         pytest.skip(f"the C compiler here has no {dtype}")
-    q, k, v, cache, metadata = _batch([1] * len(prefix_lens), prefix_lens, 9, 3, 64, 16, torch.float32,
+    q, k, v, cache, metadata = _batch([1] * len(prefix_lens), prefix_lens, 9, 3, head_dim, 16, torch.float32,
                                       seed=len(prefix_lens))
     inputs = (q, k, v, cache.to(dtype), metadata)
     ref, ref_cache = _run(TorchAttentionBackend(), *inputs)

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
+from pagoda.config import EngineConfig
+from pagoda.config.resolve import resolve_config
 from pagoda.distributed.parallel_state import GroupInfo
 from pagoda.kernels import cpu_native
 from pagoda.layers import linear
@@ -25,6 +27,7 @@ from pagoda.layers.linear import (
 )
 from pagoda.loader.gguf_blocks import dequantize_parts, unpack_blocks
 from pagoda.loader.gguf_loader import convert_gguf_to_hf_dir
+from pagoda.loader.model_resolver import resolve_model
 from pagoda.quantization import get_quantization_config
 from pagoda.quantization.gguf import GGUFInt4LinearMethod
 from tests.test_gguf import TinyModel, write_tiny_gguf
@@ -143,6 +146,29 @@ def test_gguf_flag_on_a_checkpoint_that_is_not_gguf_is_refused():
         get_quantization_config("gguf", None)
 
 
+@pytest.mark.parametrize("stated, cached", [
+    ("auto", torch.float16),  # as llama.cpp's cache
+    ("float32", torch.float32),
+    ("bfloat16", torch.bfloat16),
+])
+def test_a_gguf_models_cache_on_the_cpu_is_float16_by_default(tmp_path, stated, cached):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinyModel(hidden=256, intermediate=512), Q.Q4_K)
+    args = EngineConfig(model=str(path), device="cpu", skip_tokenizer_init=True, kv_cache_dtype=stated)
+    config = resolve_config(args, resolve_model(str(path)))
+    assert (config.model.dtype, config.cache.dtype) == (torch.float32, cached)
+
+
+def test_a_float32_checkpoints_cache_on_the_cpu_is_float32_by_default(tmp_path):
+    # The same model's float32 conversion: no GGUF, so auto is the model's dtype.
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinyModel(hidden=256, intermediate=512), Q.Q4_K)
+    dense = convert_gguf_to_hf_dir(path, tmp_path / "hf")
+    config = resolve_config(EngineConfig(model=str(dense), device="cpu", skip_tokenizer_init=True),
+                            resolve_model(str(dense)))
+    assert config.cache.dtype == config.model.dtype == torch.float32
+
+
 def _generate(model: str, prompts: list[list[int]], **kwargs) -> list:
     llm = LLM(model=model, device="cpu", skip_tokenizer_init=True, max_model_len=128, **kwargs)
     try:
@@ -189,13 +215,17 @@ def _default_model_outputs(**engine_args) -> list:
 def test_default_model_quantized_greedy_tokens_equal_the_fp32_path(loader_default_model_dir, int4_activations,
                                                                    monkeypatch):
     """By default: weights from the shipped Q4_1 GGUF, kept quantized; load_format='safetensors': the
-    float32 conversion. Greedy tokens agree through the C matmul's int16 activations; through its int8
-    ones (AVX2), or torch's int4 kernel (no AVX512-VNNI or AVX2), they part only after a near-tie of
-    the float32 path's logits."""
+    float32 conversion. With float32 caches both, greedy tokens agree through the C matmul's int16
+    activations; through its int8 ones (AVX2), or torch's int4 kernel (no AVX512-VNNI or AVX2), they
+    part only after a near-tie of the float32 path's logits. The GGUF model's default float16 cache
+    parts from its float32 one only after a near-tie too (the haiku's, at 0.066 nats)."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(loader_default_model_dir.parents[1]))
-    quantized, dense = _default_model_outputs(), _default_model_outputs(load_format="safetensors")
+    quantized = _default_model_outputs(kv_cache_dtype="float32")
+    dense = _default_model_outputs(load_format="safetensors")
     for ours, reference in zip(quantized, dense):
         if cpu_native.int_matmuls_available() and int4_activations == "int16":
             assert ours.token_ids == reference.token_ids
         else:
             assert_same_greedy(ours, reference)
+    for ours, reference in zip(_default_model_outputs(), quantized):
+        assert_same_greedy(ours, reference)

@@ -133,9 +133,10 @@ def test_bad_constraints_are_400s(http, body, param):
 
 
 class City(pydantic.BaseModel):
+    # No number: greedy digits of the 135M default model can repeat to the token limit, and which
+    # way its near-ties fall moves with its int8 activations' rounding (AVX2).
     name: str
     country: str
-    population_millions: float
 
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -153,7 +154,7 @@ def test_parse_and_required_tool_calls_on_the_default_model(tmp_path):
         model = default.models.list().data[0].id
         reply = default.chat.completions.parse(
             model=model, temperature=0, max_tokens=60, response_format=City,
-            messages=[{"role": "user", "content": "Describe Paris as JSON with its name, country and population."}],
+            messages=[{"role": "user", "content": "Describe Paris as JSON with its name and country."}],
         )
         ask = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
         choices = [

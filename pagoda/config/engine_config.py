@@ -34,11 +34,13 @@ DTYPES = {
     "half": "float16",
     "bfloat16": "bfloat16",
 }
-# vLLM's --kv-cache-dtype values: auto (the model's dtype) or an fp8 format; fp8 means fp8_e4m3.
+# vLLM's --kv-cache-dtype values: auto (the model's dtype; float16 for a GGUF model on the CPU, as
+# llama.cpp's) or an fp8 format, fp8 meaning fp8_e4m3; and Pagoda's 16- and 32-bit ones (the CPU's).
 KV_CACHE_DTYPES = {
     "auto": None,
     "bfloat16": "bfloat16",
     "float16": "float16",
+    "float32": "float32",
     "fp8": "float8_e4m3fn",
     "fp8_e4m3": "float8_e4m3fn",
     "fp8_e5m2": "float8_e5m2",
@@ -135,8 +137,9 @@ class EngineConfig:
         None, "bytes for the KV cache, instead of what gpu_memory_utilization leaves (on the CPU: "
         f"$PAGODA_CPU_KVCACHE_SPACE GiB, default {DEFAULT_CPU_KV_CACHE_GIB:g}), e.g. 8G", type=human_readable_int)
     kv_cache_dtype: str = _knob(
-        "auto", "the KV cache's dtype: auto (the model's), bfloat16 or float16 (half a float32 model's cache, on the "
-        "CPU), fp8 (= fp8_e4m3) or fp8_e5m2: one byte a value, so the pool holds twice the tokens of a 16-bit cache; "
+        "auto", "the KV cache's dtype: auto (the model's; float16 for a GGUF model on the CPU, as llama.cpp's), "
+        "bfloat16, float16 or float32 (another than a float32 model's on the CPU only), fp8 (= fp8_e4m3) or "
+        "fp8_e5m2: one byte a value, so the pool holds twice the tokens of a 16-bit cache; "
         "fp8 keys and values are divided by the checkpoint's per-layer k_scale/v_scale (1.0 where it has none)",
         choices=tuple(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _knob(True, "share the KV blocks of common prompt prefixes",

@@ -52,7 +52,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int
     enable_prefix_caching: bool
-    dtype: torch.dtype  # of the cached keys and values: the model's, or a float8 (--kv-cache-dtype)
+    dtype: torch.dtype  # of the cached keys and values (--kv-cache-dtype): the model's, a 16-bit one or a float8
     gpu_memory_utilization: float
     num_gpu_blocks_override: int | None
     # Bytes of the KV pool per rank instead of what the GPU's memory leaves (always set on the CPU).

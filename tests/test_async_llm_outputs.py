@@ -1,7 +1,8 @@
 """AsyncLLM's per-request streams: a reader that fell behind the engine gets what queued since its
 last turn as one output (the latest, each child's text deltas joined), an error after outputs
 still comes after them, the engine's outputs reach the streams in one callback per step, and the
-receiver gives freed heap memory back when idle; a step's scheduler stats show once its outputs are applied."""
+receiver gives freed heap memory back when idle; a step's scheduler stats show once its outputs are applied;
+a request whose making can take seconds is made off the event loop."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pagoda.engine.async_llm import AsyncLLM, _Stream
 from pagoda.engine.core_client import MPClient
 from pagoda.engine.core_group import CoreGroup, _Core
 from pagoda.engine.messages import Aborted, Accepted, Outputs, encode
+from pagoda.lora.request import LoRARequest
 from pagoda.outputs import CompletionOutput, RequestOutput
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def _output(step: int, deltas: list[str], finished: bool = False) -> RequestOutput:
@@ -188,3 +191,29 @@ def test_a_steps_scheduler_stats_show_only_once_its_outputs_are_applied(monkeypa
         front_end.close(0)
     # (then the receiver's end hands every stream still open its error: none here)
     assert seen == [1, (0, [("r", "output", False)]), (0, [])] and client.stats.num_running == 0
+
+
+@pytest.mark.parametrize("params, extra, off_the_loop", [
+    (SamplingParams(), {}, False),  # the common request: no thread hop
+    (SamplingParams(), {"images": ["an image"]}, True),  # preprocessed for the model
+    (SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)), {}, True),
+    (SamplingParams(), {"lora_request": LoRARequest("adapter", 1, "/adapters/a")}, True),
+])
+def test_a_request_whose_making_can_take_seconds_is_made_off_the_event_loop(params, extra, off_the_loop):
+    # Images' preprocessing, a grammar's first check (xgrammar's import brings torch into the
+    # server's front end) and an adapter's first reading must not stop the other requests' streams.
+    threads: list[threading.Thread] = []
+
+    def make_request(*args, **kwargs):
+        threads.append(threading.current_thread())
+        raise ValueError("refused")  # before the engine: none is needed
+
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine.processor = SimpleNamespace(make_request=make_request)
+
+    async def add() -> None:
+        with pytest.raises(ValueError, match="refused"):
+            await engine.add_request("r", [1, 2], params, **extra)
+
+    asyncio.run(add())
+    assert (threads[0] is not threading.main_thread()) == off_the_loop

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import functools
 import logging
 import threading
 import time
@@ -151,12 +152,15 @@ class AsyncLLM:
         encoded, EngineDeadError at once once the engine has died. Leaving the iteration early (a
         client gone) aborts the request; so must a caller that never starts it. token_type_ids: a
         BERT text pair's (an embedding engine's)."""
-        if params.structured_outputs is not None or lora_request is not None:
-            await asyncio.to_thread(self.processor.check_grammar_and_adapter, params, lora_request)
-        request = self.processor.make_request(
-            request_id, list(prompt_token_ids), params, lora_request=lora_request, images=images, cache_salt=cache_salt,
-            priority=priority, token_type_ids=token_type_ids,
+        make = functools.partial(
+            self.processor.make_request, request_id, list(prompt_token_ids), params, lora_request=lora_request,
+            images=images, cache_salt=cache_salt, priority=priority, token_type_ids=token_type_ids,
         )
+        # Images' preprocessing, a grammar's check (the first imports xgrammar, and torch with it, into
+        # a server's front end: seconds) and an adapter's first reading: work the event loop must not
+        # wait for while it streams the other requests.
+        slow = bool(images) or params.structured_outputs is not None or lora_request is not None
+        request = await asyncio.to_thread(make) if slow else make()
         children = request.children
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [child_id for child_id, _ in children])
         accepted: concurrent.futures.Future = concurrent.futures.Future()

@@ -77,8 +77,11 @@ class InputProcessor:
         params = self._resolve_logprobs(params)
         if params.bad_words:
             params = self._with_bad_words_token_ids(params)
-        params = self._with_engine_structured_outputs(params)
-        self.check_grammar_and_adapter(params, lora_request)
+        if params.structured_outputs is not None:
+            params = self._with_engine_structured_outputs(params)
+            check_structured_outputs(params.structured_outputs)
+        if lora_request is not None:
+            self.check_lora(lora_request)
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
             raise ValueError(f"cache_salt={cache_salt!r} is invalid: it must be a non-empty string or None")
         self._validate_priority(priority)
@@ -109,17 +112,6 @@ class InputProcessor:
                 "with scheduling_policy='priority' (--scheduling-policy priority) to order them by priority"
             )
 
-    def check_grammar_and_adapter(self, params: SamplingParams, lora_request: LoRARequest | None) -> None:
-        """The checks that can take seconds the first time and are cached after: a grammar's
-        (xgrammar's import, with torch's, and the grammar's build) and an adapter's (its files
-        read). AsyncLLM runs them in a worker thread before make_request, which then finds them
-        done, so that its event loop goes on streaming the other requests meanwhile."""
-        params = self._with_engine_structured_outputs(params)
-        if params.structured_outputs is not None:
-            check_structured_outputs(params.structured_outputs)
-        if lora_request is not None:
-            self.check_lora(lora_request)
-
     def check_lora(self, lora_request: LoRARequest) -> None:
         """ValueError unless the engine serves adapters and this one fits the model (its files
         are read once per id and path; the workers read them again when they need them)."""
@@ -149,7 +141,7 @@ class InputProcessor:
     def _with_engine_structured_outputs(self, params: SamplingParams) -> SamplingParams:
         """params with the engine's structured-output settings applied (compact JSON when set)."""
         constraint = params.structured_outputs
-        if constraint is None or not self.compact_json or constraint.disable_any_whitespace:
+        if not self.compact_json or constraint.disable_any_whitespace:
             return params
         params = copy.copy(params)
         params.structured_outputs = dataclasses.replace(constraint, disable_any_whitespace=True)

@@ -83,6 +83,12 @@ def stream_events(http: httpx.Client, path: str, body: dict) -> list[dict]:
         return sse_events(response)
 
 
+def python_path(*folders: str | Path) -> dict[str, str]:
+    """PYTHONPATH for a child Python: these folders first, then the caller's own (where packages
+    such as a GPU machine's carried wheels may be)."""
+    return {"PYTHONPATH": os.pathsep.join([*map(str, folders), os.environ.get("PYTHONPATH", "")])}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -83,3 +83,16 @@ def test_the_benches_take_vllms_dataset_and_warm_up_flags():
     )
     assert (throughput.dataset_name, throughput.input_len, throughput.output_len) == ("random", 7, 3)
     assert build_parser().parse_args(["bench", "latency", "--num-iters-warmup", "0"]).num_iters_warmup == 0
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["serve", "model"], "serve"), (["--log-level", "debug", "serve"], "serve"),
+    (["--log-level=info", "serve"], "serve"), (["bench", "serve", "--base-url", "x"], "bench"),
+    (["--log-level", "serve", "generate"], "generate"), (["-h"], None),
+])
+def test_the_command_is_known_before_the_parser_is_built(argv, command):
+    # `pagoda serve` starts its core server (torch, the engine) before building the parser, whose
+    # imports take seconds; no other command starts one.
+    from pagoda.entrypoints.cli import _command
+
+    assert _command(argv) == command

@@ -311,3 +311,62 @@ def test_a_config_class_in_the_models_own_code_runs_with_trust_remote_code(tmp_p
     custom = LLM(model=str(path), device="cpu", skip_tokenizer_init=True, trust_remote_code=True)
     plain = LLM(model=str(save_tiny_model("llama3", tmp_path / "plain")), device="cpu", skip_tokenizer_init=True)
     assert tokens(custom) == tokens(plain)  # the same weights, the same native model
+
+
+def _tiny_hf_config() -> dict:
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    ).to_dict()
+
+
+def test_random_weights_shapes_are_read_back_from_disk_without_transformers_models(tmp_path: Path, monkeypatch) -> None:
+    """A server's engine core with random weights takes their names and shapes from transformers'
+    model of the config once; a later process reads them from Pagoda's cache and imports none of
+    transformers' modeling code (~3 s of a start on a GPU host)."""
+    from pagoda.loader.weights import hf_checkpoint_shapes, hf_meta_model
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    hf_config = _tiny_hf_config()
+    shapes = hf_checkpoint_shapes(hf_config)
+    assert shapes == tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
+    assert len(list((tmp_path / "checkpoint_shapes").iterdir())) == 1
+    code = f"""
+import json, pickle, sys
+from pagoda.loader.weights import hf_checkpoint_shapes
+shapes = hf_checkpoint_shapes(json.loads({json.dumps(json.dumps(hf_config))}))
+sys.stdout.buffer.write(pickle.dumps((shapes, "transformers.modeling_utils" in sys.modules)))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
+                         env={**os.environ, "PAGODA_CACHE_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    assert pickle.loads(run.stdout) == (shapes, False)
+    # Another config is another file.
+    assert hf_checkpoint_shapes({**hf_config, "num_hidden_layers": 1}) != shapes
+    assert len(list((tmp_path / "checkpoint_shapes").iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", ["cut", "not shapes"])
+def test_random_weights_shapes_file_damaged_is_built_again(tmp_path: Path, monkeypatch, damage: str) -> None:
+    from pagoda.loader.weights import hf_checkpoint_shapes
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    hf_config = _tiny_hf_config()
+    shapes = hf_checkpoint_shapes(hf_config)
+    (path,) = (tmp_path / "checkpoint_shapes").iterdir()
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2] if damage == "cut" else json.dumps({"a": 1}))
+    assert hf_checkpoint_shapes(hf_config) == shapes
+    assert path.read_text() == text
+
+
+def test_random_weights_shapes_without_a_writable_cache(tmp_path: Path, monkeypatch, caplog) -> None:
+    from pagoda.loader.weights import hf_checkpoint_shapes
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "file"))  # a file where the directory would be
+    shapes = hf_checkpoint_shapes(_tiny_hf_config())
+    assert shapes[0] == ("model.embed_tokens.weight", (96, 32))
+    assert "random weights' checkpoint shapes not kept" in caplog.text

@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -54,6 +55,29 @@ def test_a_config_that_does_not_resolve_raises_the_same_error(tiny):
     assert str(there.value) == str(here.value) and "max_model_len" in str(there.value)
 
 
+def test_a_resolution_begun_ahead_is_the_one_taken(tiny, monkeypatch):
+    """`pagoda serve` begins resolving while its front end imports; the engine then takes that
+    resolution (one fork, not two), its errors included; other arguments resolve anew."""
+    forks = []
+    real = apart._resolve_in_fork
+    monkeypatch.setattr(apart, "_resolve_in_fork", lambda *a: forks.append(a) or real(*a))
+    args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
+    apart.resolve_ahead(args, server=True)
+    model, _, config = apart.resolve_apart(args, server=True)
+    assert forks == [(args, True)]
+    assert (model, config) == apart.resolve_engine(args, server=True)[::2]
+    apart.resolve_apart(args, server=True)  # taken once: a second call resolves again
+    assert len(forks) == 2
+
+    bad = EngineConfig(model=str(tiny), device="cpu", max_model_len=10**9)
+    apart.resolve_ahead(bad, server=True)
+    with pytest.raises(ValueError, match="max_model_len"):
+        apart.resolve_apart(bad, server=True)
+    apart.resolve_ahead(bad, server=True)
+    assert apart.resolve_apart(args, server=True)[2] == config  # not the one begun ahead
+    assert forks.count((args, True)) == 3
+
+
 class _Connection:
     """A pipe's sending end that keeps what is sent."""
 
@@ -70,8 +94,11 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (resolved, threading.Lock(), config))
     monkeypatch.setattr(apart, "log_to_stderr", lambda level: None)  # this process's logging stays as it is
     sent = _Connection()
+    before = time.time()
     apart._resolve_and_send(args, False, sent, 20, dict(os.environ))  # the environment it has
-    assert sent.sent == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
+    began, *rest = sent.sent  # first, when it began: the front end logs how long it waited for that
+    assert before <= began <= time.time()
+    assert rest == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
 
     class Unpicklable(Exception):  # a local class: pickled by a name that does not import
         pass
@@ -79,7 +106,7 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (_ for _ in ()).throw(Unpicklable("a bad field")))
     sent = _Connection()
     apart._resolve_and_send(args, False, sent, 20, dict(os.environ))
-    [error] = sent.sent
+    [_, error] = sent.sent
     assert isinstance(error, RuntimeError) and str(error) == "Unpicklable: a bad field"
 
 
@@ -119,7 +146,7 @@ def test_the_servers_front_end_imports_neither_config_classes_nor_torch(tiny, se
     # them: the check sees them.
     code = f"""
 from pagoda.engine.core_launcher import start_core_server
-start_core_server(dummy_weights=False)
+start_core_server()
 import pagoda.entrypoints.openai.server
 from pagoda.config import EngineConfig, torch_values
 from pagoda.engine.input_processor import InputProcessor

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serving import python_path
+
 ROOT = Path(__file__).parent.parent
 SCRIPTS = sorted((ROOT / "scripts").glob("**/*.py"))
 
@@ -39,7 +41,7 @@ def test_script_imports_resolve(script):
 def test_the_serve_tracer_wraps_what_it_names(tmp_path):
     # scripts/serve_trace patches the engine core's step, the front end's handling of steps and
     # the benchmark client's run by name at start-up, where a failure is only a warning on stderr.
-    env = {**os.environ, "PAGODA_STEP_TRACE": str(tmp_path), "PYTHONPATH": f"{ROOT / 'scripts' / 'serve_trace'}:{ROOT}"}
+    env = {**os.environ, "PAGODA_STEP_TRACE": str(tmp_path), **python_path(ROOT / "scripts" / "serve_trace", ROOT)}
     check = (
         "from pagoda.engine import core, async_llm; from pagoda.benchmarks import serve; "
         "print(core.EngineCore.step.__name__, async_llm.AsyncLLM._process.__name__, serve._run.__name__)"

@@ -4,7 +4,6 @@ reads a chat template), each beside a server started without it."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from pagoda.entrypoints.chat_utils import detect_content_format
 from pagoda.entrypoints.openai.server import import_middleware
 from tests.serving import (
-    CHAT_TEMPLATE, MODEL, PARTS_TEMPLATE, http_client, openai_error, serving, sse_events, tiny_model_args,
+    CHAT_TEMPLATE, MODEL, PARTS_TEMPLATE, http_client, openai_error, python_path, serving, sse_events, tiny_model_args,
 )
 
 TWO_PARTS = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
@@ -52,10 +51,6 @@ def middleware_path(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("middleware")
     (directory / "stamp_middleware.py").write_text(MIDDLEWARE)
     return str(directory)
-
-
-def python_path(*folders: str) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join([*folders, os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.serving import python_path
 from tests.tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ CELL = re.compile(r"(\d+\.\d+) \((\d+\.\d+)x\)")
 
 
 def _bench(*args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **python_path(ROOT)}
     done = subprocess.run([sys.executable, "scripts/bench_spec_decode.py", "--tiny", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,6 +15,7 @@ import pytest
 import transformers
 
 from pagoda import LLM, SamplingParams
+from tests.serving import python_path
 from tests.tiny_vlm import (
     QWEN_IMAGE, hf_greedy_with_images, hf_qwen2_vl_greedy, random_image, save_tiny_llava, save_tiny_qwen2_vl,
 )
@@ -102,7 +103,7 @@ def test_a_steps_images_go_through_the_tower_in_one_call(tmp_path, arch):
 def test_bench_vlm_gpu_runs_tiny_on_the_cpu():
     # scripts/bench_vlm_gpu.py measures issue 24's workload on the device; --tiny checks it end to end here.
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, **python_path(root)}
     done = subprocess.run([sys.executable, "scripts/bench_vlm_gpu.py", "--tiny"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -29,10 +29,10 @@ from typing import Any
 # What a core imports before it can build its engine: the core's loop and engine, and the model
 # code. Its config is Pagoda's own (a ModelSpec): transformers' config classes stay out of the cores
 # (pagoda/engine/resolve_apart.py).
+# Not transformers' modeling code, which random weights' names come from (~3 s more to import
+# on a GPU host, before the configuration could be resolved in a fork of this server): a core
+# imports it only when those names are not on disk yet (loader/weights.py).
 CORE_MODULES = ["pagoda.engine.core_proc", "pagoda.models"]
-# Random weights are drawn under the names of transformers' own model of the config, which the
-# core builds on the meta device: its modeling code takes seconds more to import.
-DUMMY_WEIGHT_MODULES = ["transformers.modeling_utils"]
 
 
 def run_core(*args: Any) -> None:
@@ -54,11 +54,11 @@ _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _server_started_here = False  # by start_core_server: this process is the server, which may stop it
 
 
-def start_core_server(dummy_weights: bool) -> None:
+def start_core_server() -> None:
     """Start the fork server now, importing the core's modules while this process goes on (the
     first core would otherwise start it, and wait for its imports then)."""
     global _server_started_here
-    core_process_context([*CORE_MODULES, *DUMMY_WEIGHT_MODULES] if dummy_weights else CORE_MODULES)
+    core_process_context()
     multiprocessing.forkserver.ensure_running()
     _server_started_here = True
 

@@ -9,6 +9,9 @@ the core server (engine/core_launcher.py: torch and the engine imported, transfo
 not), which sends the ResolvedModel, the tokenizer and the ResolvedConfig back and exits; the
 front end holds the configuration's torch values by name (config/torch_values.py). The offline
 LLM, and AsyncLLM used as a library, resolve in their own process (which has torch anyway).
+
+`pagoda serve` starts that resolution first thing (`resolve_ahead`), in a thread of the front end
+that waits for the fork, so that it runs while the front end imports its web stack (~2 s).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
+import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +32,8 @@ from pagoda.logger import log_to_stderr
 if TYPE_CHECKING:
     from pagoda.config.groups import ResolvedConfig
     from pagoda.loader.model_resolver import ResolvedModel
+
+logger = logging.getLogger(__name__)
 
 # A tokenizer that does not pickle is loaded by the front end instead.
 _NOT_SENT = "pagoda: the tokenizer did not pickle"
@@ -44,20 +51,63 @@ def resolve_engine(args: EngineConfig, server: bool = False) -> tuple[ResolvedMo
     return resolved, tokenizer, resolve_config(args, resolved, tokenizer, server=server)
 
 
+class _Ahead:
+    """A resolve_apart begun in a thread; `result` waits for it and returns or raises what it did."""
+
+    def __init__(self, args: EngineConfig, server: bool) -> None:
+        self.args, self.server = args, server
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self._thread = threading.Thread(target=self._run, name="pagoda-resolve-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome = (_resolve_in_fork(self.args, self.server), None)
+        except BaseException as error:  # raised where the result is taken
+            self._outcome = (None, error)
+
+    def result(self) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+        self._thread.join()
+        result, error = self._outcome
+        if error is not None:
+            raise error
+        return result
+
+
+_ahead: _Ahead | None = None
+
+
+def resolve_ahead(args: EngineConfig, server: bool = True) -> None:
+    """Begin resolve_apart(args, server) now, in a thread; the next resolve_apart of the same
+    arguments takes its result."""
+    global _ahead
+    _ahead = _Ahead(args, server)
+
+
 def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
     """resolve_engine(args, server), run in a fork of the core server; the tokenizer comes back
     pickled (loaded here where it does not pickle: a model's own code), the configuration's torch
     values by name where this process has no torch (config/torch_values.py). What it raises is
     raised here (as a RuntimeError naming it where it does not pickle)."""
+    global _ahead
+    ahead, _ahead = _ahead, None
+    if ahead is not None and (ahead.args, ahead.server) == (args, server):
+        return ahead.result()
+    return _resolve_in_fork(args, server)
+
+
+def _resolve_in_fork(args: EngineConfig, server: bool) -> tuple[ResolvedModel, Any, ResolvedConfig]:
     context = core_process_context()
     receive, send = context.Pipe(duplex=False)
     process = context.Process(
         target=_resolve_and_send, name="pagoda-resolve", daemon=True,
         args=(args, server, send, logging.getLogger().getEffectiveLevel(), dict(os.environ)),
     )
-    process.start()
+    requested = time.time()
+    process.start()  # the fork server forks once it has imported the core's modules
     send.close()  # so that the child's end alone holds the pipe open: EOF once it has gone
     try:
+        began = pickle.loads(receive.recv_bytes())
         result = pickle.loads(receive.recv_bytes())
     except EOFError:
         process.join()
@@ -65,6 +115,8 @@ def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedMod
     finally:
         receive.close()
     process.join()
+    logger.info("configuration resolved in %.1f s, after %.1f s waiting for the core server's imports",
+                time.time() - began, began - requested)
     if isinstance(result, BaseException):
         raise result
     resolved, tokenizer, config = result
@@ -82,6 +134,7 @@ def _load_tokenizer(resolved: ResolvedModel, args: EngineConfig) -> Any:
 def _resolve_and_send(
     args: EngineConfig, server: bool, send: Connection, log_level: int, env: dict[str, str]
 ) -> None:
+    send.send_bytes(pickle.dumps(time.time()))  # when the fork server got here: its imports' wait
     # The front end's environment as of now (the core server's is older): the cache and hub paths.
     os.environ.clear()
     os.environ.update(env)

@@ -20,15 +20,18 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from pagoda.engine.core_launcher import start_core_server
+    from pagoda.config import EngineConfig
+    from pagoda.engine.resolve_apart import resolve_ahead
+    from pagoda.entrypoints.openai.cli_args import server_engine_kwargs
     from pagoda.entrypoints.openai.startup import bind_listener, bind_unix_listener
 
     # Bound before the server's imports and the engine's load: a port in use fails at once.
     listener = bind_unix_listener(args.uds) if args.uds else bind_listener(args.host or "0.0.0.0", args.port)
-    start_core_server(dummy_weights=args.load_format == "dummy")  # its imports run beside the front end's
+    engine_config = EngineConfig(**server_engine_kwargs(args))
+    resolve_ahead(engine_config)  # in a fork of the core server (main started it) while this process imports
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
-    run_server(args, listener)
+    run_server(args, listener, engine_config)
 
 
 def _run_batch(args: argparse.Namespace) -> None:
@@ -86,12 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand argv names: its first word that is neither an option nor --log-level's value."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     from pagoda.entrypoints.config_file import expand_config_files
     from pagoda.logger import log_to_stderr
 
+    argv = sys.argv[1:] if argv is None else argv
+    if _command(argv) == "serve":
+        from pagoda.engine.core_launcher import start_core_server
+
+        # Before the parser, whose imports take seconds (transformers' among them): the core
+        # server's imports run beside them, and the configuration resolves in a fork of it sooner.
+        start_core_server()
     parser = build_parser()
-    args = parser.parse_args(expand_config_files(parser, sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(expand_config_files(parser, argv))
     log_to_stderr(args.log_level.upper())
     try:
         args.func(args)

@@ -230,8 +230,8 @@ def iter_dummy_weights(
     """Random weights as a checkpoint: whole tensors under Hugging Face names, each drawn from a
     seed of its own name. Every rank of a sharded model loads its slices of the very tensors that
     one unsharded rank loads, so a random model gives the same tokens at any TP and PP size."""
-    # Built here, in the engine core, rather than by the front end: the transformers model that
-    # gives the names and shapes imports most of transformers (~3 s of the server's start-up).
+    # Read here, in the engine core, rather than by the front end: the transformers model that
+    # gives the names and shapes imports most of transformers (~3 s), the first time a config runs.
     for name, shape in spec.checkpoint_shapes or hf_checkpoint_shapes(spec.hf_config):
         generator = torch.Generator(device=device).manual_seed(((seed << 32) + zlib.crc32(name.encode())) & _U64)
         tensor = torch.empty(shape, dtype=dtype, device=device)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
+import os
+import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from pagoda.loader.cache_dir import pagoda_cache_dir
+
+logger = logging.getLogger(__name__)
 
 
 def iter_checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -75,8 +84,45 @@ def _iter_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def hf_checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """The names and shapes of a checkpoint of this config (its values, as `to_dict` gives them)."""
-    return tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
+    """The names and shapes of a checkpoint of this config (its values, as `to_dict` gives them).
+    They come from transformers' model of the config, whose modeling code takes ~3 s to import (a
+    third of `pagoda serve`'s start with random weights on a GPU host), so they are kept on disk,
+    one file per config and transformers version: a later start reads them."""
+    path = _shapes_file(hf_config)
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError, TypeError):  # none yet, or not a list of [name, shape]
+            return tuple((str(name), tuple(int(n) for n in shape)) for name, shape in json.loads(path.read_text()))
+    shapes = tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
+    if path is not None:
+        _write_file(path, json.dumps(shapes))
+    return shapes
+
+
+def _shapes_file(hf_config: dict[str, Any]) -> Path | None:
+    """Where hf_checkpoint_shapes keeps this config's shapes (None: transformers' version unknown)."""
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:  # run from a source tree: its models may change unversioned
+        return None
+    key = json.dumps([version, hf_config], sort_keys=True, default=str)
+    return pagoda_cache_dir() / "checkpoint_shapes" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _write_file(path: Path, text: str) -> None:
+    """text into path, whole or not at all (a process beside this one reads either); an unwritable
+    cache only costs the next start the time it saves."""
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except OSError as error:
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        logger.warning("random weights' checkpoint shapes not kept in %s: %s", path.parent, error)
 
 
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:

@@ -36,7 +36,7 @@ from pagoda.config import EngineConfig
 from pagoda.engine.async_llm import AsyncLLM, EngineDeadError, RequestAborted
 from pagoda.entrypoints.chat_utils import load_chat_template
 
-from .cli_args import model_argument, request_limits, server_engine_kwargs
+from .cli_args import model_argument, request_limits
 from .metrics import log_stats, metrics_registry
 from .playground import add_playground_routes
 from .preprocess import tokenize_prompt
@@ -538,9 +538,9 @@ def server_url(args: argparse.Namespace, host: str | None = None) -> str:
     return f"{scheme}://{host or args.host or '0.0.0.0'}:{args.port}"
 
 
-def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
+def run_server(args: argparse.Namespace, listener: socket.socket, engine_config: EngineConfig) -> None:
     """Serve on `listener`, bound to --host/--port before anything slow: 503 there until the
-    engine is ready, then uvicorn."""
+    engine (of `engine_config`, the server's flags) is ready, then uvicorn."""
     clock = StartupClock()
     # What the front end reads of its own is checked before the engine loads: a bad argument fails at once.
     tool_parser = auto_tool_parser(args)
@@ -549,7 +549,7 @@ def run_server(args: argparse.Namespace, listener: socket.socket) -> None:
     starting = StartingResponder(listener, tls_context(args))
     clock.lap("front end", f": listening on {server_url(args)}, answering 503 until the engine is ready")
     model = model_argument(args)
-    engine = AsyncLLM(EngineConfig(**server_engine_kwargs(args)), server=True)
+    engine = AsyncLLM(engine_config, server=True)
     clock.lap("engine start", " (its tokenizer, weights, profiling and graph capture are logged above)")
     try:  # from here on, a failure stops the engine in order rather than leaving it to be killed at exit
         names = args.served_model_name or [model or engine.model_name]

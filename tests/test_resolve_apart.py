@@ -6,12 +6,10 @@ imports no torch: it holds the configuration's torch values by name (config/torc
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -56,18 +54,26 @@ def test_a_config_that_does_not_resolve_raises_the_same_error(tiny):
 
 
 def test_a_resolution_begun_ahead_is_the_one_taken(tiny, monkeypatch):
-    """`pagoda serve` begins resolving while its front end imports; the engine then takes that
-    resolution (one fork, not two), its errors included; other arguments resolve anew."""
-    forks = []
-    real = apart._resolve_in_fork
-    monkeypatch.setattr(apart, "_resolve_in_fork", lambda *a: forks.append(a) or real(*a))
+    """`pagoda serve` starts the resolving process before its parser (it imports transformers'
+    classes meanwhile) and asks it once the arguments are parsed, while its front end imports;
+    the engine then takes that resolution (one process, not two), its errors included; other
+    arguments resolve anew."""
+    made = []
+
+    class Counted(apart._Resolver):
+        def __init__(self, preimport: bool = False) -> None:
+            made.append(preimport)
+            super().__init__(preimport)
+
+    monkeypatch.setattr(apart, "_Resolver", Counted)
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
+    apart.prepare_resolver()
     apart.resolve_ahead(args, server=True)
     model, _, config = apart.resolve_apart(args, server=True)
-    assert forks == [(args, True)]
+    assert made == [True]
     assert (model, config) == apart.resolve_engine(args, server=True)[::2]
     apart.resolve_apart(args, server=True)  # taken once: a second call resolves again
-    assert len(forks) == 2
+    assert made == [True, False]
 
     bad = EngineConfig(model=str(tiny), device="cpu", max_model_len=10**9)
     apart.resolve_ahead(bad, server=True)
@@ -75,7 +81,15 @@ def test_a_resolution_begun_ahead_is_the_one_taken(tiny, monkeypatch):
         apart.resolve_apart(bad, server=True)
     apart.resolve_ahead(bad, server=True)
     assert apart.resolve_apart(args, server=True)[2] == config  # not the one begun ahead
-    assert forks.count((args, True)) == 3
+    assert made == [True, False, False, False, False]
+
+
+def test_a_resolving_process_never_asked_ends_with_the_front_end():
+    # A server whose start fails after the resolving process started (a bad flag): EOF, and it ends.
+    resolver = apart._Resolver(preimport=False)
+    resolver._requests.close()
+    resolver._process.join(60)
+    assert resolver._process.exitcode == 0
 
 
 class _Connection:
@@ -92,21 +106,17 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
     resolved, _, config = apart.resolve_engine(args)
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (resolved, threading.Lock(), config))
-    monkeypatch.setattr(apart, "log_to_stderr", lambda level: None)  # this process's logging stays as it is
     sent = _Connection()
-    before = time.time()
-    apart._resolve_and_send(args, False, sent, 20, dict(os.environ))  # the environment it has
-    began, *rest = sent.sent  # first, when it began: the front end logs how long it waited for that
-    assert before <= began <= time.time()
-    assert rest == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
+    apart._resolve_and_send(args, False, sent)
+    assert sent.sent == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
 
     class Unpicklable(Exception):  # a local class: pickled by a name that does not import
         pass
 
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (_ for _ in ()).throw(Unpicklable("a bad field")))
     sent = _Connection()
-    apart._resolve_and_send(args, False, sent, 20, dict(os.environ))
-    [_, error] = sent.sent
+    apart._resolve_and_send(args, False, sent)
+    [error] = sent.sent
     assert isinstance(error, RuntimeError) and str(error) == "Unpicklable: a bad field"
 
 

@@ -10,17 +10,20 @@ not), which sends the ResolvedModel, the tokenizer and the ResolvedConfig back a
 front end holds the configuration's torch values by name (config/torch_values.py). The offline
 LLM, and AsyncLLM used as a library, resolve in their own process (which has torch anyway).
 
-`pagoda serve` starts that resolution first thing (`resolve_ahead`), in a thread of the front end
-that waits for the fork, so that it runs while the front end imports its web stack (~2 s).
+`pagoda serve` starts that process first thing (`prepare_resolver`, before its argument parser):
+it imports transformers' configuration and tokenizer classes while the front end imports, and
+resolves once the arguments are parsed (`resolve_ahead`, a thread of the front end waiting for it).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -51,22 +54,64 @@ def resolve_engine(args: EngineConfig, server: bool = False) -> tuple[ResolvedMo
     return resolved, tokenizer, resolve_config(args, resolved, tokenizer, server=server)
 
 
-class _Ahead:
-    """A resolve_apart begun in a thread; `result` waits for it and returns or raises what it did."""
+class _Resolver:
+    """A fork of the core server that resolves one configuration. Started before the arguments
+    are known (`preimport`), it imports what resolving takes meanwhile, then waits for them."""
 
-    def __init__(self, args: EngineConfig, server: bool) -> None:
-        self.args, self.server = args, server
+    def __init__(self, preimport: bool = False) -> None:
+        context = core_process_context()
+        requests, self._requests = context.Pipe(duplex=False)
+        self._results, results = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_resolve_when_asked, name="pagoda-resolve", daemon=True,
+            args=(requests, results, dict(os.environ), preimport),
+        )
+        self._started = time.time()
+        self._process.start()  # the fork server forks once it has imported the core's modules
+        requests.close()  # so that the child's ends alone hold the pipes open: EOF once it has gone
+        results.close()
+
+    def resolve(self, args: EngineConfig, server: bool) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+        asked = time.time()
+        try:
+            self._requests.send_bytes(pickle.dumps((args, server, logging.getLogger().getEffectiveLevel())))
+            ready = pickle.loads(self._results.recv_bytes())
+            result = pickle.loads(self._results.recv_bytes())
+        except (EOFError, BrokenPipeError):
+            self._process.join()
+            raise RuntimeError(
+                f"the process resolving the engine's configuration exited with {self._process.exitcode}"
+            ) from None
+        finally:
+            self._requests.close()
+            self._results.close()
+        self._process.join()
+        logger.info("configuration resolved %.1f s after it was asked; its process was ready %.1f s after it started",
+                    time.time() - asked, ready - self._started)
+        if isinstance(result, BaseException):
+            raise result
+        resolved, tokenizer, config = result
+        if tokenizer is _NOT_SENT:
+            tokenizer = _load_tokenizer(resolved, args)
+        return resolved, tokenizer, config
+
+
+class _InThread:
+    """fn() run in a thread from now; `result` waits for it and returns or raises what it did."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
         self._outcome: tuple[Any, BaseException | None] = (None, None)
         self._thread = threading.Thread(target=self._run, name="pagoda-resolve-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._outcome = (_resolve_in_fork(self.args, self.server), None)
+            self._outcome = (self._fn(), None)
         except BaseException as error:  # raised where the result is taken
             self._outcome = (None, error)
 
-    def result(self) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    def result(self) -> Any:
         self._thread.join()
         result, error = self._outcome
         if error is not None:
@@ -74,14 +119,27 @@ class _Ahead:
         return result
 
 
-_ahead: _Ahead | None = None
+_prepared: _InThread | None = None  # prepare_resolver's process (a _Resolver), not yet asked
+_ahead: tuple[EngineConfig, bool, _InThread] | None = None  # resolve_ahead's resolution, not yet taken
+
+
+def prepare_resolver() -> None:
+    """Start the process that resolve_ahead will ask, now: it imports transformers' configuration
+    and tokenizer classes (seconds) while this process builds its argument parser."""
+    global _prepared
+    _prepared = _InThread(lambda: _Resolver(preimport=True))
 
 
 def resolve_ahead(args: EngineConfig, server: bool = True) -> None:
-    """Begin resolve_apart(args, server) now, in a thread; the next resolve_apart of the same
-    arguments takes its result."""
-    global _ahead
-    _ahead = _Ahead(args, server)
+    """Begin resolve_apart(args, server) now, in a thread (in prepare_resolver's process, if it
+    started one); the next resolve_apart of the same arguments takes its result."""
+    global _ahead, _prepared
+    prepared, _prepared = _prepared, None
+
+    def resolve() -> tuple[ResolvedModel, Any, ResolvedConfig]:
+        return (prepared.result() if prepared is not None else _Resolver()).resolve(args, server)
+
+    _ahead = (args, server, _InThread(resolve))
 
 
 def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
@@ -91,38 +149,9 @@ def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedMod
     raised here (as a RuntimeError naming it where it does not pickle)."""
     global _ahead
     ahead, _ahead = _ahead, None
-    if ahead is not None and (ahead.args, ahead.server) == (args, server):
-        return ahead.result()
-    return _resolve_in_fork(args, server)
-
-
-def _resolve_in_fork(args: EngineConfig, server: bool) -> tuple[ResolvedModel, Any, ResolvedConfig]:
-    context = core_process_context()
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_resolve_and_send, name="pagoda-resolve", daemon=True,
-        args=(args, server, send, logging.getLogger().getEffectiveLevel(), dict(os.environ)),
-    )
-    requested = time.time()
-    process.start()  # the fork server forks once it has imported the core's modules
-    send.close()  # so that the child's end alone holds the pipe open: EOF once it has gone
-    try:
-        began = pickle.loads(receive.recv_bytes())
-        result = pickle.loads(receive.recv_bytes())
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"the process resolving the engine's configuration exited with {process.exitcode}") from None
-    finally:
-        receive.close()
-    process.join()
-    logger.info("configuration resolved in %.1f s, after %.1f s waiting for the core server's imports",
-                time.time() - began, began - requested)
-    if isinstance(result, BaseException):
-        raise result
-    resolved, tokenizer, config = result
-    if tokenizer is _NOT_SENT:
-        tokenizer = _load_tokenizer(resolved, args)
-    return resolved, tokenizer, config
+    if ahead is not None and ahead[:2] == (args, server):
+        return ahead[2].result()
+    return _Resolver().resolve(args, server)
 
 
 def _load_tokenizer(resolved: ResolvedModel, args: EngineConfig) -> Any:
@@ -131,14 +160,33 @@ def _load_tokenizer(resolved: ResolvedModel, args: EngineConfig) -> Any:
     return load_tokenizer(resolved, args.tokenizer, args.tokenizer_mode)
 
 
-def _resolve_and_send(
-    args: EngineConfig, server: bool, send: Connection, log_level: int, env: dict[str, str]
-) -> None:
-    send.send_bytes(pickle.dumps(time.time()))  # when the fork server got here: its imports' wait
-    # The front end's environment as of now (the core server's is older): the cache and hub paths.
+def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, str], preimport: bool) -> None:
+    # The front end's environment as of the start (the core server's is older): the cache and hub paths.
     os.environ.clear()
     os.environ.update(env)
+    if preimport:
+        _import_what_resolving_takes()
+    send.send_bytes(pickle.dumps(time.time()))  # ready: the front end logs how long that took
+    try:
+        args, server, log_level = pickle.loads(requests.recv_bytes())
+    except EOFError:  # the front end has gone without asking (its start failed first)
+        return
     log_to_stderr(log_level)
+    _resolve_and_send(args, server, send)
+
+
+def _import_what_resolving_takes() -> None:
+    """transformers' configuration and tokenizer classes, which any model's resolution imports
+    (with torch installed, ~1,000 modules: 4-5 s on a GPU host) and the engine's resolution code."""
+    import transformers
+
+    for module in ("pagoda.config.resolve", "pagoda.loader.model_loader"):
+        importlib.import_module(module)
+    for name in ("AutoConfig", "AutoTokenizer", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)  # the lazy module imports it
+
+
+def _resolve_and_send(args: EngineConfig, server: bool, send: Connection) -> None:
     try:
         result: Any = resolve_engine(args, server)
     except Exception as error:  # the front end raises it, as if it had resolved the config itself

@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> None:
     # Bound before the server's imports and the engine's load: a port in use fails at once.
     listener = bind_unix_listener(args.uds) if args.uds else bind_listener(args.host or "0.0.0.0", args.port)
     engine_config = EngineConfig(**server_engine_kwargs(args))
-    resolve_ahead(engine_config)  # in a fork of the core server (main started it) while this process imports
+    resolve_ahead(engine_config)  # in the process main prepared, while this one imports the web stack
     from pagoda.entrypoints.openai.server import run_server  # FastAPI only loads for the server
 
     run_server(args, listener, engine_config)
@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if _command(argv) == "serve":
         from pagoda.engine.core_launcher import start_core_server
+        from pagoda.engine.resolve_apart import prepare_resolver
 
         # Before the parser, whose imports take seconds (transformers' among them): the core
-        # server's imports run beside them, and the configuration resolves in a fork of it sooner.
+        # server's imports, then those of the process that resolves the configuration, run beside them.
         start_core_server()
+        prepare_resolver()
     parser = build_parser()
     args = parser.parse_args(expand_config_files(parser, argv))
     log_to_stderr(args.log_level.upper())

@@ -15,14 +15,14 @@ ROOT=$PWD
 SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
 python3 -m compileall -q -j 0 "$SITE" ${TREES:-.} >/dev/null 2>&1
 TOKENIZER=$(mktemp -d)  # the shapes carry none: the tests' byte-level one
-PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} python3 -c \
-    "import sys; from pathlib import Path; from tests.serving import save_tokenizer; save_tokenizer(Path(sys.argv[1]))" "$TOKENIZER"
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} python3 -c "import sys; from pathlib import Path; \
+from tests.serving import save_tokenizer; save_tokenizer(Path(sys.argv[1]))" "$TOKENIZER"
 SERVE_ARGS=${SERVE_ARGS:-"$MODELS/llama-3.1-8b --tokenizer $TOKENIZER --load-format dummy --max-model-len 1024"}
 start() {  # tree, label
     local log="$OUT/cold_start_$2.log" started server
     started=$(date +%s%N)
-    (cd "$1" && PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} exec python3 -m pagoda.entrypoints.cli serve $SERVE_ARGS --port 8012) \
-        > "$log" 2>&1 &
+    (cd "$1" && PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} \
+        exec python3 -m pagoda.entrypoints.cli serve $SERVE_ARGS --port 8012) > "$log" 2>&1 &
     server=$!
     until curl -sf -o /dev/null localhost:8012/health; do
         kill -0 $server 2>/dev/null || { echo "$2: the server exited"; tail -5 "$log"; return; }

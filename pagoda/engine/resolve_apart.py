@@ -177,12 +177,14 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
 
 def _import_what_resolving_takes() -> None:
     """transformers' configuration and tokenizer classes, which any model's resolution imports
-    (with torch installed, ~1,000 modules: 4-5 s on a GPU host) and the engine's resolution code."""
+    (with torch installed, ~1,000 modules: 4-5 s on a GPU host) and the engine's resolution code.
+    A model's own config class (Llama's here, the commonest) brings most of them: its type
+    validators import activations, hub kernels and torch.distributed.tensor."""
     import transformers
 
     for module in ("pagoda.config.resolve", "pagoda.loader.model_loader"):
         importlib.import_module(module)
-    for name in ("AutoConfig", "AutoTokenizer", "PreTrainedTokenizerFast"):
+    for name in ("AutoConfig", "AutoTokenizer", "PreTrainedTokenizerFast", "LlamaConfig"):
         getattr(transformers, name)  # the lazy module imports it
 
 

@@ -6,6 +6,7 @@ imports no torch: it holds the configuration's torch values by name (config/torc
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -100,6 +101,37 @@ class _Connection:
 
     def send_bytes(self, message: bytes) -> None:
         self.sent.append(pickle.loads(message))
+
+
+class _Requests:
+    """A pipe's receiving end holding the messages given, then at EOF."""
+
+    def __init__(self, *messages: object) -> None:
+        self.messages = [pickle.dumps(message) for message in messages]
+
+    def recv_bytes(self) -> bytes:
+        if not self.messages:
+            raise EOFError
+        return self.messages.pop(0)
+
+
+def test_the_imports_ahead_failing_leave_the_error_to_the_resolution(tiny, monkeypatch):
+    # What fails to import ahead fails again while resolving, which sends it back named.
+    def broken() -> None:
+        raise ImportError("a broken install")
+
+    monkeypatch.setattr(apart, "_import_what_resolving_takes", broken)
+    monkeypatch.setattr(apart, "resolve_engine", lambda *_: broken())
+    monkeypatch.setattr(apart, "log_to_stderr", lambda level: None)  # this process's logging stays as it is
+    sent = _Connection()
+    args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
+    apart._resolve_when_asked(_Requests((args, True, 20)), sent, dict(os.environ), preimport=True)
+    ready, error = sent.sent
+    assert isinstance(ready, float) and isinstance(error, ImportError) and str(error) == "a broken install"
+    # Never asked (the server's start failed before its arguments were parsed): only "ready", then it returns.
+    sent = _Connection()
+    apart._resolve_when_asked(_Requests(), sent, dict(os.environ), preimport=False)
+    assert len(sent.sent) == 1
 
 
 def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tiny, monkeypatch):

@@ -17,6 +17,7 @@ resolves once the arguments are parsed (`resolve_ahead`, a thread of the front e
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -165,7 +166,8 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     os.environ.clear()
     os.environ.update(env)
     if preimport:
-        _import_what_resolving_takes()
+        with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
+            _import_what_resolving_takes()
     send.send_bytes(pickle.dumps(time.time()))  # ready: the front end logs how long that took
     try:
         args, server, log_level = pickle.loads(requests.recv_bytes())

@@ -370,3 +370,15 @@ def test_random_weights_shapes_without_a_writable_cache(tmp_path: Path, monkeypa
     shapes = hf_checkpoint_shapes(_tiny_hf_config())
     assert shapes[0] == ("model.embed_tokens.weight", (96, 32))
     assert "random weights' checkpoint shapes not kept" in caplog.text
+
+
+def test_a_cache_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from pagoda.loader.cache_dir import write_text_atomically
+
+    write_text_atomically(tmp_path / "a.json", "[1]")
+    write_text_atomically(tmp_path / "a.json", "[2]")
+    (tmp_path / "taken").mkdir()  # a directory where the file would go: the rename fails
+    with pytest.raises(OSError):
+        write_text_atomically(tmp_path / "taken", "[3]")
+    assert (tmp_path / "a.json").read_text() == "[2]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "taken"]  # no partial file left

@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagoda.loader.atomic_dir import directory_problem, write_directory_atomically
-from pagoda.loader.cache_dir import pagoda_cache_dir
+from pagoda.loader.cache_dir import pagoda_cache_dir, write_text_atomically
 from pagoda.loader.gguf_loader import gguf_quantization_config, iter_gguf_weights
 from pagoda.loader.weights import iter_checkpoint_weights
 
@@ -54,9 +53,7 @@ def cached_gguf_quantization_config(path: str | Path, config: dict[str, Any]) ->
     quantization = gguf_quantization_config(path, config)
     try:
         with _locked_entry(Path(path)):
-            partial = cached.with_name(f".{cached.name}.{os.getpid()}")
-            partial.write_text(json.dumps(quantization))
-            os.replace(partial, cached)  # whole or not at all
+            write_text_atomically(cached, json.dumps(quantization))
     except OSError as error:
         _log_uncached(path, error)
     return quantization

@@ -6,8 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pagoda.loader.cache_dir import pagoda_cache_dir
+from pagoda.loader.cache_dir import pagoda_cache_dir, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +92,11 @@ def hf_checkpoint_shapes(hf_config: dict[str, Any]) -> tuple[tuple[str, tuple[in
             return tuple((str(name), tuple(int(n) for n in shape)) for name, shape in json.loads(path.read_text()))
     shapes = tuple((name, tuple(p.shape)) for name, p in hf_meta_model(hf_config).named_parameters())
     if path is not None:
-        _write_file(path, json.dumps(shapes))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(path, json.dumps(shapes))
+        except OSError as error:  # an unwritable cache only costs the next start the time it saves
+            logger.warning("random weights' checkpoint shapes not kept in %s: %s", path.parent, error)
     return shapes
 
 
@@ -106,23 +108,6 @@ def _shapes_file(hf_config: dict[str, Any]) -> Path | None:
         return None
     key = json.dumps([version, hf_config], sort_keys=True, default=str)
     return pagoda_cache_dir() / "checkpoint_shapes" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-
-def _write_file(path: Path, text: str) -> None:
-    """text into path, whole or not at all (a process beside this one reads either); an unwritable
-    cache only costs the next start the time it saves."""
-    partial = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(partial, path)
-    except OSError as error:
-        if partial is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-        logger.warning("random weights' checkpoint shapes not kept in %s: %s", path.parent, error)
 
 
 def hf_meta_model(hf_config: dict[str, Any]) -> torch.nn.Module:

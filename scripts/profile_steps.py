@@ -33,6 +33,7 @@ from pagoda.sampling_params import SamplingParams
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
+    parser.add_argument("--load-format", default="dummy", help="auto: the checkpoint's weights (a quantized one's)")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
@@ -50,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = EngineConfig(
-        model=args.model, load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
+        model=args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=True,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,

@@ -22,6 +22,24 @@ def test_every_kernel_compiles_for_hopper():
     lines = done.stdout.splitlines()
     assert lines and all(line.endswith("bytes of sm_90 code") for line in lines), done.stdout
     assert any(line.startswith("paged attention, split decode:") for line in lines)
+    assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr  # Triton 3.9's warning: pagoda.kernels sets it
+
+
+@pytest.mark.parametrize("stated, fused", [(None, True), ("0", False)])
+def test_kernels_fuse_multiply_adds_unless_the_user_says_not(stated, fused):
+    """Triton 3.10 stops fusing multiply-adds by default; importing the kernels keeps it fusing,
+    and a user's TRITON_DEFAULT_FP_FUSION still decides."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    if stated is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = stated
+    check = ("import warnings; warnings.simplefilter('error'); import pagoda.kernels; from triton import knobs; "
+             "print(knobs.language.fp_fusion_enabled(None))")
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    if "has no attribute 'fp_fusion_enabled'" in done.stderr:
+        pytest.skip("this Triton decides fusion per kernel option only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(fused)
 
 
 def test_fp8_decode_attention_reads_the_cache_in_vectors():

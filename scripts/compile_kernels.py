@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagoda.attention import triton_backend  # noqa: E402
-from pagoda.kernels import elementwise, fp8_gemm, lora, sampling  # noqa: E402
+from pagoda.kernels import elementwise, fp8_gemm, lora, sampling, w4a16_gemm, w4a16_gemv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _ATTENTION = {
@@ -102,6 +102,20 @@ KERNELS = {
     "SiLU-and-mul": (elementwise._silu_and_mul_kernel, _SILU, dict(BLOCK=1024, FP8_OUT=False, STATIC=False)),
     "SiLU-and-mul, fp8 out": (elementwise._silu_and_mul_kernel, dict(_SILU, out_ptr="*fp8e4nv"),
                               dict(BLOCK=16384, FP8_OUT=True, STATIC=False)),
+    # As a decode step launches it for a group size under its K tile (a scale per input row).
+    "W4A16 GEMM, decode tiles": (w4a16_gemm._w4a16_kernel,
+                                 {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16",
+                                  "g_idx_ptr": "*i32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                                  "group_size": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_om": "i32",
+                                  "stride_os": "i32"},
+                                 dict(HAS_ZEROS=True, HAS_G_IDX=False, ONE_GROUP_PER_TILE=False, BLOCK_M=16,
+                                      BLOCK_N=64, BLOCK_K=128)),
+    # Its PTX is what the interpreter cannot check (it emulates it).
+    "W4A16 GEMV": (w4a16_gemv._w4a16_gemv_kernel,
+                   {"x_pairs_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16",
+                    "out_ptr": "*bf16", "N": "i32", "packed_rows": "i32"},
+                   dict(GROUP_WORDS=16, HAS_ZEROS=True, EMULATE=False, BLOCK_N=w4a16_gemv.BLOCK_N,
+                        BLOCK_WORDS=w4a16_gemv.BLOCK_WORDS)),
     "fp8 quantize rows": (elementwise._fp8_quantize_rows_kernel,
                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
                            "stride_q": "i32", "n_cols": "i32", "fp8_max": "fp32"}, dict(STATIC=False, BLOCK=16384)),
@@ -110,8 +124,9 @@ KERNELS = {
 
 def compile_for_hopper(
     kernel: triton.JITFunction, signature: dict[str, str], constexprs: dict[str, int], **options: int
-) -> dict[str, str | bytes]:
-    """The kernel's compiled forms ("ptx", "cubin", ...); raises the compiler's error."""
+) -> triton.compiler.CompiledKernel:
+    """The kernel compiled (its forms in `.asm`: "ptx", "cubin", ...; its shared memory in
+    `.metadata.shared`); raises the compiler's error."""
     full = {**signature, **{name: "constexpr" for name in constexprs}}
     if set(full) != set(kernel.arg_names):
         raise ValueError(f"{kernel.__name__}: signature differs from the kernel's arguments: {set(full) ^ set(kernel.arg_names)}")
@@ -121,7 +136,7 @@ def compile_for_hopper(
         for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
     }
     source = ASTSource(fn=kernel, signature=full, constexprs=constants, attrs=aligned)
-    return triton.compile(source, target=HOPPER, options=options).asm
+    return triton.compile(source, target=HOPPER, options=options)
 
 
 # Instruction kinds worth counting in a kernel's PTX: how its tiles travel and multiply.
@@ -146,12 +161,12 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
     if args.ptx:
-        asm = compile_for_hopper(*KERNELS[args.ptx], num_warps=args.num_warps, num_stages=args.num_stages)
-        for kind, count in ptx_counts(asm["ptx"]).items():
+        kernel = compile_for_hopper(*KERNELS[args.ptx], num_warps=args.num_warps, num_stages=args.num_stages)
+        for kind, count in ptx_counts(kernel.asm["ptx"]).items():
             print(f"{kind}: {count}")
         return
     for name, (kernel, signature, constexprs) in KERNELS.items():
-        print(f"{name}: {len(compile_for_hopper(kernel, signature, constexprs)['cubin'])} bytes of sm_90 code")
+        print(f"{name}: {len(compile_for_hopper(kernel, signature, constexprs).asm['cubin'])} bytes of sm_90 code")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     return GemmConfig(block_m, 128, 64, 1, num_warps=8 if block_m == 128 else 4, num_stages=3)
 
 
+def _stages(cfg: GemmConfig, dtype: torch.dtype, one_group: bool) -> int:
+    """cfg's pipeline depth, or 2 where float32 tiles with a scale (and zero) per input row would
+    not fit: 4 stages of them need 266 KB of shared memory at the decode tiles, over an H100's 227."""
+    return cfg.num_stages if one_group or dtype.itemsize < 4 else min(cfg.num_stages, 2)
+
+
 def w4a16_gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     g_idx: torch.Tensor | None, group_size: int, config: GemmConfig | None = None,
@@ -127,7 +133,7 @@ def w4a16_gemm(
         m, n, k, group_size, k_per_split, x.stride(0), out.stride(1), out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None, ONE_GROUP_PER_TILE=one_group,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=_stages(cfg, x.dtype, one_group),
     )
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 

@@ -3,7 +3,7 @@ per quantized path, at several row counts: bf16 (cuBLAS); fp8 with per-token act
 (the Triton quantization kernel + the engine's fp8 GEMM, `scaled_mm`: cuBLASLt's row-wise kernel or,
 where fp8_gemm.decode_config picks it, the Triton one; the two alone; and _scaled_mm with one
 scale per tensor); W4A16 through tinygemm,
-the Triton GEMM, and dequantize + cuBLAS. Each timed inside a CUDA graph (triton's
+the Triton GEMM, dequantize + cuBLAS, and at one row the GEMV. Each timed inside a CUDA graph (triton's
 do_bench_cudagraph), so launch costs do not count: the steps that matter run in graphs too. The
 W4A16 thresholds in pagoda/quantization/w4a16.py come from this table.
 
@@ -19,6 +19,7 @@ from triton.testing import do_bench_cudagraph
 
 from pagoda.kernels.elementwise import fp8_quantize_rows
 from pagoda.kernels.w4a16_gemm import w4_dequantize, w4a16_gemm
+from pagoda.kernels.w4a16_gemv import w4a16_gemv
 from pagoda.kernels.w4a16_layout import pack_int4
 from pagoda.quantization.fp8 import FP8, quantize_fp8_rows, scaled_mm
 from pagoda.quantization.w4a16 import PackedW4, to_int4pack
@@ -54,6 +55,7 @@ def layer_paths(n: int, k: int):
             "w4_tinygemm": lambda: tiny.matmul(x),
             "w4_triton": lambda: w4a16_gemm(x, *w4),
             "w4_dequant_mm": lambda: x @ w4_dequantize(packed.qweight, packed.scales, packed.zeros, 128),
+            "w4_gemv": lambda: w4a16_gemv(x, packed.qweight, packed.scales, packed.zeros, 128),  # one row only
         }
 
     return paths

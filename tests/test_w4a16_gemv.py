@@ -60,6 +60,8 @@ def test_linear_gives_the_gemv_one_bfloat16_row_of_a_wide_layer_without_act_orde
     assert not _gemv_runs(torch.zeros(2, 64, dtype=torch.bfloat16), w)
     assert not _gemv_runs(row.half(), w)
     assert not _gemv_runs(row, PackedW4(qweight, scales, zero, g_idx, group))
+    scales4, zero4 = (t.repeat_interleave(8, dim=0) for t in (scales, zero))  # groups of 4: the kernel refuses them
+    assert not _gemv_runs(row, PackedW4(qweight, scales4, zero4, None, 4))
     assert not _gemv_runs(row, PackedW4(qweight[:, :-BLOCK_N], scales[:, :-BLOCK_N], zero[:, :-BLOCK_N], None, group))
 
 

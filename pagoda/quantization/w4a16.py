@@ -84,8 +84,9 @@ def w4a16_linear(
 
 
 def _gemv_runs(rows: torch.Tensor, w: PackedW4) -> bool:
-    """Whether the GEMV takes this matmul: one bfloat16 row, no act-order, a layer wide enough."""
-    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or w.g_idx is not None:
+    """Whether the GEMV takes this matmul: one bfloat16 row, no act-order, groups of whole words (what
+    the kernel accepts), a layer wide enough."""
+    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or w.g_idx is not None or w.group_size % PACK:
         return False
     from pagoda.kernels.w4a16_gemv import fills_gpu
 

@@ -58,10 +58,11 @@ def test_fp8_decode_attention_reads_the_cache_in_vectors():
     assert counts["fp8 -> fp16 pair conversions"] > 0, counts
 
 
-def test_w4a16_gemm_decode_tiles_fit_in_shared_memory_for_every_activation_dtype():
-    """The W4A16 GEMM at a decode step's tiles, groups under its K tile (a scale and a zero point
-    per input row), with the stages it launches: float32 tiles in 4 stages needed 266 KB, more
-    than an H100 or H200 has (227 KB); the GPU raised OutOfResources at the first call."""
+def test_w4a16_gemm_tiles_fit_in_shared_memory_for_every_activation_dtype():
+    """The W4A16 GEMM at each tile shape it picks (decode, mid-size and large M), groups under its
+    K tile (a scale and a zero point per input row), with the stages it launches: float32 decode
+    tiles in 4 stages needed 266 KB, more than an H100 or H200 has (227 KB); the GPU raised
+    OutOfResources at the first call."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     check = f"""
 import sys, torch
@@ -69,17 +70,19 @@ sys.path.insert(0, {str(SCRIPT.parent)!r})
 from compile_kernels import KERNELS, compile_for_hopper
 from pagoda.kernels.w4a16_gemm import _stages, choose_config
 kernel, signature, constexprs = KERNELS["W4A16 GEMM, decode tiles"]
-config = choose_config(1, 4096, 4096, torch.device("cpu"))
-for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-    typed = {{arg: "*" + name if arg in ("x_ptr", "scales_ptr", "zeros_ptr") else kind
-             for arg, kind in signature.items()}}
-    compiled = compile_for_hopper(kernel, typed, constexprs, num_warps=config.num_warps,
-                                  num_stages=_stages(config, dtype, one_group=False))
-    print(name, compiled.metadata.shared)
+for rows in (1, 64, 512):
+    config = choose_config(rows, 4096, 4096, torch.device("cpu"))
+    tiles = dict(constexprs, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        typed = {{arg: "*" + name if arg in ("x_ptr", "scales_ptr", "zeros_ptr") else kind
+                 for arg, kind in signature.items()}}
+        compiled = compile_for_hopper(kernel, typed, tiles, num_warps=config.num_warps,
+                                      num_stages=_stages(config, dtype, one_group=False))
+        print(f"{{name}}@{{rows}}", compiled.metadata.shared)
 """
     done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=600,
                           cwd=SCRIPT.parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = {name: int(size) for name, size in (line.split() for line in done.stdout.splitlines())}
-    assert set(shared) == {"fp32", "bf16", "fp16"}
+    assert set(shared) == {f"{name}@{rows}" for name in ("fp32", "bf16", "fp16") for rows in (1, 64, 512)}
     assert max(shared.values()) <= 227 * 1024, shared

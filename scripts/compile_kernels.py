@@ -110,12 +110,13 @@ KERNELS = {
                                   "stride_os": "i32"},
                                  dict(HAS_ZEROS=True, HAS_G_IDX=False, ONE_GROUP_PER_TILE=False, BLOCK_M=16,
                                       BLOCK_N=64, BLOCK_K=128)),
-    # Its PTX is what the interpreter cannot check (it emulates it).
+    # Its PTX is what the interpreter cannot check (it emulates it); K split in 8 as for down_proj.
     "W4A16 GEMV": (w4a16_gemv._w4a16_gemv_kernel,
                    {"x_pairs_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16",
-                    "out_ptr": "*bf16", "N": "i32", "packed_rows": "i32"},
+                    "out_ptr": "*bf16", "partials_ptr": "*fp32", "counts_ptr": "*i32", "N": "i32",
+                    "packed_rows": "i32", "words_per_split": "i32"},
                    dict(GROUP_WORDS=16, HAS_ZEROS=True, EMULATE=False, BLOCK_N=w4a16_gemv.BLOCK_N,
-                        BLOCK_WORDS=w4a16_gemv.BLOCK_WORDS)),
+                        BLOCK_WORDS=w4a16_gemv.BLOCK_WORDS, SPLIT=8, SPLIT_POW2=8)),
     "fp8 quantize rows": (elementwise._fp8_quantize_rows_kernel,
                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
                            "stride_q": "i32", "n_cols": "i32", "fp8_max": "fp32"}, dict(STATIC=False, BLOCK=16384)),

@@ -7,9 +7,12 @@ nothing crosses lanes until the end. A word's 8 nibbles become bfloat16 pairs in
 instructions (each nibble or-ed into the mantissa of 128.0, then 128 + zero point subtracted, both
 exact), which meet x's pairs in bfloat16 multiply-adds; each word's sum goes to float32.
 
-Every program spans all of K, so the kernel fills the GPU only where N is wide: on an H100 it read
-gate_up of the 8B shape (N 28,672) in 24.9 us against tinygemm's 32.3, while at N 4,096-6,144 it
-lost to tinygemm (`fills_gpu` decides). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
+A layer too narrow to give every SM several column blocks is split along K as well: each program
+stores its slice's float32 sums, and the last program of a column block to finish (an atomic count
+it then resets, so the next launch and a CUDA graph's replays find it zeroed) adds them up. On an
+H100, from DRAM, the 8B shape's layers took (us, against tinygemm's): gate_up 24.9 (32.3), down
+15.4 (18.0, split 8), qkv 9.4 (9.8, split 4); o_proj stayed slower (8.0 against 6.7), so layers
+below `MIN_WEIGHTS` keep tinygemm (`pays`). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
 
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ from pagoda.kernels.device_info import num_sms
 from pagoda.kernels.w4a16_layout import PACK
 
 BLOCK_N = 32  # output columns a program
-BLOCK_WORDS = 32  # packed rows (8 inputs each) an iteration
+BLOCK_WORDS = 64  # packed rows (8 inputs each) an iteration
 NUM_WARPS = 4
-MIN_WAVES = 4  # programs per SM, at least, for the GEMV to beat tinygemm (H100, 8B shapes)
+MIN_WAVES = 4  # programs per SM the K split aims for
+MAX_SPLIT = 8  # slices of K, at most
+MIN_WEIGHTS = 20 << 20  # a layer's weights (N x K) from which the GEMV beats tinygemm (H100, 8B shapes)
 
 # Nibble pair i of a word (bits 4i and 16 + 4i: inputs 8w + i and 8w + 4 + i) or-ed into the
 # mantissas of a pair of 128.0s gives (128 + v) exactly; less the pair (128 + z), v - z.
@@ -101,17 +106,21 @@ def _word_dots(words, zero, p0, p1, p2, p3, EMULATE: tl.constexpr):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, packed_rows,
+    x_pairs_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, partials_ptr, counts_ptr, N, packed_rows,
+    words_per_split,
     GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_POW2: tl.constexpr,
 ):
-    """out[n] = sum_k x[k] * W[n, k] for this program's BLOCK_N columns, over all of K."""
-    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[n] = sum_k x[k] * W[n, k] for this program's BLOCK_N columns, over its slice of K."""
+    block = tl.program_id(0)
+    ns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < N
+    first = tl.program_id(1) * words_per_split
+    end = tl.minimum(first + words_per_split, packed_rows)
     acc = tl.zeros((BLOCK_WORDS, BLOCK_N), dtype=tl.float32)
-    for w0 in range(0, packed_rows, BLOCK_WORDS):
+    for w0 in range(first, end, BLOCK_WORDS):
         ws = w0 + tl.arange(0, BLOCK_WORDS)
-        w_ok = ws < packed_rows
+        w_ok = ws < end
         ok = w_ok[:, None] & n_ok[None, :]
         words = tl.load(qweight_ptr + ws[:, None].to(tl.int64) * N + ns[None, :], mask=ok, other=0)
         group_offs = (ws // GROUP_WORDS)[:, None] * N + ns[None, :]
@@ -126,12 +135,47 @@ def _w4a16_gemv_kernel(
         p2 = tl.load(pairs + 2, mask=w_ok[:, None], other=0)
         p3 = tl.load(pairs + 3, mask=w_ok[:, None], other=0)
         acc += _word_dots(words, zero, p0, p1, p2, p3, EMULATE) * scale
-    tl.store(out_ptr + ns, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+    sums = tl.sum(acc, axis=0)
+    if SPLIT == 1:
+        tl.store(out_ptr + ns, sums.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(partials_ptr + tl.program_id(1) * N + ns, sums, mask=n_ok)
+        tl.debug_barrier()  # all of the block's sums stored before the count says so
+        if tl.atomic_add(counts_ptr + block, 1, sem="acq_rel") == SPLIT - 1:
+            slices = tl.arange(0, SPLIT_POW2)
+            parts = tl.load(partials_ptr + slices[:, None] * N + ns[None, :], cache_modifier=".cg",
+                            mask=(slices < SPLIT)[:, None] & n_ok[None, :], other=0.0)
+            tl.store(out_ptr + ns, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(counts_ptr + block, 0)
 
 
-def fills_gpu(n: int, device: torch.device) -> bool:
-    """Whether an N-wide layer gives the GEMV enough programs to beat tinygemm on `device`."""
-    return triton.cdiv(n, BLOCK_N) >= MIN_WAVES * num_sms(device, on_cpu=1)
+def pays(n: int, k: int) -> bool:
+    """Whether the GEMV beats tinygemm on an N x K layer."""
+    return n * k >= MIN_WEIGHTS
+
+
+def _words_per_split(blocks: int, packed_rows: int, device: torch.device) -> int:
+    """Packed rows a program reads: all of K where the column blocks fill the SMs, else a slice of
+    whole tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
+    split = min(MAX_SPLIT, triton.next_power_of_2(triton.cdiv(MIN_WAVES * num_sms(device, on_cpu=1), blocks)))
+    return triton.cdiv(triton.cdiv(packed_rows, split), BLOCK_WORDS) * BLOCK_WORDS
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split launches' float32 partial sums and zeroed counts on `device`, sized once for any layer
+    that splits (fewer than MIN_WAVES blocks a SM, MAX_SPLIT slices): one set serves every layer, as
+    launches on a stream run one after another. A CUDA graph keeps what it captured, so they are
+    made once, outside capture (the graphs' warm-up runs eagerly first)."""
+    if device not in _WORKSPACES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4a16_gemv's workspace is made by an eager call before CUDA graph capture")
+        blocks = MIN_WAVES * num_sms(device, on_cpu=1)
+        _WORKSPACES[device] = (torch.empty(MAX_SPLIT * blocks * BLOCK_N, dtype=torch.float32, device=device),
+                               torch.zeros(blocks, dtype=torch.int32, device=device))
+    return _WORKSPACES[device]
 
 
 def w4a16_gemv(
@@ -144,10 +188,15 @@ def w4a16_gemv(
         raise ValueError(f"w4a16_gemv takes one bfloat16 row of {packed_rows * PACK} inputs and groups of a "
                          f"multiple of {PACK}: got x {tuple(x.shape)} {x.dtype}, group_size {group_size}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _w4a16_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
-        x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, n, packed_rows,
+    blocks = triton.cdiv(n, BLOCK_N)
+    words_per_split = _words_per_split(blocks, packed_rows, x.device)
+    split = triton.cdiv(packed_rows, words_per_split)
+    partials, counts = _workspace(x.device)
+    _w4a16_gemv_kernel[(blocks, split)](
+        x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, partials, counts,
+        n, packed_rows, words_per_split,
         GROUP_WORDS=group_size // PACK, HAS_ZEROS=zeros is not None,
         EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_N=BLOCK_N, BLOCK_WORDS=BLOCK_WORDS,
-        num_warps=NUM_WARPS,
+        SPLIT=split, SPLIT_POW2=triton.next_power_of_2(split), num_warps=NUM_WARPS,
     )
     return out

@@ -4,8 +4,8 @@ Triton kernel reads (pagoda/kernels/w4a16_layout.py). Where torch's own int4 ker
 (no act-order, groups they serve: pagoda/quantization/int4pack.py, shared with GGUF), it is also
 packed for them: on CUDA a few rows (decode) go through tinygemm, many rows (prefill) through
 cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the Triton
-kernel; one bfloat16 row of a wide layer (gate_up) goes through the Triton GEMV, which reads the
-packed layout as it is; on the CPU every row count goes through its int4 kernel (in bfloat16, also for float32
+kernel; one bfloat16 row of a large layer (the 8B shape's qkv, gate_up and down) goes through the
+Triton GEMV, which reads the packed layout as it is; on the CPU every row count goes through its int4 kernel (in bfloat16, also for float32
 models: int4pack.py says why), which holds the layer alone, and layers it cannot run through the
 torch reference (dequantize, then matmul, exact in the model's dtype).
 
@@ -60,7 +60,7 @@ def to_int4pack(w: PackedW4) -> Int4Pack | NativeInt4 | None:
 def w4a16_linear(
     x: torch.Tensor, w: PackedW4 | None, bias: torch.Tensor | None = None, int4: Int4Pack | NativeInt4 | None = None
 ) -> torch.Tensor:
-    """x @ W^T + b over x's last dim: on CUDA one row of a wide layer through the GEMV; through `int4`
+    """x @ W^T + b over x's last dim: on CUDA one row of a large layer through the GEMV; through `int4`
     where it holds the layer (on the CPU every row count, on CUDA up to TINYGEMM_MAX_ROWS), else from
     `w` (None only where `int4` serves all)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -85,12 +85,12 @@ def w4a16_linear(
 
 def _gemv_runs(rows: torch.Tensor, w: PackedW4) -> bool:
     """Whether the GEMV takes this matmul: one bfloat16 row, no act-order, groups of whole words (what
-    the kernel accepts), a layer wide enough."""
+    the kernel accepts), a layer large enough."""
     if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or w.g_idx is not None or w.group_size % PACK:
         return False
-    from pagoda.kernels.w4a16_gemv import fills_gpu
+    from pagoda.kernels.w4a16_gemv import pays
 
-    return fills_gpu(w.qweight.shape[1], rows.device)
+    return pays(w.qweight.shape[1], rows.shape[1])
 
 
 def check_bits(bits: int, field: str, method: str) -> None:

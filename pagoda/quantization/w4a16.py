@@ -5,9 +5,10 @@ Triton kernel reads (pagoda/kernels/w4a16_layout.py). Where torch's own int4 ker
 packed for them: on CUDA a few rows (decode) go through tinygemm, many rows (prefill) through
 cuBLAS on the weight dequantized in one pass, and the rest (and act-order GPTQ) through the Triton
 kernel; one bfloat16 row of a large layer (the 8B shape's qkv, gate_up and down) goes through the
-Triton GEMV, which reads the packed layout as it is; on the CPU every row count goes through its int4 kernel (in bfloat16, also for float32
-models: int4pack.py says why), which holds the layer alone, and layers it cannot run through the
-torch reference (dequantize, then matmul, exact in the model's dtype).
+Triton GEMV, which reads the packed layout as it is; on the CPU every row count goes through its
+int4 kernel (in bfloat16, also for float32 models: int4pack.py says why), which holds the layer
+alone, and layers it cannot run through the torch reference (dequantize, then matmul, exact in the
+model's dtype).
 
 Also here: the compressed-tensors `pack-quantized` W4A16 scheme, as a method the
 compressed-tensors config dispatches to (`compressed_tensors_w4a16_method`)."""

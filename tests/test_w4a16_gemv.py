@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.w4a16_gemv import BLOCK_N, BLOCK_WORDS, MIN_WAVES, MIN_WEIGHTS, _words_per_split, pays, w4a16_gemv
+from pagoda.kernels.w4a16_gemv import BLOCK_N, BLOCK_WORDS, MIN_WAVES, MIN_WEIGHTS, _k_slices, pays, w4a16_gemv
 from pagoda.kernels.w4a16_layout import w4a16_gemm_reference
 from pagoda.quantization.w4a16 import PackedW4, _gemv_runs, w4a16_linear
 from tests.kernel_device import DEVICE, KERNELS_RUN, NO_KERNELS, ON_GPU
@@ -48,9 +48,9 @@ def test_gemv_equals_reference(group_size, zeros, k, n):
 
 def test_narrow_layers_split_k_into_whole_tiles():
     cpu = torch.device("cpu")  # the interpreter's one SM: MIN_WAVES column blocks fill it
-    assert _words_per_split(MIN_WAVES, 4 * BLOCK_WORDS, cpu) == 4 * BLOCK_WORDS  # all of K
-    assert _words_per_split(2, BLOCK_WORDS + 8, cpu) == BLOCK_WORDS  # 2 slices, the last ragged
-    assert _words_per_split(1, 32 * BLOCK_WORDS, cpu) == 8 * BLOCK_WORDS  # 4 slices
+    assert _k_slices(MIN_WAVES, 4 * BLOCK_WORDS, cpu) == (4 * BLOCK_WORDS, 1)  # all of K
+    assert _k_slices(2, BLOCK_WORDS + 8, cpu) == (BLOCK_WORDS, 2)  # 2 slices, the last ragged
+    assert _k_slices(1, 32 * BLOCK_WORDS, cpu) == (8 * BLOCK_WORDS, 4)
 
 
 def test_gemv_refuses_what_it_cannot_run():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 import torch
+import triton
 
 
 @cache
@@ -14,3 +15,15 @@ def num_sms(device: torch.device, on_cpu: int = 132) -> int:
     if device.type != "cuda":
         return on_cpu
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def k_splits(tiles: int, waves: int, most: int, device: torch.device) -> int:
+    """Slices of K, a power of two up to `most`, that make an output of `tiles` tiles about `waves`
+    programs a SM (one where the tiles alone do)."""
+    return min(most, triton.next_power_of_2(triton.cdiv(waves * num_sms(device, on_cpu=1), tiles)))
+
+
+def k_slices(length: int, splits: int, step: int) -> tuple[int, int]:
+    """`length` cut into at most `splits` slices of whole `step`s: (a slice's length, the slices)."""
+    per_slice = triton.cdiv(triton.cdiv(length, splits), step) * step
+    return per_slice, triton.cdiv(length, per_slice)

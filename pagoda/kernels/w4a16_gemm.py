@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.device_info import num_sms
+from pagoda.kernels.device_info import k_slices, k_splits
 from pagoda.kernels.w4a16_layout import PACK
 
 
@@ -97,8 +97,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
         block_n, block_k = 64, 128
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         waves, most = (8, 8) if m <= 16 else (2, 4)
-        split_k = triton.next_power_of_2(triton.cdiv(waves * num_sms(device, on_cpu=1), tiles))
-        split_k = min(split_k, most, triton.cdiv(k, block_k))
+        split_k = min(k_splits(tiles, waves, most, device), triton.cdiv(k, block_k))
         return GemmConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=4)
     block_m = 64 if m <= 128 else 128
     return GemmConfig(block_m, 128, 64, 1, num_warps=8 if block_m == 128 else 4, num_stages=3)
@@ -122,8 +121,7 @@ def w4a16_gemm(
     x = x.contiguous()
     cfg = config or choose_config(m, n, k, x.device)
     block_k = cfg.block_k
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split, split_k = k_slices(k, cfg.split_k, block_k)
     one_group = g_idx is None and group_size % block_k == 0
     out_dtype = x.dtype if split_k == 1 else torch.float32
     out = torch.empty(split_k, m, n, dtype=out_dtype, device=x.device)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.device_info import num_sms
+from pagoda.kernels.device_info import k_slices, k_splits, num_sms
 from pagoda.kernels.w4a16_layout import PACK
 
 BLOCK_N = 32  # output columns a program
@@ -149,16 +149,20 @@ def _w4a16_gemv_kernel(
             tl.atomic_xchg(counts_ptr + block, 0)
 
 
+def takes(x: torch.Tensor, group_size: int) -> bool:
+    """Whether the kernel runs x [rows, K] with these groups: one bfloat16 row, groups of whole words."""
+    return x.shape[0] == 1 and x.dtype == torch.bfloat16 and group_size % PACK == 0
+
+
 def pays(n: int, k: int) -> bool:
     """Whether the GEMV beats tinygemm on an N x K layer."""
     return n * k >= MIN_WEIGHTS
 
 
-def _words_per_split(blocks: int, packed_rows: int, device: torch.device) -> int:
-    """Packed rows a program reads: all of K where the column blocks fill the SMs, else a slice of
-    whole tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
-    split = min(MAX_SPLIT, triton.next_power_of_2(triton.cdiv(MIN_WAVES * num_sms(device, on_cpu=1), blocks)))
-    return triton.cdiv(triton.cdiv(packed_rows, split), BLOCK_WORDS) * BLOCK_WORDS
+def _k_slices(blocks: int, packed_rows: int, device: torch.device) -> tuple[int, int]:
+    """(packed rows a program reads, slices of K): all of K where the column blocks fill the SMs,
+    else slices of whole tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
+    return k_slices(packed_rows, k_splits(blocks, MIN_WAVES, MAX_SPLIT, device), BLOCK_WORDS)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -184,13 +188,12 @@ def w4a16_gemv(
     """x [1, K] (bfloat16) @ W^T -> [1, N] for W in the packed layout without g_idx; group_size divides K
     and is a multiple of 8."""
     packed_rows, n = qweight.shape
-    if x.shape != (1, packed_rows * PACK) or x.dtype != torch.bfloat16 or group_size % PACK:
+    if not takes(x, group_size) or x.shape != (1, packed_rows * PACK):
         raise ValueError(f"w4a16_gemv takes one bfloat16 row of {packed_rows * PACK} inputs and groups of a "
                          f"multiple of {PACK}: got x {tuple(x.shape)} {x.dtype}, group_size {group_size}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, BLOCK_N)
-    words_per_split = _words_per_split(blocks, packed_rows, x.device)
-    split = triton.cdiv(packed_rows, words_per_split)
+    words_per_split, split = _k_slices(blocks, packed_rows, x.device)
     partials, counts = _workspace(x.device)
     _w4a16_gemv_kernel[(blocks, split)](
         x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, partials, counts,

@@ -87,11 +87,9 @@ def w4a16_linear(
 def _gemv_runs(rows: torch.Tensor, w: PackedW4) -> bool:
     """Whether the GEMV takes this matmul: one bfloat16 row, no act-order, groups of whole words (what
     the kernel accepts), a layer large enough."""
-    if rows.shape[0] != 1 or rows.dtype != torch.bfloat16 or w.g_idx is not None or w.group_size % PACK:
-        return False
-    from pagoda.kernels.w4a16_gemv import pays
+    from pagoda.kernels.w4a16_gemv import pays, takes
 
-    return pays(w.qweight.shape[1], rows.shape[1])
+    return w.g_idx is None and takes(rows, w.group_size) and pays(w.qweight.shape[1], rows.shape[1])
 
 
 def check_bits(bits: int, field: str, method: str) -> None:

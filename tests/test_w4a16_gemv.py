@@ -86,8 +86,6 @@ def test_gemv_at_8b_shapes_on_gpu(n, k, zeros):
     assert worst < 2e-2 and rms < 6e-3
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_the_8b_shapes_go_where_they_were_measured_fastest():
     assert [pays(n, k) for n, k in SHAPES_8B] == [True, False, True, True]  # qkv, o, gate_up, down
 

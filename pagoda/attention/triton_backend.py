@@ -197,14 +197,15 @@ def _combine_splits_kernel(
     split = tl.arange(0, SPLITS_POW2)
     valid = split < NUM_SPLITS
     part = (req * NUM_SPLITS + split) * tl.num_programs(1) + head
-    m = tl.load(partial_max_sum_ptr + part * 2, mask=valid, other=float("-inf"))
-    l = tl.load(partial_max_sum_ptr + part * 2 + 1, mask=valid, other=0.0)
-    weight = tl.exp(m - tl.max(m, axis=0))  # an empty split (m = -inf) weighs 0
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    acc = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None] & d_valid[None, :], other=0.0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    # Every load comes first, so that they make one trip to memory (a batch-1 decode waits for it).
     token = tl.load(query_start_loc_ptr + req)
+    m = tl.load(partial_max_sum_ptr + part * 2, mask=valid, other=float("-inf"))
+    l = tl.load(partial_max_sum_ptr + part * 2 + 1, mask=valid, other=0.0)
+    acc = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None] & d_valid[None, :], other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))  # an empty split (m = -inf) weighs 0
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 

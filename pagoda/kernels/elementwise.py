@@ -39,6 +39,8 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    # Loaded with x, not after the sum of squares waits for it: one trip to memory, not two.
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # The sum is rounded to the model dtype before it is normalised, as x + residual is in torch.
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
@@ -49,7 +51,6 @@ def _rms_norm_kernel(
     normed = xf * rstd
     if CAST_BEFORE_SCALE:  # Llama's reference rounds the normalised x before the weight; Gemma's after
         normed = normed.to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (normed * w).to(x.dtype)
     if FP8_OUT:  # what fp8_quantize_rows makes of the model-dtype output
         _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max, STATIC)
@@ -107,6 +108,14 @@ def rms_norm(
 
 
 @triton.jit
+def _rotate_half(ptr1, x1, x2, cos, sin, mask, HALF: tl.constexpr):
+    """Store the rotation of halves x1 (at ptr1) and x2 (at ptr1 + HALF)."""
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(ptr1, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(ptr1 + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_sin_ptr, positions_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
@@ -114,24 +123,24 @@ def _rotary_kernel(
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token)
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
+    heads = tl.arange(0, BLOCK_H)
+    q_mask = (heads < num_q_heads)[:, None] & d_mask[None, :]
+    k_mask = (heads < num_k_heads)[:, None] & d_mask[None, :]
+    q1_ptr = q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    k1_ptr = k_ptr + token * stride_kt + heads[:, None] * stride_kh + d[None, :]
+    # q and k are loaded while the position, then its cos and sin, come: two trips to memory, not
+    # three (a batch-1 decode step runs this once a layer, and waits for it).
+    q1 = tl.load(q1_ptr, mask=q_mask, other=0.0)
+    q2 = tl.load(q1_ptr + HALF, mask=q_mask, other=0.0)
+    k1 = tl.load(k1_ptr, mask=k_mask, other=0.0)
+    k2 = tl.load(k1_ptr + HALF, mask=k_mask, other=0.0)
+    pos = tl.load(positions_ptr + token)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=d_mask, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=d_mask, other=0.0)[None, :]
-    heads = tl.arange(0, BLOCK_H)
-    for which in tl.static_range(2):
-        if which == 0:
-            base, stride_h, n = q_ptr + token * stride_qt, stride_qh, num_q_heads
-        else:
-            base, stride_h, n = k_ptr + token * stride_kt, stride_kh, num_k_heads
-        mask = (heads < n)[:, None] & d_mask[None, :]
-        ptr1 = base + heads[:, None] * stride_h + d[None, :]
-        x1 = tl.load(ptr1, mask=mask, other=0.0)
-        x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(ptr1, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-        tl.store(ptr1 + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    _rotate_half(q1_ptr, q1, q2, cos, sin, q_mask, HALF)
+    _rotate_half(k1_ptr, k1, k2, cos, sin, k_mask, HALF)
 
 
 def rotary_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:

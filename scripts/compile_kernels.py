@@ -150,7 +150,12 @@ _PTX_KINDS = {
 
 
 def ptx_counts(ptx: str) -> Counter:
-    return Counter({kind: len(re.findall(pattern, ptx)) for kind, pattern in _PTX_KINDS.items()})
+    counts = Counter({kind: len(re.findall(pattern, ptx)) for kind, pattern in _PTX_KINDS.items()})
+    # A load issued after the first store, shuffle or barrier waits for its own trip to memory.
+    first_wait = re.search(r"st\.global|shfl\.sync|bar\.sync", ptx)
+    after = ptx[first_wait.start():] if first_wait else ""
+    counts["global loads after the first wait"] = len(re.findall(r"ld\.global", after))
+    return counts
 
 
 def main() -> None:

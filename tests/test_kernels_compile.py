@@ -86,3 +86,15 @@ for rows in (1, 64, 512):
     shared = {name: int(size) for name, size in (line.split() for line in done.stdout.splitlines())}
     assert set(shared) == {f"{name}@{rows}" for name in ("fp32", "bf16", "fp16") for rows in (1, 64, 512)}
     assert max(shared.values()) <= 227 * 1024, shared
+
+
+@pytest.mark.parametrize("kernel", ["add + RMSNorm", "rotary", "combine splits", "SiLU-and-mul", "KV write, bf16"])
+def test_small_decode_kernels_load_everything_before_they_wait(kernel):
+    """Each of these runs once a layer in a batch-1 decode step, which waits for it: every global load is
+    issued before the first store, reduction or barrier, so that they share one trip to memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--ptx", kernel], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {kind: int(n) for kind, n in (line.rsplit(": ", 1) for line in done.stdout.splitlines())}
+    assert counts["global loads after the first wait"] == 0, counts

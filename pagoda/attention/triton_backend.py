@@ -63,9 +63,9 @@ def _paged_attention_kernel(
     split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + req)  # before the branch waits for q_len: one trip for the three
     if tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + req)
     prefix = seq_len - q_len
 
     # M rows = BLOCK_Q tokens x GROUP heads, padded to a power of two (groups of 3 or 7 exist).

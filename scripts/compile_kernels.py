@@ -155,6 +155,9 @@ def ptx_counts(ptx: str) -> Counter:
     first_wait = re.search(r"st\.global|shfl\.sync|bar\.sync", ptx)
     after = ptx[first_wait.start():] if first_wait else ""
     counts["global loads after the first wait"] = len(re.findall(r"ld\.global", after))
+    first_branch = re.search(r"\bbra\b", ptx)
+    before = ptx[:first_branch.start()] if first_branch else ptx
+    counts["global loads before the first branch"] = len(re.findall(r"ld\.global", before))
     return counts
 
 

@@ -43,16 +43,19 @@ def test_kernels_fuse_multiply_adds_unless_the_user_says_not(stated, fused):
     assert done.stdout.strip() == str(fused)
 
 
+def ptx_counts(kernel: str, *options: str) -> dict[str, int]:
+    """scripts/compile_kernels.py's counts of instruction kinds in a kernel's sm_90 PTX."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--ptx", kernel, *options], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {kind: int(n) for kind, n in (line.rsplit(": ", 1) for line in done.stdout.splitlines())}
+
+
 def test_fp8_decode_attention_reads_the_cache_in_vectors():
     """The PTX of the fp8-cache decode attention, specialised as a GPU launch is: its tiles come
     from global memory in 16-byte async copies, never a byte at a time, and meet the tensor cores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--ptx", "paged attention, fp8 KV decode", "--num-warps", "1", "--num-stages", "3"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = {kind: int(n) for kind, n in (line.rsplit(": ", 1) for line in done.stdout.splitlines())}
+    counts = ptx_counts("paged attention, fp8 KV decode", "--num-warps", "1", "--num-stages", "3")
     assert counts["global loads, 8-bit"] == 0, counts
     assert counts["async copies to shared"] > 0 and counts["mma.sync"] > 0, counts
     assert counts["fp8 -> fp16 pair conversions"] > 0, counts
@@ -92,9 +95,13 @@ for rows in (1, 64, 512):
 def test_small_decode_kernels_load_everything_before_they_wait(kernel):
     """Each of these runs once a layer in a batch-1 decode step, which waits for it: every global load is
     issued before the first store, reduction or barrier, so that they share one trip to memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--ptx", kernel], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = {kind: int(n) for kind, n in (line.rsplit(": ", 1) for line in done.stdout.splitlines())}
+    counts = ptx_counts(kernel)
     assert counts["global loads after the first wait"] == 0, counts
+
+
+@pytest.mark.parametrize("kernel", ["paged attention, decode", "paged attention, split decode"])
+def test_attention_loads_its_request_before_its_first_branch(kernel):
+    """The query offsets and the sequence length (three loads) make one trip to memory: none of them
+    waits for the early-exit branch on the query length."""
+    counts = ptx_counts(kernel)
+    assert counts["global loads before the first branch"] == 3, counts

@@ -9,7 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagoda.kernels.w4a16_gemv import BLOCK_N, BLOCK_WORDS, MIN_WAVES, MIN_WEIGHTS, _k_slices, pays, w4a16_gemv
+from pagoda.kernels.w4a16_gemv import (
+    MIN_WAVES, MIN_WEIGHTS, NARROW, NARROW_MAX_WORDS, WIDE, launch, pays, w4a16_gemv,
+)
 from pagoda.kernels.w4a16_layout import w4a16_gemm_reference
 from pagoda.quantization.w4a16 import PackedW4, _gemv_runs, w4a16_linear
 from tests.kernel_device import DEVICE, KERNELS_RUN, NO_KERNELS, ON_GPU
@@ -34,9 +36,12 @@ def gemv_error(k: int, n: int, group_size: int, zeros: bool, seed: int, device: 
 @needs_kernel
 @pytest.mark.parametrize("group_size", [32, 64, 128, "channel"])
 @pytest.mark.parametrize("zeros", [True, False])
-# The interpreter's one SM: 2 column blocks read all of 256 inputs, a ragged K in 2 slices (the last
-# part of a tile), ragged columns; 1 block reads 4 slices.
-@pytest.mark.parametrize("k,n", [(256, 2 * BLOCK_N), (8 * (BLOCK_WORDS + 8), BLOCK_N + 8), (32 * BLOCK_WORDS, BLOCK_N)])
+# The interpreter's one SM (MIN_WAVES wide column blocks fill it): wide tiles over all of K; narrow
+# tiles over a short K, ragged along K and N; a longer K in 4 slices of wide tiles, the last ragged.
+@pytest.mark.parametrize("k,n", [
+    (256, MIN_WAVES * WIDE.columns), (8 * (NARROW.words + 8), NARROW.columns + 8),
+    (8 * (NARROW_MAX_WORDS + WIDE.words + 8), WIDE.columns),
+])
 def test_gemv_equals_reference(group_size, zeros, k, n):
     group = k if group_size == "channel" else group_size
     if k % group:
@@ -46,11 +51,12 @@ def test_gemv_equals_reference(group_size, zeros, k, n):
     assert worst < 2e-2 and rms < 6e-3
 
 
-def test_narrow_layers_split_k_into_whole_tiles():
-    cpu = torch.device("cpu")  # the interpreter's one SM: MIN_WAVES column blocks fill it
-    assert _k_slices(MIN_WAVES, 4 * BLOCK_WORDS, cpu) == (4 * BLOCK_WORDS, 1)  # all of K
-    assert _k_slices(2, BLOCK_WORDS + 8, cpu) == (BLOCK_WORDS, 2)  # 2 slices, the last ragged
-    assert _k_slices(1, 32 * BLOCK_WORDS, cpu) == (8 * BLOCK_WORDS, 4)
+def test_narrow_layers_take_narrow_tiles_or_split_a_long_k_into_whole_tiles():
+    cpu = torch.device("cpu")  # the interpreter's one SM: MIN_WAVES wide column blocks fill it
+    assert launch(MIN_WAVES * WIDE.columns, 32 * WIDE.words, cpu) == (WIDE, 32 * WIDE.words, 1)  # all of K
+    assert launch(2 * WIDE.columns, NARROW_MAX_WORDS, cpu) == (NARROW, NARROW_MAX_WORDS, 1)
+    assert launch(2 * WIDE.columns, NARROW_MAX_WORDS + 8, cpu) == (WIDE, 5 * WIDE.words, 2)  # the last ragged
+    assert launch(WIDE.columns, 32 * WIDE.words, cpu) == (WIDE, 8 * WIDE.words, 4)
 
 
 def test_gemv_refuses_what_it_cannot_run():
@@ -88,6 +94,16 @@ def test_gemv_at_8b_shapes_on_gpu(n, k, zeros):
 
 def test_the_8b_shapes_go_where_they_were_measured_fastest():
     assert [pays(n, k) for n, k in SHAPES_8B] == [True, False, True, True]  # qkv, o, gate_up, down
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_the_8b_shapes_launch_as_measured_fastest_on_132_sms():
+    if torch.cuda.get_device_properties(0).multi_processor_count != 132:
+        pytest.skip("the launches were measured on 132 SMs (H100, H200)")
+    cuda = torch.device("cuda")
+    launches = [launch(n, k // 8, cuda) for n, k in SHAPES_8B]  # qkv, o, gate_up, down
+    assert launches == [(NARROW, 512, 1), (NARROW, 512, 1), (WIDE, 512, 1), (WIDE, 4 * WIDE.words, 7)]
 
 
 @pytest.mark.gpu

@@ -7,16 +7,20 @@ nothing crosses lanes until the end. A word's 8 nibbles become bfloat16 pairs in
 instructions (each nibble or-ed into the mantissa of 128.0, then 128 + zero point subtracted, both
 exact), which meet x's pairs in bfloat16 multiply-adds; each word's sum goes to float32.
 
-A layer too narrow to give every SM several column blocks is split along K as well: each program
-stores its slice's float32 sums, and the last program of a column block to finish (an atomic count
-it then resets, so the next launch and a CUDA graph's replays find it zeroed) adds them up. On an
-H100, from DRAM, the 8B shape's layers took (us, against tinygemm's): gate_up 24.9 (32.3), down
-15.4 (18.0, split 8), qkv 9.4 (9.8, split 4); o_proj stayed slower (8.0 against 6.7), so layers
+A layer too narrow to give every SM several column blocks needs more programs. Where K is short
+(`NARROW_MAX_WORDS`), its programs take half as many columns and twice the packed rows an
+iteration, with twice the warps. A longer K is split as well: each program stores its slice's
+float32 sums, and the last program of a column block to finish (an atomic count it then resets, so
+the next launch and a CUDA graph's replays find it zeroed) adds them up. That last step costs a
+slice's worth of latency, which a short K's loop does not win back. On an H100, from DRAM, the 8B
+shape's layers took (us, against tinygemm's): gate_up 25.5 (33.3), down 15.8 (18.3, split 8), qkv
+8.5 in NARROW tiles (9.7; 9.3 split 4 in WIDE ones). o_proj's 6.9 ties tinygemm's 7.0, so layers
 below `MIN_WEIGHTS` keep tinygemm (`pays`). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,9 +29,16 @@ import triton.language as tl
 from pagoda.kernels.device_info import k_slices, k_splits, num_sms
 from pagoda.kernels.w4a16_layout import PACK
 
-BLOCK_N = 32  # output columns a program
-BLOCK_WORDS = 64  # packed rows (8 inputs each) an iteration
-NUM_WARPS = 4
+
+class Tile(NamedTuple):
+    columns: int  # output columns a program
+    words: int  # packed rows (8 inputs each) an iteration
+    warps: int
+
+
+WIDE = Tile(32, 64, 4)
+NARROW = Tile(16, 128, 8)  # the same words an iteration, over twice the programs
+NARROW_MAX_WORDS = 512  # packed rows (a K of 4,096) up to which a narrow layer takes NARROW tiles unsplit
 MIN_WAVES = 4  # programs per SM the K split aims for
 MAX_SPLIT = 8  # slices of K, at most
 MIN_WEIGHTS = 20 << 20  # a layer's weights (N x K) from which the GEMV beats tinygemm (H100, 8B shapes)
@@ -159,10 +170,16 @@ def pays(n: int, k: int) -> bool:
     return n * k >= MIN_WEIGHTS
 
 
-def _k_slices(blocks: int, packed_rows: int, device: torch.device) -> tuple[int, int]:
-    """(packed rows a program reads, slices of K): all of K where the column blocks fill the SMs,
-    else slices of whole tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
-    return k_slices(packed_rows, k_splits(blocks, MIN_WAVES, MAX_SPLIT, device), BLOCK_WORDS)
+def launch(n: int, packed_rows: int, device: torch.device) -> tuple[Tile, int, int]:
+    """(the tile, packed rows a program reads, slices of K): all of K in WIDE tiles where their column
+    blocks fill the SMs; else all of a short K in NARROW tiles; else slices of whole WIDE tiles making
+    the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
+    splits = k_splits(triton.cdiv(n, WIDE.columns), MIN_WAVES, MAX_SPLIT, device)
+    if splits == 1:
+        return WIDE, packed_rows, 1
+    if packed_rows <= NARROW_MAX_WORDS:
+        return NARROW, packed_rows, 1
+    return WIDE, *k_slices(packed_rows, splits, WIDE.words)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -177,7 +194,7 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("w4a16_gemv's workspace is made by an eager call before CUDA graph capture")
         blocks = MIN_WAVES * num_sms(device, on_cpu=1)
-        _WORKSPACES[device] = (torch.empty(MAX_SPLIT * blocks * BLOCK_N, dtype=torch.float32, device=device),
+        _WORKSPACES[device] = (torch.empty(MAX_SPLIT * blocks * WIDE.columns, dtype=torch.float32, device=device),
                                torch.zeros(blocks, dtype=torch.int32, device=device))
     return _WORKSPACES[device]
 
@@ -192,14 +209,13 @@ def w4a16_gemv(
         raise ValueError(f"w4a16_gemv takes one bfloat16 row of {packed_rows * PACK} inputs and groups of a "
                          f"multiple of {PACK}: got x {tuple(x.shape)} {x.dtype}, group_size {group_size}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    blocks = triton.cdiv(n, BLOCK_N)
-    words_per_split, split = _k_slices(blocks, packed_rows, x.device)
+    tile, words_per_split, split = launch(n, packed_rows, x.device)
     partials, counts = _workspace(x.device)
-    _w4a16_gemv_kernel[(blocks, split)](
+    _w4a16_gemv_kernel[(triton.cdiv(n, tile.columns), split)](
         x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, partials, counts,
         n, packed_rows, words_per_split,
         GROUP_WORDS=group_size // PACK, HAS_ZEROS=zeros is not None,
-        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_N=BLOCK_N, BLOCK_WORDS=BLOCK_WORDS,
-        SPLIT=split, SPLIT_POW2=triton.next_power_of_2(split), num_warps=NUM_WARPS,
+        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_N=tile.columns, BLOCK_WORDS=tile.words,
+        SPLIT=split, SPLIT_POW2=triton.next_power_of_2(split), num_warps=tile.warps,
     )
     return out

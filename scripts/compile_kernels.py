@@ -85,6 +85,10 @@ KERNELS = {
                       dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096, FP8_OUT=False, STATIC=False)),
     "add + RMSNorm, fp8 out": (elementwise._rms_norm_kernel, dict(_RMS_NORM, out_ptr="*fp8e4nv"),
                                dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096, FP8_OUT=True, STATIC=False)),
+    # A checkpoint's static activation scale: one value for every row, read where the row is.
+    "add + RMSNorm, static fp8 out": (elementwise._rms_norm_kernel, dict(_RMS_NORM, out_ptr="*fp8e4nv"),
+                                      dict(HAS_RESIDUAL=True, CAST_BEFORE_SCALE=True, BLOCK=4096, FP8_OUT=True,
+                                           STATIC=True)),
     "rotary": (elementwise._rotary_kernel,
                {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32", "positions_ptr": "*i64",
                 "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_cs": "i32",

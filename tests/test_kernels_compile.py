@@ -91,7 +91,9 @@ for rows in (1, 64, 512):
     assert max(shared.values()) <= 227 * 1024, shared
 
 
-@pytest.mark.parametrize("kernel", ["add + RMSNorm", "rotary", "combine splits", "SiLU-and-mul", "KV write, bf16"])
+@pytest.mark.parametrize("kernel", [
+    "add + RMSNorm", "add + RMSNorm, static fp8 out", "rotary", "combine splits", "SiLU-and-mul", "KV write, bf16",
+])
 def test_small_decode_kernels_load_everything_before_they_wait(kernel):
     """Each of these runs once a layer in a batch-1 decode step, which waits for it: every global load is
     issued before the first store, reduction or barrier, so that they share one trip to memory."""

@@ -16,11 +16,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_fp8_row(y, mask, q_ptrs, scale_ptr, row, fp8_max, STATIC: tl.constexpr):
-    """Quantize one row y (float32, whole in this program) to fp8 at q_ptrs: by its own largest
-    magnitude (scale stored at scale_ptr[row]) or, STATIC, by the one scale at scale_ptr."""
+def _static_scale(scale_ptr, STATIC: tl.constexpr):
+    """The one scale at scale_ptr of a static quantization (else 1.0, unread). A kernel loads it with its
+    row: loaded after a reduction, it would wait for a trip to memory of its own."""
     if STATIC:
-        scale = tl.load(scale_ptr)
+        return tl.load(scale_ptr)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _store_fp8_row(y, mask, q_ptrs, scale_ptr, row, fp8_max, static_scale, STATIC: tl.constexpr):
+    """Quantize one row y (float32, whole in this program) to fp8 at q_ptrs: by its own largest
+    magnitude (scale stored at scale_ptr[row]) or, STATIC, by `static_scale` (_static_scale's)."""
+    if STATIC:
+        scale = static_scale
     else:
         scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / fp8_max  # within an ulp of torch's
         tl.store(scale_ptr + row, scale)
@@ -41,6 +51,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     # Loaded with x, not after the sum of squares waits for it: one trip to memory, not two.
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    static_scale = _static_scale(scale_ptr, STATIC)
     if HAS_RESIDUAL:
         # The sum is rounded to the model dtype before it is normalised, as x + residual is in torch.
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
@@ -53,7 +64,8 @@ def _rms_norm_kernel(
         normed = normed.to(x.dtype).to(tl.float32)
     y = (normed * w).to(x.dtype)
     if FP8_OUT:  # what fp8_quantize_rows makes of the model-dtype output
-        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max, STATIC)
+        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max,
+                       static_scale, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
@@ -170,11 +182,13 @@ def _silu_and_mul_kernel(
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    static_scale = _static_scale(scale_ptr, STATIC)
     # silu is rounded to the model dtype before the product, as F.silu(gate) * up rounds it.
     act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
     y = (act * up.to(tl.float32)).to(up.dtype)
     if FP8_OUT:  # one program holds the whole row
-        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max, STATIC)
+        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * stride_o + cols, scale_ptr, row, fp8_max,
+                       static_scale, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
@@ -211,7 +225,8 @@ def _fp8_quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    _store_fp8_row(x, mask, q_ptr + row * stride_q + cols, scale_ptr, row, fp8_max, STATIC)
+    _store_fp8_row(x, mask, q_ptr + row * stride_q + cols, scale_ptr, row, fp8_max, _static_scale(scale_ptr, STATIC),
+                   STATIC)
 
 
 def fp8_quantize_rows(

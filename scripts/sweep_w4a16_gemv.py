@@ -15,32 +15,23 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
-from pagoda.kernels.w4a16_gemv import _w4a16_gemv_kernel, w4a16_gemv
-from pagoda.kernels.w4a16_layout import PACK, pack_int4
+from pagoda.kernels.device_info import k_slices
+from pagoda.kernels.w4a16_gemv import Tile, gemv_at, w4a16_gemv
+from pagoda.kernels.w4a16_layout import pack_int4
 from pagoda.quantization.w4a16 import PackedW4, to_int4pack
 
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 COPIES = 8
-TILES = [(columns, words, warps) for columns in (16, 32, 64)
+TILES = [Tile(columns, words, warps) for columns in (16, 32, 64)
          for words, warps in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8))]
 SPLITS = (1, 2, 4, 8, 16)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the PTX emulated (a check on the CPU)
 
 
-def launch_tile(x: torch.Tensor, w: PackedW4, tile: tuple[int, int, int], splits: int,
+def launch_tile(x: torch.Tensor, w: PackedW4, tile: Tile, splits: int,
                 workspace: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The GEMV's kernel at this tile and (at most) this many slices of whole tiles along K."""
-    columns, words, warps = tile
-    packed_rows, n = w.qweight.shape
-    per_split = triton.cdiv(triton.cdiv(packed_rows, splits), words) * words
-    split = triton.cdiv(packed_rows, per_split)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _w4a16_gemv_kernel[(triton.cdiv(n, columns), split)](
-        x.view(torch.int32), w.qweight, w.scales, w.zeros, out, *workspace, n, packed_rows, per_split,
-        GROUP_WORDS=w.group_size // PACK, HAS_ZEROS=True, EMULATE=INTERPRETED, BLOCK_N=columns, BLOCK_WORDS=words,
-        SPLIT=split, SPLIT_POW2=triton.next_power_of_2(split), num_warps=warps,
-    )
-    return out
+    words_per_split, split = k_slices(w.qweight.shape[0], splits, tile.words)
+    return gemv_at(x, w.qweight, w.scales, w.zeros, w.group_size, tile, words_per_split, split, workspace)
 
 
 def layer_times(n: int, k: int) -> dict[str, float]:
@@ -76,7 +67,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES_8B), default=list(SHAPES_8B))
     parser.add_argument("--top", type=int, default=8, help="the fastest ways printed a shape")
     args = parser.parse_args()
-    assert not INTERPRETED, "a timing sweep: run it on a GPU"
+    assert os.environ.get("TRITON_INTERPRET") != "1", "a timing sweep: run it on a GPU"
     for name in args.shapes:
         n, k = SHAPES_8B[name]
         times = layer_times(n, k)

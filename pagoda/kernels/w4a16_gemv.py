@@ -208,11 +208,21 @@ def w4a16_gemv(
     if not takes(x, group_size) or x.shape != (1, packed_rows * PACK):
         raise ValueError(f"w4a16_gemv takes one bfloat16 row of {packed_rows * PACK} inputs and groups of a "
                          f"multiple of {PACK}: got x {tuple(x.shape)} {x.dtype}, group_size {group_size}")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     tile, words_per_split, split = launch(n, packed_rows, x.device)
-    partials, counts = _workspace(x.device)
+    return gemv_at(x, qweight, scales, zeros, group_size, tile, words_per_split, split, _workspace(x.device))
+
+
+def gemv_at(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+    tile: Tile, words_per_split: int, split: int, workspace: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The kernel in `tile`s over `split` slices of `words_per_split` packed rows, a split's partial sums and
+    counts in `workspace`: as `launch` picks them (w4a16_gemv), or as a sweep tries them
+    (scripts/sweep_w4a16_gemv.py). The arguments are w4a16_gemv's, unchecked."""
+    packed_rows, n = qweight.shape
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _w4a16_gemv_kernel[(triton.cdiv(n, tile.columns), split)](
-        x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, partials, counts,
+        x.contiguous().view(torch.int32), qweight, scales, scales if zeros is None else zeros, out, *workspace,
         n, packed_rows, words_per_split,
         GROUP_WORDS=group_size // PACK, HAS_ZEROS=zeros is not None,
         EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_N=tile.columns, BLOCK_WORDS=tile.words,

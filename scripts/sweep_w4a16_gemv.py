@@ -4,12 +4,16 @@ rows x warps) and number of K slices. One bfloat16 row, groups of 128, and 8 lay
 weights in each CUDA graph (triton's do_bench_cudagraph), so that they come from DRAM as a decode
 step's do. The launch rule in w4a16_gemv.py comes from this table.
 
-    PYTHONPATH=. python scripts/sweep_w4a16_gemv.py [--shapes qkv o down]"""
+    PYTHONPATH=. python scripts/sweep_w4a16_gemv.py [--model CONFIG_DIR] [--shapes qkv o down]
+
+The layer shapes are the 8B's unless --model names a directory with a config.json."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -20,7 +24,8 @@ from pagoda.kernels.w4a16_gemv import Tile, gemv_at, w4a16_gemv
 from pagoda.kernels.w4a16_layout import pack_int4
 from pagoda.quantization.w4a16 import PackedW4, to_int4pack
 
-SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = ("qkv", "o", "gate_up", "down")
+LLAMA_8B = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336}
 COPIES = 8
 TILES = [Tile(columns, words, warps) for columns in (16, 32, 64)
          for words, warps in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8))]
@@ -32,6 +37,16 @@ def launch_tile(x: torch.Tensor, w: PackedW4, tile: Tile, splits: int,
     """The GEMV's kernel at this tile and (at most) this many slices of whole tiles along K."""
     words_per_split, split = k_slices(w.qweight.shape[0], splits, tile.words)
     return gemv_at(x, w.qweight, w.scales, w.zeros, w.group_size, tile, words_per_split, split, workspace)
+
+
+def layer_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(N, K) of a decoder layer's four projections, from a Llama-style config."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    ffn = config["intermediate_size"]
+    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
+            "gate_up": (2 * ffn, hidden), "down": (hidden, ffn)}
 
 
 def layer_times(n: int, k: int) -> dict[str, float]:
@@ -64,12 +79,15 @@ def layer_times(n: int, k: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES_8B), default=list(SHAPES_8B))
+    parser.add_argument("--model", type=Path, help="a directory with the config.json whose layers to sweep")
+    parser.add_argument("--shapes", nargs="+", choices=LAYERS, default=list(LAYERS))
     parser.add_argument("--top", type=int, default=8, help="the fastest ways printed a shape")
     args = parser.parse_args()
     assert os.environ.get("TRITON_INTERPRET") != "1", "a timing sweep: run it on a GPU"
+    config = json.loads((args.model / "config.json").read_text()) if args.model else LLAMA_8B
+    shapes = layer_shapes(config)
     for name in args.shapes:
-        n, k = SHAPES_8B[name]
+        n, k = shapes[name]
         times = layer_times(n, k)
         megabytes = (n * k // 2 + 2 * 2 * n * k // 128) / 1e6  # 4-bit weights, bf16 scales and zero points
         print(f"{name} ({n} x {k}, {megabytes:.1f} MB): tinygemm {times['tinygemm']:.1f} us, "

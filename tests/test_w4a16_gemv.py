@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from pagoda.kernels.w4a16_gemv import (
-    MIN_WAVES, MIN_WEIGHTS, NARROW, NARROW_MAX_WORDS, WIDE, launch, pays, w4a16_gemv,
+    MIN_WAVES, MIN_WEIGHTS, NARROW, NARROW_MAX_WORDS, NARROW_MIN_WAVES, WIDE, launch, pays, w4a16_gemv,
 )
 from pagoda.kernels.w4a16_layout import w4a16_gemm_reference
 from pagoda.quantization.w4a16 import PackedW4, _gemv_runs, w4a16_linear
@@ -37,10 +37,12 @@ def gemv_error(k: int, n: int, group_size: int, zeros: bool, seed: int, device: 
 @pytest.mark.parametrize("group_size", [32, 64, 128, "channel"])
 @pytest.mark.parametrize("zeros", [True, False])
 # The interpreter's one SM (MIN_WAVES wide column blocks fill it): wide tiles over all of K; narrow
-# tiles over a short K, ragged along K and N; a longer K in 4 slices of wide tiles, the last ragged.
+# tiles over a short K, ragged along K and N; a longer K in 4 slices of wide tiles, the last ragged;
+# narrow tiles over a longer K where NARROW_MIN_WAVES of them fill the SM, ragged along K and N.
 @pytest.mark.parametrize("k,n", [
     (256, MIN_WAVES * WIDE.columns), (8 * (NARROW.words + 8), NARROW.columns + 8),
     (8 * (NARROW_MAX_WORDS + WIDE.words + 8), WIDE.columns),
+    (8 * (NARROW_MAX_WORDS + NARROW.words + 16), NARROW_MIN_WAVES * NARROW.columns + 8),
 ])
 def test_gemv_equals_reference(group_size, zeros, k, n):
     group = k if group_size == "channel" else group_size
@@ -55,7 +57,9 @@ def test_narrow_layers_take_narrow_tiles_or_split_a_long_k_into_whole_tiles():
     cpu = torch.device("cpu")  # the interpreter's one SM: MIN_WAVES wide column blocks fill it
     assert launch(MIN_WAVES * WIDE.columns, 32 * WIDE.words, cpu) == (WIDE, 32 * WIDE.words, 1)  # all of K
     assert launch(2 * WIDE.columns, NARROW_MAX_WORDS, cpu) == (NARROW, NARROW_MAX_WORDS, 1)
-    assert launch(2 * WIDE.columns, NARROW_MAX_WORDS + 8, cpu) == (WIDE, 5 * WIDE.words, 2)  # the last ragged
+    narrow_fill = NARROW_MIN_WAVES * NARROW.columns  # columns whose narrow tiles fill the one SM
+    assert launch(narrow_fill, 32 * WIDE.words, cpu) == (NARROW, 32 * WIDE.words, 1)
+    assert launch(narrow_fill - NARROW.columns, NARROW_MAX_WORDS + 8, cpu) == (WIDE, 3 * WIDE.words, 3)  # ragged
     assert launch(WIDE.columns, 32 * WIDE.words, cpu) == (WIDE, 8 * WIDE.words, 4)
 
 
@@ -98,12 +102,15 @@ def test_the_8b_shapes_go_where_they_were_measured_fastest():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_the_8b_shapes_launch_as_measured_fastest_on_132_sms():
+def test_the_8b_and_70b_shapes_launch_as_measured_fastest_on_132_sms():
     if torch.cuda.get_device_properties(0).multi_processor_count != 132:
         pytest.skip("the launches were measured on 132 SMs (H100, H200)")
     cuda = torch.device("cuda")
     launches = [launch(n, k // 8, cuda) for n, k in SHAPES_8B]  # qkv, o, gate_up, down
     assert launches == [(NARROW, 512, 1), (NARROW, 512, 1), (WIDE, 512, 1), (WIDE, 4 * WIDE.words, 7)]
+    shapes_70b = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
+    launches = [launch(n, k // 8, cuda) for n, k in shapes_70b]
+    assert launches == [(NARROW, 1024, 1), (NARROW, 1024, 1), (WIDE, 1024, 1), (NARROW, 3584, 1)]
 
 
 @pytest.mark.gpu

@@ -8,14 +8,17 @@ instructions (each nibble or-ed into the mantissa of 128.0, then 128 + zero poin
 exact), which meet x's pairs in bfloat16 multiply-adds; each word's sum goes to float32.
 
 A layer too narrow to give every SM several column blocks needs more programs. Where K is short
-(`NARROW_MAX_WORDS`), its programs take half as many columns and twice the packed rows an
-iteration, with twice the warps. A longer K is split as well: each program stores its slice's
-float32 sums, and the last program of a column block to finish (an atomic count it then resets, so
-the next launch and a CUDA graph's replays find it zeroed) adds them up. That last step costs a
-slice's worth of latency, which a short K's loop does not win back. On an H100, from DRAM, the 8B
-shape's layers took (us, against tinygemm's): gate_up 25.5 (33.3), down 15.8 (18.3, split 8), qkv
-8.5 in NARROW tiles (9.7; 9.3 split 4 in WIDE ones). o_proj's 6.9 ties tinygemm's 7.0, so layers
-below `MIN_WEIGHTS` keep tinygemm (`pays`). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
+(`NARROW_MAX_WORDS`), or the layer is wide enough for NARROW_MIN_WAVES of them a SM, its programs
+take half as many columns and twice the packed rows an iteration, with twice the warps. Otherwise K
+is split as well: each program stores its slice's float32 sums, and the last program of a column
+block to finish (an atomic count it then resets, so the next launch and a CUDA graph's replays find
+it zeroed) adds them up. That last step costs a slice's worth of latency, which a short K's loop
+does not win back, nor does a layer whose narrow tiles alone fill the SMs. On an H100, from DRAM
+(scripts/sweep_w4a16_gemv.py), layers took (us, against tinygemm's): the 8B's gate_up 25.5 (33.3),
+down 15.5 split 8 (18.1), qkv 8.2 in NARROW tiles (9.8; 9.5 split 4 in WIDE ones); the 70B's qkv,
+o_proj and down 19.0, 15.9 and 48.0 in NARROW tiles over all of K (24.0, 20.2, 63.3), against
+21.8, 20.8 and 60.6 split in WIDE ones. The 8B's o_proj (6.7) ties tinygemm, so layers below
+`MIN_WEIGHTS` keep tinygemm (`pays`). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
 
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ WIDE = Tile(32, 64, 4)
 NARROW = Tile(16, 128, 8)  # the same words an iteration, over twice the programs
 NARROW_MAX_WORDS = 512  # packed rows (a K of 4,096) up to which a narrow layer takes NARROW tiles unsplit
 MIN_WAVES = 4  # programs per SM the K split aims for
+NARROW_MIN_WAVES = 3  # NARROW programs per SM from which a long K takes them unsplit (70B: 3.9; 8B down: 1.9)
 MAX_SPLIT = 8  # slices of K, at most
 MIN_WEIGHTS = 20 << 20  # a layer's weights (N x K) from which the GEMV beats tinygemm (H100, 8B shapes)
 
@@ -172,12 +176,13 @@ def pays(n: int, k: int) -> bool:
 
 def launch(n: int, packed_rows: int, device: torch.device) -> tuple[Tile, int, int]:
     """(the tile, packed rows a program reads, slices of K): all of K in WIDE tiles where their column
-    blocks fill the SMs; else all of a short K in NARROW tiles; else slices of whole WIDE tiles making
-    the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
+    blocks fill the SMs; else all of K in NARROW tiles where K is short or they nearly fill the SMs;
+    else slices of whole WIDE tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
     splits = k_splits(triton.cdiv(n, WIDE.columns), MIN_WAVES, MAX_SPLIT, device)
     if splits == 1:
         return WIDE, packed_rows, 1
-    if packed_rows <= NARROW_MAX_WORDS:
+    narrow_fill = triton.cdiv(n, NARROW.columns) >= NARROW_MIN_WAVES * num_sms(device, on_cpu=1)
+    if packed_rows <= NARROW_MAX_WORDS or narrow_fill:
         return NARROW, packed_rows, 1
     return WIDE, *k_slices(packed_rows, splits, WIDE.words)
 

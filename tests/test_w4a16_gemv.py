@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from pagoda.kernels import device_info
+from pagoda.kernels import w4a16_gemv as w4a16_gemv_module
 from pagoda.kernels.w4a16_gemv import (
     MIN_WAVES, MIN_WEIGHTS, NARROW, NARROW_MAX_WORDS, NARROW_MIN_WAVES, WIDE, launch, pays, w4a16_gemv,
 )
@@ -100,17 +102,18 @@ def test_the_8b_shapes_go_where_they_were_measured_fastest():
     assert [pays(n, k) for n, k in SHAPES_8B] == [True, False, True, True]  # qkv, o, gate_up, down
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_the_8b_and_70b_shapes_launch_as_measured_fastest_on_132_sms():
-    if torch.cuda.get_device_properties(0).multi_processor_count != 132:
-        pytest.skip("the launches were measured on 132 SMs (H100, H200)")
-    cuda = torch.device("cuda")
-    launches = [launch(n, k // 8, cuda) for n, k in SHAPES_8B]  # qkv, o, gate_up, down
+def test_the_8b_and_70b_shapes_launch_as_measured_fastest_on_132_sms(monkeypatch):
+    """The launches scripts/sweep_w4a16_gemv.py found fastest on an H100 (132 SMs, as an H200's)."""
+    sms = lambda device, on_cpu: 132  # noqa: E731
+    monkeypatch.setattr(device_info, "num_sms", sms)
+    monkeypatch.setattr(w4a16_gemv_module, "num_sms", sms)
+    cpu = torch.device("cpu")
+    launches = [launch(n, k // 8, cpu) for n, k in SHAPES_8B]  # qkv, o, gate_up, down
     assert launches == [(NARROW, 512, 1), (NARROW, 512, 1), (WIDE, 512, 1), (WIDE, 4 * WIDE.words, 7)]
     shapes_70b = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
-    launches = [launch(n, k // 8, cuda) for n, k in shapes_70b]
+    launches = [launch(n, k // 8, cpu) for n, k in shapes_70b]
     assert launches == [(NARROW, 1024, 1), (NARROW, 1024, 1), (WIDE, 1024, 1), (NARROW, 3584, 1)]
+    assert launch(3584, 18944 // 8, cpu) == (WIDE, 5 * WIDE.words, 8)  # Qwen2.5-7B's down: 224 narrow tiles
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ block to finish (an atomic count it then resets, so the next launch and a CUDA g
 it zeroed) adds them up. That last step costs a slice's worth of latency, which a short K's loop
 does not win back, nor does a layer whose narrow tiles alone fill the SMs. On an H100, from DRAM
 (scripts/sweep_w4a16_gemv.py), layers took (us, against tinygemm's): the 8B's gate_up 25.5 (33.3),
-down 15.5 split 8 (18.1), qkv 8.2 in NARROW tiles (9.8; 9.5 split 4 in WIDE ones); the 70B's qkv,
+down 15.5 in 7 slices of K (18.1), qkv 8.2 in NARROW tiles (9.8; 9.5 split 4 in WIDE ones); the 70B's qkv,
 o_proj and down 19.0, 15.9 and 48.0 in NARROW tiles over all of K (24.0, 20.2, 63.3), against
 21.8, 20.8 and 60.6 split in WIDE ones. The 8B's o_proj (6.7) ties tinygemm, so layers below
 `MIN_WEIGHTS` keep tinygemm (`pays`). Under TRITON_INTERPRET=1 the PTX is emulated in Triton."""
@@ -176,7 +176,7 @@ def pays(n: int, k: int) -> bool:
 
 def launch(n: int, packed_rows: int, device: torch.device) -> tuple[Tile, int, int]:
     """(the tile, packed rows a program reads, slices of K): all of K in WIDE tiles where their column
-    blocks fill the SMs; else all of K in NARROW tiles where K is short or they nearly fill the SMs;
+    blocks fill the SMs; else all of K in NARROW tiles where K is short or they make NARROW_MIN_WAVES a SM;
     else slices of whole WIDE tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
     splits = k_splits(triton.cdiv(n, WIDE.columns), MIN_WAVES, MAX_SPLIT, device)
     if splits == 1:

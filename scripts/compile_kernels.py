@@ -2,7 +2,8 @@
 needs none. The interpreter (what CPU machines run the kernels under) accepts code the compiler
 refuses; this catches it before a GPU run does. Arguments are specialised as Triton's launcher
 specialises them on a GPU: pointers 16-byte aligned, strides multiples of 16 (without that,
-loads the GPU's code makes 16 bytes wide compile a byte at a time).
+loads the GPU's code makes 16 bytes wide compile a byte at a time), and the integers typed
+"i32:16" too, which a model's launches give as multiples of 16 (a layer's N, say).
 
     python3 scripts/compile_kernels.py        # must run without TRITON_INTERPRET=1
     python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 1 --num-stages 3]
@@ -117,8 +118,8 @@ KERNELS = {
     # Its PTX is what the interpreter cannot check (it emulates it); K split in 8 as for down_proj.
     "W4A16 GEMV": (w4a16_gemv._w4a16_gemv_kernel,
                    {"x_pairs_ptr": "*i32", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16",
-                    "out_ptr": "*bf16", "partials_ptr": "*fp32", "counts_ptr": "*i32", "N": "i32",
-                    "packed_rows": "i32", "words_per_split": "i32"},
+                    "out_ptr": "*bf16", "partials_ptr": "*fp32", "counts_ptr": "*i32", "N": "i32:16",
+                    "packed_rows": "i32:16", "words_per_split": "i32:16"},
                    dict(GROUP_WORDS=16, HAS_ZEROS=True, EMULATE=False, BLOCK_N=w4a16_gemv.WIDE.columns,
                         BLOCK_WORDS=w4a16_gemv.WIDE.words, SPLIT=8, SPLIT_POW2=8)),
     "fp8 quantize rows": (elementwise._fp8_quantize_rows_kernel,
@@ -132,13 +133,14 @@ def compile_for_hopper(
 ) -> triton.compiler.CompiledKernel:
     """The kernel compiled (its forms in `.asm`: "ptx", "cubin", ...; its shared memory in
     `.metadata.shared`); raises the compiler's error."""
-    full = {**signature, **{name: "constexpr" for name in constexprs}}
+    types = {name: kind.removesuffix(":16") for name, kind in signature.items()}
+    full = {**types, **{name: "constexpr" for name in constexprs}}
     if set(full) != set(kernel.arg_names):
         raise ValueError(f"{kernel.__name__}: signature differs from the kernel's arguments: {set(full) ^ set(kernel.arg_names)}")
     constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
     aligned = {
-        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-        for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+        if kind.startswith("*") or name.startswith("stride") or kind.endswith(":16")
     }
     source = ASTSource(fn=kernel, signature=full, constexprs=constants, attrs=aligned)
     return triton.compile(source, target=HOPPER, options=options)

@@ -107,3 +107,10 @@ def test_attention_loads_its_request_before_its_first_branch(kernel):
     waits for the early-exit branch on the query length."""
     counts = ptx_counts(kernel)
     assert counts["global loads before the first branch"] == 3, counts
+
+
+def test_w4a16_gemv_reads_its_weights_in_vectors():
+    """At a model's launch (N and the packed rows multiples of 16, as Triton's launcher then
+    specialises them) each thread reads its packed words 16 bytes at a time: 4 columns of a word."""
+    counts = ptx_counts("W4A16 GEMV", "--num-warps", "4")
+    assert counts["global loads, vector"] >= 2, counts

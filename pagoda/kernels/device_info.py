@@ -17,6 +17,11 @@ def num_sms(device: torch.device, on_cpu: int = 132) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def fills(tiles: int, waves: int, device: torch.device) -> bool:
+    """Whether `tiles` programs make at least `waves` a SM (where k_splits gives 1)."""
+    return tiles >= waves * num_sms(device, on_cpu=1)
+
+
 def k_splits(tiles: int, waves: int, most: int, device: torch.device) -> int:
     """Slices of K, a power of two up to `most`, that make an output of `tiles` tiles about `waves`
     programs a SM (one where the tiles alone do)."""

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.device_info import k_slices, k_splits, num_sms
+from pagoda.kernels.device_info import fills, k_slices, k_splits, num_sms
 from pagoda.kernels.w4a16_layout import PACK
 
 
@@ -178,13 +178,12 @@ def launch(n: int, packed_rows: int, device: torch.device) -> tuple[Tile, int, i
     """(the tile, packed rows a program reads, slices of K): all of K in WIDE tiles where their column
     blocks fill the SMs; else all of K in NARROW tiles where K is short or they make NARROW_MIN_WAVES a SM;
     else slices of whole WIDE tiles making the programs MIN_WAVES a SM (MAX_SPLIT slices at most)."""
-    splits = k_splits(triton.cdiv(n, WIDE.columns), MIN_WAVES, MAX_SPLIT, device)
-    if splits == 1:
+    wide_tiles = triton.cdiv(n, WIDE.columns)
+    if fills(wide_tiles, MIN_WAVES, device):
         return WIDE, packed_rows, 1
-    narrow_fill = triton.cdiv(n, NARROW.columns) >= NARROW_MIN_WAVES * num_sms(device, on_cpu=1)
-    if packed_rows <= NARROW_MAX_WORDS or narrow_fill:
+    if packed_rows <= NARROW_MAX_WORDS or fills(triton.cdiv(n, NARROW.columns), NARROW_MIN_WAVES, device):
         return NARROW, packed_rows, 1
-    return WIDE, *k_slices(packed_rows, splits, WIDE.words)
+    return WIDE, *k_slices(packed_rows, k_splits(wide_tiles, MIN_WAVES, MAX_SPLIT, device), WIDE.words)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -58,7 +58,7 @@ def layer_times(n: int, k: int) -> dict[str, float]:
     int4 = [to_int4pack(w) for w in weights]
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
     workspace = (torch.empty(max(SPLITS) * n, dtype=torch.float32, device="cuda"),
-                 torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device="cuda"))
+                 torch.zeros(triton.cdiv(n, min(tile.columns for tile in TILES)), dtype=torch.int32, device="cuda"))
 
     def per_layer(fn) -> float:
         return do_bench_cudagraph(fn, rep=40) * 1000 / COPIES

@@ -78,8 +78,9 @@ bench w1_fp8_kv $W1 --kv-cache-dtype fp8
 bench w1_lora8 $W1 --num-loras 8 --lora-rank 16
 # Ray's wheel fits the carry limit without its Java jar: zip -d ray-*.whl 'ray/jars/*' (docs/gpu.md).
 python3 -c "import ray" 2>/dev/null && bench w1_ray $W1 --distributed-executor-backend ray
-AWQ=/tmp/llama-3.1-8b-awq
-python3 scripts/quantize_awq_rtn.py --model "$MODELS/llama-3.1-8b" --random --out $AWQ | tail -1
+# AWQ's config alone: --load-format dummy rounds the random weights to 4 bits as they load.
+AWQ="/tmp/llama-3.1-8b-awq --load-format dummy"
+python3 scripts/quantize_awq_rtn.py --model "$MODELS/llama-3.1-8b" --config-only --out /tmp/llama-3.1-8b-awq | tail -1
 bench w1_awq --model $AWQ --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024
 for batch in 1 16 64; do
     for model in "$MODELS/llama-3.1-8b --load-format dummy" "$AWQ"; do

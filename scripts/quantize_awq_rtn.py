@@ -6,9 +6,11 @@ to get an AWQ checkpoint of any shape for benchmarks.
     python scripts/quantize_awq_rtn.py --out /tmp/smollm-awq                    # the default model
     python scripts/quantize_awq_rtn.py --model DIR --out DIR [--group-size 128]
     python scripts/quantize_awq_rtn.py --model shared/models/llama-3.1-8b --random --out /tmp/l8b-awq
+    python scripts/quantize_awq_rtn.py --model shared/models/llama-3.1-8b --config-only --out /tmp/l8b-awq
 
 --random: the weights `--load-format dummy` gives the config's shapes (a config-only directory, as
-shared/models/)."""
+shared/models/). --config-only: the config alone, for `--load-format dummy`, which rounds those very
+weights at load (on the device it loads to: in seconds on a GPU, where writing 8B's takes minutes)."""
 
 from __future__ import annotations
 
@@ -37,13 +39,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--random", action="store_true", help="random weights of the config's shapes")
+    parser.add_argument("--config-only", action="store_true", help="no weights: a config for --load-format dummy")
     args = parser.parse_args()
     source = Path(args.model) if args.model else default_model_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
-    weights = _random_weights(config) if args.random else iter_checkpoint_weights(source)
-    _write_shards(out, _quantized(weights, args.group_size))
+    if not args.config_only:
+        weights = _random_weights(config) if args.random else iter_checkpoint_weights(source)
+        _write_shards(out, _quantized(weights, args.group_size))
     config["quantization_config"] = {
         "quant_method": "awq", "bits": 4, "group_size": args.group_size, "zero_point": True, "version": "gemm",
     }
@@ -52,7 +56,8 @@ def main() -> None:
         if extra.suffix in (".json", ".jinja", ".model", ".txt") and not (out / extra.name).exists() \
                 and extra.name != "pagoda-files.json":  # the default model cache's own manifest
             shutil.copy(extra, out / extra.name)
-    print(f"wrote {out} (AWQ, 4-bit, group size {args.group_size})")
+    what = "a config for --load-format dummy" if args.config_only else "4-bit weights"
+    print(f"wrote {out} (AWQ, {what}, group size {args.group_size})")
 
 
 def _quantized(weights: Iterator[tuple[str, torch.Tensor]], group_size: int) -> Iterator[tuple[str, torch.Tensor]]:

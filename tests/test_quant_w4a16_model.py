@@ -4,21 +4,29 @@ tokens, in fp32 on the CPU, as the same model with those weights dequantized and
 exactly where its projections run the float32 reference (act-order, or groups of 16, below the
 int4 kernel's smallest), and but for near-ties of the twin's logits where the CPU's int4 kernel
 runs them in bfloat16 (groups of 32). (The checkpoint is written by the reference packers of
-tests/test_quant_w4a16.py.)"""
+tests/test_quant_w4a16.py.) And random weights: `--load-format dummy` on an AWQ config holds what
+scripts/quantize_awq_rtn.py --random writes; a format it cannot round to is refused."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from pagoda import LLM, SamplingParams
 from tests.test_int4pack import assert_same_greedy
+from tests.serving import python_path
 from tests.test_quant_w4a16 import awq_tensors, ct_tensors, gptq_tensors, quantize
 from tests.tiny_models import save_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 MAX_NEW = 12
@@ -68,8 +76,8 @@ def write_quantized(src: Path, dst: Path, fmt: str, group: int) -> Path:
     return dst
 
 
-def _greedy(path: Path, prompts: list[list[int]], **kwargs) -> list:
-    llm = LLM(model=str(path), device="cpu", dtype="float32", skip_tokenizer_init=True, **kwargs)
+def _greedy(path: Path, prompts: list[list[int]], dtype: str = "float32", **kwargs) -> list:
+    llm = LLM(model=str(path), device="cpu", dtype=dtype, skip_tokenizer_init=True, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [o.outputs[0] for o in outputs]
@@ -90,3 +98,39 @@ def test_quantized_checkpoint_greedy_equals_its_dequantized_twin(fmt, group, tmp
                 assert ours.token_ids == theirs.token_ids
             else:
                 assert_same_greedy(ours, theirs)
+
+
+def test_dummy_weights_of_an_awq_config_are_the_random_checkpoint_the_script_writes(tmp_path):
+    """`--load-format dummy` on a config whose quantization_config is AWQ's rounds the dummy weights
+    as scripts/quantize_awq_rtn.py --random does (bfloat16 draws, the same seeds): the model holds
+    the very tensors that checkpoint gives it, without the checkpoint being written."""
+    source = save_tiny_model("llama3", tmp_path)
+    checkpoint, config_only = tmp_path / "awq-random", tmp_path / "awq-config"
+    for flag, out in (("--random", checkpoint), ("--config-only", config_only)):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "quantize_awq_rtn.py"), "--model", str(source), flag,
+                        "--group-size", "32", "--out", str(out)], env={**os.environ, **python_path(REPO)},
+                       check=True, capture_output=True, timeout=300)
+    assert not list(config_only.glob("*.safetensors"))
+    written = _model_state(LLM(model=str(checkpoint), device="cpu", dtype="bfloat16", skip_tokenizer_init=True))
+    dummy_llm = LLM(model=str(config_only), device="cpu", dtype="bfloat16", skip_tokenizer_init=True,
+                    load_format="dummy")
+    dummy = _model_state(dummy_llm)
+    assert not any(name.endswith("qkv_proj.weight") for name in dummy)  # held quantized, not as bf16 weights
+    assert dummy.keys() == written.keys()
+    assert all(torch.equal(dummy[name], written[name]) for name in dummy)
+    out = dummy_llm.generate([{"prompt_token_ids": [5, 9, 200]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def _model_state(llm: LLM) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of the model an in-process CPU engine runs."""
+    return llm.llm_engine.engine_core.engine_core.executor.worker.runner.model.state_dict()
+
+
+def test_dummy_weights_refuse_a_format_they_cannot_round_to(tmp_path):
+    model = save_tiny_model("llama3", tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = FORMATS["gptq"][1](32)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--load-format dummy cannot give a gptq model random weights"):
+        LLM(model=str(model), device="cpu", dtype="float32", skip_tokenizer_init=True, load_format="dummy")

@@ -16,6 +16,7 @@ from pagoda.attention.backend import AttentionBackend
 from pagoda.config.engine_config import GENERATION_CONFIG_FIELDS
 from pagoda.config.groups import ModelConfig
 from pagoda.config.model_spec import ModelSpec
+from pagoda.layers.linear import UnquantizedLinearMethod
 from pagoda.loader.gguf_cache import (
     cached_gguf_quantization_config,
     cached_gguf_weights,
@@ -27,7 +28,7 @@ from pagoda.loader.gguf_loader import (
     load_gguf_tokenizer,
 )
 from pagoda.loader.model_resolver import ResolvedModel
-from pagoda.loader.weight_loader import load_weights
+from pagoda.loader.weight_loader import load_weights, parameter_name
 from pagoda.loader.weights import hf_checkpoint_shapes, iter_checkpoint_weights
 from pagoda.models import model_class
 from pagoda.models.interface import CausalLM
@@ -191,7 +192,10 @@ def build_model(
     with _default_dtype(model.dtype), device:
         built = model_cls(model.spec, backend, model.max_model_len, quant_config)
     if model.load_format == "dummy":
-        load_weights(built, iter_dummy_weights(model.spec, model.seed, model.dtype, device))
+        weights = iter_dummy_weights(model.spec, model.seed, model.dtype, device)
+        if quant_config is not None and quant_config.quantizes_checkpoint:
+            weights = quantized_dummy_weights(built, quant_config, weights)
+        load_weights(built, weights)
     else:
         logger.info("loading the weights from %s", model.resolved.weights_gguf or model.resolved.model_dir)
         if built.loads_own_checkpoint:
@@ -201,6 +205,27 @@ def build_model(
     if quant_config is not None:
         quant_config.process_model_after_loading(built)
     return built.eval()
+
+
+def quantized_dummy_weights(
+    model: CausalLM, quant_config: QuantizationConfig, weights: Iterator[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dummy weights as a quantized checkpoint holds them: each weight of a linear layer that the
+    config quantizes rounded to the nearest of its format's levels (`quantize_dummy_weight`); the
+    rest, and the layers it leaves unquantized, as they come. So a quantized model's config alone
+    (a quantization_config in config.json) runs with random weights, as an unquantized one does."""
+    quantized = {
+        module for prefix, layer in model.named_modules()
+        if not isinstance(getattr(layer, "linear_method", UnquantizedLinearMethod()), UnquantizedLinearMethod)
+        for module in quant_config.checkpoint_modules(prefix)
+    }
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and parameter_name(model, name).rpartition(".")[0] in quantized:
+            for part, value in quant_config.quantize_dummy_weight(tensor).items():
+                yield f"{module}.{part}", value
+        else:
+            yield name, tensor
 
 
 def _iter_weights(

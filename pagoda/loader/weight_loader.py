@@ -29,7 +29,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     part_of = {proj: packed for packed, projs in model.packed_modules_mapping.items() for proj in projs}
     loaded: set[str] = set()
     for name, tensor in weights:
-        name = _aliased(model.checkpoint_name(name), model.checkpoint_module_aliases)
+        name = parameter_name(model, name)
         if name.endswith(model.ignored_checkpoint_suffixes) or name in tied or load_kv_scale(model, name, tensor):
             continue  # a tied parameter is filled from its source, whether or not the checkpoint stores it
         # A copy held apart from its source (a tied LM head on a later stage than the embedding).
@@ -68,7 +68,9 @@ def _packed_target(name: str, part_of: dict[str, str]) -> tuple[str, str | None]
     return name, None
 
 
-def _aliased(name: str, aliases: dict[str, str]) -> str:
+def parameter_name(model: CausalLM, name: str) -> str:
+    """A checkpoint tensor's name as the model's parameters (or packed parts of them) spell it."""
+    name, aliases = model.checkpoint_name(name), model.checkpoint_module_aliases
     if not aliases:
         return name
     return ".".join(aliases.get(part, part) for part in name.split("."))

@@ -98,6 +98,9 @@ class AWQConfig(QuantizationConfig):
             raise ValueError(f"AWQ checkpoint has version={version!r}: only the GEMM layout (version 'gemm') is supported")
         return cls(_first(config, "q_group_size", "group_size"), list(config.get("modules_to_not_convert") or []))
 
+    def quantize_dummy_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return quantize_rtn_awq(weight, weight.shape[1] if self.group_size == -1 else self.group_size)
+
     def linear_method(self, prefix: str) -> LinearMethod:
         if any(module in prefix for module in self.modules_to_not_convert):
             return UnquantizedLinearMethod()

@@ -46,6 +46,15 @@ class QuantizationConfig(ABC):
         """Whether the checkpoint's weights are stored quantized (not quantized at load)."""
         return True
 
+    def quantize_dummy_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A random (`--load-format dummy`) weight [out, in] of a layer this config quantizes, as its
+        checkpoint tensors by name (qweight, scales, ...): what a checkpoint-quantized method needs to
+        run without a checkpoint. Raises ValueError where the format has no such rounding here."""
+        raise ValueError(
+            f"--load-format dummy cannot give a {self.name} model random weights: dummy weights run unquantized, "
+            f"awq and quantized-at-load (--quantization fp8) models; pass a {self.name} checkpoint"
+        )
+
     def weight_bytes(self, num_weights: int, dtype: torch.dtype) -> int:
         """Bytes of `num_weights` linear-layer weights held by this method (scales included, roughly)."""
         return num_weights * dtype.itemsize

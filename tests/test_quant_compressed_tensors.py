@@ -6,8 +6,6 @@ not run are refused naming the field. The `gpu` tests check torch._int_mm's path
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 

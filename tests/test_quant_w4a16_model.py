@@ -21,14 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagoda import LLM, SamplingParams
-from tests.test_int4pack import assert_same_greedy
 from tests.serving import python_path
+from tests.test_int4pack import assert_same_greedy
 from tests.test_quant_w4a16 import awq_tensors, ct_tensors, gptq_tensors, quantize
 from tests.tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
-
-
 MAX_NEW = 12
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -76,8 +74,8 @@ def write_quantized(src: Path, dst: Path, fmt: str, group: int) -> Path:
     return dst
 
 
-def _greedy(path: Path, prompts: list[list[int]], dtype: str = "float32", **kwargs) -> list:
-    llm = LLM(model=str(path), device="cpu", dtype=dtype, skip_tokenizer_init=True, **kwargs)
+def _greedy(path: Path, prompts: list[list[int]], **kwargs) -> list:
+    llm = LLM(model=str(path), device="cpu", dtype="float32", skip_tokenizer_init=True, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [o.outputs[0] for o in outputs]

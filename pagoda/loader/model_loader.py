@@ -216,7 +216,7 @@ def quantized_dummy_weights(
     (a quantization_config in config.json) runs with random weights, as an unquantized one does."""
     quantized = {
         module for prefix, layer in model.named_modules()
-        if not isinstance(getattr(layer, "linear_method", UnquantizedLinearMethod()), UnquantizedLinearMethod)
+        if not isinstance(getattr(layer, "linear_method", None), (type(None), UnquantizedLinearMethod))
         for module in quant_config.checkpoint_modules(prefix)
     }
     for name, tensor in weights:

@@ -51,13 +51,16 @@ def batch(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, tor
 def main() -> None:
     print(f"{'case':<8} {'tile_n':>6} {'ms':>7} {'GB/s':>7}")
     cases = {"decode": ([1] * 256, [640] * 256), "prefill": ([512] * 16, [512] * 16)}
+    engine_choice = triton_backend._launch_options
     for name, (query_lens, seq_lens) in cases.items():
         q, cache, metadata = batch(query_lens, seq_lens)
         block_q = query_tile(max(query_lens), HEADS // KV_HEADS)
         kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * 2
         for tile_n in (16, 32, 64, 128):
-            ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, block_q, tile_n))
+            triton_backend._launch_options = lambda *_: {"tile_n": tile_n}  # Triton's default warps and stages
+            ms = do_bench(lambda: paged_attention(q, cache, metadata, HEAD_DIM**-0.5, block_q))
             print(f"{name:<8} {tile_n:>6} {ms:>7.3f} {kv_bytes / ms / 1e6:>7.0f}")
+    triton_backend._launch_options = engine_choice  # the split decodes as the engine launches them
     print(f"{'requests':>8} {'keys':>6} {'splits':>6} {'ms':>7} {'GB/s':>7}")
     for num_reqs, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 2048), (4, 32768), (16, 8192), (32, 2048)):
         q, cache, metadata = batch([1] * num_reqs, [keys] * num_reqs)
@@ -91,7 +94,7 @@ def launch_sweep(kind: str) -> None:
         kv_bytes = sum(seq_lens) * KV_HEADS * HEAD_DIM * 2 * kv_cache.element_size()
         for block_q, tile_n, warps, stages in shapes:
             triton_backend._launch_options = lambda *_: {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
-            run = lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, block_q, tile_n)  # noqa: E731
+            run = lambda: paged_attention(q, kv_cache, metadata, HEAD_DIM**-0.5, block_q)  # noqa: E731
             try:
                 with torch.cuda.stream(torch.cuda.Stream()):  # graphs cannot be captured on the default stream
                     ms = do_bench_cudagraph(run)

@@ -215,7 +215,6 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     block_q: int,
-    tile_n: int | None = None,
     num_splits: int = 1,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
@@ -235,7 +234,7 @@ def paged_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     kv_fp8 = is_fp8(kv_cache.dtype)
     options = _launch_options(max_query_len, kv_fp8, num_splits, block_d)
-    tile_n = tile_n or max(block_size, options.pop("tile_n"))
+    tile_n = max(block_size, options.pop("tile_n"))
     assert tile_n % block_size == 0, "key tiles start on block boundaries"
     if num_splits > 1:
         partial = torch.empty(num_reqs, num_splits, num_heads, head_dim, dtype=torch.float32, device=q.device)

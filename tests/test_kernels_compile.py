@@ -61,6 +61,14 @@ def test_fp8_decode_attention_reads_the_cache_in_vectors():
     assert counts["fp8 -> fp16 pair conversions"] > 0, counts
 
 
+def test_fp8_split_decode_attention_reads_values_from_shared_memory_in_vectors():
+    """Launches of two warps upcast the fp8 V tile before Triton stores it in shared memory, so
+    p @ v reads it with ldmatrix, never a byte at a time (Triton moves a plain cast past the store)."""
+    counts = ptx_counts("paged attention, fp8 KV split decode", "--num-warps", "2", "--num-stages", "3")
+    assert counts["shared loads, 8-bit"] == 0 and counts["ldmatrix"] > 0, counts
+    assert counts["fp8 -> fp16 pair conversions"] > 0 and counts["mma.sync"] > 0, counts
+
+
 def test_w4a16_gemm_tiles_fit_in_shared_memory_for_every_activation_dtype():
     """The W4A16 GEMM at each tile shape it picks (decode, mid-size and large M), groups under its
     K tile (a scale and a zero point per input row), with the stages it launches: float32 decode

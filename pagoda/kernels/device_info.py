@@ -17,6 +17,13 @@ def num_sms(device: torch.device, on_cpu: int = 132) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@cache
+def has_fp8(device: torch.device) -> bool:
+    """Whether `device` is a GPU with fp8 (Ada / Hopper and later: compute capability >= 8.9): its
+    tensor cores multiply fp8, and its PTX converts fp8 pairs in one instruction."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fills(tiles: int, waves: int, device: torch.device) -> bool:
     """Whether `tiles` programs make at least `waves` a SM (where k_splits gives 1)."""
     return tiles >= waves * num_sms(device, on_cpu=1)

@@ -37,7 +37,11 @@ _SCALED_MM_ALIGN = 16
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """Whether `device` has FP8 tensor cores (Ada / Hopper and later: compute capability >= 8.9)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cuda":
+        return False
+    from pagoda.kernels.device_info import has_fp8  # a CUDA GPU: Triton is there
+
+    return has_fp8(device)
 
 
 def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

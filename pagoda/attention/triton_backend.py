@@ -145,7 +145,9 @@ def _paged_attention_kernel(
 
 
 # fp8 pairs to fp16 pairs, four values (one 32-bit register) at a time.
-_E4M3_TO_FP16_PTX = "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }"
+_E4M3_TO_FP16_PTX = (
+    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }"
+)
 _E4M3_TO_FP16 = tl.constexpr(_E4M3_TO_FP16_PTX)
 _E5M2_TO_FP16 = tl.constexpr(_E4M3_TO_FP16_PTX.replace("e4m3", "e5m2"))
 

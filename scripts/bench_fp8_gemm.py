@@ -1,9 +1,11 @@
-"""The Triton FP8 GEMM (pagoda/kernels/fp8_gemm.py) against torch._scaled_mm (cuBLASLt) on the 8B
-model's GEMM shapes at decode batches (GPU): for each batch M and layer (qkv, o, gate_up, down), the
-best Triton configuration of a sweep, its time, cuBLASLt's, their largest difference, and the time
-of what pagoda.quantization.fp8.scaled_mm runs for the shape (fp8_gemm.decode_config's choice).
+"""The Triton FP8 GEMMs (pagoda/kernels/fp8_gemm.py) against torch._scaled_mm (cuBLASLt) on the 8B
+model's GEMM shapes (GPU): for each batch M and layer (qkv, o, gate_up, down), the best Triton
+configuration of a sweep, its time, cuBLASLt's, their largest difference, and the time of what
+pagoda.quantization.fp8.scaled_mm runs for the shape (the engine's choice). Decode batches sweep the
+decode kernel; --prefill, prefill chunks and the persistent kernel (Hopper).
 
     PYTHONPATH=. python3 scripts/bench_fp8_gemm.py [--m 64 128 256 512] [--no-sweep]
+    PYTHONPATH=. python3 scripts/bench_fp8_gemm.py --prefill [--m 512 1024 4096 16384]
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import itertools
 import torch
 from triton.testing import do_bench
 
-from pagoda.kernels.fp8_gemm import Fp8GemmConfig, decode_config, fp8_gemm
+from pagoda.kernels.fp8_gemm import Fp8GemmConfig, decode_config, fp8_gemm, fp8_gemm_persistent, takes_persistent
 from pagoda.quantization.fp8 import quantize_fp8_rows, scaled_mm
 
 from bench_linear_methods import SHAPES_8B  # this script's directory is on sys.path
 
 
-def configs() -> list[Fp8GemmConfig]:
+def configs(prefill: bool) -> list[Fp8GemmConfig]:
+    if prefill:  # 3 stages of tiles and the stored output tile within the H100's 227 KiB
+        grid = itertools.product((128, 256), (128, 256), (64, 128), (4, 8), (3, 4))
+        return [Fp8GemmConfig(*c) for c in grid if c[4] * (c[0] + c[1]) * c[2] + 2 * c[0] * c[1] <= 220 * 1024
+                and c[0] * c[1] <= 128 * 256]
     grid = itertools.product((64, 128), (64, 128, 256), (128, 256), (4, 8), (3, 4))
     # Shared memory: stages x (BLOCK_M + BLOCK_N) x BLOCK_K bytes, under the H200's 227 KiB.
     return [Fp8GemmConfig(*c) for c in grid if c[4] * (c[0] + c[1]) * c[2] <= 200 * 1024]
@@ -30,11 +36,11 @@ def time_us(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
-def best_triton(a, a_scale, b, b_scale) -> tuple[float, Fp8GemmConfig]:
+def best_triton(gemm, a, a_scale, b, b_scale, prefill: bool) -> tuple[float, Fp8GemmConfig]:
     best: tuple[float, Fp8GemmConfig | None] = (float("inf"), None)
-    for cfg in configs():
+    for cfg in configs(prefill):
         try:
-            t = time_us(lambda: fp8_gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg))
+            t = time_us(lambda: gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg))
         except Exception:  # out of shared memory or registers for this shape: not a candidate
             continue
         best = min(best, (t, cfg))
@@ -43,13 +49,16 @@ def best_triton(a, a_scale, b, b_scale) -> tuple[float, Fp8GemmConfig]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--m", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--m", type=int, nargs="+", default=None)
+    parser.add_argument("--prefill", action="store_true", help="prefill chunks: the persistent kernel's sweep")
     parser.add_argument("--no-sweep", action="store_true", help="cuBLASLt against the engine's choice only")
     args = parser.parse_args()
+    gemm = fp8_gemm_persistent if args.prefill else fp8_gemm
     torch.manual_seed(0)
     print(f"{'M':>5} {'layer':>8} {'N':>6} {'K':>6} | {'cuBLASLt us':>11} | {'engine us':>9} engine's choice"
           + ("" if args.no_sweep else " | best Triton us, config, max |diff| from cuBLASLt"))
-    for m, (name, (n, k)) in itertools.product(args.m, SHAPES_8B.items()):
+    default_m = [512, 1024, 2048, 4096, 16384] if args.prefill else [64, 128, 256, 512]
+    for m, (name, (n, k)) in itertools.product(args.m or default_m, SHAPES_8B.items()):
         a, a_scale = quantize_fp8_rows(torch.randn(m, k, device="cuda"))
         b, b_scale = quantize_fp8_rows(torch.randn(n, k, device="cuda"))
         b_scale = b_scale.reshape(-1)
@@ -57,13 +66,14 @@ def main() -> None:
         def cublas_mm():
             return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
 
-        engine_choice = decode_config(m, n, k, a.device)
+        decode = decode_config(m, n, k, a.device)
+        choice = (tuple(decode) if decode is not None else
+                  "persistent" if takes_persistent(a, b, torch.bfloat16) else "cuBLASLt")
         line = (f"{m:>5} {name:>8} {n:>6} {k:>6} | {time_us(cublas_mm):>11.1f} | "
-                f"{time_us(lambda: scaled_mm(a, a_scale, b, b_scale, torch.bfloat16)):>9.1f} "
-                f"{'cuBLASLt' if engine_choice is None else tuple(engine_choice)}")
+                f"{time_us(lambda: scaled_mm(a, a_scale, b, b_scale, torch.bfloat16)):>9.1f} {choice}")
         if not args.no_sweep:
-            t, cfg = best_triton(a, a_scale, b, b_scale)
-            diff = (fp8_gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg).float() - cublas_mm().float()).abs().max()
+            t, cfg = best_triton(gemm, a, a_scale, b, b_scale, args.prefill)
+            diff = (gemm(a, a_scale, b, b_scale, torch.bfloat16, cfg).float() - cublas_mm().float()).abs().max()
             line += f" | {t:.1f} {tuple(cfg)} {diff.item():.3g}"
         print(line, flush=True)
 

@@ -85,6 +85,12 @@ KERNELS = {
                  {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
                   "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32",
                   "stride_om": "i32"}, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True)),
+    # As prefill chunks launch it on Hopper (fp8_gemm.PERSISTENT_CONFIG: _OPTIONS), its loads and stores the TMA's.
+    "fp8 GEMM, persistent": (fp8_gemm._fp8_gemm_persistent_kernel,
+                             {"a_desc": "tensordesc<fp8e4nv[128, 128]>", "b_desc": "tensordesc<fp8e4nv[256, 128]>",
+                              "out_desc": "tensordesc<bf16[128, 256]>", "a_scale_ptr": "*fp32",
+                              "b_scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "programs": "i32"},
+                             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8)),
     "exponential noise": (sampling._exponential_kernel,
                           {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
                           dict(BLOCK=4096)),
@@ -132,6 +138,11 @@ KERNELS = {
                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
                            "stride_q": "i32", "n_cols": "i32", "fp8_max": "fp32"}, dict(STATIC=False, BLOCK=16384)),
 }
+
+
+# Launch options of the kernels that take others than compile_for_hopper's defaults.
+_OPTIONS = {"fp8 GEMM, persistent": dict(num_warps=fp8_gemm.PERSISTENT_CONFIG.num_warps,
+                                         num_stages=fp8_gemm.PERSISTENT_CONFIG.num_stages)}
 
 
 def compile_for_hopper(
@@ -187,7 +198,8 @@ def main() -> None:
             print(f"{kind}: {count}")
         return
     for name, (kernel, signature, constexprs) in KERNELS.items():
-        print(f"{name}: {len(compile_for_hopper(kernel, signature, constexprs).asm['cubin'])} bytes of sm_90 code")
+        compiled = compile_for_hopper(kernel, signature, constexprs, **_OPTIONS.get(name, {}))
+        print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
 
 
 if __name__ == "__main__":

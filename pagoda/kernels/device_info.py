@@ -24,6 +24,12 @@ def has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@cache
+def is_hopper(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU (compute capability 9.x: TMA, and shared memory for 128 x 256 tiles)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def fills(tiles: int, waves: int, device: torch.device) -> bool:
     """Whether `tiles` programs make at least `waves` a SM (where k_splits gives 1)."""
     return tiles >= waves * num_sms(device, on_cpu=1)

@@ -1,9 +1,17 @@
-"""An FP8 GEMM with row-wise scales in Triton, for the decode batches cuBLASLt tiles badly.
+"""FP8 GEMMs with row-wise scales in Triton, where they beat cuBLASLt's (torch._scaled_mm).
 
 out = (a * a_scale) @ (b * b_scale)^T with a [M, K] and b [N, K] in fp8 (both K-major, as the
-tensor cores take them), a_scale one float32 per row of a, b_scale one per row of b. At a decode
-batch (M = 256) and N = 4096 (o_proj, down_proj of an 8B model) cuBLASLt's 128 x 128 tiles make 64
-programs for the H200's 132 SMs; 64-row tiles fill them. Where that pays: decode_config."""
+tensor cores take them), a_scale one float32 per row of a, b_scale one per row of b.
+- Decode batches (decode_config): at M = 256 and N = 4096 (o_proj, down_proj of an 8B model)
+  cuBLASLt's 128 x 128 tiles make 64 programs for the H200's 132 SMs; 64-row tiles fill them.
+- Prefill chunks on Hopper (takes_persistent): one program per SM walks 128 x 256 tiles in groups
+  that share their rows of a in L2, its loads and stores through the TMA. cuBLASLt's row-wise
+  scaled kernels take 128 x 128 tiles there: the 8B layer's four GEMMs took 8 % longer than these
+  at M = 1,024 and 16,384, 3 % at 4,096 on an H100 (scripts/bench_fp8_gemm.py --prefill).
+On Hopper both sum in the tensor cores' own accumulator over the whole of K, as vLLM's CUTLASS FP8
+kernels do (fast accumulation). It keeps fewer bits than float32: at a K of 4,096 (14,336) the
+largest error was 0.6 % (1.1 %) of the largest output, cuBLASLt's 0.3 %. Adding each K tile's
+product to a float32 sum instead (`max_num_imprecise_acc`) made the persistent kernel twice as slow."""
 
 from __future__ import annotations
 
@@ -13,7 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.device_info import num_sms
+from pagoda.kernels.device_info import is_hopper, num_sms
+
+try:  # Triton 3.4 and later: TMA descriptors made on the host
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: cuBLASLt runs the prefill shapes
+    TensorDescriptor = None
 
 
 class Fp8GemmConfig(NamedTuple):
@@ -22,6 +35,14 @@ class Fp8GemmConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@triton.jit
+def _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N):
+    """The tile's float32 sums times its rows' scales of a and its columns' of b."""
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    return acc * a_scale[:, None] * b_scale[None, :]
 
 
 # M follows the batch: specialised (a multiple of 16 or not) it would compile again mid-serving.
@@ -54,16 +75,44 @@ def _fp8_gemm_kernel(
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
-    out = acc * a_scale[:, None] * b_scale[None, :]
+    out = _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "programs"])
+def _fp8_gemm_persistent_kernel(
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, M, N, K, programs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Tiles go GROUP_M rows of tiles at a time, column by column: the programs running at once read
+    # the same few row blocks of a and column blocks of b, which stay in L2.
+    in_group = GROUP_M * tiles_n
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
+        first_m = tile // in_group * GROUP_M
+        rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + tile % in_group % rows
+        pid_n = tile % in_group // rows
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # the TMA fills a partial tile's outside with zeros
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, b.T, acc)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, M, N)
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(out_desc.dtype))  # clipped at the edges
 
 
 DEFAULT_CONFIG = Fp8GemmConfig(64, 128, 256, 4, 4)
 # For a long K at decode batches: the tile width that makes one program per SM wins.
 _LONG_K_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
+# 192 KiB of shared memory: 3 stages of a and b tiles, and the output tile the TMA stores.
+PERSISTENT_CONFIG = Fp8GemmConfig(128, 256, 128, 8, 3)
+PERSISTENT_MIN_M = 1024  # from M = 512 down, cuBLASLt was as fast
+_GROUP_M = 8
 
 
 def decode_config(m: int, n: int, k: int, device: torch.device) -> Fp8GemmConfig | None:
@@ -96,6 +145,38 @@ def fp8_gemm(
     _fp8_gemm_kernel[grid](
         a, b, a_scale, b_scale, out, m, n, k, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def takes_persistent(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether fp8_gemm_persistent runs a @ b^T: M from PERSISTENT_MIN_M on Hopper, with the
+    16-byte aligned rows and bases that the TMA reads and writes."""
+    aligned = all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+    return (
+        TensorDescriptor is not None and a.shape[0] >= PERSISTENT_MIN_M and is_hopper(a.device) and aligned
+        and b.shape[0] * out_dtype.itemsize % 16 == 0
+    )
+
+
+def fp8_gemm_persistent(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+    config: Fp8GemmConfig = PERSISTENT_CONFIG, programs: int | None = None,
+) -> torch.Tensor:
+    """fp8_gemm's product through the persistent kernel: at most `programs` programs (one per SM by
+    default), each walking its share of the output tiles. a and b as takes_persistent needs them."""
+    (m, k), n = a.shape, b.shape[0]
+    assert b.shape[1] == k and a.stride(1) == 1 and b.stride(1) == 1, (a.shape, b.shape)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    programs = min(tiles, programs or num_sms(a.device))
+    _fp8_gemm_persistent_kernel[(programs,)](
+        TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
+        TensorDescriptor.from_tensor(b, [config.block_n, config.block_k]),
+        TensorDescriptor.from_tensor(out, [config.block_m, config.block_n]),
+        a_scale, b_scale, m, n, k, programs,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=_GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -153,10 +153,10 @@ def fp8_gemm(
 def takes_persistent(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether fp8_gemm_persistent runs a @ b^T: M from PERSISTENT_MIN_M on Hopper, with the
     16-byte aligned rows and bases that the TMA reads and writes."""
-    aligned = all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
     return (
-        TensorDescriptor is not None and a.shape[0] >= PERSISTENT_MIN_M and is_hopper(a.device) and aligned
+        TensorDescriptor is not None and a.shape[0] >= PERSISTENT_MIN_M and is_hopper(a.device)
         and b.shape[0] * out_dtype.itemsize % 16 == 0
+        and all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
     )
 
 

@@ -89,7 +89,9 @@ def test_decode_config_takes_long_k_shapes_in_one_wave():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with FP8 (torch._scaled_mm)")
-@pytest.mark.parametrize("m,persistent", [(1, False), (64, False), (256, False), (PERSISTENT_MIN_M, True), (3000, True)])
+@pytest.mark.parametrize(
+    "m,persistent", [(1, False), (64, False), (256, False), (PERSISTENT_MIN_M, True), (3000, True)]
+)
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_model_shapes_match_scaled_mm(m, persistent, n, k):
     """The 8B model's GEMMs against cuBLASLt: decode batches through the decode kernel at its default

@@ -113,7 +113,8 @@ def test_model_shapes_match_scaled_mm(m, persistent, n, k):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_persistent_takes_aligned_prefill_rows_on_hopper():
-    """From PERSISTENT_MIN_M rows, on Hopper alone, and only rows the TMA can address (16-byte aligned)."""
+    """From PERSISTENT_MIN_M rows, on Hopper alone, 16-bit outputs, and only rows the TMA can address
+    (16-byte aligned)."""
     hopper = torch.cuda.get_device_capability()[0] == 9
     b = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="cuda")
     a = torch.empty(PERSISTENT_MIN_M, 4096 + 16, dtype=torch.float8_e4m3fn, device="cuda")
@@ -122,3 +123,4 @@ def test_persistent_takes_aligned_prefill_rows_on_hopper():
     assert not takes_persistent(a[:, 8:4104], b, torch.bfloat16)  # its base 8 bytes past an aligned one
     rows_of_4104 = torch.empty(PERSISTENT_MIN_M, 4104, dtype=torch.float8_e4m3fn, device="cuda")[:, :4096]
     assert not takes_persistent(rows_of_4104, b, torch.bfloat16)
+    assert not takes_persistent(a[:, :4096], b, torch.float32)  # its output tile would not fit in shared memory

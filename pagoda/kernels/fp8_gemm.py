@@ -109,7 +109,7 @@ def _fp8_gemm_persistent_kernel(
 DEFAULT_CONFIG = Fp8GemmConfig(64, 128, 256, 4, 4)
 # For a long K at decode batches: the tile width that makes one program per SM wins.
 _LONG_K_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
-# 192 KiB of shared memory: 3 stages of a and b tiles, and the output tile the TMA stores.
+# 208 KiB of shared memory: 3 stages of a and b tiles, and the 16-bit output tile the TMA stores.
 PERSISTENT_CONFIG = Fp8GemmConfig(128, 256, 128, 8, 3)
 PERSISTENT_MIN_M = 1024  # from M = 512 down, cuBLASLt was as fast
 _GROUP_M = 8
@@ -151,11 +151,12 @@ def fp8_gemm(
 
 
 def takes_persistent(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether fp8_gemm_persistent runs a @ b^T: M from PERSISTENT_MIN_M on Hopper, with the
-    16-byte aligned rows and bases that the TMA reads and writes."""
+    """Whether fp8_gemm_persistent runs a @ b^T: M from PERSISTENT_MIN_M on Hopper, a 16-bit output
+    (a float32 tile would not fit beside the stages in shared memory), and the 16-byte aligned rows
+    and bases that the TMA reads and writes."""
     return (
         TensorDescriptor is not None and a.shape[0] >= PERSISTENT_MIN_M and is_hopper(a.device)
-        and b.shape[0] * out_dtype.itemsize % 16 == 0
+        and out_dtype in (torch.bfloat16, torch.float16) and b.shape[0] % 8 == 0
         and all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
     )
 

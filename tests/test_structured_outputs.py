@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 
 import jsonschema
@@ -329,3 +330,24 @@ def test_a_structured_outputs_backend_other_than_xgrammar_is_refused_by_name(con
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(**config)
+
+
+def test_without_xgrammar_the_engine_serves_unconstrained_requests(model_dir, monkeypatch):
+    """xgrammar missing (a dependency, but an install may lack it): the engine starts without
+    structured outputs, generates unconstrained, and refuses a constraint by its field, naming
+    xgrammar; grammar_vocab says why it gives no vocabulary."""
+    from pagoda.structured_output import grammar
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
+    warnings = []
+    monkeypatch.setattr(grammar.logger, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+    llm = LLM(model=str(model_dir), device="cpu", max_model_len=512, seed=0)
+    try:
+        assert warnings == [f"no structured outputs: {grammar.NOT_INSTALLED}"]
+        assert llm.generate(PROMPT, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].text is not None
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]{3}-without"))
+        with pytest.raises(ValueError, match="^regex=.*xgrammar, which is not installed"):
+            llm.generate(PROMPT, params, use_tqdm=False)
+        assert llm.generate(PROMPT, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].text is not None
+    finally:
+        llm.shutdown()

@@ -34,13 +34,19 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
+NOT_INSTALLED = "structured outputs need xgrammar, which is not installed here (pip install xgrammar)"
+
+
 def grammar_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> str | None:
     """The tokenizer's vocabulary as xgrammar needs it, serialized: vocab_size is the model's
     (its logits' width, which may exceed the tokenizer's); EOS ends a grammar that is complete.
-    None for a tokenizer xgrammar cannot read (a slow one in Python, such as ByT5's): the model
-    still runs, without structured outputs."""
-    import xgrammar
-
+    None for a tokenizer xgrammar cannot read (a slow one in Python, such as ByT5's), or without
+    xgrammar: the model still runs, without structured outputs."""
+    try:
+        import xgrammar
+    except ImportError:  # a dependency, but an install without it still serves unconstrained requests
+        logger.warning("no structured outputs: %s", NOT_INSTALLED)
+        return None
     try:
         info = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids)
@@ -65,6 +71,8 @@ def _check(key: tuple) -> None:
         if params.json is not None:
             _check_schema_keywords(params.json)
         _grammar(params)
+    except ImportError:
+        raise ValueError(f"{name}={getattr(params, name)!r} cannot be enforced: {NOT_INSTALLED}") from None
     except RuntimeError as error:  # xgrammar's, and RecursionError for a schema nested too deeply
         raise ValueError(f"{name}={getattr(params, name)!r} is invalid: {_reason(error)}") from None
 

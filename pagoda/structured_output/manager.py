@@ -40,7 +40,7 @@ def cache_limit_bytes() -> int:
 class StructuredOutputManager:
     def __init__(self, grammar_vocab: str | None) -> None:
         """grammar_vocab: the tokenizer's vocabulary as grammar.grammar_vocab serialized it (None:
-        no tokenizer, or one xgrammar cannot read, so no structured outputs)."""
+        no tokenizer, one xgrammar cannot read, or no xgrammar: so no structured outputs)."""
         self._vocab = grammar_vocab
         self._compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
@@ -57,7 +57,8 @@ class StructuredOutputManager:
             return
         if self._vocab is None:
             raise ValueError("structured_outputs need the tokenizer's vocabulary: the engine was started "
-                             "without a tokenizer (skip_tokenizer_init), or with one xgrammar cannot read")
+                             "without a tokenizer (skip_tokenizer_init), with one xgrammar cannot read, or "
+                             "without xgrammar installed")
         request.waiting_for_grammar = True
         self._compiling[request.request_id] = (request, self._grammar(params))
 

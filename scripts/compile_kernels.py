@@ -91,6 +91,13 @@ KERNELS = {
                               "out_desc": "tensordesc<bf16[128, 256]>", "a_scale_ptr": "*fp32",
                               "b_scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "programs": "i32"},
                              dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8)),
+    # As decode batches launch it on Hopper (fp8_gemm.DEFAULT_CONFIG's tiles: _OPTIONS).
+    "fp8 GEMM, persistent, decode tiles": (
+        fp8_gemm._fp8_gemm_persistent_kernel,
+        {"a_desc": "tensordesc<fp8e4nv[64, 256]>", "b_desc": "tensordesc<fp8e4nv[128, 256]>",
+         "out_desc": "tensordesc<bf16[64, 128]>", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "M": "i32",
+         "N": "i32", "K": "i32", "programs": "i32"},
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=8)),
     "exponential noise": (sampling._exponential_kernel,
                           {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
                           dict(BLOCK=4096)),
@@ -142,7 +149,9 @@ KERNELS = {
 
 # Launch options of the kernels that take others than compile_for_hopper's defaults.
 _OPTIONS = {"fp8 GEMM, persistent": dict(num_warps=fp8_gemm.PERSISTENT_CONFIG.num_warps,
-                                         num_stages=fp8_gemm.PERSISTENT_CONFIG.num_stages)}
+                                         num_stages=fp8_gemm.PERSISTENT_CONFIG.num_stages),
+            "fp8 GEMM, persistent, decode tiles": dict(num_warps=fp8_gemm.DEFAULT_CONFIG.num_warps,
+                                                       num_stages=fp8_gemm.DEFAULT_CONFIG.num_stages)}
 
 
 def compile_for_hopper(

@@ -11,13 +11,16 @@ from tests.kernel_device import DEVICE, ON_GPU, require_kernels
 
 require_kernels()
 
+from pagoda.kernels import fp8_gemm as fp8_gemm_module  # noqa: E402
 from pagoda.kernels.fp8_gemm import (  # noqa: E402
+    DEFAULT_CONFIG,
+    PERSISTENT_CONFIG,
     PERSISTENT_MIN_M,
     Fp8GemmConfig,
     decode_config,
     fp8_gemm,
     fp8_gemm_persistent,
-    takes_persistent,
+    persistent_config,
 )
 from pagoda.quantization.fp8 import quantize_fp8_rows  # noqa: E402
 
@@ -87,40 +90,72 @@ def test_decode_config_takes_long_k_shapes_in_one_wave():
     assert decode_config(256, 6144, 4096, device) is None  # qkv: K = 2/3 N
 
 
+def test_persistent_config_on_hopper(monkeypatch):
+    """Which GEMMs the persistent kernel takes on a Hopper GPU of 132 SMs (the H100's and H200's):
+    prefill chunks; decode batches of 64 to 256 rows whose 64 x 128 tiles make at most one wave or
+    at least four; 16-bit outputs whose operands the TMA can address."""
+    monkeypatch.setattr(fp8_gemm_module, "is_hopper", lambda device: True)
+    monkeypatch.setattr(fp8_gemm_module, "num_sms", lambda device: 132)
+    k = 64  # K does not decide
+
+    def config(m: int, n: int, out_dtype: torch.dtype = torch.bfloat16, a: torch.Tensor | None = None):
+        a = torch.empty(m, k, dtype=torch.float8_e4m3fn) if a is None else a
+        return persistent_config(a, torch.empty(n, k, dtype=torch.float8_e4m3fn), out_dtype)
+
+    assert config(PERSISTENT_MIN_M, 4096) == config(3000, 6144, torch.float16) == PERSISTENT_CONFIG
+    assert config(512, 4096) is None and config(32, 4096) is None and config(257, 4096) is None
+    for m in (64, 128, 192, 256):  # o_proj and down_proj (N = 4,096): 32 to 128 programs, one wave
+        assert config(m, 4096) == DEFAULT_CONFIG
+    assert config(192, 28672) == config(256, 28672) == DEFAULT_CONFIG  # gate_up: 672 and 896 tiles
+    assert config(64, 28672) is None and config(128, 28672) is None  # 224 and 448: 1.7 and 3.4 waves
+    assert config(128, 6144) == DEFAULT_CONFIG and config(256, 6144) is None  # qkv: 96 and 192 tiles
+    assert config(PERSISTENT_MIN_M, 4096, torch.float32) is None  # its output tile would not fit in shared memory
+    assert config(256, 4100) is None  # rows of the output not 16-byte aligned
+    wide = torch.empty(PERSISTENT_MIN_M, k + 16, dtype=torch.float8_e4m3fn)
+    assert config(PERSISTENT_MIN_M, 4096, a=wide[:, :k]) == PERSISTENT_CONFIG
+    assert config(PERSISTENT_MIN_M, 4096, a=wide[:, 8:k + 8]) is None  # its base 8 bytes past an aligned one
+    rows_of_72 = torch.empty(PERSISTENT_MIN_M, k + 8, dtype=torch.float8_e4m3fn)[:, :k]
+    assert config(PERSISTENT_MIN_M, 4096, a=rows_of_72) is None
+    monkeypatch.setattr(fp8_gemm_module, "is_hopper", lambda device: False)
+    assert config(PERSISTENT_MIN_M, 4096) is None and config(256, 4096) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with FP8 (torch._scaled_mm)")
 @pytest.mark.parametrize(
-    "m,persistent", [(1, False), (64, False), (256, False), (PERSISTENT_MIN_M, True), (3000, True)]
+    "m,kernel",
+    [(1, "decode"), (64, "decode"), (256, "decode"), (64, "persistent"), (256, "persistent"),
+     (PERSISTENT_MIN_M, "persistent"), (3000, "persistent")],
 )
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_model_shapes_match_scaled_mm(m, persistent, n, k):
+def test_model_shapes_match_scaled_mm(m, kernel, n, k):
     """The 8B model's GEMMs against cuBLASLt: decode batches through the decode kernel at its default
-    launch, prefill chunks through the persistent one (Hopper alone)."""
+    launch, and on Hopper through the persistent one with its decode tiles; prefill chunks through
+    the persistent one with its own."""
     from pagoda.quantization.fp8 import fp8_gemm_supported
 
     if not fp8_gemm_supported(torch.device("cuda")):
         pytest.skip("no FP8 tensor cores")
-    if persistent and torch.cuda.get_device_capability()[0] != 9:
+    if kernel == "persistent" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the persistent kernel runs on Hopper")
     torch.manual_seed(m + n + k)
     a, a_scale = quantize_fp8_rows(torch.randn(m, k, device="cuda"))
     b, b_scale = quantize_fp8_rows(torch.randn(n, k, device="cuda"))
-    ours = (fp8_gemm_persistent if persistent else fp8_gemm)(a, a_scale, b, b_scale.reshape(-1), torch.bfloat16)
+    if kernel == "decode":
+        ours = fp8_gemm(a, a_scale, b, b_scale.reshape(-1), torch.bfloat16)
+    else:
+        config = PERSISTENT_CONFIG if m >= PERSISTENT_MIN_M else DEFAULT_CONFIG
+        ours = fp8_gemm_persistent(a, a_scale, b, b_scale.reshape(-1), torch.bfloat16, config)
     theirs = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=8e-3, atol=8e-3 * theirs.abs().max().item())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-def test_persistent_takes_aligned_prefill_rows_on_hopper():
-    """From PERSISTENT_MIN_M rows, on Hopper alone, 16-bit outputs, and only rows the TMA can address
-    (16-byte aligned)."""
+def test_persistent_config_follows_the_device():
+    """The persistent kernel on a Hopper GPU alone (is_hopper and num_sms read from the device)."""
     hopper = torch.cuda.get_device_capability()[0] == 9
     b = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="cuda")
-    a = torch.empty(PERSISTENT_MIN_M, 4096 + 16, dtype=torch.float8_e4m3fn, device="cuda")
-    assert takes_persistent(a[:, :4096], b, torch.bfloat16) == hopper
-    assert not takes_persistent(a[:PERSISTENT_MIN_M // 2, :4096], b, torch.bfloat16)
-    assert not takes_persistent(a[:, 8:4104], b, torch.bfloat16)  # its base 8 bytes past an aligned one
-    rows_of_4104 = torch.empty(PERSISTENT_MIN_M, 4104, dtype=torch.float8_e4m3fn, device="cuda")[:, :4096]
-    assert not takes_persistent(rows_of_4104, b, torch.bfloat16)
-    assert not takes_persistent(a[:, :4096], b, torch.float32)  # its output tile would not fit in shared memory
+    a = torch.empty(PERSISTENT_MIN_M, 4096, dtype=torch.float8_e4m3fn, device="cuda")
+    assert (persistent_config(a, b, torch.bfloat16) == PERSISTENT_CONFIG) == hopper
+    assert (persistent_config(a[:256], b, torch.bfloat16) == DEFAULT_CONFIG) == hopper

@@ -4,10 +4,12 @@ out = (a * a_scale) @ (b * b_scale)^T with a [M, K] and b [N, K] in fp8 (both K-
 tensor cores take them), a_scale one float32 per row of a, b_scale one per row of b.
 - Decode batches (decode_config): at M = 256 and N = 4096 (o_proj, down_proj of an 8B model)
   cuBLASLt's 128 x 128 tiles make 64 programs for the H200's 132 SMs; 64-row tiles fill them.
-- Prefill chunks on Hopper (takes_persistent): one program per SM walks 128 x 256 tiles in groups
+- Prefill chunks on Hopper (persistent_config): one program per SM walks 128 x 256 tiles in groups
   that share their rows of a in L2, its loads and stores through the TMA. cuBLASLt's row-wise
   scaled kernels take 128 x 128 tiles there: the 8B layer's four GEMMs took 8 % longer than these
   at M = 1,024 and 16,384, 3 % at 4,096 on an H100 (scripts/bench_fp8_gemm.py --prefill).
+- Decode batches of 64 to 256 rows on Hopper: the same kernel with the decode kernel's 64 x 128
+  tiles, where they make one wave of programs or four and more (persistent_config).
 On Hopper both sum in the tensor cores' own accumulator over the whole of K, as vLLM's CUTLASS FP8
 kernels do (fast accumulation). It keeps fewer bits than float32: at a K of 4,096 (14,336) the
 largest error was 0.6 % (1.1 %) of the largest output, cuBLASLt's 0.3 %. Adding each K tile's
@@ -111,7 +113,9 @@ DEFAULT_CONFIG = Fp8GemmConfig(64, 128, 256, 4, 4)
 _LONG_K_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
 # 208 KiB of shared memory: 3 stages of a and b tiles, and the 16-bit output tile the TMA stores.
 PERSISTENT_CONFIG = Fp8GemmConfig(128, 256, 128, 8, 3)
-PERSISTENT_MIN_M = 1024  # from M = 512 down, cuBLASLt was as fast
+PERSISTENT_MIN_M = 1024  # from M = 512 down, cuBLASLt was as fast with these tiles
+# Decode batches measured (64 to 256 rows) where DEFAULT_CONFIG's tiles take the persistent kernel.
+PERSISTENT_DECODE_ROWS = range(64, 257)
 _GROUP_M = 8
 
 
@@ -150,15 +154,30 @@ def fp8_gemm(
     return out
 
 
-def takes_persistent(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether fp8_gemm_persistent runs a @ b^T: M from PERSISTENT_MIN_M on Hopper, a 16-bit output
-    (a float32 tile would not fit beside the stages in shared memory), and the 16-byte aligned rows
-    and bases that the TMA reads and writes."""
-    return (
-        TensorDescriptor is not None and a.shape[0] >= PERSISTENT_MIN_M and is_hopper(a.device)
-        and out_dtype in (torch.bfloat16, torch.float16) and b.shape[0] % 8 == 0
+def persistent_config(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> Fp8GemmConfig | None:
+    """The configuration fp8_gemm_persistent runs a @ b^T with, or None where another kernel runs it.
+
+    On Hopper, for 16-bit outputs (a float32 tile would not fit beside the stages in shared memory)
+    and the 16-byte aligned rows and bases that the TMA reads and writes: prefill chunks (from
+    PERSISTENT_MIN_M rows) in PERSISTENT_CONFIG's tiles; decode batches (PERSISTENT_DECODE_ROWS) in
+    DEFAULT_CONFIG's where they make at most one wave of programs or at least four. Measured on an
+    H100 with the weights out of L2 (`scripts/bench_fp8_gemm.py`, 8B shapes): at 256 rows o_proj
+    took 11.3 us against cuBLASLt's 13.7, down_proj 31.8 against 39.6 (the decode kernel's 34.6),
+    gate_up 65.8 against 67.4; at 192 rows gate_up 57.8 against 75.4. In between one and four
+    waves (qkv_proj at 192 and 256 rows, gate_up at 64 and 128) it was 4 % faster to 10 % slower."""
+    m, n = a.shape[0], b.shape[0]
+    if TensorDescriptor is None or not (m >= PERSISTENT_MIN_M or m in PERSISTENT_DECODE_ROWS):
+        return None  # the cheap checks first: every decode step's GEMMs ask
+    if not (
+        is_hopper(a.device) and out_dtype in (torch.bfloat16, torch.float16) and n % 8 == 0
         and all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
-    )
+    ):
+        return None
+    if m >= PERSISTENT_MIN_M:
+        return PERSISTENT_CONFIG
+    sms = num_sms(a.device)
+    tiles = triton.cdiv(m, DEFAULT_CONFIG.block_m) * triton.cdiv(n, DEFAULT_CONFIG.block_n)
+    return DEFAULT_CONFIG if tiles <= sms or tiles >= 4 * sms else None
 
 
 def fp8_gemm_persistent(
@@ -166,7 +185,7 @@ def fp8_gemm_persistent(
     config: Fp8GemmConfig = PERSISTENT_CONFIG, programs: int | None = None,
 ) -> torch.Tensor:
     """fp8_gemm's product through the persistent kernel: at most `programs` programs (one per SM by
-    default), each walking its share of the output tiles. a and b as takes_persistent needs them."""
+    default), each walking its share of the output tiles. a and b as persistent_config needs them."""
     (m, k), n = a.shape, b.shape[0]
     assert b.shape[1] == k and a.stride(1) == 1 and b.stride(1) == 1, (a.shape, b.shape)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)

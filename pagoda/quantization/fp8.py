@@ -126,16 +126,18 @@ def scaled_mm(
 ) -> torch.Tensor:
     """(qx * x_scale) @ (weight * weight_scale)^T in `dtype`: qx [M, K] fp8 with x_scale [M, 1],
     weight [N, K] fp8 with weight_scale [N]. Through cuBLASLt's FP8 GEMM (row-wise scaling gives
-    bf16 only, so other dtypes are cast from it), or Triton's for the decode shapes that cuBLASLt
-    spreads over too few SMs and for prefill chunks on Hopper (pagoda/kernels/fp8_gemm.py)."""
+    bf16 only, so other dtypes are cast from it), or Triton's where they were measured faster: on
+    Hopper, prefill chunks and most decode batches; elsewhere the decode shapes that cuBLASLt spreads
+    over too few SMs (pagoda/kernels/fp8_gemm.py)."""
     # a CUDA GPU: Triton is there
-    from pagoda.kernels.fp8_gemm import decode_config, fp8_gemm, fp8_gemm_persistent, takes_persistent
+    from pagoda.kernels.fp8_gemm import decode_config, fp8_gemm, fp8_gemm_persistent, persistent_config
 
+    config = persistent_config(qx, weight, dtype)
+    if config is not None:
+        return fp8_gemm_persistent(qx, x_scale, weight, weight_scale, dtype, config)
     config = decode_config(qx.shape[0], weight.shape[0], weight.shape[1], qx.device)
     if config is not None:
         return fp8_gemm(qx, x_scale, weight, weight_scale, dtype, config)
-    if takes_persistent(qx, weight, dtype):
-        return fp8_gemm_persistent(qx, x_scale, weight, weight_scale, dtype)
     out = torch._scaled_mm(
         qx, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
     )

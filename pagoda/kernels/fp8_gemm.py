@@ -2,8 +2,9 @@
 
 out = (a * a_scale) @ (b * b_scale)^T with a [M, K] and b [N, K] in fp8 (both K-major, as the
 tensor cores take them), a_scale one float32 per row of a, b_scale one per row of b.
-- Decode batches (decode_config): at M = 256 and N = 4096 (o_proj, down_proj of an 8B model)
-  cuBLASLt's 128 x 128 tiles make 64 programs for the H200's 132 SMs; 64-row tiles fill them.
+- Decode batches off Hopper, or of other sizes (decode_config): at M = 256 and N = 4096 (o_proj,
+  down_proj of an 8B model) cuBLASLt's 128 x 128 tiles make 64 programs for 132 SMs; 64-row tiles
+  fill them.
 - Prefill chunks on Hopper (persistent_config): one program per SM walks 128 x 256 tiles in groups
   that share their rows of a in L2, its loads and stores through the TMA. cuBLASLt's row-wise
   scaled kernels take 128 x 128 tiles there: the 8B layer's four GEMMs took 8 % longer than these

@@ -47,7 +47,7 @@ def main() -> None:
     config = json.loads((source / "config.json").read_text())
     if not args.config_only:
         weights = _random_weights(config) if args.random else iter_checkpoint_weights(source)
-        _write_shards(out, _quantized(weights, args.group_size))
+        write_shards(out, _quantized(weights, args.group_size))
     config["quantization_config"] = {
         "quant_method": "awq", "bits": 4, "group_size": args.group_size, "zero_point": True, "version": "gemm",
     }
@@ -79,7 +79,7 @@ def _random_weights(config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     return iter_dummy_weights(spec, 0, torch.bfloat16, torch.device("cpu"))
 
 
-def _write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+def write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     shard: dict[str, torch.Tensor] = {}
     size, index = 0, {}
     files = []

@@ -11,6 +11,8 @@
 #   bash scripts/gpu_check_wave2.sh vlm     # the Qwen2-VL-7B-shaped serving run beside transformers
 #   bash scripts/gpu_check_wave2.sh moe     # the fused-MoE kernel per layer by batch size, W1 on the
 #                                           # Qwen3-30B-A3B shape beside transformers (128 prompts)
+#   bash scripts/gpu_check_wave2.sh logits  # each quantization method's logit error against bf16
+#                                           # (the Qwen3-0.6B shape, weights at a trained scale)
 # Packages the device image lacks travel as wheels in .whl/ (see docs/gpu.md); the shapes come
 # from $PAGODA_SHARED_MODELS (default shared/models).
 set -uo pipefail
@@ -58,6 +60,11 @@ if [ "${1:-tests}" = moe ]; then
         timeout 210 python3 -m pagoda.entrypoints.cli --log-level warning bench throughput --disable-tqdm $MOE \
             --backend $backend --hf-max-batch-size 128 --num-prompts $prompts 2>&1 | tail -1
     done
+    exit 0
+fi
+if [ "${1:-tests}" = logits ]; then
+    timeout 300 python3 scripts/quant_logit_error.py --model "$MODELS/qwen3-0.6b" --random --group-size 128 2>&1 \
+        | grep -v "INFO\|WARNING"
     exit 0
 fi
 if [ "${1:-tests}" = vlm ]; then

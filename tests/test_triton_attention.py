@@ -99,17 +99,43 @@ def test_split_decodes_match_torch_reference(monkeypatch, dtype, num_splits, num
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sliding_window, soft_cap", [(8, None), (40, None), (1000, None), (None, 30.0), (40, 30.0)])
+@pytest.mark.parametrize("rising", [True, False])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_scores_rising_or_falling_along_the_keys_match_torch_reference(monkeypatch, dtype, rising, num_splits):
+    """The online softmax across many key tiles, most of them unmasked: cached keys scaled 1x to
+    4x along the sequence raise each row's max tile after tile (the running sums rescaled each
+    time), keys scaled 4x to 1x set it in the first tile for good."""
+    from pagoda.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "decode_splits", lambda *args: num_splits)
+    query_lens, prefix_lens = [1, 1, 6], [300, 140, 200]
+    q, k, v, cache, metadata = _batch(query_lens, prefix_lens, 8, 2, 32, 16, dtype, seed=5)
+    for table, prefix in zip(metadata.block_tables.tolist(), prefix_lens):
+        ramp = torch.linspace(1.0, 4.0, prefix) if rising else torch.linspace(4.0, 1.0, prefix)
+        for position, factor in enumerate(ramp.tolist()):
+            cache[0, table[position // 16], position % 16] *= factor
+    ref, _ = _run(TorchAttentionBackend(), q, k, v, cache, metadata)
+    out, _ = _run(TritonAttentionBackend(), q, k, v, cache, metadata)
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert not out.isnan().any()
+    assert (out - ref).norm() / ref.norm() < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliding_window, soft_cap", [(8, None), (40, None), (56, None), (1000, None), (None, 30.0), (40, 30.0)])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_windows_and_soft_caps_match_torch_reference(monkeypatch, dtype, sliding_window, soft_cap, num_splits):
     """Sliding windows shorter than a key tile, spanning a few tiles, and longer than every
     context, and soft-capped scores, over decodes (split across programs or not) and chunks over
-    a cached prefix (the kernel starts each program at the oldest key its window reaches)."""
+    a cached prefix (the kernel starts each program at the oldest key its window reaches). A
+    56-token window over the last batch puts a key tile's first key one short of the window of
+    its query tile's last row: that tile must be masked."""
     from pagoda.attention import triton_backend
 
     monkeypatch.setattr(triton_backend, "decode_splits", lambda *args: num_splits)
     layer = dict(sliding_window=sliding_window, logits_soft_cap=soft_cap)
-    for query_lens, prefix_lens in (([1, 1, 1, 1], [5, 64, 150, 300]), ([1, 7, 20, 1], [150, 33, 9, 70])):
+    batches = (([1, 1, 1, 1], [5, 64, 150, 300]), ([1, 7, 20, 1], [150, 33, 9, 70]), ([16, 32], [73, 57]))
+    for query_lens, prefix_lens in batches:
         q, k, v, cache, metadata = _batch(query_lens, prefix_lens, 8, 2, 32, 16, dtype, seed=num_splits)
         outs = []
         for backend in (TorchAttentionBackend(), TritonAttentionBackend()):

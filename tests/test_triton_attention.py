@@ -122,7 +122,9 @@ def test_scores_rising_or_falling_along_the_keys_match_torch_reference(monkeypat
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sliding_window, soft_cap", [(8, None), (40, None), (56, None), (1000, None), (None, 30.0), (40, 30.0)])
+@pytest.mark.parametrize(
+    "sliding_window, soft_cap", [(8, None), (40, None), (56, None), (1000, None), (None, 30.0), (40, 30.0)]
+)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_windows_and_soft_caps_match_torch_reference(monkeypatch, dtype, sliding_window, soft_cap, num_splits):
     """Sliding windows shorter than a key tile, spanning a few tiles, and longer than every

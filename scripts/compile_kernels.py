@@ -34,8 +34,8 @@ _ATTENTION = {
     "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale": "fp32", "window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
     "stride_ch": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32",
 }
-_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False, KV_FP8=False,
-                        UPCAST_IN_PTX=False)
+_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, SPLIT_D=False, HAS_SOFT_CAP=False,
+                        KV_FP8=False, UPCAST_IN_PTX=False)
 # The same with an fp8 cache (--kv-cache-dtype fp8).
 _FP8_ATTENTION = dict(_ATTENTION, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
 _KV_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
@@ -51,14 +51,15 @@ KERNELS = {
     "paged attention, split decode": (triton_backend._paged_attention_kernel, _ATTENTION,
                                       dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
     "paged attention, prefill": (triton_backend._paged_attention_kernel, _ATTENTION,
-                                 dict(_ATTENTION_SHAPE, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+                                 dict(_ATTENTION_SHAPE, SPLIT_D=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
     # As W1's decode step launches it (one warp, 3 stages: triton_backend._launch_options).
     "paged attention, fp8 KV decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                       dict(_ATTENTION_SHAPE, KV_FP8=True, BLOCK_Q=4, TILE_N=32, M=16, NUM_SPLITS=1)),
+                                       dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, BLOCK_Q=4, TILE_N=32,
+                                            M=16, NUM_SPLITS=1)),
     "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                        dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, BLOCK_Q=16, TILE_N=32,
-                                             M=64, NUM_SPLITS=1)),
-    # Split decodes launch two warps, which upcast V in PTX.
+                                        dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, SPLIT_D=True,
+                                             BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
+    # Split decodes launch two warps.
     "paged attention, fp8 KV split decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
                                              dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, BLOCK_Q=4,
                                                   TILE_N=64, M=16, NUM_SPLITS=8)),

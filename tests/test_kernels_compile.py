@@ -61,10 +61,12 @@ def test_fp8_decode_attention_reads_the_cache_in_vectors():
     assert counts["fp8 -> fp16 pair conversions"] > 0, counts
 
 
-def test_fp8_split_decode_attention_reads_values_from_shared_memory_in_vectors():
-    """Launches of two warps upcast the fp8 V tile before Triton stores it in shared memory, so
-    p @ v reads it with ldmatrix, never a byte at a time (Triton moves a plain cast past the store)."""
-    counts = ptx_counts("paged attention, fp8 KV split decode", "--num-warps", "2", "--num-stages", "3")
+@pytest.mark.parametrize("kernel, warps", [("paged attention, fp8 KV decode", "1"),
+                                           ("paged attention, fp8 KV split decode", "2")])
+def test_fp8_decode_attention_reads_values_from_shared_memory_in_vectors(kernel, warps):
+    """Decodes upcast the fp8 V tile before Triton stores it in shared memory, so p @ v reads it
+    with ldmatrix, never a byte at a time (Triton moves a plain cast past the store)."""
+    counts = ptx_counts(kernel, "--num-warps", warps, "--num-stages", "3")
     assert counts["shared loads, 8-bit"] == 0 and counts["ldmatrix"] > 0, counts
     assert counts["fp8 -> fp16 pair conversions"] > 0 and counts["mma.sync"] > 0, counts
 

@@ -55,7 +55,7 @@ def _paged_attention_kernel(
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, M: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr, UPCAST_IN_PTX: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -75,25 +75,28 @@ def _paged_attention_kernel(
     q_local = tile * BLOCK_Q + rows // GROUP  # query token within the request
     head = kv_head * GROUP + rows % GROUP
     row_valid = (rows < BLOCK_Q * GROUP) & (q_local < q_len)
-    d = tl.arange(0, BLOCK_D)
-    d_valid = d < HEAD_DIM
+    # With SPLIT_D, q, K, V and the output are held in two halves of the head dim, each tile's
+    # scores summed over two dots: prefill tiles run faster so (an H100, W1's prefill step: 170 ->
+    # 141 us on a 16-bit cache, 232 -> 196 on fp8); its decode step slower (224 -> 227 us).
+    D_PART: tl.constexpr = BLOCK_D // 2 if SPLIT_D else BLOCK_D
+    d = tl.arange(0, D_PART)
+    lo_valid = d < HEAD_DIM
+    hi_valid = d + D_PART < HEAD_DIM
     q_ptrs = q_ptr + (q_start + q_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q_lo = _load_queries(q_ptrs, row_valid[:, None] & lo_valid[None, :], KV_FP8)
+    if SPLIT_D:
+        q_hi = _load_queries(q_ptrs + D_PART, row_valid[:, None] & hi_valid[None, :], KV_FP8)
     if KV_FP8:  # q.k_stored * scale * k_scale = q.k * scale
         scale = scale * tl.load(k_scale_ptr)
-        if q.dtype != tl.float32:
-            # 16-bit tiles are multiplied in fp16: Hopper converts fp8 pairs to fp16 in one
-            # instruction, to bf16 only through fp16 per element, which bounded the kernel (1.4
-            # TB/s of fp8 K/V). fp16 holds every fp8 value and more of q's mantissa than bf16; q
-            # is clamped to its range.
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     # Scores in base 2 (exp2 is one instruction, exp two): log2(e) goes into the scale, after the cap.
     score_scale = scale if HAS_SOFT_CAP else scale * _LOG2E
     q_pos = prefix + q_local  # absolute position of each query row
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
-    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    acc_lo = tl.zeros([M, D_PART], dtype=tl.float32)
+    if SPLIT_D:
+        acc_hi = tl.zeros([M, D_PART], dtype=tl.float32)
     # Keys beyond the last query of this tile are masked for every row: stop there.
     last_key = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_Q)
     # Keys older than the first query's window are masked for every row: start there (a whole
@@ -121,13 +124,19 @@ def _paged_attention_kernel(
         in_range = key_pos < last_key
         block_id = tl.load(block_tables_ptr + req * stride_bt + key_pos // BLOCK_SIZE, mask=in_range, other=0)
         kv_off = block_id.to(tl.int64)[:, None] * stride_cb + in_block
-        kv_mask = in_range[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        if KV_FP8:
-            k = k.to(q.dtype)
-            v = _upcast_values(v, q.dtype, UPCAST_IN_PTX)
-        s = tl.dot(q, tl.trans(k)) * score_scale
+        k_lo, v_lo = _load_keys_values(
+            k_cache_ptr + kv_off, v_cache_ptr + kv_off, in_range[:, None] & lo_valid[None, :], q_lo.dtype,
+            KV_FP8, UPCAST_IN_PTX,
+        )
+        if SPLIT_D:
+            k_hi, v_hi = _load_keys_values(
+                k_cache_ptr + kv_off + D_PART, v_cache_ptr + kv_off + D_PART, in_range[:, None] & hi_valid[None, :],
+                q_lo.dtype, KV_FP8, UPCAST_IN_PTX,
+            )
+        s = tl.dot(q_lo, tl.trans(k_lo))
+        if SPLIT_D:
+            s = tl.dot(q_hi, tl.trans(k_hi), s)
+        s = s * score_scale
         if HAS_SOFT_CAP:  # cap * tanh(s / cap), tanh(x) = 2 * sigmoid(2x) - 1
             s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0) * _LOG2E
         if (start < mask_end) | (start + TILE_N > mask_start):
@@ -140,19 +149,50 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo)
+        if SPLIT_D:
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi)
         m_i = m_new
-    if KV_FP8:  # sum(p * v_stored) * v_scale = sum(p * v)
-        acc = acc * tl.load(v_scale_ptr)
+    # An fp8 cache: sum(p * v_stored) * v_scale = sum(p * v).
+    out_scale = tl.load(v_scale_ptr) if KV_FP8 else 1.0
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        out_ptrs = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        out_scale = out_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_rows = out_ptr + (q_start + q_local)[:, None] * stride_ot + head[:, None] * stride_oh
     else:  # a decode's rows are its query heads: [request, split, head] partials, in float32
         part = (req * NUM_SPLITS + split) * (GROUP * tl.num_programs(1)) + head
-        tl.store(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_valid[:, None] & d_valid[None, :])
+        out_rows = partial_ptr + part[:, None] * HEAD_DIM
         tl.store(partial_max_sum_ptr + part * 2, m_i, mask=row_valid)
         tl.store(partial_max_sum_ptr + part * 2 + 1, l_i, mask=row_valid)
+    out_dtype = out_rows.dtype.element_ty
+    tl.store(out_rows + d[None, :], (acc_lo * out_scale).to(out_dtype), mask=row_valid[:, None] & lo_valid[None, :])
+    if SPLIT_D:
+        tl.store(
+            out_rows + D_PART + d[None, :], (acc_hi * out_scale).to(out_dtype),
+            mask=row_valid[:, None] & hi_valid[None, :],
+        )
+
+
+@triton.jit
+def _load_queries(ptrs, mask, KV_FP8: tl.constexpr):
+    """A tile of queries, in fp16 against an fp8 cache's 16-bit tiles: Hopper converts fp8 pairs to
+    fp16 in one instruction, to bf16 only through fp16 per element, which bounded the kernel (1.4
+    TB/s of fp8 K/V). fp16 holds every fp8 value and more of q's mantissa than bf16; q is clamped
+    to its range."""
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    if KV_FP8 and q.dtype != tl.float32:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def _load_keys_values(k_ptrs, v_ptrs, mask, dtype: tl.constexpr, KV_FP8: tl.constexpr, UPCAST_IN_PTX: tl.constexpr):
+    """A tile of keys and values, an fp8 cache's upcast to the queries' dtype."""
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    if KV_FP8:
+        k = k.to(dtype)
+        v = _upcast_values(v, dtype, UPCAST_IN_PTX)
+    return k, v
 
 
 # fp8 pairs to fp16 pairs, four values (one 32-bit register) at a time.
@@ -267,10 +307,9 @@ def paged_attention(
     kv_fp8 = is_fp8(kv_cache.dtype)
     options = _launch_options(max_query_len, kv_fp8, num_splits, block_d)
     tile_n = max(block_size, options.pop("tile_n"))
-    # One warp's program is bound by issuing instructions, which the extra trip through shared
-    # memory costs more than the byte loads it saves (an H100, W1's decode step: 149 against 137
-    # us); launches of 2 warps or more gain (split decodes of 4 x 32,768 keys: 143 against 155).
-    upcast_in_ptx = kv_fp8 and options.get("num_warps") != 1 and has_fp8(q.device)
+    # V upcast in PTX costs a trip through shared memory and saves byte loads (an H100: W1's decode
+    # step, one warp, 132.7 -> 129.7 us; split decodes of 4 x 32,768 keys, two warps, 155 -> 143).
+    upcast_in_ptx = kv_fp8 and has_fp8(q.device)
     assert tile_n % block_size == 0, "key tiles start on block boundaries"
     if num_splits > 1:
         partial = torch.empty(num_reqs, num_splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
@@ -287,7 +326,7 @@ def paged_attention(
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT_D=max_query_len > 1 and block_d >= 32,
         M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
         HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8, UPCAST_IN_PTX=upcast_in_ptx, **options,
     )

@@ -76,8 +76,9 @@ def _paged_attention_kernel(
     head = kv_head * GROUP + rows % GROUP
     row_valid = (rows < BLOCK_Q * GROUP) & (q_local < q_len)
     # With SPLIT_D, q, K, V and the output are held in two halves of the head dim, each tile's
-    # scores summed over two dots: prefill tiles run faster so (an H100, W1's prefill step: 170 ->
-    # 141 us on a 16-bit cache, 232 -> 196 on fp8); its decode step slower (224 -> 227 us).
+    # scores summed over two dots: fewer registers a thread, and prefill tiles run faster so (H100s,
+    # W1's prefill step: an fp8 cache 232-234 -> 192-197 us, 16-bit 168-171 -> 141-164); a 16-bit
+    # decode step slower (224 -> 227 us).
     D_PART: tl.constexpr = BLOCK_D // 2 if SPLIT_D else BLOCK_D
     d = tl.arange(0, D_PART)
     lo_valid = d < HEAD_DIM

@@ -18,7 +18,7 @@ SDPA_MIN_QUERY_LEN). A chunk after the first attends to its cached prefix and to
 calls, merged by their log-sum-exps; an fp8 cache's keys and values are dequantized for them.
 
 An fp8 cache (KV_FP8, a compile-time switch: the 16-bit kernel is unchanged) is upcast tile by
-tile, to fp16 for 16-bit queries (see the kernel) and to float32 for float32 ones; its K scale is
+tile, to fp16 for 16-bit queries (see _load_queries) and to float32 for float32 ones; its K scale is
 folded into the score scale and its V scale applied to the accumulated output, both read from
 device tensors so CUDA graphs see the loaded values.
 Its keys and values are written by the cache-write kernel, which also scales, saturates and casts

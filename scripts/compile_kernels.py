@@ -6,8 +6,9 @@ loads the GPU's code makes 16 bytes wide compile a byte at a time), and the inte
 "i32:16" too, which a model's launches give as multiples of 16 (a layer's N, say).
 
     python3 scripts/compile_kernels.py        # must run without TRITON_INTERPRET=1
-    python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 1 --num-stages 3]
-        # how many of each kind of load, conversion and MMA one kernel's PTX holds
+    python3 scripts/compile_kernels.py --ptx "paged attention, fp8 KV decode" [--num-warps 2 --num-stages 3]
+        # how many of each kind of load, conversion and MMA one kernel's PTX holds (launched as the
+        # engine launches it unless told)
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ _ATTENTION = {
     "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale": "fp32", "window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_cb": "i32", "stride_cs": "i32",
     "stride_ch": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_bt": "i32",
 }
-_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, SPLIT_D=False, HAS_SOFT_CAP=False,
-                        KV_FP8=False, UPCAST_IN_PTX=False)
+_ATTENTION_SHAPE = dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128, HAS_SOFT_CAP=False)
 # The same with an fp8 cache (--kv-cache-dtype fp8).
 _FP8_ATTENTION = dict(_ATTENTION, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
 _KV_WRITE = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
@@ -46,23 +46,6 @@ _RMS_NORM = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "
 _SILU = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scale_ptr": "*fp32", "stride_x": "i32", "stride_o": "i32",
          "n_cols": "i32", "fp8_max": "fp32"}
 KERNELS = {
-    "paged attention, decode": (triton_backend._paged_attention_kernel, _ATTENTION,
-                                dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=1)),
-    "paged attention, split decode": (triton_backend._paged_attention_kernel, _ATTENTION,
-                                      dict(_ATTENTION_SHAPE, BLOCK_Q=4, TILE_N=64, M=16, NUM_SPLITS=8)),
-    "paged attention, prefill": (triton_backend._paged_attention_kernel, _ATTENTION,
-                                 dict(_ATTENTION_SHAPE, SPLIT_D=True, BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
-    # As W1's decode step launches it (one warp, 3 stages: triton_backend._launch_options).
-    "paged attention, fp8 KV decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                       dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, BLOCK_Q=4, TILE_N=32,
-                                            M=16, NUM_SPLITS=1)),
-    "paged attention, fp8 KV prefill": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                        dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, SPLIT_D=True,
-                                             BLOCK_Q=16, TILE_N=32, M=64, NUM_SPLITS=1)),
-    # Split decodes launch two warps.
-    "paged attention, fp8 KV split decode": (triton_backend._paged_attention_kernel, _FP8_ATTENTION,
-                                             dict(_ATTENTION_SHAPE, KV_FP8=True, UPCAST_IN_PTX=True, BLOCK_Q=4,
-                                                  TILE_N=64, M=16, NUM_SPLITS=8)),
     "KV write, bf16": (triton_backend._write_kv_kernel, _KV_WRITE,
                        dict(HEAD_DIM=128, ROW=1024, BLOCK=1024, FP8_MAX=0.0, KV_FP8=False)),
     "fp8 KV write, e4m3": (triton_backend._write_kv_kernel, dict(_KV_WRITE, k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
@@ -153,6 +136,19 @@ _OPTIONS = {"fp8 GEMM, persistent": dict(num_warps=fp8_gemm.PERSISTENT_CONFIG.nu
                                          num_stages=fp8_gemm.PERSISTENT_CONFIG.num_stages),
             "fp8 GEMM, persistent, decode tiles": dict(num_warps=fp8_gemm.DEFAULT_CONFIG.num_warps,
                                                        num_stages=fp8_gemm.DEFAULT_CONFIG.num_stages)}
+# Paged attention as the engine launches it at W1's shapes (8B heads): (longest query, fp8 cache, key splits).
+_ATTENTION_LAUNCHES = {
+    "paged attention, decode": (1, False, 1), "paged attention, split decode": (1, False, 8),
+    "paged attention, prefill": (512, False, 1), "paged attention, fp8 KV decode": (1, True, 1),
+    "paged attention, fp8 KV prefill": (512, True, 1), "paged attention, fp8 KV split decode": (1, True, 8),
+}
+for _name, (_query_len, _kv_fp8, _splits) in _ATTENTION_LAUNCHES.items():
+    _launch = triton_backend._launch_options(_query_len, _kv_fp8, _splits, _ATTENTION_SHAPE["BLOCK_D"])
+    _block_q = triton_backend.query_tile(_query_len, _ATTENTION_SHAPE["GROUP"])
+    KERNELS[_name] = (triton_backend._paged_attention_kernel, _FP8_ATTENTION if _kv_fp8 else _ATTENTION, dict(
+        _ATTENTION_SHAPE, KV_FP8=_kv_fp8, UPCAST_IN_PTX=_kv_fp8, SPLIT_D=_query_len > 1, BLOCK_Q=_block_q,
+        M=_block_q * _ATTENTION_SHAPE["GROUP"], NUM_SPLITS=_splits, TILE_N=_launch.pop("tile_n")))
+    _OPTIONS[_name] = _launch
 
 
 def compile_for_hopper(
@@ -197,13 +193,15 @@ def ptx_counts(ptx: str) -> Counter:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ptx", metavar="KERNEL", help="count instruction kinds in this kernel's PTX (a name below)")
-    parser.add_argument("--num-warps", type=int, default=4)
-    parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument("--num-warps", type=int, help="default: the engine's launch (or Triton's 4)")
+    parser.add_argument("--num-stages", type=int, help="default: the engine's launch (or Triton's 3)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
     if args.ptx:
-        kernel = compile_for_hopper(*KERNELS[args.ptx], num_warps=args.num_warps, num_stages=args.num_stages)
+        chosen = {"num_warps": args.num_warps, "num_stages": args.num_stages}
+        options = {**_OPTIONS.get(args.ptx, {}), **{k: v for k, v in chosen.items() if v is not None}}
+        kernel = compile_for_hopper(*KERNELS[args.ptx], **options)
         for kind, count in ptx_counts(kernel.asm["ptx"]).items():
             print(f"{kind}: {count}")
         return

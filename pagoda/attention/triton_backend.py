@@ -77,8 +77,8 @@ def _paged_attention_kernel(
     row_valid = (rows < BLOCK_Q * GROUP) & (q_local < q_len)
     # With SPLIT_D, q, K, V and the output are held in two halves of the head dim, each tile's
     # scores summed over two dots: fewer registers a thread, and prefill tiles run faster so (H100s,
-    # W1's prefill step: an fp8 cache 232-234 -> 192-197 us, 16-bit 168-171 -> 141-164); a 16-bit
-    # decode step slower (224 -> 227 us).
+    # W1's prefill step: an fp8 cache 232-234 -> 192-197 us, 16-bit 168-171 -> 136-139 with the
+    # stages of _launch_options); a 16-bit decode step slower (224 -> 227 us).
     D_PART: tl.constexpr = BLOCK_D // 2 if SPLIT_D else BLOCK_D
     d = tl.arange(0, D_PART)
     lo_valid = d < HEAD_DIM
@@ -340,16 +340,18 @@ def paged_attention(
 
 
 def _launch_options(max_query_len: int, kv_fp8: bool, num_splits: int, block_d: int) -> dict[str, int]:
-    """Keys a program reads per iteration (tile_n), warps and pipeline stages. Measured on an
-    H100 (scripts/bench_attention.py): 64-key tiles for decodes, whose programs only stream K/V;
-    32 for prefill tiles, whose 64 query rows make larger tiles spill; prefill tiles keep Triton's
-    warps and stages. Decodes on an H200 at W1's decode step (256 requests x 512-768 keys, 8B
-    heads; `scripts/bench_attention.py --launch-sweep decode`): a 16-bit cache 166 us with 2
-    stages against 176 with Triton's default 3; an fp8 cache 122 us in 32-key tiles with one
-    warp against 127.5 in 64-key tiles with two and 172 with four (split decodes, few programs of
-    long contexts, keep two warps: one would leave the SMs with too few warps to hide latency)."""
+    """Keys a program reads per iteration (tile_n), warps and pipeline stages. Prefill tiles on an
+    H100 at W1's prefill step (16 prompts of 512 tokens; `scripts/bench_attention.py --launch-sweep
+    prefill`), with their head dim in halves: two stages, four warps; a 16-bit cache 136 us in
+    32-key tiles against 164 with three stages and 179 in 64-key tiles; an fp8 cache 159 us in
+    64-key tiles against 185 in 32-key ones and 188 with three stages. Decodes on an H200 at W1's
+    decode step (256 requests x 512-768 keys, 8B heads; `--launch-sweep decode`): a 16-bit cache
+    166 us in 64-key tiles with 2 stages against 176 with Triton's default 3; an fp8 cache 122 us
+    in 32-key tiles with one warp against 127.5 in 64-key tiles with two and 172 with four (split
+    decodes, few programs of long contexts, keep two warps: one would leave the SMs with too few
+    warps to hide latency). A head dim over 128 takes 32-key tiles."""
     if max_query_len > 1:
-        return {"tile_n": 32}
+        return {"tile_n": 64 if kv_fp8 and block_d <= 128 else 32, "num_warps": 4, "num_stages": 2}
     tile_n = 64 if block_d <= 128 else 32
     if not kv_fp8:
         return {"tile_n": tile_n, "num_warps": 4, "num_stages": 2}

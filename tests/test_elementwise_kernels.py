@@ -90,7 +90,7 @@ def test_silu_and_mul(dtype, width):
 def _fp8_test_rows(cols: int, g: torch.Generator) -> torch.Tensor:
     """Rows of magnitudes from 1e-3 to 1e2, one all zero. Under the CPU's interpreter, which rounds to
     fp8 without carrying into the exponent (see test_kv_cache_fp8), rows of fp8 values times a power
-    of two whose largest magnitude is FP8_MAX times it: x / scale is then exact and needs no rounding."""
+    of two whose largest magnitude is FP8_MAX times it: x times 1 / scale is then exact and needs no rounding."""
     if ON_GPU:
         x = torch.randn(9, cols, generator=g) * torch.logspace(-3, 2, 9)[:, None]
     else:
@@ -109,14 +109,14 @@ def test_fp8_quantize_rows_matches_torch(dtype, cols):
     q, scale = fp8_quantize_rows(x.to(DEVICE), FP8)
     _, ref_scale = quantize_fp8_rows(x)
     # The GPU's fp32 division is within an ulp of torch's rounded one; given the scale, the values
-    # are x / scale rounded to fp8 exactly.
+    # are x times its rounded reciprocal, rounded to fp8 exactly.
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=2.4e-7, atol=0)
-    ref_q = (x.float() / scale.cpu()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    ref_q = (x.float() * (1 / scale.cpu())).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
 
     static = torch.tensor([2.0**-10])  # one scale for every row; values past it clamp to the fp8 maximum
     q, scale = fp8_quantize_rows(x.to(DEVICE), FP8, static.to(DEVICE))
-    ref_q = (x.float() / static).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    ref_q = (x.float() * (1 / static)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     assert ref_q.float().abs().max() == FP8_MAX
     assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), static.expand(9, 1))

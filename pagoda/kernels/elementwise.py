@@ -28,13 +28,16 @@ def _static_scale(scale_ptr, STATIC: tl.constexpr):
 @triton.jit
 def _store_fp8_row(y, mask, q_ptrs, scale_ptr, row, fp8_max, static_scale, STATIC: tl.constexpr):
     """Quantize one row y (float32, whole in this program) to fp8 at q_ptrs: by its own largest
-    magnitude (scale stored at scale_ptr[row]) or, STATIC, by `static_scale` (_static_scale's)."""
+    magnitude (scale stored at scale_ptr[row]) or, STATIC, by `static_scale` (_static_scale's).
+    The row is multiplied by the scale's reciprocal (rounded as torch's 1 / scale), as vLLM's
+    kernels do: a rounded division per value made SiLU-and-mul's 16,384 prefill rows of the 8B
+    shape take 467 us on an H100 against 379 (3.1 TB/s)."""
     if STATIC:
         scale = static_scale
     else:
         scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / fp8_max  # within an ulp of torch's
         tl.store(scale_ptr + row, scale)
-    q = tl.clamp(tl.math.div_rn(y, scale), -fp8_max, fp8_max)
+    q = tl.clamp(y * tl.math.div_rn(1.0, scale), -fp8_max, fp8_max)
     tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
 
 
@@ -232,7 +235,7 @@ def _fp8_quantize_rows_kernel(
 def fp8_quantize_rows(
     x: torch.Tensor, fp8_dtype: torch.dtype, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / scale in fp8, float32 scale [M, 1]) for x [M, K] in one pass over x: the scale is each
+    """(x * (1 / scale) in fp8, float32 scale [M, 1]) for x [M, K] in one pass over x: the scale is each
     row's largest magnitude over the fp8 maximum, or `static_scale` (one float32 value) for every
     row. The torch sequence (abs, amax, divide, clamp, cast) makes six passes with fp32
     intermediates, which cost more than the fp8 GEMM saves on a prefill."""

@@ -143,11 +143,12 @@ _ATTENTION_LAUNCHES = {
     "paged attention, fp8 KV prefill": (512, True, 1), "paged attention, fp8 KV split decode": (1, True, 8),
 }
 for _name, (_query_len, _kv_fp8, _splits) in _ATTENTION_LAUNCHES.items():
-    _launch = triton_backend._launch_options(_query_len, _kv_fp8, _splits, _ATTENTION_SHAPE["BLOCK_D"])
-    _block_q = triton_backend.query_tile(_query_len, _ATTENTION_SHAPE["GROUP"])
+    _group, _block_d = _ATTENTION_SHAPE["GROUP"], _ATTENTION_SHAPE["BLOCK_D"]
+    _launch = triton_backend._launch_options(_query_len, _kv_fp8, _splits, _block_d)
+    _block_q = triton_backend.query_tile(_query_len, _group)
     KERNELS[_name] = (triton_backend._paged_attention_kernel, _FP8_ATTENTION if _kv_fp8 else _ATTENTION, dict(
-        _ATTENTION_SHAPE, KV_FP8=_kv_fp8, UPCAST_IN_PTX=_kv_fp8, SPLIT_D=_query_len > 1, BLOCK_Q=_block_q,
-        M=_block_q * _ATTENTION_SHAPE["GROUP"], NUM_SPLITS=_splits, TILE_N=_launch.pop("tile_n")))
+        _ATTENTION_SHAPE, KV_FP8=_kv_fp8, UPCAST_IN_PTX=_kv_fp8, BLOCK_Q=_block_q, NUM_SPLITS=_splits,
+        TILE_N=_launch.pop("tile_n"), **triton_backend._tile_shape(_query_len, _block_q, _group, _block_d)))
     _OPTIONS[_name] = _launch
 
 

@@ -327,8 +327,8 @@ def paged_attention(
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_SIZE=block_size, TILE_N=tile_n,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT_D=max_query_len > 1 and block_d >= 32,
-        M=max(16, triton.next_power_of_2(block_q * (num_heads // num_kv_heads))), NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, **_tile_shape(max_query_len, block_q, num_heads // num_kv_heads, block_d),
+        NUM_SPLITS=num_splits,
         HAS_SOFT_CAP=logits_soft_cap is not None, KV_FP8=kv_fp8, UPCAST_IN_PTX=upcast_in_ptx, **options,
     )
     if num_splits > 1:
@@ -337,6 +337,12 @@ def paged_attention(
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
     return out
+
+
+def _tile_shape(max_query_len: int, block_q: int, group: int, block_d: int) -> dict[str, int | bool]:
+    """The kernel's tile rows (M: query tokens x group, padded to a power of two, at least one
+    tensor-core tile) and whether it holds the head dim in halves (SPLIT_D: prefill tiles)."""
+    return {"M": max(16, triton.next_power_of_2(block_q * group)), "SPLIT_D": max_query_len > 1 and block_d >= 32}
 
 
 def _launch_options(max_query_len: int, kv_fp8: bool, num_splits: int, block_d: int) -> dict[str, int]:

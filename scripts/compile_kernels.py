@@ -142,8 +142,8 @@ _ATTENTION_LAUNCHES = {
     "paged attention, prefill": (512, False, 1), "paged attention, fp8 KV decode": (1, True, 1),
     "paged attention, fp8 KV prefill": (512, True, 1), "paged attention, fp8 KV split decode": (1, True, 8),
 }
+_group, _block_d = _ATTENTION_SHAPE["GROUP"], _ATTENTION_SHAPE["BLOCK_D"]
 for _name, (_query_len, _kv_fp8, _splits) in _ATTENTION_LAUNCHES.items():
-    _group, _block_d = _ATTENTION_SHAPE["GROUP"], _ATTENTION_SHAPE["BLOCK_D"]
     _launch = triton_backend._launch_options(_query_len, _kv_fp8, _splits, _block_d)
     _block_q = triton_backend.query_tile(_query_len, _group)
     KERNELS[_name] = (triton_backend._paged_attention_kernel, _FP8_ATTENTION if _kv_fp8 else _ATTENTION, dict(

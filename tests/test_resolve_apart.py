@@ -197,3 +197,25 @@ processor.tokenizer.apply_chat_template([{{"role": "user", "content": "hi"}}], t
 assert str(processor.config.model.dtype) == "torch.float32" and processor.config.device.device.type == "cpu"
 """
     assert _imported(code, module) is not server
+
+
+def test_the_resolving_process_hides_scikit_learn_from_transformers(tmp_path):
+    # A stand-in scikit-learn: transformers 5.17's AutoTokenizer imports its generation code, which
+    # imports sklearn.metrics where scikit-learn is installed (2.2 s of a GPU host's cold start).
+    (tmp_path / "sklearn").mkdir()
+    (tmp_path / "sklearn" / "__init__.py").write_text("")
+    (tmp_path / "sklearn" / "metrics.py").write_text("def roc_curve(*args): pass\n")
+    code = """
+import importlib.util
+assert importlib.util.find_spec("sklearn") is not None
+from pagoda.engine.resolve_apart import _without_sklearn
+_without_sklearn()
+import transformers, transformers.generation.candidate_generator
+transformers.AutoTokenizer
+assert not transformers.utils.is_sklearn_available()
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code + "import sys; print('sklearn' in sys.modules)"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "False"

@@ -165,8 +165,9 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     # The front end's environment as of the start (the core server's is older): the cache and hub paths.
     os.environ.clear()
     os.environ.update(env)
-    if preimport:
-        with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
+    with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
+        _without_sklearn()
+        if preimport:
             _import_what_resolving_takes()
     send.send_bytes(pickle.dumps(time.time()))  # ready: the front end logs how long that took
     try:
@@ -175,6 +176,16 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
         return
     log_to_stderr(log_level)
     _resolve_and_send(args, server, send)
+
+
+def _without_sklearn() -> None:
+    """Tell transformers that scikit-learn is not installed, in this process only. transformers
+    5.17's AutoTokenizer imports its generation code, whose assisted decoding then imports
+    sklearn.metrics where scikit-learn is installed (and scipy, pandas: 2.2 s of a cold start on
+    the device's GPU host); resolving never generates, and the process exits once it has resolved."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = transformers.utils.import_utils.is_sklearn_available = lambda: False
 
 
 def _import_what_resolving_takes() -> None:

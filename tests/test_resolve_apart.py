@@ -219,3 +219,12 @@ assert not transformers.utils.is_sklearn_available()
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("module,imported", [
+    ("transformers.tokenization_utils_base", True), ("torch", False), (CONFIG_CLASSES_CHAIN, False),
+])
+def test_the_front_end_imports_the_tokenizers_classes_while_it_waits(module, imported):
+    # What unpickling the tokenizer sent back imports, ahead of it: not torch, not the config classes.
+    code = "from pagoda.engine.resolve_apart import _import_what_unpickling_takes\n_import_what_unpickling_takes()"
+    assert _imported(code, module) is imported

@@ -76,6 +76,8 @@ class _Resolver:
         asked = time.time()
         try:
             self._requests.send_bytes(pickle.dumps((args, server, logging.getLogger().getEffectiveLevel())))
+            if not args.skip_tokenizer_init:
+                _import_what_unpickling_takes()
             ready = pickle.loads(self._results.recv_bytes())
             result = pickle.loads(self._results.recv_bytes())
         except (EOFError, BrokenPipeError):
@@ -153,6 +155,17 @@ def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedMod
     if ahead is not None and ahead[:2] == (args, server):
         return ahead[2].result()
     return _Resolver().resolve(args, server)
+
+
+def _import_what_unpickling_takes() -> None:
+    """transformers' tokenizer classes, which the tokenizer sent back needs here (no config classes,
+    no torch): imported while the resolving process works, not after it has sent its result (on
+    the device's GPU host `import transformers` alone takes 1.4 s, reading every installed
+    package's metadata). A failing import is left to the unpickling, which reports it."""
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.PreTrainedTokenizerFast  # the lazy module imports it
 
 
 def _load_tokenizer(resolved: ResolvedModel, args: EngineConfig) -> Any:

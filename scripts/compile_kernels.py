@@ -69,19 +69,6 @@ KERNELS = {
                  {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
                   "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32",
                   "stride_om": "i32"}, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True)),
-    # As prefill chunks launch it on Hopper (fp8_gemm.PERSISTENT_CONFIG: _OPTIONS), its loads and stores the TMA's.
-    "fp8 GEMM, persistent": (fp8_gemm._fp8_gemm_persistent_kernel,
-                             {"a_desc": "tensordesc<fp8e4nv[128, 128]>", "b_desc": "tensordesc<fp8e4nv[256, 128]>",
-                              "out_desc": "tensordesc<bf16[128, 256]>", "a_scale_ptr": "*fp32",
-                              "b_scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "programs": "i32"},
-                             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8)),
-    # As decode batches launch it on Hopper (fp8_gemm.DEFAULT_CONFIG's tiles: _OPTIONS).
-    "fp8 GEMM, persistent, decode tiles": (
-        fp8_gemm._fp8_gemm_persistent_kernel,
-        {"a_desc": "tensordesc<fp8e4nv[64, 256]>", "b_desc": "tensordesc<fp8e4nv[128, 256]>",
-         "out_desc": "tensordesc<bf16[64, 128]>", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "M": "i32",
-         "N": "i32", "K": "i32", "programs": "i32"},
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=8)),
     "exponential noise": (sampling._exponential_kernel,
                           {"seeds_ptr": "*i64", "noise_ptr": "*fp32", "stride_row": "i32", "vocab": "i32"},
                           dict(BLOCK=4096)),
@@ -132,10 +119,23 @@ KERNELS = {
 
 
 # Launch options of the kernels that take others than compile_for_hopper's defaults.
-_OPTIONS = {"fp8 GEMM, persistent": dict(num_warps=fp8_gemm.PERSISTENT_CONFIG.num_warps,
-                                         num_stages=fp8_gemm.PERSISTENT_CONFIG.num_stages),
-            "fp8 GEMM, persistent, decode tiles": dict(num_warps=fp8_gemm.DEFAULT_CONFIG.num_warps,
-                                                       num_stages=fp8_gemm.DEFAULT_CONFIG.num_stages)}
+_OPTIONS: dict[str, dict] = {}
+# The persistent GEMM as the engine launches it on Hopper, its loads and stores the TMA's: fp8 prefill
+# chunks (PERSISTENT_CONFIG) and decode batches (DEFAULT_CONFIG's tiles), a bf16 decode batch's down_proj.
+_PERSISTENT_LAUNCHES = {
+    "fp8 GEMM, persistent": ("fp8e4nv", fp8_gemm.PERSISTENT_CONFIG),
+    "fp8 GEMM, persistent, decode tiles": ("fp8e4nv", fp8_gemm.DEFAULT_CONFIG),
+    "bf16 GEMM, persistent, long K": ("bf16", fp8_gemm.LONG_K_16BIT_CONFIG),
+}
+for _name, (_operand, _config) in _PERSISTENT_LAUNCHES.items():
+    _m, _n, _k = _config.block_m, _config.block_n, _config.block_k
+    _scale = "*fp32" if _operand == "fp8e4nv" else "*bf16"  # unscaled: not read
+    KERNELS[_name] = (fp8_gemm._persistent_gemm_kernel, {
+        "a_desc": f"tensordesc<{_operand}[{_m}, {_k}]>", "b_desc": f"tensordesc<{_operand}[{_n}, {_k}]>",
+        "out_desc": f"tensordesc<bf16[{_m}, {_n}]>", "a_scale_ptr": _scale, "b_scale_ptr": _scale, "M": "i32",
+        "N": "i32", "K": "i32", "programs": "i32",
+    }, dict(BLOCK_M=_m, BLOCK_N=_n, BLOCK_K=_k, GROUP_M=fp8_gemm._GROUP_M, SCALED=_operand == "fp8e4nv"))
+    _OPTIONS[_name] = dict(num_warps=_config.num_warps, num_stages=_config.num_stages)
 # Paged attention as the engine launches it at W1's shapes (8B heads): (longest query, fp8 cache, key splits).
 _ATTENTION_LAUNCHES = {
     "paged attention, decode": (1, False, 1), "paged attention, split decode": (1, False, 8),

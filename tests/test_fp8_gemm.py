@@ -17,9 +17,12 @@ from pagoda.kernels.fp8_gemm import (  # noqa: E402
     PERSISTENT_CONFIG,
     PERSISTENT_MIN_M,
     Fp8GemmConfig,
+    LONG_K_16BIT_CONFIG,
     decode_config,
     fp8_gemm,
     fp8_gemm_persistent,
+    gemm_persistent,
+    long_k_16bit_config,
     persistent_config,
 )
 from pagoda.quantization.fp8 import quantize_fp8_rows  # noqa: E402
@@ -57,6 +60,19 @@ def test_persistent_matches_dequantized_matmul(m, n, k, programs, out_dtype):
     out = fp8_gemm_persistent(a, a_scale, b, b_scale, out_dtype, SMALL, programs=programs)
     assert out.dtype == out_dtype and out.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[out_dtype]
+    torch.testing.assert_close(out.cpu().float(), reference, rtol=tol, atol=tol * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("m,n,k,programs", [(33, 40, 80, 3), (64, 64, 64, 1), (70, 24, 128, 100)])
+def test_persistent_unscaled_matches_matmul(m, n, k, programs):
+    """The persistent kernel without scales (16-bit operands on the GPU; float32 in the interpreter)."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    g = torch.Generator().manual_seed(m + n + k)
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    reference = a.float() @ b.float().t()
+    out = gemm_persistent(a.to(DEVICE), b.to(DEVICE), SMALL, programs=programs)
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = 8e-3 if ON_GPU else 1e-5
     torch.testing.assert_close(out.cpu().float(), reference, rtol=tol, atol=tol * reference.abs().max().item())
 
 
@@ -118,6 +134,41 @@ def test_persistent_config_on_hopper(monkeypatch):
     assert config(PERSISTENT_MIN_M, 4096, a=rows_of_72) is None
     monkeypatch.setattr(fp8_gemm_module, "is_hopper", lambda device: False)
     assert config(PERSISTENT_MIN_M, 4096) is None and config(256, 4096) is None
+
+
+def test_long_k_16bit_config_on_hopper(monkeypatch):
+    """Which 16-bit GEMMs the persistent kernel takes from cuBLAS on a Hopper GPU of 132 SMs: a
+    long K (down_proj) whose 64 x 128 tiles make one wave, operands the TMA can address."""
+    monkeypatch.setattr(fp8_gemm_module, "is_hopper", lambda device: True)
+    monkeypatch.setattr(fp8_gemm_module, "num_sms", lambda device: 132)
+
+    def config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16, a: torch.Tensor | None = None):
+        a = torch.empty(m, k, dtype=dtype) if a is None else a
+        return long_k_16bit_config(a, torch.empty(n, k, dtype=dtype))
+
+    assert config(256, 4096, 14336) == config(193, 4096, 14336, torch.float16) == LONG_K_16BIT_CONFIG  # 128 tiles
+    assert config(192, 4096, 14336) is None and config(257, 4096, 14336) is None  # 96 and 160 tiles
+    assert config(256, 4096, 4096) is None and config(256, 28672, 4096) is None  # o_proj, gate_up: short K
+    assert config(256, 4096, 14336, torch.float32) is None
+    assert config(256, 4096, 14336, a=torch.empty(256, 14336 + 4, dtype=torch.bfloat16)[:, :14336]) is None
+    monkeypatch.setattr(fp8_gemm_module, "is_hopper", lambda device: False)
+    assert config(256, 4096, 14336) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 200, 256])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (6144, 4096)])
+def test_16bit_model_shapes_match_cublas(m, n, k):
+    """The 8B model's bf16 GEMMs through the persistent kernel (its long-K tiles) against cuBLAS."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the persistent kernel runs on Hopper")
+    torch.manual_seed(m + n + k)
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    theirs = a @ b.t()
+    ours = gemm_persistent(a, b)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=8e-3, atol=8e-3 * theirs.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -39,6 +39,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # CPU BLAS runs W @ x^T ~1.5x faster than x @ W^T when x has few rows (decode steps).
         out = torch.mm(weight, x.t()).t().contiguous()
         return out if bias is None else out + bias
+    if x.device.type == "cuda" and x.dim() == 2 and x.shape[1] >= 3 * weight.shape[0]:
+        from pagoda.kernels.fp8_gemm import gemm_persistent, long_k_16bit_config  # a CUDA GPU: Triton is there
+
+        config = long_k_16bit_config(x, weight)  # a decode batch's down_proj, where it beats cuBLAS
+        if config is not None:
+            out = gemm_persistent(x, weight, config)
+            return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
 

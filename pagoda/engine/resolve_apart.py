@@ -178,9 +178,10 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     # The front end's environment as of the start (the core server's is older): the cache and hub paths.
     os.environ.clear()
     os.environ.update(env)
-    with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
+    with contextlib.suppress(Exception):  # a transformers without these names resolves as it is, only slower
         _without_sklearn()
-        if preimport:
+    if preimport:
+        with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
             _import_what_resolving_takes()
     send.send_bytes(pickle.dumps(time.time()))  # ready: the front end logs how long that took
     try:

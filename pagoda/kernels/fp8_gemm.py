@@ -114,7 +114,7 @@ def _persistent_gemm_kernel(
 
 DEFAULT_CONFIG = Fp8GemmConfig(64, 128, 256, 4, 4)
 # For a long K at decode batches: the tile width that makes one program per SM wins.
-_LONG_K_16BIT_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
+_LONG_K_CONFIGS = (DEFAULT_CONFIG, Fp8GemmConfig(64, 64, 256, 8, 4))
 # 208 KiB of shared memory: 3 stages of a and b tiles, and the 16-bit output tile the TMA stores.
 PERSISTENT_CONFIG = Fp8GemmConfig(128, 256, 128, 8, 3)
 PERSISTENT_MIN_M = 1024  # from M = 512 down, cuBLASLt was as fast with these tiles
@@ -136,7 +136,7 @@ def decode_config(m: int, n: int, k: int, device: torch.device) -> Fp8GemmConfig
     if k < 3 * n:
         return None
     sms = num_sms(device)
-    for config in _LONG_K_16BIT_CONFIGS:
+    for config in _LONG_K_CONFIGS:
         if 0.9 * sms <= triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n) <= sms:
             return config
     return None

@@ -137,9 +137,20 @@ def decode_config(m: int, n: int, k: int, device: torch.device) -> Fp8GemmConfig
         return None
     sms = num_sms(device)
     for config in _LONG_K_CONFIGS:
-        if 0.9 * sms <= triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n) <= sms:
+        if _one_wave(triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), sms):
             return config
     return None
+
+
+def _one_wave(tiles: int, sms: int) -> bool:
+    """Whether one program a tile makes one wave that leaves at most a tenth of the SMs idle."""
+    return 0.9 * sms <= tiles <= sms
+
+
+def _tma_addressable(n: int, *operands: torch.Tensor) -> bool:
+    """Whether the TMA can read the operands and write an [M, n] 16-bit output: 16-byte aligned
+    rows and bases."""
+    return n % 8 == 0 and all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in operands)
 
 
 def fp8_gemm(
@@ -174,10 +185,7 @@ def persistent_config(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) 
     m, n = a.shape[0], b.shape[0]
     if TensorDescriptor is None or not (m >= PERSISTENT_MIN_M or m in PERSISTENT_DECODE_ROWS):
         return None  # the cheap checks first: every decode step's GEMMs ask
-    if not (
-        is_hopper(a.device) and out_dtype in (torch.bfloat16, torch.float16) and n % 8 == 0
-        and all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
-    ):
+    if not (is_hopper(a.device) and out_dtype in (torch.bfloat16, torch.float16) and _tma_addressable(n, a, b)):
         return None
     if m >= PERSISTENT_MIN_M:
         return PERSISTENT_CONFIG
@@ -206,8 +214,8 @@ def long_k_16bit_config(a: torch.Tensor, b: torch.Tensor) -> Fp8GemmConfig | Non
     if TensorDescriptor is None or k < 3 * n or a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
         return None  # the cheap checks first: every 16-bit linear layer on a GPU asks
     tiles = triton.cdiv(m, LONG_K_16BIT_CONFIG.block_m) * triton.cdiv(n, LONG_K_16BIT_CONFIG.block_n)
-    if not (is_hopper(a.device) and 0.9 * num_sms(a.device) <= tiles <= num_sms(a.device) and n % 8 == 0
-            and all(t.stride(1) == 1 and t.stride(0) * 2 % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))):
+    if not (is_hopper(a.device) and _one_wave(tiles, num_sms(a.device)) and a.stride(1) == b.stride(1) == 1
+            and _tma_addressable(n, a, b)):
         return None
     return LONG_K_16BIT_CONFIG
 

@@ -221,6 +221,16 @@ assert not transformers.utils.is_sklearn_available()
     assert run.stdout.split()[-1] == "False"
 
 
+@pytest.mark.parametrize("skip_tokenizer_init", [False, True])
+def test_the_front_end_imports_ahead_while_the_resolving_process_works(tiny, monkeypatch, skip_tokenizer_init):
+    """Once it has sent the arguments, before it takes the result: no tokenizer, nothing to import."""
+    calls = []
+    monkeypatch.setattr(apart, "_import_what_unpickling_takes", lambda: calls.append("imported"))
+    args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256, skip_tokenizer_init=skip_tokenizer_init)
+    apart.resolve_apart(args)
+    assert calls == ([] if skip_tokenizer_init else ["imported"])
+
+
 @pytest.mark.parametrize("module,imported", [
     ("transformers.tokenization_utils_base", True), ("torch", False), (CONFIG_CLASSES_CHAIN, False),
 ])

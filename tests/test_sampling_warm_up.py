@@ -6,6 +6,7 @@ Apart from the kernels it compiles, the path is the same on the CPU, where CI ru
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagoda import LLM
 from pagoda.worker import model_runner
@@ -33,3 +34,23 @@ def test_the_warm_up_computes_the_logits_of_every_row_count_a_step_samples(tmp_p
     monkeypatch.setattr(runner.model, "compute_logits", lambda h, *a: compute_logits(rows_seen.append(len(h)) or h, *a))
     runner.warm_up_sampler()
     assert rows_seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_gpu_head_pads_sampled_rows_past_8_to_a_multiple_of_8():
+    """So that the warm-up's 39 shapes (1-8, then 16, 24, ..., 256) are every shape the head's GEMM
+    meets in steps of up to 256 sampled rows; the CPU computes the rows it is given."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [model_runner.head_rows(n, cuda) for n in (1, 7, 8, 9, 16, 17, 255, 256)] == [1, 7, 8, 16, 16, 24, 256, 256]
+    assert {model_runner.head_rows(n, cuda) for n in range(1, 257)} == {*range(1, 9), *range(16, 257, 8)}
+    assert all(model_runner.head_rows(n, cpu) == n for n in range(1, 257))
+
+
+def test_padded_rows_leave_each_rows_logits_as_they_were(tmp_path, monkeypatch):
+    """The head computes padded rows where head_rows says so; the step reads its own rows' logits."""
+    llm = LLM(model=str(save_tiny_model("llama3", tmp_path)), device="cpu", skip_tokenizer_init=True, max_model_len=64)
+    runner = llm.llm_engine.engine_core.engine_core.executor.worker.runner
+    monkeypatch.setattr(model_runner, "head_rows", lambda rows, device: -(-rows // 8) * 8)
+    hidden = torch.randn(11, runner.hidden_size, dtype=runner.dtype)
+    logits = runner._compute_logits(hidden, argmax_only=False)
+    assert logits.shape[0] == 11
+    torch.testing.assert_close(logits, runner.model.compute_logits(hidden), rtol=1e-5, atol=1e-5)

@@ -193,7 +193,7 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The split launches' float32 partial sums and zeroed counts on `device`, sized once for any layer
     that splits (fewer than MIN_WAVES blocks a SM, MAX_SPLIT slices): one set serves every layer, as
     launches on a stream run one after another. A CUDA graph keeps what it captured, so they are
-    made once, outside capture (the graphs' warm-up runs eagerly first)."""
+    made once, outside capture (a one-row graph runs eagerly first: worker/cuda_graphs.EAGER_RUN_TOKENS)."""
     if device not in _WORKSPACES:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("w4a16_gemv's workspace is made by an eager call before CUDA graph capture")

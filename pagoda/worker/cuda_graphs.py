@@ -27,6 +27,14 @@ ForwardOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], ForwardOutput]
 
 
+# The shapes run eagerly before their capture: the largest (the first captured), for what a capture
+# cannot do (cuBLAS's handles and workspaces), and those of up to 4 tokens, where 4-bit layers switch
+# kernels (the GEMV at one row, which makes its workspace then: kernels/w4a16_gemv.py; tinygemm up to
+# 4). The others' kernels load or compile inside their captures, which Triton and cuBLAS allow (vLLM
+# captures with no eager runs by default): an eager forward less for each.
+EAGER_RUN_TOKENS = 4
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, then every multiple of 8, up to the first size that holds max_num_seqs (at most 512)."""
     ladder = [1, 2, 4, *range(8, 513, 8)]
@@ -91,11 +99,12 @@ class DecodeGraphs:
         pool = None
         # Most tokens first: smaller graphs then fit in the memory the first one reserved.
         shapes = sorted(((q, size) for q in self.query_lens for size in self.sizes), key=lambda s: s[0] * s[1])
-        for q, size in reversed(shapes):
+        for i, (q, size) in enumerate(reversed(shapes)):
             metadata = self._metadata(q, size)
             ids, pos = self.input_ids[: q * size], self.positions[: q * size]
-            self.forward(ids, pos, metadata)  # warm-up: JIT, workspaces
-            torch.cuda.synchronize()
+            if i == 0 or q * size <= EAGER_RUN_TOKENS:
+                self.forward(ids, pos, metadata)  # before its capture: see EAGER_RUN_TOKENS
+                torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.forward(ids, pos, metadata)

@@ -311,15 +311,23 @@ class ModelRunner:
     def warm_up_sampler(self) -> None:
         """Sample from one row of logits as the model computes them (every rank of the last stage
         computes them: the head may gather across the TP ranks), then compute the logits of each
-        row count a decode graph covers once. cuBLAS's first GEMM of a shape it has not run held the
-        host until the device's queue had drained (W1 on the H200: ~350 ms in each early prefill
-        step, whose sampled rows grow 32, 63, 95, ...), so the next step was planned only once the
-        device had run dry; 512 row counts take ~0.36 s on the H200."""
+        row count a decode graph covers once, as head_rows pads them. cuBLAS's first GEMM of a shape
+        it has not run held the host until the device's queue had drained (W1 on the H200: ~350 ms
+        in each early prefill step, whose sampled rows grow 32, 63, 95, ...), so the next step was
+        planned only once the device had run dry."""
         max_rows = min(self.max_num_seqs, capture_sizes(self.max_num_seqs)[-1])
-        hidden = torch.zeros(max_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+        hidden = torch.zeros(head_rows(max_rows, self.device), self.hidden_size, dtype=self.dtype, device=self.device)
         warm_up_sampling(self.model.compute_logits(hidden[:1]))
-        for rows in range(2, max_rows + 1):
+        for rows in sorted({head_rows(n, self.device) for n in range(2, max_rows + 1)}):
             self.model.compute_logits(hidden[:rows])
+
+    def _compute_logits(self, hidden: torch.Tensor, argmax_only: bool) -> torch.Tensor:
+        """The head's logits of these rows, computed over head_rows of them."""
+        rows = hidden.shape[0]
+        padded = head_rows(rows, self.device)
+        if padded > rows:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - rows))
+        return self.model.compute_logits(hidden, argmax_only)[:rows]
 
     @torch.inference_mode()
     def _compile_decode(self, scratch_block: int) -> None:
@@ -400,7 +408,7 @@ class ModelRunner:
         argmax_only = self.device.type == "cpu" and all(
             takes_argmax_only(c.request.sampling_params) and not c.draft_token_ids for c in chunks
         )
-        logits = self.model.compute_logits(_rows(hidden, batch.logits_rows), argmax_only)
+        logits = self._compute_logits(_rows(hidden, batch.logits_rows), argmax_only)
         if not self.samples:
             return PendingStep(out)
         for chunk in chunks:
@@ -675,6 +683,14 @@ def _padded_tables(tables: list[list[int]]) -> np.ndarray:
     for row, table in zip(padded, tables):
         row[: len(table)] = table
     return padded
+
+
+def head_rows(rows: int, device: torch.device) -> int:
+    """How many rows the LM head computes for `rows` sampled ones: on a GPU, past 8, the next multiple
+    of 8 (zero rows added), so that its GEMM comes in a few shapes. cuBLAS's first GEMM of a shape
+    holds the host until the device has drained, and start-up runs each shape once (warm_up_sampler:
+    32 shapes up to 256 rows, not 256). Up to 8 rows keep their own shapes: one row's GEMV."""
+    return rows if device.type != "cuda" or rows <= 8 else -(-rows // 8) * 8
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -6,6 +6,7 @@ imports no torch: it holds the configuration's torch values by name (config/torc
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import subprocess
@@ -238,3 +239,19 @@ def test_the_front_end_imports_the_tokenizers_classes_while_it_waits(module, imp
     # What unpickling the tokenizer sent back imports, ahead of it: not torch, not the config classes.
     code = "from pagoda.engine.resolve_apart import _import_what_unpickling_takes\n_import_what_unpickling_takes()"
     assert _imported(code, module) is imported
+
+
+def test_package_names_read_fast_include_every_one_the_standard_library_maps():
+    """transformers 5.17 maps every installed distribution's import names as it is imported: the
+    resolving process and the front end compute that map from each RECORD's text (on a host with
+    213 distributions the standard library's took 0.98 s); no distribution is missed for a name."""
+    standard, fast = importlib.metadata.packages_distributions(), apart._packages_distributions()
+    assert standard and all(set(dists) <= set(fast.get(name, ())) for name, dists in standard.items())
+    assert {"torch", "transformers"} <= fast.keys() and fast["_pytest"] == ["pytest"]
+
+
+def test_the_fast_package_names_serve_only_while_transformers_is_imported():
+    standard = importlib.metadata.packages_distributions
+    with apart._package_names_read_fast():
+        assert importlib.metadata.packages_distributions is apart._packages_distributions
+    assert importlib.metadata.packages_distributions is standard

@@ -689,7 +689,7 @@ def head_rows(rows: int, device: torch.device) -> int:
     """How many rows the LM head computes for `rows` sampled ones: on a GPU, past 8, the next multiple
     of 8 (zero rows added), so that its GEMM comes in a few shapes. cuBLAS's first GEMM of a shape
     holds the host until the device has drained, and start-up runs each shape once (warm_up_sampler:
-    32 shapes up to 256 rows, not 256). Up to 8 rows keep their own shapes: one row's GEMV."""
+    39 shapes up to 256 rows, not 256). Up to 8 rows keep their own shapes: one row's GEMV."""
     return rows if device.type != "cuda" or rows <= 8 else -(-rows // 8) * 8
 
 

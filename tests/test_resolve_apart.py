@@ -222,6 +222,28 @@ assert not transformers.utils.is_sklearn_available()
     assert run.stdout.split()[-1] == "False"
 
 
+@pytest.mark.parametrize("skipped", [True, False])
+def test_the_resolving_process_imports_no_torch_only_transformers_code(tiny, skipped):
+    """transformers 5.17's auto classes import GenerationMixin (torch._dynamo), and the config
+    fields' validators the activation functions (torch.distributed.tensor): 1 s of a GPU host's
+    cold start that resolving never runs. Without the skip, this transformers imports one of them."""
+    code = f"""
+import torch, transformers
+from pagoda.config import EngineConfig
+from pagoda.engine import resolve_apart
+{"resolve_apart._without_torch_only_imports()" if skipped else ""}
+resolve_apart._import_what_resolving_takes()
+resolve_apart.resolve_engine(EngineConfig(model={str(tiny)!r}, device="cpu", max_model_len=256))
+from transformers.utils import type_validators
+assert transformers.utils.is_torch_available() and type_validators.is_torch_available()
+assert type_validators.device_validator(torch.device("cpu")) is None  # as where torch is imported
+print([name for name in ("torch._dynamo", "torch.distributed.tensor") if name in sys.modules])
+"""
+    run = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.stdout.split("\n")[-2] == "[]") is skipped
+
+
 @pytest.mark.parametrize("skip_tokenizer_init", [False, True])
 def test_the_front_end_imports_ahead_while_the_resolving_process_works(tiny, monkeypatch, skip_tokenizer_init):
     """Once it has sent the arguments, before it takes the result: no tokenizer, nothing to import."""

@@ -26,6 +26,7 @@ import inspect
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +185,7 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     os.environ.update(env)
     with contextlib.suppress(Exception), _package_names_read_fast():  # a transformers without these names
         _without_sklearn()  # resolves as it is, only slower
+        _without_torch_only_imports()
     if preimport:
         with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
             _import_what_resolving_takes()
@@ -204,6 +206,35 @@ def _without_sklearn() -> None:
     import transformers.utils
 
     transformers.utils.is_sklearn_available = transformers.utils.import_utils.is_sklearn_available = lambda: False
+
+
+# transformers modules whose own import brings torch-only code that resolving never runs:
+# auto_factory (transformers 5.17) GenerationMixin, for models (masking_utils -> torch._dynamo: 0.5 s
+# on the device's GPU host); type_validators the activation functions, to check a config's
+# hidden_act against (activations -> hub kernels -> torch.distributed.tensor: 0.4 s). The engine's
+# model code refuses an activation it lacks (layers/activation.py).
+_TORCH_ONLY_IMPORTS_SKIPPED = ("transformers.models.auto.auto_factory", "transformers.utils.type_validators")
+
+
+def _without_torch_only_imports() -> None:
+    """Import _TORCH_ONLY_IMPORTS_SKIPPED as where torch is not installed, in this process only: their
+    own check of torch answers no (what they import sees torch), then each holds torch as usual."""
+    import torch
+    import transformers.utils
+    from transformers.utils import import_utils
+
+    installed = import_utils.is_torch_available
+
+    def is_torch_available() -> bool:
+        return sys._getframe(1).f_globals.get("__name__") not in _TORCH_ONLY_IMPORTS_SKIPPED and installed()
+
+    transformers.utils.is_torch_available = import_utils.is_torch_available = is_torch_available
+    try:
+        for name in _TORCH_ONLY_IMPORTS_SKIPPED:
+            if name not in sys.modules:
+                vars(importlib.import_module(name)).update(is_torch_available=installed, torch=torch)
+    finally:
+        transformers.utils.is_torch_available = import_utils.is_torch_available = installed
 
 
 @contextlib.contextmanager

@@ -200,33 +200,15 @@ assert str(processor.config.model.dtype) == "torch.float32" and processor.config
     assert _imported(code, module) is not server
 
 
-def test_the_resolving_process_hides_scikit_learn_from_transformers(tmp_path):
-    # A stand-in scikit-learn: transformers 5.17's AutoTokenizer imports its generation code, which
-    # imports sklearn.metrics where scikit-learn is installed (2.2 s of a GPU host's cold start).
-    (tmp_path / "sklearn").mkdir()
+@pytest.mark.parametrize("skipped", [True, False])
+def test_the_resolving_process_imports_no_torch_only_transformers_code(tiny, tmp_path, skipped):
+    """transformers 5.17's auto classes import GenerationMixin (torch._dynamo; its assisted decoding
+    imports scikit-learn where installed: 2.2 s on the device), and the config fields' validators
+    the activation functions (torch.distributed.tensor): seconds of a GPU host's cold start that
+    resolving never runs. Without the skip, this transformers imports one of them."""
+    (tmp_path / "sklearn").mkdir()  # a stand-in scikit-learn
     (tmp_path / "sklearn" / "__init__.py").write_text("")
     (tmp_path / "sklearn" / "metrics.py").write_text("def roc_curve(*args): pass\n")
-    code = """
-import importlib.util
-assert importlib.util.find_spec("sklearn") is not None
-from pagoda.engine.resolve_apart import _without_sklearn
-_without_sklearn()
-import transformers, transformers.generation.candidate_generator
-transformers.AutoTokenizer
-assert not transformers.utils.is_sklearn_available()
-"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", code + "import sys; print('sklearn' in sys.modules)"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == "False"
-
-
-@pytest.mark.parametrize("skipped", [True, False])
-def test_the_resolving_process_imports_no_torch_only_transformers_code(tiny, skipped):
-    """transformers 5.17's auto classes import GenerationMixin (torch._dynamo), and the config
-    fields' validators the activation functions (torch.distributed.tensor): 1 s of a GPU host's
-    cold start that resolving never runs. Without the skip, this transformers imports one of them."""
     code = f"""
 import torch, transformers
 from pagoda.config import EngineConfig
@@ -237,9 +219,11 @@ resolve_apart.resolve_engine(EngineConfig(model={str(tiny)!r}, device="cpu", max
 from transformers.utils import type_validators
 assert transformers.utils.is_torch_available() and type_validators.is_torch_available()
 assert type_validators.device_validator(torch.device("cpu")) is None  # as where torch is imported
-print([name for name in ("torch._dynamo", "torch.distributed.tensor") if name in sys.modules])
+print([name for name in ("torch._dynamo", "torch.distributed.tensor", "sklearn") if name in sys.modules])
 """
-    run = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
+                         timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (run.stdout.split("\n")[-2] == "[]") is skipped
 

@@ -184,8 +184,7 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     os.environ.clear()
     os.environ.update(env)
     with contextlib.suppress(Exception), _package_names_read_fast():  # a transformers without these names
-        _without_sklearn()  # resolves as it is, only slower
-        _without_torch_only_imports()
+        _without_torch_only_imports()  # resolves as it is, only slower
     if preimport:
         with contextlib.suppress(Exception):  # an import that fails fails again in resolve_engine, which reports it
             _import_what_resolving_takes()
@@ -198,21 +197,12 @@ def _resolve_when_asked(requests: Connection, send: Connection, env: dict[str, s
     _resolve_and_send(args, server, send)
 
 
-def _without_sklearn() -> None:
-    """Tell transformers that scikit-learn is not installed, in this process only. transformers
-    5.17's AutoTokenizer imports its generation code, whose assisted decoding then imports
-    sklearn.metrics where scikit-learn is installed (and scipy, pandas: 2.2 s of a cold start on
-    the device's GPU host); resolving never generates, and the process exits once it has resolved."""
-    import transformers.utils
-
-    transformers.utils.is_sklearn_available = transformers.utils.import_utils.is_sklearn_available = lambda: False
-
-
 # transformers modules whose own import brings torch-only code that resolving never runs:
 # auto_factory (transformers 5.17) GenerationMixin, for models (masking_utils -> torch._dynamo: 0.5 s
-# on the device's GPU host); type_validators the activation functions, to check a config's
-# hidden_act against (activations -> hub kernels -> torch.distributed.tensor: 0.4 s). The engine's
-# model code refuses an activation it lacks (layers/activation.py).
+# on the device's GPU host; its assisted decoding imports scikit-learn where that is installed, as on
+# the device: 2.2 s more with scipy and pandas); type_validators the activation functions, to check
+# a config's hidden_act against (activations -> hub kernels -> torch.distributed.tensor: 0.4 s). The
+# engine's model code refuses an activation it lacks (layers/activation.py).
 _TORCH_ONLY_IMPORTS_SKIPPED = ("transformers.models.auto.auto_factory", "transformers.utils.type_validators")
 
 

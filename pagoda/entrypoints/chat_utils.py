@@ -1,4 +1,8 @@
-"""Conversations -> prompt text and token ids through the tokenizer's chat template."""
+"""Conversations -> prompt text and token ids through the tokenizer's chat template.
+
+transformers is imported where it is used, not with this module: `pagoda serve`'s argument parser
+imports this module (CONTENT_FORMATS) before it can ask for the engine's configuration, and an
+import of transformers there (1.4 s on the device's GPU host, transformers 5.17) would hold the ask."""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
-from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import _compile_jinja_template
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +29,21 @@ CONTENT_FORMATS = ("auto", "string", "openai")
 ADD_SPECIAL_TOKENS_TO_RENDERED = False
 
 
-# Names a request's chat_template_kwargs may not set: apply_chat_template's own parameters, and the
-# conversation the template sees as `messages`.
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    name for name, parameter in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.items()
-    if parameter.kind is not inspect.Parameter.VAR_KEYWORD
-) | {"messages", "self"}
+@functools.cache
+def _reserved_template_kwargs() -> frozenset[str]:
+    """Names a request's chat_template_kwargs may not set: apply_chat_template's own parameters, and
+    the conversation the template sees as `messages`."""
+    from transformers import PreTrainedTokenizerBase
+
+    return frozenset(
+        name for name, parameter in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ) | {"messages", "self"}
 
 
 def check_template_kwargs(template_kwargs: dict[str, Any] | None) -> None:
     """ValueError when a request's extra template variables would set the renderer's own arguments."""
-    clashes = sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or {}))
+    clashes = sorted(_reserved_template_kwargs().intersection(template_kwargs or {}))
     if clashes:
         raise ValueError(f"chat_template_kwargs may not set {clashes}: they are the renderer's own arguments")
 
@@ -99,6 +105,8 @@ def resolve_content_format(
 def detect_content_format(template: str) -> str:
     """"openai" when the template loops over a message's content (as a list of parts), else
     "string"; read off the template's syntax tree, as vLLM detects it."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     try:
         # transformers' environment: its templates may use the tags its extensions add.
         tree = _compile_jinja_template(template).environment.parse(template)

@@ -181,6 +181,12 @@ def test_the_cores_preloaded_modules_import_no_config_classes():
     assert not _imported(f"import {', '.join(CORE_MODULES)}", CONFIG_CLASSES_CHAIN)
 
 
+def test_the_servers_argument_parser_imports_no_transformers():
+    # `pagoda serve` asks for its configuration once its arguments are parsed: transformers' import
+    # (1.4 s on the device's host, 5.17) would come first, with the resolving process ready and waiting.
+    assert not _imported("from pagoda.entrypoints.cli import build_parser\nbuild_parser()", "transformers")
+
+
 @pytest.mark.parametrize("server", [True, False])
 @pytest.mark.parametrize("module", [CONFIG_CLASSES_CHAIN, "torch"])
 def test_the_servers_front_end_imports_neither_config_classes_nor_torch(tiny, server, module):

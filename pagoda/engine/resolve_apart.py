@@ -51,13 +51,15 @@ _UNPICKLABLE = (pickle.PicklingError, TypeError, AttributeError)
 
 def resolve_engine(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
     """The model found, its tokenizer (None with skip_tokenizer_init) and the engine's
-    configuration (server: with `pagoda serve`'s defaults)."""
+    configuration (server: with `pagoda serve`'s defaults). Where transformers is first imported
+    here (the offline LLM's start), its package map is read fast."""
     from pagoda.config.resolve import resolve_config
     from pagoda.loader.model_resolver import resolve_engine_model
 
-    resolved = resolve_engine_model(args)
-    tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(resolved, args)
-    return resolved, tokenizer, resolve_config(args, resolved, tokenizer, server=server)
+    with _package_names_read_fast():
+        resolved = resolve_engine_model(args)
+        tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(resolved, args)
+        return resolved, tokenizer, resolve_config(args, resolved, tokenizer, server=server)
 
 
 class _Resolver:

@@ -262,6 +262,22 @@ def test_package_names_read_fast_include_every_one_the_standard_library_maps():
     assert {"torch", "transformers"} <= fast.keys() and fast["_pytest"] == ["pytest"]
 
 
+def test_resolving_in_place_reads_the_package_map_fast(tiny, monkeypatch):
+    # The offline LLM resolves in its own process, where transformers is first imported then.
+    from pagoda.loader import model_resolver
+
+    seen = []
+    resolve_model = model_resolver.resolve_engine_model
+
+    def resolve_engine_model(args):
+        seen.append(importlib.metadata.packages_distributions)
+        return resolve_model(args)
+
+    monkeypatch.setattr(model_resolver, "resolve_engine_model", resolve_engine_model)
+    apart.resolve_engine(EngineConfig(model=str(tiny), device="cpu", max_model_len=256))
+    assert seen == [apart._packages_distributions]
+
+
 def test_the_fast_package_names_serve_only_while_transformers_is_imported():
     standard = importlib.metadata.packages_distributions
     with apart._package_names_read_fast():

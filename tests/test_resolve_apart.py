@@ -32,11 +32,18 @@ def tiny(tmp_path_factory):
     return save_tiny_model("llama3", directory, vocab_size=vocab_size)
 
 
+def _torchs(config):
+    """The front end's configuration (its torch values by name), as it reaches a process with torch."""
+    return pickle.loads(pickle.dumps(config))
+
+
 def test_resolving_apart_gives_what_resolving_here_gives(tiny):
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
     here_model, here_tokenizer, here_config = apart.resolve_engine(args)
     model, tokenizer, config = apart.resolve_apart(args)
-    assert (model, config) == (here_model, here_config)
+    tokenizer = tokenizer()  # unpickled in a thread of its own
+    assert model == here_model and config.model.dtype == torch_values.TorchName("dtype", "float32")
+    assert _torchs(config) == here_config
     assert type(tokenizer) is type(here_tokenizer)
     text = "Hello, world: the tokenizer came back whole."
     assert tokenizer.encode(text) == here_tokenizer.encode(text) and len(tokenizer.encode(text)) > 5
@@ -73,7 +80,7 @@ def test_a_resolution_begun_ahead_is_the_one_taken(tiny, monkeypatch):
     apart.resolve_ahead(args, server=True)
     model, _, config = apart.resolve_apart(args, server=True)
     assert made == [True]
-    assert (model, config) == apart.resolve_engine(args, server=True)[::2]
+    assert (model, _torchs(config)) == apart.resolve_engine(args, server=True)[::2]
     apart.resolve_apart(args, server=True)  # taken once: a second call resolves again
     assert made == [True, False]
 
@@ -141,7 +148,7 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     monkeypatch.setattr(apart, "resolve_engine", lambda *_: (resolved, threading.Lock(), config))
     sent = _Connection()
     apart._resolve_and_send(args, False, sent)
-    assert sent.sent == [(resolved, apart._NOT_SENT, config)]  # the tokenizer: the front end's to load
+    assert sent.sent == [(resolved, config), apart._NOT_SENT]  # the tokenizer: the front end's to load
 
     class Unpicklable(Exception):  # a local class: pickled by a name that does not import
         pass
@@ -234,13 +241,47 @@ print([name for name in ("torch._dynamo", "torch.distributed.tensor", "sklearn")
     assert (run.stdout.split("\n")[-2] == "[]") is skipped
 
 
+def test_the_configuration_comes_back_before_the_tokenizer_is_unpickled(tiny, monkeypatch):
+    """The engine cores start with the configuration while the front end unpickles the tokenizer
+    (the classes that takes: 1.3 s with transformers 5.17, torch among them)."""
+    imports_may_finish, imports_waited = threading.Event(), []
+    monkeypatch.setattr(apart, "_import_what_unpickling_takes",
+                        lambda: imports_waited.append(imports_may_finish.wait(30)))
+    args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
+    model, tokenizer, config = apart.resolve_apart(args, server=True)
+    assert config.model.spec.vocab_size > 0 and imports_waited == []  # the imports still held
+    imports_may_finish.set()
+    assert tokenizer().encode("hello") == apart.resolve_engine(args)[1].encode("hello")
+
+
+def test_a_tokenizer_that_fails_after_the_cores_started_stops_them(tiny, monkeypatch):
+    from pagoda.engine import async_llm
+
+    clients = []
+
+    class Recorded(async_llm.MPClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    def broken() -> None:
+        raise ImportError("a broken tokenizer install")
+
+    monkeypatch.setattr(async_llm, "MPClient", Recorded)
+    monkeypatch.setattr(apart, "_import_what_unpickling_takes", broken)
+    with pytest.raises(ImportError, match="a broken tokenizer install"):
+        async_llm.AsyncLLM(EngineConfig(model=str(tiny), device="cpu", max_model_len=256), server=True)
+    [client] = clients
+    assert not any(core.process.is_alive() for core in client.cores.cores)
+
+
 @pytest.mark.parametrize("skip_tokenizer_init", [False, True])
 def test_the_front_end_imports_ahead_while_the_resolving_process_works(tiny, monkeypatch, skip_tokenizer_init):
-    """Once it has sent the arguments, before it takes the result: no tokenizer, nothing to import."""
+    """Once it has sent the arguments, before it unpickles the tokenizer: no tokenizer, nothing to import."""
     calls = []
     monkeypatch.setattr(apart, "_import_what_unpickling_takes", lambda: calls.append("imported"))
     args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256, skip_tokenizer_init=skip_tokenizer_init)
-    apart.resolve_apart(args)
+    apart.resolve_apart(args)[1]()
     assert calls == ([] if skip_tokenizer_init else ["imported"])
 
 

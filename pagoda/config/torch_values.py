@@ -52,6 +52,18 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+class _NamesUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return TorchName if (module, name) == (__name__, "torch_value") else super().find_class(module, name)
+
+
+def loads_names(data: bytes) -> Any:
+    """pickle.loads of what `dumps` pickled, each torch value a TorchName whether or not torch is
+    imported here: the server's front end unpickles its configuration while a thread of it may be
+    importing torch (transformers 5.17's tokenizer classes import it), half-imported meanwhile."""
+    return _NamesUnpickler(io.BytesIO(data)).load()
+
+
 def dumps(obj: Any) -> bytes:
     """pickle.dumps, with torch's dtypes and devices by name (module docstring)."""
     buffer = io.BytesIO()

@@ -108,11 +108,17 @@ class AsyncLLM:
         self.finished_listeners: list[FinishedListener] = []
         self.iteration_listeners: list[IterationListener] = []
         self.dead_listeners: list[DeadListener] = []
-        # The EOS ids the cores are built with come from the tokenizer: it loads first.
+        # The cores start with the configuration (its EOS ids taken from the tokenizer where it was
+        # resolved) while the server's tokenizer, sent after it, is unpickled here.
         self.processor = InputProcessor(config, server=server)
-        self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
-        self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)
+        try:
+            self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
+        except BaseException:  # the cores were started for nothing
+            self.engine_core.shutdown()
+            self.engine_core.close()
+            raise
+        self._output_processor = OutputProcessor(self.tokenizer)  # the receiver thread's only
         self.max_model_len, self.model_name = self.engine_core.max_model_len, self.engine_core.model_name
         self.config, self.num_gpu_blocks = self.processor.config, self.engine_core.num_gpu_blocks
         self._receiver = threading.Thread(target=self._receive_loop, name="pagoda-engine-receive", daemon=True)

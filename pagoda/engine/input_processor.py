@@ -41,8 +41,12 @@ class InputProcessor:
         configuration is resolved in a process of its own (resolve_apart.py). The modules that
         only some models and requests need (images, LoRA adapters) load when first needed."""
         started = time.perf_counter()
-        resolved, self.tokenizer, self.config = (resolve_apart if server else resolve_engine)(args, server)
-        logger.info("tokenizer and configuration loaded in %.1f s", time.perf_counter() - started)
+        if server:
+            resolved, self._tokenizer, self.config = resolve_apart(args, server)
+        else:
+            resolved, tokenizer, self.config = resolve_engine(args, server)
+            self._tokenizer = lambda: tokenizer
+        logger.info("configuration loaded in %.1f s", time.perf_counter() - started)
         self.vocab_size: int = self.config.model.spec.vocab_size
         self.max_logprobs = self.vocab_size if args.max_logprobs == -1 else args.max_logprobs
         # --structured-outputs-config's disable_any_whitespace: every request's JSON compact.
@@ -50,6 +54,12 @@ class InputProcessor:
         self._checked_loras: set[tuple[int, str]] = set()  # (id, path) of the adapters found applicable
         # A vision-language model's image preprocessing (None: a text-only model).
         self.image_processor = _image_processor(args, resolved) if self.config.model.multimodal else None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (None with skip_tokenizer_init). The server's arrives after its configuration,
+        while the engine starts: this waits for it, and raises what loading it raised."""
+        return self._tokenizer()
 
     def make_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

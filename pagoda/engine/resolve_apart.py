@@ -34,13 +34,17 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from pagoda.config import EngineConfig
-from pagoda.config.torch_values import dumps
+from pagoda.config.torch_values import dumps, loads_names
 from pagoda.engine.core_launcher import core_process_context
 from pagoda.logger import log_to_stderr
 
 if TYPE_CHECKING:
     from pagoda.config.groups import ResolvedConfig
     from pagoda.loader.model_resolver import ResolvedModel
+
+    # resolve_apart's: the model found, its tokenizer as it arrives (the call waits for it and raises
+    # what loading it raised; None with skip_tokenizer_init) and the engine's configuration.
+    Resolution = tuple[ResolvedModel, Callable[[], Any], ResolvedConfig]
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +83,16 @@ class _Resolver:
         requests.close()  # so that the child's ends alone hold the pipes open: EOF once it has gone
         results.close()
 
-    def resolve(self, args: EngineConfig, server: bool) -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    def resolve(self, args: EngineConfig, server: bool) -> Resolution:
         asked = time.time()
         try:
             self._requests.send_bytes(pickle.dumps((args, server, logging.getLogger().getEffectiveLevel())))
+            imports = None
             if not args.skip_tokenizer_init:
-                _import_what_unpickling_takes()
-            imported = time.time()
+                imports = _InThread(_import_what_unpickling_takes, "pagoda-tokenizer-imports")
             ready = pickle.loads(self._results.recv_bytes())
-            result = pickle.loads(self._results.recv_bytes())
+            result = loads_names(self._results.recv_bytes())  # the model and configuration: no transformers
+            sent_tokenizer = None if isinstance(result, BaseException) else self._results.recv_bytes()
         except (EOFError, BrokenPipeError):
             self._process.join()
             raise RuntimeError(
@@ -97,24 +102,29 @@ class _Resolver:
             self._requests.close()
             self._results.close()
         self._process.join()
-        logger.info("configuration resolved %.1f s after it was asked (the tokenizer's classes imported here in %.1f s); "
-                    "its process was ready %.1f s after it started", time.time() - asked, imported - asked,
-                    ready - self._started)
+        logger.info("configuration resolved %.1f s after it was asked; its process was ready %.1f s after it started",
+                    time.time() - asked, ready - self._started)
         if isinstance(result, BaseException):
             raise result
-        resolved, tokenizer, config = result
-        if tokenizer is _NOT_SENT:
-            tokenizer = _load_tokenizer(resolved, args)
-        return resolved, tokenizer, config
+        resolved, config = result
+
+        def tokenizer() -> Any:  # the classes its unpickling takes, imported since the ask
+            if imports is not None:
+                imports.result()
+            loaded = pickle.loads(sent_tokenizer)
+            logger.info("tokenizer unpickled %.1f s after the configuration was asked", time.time() - asked)
+            return _load_tokenizer(resolved, args) if loaded is _NOT_SENT else loaded
+
+        return resolved, _InThread(tokenizer, "pagoda-tokenizer").result, config
 
 
 class _InThread:
     """fn() run in a thread from now; `result` waits for it and returns or raises what it did."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
         self._fn = fn
         self._outcome: tuple[Any, BaseException | None] = (None, None)
-        self._thread = threading.Thread(target=self._run, name="pagoda-resolve-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -139,7 +149,7 @@ def prepare_resolver() -> None:
     """Start the process that resolve_ahead will ask, now: it imports transformers' configuration
     and tokenizer classes (seconds) while this process builds its argument parser."""
     global _prepared
-    _prepared = _InThread(lambda: _Resolver(preimport=True))
+    _prepared = _InThread(lambda: _Resolver(preimport=True), "pagoda-resolver-start")
 
 
 def resolve_ahead(args: EngineConfig, server: bool = True) -> None:
@@ -148,16 +158,17 @@ def resolve_ahead(args: EngineConfig, server: bool = True) -> None:
     global _ahead, _prepared
     prepared, _prepared = _prepared, None
 
-    def resolve() -> tuple[ResolvedModel, Any, ResolvedConfig]:
+    def resolve() -> Resolution:
         return (prepared.result() if prepared is not None else _Resolver()).resolve(args, server)
 
-    _ahead = (args, server, _InThread(resolve))
+    _ahead = (args, server, _InThread(resolve, "pagoda-resolve-ahead"))
 
 
-def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedModel, Any, ResolvedConfig]:
-    """resolve_engine(args, server), run in a fork of the core server; the tokenizer comes back
-    pickled (loaded here where it does not pickle: a model's own code), the configuration's torch
-    values by name where this process has no torch (config/torch_values.py). What it raises is
+def resolve_apart(args: EngineConfig, server: bool = False) -> Resolution:
+    """resolve_engine(args, server), run in a fork of the core server; the configuration's torch
+    values come back by name where this process has no torch (config/torch_values.py), then the
+    tokenizer pickled, which a thread here unpickles (loads, where it does not pickle: a model's own
+    code) while the caller starts the engine with the configuration. What resolving raises is
     raised here (as a RuntimeError naming it where it does not pickle)."""
     global _ahead
     ahead, _ahead = _ahead, None
@@ -167,10 +178,9 @@ def resolve_apart(args: EngineConfig, server: bool = False) -> tuple[ResolvedMod
 
 
 def _import_what_unpickling_takes() -> None:
-    """transformers' tokenizer classes, which the tokenizer sent back needs here (no config classes,
-    no torch): imported while the resolving process works, not after it has sent its result (on
-    the device's GPU host `import transformers` alone takes 1.4 s, reading every installed
-    package's metadata). A failing import is left to the unpickling, which reports it."""
+    """transformers' tokenizer classes, which the tokenizer sent back needs here (no config classes;
+    transformers 5.17's import torch as well, for GGUF files): imported from the ask on, while the
+    resolving process works. A failing import is left to the unpickling, which reports it."""
     with contextlib.suppress(Exception), _package_names_read_fast():
         import transformers
 
@@ -287,15 +297,18 @@ def _import_what_resolving_takes() -> None:
 
 
 def _resolve_and_send(args: EngineConfig, server: bool, send: Connection) -> None:
+    """The model and configuration, then the tokenizer in a message of its own: the front end
+    starts the engine cores with the first while it unpickles the second."""
     try:
-        result: Any = resolve_engine(args, server)
+        resolved, tokenizer, config = resolve_engine(args, server)
     except Exception as error:  # the front end raises it, as if it had resolved the config itself
-        result = error
+        try:
+            send.send_bytes(dumps(error))
+        except _UNPICKLABLE:
+            send.send_bytes(dumps(RuntimeError(f"{type(error).__name__}: {error}")))
+        return
+    send.send_bytes(dumps((resolved, config)))
     try:
-        message = dumps(result)
+        send.send_bytes(dumps(tokenizer))
     except _UNPICKLABLE:
-        if isinstance(result, BaseException):
-            message = dumps(RuntimeError(f"{type(result).__name__}: {result}"))
-        else:
-            message = dumps((result[0], _NOT_SENT, result[2]))
-    send.send_bytes(message)
+        send.send_bytes(dumps(_NOT_SENT))

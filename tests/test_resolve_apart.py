@@ -12,6 +12,8 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,6 +112,9 @@ class _Connection:
     def send_bytes(self, message: bytes) -> None:
         self.sent.append(pickle.loads(message))
 
+    def close(self) -> None:
+        pass
+
 
 class _Requests:
     """A pipe's receiving end holding the messages given, then at EOF."""
@@ -121,6 +126,9 @@ class _Requests:
         if not self.messages:
             raise EOFError
         return self.messages.pop(0)
+
+    def close(self) -> None:
+        pass
 
 
 def test_the_imports_ahead_failing_leave_the_error_to_the_resolution(tiny, monkeypatch):
@@ -158,6 +166,16 @@ def test_what_does_not_pickle_comes_back_named_or_is_loaded_by_the_front_end(tin
     apart._resolve_and_send(args, False, sent)
     [error] = sent.sent
     assert isinstance(error, RuntimeError) and str(error) == "Unpicklable: a bad field"
+
+
+def test_a_tokenizer_that_did_not_pickle_is_loaded_by_the_front_end(tiny):
+    args = EngineConfig(model=str(tiny), device="cpu", max_model_len=256)
+    resolved, here_tokenizer, config = apart.resolve_engine(args)
+    resolver = object.__new__(apart._Resolver)  # its process stood in for by the messages it sends
+    resolver._requests, resolver._results = _Connection(), _Requests(time.time(), (resolved, config), apart._NOT_SENT)
+    resolver._process, resolver._started = SimpleNamespace(join=lambda: None), time.time()
+    model, tokenizer, _ = resolver.resolve(args, server=False)
+    assert model == resolved and tokenizer().encode("hello, world") == here_tokenizer.encode("hello, world")
 
 
 def test_torch_values_cross_by_name_into_a_process_without_torch():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import enum
 import importlib
 import importlib.metadata
 import inspect
@@ -49,8 +50,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A tokenizer that does not pickle is loaded by the front end instead.
-_NOT_SENT = "pagoda: the tokenizer did not pickle"
+
+class _Unsent(enum.Enum):
+    """Sent in place of a tokenizer that does not pickle, which the front end then loads itself.
+    A member unpickles as itself, so that `is` recognizes it (a string would come back a copy)."""
+
+    TOKENIZER = "the tokenizer did not pickle"
+
+
+_NOT_SENT = _Unsent.TOKENIZER
 _UNPICKLABLE = (pickle.PicklingError, TypeError, AttributeError)
 
 

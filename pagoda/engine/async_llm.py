@@ -111,9 +111,10 @@ class AsyncLLM:
         # The cores start with the configuration (its EOS ids taken from the tokenizer where it was
         # resolved) while the server's tokenizer, sent after it, is unpickled here.
         self.processor = InputProcessor(config, server=server)
+        self.vocab_size = self.processor.vocab_size
         self.engine_core = MPClient(self.processor.config, on_unsent=self._unsent, on_sender_death=self._mark_dead)
         try:
-            self.tokenizer, self.vocab_size = self.processor.tokenizer, self.processor.vocab_size
+            self.tokenizer = self.processor.tokenizer
         except BaseException:  # the cores were started for nothing
             self.engine_core.shutdown()
             self.engine_core.close()
